@@ -1,0 +1,277 @@
+"""Typed configuration: frozen dataclasses, YAML presets and dotted `key=value` overrides.
+
+Defaults live in the dataclasses; a YAML file only overrides them. Every key is checked:
+an unknown key is an error that lists the valid ones, and a value of the wrong type is an
+error naming the key, so a typo never silently trains the wrong model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping, Sequence, TypeVar
+
+import yaml
+
+from jaxaccel.errors import ConfigError
+
+T = TypeVar("T")
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling. `kind`: "linear" (position interpolation) or "llama3"."""
+
+    kind: str = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+    def __post_init__(self):
+        if self.kind not in ("linear", "llama3"):
+            raise ConfigError(f"rope_scaling.kind must be 'linear' or 'llama3', got {self.kind!r}")
+        if self.factor <= 0:
+            raise ConfigError(f"rope_scaling.factor must be > 0, got {self.factor}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DropoutConfig:
+    """Dropout rate per site; all are off at inference (`deterministic=True`)."""
+
+    embed: float = 0.0  # after the token embedding
+    attention: float = 0.0  # on the attention block's output, before the residual add
+    mlp: float = 0.0  # on the MLP block's output, before the residual add
+
+    def __post_init__(self):
+        for site in ("embed", "attention", "mlp"):
+            rate = getattr(self, site)
+            if not 0.0 <= rate < 1.0:
+                raise ConfigError(f"dropout.{site} must be in [0, 1), got {rate}")
+
+
+ARCHITECTURES = ("llama", "qwen2", "mistral")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A Llama-family decoder. Field names follow the math, not any one checkpoint format."""
+
+    vocab_size: int = 8192
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 2
+    head_dim: int | None = None  # default d_model // n_heads
+    ffn_dim: int = 704
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2
+    sliding_window: int | None = None  # Mistral: a query sees keys with q_pos - k_pos < window
+    dropout: DropoutConfig = DropoutConfig()
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype; softmax and norms always accumulate in float32
+    architecture: str = "llama"  # which HF family to export as
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        positive = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.n_kv_heads})"
+            )
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ConfigError(
+                f"model.d_model ({self.d_model}) is not divisible by n_heads ({self.n_heads}); set model.head_dim"
+            )
+        if self.resolved_head_dim % 2:
+            raise ConfigError(f"head_dim must be even for RoPE, got {self.resolved_head_dim}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ConfigError(f"model.sliding_window must be >= 1 or null, got {self.sliding_window}")
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ConfigError(f"model.{name} must be one of {', '.join(DTYPES)}, got {getattr(self, name)!r}")
+        if self.architecture not in ARCHITECTURES:
+            raise ConfigError(
+                f"model.architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}"
+            )
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    def num_params(self) -> int:
+        """Parameter count (embedding counted once when tied)."""
+        d, hd = self.d_model, self.resolved_head_dim
+        attn = d * hd * (self.n_heads * 2 + self.n_kv_heads * 2)
+        if self.qkv_bias:
+            attn += hd * (self.n_heads + 2 * self.n_kv_heads)
+        layer = attn + 3 * d * self.ffn_dim + 2 * d
+        head = 0 if self.tie_embeddings else self.vocab_size * d
+        return self.n_layers * layer + self.vocab_size * d + head + d
+
+
+# ----------------------------------------------------------------------------- generic machinery
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check (and minimally convert) `value` against the annotation `tp`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{key}: null is not allowed (expected {_type_name(tp)})")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} does not match {_type_name(tp)}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, prefix=key)
+    if origin in (tuple, list, Sequence, typing.Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        item_tp = args[0] if args else Any
+        return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
+    """Build dataclass `cls` from a (nested) mapping, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f" in {prefix}" if prefix else ""
+        raise ConfigError(
+            f"unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(repr(prefix + '.' + k if prefix else k) for k in unknown)}"
+            f"{where}; valid keys: {', '.join(sorted(fields))}"
+        )
+    kwargs = {name: _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name) for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field with no default
+        raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples become lists) suitable for YAML/JSON."""
+
+    def convert(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: convert(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [convert(x) for x in v]
+        return v
+
+    return convert(cfg)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _set_nested(data: dict, path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {} if child is None else child
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(path)}: {part!r} is not a section")
+            node[part] = child
+        node = child
+    node[path[-1]] = value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML ({first})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+    return data
+
+
+def build(cls: type[T], yaml_path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Dataclass defaults <- YAML preset <- `key=value` overrides, all checked."""
+    data: dict[str, Any] = load_yaml(yaml_path) if yaml_path is not None else {}
+    for text in overrides:
+        path, value = parse_override(text)
+        _set_nested(data, path, value)
+    return from_dict(cls, data)
+
+
+def replace(cfg: T, **changes: Any) -> T:
+    """`dataclasses.replace` that checks the new values like `from_dict` does."""
+    data = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    data.update(changes)
+    return from_dict(type(cfg), data)

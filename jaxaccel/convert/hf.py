@@ -1,0 +1,303 @@
+"""Hugging Face <-> jaxaccel for LlamaForCausalLM, Qwen2ForCausalLM and MistralForCausalLM.
+
+Import reads safetensors lazily, one tensor at a time (numpy framework, no torch): each
+tensor is read, transposed into jaxaccel's layout as a numpy view, cast, and placed straight
+into its target sharding with `jax.make_array_from_callback`, so host memory holds at most
+one tensor. Export writes the same format back (config.json, generation_config.json,
+safetensors shards with an index when there are several, the tokenizer).
+
+Layout correspondence (HF Linear weights are [out, in]; ours are [in, ..., out]):
+    model.embed_tokens.weight [V, d]                 embed/embedding [V, d]
+    layers.i.self_attn.q_proj.weight [H*D, d]        layer_i/attn/q/kernel [d, H, D]
+    layers.i.self_attn.{k,v}_proj.weight [K*D, d]    layer_i/attn/{k,v}/kernel [d, K, D]
+    layers.i.self_attn.o_proj.weight [d, H*D]        layer_i/attn/o/kernel [H, D, d]
+    layers.i.mlp.{gate,up}_proj.weight [F, d]        layer_i/mlp/{gate,up}/kernel [d, F]
+    layers.i.mlp.down_proj.weight [d, F]             layer_i/mlp/down/kernel [F, d]
+    layers.i.{input,post_attention}_layernorm        layer_i/{attn,mlp}_norm/scale
+    model.norm.weight, lm_head.weight [V, d]         final_norm/scale, lm_head/kernel [d, V]
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from jaxaccel.config import ModelConfig, RopeScaling
+from jaxaccel.errors import CheckpointError, ModelLoadError, UnsupportedArchitectureError
+
+SUPPORTED = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
+EXPORT_NAMES = {v: k for k, v in SUPPORTED.items()}
+_NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+_HF_DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16",
+                   "fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def is_hf_folder(folder: Path) -> bool:
+    return (Path(folder) / "config.json").is_file()
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
+    archs = hf.get("architectures") or []
+    arch = next((a for a in archs if a in SUPPORTED), None)
+    if arch is None:
+        named = ", ".join(archs) if archs else f"model_type {hf.get('model_type')!r}"
+        raise UnsupportedArchitectureError(
+            f"{source}: architecture {named} is not supported; supported: {', '.join(SUPPORTED)}")
+    family = SUPPORTED[arch]
+    if hf.get("hidden_act", "silu") != "silu":
+        raise UnsupportedArchitectureError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
+    if hf.get("mlp_bias") or (family == "llama" and hf.get("attention_bias")):
+        raise UnsupportedArchitectureError(f"{source}: attention_bias/mlp_bias on Llama is not supported")
+    if family == "qwen2" and hf.get("use_sliding_window"):
+        raise UnsupportedArchitectureError(f"{source}: Qwen2 with use_sliding_window=true is not supported")
+
+    rope = dict(hf.get("rope_parameters") or {})
+    scaling = hf.get("rope_scaling") or {}
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type") or rope.get("type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    params = {**scaling, **rope}
+    if rope_type == "default":
+        rope_scaling = None
+    elif rope_type == "linear":
+        rope_scaling = RopeScaling(kind="linear", factor=float(params["factor"]))
+    elif rope_type == "llama3":
+        rope_scaling = RopeScaling(kind="llama3", factor=float(params["factor"]),
+                                   low_freq_factor=float(params["low_freq_factor"]),
+                                   high_freq_factor=float(params["high_freq_factor"]),
+                                   original_max_position=int(params["original_max_position_embeddings"]))
+    else:
+        raise UnsupportedArchitectureError(
+            f"{source}: rope type {rope_type!r} is not supported; supported: default, linear, llama3")
+
+    dtype = _HF_DTYPE_NAMES.get(str(hf.get("dtype") or hf.get("torch_dtype") or "float32"), "float32")
+    n_heads = hf["num_attention_heads"]
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        head_dim=hf.get("head_dim") or None, ffn_dim=hf["intermediate_size"],
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=float(theta), rope_scaling=rope_scaling,
+        max_seq_len=int(hf.get("max_position_embeddings", 2048)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=family == "qwen2",
+        sliding_window=hf.get("sliding_window") if family == "mistral" else None,
+        param_dtype=dtype, dtype=dtype, architecture=family,
+    )
+
+
+def config_to_hf(config: ModelConfig, eos_token_ids=(), bos_token_id=None) -> dict:
+    rope: dict[str, Any] = {"rope_theta": config.rope_theta, "rope_type": "default"}
+    if config.rope_scaling is not None:
+        rs = config.rope_scaling
+        rope = {"rope_theta": config.rope_theta, "rope_type": rs.kind, "factor": rs.factor}
+        if rs.kind == "llama3":
+            rope.update(low_freq_factor=rs.low_freq_factor, high_freq_factor=rs.high_freq_factor,
+                        original_max_position_embeddings=rs.original_max_position)
+    eos = list(eos_token_ids)
+    hf = {
+        "architectures": [EXPORT_NAMES[config.architecture]], "model_type": config.architecture,
+        "vocab_size": config.vocab_size, "hidden_size": config.d_model, "intermediate_size": config.ffn_dim,
+        "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads, "head_dim": config.resolved_head_dim, "hidden_act": "silu",
+        "max_position_embeddings": config.max_seq_len, "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta, "rope_parameters": rope,
+        "rope_scaling": None if config.rope_scaling is None else {k: v for k, v in rope.items() if k != "rope_theta"},
+        "tie_word_embeddings": config.tie_embeddings, "dtype": config.param_dtype, "torch_dtype": config.param_dtype,
+        "bos_token_id": bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+        "attention_dropout": 0.0, "initializer_range": config.init_std, "use_cache": True,
+    }
+    if config.architecture == "llama":
+        hf.update(attention_bias=False, mlp_bias=False)
+    if config.architecture == "mistral":
+        hf["sliding_window"] = config.sliding_window
+    if config.architecture == "qwen2":
+        hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.n_layers)
+    return hf
+
+
+# ----------------------------------------------------------------------------- tensor mapping
+
+
+def tensor_plan(config: ModelConfig) -> Iterator[tuple[tuple[str, ...], str, Callable, Callable]]:
+    """(jaxaccel path, HF name, hf->ours, ours->hf) for every parameter (unrolled layout)."""
+    d, hd = config.d_model, config.resolved_head_dim
+    h, k = config.n_heads, config.n_kv_heads
+    same = (lambda x: x, lambda x: x)
+    t = (lambda x: x.T, lambda x: x.T)
+    yield ("embed", "embedding"), "model.embed_tokens.weight", *same
+    for i in range(config.n_layers):
+        p, hp = f"layer_{i}", f"model.layers.{i}"
+        yield (p, "attn_norm", "scale"), f"{hp}.input_layernorm.weight", *same
+        yield (p, "mlp_norm", "scale"), f"{hp}.post_attention_layernorm.weight", *same
+        for name, heads in (("q", h), ("k", k), ("v", k)):
+            yield ((p, "attn", name, "kernel"), f"{hp}.self_attn.{name}_proj.weight",
+                   lambda x, n=heads: x.T.reshape(d, n, hd), lambda x, n=heads: x.reshape(d, n * hd).T)
+            if config.qkv_bias:
+                yield ((p, "attn", name, "bias"), f"{hp}.self_attn.{name}_proj.bias",
+                       lambda x, n=heads: x.reshape(n, hd), lambda x, n=heads: x.reshape(n * hd))
+        yield ((p, "attn", "o", "kernel"), f"{hp}.self_attn.o_proj.weight",
+               lambda x: x.T.reshape(h, hd, d), lambda x: x.reshape(h * hd, d).T)
+        for name in ("gate", "up", "down"):
+            yield (p, "mlp", name, "kernel"), f"{hp}.mlp.{name}_proj.weight", *t
+    yield ("final_norm", "scale"), "model.norm.weight", *same
+    if not config.tie_embeddings:
+        yield ("lm_head", "kernel"), "lm_head.weight", *t
+
+
+def _get(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree, path, value):
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+class _SafetensorsIndex:
+    """Name -> file over one or many safetensors files, opened lazily."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        self.folder = folder
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index} is unreadable: {e}") from None
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in folder.glob("*.safetensors"))
+            if not files:
+                extra = " (only PyTorch .bin weights: convert them to safetensors first)" if any(
+                    folder.glob("*.bin")) else ""
+                raise CheckpointError(f"{folder} has config.json but no .safetensors weights{extra}")
+            weight_map = None
+        self.handles = {}
+        for name in files:
+            if not (folder / name).is_file():
+                raise CheckpointError(f"{folder}: safetensors file {name} listed in the index is missing")
+            try:
+                self.handles[name] = safe_open(str(folder / name), framework="numpy")
+            except Exception as e:
+                raise CheckpointError(f"{folder / name} is not a readable safetensors file: {e}") from None
+        if weight_map is None:
+            weight_map = {key: name for name, f in self.handles.items() for key in f.keys()}
+        self.weight_map = weight_map
+
+    def get(self, name: str) -> np.ndarray | None:
+        file = self.weight_map.get(name)
+        if file is None or name not in self.handles[file].keys():
+            return None
+        return self.handles[file].get_tensor(name)
+
+
+def load_hf_params(folder: Path, config: ModelConfig, shardings: Any | None = None) -> Any:
+    """Read the weights of an HF folder into jaxaccel's unrolled layout, tensor by tensor."""
+    from jaxaccel.model.transformer import param_shapes
+
+    index = _SafetensorsIndex(folder)
+    shapes = param_shapes(config, "unrolled")
+    np_dtype = _NP_DTYPES[config.param_dtype]
+    params: dict = {}
+    for path, name, to_ours, _ in tensor_plan(config):
+        raw = index.get(name)
+        if raw is None:
+            raise CheckpointError(f"{folder}: tensor {name} is missing from the safetensors files")
+        expected = _get(shapes, path).shape
+        try:
+            value = to_ours(raw)
+        except ValueError:
+            value = None
+        if value is None or value.shape != expected:
+            raise CheckpointError(f"{folder}: tensor {name} has shape {list(raw.shape)}, expected a shape matching "
+                                  f"{list(expected)} for this config")
+        value = np.ascontiguousarray(value.astype(np_dtype, copy=False))
+        if shardings is None:
+            arr = jax.device_put(value)
+        else:
+            sharding = _get(shardings, path)
+            arr = jax.make_array_from_callback(value.shape, sharding, lambda idx, v=value: v[idx])
+        _set(params, path, arr)
+        del raw, value
+    return params
+
+
+def read_hf_config(folder: Path) -> dict:
+    try:
+        return json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{folder}/config.json is unreadable: {e}") from None
+
+
+def hf_special_tokens(folder: Path, hf: dict) -> tuple[tuple[int, ...], int | None]:
+    """EOS ids (generation_config.json wins over config.json) and the BOS id."""
+    gen = {}
+    if (Path(folder) / "generation_config.json").is_file():
+        try:
+            gen = json.loads((Path(folder) / "generation_config.json").read_text())
+        except json.JSONDecodeError:
+            gen = {}
+    eos = gen.get("eos_token_id", hf.get("eos_token_id"))
+    eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [] if eos is None else [eos]))
+    bos = gen.get("bos_token_id", hf.get("bos_token_id"))
+    return eos_ids, (int(bos) if bos is not None else None)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_hf(folder: str | Path, config: ModelConfig, params: Any, *, tokenizer=None, eos_token_ids=(),
+              bos_token_id=None, max_shard_bytes: int = 2 * 1024**3) -> Path:
+    """Write an HF folder loadable by `transformers` and by `jaxaccel.load`.
+
+    Tensors keep the parameters' dtype; shards of at most `max_shard_bytes` are written with a
+    `model.safetensors.index.json` when more than one is needed.
+    """
+    from safetensors.numpy import save_file
+
+    from jaxaccel.model.transformer import unstack_layers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    params = unstack_layers(params, config.n_layers)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for path, name, _, to_hf in tensor_plan(config):
+        value = np.ascontiguousarray(to_hf(np.asarray(jax.device_get(_get(params, path)))))
+        if size and size + value.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = value
+        size += value.nbytes
+    for stale in list(folder.glob("model*.safetensors")) + [folder / "model.safetensors.index.json"]:
+        stale.unlink(missing_ok=True)
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map, total = {}, 0
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(folder / fname), metadata={"format": "pt"})
+            for key, value in shard.items():
+                weight_map[key] = fname
+                total += value.nbytes
+        (folder / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    hf = config_to_hf(config, eos_token_ids, bos_token_id)
+    (folder / "config.json").write_text(json.dumps(hf, indent=2))
+    gen = {"bos_token_id": bos_token_id,
+           "eos_token_id": list(eos_token_ids) if len(eos_token_ids) != 1 else eos_token_ids[0]}
+    (folder / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    if tokenizer is not None:
+        tokenizer.save(folder)
+    return folder

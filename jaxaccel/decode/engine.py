@@ -1,0 +1,194 @@
+"""The decode engine: one jitted function = chunked prefill + one `lax.while_loop`.
+
+The loop state is a typed NamedTuple (`DecodeState`); a decoding method is a pure
+`step(params, state, ctx) -> state` plugged into the loop (t5x's `decoding.py` shape). The
+autoregressive step lives in `autoregressive.py`; speculative and early-exit methods are
+other step functions over the same state, the same cache and the same `commit`.
+
+Cache discipline: `state.last_token` is the newest accepted token and is *not* yet in the
+cache; it sits at position `state.cache_len`. A step writes it (and any draft tokens) into
+slots starting at `cache_len`, picks the next tokens, and `commit` advances `cache_len` by the
+number of tokens accepted. Committed entries always sit in slot == position, so nothing is
+ever shifted or recomputed.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+
+from jaxaccel.config import ModelConfig
+from jaxaccel.decode.sampling import SamplingMode, SamplingParams
+from jaxaccel.model.transformer import forward, init_cache
+
+
+class DecodeState(NamedTuple):
+    cache: Any  # tuple[LayerKV, ...], each [batch, kv_heads, cache_len, head_dim]
+    cache_len: jax.Array  # [batch] int32: committed entries = position of last_token
+    last_token: jax.Array  # [batch] int32: newest accepted token, not yet in the cache
+    out_tokens: jax.Array  # [batch, out_len] int32: generated tokens (prompt excluded)
+    num_new: jax.Array  # [batch] int32
+    done: jax.Array  # [batch] bool
+    rng: jax.Array  # [batch] PRNG keys: a row's randomness does not depend on its batch
+    step: jax.Array  # () int32: loop iterations
+    forwards: jax.Array  # [batch] int32: target forwards run while the row was live
+    method_state: Any  # whatever the method carries (e.g. a recycling matrix)
+
+
+class StepContext(NamedTuple):
+    """What every step function may read. Static fields are Python values; the rest traced."""
+
+    config: ModelConfig
+    mode: SamplingMode
+    sampling: SamplingParams
+    eos_ids: jax.Array  # [n_eos] int32 (may be empty)
+    max_new: jax.Array  # () int32
+
+
+def commit(state: DecodeState, new_tokens: jax.Array, n_new: jax.Array, ctx: StepContext) -> DecodeState:
+    """Append up to n_new[b] of new_tokens[b, :] to each live row.
+
+    Stops a row exactly where plain decoding would: at its first EOS (kept) or at
+    max_new_tokens. Advances cache_len by the number appended: the previous last_token and
+    every appended token but the last are then committed to the cache; the last appended
+    token becomes `last_token`.
+    """
+    batch, k = new_tokens.shape
+    idx = jnp.arange(k, dtype=jnp.int32)
+    offered = idx[None, :] < n_new[:, None]
+    is_eos = (new_tokens[:, :, None] == ctx.eos_ids[None, None, :]).any(-1) & offered
+    has_eos = is_eos.any(axis=1)
+    n = jnp.where(has_eos, jnp.argmax(is_eos, axis=1) + 1, n_new)
+    n = jnp.minimum(n, ctx.max_new - state.num_new)
+    n = jnp.where(state.done, 0, n).astype(jnp.int32)
+    rows = jnp.arange(batch)[:, None]
+    out_len = state.out_tokens.shape[1]
+    cols = jnp.where(idx[None, :] < n[:, None], state.num_new[:, None] + idx[None, :], out_len)
+    out_tokens = state.out_tokens.at[rows, cols].set(new_tokens, mode="drop")
+    num_new = state.num_new + n
+    ended_on_eos = (is_eos & (idx[None, :] < n[:, None])).any(axis=1)
+    done = state.done | ended_on_eos | (num_new >= ctx.max_new)
+    last = jnp.take_along_axis(new_tokens, jnp.maximum(n - 1, 0)[:, None], axis=1)[:, 0]
+    return state._replace(
+        out_tokens=out_tokens, num_new=num_new, done=done,
+        last_token=jnp.where(n > 0, last, state.last_token),
+        cache_len=state.cache_len + n,
+    )
+
+
+def split_row_keys(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-row keys [batch] -> (carried keys, keys to use now)."""
+    pairs = jax.vmap(jax.random.split)(rng)
+    return pairs[:, 0], pairs[:, 1]
+
+
+class DecodeMethod:
+    """A decoding method: a step function for the engine's loop plus its options.
+
+    Subclasses set `name`, `options` (name -> default) and implement `step`; they may carry
+    state in `state.method_state` (created by `init_state`) and reserve `cache_headroom`
+    extra cache slots (e.g. a tree's nodes beyond the committed tokens).
+    """
+
+    name: str = ""
+    options: dict[str, Any] = {}
+
+    def __init__(self, **opts: Any):
+        from jaxaccel.errors import InvalidArgumentError
+
+        unknown = sorted(set(opts) - set(self.options))
+        if unknown:
+            valid = ", ".join(sorted(self.options)) or "none"
+            raise InvalidArgumentError(
+                f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} for method "
+                f"{self.name!r}; valid options: {valid}")
+        self.opts = {**self.options, **opts}
+
+    def key(self) -> tuple:
+        return (self.name, tuple(sorted((k, repr(v)) for k, v in self.opts.items())))
+
+    def cache_headroom(self) -> int:
+        return 0
+
+    def init_state(self, ctx: StepContext, batch: int, method_input: Any) -> Any:
+        return None
+
+    def final_state(self, method_state: Any) -> Any:
+        """What generate returns to the caller of the method state (e.g. for hot start)."""
+        return None
+
+    def step(self, params: Any, state: DecodeState, ctx: StepContext) -> DecodeState:
+        raise NotImplementedError
+
+
+class GenerateOutput(NamedTuple):
+    tokens: jax.Array  # [batch, out_len]
+    num_new: jax.Array  # [batch]
+    steps: jax.Array  # ()
+    forwards: jax.Array  # [batch]
+    method_output: Any
+
+
+def prefill(params, config: ModelConfig, cache, prompt_tokens, prompt_lens, chunk: int):
+    """Write K/V of every prompt token but the last into the cache, `chunk` tokens at a time.
+
+    Only as many chunks run as the longest prompt needs; padding never reaches the cache.
+    """
+    batch, padded_len = prompt_tokens.shape
+    to_write = prompt_lens - 1  # the last prompt token is the first step's input
+    n_chunks = (jnp.max(to_write) + chunk - 1) // chunk
+
+    def body(c, cache):
+        start = c * chunk
+        tokens = jax.lax.dynamic_slice_in_dim(prompt_tokens, start, chunk, axis=1)
+        positions = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), (batch, chunk))
+        slots = jnp.where(positions < to_write[:, None], positions, -1)
+        _, cache = forward(params, config, tokens, positions, cache=cache, write_slots=slots,
+                           prefix_len=jnp.minimum(start, to_write), compute_logits=False)
+        return cache
+
+    del padded_len
+    return jax.lax.fori_loop(0, n_chunks, body, cache)
+
+
+def generate_loop(params, prompt_tokens, prompt_lens, live, max_new, sampling: SamplingParams, rng, method_input, *,
+                  method: DecodeMethod, config: ModelConfig, mode: SamplingMode, eos_ids: tuple[int, ...],
+                  out_len: int, cache_len: int, chunk: int, cache_sharding: NamedSharding | None = None,
+                  progress: Callable[[Any], None] | None = None) -> GenerateOutput:
+    """The whole generation, meant to be jitted with everything after `*` static.
+
+    prompt_tokens [batch, P] (right-padded), prompt_lens [batch] (>= 1), live [batch] bool
+    (False for bucket padding rows), max_new () int32, rng: one key per row [batch].
+    """
+    batch = prompt_tokens.shape[0]
+    cache = init_cache(config, batch, cache_len)
+    if cache_sharding is not None:
+        cache = jax.lax.with_sharding_constraint(cache, jax.tree.map(lambda _: cache_sharding, cache))
+    cache = prefill(params, config, cache, prompt_tokens, prompt_lens, chunk)
+    ctx = StepContext(config=config, mode=mode, sampling=sampling,
+                      eos_ids=jnp.asarray(eos_ids, jnp.int32).reshape(-1), max_new=max_new)
+    last = jnp.take_along_axis(prompt_tokens, (prompt_lens - 1)[:, None], axis=1)[:, 0]
+    state = DecodeState(
+        cache=cache, cache_len=(prompt_lens - 1).astype(jnp.int32), last_token=last.astype(jnp.int32),
+        out_tokens=jnp.zeros((batch, out_len), jnp.int32), num_new=jnp.zeros((batch,), jnp.int32),
+        done=~live, rng=rng, step=jnp.int32(0), forwards=jnp.zeros((batch,), jnp.int32),
+        method_state=method.init_state(ctx, batch, method_input),
+    )
+
+    def cond(s: DecodeState):
+        return (~jnp.all(s.done)) & (s.step < max_new)
+
+    def body(s: DecodeState):
+        live_before = ~s.done
+        s = method.step(params, s, ctx)
+        s = s._replace(step=s.step + 1, forwards=s.forwards + live_before.astype(jnp.int32))
+        if progress is not None:
+            jax.lax.cond(s.step % 8 == 0, lambda n: jax.debug.callback(progress, n), lambda n: None,
+                         jnp.sum(s.num_new))
+        return s
+
+    state = jax.lax.while_loop(cond, body, state)
+    return GenerateOutput(state.out_tokens, state.num_new, state.step, state.forwards,
+                          method.final_state(state.method_state))

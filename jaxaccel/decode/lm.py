@@ -1,0 +1,291 @@
+"""`jaxaccel.load(path)` -> `LanguageModel`, whose `generate` is the public decoding API.
+
+    lm = jaxaccel.load("path/to/model")            # jaxaccel checkpoint or HF folder
+    out = lm.generate(["def fib(n):"], max_new_tokens=64, temperature=0.0)
+    out.tokens, out.texts, out.stats
+
+Shapes are bucketed (batch and lengths round up to powers of two) and each bucket's
+compiled executable is kept, so a second call with similar shapes does not recompile.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxaccel import sharding as shd
+from jaxaccel.config import ModelConfig
+from jaxaccel.decode.engine import GenerateOutput, generate_loop
+from jaxaccel.decode.methods import get_method
+from jaxaccel.decode.sampling import make_sampling
+from jaxaccel.errors import InvalidArgumentError, InvalidPromptError, ModelLoadError
+from jaxaccel.model.transformer import (LayerKV, forward, init_cache, logical_axes, param_shapes, stack_layers,
+                                        unstack_layers)
+
+PREFILL_CHUNK = 256
+MIN_BUCKET = 16
+
+
+def _pow2_at_least(n: int, minimum: int = 1) -> int:
+    return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # generated ids per prompt (prompt excluded; ends with EOS if one was produced)
+    texts: list[str] | None  # decoded `tokens` when the model has a tokenizer
+    stats: dict[str, Any]
+    prompt_ids: list[list[int]]
+    method_output: Any = None  # e.g. the recycling matrix, for a hot start
+
+
+class LanguageModel:
+    """A loaded model: config, parameters (decode layout, possibly sharded), tokenizer."""
+
+    def __init__(self, config: ModelConfig, params: Any, *, tokenizer=None, eos_token_ids: Sequence[int] = (),
+                 bos_token_id: int | None = None, mesh: Mesh | None = None, source: str | None = None):
+        self.config = config
+        self.params = unstack_layers(params, config.n_layers)
+        self.tokenizer = tokenizer
+        self.eos_token_ids = tuple(int(e) for e in eos_token_ids)
+        self.bos_token_id = bos_token_id
+        self.mesh = mesh
+        self.source = source
+        self._compiled: dict[tuple, Any] = {}
+
+    # ------------------------------------------------------------------ inputs
+
+    def encode(self, prompt: str | Sequence[int], index: int = 0) -> list[int]:
+        """A prompt (text or ids) -> checked token ids."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidPromptError("this model has no tokenizer: pass prompts as lists of token ids")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            try:
+                ids = [int(t) for t in prompt]
+            except (TypeError, ValueError):
+                raise InvalidPromptError(f"prompt {index}: expected a string or a list of token ids") from None
+            if any(float(t) != int(t) for t in prompt if isinstance(t, float)):
+                raise InvalidPromptError(f"prompt {index}: token ids must be integers")
+        if not ids:
+            raise InvalidPromptError(f"prompt {index} is empty")
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise InvalidPromptError(f"prompt {index}: token id {bad[0]} is outside the vocabulary "
+                                     f"(0..{self.config.vocab_size - 1})")
+        if len(ids) > self.config.max_seq_len:
+            raise InvalidPromptError(f"prompt {index} has {len(ids)} tokens; the model's maximum length is "
+                                     f"{self.config.max_seq_len}")
+        return ids
+
+    def decode_text(self, ids: Sequence[int]) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode(ids)
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 128,
+                 method: str = "autoregressive", temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int = 0, *, progress: bool = False,
+                 method_input: Any = None, **method_options: Any) -> GenerationResult:
+        """Generate for a batch of prompts (strings or token-id lists) in one compiled call."""
+        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not isinstance(prompts, Sequence) or len(prompts) == 0:
+            raise InvalidPromptError("no prompts given")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+            raise InvalidArgumentError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
+        mode, sampling = make_sampling(temperature, top_k, top_p)
+        decoder = get_method(method, **method_options)
+        ids = [self.encode(p, i) for i, p in enumerate(prompts)]
+        for i, p in enumerate(ids):
+            if len(p) + max_new_tokens > self.config.max_seq_len:
+                raise InvalidPromptError(
+                    f"prompt {i} ({len(p)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's maximum "
+                    f"length {self.config.max_seq_len}")
+
+        data_ways = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        batch = len(ids)
+        batch_bucket = _pow2_at_least(batch)
+        batch_bucket = math.ceil(batch_bucket / data_ways) * data_ways
+        prompt_bucket = _pow2_at_least(max(len(p) for p in ids), MIN_BUCKET)
+        chunk = min(prompt_bucket, PREFILL_CHUNK)
+        out_len = _pow2_at_least(max_new_tokens, MIN_BUCKET)
+        cache_len = prompt_bucket + out_len + decoder.cache_headroom()
+        cache_len = math.ceil(cache_len / MIN_BUCKET) * MIN_BUCKET
+
+        tokens = np.zeros((batch_bucket, prompt_bucket), np.int32)
+        lens = np.ones((batch_bucket,), np.int32)
+        for i, p in enumerate(ids):
+            tokens[i, :len(p)] = p
+            lens[i] = len(p)
+        live = np.arange(batch_bucket) < batch
+        base = jax.random.key(seed)
+        rng = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(batch_bucket))
+        args = (self.params, jnp.asarray(tokens), jnp.asarray(lens), jnp.asarray(live), jnp.int32(max_new_tokens),
+                sampling, rng, method_input)
+
+        show_progress = progress and max_new_tokens >= 64
+        key = (decoder.key(), mode, batch_bucket, prompt_bucket, out_len, cache_len, show_progress)
+        compile_s = 0.0
+        compiled = self._compiled.get(key)
+        bar = None
+        if show_progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=batch * max_new_tokens, unit="tok", file=sys.stderr, leave=False)
+            self._progress_bar = bar
+        if compiled is None:
+            t0 = time.perf_counter()
+            static = dict(method=decoder, config=self.config, mode=mode, eos_ids=self.eos_token_ids, out_len=out_len,
+                          cache_len=cache_len, chunk=chunk, cache_sharding=self._cache_sharding(batch_bucket),
+                          progress=self._report_progress if show_progress else None)
+            fn = jax.jit(lambda *a: generate_loop(*a, **static))
+            compiled = fn.lower(*args).compile()
+            compile_s = time.perf_counter() - t0
+            self._compiled[key] = compiled
+        t0 = time.perf_counter()
+        out: GenerateOutput = compiled(*args)
+        out = jax.block_until_ready(out)
+        decode_s = time.perf_counter() - t0
+        if bar is not None:
+            bar.close()
+            self._progress_bar = None
+
+        out_tokens = np.asarray(out.tokens)
+        num_new = np.asarray(out.num_new)
+        forwards = np.asarray(out.forwards)
+        gen = [out_tokens[i, :num_new[i]].tolist() for i in range(batch)]
+        new_tokens = int(num_new[:batch].sum())
+        stats = {
+            "method": decoder.name, "batch": batch, "prompt_tokens": [len(p) for p in ids],
+            "new_tokens": new_tokens, "steps": int(out.steps), "target_forwards": int(out.steps),
+            "mean_accepted": new_tokens / max(1, int(forwards[:batch].sum())),
+            "decode_s": decode_s, "tokens_per_s": new_tokens / decode_s if decode_s > 0 else float("inf"),
+            "compile_s": compile_s,
+        }
+        texts = None if self.tokenizer is None else [self.tokenizer.decode(g) for g in gen]
+        return GenerationResult(tokens=gen, texts=texts, stats=stats, prompt_ids=ids, method_output=out.method_output)
+
+    def _report_progress(self, total_new) -> None:
+        bar = getattr(self, "_progress_bar", None)
+        if bar is not None:
+            bar.update(int(total_new) - bar.n)
+
+    def _cache_sharding(self, batch: int) -> NamedSharding | None:
+        if self.mesh is None:
+            return None
+        shape = (batch, self.config.n_kv_heads, 1, self.config.resolved_head_dim)
+        return shd.named_sharding(("batch", "kv_heads", "cache_len", "head_dim"), shape, self.mesh)
+
+    # ------------------------------------------------------------------ scoring
+
+    def logits(self, tokens: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
+        """Full-sequence logits [batch, T, vocab] (float32) of equal-length token rows."""
+        tokens = np.asarray(tokens, np.int32)
+        fn = self._compiled.get(("logits", tokens.shape))
+        if fn is None:
+            fn = jax.jit(lambda p, t: forward(p, self.config, t)[0])
+            self._compiled[("logits", tokens.shape)] = fn
+        return np.asarray(fn(self.params, jnp.asarray(tokens)))
+
+    def save(self, folder: str | Path) -> Path:
+        from jaxaccel.model.checkpoint import save_model
+
+        return save_model(folder, self.config, self.params, tokenizer=self.tokenizer,
+                          eos_token_ids=self.eos_token_ids, bos_token_id=self.bos_token_id)
+
+    def export_hf(self, folder: str | Path, **kwargs) -> Path:
+        from jaxaccel.convert.hf import export_hf
+
+        return export_hf(folder, self.config, self.params, tokenizer=self.tokenizer,
+                         eos_token_ids=self.eos_token_ids, bos_token_id=self.bos_token_id, **kwargs)
+
+    def num_params(self) -> int:
+        return int(sum(np.prod(x.shape) for x in jax.tree.leaves(self.params)))
+
+
+# ----------------------------------------------------------------------------- loading
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "default_model"
+
+
+def _param_shardings(mesh: Mesh | None):
+    if mesh is None:
+        return None
+
+    def fn(config: ModelConfig, layout: str):
+        return shd.tree_shardings(logical_axes(config, layout), param_shapes(config, layout), mesh)
+
+    return fn
+
+
+def resolve_mesh(mesh: Mesh | str | dict | None) -> Mesh | None:
+    if mesh is None or isinstance(mesh, Mesh):
+        return mesh
+    return shd.make_mesh(mesh)
+
+
+def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh | str | dict | None = None
+         ) -> LanguageModel:
+    """Load a jaxaccel checkpoint or a Hugging Face model folder (None: the default model).
+
+    dtype: "float32" | "bfloat16" | "float16" sets parameter and compute dtype (default: the
+    checkpoint's). mesh: a Mesh, or "tensor=4,data=2": parameters and the KV cache are then
+    sharded over it by the logical-axis rules in `jaxaccel.sharding`.
+    """
+    from jaxaccel.config import DTYPES
+    from jaxaccel.convert import hf as hf_io
+    from jaxaccel.model import checkpoint as ckpt
+    from jaxaccel.tokenizer import load_tokenizer
+
+    if dtype is not None and dtype not in DTYPES:
+        raise InvalidArgumentError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if path is None:
+        if not ckpt.is_jaxaccel_checkpoint(DEFAULT_MODEL_DIR):
+            raise ModelLoadError("no model given and no default model is installed: pass a model path "
+                                 "(a jaxaccel checkpoint or a Hugging Face model folder)")
+        path = DEFAULT_MODEL_DIR
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise ModelLoadError(f"model path {str(folder)!r} does not exist")
+    if not folder.is_dir():
+        raise ModelLoadError(f"model path {str(folder)!r} is a file; expected a model folder")
+    mesh = resolve_mesh(mesh)
+    shardings_fn = _param_shardings(mesh)
+
+    if ckpt.is_jaxaccel_checkpoint(folder):
+        config, params, meta = ckpt.load_model(folder, dtype=dtype, shardings_fn=shardings_fn)
+        if meta.get("layout") == "scanned":
+            params = unstack_layers(params, config.n_layers)
+        tokenizer = load_tokenizer(folder, add_bos=bool(meta.get("add_bos", False)))
+        return LanguageModel(config, params, tokenizer=tokenizer, eos_token_ids=meta.get("eos_token_ids") or (),
+                             bos_token_id=meta.get("bos_token_id"), mesh=mesh, source=str(folder))
+    if hf_io.is_hf_folder(folder):
+        hf = hf_io.read_hf_config(folder)
+        config = hf_io.config_from_hf(hf, source=str(folder / "config.json"))
+        if dtype is not None:
+            config = dataclasses.replace(config, param_dtype=dtype, dtype=dtype)
+        shardings = shardings_fn(config, "unrolled") if shardings_fn else None
+        params = hf_io.load_hf_params(folder, config, shardings)
+        eos, bos = hf_io.hf_special_tokens(folder, hf)
+        return LanguageModel(config, params, tokenizer=load_tokenizer(folder), eos_token_ids=eos, bos_token_id=bos,
+                             mesh=mesh, source=str(folder))
+    raise ModelLoadError(f"{str(folder)!r} is neither a jaxaccel checkpoint (no jaxaccel.json) nor a Hugging Face "
+                         f"model folder (no config.json)")
+
+
+def from_params(config: ModelConfig, params: Any, **kwargs) -> LanguageModel:
+    """Wrap in-memory parameters (either layout) as a LanguageModel."""
+    return LanguageModel(config, params, **kwargs)
+
+
+__all__ = ["GenerationResult", "LanguageModel", "load", "from_params", "LayerKV", "init_cache", "stack_layers"]

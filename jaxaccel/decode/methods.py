@@ -1,0 +1,18 @@
+"""Registry of decoding methods (`method=` in `lm.generate`, `--method` in the CLI)."""
+from __future__ import annotations
+
+from typing import Any
+
+from jaxaccel.decode.autoregressive import Autoregressive
+from jaxaccel.decode.engine import DecodeMethod
+from jaxaccel.errors import InvalidArgumentError
+
+METHODS: dict[str, type[DecodeMethod]] = {
+    Autoregressive.name: Autoregressive,
+}
+
+
+def get_method(name: str, **options: Any) -> DecodeMethod:
+    if name not in METHODS:
+        raise InvalidArgumentError(f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}")
+    return METHODS[name](**options)

@@ -1,0 +1,88 @@
+"""Token selection: greedy, temperature, top-k, top-p — as one distribution per row.
+
+Which filters run is static (`SamplingMode`, part of the compiled function's key); their
+values are traced (`SamplingParams`), so changing temperature or top_p does not recompile.
+The order follows Hugging Face's logits processors: temperature, then top-k, then top-p.
+Speculative verifiers use `target_probs` so that acceptance is computed against exactly the
+distribution plain sampling draws from.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxaccel.errors import InvalidArgumentError
+
+
+class SamplingMode(NamedTuple):
+    """Static: which code paths are compiled."""
+
+    greedy: bool
+    use_top_k: bool
+    use_top_p: bool
+
+
+class SamplingParams(NamedTuple):
+    """Traced scalars."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+
+
+def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not isinstance(temperature, (int, float)) or temperature != temperature or temperature < 0:
+        raise InvalidArgumentError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+        raise InvalidArgumentError(f"top_k must be an integer >= 1, got {top_k}")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
+        raise InvalidArgumentError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def make_sampling(temperature: float, top_k: int | None, top_p: float | None) -> tuple[SamplingMode, SamplingParams]:
+    check_sampling_args(temperature, top_k, top_p)
+    greedy = temperature == 0
+    mode = SamplingMode(greedy=greedy, use_top_k=not greedy and top_k is not None,
+                        use_top_p=not greedy and top_p is not None and top_p < 1.0)
+    params = SamplingParams(jnp.float32(temperature if not greedy else 1.0), jnp.int32(top_k or 0),
+                            jnp.float32(top_p if top_p is not None else 1.0))
+    return mode, params
+
+
+def filtered_logits(logits: jax.Array, mode: SamplingMode, params: SamplingParams) -> jax.Array:
+    """logits [..., vocab] float32 -> temperature-scaled logits with filtered tokens at -inf."""
+    logits = logits.astype(jnp.float32) / params.temperature
+    if not (mode.use_top_k or mode.use_top_p):
+        return logits
+    sorted_desc = -jnp.sort(-logits, axis=-1)
+    if mode.use_top_k:
+        k = jnp.clip(params.top_k, 1, logits.shape[-1])
+        kth = jnp.take_along_axis(sorted_desc, jnp.broadcast_to(k - 1, logits.shape[:-1])[..., None], axis=-1)
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+        sorted_desc = jnp.where(jnp.arange(logits.shape[-1]) < k, sorted_desc, -jnp.inf)
+    if mode.use_top_p:
+        # Keep the smallest prefix of the sorted distribution whose mass reaches top_p
+        # (the token that crosses the threshold is kept; at least one token always is).
+        probs = jax.nn.softmax(sorted_desc, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep_sorted = mass_before < params.top_p
+        threshold = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return logits
+
+
+def target_probs(logits: jax.Array, mode: SamplingMode, params: SamplingParams) -> jax.Array:
+    """The distribution a token is drawn from: one-hot argmax when greedy."""
+    if mode.greedy:
+        return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+    return jax.nn.softmax(filtered_logits(logits, mode, params), axis=-1)
+
+
+def sample(keys: jax.Array, logits: jax.Array, mode: SamplingMode, params: SamplingParams) -> jax.Array:
+    """keys [batch] (one PRNG key per row), logits [batch, vocab] -> tokens [batch] int32."""
+    if mode.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    filtered = filtered_logits(logits, mode, params)
+    return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)

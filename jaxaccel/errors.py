@@ -1,0 +1,33 @@
+"""Typed exceptions. Every user-facing failure is one of these, with a one-line message.
+
+The CLIs catch `JaxaccelError` and print `error: <message>` with exit status 2; anything
+else escaping is a bug in jaxaccel, not bad input.
+"""
+
+
+class JaxaccelError(Exception):
+    """Base class: a problem with the user's input, stated in one line."""
+
+
+class ConfigError(JaxaccelError, ValueError):
+    """Unknown config key, wrong type, or an inconsistent combination of values."""
+
+
+class ModelLoadError(JaxaccelError, FileNotFoundError):
+    """A model path that is missing, or is neither a jaxaccel checkpoint nor an HF model."""
+
+
+class UnsupportedArchitectureError(ModelLoadError):
+    """An HF `architectures` entry that jaxaccel cannot load."""
+
+
+class CheckpointError(ModelLoadError):
+    """A checkpoint whose tensors are missing, misshapen or unreadable."""
+
+
+class InvalidPromptError(JaxaccelError, ValueError):
+    """An empty prompt, a prompt that is too long, or a token id outside the vocabulary."""
+
+
+class InvalidArgumentError(JaxaccelError, ValueError):
+    """A generation argument out of range (temperature, top_p, top_k, max_new_tokens, method)."""

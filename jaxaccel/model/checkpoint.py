@@ -1,0 +1,98 @@
+"""jaxaccel model checkpoints: a folder with `jaxaccel.json` (model config, token ids, layout),
+`params/` (an Orbax checkpoint) and optionally the tokenizer.
+
+Parameters are restored straight into their target sharding and dtype: the restore target is
+a tree of `jax.ShapeDtypeStruct`s carrying the shardings, so no host ever holds the whole
+model unsharded.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from jaxaccel.config import ModelConfig, from_dict, to_dict
+from jaxaccel.errors import CheckpointError, ConfigError
+
+MARKER = "jaxaccel.json"
+FORMAT = "jaxaccel-model"
+VERSION = 1
+
+
+def is_jaxaccel_checkpoint(folder: Path) -> bool:
+    return (Path(folder) / MARKER).is_file()
+
+
+def save_model(folder: str | Path, config: ModelConfig, params: Any, *, tokenizer=None,
+               eos_token_ids: tuple[int, ...] = (), bos_token_id: int | None = None, extra: dict | None = None) -> Path:
+    """Write a model folder. The marker file is written last, so a folder without it (a save
+    that was killed) is never taken for a checkpoint."""
+    import orbax.checkpoint as ocp
+
+    from jaxaccel.model.transformer import is_scanned
+
+    folder = Path(folder).absolute()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MARKER).unlink(missing_ok=True)
+    if (folder / "params").exists():
+        shutil.rmtree(folder / "params")
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(folder / "params", params)
+    ckptr.wait_until_finished()
+    ckptr.close()
+    if tokenizer is not None:
+        tokenizer.save(folder)
+    meta = {"format": FORMAT, "version": VERSION, "model": to_dict(config),
+            "layout": "scanned" if is_scanned(params) else "unrolled",
+            "eos_token_ids": list(eos_token_ids), "bos_token_id": bos_token_id, **(extra or {})}
+    tmp = folder / (MARKER + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(folder / MARKER)
+    return folder
+
+
+def read_meta(folder: Path) -> dict:
+    try:
+        meta = json.loads((Path(folder) / MARKER).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{folder}/{MARKER} is unreadable: {e}") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{folder}/{MARKER}: not a jaxaccel model (format {meta.get('format')!r})")
+    return meta
+
+
+def load_model(folder: str | Path, dtype: str | None = None, shardings_fn=None) -> tuple[ModelConfig, Any, dict]:
+    """Restore (config, params, meta). `shardings_fn(config, layout)` gives a tree of
+    shardings for the stored layout (None: default device). `dtype` overrides the stored one."""
+    import orbax.checkpoint as ocp
+
+    from jaxaccel.model.transformer import param_shapes
+
+    folder = Path(folder).absolute()
+    meta = read_meta(folder)
+    try:
+        config = from_dict(ModelConfig, meta["model"])
+    except (ConfigError, KeyError) as e:
+        raise CheckpointError(f"{folder}/{MARKER}: bad model config: {e}") from None
+    if dtype is not None:
+        config = from_dict(ModelConfig, {**to_dict(config), "param_dtype": dtype, "dtype": dtype})
+    layout = meta.get("layout", "unrolled")
+    shapes = param_shapes(config, layout)
+    shardings = shardings_fn(config, layout) if shardings_fn is not None else None
+    target = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+        shardings if shardings is not None else jax.tree.map(lambda _: None, shapes))
+    if not (folder / "params").is_dir():
+        raise CheckpointError(f"{folder}: jaxaccel.json is present but params/ is missing")
+    ckptr = ocp.StandardCheckpointer()
+    try:
+        params = ckptr.restore(folder / "params", target)
+    except Exception as e:  # Orbax raises many types; name the folder and the first line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{folder}/params could not be restored: {first}") from None
+    finally:
+        ckptr.close()
+    return config, params, meta

@@ -1,0 +1,114 @@
+"""Device meshes and the one table that maps logical axis names to mesh axes.
+
+Every parameter and activation carries logical axis names (`jaxaccel.model.layers`); this
+module decides, in `LOGICAL_RULES`, which mesh axis each one is split over. A logical axis
+whose size the mesh axis does not divide is replicated instead (e.g. 2 KV heads on a
+4-way `tensor` axis), so one rule table serves every model size.
+
+Mesh axes: `data` (batch), `fsdp` (batch + parameter sharding), `tensor` (heads / MLP /
+vocab), `expert` (MoE experts).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxaccel.errors import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+# logical axis -> mesh axes it may be split over (in order), None = replicated.
+LOGICAL_RULES: tuple[tuple[str, tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", ("tensor",)),
+    ("embed", ("fsdp",)),
+    ("heads", ("tensor",)),
+    ("kv_heads", ("tensor",)),
+    ("mlp", ("tensor",)),
+    ("expert", ("expert",)),
+    ("head_dim", None),
+    ("layers", None),
+    ("length", None),
+    ("cache_len", None),
+)
+_RULES = dict(LOGICAL_RULES)
+
+
+def parse_mesh_spec(text: str | Mapping[str, int] | None) -> dict[str, int]:
+    """"tensor=4,data=2" -> {"data": 2, "fsdp": 1, "tensor": 4, "expert": 1}."""
+    sizes = {axis: 1 for axis in MESH_AXES}
+    if text is None or text == "":
+        return sizes
+    items = text.items() if isinstance(text, Mapping) else None
+    if items is None:
+        items = []
+        for part in str(text).split(","):
+            if "=" not in part:
+                raise ConfigError(f"mesh {text!r}: expected axis=size pairs like tensor=4,data=2")
+            name, size = part.split("=", 1)
+            items.append((name.strip(), size.strip()))
+    for name, size in items:
+        if name not in sizes:
+            raise ConfigError(f"mesh axis {name!r} is unknown; valid axes: {', '.join(MESH_AXES)}")
+        try:
+            size = int(size)
+        except (TypeError, ValueError):
+            raise ConfigError(f"mesh axis {name}: size must be an integer, got {size!r}") from None
+        if size < 1:
+            raise ConfigError(f"mesh axis {name}: size must be >= 1, got {size}")
+        sizes[name] = size
+    return sizes
+
+
+def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Sequence[Any] | None = None) -> Mesh:
+    """A mesh with all four axes (unnamed ones have size 1) over the first devices needed."""
+    sizes = parse_mesh_spec(spec)
+    devices = list(jax.devices() if devices is None else devices)
+    need = math.prod(sizes.values())
+    if need > len(devices):
+        shape = ",".join(f"{k}={v}" for k, v in sizes.items() if v > 1)
+        raise ConfigError(f"mesh {shape} needs {need} devices but only {len(devices)} are available")
+    grid = np.array(devices[:need], dtype=object).reshape(tuple(sizes[a] for a in MESH_AXES))
+    return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """PartitionSpec for an array with these logical axes and this shape on `mesh`."""
+    used: set[str] = set()
+    out = []
+    for name, dim in zip(axes, shape):
+        chosen = []
+        for mesh_axis in (_RULES.get(name) or ()) if name is not None else ():
+            size = mesh.shape.get(mesh_axis, 1)
+            if size == 1 or mesh_axis in used:
+                continue
+            split = math.prod(mesh.shape[a] for a in chosen) * size
+            if dim % split:
+                continue  # does not divide: leave this dimension less sharded
+            chosen.append(mesh_axis)
+        used.update(chosen)
+        out.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+    return PartitionSpec(*out)
+
+
+def named_sharding(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
+
+
+def tree_shardings(axes_tree: Any, shapes_tree: Any, mesh: Mesh) -> Any:
+    """NamedSharding per leaf, from a tree of logical axes (PartitionSpecs of names) and shapes."""
+    return jax.tree.map(lambda shape, axes: named_sharding(tuple(axes), shape.shape, mesh), shapes_tree, axes_tree,
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def shard_tree(tree: Any, shardings: Any) -> Any:
+    """Place host or device arrays onto their shardings."""
+    return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)

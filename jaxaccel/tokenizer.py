@@ -1,0 +1,83 @@
+"""Tokenizers for decoding: Hugging Face `tokenizer.json` (the `tokenizers` library) or a
+SentencePiece model. Neither imports TensorFlow; seqio's vocabulary wrapper stays in
+`jaxaccel.data`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, Sequence
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def save(self, folder: Path) -> None: ...
+
+
+class HFTokenizer:
+    """`tokenizer.json`; `encode` applies its post-processor (e.g. a BOS token)."""
+
+    filename = "tokenizer.json"
+
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer as _Tok
+
+        self.path = Path(path)
+        self._tok = _Tok.from_file(str(self.path))
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=True).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def token_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def save(self, folder: Path) -> None:
+        self._tok.save(str(Path(folder) / self.filename))
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece `.model`; `add_bos` prepends its BOS id when it has one."""
+
+    filename = "tokenizer.model"
+
+    def __init__(self, path: str | Path, add_bos: bool = False):
+        import sentencepiece as spm
+
+        self.path = Path(path)
+        self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        self.vocab_size = self._sp.get_piece_size()
+        self.add_bos = add_bos
+
+    def encode(self, text: str) -> list[int]:
+        ids = self._sp.encode(text)
+        if self.add_bos and self._sp.bos_id() >= 0:
+            ids = [self._sp.bos_id()] + ids
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._sp.eos_id() if self._sp.eos_id() >= 0 else None
+
+    def save(self, folder: Path) -> None:
+        (Path(folder) / self.filename).write_bytes(self.path.read_bytes())
+
+
+def load_tokenizer(folder: str | Path, add_bos: bool = False) -> Tokenizer | None:
+    """The tokenizer stored in a model folder, or None when it has none."""
+    folder = Path(folder)
+    if (folder / HFTokenizer.filename).is_file():
+        return HFTokenizer(folder / HFTokenizer.filename)
+    if (folder / SentencePieceTokenizer.filename).is_file():
+        return SentencePieceTokenizer(folder / SentencePieceTokenizer.filename, add_bos=add_bos)
+    return None
