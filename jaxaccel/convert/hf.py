@@ -265,11 +265,11 @@ def export_hf(folder: str | Path, config: ModelConfig, params: Any, *, tokenizer
     """
     from safetensors.numpy import save_file
 
-    from jaxaccel.model.transformer import unstack_layers
+    from jaxaccel.model.transformer import canonical_params
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    params = unstack_layers(params, config.n_layers)
+    params = canonical_params(params, config)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for path, name, _, to_hf in tensor_plan(config):

@@ -83,41 +83,67 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> n
     return inv.astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotate [batch, seq, heads, head_dim] by `positions` [batch, seq] (rotate-half layout,
-    as Hugging Face Llama checkpoints store q/k)."""
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [b, t, d/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [batch, seq, 1, head_dim // 2] float32 for `positions` [batch, seq]; computed
+    once per forward and shared by every layer."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+
+
+def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotate [batch, seq, heads, head_dim] (rotate-half layout, as Hugging Face Llama
+    checkpoints store q/k)."""
+    cos, sin = rope
     half = x.shape[-1] // 2
     x1 = x[..., :half].astype(jnp.float32)
     x2 = x[..., half:].astype(jnp.float32)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------- attention
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
-    """Grouped-query attention of new queries over a set of keys (the reference path).
+def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, new_visible: jax.Array,
+           k_cache: jax.Array | None = None, v_cache: jax.Array | None = None,
+           cache_visible: jax.Array | None = None) -> jax.Array:
+    """Grouped-query attention of T new queries over two key blocks, one softmax (reference).
 
-    q: [batch, seq, heads, head_dim], already scaled by 1/sqrt(head_dim).
-    k, v: [batch, kv_heads, keys, head_dim].
-    visible: [batch, seq, keys] bool.
-    Returns [batch, seq, heads, head_dim] in v's dtype.
+    The keys are the committed cache prefix (optional) followed by the T new tokens
+    themselves; this is the shape of every call — training (no cache), prefill chunks,
+    single-token steps and token trees (`new_visible` = the ancestor mask). Keeping the
+    blocks apart means attention never reads the cache *after* this step's write, so XLA
+    updates the cache in place instead of copying it every step.
+
+    q: [batch, T, heads, head_dim], already scaled by 1/sqrt(head_dim).
+    k_new, v_new: [batch, T, kv_heads, head_dim]; new_visible: [batch, T, T] bool.
+    k_cache, v_cache: [batch, kv_heads, S, head_dim]; cache_visible: [batch, T, S] bool.
+    Returns [batch, T, heads, head_dim] in v_new's dtype.
     """
     b, t, h, d = q.shape
-    kvh = k.shape[1]
+    kvh = k_new.shape[2]
     g = h // kvh
     # Query heads of one KV group become extra rows of the same GEMM: [b, kvh, g*t, d].
     qg = q.reshape(b, t, kvh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, d)
-    scores = jnp.einsum("bkqd,bksd->bkqs", qg, k, preferred_element_type=jnp.float32)
-    scores = scores.reshape(b, kvh, g, t, -1)
-    scores = jnp.where(visible[:, None, None], scores, MASKED_SCORE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kvh, g * t, -1)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs, v)
-    return out.reshape(b, kvh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+    kn, vn = k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3)
+    s_new = jnp.einsum("bkqd,bktd->bkqt", qg, kn, preferred_element_type=jnp.float32).reshape(b, kvh, g, t, t)
+    s_new = jnp.where(new_visible[:, None, None], s_new, MASKED_SCORE)
+    m = jnp.max(s_new, axis=-1, keepdims=True)
+    if k_cache is not None:
+        s_cache = jnp.einsum("bkqd,bksd->bkqs", qg, k_cache.astype(q.dtype),
+                             preferred_element_type=jnp.float32).reshape(b, kvh, g, t, -1)
+        s_cache = jnp.where(cache_visible[:, None, None], s_cache, MASKED_SCORE)
+        m = jnp.maximum(m, jnp.max(s_cache, axis=-1, keepdims=True))
+    p_new = jnp.exp(s_new - m)
+    denom = jnp.sum(p_new, axis=-1, keepdims=True)
+    out = jnp.einsum("bkqt,bktd->bkqd", p_new.astype(vn.dtype).reshape(b, kvh, g * t, t), vn,
+                     preferred_element_type=jnp.float32)
+    if k_cache is not None:
+        p_cache = jnp.exp(s_cache - m)
+        denom = denom + jnp.sum(p_cache, axis=-1, keepdims=True)
+        out = out + jnp.einsum("bkqs,bksd->bkqd", p_cache.astype(vn.dtype).reshape(b, kvh, g * t, -1),
+                               v_cache.astype(vn.dtype), preferred_element_type=jnp.float32)
+    out = out.reshape(b, kvh, g, t, d) / denom
+    return out.astype(v_new.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 def write_kv(cache: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
@@ -131,10 +157,13 @@ def write_kv(cache: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
 
 class Attention(nn.Module):
     config: ModelConfig
+    fused: bool = False  # decode layout: one "qkv" kernel instead of "q", "k", "v"
 
     @nn.compact
-    def __call__(self, x, positions, visible, cache_kv=None, write_slots=None):
-        """x [b, t, d] -> ([b, t, d], updated (k, v) cache or the new (k, v) when uncached)."""
+    def __call__(self, x, rope, visibility, cache_kv=None, write_slots=None):
+        """x [b, t, d] -> ([b, t, d], updated (k, v) cache, or None when uncached).
+
+        visibility = (new_visible [b, t, t], cache_visible [b, t, S] or None)."""
         cfg = self.config
         hd = cfg.resolved_head_dim
         dtype, pdtype = jnp_dtype(cfg.dtype), jnp_dtype(cfg.param_dtype)
@@ -146,20 +175,33 @@ class Attention(nn.Module):
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (head_axis, HEAD_DIM)),
             )(x)
 
-        q = proj("q", cfg.n_heads, HEADS)
-        k = proj("k", cfg.n_kv_heads, KV_HEADS)
-        v = proj("v", cfg.n_kv_heads, KV_HEADS)
-        inv_freq = rope_inv_freq(hd, cfg.rope_theta, cfg.rope_scaling)
-        q = apply_rope(q, positions, inv_freq) * jnp.asarray(hd ** -0.5, dtype)
-        k = apply_rope(k, positions, inv_freq)
-        if cache_kv is None:
-            keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-            new_kv = (keys, values)
+        if self.fused:
+            # One GEMM for q, k and v, grouped per KV head: [d, kv_heads, q_per_kv + 2, head_dim].
+            g = cfg.q_per_kv
+            qkv = nn.DenseGeneral(
+                (cfg.n_kv_heads, g + 2, hd), use_bias=cfg.qkv_bias, dtype=dtype, param_dtype=pdtype, name="qkv",
+                kernel_init=_init(cfg.init_std, (EMBED, KV_HEADS, None, HEAD_DIM)),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (KV_HEADS, None, HEAD_DIM)),
+            )(x)
+            b, t = x.shape[:2]
+            q = qkv[:, :, :, :g].reshape(b, t, cfg.n_heads, hd)
+            k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]
         else:
-            keys = write_kv(cache_kv[0], k, write_slots)
-            values = write_kv(cache_kv[1], v, write_slots)
-            new_kv = (keys, values)
-        out = attend(q, keys.astype(dtype), values.astype(dtype), visible)
+            q = proj("q", cfg.n_heads, HEADS)
+            k = proj("k", cfg.n_kv_heads, KV_HEADS)
+            v = proj("v", cfg.n_kv_heads, KV_HEADS)
+        q = apply_rope(q, rope) * jnp.asarray(hd ** -0.5, dtype)
+        k = apply_rope(k, rope)
+        new_visible, cache_visible = visibility
+        if cache_kv is None:
+            out = attend(q, k, v, new_visible)
+            new_kv = None
+        else:
+            out = attend(q, k, v, new_visible, cache_kv[0], cache_kv[1], cache_visible)
+            # Order the write after the read: with the dependency explicit, XLA updates the
+            # cache buffer in place instead of copying it on every step.
+            out, cache_k, cache_v = jax.lax.optimization_barrier((out, cache_kv[0], cache_kv[1]))
+            new_kv = (write_kv(cache_k, k, write_slots), write_kv(cache_v, v, write_slots))
         out = nn.DenseGeneral(
             cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dtype, param_dtype=pdtype, name="o",
             kernel_init=_init(cfg.init_std / math.sqrt(2 * cfg.n_layers), (HEADS, HEAD_DIM, EMBED)),
@@ -171,6 +213,7 @@ class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
     config: ModelConfig
+    fused: bool = False  # decode layout: one "gate_up" kernel [d, 2, ffn] instead of "gate", "up"
 
     @nn.compact
     def __call__(self, x):
@@ -181,7 +224,12 @@ class MLP(nn.Module):
             return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=pdtype, name=name,
                             kernel_init=_init(std, axes))
 
-        gate = dense("gate", cfg.ffn_dim, (EMBED, MLP_HIDDEN), cfg.init_std)(x)
-        up = dense("up", cfg.ffn_dim, (EMBED, MLP_HIDDEN), cfg.init_std)(x)
+        if self.fused:
+            gate_up = nn.DenseGeneral((2, cfg.ffn_dim), use_bias=False, dtype=dtype, param_dtype=pdtype,
+                                      name="gate_up", kernel_init=_init(cfg.init_std, (EMBED, None, MLP_HIDDEN)))(x)
+            gate, up = gate_up[..., 0, :], gate_up[..., 1, :]
+        else:
+            gate = dense("gate", cfg.ffn_dim, (EMBED, MLP_HIDDEN), cfg.init_std)(x)
+            up = dense("up", cfg.ffn_dim, (EMBED, MLP_HIDDEN), cfg.init_std)(x)
         return dense("down", cfg.d_model, (MLP_HIDDEN, EMBED), cfg.init_std / math.sqrt(2 * cfg.n_layers))(
             nn.silu(gate) * up)

@@ -1,0 +1,66 @@
+"""python -m jaxaccel.bench — measured, reproducible speed figures.
+
+    python -m jaxaccel.bench decode [--models 7m,40m] [--batches 1,8] [--runs 5] [--no-hf]
+"""
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from jaxaccel.cli import ArgumentParser, fail, run_cli
+
+
+def _csv(text: str, cast=str) -> tuple:
+    try:
+        return tuple(cast(x) for x in text.split(",") if x)
+    except ValueError:
+        fail(f"{text!r}: expected a comma-separated list")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = ArgumentParser(prog="python -m jaxaccel.bench", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="which", required=True)
+    dec = sub.add_parser("decode", help="autoregressive tokens/s vs Hugging Face transformers and the roofline")
+    dec.add_argument("--models", default="7m,40m", help="comma-separated presets: 7m, 40m")
+    dec.add_argument("--batches", default="1,8")
+    dec.add_argument("--prompt-len", type=int, default=64)
+    dec.add_argument("--new-tokens", type=int, default=128)
+    dec.add_argument("--runs", type=int, default=5)
+    dec.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    dec.add_argument("--no-hf", action="store_true", help="skip the Hugging Face transformers baseline")
+    dec.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+
+    if args.which == "decode":
+        from jaxaccel.bench import decode
+
+        models = _csv(args.models)
+        for m in models:
+            if m not in decode.PRESETS:
+                fail(f"unknown model preset {m!r}; valid: {', '.join(decode.PRESETS)}")
+        batches = _csv(args.batches, int)
+        if not batches or min(batches) < 1 or args.runs < 1 or args.new_tokens < 1 or args.prompt_len < 1:
+            fail("batches, runs, new tokens and prompt length must be >= 1")
+        hf = not args.no_hf
+        if hf:
+            try:
+                import torch  # noqa: F401
+                import transformers  # noqa: F401
+            except ImportError:
+                fail("the Hugging Face baseline needs the peers extra: pip install 'jaxaccel[peers]' (or pass --no-hf)")
+        result = decode.run(models, batches, args.prompt_len, args.new_tokens, args.runs, hf=hf, dtype=args.dtype,
+                            progress=lambda s: print(s, file=sys.stderr))
+        print(decode.markdown(result))
+        if args.json:
+            from jaxaccel.bench.common import write_json
+
+            write_json(args.json, result)
+    return 0
+
+
+def entry() -> None:
+    raise SystemExit(run_cli(main))
+
+
+if __name__ == "__main__":
+    entry()

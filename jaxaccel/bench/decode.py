@@ -1,0 +1,126 @@
+"""Autoregressive decoding throughput: jaxaccel against Hugging Face transformers on the
+same weights, plus each run against the memory-bandwidth roofline measured in the same run.
+
+Roofline: at batch B one decode step reads every weight once, so tokens/s can be at most
+B x bandwidth / bytes_per_step. Two byte counts are reported: all parameter bytes (the
+convention the issue uses) and the bytes a step really streams (the embedding table is
+gathered, not read, unless it is tied to the output head).
+"""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxaccel.bench.common import machine, read_bandwidth
+from jaxaccel.config import ModelConfig
+
+PRESETS: dict[str, ModelConfig] = {
+    "7m": ModelConfig(vocab_size=8192, d_model=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=704),
+    "40m": ModelConfig(vocab_size=16384, d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1408),
+}
+
+
+def weight_bytes(config: ModelConfig) -> tuple[int, int]:
+    """(all parameter bytes, bytes streamed per decode step)."""
+    itemsize = np.dtype(config.param_dtype if config.param_dtype != "bfloat16" else "float16").itemsize
+    total = config.num_params() * itemsize
+    streamed = total if config.tie_embeddings else total - (config.vocab_size - 1) * config.d_model * itemsize
+    return total, streamed
+
+
+def bench_jaxaccel(lm, prompts: list[list[int]], new_tokens: int, runs: int) -> dict[str, Any]:
+    first = lm.generate(prompts, max_new_tokens=new_tokens)
+    assert first.stats["new_tokens"] == len(prompts) * new_tokens, "a row stopped early: EOS must be disabled"
+    rates = [lm.generate(prompts, max_new_tokens=new_tokens).stats["tokens_per_s"] for _ in range(runs)]
+    return {"tokens_per_s": statistics.median(rates), "runs": rates, "compile_s": first.stats["compile_s"]}
+
+
+def bench_hf(folder: str, prompts: list[list[int]], new_tokens: int, runs: int) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.tensor(prompts)
+    mask = torch.ones_like(ids)
+    kwargs = dict(attention_mask=mask, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                  pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        model.generate(ids, **kwargs)
+        rates = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            out = model.generate(ids, **kwargs)
+            rates.append(ids.shape[0] * new_tokens / (time.perf_counter() - t0))
+        assert out.shape[1] == ids.shape[1] + new_tokens
+    return {"tokens_per_s": statistics.median(rates), "runs": rates, "torch_threads": torch.get_num_threads()}
+
+
+def run(models=("7m", "40m"), batches=(1, 8), prompt_len: int = 64, new_tokens: int = 128, runs: int = 5,
+        hf: bool = True, dtype: str = "float32", seed: int = 0, progress=print) -> dict[str, Any]:
+    import jaxaccel
+    from jaxaccel.config import replace
+    from jaxaccel.model.transformer import init_params
+
+    bandwidth = read_bandwidth()
+    progress(f"read bandwidth: {bandwidth / 1e9:.1f} GB/s")
+    rows = []
+    for name in models:
+        config = replace(PRESETS[name], param_dtype=dtype, dtype=dtype)
+        params = init_params(config, jax.random.key(seed), "unrolled")
+        lm = jaxaccel.from_params(config, params)  # no EOS: every row generates exactly new_tokens
+        total_bytes, streamed_bytes = weight_bytes(config)
+        hf_dir = None
+        if hf:
+            hf_dir = tempfile.TemporaryDirectory(prefix=f"jaxaccel-bench-{name}-")
+            lm.export_hf(hf_dir.name)
+        rng = np.random.default_rng(seed)
+        for batch in batches:
+            prompts = rng.integers(0, config.vocab_size, (batch, prompt_len)).tolist()
+            ours = bench_jaxaccel(lm, prompts, new_tokens, runs)
+            row = {"model": name, "params_m": round(config.num_params() / 1e6, 1), "dtype": dtype, "batch": batch,
+                   "jaxaccel_tok_s": ours["tokens_per_s"], "jaxaccel_runs": ours["runs"],
+                   "compile_s": ours["compile_s"],
+                   "roofline_all_tok_s": batch * bandwidth / total_bytes,
+                   "roofline_streamed_tok_s": batch * bandwidth / streamed_bytes}
+            row["roofline_all_frac"] = row["jaxaccel_tok_s"] / row["roofline_all_tok_s"]
+            row["roofline_streamed_frac"] = row["jaxaccel_tok_s"] / row["roofline_streamed_tok_s"]
+            if hf:
+                theirs = bench_hf(hf_dir.name, prompts, new_tokens, runs)
+                row.update(hf_tok_s=theirs["tokens_per_s"], hf_runs=theirs["runs"],
+                           speedup_vs_hf=ours["tokens_per_s"] / theirs["tokens_per_s"])
+            rows.append(row)
+            progress(format_row(row))
+        if hf_dir is not None:
+            hf_dir.cleanup()
+    return {"benchmark": "decode", "machine": machine(), "bandwidth_gb_s": bandwidth / 1e9,
+            "prompt_len": prompt_len, "new_tokens": new_tokens, "runs": runs, "rows": rows}
+
+
+def format_row(row: dict[str, Any]) -> str:
+    hf = f", HF {row['hf_tok_s']:.0f} tok/s ({row['speedup_vs_hf']:.2f}x)" if "hf_tok_s" in row else ""
+    return (f"{row['model']} batch {row['batch']}: jaxaccel {row['jaxaccel_tok_s']:.0f} tok/s{hf}, "
+            f"{100 * row['roofline_all_frac']:.0f}% of roofline (all weights), "
+            f"{100 * row['roofline_streamed_frac']:.0f}% (streamed bytes), compile {row['compile_s']:.1f} s")
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = ["| model | params | batch | jaxaccel tok/s | HF tok/s | speedup | roofline tok/s (all / streamed) "
+             "| % of roofline (all / streamed) | compile s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        hf = f"{r['hf_tok_s']:.0f} | {r['speedup_vs_hf']:.2f}x" if "hf_tok_s" in r else "– | –"
+        lines.append(f"| {r['model']} | {r['params_m']}M | {r['batch']} | {r['jaxaccel_tok_s']:.0f} | {hf} | "
+                     f"{r['roofline_all_tok_s']:.0f} / {r['roofline_streamed_tok_s']:.0f} | "
+                     f"{100 * r['roofline_all_frac']:.0f}% / {100 * r['roofline_streamed_frac']:.0f}% | "
+                     f"{r['compile_s']:.1f} |")
+    m = result["machine"]
+    lines.append("")
+    lines.append(f"Machine: {m['cpu']}, {m['cores']} cores, JAX {m['jax']} ({m['backend']}); read bandwidth "
+                 f"{result['bandwidth_gb_s']:.1f} GB/s measured in the same run; {result['prompt_len']}-token prompts, "
+                 f"{result['new_tokens']} new tokens, median of {result['runs']} runs; {m['date']}.")
+    return "\n".join(lines)

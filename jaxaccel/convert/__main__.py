@@ -1,0 +1,59 @@
+"""python -m jaxaccel.convert — Hugging Face <-> jaxaccel checkpoints.
+
+    python -m jaxaccel.convert import HF_FOLDER OUT_FOLDER [--dtype bfloat16]   # HF -> jaxaccel
+    python -m jaxaccel.convert export MODEL OUT_FOLDER [--max-shard-size 2GB]   # jaxaccel (or HF) -> HF
+"""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from jaxaccel.cli import ArgumentParser, fail, run_cli
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B?)\s*", text.upper())
+    if not m:
+        fail(f"--max-shard-size {text!r}: expected a size like 500MB or 2GB")
+    scale = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9}[m.group(2)]
+    return int(float(m.group(1)) * scale)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = ArgumentParser(prog="python -m jaxaccel.convert", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="direction", required=True)
+    imp = sub.add_parser("import", help="Hugging Face folder -> jaxaccel checkpoint")
+    exp = sub.add_parser("export", help="jaxaccel checkpoint (or HF folder) -> Hugging Face folder")
+    for q in (imp, exp):
+        q.add_argument("source")
+        q.add_argument("destination")
+        q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+        q.add_argument("--force", action="store_true", help="write into a non-empty destination")
+    exp.add_argument("--max-shard-size", default="2GB")
+    args = p.parse_args(argv)
+
+    dest = Path(args.destination)
+    if Path(args.source).resolve() == dest.resolve():
+        fail("destination must differ from the source")
+    if dest.exists() and any(dest.iterdir()) and not args.force:
+        fail(f"destination {str(dest)!r} is not empty (use --force to write into it)")
+
+    import jaxaccel
+
+    lm = jaxaccel.load(args.source, dtype=args.dtype)
+    if args.direction == "import":
+        lm.save(dest)
+    else:
+        lm.export_hf(dest, max_shard_bytes=parse_size(args.max_shard_size))
+    print(f"wrote {dest} ({lm.num_params() / 1e6:.1f}M parameters, {lm.config.param_dtype})", file=sys.stderr)
+    return 0
+
+
+def entry() -> None:
+    raise SystemExit(run_cli(main))
+
+
+if __name__ == "__main__":
+    entry()

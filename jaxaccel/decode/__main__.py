@@ -1,0 +1,135 @@
+"""python -m jaxaccel.decode — generate text from a jaxaccel checkpoint or a Hugging Face model.
+
+Examples:
+    python -m jaxaccel.decode --model path/to/model --prompt "def fib(n):" --max-new-tokens 64
+    python -m jaxaccel.decode --model path --prompt-ids 1,2,3 --output json
+    python -m jaxaccel.decode --model path --prompts-file prompts.jsonl --temperature 0.7 --top-p 0.9
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from jaxaccel.cli import ArgumentParser, fail, run_cli
+
+SAMPLE_PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m jaxaccel.decode", description=__doc__.split("\n")[0])
+    p.add_argument("--model", help="jaxaccel checkpoint or Hugging Face model folder (default: the shipped model)")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
+    p.add_argument("--prompt-ids", action="append", default=[], help="prompt as comma-separated token ids (repeatable)")
+    p.add_argument("--prompts-file", help='JSONL file: one {"prompt": "..."} or {"prompt_ids": [...]} per line')
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--method", default="autoregressive", help="decoding method (autoregressive, ...)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option, e.g. --option template=paper (repeatable)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="parameter and compute dtype (default: the checkpoint's)")
+    p.add_argument("--mesh", default=None, help="shard over a device mesh, e.g. tensor=4,data=2")
+    p.add_argument("--output", choices=["text", "json"], default="text")
+    return p
+
+
+def read_prompts(args) -> list[Any]:
+    prompts: list[Any] = list(args.prompt)
+    for text in args.prompt_ids:
+        try:
+            prompts.append([int(t) for t in text.replace(" ", "").split(",") if t != ""])
+        except ValueError:
+            fail(f"--prompt-ids {text!r}: expected comma-separated integers")
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            fail(f"prompts file {str(path)!r} does not exist")
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                fail(f"{path}:{n}: not valid JSON ({e.msg})")
+            if isinstance(item, dict) and "prompt_ids" in item:
+                prompts.append(item["prompt_ids"])
+            elif isinstance(item, dict) and ("prompt" in item or "text" in item):
+                prompts.append(item.get("prompt", item.get("text")))
+            elif isinstance(item, str):
+                prompts.append(item)
+            else:
+                fail(f'{path}:{n}: expected {{"prompt": "..."}} or {{"prompt_ids": [...]}}')
+    return prompts
+
+
+def parse_options(items: Sequence[str]) -> dict[str, Any]:
+    from jaxaccel.config import parse_override
+    from jaxaccel.errors import ConfigError
+
+    options = {}
+    for item in items:
+        try:
+            path, value = parse_override(item)
+        except ConfigError as e:
+            fail(f"--option: {e}")
+        options[".".join(path)] = value
+    return options
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    prompts = read_prompts(args)
+    options = parse_options(args.option)
+
+    import jaxaccel
+    from jaxaccel.decode.methods import get_method
+    from jaxaccel.decode.sampling import check_sampling_args
+    from jaxaccel.errors import InvalidArgumentError
+
+    # Check cheap arguments before the (slow) model load.
+    check_sampling_args(args.temperature, args.top_k, args.top_p)
+    if args.max_new_tokens < 1:
+        raise InvalidArgumentError(f"max_new_tokens must be an integer >= 1, got {args.max_new_tokens}")
+    get_method(args.method, **options)
+
+    lm = jaxaccel.load(args.model, dtype=args.dtype, mesh=args.mesh)
+    if not prompts:
+        if lm.tokenizer is None:
+            fail("this model has no tokenizer: give prompts with --prompt-ids")
+        prompts = [SAMPLE_PROMPT]
+    result = lm.generate(prompts, max_new_tokens=args.max_new_tokens, method=args.method,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                         progress=args.output == "text" and sys.stderr.isatty(), **options)
+    if args.output == "json":
+        out = {"results": [{"prompt_ids": ids, "tokens": toks, "text": (result.texts[i] if result.texts else None)}
+                           for i, (ids, toks) in enumerate(zip(result.prompt_ids, result.tokens))],
+               "stats": result.stats}
+        json.dump(out, sys.stdout)
+        sys.stdout.write("\n")
+        return 0
+    for i, (ids, toks) in enumerate(zip(result.prompt_ids, result.tokens)):
+        if len(prompts) > 1:
+            print(f"--- prompt {i} ---")
+        if lm.tokenizer is not None:
+            print(lm.tokenizer.decode(ids) + result.texts[i])
+        else:
+            print("prompt ids:", ",".join(map(str, ids)))
+            print("new ids:   ", ",".join(map(str, toks)))
+    s = result.stats
+    print(f"[{s['method']}] {s['new_tokens']} new tokens in {s['decode_s']:.2f} s = {s['tokens_per_s']:.1f} tok/s "
+          f"(batch {s['batch']}, {s['target_forwards']} target forwards, {s['mean_accepted']:.2f} tokens/forward, "
+          f"compile {s['compile_s']:.1f} s)", file=sys.stderr)
+    return 0
+
+
+def entry() -> None:
+    raise SystemExit(run_cli(main))
+
+
+if __name__ == "__main__":
+    entry()

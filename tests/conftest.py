@@ -1,0 +1,66 @@
+"""Test setup: CPU only, 8 fake devices (multi-device tests use them; single-device code
+just uses device 0), float32 everywhere, and shared tiny models."""
+import os
+
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from jaxaccel.config import ModelConfig  # noqa: E402
+
+TINY = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=256)
+
+
+def randomize(params, seed=0, scale=0.3):
+    """Perturb init params so logits are peaked (random-init models tie too often)."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tree, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    return TINY
+
+
+@pytest.fixture(scope="session")
+def tiny_params():
+    from jaxaccel.model.transformer import init_params
+
+    return randomize(init_params(TINY, jax.random.key(0), "unrolled"))
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_params):
+    import jaxaccel
+
+    return jaxaccel.from_params(TINY, tiny_params, eos_token_ids=())
+
+
+def reference_greedy(lm, prompt, n, eos=()):
+    """Greedy decoding by recomputing the full forward at every step (no cache)."""
+    seq = list(prompt)
+    out = []
+    width = 64 * ((len(prompt) + n + 63) // 64)  # causal: right padding never changes earlier logits
+    for _ in range(n):
+        token = int(np.argmax(lm.logits([seq + [0] * (width - len(seq))])[0, len(seq) - 1]))
+        out.append(token)
+        seq.append(token)
+        if token in eos:
+            break
+    return out
+
+
+def _jit_forward():
+    from jaxaccel.model.transformer import forward
+
+    return jax.jit(forward, static_argnums=(1,), static_argnames=("deterministic", "compute_logits"))
+
+
+jit_forward = _jit_forward()

@@ -1,0 +1,146 @@
+"""The decode engine: exact greedy, per-row EOS and lengths, sampling distributed as the
+model's own distribution, compile caching, and a typed error for every bad argument."""
+import jax
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+import jaxaccel
+from conftest import TINY, reference_greedy
+from jaxaccel.decode.sampling import filtered_logits, make_sampling
+from jaxaccel.errors import InvalidArgumentError, InvalidPromptError
+
+PROMPTS = [[5, 17, 33], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [42], [7, 7, 7, 7]]
+
+
+def test_greedy_equals_full_recompute_batch1_and_ragged_batch(tiny_lm):
+    tiny_lm.prefill_chunk = 8  # the 21-token prompt then takes 3 prefill chunks
+    try:
+        batched = tiny_lm.generate(PROMPTS, max_new_tokens=24)
+        single = tiny_lm.generate([PROMPTS[1]], max_new_tokens=24)
+    finally:
+        tiny_lm.prefill_chunk = 256
+    for prompt, got in zip(PROMPTS, batched.tokens):
+        assert got == reference_greedy(tiny_lm, prompt, 24)
+    assert single.tokens[0] == batched.tokens[1]
+    s = batched.stats
+    assert s["new_tokens"] == 4 * 24 and s["steps"] == 24 and s["target_forwards"] == 24
+    assert s["mean_accepted"] == 1.0 and s["tokens_per_s"] > 0 and s["decode_s"] > 0
+
+
+def test_eos_ends_each_row_where_plain_decoding_would(tiny_params):
+    free = jaxaccel.from_params(TINY, tiny_params, eos_token_ids=())
+    ref = [reference_greedy(free, p, 20) for p in PROMPTS]
+    eos = ref[0][2]
+    assert eos not in ref[0][:2]
+    lm = jaxaccel.from_params(TINY, tiny_params, eos_token_ids=(eos,))
+    out = lm.generate(PROMPTS, max_new_tokens=20)
+    for r, got in zip(ref, out.tokens):
+        expected = r[:r.index(eos) + 1] if eos in r else r
+        assert got == expected
+    assert out.tokens[0] == ref[0][:3]
+
+
+def test_max_new_tokens_and_compile_cache(tiny_lm):
+    a = tiny_lm.generate(PROMPTS[:2], max_new_tokens=20)
+    n_compiled = len(tiny_lm._compiled)
+    b = tiny_lm.generate(PROMPTS[:2], max_new_tokens=30)  # same 32-token bucket
+    c = tiny_lm.generate([PROMPTS[1], PROMPTS[3]], max_new_tokens=25)  # same buckets
+    assert [len(t) for t in a.tokens] == [20, 20] and [len(t) for t in b.tokens] == [30, 30]
+    assert b.tokens[0][:20] == a.tokens[0]
+    assert b.stats["compile_s"] == 0.0 and c.stats["compile_s"] == 0.0
+    d = tiny_lm.generate(PROMPTS[:2], max_new_tokens=20, temperature=0.5, seed=1)
+    e = tiny_lm.generate(PROMPTS[:2], max_new_tokens=20, temperature=0.9, seed=2)  # values are traced
+    assert e.stats["compile_s"] == 0.0 and d.stats["compile_s"] > 0
+    assert len(tiny_lm._compiled) == n_compiled + 1
+
+
+def test_sampling_is_reproducible_and_filters_collapse_to_greedy(tiny_lm):
+    greedy = tiny_lm.generate(PROMPTS, max_new_tokens=12)
+    s1 = tiny_lm.generate(PROMPTS, max_new_tokens=12, temperature=1.0, seed=3)
+    s2 = tiny_lm.generate(PROMPTS, max_new_tokens=12, temperature=1.0, seed=3)
+    s3 = tiny_lm.generate(PROMPTS, max_new_tokens=12, temperature=1.0, seed=4)
+    assert s1.tokens == s2.tokens and s1.tokens != s3.tokens
+    assert tiny_lm.generate(PROMPTS, max_new_tokens=12, temperature=1.0, top_k=1, seed=5).tokens == greedy.tokens
+    assert tiny_lm.generate(PROMPTS, max_new_tokens=12, temperature=1.0, top_p=1e-6, seed=5).tokens == greedy.tokens
+    # A row's randomness does not depend on the rest of its batch.
+    alone = tiny_lm.generate([PROMPTS[0]], max_new_tokens=12, temperature=1.0, seed=3)
+    assert alone.tokens[0] == s1.tokens[0]
+
+
+def numpy_filtered_probs(logits, temperature, top_k, top_p):
+    """Independent reference of HF's order: temperature, top-k, top-p (ties kept)."""
+    z = logits / temperature
+    if top_k is not None:
+        kth = np.sort(z)[::-1][top_k - 1]
+        z = np.where(z < kth, -np.inf, z)
+    if top_p is not None:
+        order = np.argsort(-z, kind="stable")
+        p = np.exp(z[order] - z[order][0])
+        p /= p.sum()
+        mass_before = np.cumsum(p) - p
+        keep = np.zeros_like(z, bool)
+        keep[order[mass_before < top_p]] = True
+        z = np.where(keep, z, -np.inf)
+    p = np.exp(z - z.max())
+    return p / p.sum()
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, None), (0.7, 8, None), (1.3, None, 0.8), (0.9, 20, 0.9)])
+def test_filtered_distribution_matches_reference(temperature, top_k, top_p):
+    logits = np.random.default_rng(0).normal(size=(3, 97)).astype(np.float32) * 2
+    mode, params = make_sampling(temperature, top_k, top_p)
+    ours = np.asarray(jax.nn.softmax(filtered_logits(logits, mode, params), axis=-1))
+    for row in range(3):
+        np.testing.assert_allclose(ours[row], numpy_filtered_probs(logits[row].astype(np.float64), temperature, top_k,
+                                                                     top_p), atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, None), (0.8, 10, 0.9)])
+def test_sampled_first_token_is_distributed_as_the_model(tiny_lm, temperature, top_k, top_p):
+    """2048 independent rows, one prompt: the first sampled token's histogram against the
+    model's filtered next-token distribution (chi-square, p > 0.001)."""
+    n = 2048
+    prompt = PROMPTS[0]
+    out = tiny_lm.generate([prompt] * n, max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p, seed=11)
+    first = np.array([t[0] for t in out.tokens])
+    probs = numpy_filtered_probs(tiny_lm.logits([prompt])[0, -1].astype(np.float64), temperature, top_k, top_p)
+    assert probs[first].min() > 0  # never a filtered token
+    support = probs > 0
+    expected = probs[support] * n
+    observed = np.bincount(first, minlength=len(probs))[support]
+    # Pool rare categories so every expected count is >= 5.
+    order = np.argsort(expected)
+    exp_s, obs_s = expected[order], observed[order]
+    cut = np.searchsorted(np.cumsum(exp_s), 5.0)
+    exp_p = np.concatenate([[exp_s[:cut + 1].sum()], exp_s[cut + 1:]])
+    obs_p = np.concatenate([[obs_s[:cut + 1].sum()], obs_s[cut + 1:]])
+    assert sps.chisquare(obs_p, exp_p).pvalue > 1e-3
+
+
+def test_progress_display_runs(tiny_lm, capsys):
+    out = tiny_lm.generate(PROMPTS[:1], max_new_tokens=64, progress=True)
+    assert len(out.tokens[0]) == 64
+    assert "tok" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(prompts=[]), InvalidPromptError, "no prompts"),
+    (dict(prompts=[[]]), InvalidPromptError, "prompt 0 is empty"),
+    (dict(prompts=[[1], [3, 97]]), InvalidPromptError, r"prompt 1: token id 97 is outside the vocabulary \(0..96\)"),
+    (dict(prompts=[[-1]]), InvalidPromptError, "outside the vocabulary"),
+    (dict(prompts=[[1] * 257]), InvalidPromptError, "257 tokens; the model's maximum length is 256"),
+    (dict(prompts=[[1] * 200], max_new_tokens=100), InvalidPromptError, "exceeds the model's maximum length 256"),
+    (dict(prompts=["hello"]), InvalidPromptError, "no tokenizer"),
+    (dict(temperature=-0.1), InvalidArgumentError, "temperature must be >= 0"),
+    (dict(top_p=0.0), InvalidArgumentError, r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), InvalidArgumentError, r"top_p must be in \(0, 1\]"),
+    (dict(top_k=0), InvalidArgumentError, "top_k must be an integer >= 1"),
+    (dict(max_new_tokens=0), InvalidArgumentError, "max_new_tokens must be an integer >= 1"),
+    (dict(method="beam"), InvalidArgumentError, "unknown method 'beam'; valid methods: autoregressive"),
+    (dict(tree_size=3), InvalidArgumentError, "unknown option tree_size for method 'autoregressive'"),
+])
+def test_bad_generate_arguments_raise_typed_errors(tiny_lm, kwargs, error, match):
+    kwargs = {"prompts": [[1, 2]], **kwargs}
+    with pytest.raises(error, match=match):
+        tiny_lm.generate(**kwargs)
