@@ -21,7 +21,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m jaxaccel.bench", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="which", required=True)
     dec = sub.add_parser("decode", help="autoregressive tokens/s vs Hugging Face transformers and the roofline")
-    dec.add_argument("--models", default="7m,40m", help="comma-separated presets: 7m, 40m")
+    dec.add_argument("--models", default="7m,40m",
+                     help="comma-separated presets (7m, 40m) or model YAML files (configs/models/*.yaml)")
     dec.add_argument("--batches", default="1,8")
     dec.add_argument("--prompt-len", type=int, default=64)
     dec.add_argument("--new-tokens", type=int, default=128)
@@ -34,10 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.which == "decode":
         from jaxaccel.bench import decode
 
-        models = _csv(args.models)
-        for m in models:
-            if m not in decode.PRESETS:
-                fail(f"unknown model preset {m!r}; valid: {', '.join(decode.PRESETS)}")
+        models = [decode.resolve_model(m) for m in _csv(args.models)]
         batches = _csv(args.batches, int)
         if not batches or min(batches) < 1 or args.runs < 1 or args.new_tokens < 1 or args.prompt_len < 1:
             fail("batches, runs, new tokens and prompt length must be >= 1")

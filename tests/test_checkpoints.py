@@ -1,0 +1,120 @@
+"""jaxaccel checkpoints and Hugging Face folders: round trips, and a one-line typed error for
+every kind of bad model folder (no torch needed: folders are written with safetensors)."""
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import jaxaccel
+from conftest import TINY
+from jaxaccel.errors import CheckpointError, ModelLoadError, UnsupportedArchitectureError
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory, tiny_params):
+    lm = jaxaccel.from_params(TINY, tiny_params, eos_token_ids=(2,), bos_token_id=1)
+    return lm.export_hf(tmp_path_factory.mktemp("hf"))
+
+
+def copy_folder(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_jaxaccel_checkpoint_round_trip(tmp_path, tiny_lm):
+    folder = tiny_lm.save(tmp_path / "ckpt")
+    again = jaxaccel.load(folder)
+    x = np.arange(20).reshape(2, 10) % 97
+    np.testing.assert_array_equal(again.logits(x), tiny_lm.logits(x))
+    assert again.config == tiny_lm.config
+    half = jaxaccel.load(folder, dtype="bfloat16")
+    assert half.config.param_dtype == "bfloat16" and str(half.params["embed"]["embedding"].dtype) == "bfloat16"
+
+
+def test_hf_folder_round_trip_keeps_special_tokens(hf_folder, tiny_lm):
+    lm = jaxaccel.load(hf_folder)
+    assert lm.eos_token_ids == (2,) and lm.bos_token_id == 1
+    x = np.arange(24).reshape(2, 12) % 97
+    np.testing.assert_array_equal(lm.logits(x), tiny_lm.logits(x))
+
+
+def test_half_written_checkpoint_is_never_taken_for_a_good_one(tmp_path, tiny_lm):
+    folder = tiny_lm.save(tmp_path / "ckpt")
+    (folder / "jaxaccel.json").unlink()  # the marker is written last: a killed save lacks it
+    with pytest.raises(ModelLoadError, match="neither a jaxaccel checkpoint"):
+        jaxaccel.load(folder)
+
+
+def test_corrupted_params_are_reported(tmp_path, tiny_lm):
+    folder = tiny_lm.save(tmp_path / "ckpt")
+    for f in (folder / "params").rglob("*"):
+        if f.is_file() and f.stat().st_size > 1000:
+            f.write_bytes(b"\0" * 100)
+    with pytest.raises(CheckpointError, match="could not be restored"):
+        jaxaccel.load(folder)
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        jaxaccel.load(tmp_path / "nope")
+
+
+def test_folder_that_is_neither(tmp_path):
+    (tmp_path / "readme.txt").write_text("hi")
+    with pytest.raises(ModelLoadError, match="neither a jaxaccel checkpoint .* nor a Hugging Face model folder"):
+        jaxaccel.load(tmp_path)
+
+
+def test_unsupported_architecture_is_named(tmp_path, hf_folder):
+    bad = copy_folder(hf_folder, tmp_path / "gpt2")
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedArchitectureError,
+                       match="GPT2LMHeadModel is not supported; supported: LlamaForCausalLM, Qwen2ForCausalLM, "
+                             "MistralForCausalLM"):
+        jaxaccel.load(bad)
+
+
+def test_unsupported_rope_type_is_named(tmp_path, hf_folder):
+    bad = copy_folder(hf_folder, tmp_path / "yarn")
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedArchitectureError, match="rope type 'yarn' is not supported"):
+        jaxaccel.load(bad)
+
+
+def test_missing_tensor_is_named(tmp_path, hf_folder):
+    bad = copy_folder(hf_folder, tmp_path / "missing")
+    tensors = load_file(str(bad / "model.safetensors"))
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, str(bad / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="tensor model.layers.1.mlp.up_proj.weight is missing"):
+        jaxaccel.load(bad)
+
+
+def test_wrong_shape_is_named(tmp_path, hf_folder):
+    bad = copy_folder(hf_folder, tmp_path / "shape")
+    tensors = load_file(str(bad / "model.safetensors"))
+    tensors["model.layers.0.self_attn.k_proj.weight"] = np.zeros((8, 32), np.float32)
+    save_file(tensors, str(bad / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"tensor model.layers.0.self_attn.k_proj.weight has shape \[8, 32\]"):
+        jaxaccel.load(bad)
+
+
+def test_pytorch_bin_only_folder(tmp_path, hf_folder):
+    bad = tmp_path / "bin"
+    bad.mkdir()
+    (bad / "config.json").write_text((hf_folder / "config.json").read_text())
+    (bad / "pytorch_model.bin").write_bytes(b"not really")
+    with pytest.raises(CheckpointError, match="no .safetensors weights .*convert them to safetensors"):
+        jaxaccel.load(bad)
+
+
+def test_bad_dtype_argument():
+    with pytest.raises(jaxaccel.InvalidArgumentError, match="dtype must be one of"):
+        jaxaccel.load(".", dtype="int8")

@@ -1,0 +1,117 @@
+"""The command lines: output formats, and a one-line error + exit 2 for every bad input."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+import jaxaccel
+from conftest import TINY
+from jaxaccel.bench.__main__ import main as bench_main
+from jaxaccel.cli import run_cli
+from jaxaccel.convert.__main__ import main as convert_main
+from jaxaccel.decode.__main__ import main as decode_main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_params):
+    return jaxaccel.from_params(TINY, tiny_params, eos_token_ids=()).export_hf(tmp_path_factory.mktemp("m"))
+
+
+def run(main, argv, capsys):
+    try:
+        code = run_cli(main, argv)
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_decode_json_output(model_dir, capsys, tiny_lm):
+    code, out, err = run(decode_main, ["--model", str(model_dir), "--prompt-ids", "1,2,3", "--prompt-ids", "4,5",
+                                       "--max-new-tokens", "6", "--output", "json"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert [r["prompt_ids"] for r in doc["results"]] == [[1, 2, 3], [4, 5]]
+    expected = tiny_lm.generate([[1, 2, 3], [4, 5]], max_new_tokens=6).tokens
+    assert [r["tokens"] for r in doc["results"]] == expected
+    for key in ("new_tokens", "steps", "target_forwards", "mean_accepted", "decode_s", "tokens_per_s", "compile_s"):
+        assert key in doc["stats"]
+
+
+def test_decode_text_output_and_prompts_file(model_dir, capsys, tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt_ids": [7, 8, 9]}\n\n{"prompt_ids": [10]}\n')
+    code, out, err = run(decode_main, ["--model", str(model_dir), "--prompts-file", str(f), "--max-new-tokens", "4",
+                                       "--temperature", "0.8", "--top-k", "5", "--top-p", "0.9", "--seed", "3"], capsys)
+    assert code == 0, err
+    assert out.count("--- prompt") == 2 and "new ids:" in out
+    assert "tok/s" in err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "/nonexistent/model"], "model path '/nonexistent/model' does not exist"),
+    (["--prompt-ids", "1,2", "--temperature", "-1"], "temperature must be >= 0"),
+    (["--prompt-ids", "1,2", "--top-p", "0"], "top_p must be in (0, 1]"),
+    (["--prompt-ids", "1,2", "--top-k", "0"], "top_k must be an integer >= 1"),
+    (["--prompt-ids", "1,2", "--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
+    (["--prompt-ids", "1,2", "--method", "nope"], "unknown method 'nope'; valid methods: autoregressive"),
+    (["--prompt-ids", "1,x"], "expected comma-separated integers"),
+    (["--prompt-ids", "1,500"], "token id 500 is outside the vocabulary (0..96)"),
+    (["--prompt-ids", ""], "prompt 0 is empty"),
+    (["--prompt-ids", ",".join(["1"] * 300)], "300 tokens; the model's maximum length is 256"),
+    (["--prompt", "hello"], "no tokenizer"),
+    (["--prompt-ids", "1", "--temperature", "hot"], "invalid float value: 'hot'"),
+    (["--prompts-file", "/nonexistent.jsonl"], "does not exist"),
+])
+def test_decode_bad_input_is_one_line(model_dir, capsys, args, message):
+    if "--model" not in args:
+        args = ["--model", str(model_dir)] + args
+    code, out, err = run(decode_main, args, capsys)
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert "Traceback" not in err
+
+
+def test_decode_subprocess_error_has_no_traceback(tmp_path):
+    (tmp_path / "x.txt").write_text("x")
+    proc = subprocess.run([sys.executable, "-m", "jaxaccel.decode", "--model", str(tmp_path)], capture_output=True,
+                          text=True, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: ") and "neither a jaxaccel checkpoint" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_convert_round_trip(model_dir, tmp_path, capsys, tiny_lm):
+    code, _, err = run(convert_main, ["import", str(model_dir), str(tmp_path / "ja")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "ja" / "jaxaccel.json").is_file()
+    code, _, err = run(convert_main, ["export", str(tmp_path / "ja"), str(tmp_path / "hf")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() == (model_dir / "model.safetensors").read_bytes()
+    code, _, err = run(convert_main, ["export", str(tmp_path / "ja"), str(tmp_path / "hf")], capsys)
+    assert code == 2 and "is not empty" in err and err.count("\n") == 1
+
+
+def test_bench_decode_runs_and_reports(capsys, tmp_path):
+    code, out, err = run(bench_main, ["decode", "--models", "7m", "--batches", "1", "--runs", "1", "--new-tokens", "8",
+                                      "--prompt-len", "8", "--no-hf", "--json", str(tmp_path / "r.json")], capsys)
+    assert code == 0, err
+    doc = json.loads((tmp_path / "r.json").read_text())
+    row = doc["rows"][0]
+    assert row["jaxaccel_tok_s"] > 0 and 0 < row["roofline_all_frac"] and doc["bandwidth_gb_s"] > 0
+    assert "| 7m |" in out
+    code, _, err = run(bench_main, ["decode", "--models", "3b"], capsys)
+    assert code == 2 and "unknown model preset '3b'" in err
+
+
+def test_model_yaml_presets_match_the_bench_presets():
+    from pathlib import Path
+
+    from jaxaccel.bench.decode import PRESETS, resolve_model
+
+    root = Path(__file__).resolve().parent.parent / "configs" / "models"
+    for name, file in (("7m", "llama-7m.yaml"), ("40m", "llama-40m.yaml")):
+        label, config = resolve_model(str(root / file))
+        assert config == PRESETS[name] and label == file[:-5]
+        assert 0.8 < config.num_params() / float(name[:-1]) / 1e6 < 1.2
