@@ -16,7 +16,11 @@ class Autoregressive(DecodeMethod):
         positions = state.cache_len[:, None]
         logits, cache = forward(params, ctx.config, state.last_token[:, None], positions, cache=state.cache,
                                 write_slots=positions, prefix_len=state.cache_len)
-        rng, keys = split_row_keys(state.rng)
-        token = sample(keys, logits[:, 0], ctx.mode, ctx.sampling)
-        state = state._replace(cache=cache, rng=rng)
+        if ctx.mode.greedy:  # no randomness to draw
+            token = sample(None, logits[:, 0], ctx.mode, ctx.sampling)
+            state = state._replace(cache=cache)
+        else:
+            rng, keys = split_row_keys(state.rng)
+            token = sample(keys, logits[:, 0], ctx.mode, ctx.sampling)
+            state = state._replace(cache=cache, rng=rng)
         return commit(state, token[:, None], jnp.ones_like(token), ctx)
