@@ -99,7 +99,7 @@ def test_bench_decode_runs_and_reports(capsys, tmp_path):
     assert code == 0, err
     doc = json.loads((tmp_path / "r.json").read_text())
     row = doc["rows"][0]
-    assert row["jaxaccel_tok_s"] > 0 and 0 < row["roofline_all_frac"] and doc["bandwidth_gb_s"] > 0
+    assert row["jaxaccel_tok_s"] > 0 and 0 < row["roofline_all_frac"] and row["bandwidth_gb_s"] > 0
     assert "| 7m |" in out
     code, _, err = run(bench_main, ["decode", "--models", "3b"], capsys)
     assert code == 2 and "unknown model preset '3b'" in err

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxaccel.bench.common import machine, read_bandwidth
+from jaxaccel.bench.common import BandwidthProbe, machine
 from jaxaccel.config import ModelConfig
 
 PRESETS: dict[str, ModelConfig] = {
@@ -47,21 +47,24 @@ def weight_bytes(config: ModelConfig) -> tuple[int, int]:
     return total, streamed
 
 
-def bench_jaxaccel(lm, prompts: list[list[int]], new_tokens: int, runs: int) -> dict[str, Any]:
+def bench_jaxaccel(lm, prompts: list[list[int]], new_tokens: int, runs: int, probe: BandwidthProbe) -> dict[str, Any]:
     """Median tokens/s of whole generate calls (prefill included, as for HF), and of the
-    decode phase alone: the same calls minus a prefill-plus-one-token call timed alongside."""
+    decode phase alone: the same calls minus a prefill-plus-one-token call timed alongside.
+    A bandwidth sample is taken between runs, so the roofline sees the same machine state."""
     first = lm.generate(prompts, max_new_tokens=new_tokens)
     assert first.stats["new_tokens"] == len(prompts) * new_tokens, "a row stopped early: EOS must be disabled"
     lm.generate(prompts, max_new_tokens=1)
     totals, prefills = [], []
-    for _ in range(runs):  # interleaved, so both see the same machine state
+    probe.samples.clear()
+    for _ in range(runs):  # interleaved, so all three see the same machine state
         totals.append(lm.generate(prompts, max_new_tokens=new_tokens).stats["decode_s"])
         prefills.append(lm.generate(prompts, max_new_tokens=1).stats["decode_s"])
+        probe.sample()
     batch = len(prompts)
     total, prefill = statistics.median(totals), statistics.median(prefills)
     return {"tokens_per_s": batch * new_tokens / total, "runs": [batch * new_tokens / t for t in totals],
             "prefill_s": prefill, "decode_phase_tokens_per_s": batch * (new_tokens - 1) / max(total - prefill, 1e-9),
-            "compile_s": first.stats["compile_s"]}
+            "compile_s": first.stats["compile_s"], "bandwidth": probe.median()}
 
 
 def bench_hf(folder: str, prompts: list[list[int]], new_tokens: int, runs: int) -> dict[str, Any]:
@@ -90,8 +93,7 @@ def run(models=(("7m", PRESETS["7m"]), ("40m", PRESETS["40m"])), batches=(1, 8),
     from jaxaccel.config import replace
     from jaxaccel.model.transformer import init_params
 
-    bandwidth = read_bandwidth()
-    progress(f"read bandwidth: {bandwidth / 1e9:.1f} GB/s")
+    probe = BandwidthProbe()
     rows = []
     for name, base in models:
         config = replace(base, param_dtype=dtype, dtype=dtype)
@@ -105,10 +107,11 @@ def run(models=(("7m", PRESETS["7m"]), ("40m", PRESETS["40m"])), batches=(1, 8),
         rng = np.random.default_rng(seed)
         for batch in batches:
             prompts = rng.integers(0, config.vocab_size, (batch, prompt_len)).tolist()
-            ours = bench_jaxaccel(lm, prompts, new_tokens, runs)
+            ours = bench_jaxaccel(lm, prompts, new_tokens, runs, probe)
+            bandwidth = ours["bandwidth"]
             row = {"model": name, "params_m": round(config.num_params() / 1e6, 1), "dtype": dtype, "batch": batch,
                    "jaxaccel_tok_s": ours["tokens_per_s"], "jaxaccel_runs": ours["runs"],
-                   "compile_s": ours["compile_s"], "prefill_s": ours["prefill_s"],
+                   "compile_s": ours["compile_s"], "prefill_s": ours["prefill_s"], "bandwidth_gb_s": bandwidth / 1e9,
                    "decode_phase_tok_s": ours["decode_phase_tokens_per_s"],
                    "roofline_all_tok_s": batch * bandwidth / total_bytes,
                    "roofline_streamed_tok_s": batch * bandwidth / streamed_bytes}
@@ -123,30 +126,32 @@ def run(models=(("7m", PRESETS["7m"]), ("40m", PRESETS["40m"])), batches=(1, 8),
             progress(format_row(row))
         if hf_dir is not None:
             hf_dir.cleanup()
-    return {"benchmark": "decode", "machine": machine(), "bandwidth_gb_s": bandwidth / 1e9,
+    return {"benchmark": "decode", "machine": machine(),
             "prompt_len": prompt_len, "new_tokens": new_tokens, "runs": runs, "rows": rows}
 
 
 def format_row(row: dict[str, Any]) -> str:
     hf = f", HF {row['hf_tok_s']:.0f} tok/s ({row['speedup_vs_hf']:.2f}x)" if "hf_tok_s" in row else ""
     return (f"{row['model']} batch {row['batch']}: jaxaccel {row['jaxaccel_tok_s']:.0f} tok/s{hf}, "
-            f"decode phase {row['decode_phase_tok_s']:.0f} tok/s = {100 * row['roofline_all_frac']:.0f}% of roofline (all weights), "
+            f"decode phase {row['decode_phase_tok_s']:.0f} tok/s = {100 * row['roofline_all_frac']:.0f}% of roofline (all weights) "
+            f"at {row['bandwidth_gb_s']:.1f} GB/s, "
             f"{100 * row['roofline_streamed_frac']:.0f}% (streamed bytes), compile {row['compile_s']:.1f} s")
 
 
 def markdown(result: dict[str, Any]) -> str:
     lines = ["| model | params | batch | jaxaccel tok/s | HF tok/s | speedup | decode-phase tok/s "
-             "| roofline tok/s (all / streamed) | decode phase, % of roofline (all / streamed) | prefill ms | compile s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| read GB/s | roofline tok/s (all / streamed) | decode phase, % of roofline (all / streamed) "
+             "| prefill ms | compile s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         hf = f"{r['hf_tok_s']:.0f} | {r['speedup_vs_hf']:.2f}x" if "hf_tok_s" in r else "– | –"
         lines.append(f"| {r['model']} | {r['params_m']}M | {r['batch']} | {r['jaxaccel_tok_s']:.0f} | {hf} | "
-                     f"{r['decode_phase_tok_s']:.0f} | {r['roofline_all_tok_s']:.0f} / {r['roofline_streamed_tok_s']:.0f} | "
+                     f"{r['decode_phase_tok_s']:.0f} | {r['bandwidth_gb_s']:.1f} | {r['roofline_all_tok_s']:.0f} / {r['roofline_streamed_tok_s']:.0f} | "
                      f"{100 * r['roofline_all_frac']:.0f}% / {100 * r['roofline_streamed_frac']:.0f}% | "
                      f"{1e3 * r['prefill_s']:.0f} | {r['compile_s']:.1f} |")
     m = result["machine"]
     lines.append("")
     lines.append(f"Machine: {m['cpu']}, {m['cores']} cores, JAX {m['jax']} ({m['backend']}); read bandwidth "
-                 f"{result['bandwidth_gb_s']:.1f} GB/s measured in the same run; {result['prompt_len']}-token prompts, "
+                 f"sampled between the runs of each row; {result['prompt_len']}-token prompts, "
                  f"{result['new_tokens']} new tokens, median of {result['runs']} runs; {m['date']}.")
     return "\n".join(lines)
