@@ -54,6 +54,32 @@ class DropoutConfig:
                 raise ConfigError(f"dropout.{site} must be in [0, 1), got {rate}")
 
 
+@dataclasses.dataclass(frozen=True)
+class MoeConfig:
+    """Top-k routed experts in place of the SwiGLU MLP (n_experts = 0: dense model)."""
+
+    n_experts: int = 0
+    top_k: int = 2
+    capacity_factor: float = 1.25  # training
+    eval_capacity_factor: float | None = 2.0  # deterministic forwards; null = dropless
+    every: int = 1  # layer i is sparse when (i + 1) % every == 0
+    normalize_top_k: bool = True  # renormalise the top-k gates to sum to 1
+    load_balance_weight: float = 0.01  # Switch Transformer auxiliary loss
+    router_z_weight: float = 0.001  # ST-MoE router z-loss
+
+    def __post_init__(self):
+        if self.n_experts < 0:
+            raise ConfigError(f"moe.n_experts must be >= 0, got {self.n_experts}")
+        if self.n_experts and not 1 <= self.top_k <= self.n_experts:
+            raise ConfigError(f"moe.top_k must be in [1, n_experts={self.n_experts}], got {self.top_k}")
+        if self.every < 1:
+            raise ConfigError(f"moe.every must be >= 1, got {self.every}")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"moe.{name} must be > 0, got {value}")
+
+
 ARCHITECTURES = ("llama", "qwen2", "mistral")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -77,6 +103,7 @@ class ModelConfig:
     qkv_bias: bool = False  # Qwen2
     sliding_window: int | None = None  # Mistral: a query sees keys with q_pos - k_pos < window
     dropout: DropoutConfig = DropoutConfig()
+    moe: MoeConfig = MoeConfig()
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype; softmax and norms always accumulate in float32
     architecture: str = "llama"  # which HF family to export as
@@ -102,6 +129,8 @@ class ModelConfig:
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"model.{name} must be one of {', '.join(DTYPES)}, got {getattr(self, name)!r}")
+        if self.moe.n_experts and self.n_layers % self.moe.every:
+            raise ConfigError(f"model.n_layers ({self.n_layers}) must be a multiple of moe.every ({self.moe.every})")
         if self.architecture not in ARCHITECTURES:
             raise ConfigError(
                 f"model.architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}"
@@ -115,15 +144,34 @@ class ModelConfig:
     def q_per_kv(self) -> int:
         return self.n_heads // self.n_kv_heads
 
+    def is_moe_layer(self, i: int) -> bool:
+        return self.moe.n_experts > 0 and (i + 1) % self.moe.every == 0
+
+    @property
+    def block_size(self) -> int:
+        """Layers per scanned block: the scan body must be the same for every block."""
+        return self.moe.every if self.moe.n_experts else 1
+
     def num_params(self) -> int:
         """Parameter count (embedding counted once when tied)."""
         d, hd = self.d_model, self.resolved_head_dim
         attn = d * hd * (self.n_heads * 2 + self.n_kv_heads * 2)
         if self.qkv_bias:
             attn += hd * (self.n_heads + 2 * self.n_kv_heads)
-        layer = attn + 3 * d * self.ffn_dim + 2 * d
+        dense_mlp = 3 * d * self.ffn_dim
+        moe_mlp = self.moe.n_experts * dense_mlp + d * self.moe.n_experts
+        mlps = sum(moe_mlp if self.is_moe_layer(i) else dense_mlp for i in range(self.n_layers))
         head = 0 if self.tie_embeddings else self.vocab_size * d
-        return self.n_layers * layer + self.vocab_size * d + head + d
+        return self.n_layers * (attn + 2 * d) + mlps + self.vocab_size * d + head + d
+
+    def active_params(self) -> int:
+        """Parameters a token uses (top-k of the experts; embedding counted once)."""
+        if not self.moe.n_experts:
+            return self.num_params()
+        per_expert = 3 * self.d_model * self.ffn_dim
+        unused = self.moe.n_experts - self.moe.top_k
+        n_moe = sum(self.is_moe_layer(i) for i in range(self.n_layers))
+        return self.num_params() - n_moe * unused * per_expert
 
 
 # ----------------------------------------------------------------------------- generic machinery

@@ -34,7 +34,7 @@ def test_layouts_give_the_same_logits(model):
     cfg, params = model
     x = tokens(2, 12)
     ref, _ = forward(params, cfg, x)
-    scanned = stack_layers(params, cfg.n_layers)
+    scanned = stack_layers(params, cfg)
     fused = fuse_layers(params, cfg)
     assert is_fused(fused) and not is_fused(params)
     np.testing.assert_allclose(forward(scanned, cfg, x)[0], ref, atol=1e-5)
@@ -42,7 +42,7 @@ def test_layouts_give_the_same_logits(model):
     back = canonical_params(fused, cfg)
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), back, params))
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)),
-                                     unstack_layers(scanned, cfg.n_layers), params))
+                                     unstack_layers(scanned, cfg), params))
 
 
 def test_cached_prefill_then_steps_equal_full_forward(model):

@@ -267,6 +267,9 @@ def export_hf(folder: str | Path, config: ModelConfig, params: Any, *, tokenizer
 
     from jaxaccel.model.transformer import canonical_params
 
+    if config.moe.n_experts:
+        raise UnsupportedArchitectureError("MoE models cannot be exported to Hugging Face format: none of "
+                                           f"{', '.join(SUPPORTED)} has routed experts")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     params = canonical_params(params, config)

@@ -56,7 +56,7 @@ def decode_params(params: Any, config: ModelConfig, mesh: Mesh | None, consume: 
     """Parameters in the layout decoding wants: one subtree per layer, q/k/v and gate/up fused
     where the mesh allows, each array on its logical-axis sharding. consume=True releases the
     input layer by layer (for loaders that own `params`); otherwise the input is untouched."""
-    params = unstack_layers(params, config.n_layers)
+    params = unstack_layers(params, config)
     layout = "unrolled"
     if can_fuse(config, mesh):
         params = fuse_layers(params if consume else dict(params), config, consume=True)

@@ -34,6 +34,7 @@ import numpy as np
 from jaxaccel.config import ModelConfig
 from jaxaccel.model.layers import (EMBED, LAYERS, VOCAB, MLP, Attention, RMSNorm, _init, jnp_dtype,
                                    rope_inv_freq, rope_tables)
+from jaxaccel.model.moe import MoE
 
 Params = Any
 
@@ -75,12 +76,15 @@ def build_visibility(positions, *, new_mask=None, cache_len=None, prefix_len=Non
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.)). Signature is nn.scan-ready:
+    """Pre-norm block: x + attn(norm(x)), then + ffn(norm(.)), the FFN a SwiGLU MLP or, for
+    sparse layers, a routed MoE. Signature is nn.scan-ready:
     (carry, per_layer_inputs, *broadcast_inputs) -> (carry, per_layer_outputs)."""
 
     config: ModelConfig
     deterministic: bool = True
     fused: bool = False
+    moe: bool = False
+    dropless: bool = False  # MoE: serve every routing assignment (decoding)
 
     @nn.compact
     def __call__(self, x, layer_inputs, rope, visibility, write_slots):
@@ -91,7 +95,10 @@ class DecoderLayer(nn.Module):
         a, new_kv = Attention(cfg, self.fused, name="attn")(h, rope, visibility, cache_kv, write_slots)
         y = x + nn.Dropout(cfg.dropout.attention)(a, deterministic=self.deterministic)
         h = RMSNorm(cfg.norm_eps, dtype, pdtype, name="mlp_norm")(y)
-        m = MLP(cfg, self.fused, name="mlp")(h)
+        if self.moe:
+            m = MoE(cfg, self.dropless, name="moe")(h, self.deterministic)
+        else:
+            m = MLP(cfg, self.fused, name="mlp")(h)
         y = y + nn.Dropout(cfg.dropout.mlp)(m, deterministic=self.deterministic)
         if active is not None:  # SkipDecode: inactive rows pass through this layer
             y = jnp.where(active[:, None, None], y, x)
@@ -100,11 +107,36 @@ class DecoderLayer(nn.Module):
         return y, LayerKV(*new_kv)
 
 
+class DecoderBlock(nn.Module):
+    """`config.block_size` consecutive layers: the unit nn.scan repeats when only every N-th
+    layer is sparse (its last layer is the MoE one)."""
+
+    config: ModelConfig
+    deterministic: bool = True
+    fused: bool = False
+    dropless: bool = False
+
+    @nn.compact
+    def __call__(self, x, block_inputs, rope, visibility, write_slots):
+        cache, active = block_inputs  # LayerKV with leading [block_size] / [block_size, batch], or None
+        new = []
+        for j in range(self.config.block_size):
+            layer_cache = None if cache is None else LayerKV(cache.k[j], cache.v[j])
+            x, kv = DecoderLayer(self.config, self.deterministic, self.fused, self.config.is_moe_layer(j),
+                                 self.dropless, name=f"layer_{j}")(
+                x, (layer_cache, None if active is None else active[j]), rope, visibility, write_slots)
+            new.append(kv)
+        if cache is None:
+            return x, None
+        return x, LayerKV(jnp.stack([kv.k for kv in new]), jnp.stack([kv.v for kv in new]))
+
+
 class Transformer(nn.Module):
     config: ModelConfig
     scanned: bool = False
     deterministic: bool = True
     fused: bool = False
+    remat: bool = False  # recompute each layer in the backward pass (training memory)
 
     @nn.compact
     def __call__(self, tokens, positions, cache=None, write_slots=None, prefix_len=None, new_mask=None,
@@ -120,25 +152,42 @@ class Transformer(nn.Module):
         visibility = build_visibility(positions, new_mask=new_mask, cache_len=cache_len, prefix_len=prefix_len,
                                       sliding_window=cfg.sliding_window)
         rope = rope_tables(positions, rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling))
+        dropless = cache is not None  # decoding: MoE output must not depend on the batch
 
         if self.scanned:
+            bs = cfg.block_size
+            n_blocks = cfg.n_layers // bs
             active = None if layer_active is None else jnp.asarray(layer_active).T  # [layers, batch]
+            if bs == 1:
+                body, args = DecoderLayer, (cfg, self.deterministic, self.fused, cfg.is_moe_layer(0), dropless)
+                xs = (cache, active)
+            else:
+                body, args = DecoderBlock, (cfg, self.deterministic, self.fused, dropless)
+                split = lambda a: a.reshape((n_blocks, bs) + a.shape[1:])  # noqa: E731
+                xs = (None if cache is None else LayerKV(split(cache.k), split(cache.v)),
+                      None if active is None else split(active))
+            if self.remat:
+                body = nn.remat(body, prevent_cse=False)
             stack = nn.scan(
-                DecoderLayer,
-                variable_axes={"params": 0},
+                body,
+                variable_axes={"params": 0, "intermediates": 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
-                length=cfg.n_layers,
+                length=n_blocks,
                 metadata_params={nn.PARTITION_NAME: LAYERS},
-            )(cfg, self.deterministic, self.fused, name="layers")
-            x, new_cache = stack(x, (cache, active), rope, visibility, write_slots)
+            )(*args, name="layers")
+            x, new_cache = stack(x, xs, rope, visibility, write_slots)
+            if new_cache is not None and bs > 1:
+                merge = lambda a: a.reshape((cfg.n_layers,) + a.shape[2:])  # noqa: E731
+                new_cache = LayerKV(merge(new_cache.k), merge(new_cache.v))
         else:
+            layer_cls = nn.remat(DecoderLayer, prevent_cse=False) if self.remat else DecoderLayer
             new_layers = []
             for i in range(cfg.n_layers):
                 layer_cache = None if cache is None else cache[i]
                 active = None if layer_active is None else layer_active[:, i]
-                x, kv = DecoderLayer(cfg, self.deterministic, self.fused, name=f"layer_{i}")(
-                    x, (layer_cache, active), rope, visibility, write_slots)
+                x, kv = layer_cls(cfg, self.deterministic, self.fused, cfg.is_moe_layer(i), dropless,
+                                  name=f"layer_{i}")(x, (layer_cache, active), rope, visibility, write_slots)
                 new_layers.append(kv)
             new_cache = None if cache is None else tuple(new_layers)
 
@@ -162,14 +211,17 @@ def is_scanned(params: Params) -> bool:
 
 def is_fused(params: Params) -> bool:
     layer = params["layers"] if is_scanned(params) else params["layer_0"]
+    if "attn" not in layer:  # scanned blocks
+        layer = layer["layer_0"]
     return "qkv" in layer["attn"]
 
 
 def forward(params: Params, config: ModelConfig, tokens, positions=None, *, cache=None, write_slots=None,
             prefix_len=None, new_mask=None, layer_active=None, deterministic=True, dropout_rng=None,
-            compute_logits=True):
+            compute_logits=True, return_aux=False, remat=False):
     """Run the decoder. Returns (logits [batch, T, vocab] float32 — or the final hidden
-    states [batch, T, d_model] when compute_logits=False — and the updated cache or None)."""
+    states [batch, T, d_model] when compute_logits=False — and the updated cache or None);
+    with return_aux=True a third element: the MoE statistics summed over layers (`moe_aux`)."""
     tokens = jnp.asarray(tokens, jnp.int32)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
@@ -178,10 +230,37 @@ def forward(params: Params, config: ModelConfig, tokens, positions=None, *, cach
             raise ValueError("a cached forward needs write_slots and prefix_len")
     if layer_active is not None:
         layer_active = jnp.broadcast_to(jnp.asarray(layer_active, bool), (tokens.shape[0], config.n_layers))
-    model = Transformer(config, scanned=is_scanned(params), deterministic=deterministic, fused=is_fused(params))
+    model = Transformer(config, scanned=is_scanned(params), deterministic=deterministic, fused=is_fused(params),
+                        remat=remat)
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
-    return model.apply({"params": params}, tokens, positions, cache, write_slots, prefix_len, new_mask,
-                       layer_active, compute_logits, rngs=rngs)
+    args = (tokens, positions, cache, write_slots, prefix_len, new_mask, layer_active, compute_logits)
+    if not return_aux:
+        return model.apply({"params": params}, *args, rngs=rngs)
+    (out, new_cache), state = model.apply({"params": params}, *args, rngs=rngs, mutable=["intermediates"])
+    return out, new_cache, moe_aux(state.get("intermediates", {}), config)
+
+
+def moe_aux(intermediates, config: ModelConfig) -> dict:
+    """Sum the sown MoE statistics over layers (zeros for a dense model); `expert_load` and
+    `dropped` are averaged over the sparse layers instead."""
+    names = ("load_balance", "router_z", "dropped", "expert_load")
+    totals = {n: jnp.zeros((config.moe.n_experts,) if n == "expert_load" else (), jnp.float32) for n in names}
+    flat = jax.tree_util.tree_flatten_with_path(intermediates)[0]
+    for path, value in flat:
+        key = next((getattr(k, "key", None) for k in reversed(path) if str(getattr(k, "key", "")).startswith("moe_")),
+                   None)
+        if key is None:
+            continue
+        name = key[len("moe_"):]
+        value = jnp.asarray(value)
+        if name == "expert_load":  # [n_experts], or [n_blocks, n_experts] from a scan
+            totals[name] = totals[name] + (value.sum(axis=0) if value.ndim == 2 else value)
+        else:
+            totals[name] = totals[name] + value.sum()
+    n_sparse = max(1, sum(config.is_moe_layer(i) for i in range(config.n_layers)))
+    totals["expert_load"] = totals["expert_load"] / n_sparse
+    totals["dropped"] = totals["dropped"] / n_sparse
+    return totals
 
 
 LAYOUTS = ("scanned", "unrolled", "fused")
@@ -213,23 +292,37 @@ def param_shapes(config: ModelConfig, layout: str = "unrolled") -> Params:
     return nn.unbox(boxed)
 
 
-def stack_layers(params: Params, n_layers: int) -> Params:
-    """Unrolled -> scanned layout."""
+def _n_layers(config_or_n) -> tuple[int, int]:
+    if isinstance(config_or_n, ModelConfig):
+        return config_or_n.n_layers, config_or_n.block_size
+    return int(config_or_n), 1
+
+
+def stack_layers(params: Params, config: ModelConfig | int) -> Params:
+    """Unrolled -> scanned layout (blocks of `config.block_size` layers when MoE is every N)."""
     if is_scanned(params):
         return params
-    layers = [params[f"layer_{i}"] for i in range(n_layers)]
+    n, bs = _n_layers(config)
     out = {k: v for k, v in params.items() if not k.startswith("layer_")}
-    out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)  # noqa: E731
+    if bs == 1:
+        out["layers"] = stack([params[f"layer_{i}"] for i in range(n)])
+    else:
+        out["layers"] = {f"layer_{j}": stack([params[f"layer_{b * bs + j}"] for b in range(n // bs)])
+                         for j in range(bs)}
     return out
 
 
-def unstack_layers(params: Params, n_layers: int) -> Params:
+def unstack_layers(params: Params, config: ModelConfig | int) -> Params:
     """Scanned -> unrolled layout (one array per layer: what decoding wants)."""
     if not is_scanned(params):
         return params
+    n, bs = _n_layers(config)
     out = {k: v for k, v in params.items() if k != "layers"}
-    for i in range(n_layers):
-        out[f"layer_{i}"] = jax.tree.map(lambda x: x[i], params["layers"])
+    for i in range(n):
+        b, j = divmod(i, bs)
+        tree = params["layers"] if bs == 1 else params["layers"][f"layer_{j}"]
+        out[f"layer_{i}"] = jax.tree.map(lambda x, b=b: x[b], tree)
     return out
 
 
@@ -239,15 +332,18 @@ def fuse_layer(layer: Params, config: ModelConfig, xp=jnp) -> Params:
     GEMVs per step (on a 2-core CPU this moved the 40M model from ~138 to ~170 tok/s).
     `xp` is jnp for device arrays or np for host arrays."""
     k, g, hd = config.n_kv_heads, config.q_per_kv, config.resolved_head_dim
-    attn, mlp = layer["attn"], layer["mlp"]
+    attn = layer["attn"]
     d = attn["q"]["kernel"].shape[0]
     qkv = {"kernel": xp.concatenate([attn["q"]["kernel"].reshape(d, k, g, hd), attn["k"]["kernel"][:, :, None],
                                      attn["v"]["kernel"][:, :, None]], axis=2)}
     if "bias" in attn["q"]:
         qkv["bias"] = xp.concatenate([attn["q"]["bias"].reshape(k, g, hd), attn["k"]["bias"][:, None],
                                       attn["v"]["bias"][:, None]], axis=1)
-    gate_up = xp.stack([mlp["gate"]["kernel"], mlp["up"]["kernel"]], axis=1)
-    return {**layer, "attn": {"qkv": qkv, "o": attn["o"]}, "mlp": {"gate_up": {"kernel": gate_up}, "down": mlp["down"]}}
+    fused = {**layer, "attn": {"qkv": qkv, "o": attn["o"]}}
+    if "mlp" in layer:  # MoE layers keep their experts as they are
+        gate_up = xp.stack([layer["mlp"]["gate"]["kernel"], layer["mlp"]["up"]["kernel"]], axis=1)
+        fused["mlp"] = {"gate_up": {"kernel": gate_up}, "down": layer["mlp"]["down"]}
+    return fused
 
 
 def unfuse_layer(layer: Params, config: ModelConfig) -> Params:
@@ -260,15 +356,17 @@ def unfuse_layer(layer: Params, config: ModelConfig) -> Params:
     if "bias" in qkv:
         attn["q"]["bias"] = qkv["bias"][:, :g].reshape(config.n_heads, hd)
         attn["k"]["bias"], attn["v"]["bias"] = qkv["bias"][:, g], qkv["bias"][:, g + 1]
-    gate_up = layer["mlp"]["gate_up"]["kernel"]
-    mlp = {"gate": {"kernel": gate_up[:, 0]}, "up": {"kernel": gate_up[:, 1]}, "down": layer["mlp"]["down"]}
-    return {**layer, "attn": attn, "mlp": mlp}
+    out = {**layer, "attn": attn}
+    if "mlp" in layer:
+        gate_up = layer["mlp"]["gate_up"]["kernel"]
+        out["mlp"] = {"gate": {"kernel": gate_up[:, 0]}, "up": {"kernel": gate_up[:, 1]}, "down": layer["mlp"]["down"]}
+    return out
 
 
 def fuse_layers(params: Params, config: ModelConfig, consume: bool = False) -> Params:
     """Any layout -> fused decode layout. consume=True empties `params` layer by layer, so
     a large model never holds two copies of more than one layer."""
-    params = unstack_layers(params, config.n_layers)
+    params = unstack_layers(params, config)
     if is_fused(params):
         return params
     out = {k: v for k, v in params.items() if not k.startswith("layer_")}
@@ -291,7 +389,7 @@ def unfuse_layers(params: Params, config: ModelConfig) -> Params:
 
 def canonical_params(params: Params, config: ModelConfig) -> Params:
     """Any layout -> unrolled, unfused: the layout checkpoints and HF export use."""
-    return unfuse_layers(unstack_layers(params, config.n_layers), config)
+    return unfuse_layers(unstack_layers(params, config), config)
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:

@@ -1,0 +1,101 @@
+"""Top-k routed Mixture-of-Experts FFN (Switch / GShard style), in place of the SwiGLU MLP.
+
+Per group of tokens (one batch row), a float32 router picks `top_k` experts per token; each
+expert takes at most `capacity = ceil(capacity_factor * tokens * top_k / n_experts)` tokens
+(first come, first served: all first choices, in token order, before any second choice) and
+drops the rest — a dropped assignment contributes nothing and the token keeps its residual.
+Decoding (a forward with a KV cache) is dropless: capacity = tokens per group, so a row's
+output never depends on what else is in the batch.
+
+Losses, sown into the "intermediates" collection as sums over MoE layers:
+    load_balance  Switch Transformer eq. (4): n_experts * sum_e f_e * P_e, where f_e is the
+                  fraction of routing assignments (all k) sent to expert e and P_e the mean
+                  router probability of e.
+    router_z      ST-MoE eq. (5): mean over tokens of logsumexp(router logits)^2.
+    dropped       fraction of assignments dropped for capacity (a metric, not a loss).
+    expert_load   [n_experts] fraction of assignments per expert (for load-balance metrics).
+
+Shapes: x [batch, seq, d] -> [batch, seq, d]; expert kernels [n_experts, d, ffn] and
+[n_experts, ffn, d] with logical axes ("expert", "embed", "mlp").
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxaccel.config import ModelConfig
+from jaxaccel.model.layers import EMBED, MLP_HIDDEN, _init, jnp_dtype
+
+EXPERT = "expert"
+
+
+def expert_capacity(tokens: int, n_experts: int, top_k: int, capacity_factor: float | None) -> int:
+    if capacity_factor is None:  # dropless
+        return tokens
+    return max(1, min(tokens, math.ceil(capacity_factor * tokens * top_k / n_experts)))
+
+
+def route(logits: jax.Array, top_k: int, capacity: int, normalize: bool):
+    """logits [g, s, e] float32 -> (dispatch [g, s, e, c] bool, combine [g, s, e, c] float32, stats).
+
+    Priority: choice rank first, then token position — every token's first choice is served
+    before any token's second choice (GShard)."""
+    g, s, e = logits.shape
+    probs = jax.nn.softmax(logits, axis=-1)
+    gates, experts = jax.lax.top_k(probs, top_k)  # [g, s, k]
+    if normalize and top_k > 1:
+        gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
+    onehot = jax.nn.one_hot(experts, e, dtype=jnp.int32)  # [g, s, k, e]
+    # Position of each assignment in its expert's queue, rank-major order.
+    rank_major = onehot.transpose(0, 2, 1, 3).reshape(g, top_k * s, e)
+    position = (jnp.cumsum(rank_major, axis=1) - 1).reshape(g, top_k, s, e).transpose(0, 2, 1, 3)
+    position = jnp.sum(position * onehot, axis=-1)  # [g, s, k]
+    kept = position < capacity
+    slot = jax.nn.one_hot(jnp.where(kept, position, capacity), capacity, dtype=jnp.float32)  # [g, s, k, c]
+    dispatch_k = onehot.astype(jnp.float32)[..., None] * slot[:, :, :, None, :]  # [g, s, k, e, c]
+    dispatch = jnp.sum(dispatch_k, axis=2)
+    combine = jnp.sum(dispatch_k * gates[..., None, None], axis=2)
+    assignments = onehot.astype(jnp.float32).sum(axis=2)  # [g, s, e]
+    load = jnp.sum(assignments, axis=(0, 1)) / (g * s * top_k)
+    importance = jnp.mean(probs, axis=(0, 1))
+    stats = {
+        "load_balance": e * jnp.sum(load * importance),
+        "router_z": jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2),
+        "dropped": (kept.size - jnp.sum(kept)) / kept.size,
+        "expert_load": load,
+    }
+    return dispatch, combine, stats
+
+
+class MoE(nn.Module):
+    config: ModelConfig
+    dropless: bool = False  # decode: every assignment is served
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        cfg = self.config
+        moe = cfg.moe
+        dtype, pdtype = jnp_dtype(cfg.dtype), jnp_dtype(cfg.param_dtype)
+        e, f, d = moe.n_experts, cfg.ffn_dim, cfg.d_model
+        router = self.param("router", _init(cfg.init_std, (EMBED, None)), (d, e), pdtype)
+        logits = jnp.einsum("gsd,de->gse", x.astype(jnp.float32), router.astype(jnp.float32))
+        factor = None if self.dropless else (moe.eval_capacity_factor if deterministic else moe.capacity_factor)
+        capacity = expert_capacity(x.shape[1], e, moe.top_k, factor)
+        dispatch, combine, stats = route(logits, moe.top_k, capacity, moe.normalize_top_k)
+        for name, value in stats.items():
+            self.sow("intermediates", f"moe_{name}", value, reduce_fn=lambda a, b: a + b,
+                     init_fn=lambda: 0.0 if name != "expert_load" else jnp.zeros((e,), jnp.float32))
+
+        axes_in = (EXPERT, EMBED, MLP_HIDDEN)
+        wg = self.param("gate", _init(cfg.init_std, axes_in), (e, d, f), pdtype)
+        wu = self.param("up", _init(cfg.init_std, axes_in), (e, d, f), pdtype)
+        wd = self.param("down", _init(cfg.init_std / math.sqrt(2 * cfg.n_layers), (EXPERT, MLP_HIDDEN, EMBED)),
+                        (e, f, d), pdtype)
+        expert_in = jnp.einsum("gsec,gsd->egcd", dispatch.astype(dtype), x.astype(dtype))
+        h = nn.silu(jnp.einsum("egcd,edf->egcf", expert_in, wg.astype(dtype))) * jnp.einsum(
+            "egcd,edf->egcf", expert_in, wu.astype(dtype))
+        expert_out = jnp.einsum("egcf,efd->egcd", h, wd.astype(dtype))
+        return jnp.einsum("gsec,egcd->gsd", combine.astype(dtype), expert_out)

@@ -1,0 +1,118 @@
+"""Routed experts: exact equivalence to the dense MLP with one expert, capacity and priority
+rules, the auxiliary losses' defining values, and dropless decoding."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxaccel
+from conftest import TINY, jit_forward as forward, randomize, reference_greedy
+from jaxaccel.config import MoeConfig, replace
+from jaxaccel.model.moe import expert_capacity, route
+from jaxaccel.model.transformer import init_params, stack_layers, unstack_layers
+
+MOE = replace(TINY, n_layers=4, moe=MoeConfig(n_experts=4, top_k=2, every=2, capacity_factor=1.0))
+
+
+def tokens(b, t, seed=0):
+    return jax.random.randint(jax.random.key(seed), (b, t), 0, TINY.vocab_size)
+
+
+def test_one_expert_moe_equals_the_dense_model_exactly(tiny_params):
+    one = replace(TINY, moe=MoeConfig(n_experts=1, top_k=1))
+    params = {k: v for k, v in tiny_params.items()}
+    for i in range(TINY.n_layers):
+        layer = dict(tiny_params[f"layer_{i}"])
+        mlp = layer.pop("mlp")
+        layer["moe"] = {"router": jnp.zeros((TINY.d_model, 1)), "gate": mlp["gate"]["kernel"][None],
+                        "up": mlp["up"]["kernel"][None], "down": mlp["down"]["kernel"][None]}
+        params[f"layer_{i}"] = layer
+    x = tokens(3, 12)
+    for deterministic in (True, False):
+        dense, _ = forward(tiny_params, TINY, x, deterministic=deterministic, dropout_rng=jax.random.key(0))
+        sparse, _ = forward(params, one, x, deterministic=deterministic, dropout_rng=jax.random.key(0))
+        np.testing.assert_array_equal(np.asarray(sparse), np.asarray(dense))
+
+
+def test_capacity_and_priority():
+    # 6 tokens, 2 experts, top-1: everyone wants expert 0; capacity 2 keeps the first two.
+    logits = jnp.array([[[5.0, 0.0]] * 6])
+    cap = expert_capacity(6, 2, 1, 2 / 3)
+    assert cap == 2
+    dispatch, combine, stats = route(logits, 1, cap, normalize=True)
+    assert dispatch.shape == (1, 6, 2, 2)
+    served = np.asarray(dispatch.sum(axis=(2, 3)))[0]
+    np.testing.assert_array_equal(served, [1, 1, 0, 0, 0, 0])
+    assert float(stats["dropped"]) == pytest.approx(4 / 6)
+    # top-2: every token's first choice is served before any second choice.
+    logits = jnp.array([[[3.0, 2.0, 0.0], [3.0, 2.0, 0.0], [2.0, 3.0, 0.0]]])
+    dispatch, combine, _ = route(logits, 2, 2, normalize=True)
+    d = np.asarray(dispatch)[0]  # [token, expert, slot]
+    assert d[:, 0].sum() == 2 and d[:, 1].sum() == 2  # capacity 2 each
+    assert d[2, 1].sum() == 1  # token 2's first choice (expert 1) beats tokens 0/1's second choices
+    # Expert 1's remaining slot goes to token 0 (earlier), so token 1 loses its second choice.
+    first_gate = float(jax.nn.softmax(jnp.array([3.0, 2.0]))[0])
+    np.testing.assert_allclose(np.asarray(combine).sum(axis=(2, 3))[0][:2], [1.0, first_gate], rtol=1e-6)
+
+
+def test_aux_losses_take_their_defining_values():
+    e = 4
+    logits = jnp.zeros((2, 8, e))  # uniform router: P_e = 1/E, so load balance = sum_e f_e = 1
+    _, _, stats = route(logits, 2, 8, normalize=True)
+    assert float(stats["load_balance"]) == pytest.approx(1.0)
+    assert float(stats["router_z"]) == pytest.approx(np.log(e) ** 2)
+    np.testing.assert_allclose(float(stats["expert_load"].sum()), 1.0, rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def moe_params():
+    return randomize(init_params(MOE, jax.random.key(4), "unrolled"), scale=0.2)
+
+
+def test_scanned_blocks_equal_unrolled_layers(moe_params):
+    x = tokens(2, 16, seed=1)
+    scanned = stack_layers(moe_params, MOE)
+    assert set(scanned["layers"]) == {"layer_0", "layer_1"} and "moe" in scanned["layers"]["layer_1"]
+    from jaxaccel.model.transformer import forward as eager_forward
+
+    # deterministic=False: the training capacity factor (1.0), under which some tokens drop.
+    run = jax.jit(lambda p: eager_forward(p, MOE, x, return_aux=True, deterministic=False))
+    la, _, aux_a = run(moe_params)
+    lb, _, aux_b = run(scanned)
+    np.testing.assert_allclose(la, lb, atol=1e-5)
+    for k in aux_a:
+        np.testing.assert_allclose(aux_a[k], aux_b[k], rtol=1e-5, atol=1e-7)
+    assert 0 < float(aux_a["dropped"]) < 1  # capacity factor 1.0 with 16 tokens drops some
+    back = unstack_layers(scanned, MOE)
+    assert jax.tree.all(jax.tree.map(lambda p, q: bool(jnp.array_equal(p, q)), back, moe_params))
+
+
+def test_router_gets_gradients(moe_params):
+    from jaxaccel.model.transformer import forward as eager_forward
+
+    x = tokens(2, 8, seed=2)
+
+    def loss(p):
+        logits, _, aux = eager_forward(p, MOE, x, return_aux=True)
+        return jnp.mean(logits ** 2) + 0.01 * aux["load_balance"]
+
+    g = jax.jit(jax.grad(loss))(moe_params)
+    assert float(jnp.abs(g["layer_1"]["moe"]["router"]).sum()) > 0
+    assert float(jnp.abs(g["layer_1"]["moe"]["gate"]).sum()) > 0
+
+
+def test_moe_decoding_is_dropless_and_matches_full_recompute(moe_params):
+    lm = jaxaccel.from_params(MOE, moe_params, eos_token_ids=())
+    prompts = [[5, 17, 33, 2, 9], [1, 2, 3], [40] * 11]
+    out = lm.generate(prompts, max_new_tokens=10)
+    # The reference recomputes full sequences without a cache: use a dropless config there too.
+    dropless = jaxaccel.from_params(replace(MOE, moe=replace(MOE.moe, eval_capacity_factor=None)), moe_params,
+                                    eos_token_ids=())
+    for p, got in zip(prompts, out.tokens):
+        assert got == reference_greedy(dropless, p, 10)
+    assert lm.generate([prompts[0]], max_new_tokens=10).tokens[0] == out.tokens[0]
+
+
+def test_moe_cannot_be_exported_to_hf(moe_params, tmp_path):
+    with pytest.raises(jaxaccel.UnsupportedArchitectureError, match="MoE models cannot be exported"):
+        jaxaccel.from_params(MOE, moe_params).export_hf(tmp_path)
