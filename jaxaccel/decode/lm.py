@@ -292,6 +292,15 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh
     mesh = resolve_mesh(mesh)
     shardings_fn = _param_shardings(mesh)
 
+    if not ckpt.is_jaxaccel_checkpoint(folder) and ckpt.is_jaxaccel_checkpoint(folder / "model"):
+        folder = folder / "model"  # a finished training run
+    elif (folder / "config.yaml").is_file() and (folder / "checkpoints").is_dir():
+        from jaxaccel.train.export import load_run_params
+
+        config, params, meta = load_run_params(folder, dtype)
+        tokenizer = load_tokenizer(folder, add_bos=True)
+        return LanguageModel(config, params, tokenizer=tokenizer, eos_token_ids=meta["eos_token_ids"],
+                             bos_token_id=meta["bos_token_id"], mesh=mesh, source=str(folder))
     if ckpt.is_jaxaccel_checkpoint(folder):
         config, params, meta = ckpt.load_model(folder, dtype=dtype, shardings_fn=shardings_fn)
         params = decode_params(params, config, mesh, consume=True)

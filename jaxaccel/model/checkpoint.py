@@ -34,15 +34,29 @@ def save_model(folder: str | Path, config: ModelConfig, params: Any, *, tokenize
 
     from jaxaccel.model.transformer import is_scanned
 
+    from jax.experimental import multihost_utils
+
     folder = Path(folder).absolute()
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / MARKER).unlink(missing_ok=True)
-    if (folder / "params").exists():
-        shutil.rmtree(folder / "params")
+    main = jax.process_index() == 0  # the array save is collective; plain files come from process 0
+    if main:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / MARKER).unlink(missing_ok=True)
+        if (folder / "params").exists():
+            shutil.rmtree(folder / "params")
+    multihost_utils.sync_global_devices("jaxaccel_save_model_start")
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(folder / "params", params)
     ckptr.wait_until_finished()
     ckptr.close()
+    if main:
+        _write_meta(folder, config, params, tokenizer, eos_token_ids, bos_token_id, extra)
+    multihost_utils.sync_global_devices("jaxaccel_save_model_end")
+    return folder
+
+
+def _write_meta(folder, config, params, tokenizer, eos_token_ids, bos_token_id, extra) -> None:
+    from jaxaccel.model.transformer import is_scanned
+
     if tokenizer is not None:
         tokenizer.save(folder)
     meta = {"format": FORMAT, "version": VERSION, "model": to_dict(config),
@@ -51,7 +65,6 @@ def save_model(folder: str | Path, config: ModelConfig, params: Any, *, tokenize
     tmp = folder / (MARKER + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2))
     tmp.replace(folder / MARKER)
-    return folder
 
 
 def read_meta(folder: Path) -> dict:

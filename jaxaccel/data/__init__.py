@@ -1,0 +1,22 @@
+"""Training data: corpus sources, the SentencePiece vocabulary, seqio Tasks, repetition budgets.
+
+    from jaxaccel.data import DataConfig, build_data, attention_mask
+    data = build_data(DataConfig(unique_tokens=2_000_000, epochs=4), seq_len=512, batch_size=32)
+    for batch in data.train_batches(start_step):   # dict of [B/num_shards, T] numpy arrays
+        mask = attention_mask(batch)                 # [B, T, T] bool: the model's new_mask
+
+Modules: `config` (DataConfig), `corpus` (sources, manifest, split), `vocab` (SentencePiece,
+token ids), `tasks` (seqio Tasks and token arrays; the only TensorFlow user), `objectives`
+(causal / prefix LM / UL2 rows, attention mask), `pipeline` (budget, epochs, sharding).
+Importing this package does not import TensorFlow; building data imports it only when a
+cache entry is missing.
+"""
+from jaxaccel.data.config import OBJECTIVES, UL2_DENOISERS, DataConfig, Denoiser
+from jaxaccel.data.errors import DataError
+from jaxaccel.data.objectives import BATCH_KEYS, attention_mask
+from jaxaccel.data.pipeline import TrainData, build_data
+from jaxaccel.data.vocab import BOS_ID, EOS_ID, FIRST_SENTINEL_ID, MODE_IDS, PAD_ID, UNK_ID, sentinel_id
+
+__all__ = ["BATCH_KEYS", "BOS_ID", "DataConfig", "DataError", "Denoiser", "EOS_ID", "FIRST_SENTINEL_ID", "MODE_IDS",
+           "OBJECTIVES", "PAD_ID", "TrainData", "UL2_DENOISERS", "UNK_ID", "attention_mask", "build_data",
+           "sentinel_id"]

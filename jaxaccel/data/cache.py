@@ -1,0 +1,64 @@
+"""On-disk cache helpers: the cache root, content keys, and atomic writes.
+
+Every cached artefact is written to a temporary name and renamed into place, and a folder
+of several files counts as complete only once its `info.json` exists (written last). So a
+killed run, or several hosts filling a shared cache at once, never leave a half-written
+file that a later run would trust.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_CACHE_DIR = Path("~/.cache/jaxaccel/data")
+
+
+def cache_root(cache_dir: str | None) -> Path:
+    return Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
+
+
+def content_key(*parts: Any) -> str:
+    """sha256 hex of the canonical JSON of `parts` (the key of a cached artefact)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    _atomic(path, lambda f: f.write(data))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path) -> Any | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def save_array(path: Path, array: np.ndarray) -> None:
+    _atomic(path, lambda f: np.save(f, array, allow_pickle=False))
+
+
+def load_array(path: Path) -> np.ndarray:
+    """Memory-mapped, read-only: training reads these arrays without loading them whole."""
+    return np.load(path, mmap_mode="r", allow_pickle=False)

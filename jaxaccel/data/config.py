@@ -1,0 +1,129 @@
+"""`DataConfig`: what a training run reads, how much of it, and with which objective.
+
+It is nested as `data:` in the training YAML and parsed with `jaxaccel.config.from_dict`, so
+every field is a plain type and every bad value is a `ConfigError` naming `data.<key>`.
+Sequence length and batch size are not here: they belong to the trainer and are passed to
+`jaxaccel.data.build_data`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from jaxaccel.errors import ConfigError
+
+OBJECTIVES = ("causal", "prefix_lm", "ul2")
+DENOISER_MODES = ("R", "X", "S")
+
+
+@dataclasses.dataclass(frozen=True)
+class Denoiser:
+    """One UL2 denoiser (Tay et al. 2022, "UL2: Unifying Language Learning Paradigms").
+
+    `mode`: "R" regular or "X" extreme span corruption, "S" sequential denoising (prefix LM).
+    `mean_span` and `noise_density` (the fraction of tokens corrupted) apply to R and X only.
+    `rate` is the denoiser's weight in the mixture; weights are normalised by their sum.
+    """
+
+    mode: str = "R"
+    mean_span: float = 3.0
+    noise_density: float = 0.15
+    rate: float = 1.0
+
+    def __post_init__(self):
+        if self.mode not in DENOISER_MODES:
+            raise ConfigError(f"data.denoisers[].mode must be one of {', '.join(DENOISER_MODES)}, got {self.mode!r}")
+        if not (self.rate >= 0 and math.isfinite(self.rate)):
+            raise ConfigError(f"data.denoisers[].rate must be >= 0, got {self.rate}")
+        if self.mode != "S":
+            if not 0.0 < self.noise_density < 1.0:
+                raise ConfigError(f"data.denoisers[].noise_density must be in (0, 1), got {self.noise_density}")
+            if not (self.mean_span >= 1.0 and math.isfinite(self.mean_span)):
+                raise ConfigError(f"data.denoisers[].mean_span must be >= 1, got {self.mean_span}")
+
+
+# The three denoisers of the brief: R (mean span 3, 15 % noise), X (mean span 32, 50 % noise)
+# and S (prefix LM); UL2's own 7-denoiser mixture is expressible as a longer tuple.
+UL2_DENOISERS = (
+    Denoiser("R", mean_span=3.0, noise_density=0.15, rate=0.4),
+    Denoiser("X", mean_span=32.0, noise_density=0.5, rate=0.4),
+    Denoiser("S", rate=0.2),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Training data for the repetition experiments ("To Repeat or Not To Repeat").
+
+    corpus: "stdlib" (the running Python's standard library sources, no network); or a
+        comma-separated list of text files / globs (`**` recurses), where `.jsonl` files give
+        one document per line from `text_field`; or "tfds:NAME[:SPLIT]" for a TFDS dataset
+        already prepared on this machine (never downloaded).
+    cache_dir: manifests, vocabularies and token arrays; default ~/.cache/jaxaccel/data.
+    vocab_size: SentencePiece pieces, including the reserved ids (pad, eos, unk, bos, the
+        three UL2 mode tokens, `num_sentinels` sentinels) and the 256 byte-fallback pieces.
+    num_sentinels: span-corruption sentinels reserved in every vocabulary (also for causal
+        runs, so runs with different objectives share one vocabulary).
+    vocab_max_chars: the vocabulary is trained on at most about this many characters of
+        the training split (a fixed hash rule picks which chunks; no seed).
+    unique_tokens: the first this-many tokens of the seed-shuffled training split; None =
+        the whole training split.
+    epochs: how many times the unique tokens are seen (fractional allowed).
+    seed: document shuffle (hence which tokens are unique), per-epoch order, objective noise.
+    validation_fraction: documents whose id hashes below this fraction are held out.
+    max_eval_tokens: cap on the validation token stream.
+    objective: "causal", "prefix_lm" or "ul2" (mixture of `denoisers`).
+    """
+
+    corpus: str = "stdlib"
+    text_field: str = "text"
+    cache_dir: str | None = None
+    vocab_size: int = 8192
+    num_sentinels: int = 100
+    vocab_max_chars: int = 100_000_000
+    unique_tokens: int | None = None
+    epochs: float = 1.0
+    seed: int = 0
+    validation_fraction: float = 0.02
+    max_eval_tokens: int = 65536
+    objective: str = "causal"
+    denoisers: tuple[Denoiser, ...] = UL2_DENOISERS
+
+    def __post_init__(self):
+        from jaxaccel.data.vocab import min_vocab_size  # no cycle: vocab imports nothing from here at import
+
+        if not self.corpus.strip():
+            raise ConfigError("data.corpus must not be empty (use 'stdlib', file paths/globs, or 'tfds:NAME')")
+        if not self.text_field:
+            raise ConfigError("data.text_field must not be empty")
+        if self.num_sentinels < 1:
+            raise ConfigError(f"data.num_sentinels must be >= 1, got {self.num_sentinels}")
+        if self.vocab_size < min_vocab_size(self.num_sentinels):
+            raise ConfigError(
+                f"data.vocab_size must be >= {min_vocab_size(self.num_sentinels)} (reserved ids + 256 byte pieces + 1"
+                f" with num_sentinels={self.num_sentinels}), got {self.vocab_size}"
+            )
+        if self.vocab_max_chars < 1:
+            raise ConfigError(f"data.vocab_max_chars must be >= 1, got {self.vocab_max_chars}")
+        if self.unique_tokens is not None and self.unique_tokens < 1:
+            raise ConfigError(f"data.unique_tokens must be >= 1 or null, got {self.unique_tokens}")
+        if not (self.epochs > 0 and math.isfinite(self.epochs)):
+            raise ConfigError(f"data.epochs must be > 0, got {self.epochs}")
+        if self.seed < 0:
+            raise ConfigError(f"data.seed must be >= 0, got {self.seed}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ConfigError(f"data.validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if self.max_eval_tokens < 0:
+            raise ConfigError(f"data.max_eval_tokens must be >= 0, got {self.max_eval_tokens}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"data.objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.objective == "ul2":
+            if not self.denoisers:
+                raise ConfigError("data.denoisers must not be empty when data.objective is 'ul2'")
+            if sum(d.rate for d in self.denoisers) <= 0:
+                raise ConfigError("data.denoisers: the rates must not all be 0")
+
+    @property
+    def validation_buckets(self) -> int:
+        """Documents whose id hash mod 10_000 is below this are validation (see corpus.py)."""
+        return int(round(self.validation_fraction * 10_000))

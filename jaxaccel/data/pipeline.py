@@ -1,0 +1,289 @@
+"""`build_data`: corpus -> vocabulary -> tokens -> repetition budget -> batches.
+
+Repetition budget ("To Repeat or Not To Repeat"): the training documents are shuffled with
+`seed`, concatenated (each `<s> text </s>`), and the first `unique_tokens` tokens form the
+unique stream U (the last document is cut where the budget ends). U is split into
+S = ceil(|U| / R) rows of R tokens (R = seq_len, or the UL2 raw length); these S rows are
+one epoch. The run reads ceil(epochs * S) rows: epoch e is all S rows in the order of a
+permutation drawn from (seed, e), so every epoch holds the same multiset of rows in a
+different order, and a fractional last epoch takes the first rows of its permutation.
+Batches run straight across epoch boundaries (no padding or dropping at an epoch's end);
+only the very last global batch is padded with empty rows.
+
+Global batch k is rows [k*B, (k+1)*B) of that stream; shard i of n gets its slice
+[k*B + i*B/n, k*B + (i+1)*B/n), so the shards' rows concatenated in shard order are the
+global batch (the layout `jax.make_array_from_process_local_data` expects when batch rows
+are sharded over processes in order). A batch is a pure function of (config, step), which
+is what makes `train_batches(start_step)` resume bit-identically.
+
+Evaluation is always causal LM on the validation split (so runs with different objectives
+are comparable): validation documents in a fixed order (by their id hash, independent of
+the seed), capped at `max_eval_tokens`, rows of seq_len.
+
+Cache: the unique stream is materialized once per (vocabulary, unique_tokens, seed) in
+`<vocab folder>/stream-<key[:16]>/tokens.npy` and memory-mapped; rows of any sequence
+length are slices of it, so one cache serves every seq_len and objective.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from jaxaccel.data import cache
+from jaxaccel.data.config import DataConfig
+from jaxaccel.data.corpus import open_corpus
+from jaxaccel.data.objectives import (apply_prefix_lm, causal_rows, empty_rows, row_rng, ul2_raw_length,
+                                      ul2_row)
+from jaxaccel.data.vocab import BOS_ID, EOS_ID, PAD_ID, ensure_vocab, vocab_key
+from jaxaccel.errors import ConfigError
+
+_DOC_SHUFFLE_TAG = 0xD0C5
+_EPOCH_SHUFFLE_TAG = 0xE90C
+_STREAM_FORMAT = 1  # bump when the document shuffle or the stream layout changes (part of the cache key)
+
+
+def _gather_documents(tokens: np.ndarray, offsets: np.ndarray, order: np.ndarray, limit: int | None) -> np.ndarray:
+    """Documents `order` back to back, cut after `limit` tokens."""
+    lengths = (offsets[1:] - offsets[:-1])[order]
+    ends = np.cumsum(lengths)
+    total = int(ends[-1]) if len(ends) else 0
+    if limit is not None and limit < total:
+        needed = int(np.searchsorted(ends, limit, side="left")) + 1
+        order, lengths, ends, total = order[:needed], lengths[:needed], ends[:needed], limit
+    starts = offsets[:-1][order]
+    index = np.repeat(starts - (ends - lengths), lengths) + np.arange(int(lengths.sum()))
+    return np.asarray(tokens[index[:total]], np.int32)
+
+
+def _unique_stream(tokenized, cfg: DataConfig) -> tuple[np.ndarray, dict]:
+    offsets = tokenized.offsets("train")
+    corpus_tokens = int(offsets[-1])
+    unique = corpus_tokens if cfg.unique_tokens is None else cfg.unique_tokens
+    if unique > corpus_tokens:
+        raise ConfigError(
+            f"data.unique_tokens={unique} is larger than the training split of corpus {cfg.corpus!r}:"
+            f" {corpus_tokens} tokens in {len(offsets) - 1} documents"
+        )
+    key = cache.content_key("stream", _STREAM_FORMAT, unique, cfg.seed)
+    directory = tokenized.directory.parent / f"stream-{key[:16]}"
+    info = cache.read_json(directory / "info.json")
+    if info is None:
+        order = np.random.default_rng([_DOC_SHUFFLE_TAG, cfg.seed]).permutation(len(offsets) - 1)
+        stream = _gather_documents(tokenized.tokens("train"), offsets, order, unique)
+        documents = int((stream == BOS_ID).sum())
+        cache.save_array(directory / "tokens.npy", stream)
+        info = {"unique_tokens": unique, "seed": cfg.seed, "documents": documents, "corpus_tokens": corpus_tokens,
+                "sha256": hashlib.sha256(stream.tobytes()).hexdigest()}
+        cache.write_json(directory / "info.json", info)
+    return cache.load_array(directory / "tokens.npy"), info
+
+
+def _eval_stream(tokenized, cfg: DataConfig) -> np.ndarray:
+    ids = tokenized.doc_ids("validation")
+    if not ids or cfg.max_eval_tokens == 0:
+        return np.zeros(0, np.int32)
+    order = np.argsort([hashlib.sha256(i.encode()).hexdigest() for i in ids], kind="stable")
+    return _gather_documents(tokenized.tokens("validation"), tokenized.offsets("validation"), order,
+                             cfg.max_eval_tokens)
+
+
+def build_data(cfg: DataConfig, *, seq_len: int, batch_size: int, shard_index: int = 0,
+               num_shards: int = 1) -> "TrainData":
+    """Everything a training run reads. Builds (or finds in the cache) the manifest, the
+    vocabulary, the token arrays and the unique stream; TensorFlow is imported only if a
+    cache entry is missing."""
+    if seq_len < 2:
+        raise ConfigError(f"seq_len must be >= 2, got {seq_len}")
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise ConfigError(f"shard_index must be in [0, num_shards={num_shards}), got {shard_index}")
+    if batch_size < 1 or batch_size % num_shards:
+        raise ConfigError(f"batch_size ({batch_size}) must be a positive multiple of num_shards ({num_shards})")
+    corpus = open_corpus(cfg.corpus, cfg.text_field)
+    corpus_dir = cache.cache_root(cfg.cache_dir) / corpus.key
+    corpus.write_manifest(corpus_dir)
+    buckets = cfg.validation_buckets
+    key = vocab_key(corpus.sha256, buckets, cfg.vocab_size, cfg.num_sentinels, cfg.vocab_max_chars)
+    vocab = ensure_vocab(corpus, corpus_dir / f"vocab-{key[:16]}", validation_buckets=buckets,
+                         vocab_size=cfg.vocab_size, num_sentinels=cfg.num_sentinels,
+                         vocab_max_chars=cfg.vocab_max_chars)
+    from jaxaccel.data.tasks import tokenize_corpus  # imports TF only when the token cache is missing
+
+    tokenized = tokenize_corpus(corpus, vocab.path, buckets)
+    if buckets > 0 and tokenized.num_documents("validation") == 0:
+        raise ConfigError(
+            f"data.validation_fraction={cfg.validation_fraction} holds out none of the"
+            f" {tokenized.num_documents('train')} documents of {cfg.corpus!r}; raise it, or set it to 0 for no eval"
+        )
+    stream, stream_info = _unique_stream(tokenized, cfg)
+    stats = {
+        "corpus": cfg.corpus,
+        "manifest_sha256": corpus.sha256,
+        "manifest_path": str(corpus_dir / "manifest.json"),
+        "corpus_files": corpus.manifest["num_files"],
+        "corpus_bytes": corpus.manifest["total_bytes"],
+        "train_documents": tokenized.num_documents("train"),
+        "validation_documents": tokenized.num_documents("validation"),
+        "corpus_tokens": tokenized.num_tokens("train"),
+        "unique_documents": stream_info["documents"],
+        "unique_stream_sha256": stream_info["sha256"],
+        "seqio_task": tokenized.task_name,
+        "vocab_path": str(vocab.path),
+        "vocab_size": vocab.vocab_size,
+        "vocab_train_seconds": vocab.seconds,
+    }
+    return TrainData(cfg, seq_len=seq_len, batch_size=batch_size, shard_index=shard_index, num_shards=num_shards,
+                     vocab_path=vocab.path, vocab_size=vocab.vocab_size, stream=stream,
+                     eval_stream=_eval_stream(tokenized, cfg), stats=stats)
+
+
+class TrainData:
+    """The batches of one run, for one shard (host). See the module docstring.
+
+    vocab_path       the SentencePiece .model (copy it into checkpoints)
+    vocab_size       its piece count (the model's vocab_size must be >= this)
+    pad_id, eos_id, bos_id
+    stats            what the run reads: corpus, manifest sha256, token counts, budget
+    sequences_per_epoch  rows in one epoch (S)
+    steps_per_epoch  S / batch_size global batches (a float: batches cross epoch boundaries)
+    total_steps      ceil(ceil(epochs * S) / batch_size) = number of global batches
+    eval_steps       number of eval batches
+    """
+
+    pad_id = PAD_ID
+    eos_id = EOS_ID
+    bos_id = BOS_ID
+
+    def __init__(self, cfg: DataConfig, *, seq_len: int, batch_size: int, shard_index: int, num_shards: int,
+                 vocab_path: Path, vocab_size: int, stream: np.ndarray, eval_stream: np.ndarray, stats: dict):
+        self.cfg = cfg
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.shard_index = shard_index
+        self.num_shards = num_shards
+        self.rows_per_shard = batch_size // num_shards
+        self.vocab_path = Path(vocab_path)
+        self.vocab_size = vocab_size
+        self._stream = stream
+        self._eval_stream = eval_stream
+        if cfg.objective == "ul2":
+            self.raw_len = ul2_raw_length(seq_len, cfg.denoisers, cfg.num_sentinels)
+        else:
+            self.raw_len = seq_len
+        unique = len(stream)
+        self.sequences_per_epoch = -(-unique // self.raw_len)
+        # round() first so that e.g. epochs=0.1 of 30 rows is 3 rows, not ceil(3.0000000000000004) = 4
+        self.total_sequences = math.ceil(round(cfg.epochs * self.sequences_per_epoch, 6))
+        self.steps_per_epoch = self.sequences_per_epoch / batch_size
+        self.total_steps = -(-self.total_sequences // batch_size)
+        self.eval_sequences = -(-len(eval_stream) // seq_len)
+        self.eval_steps = -(-self.eval_sequences // batch_size)
+        self.stats = dict(stats)
+        self.stats.update({
+            "objective": cfg.objective,
+            "seed": cfg.seed,
+            "unique_tokens": unique,
+            "epochs": cfg.epochs,
+            "total_tokens": self._total_tokens(),
+            "sequence_length": seq_len,
+            "raw_sequence_length": self.raw_len,
+            "sequences_per_epoch": self.sequences_per_epoch,
+            "total_sequences": self.total_sequences,
+            "batch_size": batch_size,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "eval_tokens": len(eval_stream),
+            "eval_sequences": self.eval_sequences,
+            "eval_steps": self.eval_steps,
+        })
+
+    # ------------------------------------------------------------------ schedule
+
+    @functools.lru_cache(maxsize=4)
+    def epoch_permutation(self, epoch: int) -> np.ndarray:
+        """The order of the epoch's rows (row r = stream tokens [r*R, (r+1)*R))."""
+        return np.random.default_rng([_EPOCH_SHUFFLE_TAG, self.cfg.seed, epoch]).permutation(self.sequences_per_epoch)
+
+    def _row_tokens(self, rows: np.ndarray) -> np.ndarray:
+        return np.minimum(self.raw_len, len(self._stream) - rows * self.raw_len)
+
+    def _total_tokens(self) -> int:
+        """Stream tokens in the run's ceil(epochs * S) rows (repeats counted)."""
+        full, rest = divmod(self.total_sequences, self.sequences_per_epoch)
+        partial = int(self._row_tokens(self.epoch_permutation(full)[:rest]).sum()) if rest else 0
+        return full * len(self._stream) + partial
+
+    def sequence_ids(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(epoch, row) of each of this shard's rows at global step `step`; -1 for padding rows."""
+        first = step * self.batch_size + self.shard_index * self.rows_per_shard
+        index = first + np.arange(self.rows_per_shard)
+        live = index < self.total_sequences
+        epochs = np.where(live, index // self.sequences_per_epoch, -1)
+        rows = np.full(self.rows_per_shard, -1, np.int64)
+        for epoch in np.unique(epochs[live]):
+            sel = epochs == epoch
+            rows[sel] = self.epoch_permutation(int(epoch))[index[sel] % self.sequences_per_epoch]
+        return epochs, rows
+
+    # ------------------------------------------------------------------ batches
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """This shard's rows of global batch `step`."""
+        if not 0 <= step < self.total_steps:
+            raise IndexError(f"step {step} is outside [0, {self.total_steps})")
+        epochs, rows = self.sequence_ids(step)
+        out = empty_rows(self.rows_per_shard, self.seq_len)
+        live = np.flatnonzero(rows >= 0)
+        if not len(live):
+            return out
+        if self.cfg.objective == "ul2":
+            for b in live:
+                start = rows[b] * self.raw_len
+                example = ul2_row(self._stream[start:start + self.raw_len], self.seq_len, self.cfg.denoisers,
+                                  row_rng(self.cfg.seed, int(epochs[b]), int(rows[b])), self.cfg.num_sentinels)
+                for k, v in example.items():
+                    out[k][b] = v
+            return out
+        made = causal_rows(self._stream, rows[live] * self.raw_len, self.raw_len, self.seq_len)
+        if self.cfg.objective == "prefix_lm":
+            apply_prefix_lm(made, [row_rng(self.cfg.seed, int(epochs[b]), int(rows[b])) for b in live])
+        for k, v in made.items():
+            out[k][live] = v
+        return out
+
+    def train_batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """Batches `start_step`, ..., total_steps - 1: exactly what an uninterrupted run gets."""
+        if not 0 <= start_step <= self.total_steps:
+            raise ConfigError(f"start_step must be in [0, {self.total_steps}], got {start_step}")
+        for step in range(start_step, self.total_steps):
+            yield self.batch(step)
+
+    def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
+        """The validation batches (causal LM): finite, and identical on every call."""
+        T = self.seq_len
+        for step in range(self.eval_steps):
+            first = step * self.batch_size + self.shard_index * self.rows_per_shard
+            index = first + np.arange(self.rows_per_shard)
+            live = index < self.eval_sequences
+            out = empty_rows(self.rows_per_shard, T)
+            if live.any():
+                made = causal_rows(self._eval_stream, index[live] * T, T, T)
+                for k, v in made.items():
+                    out[k][live] = v
+            yield out
+
+    def vocabulary(self):
+        """The vocabulary as a `seqio.SentencePieceVocabulary` (imports TensorFlow)."""
+        from jaxaccel.data.vocab import load_vocabulary
+
+        return load_vocabulary(self.vocab_path)
+
+    def __repr__(self) -> str:
+        s = self.stats
+        return (f"TrainData({s['corpus']!r}, objective={s['objective']}, unique_tokens={s['unique_tokens']},"
+                f" epochs={s['epochs']}, total_tokens={s['total_tokens']}, steps={self.total_steps},"
+                f" shard={self.shard_index}/{self.num_shards})")

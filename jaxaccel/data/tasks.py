@@ -1,0 +1,196 @@
+"""seqio Tasks over a corpus, and the tokenized arrays materialized from them.
+
+The only module of jaxaccel that imports TensorFlow (through seqio/TFDS), and only when a
+cache is missing: once the token arrays exist, training reads numpy memory maps and never
+imports TensorFlow. TF's C++ logging is silenced (TF_CPP_MIN_LOG_LEVEL=3) before the
+import, and TF is kept off every GPU/TPU (`set_visible_devices([], ...)`) so it never
+allocates accelerator memory that JAX owns.
+
+Task `jaxaccel_<slug>_<key[:12]>` (one per corpus x vocabulary x validation split; splits
+"train" and "validation"): a `FunctionDataSource` yields the split's documents in manifest
+order as {"targets": text, "doc_id": id}; the preprocessors are
+`seqio.preprocessors.tokenize` (the project's `SentencePieceVocabulary`), BOS prepended,
+and `seqio.preprocessors.append_eos`. Packing to a sequence length is *not* a Task step:
+seqio's packing (`trim_and_pack`) trims every document to the sequence length and packs
+first-fit in stream order, which would silently drop most of a long source file and make
+the unique-token count depend on the sequence length. jaxaccel instead concatenates the
+tokenized documents and splits the stream into rows in numpy (like T5's
+`reduce_concat_tokens` + `split_tokens`, but keeping document boundaries as segment ids);
+see `jaxaccel.data.pipeline`.
+
+Materialized per split (in `<vocab folder>/tokens/`): `<split>.tokens.npy` (int32, every
+document's `<s> ... </s>` back to back), `<split>.offsets.npy` (int64, document d is
+`tokens[offsets[d]:offsets[d+1]]`), `<split>.ids.json` (document ids), and `info.json`
+(written last: the folder is complete only when it exists).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from jaxaccel.data import cache
+from jaxaccel.data.corpus import SPLITS, Corpus
+from jaxaccel.data.errors import DataError
+from jaxaccel.data.vocab import BOS_ID
+
+TASK_PREFIX = "jaxaccel_"
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """Point fd 2 at /dev/null for the block: TF's native libraries print on stderr before
+    absl logging is initialised, where TF_CPP_MIN_LOG_LEVEL cannot reach. Yields a file on
+    the real stderr (for a progress bar); Python exceptions still propagate as usual."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real fd 2 (e.g. an embedded interpreter): silence nothing
+        yield sys.stderr
+        return
+    original = os.fdopen(os.dup(saved), "w")
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield original
+    finally:
+        original.close()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@functools.cache
+def import_tensorflow():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    with _stderr_silenced():
+        import tensorflow as tf
+    with _stderr_silenced():  # probing for devices logs driver errors on machines without them
+        for kind in ("GPU", "TPU"):  # JAX owns the accelerators; TF only tokenizes, on the CPU
+            try:
+                tf.config.set_visible_devices([], kind)
+            except (RuntimeError, ValueError):
+                pass  # devices already initialised by an earlier TF user, or no such device type
+    return tf
+
+
+@functools.cache
+def import_seqio():
+    import_tensorflow()
+    with _stderr_silenced():
+        import seqio
+    return seqio
+
+
+def task_name(corpus: Corpus, vocab_dir: Path) -> str:
+    return f"{TASK_PREFIX}{corpus.slug.replace('-', '_')}_{vocab_dir.name.removeprefix('vocab-')[:12]}"
+
+
+def register_task(corpus: Corpus, vocab_path: Path, validation_buckets: int) -> str:
+    """Register (once per process) the seqio Task of this corpus, vocabulary and split."""
+    seqio = import_seqio()
+    tf = import_tensorflow()
+    name = task_name(corpus, vocab_path.parent)
+    if name in seqio.TaskRegistry.names():
+        registered = seqio.TaskRegistry.get(name).output_features["targets"].vocabulary
+        if registered.sentencepiece_model_file == str(vocab_path):
+            return name
+        seqio.TaskRegistry.remove(name)  # same content in another cache folder: point the Task at ours
+
+    def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None):
+        del shuffle_files, seed  # document order is the manifest order; shuffling is ours, by seed, in numpy
+
+        def generate():
+            for doc in corpus.documents(split, validation_buckets):
+                yield {"targets": doc.text, "doc_id": doc.id}
+
+        signature = {"targets": tf.TensorSpec((), tf.string), "doc_id": tf.TensorSpec((), tf.string)}
+        return tf.data.Dataset.from_generator(generate, output_signature=signature)
+
+    @seqio.map_over_dataset
+    def prepend_bos(example):
+        example = dict(example)
+        example["targets"] = tf.concat([tf.constant([BOS_ID], tf.int32), example["targets"]], axis=0)
+        return example
+
+    vocabulary = seqio.SentencePieceVocabulary(str(vocab_path))
+    seqio.TaskRegistry.add(
+        name,
+        source=seqio.FunctionDataSource(dataset_fn, splits=SPLITS),
+        preprocessors=[
+            functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
+            prepend_bos,
+            seqio.preprocessors.append_eos,
+        ],
+        output_features={"targets": seqio.Feature(vocabulary, add_eos=True, dtype=tf.int32)},
+        metric_fns=[],
+    )
+    return name
+
+
+@functools.cache
+def _loaded(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    return cache.load_array(directory / f"{split}.tokens.npy"), cache.load_array(directory / f"{split}.offsets.npy")
+
+
+class TokenizedCorpus:
+    """Both splits as token arrays (memory-mapped), documents in manifest order."""
+
+    def __init__(self, directory: Path, info: dict):
+        self.directory = directory
+        self.info = info
+        self.task_name = info["task"]
+
+    def tokens(self, split: str) -> np.ndarray:
+        return _loaded(self.directory, split)[0]
+
+    def offsets(self, split: str) -> np.ndarray:
+        return _loaded(self.directory, split)[1]
+
+    def num_documents(self, split: str) -> int:
+        return len(self.offsets(split)) - 1
+
+    def num_tokens(self, split: str) -> int:
+        return int(self.offsets(split)[-1])
+
+    def doc_ids(self, split: str) -> list[str]:
+        return cache.read_json(self.directory / f"{split}.ids.json")
+
+
+def tokenize_corpus(corpus: Corpus, vocab_path: Path, validation_buckets: int) -> TokenizedCorpus:
+    """The cached token arrays of both splits; runs the seqio Task once when they are missing."""
+    directory = vocab_path.parent / "tokens"
+    info = cache.read_json(directory / "info.json")
+    if info is not None:
+        return TokenizedCorpus(directory, info)
+    seqio = import_seqio()
+    name = register_task(corpus, vocab_path, validation_buckets)
+    task = seqio.get_mixture_or_task(name)
+    counts = {}
+    for split in SPLITS:
+        pieces, ids = [], []
+        # tf_text's SentencePiece op logs on stderr when it loads a model with identity normalisation
+        with _stderr_silenced() as stderr:
+            dataset = task.get_dataset(sequence_length=None, split=split, shuffle=False, use_cached=False, seed=0)
+            for example in tqdm(dataset.as_numpy_iterator(), desc=f"tokenizing {split}", unit=" docs",
+                                file=stderr, disable=None, leave=False):
+                pieces.append(example["targets"].astype(np.int32, copy=False))
+                ids.append(example["doc_id"].decode())
+        lengths = np.array([len(p) for p in pieces], np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        tokens = np.concatenate(pieces).astype(np.int32) if pieces else np.zeros(0, np.int32)
+        cache.save_array(directory / f"{split}.tokens.npy", tokens)
+        cache.save_array(directory / f"{split}.offsets.npy", offsets)
+        cache.write_json(directory / f"{split}.ids.json", ids)
+        counts[split] = {"documents": len(ids), "tokens": int(offsets[-1])}
+    if counts["train"]["documents"] == 0:
+        raise DataError(f"corpus {corpus.spec!r}: the training split is empty")
+    info = {"task": name, "corpus_sha256": corpus.sha256, "validation_buckets": validation_buckets,
+            "vocab": str(vocab_path), "splits": counts}
+    cache.write_json(directory / "info.json", info)
+    return TokenizedCorpus(directory, info)

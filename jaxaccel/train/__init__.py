@@ -1,0 +1,1 @@
+"""The trainer: sharded train step, loop, Orbax checkpoints, `python -m jaxaccel.train`."""

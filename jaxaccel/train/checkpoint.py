@@ -1,0 +1,127 @@
+"""Orbax checkpoints of the whole training state (params, optimizer state, step, RNG) plus
+the data position, saved asynchronously every N steps, keeping the last K.
+
+Orbax writes each step into a temporary folder and renames it when complete, so a save that
+was killed is never listed. A listed step that cannot be read (corrupted files) is reported
+and skipped for the previous one; a step written by a different model shape is an error that
+names the first mismatching parameter.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from jaxaccel.errors import CheckpointError
+from jaxaccel.train.config import CheckpointConfig
+
+
+@dataclass
+class Restored:
+    step: int
+    state: Any
+    meta: dict
+    skipped: list[tuple[int, str]]
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+class Checkpoints:
+    def __init__(self, directory: str | Path, cfg: CheckpointConfig):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.directory = directory if str(directory).startswith("gs://") else Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save,
+                                               create=True, cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, meta: dict) -> None:
+        ocp = self._ocp
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        meta=ocp.args.JsonSave(meta)), force=True)
+
+    def check_shapes(self, step: int, abstract_state: Any) -> None:
+        """Raise CheckpointError naming the first parameter whose stored shape differs."""
+        stored = self.manager.item_metadata(step)["state"]
+        stored = getattr(stored, "tree", stored)
+        expected = dict(jax.tree_util.tree_flatten_with_path(abstract_state)[0])
+        got = dict(jax.tree_util.tree_flatten_with_path(stored)[0])
+        by_name_expected = {_path_str(p): v for p, v in expected.items()}
+        by_name_got = {_path_str(p): v for p, v in got.items()}
+        for name, want in by_name_expected.items():
+            have = by_name_got.get(name)
+            if have is None:
+                raise CheckpointError(f"checkpoint step {step} in {self.directory} was written by a different model: "
+                                      f"it has no {name}")
+            if tuple(getattr(have, "shape", ())) != tuple(want.shape):
+                raise CheckpointError(
+                    f"checkpoint step {step} in {self.directory} was written by a different model: {name} has shape "
+                    f"{tuple(have.shape)}, this config expects {tuple(want.shape)}")
+
+    def restore_latest(self, abstract_state: Any) -> Restored | None:
+        ocp = self._ocp
+        skipped: list[tuple[int, str]] = []
+        for step in reversed(self.steps()):
+            try:
+                self.check_shapes(step, abstract_state)
+            except CheckpointError:
+                raise
+            except Exception as e:  # unreadable metadata: a corrupted step
+                skipped.append((step, _first_line(e)))
+                continue
+            try:
+                out = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+            except Exception as e:
+                skipped.append((step, _first_line(e)))
+                continue
+            for bad, reason in skipped:
+                moved = self._set_aside(bad)
+                print(f"warning: checkpoint step {bad} is unreadable ({reason}); resuming from step {step}"
+                      f"{f' (the bad one is kept in {moved})' if moved else ''}", file=sys.stderr)
+            return Restored(step=step, state=out["state"], meta=dict(out["meta"]), skipped=skipped)
+        if skipped:
+            bad = ", ".join(str(s) for s, _ in skipped)
+            for step, _ in skipped:
+                self._set_aside(step)
+            print(f"warning: no readable checkpoint (unreadable steps: {bad}, set aside); starting from scratch",
+                  file=sys.stderr)
+        return None
+
+    def _set_aside(self, step: int) -> str | None:
+        """Move an unreadable step out of the manager's folder (the run will write it anew)."""
+        if isinstance(self.directory, str) or jax.process_index() != 0:
+            return None
+        src = self.directory / str(step)
+        dst = self.directory.parent / "unreadable-checkpoints" / str(step)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if dst.exists():
+            import shutil
+
+            shutil.rmtree(dst)
+        src.rename(dst)
+        self.manager.reload()
+        return str(dst)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__

@@ -1,0 +1,123 @@
+"""Training run configuration: typed defaults here, YAML presets in configs/, `key=value`
+overrides on the command line (`python -m jaxaccel.train CONFIG.yaml train.steps=100`)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from jaxaccel.config import ModelConfig
+from jaxaccel.data.config import DataConfig
+from jaxaccel.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay to `min_lr_ratio * lr`."""
+
+    lr: float = 3e-3
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    schedule: str = "cosine"  # cosine | constant
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global-norm clipping; 0 = off
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ConfigError(f"optim.schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if self.warmup_steps < 0 or self.grad_clip < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("optim.warmup_steps and optim.grad_clip must be >= 0, optim.min_lr_ratio in [0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    steps: int | None = None  # None: the data budget's total steps (unique_tokens x epochs)
+    batch_size: int = 32  # global, in sequences
+    seq_len: int = 256
+    grad_accum: int = 1  # micro-batches per step (batch_size must divide by it)
+    seed: int = 0
+    eval_every: int = 100  # 0 = only at the end
+    eval_batches: int | None = None  # cap on validation batches per evaluation
+    log_every: int = 10
+    dropout_start_step: int = 0  # dropout (rates in model.dropout) is on from this step
+    remat: bool = False  # recompute layers in the backward pass
+    peak_flops: float | None = None  # per-device FLOP/s for MFU; None: measure a matmul
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"train.steps must be >= 1 or null, got {self.steps}")
+        for name in ("batch_size", "seq_len", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"train.batch_size ({self.batch_size}) must be a multiple of train.grad_accum "
+                              f"({self.grad_accum})")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 500
+    keep: int = 3
+    async_save: bool = True
+
+    def __post_init__(self):
+        if self.every_steps < 1 or self.keep < 1:
+            raise ConfigError("checkpoint.every_steps and checkpoint.keep must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh; `data = -1` takes whatever the other axes leave. A mesh smaller than the
+    machine (dividing its device count) runs on the first devices (single process only)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    expert: int = 1
+
+    def sizes(self, n_devices: int) -> dict[str, int]:
+        fixed = {"fsdp": self.fsdp, "tensor": self.tensor, "expert": self.expert}
+        for name, size in fixed.items():
+            if size < 1:
+                raise ConfigError(f"mesh.{name} must be >= 1, got {size}")
+        rest = math.prod(fixed.values())
+        data = self.data
+        if data == -1:
+            if n_devices % rest:
+                raise ConfigError(f"mesh fsdp*tensor*expert = {rest} does not divide the {n_devices} devices")
+            data = n_devices // rest
+        if data < 1 or n_devices % (data * rest):
+            raise ConfigError(f"mesh data={data} fsdp={self.fsdp} tensor={self.tensor} expert={self.expert} uses "
+                              f"{max(data, 0) * rest} devices, which does not divide the {n_devices} available")
+        return {"data": data, **fixed}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: LoopConfig = LoopConfig()
+    optim: OptimConfig = OptimConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    mesh: MeshConfig = MeshConfig()
+    output_dir: str = "runs/default"
+    tensorboard: bool = True
+
+    def check_mesh(self, sizes: dict[str, int]) -> None:
+        """The mesh must divide what it splits: heads, KV heads, experts, the batch."""
+        m = self.model
+        if m.n_heads % sizes["tensor"]:
+            raise ConfigError(f"mesh.tensor={sizes['tensor']} does not divide model.n_heads={m.n_heads}")
+        if m.moe.n_experts and m.moe.n_experts % sizes["expert"]:
+            raise ConfigError(f"mesh.expert={sizes['expert']} does not divide moe.n_experts={m.moe.n_experts}")
+        if sizes["expert"] > 1 and not m.moe.n_experts:
+            raise ConfigError(f"mesh.expert={sizes['expert']} needs an MoE model (moe.n_experts > 0)")
+        micro = self.train.batch_size // self.train.grad_accum
+        if micro % (sizes["data"] * sizes["fsdp"]):
+            raise ConfigError(f"the micro-batch ({micro} sequences) must be a multiple of mesh data*fsdp "
+                              f"({sizes['data'] * sizes['fsdp']})")

@@ -1,0 +1,226 @@
+"""The trainer: one loop for every model, mesh and objective.
+
+    summary = train(run_config)            # or: python -m jaxaccel.train CONFIG.yaml key=value ...
+
+Output folder: `config.yaml` (the resolved config), `metrics.jsonl`, `tensorboard/`,
+`checkpoints/<step>/` (Orbax: state + data position), `tokenizer.model`, and at the end
+`model/` — a jaxaccel model checkpoint that `jaxaccel.load` and `python -m jaxaccel.decode`
+take directly. Rerunning the same command on the same folder resumes from the latest
+readable checkpoint and reproduces the uninterrupted loss curve exactly (CPU, float32).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+
+from jaxaccel import sharding as shd
+from jaxaccel.config import to_dict
+from jaxaccel.errors import ConfigError, JaxaccelError
+from jaxaccel.train.checkpoint import Checkpoints
+from jaxaccel.train.config import RunConfig
+from jaxaccel.train.metrics import MetricsWriter, flops_per_token, measure_peak_flops
+from jaxaccel.train.state import batch_sharding, create_state, global_batch, state_shardings
+from jaxaccel.train.step import eval_step, lr_schedule, make_optimizer, train_step
+
+
+class TrainingDiverged(JaxaccelError):
+    """The loss or the gradients became NaN/Inf."""
+
+
+def build_mesh(cfg: RunConfig):
+    sizes = cfg.mesh.sizes(jax.device_count())
+    cfg.check_mesh(sizes)
+    if math.prod(sizes.values()) != jax.device_count() and jax.process_count() > 1:
+        raise ConfigError(f"a multi-host run must use all {jax.device_count()} devices; the mesh uses "
+                          f"{math.prod(sizes.values())}")
+    return shd.make_mesh(sizes)
+
+
+def _is_main() -> bool:
+    return jax.process_index() == 0
+
+
+def train(cfg: RunConfig, data: Any = None, *, log=None) -> dict[str, Any]:
+    log = log or (lambda msg: print(msg, file=sys.stderr) if _is_main() else None)
+    out = Path(cfg.output_dir) if not cfg.output_dir.startswith("gs://") else None
+    mesh = build_mesh(cfg)
+    if data is None and cfg.data.corpus == "synthetic":
+        from jaxaccel.train.synthetic import SyntheticData
+
+        data = SyntheticData(cfg.model.vocab_size, cfg.train.seq_len, cfg.train.batch_size,
+                             total_steps=cfg.train.steps or 1000, seed=cfg.data.seed,
+                             shard_index=jax.process_index(), num_shards=jax.process_count())
+    elif data is None:
+        from jaxaccel.data import build_data
+
+        data = build_data(cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size,
+                          shard_index=jax.process_index(), num_shards=jax.process_count())
+    if data.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"the vocabulary has {data.vocab_size} tokens but model.vocab_size is "
+                          f"{cfg.model.vocab_size}; set model.vocab_size >= {data.vocab_size}")
+    total_steps = cfg.train.steps or data.total_steps
+    optimizer = make_optimizer(cfg.optim, total_steps)
+    schedule = lr_schedule(cfg.optim, total_steps)
+    abstract, shardings = state_shardings(cfg.model, optimizer, mesh, cfg.train.seed)
+
+    ckpt_dir = (out / "checkpoints") if out is not None else cfg.output_dir.rstrip("/") + "/checkpoints"
+    ckpts = Checkpoints(ckpt_dir, cfg.checkpoint)
+    restored = ckpts.restore_latest(abstract)
+    if restored is not None:
+        state, start = restored.state, restored.step
+        log(f"resuming from checkpoint step {start} in {ckpt_dir}")
+    else:
+        state, start = create_state(cfg.model, optimizer, shardings, cfg.train.seed), 0
+    if out is not None and _is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        if data.vocab_path is not None:
+            shutil.copyfile(data.vocab_path, out / "tokenizer.model")
+
+    bsh = batch_sharding(mesh)
+    step_fn = {}
+    for dropout in (False, True):
+        fn = functools.partial(train_step, model_cfg=cfg.model, optimizer=optimizer, schedule=schedule,
+                               grad_accum=cfg.train.grad_accum, dropout=dropout, remat=cfg.train.remat)
+        step_fn[dropout] = jax.jit(fn, in_shardings=(shardings, bsh), out_shardings=(shardings, None),
+                                   donate_argnums=(0,))
+    eval_fn = jax.jit(functools.partial(eval_step, model_cfg=cfg.model), in_shardings=(shardings.params, bsh))
+    has_dropout = any(getattr(cfg.model.dropout, f.name) > 0 for f in dataclasses.fields(cfg.model.dropout))
+
+    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+    flops_step = flops_per_token(cfg.model, cfg.train.seq_len) * tokens_per_step
+    peak = cfg.train.peak_flops
+    if peak is None:
+        peak = measure_peak_flops()
+        peak = peak if jax.default_backend() == "cpu" else peak * jax.device_count()
+    else:
+        peak = peak * jax.device_count()
+    writer = MetricsWriter(out, cfg.tensorboard and _is_main(), start) if (out is not None and _is_main()) else None
+    unique = data.stats.get("unique_tokens")
+
+    def evaluate(step: int) -> dict[str, float]:
+        ce, n, correct = 0.0, 0.0, 0.0
+        for i, batch in enumerate(data.eval_batches()):
+            if cfg.train.eval_batches is not None and i >= cfg.train.eval_batches:
+                break
+            m = jax.device_get(eval_fn(state.params, global_batch(batch, bsh)))
+            ce, n, correct = ce + float(m["ce_sum"]), n + float(m["tokens"]), correct + float(m["correct"])
+        loss = ce / max(n, 1.0)
+        record = {"step": step, "eval_loss": loss, "eval_accuracy": correct / max(n, 1.0),
+                  "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": n}
+        if writer is not None:
+            writer.write(record)
+            writer.flush()
+        log(f"step {step}: eval loss {loss:.4f}, accuracy {record['eval_accuracy']:.3f}, "
+            f"perplexity {record['eval_perplexity']:.2f}")
+        return record
+
+    bar = None
+    if cfg.train.progress and _is_main() and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=start, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    pending: list[tuple[int, Any]] = []
+    last = {"time": time.perf_counter(), "step": start}
+    last_eval: dict[str, float] = {}
+    last_loss = float("nan")
+
+    def flush_metrics() -> None:
+        nonlocal last_loss
+        if not pending:
+            return
+        fetched = jax.device_get([m for _, m in pending])
+        now = time.perf_counter()
+        steps_done = pending[-1][0] + 1 - last["step"]
+        tok_s = steps_done * tokens_per_step / max(now - last["time"], 1e-9)
+        for (step, _), m in zip(pending, fetched):
+            if not bool(m["finite"]):
+                good = ckpts.steps()
+                where = f"checkpoint step {good[-1]}" if good else "no checkpoint"
+                if writer is not None:
+                    writer.flush()
+                raise TrainingDiverged(f"loss became {float(m['loss'])} at step {step + 1}; training stopped, "
+                                       f"the last good state is {where} in {ckpt_dir}")
+            record = {"step": step + 1, "loss": float(m["loss"]), "accuracy": float(m["accuracy"]),
+                      "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+                      "tokens_seen": (step + 1) * tokens_per_step, "unique_tokens": unique,
+                      "epoch": (step + 1) / data.steps_per_epoch}
+            if cfg.model.moe.n_experts:
+                record.update(aux_loss=float(m["aux_loss"]), moe_load_balance=float(m["moe_load_balance"]),
+                              moe_router_z=float(m["moe_router_z"]), moe_dropped=float(m["moe_dropped"]),
+                              moe_expert_load=np.asarray(m["moe_expert_load"]).round(4).tolist())
+            if step == pending[-1][0]:
+                record.update(tokens_per_s=tok_s, mfu=tok_s * flops_step / tokens_per_step / peak)
+            if writer is not None:
+                writer.write(record)
+            last_loss = record["loss"]
+        if writer is not None:
+            writer.flush()
+        if bar is not None:
+            bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tok_s:.0f}")
+            bar.update(steps_done)
+        last.update(time=now, step=pending[-1][0] + 1)
+        pending.clear()
+
+    try:
+        batches = data.train_batches(start)
+        for step in range(start, total_steps):
+            try:
+                local = next(batches)
+            except StopIteration:
+                raise ConfigError(f"the data ran out at step {step}: train.steps ({total_steps}) exceeds the data "
+                                  f"budget ({data.total_steps} steps)") from None
+            dropout = has_dropout and step >= cfg.train.dropout_start_step
+            state, metrics = step_fn[dropout](state, global_batch(local, bsh))
+            pending.append((step, metrics))
+            done = step + 1
+            due_ckpt = done % cfg.checkpoint.every_steps == 0 or done == total_steps
+            due_eval = cfg.train.eval_every and done % cfg.train.eval_every == 0
+            if due_ckpt or due_eval or len(pending) >= cfg.train.log_every:
+                flush_metrics()
+            if due_ckpt:
+                ckpts.save(done, state, {"step": done, "data_position": done, "tokens_seen": done * tokens_per_step,
+                                         "unique_tokens": unique})
+            if due_eval and done != total_steps:
+                last_eval = evaluate(done)
+        flush_metrics()
+        if start < total_steps or not last_eval:
+            last_eval = evaluate(total_steps)
+        ckpts.wait()
+        if out is not None:
+            export_model(cfg, state.params, out / "model", data)
+    finally:
+        if bar is not None:
+            bar.close()
+        ckpts.close()
+        if writer is not None:
+            writer.close()
+    return {"steps": total_steps, "resumed_from": start, "final_loss": last_loss, **last_eval,
+            "data": data.stats, "output_dir": cfg.output_dir}
+
+
+def export_model(cfg: RunConfig, params: Any, folder: Path, data: Any) -> Path:
+    """The trained weights as a jaxaccel model folder, with the SentencePiece tokenizer."""
+    from jaxaccel.model.checkpoint import save_model
+    from jaxaccel.model.transformer import canonical_params
+    from jaxaccel.tokenizer import SentencePieceTokenizer
+
+    tokenizer = SentencePieceTokenizer(data.vocab_path) if data.vocab_path is not None else None
+    eos = (data.eos_id,) if getattr(data, "eos_id", None) is not None else ()
+    bos = getattr(data, "bos_id", None)  # every training document starts with it: so must prompts
+    return save_model(folder, cfg.model, canonical_params(params, cfg.model), tokenizer=tokenizer, eos_token_ids=eos,
+                      bos_token_id=bos, extra={"add_bos": bos is not None, "trained_steps": cfg.train.steps,
+                                               "data": {k: v for k, v in data.stats.items()
+                                                        if isinstance(v, (int, float, str))}})

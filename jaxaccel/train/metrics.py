@@ -1,0 +1,85 @@
+"""Metrics: one JSON object per line in `metrics.jsonl` (train lines and eval lines), the same
+scalars to TensorBoard (tensorboardX: no TensorFlow outside the data package), and FLOP
+accounting for MFU."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxaccel.config import ModelConfig
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), PaLM appendix B: 6 N + 12 L H D T, where
+    N counts the matmul parameters a token uses (top-k experts; the output head, not the
+    embedding gather) and the second term the attention score/value matmuls."""
+    n = cfg.active_params() - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)
+    return 6.0 * n + 12.0 * cfg.n_layers * cfg.n_heads * cfg.resolved_head_dim * seq_len
+
+
+def measure_peak_flops(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
+    """FLOP/s of a jitted [n, n] @ [n, n] matmul on the default device (median of repeats)."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / float(np.median(times))
+
+
+class MetricsWriter:
+    def __init__(self, output_dir: Path, tensorboard: bool, resume_step: int):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._truncate_after(resume_step)
+        self._file = open(self.path, "a")
+        self._tb = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+            except ImportError:
+                self._tb = None
+
+    def _truncate_after(self, step: int) -> None:
+        """A resumed run rewrites the steps after its checkpoint: keep lines up to `step`."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+        self.path.write_text("".join(k + "\n" for k in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        clean = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in record.items()}
+        self._file.write(json.dumps(clean) + "\n")
+        if self._tb is not None:
+            step = int(record["step"])
+            for k, v in clean.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(k, v, step)
+
+    def flush(self) -> None:
+        self._file.flush()
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        self.flush()
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()

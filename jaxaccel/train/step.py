@@ -1,0 +1,120 @@
+"""The train and eval steps: loss (masked next-token cross entropy + MoE auxiliary losses),
+gradient accumulation over micro-batches, AdamW update — one jitted function each.
+
+A batch is a dict of [batch, seq] arrays (see `jaxaccel.data`): inputs, targets, loss_mask,
+segment_ids (0 = padding), positions (restart per packed segment), bidirectional (prefix /
+denoiser-input tokens that see each other both ways).
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxaccel.config import ModelConfig
+from jaxaccel.data.objectives import attention_mask
+from jaxaccel.model.transformer import forward
+from jaxaccel.train.config import OptimConfig
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # () int32
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # PRNG key for dropout
+
+
+def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    if cfg.schedule == "constant":
+        return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1)),
+                                     optax.constant_schedule(cfg.lr)], [max(cfg.warmup_steps, 1)])
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1),
+                                              max(total_steps, cfg.warmup_steps + 1), end_value=cfg.lr * cfg.min_lr_ratio)
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW; no weight decay on norm scales and biases (1-D parameters)."""
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
+    chain = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+    chain.append(optax.adamw(lr_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, mask=decay_mask))
+    return optax.chain(*chain)
+
+
+def loss_and_metrics(params, model_cfg: ModelConfig, batch: dict, rng, *, dropout: bool, remat: bool,
+                     normalizer=None, aux_scale: float = 1.0):
+    """Objective = sum of masked token cross entropy / `normalizer` (default: this batch's
+    target count) + aux_scale * MoE auxiliary losses. With normalizer = the global batch's
+    target count and aux_scale = 1 / micro-batches, summing micro-batch objectives gives the
+    global one exactly."""
+    mask = attention_mask(batch)  # the data package's rule, built on device
+    logits, _, aux = forward(params, model_cfg, batch["inputs"], batch["positions"], new_mask=mask,
+                             deterministic=not dropout, dropout_rng=rng if dropout else None, return_aux=True,
+                             remat=remat)
+    weights = batch["loss_mask"].astype(jnp.float32)
+    token_ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    ce_sum = jnp.sum(token_ce * weights)
+    n_tokens = jnp.sum(weights)
+    correct = jnp.sum((jnp.argmax(logits, -1) == batch["targets"]) * weights)
+    moe = model_cfg.moe
+    aux_loss = moe.load_balance_weight * aux["load_balance"] + moe.router_z_weight * aux["router_z"]
+    normalizer = jnp.maximum(n_tokens if normalizer is None else normalizer, 1.0)
+    metrics = {"ce_sum": ce_sum, "tokens": n_tokens, "correct": correct, "aux_loss": aux_loss,
+               "moe_load_balance": aux["load_balance"], "moe_router_z": aux["router_z"],
+               "moe_dropped": aux["dropped"], "moe_expert_load": aux["expert_load"]}
+    return ce_sum / normalizer + aux_scale * aux_loss, metrics
+
+
+def split_micro(batch: dict, n: int) -> dict:
+    """[batch, ...] -> [n, batch // n, ...] (rows i*m..(i+1)*m-1 form micro-batch i)."""
+    return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
+
+
+def train_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, optimizer: optax.GradientTransformation,
+               schedule: optax.Schedule, grad_accum: int, dropout: bool, remat: bool):
+    """One optimizer step over the global batch, accumulating gradients over `grad_accum`
+    micro-batches. Skips the update (`metrics["finite"]` False) when the loss or gradient norm
+    is not finite, so the state stays the last good one."""
+    rng, step_rng = jax.random.split(state.rng)
+    keys = jax.random.split(step_rng, grad_accum)
+    n_total = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+    grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
+    kwargs = dict(dropout=dropout, remat=remat, normalizer=n_total, aux_scale=1.0 / grad_accum)
+
+    if grad_accum == 1:
+        (objective, metrics), grads = grad_fn(state.params, model_cfg, batch, keys[0], **kwargs)
+    else:
+        def micro(carry, xs):
+            mb, key = xs
+            (obj, m), g = grad_fn(state.params, model_cfg, mb, key, **kwargs)
+            acc_obj, acc_m, acc_g = carry
+            return (acc_obj + obj, jax.tree.map(jnp.add, acc_m, m), jax.tree.map(jnp.add, acc_g, g)), None
+
+        micro_batches = split_micro(batch, grad_accum)
+        first = jax.tree.map(lambda x: x[0], micro_batches)
+        shapes = jax.eval_shape(lambda: grad_fn(state.params, model_cfg, first, keys[0], **kwargs)[0][1])
+        zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)  # noqa: E731
+        init = (jnp.float32(0), zeros(shapes), jax.tree.map(jnp.zeros_like, state.params))
+        (objective, metrics, grads), _ = jax.lax.scan(micro, init, (micro_batches, keys))
+    loss = metrics["ce_sum"] / n_total
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
+    updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    new_state = TrainState(step=state.step + finite.astype(jnp.int32), params=keep(new_params, state.params),
+                           opt_state=keep(new_opt, state.opt_state), rng=rng)
+    per_micro = 1.0 / grad_accum  # MoE statistics are per-forward averages
+    out = {"loss": loss, "objective": objective, "accuracy": metrics["correct"] / n_total, "tokens": metrics["tokens"],
+           "grad_norm": grad_norm, "lr": schedule(state.step), "finite": finite,
+           "aux_loss": metrics["aux_loss"] * per_micro, "moe_load_balance": metrics["moe_load_balance"] * per_micro,
+           "moe_router_z": metrics["moe_router_z"] * per_micro, "moe_dropped": metrics["moe_dropped"] * per_micro,
+           "moe_expert_load": metrics["moe_expert_load"] * per_micro}
+    return new_state, out
+
+
+def eval_step(params, batch: dict, *, model_cfg: ModelConfig):
+    _, metrics = loss_and_metrics(params, model_cfg, batch, None, dropout=False, remat=False)
+    return {"ce_sum": metrics["ce_sum"], "tokens": metrics["tokens"], "correct": metrics["correct"]}
