@@ -115,3 +115,16 @@ def test_model_yaml_presets_match_the_bench_presets():
         label, config = resolve_model(str(root / file))
         assert config == PRESETS[name] and label == file[:-5]
         assert 0.8 < config.num_params() / float(name[:-1]) / 1e6 < 1.2
+
+
+def test_bench_train_runs_and_reports(capsys, tmp_path):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    code, out, err = run(bench_main, ["train", "--configs", str(root / "configs" / "tiny.yaml"), "--compare-devices", "1",
+                                      "--override", "data.corpus=synthetic", "--override", "train.batch_size=8",
+                                      "--override", "train.seq_len=32", "--json", str(tmp_path / "t.json")], capsys)
+    assert code == 0, err
+    row = json.loads((tmp_path / "t.json").read_text())["rows"][0]
+    assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1
+    assert "| " in out and "MFU" in out

@@ -1,13 +1,22 @@
 """python -m jaxaccel.bench — measured, reproducible speed figures.
 
     python -m jaxaccel.bench decode [--models 7m,40m] [--batches 1,8] [--runs 5] [--no-hf]
+    python -m jaxaccel.bench train [--configs configs/tiny.yaml,configs/default.yaml] [--compare-devices 8]
 """
 from __future__ import annotations
 
 import sys
 from typing import Sequence
 
+from pathlib import Path
+
 from jaxaccel.cli import ArgumentParser, fail, run_cli
+
+
+def argparse_suppress():
+    import argparse
+
+    return argparse.SUPPRESS
 
 
 def _csv(text: str, cast=str) -> tuple:
@@ -30,7 +39,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     dec.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     dec.add_argument("--no-hf", action="store_true", help="skip the Hugging Face transformers baseline")
     dec.add_argument("--json", default=None, help="also write the results here")
+    tr = sub.add_parser("train", help="training tokens/s and MFU of config presets; 8 CPU devices vs 1")
+    tr.add_argument("--configs", default="configs/tiny.yaml,configs/default.yaml")
+    tr.add_argument("--compare-devices", type=int, default=8, help="emulated CPU devices for the scaling row (1: skip)")
+    tr.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
+    tr.add_argument("--json", default=None)
+    tr.add_argument("--devices-only", action="store_true", help=argparse_suppress())
+    tr.add_argument("--cpu-devices", type=int, default=None, help=argparse_suppress())
+    tr.add_argument("--peak", type=float, default=None, help=argparse_suppress())
     args = p.parse_args(argv)
+
+    if args.which == "train":
+        if args.cpu_devices:
+            import jax
+
+            jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+        from jaxaccel.bench import train as train_bench
+        from jaxaccel.bench.common import write_json
+
+        configs = _csv(args.configs)
+        for c in configs:
+            if not Path(c).is_file():
+                fail(f"config file {c!r} does not exist")
+        if args.devices_only:
+            result = train_bench.run_devices_only(configs[0], args.peak, args.cpu_devices or 1, tuple(args.override))
+        else:
+            result = train_bench.run(configs, args.compare_devices, tuple(args.override),
+                                     progress=lambda s: print(s, file=sys.stderr))
+            print(train_bench.markdown(result))
+        if args.json:
+            write_json(args.json, result)
+        return 0
 
     if args.which == "decode":
         from jaxaccel.bench import decode

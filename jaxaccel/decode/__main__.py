@@ -19,7 +19,8 @@ SAMPLE_PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m jaxaccel.decode", description=__doc__.split("\n")[0])
-    p.add_argument("--model", help="jaxaccel checkpoint or Hugging Face model folder (default: the shipped model)")
+    p.add_argument("--model", help="jaxaccel checkpoint, training output folder, Hugging Face model folder, or "
+                                    "builtin:default / builtin:draft (default: builtin:default, the shipped model)")
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     p.add_argument("--prompt-ids", action="append", default=[], help="prompt as comma-separated token ids (repeatable)")
     p.add_argument("--prompts-file", help='JSONL file: one {"prompt": "..."} or {"prompt_ids": [...]} per line')

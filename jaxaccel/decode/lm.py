@@ -80,7 +80,8 @@ class LanguageModel:
     """A loaded model: config, parameters (decode layout, possibly sharded), tokenizer."""
 
     def __init__(self, config: ModelConfig, params: Any, *, tokenizer=None, eos_token_ids: Sequence[int] = (),
-                 bos_token_id: int | None = None, mesh: Mesh | None = None, source: str | None = None):
+                 bos_token_id: int | None = None, mesh: Mesh | None = None, source: str | None = None,
+                 info: dict | None = None):
         self.config = config
         self.params = decode_params(params, config, mesh)
         self.tokenizer = tokenizer
@@ -88,6 +89,7 @@ class LanguageModel:
         self.bos_token_id = bos_token_id
         self.mesh = mesh
         self.source = source
+        self.info = dict(info or {})  # provenance carried through save(): training steps, validation loss...
         self.prefill_chunk = PREFILL_CHUNK  # prompt tokens per prefill forward
         self._compiled: dict[tuple, Any] = {}
 
@@ -230,8 +232,10 @@ class LanguageModel:
     def save(self, folder: str | Path) -> Path:
         from jaxaccel.model.checkpoint import save_model
 
+        add_bos = bool(getattr(self.tokenizer, "add_bos", False))
         return save_model(folder, self.config, canonical_params(self.params, self.config), tokenizer=self.tokenizer,
-                          eos_token_ids=self.eos_token_ids, bos_token_id=self.bos_token_id)
+                          eos_token_ids=self.eos_token_ids, bos_token_id=self.bos_token_id,
+                          extra={"add_bos": add_bos, "info": self.info})
 
     def export_hf(self, folder: str | Path, **kwargs) -> Path:
         from jaxaccel.convert.hf import export_hf
@@ -245,7 +249,10 @@ class LanguageModel:
 
 # ----------------------------------------------------------------------------- loading
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "default_model"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_MODEL_DIR = ASSETS / "default_model"  # configs/default.yaml, trained ~30 min on a 2-core CPU
+DRAFT_MODEL_DIR = ASSETS / "draft_model"  # configs/draft.yaml: same vocabulary, ~9x smaller
+BUILTIN_MODELS = {"default": DEFAULT_MODEL_DIR, "draft": DRAFT_MODEL_DIR}
 
 
 def _param_shardings(mesh: Mesh | None):
@@ -266,7 +273,8 @@ def resolve_mesh(mesh: Mesh | str | dict | None) -> Mesh | None:
 
 def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh | str | dict | None = None
          ) -> LanguageModel:
-    """Load a jaxaccel checkpoint or a Hugging Face model folder (None: the default model).
+    """Load a jaxaccel checkpoint, a training output folder or a Hugging Face model folder.
+    None (or "builtin:default") is the shipped default model, "builtin:draft" its draft model.
 
     dtype: "float32" | "bfloat16" | "float16" sets parameter and compute dtype (default: the
     checkpoint's). mesh: a Mesh, or "tensor=4,data=2": parameters and the KV cache are then
@@ -280,10 +288,15 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh
     if dtype is not None and dtype not in DTYPES:
         raise InvalidArgumentError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if path is None:
-        if not ckpt.is_jaxaccel_checkpoint(DEFAULT_MODEL_DIR):
-            raise ModelLoadError("no model given and no default model is installed: pass a model path "
-                                 "(a jaxaccel checkpoint or a Hugging Face model folder)")
-        path = DEFAULT_MODEL_DIR
+        path = "builtin:default"
+    if isinstance(path, str) and path.startswith("builtin:"):
+        name = path.split(":", 1)[1]
+        if name not in BUILTIN_MODELS:
+            raise ModelLoadError(f"unknown built-in model {name!r}; built-in models: "
+                                 f"{', '.join('builtin:' + n for n in BUILTIN_MODELS)}")
+        if not ckpt.is_jaxaccel_checkpoint(BUILTIN_MODELS[name]):
+            raise ModelLoadError(f"the built-in {name} model is not installed in {BUILTIN_MODELS[name]}")
+        path = BUILTIN_MODELS[name]
     folder = Path(path).expanduser()
     if not folder.exists():
         raise ModelLoadError(f"model path {str(folder)!r} does not exist")
@@ -306,7 +319,8 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh
         params = decode_params(params, config, mesh, consume=True)
         tokenizer = load_tokenizer(folder, add_bos=bool(meta.get("add_bos", False)))
         return LanguageModel(config, params, tokenizer=tokenizer, eos_token_ids=meta.get("eos_token_ids") or (),
-                             bos_token_id=meta.get("bos_token_id"), mesh=mesh, source=str(folder))
+                             bos_token_id=meta.get("bos_token_id"), mesh=mesh, source=str(folder),
+                             info=meta.get("info"))
     if hf_io.is_hf_folder(folder):
         hf = hf_io.read_hf_config(folder)
         config = hf_io.config_from_hf(hf, source=str(folder / "config.json"))

@@ -72,8 +72,9 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh; `data = -1` takes whatever the other axes leave. A mesh smaller than the
-    machine (dividing its device count) runs on the first devices (single process only)."""
+    """Device mesh axis sizes; one axis may be -1: it takes whatever the others leave. A mesh
+    smaller than the machine (dividing its device count) runs on the first devices (single
+    process only)."""
 
     data: int = -1
     fsdp: int = 1
@@ -81,20 +82,23 @@ class MeshConfig:
     expert: int = 1
 
     def sizes(self, n_devices: int) -> dict[str, int]:
-        fixed = {"fsdp": self.fsdp, "tensor": self.tensor, "expert": self.expert}
-        for name, size in fixed.items():
-            if size < 1:
-                raise ConfigError(f"mesh.{name} must be >= 1, got {size}")
-        rest = math.prod(fixed.values())
-        data = self.data
-        if data == -1:
-            if n_devices % rest:
-                raise ConfigError(f"mesh fsdp*tensor*expert = {rest} does not divide the {n_devices} devices")
-            data = n_devices // rest
-        if data < 1 or n_devices % (data * rest):
-            raise ConfigError(f"mesh data={data} fsdp={self.fsdp} tensor={self.tensor} expert={self.expert} uses "
-                              f"{max(data, 0) * rest} devices, which does not divide the {n_devices} available")
-        return {"data": data, **fixed}
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor, "expert": self.expert}
+        free = [name for name, size in sizes.items() if size == -1]
+        if len(free) > 1:
+            raise ConfigError(f"only one mesh axis may be -1, got {', '.join('mesh.' + f for f in free)}")
+        for name, size in sizes.items():
+            if size < 1 and size != -1:
+                raise ConfigError(f"mesh.{name} must be >= 1 or -1, got {size}")
+        fixed = math.prod(size for size in sizes.values() if size != -1)
+        if free:
+            if n_devices % fixed:
+                raise ConfigError(f"mesh axes {', '.join(f'{k}={v}' for k, v in sizes.items() if v != -1)} use "
+                                  f"{fixed} devices, which does not divide the {n_devices} available")
+            sizes[free[0]] = n_devices // fixed
+        elif n_devices % fixed:
+            raise ConfigError(f"mesh data={self.data} fsdp={self.fsdp} tensor={self.tensor} expert={self.expert} uses "
+                              f"{fixed} devices, which does not divide the {n_devices} available")
+        return sizes
 
 
 @dataclasses.dataclass(frozen=True)

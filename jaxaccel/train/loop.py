@@ -106,7 +106,7 @@ def train(cfg: RunConfig, data: Any = None, *, log=None) -> dict[str, Any]:
         peak = peak if jax.default_backend() == "cpu" else peak * jax.device_count()
     else:
         peak = peak * jax.device_count()
-    writer = MetricsWriter(out, cfg.tensorboard and _is_main(), start) if (out is not None and _is_main()) else None
+    writer = MetricsWriter(out or cfg.output_dir, cfg.tensorboard and out is not None, start) if _is_main() else None
     unique = data.stats.get("unique_tokens")
 
     def evaluate(step: int) -> dict[str, float]:
@@ -200,7 +200,7 @@ def train(cfg: RunConfig, data: Any = None, *, log=None) -> dict[str, Any]:
             last_eval = evaluate(total_steps)
         ckpts.wait()
         if out is not None:
-            export_model(cfg, state.params, out / "model", data)
+            export_model(cfg, state.params, out / "model", data, total_steps, last_eval)
     finally:
         if bar is not None:
             bar.close()
@@ -211,8 +211,9 @@ def train(cfg: RunConfig, data: Any = None, *, log=None) -> dict[str, Any]:
             "data": data.stats, "output_dir": cfg.output_dir}
 
 
-def export_model(cfg: RunConfig, params: Any, folder: Path, data: Any) -> Path:
-    """The trained weights as a jaxaccel model folder, with the SentencePiece tokenizer."""
+def export_model(cfg: RunConfig, params: Any, folder: Path, data: Any, steps: int, evaluation: dict) -> Path:
+    """The trained weights as a jaxaccel model folder, with the SentencePiece tokenizer and
+    what produced them (steps, data statistics, final validation figures)."""
     from jaxaccel.model.checkpoint import save_model
     from jaxaccel.model.transformer import canonical_params
     from jaxaccel.tokenizer import SentencePieceTokenizer
@@ -221,6 +222,8 @@ def export_model(cfg: RunConfig, params: Any, folder: Path, data: Any) -> Path:
     eos = (data.eos_id,) if getattr(data, "eos_id", None) is not None else ()
     bos = getattr(data, "bos_id", None)  # every training document starts with it: so must prompts
     return save_model(folder, cfg.model, canonical_params(params, cfg.model), tokenizer=tokenizer, eos_token_ids=eos,
-                      bos_token_id=bos, extra={"add_bos": bos is not None, "trained_steps": cfg.train.steps,
-                                               "data": {k: v for k, v in data.stats.items()
-                                                        if isinstance(v, (int, float, str))}})
+                      bos_token_id=bos, extra={"add_bos": bos is not None, "info": {
+                          "trained_steps": steps, "validation_loss": evaluation.get("eval_loss"),
+                          "validation_accuracy": evaluation.get("eval_accuracy"),
+                          "validation_tokens": evaluation.get("eval_tokens"),
+                          "data": {k: v for k, v in data.stats.items() if isinstance(v, (int, float, str))}}})

@@ -37,7 +37,22 @@ def measure_peak_flops(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> fl
 
 
 class MetricsWriter:
-    def __init__(self, output_dir: Path, tensorboard: bool, resume_step: int):
+    """Appends to OUTPUT_DIR/metrics.jsonl. For a gs:// output_dir (no appends on GCS) the file
+    lives in a local mirror and is uploaded whole at every flush."""
+
+    def __init__(self, output_dir: str | Path, tensorboard: bool, resume_step: int):
+        self.remote = None
+        if str(output_dir).startswith("gs://"):
+            import hashlib
+
+            from etils import epath
+
+            self.remote = epath.Path(str(output_dir)) / "metrics.jsonl"
+            local = Path.home() / ".cache" / "jaxaccel" / "runs" / hashlib.sha256(str(output_dir).encode()).hexdigest()[:16]
+            local.mkdir(parents=True, exist_ok=True)
+            if self.remote.exists():
+                (local / "metrics.jsonl").write_text(self.remote.read_text())
+            output_dir = local
         self.path = Path(output_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._truncate_after(resume_step)
@@ -75,6 +90,8 @@ class MetricsWriter:
 
     def flush(self) -> None:
         self._file.flush()
+        if self.remote is not None:
+            self.remote.write_text(self.path.read_text())
         if self._tb is not None:
             self._tb.flush()
 
