@@ -40,7 +40,7 @@ class HFTokenizer:
         return self._tok.token_to_id(token)
 
     def save(self, folder: Path) -> None:
-        self._tok.save(str(Path(folder) / self.filename))
+        (folder / self.filename).write_text(self._tok.to_str())
 
 
 class SentencePieceTokenizer:
@@ -70,7 +70,7 @@ class SentencePieceTokenizer:
         return self._sp.eos_id() if self._sp.eos_id() >= 0 else None
 
     def save(self, folder: Path) -> None:
-        (Path(folder) / self.filename).write_bytes(self.path.read_bytes())
+        (folder / self.filename).write_bytes(self.path.read_bytes())
 
 
 def load_tokenizer(folder: str | Path, add_bos: bool = False) -> Tokenizer | None:

@@ -55,6 +55,14 @@ def test_capacity_and_priority():
     np.testing.assert_allclose(np.asarray(combine).sum(axis=(2, 3))[0][:2], [1.0, first_gate], rtol=1e-6)
 
 
+def test_padding_takes_no_expert_slot():
+    logits = jnp.array([[[5.0, 0.0]] * 4])
+    mask = jnp.array([[False, False, True, True]])
+    dispatch, _, stats = route(logits, 1, 2, normalize=True, token_mask=mask)
+    np.testing.assert_array_equal(np.asarray(dispatch.sum(axis=(2, 3)))[0], [0, 0, 1, 1])
+    assert float(stats["dropped"]) == 0.0 and float(stats["expert_load"][0]) == 1.0
+
+
 def test_aux_losses_take_their_defining_values():
     e = 4
     logits = jnp.zeros((2, 8, e))  # uniform router: P_e = 1/E, so load balance = sum_e f_e = 1
@@ -75,8 +83,8 @@ def test_scanned_blocks_equal_unrolled_layers(moe_params):
     assert set(scanned["layers"]) == {"layer_0", "layer_1"} and "moe" in scanned["layers"]["layer_1"]
     from jaxaccel.model.transformer import forward as eager_forward
 
-    # deterministic=False: the training capacity factor (1.0), under which some tokens drop.
-    run = jax.jit(lambda p: eager_forward(p, MOE, x, return_aux=True, deterministic=False))
+    # moe_training: the training capacity factor (1.0), under which some tokens drop.
+    run = jax.jit(lambda p: eager_forward(p, MOE, x, return_aux=True, moe_training=True))
     la, _, aux_a = run(moe_params)
     lb, _, aux_b = run(scanned)
     np.testing.assert_allclose(la, lb, atol=1e-5)

@@ -22,6 +22,15 @@ FORMAT = "jaxaccel-model"
 VERSION = 1
 
 
+def as_path(folder):
+    """A local Path (absolute), or an etils epath for gs:// (Orbax and tensorstore take both)."""
+    if str(folder).startswith("gs://"):
+        from etils import epath
+
+        return epath.Path(str(folder))
+    return Path(folder).absolute()
+
+
 def is_jaxaccel_checkpoint(folder: Path) -> bool:
     return (Path(folder) / MARKER).is_file()
 
@@ -36,13 +45,13 @@ def save_model(folder: str | Path, config: ModelConfig, params: Any, *, tokenize
 
     from jax.experimental import multihost_utils
 
-    folder = Path(folder).absolute()
+    folder = as_path(folder)
     main = jax.process_index() == 0  # the array save is collective; plain files come from process 0
     if main:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / MARKER).unlink(missing_ok=True)
         if (folder / "params").exists():
-            shutil.rmtree(folder / "params")
+            (folder / "params").rmtree() if hasattr(folder, "rmtree") else shutil.rmtree(folder / "params")
     multihost_utils.sync_global_devices("jaxaccel_save_model_start")
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(folder / "params", params)
@@ -62,6 +71,9 @@ def _write_meta(folder, config, params, tokenizer, eos_token_ids, bos_token_id, 
     meta = {"format": FORMAT, "version": VERSION, "model": to_dict(config),
             "layout": "scanned" if is_scanned(params) else "unrolled",
             "eos_token_ids": list(eos_token_ids), "bos_token_id": bos_token_id, **(extra or {})}
+    if str(folder).startswith("gs://"):  # object writes are atomic; there is no rename
+        (folder / MARKER).write_text(json.dumps(meta, indent=2))
+        return
     tmp = folder / (MARKER + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2))
     tmp.replace(folder / MARKER)

@@ -158,12 +158,17 @@ def write_kv(cache: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
 class Attention(nn.Module):
     config: ModelConfig
     fused: bool = False  # decode layout: one "qkv" kernel instead of "q", "k", "v"
+    # Cached calls whose cache visibility is a plain prefix (no sliding window) may run the
+    # tree-attention op: None = `attend`; "auto" = the Pallas kernel on TPU/GPU, `attend` on
+    # CPU; "interpret" = the kernel in Pallas interpret mode (tests).
+    tree_attention: str | None = None
 
     @nn.compact
     def __call__(self, x, rope, visibility, cache_kv=None, write_slots=None):
         """x [b, t, d] -> ([b, t, d], updated (k, v) cache, or None when uncached).
 
-        visibility = (new_visible [b, t, t], cache_visible [b, t, S] or None)."""
+        visibility = (new_visible [b, t, t], cache_visible [b, t, S] or None, prefix_len [b] or None:
+        set when cache_visible is exactly the slots below prefix_len)."""
         cfg = self.config
         hd = cfg.resolved_head_dim
         dtype, pdtype = jnp_dtype(cfg.dtype), jnp_dtype(cfg.param_dtype)
@@ -192,12 +197,20 @@ class Attention(nn.Module):
             v = proj("v", cfg.n_kv_heads, KV_HEADS)
         q = apply_rope(q, rope) * jnp.asarray(hd ** -0.5, dtype)
         k = apply_rope(k, rope)
-        new_visible, cache_visible = visibility
+        new_visible, cache_visible, prefix_len = visibility
         if cache_kv is None:
             out = attend(q, k, v, new_visible)
             new_kv = None
         else:
-            out = attend(q, k, v, new_visible, cache_kv[0], cache_kv[1], cache_visible)
+            if self.tree_attention is not None and prefix_len is not None:
+                from jaxaccel.pallas_kernels.tree_attention import tree_attention
+
+                cache_len = cache_kv[0].shape[2]
+                block_k = next(bk for bk in (128, 64, 32, 16, 8, cache_len) if cache_len % bk == 0)
+                out = tree_attention(q, k, v, new_visible, cache_kv[0], cache_kv[1], prefix_len, block_k=block_k,
+                                     interpret=self.tree_attention == "interpret")
+            else:
+                out = attend(q, k, v, new_visible, cache_kv[0], cache_kv[1], cache_visible)
             # Order the write after the read: with the dependency explicit, XLA updates the
             # cache buffer in place instead of copying it on every step.
             out, cache_k, cache_v = jax.lax.optimization_barrier((out, cache_kv[0], cache_kv[1]))

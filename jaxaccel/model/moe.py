@@ -38,33 +38,36 @@ def expert_capacity(tokens: int, n_experts: int, top_k: int, capacity_factor: fl
     return max(1, min(tokens, math.ceil(capacity_factor * tokens * top_k / n_experts)))
 
 
-def route(logits: jax.Array, top_k: int, capacity: int, normalize: bool):
+def route(logits: jax.Array, top_k: int, capacity: int, normalize: bool, token_mask: jax.Array | None = None):
     """logits [g, s, e] float32 -> (dispatch [g, s, e, c] bool, combine [g, s, e, c] float32, stats).
 
     Priority: choice rank first, then token position — every token's first choice is served
-    before any token's second choice (GShard)."""
+    before any token's second choice (GShard). Tokens with token_mask False (padding) get no
+    assignment and are left out of every statistic."""
     g, s, e = logits.shape
+    valid = jnp.ones((g, s), bool) if token_mask is None else token_mask.astype(bool)
     probs = jax.nn.softmax(logits, axis=-1)
     gates, experts = jax.lax.top_k(probs, top_k)  # [g, s, k]
     if normalize and top_k > 1:
         gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
-    onehot = jax.nn.one_hot(experts, e, dtype=jnp.int32)  # [g, s, k, e]
+    onehot = jax.nn.one_hot(experts, e, dtype=jnp.int32) * valid[:, :, None, None]  # [g, s, k, e]
     # Position of each assignment in its expert's queue, rank-major order.
     rank_major = onehot.transpose(0, 2, 1, 3).reshape(g, top_k * s, e)
     position = (jnp.cumsum(rank_major, axis=1) - 1).reshape(g, top_k, s, e).transpose(0, 2, 1, 3)
     position = jnp.sum(position * onehot, axis=-1)  # [g, s, k]
-    kept = position < capacity
+    kept = (position < capacity) & valid[:, :, None]
     slot = jax.nn.one_hot(jnp.where(kept, position, capacity), capacity, dtype=jnp.float32)  # [g, s, k, c]
     dispatch_k = onehot.astype(jnp.float32)[..., None] * slot[:, :, :, None, :]  # [g, s, k, e, c]
     dispatch = jnp.sum(dispatch_k, axis=2)
     combine = jnp.sum(dispatch_k * gates[..., None, None], axis=2)
+    n_valid = jnp.maximum(jnp.sum(valid), 1)
     assignments = onehot.astype(jnp.float32).sum(axis=2)  # [g, s, e]
-    load = jnp.sum(assignments, axis=(0, 1)) / (g * s * top_k)
-    importance = jnp.mean(probs, axis=(0, 1))
+    load = jnp.sum(assignments, axis=(0, 1)) / (n_valid * top_k)
+    importance = jnp.sum(probs * valid[..., None], axis=(0, 1)) / n_valid
     stats = {
         "load_balance": e * jnp.sum(load * importance),
-        "router_z": jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2),
-        "dropped": (kept.size - jnp.sum(kept)) / kept.size,
+        "router_z": jnp.sum(jax.nn.logsumexp(logits, axis=-1) ** 2 * valid) / n_valid,
+        "dropped": 1.0 - jnp.sum(kept) / (n_valid * top_k),
         "expert_load": load,
     }
     return dispatch, combine, stats
@@ -73,18 +76,19 @@ def route(logits: jax.Array, top_k: int, capacity: int, normalize: bool):
 class MoE(nn.Module):
     config: ModelConfig
     dropless: bool = False  # decode: every assignment is served
+    training: bool = False  # training capacity factor (else the eval one), independent of dropout
 
     @nn.compact
-    def __call__(self, x, deterministic: bool = True):
+    def __call__(self, x, token_mask=None):
         cfg = self.config
         moe = cfg.moe
         dtype, pdtype = jnp_dtype(cfg.dtype), jnp_dtype(cfg.param_dtype)
         e, f, d = moe.n_experts, cfg.ffn_dim, cfg.d_model
         router = self.param("router", _init(cfg.init_std, (EMBED, None)), (d, e), pdtype)
         logits = jnp.einsum("gsd,de->gse", x.astype(jnp.float32), router.astype(jnp.float32))
-        factor = None if self.dropless else (moe.eval_capacity_factor if deterministic else moe.capacity_factor)
+        factor = None if self.dropless else (moe.capacity_factor if self.training else moe.eval_capacity_factor)
         capacity = expert_capacity(x.shape[1], e, moe.top_k, factor)
-        dispatch, combine, stats = route(logits, moe.top_k, capacity, moe.normalize_top_k)
+        dispatch, combine, stats = route(logits, moe.top_k, capacity, moe.normalize_top_k, token_mask)
         for name, value in stats.items():
             self.sow("intermediates", f"moe_{name}", value, reduce_fn=lambda a, b: a + b,
                      init_fn=lambda: 0.0 if name != "expert_load" else jnp.zeros((e,), jnp.float32))

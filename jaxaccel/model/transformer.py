@@ -58,7 +58,8 @@ def build_visibility(positions, *, new_mask=None, cache_len=None, prefix_len=Non
 
     new_visible [batch, T, T]: among the new tokens (`new_mask`, default causal);
     cache_visible [batch, T, cache_len]: committed cache slots [0, prefix_len) — or None
-    without a cache. With a sliding window a key is visible only if q_pos - k_pos < window
+    without a cache; and prefix_len itself when that is the whole rule (no sliding window),
+    for the tree-attention kernel. With a sliding window a key is visible only if q_pos - k_pos < window
     (a committed cache slot's position is its index).
     """
     b, t = positions.shape
@@ -67,12 +68,13 @@ def build_visibility(positions, *, new_mask=None, cache_len=None, prefix_len=Non
     if sliding_window is not None:
         new_visible = new_visible & (positions[:, :, None] - positions[:, None, :] < sliding_window)
     if cache_len is None:
-        return new_visible, None
+        return new_visible, None, None
     slots = jnp.arange(cache_len, dtype=jnp.int32)
     cache_visible = jnp.broadcast_to(slots[None, None, :] < prefix_len[:, None, None], (b, t, cache_len))
     if sliding_window is not None:
         cache_visible = cache_visible & (positions[:, :, None] - slots[None, None, :] < sliding_window)
-    return new_visible, cache_visible
+        return new_visible, cache_visible, None
+    return new_visible, cache_visible, prefix_len
 
 
 class DecoderLayer(nn.Module):
@@ -85,18 +87,22 @@ class DecoderLayer(nn.Module):
     fused: bool = False
     moe: bool = False
     dropless: bool = False  # MoE: serve every routing assignment (decoding)
+    moe_training: bool = False  # MoE: training capacity factor
+    tree_attention: str | None = None  # see layers.Attention
 
     @nn.compact
     def __call__(self, x, layer_inputs, rope, visibility, write_slots):
         cache_kv, active = layer_inputs
+        visibility, token_mask = visibility
         cfg = self.config
         dtype, pdtype = jnp_dtype(cfg.dtype), jnp_dtype(cfg.param_dtype)
         h = RMSNorm(cfg.norm_eps, dtype, pdtype, name="attn_norm")(x)
-        a, new_kv = Attention(cfg, self.fused, name="attn")(h, rope, visibility, cache_kv, write_slots)
+        a, new_kv = Attention(cfg, self.fused, self.tree_attention, name="attn")(h, rope, visibility, cache_kv,
+                                                                              write_slots)
         y = x + nn.Dropout(cfg.dropout.attention)(a, deterministic=self.deterministic)
         h = RMSNorm(cfg.norm_eps, dtype, pdtype, name="mlp_norm")(y)
         if self.moe:
-            m = MoE(cfg, self.dropless, name="moe")(h, self.deterministic)
+            m = MoE(cfg, self.dropless, self.moe_training, name="moe")(h, token_mask)
         else:
             m = MLP(cfg, self.fused, name="mlp")(h)
         y = y + nn.Dropout(cfg.dropout.mlp)(m, deterministic=self.deterministic)
@@ -115,6 +121,8 @@ class DecoderBlock(nn.Module):
     deterministic: bool = True
     fused: bool = False
     dropless: bool = False
+    moe_training: bool = False
+    tree_attention: str | None = None
 
     @nn.compact
     def __call__(self, x, block_inputs, rope, visibility, write_slots):
@@ -123,7 +131,7 @@ class DecoderBlock(nn.Module):
         for j in range(self.config.block_size):
             layer_cache = None if cache is None else LayerKV(cache.k[j], cache.v[j])
             x, kv = DecoderLayer(self.config, self.deterministic, self.fused, self.config.is_moe_layer(j),
-                                 self.dropless, name=f"layer_{j}")(
+                                 self.dropless, self.moe_training, self.tree_attention, name=f"layer_{j}")(
                 x, (layer_cache, None if active is None else active[j]), rope, visibility, write_slots)
             new.append(kv)
         if cache is None:
@@ -137,10 +145,12 @@ class Transformer(nn.Module):
     deterministic: bool = True
     fused: bool = False
     remat: bool = False  # recompute each layer in the backward pass (training memory)
+    moe_training: bool = False  # MoE layers use the training capacity factor
+    tree_attention: str | None = None  # cached attention through the tree-attention op (layers.Attention)
 
     @nn.compact
     def __call__(self, tokens, positions, cache=None, write_slots=None, prefix_len=None, new_mask=None,
-                 layer_active=None, compute_logits=True):
+                 layer_active=None, compute_logits=True, token_mask=None):
         cfg = self.config
         dtype, pdtype = jnp_dtype(cfg.dtype), jnp_dtype(cfg.param_dtype)
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=pdtype, name="embed",
@@ -153,16 +163,19 @@ class Transformer(nn.Module):
                                       sliding_window=cfg.sliding_window)
         rope = rope_tables(positions, rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling))
         dropless = cache is not None  # decoding: MoE output must not depend on the batch
+        visibility = (visibility, token_mask)
 
         if self.scanned:
             bs = cfg.block_size
             n_blocks = cfg.n_layers // bs
             active = None if layer_active is None else jnp.asarray(layer_active).T  # [layers, batch]
             if bs == 1:
-                body, args = DecoderLayer, (cfg, self.deterministic, self.fused, cfg.is_moe_layer(0), dropless)
+                body, args = DecoderLayer, (cfg, self.deterministic, self.fused, cfg.is_moe_layer(0), dropless,
+                                            self.moe_training, self.tree_attention)
                 xs = (cache, active)
             else:
-                body, args = DecoderBlock, (cfg, self.deterministic, self.fused, dropless)
+                body, args = DecoderBlock, (cfg, self.deterministic, self.fused, dropless, self.moe_training,
+                                            self.tree_attention)
                 split = lambda a: a.reshape((n_blocks, bs) + a.shape[1:])  # noqa: E731
                 xs = (None if cache is None else LayerKV(split(cache.k), split(cache.v)),
                       None if active is None else split(active))
@@ -187,14 +200,22 @@ class Transformer(nn.Module):
                 layer_cache = None if cache is None else cache[i]
                 active = None if layer_active is None else layer_active[:, i]
                 x, kv = layer_cls(cfg, self.deterministic, self.fused, cfg.is_moe_layer(i), dropless,
-                                  name=f"layer_{i}")(x, (layer_cache, active), rope, visibility, write_slots)
+                                  self.moe_training, self.tree_attention, name=f"layer_{i}")(
+                    x, (layer_cache, active), rope, visibility, write_slots)
                 new_layers.append(kv)
             new_cache = None if cache is None else tuple(new_layers)
 
         x = RMSNorm(cfg.norm_eps, dtype, pdtype, name="final_norm")(x)
         if not compute_logits:
             return x, new_cache
-        if cfg.tie_embeddings:
+        if cfg.tie_embeddings and cache is not None and x.shape[1] > 1:
+            # Decode-sized T > 1 (tree verification): table [vocab, d] @ x.T with the [vocab, b*T]
+            # result kept in that layout (the barrier stops XLA from folding the transpose back
+            # into the dot). On XLA's CPU backend this ran ~2x faster than x @ table.T for 3-16 rows.
+            b, t = x.shape[:2]
+            flat = jnp.einsum("vd,md->vm", jnp.asarray(embed.embedding, dtype), x.reshape(b * t, -1).astype(dtype))
+            logits = jax.lax.optimization_barrier(flat).T.reshape(b, t, -1)
+        elif cfg.tie_embeddings:
             logits = embed.attend(x)
         else:
             logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=pdtype, name="lm_head",
@@ -218,10 +239,15 @@ def is_fused(params: Params) -> bool:
 
 def forward(params: Params, config: ModelConfig, tokens, positions=None, *, cache=None, write_slots=None,
             prefix_len=None, new_mask=None, layer_active=None, deterministic=True, dropout_rng=None,
-            compute_logits=True, return_aux=False, remat=False):
+            compute_logits=True, return_aux=False, remat=False, moe_training=False, token_mask=None,
+            tree_attention=None):
     """Run the decoder. Returns (logits [batch, T, vocab] float32 — or the final hidden
     states [batch, T, d_model] when compute_logits=False — and the updated cache or None);
-    with return_aux=True a third element: the MoE statistics summed over layers (`moe_aux`)."""
+    with return_aux=True a third element: the MoE statistics summed over layers (`moe_aux`).
+    moe_training selects the MoE training capacity factor (independently of dropout);
+    token_mask [batch, T] (False on padding) keeps padding out of MoE routing.
+    tree_attention: None, "auto" or "interpret" — cached attention through the Pallas
+    tree-attention op (`jaxaccel.pallas_kernels.tree_attention`; "auto" = kernel on TPU/GPU)."""
     tokens = jnp.asarray(tokens, jnp.int32)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
@@ -231,9 +257,9 @@ def forward(params: Params, config: ModelConfig, tokens, positions=None, *, cach
     if layer_active is not None:
         layer_active = jnp.broadcast_to(jnp.asarray(layer_active, bool), (tokens.shape[0], config.n_layers))
     model = Transformer(config, scanned=is_scanned(params), deterministic=deterministic, fused=is_fused(params),
-                        remat=remat)
+                        remat=remat, moe_training=moe_training, tree_attention=tree_attention)
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
-    args = (tokens, positions, cache, write_slots, prefix_len, new_mask, layer_active, compute_logits)
+    args = (tokens, positions, cache, write_slots, prefix_len, new_mask, layer_active, compute_logits, token_mask)
     if not return_aux:
         return model.apply({"params": params}, *args, rngs=rngs)
     (out, new_cache), state = model.apply({"params": params}, *args, rngs=rngs, mutable=["intermediates"])

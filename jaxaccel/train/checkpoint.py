@@ -32,13 +32,17 @@ def _path_str(path) -> str:
 
 
 class Checkpoints:
-    def __init__(self, directory: str | Path, cfg: CheckpointConfig):
+    def __init__(self, directory: str | Path, cfg: CheckpointConfig, read_only: bool = False):
+        """read_only: for readers of a run that may still be training — nothing is created,
+        cleaned up or set aside."""
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
+        self.read_only = read_only
         self.directory = directory if str(directory).startswith("gs://") else Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save,
-                                               create=True, cleanup_tmp_directories=True)
+                                               create=not read_only, cleanup_tmp_directories=not read_only,
+                                               read_only=read_only)
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
@@ -59,6 +63,10 @@ class Checkpoints:
         got = dict(jax.tree_util.tree_flatten_with_path(stored)[0])
         by_name_expected = {_path_str(p): v for p, v in expected.items()}
         by_name_got = {_path_str(p): v for p, v in got.items()}
+        extra = sorted(set(by_name_got) - set(by_name_expected))
+        if extra:
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} was written by a different model: it has "
+                                  f"{extra[0]}, which this config does not")
         for name, want in by_name_expected.items():
             have = by_name_got.get(name)
             if have is None:
@@ -100,25 +108,37 @@ class Checkpoints:
         return None
 
     def _set_aside(self, step: int) -> str | None:
-        """Move an unreadable step out of the manager's folder (the run will write it anew)."""
-        if isinstance(self.directory, str) or jax.process_index() != 0:
-            return None
-        src = self.directory / str(step)
-        dst = self.directory.parent / "unreadable-checkpoints" / str(step)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if dst.exists():
-            import shutil
+        """Move an unreadable step out of the manager's folder (the run will write it anew).
+        Process 0 moves it (on gs://, where there is no rename, it is deleted); every process
+        then waits for that and re-reads the step list."""
+        from jax.experimental import multihost_utils
 
-            shutil.rmtree(dst)
-        src.rename(dst)
+        if self.read_only:
+            return None
+        moved = None
+        if jax.process_index() == 0:
+            if isinstance(self.directory, str):
+                from etils import epath
+
+                epath.Path(self.directory, str(step)).rmtree()
+            else:
+                import shutil
+                import time as _time
+
+                dst = self.directory.parent / "unreadable-checkpoints" / f"{step}-{int(_time.time())}"
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(self.directory / str(step)), str(dst))
+                moved = str(dst)
+        multihost_utils.sync_global_devices(f"jaxaccel_set_aside_{step}")
         self.manager.reload()
-        return str(dst)
+        return moved
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        if not self.read_only:
+            self.manager.wait_until_finished()
         self.manager.close()
 
 

@@ -26,7 +26,7 @@ def load_run_params(folder: Path, dtype: str | None = None) -> tuple[Any, Any, d
     cfg = build(RunConfig, folder / "config.yaml")
     optimizer = make_optimizer(cfg.optim, cfg.train.steps or 1)
     abstract, _ = state_shardings(cfg.model, optimizer, make_mesh(None, jax.devices()[:1]), cfg.train.seed)
-    ckpts = Checkpoints(folder / "checkpoints", cfg.checkpoint)
+    ckpts = Checkpoints(folder / "checkpoints", cfg.checkpoint, read_only=True)  # the run may still be going
     try:
         restored = ckpts.restore_latest(abstract)
     finally:

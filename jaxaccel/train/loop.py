@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -44,6 +43,12 @@ def build_mesh(cfg: RunConfig):
     if math.prod(sizes.values()) != jax.device_count() and jax.process_count() > 1:
         raise ConfigError(f"a multi-host run must use all {jax.device_count()} devices; the mesh uses "
                           f"{math.prod(sizes.values())}")
+    batch_shards = sizes["data"] * sizes["fsdp"]
+    if jax.process_count() > 1 and batch_shards % jax.process_count():
+        # Each host feeds whole rows of the global batch; a batch shard spread over two hosts
+        # would need both to feed identical rows.
+        raise ConfigError(f"mesh data*fsdp = {batch_shards} must be a multiple of the {jax.process_count()} hosts "
+                          f"(move devices from tensor/expert to data or fsdp)")
     return shd.make_mesh(sizes)
 
 
@@ -82,11 +87,14 @@ def train(cfg: RunConfig, data: Any = None, *, log=None) -> dict[str, Any]:
         log(f"resuming from checkpoint step {start} in {ckpt_dir}")
     else:
         state, start = create_state(cfg.model, optimizer, shardings, cfg.train.seed), 0
-    if out is not None and _is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if _is_main():
+        from jaxaccel.model.checkpoint import as_path
+
+        run_dir = as_path(cfg.output_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         if data.vocab_path is not None:
-            shutil.copyfile(data.vocab_path, out / "tokenizer.model")
+            (run_dir / "tokenizer.model").write_bytes(Path(data.vocab_path).read_bytes())
 
     bsh = batch_sharding(mesh)
     step_fn = {}
@@ -199,8 +207,9 @@ def train(cfg: RunConfig, data: Any = None, *, log=None) -> dict[str, Any]:
         if start < total_steps or not last_eval:
             last_eval = evaluate(total_steps)
         ckpts.wait()
-        if out is not None:
-            export_model(cfg, state.params, out / "model", data, total_steps, last_eval)
+        from jaxaccel.model.checkpoint import as_path
+
+        export_model(cfg, state.params, as_path(cfg.output_dir) / "model", data, total_steps, last_eval)
     finally:
         if bar is not None:
             bar.close()

@@ -35,8 +35,16 @@ def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """AdamW; no weight decay on norm scales and biases (1-D parameters)."""
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
+    """AdamW; no weight decay on norm scales and biases (chosen by name: in the scanned layout
+    a norm scale is [layers, d], so its rank says nothing)."""
+
+    def decay_mask(params):
+        def decays(path, _):
+            name = str(getattr(path[-1], "key", path[-1]))
+            return name not in ("scale", "bias")
+
+        return jax.tree_util.tree_map_with_path(decays, params)
+
     chain = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
     chain.append(optax.adamw(lr_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                              weight_decay=cfg.weight_decay, mask=decay_mask))
@@ -44,7 +52,7 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
 
 
 def loss_and_metrics(params, model_cfg: ModelConfig, batch: dict, rng, *, dropout: bool, remat: bool,
-                     normalizer=None, aux_scale: float = 1.0):
+                     normalizer=None, aux_scale: float = 1.0, training: bool = True):
     """Objective = sum of masked token cross entropy / `normalizer` (default: this batch's
     target count) + aux_scale * MoE auxiliary losses. With normalizer = the global batch's
     target count and aux_scale = 1 / micro-batches, summing micro-batch objectives gives the
@@ -52,7 +60,7 @@ def loss_and_metrics(params, model_cfg: ModelConfig, batch: dict, rng, *, dropou
     mask = attention_mask(batch)  # the data package's rule, built on device
     logits, _, aux = forward(params, model_cfg, batch["inputs"], batch["positions"], new_mask=mask,
                              deterministic=not dropout, dropout_rng=rng if dropout else None, return_aux=True,
-                             remat=remat)
+                             remat=remat, moe_training=training, token_mask=batch["segment_ids"] > 0)
     weights = batch["loss_mask"].astype(jnp.float32)
     token_ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     ce_sum = jnp.sum(token_ce * weights)
@@ -68,8 +76,9 @@ def loss_and_metrics(params, model_cfg: ModelConfig, batch: dict, rng, *, dropou
 
 
 def split_micro(batch: dict, n: int) -> dict:
-    """[batch, ...] -> [n, batch // n, ...] (rows i*m..(i+1)*m-1 form micro-batch i)."""
-    return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
+    """[batch, ...] -> [n, batch // n, ...]: micro-batch i takes rows i, i+n, i+2n, ... so each
+    micro-batch is spread over every batch-sharded device (contiguous rows would idle most)."""
+    return jax.tree.map(lambda x: x.reshape((x.shape[0] // n, n) + x.shape[1:]).swapaxes(0, 1), batch)
 
 
 def train_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, optimizer: optax.GradientTransformation,
@@ -116,5 +125,5 @@ def train_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, optimi
 
 
 def eval_step(params, batch: dict, *, model_cfg: ModelConfig):
-    _, metrics = loss_and_metrics(params, model_cfg, batch, None, dropout=False, remat=False)
+    _, metrics = loss_and_metrics(params, model_cfg, batch, None, dropout=False, remat=False, training=False)
     return {"ce_sum": metrics["ce_sum"], "tokens": metrics["tokens"], "correct": metrics["correct"]}
