@@ -44,7 +44,7 @@ def test_decode_with_no_arguments(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "jaxaccel.decode", "--max-new-tokens", "24"], capture_output=True,
                           text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("def fibonacci(n):") and "tok/s" in proc.stderr
+    assert proc.stdout.startswith("class Stack:") and "tok/s" in proc.stderr
 
 
 @pytest.mark.slow
@@ -56,11 +56,11 @@ def test_default_model_is_trained(default_lm):
 
     root = DEFAULT_MODEL_DIR.parent.parent.parent
     cfg = build(RunConfig, root / "configs" / "default.yaml")
-    data = build_data(cfg.data, seq_len=256, batch_size=8)
+    data = build_data(cfg.data, seq_len=256, batch_size=32)  # the trainer's whole validation set
     meta = json.loads((DEFAULT_MODEL_DIR / "jaxaccel.json").read_text())
     total, n = 0.0, 0.0
     for i, batch in enumerate(data.eval_batches()):
-        if i == 4:
+        if i == 8:
             break
         logits = default_lm.logits(batch["inputs"])
         logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
@@ -70,4 +70,5 @@ def test_default_model_is_trained(default_lm):
         n += float(batch["loss_mask"].sum())
     loss = total / n
     assert loss < 0.5 * math.log(4096)
-    assert abs(loss - meta["info"]["validation_loss"]) < 0.25  # the figure docs/MODELS.md reports
+    assert n > 60_000
+    assert abs(loss - meta["info"]["validation_loss"]) < 0.02  # the figure docs/MODELS.md reports (bf16 vs f32)

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from jaxaccel.cli import ArgumentParser, fail, run_cli
 
-SAMPLE_PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
+SAMPLE_PROMPT = 'class Stack:\n    """A last-in, first-out stack."""\n\n    def __init__(self):\n'
 
 
 def build_parser() -> ArgumentParser:
