@@ -2,6 +2,7 @@
 
     python -m jaxaccel.bench decode [--models 7m,40m] [--batches 1,8] [--runs 5] [--no-hf]
     python -m jaxaccel.bench train [--configs configs/tiny.yaml,configs/default.yaml] [--compare-devices 8]
+    python -m jaxaccel.bench spec [--model builtin:default] [--batches 1,4] [--temperatures 0,0.7] [--no-hf]
 """
 from __future__ import annotations
 
@@ -47,7 +48,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     tr.add_argument("--devices-only", action="store_true", help=argparse_suppress())
     tr.add_argument("--cpu-devices", type=int, default=None, help=argparse_suppress())
     tr.add_argument("--peak", type=float, default=None, help=argparse_suppress())
+    sp = sub.add_parser("spec", help="speculative decoding: autoregressive vs prompt lookup vs Token Recycling")
+    sp.add_argument("--model", default="builtin:default")
+    sp.add_argument("--batches", default="1,4")
+    sp.add_argument("--temperatures", default="0,0.7")
+    sp.add_argument("--new-tokens", type=int, default=128)
+    sp.add_argument("--runs", type=int, default=3)
+    sp.add_argument("--files", type=int, default=8, help="held-out corpus files used as prompts")
+    sp.add_argument("--prompt-tokens", type=int, default=256)
+    sp.add_argument("--sweep", default=None, help='templates to sweep, e.g. "4-4-2,paper" (default: a built-in list)')
+    sp.add_argument("--no-hf", action="store_true", help="skip transformers' prompt-lookup baseline")
+    sp.add_argument("--json", default=None)
     args = p.parse_args(argv)
+
+    if args.which == "spec":
+        from jaxaccel.bench import spec
+        from jaxaccel.bench.common import write_json
+
+        batches = _csv(args.batches, int)
+        temperatures = _csv(args.temperatures, float)
+        if not batches or min(batches) < 1 or args.runs < 1 or args.new_tokens < 1 or args.files < 1:
+            fail("batches, runs, new tokens and files must be >= 1")
+        if any(t < 0 for t in temperatures):
+            fail("temperatures must be >= 0")
+        sweep = spec.SWEEP
+        if args.sweep:
+            sweep = tuple(t if t == "paper" else tuple(_csv(t.replace("-", ","), int)) for t in _csv(args.sweep))
+        if not args.no_hf:
+            try:
+                import torch  # noqa: F401
+                import transformers  # noqa: F401
+            except ImportError:
+                fail("the transformers baseline needs the peers extra: pip install 'jaxaccel[peers]' (or --no-hf)")
+        result = spec.run(args.model, batches, temperatures, args.new_tokens, args.runs, args.files, args.prompt_tokens,
+                          sweep, hf=not args.no_hf, progress=lambda s: print(s, file=sys.stderr))
+        print(spec.markdown(result))
+        if args.json:
+            write_json(args.json, result)
+        return 0
 
     if args.which == "train":
         if args.cpu_devices:

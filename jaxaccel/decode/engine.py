@@ -112,7 +112,19 @@ class DecodeMethod:
     def cache_headroom(self) -> int:
         return 0
 
-    def init_state(self, ctx: StepContext, batch: int, method_input: Any) -> Any:
+    def check(self, config: ModelConfig) -> None:
+        """Raise InvalidArgumentError when the options do not fit this model."""
+
+    def check_headroom(self, headroom: int, context: str) -> None:
+        """Raise InvalidArgumentError when `cache_headroom()` exceeds the `headroom` slots left."""
+
+    @property
+    def carries_memory(self) -> bool:
+        """True: `final_state` is kept by the LanguageModel and fed back as `method_input`."""
+        return False
+
+    def init_state(self, ctx: StepContext, batch: int, method_input: Any, prompt_tokens: jax.Array | None = None,
+                   prompt_lens: jax.Array | None = None) -> Any:
         return None
 
     def final_state(self, method_state: Any) -> Any:
@@ -174,7 +186,7 @@ def generate_loop(params, prompt_tokens, prompt_lens, live, max_new, sampling: S
         cache=cache, cache_len=(prompt_lens - 1).astype(jnp.int32), last_token=last.astype(jnp.int32),
         out_tokens=jnp.zeros((batch, out_len), jnp.int32), num_new=jnp.zeros((batch,), jnp.int32),
         done=~live, rng=rng, step=jnp.int32(0), forwards=jnp.zeros((batch,), jnp.int32),
-        method_state=method.init_state(ctx, batch, method_input),
+        method_state=method.init_state(ctx, batch, method_input, prompt_tokens, prompt_lens),
     )
 
     def cond(s: DecodeState):

@@ -92,6 +92,7 @@ class LanguageModel:
         self.info = dict(info or {})  # provenance carried through save(): training steps, validation loss...
         self.prefill_chunk = PREFILL_CHUNK  # prompt tokens per prefill forward
         self._compiled: dict[tuple, Any] = {}
+        self._method_memory: dict[str, Any] = {}  # hot-start state of methods that carry one
 
     # ------------------------------------------------------------------ inputs
 
@@ -137,12 +138,19 @@ class LanguageModel:
             raise InvalidArgumentError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
         mode, sampling = make_sampling(temperature, top_k, top_p)
         decoder = get_method(method, **method_options)
+        decoder.check(self.config)
         ids = [self.encode(p, i) for i, p in enumerate(prompts)]
         for i, p in enumerate(ids):
             if len(p) + max_new_tokens > self.config.max_seq_len:
                 raise InvalidPromptError(
                     f"prompt {i} ({len(p)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's maximum "
                     f"length {self.config.max_seq_len}")
+        longest = max(len(p) for p in ids)
+        decoder.check_headroom(self.config.max_seq_len - longest - max_new_tokens,
+                               f"after the longest prompt ({longest} tokens) and max_new_tokens ({max_new_tokens}) "
+                               f"within the model's maximum length {self.config.max_seq_len}")
+        if method_input is None and decoder.carries_memory:
+            method_input = self._method_memory.get(decoder.name)  # hot start from the previous call
 
         data_ways = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         batch = len(ids)
@@ -166,7 +174,8 @@ class LanguageModel:
                 sampling, rng, method_input)
 
         show_progress = progress and max_new_tokens >= 64
-        key = (decoder.key(), mode, batch_bucket, prompt_bucket, out_len, cache_len, chunk, show_progress)
+        input_sig = jax.tree.map(lambda a: (np.shape(a), str(np.asarray(a).dtype)), method_input)
+        key = (decoder.key(), mode, batch_bucket, prompt_bucket, out_len, cache_len, chunk, show_progress, input_sig)
         compile_s = 0.0
         compiled = self._compiled.get(key)
         bar = None
@@ -192,6 +201,8 @@ class LanguageModel:
             bar.close()
             self._progress_bar = None
 
+        if decoder.carries_memory and out.method_output is not None:
+            self._method_memory[decoder.name] = out.method_output[0]  # row 0's state seeds the next call
         out_tokens = np.asarray(out.tokens)
         num_new = np.asarray(out.num_new)
         forwards = np.asarray(out.forwards)

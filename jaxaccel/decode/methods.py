@@ -4,11 +4,16 @@ from __future__ import annotations
 from typing import Any
 
 from jaxaccel.decode.autoregressive import Autoregressive
+from jaxaccel.decode.chains import Chain, PromptLookup
 from jaxaccel.decode.engine import DecodeMethod
+from jaxaccel.decode.recycling import Recycling
 from jaxaccel.errors import InvalidArgumentError
 
 METHODS: dict[str, type[DecodeMethod]] = {
     Autoregressive.name: Autoregressive,
+    Recycling.name: Recycling,
+    PromptLookup.name: PromptLookup,
+    Chain.name: Chain,
 }
 
 

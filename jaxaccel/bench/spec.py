@@ -1,0 +1,246 @@
+"""Speculative decoding: autoregressive vs prompt lookup vs Token Recycling on one model.
+
+For each batch size and temperature, every method decodes the same prompts with the same
+compiled-once functions; reported per method: tokens/s (median over runs of the whole prompt
+set), mean accepted tokens per target forward (MAT, bonus token counted, as Spec-Bench), and
+speedup over autoregressive measured in the same run. Also: the cost of one verification
+forward against tree size (the CPU's compute roof makes big trees expensive), a sweep over
+Token Recycling templates, and Hugging Face transformers' prompt-lookup `generate` on the
+same weights (batch 1, greedy; peers extra).
+
+Prompts: the first `prompt_tokens` tokens of held-out (validation-split) files of the default
+corpus, plus a few long natural-language prompts. EOS is disabled so every row decodes
+exactly `new_tokens` tokens.
+"""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxaccel.bench.common import machine
+
+NATURAL_PROMPTS = [
+    "The history of computing is a story of abstraction. Early machines were programmed by rewiring "
+    "plugboards; later, stored programs let the same hardware run any sequence of instructions. Assembly "
+    "languages gave names to those instructions, and high-level languages hid the machine almost entirely. "
+    "Each layer made programmers more productive, but each also added a cost that someone had to pay. In this "
+    "essay we look at where that cost went, and why",
+    "Dear members of the committee,\n\nThank you for the opportunity to present our annual report. This year the "
+    "library extended its opening hours, digitised the remaining parish records and began a reading programme "
+    "for children in the eastern districts. Attendance grew by eleven percent, and the volunteer group doubled "
+    "in size. The sections below describe the budget, the building works and the plans for next year. First,",
+    "Instructions for assembling the bookshelf. Before you begin, check that the box contains two side panels, "
+    "four shelves, one back panel, sixteen wooden dowels, sixteen cam locks and a hex key. Lay the side panels "
+    "flat on a soft surface with the pre-drilled holes facing up. Insert the wooden dowels into the holes along "
+    "the edges. Then take the first shelf and",
+]
+
+SWEEP = ((1, 1, 1, 1), (2, 2, 1), (3, 3, 2, 1), (4, 4, 3, 2, 1), (6, 8, 6, 4, 2, 1), (8, 12, 12, 8, 4, 2), "paper")
+
+
+def heldout_prompts(lm, n_files: int, prompt_tokens: int) -> list[list[int]]:
+    """The first `prompt_tokens` tokens of the first `n_files` validation-split documents of
+    the default corpus that are at least twice that long."""
+    from jaxaccel.data.config import DataConfig
+    from jaxaccel.data.corpus import open_corpus
+
+    cfg = DataConfig()
+    prompts = []
+    for doc in open_corpus(cfg.corpus).documents("validation", cfg.validation_buckets):
+        ids = lm.tokenizer.encode(doc.text)
+        if len(ids) >= 2 * prompt_tokens:
+            prompts.append(ids[:prompt_tokens])
+        if len(prompts) == n_files:
+            break
+    return prompts
+
+
+def run_method(lm, prompts: list[list[int]], batch: int, new_tokens: int, runs: int, method: str,
+               temperature: float, **opts) -> dict[str, Any]:
+    """Decode all prompts in groups of `batch` (compiled once per group shape); the median of
+    `runs` passes over the prompt set."""
+    groups = [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
+    groups = [g for g in groups if len(g) == batch]
+    for g in groups[:1]:
+        lm.generate(g, max_new_tokens=new_tokens, method=method, temperature=temperature, **opts)  # compile
+    times, tokens, forwards = [], 0, 0
+    compile_s = 0.0
+    for r in range(runs):
+        elapsed, tokens, forwards = 0.0, 0, 0
+        for i, g in enumerate(groups):
+            out = lm.generate(g, max_new_tokens=new_tokens, method=method, temperature=temperature, seed=100 * r + i,
+                              **opts)
+            compile_s += out.stats["compile_s"]
+            elapsed += out.stats["decode_s"]
+            tokens += out.stats["new_tokens"]
+            forwards += round(out.stats["new_tokens"] / out.stats["mean_accepted"])
+        times.append(elapsed)
+    t = statistics.median(times)
+    return {"tokens_per_s": tokens / t, "runs_tokens_per_s": [tokens / x for x in times], "mat": tokens / forwards,
+            "new_tokens": tokens, "recompiled_s": compile_s}
+
+
+def verification_cost(lm, sizes: Sequence[int], prefix: int = 512, reps: int = 16, runs: int = 5) -> list[dict]:
+    """Seconds per verification forward (batch 1, a chain-shaped tree of N nodes over a
+    `prefix`-token cache), timed inside one jitted loop of `reps` forwards."""
+    from jaxaccel.decode.lm import decode_compiler_options
+    from jaxaccel.model.transformer import forward, init_cache
+
+    cfg = lm.config
+    rows = []
+    base = None
+    for n in sizes:
+        cache = init_cache(cfg, 1, prefix + n + 16)
+
+        def loop(params, cache):
+            mask = jnp.tril(jnp.ones((1, n, n), bool))
+            tokens = jnp.zeros((1, n), jnp.int32)
+
+            def body(i, c):
+                plen = jnp.full((1,), prefix, jnp.int32)
+                pos = plen[:, None] + jnp.arange(n)[None]
+                logits, c = forward(params, cfg, tokens, pos, cache=c, write_slots=pos, prefix_len=plen,
+                                    new_mask=mask, tree_attention="auto")
+                return jax.tree.map(lambda a: a + 0 * logits[0, 0, 0].astype(a.dtype), c)
+
+            return jax.lax.fori_loop(0, reps, body, cache)
+
+        fn = jax.jit(loop).lower(lm.params, cache).compile(compiler_options=decode_compiler_options())
+        jax.block_until_ready(fn(lm.params, cache))
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(lm.params, cache))
+            times.append((time.perf_counter() - t0) / reps)
+        t = statistics.median(times)
+        base = base or t
+        rows.append({"nodes": n, "ms": 1e3 * t, "relative": t / base})
+    return rows
+
+
+def bench_hf_prompt_lookup(lm, prompts: list[list[int]], new_tokens: int, runs: int) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory(prefix="jaxaccel-bench-spec-") as folder:
+        lm.export_hf(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    kwargs = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
+                  eos_token_id=None, prompt_lookup_num_tokens=10, max_matching_ngram_size=3)
+    results = {}
+    for label, extra in (("hf_prompt_lookup", kwargs), ("hf_greedy", {k: v for k, v in kwargs.items()
+                                                                      if not k.startswith(("prompt", "max_match"))})):
+        times = []
+        with torch.no_grad():
+            model.generate(torch.tensor([prompts[0]]), **extra)
+            for _ in range(runs):
+                elapsed = 0.0
+                for p in prompts:
+                    ids = torch.tensor([p])
+                    t0 = time.perf_counter()
+                    out = model.generate(ids, attention_mask=torch.ones_like(ids), **extra)
+                    elapsed += time.perf_counter() - t0
+                    assert out.shape[1] == len(p) + new_tokens
+                times.append(elapsed)
+        total = len(prompts) * new_tokens
+        results[label] = {"tokens_per_s": total / statistics.median(times), "runs_tokens_per_s": [total / t for t in times]}
+    return results
+
+
+def run(model: str = "builtin:default", batches: Sequence[int] = (1, 4), temperatures: Sequence[float] = (0.0, 0.7),
+        new_tokens: int = 128, runs: int = 3, n_files: int = 8, prompt_tokens: int = 256, sweep: Sequence = SWEEP,
+        hf: bool = True, progress: Callable[[str], None] = print) -> dict[str, Any]:
+    import jaxaccel
+    from jaxaccel.decode.recycling import build_template, pick_template, template_widths
+
+    lm = jaxaccel.load(model, dtype="float32")
+    lm.eos_token_ids = ()  # every row decodes exactly new_tokens
+    code = heldout_prompts(lm, n_files, prompt_tokens)
+    natural = [lm.encode(p) for p in NATURAL_PROMPTS]
+    prompts = code + natural
+    auto = pick_template(jax.default_backend())
+    result: dict[str, Any] = {
+        "benchmark": "spec", "machine": machine(), "model": model, "params_m": round(lm.num_params() / 1e6, 2),
+        "new_tokens": new_tokens, "runs": runs, "prompts": {"heldout_files": len(code), "natural": len(natural),
+                                                            "prompt_tokens": [len(p) for p in prompts]},
+        "auto_template": list(auto)}
+
+    sizes = sorted({1, 2, 4, 8, 11, 16, 24, 32, 48, 64, 81} | {len(build_template(template_widths(t, 8), 8)[0])
+                                                                 for t in sweep})
+    result["cost"] = verification_cost(lm, sizes)
+    for row in result["cost"]:
+        progress(f"verification forward, {row['nodes']:3d} nodes: {row['ms']:.2f} ms ({row['relative']:.2f}x one token)")
+
+    rows = []
+    for batch in batches:
+        for temperature in temperatures:
+            base = run_method(lm, prompts, batch, new_tokens, runs, "autoregressive", temperature)
+            entries = [("autoregressive", {}, base), ("pld", {}, None), ("recycling", {"template": "auto"}, None),
+                       ("recycling", {"template": "paper"}, None)]
+            for method, opts, res in entries:
+                res = res or run_method(lm, prompts, batch, new_tokens, runs, method, temperature, **opts)
+                row = {"batch": batch, "temperature": temperature, "method": method,
+                       "template": opts.get("template"), **res, "speedup": res["tokens_per_s"] / base["tokens_per_s"]}
+                rows.append(row)
+                progress(format_row(row))
+    result["rows"] = rows
+
+    sweep_rows = []
+    base = run_method(lm, prompts, 1, new_tokens, runs, "autoregressive", 0.0)
+    for t in sweep:
+        widths = template_widths(t, 8)
+        res = run_method(lm, prompts, 1, new_tokens, runs, "recycling", 0.0, template=list(widths) if t != "paper" else t)
+        row = {"template": list(widths), "nodes": 1 + sum(widths), **res, "speedup": res["tokens_per_s"] / base["tokens_per_s"],
+               "autoregressive_tokens_per_s": base["tokens_per_s"]}
+        sweep_rows.append(row)
+        progress(f"sweep {row['template']} ({row['nodes']} nodes): MAT {row['mat']:.2f}, {row['tokens_per_s']:.0f} tok/s, "
+                 f"{row['speedup']:.2f}x autoregressive")
+    result["sweep"] = sweep_rows
+    result["fastest_template"] = max(sweep_rows, key=lambda r: r["tokens_per_s"])["template"]
+
+    if hf:
+        ours = {r["method"] + ("" if r["template"] in (None, "auto") else "-paper"): r for r in rows
+                if r["batch"] == 1 and r["temperature"] == 0.0}
+        result["hf"] = bench_hf_prompt_lookup(lm, prompts, new_tokens, runs)
+        for label, res in result["hf"].items():
+            progress(f"transformers {label}: {res['tokens_per_s']:.0f} tok/s (ours: recycling "
+                     f"{ours['recycling']['tokens_per_s']:.0f}, pld {ours['pld']['tokens_per_s']:.0f})")
+    return result
+
+
+def format_row(row: dict[str, Any]) -> str:
+    label = row["method"] + (f" ({row['template']})" if row.get("template") else "")
+    return (f"batch {row['batch']}, T={row['temperature']}: {label}: MAT {row['mat']:.2f}, "
+            f"{row['tokens_per_s']:.0f} tok/s, {row['speedup']:.2f}x autoregressive")
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    out = [f"Model `{result['model']}` ({result['params_m']}M params, float32), {m['cpu']} ({m['cores']} cores), "
+           f"{m['backend']}, jax {m['jax']}, {m['date']}; {result['prompts']['heldout_files']} held-out corpus files + "
+           f"{result['prompts']['natural']} natural-language prompts, {result['new_tokens']} new tokens each, median "
+           f"of {result['runs']} runs. Template `auto` = {result['auto_template']}.", "",
+           "| batch | temperature | method | MAT | tok/s | vs autoregressive |", "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        label = r["method"] + (f" `{r['template']}`" if r.get("template") else "")
+        out.append(f"| {r['batch']} | {r['temperature']} | {label} | {r['mat']:.2f} | {r['tokens_per_s']:.0f} | "
+                   f"{r['speedup']:.2f}x |")
+    if "hf" in result:
+        out += ["", "| transformers (batch 1, greedy, same weights) | tok/s |", "|---|---|"]
+        for label, r in result["hf"].items():
+            out.append(f"| {label} | {r['tokens_per_s']:.0f} |")
+    out += ["", "Template sweep (batch 1, greedy):", "", "| template | nodes | MAT | tok/s | vs autoregressive |",
+            "|---|---|---|---|---|"]
+    for r in result["sweep"]:
+        out.append(f"| {r['template']} | {r['nodes']} | {r['mat']:.2f} | {r['tokens_per_s']:.0f} | {r['speedup']:.2f}x |")
+    out += ["", "Verification forward cost (batch 1, 512-token prefix):", "", "| nodes | ms | vs 1 token |",
+            "|---|---|---|"]
+    for r in result["cost"]:
+        out.append(f"| {r['nodes']} | {r['ms']:.2f} | {r['relative']:.2f}x |")
+    return "\n".join(out)

@@ -1,0 +1,161 @@
+"""Token Recycling (Luo et al., 2024): draft trees from recycled candidate tokens.
+
+An adjacency matrix M [vocab, k] holds, for every token, the top-k tokens the target model
+most recently predicted after it. After every verification, each tree node's top-k (from the
+verification logits, accepted node or not) overwrites its token's row. The next draft tree is
+read off M with a static breadth-first template: a template node is (parent, rank), and its
+token is M[token of parent, rank] — gathered level by level on device, so drafting costs a
+few gathers and no model call. M lives in the decode state (one per row, so rows of a batch
+learn independently) and can be carried from one `generate` call to the next (`hot_start`).
+
+Templates: `"paper"` has the paper's shape — 80 nodes + root over 6 levels of widths
+8, 21, 25, 15, 8, 3; explicit per-level widths (e.g. `[4, 4, 2]`) build a template of that
+shape; `"auto"` picks a template for the device the model runs on (see `pick_template`).
+A template of widths w is built best-first: each level takes the w (parent, rank) pairs of
+highest prior path probability, with a candidate of rank r accepted with prior
+probability ~ 0.6 / (r + 1)^1.5 — deep along top-ranked candidates, bushy near the root.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxaccel.decode.engine import DecodeState, StepContext
+from jaxaccel.decode.tree import Tree, TreeMethod, TreeShape, static_tree
+from jaxaccel.errors import InvalidArgumentError
+
+PAPER_WIDTHS = (8, 21, 25, 15, 8, 3)
+
+# Measured on this project's reference CPU (2 cores, docs/BENCHMARKS.md, "spec" table): the
+# template with the best wall-clock speedup on the default model. Accelerators verify a tree
+# at about the cost of one token (memory-bound), so they take the paper's tree.
+AUTO_WIDTHS = {"cpu": (1, 1, 1), "gpu": PAPER_WIDTHS, "tpu": PAPER_WIDTHS}
+
+
+def _rank_prior(rank: int) -> float:
+    return 0.6 / (rank + 1) ** 1.5
+
+
+@functools.lru_cache(maxsize=64)
+def build_template(widths: tuple[int, ...], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-level widths -> (parents, ranks, depth) numpy arrays over N = 1 + sum(widths) nodes,
+    node 0 the root, nodes in breadth-first order (a parent precedes its children)."""
+    parents, ranks, depth, score = [-1], [-1], [0], [1.0]
+    level = [0]
+    for d, width in enumerate(widths, start=1):
+        candidates = [(score[p] * _rank_prior(r), p, r) for p in level for r in range(k)]
+        candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
+        chosen = sorted(candidates[:width], key=lambda c: (c[1], c[2]))
+        level = []
+        for s, p, r in chosen:
+            level.append(len(parents))
+            parents.append(p)
+            ranks.append(r)
+            depth.append(d)
+            score.append(s)
+    return np.asarray(parents, np.int32), np.asarray(ranks, np.int32), np.asarray(depth, np.int32)
+
+
+def template_widths(template: Any, k: int) -> tuple[int, ...]:
+    """Validate a `template` option -> per-level widths."""
+    if isinstance(template, str):
+        if template == "paper":
+            widths = PAPER_WIDTHS
+        elif template == "auto":
+            widths = pick_template(jax.default_backend())
+        else:
+            raise InvalidArgumentError(f'template must be "auto", "paper" or a list of per-level widths, got {template!r}')
+    elif isinstance(template, Sequence) and template and all(
+            isinstance(w, (int, np.integer)) and not isinstance(w, bool) for w in template):
+        widths = tuple(int(w) for w in template)
+    else:
+        raise InvalidArgumentError(f'template must be "auto", "paper" or a list of per-level widths, got {template!r}')
+    prev = 1
+    for i, w in enumerate(widths):
+        if w < 1 or w > prev * k:
+            raise InvalidArgumentError(f"template level {i + 1} has width {w}; it must be between 1 and "
+                                       f"{prev * k} (previous level's width {prev} x k={k})")
+        prev = w
+    return widths
+
+
+def pick_template(backend: str) -> tuple[int, ...]:
+    """The template `"auto"` uses on this backend (measured table; unknown backends: paper)."""
+    return AUTO_WIDTHS.get(backend, PAPER_WIDTHS)
+
+
+class Recycling(TreeMethod):
+    name = "recycling"
+    options = {"template": "auto", "k": 8, "hot_start": False}
+
+    def __init__(self, **opts: Any):
+        super().__init__(**opts)
+        k = self.opts["k"]
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise InvalidArgumentError(f"k must be an integer >= 1, got {k!r}")
+        if not isinstance(self.opts["hot_start"], bool):
+            raise InvalidArgumentError(f"hot_start must be true or false, got {self.opts['hot_start']!r}")
+        self.k = int(k)
+        self.widths = template_widths(self.opts["template"], self.k)
+        self.parents, self.ranks, self.depth = build_template(self.widths, self.k)
+
+    def key(self) -> tuple:
+        return (self.name, self.widths, self.k)
+
+    def check(self, config) -> None:
+        if self.k > config.vocab_size:
+            raise InvalidArgumentError(f"k={self.k} is larger than the vocabulary ({config.vocab_size} tokens)")
+
+    def tree_shape(self) -> TreeShape:
+        counts = np.bincount(self.parents[1:], minlength=len(self.parents))
+        return TreeShape(nodes=len(self.parents), max_depth=len(self.widths), max_children=int(counts.max()))
+
+    def static_structure(self):
+        return self.parents, self.depth
+
+    @property
+    def carries_memory(self) -> bool:
+        return self.opts["hot_start"]
+
+    def init_state(self, ctx: StepContext, batch: int, method_input: Any, prompt_tokens=None, prompt_lens=None):
+        vocab = ctx.config.vocab_size
+        if method_input is None:
+            return jnp.full((batch, vocab, self.k), -1, jnp.int32)
+        matrix = jnp.asarray(method_input, jnp.int32)
+        if matrix.ndim == 2:
+            matrix = jnp.broadcast_to(matrix, (batch,) + matrix.shape)
+        return matrix
+
+    def final_state(self, method_state: Any) -> Any:
+        return method_state
+
+    def draft(self, params: Any, state: DecodeState, ctx: StepContext) -> Tree:
+        matrix = state.method_state  # [b, V, k]
+        b = matrix.shape[0]
+        n = len(self.parents)
+        rows = jnp.arange(b)
+        tokens = jnp.zeros((b, n), jnp.int32).at[:, 0].set(state.last_token)
+        valid = jnp.zeros((b, n), bool).at[:, 0].set(True)
+        start = 1
+        for width in self.widths:  # level by level: each level gathers from the one above
+            nodes = np.arange(start, start + width)
+            parent = self.parents[nodes]
+            cand = matrix[rows[:, None], tokens[:, parent], self.ranks[nodes][None, :]]  # [b, width]
+            ok = valid[:, parent] & (cand >= 0)
+            tokens = tokens.at[:, nodes].set(jnp.maximum(cand, 0))
+            valid = valid.at[:, nodes].set(ok)
+            start += width
+        return static_tree(state.last_token, tokens, valid, self.parents, self.depth)
+
+    def observe(self, method_state: Any, tree: Tree, logits: jax.Array, state: DecodeState) -> Any:
+        """Every valid node's top-k successors overwrite its token's row (finished rows keep theirs)."""
+        matrix = method_state
+        b, n = tree.tokens.shape
+        top = jax.lax.top_k(logits, self.k)[1].astype(jnp.int32)  # [b, N, k]
+        live = tree.valid & ~state.done[:, None]
+        row_idx = jnp.where(live, tree.tokens, matrix.shape[1])  # out of range: dropped
+        return matrix.at[jnp.arange(b)[:, None], row_idx].set(top, mode="drop")

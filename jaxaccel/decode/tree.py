@@ -1,0 +1,305 @@
+"""Tree speculative decoding: a padded static-shape token tree, verified by one target forward.
+
+A drafter proposes, per row, a tree of at most N nodes (`Tree`): node 0 is the root (the
+newest accepted token, `state.last_token`, not yet in the cache); every other node is a
+drafted token whose parent has a smaller index. The target model scores all N nodes in one
+call of the model's forward: RoPE position = prefix length + depth, cache slot = prefix
+length + node index, key visibility = the committed prefix plus the node's ancestors (the
+[N, N] ancestor mask built here on device). The verifier then picks the accepted path:
+
+* greedy — the deepest node whose every drafted token equals the target's argmax at its
+  parent; the bonus token is the argmax at that node. The output is exactly plain greedy's.
+* sampling — multi-candidate speculative sampling, node by node from the root: the children
+  of the current node are tried in order; child x is accepted with probability
+  min(1, p(x)/q(x)) and on rejection p becomes norm(max(p - q, 0)) and q loses x
+  (drafts sampled without replacement, e.g. DySpec). For deterministic drafts (no `draft_q`:
+  q is one-hot, e.g. Token Recycling, prompt lookup) this is: accept x with probability p(x),
+  else zero p(x) and renormalise — a duplicate sibling then has p(x) = 0 and is skipped. If
+  every child is rejected, the bonus token is drawn from what is left of p. Each emitted token
+  is therefore distributed exactly as plain sampling's (temperature, top-k, top-p included:
+  p is `sampling.target_probs`).
+
+The accepted path's K/V are then moved to contiguous slots (prefix length + depth) and
+`engine.commit` appends the path's tokens plus the bonus; slots past the new prefix length
+are invisible to later steps, so rejected nodes need no cleanup.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxaccel.decode.engine import DecodeMethod, DecodeState, StepContext, commit, split_row_keys
+from jaxaccel.decode.sampling import SamplingMode, SamplingParams, target_probs
+from jaxaccel.errors import InvalidArgumentError
+from jaxaccel.model.transformer import LayerKV, forward
+
+
+class Tree(NamedTuple):
+    """A padded token tree per row; N (node budget) is static."""
+
+    tokens: jax.Array  # [batch, N] int32; node 0 = root
+    parents: jax.Array  # [batch, N] int32; -1 for the root (and for padding)
+    depth: jax.Array  # [batch, N] int32; 0 for the root
+    valid: jax.Array  # [batch, N] bool; padded nodes are False
+    draft_q: jax.Array | None = None  # [batch, N, vocab]: distribution node i's children were drawn from
+
+
+class TreeShape(NamedTuple):
+    """Static bounds of a drafter's trees (shape the compiled verifier)."""
+
+    nodes: int  # N, root included
+    max_depth: int  # D: deepest node's depth
+    max_children: int  # C: most children of any node
+
+
+# ----------------------------------------------------------------------------- structure
+
+
+def _gather(a: jax.Array, idx: jax.Array) -> jax.Array:
+    """a [b, N], idx [b, M] (-1 allowed) -> a[b, idx] with -1 where idx < 0."""
+    out = jnp.take_along_axis(a, jnp.maximum(idx, 0), axis=1)
+    return jnp.where(idx >= 0, out, -1)
+
+
+def ancestor_chain(parents: jax.Array, max_depth: int) -> jax.Array:
+    """[b, N, D + 1]: chain[..., s] = the node's ancestor s steps up (0: itself), -1 past the root."""
+    cur = jnp.broadcast_to(jnp.arange(parents.shape[1], dtype=jnp.int32), parents.shape)
+    chain = [cur]
+    for _ in range(max_depth):
+        cur = _gather(parents, cur)
+        chain.append(cur)
+    return jnp.stack(chain, axis=-1)
+
+
+def ancestor_mask(parents: jax.Array, max_depth: int) -> jax.Array:
+    """[b, N, N] bool: mask[b, i, j] = node j is node i or one of its ancestors."""
+    n = parents.shape[1]
+    chain = ancestor_chain(parents, max_depth)
+    return (chain[..., :, None] == jnp.arange(n, dtype=jnp.int32)).any(axis=-2)
+
+
+def tree_paths(parents: jax.Array, depth: jax.Array, max_depth: int) -> jax.Array:
+    """[b, N, D + 1]: the root-to-node path of every node (path[..., d] = its ancestor at depth
+    d), padded with -1 past the node's depth. The paths of the leaves are the tree's root-to-leaf paths."""
+    chain = ancestor_chain(parents, max_depth)
+    d = jnp.arange(max_depth + 1, dtype=jnp.int32)
+    steps_up = depth[..., None] - d  # ancestor at depth d is (depth - d) steps up
+    path = jnp.take_along_axis(chain, jnp.clip(steps_up, 0, max_depth), axis=-1)
+    return jnp.where(steps_up >= 0, path, -1)
+
+
+def children_table(parents: jax.Array, valid: jax.Array, max_children: int) -> jax.Array:
+    """[b, N, C]: the valid children of each node in node order, -1 padded."""
+    b, n = parents.shape
+    idx = jnp.arange(n)
+    sibling_before = (parents[:, :, None] == parents[:, None, :]) & (idx[None, None, :] < idx[None, :, None])
+    rank = jnp.sum(sibling_before & valid[:, None, :], axis=-1)  # among valid earlier siblings
+    ok = valid & (parents >= 0) & (rank < max_children)
+    rows = jnp.arange(b)[:, None]
+    target_parent = jnp.where(ok, parents, n)  # out of range: dropped
+    table = jnp.full((b, n, max_children), -1, jnp.int32)
+    return table.at[rows, target_parent, jnp.where(ok, rank, 0)].set(
+        jnp.broadcast_to(idx.astype(jnp.int32), (b, n)), mode="drop")
+
+
+# ----------------------------------------------------------------------------- verification
+
+
+def verify_greedy(tree: Tree, logits: jax.Array, max_depth: int, paths: jax.Array | None = None
+                  ) -> tuple[jax.Array, jax.Array]:
+    """-> (accepted node [b], bonus token [b]): the deepest node whose path matches the
+    target's argmax at every step (the lowest index among equally deep ones). `paths` (from
+    `tree_paths`) may be passed when already known."""
+    pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [b, N]
+    b, n = tree.tokens.shape
+    if paths is None:
+        paths = tree_paths(tree.parents, tree.depth, max_depth)
+    ok = tree.valid & (tree.tokens == _gather(pred, tree.parents))
+    ok = ok.at[:, 0].set(True)
+    # a node is accepted when it and all its ancestors are: AND over its root-to-node path
+    on_path = jnp.take_along_axis(ok[:, :, None], jnp.broadcast_to(jnp.maximum(paths, 0), (b,) + paths.shape[1:]),
+                                  axis=1) | (paths < 0)
+    accepted = on_path.all(axis=-1)
+    score = jnp.where(accepted, tree.depth * (n + 1) + (n - jnp.arange(n)), -1)
+    best = jnp.argmax(score, axis=1).astype(jnp.int32)
+    bonus = jnp.take_along_axis(pred, best[:, None], axis=1)[:, 0]
+    return best, bonus
+
+
+def _normalise(p: jax.Array) -> jax.Array:
+    total = jnp.sum(p)
+    return jnp.where(total > 0, p / jnp.where(total > 0, total, 1.0), p)
+
+
+def verify_sample(tree: Tree, logits: jax.Array, keys: jax.Array, mode: SamplingMode, sampling: SamplingParams,
+                  shape: TreeShape, children: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Multi-candidate speculative sampling (see the module docstring) -> (node [b], bonus [b]).
+    `children` [b or 1, N, C] (from `children_table`) may be passed when already known;
+    padded children in it are skipped."""
+    probs = target_probs(logits, mode, sampling)  # [b, N, V]
+    if children is None:
+        children = children_table(tree.parents, tree.valid, shape.max_children)
+    children = jnp.broadcast_to(children, tree.tokens.shape + (shape.max_children,))
+    stochastic = tree.draft_q is not None
+    draft_q = tree.draft_q if stochastic else jnp.zeros(tree.tokens.shape[:1], jnp.float32)
+
+    def row(tokens, valid, children, probs, draft_q, key):
+        def level(lvl, carry):
+            u, stopped, bonus = carry
+            p = probs[u]
+            q = draft_q[u] if stochastic else None
+            accepted = jnp.int32(-1)
+            for c in range(shape.max_children):
+                j = children[u, c]
+                x = tokens[jnp.maximum(j, 0)]
+                active = (j >= 0) & valid[jnp.maximum(j, 0)] & (accepted < 0) & ~stopped
+                r = jax.random.uniform(jax.random.fold_in(key, lvl * shape.max_children + c))
+                if stochastic:
+                    qx = q[x]
+                    take = active & (r * qx < p[x])  # r < p/q without dividing by 0
+                    rejected = active & ~take
+                    p = jnp.where(rejected, _normalise(jnp.maximum(p - q, 0.0)), p)
+                    q = jnp.where(rejected, _normalise(q.at[x].set(0.0)), q)
+                else:
+                    take = active & (r < p[x])
+                    rejected = active & ~take
+                    p = jnp.where(rejected, _normalise(p.at[x].set(0.0)), p)
+                accepted = jnp.where(take, j, accepted)
+            draw_key = jax.random.fold_in(key, (shape.max_depth + 1) * shape.max_children + lvl)
+            drawn = jax.random.categorical(draw_key, jnp.log(p)).astype(jnp.int32)
+            ends_here = ~stopped & (accepted < 0)
+            bonus = jnp.where(ends_here, drawn, bonus)
+            u = jnp.where(~stopped & (accepted >= 0), accepted, u)
+            return u, stopped | ends_here, bonus
+
+        u, _, bonus = jax.lax.fori_loop(0, shape.max_depth + 1, level, (jnp.int32(0), jnp.bool_(False), jnp.int32(0)))
+        return u, bonus
+
+    return jax.vmap(row)(tree.tokens, tree.valid, children, probs, draft_q, keys)
+
+
+# ----------------------------------------------------------------------------- cache and commit
+
+
+def move_kv(cache: tuple, cache_len: jax.Array, path: jax.Array) -> tuple:
+    """Move the accepted path's K/V (node path[:, d] at slot cache_len + path[:, d]) to the
+    contiguous slots cache_len + d. path [b, D + 1] (-1 padded; path[:, 0] is the root, already
+    in place). Sources are never below destinations, so gathering first is safe."""
+    b, steps = path.shape
+    d = jnp.arange(1, steps, dtype=jnp.int32)
+    src_node = path[:, 1:]
+    moves = (src_node >= 0) & (src_node != d[None, :])
+    src = cache_len[:, None] + jnp.maximum(src_node, 0)
+    dst = jnp.where(moves, cache_len[:, None] + d[None, :], -1)
+    rows = jnp.arange(b)[:, None]
+    out = []
+    for layer in cache:
+        moved = []
+        for a in (layer.k, layer.v):
+            gathered = a[rows, :, src]  # [b, D, kv_heads, head_dim]
+            slots = jnp.where(dst < 0, a.shape[2], dst)
+            moved.append(a.at[rows, :, slots].set(gathered, mode="drop"))
+        out.append(LayerKV(*moved))
+    return tuple(out)
+
+
+def accepted_tokens(tree: Tree, path: jax.Array, node: jax.Array, bonus: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """-> (tokens [b, D + 1]: the path's drafted tokens then the bonus, count [b] = depth + 1)."""
+    depth = jnp.take_along_axis(tree.depth, node[:, None], axis=1)[:, 0]
+    drafted = _gather(tree.tokens, path[:, 1:])  # [b, D]
+    steps = path.shape[1]
+    idx = jnp.arange(steps)
+    padded = jnp.concatenate([drafted, jnp.zeros_like(drafted[:, :1])], axis=1)
+    tokens = jnp.where(idx[None, :] == depth[:, None], bonus[:, None], jnp.maximum(padded, 0))
+    return tokens.astype(jnp.int32), (depth + 1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- the method base
+
+
+class TreeMethod(DecodeMethod):
+    """A speculative method: `draft` proposes a `Tree` per row, the shared verifier accepts a
+    path, `observe` lets the drafter learn from the verified logits (Token Recycling)."""
+
+    def tree_shape(self) -> TreeShape:
+        raise NotImplementedError
+
+    def cache_headroom(self) -> int:
+        return self.tree_shape().nodes
+
+    def check_headroom(self, headroom: int, context: str) -> None:
+        nodes = self.tree_shape().nodes
+        if nodes > headroom:
+            raise InvalidArgumentError(
+                f"method {self.name!r}: its draft tree has {nodes} nodes but only {headroom} cache slots remain "
+                f"{context}; use a smaller template or fewer max_new_tokens")
+
+    def draft(self, params: Any, state: DecodeState, ctx: StepContext) -> Tree:
+        raise NotImplementedError
+
+    def observe(self, method_state: Any, tree: Tree, logits: jax.Array, state: DecodeState) -> Any:
+        return method_state
+
+    def static_structure(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(parents, depth) when every tree this method drafts has the same shape (only tokens
+        and validity vary): masks and paths are then constants of the compiled step."""
+        return None
+
+    def step(self, params: Any, state: DecodeState, ctx: StepContext) -> DecodeState:
+        shape = self.tree_shape()
+        tree = self.draft(params, state, ctx)
+        n = tree.tokens.shape[1]
+        static = self.static_structure()
+        if static is not None:
+            with jax.ensure_compile_time_eval():  # constants of the compiled step
+                parents, depth = (jnp.asarray(a)[None] for a in static)
+                mask = np.asarray(ancestor_mask(parents, shape.max_depth))
+                paths = np.asarray(tree_paths(parents, depth, shape.max_depth))
+                children = np.asarray(children_table(parents, jnp.ones(parents.shape, bool), shape.max_children))
+        else:
+            mask = ancestor_mask(tree.parents, shape.max_depth)
+            paths = tree_paths(tree.parents, tree.depth, shape.max_depth)
+            children = None
+        positions = state.cache_len[:, None] + tree.depth
+        slots = jnp.where(tree.valid, state.cache_len[:, None] + jnp.arange(n, dtype=jnp.int32), -1)
+        # A valid node sees its ancestors (all valid: a drafter never hangs a valid node under a
+        # padded one); a padded node sees itself only (finite, never used).
+        mask = (mask & tree.valid[:, None, :]) | jnp.eye(n, dtype=bool)[None]
+        logits, cache = forward(params, ctx.config, tree.tokens, positions, cache=state.cache, write_slots=slots,
+                                prefix_len=state.cache_len, new_mask=mask, tree_attention="auto")
+        if ctx.mode.greedy:
+            node, bonus = verify_greedy(tree, logits, shape.max_depth, paths)
+            rng = state.rng
+        else:
+            rng, keys = split_row_keys(state.rng)
+            node, bonus = verify_sample(tree, logits, keys, ctx.mode, ctx.sampling, shape, children)
+        path = jnp.take_along_axis(jnp.broadcast_to(paths, (tree.tokens.shape[0],) + paths.shape[1:]),
+                                   node[:, None, None], axis=1)[:, 0]  # [b, D + 1]
+        if not (static is not None and shape.max_children == 1):  # a chain's nodes are already in place
+            cache = move_kv(cache, state.cache_len, path)
+        tokens, count = accepted_tokens(tree, path, node, bonus)
+        method_state = self.observe(state.method_state, tree, logits, state)
+        state = state._replace(cache=cache, rng=rng, method_state=method_state)
+        return commit(state, tokens, count, ctx)
+
+
+def chain_tree(root: jax.Array, drafted: jax.Array, n_valid: jax.Array) -> Tree:
+    """A chain: root [b], drafted [b, L] tokens of which the first n_valid [b] are real."""
+    b, length = drafted.shape
+    idx = jnp.arange(length + 1, dtype=jnp.int32)
+    tokens = jnp.concatenate([root[:, None], drafted], axis=1).astype(jnp.int32)
+    valid = idx[None, :] <= n_valid[:, None]
+    return Tree(tokens=jnp.where(valid, tokens, 0), parents=jnp.broadcast_to(idx - 1, (b, length + 1)),
+                depth=jnp.broadcast_to(idx, (b, length + 1)), valid=valid)
+
+
+def static_tree(root: jax.Array, tokens: jax.Array, valid: jax.Array, parents: np.ndarray, depth: np.ndarray) -> Tree:
+    """A tree with a static template structure: tokens/valid [b, N] (node 0 = root)."""
+    b = root.shape[0]
+    tokens = tokens.at[:, 0].set(root)
+    return Tree(tokens=jnp.where(valid, tokens, 0).astype(jnp.int32),
+                parents=jnp.broadcast_to(jnp.asarray(parents, jnp.int32), (b, len(parents))),
+                depth=jnp.broadcast_to(jnp.asarray(depth, jnp.int32), (b, len(depth))), valid=valid)

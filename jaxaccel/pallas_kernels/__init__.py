@@ -1,0 +1,1 @@
+"""Pallas kernels (each with a pure-jnp reference of the same signature, used on CPU)."""

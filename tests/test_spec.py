@@ -1,0 +1,366 @@
+"""Tree speculative decoding: tree structure, lossless greedy and sampling, drafters, bad input."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+import jaxaccel
+from conftest import TINY, randomize
+from jaxaccel.config import ModelConfig
+from jaxaccel.decode.recycling import PAPER_WIDTHS, build_template
+from jaxaccel.decode.tree import (TreeMethod, TreeShape, ancestor_mask, children_table, static_tree,
+                                  tree_paths, verify_greedy)
+from jaxaccel.errors import InvalidArgumentError
+from jaxaccel.model.transformer import init_params
+
+PROMPTS = [[5, 17, 33], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [42],
+           [7, 7, 7, 7, 9, 7, 7, 7]]
+METHODS = [("recycling", {}), ("recycling", {"template": "paper"}), ("recycling", {"template": [3, 2, 1], "k": 3}),
+           ("pld", {}), ("chain", {"k": 3}), ("chain", {"k": 2, "draft": "recycling"})]
+
+
+def random_tree(rng, n):
+    parents = [-1] + [int(rng.integers(0, i)) for i in range(1, n)]
+    depth = [0]
+    for i in range(1, n):
+        depth.append(depth[parents[i]] + 1)
+    return np.array(parents, np.int32), np.array(depth, np.int32)
+
+
+def test_tree_structure_against_python():
+    rng = np.random.default_rng(0)
+    trees = [random_tree(rng, 12) for _ in range(3)]
+    parents = jnp.asarray(np.stack([t[0] for t in trees]))
+    depth = jnp.asarray(np.stack([t[1] for t in trees]))
+    max_depth = int(depth.max())
+    valid = jnp.asarray(rng.random((3, 12)) < 0.8).at[:, 0].set(True)
+    mask = np.asarray(ancestor_mask(parents, max_depth))
+    paths = np.asarray(tree_paths(parents, depth, max_depth))
+    children = np.asarray(children_table(parents, valid, 12))
+    for b, (par, dep) in enumerate(trees):
+        for i in range(12):
+            chain, j = [], i
+            while j >= 0:
+                chain.append(j)
+                j = par[j]
+            assert set(np.flatnonzero(mask[b, i])) == set(chain)
+            assert list(paths[b, i, :dep[i] + 1]) == chain[::-1] and (paths[b, i, dep[i] + 1:] == -1).all()
+            kids = [j for j in range(12) if par[j] == i and valid[b, j]]
+            assert list(children[b, i, :len(kids)]) == kids and (children[b, i, len(kids):] == -1).all()
+
+
+def test_paper_template_shape():
+    parents, ranks, depth = build_template(PAPER_WIDTHS, 8)
+    assert len(parents) == 81 and np.bincount(depth).tolist() == [1, 8, 21, 25, 15, 8, 3]
+    assert all(parents[i] < i for i in range(1, 81)) and ranks.max() == 7
+    assert [ranks[i] for i in range(1, 9)] == list(range(8))  # level 1: all 8 candidates of the root
+
+
+def test_verify_greedy_picks_deepest_matching_path():
+    parents = np.array([-1, 0, 0, 1, 2, 3], np.int32)
+    depth = np.array([0, 1, 1, 2, 2, 3], np.int32)
+    tokens = jnp.array([[9, 4, 5, 6, 7, 8]])
+    vocab = 10
+    # target argmax after each node: root->5, node1->6, node2->7, node3->8 (mismatch at node 3: predicts 1)
+    pred = np.array([5, 6, 7, 1, 3, 2])
+    logits = jax.nn.one_hot(jnp.asarray(pred)[None], vocab) * 5.0
+    tree = static_tree(tokens[:, 0], tokens, jnp.ones((1, 6), bool), parents, depth)
+    node, bonus = verify_greedy(tree, logits, 3)
+    assert int(node[0]) == 4 and int(bonus[0]) == 3  # path root -> 2 (token 5) -> 4 (token 7), bonus argmax(4)
+
+
+def test_tree_forward_through_the_pallas_kernel_matches_the_reference(tiny_params):
+    """The verification forward with the Pallas tree-attention kernel (interpret mode) gives
+    the logits and cache of the plain attention path."""
+    from jaxaccel.decode.lm import decode_params
+    from jaxaccel.model.transformer import forward, init_cache
+
+    params = decode_params(tiny_params, TINY, None)
+    rng = np.random.default_rng(1)
+    parents, depth = random_tree(rng, 9)
+    mask = ancestor_mask(jnp.asarray(parents)[None], int(depth.max()))
+    cache = init_cache(TINY, 2, 48)
+    prompt = jnp.asarray(rng.integers(0, TINY.vocab_size, (2, 20)), jnp.int32)
+    lens = jnp.array([20, 13])
+    _, cache = forward(params, TINY, prompt, cache=cache, write_slots=jnp.where(jnp.arange(20) < lens[:, None],
+                       jnp.arange(20), -1), prefix_len=jnp.zeros(2, jnp.int32))
+    tokens = jnp.asarray(rng.integers(0, TINY.vocab_size, (2, 9)), jnp.int32)
+    args = dict(cache=cache, write_slots=lens[:, None] + jnp.arange(9), prefix_len=lens,
+                new_mask=jnp.broadcast_to(mask, (2, 9, 9)))
+    positions = lens[:, None] + jnp.asarray(depth)[None]
+    ref_logits, ref_cache = forward(params, TINY, tokens, positions, **args)
+    ker_logits, ker_cache = forward(params, TINY, tokens, positions, tree_attention="interpret", **args)
+    np.testing.assert_allclose(np.asarray(ker_logits), np.asarray(ref_logits), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(ker_cache[1].k), np.asarray(ref_cache[1].k), atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_params):
+    return jaxaccel.from_params(TINY, tiny_params)
+
+
+@pytest.fixture(scope="module")
+def reference(lm):
+    return lm.generate(PROMPTS, max_new_tokens=40).tokens
+
+
+@pytest.mark.parametrize("method,opts", METHODS)
+def test_greedy_is_identical_to_autoregressive_batch4_and_batch1(lm, reference, method, opts):
+    out = lm.generate(PROMPTS, max_new_tokens=40, method=method, **opts)
+    assert out.tokens == reference
+    single = lm.generate([PROMPTS[1]], max_new_tokens=40, method=method, **opts)
+    assert single.tokens[0] == reference[1]
+    assert out.stats["target_forwards"] == out.stats["steps"] <= 40
+    assert out.stats["mean_accepted"] >= 1.0
+
+
+def test_recycling_accepts_more_than_one_token_on_repetitive_text(lm):
+    # A model fed its own greedy output back: the continuation repeats, so recycled candidates hit.
+    out = lm.generate([PROMPTS[3]], max_new_tokens=120, method="recycling", template=[4, 4, 3, 2, 1])
+    ref = lm.generate([PROMPTS[3]], max_new_tokens=120)
+    assert out.tokens == ref.tokens
+    assert out.stats["mean_accepted"] > 1.5 and out.stats["steps"] < 80
+
+
+def test_eos_and_max_new_tokens_end_rows_like_plain_decoding(tiny_params):
+    free = jaxaccel.from_params(TINY, tiny_params)
+    ref = free.generate(PROMPTS, max_new_tokens=30).tokens
+    eos = ref[3][5]
+    lm = jaxaccel.from_params(TINY, tiny_params, eos_token_ids=(eos,))
+    plain = lm.generate(PROMPTS, max_new_tokens=30).tokens
+    for method, opts in METHODS[:1] + METHODS[3:4]:
+        assert lm.generate(PROMPTS, max_new_tokens=30, method=method, **opts).tokens == plain
+    assert plain[3][-1] == eos and len(plain[3]) <= 6
+    for n in (1, 2, 7):
+        assert free.generate(PROMPTS, max_new_tokens=n, method="recycling").tokens == [r[:n] for r in ref]
+
+
+def test_hot_start_carries_the_matrix(tiny_params):
+    lm = jaxaccel.from_params(TINY, tiny_params)
+    cold = lm.generate([PROMPTS[1]], max_new_tokens=40, method="recycling", hot_start=True)
+    assert lm._method_memory["recycling"].shape == (TINY.vocab_size, 8)
+    hot = lm.generate([PROMPTS[1]], max_new_tokens=40, method="recycling", hot_start=True)
+    assert hot.tokens == cold.tokens
+    assert hot.stats["steps"] < cold.stats["steps"]  # the same text again: the carried matrix drafts it
+    again = lm.generate([PROMPTS[1]], max_new_tokens=40, method="recycling")  # hot_start off: cold again
+    assert again.stats["steps"] == cold.stats["steps"]
+
+
+def test_default_model_greedy_is_lossless():
+    lm = jaxaccel.load("builtin:default", dtype="float32")
+    prompts = ["import os\nimport sys\n\n\ndef main(", "class Stack:\n    def __init__(self):\n        self.items = []\n",
+               "for i in range(10):\n", "# Copyright"]
+    ref = lm.generate(prompts, max_new_tokens=48)
+    for method, opts in [("recycling", {"template": "paper"}), ("recycling", {}), ("pld", {})]:
+        out = lm.generate(prompts, max_new_tokens=48, method=method, **opts)
+        assert out.tokens == ref.tokens, method
+        assert lm.generate(prompts[:1], max_new_tokens=48, method=method, **opts).tokens[0] == ref.tokens[0]
+
+
+# ----------------------------------------------------------------------------- sampling
+
+SMALL = ModelConfig(vocab_size=6, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=24, max_seq_len=64)
+ROWS = 3000
+
+
+@pytest.fixture(scope="module")
+def small_lm():
+    params = randomize(init_params(SMALL, jax.random.key(3), "unrolled"), seed=4, scale=0.15)
+    return jaxaccel.from_params(SMALL, params)
+
+
+def exact_pair_probs(lm, prompt, temperature, top_k=None):
+    """P(first two generated tokens) from the model's own logits (the target distribution)."""
+    from jaxaccel.decode.sampling import make_sampling, target_probs
+
+    mode, sp = make_sampling(temperature, top_k, None)
+    v = lm.config.vocab_size
+    seqs = np.array([prompt + [a] for a in range(v)])
+    logits = lm.logits(seqs)
+    p1 = np.asarray(target_probs(jnp.asarray(logits[0, len(prompt) - 1]), mode, sp))
+    p2 = np.asarray(target_probs(jnp.asarray(logits[:, len(prompt)]), mode, sp))
+    return p1[:, None] * p2
+
+
+def warm_matrix(k=3):
+    """A recycling matrix with k distinct candidates per token."""
+    rng = np.random.default_rng(5)
+    return np.stack([rng.permutation(SMALL.vocab_size)[:k] for _ in range(SMALL.vocab_size)]).astype(np.int32)
+
+
+def chi2_pvalue(pairs, expected):
+    counts = np.zeros_like(expected)
+    for a, b in pairs:
+        counts[a, b] += 1
+    exp = expected.ravel() * len(pairs)
+    keep = exp > 0
+    assert counts.ravel()[~keep].sum() == 0  # nothing outside the support (top-k)
+    return sps.chisquare(counts.ravel()[keep], exp[keep] / exp[keep].sum() * len(pairs)).pvalue
+
+
+class _StochasticDrafter(TreeMethod):
+    """Test-only DySpec-shaped drafter: each node's children are drawn without replacement
+    from a fixed random draft distribution q (the verifier's min(1, p/q) + residual path)."""
+
+    name = "test-stochastic"
+    options: dict = {}
+    widths = (3, 2)
+
+    def __init__(self):
+        super().__init__()
+        self.parents, self.ranks, self.depth = build_template(self.widths, 3)
+
+    def tree_shape(self):
+        return TreeShape(nodes=len(self.parents), max_depth=len(self.widths), max_children=3)
+
+    def init_state(self, ctx, batch, method_input, prompt_tokens=None, prompt_lens=None):
+        return jax.vmap(lambda i: jax.random.fold_in(jax.random.key(99), i))(jnp.arange(batch))
+
+    def draft(self, params, state, ctx):
+        v = ctx.config.vocab_size
+        q = jax.nn.softmax(jnp.linspace(1.0, -1.0, v))  # fixed, different from the target
+        keys = jax.vmap(jax.random.fold_in)(state.method_state, state.step + jnp.zeros_like(state.cache_len))
+        n = len(self.parents)
+
+        def row(key):
+            gumbel = jax.random.gumbel(key, (n, v)) + jnp.log(q)
+            order = jnp.argsort(-gumbel, axis=-1)  # each node's children: q without replacement
+            return order[jnp.maximum(jnp.asarray(self.parents), 0), jnp.maximum(jnp.asarray(self.ranks), 0)]
+
+        tokens = jax.vmap(row)(keys).astype(jnp.int32)
+        b = tokens.shape[0]
+        tree = static_tree(state.last_token, tokens, jnp.ones((b, n), bool), self.parents, self.depth)
+        return tree._replace(draft_q=jnp.broadcast_to(q, (b, n, v)))
+
+
+@pytest.mark.parametrize("method,opts,temperature,top_k,min_mat", [
+    ("recycling", {"template": [3, 2], "k": 3}, 1.0, None, 1.2),
+    ("chain", {"k": 2}, 0.7, 4, 1.05),  # random drafts: few accepted
+    ("test-stochastic", {}, 1.0, None, 1.2),
+])
+def test_sampling_matches_the_target_distribution(small_lm, monkeypatch, method, opts, temperature, top_k, min_mat):
+    """Chi-square goodness of fit of the first two generated tokens (ROWS independent rows,
+    one call) against the exact target distribution; the test fails at p < 1e-4 (a correct
+    sampler fails it once in 10^4 runs; a lossy verifier is off by far more at this size)."""
+    from jaxaccel.decode import methods
+
+    monkeypatch.setitem(methods.METHODS, "test-stochastic", _StochasticDrafter)
+    prompt = [1, 4, 2]
+    matrix = None
+    if method == "recycling":  # a warm matrix, so that trees are full from the first step
+        matrix = warm_matrix()
+    out = small_lm.generate([prompt] * ROWS, max_new_tokens=2, method=method, temperature=temperature, top_k=top_k,
+                            seed=11, method_input=matrix, **opts)
+    pairs = [t[:2] for t in out.tokens]
+    expected = exact_pair_probs(small_lm, prompt, temperature, top_k)
+    assert chi2_pvalue(pairs, expected) > 1e-4
+    assert out.stats["mean_accepted"] > min_mat  # the trees were used, not just the bonus token
+
+
+def test_plain_sampling_passes_the_same_check(small_lm):
+    out = small_lm.generate([[1, 4, 2]] * ROWS, max_new_tokens=2, temperature=1.0, seed=11)
+    assert chi2_pvalue([t[:2] for t in out.tokens], exact_pair_probs(small_lm, [1, 4, 2], 1.0)) > 1e-4
+
+
+def test_a_lossy_verifier_fails_the_check(small_lm, monkeypatch):
+    """The check has power: a verifier that favours the first drafted token (logit +1) is caught."""
+    from jaxaccel.decode import tree as tree_mod
+
+    real = tree_mod.verify_sample
+
+    def lossy(tree, logits, *args):
+        return real(tree, logits.at[:, 0].add(jax.nn.one_hot(tree.tokens[:, 1], logits.shape[-1])), *args)
+
+    monkeypatch.setattr(tree_mod, "verify_sample", lossy)
+    fresh = jaxaccel.from_params(SMALL, small_lm.params)  # nothing compiled with the real verifier
+    matrix = warm_matrix()
+    out = fresh.generate([[1, 4, 2]] * ROWS, max_new_tokens=2, method="recycling", temperature=1.0, seed=12,
+                         method_input=matrix, template=[3, 2], k=3)
+    assert chi2_pvalue([t[:2] for t in out.tokens], exact_pair_probs(small_lm, [1, 4, 2], 1.0)) < 1e-4
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("method,opts,message", [
+    ("recycling", {"width": 3}, "unknown option width for method 'recycling'; valid options: hot_start, k, template"),
+    ("recycling", {"k": 0}, "k must be an integer >= 1"),
+    ("recycling", {"k": 500}, "larger than the vocabulary (97 tokens)"),
+    ("recycling", {"template": "big"}, "template must be"),
+    ("recycling", {"template": [9]}, "template level 1 has width 9"),
+    ("pld", {"num_draft": 0}, "num_draft must be an integer >= 1"),
+    ("chain", {"k": 0}, "k must be an integer >= 1"),
+    ("chain", {"draft": "model"}, 'draft must be "random" or "recycling"'),
+])
+def test_bad_method_options(lm, method, opts, message):
+    with pytest.raises(InvalidArgumentError) as e:
+        lm.generate([[1, 2]], max_new_tokens=4, method=method, **opts)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_template_larger_than_cache_headroom(lm):
+    with pytest.raises(InvalidArgumentError) as e:
+        lm.generate([list(range(1, 90))], max_new_tokens=150, method="recycling", template="paper")
+    assert "81 nodes but only 17 cache slots remain" in str(e.value)
+    lm.generate([list(range(1, 90))], max_new_tokens=150, method="recycling", template=[4, 4, 2])  # 11 nodes fit
+
+
+
+def pld_reference(seq, max_ngram, num_draft):
+    """transformers' prompt-lookup rule, in plain Python: longest n-gram first, earliest match."""
+    for n in range(max_ngram, 0, -1):
+        if len(seq) <= n:
+            continue
+        tail = seq[-n:]
+        for s in range(len(seq) - n):
+            if seq[s:s + n] == tail and s + n < len(seq):
+                return seq[s + n:s + n + num_draft]
+    return []
+
+
+def test_prompt_lookup_drafts_like_transformers():
+    from jaxaccel.decode.chains import PromptLookup
+    from jaxaccel.decode.engine import DecodeState
+
+    rng = np.random.default_rng(7)
+    method = PromptLookup(num_draft=5)
+    for trial in range(20):
+        b, p, o = 3, 12, 16
+        plen = rng.integers(1, p + 1, b)
+        num_new = rng.integers(0, o, b)
+        prompt = rng.integers(0, 4, (b, p))  # a small alphabet: many matches
+        out = rng.integers(0, 4, (b, o))
+        seqs = [list(prompt[i, :plen[i]]) + list(out[i, :num_new[i]]) for i in range(b)]
+        last = np.array([s[-1] for s in seqs])
+        state = DecodeState(cache=None, cache_len=jnp.asarray(plen + num_new - 1), last_token=jnp.asarray(last),
+                            out_tokens=jnp.asarray(out), num_new=jnp.asarray(num_new), done=jnp.zeros(b, bool),
+                            rng=None, step=jnp.int32(0), forwards=None,
+                            method_state=(jnp.asarray(prompt, jnp.int32), jnp.asarray(plen, jnp.int32)))
+        tree = method.draft(None, state, None)
+        for i in range(b):
+            expected = pld_reference([int(t) for t in seqs[i]], 3, 5)
+            n = int(tree.valid[i].sum()) - 1
+            assert [int(t) for t in tree.tokens[i, 1:1 + n]] == expected, (trial, i)
+
+
+def test_decode_cli_methods_and_bad_options(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    base = [sys.executable, "-m", "jaxaccel.decode", "--prompt", "import os\n", "--max-new-tokens", "24",
+            "--output", "json"]
+    plain = subprocess.run(base, capture_output=True, text=True, env=env, cwd=tmp_path)
+    spec = subprocess.run(base + ["--method", "recycling", "--option", "template=[2,1]", "--option", "hot_start=true"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
+    a, b = json.loads(plain.stdout), json.loads(spec.stdout)
+    assert a["results"][0]["tokens"] == b["results"][0]["tokens"]
+    assert b["stats"]["method"] == "recycling" and b["stats"]["steps"] <= a["stats"]["steps"]
+    bad = subprocess.run(base + ["--method", "pld", "--option", "depth=3"], capture_output=True, text=True, env=env,
+                         cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "error: unknown option depth for method 'pld'; valid options: max_ngram, num_draft")
