@@ -123,6 +123,22 @@ def test_recycling_accepts_more_than_one_token_on_repetitive_text(lm):
     assert out.stats["mean_accepted"] > 1.5 and out.stats["steps"] < 80
 
 
+def test_auto_template_falls_back_to_plain_steps_when_drafts_miss(tiny_params, monkeypatch):
+    """With drafts that never hit, "auto" takes plain steps (one forward per token) and stays exact."""
+    from jaxaccel.decode import recycling
+
+    lm = jaxaccel.from_params(TINY, tiny_params)
+    ref = lm.generate(PROMPTS, max_new_tokens=30)
+    monkeypatch.setitem(recycling.AUTO_COST, jax.default_backend(), {1: 1.5, 4: 2.0})
+    auto = jaxaccel.from_params(TINY, tiny_params)
+    out = auto.generate(PROMPTS, max_new_tokens=30, method="recycling")
+    assert out.tokens == ref.tokens
+    forced = jaxaccel.from_params(TINY, tiny_params)
+    monkeypatch.setattr(recycling.Recycling, "expected_tokens", lambda self, h: h * 0.0)  # trees never pay
+    plain = forced.generate(PROMPTS, max_new_tokens=30, method="recycling")
+    assert plain.tokens == ref.tokens and plain.stats["steps"] == 30 and plain.stats["mean_accepted"] == 1.0
+
+
 def test_eos_and_max_new_tokens_end_rows_like_plain_decoding(tiny_params):
     free = jaxaccel.from_params(TINY, tiny_params)
     ref = free.generate(PROMPTS, max_new_tokens=30).tokens
@@ -236,6 +252,7 @@ class _StochasticDrafter(TreeMethod):
 
 @pytest.mark.parametrize("method,opts,temperature,top_k,min_mat", [
     ("recycling", {"template": [3, 2], "k": 3}, 1.0, None, 1.2),
+    ("recycling", {"k": 3}, 1.0, None, 1.02),  # "auto": tree and plain steps mixed by the fallback
     ("chain", {"k": 2}, 0.7, 4, 1.05),  # random drafts: few accepted
     ("test-stochastic", {}, 1.0, None, 1.2),
 ])
@@ -245,7 +262,10 @@ def test_sampling_matches_the_target_distribution(small_lm, monkeypatch, method,
     sampler fails it once in 10^4 runs; a lossy verifier is off by far more at this size)."""
     from jaxaccel.decode import methods
 
+    from jaxaccel.decode import recycling
+
     monkeypatch.setitem(methods.METHODS, "test-stochastic", _StochasticDrafter)
+    monkeypatch.setitem(recycling.AUTO_COST, jax.default_backend(), {1: 1.2, 2: 1.2})  # trees when h > ~0.17
     prompt = [1, 4, 2]
     matrix = None
     if method == "recycling":  # a warm matrix, so that trees are full from the first step

@@ -72,6 +72,7 @@ def run_method(lm, prompts: list[list[int]], batch: int, new_tokens: int, runs: 
     times, tokens, forwards = [], 0, 0
     compile_s = 0.0
     for r in range(runs):
+        lm._method_memory.clear()  # hot start carries over the prompts of one pass, not across passes
         elapsed, tokens, forwards = 0.0, 0, 0
         for i, g in enumerate(groups):
             out = lm.generate(g, max_new_tokens=new_tokens, method=method, temperature=temperature, seed=100 * r + i,
@@ -182,11 +183,13 @@ def run(model: str = "builtin:default", batches: Sequence[int] = (1, 4), tempera
         for temperature in temperatures:
             base = run_method(lm, prompts, batch, new_tokens, runs, "autoregressive", temperature)
             entries = [("autoregressive", {}, base), ("pld", {}, None), ("recycling", {"template": "auto"}, None),
-                       ("recycling", {"template": "paper"}, None)]
+                       ("recycling", {"template": "paper"}, None),
+                       ("recycling", {"template": "paper", "hot_start": True}, None)]
             for method, opts, res in entries:
                 res = res or run_method(lm, prompts, batch, new_tokens, runs, method, temperature, **opts)
                 row = {"batch": batch, "temperature": temperature, "method": method,
-                       "template": opts.get("template"), **res, "speedup": res["tokens_per_s"] / base["tokens_per_s"]}
+                       "template": opts.get("template"), "hot_start": opts.get("hot_start", False), **res,
+                       "speedup": res["tokens_per_s"] / base["tokens_per_s"]}
                 rows.append(row)
                 progress(format_row(row))
     result["rows"] = rows
@@ -205,8 +208,8 @@ def run(model: str = "builtin:default", batches: Sequence[int] = (1, 4), tempera
     result["fastest_template"] = max(sweep_rows, key=lambda r: r["tokens_per_s"])["template"]
 
     if hf:
-        ours = {r["method"] + ("" if r["template"] in (None, "auto") else "-paper"): r for r in rows
-                if r["batch"] == 1 and r["temperature"] == 0.0}
+        ours = {r["method"]: r for r in rows if r["batch"] == 1 and r["temperature"] == 0.0
+                and r["template"] in (None, "auto")}
         result["hf"] = bench_hf_prompt_lookup(lm, prompts, new_tokens, runs)
         for label, res in result["hf"].items():
             progress(f"transformers {label}: {res['tokens_per_s']:.0f} tok/s (ours: recycling "
@@ -214,8 +217,13 @@ def run(model: str = "builtin:default", batches: Sequence[int] = (1, 4), tempera
     return result
 
 
+def _label(row: dict[str, Any], fmt: str = " ({})") -> str:
+    return (row["method"] + (fmt.format(row["template"]) if row.get("template") else "")
+            + (", hot start" if row.get("hot_start") else ""))
+
+
 def format_row(row: dict[str, Any]) -> str:
-    label = row["method"] + (f" ({row['template']})" if row.get("template") else "")
+    label = _label(row)
     return (f"batch {row['batch']}, T={row['temperature']}: {label}: MAT {row['mat']:.2f}, "
             f"{row['tokens_per_s']:.0f} tok/s, {row['speedup']:.2f}x autoregressive")
 
@@ -228,7 +236,7 @@ def markdown(result: dict[str, Any]) -> str:
            f"of {result['runs']} runs. Template `auto` = {result['auto_template']}.", "",
            "| batch | temperature | method | MAT | tok/s | vs autoregressive |", "|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        label = r["method"] + (f" `{r['template']}`" if r.get("template") else "")
+        label = _label(r, " `{}`")
         out.append(f"| {r['batch']} | {r['temperature']} | {label} | {r['mat']:.2f} | {r['tokens_per_s']:.0f} | "
                    f"{r['speedup']:.2f}x |")
     if "hf" in result:

@@ -34,6 +34,10 @@ PAPER_WIDTHS = (8, 21, 25, 15, 8, 3)
 # template with the best wall-clock speedup on the default model. Accelerators verify a tree
 # at about the cost of one token (memory-bound), so they take the paper's tree.
 AUTO_WIDTHS = {"cpu": (1, 1, 1), "gpu": PAPER_WIDTHS, "tpu": PAPER_WIDTHS}
+# A tree step's time over a plain step's for the auto template, measured alongside it; with
+# `"auto"`, a batch whose expected tokens per tree step fall below this steps autoregressively
+# (tree.TreeMethod.fallback_cost). Accelerators: not measured yet, so no fallback there.
+AUTO_COST = {"cpu": {1: 1.5, 4: 2.05}}
 
 
 def _rank_prior(rank: int) -> float:
@@ -101,10 +105,12 @@ class Recycling(TreeMethod):
             raise InvalidArgumentError(f"hot_start must be true or false, got {self.opts['hot_start']!r}")
         self.k = int(k)
         self.widths = template_widths(self.opts["template"], self.k)
+        if self.opts["template"] == "auto":
+            self.fallback_cost = AUTO_COST.get(jax.default_backend())
         self.parents, self.ranks, self.depth = build_template(self.widths, self.k)
 
     def key(self) -> tuple:
-        return (self.name, self.widths, self.k)
+        return (self.name, self.widths, self.k, tuple(sorted((self.fallback_cost or {}).items())))
 
     def check(self, config) -> None:
         if self.k > config.vocab_size:
@@ -124,14 +130,15 @@ class Recycling(TreeMethod):
     def init_state(self, ctx: StepContext, batch: int, method_input: Any, prompt_tokens=None, prompt_lens=None):
         vocab = ctx.config.vocab_size
         if method_input is None:
-            return jnp.full((batch, vocab, self.k), -1, jnp.int32)
-        matrix = jnp.asarray(method_input, jnp.int32)
-        if matrix.ndim == 2:
-            matrix = jnp.broadcast_to(matrix, (batch,) + matrix.shape)
-        return matrix
+            matrix = jnp.full((batch, vocab, self.k), -1, jnp.int32)
+        else:
+            matrix = jnp.asarray(method_input, jnp.int32)
+            if matrix.ndim == 2:
+                matrix = jnp.broadcast_to(matrix, (batch,) + matrix.shape)
+        return matrix if self.fallback_cost is None else (matrix, self.init_gain())
 
     def final_state(self, method_state: Any) -> Any:
-        return method_state
+        return method_state if self.fallback_cost is None else method_state[0]
 
     def draft(self, params: Any, state: DecodeState, ctx: StepContext) -> Tree:
         matrix = state.method_state  # [b, V, k]

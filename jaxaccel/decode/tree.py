@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxaccel.decode.engine import DecodeMethod, DecodeState, StepContext, commit, split_row_keys
-from jaxaccel.decode.sampling import SamplingMode, SamplingParams, target_probs
+from jaxaccel.decode.sampling import SamplingMode, SamplingParams, sample, target_probs
 from jaxaccel.errors import InvalidArgumentError
 from jaxaccel.model.transformer import LayerKV, forward
 
@@ -146,36 +146,59 @@ def verify_sample(tree: Tree, logits: jax.Array, keys: jax.Array, mode: Sampling
     stochastic = tree.draft_q is not None
     draft_q = tree.draft_q if stochastic else jnp.zeros(tree.tokens.shape[:1], jnp.float32)
 
+    n_children = shape.max_children
+    vocab = probs.shape[-1]
+
     def row(tokens, valid, children, probs, draft_q, key):
+        uniforms = jax.random.uniform(jax.random.fold_in(key, 0), (shape.max_depth + 1, n_children))
+
         def level(lvl, carry):
-            u, stopped, bonus = carry
+            u, stopped, residual = carry
             p = probs[u]
-            q = draft_q[u] if stochastic else None
             accepted = jnp.int32(-1)
-            for c in range(shape.max_children):
-                j = children[u, c]
-                x = tokens[jnp.maximum(j, 0)]
-                active = (j >= 0) & valid[jnp.maximum(j, 0)] & (accepted < 0) & ~stopped
-                r = jax.random.uniform(jax.random.fold_in(key, lvl * shape.max_children + c))
-                if stochastic:
-                    qx = q[x]
-                    take = active & (r * qx < p[x])  # r < p/q without dividing by 0
+            if stochastic:  # residuals are distributions: p <- norm(max(p - q, 0)), q loses x
+                q = draft_q[u]
+                for c in range(n_children):
+                    j = children[u, c]
+                    x = tokens[jnp.maximum(j, 0)]
+                    active = (j >= 0) & valid[jnp.maximum(j, 0)] & (accepted < 0) & ~stopped
+                    take = active & (uniforms[lvl, c] * q[x] < p[x])  # r < p/q without dividing by 0
                     rejected = active & ~take
                     p = jnp.where(rejected, _normalise(jnp.maximum(p - q, 0.0)), p)
                     q = jnp.where(rejected, _normalise(q.at[x].set(0.0)), q)
-                else:
-                    take = active & (r < p[x])
-                    rejected = active & ~take
-                    p = jnp.where(rejected, _normalise(p.at[x].set(0.0)), p)
-                accepted = jnp.where(take, j, accepted)
-            draw_key = jax.random.fold_in(key, (shape.max_depth + 1) * shape.max_children + lvl)
-            drawn = jax.random.categorical(draw_key, jnp.log(p)).astype(jnp.int32)
-            ends_here = ~stopped & (accepted < 0)
-            bonus = jnp.where(ends_here, drawn, bonus)
+                    accepted = jnp.where(take, j, accepted)
+                ends_here = ~stopped & (accepted < 0)
+                residual = jnp.where(ends_here, p, residual)
+            else:  # deterministic drafts: the residual is p without the rejected tokens, O(1) per child
+                rejected_tokens = jnp.full((n_children,), -1, jnp.int32)
+                mass = jnp.float32(1.0)
+                for c in range(n_children):
+                    j = children[u, c]
+                    x = tokens[jnp.maximum(j, 0)]
+                    active = (j >= 0) & valid[jnp.maximum(j, 0)] & (accepted < 0) & ~stopped
+                    px = jnp.where((rejected_tokens == x).any(), 0.0, p[x])  # a duplicate sibling: p(x) = 0
+                    take = active & (uniforms[lvl, c] * mass < px)
+                    rejected = active & ~take & (px > 0)
+                    rejected_tokens = rejected_tokens.at[c].set(jnp.where(rejected, x, -1))
+                    mass = jnp.where(rejected, mass - px, mass)
+                    accepted = jnp.where(take, j, accepted)
+                ends_here = ~stopped & (accepted < 0)
+                residual = (jnp.where(ends_here, u, residual[0]), jnp.where(ends_here, rejected_tokens, residual[1]))
             u = jnp.where(~stopped & (accepted >= 0), accepted, u)
-            return u, stopped | ends_here, bonus
+            return u, stopped | ends_here, residual
 
-        u, _, bonus = jax.lax.fori_loop(0, shape.max_depth + 1, level, (jnp.int32(0), jnp.bool_(False), jnp.int32(0)))
+        if stochastic:
+            init = jnp.zeros((vocab,), jnp.float32)
+        else:
+            init = (jnp.int32(0), jnp.full((n_children,), -1, jnp.int32))
+        u, _, residual = jax.lax.fori_loop(0, shape.max_depth + 1, level, (jnp.int32(0), jnp.bool_(False), init))
+        if stochastic:
+            final = residual
+        else:
+            stop_node, rejected_tokens = residual
+            hit = (jnp.arange(vocab, dtype=jnp.int32)[:, None] == rejected_tokens[None, :]).any(-1)
+            final = jnp.where(hit, 0.0, probs[stop_node])
+        bonus = jax.random.categorical(jax.random.fold_in(key, 1), jnp.log(final)).astype(jnp.int32)
         return u, bonus
 
     return jax.vmap(row)(tree.tokens, tree.valid, children, probs, draft_q, keys)
@@ -248,7 +271,71 @@ class TreeMethod(DecodeMethod):
         and validity vary): masks and paths are then constants of the compiled step."""
         return None
 
+    # Adaptive fallback. When set, the method state is (drafter state, hit rate): an
+    # exponential average, over every step, of how often the target's token is among the
+    # draft's depth-1 tokens (a tree step: at least one drafted token accepted; a plain step:
+    # the sampled or argmax token is one of them). For deterministic drafts that is exactly
+    # the acceptance probability at depth 1 (multi-candidate sampling accepts some child
+    # with probability p(children)). A step uses the tree when the expected tokens of a tree
+    # step, 1 + h + h^2 + ... + h^D, reach this cost (a tree step's time over a plain step's),
+    # and otherwise a plain autoregressive step, so decoding is never much slower than
+    # autoregressive when drafts stop paying.
+    fallback_cost: dict[int, float] | None = None  # batch size -> cost (log-linear in between)
+    HIT_DECAY = 0.25
+
+    def init_gain(self) -> jax.Array:
+        return jnp.float32(0.3)  # start with plain steps until the drafts prove themselves
+
+    def cost_for_batch(self, batch: int) -> float:
+        points = sorted(self.fallback_cost.items())
+        x = np.log2(batch)
+        xs = np.log2([b for b, _ in points])
+        ys = [c for _, c in points]
+        if len(points) == 1:
+            return ys[0]
+        if x >= xs[-1]:  # extrapolate with the last slope
+            return float(ys[-1] + (x - xs[-1]) * (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]))
+        return float(np.interp(x, xs, ys))
+
+    def expected_tokens(self, hit: jax.Array) -> jax.Array:
+        return sum(hit ** d for d in range(self.tree_shape().max_depth + 1))
+
     def step(self, params: Any, state: DecodeState, ctx: StepContext) -> DecodeState:
+        if self.fallback_cost is None:
+            return self.tree_step(params, state, ctx)[0]
+        inner, hit_rate = state.method_state
+        use_tree = self.expected_tokens(hit_rate) >= self.cost_for_batch(state.last_token.shape[0])
+        plain = state._replace(method_state=inner)
+        out, hit = jax.lax.cond(use_tree, lambda s: self.tree_step(params, s, ctx),
+                                lambda s: self.plain_step(params, s, ctx), plain)
+        live = ~state.done
+        rate = jnp.sum(jnp.where(live, hit, False)) / jnp.maximum(jnp.sum(live), 1)
+        hit_rate = jnp.where(jnp.any(live), (1 - self.HIT_DECAY) * hit_rate + self.HIT_DECAY * rate, hit_rate)
+        return out._replace(method_state=(out.method_state, hit_rate.astype(jnp.float32)))
+
+    def plain_step(self, params: Any, state: DecodeState, ctx: StepContext) -> tuple[DecodeState, jax.Array]:
+        """One autoregressive step; the drafter observes the root's logits, and whether the
+        chosen token was among its depth-1 drafts is returned."""
+        tree = self.draft(params, state, ctx)
+        positions = state.cache_len[:, None]
+        logits, cache = forward(params, ctx.config, state.last_token[:, None], positions, cache=state.cache,
+                                write_slots=positions, prefix_len=state.cache_len)
+        rng = state.rng
+        if ctx.mode.greedy:
+            token = sample(None, logits[:, 0], ctx.mode, ctx.sampling)
+        else:
+            rng, keys = split_row_keys(state.rng)
+            token = sample(keys, logits[:, 0], ctx.mode, ctx.sampling)
+        hit = (tree.valid & (tree.depth == 1) & (tree.tokens == token[:, None])).any(axis=1)
+        b = token.shape[0]
+        root = Tree(tokens=state.last_token[:, None], parents=jnp.full((b, 1), -1, jnp.int32),
+                    depth=jnp.zeros((b, 1), jnp.int32), valid=jnp.ones((b, 1), bool))
+        method_state = self.observe(state.method_state, root, logits, state)
+        state = state._replace(cache=cache, rng=rng, method_state=method_state)
+        return commit(state, token[:, None], jnp.ones_like(token), ctx), hit
+
+    def tree_step(self, params: Any, state: DecodeState, ctx: StepContext) -> tuple[DecodeState, jax.Array]:
+        """One draft-verify step -> (state, whether a drafted token was accepted, per row)."""
         shape = self.tree_shape()
         tree = self.draft(params, state, ctx)
         n = tree.tokens.shape[1]
@@ -283,7 +370,7 @@ class TreeMethod(DecodeMethod):
         tokens, count = accepted_tokens(tree, path, node, bonus)
         method_state = self.observe(state.method_state, tree, logits, state)
         state = state._replace(cache=cache, rng=rng, method_state=method_state)
-        return commit(state, tokens, count, ctx)
+        return commit(state, tokens, count, ctx), count > 1
 
 
 def chain_tree(root: jax.Array, drafted: jax.Array, n_valid: jax.Array) -> Tree:
