@@ -111,8 +111,10 @@ def test_greedy_is_identical_to_autoregressive_batch4_and_batch1(lm, reference, 
     assert out.tokens == reference
     single = lm.generate([PROMPTS[1]], max_new_tokens=40, method=method, **opts)
     assert single.tokens[0] == reference[1]
-    assert out.stats["target_forwards"] == out.stats["steps"] <= 40
-    assert out.stats["mean_accepted"] >= 1.0
+    random_chain = method == "chain" and opts.get("draft") != "recycling"  # may accept nothing
+    auto = method == "recycling" and "template" not in opts  # may fall back to plain steps here
+    if not (random_chain or auto):  # something was accepted (steps end when the slowest row is done)
+        assert out.stats["mean_accepted"] > 1.0
 
 
 def test_recycling_accepts_more_than_one_token_on_repetitive_text(lm):
@@ -152,10 +154,82 @@ def test_eos_and_max_new_tokens_end_rows_like_plain_decoding(tiny_params):
         assert free.generate(PROMPTS, max_new_tokens=n, method="recycling").tokens == [r[:n] for r in ref]
 
 
+def test_sharded_model_decodes_trees_identically(tiny_params, reference):
+    from jaxaccel.sharding import make_mesh
+
+    lm = jaxaccel.from_params(TINY, tiny_params, mesh=make_mesh("tensor=2,data=2"))
+    out = lm.generate(PROMPTS, max_new_tokens=40, method="recycling", template=[2, 2, 1])
+    assert out.tokens == reference
+
+
+def test_move_kv_matches_python():
+    from jaxaccel.decode.tree import move_kv
+    from jaxaccel.model.transformer import LayerKV
+
+    rng = np.random.default_rng(3)
+    k = rng.normal(size=(2, 1, 20, 2)).astype(np.float32)
+    v = rng.normal(size=(2, 1, 20, 2)).astype(np.float32)
+    cache_len = np.array([3, 7])
+    path = np.array([[0, 2, 5, 9], [0, 1, 4, -1]])  # row 1: node 1 already in place, depth 2
+    (moved,) = move_kv((LayerKV(jnp.asarray(k), jnp.asarray(v)),), jnp.asarray(cache_len), jnp.asarray(path))
+    ek, ev = k.copy(), v.copy()
+    for b in range(2):
+        for d in range(1, 4):
+            if path[b, d] >= 0:
+                ek[b, :, cache_len[b] + d] = k[b, :, cache_len[b] + path[b, d]]
+                ev[b, :, cache_len[b] + d] = v[b, :, cache_len[b] + path[b, d]]
+    np.testing.assert_array_equal(np.asarray(moved.k), ek)
+    np.testing.assert_array_equal(np.asarray(moved.v), ev)
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_verify_sample_emits_the_target_distribution_on_a_hand_built_tree(stochastic):
+    """One verification, many rows: the first emitted token is distributed as p(root) and,
+    when a drafted token x was accepted, the next one as p(node of x) — with a duplicate
+    sibling (deterministic drafts) and a different draft distribution at every node."""
+    from jaxaccel.decode.sampling import make_sampling
+    from jaxaccel.decode.tree import TreeShape, Tree, verify_sample
+
+    v, rows = 5, 40000
+    # root(0) -> 1:a, 2:a (duplicate), 3:b ; 1 -> 4:c, 5:d ; 3 -> 6:c      (stochastic: no duplicate)
+    tokens = [0, 2, 2 if not stochastic else 4, 1, 3, 0, 3]
+    parents = [-1, 0, 0, 0, 1, 1, 3]
+    depth = [0, 1, 1, 1, 2, 2, 2]
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(7, v)).astype(np.float32) * 1.2
+    logits[2] = logits[1]  # the same context gives the same distribution
+    tree = Tree(tokens=jnp.broadcast_to(jnp.array(tokens), (rows, 7)), parents=jnp.broadcast_to(jnp.array(parents), (rows, 7)),
+                depth=jnp.broadcast_to(jnp.array(depth), (rows, 7)), valid=jnp.ones((rows, 7), bool))
+    tok = np.broadcast_to(np.array(tokens), (rows, 7)).copy()
+    if stochastic:  # each node's children drawn from its own q without replacement (Gumbel top-k)
+        q = jax.nn.softmax(jnp.asarray(rng.normal(size=(7, v)), jnp.float32), axis=-1)
+        order = np.asarray(jnp.argsort(-(jax.random.gumbel(jax.random.key(2), (rows, 7, v)) + jnp.log(q)), axis=-1))
+        for node_idx, (parent, rank) in {1: (0, 0), 2: (0, 1), 3: (0, 2), 4: (1, 0), 5: (1, 1), 6: (3, 0)}.items():
+            tok[:, node_idx] = order[:, parent, rank]
+        tree = tree._replace(tokens=jnp.asarray(tok), draft_q=jnp.broadcast_to(q, (rows, 7, v)))
+    mode, sp = make_sampling(1.0, None, None)
+    keys = jax.random.split(jax.random.key(1), rows)
+    node, bonus = jax.jit(lambda t, l, k: verify_sample(t, l, k, mode, sp, TreeShape(7, 2, 3)))(
+        tree, jnp.broadcast_to(jnp.asarray(logits), (rows, 7, v)), keys)
+    node, bonus = np.asarray(node), np.asarray(bonus)
+    p = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
+    path_first = {1: 1, 2: 2, 3: 3, 4: 1, 5: 1, 6: 3}  # the depth-1 node on each node's path
+    on_path = np.array([path_first.get(n, 0) for n in node])
+    first = np.where(node == 0, bonus, tok[np.arange(rows), on_path])
+    counts = np.bincount(first, minlength=v)
+    assert sps.chisquare(counts, p[0] * rows).pvalue > 1e-4
+    for d1 in (1, 3):  # second token given an accepted depth-1 node
+        sel = (on_path == d1) & (node != 0)
+        second = np.where(node[sel] == d1, bonus[sel], tok[np.arange(rows)[sel], node[sel]])
+        assert sel.sum() > 1000
+        assert sps.chisquare(np.bincount(second, minlength=v), p[d1] * sel.sum()).pvalue > 1e-4
+
+
 def test_hot_start_carries_the_matrix(tiny_params):
     lm = jaxaccel.from_params(TINY, tiny_params)
     cold = lm.generate([PROMPTS[1]], max_new_tokens=40, method="recycling", hot_start=True)
-    assert lm._method_memory["recycling"].shape == (TINY.vocab_size, 8)
+    (memory,) = lm._method_memory.values()
+    assert memory.shape == (TINY.vocab_size, 8)
     hot = lm.generate([PROMPTS[1]], max_new_tokens=40, method="recycling", hot_start=True)
     assert hot.tokens == cold.tokens
     assert hot.stats["steps"] < cold.stats["steps"]  # the same text again: the carried matrix drafts it
@@ -322,7 +396,7 @@ def test_bad_method_options(lm, method, opts, message):
 def test_template_larger_than_cache_headroom(lm):
     with pytest.raises(InvalidArgumentError) as e:
         lm.generate([list(range(1, 90))], max_new_tokens=150, method="recycling", template="paper")
-    assert "81 nodes but only 17 cache slots remain" in str(e.value)
+    assert "its draft tree needs 81 cache slots but only 17 remain" in str(e.value)
     lm.generate([list(range(1, 90))], max_new_tokens=150, method="recycling", template=[4, 4, 2])  # 11 nodes fit
 
 

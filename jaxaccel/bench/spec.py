@@ -41,7 +41,8 @@ NATURAL_PROMPTS = [
     "the edges. Then take the first shelf and",
 ]
 
-SWEEP = ((1, 1, 1, 1), (2, 2, 1), (3, 3, 2, 1), (4, 4, 3, 2, 1), (6, 8, 6, 4, 2, 1), (8, 12, 12, 8, 4, 2), "paper")
+SWEEP = ((1, 1), (2, 1), (1, 1, 1), (1, 1, 1, 1), (2, 1, 1), (2, 2, 1), (1,) * 7, (3, 2, 1, 1), (3, 3, 2, 1),
+         (4, 4, 3, 2, 1), (6, 8, 6, 4, 2, 1), (8, 12, 12, 8, 4, 2), "paper")
 
 
 def heldout_prompts(lm, n_files: int, prompt_tokens: int) -> list[list[int]]:

@@ -139,6 +139,8 @@ class LanguageModel:
         mode, sampling = make_sampling(temperature, top_k, top_p)
         decoder = get_method(method, **method_options)
         decoder.check(self.config)
+        if self.mesh is not None and self.mesh.size > 1 and hasattr(decoder, "tree_attention"):
+            decoder.tree_attention = None  # Pallas calls are not auto-partitioned: jnp attention under a mesh
         ids = [self.encode(p, i) for i, p in enumerate(prompts)]
         for i, p in enumerate(ids):
             if len(p) + max_new_tokens > self.config.max_seq_len:
@@ -150,7 +152,7 @@ class LanguageModel:
                                f"after the longest prompt ({longest} tokens) and max_new_tokens ({max_new_tokens}) "
                                f"within the model's maximum length {self.config.max_seq_len}")
         if method_input is None and decoder.carries_memory:
-            method_input = self._method_memory.get(decoder.name)  # hot start from the previous call
+            method_input = self._method_memory.get(decoder.key())  # hot start from the previous call
 
         data_ways = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         batch = len(ids)
@@ -174,7 +176,7 @@ class LanguageModel:
                 sampling, rng, method_input)
 
         show_progress = progress and max_new_tokens >= 64
-        input_sig = jax.tree.map(lambda a: (np.shape(a), str(np.asarray(a).dtype)), method_input)
+        input_sig = jax.tree.map(lambda a: (np.shape(a), str(getattr(a, "dtype", np.asarray(a).dtype))), method_input)
         key = (decoder.key(), mode, batch_bucket, prompt_bucket, out_len, cache_len, chunk, show_progress, input_sig)
         compile_s = 0.0
         compiled = self._compiled.get(key)
@@ -202,7 +204,7 @@ class LanguageModel:
             self._progress_bar = None
 
         if decoder.carries_memory and out.method_output is not None:
-            self._method_memory[decoder.name] = out.method_output[0]  # row 0's state seeds the next call
+            self._method_memory[decoder.key()] = out.method_output[0]  # row 0's state seeds the next call
         out_tokens = np.asarray(out.tokens)
         num_new = np.asarray(out.num_new)
         forwards = np.asarray(out.forwards)

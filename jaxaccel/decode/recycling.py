@@ -70,7 +70,11 @@ def template_widths(template: Any, k: int) -> tuple[int, ...]:
         if template == "paper":
             widths = PAPER_WIDTHS
         elif template == "auto":
-            widths = pick_template(jax.default_backend())
+            widths, prev = [], 1
+            for w in pick_template(jax.default_backend()):  # fit the table's template to k
+                prev = min(w, prev * k)
+                widths.append(prev)
+            widths = tuple(widths)
         else:
             raise InvalidArgumentError(f'template must be "auto", "paper" or a list of per-level widths, got {template!r}')
     elif isinstance(template, Sequence) and template and all(
@@ -110,7 +114,7 @@ class Recycling(TreeMethod):
         self.parents, self.ranks, self.depth = build_template(self.widths, self.k)
 
     def key(self) -> tuple:
-        return (self.name, self.widths, self.k, tuple(sorted((self.fallback_cost or {}).items())))
+        return (self.name, self.widths, self.k, tuple(sorted((self.fallback_cost or {}).items())), self.tree_attention)
 
     def check(self, config) -> None:
         if self.k > config.vocab_size:
@@ -133,6 +137,9 @@ class Recycling(TreeMethod):
             matrix = jnp.full((batch, vocab, self.k), -1, jnp.int32)
         else:
             matrix = jnp.asarray(method_input, jnp.int32)
+            if matrix.shape[-2:] != (vocab, self.k) or matrix.ndim not in (2, 3):
+                raise InvalidArgumentError(f"the recycling matrix must be [{vocab}, {self.k}] (vocab, k) or "
+                                           f"[batch, {vocab}, {self.k}], got {list(matrix.shape)}")
             if matrix.ndim == 2:
                 matrix = jnp.broadcast_to(matrix, (batch,) + matrix.shape)
         return matrix if self.fallback_cost is None else (matrix, self.init_gain())
@@ -163,6 +170,11 @@ class Recycling(TreeMethod):
         matrix = method_state
         b, n = tree.tokens.shape
         top = jax.lax.top_k(logits, self.k)[1].astype(jnp.int32)  # [b, N, k]
-        live = tree.valid & ~state.done[:, None]
+        # Among nodes with the same token the last one writes (an explicit rule, so the
+        # scatter has no duplicate indices and the result does not depend on the backend).
+        idx = jnp.arange(n)
+        later_same = ((tree.tokens[:, :, None] == tree.tokens[:, None, :]) & tree.valid[:, None, :]
+                      & (idx[None, None, :] > idx[None, :, None])).any(-1)
+        live = tree.valid & ~state.done[:, None] & ~later_same
         row_idx = jnp.where(live, tree.tokens, matrix.shape[1])  # out of range: dropped
         return matrix.at[jnp.arange(b)[:, None], row_idx].set(top, mode="drop")

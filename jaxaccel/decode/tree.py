@@ -253,11 +253,16 @@ class TreeMethod(DecodeMethod):
     def cache_headroom(self) -> int:
         return self.tree_shape().nodes
 
+    def key(self) -> tuple:
+        return super().key() + (self.tree_attention,)
+
     def check_headroom(self, headroom: int, context: str) -> None:
+        """The KV cache never outgrows the model's maximum length: prompt + max_new_tokens +
+        the tree's N scratch slots must fit in it."""
         nodes = self.tree_shape().nodes
         if nodes > headroom:
             raise InvalidArgumentError(
-                f"method {self.name!r}: its draft tree has {nodes} nodes but only {headroom} cache slots remain "
+                f"method {self.name!r}: its draft tree needs {nodes} cache slots but only {headroom} remain "
                 f"{context}; use a smaller template or fewer max_new_tokens")
 
     def draft(self, params: Any, state: DecodeState, ctx: StepContext) -> Tree:
@@ -281,6 +286,7 @@ class TreeMethod(DecodeMethod):
     # and otherwise a plain autoregressive step, so decoding is never much slower than
     # autoregressive when drafts stop paying.
     fallback_cost: dict[int, float] | None = None  # batch size -> cost (log-linear in between)
+    tree_attention: str | None = "auto"  # the verification forward's attention (see layers.Attention)
     HIT_DECAY = 0.25
 
     def init_gain(self) -> jax.Array:
@@ -356,7 +362,7 @@ class TreeMethod(DecodeMethod):
         # padded one); a padded node sees itself only (finite, never used).
         mask = (mask & tree.valid[:, None, :]) | jnp.eye(n, dtype=bool)[None]
         logits, cache = forward(params, ctx.config, tree.tokens, positions, cache=state.cache, write_slots=slots,
-                                prefix_len=state.cache_len, new_mask=mask, tree_attention="auto")
+                                prefix_len=state.cache_len, new_mask=mask, tree_attention=self.tree_attention)
         if ctx.mode.greedy:
             node, bonus = verify_greedy(tree, logits, shape.max_depth, paths)
             rng = state.rng
