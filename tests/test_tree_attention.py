@@ -112,3 +112,24 @@ def test_blocks_beyond_prefix_are_skipped():
     poisoned = args[:4] + (jnp.asarray(k_cache), jnp.asarray(v_cache), args[6])
     got = np.asarray(tree_attention_kernel(*poisoned, block_k=32, interpret=True))
     np.testing.assert_allclose(got, np.asarray(tree_attention_reference(*args)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("platform,backend,marker", [("tpu", "tpu", "tpu_custom_call"), ("cuda", "gpu", "triton")])
+def test_kernel_lowers_for_accelerators(platform, backend, marker):
+    """Lowering (no device needed) for TPU through Mosaic and for CUDA through Triton, so an
+    API drift breaks here and not first on a pod. Compiling and timing need the hardware."""
+    from unittest import mock
+
+    from jaxaccel.pallas_kernels.tree_attention import tree_attention_kernel
+
+    b, t, h, kvh, d, s = 2, 8, 4, 2, 64, 256
+    args = (jnp.zeros((b, t, h, d)), jnp.zeros((b, t, kvh, d)), jnp.zeros((b, t, kvh, d)), jnp.ones((b, t, t), bool),
+            jnp.zeros((b, kvh, s, d)), jnp.zeros((b, kvh, s, d)), jnp.array([10, 200], jnp.int32))
+    jax.clear_caches()
+    try:
+        with mock.patch("jax.default_backend", return_value=backend):
+            text = jax.jit(lambda *a: tree_attention_kernel(*a, block_k=128)).trace(*args).lower(
+                lowering_platforms=(platform,)).as_text()
+    finally:
+        jax.clear_caches()
+    assert marker in text.lower()
