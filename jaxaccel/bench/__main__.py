@@ -20,6 +20,14 @@ def argparse_suppress():
     return argparse.SUPPRESS
 
 
+def require_peers() -> None:
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        fail("the Hugging Face baseline needs the peers extra: pip install 'jaxaccel[peers]' (or pass --no-hf)")
+
+
 def _csv(text: str, cast=str) -> tuple:
     try:
         return tuple(cast(x) for x in text.split(",") if x)
@@ -75,11 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.sweep:
             sweep = tuple(t if t == "paper" else tuple(_csv(t.replace("-", ","), int)) for t in _csv(args.sweep))
         if not args.no_hf:
-            try:
-                import torch  # noqa: F401
-                import transformers  # noqa: F401
-            except ImportError:
-                fail("the transformers baseline needs the peers extra: pip install 'jaxaccel[peers]' (or --no-hf)")
+            require_peers()
         result = spec.run(args.model, batches, temperatures, args.new_tokens, args.runs, args.files, args.prompt_tokens,
                           sweep, hf=not args.no_hf, progress=lambda s: print(s, file=sys.stderr))
         print(spec.markdown(result))
@@ -118,11 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             fail("batches, runs, new tokens and prompt length must be >= 1")
         hf = not args.no_hf
         if hf:
-            try:
-                import torch  # noqa: F401
-                import transformers  # noqa: F401
-            except ImportError:
-                fail("the Hugging Face baseline needs the peers extra: pip install 'jaxaccel[peers]' (or pass --no-hf)")
+            require_peers()
         result = decode.run(models, batches, args.prompt_len, args.new_tokens, args.runs, hf=hf, dtype=args.dtype,
                             progress=lambda s: print(s, file=sys.stderr))
         print(decode.markdown(result))

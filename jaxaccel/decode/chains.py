@@ -13,25 +13,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxaccel.decode.engine import DecodeState, StepContext
 from jaxaccel.decode.recycling import Recycling
-from jaxaccel.decode.tree import Tree, TreeMethod, TreeShape, chain_tree
+from jaxaccel.decode.tree import (Tree, TreeMethod, TreeShape, chain_structure, chain_tree, check_k_fits_vocab,
+                                  positive_int)
 from jaxaccel.errors import InvalidArgumentError
-
-
-def _positive_int(name: str, value: Any, upper: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise InvalidArgumentError(f"{name} must be an integer >= 1, got {value!r}")
-    if upper is not None and value > upper:
-        raise InvalidArgumentError(f"{name} must be at most {upper}, got {value}")
-    return int(value)
-
-
-def chain_structure(length: int) -> tuple[np.ndarray, np.ndarray]:
-    idx = np.arange(length + 1, dtype=np.int32)
-    return idx - 1, idx
 
 
 class PromptLookup(TreeMethod):
@@ -40,8 +27,8 @@ class PromptLookup(TreeMethod):
 
     def __init__(self, **opts: Any):
         super().__init__(**opts)
-        self.max_ngram = _positive_int("max_ngram", self.opts["max_ngram"], 16)
-        self.num_draft = _positive_int("num_draft", self.opts["num_draft"], 256)
+        self.max_ngram = positive_int("max_ngram", self.opts["max_ngram"], 16)
+        self.num_draft = positive_int("num_draft", self.opts["num_draft"], 256)
 
     def tree_shape(self) -> TreeShape:
         return TreeShape(nodes=self.num_draft + 1, max_depth=self.num_draft, max_children=1)
@@ -88,14 +75,13 @@ class Chain(TreeMethod):
 
     def __init__(self, **opts: Any):
         super().__init__(**opts)
-        self.k = _positive_int("k", self.opts["k"], 256)
+        self.k = positive_int("k", self.opts["k"], 256)
         if self.opts["draft"] not in ("random", "recycling"):
             raise InvalidArgumentError(f'draft must be "random" or "recycling", got {self.opts["draft"]!r}')
         self.recycling = Recycling(template=[1] * self.k) if self.opts["draft"] == "recycling" else None
 
     def check(self, config) -> None:
-        if self.k > config.vocab_size:
-            raise InvalidArgumentError(f"k={self.k} is larger than the vocabulary ({config.vocab_size} tokens)")
+        check_k_fits_vocab(self.k, config)
 
     def tree_shape(self) -> TreeShape:
         return TreeShape(nodes=self.k + 1, max_depth=self.k, max_children=1)

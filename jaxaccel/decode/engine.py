@@ -45,6 +45,7 @@ class StepContext(NamedTuple):
     sampling: SamplingParams
     eos_ids: jax.Array  # [n_eos] int32 (may be empty)
     max_new: jax.Array  # () int32
+    sharded: bool = False  # static: the model runs over a device mesh
 
 
 def commit(state: DecodeState, new_tokens: jax.Array, n_new: jax.Array, ctx: StepContext) -> DecodeState:
@@ -179,7 +180,7 @@ def generate_loop(params, prompt_tokens, prompt_lens, live, max_new, sampling: S
     if cache_sharding is not None:
         cache = jax.lax.with_sharding_constraint(cache, jax.tree.map(lambda _: cache_sharding, cache))
     cache = prefill(params, config, cache, prompt_tokens, prompt_lens, chunk)
-    ctx = StepContext(config=config, mode=mode, sampling=sampling,
+    ctx = StepContext(config=config, mode=mode, sampling=sampling, sharded=cache_sharding is not None,
                       eos_ids=jnp.asarray(eos_ids, jnp.int32).reshape(-1), max_new=max_new)
     last = jnp.take_along_axis(prompt_tokens, (prompt_lens - 1)[:, None], axis=1)[:, 0]
     state = DecodeState(

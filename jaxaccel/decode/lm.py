@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from jaxaccel import sharding as shd
 from jaxaccel.config import ModelConfig
@@ -139,8 +139,6 @@ class LanguageModel:
         mode, sampling = make_sampling(temperature, top_k, top_p)
         decoder = get_method(method, **method_options)
         decoder.check(self.config)
-        if self.mesh is not None and self.mesh.size > 1 and hasattr(decoder, "tree_attention"):
-            decoder.tree_attention = None  # Pallas calls are not auto-partitioned: jnp attention under a mesh
         ids = [self.encode(p, i) for i, p in enumerate(prompts)]
         for i, p in enumerate(ids):
             if len(p) + max_new_tokens > self.config.max_seq_len:
@@ -213,6 +211,7 @@ class LanguageModel:
         stats = {
             "method": decoder.name, "batch": batch, "prompt_tokens": [len(p) for p in ids],
             "new_tokens": new_tokens, "steps": int(out.steps), "target_forwards": int(out.steps),
+            "row_forwards": int(forwards[:batch].sum()),  # target forwards summed over the rows while live
             "mean_accepted": new_tokens / max(1, int(forwards[:batch].sum())),
             "decode_s": decode_s, "tokens_per_s": new_tokens / decode_s if decode_s > 0 else float("inf"),
             "compile_s": compile_s,

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxaccel.decode.engine import DecodeState, StepContext
-from jaxaccel.decode.tree import Tree, TreeMethod, TreeShape, static_tree
+from jaxaccel.decode.tree import Tree, TreeMethod, TreeShape, check_k_fits_vocab, positive_int, static_tree
 from jaxaccel.errors import InvalidArgumentError
 
 PAPER_WIDTHS = (8, 21, 25, 15, 8, 3)
@@ -102,27 +102,24 @@ class Recycling(TreeMethod):
 
     def __init__(self, **opts: Any):
         super().__init__(**opts)
-        k = self.opts["k"]
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise InvalidArgumentError(f"k must be an integer >= 1, got {k!r}")
+        self.k = positive_int("k", self.opts["k"])
         if not isinstance(self.opts["hot_start"], bool):
             raise InvalidArgumentError(f"hot_start must be true or false, got {self.opts['hot_start']!r}")
-        self.k = int(k)
         self.widths = template_widths(self.opts["template"], self.k)
         if self.opts["template"] == "auto":
             self.fallback_cost = AUTO_COST.get(jax.default_backend())
         self.parents, self.ranks, self.depth = build_template(self.widths, self.k)
+        counts = np.bincount(self.parents[1:], minlength=len(self.parents))
+        self._shape = TreeShape(nodes=len(self.parents), max_depth=len(self.widths), max_children=int(counts.max()))
 
     def key(self) -> tuple:
-        return (self.name, self.widths, self.k, tuple(sorted((self.fallback_cost or {}).items())), self.tree_attention)
+        return (self.name, self.widths, self.k, tuple(sorted((self.fallback_cost or {}).items())))
 
     def check(self, config) -> None:
-        if self.k > config.vocab_size:
-            raise InvalidArgumentError(f"k={self.k} is larger than the vocabulary ({config.vocab_size} tokens)")
+        check_k_fits_vocab(self.k, config)
 
     def tree_shape(self) -> TreeShape:
-        counts = np.bincount(self.parents[1:], minlength=len(self.parents))
-        return TreeShape(nodes=len(self.parents), max_depth=len(self.widths), max_children=int(counts.max()))
+        return self._shape
 
     def static_structure(self):
         return self.parents, self.depth

@@ -31,8 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxaccel.decode.autoregressive import next_token
 from jaxaccel.decode.engine import DecodeMethod, DecodeState, StepContext, commit, split_row_keys
-from jaxaccel.decode.sampling import SamplingMode, SamplingParams, sample, target_probs
+from jaxaccel.decode.sampling import SamplingMode, SamplingParams, target_probs
 from jaxaccel.errors import InvalidArgumentError
 from jaxaccel.model.transformer import LayerKV, forward
 
@@ -243,6 +244,20 @@ def accepted_tokens(tree: Tree, path: jax.Array, node: jax.Array, bonus: jax.Arr
 # ----------------------------------------------------------------------------- the method base
 
 
+def positive_int(name: str, value: Any, upper: int | None = None) -> int:
+    """Validate an integer method option >= 1 (and <= upper)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InvalidArgumentError(f"{name} must be an integer >= 1, got {value!r}")
+    if upper is not None and value > upper:
+        raise InvalidArgumentError(f"{name} must be at most {upper}, got {value}")
+    return int(value)
+
+
+def check_k_fits_vocab(k: int, config) -> None:
+    if k > config.vocab_size:
+        raise InvalidArgumentError(f"k={k} is larger than the vocabulary ({config.vocab_size} tokens)")
+
+
 class TreeMethod(DecodeMethod):
     """A speculative method: `draft` proposes a `Tree` per row, the shared verifier accepts a
     path, `observe` lets the drafter learn from the verified logits (Token Recycling)."""
@@ -252,9 +267,6 @@ class TreeMethod(DecodeMethod):
 
     def cache_headroom(self) -> int:
         return self.tree_shape().nodes
-
-    def key(self) -> tuple:
-        return super().key() + (self.tree_attention,)
 
     def check_headroom(self, headroom: int, context: str) -> None:
         """The KV cache never outgrows the model's maximum length: prompt + max_new_tokens +
@@ -286,7 +298,6 @@ class TreeMethod(DecodeMethod):
     # and otherwise a plain autoregressive step, so decoding is never much slower than
     # autoregressive when drafts stop paying.
     fallback_cost: dict[int, float] | None = None  # batch size -> cost (log-linear in between)
-    tree_attention: str | None = "auto"  # the verification forward's attention (see layers.Attention)
     HIT_DECAY = 0.25
 
     def init_gain(self) -> jax.Array:
@@ -323,21 +334,12 @@ class TreeMethod(DecodeMethod):
         """One autoregressive step; the drafter observes the root's logits, and whether the
         chosen token was among its depth-1 drafts is returned."""
         tree = self.draft(params, state, ctx)
-        positions = state.cache_len[:, None]
-        logits, cache = forward(params, ctx.config, state.last_token[:, None], positions, cache=state.cache,
-                                write_slots=positions, prefix_len=state.cache_len)
-        rng = state.rng
-        if ctx.mode.greedy:
-            token = sample(None, logits[:, 0], ctx.mode, ctx.sampling)
-        else:
-            rng, keys = split_row_keys(state.rng)
-            token = sample(keys, logits[:, 0], ctx.mode, ctx.sampling)
+        state, logits, token = next_token(params, state, ctx)
         hit = (tree.valid & (tree.depth == 1) & (tree.tokens == token[:, None])).any(axis=1)
         b = token.shape[0]
         root = Tree(tokens=state.last_token[:, None], parents=jnp.full((b, 1), -1, jnp.int32),
                     depth=jnp.zeros((b, 1), jnp.int32), valid=jnp.ones((b, 1), bool))
-        method_state = self.observe(state.method_state, root, logits, state)
-        state = state._replace(cache=cache, rng=rng, method_state=method_state)
+        state = state._replace(method_state=self.observe(state.method_state, root, logits, state))
         return commit(state, token[:, None], jnp.ones_like(token), ctx), hit
 
     def tree_step(self, params: Any, state: DecodeState, ctx: StepContext) -> tuple[DecodeState, jax.Array]:
@@ -362,7 +364,9 @@ class TreeMethod(DecodeMethod):
         # padded one); a padded node sees itself only (finite, never used).
         mask = (mask & tree.valid[:, None, :]) | jnp.eye(n, dtype=bool)[None]
         logits, cache = forward(params, ctx.config, tree.tokens, positions, cache=state.cache, write_slots=slots,
-                                prefix_len=state.cache_len, new_mask=mask, tree_attention=self.tree_attention)
+                                prefix_len=state.cache_len, new_mask=mask,
+                                # Pallas calls are not auto-partitioned: jnp attention under a mesh
+                                tree_attention=None if ctx.sharded else "auto")
         if ctx.mode.greedy:
             node, bonus = verify_greedy(tree, logits, shape.max_depth, paths)
             rng = state.rng
@@ -379,14 +383,18 @@ class TreeMethod(DecodeMethod):
         return commit(state, tokens, count, ctx), count > 1
 
 
+def chain_structure(length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(parents, depth) of a chain of `length` drafted tokens under the root."""
+    idx = np.arange(length + 1, dtype=np.int32)
+    return idx - 1, idx
+
+
 def chain_tree(root: jax.Array, drafted: jax.Array, n_valid: jax.Array) -> Tree:
     """A chain: root [b], drafted [b, L] tokens of which the first n_valid [b] are real."""
-    b, length = drafted.shape
-    idx = jnp.arange(length + 1, dtype=jnp.int32)
+    length = drafted.shape[1]
     tokens = jnp.concatenate([root[:, None], drafted], axis=1).astype(jnp.int32)
-    valid = idx[None, :] <= n_valid[:, None]
-    return Tree(tokens=jnp.where(valid, tokens, 0), parents=jnp.broadcast_to(idx - 1, (b, length + 1)),
-                depth=jnp.broadcast_to(idx, (b, length + 1)), valid=valid)
+    valid = jnp.arange(length + 1)[None, :] <= n_valid[:, None]
+    return static_tree(root, tokens, valid, *chain_structure(length))
 
 
 def static_tree(root: jax.Array, tokens: jax.Array, valid: jax.Array, parents: np.ndarray, depth: np.ndarray) -> Tree:

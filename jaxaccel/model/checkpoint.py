@@ -40,9 +40,6 @@ def save_model(folder: str | Path, config: ModelConfig, params: Any, *, tokenize
     """Write a model folder. The marker file is written last, so a folder without it (a save
     that was killed) is never taken for a checkpoint."""
     import orbax.checkpoint as ocp
-
-    from jaxaccel.model.transformer import is_scanned
-
     from jax.experimental import multihost_utils
 
     folder = as_path(folder)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Sequence
 
 from jaxaccel.cli import ArgumentParser, run_cli
