@@ -30,8 +30,9 @@ from jaxaccel.errors import InvalidArgumentError
 
 PAPER_WIDTHS = (8, 21, 25, 15, 8, 3)
 
-# Measured on this project's reference CPU (2 cores, docs/BENCHMARKS.md, "spec" table): the
-# template with the best wall-clock speedup on the default model. Accelerators verify a tree
+# Measured on this project's reference CPU (2 cores, docs/BENCHMARKS.md, template sweep): one
+# of the two fastest templates on the default model in two runs ([1, 1, 1] and [2, 1, 1], within
+# noise of each other; the chain is the cheaper to verify). Accelerators verify a tree
 # at about the cost of one token (memory-bound), so they take the paper's tree.
 AUTO_WIDTHS = {"cpu": (1, 1, 1), "gpu": PAPER_WIDTHS, "tpu": PAPER_WIDTHS}
 # A tree step's time over a plain step's for the auto template, measured alongside it; with
