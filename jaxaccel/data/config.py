@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from jaxaccel.data.ids import min_vocab_size
 from jaxaccel.errors import ConfigError
 
 OBJECTIVES = ("causal", "prefix_lm", "ul2")
@@ -90,8 +91,6 @@ class DataConfig:
     denoisers: tuple[Denoiser, ...] = UL2_DENOISERS
 
     def __post_init__(self):
-        from jaxaccel.data.vocab import min_vocab_size  # no cycle: vocab imports nothing from here at import
-
         if not self.corpus.strip():
             raise ConfigError("data.corpus must not be empty (use 'stdlib', file paths/globs, or 'tfds:NAME')")
         if not self.text_field:

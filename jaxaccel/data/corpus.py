@@ -46,7 +46,9 @@ import sysconfig
 from pathlib import Path
 from typing import Iterator
 
+from jaxaccel.data import cache
 from jaxaccel.data.errors import DataError
+from jaxaccel.data.tf_import import import_tfds
 
 MANIFEST_FORMAT = "jaxaccel-corpus-manifest/1"
 STDLIB_EXCLUDED_DIRS = ("site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test")
@@ -114,8 +116,6 @@ class Corpus:
         return f"{self.slug}-{self.sha256[:16]}"
 
     def write_manifest(self, directory: Path) -> Path:
-        from jaxaccel.data import cache
-
         path = directory / "manifest.json"
         if cache.read_json(path) != self.manifest:
             cache.write_json(path, self.manifest)
@@ -149,8 +149,7 @@ class Corpus:
     def _tfds_documents(self) -> Iterator[Document]:
         builder = _tfds_builder(self.manifest["tfds"]["name"])
         dataset = builder.as_dataset(split=self._tfds_split, shuffle_files=False)
-        import tensorflow_datasets as tfds
-
+        tfds = import_tfds()
         for index, example in enumerate(tfds.as_numpy(dataset)):
             if self.text_field not in example:
                 raise DataError(f"tfds:{builder.name} example {index} has no {self.text_field!r} field"
@@ -261,8 +260,7 @@ def _files_corpus(spec: str, text_field: str) -> Corpus:
 
 
 def _tfds_builder(name: str):
-    import tensorflow_datasets as tfds
-
+    tfds = import_tfds()  # quiet TF logging and hide accelerators before TFDS touches TF
     try:
         return tfds.builder(name)
     except Exception as e:  # DatasetNotFoundError lists every dataset name: keep the first line
@@ -270,13 +268,10 @@ def _tfds_builder(name: str):
 
 
 def _tfds_corpus(spec: str, text_field: str) -> Corpus:
-    from jaxaccel.data.tasks import import_tensorflow
-
     parts = spec.split(":")
     if len(parts) not in (2, 3) or not parts[1]:
         raise DataError(f"data.corpus: {spec!r} must look like tfds:NAME or tfds:NAME:SPLIT")
     name, split = parts[1], (parts[2] if len(parts) == 3 and parts[2] else "train")
-    import_tensorflow()  # quiet TF logging and hide accelerators before TFDS touches TF
     builder = _tfds_builder(name)
     if not builder.is_prepared():
         raise DataError(f"data.corpus: tfds dataset {name!r} is not prepared in {builder.data_dir}"

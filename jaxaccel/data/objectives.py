@@ -54,7 +54,7 @@ import numpy as np
 
 from jaxaccel.errors import ConfigError
 from jaxaccel.data.config import Denoiser
-from jaxaccel.data.vocab import BOS_ID, EOS_ID, MODE_IDS, PAD_ID, sentinel_id
+from jaxaccel.data.ids import BOS_ID, EOS_ID, MODE_IDS, PAD_ID, sentinel_id
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "bidirectional")
 _DTYPES = {"inputs": np.int32, "targets": np.int32, "loss_mask": np.float32, "segment_ids": np.int32,

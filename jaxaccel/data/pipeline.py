@@ -37,9 +37,11 @@ import numpy as np
 from jaxaccel.data import cache
 from jaxaccel.data.config import DataConfig
 from jaxaccel.data.corpus import open_corpus
+from jaxaccel.data.ids import BOS_ID, EOS_ID, PAD_ID
 from jaxaccel.data.objectives import (apply_prefix_lm, causal_rows, empty_rows, row_rng, ul2_raw_length,
                                       ul2_row)
-from jaxaccel.data.vocab import BOS_ID, EOS_ID, PAD_ID, ensure_vocab, vocab_key
+from jaxaccel.data.tasks import tokenize_corpus
+from jaxaccel.data.vocab import ensure_vocab, load_vocabulary, vocab_key
 from jaxaccel.errors import ConfigError
 
 _DOC_SHUFFLE_TAG = 0xD0C5
@@ -111,8 +113,6 @@ def build_data(cfg: DataConfig, *, seq_len: int, batch_size: int, shard_index: i
     vocab = ensure_vocab(corpus, corpus_dir / f"vocab-{key[:16]}", validation_buckets=buckets,
                          vocab_size=cfg.vocab_size, num_sentinels=cfg.num_sentinels,
                          vocab_max_chars=cfg.vocab_max_chars)
-    from jaxaccel.data.tasks import tokenize_corpus  # imports TF only when the token cache is missing
-
     tokenized = tokenize_corpus(corpus, vocab.path, buckets)
     if buckets > 0 and tokenized.num_documents("validation") == 0:
         raise ConfigError(
@@ -278,8 +278,6 @@ class TrainData:
 
     def vocabulary(self):
         """The vocabulary as a `seqio.SentencePieceVocabulary` (imports TensorFlow)."""
-        from jaxaccel.data.vocab import load_vocabulary
-
         return load_vocabulary(self.vocab_path)
 
     def __repr__(self) -> str:

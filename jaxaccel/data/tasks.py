@@ -1,10 +1,9 @@
 """seqio Tasks over a corpus, and the tokenized arrays materialized from them.
 
-The only module of jaxaccel that imports TensorFlow (through seqio/TFDS), and only when a
-cache is missing: once the token arrays exist, training reads numpy memory maps and never
-imports TensorFlow. TF's C++ logging is silenced (TF_CPP_MIN_LOG_LEVEL=3) before the
-import, and TF is kept off every GPU/TPU (`set_visible_devices([], ...)`) so it never
-allocates accelerator memory that JAX owns.
+The data package's TensorFlow user (through seqio), and only when a cache is missing: once
+the token arrays exist, training reads numpy memory maps and never imports TensorFlow. TF
+itself is imported through `jaxaccel.data.tf_import` (quiet logging, no accelerators), and
+only inside the functions that run the Task.
 
 Task `jaxaccel_<slug>_<key[:12]>` (one per corpus x vocabulary x validation split; splits
 "train" and "validation"): a `FunctionDataSource` yields the split's documents in manifest
@@ -25,10 +24,7 @@ document's `<s> ... </s>` back to back), `<split>.offsets.npy` (int64, document 
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,54 +33,10 @@ from tqdm import tqdm
 from jaxaccel.data import cache
 from jaxaccel.data.corpus import SPLITS, Corpus
 from jaxaccel.data.errors import DataError
-from jaxaccel.data.vocab import BOS_ID
+from jaxaccel.data.ids import BOS_ID
+from jaxaccel.data.tf_import import import_seqio, import_tensorflow, stderr_silenced
 
 TASK_PREFIX = "jaxaccel_"
-
-
-@contextlib.contextmanager
-def _stderr_silenced():
-    """Point fd 2 at /dev/null for the block: TF's native libraries print on stderr before
-    absl logging is initialised, where TF_CPP_MIN_LOG_LEVEL cannot reach. Yields a file on
-    the real stderr (for a progress bar); Python exceptions still propagate as usual."""
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no real fd 2 (e.g. an embedded interpreter): silence nothing
-        yield sys.stderr
-        return
-    original = os.fdopen(os.dup(saved), "w")
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield original
-    finally:
-        original.close()
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-@functools.cache
-def import_tensorflow():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    with _stderr_silenced():
-        import tensorflow as tf
-    with _stderr_silenced():  # probing for devices logs driver errors on machines without them
-        for kind in ("GPU", "TPU"):  # JAX owns the accelerators; TF only tokenizes, on the CPU
-            try:
-                tf.config.set_visible_devices([], kind)
-            except (RuntimeError, ValueError):
-                pass  # devices already initialised by an earlier TF user, or no such device type
-    return tf
-
-
-@functools.cache
-def import_seqio():
-    import_tensorflow()
-    with _stderr_silenced():
-        import seqio
-    return seqio
 
 
 def task_name(corpus: Corpus, vocab_dir: Path) -> str:
@@ -175,7 +127,7 @@ def tokenize_corpus(corpus: Corpus, vocab_path: Path, validation_buckets: int) -
     for split in SPLITS:
         pieces, ids = [], []
         # tf_text's SentencePiece op logs on stderr when it loads a model with identity normalisation
-        with _stderr_silenced() as stderr:
+        with stderr_silenced() as stderr:
             dataset = task.get_dataset(sequence_length=None, split=split, shuffle=False, use_cached=False, seed=0)
             for example in tqdm(dataset.as_numpy_iterator(), desc=f"tokenizing {split}", unit=" docs",
                                 file=stderr, disable=None, leave=False):

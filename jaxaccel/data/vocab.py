@@ -1,6 +1,7 @@
 """The project's SentencePiece vocabulary: trained on the training split, cached, reused.
 
-Token ids (fixed, whatever the corpus or vocabulary size):
+Token ids (fixed, whatever the corpus or vocabulary size; defined in `jaxaccel.data.ids` and
+re-exported here):
 
     0 <pad>   padding (seqio's PAD_ID)        4 [R]  UL2 regular span corruption mode
     1 </s>    end of document (EOS)           5 [X]  UL2 extreme span corruption mode
@@ -39,27 +40,22 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from jaxaccel.data import cache
+from jaxaccel.data.errors import DataError
+from jaxaccel.data.ids import (BOS_ID, EOS_ID, FIRST_SENTINEL_ID, MODE_IDS, MODE_PIECES, NUM_BYTE_PIECES, PAD_ID,
+                               UNK_ID, min_vocab_size, sentinel_id)
+from jaxaccel.data.tf_import import import_seqio
 from jaxaccel.errors import ConfigError
 
-PAD_ID, EOS_ID, UNK_ID, BOS_ID = 0, 1, 2, 3
-MODE_PIECES = {"R": "[R]", "X": "[X]", "S": "[S]"}
-MODE_IDS = {"R": 4, "X": 5, "S": 6}
-FIRST_SENTINEL_ID = 7
-NUM_BYTE_PIECES = 256
+__all__ = ["BOS_ID", "EOS_ID", "FIRST_SENTINEL_ID", "MODE_IDS", "MODE_PIECES", "NUM_BYTE_PIECES", "PAD_ID", "UNK_ID",
+           "VocabFile", "check_reserved_ids", "control_symbols", "ensure_vocab", "load_vocabulary",
+           "min_vocab_size", "sentinel_id", "train_sentencepiece", "training_chunks", "vocab_key"]
+
 CHUNK_CHARS = 2000
 TRAINER_THREADS = 2  # fixed: SentencePiece records it in the model, so it is part of the output bytes
 VOCAB_FORMAT = 1  # bump when the training recipe changes (it is part of the cache key)
 
 TRAINS = 0  # how many vocabularies this process has trained (tests check the cache with it)
-
-
-def sentinel_id(i: int) -> int:
-    """Id of sentinel <extra_id_i> (ascending ids, unlike T5's descending ones)."""
-    return FIRST_SENTINEL_ID + i
-
-
-def min_vocab_size(num_sentinels: int) -> int:
-    return FIRST_SENTINEL_ID + num_sentinels + NUM_BYTE_PIECES + 1
 
 
 def control_symbols(num_sentinels: int) -> list[str]:
@@ -76,9 +72,7 @@ class VocabFile:
 
 def vocab_key(corpus_sha256: str, validation_buckets: int, vocab_size: int, num_sentinels: int,
               vocab_max_chars: int) -> str:
-    from jaxaccel.data.cache import content_key
-
-    return content_key("vocab", VOCAB_FORMAT, corpus_sha256, validation_buckets, vocab_size, num_sentinels,
+    return cache.content_key("vocab", VOCAB_FORMAT, corpus_sha256, validation_buckets, vocab_size, num_sentinels,
                        vocab_max_chars)
 
 
@@ -149,16 +143,12 @@ def ensure_vocab(corpus, directory: Path, *, validation_buckets: int, vocab_size
                  vocab_max_chars: int) -> VocabFile:
     """The cached model for these settings, training it first if it is not there yet."""
     global TRAINS
-    from jaxaccel.data import cache
-
     path = directory / "spm.model"
     info = cache.read_json(directory / "vocab.json")
     if path.is_file() and info is not None:
         return VocabFile(path, info["pieces"], trained=False, seconds=info["train_seconds"])
     train_chars = sum(len(d.text) for d in corpus.documents("train", validation_buckets))
     if train_chars == 0:
-        from jaxaccel.data.errors import DataError
-
         raise DataError(f"corpus {corpus.spec!r}: the training split is empty (validation takes every document)")
     keep_fraction = min(1.0, vocab_max_chars / train_chars)
     start = time.perf_counter()
@@ -200,7 +190,5 @@ def check_reserved_ids(path: Path, num_sentinels: int) -> None:
 
 def load_vocabulary(path: str | Path):
     """The model as a `seqio.SentencePieceVocabulary` (imports TensorFlow and seqio)."""
-    from jaxaccel.data.tasks import import_seqio
-
     seqio = import_seqio()
     return seqio.SentencePieceVocabulary(str(path))

@@ -1,0 +1,70 @@
+"""TensorFlow, seqio and TFDS, imported quietly and kept off the accelerators.
+
+The data package's only door to TensorFlow: every use goes through these functions, and
+only inside the function that needs it, so importing `jaxaccel.data` never imports TF.
+TF's C++ logging is silenced (TF_CPP_MIN_LOG_LEVEL=3) before the import, and TF is kept off
+every GPU/TPU (`set_visible_devices([], ...)`) so it never allocates accelerator memory
+that JAX owns. A leaf module: it imports nothing from jaxaccel.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+
+
+@contextlib.contextmanager
+def stderr_silenced():
+    """Point fd 2 at /dev/null for the block: TF's native libraries print on stderr before
+    absl logging is initialised, where TF_CPP_MIN_LOG_LEVEL cannot reach. Yields a file on
+    the real stderr (for a progress bar); Python exceptions still propagate as usual."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real fd 2 (e.g. an embedded interpreter): silence nothing
+        yield sys.stderr
+        return
+    original = os.fdopen(os.dup(saved), "w")
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield original
+    finally:
+        original.close()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@functools.cache
+def import_tensorflow():
+    """The `tensorflow` module, imported (once) quietly and with no GPU/TPU visible to it."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    with stderr_silenced():
+        import tensorflow as tf
+    with stderr_silenced():  # probing for devices logs driver errors on machines without them
+        for kind in ("GPU", "TPU"):  # JAX owns the accelerators; TF only tokenizes, on the CPU
+            try:
+                tf.config.set_visible_devices([], kind)
+            except (RuntimeError, ValueError):
+                pass  # devices already initialised by an earlier TF user, or no such device type
+    return tf
+
+
+@functools.cache
+def import_seqio():
+    """The `seqio` module, imported after `import_tensorflow`."""
+    import_tensorflow()
+    with stderr_silenced():
+        import seqio
+    return seqio
+
+
+@functools.cache
+def import_tfds():
+    """The `tensorflow_datasets` module, imported after `import_tensorflow`."""
+    import_tensorflow()
+    import tensorflow_datasets as tfds
+
+    return tfds
