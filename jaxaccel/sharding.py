@@ -112,3 +112,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def shard_tree(tree: Any, shardings: Any) -> Any:
     """Place host or device arrays onto their shardings."""
     return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None], mesh: Mesh | None) -> jax.Array:
+    """Pin an activation to the layout its logical axes give on `mesh` (no-op without a mesh),
+    so FSDP/tensor layouts inside the model are decided by the rule table, not guessed by the
+    compiler (MaxText annotates its activations the same way)."""
+    if mesh is None or mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, named_sharding(axes, x.shape, mesh))

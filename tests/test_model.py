@@ -8,6 +8,7 @@ import pytest
 from conftest import TINY, jit_forward as forward, randomize
 from jaxaccel.config import ModelConfig, RopeScaling, replace
 from jaxaccel.model.layers import rope_inv_freq
+from jaxaccel.model.options import ExecutionPlan
 from jaxaccel.model.transformer import (canonical_params, fuse_layers, init_cache, init_params, is_fused,
                                         logical_axes, param_shapes, stack_layers, unfuse_layers, unstack_layers)
 
@@ -111,11 +112,11 @@ def test_inactive_layers_pass_rows_through(tiny_params):
     cfg = TINY
     x = tokens(2, 5)
     ref, _ = forward(tiny_params, cfg, x)
-    all_on, _ = forward(tiny_params, cfg, x, layer_active=jnp.ones((2, cfg.n_layers), bool))
+    all_on, _ = forward(tiny_params, cfg, x, plan=ExecutionPlan(active=jnp.ones((2, cfg.n_layers), bool)))
     np.testing.assert_allclose(all_on, ref, atol=1e-6)
     # Row 1 skips layer 0: equal to a model whose layer 0 is the identity.
     active = jnp.array([[True, True], [False, True]])
-    mixed, _ = forward(tiny_params, cfg, x, layer_active=active)
+    mixed, _ = forward(tiny_params, cfg, x, plan=ExecutionPlan(active=active))
     np.testing.assert_allclose(mixed[0], ref[0], atol=1e-6)
     assert np.abs(mixed[1] - ref[1]).max() > 1e-3
     one_layer = replace(cfg, n_layers=1)

@@ -11,7 +11,9 @@ from jaxaccel.config import ModelConfig
 from jaxaccel.decode.recycling import PAPER_WIDTHS, build_template
 from jaxaccel.decode.tree import (TreeMethod, TreeShape, ancestor_mask, children_table, static_tree,
                                   tree_paths, verify_greedy)
+from jaxaccel.decode import tuning
 from jaxaccel.errors import InvalidArgumentError
+from jaxaccel.model.options import TreeKernelAttention
 from jaxaccel.model.transformer import init_params
 
 PROMPTS = [[5, 17, 33], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [42],
@@ -90,7 +92,7 @@ def test_tree_forward_through_the_pallas_kernel_matches_the_reference(tiny_param
                 new_mask=jnp.broadcast_to(mask, (2, 9, 9)))
     positions = lens[:, None] + jnp.asarray(depth)[None]
     ref_logits, ref_cache = forward(params, TINY, tokens, positions, **args)
-    ker_logits, ker_cache = forward(params, TINY, tokens, positions, tree_attention="interpret", **args)
+    ker_logits, ker_cache = forward(params, TINY, tokens, positions, attention=TreeKernelAttention(interpret=True), **args)
     np.testing.assert_allclose(np.asarray(ker_logits), np.asarray(ref_logits), atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(ker_cache[1].k), np.asarray(ref_cache[1].k), atol=1e-5, rtol=1e-5)
 
@@ -131,7 +133,7 @@ def test_auto_template_falls_back_to_plain_steps_when_drafts_miss(tiny_params, m
 
     lm = jaxaccel.from_params(TINY, tiny_params)
     ref = lm.generate(PROMPTS, max_new_tokens=30)
-    monkeypatch.setitem(recycling.AUTO_COST, jax.default_backend(), {1: 1.5, 4: 2.0})
+    monkeypatch.setitem(tuning.RECYCLING_COST, jax.default_backend(), {1: 1.5, 4: 2.0})
     auto = jaxaccel.from_params(TINY, tiny_params)
     out = auto.generate(PROMPTS, max_new_tokens=30, method="recycling")
     assert out.tokens == ref.tokens
@@ -307,7 +309,7 @@ class _StochasticDrafter(TreeMethod):
     def init_state(self, ctx, batch, method_input, prompt_tokens=None, prompt_lens=None):
         return jax.vmap(lambda i: jax.random.fold_in(jax.random.key(99), i))(jnp.arange(batch))
 
-    def draft(self, params, state, ctx):
+    def draft(self, state, ctx):
         v = ctx.config.vocab_size
         q = jax.nn.softmax(jnp.linspace(1.0, -1.0, v))  # fixed, different from the target
         keys = jax.vmap(jax.random.fold_in)(state.method_state, state.step + jnp.zeros_like(state.cache_len))
@@ -339,7 +341,7 @@ def test_sampling_matches_the_target_distribution(small_lm, monkeypatch, method,
     from jaxaccel.decode import recycling
 
     monkeypatch.setitem(methods.METHODS, "test-stochastic", _StochasticDrafter)
-    monkeypatch.setitem(recycling.AUTO_COST, jax.default_backend(), {1: 1.2, 2: 1.2})  # trees when h > ~0.17
+    monkeypatch.setitem(tuning.RECYCLING_COST, jax.default_backend(), {1: 1.2, 2: 1.2})  # trees when h > ~0.17
     prompt = [1, 4, 2]
     matrix = None
     if method == "recycling":  # a warm matrix, so that trees are full from the first step
@@ -431,30 +433,32 @@ def test_prompt_lookup_drafts_like_transformers():
                             out_tokens=jnp.asarray(out), num_new=jnp.asarray(num_new), done=jnp.zeros(b, bool),
                             rng=None, step=jnp.int32(0), forwards=None,
                             method_state=(jnp.asarray(prompt, jnp.int32), jnp.asarray(plen, jnp.int32)))
-        tree = method.draft(None, state, None)
+        tree = method.draft(state, None)
         for i in range(b):
             expected = pld_reference([int(t) for t in seqs[i]], 3, 5)
             n = int(tree.valid[i].sum()) - 1
             assert [int(t) for t in tree.tokens[i, 1:1 + n]] == expected, (trial, i)
 
 
-def test_decode_cli_methods_and_bad_options(tmp_path):
+def test_decode_cli_methods_and_bad_options(capsys):
     import json
-    import os
-    import subprocess
-    import sys
 
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    base = [sys.executable, "-m", "jaxaccel.decode", "--prompt", "import os\n", "--max-new-tokens", "24",
-            "--output", "json"]
-    plain = subprocess.run(base, capture_output=True, text=True, env=env, cwd=tmp_path)
-    spec = subprocess.run(base + ["--method", "recycling", "--option", "template=[2,1]", "--option", "hot_start=true"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
-    a, b = json.loads(plain.stdout), json.loads(spec.stdout)
+    from jaxaccel.cli import run_cli
+    from jaxaccel.decode.__main__ import main
+
+    def run(*extra):
+        try:
+            code = run_cli(main, ["--prompt", "import os\n", "--max-new-tokens", "24", "--output", "json", *extra])
+        except SystemExit as e:
+            code = e.code
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    (code_a, out_a, err_a), (code_b, out_b, err_b) = run(), run("--method", "recycling", "--option",
+                                                                   "template=[2,1]", "--option", "hot_start=true")
+    assert code_a == 0 and code_b == 0, err_a + err_b
+    a, b = json.loads(out_a), json.loads(out_b)
     assert a["results"][0]["tokens"] == b["results"][0]["tokens"]
     assert b["stats"]["method"] == "recycling" and b["stats"]["steps"] <= a["stats"]["steps"]
-    bad = subprocess.run(base + ["--method", "pld", "--option", "depth=3"], capture_output=True, text=True, env=env,
-                         cwd=tmp_path)
-    assert bad.returncode == 2 and bad.stderr.strip() == (
-        "error: unknown option depth for method 'pld'; valid options: max_ngram, num_draft")
+    code, _, err = run("--method", "pld", "--option", "depth=3")
+    assert code == 2 and err.strip() == "error: unknown option depth for method 'pld'; valid options: max_ngram, num_draft"

@@ -90,16 +90,16 @@ def run_method(lm, prompts: list[list[int]], batch: int, new_tokens: int, runs: 
 def verification_cost(lm, sizes: Sequence[int], prefix: int = 512, reps: int = 16, runs: int = 5) -> list[dict]:
     """Seconds per verification forward (batch 1, a chain-shaped tree of N nodes over a
     `prefix`-token cache), timed inside one jitted loop of `reps` forwards."""
-    from jaxaccel.decode.lm import decode_compiler_options
-    from jaxaccel.model.transformer import forward, init_cache
+    from jaxaccel.decode import tuning
 
     cfg = lm.config
     rows = []
     base = None
     for n in sizes:
-        cache = init_cache(cfg, 1, prefix + n + 16)
+        cache = lm.handle.init_cache(1, prefix + n + 16)
+        attention = tuning.tree_attention_policy(cfg, n, prefix + n + 16, sharded=False)
 
-        def loop(params, cache):
+        def loop(model, cache):
             mask = jnp.tril(jnp.ones((1, n, n), bool))
             tokens = jnp.zeros((1, n), jnp.int32)
             plen = jnp.full((1,), prefix, jnp.int32)
@@ -107,18 +107,18 @@ def verification_cost(lm, sizes: Sequence[int], prefix: int = 512, reps: int = 1
 
             def body(i, carry):  # the logits are summed so that nothing is dead code
                 c, total = carry
-                logits, c = forward(params, cfg, tokens, pos, cache=c, write_slots=pos, prefix_len=plen,
-                                    new_mask=mask, tree_attention="auto")
+                logits, c = model.forward(tokens, pos, cache=c, write_slots=pos, prefix_len=plen, new_mask=mask,
+                                          attention=attention)
                 return c, total + logits[0, 0, 0]
 
             return jax.lax.fori_loop(0, reps, body, (cache, jnp.float32(0)))
 
-        fn = jax.jit(loop).lower(lm.params, cache).compile(compiler_options=decode_compiler_options())
-        jax.block_until_ready(fn(lm.params, cache))
+        fn = jax.jit(loop).lower(lm.handle, cache).compile(compiler_options=tuning.compiler_options())
+        jax.block_until_ready(fn(lm.handle, cache))
         times = []
         for _ in range(runs):
             t0 = time.perf_counter()
-            jax.block_until_ready(fn(lm.params, cache))
+            jax.block_until_ready(fn(lm.handle, cache))
             times.append((time.perf_counter() - t0) / reps)
         t = statistics.median(times)
         base = base or t
@@ -159,14 +159,15 @@ def run(model: str = "builtin:default", batches: Sequence[int] = (1, 4), tempera
         new_tokens: int = 128, runs: int = 3, n_files: int = 8, prompt_tokens: int = 256, sweep: Sequence = SWEEP,
         hf: bool = True, progress: Callable[[str], None] = print) -> dict[str, Any]:
     import jaxaccel
-    from jaxaccel.decode.recycling import build_template, pick_template, template_widths
+    from jaxaccel.decode import tuning
+    from jaxaccel.decode.recycling import build_template, template_widths
 
     lm = jaxaccel.load(model, dtype="float32")
     lm.eos_token_ids = ()  # every row decodes exactly new_tokens
     code = heldout_prompts(lm, n_files, prompt_tokens)
     natural = [lm.encode(p) for p in NATURAL_PROMPTS]
     prompts = code + natural
-    auto = pick_template(jax.default_backend())
+    auto = tuning.recycling_widths()
     result: dict[str, Any] = {
         "benchmark": "spec", "machine": machine(), "model": model, "params_m": round(lm.num_params() / 1e6, 2),
         "new_tokens": new_tokens, "runs": runs, "prompts": {"heldout_files": len(code), "natural": len(natural),

@@ -6,15 +6,14 @@ import jax.numpy as jnp
 
 from jaxaccel.decode.engine import DecodeMethod, DecodeState, StepContext, commit, split_row_keys
 from jaxaccel.decode.sampling import sample
-from jaxaccel.model.transformer import forward
 
 
-def next_token(params, state: DecodeState, ctx: StepContext) -> tuple[DecodeState, jax.Array, jax.Array]:
+def next_token(state: DecodeState, ctx: StepContext) -> tuple[DecodeState, jax.Array, jax.Array]:
     """Run `last_token` through the model and pick the next token, without committing it.
     -> (state with the cache written and the PRNG advanced, logits [b, 1, vocab], token [b])."""
     positions = state.cache_len[:, None]
-    logits, cache = forward(params, ctx.config, state.last_token[:, None], positions, cache=state.cache,
-                            write_slots=positions, prefix_len=state.cache_len)
+    logits, cache = ctx.model.forward(state.last_token[:, None], positions, cache=state.cache,
+                                      write_slots=positions, prefix_len=state.cache_len)
     if ctx.mode.greedy:  # no randomness to draw
         return state._replace(cache=cache), logits, sample(None, logits[:, 0], ctx.mode, ctx.sampling)
     rng, keys = split_row_keys(state.rng)
@@ -25,6 +24,6 @@ class Autoregressive(DecodeMethod):
     name = "autoregressive"
     options: dict = {}
 
-    def step(self, params, state: DecodeState, ctx: StepContext) -> DecodeState:
-        state, _, token = next_token(params, state, ctx)
+    def step(self, state: DecodeState, ctx: StepContext) -> DecodeState:
+        state, _, token = next_token(state, ctx)
         return commit(state, token[:, None], jnp.ones_like(token), ctx)

@@ -39,7 +39,7 @@ class PromptLookup(TreeMethod):
     def init_state(self, ctx: StepContext, batch: int, method_input: Any, prompt_tokens=None, prompt_lens=None):
         return (prompt_tokens.astype(jnp.int32), prompt_lens.astype(jnp.int32))
 
-    def draft(self, params: Any, state: DecodeState, ctx: StepContext) -> Tree:
+    def draft(self, state: DecodeState, ctx: StepContext) -> Tree:
         prompt, plen = state.method_state
         b, p = prompt.shape
         out = state.out_tokens
@@ -82,6 +82,8 @@ class Chain(TreeMethod):
 
     def check(self, config) -> None:
         check_k_fits_vocab(self.k, config)
+        if self.recycling is not None:
+            self.recycling.check(config)
 
     def tree_shape(self) -> TreeShape:
         return TreeShape(nodes=self.k + 1, max_depth=self.k, max_children=1)
@@ -97,9 +99,9 @@ class Chain(TreeMethod):
     def final_state(self, method_state: Any) -> Any:
         return method_state if self.recycling is not None else None
 
-    def draft(self, params: Any, state: DecodeState, ctx: StepContext) -> Tree:
+    def draft(self, state: DecodeState, ctx: StepContext) -> Tree:
         if self.recycling is not None:
-            return self.recycling.draft(params, state, ctx)
+            return self.recycling.draft(state, ctx)
         keys = jax.vmap(jax.random.fold_in)(state.method_state, state.step + jnp.zeros_like(state.cache_len))
         drafted = jax.vmap(lambda key: jax.random.randint(key, (self.k,), 0, ctx.config.vocab_size))(keys)
         return chain_tree(state.last_token, drafted, jnp.full(state.last_token.shape, self.k))

@@ -1,7 +1,9 @@
 """The decode engine: one jitted function = chunked prefill + one `lax.while_loop`.
 
 The loop state is a typed NamedTuple (`DecodeState`); a decoding method is a pure
-`step(params, state, ctx) -> state` plugged into the loop (t5x's `decoding.py` shape). The
+`step(state, ctx) -> state` plugged into the loop (t5x's `decoding.py` shape). Methods reach
+the model only through `ctx.model`, a `ModelHandle` (params + config + forward +
+init_cache): the engine never names a model, and a draft model is a second handle. The
 autoregressive step lives in `autoregressive.py`; speculative and early-exit methods are
 other step functions over the same state, the same cache and the same `commit`.
 
@@ -21,7 +23,8 @@ from jax.sharding import NamedSharding
 
 from jaxaccel.config import ModelConfig
 from jaxaccel.decode.sampling import SamplingMode, SamplingParams
-from jaxaccel.model.transformer import forward, init_cache
+from jaxaccel.model.options import DENSE, AttentionPolicy
+from jaxaccel.model.transformer import ModelHandle
 
 
 class DecodeState(NamedTuple):
@@ -40,12 +43,17 @@ class DecodeState(NamedTuple):
 class StepContext(NamedTuple):
     """What every step function may read. Static fields are Python values; the rest traced."""
 
-    config: ModelConfig
+    model: ModelHandle  # the target model: params (traced) + config (static)
     mode: SamplingMode
     sampling: SamplingParams
     eos_ids: jax.Array  # [n_eos] int32 (may be empty)
     max_new: jax.Array  # () int32
     sharded: bool = False  # static: the model runs over a device mesh
+    tree_attention: AttentionPolicy = DENSE  # static: what a tree-verification forward runs (decode.tuning)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
 
 
 def commit(state: DecodeState, new_tokens: jax.Array, n_new: jax.Array, ctx: StepContext) -> DecodeState:
@@ -132,7 +140,11 @@ class DecodeMethod:
         """What generate returns to the caller of the method state (e.g. for hot start)."""
         return None
 
-    def step(self, params: Any, state: DecodeState, ctx: StepContext) -> DecodeState:
+    def tree_nodes(self) -> int:
+        """Nodes per tree-verification forward (0: the method verifies no trees)."""
+        return 0
+
+    def step(self, state: DecodeState, ctx: StepContext) -> DecodeState:
         raise NotImplementedError
 
 
@@ -144,12 +156,17 @@ class GenerateOutput(NamedTuple):
     method_output: Any
 
 
-def prefill(params, config: ModelConfig, cache, prompt_tokens, prompt_lens, chunk: int):
+def prefill(model: ModelHandle, cache, prompt_tokens, prompt_lens, chunk: int):
     """Write K/V of every prompt token but the last into the cache, `chunk` tokens at a time.
 
     Only as many chunks run as the longest prompt needs; padding never reaches the cache.
+    The prompt is padded to a multiple of `chunk` first, so the last chunk's slice never
+    runs past the end (`dynamic_slice` would clamp its start and rewrite earlier slots).
     """
     batch, padded_len = prompt_tokens.shape
+    pad = -padded_len % chunk
+    if pad:
+        prompt_tokens = jnp.pad(prompt_tokens, ((0, 0), (0, pad)))
     to_write = prompt_lens - 1  # the last prompt token is the first step's input
     n_chunks = (jnp.max(to_write) + chunk - 1) // chunk
 
@@ -158,30 +175,32 @@ def prefill(params, config: ModelConfig, cache, prompt_tokens, prompt_lens, chun
         tokens = jax.lax.dynamic_slice_in_dim(prompt_tokens, start, chunk, axis=1)
         positions = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), (batch, chunk))
         slots = jnp.where(positions < to_write[:, None], positions, -1)
-        _, cache = forward(params, config, tokens, positions, cache=cache, write_slots=slots,
-                           prefix_len=jnp.minimum(start, to_write), compute_logits=False)
+        _, cache = model.forward(tokens, positions, cache=cache, write_slots=slots,
+                                 prefix_len=jnp.minimum(start, to_write), compute_logits=False)
         return cache
 
-    del padded_len
     return jax.lax.fori_loop(0, n_chunks, body, cache)
 
 
-def generate_loop(params, prompt_tokens, prompt_lens, live, max_new, sampling: SamplingParams, rng, method_input, *,
-                  method: DecodeMethod, config: ModelConfig, mode: SamplingMode, eos_ids: tuple[int, ...],
-                  out_len: int, cache_len: int, chunk: int, cache_sharding: NamedSharding | None = None,
+def generate_loop(model: ModelHandle, prompt_tokens, prompt_lens, live, max_new, sampling: SamplingParams, rng,
+                  method_input, *, method: DecodeMethod, mode: SamplingMode, eos_ids: tuple[int, ...], out_len: int,
+                  cache_len: int, chunk: int, cache_sharding: NamedSharding | None = None,
+                  tree_attention: AttentionPolicy = DENSE,
                   progress: Callable[[Any], None] | None = None) -> GenerateOutput:
     """The whole generation, meant to be jitted with everything after `*` static.
 
+    model: the target's handle (its params are traced arguments, its config static);
     prompt_tokens [batch, P] (right-padded), prompt_lens [batch] (>= 1), live [batch] bool
     (False for bucket padding rows), max_new () int32, rng: one key per row [batch].
     """
     batch = prompt_tokens.shape[0]
-    cache = init_cache(config, batch, cache_len)
+    cache = model.init_cache(batch, cache_len)
     if cache_sharding is not None:
         cache = jax.lax.with_sharding_constraint(cache, jax.tree.map(lambda _: cache_sharding, cache))
-    cache = prefill(params, config, cache, prompt_tokens, prompt_lens, chunk)
-    ctx = StepContext(config=config, mode=mode, sampling=sampling, sharded=cache_sharding is not None,
-                      eos_ids=jnp.asarray(eos_ids, jnp.int32).reshape(-1), max_new=max_new)
+    cache = prefill(model, cache, prompt_tokens, prompt_lens, chunk)
+    ctx = StepContext(model=model, mode=mode, sampling=sampling, sharded=cache_sharding is not None,
+                      eos_ids=jnp.asarray(eos_ids, jnp.int32).reshape(-1), max_new=max_new,
+                      tree_attention=tree_attention)
     last = jnp.take_along_axis(prompt_tokens, (prompt_lens - 1)[:, None], axis=1)[:, 0]
     state = DecodeState(
         cache=cache, cache_len=(prompt_lens - 1).astype(jnp.int32), last_token=last.astype(jnp.int32),
@@ -195,7 +214,7 @@ def generate_loop(params, prompt_tokens, prompt_lens, live, max_new, sampling: S
 
     def body(s: DecodeState):
         live_before = ~s.done
-        s = method.step(params, s, ctx)
+        s = method.step(s, ctx)
         s = s._replace(step=s.step + 1, forwards=s.forwards + live_before.astype(jnp.int32))
         if progress is not None:
             jax.lax.cond(s.step % 8 == 0, lambda n: jax.debug.callback(progress, n), lambda n: None,

@@ -10,6 +10,7 @@ compiled executable is kept, so a second call with similar shapes does not recom
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -23,24 +24,16 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxaccel import sharding as shd
 from jaxaccel.config import ModelConfig
+from jaxaccel.decode import compile_cache, tuning
 from jaxaccel.decode.engine import GenerateOutput, generate_loop
 from jaxaccel.decode.methods import get_method
 from jaxaccel.decode.sampling import make_sampling
 from jaxaccel.errors import InvalidArgumentError, InvalidPromptError, ModelLoadError
-from jaxaccel.model.transformer import (LayerKV, canonical_params, forward, fuse_layers, init_cache, logical_axes,
+from jaxaccel.model.transformer import (LayerKV, ModelHandle, canonical_params, fuse_layers, init_cache, logical_axes,
                                         param_shapes, stack_layers, unstack_layers)
 
 PREFILL_CHUNK = 256
 MIN_BUCKET = 16
-
-
-def decode_compiler_options() -> dict:
-    """XLA options for the decode loop. On CPU, region-based copy insertion lets the KV cache
-    be updated in place inside the while loop; the default inserts two full copies of every
-    layer's cache per step (measured: 32 copies/step on the 40M model)."""
-    if jax.default_backend() == "cpu":
-        return {"xla_cpu_copy_insertion_use_region_analysis": True}
-    return {}
 
 
 def _pow2_at_least(n: int, minimum: int = 1) -> int:
@@ -93,6 +86,13 @@ class LanguageModel:
         self.prefill_chunk = PREFILL_CHUNK  # prompt tokens per prefill forward
         self._compiled: dict[tuple, Any] = {}
         self._method_memory: dict[str, Any] = {}  # hot-start state of methods that carry one
+        compile_cache.enable()  # compiled programs persist across processes (DESIGN decision 14)
+
+    @property
+    def handle(self) -> ModelHandle:
+        """The model as the decode engine sees it (params + config + forward + init_cache),
+        with this backend's forward defaults (`jaxaccel.decode.tuning`)."""
+        return ModelHandle(self.params, self.config, tuning.forward_defaults())
 
     # ------------------------------------------------------------------ inputs
 
@@ -170,7 +170,7 @@ class LanguageModel:
         live = np.arange(batch_bucket) < batch
         base = jax.random.key(seed)
         rng = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(batch_bucket))
-        args = (self.params, jnp.asarray(tokens), jnp.asarray(lens), jnp.asarray(live), jnp.int32(max_new_tokens),
+        args = (self.handle, jnp.asarray(tokens), jnp.asarray(lens), jnp.asarray(live), jnp.int32(max_new_tokens),
                 sampling, rng, method_input)
 
         show_progress = progress and max_new_tokens >= 64
@@ -186,11 +186,15 @@ class LanguageModel:
             self._progress_bar = bar
         if compiled is None:
             t0 = time.perf_counter()
-            static = dict(method=decoder, config=self.config, mode=mode, eos_ids=self.eos_token_ids, out_len=out_len,
-                          cache_len=cache_len, chunk=chunk, cache_sharding=self._cache_sharding(batch_bucket),
+            tree_attention = tuning.DENSE
+            if decoder.tree_nodes():
+                tree_attention = tuning.tree_attention_policy(self.config, decoder.tree_nodes(), cache_len,
+                                                              sharded=self.mesh is not None)
+            static = dict(method=decoder, mode=mode, eos_ids=self.eos_token_ids, out_len=out_len, cache_len=cache_len,
+                          chunk=chunk, cache_sharding=self._cache_sharding(batch_bucket), tree_attention=tree_attention,
                           progress=self._report_progress if show_progress else None)
-            fn = jax.jit(lambda *a: generate_loop(*a, **static))
-            compiled = fn.lower(*args).compile(compiler_options=decode_compiler_options())
+            fn = jax.jit(functools.partial(generate_loop, **static))
+            compiled = fn.lower(*args).compile(compiler_options=tuning.compiler_options())
             compile_s = time.perf_counter() - t0
             self._compiled[key] = compiled
         t0 = time.perf_counter()
@@ -237,9 +241,9 @@ class LanguageModel:
         tokens = np.asarray(tokens, np.int32)
         fn = self._compiled.get(("logits", tokens.shape))
         if fn is None:
-            fn = jax.jit(lambda p, t: forward(p, self.config, t)[0])
+            fn = jax.jit(lambda model, t: model.forward(t)[0])
             self._compiled[("logits", tokens.shape)] = fn
-        return np.asarray(fn(self.params, jnp.asarray(tokens)))
+        return np.asarray(fn(ModelHandle(self.params, self.config), jnp.asarray(tokens)))
 
     def save(self, folder: str | Path) -> Path:
         from jaxaccel.model.checkpoint import save_model
@@ -309,7 +313,9 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh
         if not ckpt.is_jaxaccel_checkpoint(BUILTIN_MODELS[name]):
             raise ModelLoadError(f"the built-in {name} model is not installed in {BUILTIN_MODELS[name]}")
         path = BUILTIN_MODELS[name]
-    folder = Path(path).expanduser()
+    if not str(path).startswith("gs://"):
+        path = Path(path).expanduser()
+    folder = ckpt.as_path(path)
     if not folder.exists():
         raise ModelLoadError(f"model path {str(folder)!r} does not exist")
     if not folder.is_dir():
@@ -319,13 +325,13 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh
 
     if not ckpt.is_jaxaccel_checkpoint(folder) and ckpt.is_jaxaccel_checkpoint(folder / "model"):
         folder = folder / "model"  # a finished training run
-    elif (folder / "config.yaml").is_file() and (folder / "checkpoints").is_dir():
-        from jaxaccel.train.export import load_run_params
+    elif ckpt.is_run_dir(folder):  # a run still going (or killed): its latest checkpoint's parameters
+        from jaxaccel.data.ids import BOS_ID, EOS_ID
 
-        config, params, meta = load_run_params(folder, dtype)
-        tokenizer = load_tokenizer(folder, add_bos=True)
-        return LanguageModel(config, params, tokenizer=tokenizer, eos_token_ids=meta["eos_token_ids"],
-                             bos_token_id=meta["bos_token_id"], mesh=mesh, source=str(folder))
+        config, params, meta = ckpt.load_run_params(folder, dtype, shardings_fn)
+        params = decode_params(params, config, mesh, consume=True)
+        return LanguageModel(config, params, tokenizer=load_tokenizer(folder, add_bos=True), eos_token_ids=[EOS_ID],
+                             bos_token_id=BOS_ID, mesh=mesh, source=str(folder), info={"trained_steps": meta["step"]})
     if ckpt.is_jaxaccel_checkpoint(folder):
         config, params, meta = ckpt.load_model(folder, dtype=dtype, shardings_fn=shardings_fn)
         params = decode_params(params, config, mesh, consume=True)

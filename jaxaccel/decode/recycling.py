@@ -10,7 +10,7 @@ learn independently) and can be carried from one `generate` call to the next (`h
 
 Templates: `"paper"` has the paper's shape — 80 nodes + root over 6 levels of widths
 8, 21, 25, 15, 8, 3; explicit per-level widths (e.g. `[4, 4, 2]`) build a template of that
-shape; `"auto"` picks a template for the device the model runs on (see `pick_template`).
+shape; `"auto"` picks the template measured fastest for the backend (`jaxaccel.decode.tuning`).
 A template of widths w is built best-first: each level takes the w (parent, rank) pairs of
 highest prior path probability, with a candidate of rank r accepted with prior
 probability ~ 0.6 / (r + 1)^1.5 — deep along top-ranked candidates, bushy near the root.
@@ -24,21 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxaccel.decode import tuning
 from jaxaccel.decode.engine import DecodeState, StepContext
+from jaxaccel.decode.tuning import PAPER_WIDTHS
 from jaxaccel.decode.tree import Tree, TreeMethod, TreeShape, check_k_fits_vocab, positive_int, static_tree
 from jaxaccel.errors import InvalidArgumentError
-
-PAPER_WIDTHS = (8, 21, 25, 15, 8, 3)
-
-# Measured on this project's reference CPU (2 cores, docs/BENCHMARKS.md, template sweep): one
-# of the two fastest templates on the default model in two runs ([1, 1, 1] and [2, 1, 1], within
-# noise of each other; the chain is the cheaper to verify). Accelerators verify a tree
-# at about the cost of one token (memory-bound), so they take the paper's tree.
-AUTO_WIDTHS = {"cpu": (1, 1, 1), "gpu": PAPER_WIDTHS, "tpu": PAPER_WIDTHS}
-# A tree step's time over a plain step's for the auto template, measured alongside it; with
-# `"auto"`, a batch whose expected tokens per tree step fall below this steps autoregressively
-# (tree.TreeMethod.fallback_cost). Accelerators: not measured yet, so no fallback there.
-AUTO_COST = {"cpu": {1: 1.5, 4: 2.05}}
 
 
 def _rank_prior(rank: int) -> float:
@@ -72,7 +62,7 @@ def template_widths(template: Any, k: int) -> tuple[int, ...]:
             widths = PAPER_WIDTHS
         elif template == "auto":
             widths, prev = [], 1
-            for w in pick_template(jax.default_backend()):  # fit the table's template to k
+            for w in tuning.recycling_widths():  # fit the table's template to k
                 prev = min(w, prev * k)
                 widths.append(prev)
             widths = tuple(widths)
@@ -92,11 +82,6 @@ def template_widths(template: Any, k: int) -> tuple[int, ...]:
     return widths
 
 
-def pick_template(backend: str) -> tuple[int, ...]:
-    """The template `"auto"` uses on this backend (measured table; unknown backends: paper)."""
-    return AUTO_WIDTHS.get(backend, PAPER_WIDTHS)
-
-
 class Recycling(TreeMethod):
     name = "recycling"
     options = {"template": "auto", "k": 8, "hot_start": False}
@@ -108,7 +93,7 @@ class Recycling(TreeMethod):
             raise InvalidArgumentError(f"hot_start must be true or false, got {self.opts['hot_start']!r}")
         self.widths = template_widths(self.opts["template"], self.k)
         if self.opts["template"] == "auto":
-            self.fallback_cost = AUTO_COST.get(jax.default_backend())
+            self.fallback_cost = tuning.recycling_cost()
         self.parents, self.ranks, self.depth = build_template(self.widths, self.k)
         counts = np.bincount(self.parents[1:], minlength=len(self.parents))
         self._shape = TreeShape(nodes=len(self.parents), max_depth=len(self.widths), max_children=int(counts.max()))
@@ -140,12 +125,16 @@ class Recycling(TreeMethod):
                                            f"[batch, {vocab}, {self.k}], got {list(matrix.shape)}")
             if matrix.ndim == 2:
                 matrix = jnp.broadcast_to(matrix, (batch,) + matrix.shape)
+            elif matrix.shape[0] != batch:
+                raise InvalidArgumentError(
+                    f"the recycling matrix has {matrix.shape[0]} rows but this call decodes a batch of {batch} "
+                    f"(prompts rounded up to a power of two); pass one row's [{vocab}, {self.k}] matrix to share it")
         return matrix if self.fallback_cost is None else (matrix, self.init_gain())
 
     def final_state(self, method_state: Any) -> Any:
         return method_state if self.fallback_cost is None else method_state[0]
 
-    def draft(self, params: Any, state: DecodeState, ctx: StepContext) -> Tree:
+    def draft(self, state: DecodeState, ctx: StepContext) -> Tree:
         matrix = state.method_state  # [b, V, k]
         b = matrix.shape[0]
         n = len(self.parents)

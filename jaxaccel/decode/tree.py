@@ -35,7 +35,7 @@ from jaxaccel.decode.autoregressive import next_token
 from jaxaccel.decode.engine import DecodeMethod, DecodeState, StepContext, commit, split_row_keys
 from jaxaccel.decode.sampling import SamplingMode, SamplingParams, target_probs
 from jaxaccel.errors import InvalidArgumentError
-from jaxaccel.model.transformer import LayerKV, forward
+from jaxaccel.model.transformer import LayerKV
 
 
 class Tree(NamedTuple):
@@ -268,6 +268,9 @@ class TreeMethod(DecodeMethod):
     def cache_headroom(self) -> int:
         return self.tree_shape().nodes
 
+    def tree_nodes(self) -> int:
+        return self.tree_shape().nodes
+
     def check_headroom(self, headroom: int, context: str) -> None:
         """The KV cache never outgrows the model's maximum length: prompt + max_new_tokens +
         the tree's N scratch slots must fit in it."""
@@ -277,7 +280,7 @@ class TreeMethod(DecodeMethod):
                 f"method {self.name!r}: its draft tree needs {nodes} cache slots but only {headroom} remain "
                 f"{context}; use a smaller template or fewer max_new_tokens")
 
-    def draft(self, params: Any, state: DecodeState, ctx: StepContext) -> Tree:
+    def draft(self, state: DecodeState, ctx: StepContext) -> Tree:
         raise NotImplementedError
 
     def observe(self, method_state: Any, tree: Tree, logits: jax.Array, state: DecodeState) -> Any:
@@ -317,24 +320,23 @@ class TreeMethod(DecodeMethod):
     def expected_tokens(self, hit: jax.Array) -> jax.Array:
         return sum(hit ** d for d in range(self.tree_shape().max_depth + 1))
 
-    def step(self, params: Any, state: DecodeState, ctx: StepContext) -> DecodeState:
+    def step(self, state: DecodeState, ctx: StepContext) -> DecodeState:
         if self.fallback_cost is None:
-            return self.tree_step(params, state, ctx)[0]
+            return self.tree_step(state, ctx)[0]
         inner, hit_rate = state.method_state
         use_tree = self.expected_tokens(hit_rate) >= self.cost_for_batch(state.last_token.shape[0])
         plain = state._replace(method_state=inner)
-        out, hit = jax.lax.cond(use_tree, lambda s: self.tree_step(params, s, ctx),
-                                lambda s: self.plain_step(params, s, ctx), plain)
+        out, hit = jax.lax.cond(use_tree, lambda s: self.tree_step(s, ctx), lambda s: self.plain_step(s, ctx), plain)
         live = ~state.done
         rate = jnp.sum(jnp.where(live, hit, False)) / jnp.maximum(jnp.sum(live), 1)
         hit_rate = jnp.where(jnp.any(live), (1 - self.HIT_DECAY) * hit_rate + self.HIT_DECAY * rate, hit_rate)
         return out._replace(method_state=(out.method_state, hit_rate.astype(jnp.float32)))
 
-    def plain_step(self, params: Any, state: DecodeState, ctx: StepContext) -> tuple[DecodeState, jax.Array]:
+    def plain_step(self, state: DecodeState, ctx: StepContext) -> tuple[DecodeState, jax.Array]:
         """One autoregressive step; the drafter observes the root's logits, and whether the
         chosen token was among its depth-1 drafts is returned."""
-        tree = self.draft(params, state, ctx)
-        state, logits, token = next_token(params, state, ctx)
+        tree = self.draft(state, ctx)
+        state, logits, token = next_token(state, ctx)
         hit = (tree.valid & (tree.depth == 1) & (tree.tokens == token[:, None])).any(axis=1)
         b = token.shape[0]
         root = Tree(tokens=state.last_token[:, None], parents=jnp.full((b, 1), -1, jnp.int32),
@@ -342,10 +344,10 @@ class TreeMethod(DecodeMethod):
         state = state._replace(method_state=self.observe(state.method_state, root, logits, state))
         return commit(state, token[:, None], jnp.ones_like(token), ctx), hit
 
-    def tree_step(self, params: Any, state: DecodeState, ctx: StepContext) -> tuple[DecodeState, jax.Array]:
+    def tree_step(self, state: DecodeState, ctx: StepContext) -> tuple[DecodeState, jax.Array]:
         """One draft-verify step -> (state, whether a drafted token was accepted, per row)."""
         shape = self.tree_shape()
-        tree = self.draft(params, state, ctx)
+        tree = self.draft(state, ctx)
         n = tree.tokens.shape[1]
         static = self.static_structure()
         if static is not None:
@@ -363,10 +365,8 @@ class TreeMethod(DecodeMethod):
         # A valid node sees its ancestors (all valid: a drafter never hangs a valid node under a
         # padded one); a padded node sees itself only (finite, never used).
         mask = (mask & tree.valid[:, None, :]) | jnp.eye(n, dtype=bool)[None]
-        logits, cache = forward(params, ctx.config, tree.tokens, positions, cache=state.cache, write_slots=slots,
-                                prefix_len=state.cache_len, new_mask=mask,
-                                # Pallas calls are not auto-partitioned: jnp attention under a mesh
-                                tree_attention=None if ctx.sharded else "auto")
+        logits, cache = ctx.model.forward(tree.tokens, positions, cache=state.cache, write_slots=slots,
+                                          prefix_len=state.cache_len, new_mask=mask, attention=ctx.tree_attention)
         if ctx.mode.greedy:
             node, bonus = verify_greedy(tree, logits, shape.max_depth, paths)
             rng = state.rng

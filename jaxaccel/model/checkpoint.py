@@ -31,8 +31,67 @@ def as_path(folder):
     return Path(folder).absolute()
 
 
-def is_jaxaccel_checkpoint(folder: Path) -> bool:
-    return (Path(folder) / MARKER).is_file()
+def is_jaxaccel_checkpoint(folder) -> bool:
+    return (as_path(folder) / MARKER).is_file()
+
+
+# A training run's folder, as the trainer writes it (jaxaccel.train.loop): the resolved
+# config, and Orbax steps under checkpoints/<step>/ whose "state" item is the TrainState
+# (step, params, opt_state, rng). Readers of a run use only these names, never the trainer.
+RUN_CONFIG = "config.yaml"
+RUN_CHECKPOINTS = "checkpoints"
+RUN_STATE_ITEM = "state"
+RUN_META_ITEM = "meta"
+
+
+def is_run_dir(folder) -> bool:
+    folder = as_path(folder)
+    return (folder / RUN_CONFIG).is_file() and (folder / RUN_CHECKPOINTS).is_dir()
+
+
+def load_run_params(folder, dtype: str | None = None, shardings_fn=None) -> tuple[ModelConfig, Any, dict]:
+    """(model config, scanned params, meta) from the latest readable checkpoint of a training
+    run (still going, killed or finished). Only the parameters are read — never the optimizer
+    moments — each straight into its target sharding (`shardings_fn(config, "scanned")`) and
+    dtype; the run's files are only read (read-only manager: a live run is not disturbed)."""
+    import orbax.checkpoint as ocp
+    import yaml
+
+    from jaxaccel.model.transformer import param_shapes
+
+    folder = as_path(folder)
+    try:
+        run = yaml.safe_load((folder / RUN_CONFIG).read_text())
+        config = from_dict(ModelConfig, (run or {}).get("model") or {})
+    except (OSError, yaml.YAMLError, ConfigError) as e:
+        raise CheckpointError(f"{folder}/{RUN_CONFIG}: not a readable training config: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if dtype is not None:
+        config = from_dict(ModelConfig, {**to_dict(config), "param_dtype": dtype, "dtype": dtype})
+    shapes = param_shapes(config, "scanned")
+    shardings = shardings_fn(config, "scanned") if shardings_fn is not None else None
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                          shardings if shardings is not None else jax.tree.map(lambda _: None, shapes))
+    restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype)
+                                if t.sharding is not None else ocp.RestoreArgs(restore_type=jax.Array, dtype=t.dtype),
+                                target)
+    options = ocp.CheckpointManagerOptions(create=False, read_only=True, cleanup_tmp_directories=False)
+    manager = ocp.CheckpointManager(folder / RUN_CHECKPOINTS, options=options,
+                                    item_handlers={RUN_STATE_ITEM: ocp.PyTreeCheckpointHandler()})
+    errors = []
+    try:
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                out = manager.restore(step, args=ocp.args.Composite(**{RUN_STATE_ITEM: ocp.args.PyTreeRestore(
+                    item={"params": target}, restore_args={"params": restore_args}, partial_restore=True)}))
+            except Exception as e:  # a step being written or corrupted: try the previous one
+                errors.append(f"step {step}: {(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}")
+                continue
+            return config, out[RUN_STATE_ITEM]["params"], {"step": int(step), "layout": "scanned"}
+    finally:
+        manager.close()
+    detail = f" ({'; '.join(errors)})" if errors else ""
+    raise CheckpointError(f"training run {folder} has no readable checkpoint yet{detail}")
 
 
 def save_model(folder: str | Path, config: ModelConfig, params: Any, *, tokenizer=None,
@@ -76,9 +135,9 @@ def _write_meta(folder, config, params, tokenizer, eos_token_ids, bos_token_id, 
     tmp.replace(folder / MARKER)
 
 
-def read_meta(folder: Path) -> dict:
+def read_meta(folder) -> dict:
     try:
-        meta = json.loads((Path(folder) / MARKER).read_text())
+        meta = json.loads((as_path(folder) / MARKER).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{folder}/{MARKER} is unreadable: {e}") from None
     if meta.get("format") != FORMAT:
@@ -93,7 +152,7 @@ def load_model(folder: str | Path, dtype: str | None = None, shardings_fn=None) 
 
     from jaxaccel.model.transformer import param_shapes
 
-    folder = Path(folder).absolute()
+    folder = as_path(folder)
     meta = read_meta(folder)
     try:
         config = from_dict(ModelConfig, meta["model"])

@@ -12,6 +12,7 @@ with (batch, kv_heads) as batch dimensions and nothing is transposed per step.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -19,6 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxaccel.config import ModelConfig, RopeScaling
+from jaxaccel.model.options import FlashAttention, LayerOptions, Segments, TreeKernelAttention
+from jaxaccel.sharding import constrain
+from jaxaccel.pallas_kernels.ops import MASKED_SCORE, attend  # noqa: F401  (re-exported)
 
 # Logical axis names: one vocabulary for parameters and activations.
 BATCH = "batch"
@@ -31,11 +35,6 @@ HEAD_DIM = "head_dim"
 MLP_HIDDEN = "mlp"
 LAYERS = "layers"
 CACHE_LEN = "cache_len"
-
-# Masked attention scores: a large finite number, so a query with no visible key (a padded
-# tree node) yields a uniform, finite distribution rather than NaN.
-MASKED_SCORE = -1e30
-
 
 def jnp_dtype(name: str):
     return jnp.dtype(name)
@@ -103,47 +102,20 @@ def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
 # ----------------------------------------------------------------------------- attention
 
 
-def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, new_visible: jax.Array,
-           k_cache: jax.Array | None = None, v_cache: jax.Array | None = None,
-           cache_visible: jax.Array | None = None) -> jax.Array:
-    """Grouped-query attention of T new queries over two key blocks, one softmax (reference).
+class Visibility(NamedTuple):
+    """Which keys each new token may attend to (built once per forward, shared by the layers).
 
-    The keys are the committed cache prefix (optional) followed by the T new tokens
-    themselves; this is the shape of every call — training (no cache), prefill chunks,
-    single-token steps and token trees (`new_visible` = the ancestor mask). Keeping the
-    blocks apart means attention never reads the cache *after* this step's write, so XLA
-    updates the cache in place instead of copying it every step.
+    new [batch, T, T] bool among the new tokens, or None when `segments` carry the rule
+    (flash attention); cache [batch, T, S] bool over the committed cache slots, or None
+    without a cache; prefix_len [batch] when the cache rule is exactly `slot < prefix_len`
+    (no sliding window: what the tree kernel takes); token_mask [batch, T] (False on
+    padding: kept out of MoE routing)."""
 
-    q: [batch, T, heads, head_dim], already scaled by 1/sqrt(head_dim).
-    k_new, v_new: [batch, T, kv_heads, head_dim]; new_visible: [batch, T, T] bool.
-    k_cache, v_cache: [batch, kv_heads, S, head_dim]; cache_visible: [batch, T, S] bool.
-    Returns [batch, T, heads, head_dim] in v_new's dtype.
-    """
-    b, t, h, d = q.shape
-    kvh = k_new.shape[2]
-    g = h // kvh
-    # Query heads of one KV group become extra rows of the same GEMM: [b, kvh, g*t, d].
-    qg = q.reshape(b, t, kvh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, d)
-    kn, vn = k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3)
-    s_new = jnp.einsum("bkqd,bktd->bkqt", qg, kn, preferred_element_type=jnp.float32).reshape(b, kvh, g, t, t)
-    s_new = jnp.where(new_visible[:, None, None], s_new, MASKED_SCORE)
-    m = jnp.max(s_new, axis=-1, keepdims=True)
-    if k_cache is not None:
-        s_cache = jnp.einsum("bkqd,bksd->bkqs", qg, k_cache.astype(q.dtype),
-                             preferred_element_type=jnp.float32).reshape(b, kvh, g, t, -1)
-        s_cache = jnp.where(cache_visible[:, None, None], s_cache, MASKED_SCORE)
-        m = jnp.maximum(m, jnp.max(s_cache, axis=-1, keepdims=True))
-    p_new = jnp.exp(s_new - m)
-    denom = jnp.sum(p_new, axis=-1, keepdims=True)
-    out = jnp.einsum("bkqt,bktd->bkqd", p_new.astype(vn.dtype).reshape(b, kvh, g * t, t), vn,
-                     preferred_element_type=jnp.float32)
-    if k_cache is not None:
-        p_cache = jnp.exp(s_cache - m)
-        denom = denom + jnp.sum(p_cache, axis=-1, keepdims=True)
-        out = out + jnp.einsum("bkqs,bksd->bkqd", p_cache.astype(vn.dtype).reshape(b, kvh, g * t, -1),
-                               v_cache.astype(vn.dtype), preferred_element_type=jnp.float32)
-    out = out.reshape(b, kvh, g, t, d) / denom
-    return out.astype(v_new.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+    new: jax.Array | None
+    cache: jax.Array | None = None
+    prefix_len: jax.Array | None = None
+    segments: Segments | None = None
+    token_mask: jax.Array | None = None
 
 
 def write_kv(cache: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
@@ -157,19 +129,13 @@ def write_kv(cache: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
 
 class Attention(nn.Module):
     config: ModelConfig
-    fused: bool = False  # decode layout: one "qkv" kernel instead of "q", "k", "v"
-    # Cached calls whose cache visibility is a plain prefix (no sliding window) may run the
-    # tree-attention op: None = `attend`; "auto" = the Pallas kernel on TPU/GPU, `attend` on
-    # CPU; "interpret" = the kernel in Pallas interpret mode (tests).
-    tree_attention: str | None = None
+    options: LayerOptions = LayerOptions()
 
     @nn.compact
-    def __call__(self, x, rope, visibility, cache_kv=None, write_slots=None):
-        """x [b, t, d] -> ([b, t, d], updated (k, v) cache, or None when uncached).
-
-        visibility = (new_visible [b, t, t], cache_visible [b, t, S] or None, prefix_len [b] or None:
-        set when cache_visible is exactly the slots below prefix_len)."""
-        cfg = self.config
+    def __call__(self, x, rope, visibility: Visibility, cache_kv=None, write_slots=None):
+        """x [b, t, d] -> ([b, t, d], updated (k, v) cache, or None when uncached). How the
+        scores are computed is `options.attention` (see `jaxaccel.model.options`)."""
+        cfg, opts = self.config, self.options
         hd = cfg.resolved_head_dim
         dtype, pdtype = jnp_dtype(cfg.dtype), jnp_dtype(cfg.param_dtype)
 
@@ -180,7 +146,7 @@ class Attention(nn.Module):
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (head_axis, HEAD_DIM)),
             )(x)
 
-        if self.fused:
+        if opts.fused:
             # One GEMM for q, k and v, grouped per KV head: [d, kv_heads, q_per_kv + 2, head_dim].
             g = cfg.q_per_kv
             qkv = nn.DenseGeneral(
@@ -197,24 +163,34 @@ class Attention(nn.Module):
             v = proj("v", cfg.n_kv_heads, KV_HEADS)
         q = apply_rope(q, rope) * jnp.asarray(hd ** -0.5, dtype)
         k = apply_rope(k, rope)
-        new_visible, cache_visible, prefix_len = visibility
+        q = constrain(q, (BATCH, LENGTH, HEADS, HEAD_DIM), opts.mesh)
+        k = constrain(k, (BATCH, LENGTH, KV_HEADS, HEAD_DIM), opts.mesh)
+        v = constrain(v, (BATCH, LENGTH, KV_HEADS, HEAD_DIM), opts.mesh)
+        policy = opts.attention
         if cache_kv is None:
-            out = attend(q, k, v, new_visible)
+            if isinstance(policy, FlashAttention) and visibility.new is None:
+                from jaxaccel.pallas_kernels.flash_attention import flash_attention
+
+                seg = visibility.segments
+                out = flash_attention(q, k, v, seg.ids, seg.bidirectional, block_q=policy.block_q,
+                                      block_k=policy.block_k, implementation=policy.implementation)
+            else:
+                out = attend(q, k, v, visibility.new)
             new_kv = None
         else:
-            if self.tree_attention is not None and prefix_len is not None:
-                from jaxaccel.pallas_kernels.tree_attention import tree_attention
+            if isinstance(policy, TreeKernelAttention) and visibility.prefix_len is not None:
+                from jaxaccel.pallas_kernels.tree_attention import default_block_k, tree_attention
 
-                cache_len = cache_kv[0].shape[2]
-                block_k = next(bk for bk in (128, 64, 32, 16, 8, cache_len) if cache_len % bk == 0)
-                out = tree_attention(q, k, v, new_visible, cache_kv[0], cache_kv[1], prefix_len, block_k=block_k,
-                                     interpret=self.tree_attention == "interpret")
+                block_k = policy.block_k or default_block_k(cache_kv[0].shape[2])
+                out = tree_attention(q, k, v, visibility.new, cache_kv[0], cache_kv[1], visibility.prefix_len,
+                                     block_k=block_k, interpret=policy.interpret, use_kernel=True)
             else:
-                out = attend(q, k, v, new_visible, cache_kv[0], cache_kv[1], cache_visible)
+                out = attend(q, k, v, visibility.new, cache_kv[0], cache_kv[1], visibility.cache)
             # Order the write after the read: with the dependency explicit, XLA updates the
             # cache buffer in place instead of copying it on every step.
             out, cache_k, cache_v = jax.lax.optimization_barrier((out, cache_kv[0], cache_kv[1]))
             new_kv = (write_kv(cache_k, k, write_slots), write_kv(cache_v, v, write_slots))
+        out = constrain(out, (BATCH, LENGTH, HEADS, HEAD_DIM), opts.mesh)
         out = nn.DenseGeneral(
             cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dtype, param_dtype=pdtype, name="o",
             kernel_init=_init(cfg.init_std / math.sqrt(2 * cfg.n_layers), (HEADS, HEAD_DIM, EMBED)),
@@ -226,7 +202,7 @@ class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
     config: ModelConfig
-    fused: bool = False  # decode layout: one "gate_up" kernel [d, 2, ffn] instead of "gate", "up"
+    options: LayerOptions = LayerOptions()  # options.fused: one "gate_up" kernel [d, 2, ffn] (decode layout)
 
     @nn.compact
     def __call__(self, x):
@@ -237,12 +213,12 @@ class MLP(nn.Module):
             return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=pdtype, name=name,
                             kernel_init=_init(std, axes))
 
-        if self.fused:
+        if self.options.fused:
             gate_up = nn.DenseGeneral((2, cfg.ffn_dim), use_bias=False, dtype=dtype, param_dtype=pdtype,
                                       name="gate_up", kernel_init=_init(cfg.init_std, (EMBED, None, MLP_HIDDEN)))(x)
             gate, up = gate_up[..., 0, :], gate_up[..., 1, :]
         else:
             gate = dense("gate", cfg.ffn_dim, (EMBED, MLP_HIDDEN), cfg.init_std)(x)
             up = dense("up", cfg.ffn_dim, (EMBED, MLP_HIDDEN), cfg.init_std)(x)
-        return dense("down", cfg.d_model, (MLP_HIDDEN, EMBED), cfg.init_std / math.sqrt(2 * cfg.n_layers))(
-            nn.silu(gate) * up)
+        hidden = constrain(nn.silu(gate) * up, (BATCH, LENGTH, MLP_HIDDEN), self.options.mesh)
+        return dense("down", cfg.d_model, (MLP_HIDDEN, EMBED), cfg.init_std / math.sqrt(2 * cfg.n_layers))(hidden)

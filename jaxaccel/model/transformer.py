@@ -2,19 +2,24 @@
 
     logits, cache = forward(params, config, tokens, positions,
                             cache=..., write_slots=..., prefix_len=..., new_mask=...,
-                            layer_active=...)
+                            plan=ExecutionPlan(active=...), attention=TreeKernelAttention())
+    handle = ModelHandle(params, config); handle.forward(tokens, positions, ...)
 
 * tokens, positions, write_slots: [batch, T] int32. `positions` feed RoPE; `write_slots` say
   where each new token's K/V go in the cache (-1: nowhere, e.g. padding).
 * Key visibility: cache slots [0, prefix_len[b]) are visible to every new token of row b;
   among the new tokens, `new_mask` [batch or 1, T, T] (default causal) says which new token
-  sees which. A token tree passes its ancestor mask here; training passes nothing. New
+  sees which. A token tree passes its ancestor mask here; training passes `segments`. New
   tokens attend to the cache as it was *before* this call plus to each other; their own K/V
   are written at `write_slots` on the way out (slots >= prefix_len, so nothing visible moves).
 * Committed cache entries sit in slot == position (rows are right-padded, never shifted), so
   a slot index is also the key's RoPE position (used by sliding-window attention).
-* layer_active [batch, n_layers] bool: a row whose flag is off for a layer passes its hidden
-  state through unchanged (SkipDecode).
+* What varies per call is typed (`jaxaccel.model.options`): the attention policy, the
+  execution plan (plan.active [batch, n_layers] bool: a row whose flag is off for a layer
+  passes its hidden state through unchanged — SkipDecode) and the static `LayerOptions`
+  every module shares.
+* Decoding reaches the model only through a `ModelHandle` (params + config + forward +
+  init_cache, a pytree whose leaves are the params): a draft model is a second handle.
 
 Two parameter layouts, same modules: "scanned" stacks layers under params["layers"] with a
 leading [n_layers] axis (nn.scan: small graphs, fast compiles, for training); "unrolled" keeps
@@ -32,9 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxaccel.config import ModelConfig
-from jaxaccel.model.layers import (EMBED, LAYERS, VOCAB, MLP, Attention, RMSNorm, _init, jnp_dtype,
-                                   rope_inv_freq, rope_tables)
+from jaxaccel.model.layers import (BATCH, EMBED, LAYERS, LENGTH, VOCAB, MLP, Attention, RMSNorm, Visibility, _init,
+                                   jnp_dtype, rope_inv_freq, rope_tables)
 from jaxaccel.model.moe import MoE
+from jaxaccel.model.options import (DENSE, AttentionPolicy, ExecutionPlan, FlashAttention, LayerOptions,
+                                    Segments)
+from jaxaccel.sharding import constrain
 
 Params = Any
 
@@ -53,60 +61,75 @@ def causal_mask(t: int) -> jax.Array:
     return jnp.tril(jnp.ones((1, t, t), dtype=bool))
 
 
-def build_visibility(positions, *, new_mask=None, cache_len=None, prefix_len=None, sliding_window=None):
-    """Which keys each new token may attend to, as the two blocks `attend` takes:
+def build_visibility(positions, *, new_mask=None, cache_len=None, prefix_len=None, sliding_window=None,
+                     segments: Segments | None = None, flash: bool = False, token_mask=None) -> Visibility:
+    """Which keys each new token may attend to (`layers.Visibility`).
 
-    new_visible [batch, T, T]: among the new tokens (`new_mask`, default causal);
-    cache_visible [batch, T, cache_len]: committed cache slots [0, prefix_len) — or None
-    without a cache; and prefix_len itself when that is the whole rule (no sliding window),
-    for the tree-attention kernel. With a sliding window a key is visible only if q_pos - k_pos < window
-    (a committed cache slot's position is its index).
+    Among the new tokens: `new_mask` (default causal); with `flash` and `segments` (training
+    through flash attention) no [T, T] mask is built at all — the kernel applies the segment
+    rule tile by tile. Over the cache: committed slots [0, prefix_len); `prefix_len` is
+    passed on alone when that is the whole rule (no sliding window), for the tree kernel.
+    With a sliding window a key is visible only if q_pos - k_pos < window (a committed
+    cache slot's position is its index).
     """
     b, t = positions.shape
+    if flash and segments is not None and new_mask is None and cache_len is None and sliding_window is None:
+        return Visibility(None, segments=segments, token_mask=token_mask)
+    if new_mask is None and segments is not None:
+        new_mask = segment_mask(segments)
     among_new = causal_mask(t) if new_mask is None else new_mask.astype(bool)
     new_visible = jnp.broadcast_to(among_new, (b, t, t))
     if sliding_window is not None:
         new_visible = new_visible & (positions[:, :, None] - positions[:, None, :] < sliding_window)
     if cache_len is None:
-        return new_visible, None, None
+        return Visibility(new_visible, token_mask=token_mask)
     slots = jnp.arange(cache_len, dtype=jnp.int32)
     cache_visible = jnp.broadcast_to(slots[None, None, :] < prefix_len[:, None, None], (b, t, cache_len))
     if sliding_window is not None:
         cache_visible = cache_visible & (positions[:, :, None] - slots[None, None, :] < sliding_window)
-        return new_visible, cache_visible, None
-    return new_visible, cache_visible, prefix_len
+        return Visibility(new_visible, cache_visible, token_mask=token_mask)
+    return Visibility(new_visible, cache_visible, prefix_len, token_mask=token_mask)
+
+
+def segment_mask(segments: Segments) -> jax.Array:
+    """[batch, T, T] bool: the `Segments` visibility rule as an explicit mask (dense attention)."""
+    ids = segments.ids
+    t = ids.shape[-1]
+    query, key = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+    same = (ids[:, :, None] == ids[:, None, :]) & (ids[:, :, None] != 0)
+    allowed = (key <= query)[None]
+    if segments.bidirectional is not None:
+        bid = segments.bidirectional.astype(bool)
+        allowed = allowed | (bid[:, :, None] & bid[:, None, :])
+    return (same & allowed) | (key == query)[None]
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then + ffn(norm(.)), the FFN a SwiGLU MLP or, for
-    sparse layers, a routed MoE. Signature is nn.scan-ready:
+    sparse layers (`config.is_moe_layer(index)`), a routed MoE. Signature is nn.scan-ready:
     (carry, per_layer_inputs, *broadcast_inputs) -> (carry, per_layer_outputs)."""
 
     config: ModelConfig
-    deterministic: bool = True
-    fused: bool = False
-    moe: bool = False
-    dropless: bool = False  # MoE: serve every routing assignment (decoding)
-    moe_training: bool = False  # MoE: training capacity factor
-    tree_attention: str | None = None  # see layers.Attention
+    options: LayerOptions = LayerOptions()
+    index: int = 0  # position in the stack (in its block when scanned): decides dense vs MoE
 
     @nn.compact
-    def __call__(self, x, layer_inputs, rope, visibility, write_slots):
+    def __call__(self, x, layer_inputs, rope, visibility: Visibility, write_slots):
         cache_kv, active = layer_inputs
-        visibility, token_mask = visibility
-        cfg = self.config
+        cfg, opts = self.config, self.options
         dtype, pdtype = jnp_dtype(cfg.dtype), jnp_dtype(cfg.param_dtype)
         h = RMSNorm(cfg.norm_eps, dtype, pdtype, name="attn_norm")(x)
-        a, new_kv = Attention(cfg, self.fused, self.tree_attention, name="attn")(h, rope, visibility, cache_kv,
-                                                                              write_slots)
-        y = x + nn.Dropout(cfg.dropout.attention)(a, deterministic=self.deterministic)
+        a, new_kv = Attention(cfg, opts, name="attn")(h, rope, visibility, cache_kv, write_slots)
+        y = x + nn.Dropout(cfg.dropout.attention)(a, deterministic=opts.deterministic)
+        y = constrain(y, (BATCH, LENGTH, EMBED), opts.mesh)
         h = RMSNorm(cfg.norm_eps, dtype, pdtype, name="mlp_norm")(y)
-        if self.moe:
-            m = MoE(cfg, self.dropless, self.moe_training, name="moe")(h, token_mask)
+        if cfg.is_moe_layer(self.index):
+            m = MoE(cfg, opts.dropless, opts.moe_training, name="moe")(h, visibility.token_mask)
         else:
-            m = MLP(cfg, self.fused, name="mlp")(h)
-        y = y + nn.Dropout(cfg.dropout.mlp)(m, deterministic=self.deterministic)
-        if active is not None:  # SkipDecode: inactive rows pass through this layer
+            m = MLP(cfg, opts, name="mlp")(h)
+        y = y + nn.Dropout(cfg.dropout.mlp)(m, deterministic=opts.deterministic)
+        y = constrain(y, (BATCH, LENGTH, EMBED), opts.mesh)
+        if active is not None:  # execution plan: inactive rows pass through this layer
             y = jnp.where(active[:, None, None], y, x)
         if cache_kv is None:
             return y, None
@@ -118,11 +141,7 @@ class DecoderBlock(nn.Module):
     layer is sparse (its last layer is the MoE one)."""
 
     config: ModelConfig
-    deterministic: bool = True
-    fused: bool = False
-    dropless: bool = False
-    moe_training: bool = False
-    tree_attention: str | None = None
+    options: LayerOptions = LayerOptions()
 
     @nn.compact
     def __call__(self, x, block_inputs, rope, visibility, write_slots):
@@ -130,8 +149,7 @@ class DecoderBlock(nn.Module):
         new = []
         for j in range(self.config.block_size):
             layer_cache = None if cache is None else LayerKV(cache.k[j], cache.v[j])
-            x, kv = DecoderLayer(self.config, self.deterministic, self.fused, self.config.is_moe_layer(j),
-                                 self.dropless, self.moe_training, self.tree_attention, name=f"layer_{j}")(
+            x, kv = DecoderLayer(self.config, self.options, j, name=f"layer_{j}")(
                 x, (layer_cache, None if active is None else active[j]), rope, visibility, write_slots)
             new.append(kv)
         if cache is None:
@@ -141,41 +159,38 @@ class DecoderBlock(nn.Module):
 
 class Transformer(nn.Module):
     config: ModelConfig
+    options: LayerOptions = LayerOptions()
     scanned: bool = False
-    deterministic: bool = True
-    fused: bool = False
     remat: bool = False  # recompute each layer in the backward pass (training memory)
-    moe_training: bool = False  # MoE layers use the training capacity factor
-    tree_attention: str | None = None  # cached attention through the tree-attention op (layers.Attention)
+    vocab_major_logits: bool = False  # see `forward`
 
     @nn.compact
     def __call__(self, tokens, positions, cache=None, write_slots=None, prefix_len=None, new_mask=None,
-                 layer_active=None, compute_logits=True, token_mask=None):
-        cfg = self.config
+                 plan: ExecutionPlan | None = None, compute_logits=True, token_mask=None,
+                 segments: Segments | None = None):
+        cfg, opts = self.config, self.options
         dtype, pdtype = jnp_dtype(cfg.dtype), jnp_dtype(cfg.param_dtype)
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=pdtype, name="embed",
                          embedding_init=_init(cfg.init_std, (VOCAB, EMBED)))
-        x = embed(tokens)
-        x = nn.Dropout(cfg.dropout.embed)(x, deterministic=self.deterministic)
+        x = constrain(embed(tokens), (BATCH, LENGTH, EMBED), opts.mesh)
+        x = nn.Dropout(cfg.dropout.embed)(x, deterministic=opts.deterministic)
 
         cache_len = None if cache is None else (cache.k if self.scanned else cache[0].k).shape[-2]
         visibility = build_visibility(positions, new_mask=new_mask, cache_len=cache_len, prefix_len=prefix_len,
-                                      sliding_window=cfg.sliding_window)
+                                      sliding_window=cfg.sliding_window, segments=segments,
+                                      flash=isinstance(opts.attention, FlashAttention), token_mask=token_mask)
         rope = rope_tables(positions, rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling))
-        dropless = cache is not None  # decoding: MoE output must not depend on the batch
-        visibility = (visibility, token_mask)
+        layer_active = None if plan is None else plan.active
 
         if self.scanned:
             bs = cfg.block_size
             n_blocks = cfg.n_layers // bs
             active = None if layer_active is None else jnp.asarray(layer_active).T  # [layers, batch]
             if bs == 1:
-                body, args = DecoderLayer, (cfg, self.deterministic, self.fused, cfg.is_moe_layer(0), dropless,
-                                            self.moe_training, self.tree_attention)
+                body, args = DecoderLayer, (cfg, opts, 0)
                 xs = (cache, active)
             else:
-                body, args = DecoderBlock, (cfg, self.deterministic, self.fused, dropless, self.moe_training,
-                                            self.tree_attention)
+                body, args = DecoderBlock, (cfg, opts)
                 split = lambda a: a.reshape((n_blocks, bs) + a.shape[1:])  # noqa: E731
                 xs = (None if cache is None else LayerKV(split(cache.k), split(cache.v)),
                       None if active is None else split(active))
@@ -199,19 +214,18 @@ class Transformer(nn.Module):
             for i in range(cfg.n_layers):
                 layer_cache = None if cache is None else cache[i]
                 active = None if layer_active is None else layer_active[:, i]
-                x, kv = layer_cls(cfg, self.deterministic, self.fused, cfg.is_moe_layer(i), dropless,
-                                  self.moe_training, self.tree_attention, name=f"layer_{i}")(
-                    x, (layer_cache, active), rope, visibility, write_slots)
+                x, kv = layer_cls(cfg, opts, i, name=f"layer_{i}")(x, (layer_cache, active), rope, visibility,
+                                                                   write_slots)
                 new_layers.append(kv)
             new_cache = None if cache is None else tuple(new_layers)
 
         x = RMSNorm(cfg.norm_eps, dtype, pdtype, name="final_norm")(x)
         if not compute_logits:
             return x, new_cache
-        if cfg.tie_embeddings and cache is not None and x.shape[1] > 1 and jax.default_backend() == "cpu":
-            # Decode-sized T > 1 (tree verification): table [vocab, d] @ x.T with the [vocab, b*T]
-            # result kept in that layout (the barrier stops XLA from folding the transpose back
-            # into the dot). On XLA's CPU backend this ran faster than x @ table.T for 3-16 rows (microbenchmark).
+        if cfg.tie_embeddings and self.vocab_major_logits and x.shape[1] > 1:
+            # table [vocab, d] @ x.T with the [vocab, b*T] result kept in that layout (the
+            # barrier stops XLA from folding the transpose back into the dot); chosen by the
+            # caller where it measured faster (`jaxaccel.decode.tuning`).
             b, t = x.shape[:2]
             flat = jnp.einsum("vd,md->vm", jnp.asarray(embed.embedding, dtype), x.reshape(b * t, -1).astype(dtype))
             logits = jax.lax.optimization_barrier(flat).T.reshape(b, t, -1)
@@ -220,6 +234,7 @@ class Transformer(nn.Module):
         else:
             logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=pdtype, name="lm_head",
                               kernel_init=_init(cfg.init_std, (EMBED, VOCAB)))(x)
+        logits = constrain(logits, (BATCH, LENGTH, VOCAB), opts.mesh)
         return logits.astype(jnp.float32), new_cache
 
 
@@ -238,28 +253,37 @@ def is_fused(params: Params) -> bool:
 
 
 def forward(params: Params, config: ModelConfig, tokens, positions=None, *, cache=None, write_slots=None,
-            prefix_len=None, new_mask=None, layer_active=None, deterministic=True, dropout_rng=None,
-            compute_logits=True, return_aux=False, remat=False, moe_training=False, token_mask=None,
-            tree_attention=None):
+            prefix_len=None, new_mask=None, segments: Segments | None = None, plan: ExecutionPlan | None = None,
+            attention: AttentionPolicy = DENSE, deterministic=True, dropout_rng=None, compute_logits=True,
+            return_aux=False, remat=False, moe_training=False, token_mask=None, mesh=None,
+            vocab_major_logits=False):
     """Run the decoder. Returns (logits [batch, T, vocab] float32 — or the final hidden
     states [batch, T, d_model] when compute_logits=False — and the updated cache or None);
     with return_aux=True a third element: the MoE statistics summed over layers (`moe_aux`).
+
+    Typed per-call arguments (`jaxaccel.model.options`): `attention` (policy), `plan`
+    (per-layer execution), `segments` (packed training rows: the visibility rule flash
+    attention applies tile by tile; dense attention builds the mask from it).
     moe_training selects the MoE training capacity factor (independently of dropout);
-    token_mask [batch, T] (False on padding) keeps padding out of MoE routing.
-    tree_attention: None, "auto" or "interpret" — cached attention through the Pallas
-    tree-attention op (`jaxaccel.pallas_kernels.tree_attention`; "auto" = kernel on TPU/GPU)."""
+    token_mask [batch, T] (False on padding) keeps padding out of MoE routing; `mesh`
+    pins activations to their logical-axis layout on it; `vocab_major_logits` computes
+    tied-embedding logits of T > 1 cached calls as table @ x.T (a layout some backends run
+    faster, chosen by the decode side)."""
     tokens = jnp.asarray(tokens, jnp.int32)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     if cache is not None:
         if write_slots is None or prefix_len is None:
             raise ValueError("a cached forward needs write_slots and prefix_len")
-    if layer_active is not None:
-        layer_active = jnp.broadcast_to(jnp.asarray(layer_active, bool), (tokens.shape[0], config.n_layers))
-    model = Transformer(config, scanned=is_scanned(params), deterministic=deterministic, fused=is_fused(params),
-                        remat=remat, moe_training=moe_training, tree_attention=tree_attention)
+    if plan is not None and plan.active is not None:
+        plan = plan._replace(active=jnp.broadcast_to(jnp.asarray(plan.active, bool),
+                                                     (tokens.shape[0], config.n_layers)))
+    options = LayerOptions(deterministic=deterministic, fused=is_fused(params), dropless=cache is not None,
+                           moe_training=moe_training, attention=attention, mesh=mesh)
+    model = Transformer(config, options, scanned=is_scanned(params), remat=remat,
+                        vocab_major_logits=vocab_major_logits and cache is not None)
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
-    args = (tokens, positions, cache, write_slots, prefix_len, new_mask, layer_active, compute_logits, token_mask)
+    args = (tokens, positions, cache, write_slots, prefix_len, new_mask, plan, compute_logits, token_mask, segments)
     if not return_aux:
         return model.apply({"params": params}, *args, rngs=rngs)
     (out, new_cache), state = model.apply({"params": params}, *args, rngs=rngs, mutable=["intermediates"])
@@ -295,7 +319,7 @@ LAYOUTS = ("scanned", "unrolled", "fused")
 def _model_init(config: ModelConfig, layout: str, rng):
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    model = Transformer(config, scanned=layout == "scanned", fused=layout == "fused")
+    model = Transformer(config, LayerOptions(fused=layout == "fused"), scanned=layout == "scanned")
     tokens = jnp.zeros((1, 1), jnp.int32)
     return model.init({"params": rng}, tokens, jnp.zeros((1, 1), jnp.int32))["params"]
 
@@ -427,3 +451,43 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVC
 
 def count_params(params: Params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+# ----------------------------------------------------------------------------- the handle
+
+
+@jax.tree_util.register_pytree_node_class
+class ModelHandle:
+    """One model as the decode engine sees it: params + config + `forward` + `init_cache`
+    (t5x hands its loop a `tokens_to_logits` callable for the same reason: the loop never
+    imports a model, so a draft model is just a second handle).
+
+    A pytree: the params are its leaves (traced arguments of a jitted function), the config
+    and `defaults` (keyword arguments every `forward` call gets, e.g. a backend's logits
+    layout) are static. Hashable static parts only: dicts become sorted tuples."""
+
+    def __init__(self, params: Params, config: ModelConfig, defaults: tuple[tuple[str, Any], ...] | dict = ()):
+        self.params = params
+        self.config = config
+        self.defaults = tuple(sorted(dict(defaults).items()))
+
+    def forward(self, tokens, positions=None, **kwargs):
+        """`transformer.forward` on this model's params (see there for the arguments)."""
+        return forward(self.params, self.config, tokens, positions, **{**dict(self.defaults), **kwargs})
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        return init_cache(self.config, batch, max_len, dtype)
+
+    def replace(self, **changes) -> "ModelHandle":
+        fields = {"params": self.params, "config": self.config, "defaults": self.defaults, **changes}
+        return ModelHandle(fields["params"], fields["config"], fields["defaults"])
+
+    def tree_flatten(self):
+        return (self.params,), (self.config, self.defaults)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(children[0], *aux)
+
+    def __repr__(self) -> str:
+        return f"ModelHandle({self.config.n_layers} layers, d_model={self.config.d_model}, defaults={self.defaults})"

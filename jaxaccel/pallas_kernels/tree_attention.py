@@ -2,8 +2,8 @@
 
 Every query of batch row b sees the cache slots [0, prefix_len[b]) and the tree nodes its row
 of `tree_mask` allows (its ancestors and itself). This is the attention of one tree-speculative
-decoding step; `tree_attention_reference` defines it (via `jaxaccel.model.layers.attend`, the
-project's single attention reference) and `tree_attention_kernel` is a Pallas kernel for it.
+decoding step; `tree_attention_reference` defines it (via `jaxaccel.pallas_kernels.ops.attend`,
+the project's single attention reference) and `tree_attention_kernel` is a Pallas kernel for it.
 
 Kernel design: grid (batch, kv_head). One program holds the q rows of one KV group
 ([g*T, d], g = heads // kv_heads, so grouped query heads share every K/V load), runs a float32
@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxaccel.model.layers import MASKED_SCORE, attend
+from jaxaccel.pallas_kernels.ops import MASKED_SCORE, attend
 
 
 def tree_attention_reference(q, k_new, v_new, tree_mask, k_cache, v_cache, prefix_len) -> jax.Array:
@@ -90,6 +90,11 @@ def _kernel(plen_ref, q_ref, kc_ref, vc_ref, kn_ref, vn_ref, mask_ref, o_ref, *,
     carry = lax.fori_loop(0, lax.div(plen + (block_k - 1), block_k), cache_block, carry)  # plen >= 0
     _, l, acc = _online_update(carry, q, kn_ref[...], vn_ref[...], mask_ref[...] != 0, v_dtype)
     o_ref[...] = (acc / l).astype(o_ref.dtype)
+
+
+def default_block_k(cache_len: int) -> int:
+    """The largest of 128, 64, ..., 8 dividing the cache length (else the whole cache)."""
+    return next(bk for bk in (128, 64, 32, 16, 8, cache_len) if cache_len % bk == 0)
 
 
 def _pow2_at_least(n: int, minimum: int) -> int:

@@ -1,0 +1,60 @@
+"""JAX's persistent compilation cache for the decode programs (DESIGN decision 14).
+
+`python -m jaxaccel.decode` is run again and again with the same shapes; with the cache on,
+a second process loads the compiled program from disk instead of compiling it again.
+
+Where: `$JAXACCEL_COMPILE_CACHE` if set — a directory, or `0` / `off` / `false` / `none` to
+disable — else `$XDG_CACHE_HOME/jaxaccel/xla` (default `~/.cache/jaxaccel/xla`). A cache
+directory the user configured for JAX itself (`jax_compilation_cache_dir`, e.g. through
+`JAX_COMPILATION_CACHE_DIR`) is left as it is. Entries are keyed by JAX on the program, the
+compiler options, the backend and the jax/jaxlib versions, so a stale entry is never used.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+
+ENV = "JAXACCEL_COMPILE_CACHE"
+_OFF = {"0", "off", "false", "none", "no", ""}
+# Programs that compile faster than this are not worth a disk entry (JAX's default is 1 s,
+# which would skip the smaller decode programs of small models).
+MIN_COMPILE_SECONDS = 0.1
+
+
+def cache_dir() -> Path | None:
+    """The directory the cache uses, or None when disabled."""
+    value = os.environ.get(ENV)
+    if value is not None:
+        return None if value.strip().lower() in _OFF else Path(value).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "jaxaccel" / "xla"
+
+
+_enabled: bool | None = None
+
+
+def enable() -> bool:
+    """Turn the cache on for this process (idempotent) -> whether it is on. Failing to
+    create the directory (read-only home) leaves it off rather than failing the caller."""
+    global _enabled
+    if _enabled is not None:
+        return _enabled
+    if jax.config.jax_compilation_cache_dir:  # the user's own setting wins
+        _enabled = True
+        return True
+    folder = cache_dir()
+    if folder is None:
+        _enabled = False
+        return False
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        _enabled = False
+        return False
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    _enabled = True
+    return True

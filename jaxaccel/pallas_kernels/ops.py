@@ -1,0 +1,58 @@
+"""Attention math shared by the model and the kernels: the pure-jnp reference every kernel
+is checked against. A leaf module: it imports nothing from jaxaccel, so kernels never depend
+on model code (DESIGN decision 12) and model code reaches kernels only through their ops.
+
+Dtype policy: scores, the softmax and its normaliser are float32; the value product runs in
+the values' dtype with float32 accumulation.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Masked attention scores: a large finite number, so a query with no visible key (a padded
+# tree node) yields a uniform, finite distribution rather than NaN.
+MASKED_SCORE = -1e30
+
+
+def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, new_visible: jax.Array,
+           k_cache: jax.Array | None = None, v_cache: jax.Array | None = None,
+           cache_visible: jax.Array | None = None) -> jax.Array:
+    """Grouped-query attention of T new queries over two key blocks, one softmax (reference).
+
+    The keys are the committed cache prefix (optional) followed by the T new tokens
+    themselves; this is the shape of every call — training (no cache), prefill chunks,
+    single-token steps and token trees (`new_visible` = the ancestor mask). Keeping the
+    blocks apart means attention never reads the cache *after* this step's write, so XLA
+    updates the cache in place instead of copying it every step.
+
+    q: [batch, T, heads, head_dim], already scaled by 1/sqrt(head_dim).
+    k_new, v_new: [batch, T, kv_heads, head_dim]; new_visible: [batch, T, T] bool.
+    k_cache, v_cache: [batch, kv_heads, S, head_dim]; cache_visible: [batch, T, S] bool.
+    Returns [batch, T, heads, head_dim] in v_new's dtype.
+    """
+    b, t, h, d = q.shape
+    kvh = k_new.shape[2]
+    g = h // kvh
+    # Query heads of one KV group become extra rows of the same GEMM: [b, kvh, g*t, d].
+    qg = q.reshape(b, t, kvh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, d)
+    kn, vn = k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3)
+    s_new = jnp.einsum("bkqd,bktd->bkqt", qg, kn, preferred_element_type=jnp.float32).reshape(b, kvh, g, t, t)
+    s_new = jnp.where(new_visible[:, None, None], s_new, MASKED_SCORE)
+    m = jnp.max(s_new, axis=-1, keepdims=True)
+    if k_cache is not None:
+        s_cache = jnp.einsum("bkqd,bksd->bkqs", qg, k_cache.astype(q.dtype),
+                             preferred_element_type=jnp.float32).reshape(b, kvh, g, t, -1)
+        s_cache = jnp.where(cache_visible[:, None, None], s_cache, MASKED_SCORE)
+        m = jnp.maximum(m, jnp.max(s_cache, axis=-1, keepdims=True))
+    p_new = jnp.exp(s_new - m)
+    denom = jnp.sum(p_new, axis=-1, keepdims=True)
+    out = jnp.einsum("bkqt,bktd->bkqd", p_new.astype(vn.dtype).reshape(b, kvh, g * t, t), vn,
+                     preferred_element_type=jnp.float32)
+    if k_cache is not None:
+        p_cache = jnp.exp(s_cache - m)
+        denom = denom + jnp.sum(p_cache, axis=-1, keepdims=True)
+        out = out + jnp.einsum("bkqs,bksd->bkqd", p_cache.astype(vn.dtype).reshape(b, kvh, g * t, -1),
+                               v_cache.astype(vn.dtype), preferred_element_type=jnp.float32)
+    out = out.reshape(b, kvh, g, t, d) / denom
+    return out.astype(v_new.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
