@@ -45,6 +45,9 @@ class LoopConfig:
     log_every: int = 10
     dropout_start_step: int = 0  # dropout (rates in model.dropout) is on from this step
     remat: bool = False  # recompute layers in the backward pass
+    # "flash": blockwise attention with an online softmax (memory linear in seq_len; splash
+    # kernel on TPU); "dense": the reference that materialises [batch, heads, T, T] scores.
+    attention: str = "flash"
     peak_flops: float | None = None  # per-device FLOP/s for MFU; None: measure a matmul
     progress: bool = True
 
@@ -54,6 +57,8 @@ class LoopConfig:
         for name in ("batch_size", "seq_len", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.attention not in ("flash", "dense"):
+            raise ConfigError(f"train.attention must be 'flash' or 'dense', got {self.attention!r}")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"train.batch_size ({self.batch_size}) must be a multiple of train.grad_accum "
                               f"({self.grad_accum})")

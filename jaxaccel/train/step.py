@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxaccel.config import ModelConfig
-from jaxaccel.data.objectives import attention_mask
+from jaxaccel.model.options import DENSE, FlashAttention, Segments
 from jaxaccel.model.transformer import forward, unstack_layers
 from jaxaccel.train.config import OptimConfig
 
@@ -58,17 +58,24 @@ UNROLL_LAYERS_UP_TO = 4
 
 
 def loss_and_metrics(params, model_cfg: ModelConfig, batch: dict, rng, *, dropout: bool, remat: bool,
-                     normalizer=None, aux_scale: float = 1.0, training: bool = True):
+                     normalizer=None, aux_scale: float = 1.0, training: bool = True, attention: str = "flash",
+                     bidirectional: bool = True, mesh=None):
     """Objective = sum of masked token cross entropy / `normalizer` (default: this batch's
     target count) + aux_scale * MoE auxiliary losses. With normalizer = the global batch's
     target count and aux_scale = 1 / micro-batches, summing micro-batch objectives gives the
-    global one exactly."""
-    mask = attention_mask(batch)  # the data package's rule, built on device
+    global one exactly.
+
+    Attention sees the batch's packed segments (the data package's visibility rule):
+    `attention` "flash" applies it tile by tile, "dense" as a [B, T, T] mask. bidirectional
+    False (a causal objective: no token is bidirectional) lets flash skip the tiles above the
+    diagonal. `mesh` pins activations to their logical-axis layout."""
     if model_cfg.n_layers <= UNROLL_LAYERS_UP_TO:
         params = unstack_layers(params, model_cfg)  # slices of the stacked arrays; grads flow back stacked
-    logits, _, aux = forward(params, model_cfg, batch["inputs"], batch["positions"], new_mask=mask,
+    segments = Segments(batch["segment_ids"], batch["bidirectional"] if bidirectional else None)
+    logits, _, aux = forward(params, model_cfg, batch["inputs"], batch["positions"], segments=segments,
+                             attention=training_attention(attention, mesh),
                              deterministic=not dropout, dropout_rng=rng if dropout else None, return_aux=True,
-                             remat=remat, moe_training=training, token_mask=batch["segment_ids"] > 0)
+                             remat=remat, moe_training=training, token_mask=batch["segment_ids"] > 0, mesh=mesh)
     weights = batch["loss_mask"].astype(jnp.float32)
     token_ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     ce_sum = jnp.sum(token_ce * weights)
@@ -86,6 +93,15 @@ def loss_and_metrics(params, model_cfg: ModelConfig, batch: dict, rng, *, dropou
     return ce_sum / normalizer + aux_scale * aux_loss, metrics
 
 
+def training_attention(name: str, mesh=None):
+    """The attention policy of train.attention. The splash kernel is a custom call GSPMD cannot
+    split, so over a multi-device mesh flash attention runs its jnp path (partitioned like
+    any jnp code); a shard_map-wrapped splash is the way to bring the kernel to pods."""
+    if name == "dense":
+        return DENSE
+    return FlashAttention(implementation=None if mesh is None or mesh.size == 1 else "jnp")
+
+
 def split_micro(batch: dict, n: int) -> dict:
     """[batch, ...] -> [n, batch // n, ...]: micro-batch i takes rows i, i+n, i+2n, ... so each
     micro-batch is spread over every batch-sharded device (contiguous rows would idle most)."""
@@ -93,7 +109,8 @@ def split_micro(batch: dict, n: int) -> dict:
 
 
 def train_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, optimizer: optax.GradientTransformation,
-               schedule: optax.Schedule, grad_accum: int, dropout: bool, remat: bool):
+               schedule: optax.Schedule, grad_accum: int, dropout: bool, remat: bool, attention: str = "flash",
+               bidirectional: bool = True, mesh=None):
     """One optimizer step over the global batch, accumulating gradients over `grad_accum`
     micro-batches. Skips the update (`metrics["finite"]` False) when the loss or gradient norm
     is not finite, so the state stays the last good one."""
@@ -101,7 +118,8 @@ def train_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, optimi
     keys = jax.random.split(step_rng, grad_accum)
     n_total = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
     grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
-    kwargs = dict(dropout=dropout, remat=remat, normalizer=n_total, aux_scale=1.0 / grad_accum)
+    kwargs = dict(dropout=dropout, remat=remat, normalizer=n_total, aux_scale=1.0 / grad_accum, attention=attention,
+                  bidirectional=bidirectional, mesh=mesh)
 
     if grad_accum == 1:
         (objective, metrics), grads = grad_fn(state.params, model_cfg, batch, keys[0], **kwargs)
@@ -135,6 +153,8 @@ def train_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, optimi
     return new_state, out
 
 
-def eval_step(params, batch: dict, *, model_cfg: ModelConfig):
-    _, metrics = loss_and_metrics(params, model_cfg, batch, None, dropout=False, remat=False, training=False)
+def eval_step(params, batch: dict, *, model_cfg: ModelConfig, attention: str = "flash", bidirectional: bool = True,
+              mesh=None):
+    _, metrics = loss_and_metrics(params, model_cfg, batch, None, dropout=False, remat=False, training=False,
+                                  attention=attention, bidirectional=bidirectional, mesh=mesh)
     return {"ce_sum": metrics["ce_sum"], "tokens": metrics["tokens"], "correct": metrics["correct"]}

@@ -1,0 +1,139 @@
+"""The seams the methods build on: the model handle, typed forward arguments, the tree
+kernel's self-check, training runs read for decoding (parameters only), gs:// model paths,
+prefill chunks that do not divide the prompt bucket, and typed errors for method inputs."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxaccel
+from conftest import TINY
+from jaxaccel.decode import tuning
+from jaxaccel.errors import InvalidArgumentError
+from jaxaccel.model.options import DENSE, TreeKernelAttention
+from jaxaccel.model.transformer import ModelHandle, forward, init_cache, init_params
+
+PROMPTS = [[5, 9, 14, 3, 7] * 9, [11, 2, 8]]  # 45 and 3 tokens: prompt bucket 64
+
+
+def test_handle_is_a_pytree_whose_leaves_are_the_params(tiny_params):
+    handle = ModelHandle(tiny_params, TINY, {"vocab_major_logits": True})
+    leaves, treedef = jax.tree.flatten(handle)
+    assert len(leaves) == len(jax.tree.leaves(tiny_params))
+    again = jax.tree.unflatten(treedef, leaves)
+    assert again.config == TINY and dict(again.defaults) == {"vocab_major_logits": True}
+    x = jnp.asarray([[1, 2, 3, 4]])
+    logits = jax.jit(lambda m, t: m.forward(t)[0])(handle, x)
+    np.testing.assert_allclose(logits, forward(tiny_params, TINY, x)[0], atol=1e-5)
+    cache = handle.init_cache(2, 32)
+    assert cache[0].k.shape == init_cache(TINY, 2, 32)[0].k.shape
+
+
+def test_prefill_chunk_that_does_not_divide_the_prompt_bucket(tiny_params):
+    lm = jaxaccel.from_params(TINY, tiny_params)
+    ref = lm.generate(PROMPTS, max_new_tokens=12)
+    for chunk in (24, 40, 7):  # 64 % chunk != 0: the last chunk runs past the bucket
+        odd = jaxaccel.from_params(TINY, tiny_params)
+        odd.prefill_chunk = chunk
+        assert odd.generate(PROMPTS, max_new_tokens=12).tokens == ref.tokens, chunk
+
+
+def test_tree_kernel_self_check_accepts_a_good_kernel_and_falls_back_from_a_bad_one(monkeypatch, capsys):
+    tuning._kernel_checked.cache_clear()
+    tuning._warn_once.cache_clear()
+    good = tuning.tree_attention_policy(TINY, 5, 64, sharded=False, interpret=True)
+    assert good == TreeKernelAttention(interpret=True, block_k=64)
+    assert tuning.tree_attention_policy(TINY, 5, 64, sharded=True, interpret=True) == DENSE  # Pallas under a mesh
+    assert tuning.tree_attention_policy(TINY, 5, 64, sharded=False, backend="cpu") == DENSE
+
+    from jaxaccel.pallas_kernels import tree_attention as kernels
+
+    real = kernels.tree_attention_kernel
+    monkeypatch.setattr(kernels, "tree_attention_kernel", lambda *a, **k: real(*a, **k) + 1.0)  # wrong numbers
+    tuning._kernel_checked.cache_clear()
+    assert tuning.tree_attention_policy(TINY, 6, 64, sharded=False, interpret=True) == DENSE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "differs from the reference" in err and "warning:" in err
+
+    def broken(*a, **k):
+        raise RuntimeError("Mosaic lowering failed: unsupported shape\nlong details")
+
+    monkeypatch.setattr(kernels, "tree_attention_kernel", broken)
+    tuning._kernel_checked.cache_clear()
+    assert tuning.tree_attention_policy(TINY, 7, 64, sharded=False, interpret=True) == DENSE
+    assert "failed to compile or run (RuntimeError: Mosaic lowering failed" in capsys.readouterr().err
+    tuning._kernel_checked.cache_clear()
+
+
+def test_kernel_size_constraints_are_checked_up_front():
+    assert tuning.kernel_constraints(64, 128, "gpu") is None
+    assert "head_dim=48" in tuning.kernel_constraints(48, 128, "gpu")
+    assert "block_k=24" in tuning.kernel_constraints(64, 24, "gpu")
+    assert tuning.kernel_constraints(48, 128, "tpu") is None
+
+
+def test_recycling_matrix_fed_back_with_another_batch_size_is_a_typed_error(tiny_params):
+    lm = jaxaccel.from_params(TINY, tiny_params)
+    out = lm.generate([[1, 2, 3]] * 4, max_new_tokens=4, method="recycling")
+    with pytest.raises(InvalidArgumentError, match="has 4 rows but this call decodes a batch of 2"):
+        lm.generate([[1, 2, 3]] * 2, max_new_tokens=4, method="recycling", method_input=out.method_output)
+    shared = np.asarray(out.method_output)[0]  # one row's matrix is shared by any batch
+    assert len(lm.generate([[1, 2, 3]] * 2, max_new_tokens=4, method="recycling", method_input=shared).tokens) == 2
+
+
+def test_recycling_chain_needs_k_within_the_vocabulary():
+    from jaxaccel.config import replace
+
+    small = replace(TINY, vocab_size=6)
+    lm = jaxaccel.from_params(small, init_params(small, jax.random.key(0), "unrolled"))
+    with pytest.raises(InvalidArgumentError, match="larger than the vocabulary"):
+        lm.generate([[1, 2]], max_new_tokens=4, method="chain", draft="recycling", k=2)
+
+
+def test_gs_model_paths_are_never_turned_into_local_paths(tmp_path, tiny_lm, monkeypatch):
+    """A gs:// folder goes through the object-store path type end to end (a pathlib.Path would
+    turn gs://bucket into gs:/bucket): here the store is a local folder behind the same seam."""
+    from jaxaccel.model import checkpoint as ckpt
+
+    tiny_lm.save(tmp_path / "bucket" / "model")
+    real = ckpt.as_path
+    seen = []
+
+    def fake_as_path(folder):
+        text = str(folder)
+        if text.startswith("gs://"):
+            seen.append(text)
+            return real(tmp_path / text[len("gs://"):])
+        return real(folder)
+
+    monkeypatch.setattr(ckpt, "as_path", fake_as_path)
+    lm = jaxaccel.load("gs://bucket/model")
+    assert seen and seen[0] == "gs://bucket/model"
+    assert lm.generate([[1, 2, 3]], max_new_tokens=5).tokens == tiny_lm.generate([[1, 2, 3]], max_new_tokens=5).tokens
+
+
+def test_a_live_training_run_loads_its_parameters_only_into_the_decode_sharding(tmp_path):
+    import shutil
+
+    from jaxaccel.config import from_dict
+    from jaxaccel.train.config import RunConfig
+    from jaxaccel.train.loop import train
+
+    model = {"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 64}
+    cfg = from_dict(RunConfig, {
+        "model": model, "data": {"corpus": "synthetic"},
+        "train": {"steps": 4, "batch_size": 8, "seq_len": 32, "log_every": 2, "eval_every": 0, "progress": False,
+                  "peak_flops": 1e11},
+        "checkpoint": {"every_steps": 4, "keep": 2}, "mesh": {"data": 1}, "output_dir": str(tmp_path / "run"),
+        "tensorboard": False})
+    train(cfg)
+    finished = jaxaccel.load(tmp_path / "run" / "model")
+    shutil.rmtree(tmp_path / "run" / "model")  # as if the run were still going: only checkpoints/
+    live = jaxaccel.load(tmp_path / "run", mesh="tensor=2,fsdp=2")
+    assert live.info["trained_steps"] == 4
+    for a, b in zip(jax.tree.leaves(finished.params), jax.tree.leaves(live.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    qkv = live.params["layer_0"]["attn"]["qkv"]["kernel"]  # [d, kv_heads, g + 2, head_dim]
+    assert qkv.sharding.spec[1] == "tensor" and len(qkv.sharding.device_set) == 4
+    prompt = [[1, 2, 3, 4]]
+    assert live.generate(prompt, max_new_tokens=6).tokens == finished.generate(prompt, max_new_tokens=6).tokens
