@@ -143,6 +143,24 @@ def test_auto_template_falls_back_to_plain_steps_when_drafts_miss(tiny_params, m
     assert plain.tokens == ref.tokens and plain.stats["steps"] == 30 and plain.stats["mean_accepted"] == 1.0
 
 
+def test_auto_template_decision_follows_the_hit_rate(tiny_params, monkeypatch):
+    """The fallback decision itself: drafts that never exist keep every step plain (one
+    token per forward), and drafts that always hit (a matrix warmed on the same greedy text)
+    switch to tree steps after the first plain step — both outputs exact."""
+    monkeypatch.setitem(tuning.RECYCLING_COST, jax.default_backend(), {1: 1.5})
+    prompt = [PROMPTS[1]]
+    ref = jaxaccel.from_params(TINY, tiny_params).generate(prompt, max_new_tokens=24)
+    lm = jaxaccel.from_params(TINY, tiny_params)
+    empty = np.full((TINY.vocab_size, 8), -1, np.int32)  # no candidates: every draft tree is just the root
+    cold = lm.generate(prompt, max_new_tokens=24, method="recycling", method_input=empty)
+    assert cold.tokens == ref.tokens
+    assert cold.stats["steps"] == 24 and cold.stats["mean_accepted"] == 1.0
+    warm_matrix = np.asarray(cold.method_output)[0]  # row 0 observed the same greedy continuation
+    warm = lm.generate(prompt, max_new_tokens=24, method="recycling", method_input=warm_matrix)
+    assert warm.tokens == ref.tokens
+    assert warm.stats["steps"] < 24 * 0.6 and warm.stats["mean_accepted"] > 1.7
+
+
 def test_eos_and_max_new_tokens_end_rows_like_plain_decoding(tiny_params):
     free = jaxaccel.from_params(TINY, tiny_params)
     ref = free.generate(PROMPTS, max_new_tokens=30).tokens
