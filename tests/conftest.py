@@ -4,6 +4,8 @@ import os
 
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# No persistent compilation cache in tests (test_compile_cache turns it on in subprocesses).
+os.environ.setdefault("JAXACCEL_COMPILE_CACHE", "off")
 
 import jax  # noqa: E402
 

@@ -1,5 +1,6 @@
 """The command lines: output formats, and a one-line error + exit 2 for every bad input."""
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -73,7 +74,49 @@ def test_decode_bad_input_is_one_line(model_dir, capsys, args, message):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("content,message", [
+    (bytes(range(256)), "is not UTF-8 text (byte 0x80 at offset 128, line 2); expected JSONL"),
+    (b'{"prompt_ids": [1]}\n\xff\xfe\x00', "is not UTF-8 text (byte 0xff at offset 20, line 2)"),
+    ("directory", "is a directory; expected a JSONL file"),
+    ("unreadable", "cannot be read (Permission denied)"),
+    (b'{"prompt_ids": "1,2"}\n', 'p.jsonl:1: "prompt_ids" must be a list of integers'),
+    (b'\n{"text": 5}\n', 'p.jsonl:2: "text" must be a string'),
+    (b"\x00\x01\x02\n", "p.jsonl:1: not valid JSON"),
+])
+def test_decode_bad_prompts_file_is_one_line(model_dir, capsys, tmp_path, monkeypatch, content, message):
+    f = tmp_path / "p.jsonl"
+    if content == "directory":
+        f.mkdir()
+    elif content == "unreadable":
+        f.write_text('{"prompt_ids": [1]}\n')
+        real = pathlib.Path.read_bytes
+
+        def denied(self):  # chmod 000 would not stop root, who runs these tests in containers
+            if self == f:
+                raise PermissionError(13, "Permission denied", str(self))
+            return real(self)
+
+        monkeypatch.setattr(pathlib.Path, "read_bytes", denied)
+    else:
+        f.write_bytes(content)
+    code, out, err = run(decode_main, ["--model", str(model_dir), "--prompts-file", str(f)], capsys)
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert "Traceback" not in err
+
+
+def test_prompts_file_lines_split_on_newlines_only(tmp_path):
+    """A leading BOM is dropped, and U+2028 (legal unescaped inside a JSON string) does not split a record."""
+    from jaxaccel.decode.__main__ import build_parser, read_prompts
+
+    f = tmp_path / "p.jsonl"
+    f.write_bytes('\ufeff{"prompt": "a\u2028b"}\r\n{"prompt_ids": [4, 5]}\n'.encode())
+    assert read_prompts(build_parser().parse_args(["--prompts-file", str(f)])) == ["a\u2028b", [4, 5]]
+
+
 def test_decode_subprocess_error_has_no_traceback(tmp_path):
+    """The one test that needs a fresh process: `python -m jaxaccel.decode` exists and its
+    bad-input path prints one line, with no traceback or logging noise from a cold import."""
     (tmp_path / "x.txt").write_text("x")
     proc = subprocess.run([sys.executable, "-m", "jaxaccel.decode", "--model", str(tmp_path)], capture_output=True,
                           text=True, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,12 +16,20 @@ import pytest
 from jaxaccel.config import from_dict
 from jaxaccel.errors import CheckpointError, ConfigError
 from jaxaccel.train.config import RunConfig
+from jaxaccel.cli import run_cli
+from jaxaccel.train.__main__ import main as train_main
+from jaxaccel.train.lock import OutputDirInUseError
 from jaxaccel.train.loop import TrainingDiverged, train
+from jaxaccel.train.step import UNROLL_LAYERS_UP_TO
 from jaxaccel.train.synthetic import SyntheticData
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = {"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 64}
 MOE = {**MODEL, "moe": {"n_experts": 4, "top_k": 2}}
+# The pod presets' path: more layers than UNROLL_LAYERS_UP_TO, so the step keeps the scanned
+# stack, with every layer rematerialized in the backward pass.
+DEEP = {**MODEL, "n_layers": UNROLL_LAYERS_UP_TO + 2}
+CASES = {"dense": (MODEL, {}), "moe": (MOE, {}), "deep": (DEEP, {"remat": True})}
 
 
 def run_cfg(tmp, model=MODEL, mesh=None, steps=8, **train_kw):
@@ -39,31 +48,41 @@ def losses(folder):
 @pytest.fixture(scope="module")
 def single_device(tmp_path_factory):
     out = {}
-    for name, model in (("dense", MODEL), ("moe", MOE)):
+    for name, (model, train_kw) in CASES.items():
         folder = tmp_path_factory.mktemp(f"single-{name}")
-        train(run_cfg(folder, model))
+        train(run_cfg(folder, model, **train_kw))
         out[name] = losses(folder)
     return out
 
 
-@pytest.mark.parametrize("name,model,mesh", [
-    ("dense", MODEL, {"data": 8}),
-    ("dense", MODEL, {"fsdp": 8}),
-    ("dense", MODEL, {"data": 2, "tensor": 4}),
-    ("moe", MOE, {"data": 2, "expert": 4}),
-    ("moe", MOE, {"fsdp": 2, "expert": 4}),
+@pytest.mark.parametrize("name,mesh", [
+    ("dense", {"data": 8}),
+    ("dense", {"fsdp": 8}),
+    ("dense", {"data": 2, "tensor": 4}),
+    ("moe", {"data": 2, "expert": 4}),
+    ("moe", {"fsdp": 2, "expert": 4}),
+    ("deep", {"fsdp": 4, "tensor": 2}),
 ])
-def test_each_sharding_gives_the_single_device_loss(tmp_path, single_device, name, model, mesh):
-    train(run_cfg(tmp_path, model, mesh))
+def test_each_sharding_gives_the_single_device_loss(tmp_path, single_device, name, mesh):
+    model, train_kw = CASES[name]
+    train(run_cfg(tmp_path, model, mesh, **train_kw))
     got = losses(tmp_path)
     assert len(got) == 8
     np.testing.assert_allclose(got, single_device[name], rtol=2e-5)
     assert got[-1] < got[0]  # it learns
 
 
-def test_gradient_accumulation_matches_the_full_batch(tmp_path, single_device):
-    train(run_cfg(tmp_path, grad_accum=4))
-    np.testing.assert_allclose(losses(tmp_path), single_device["dense"], rtol=2e-5)
+@pytest.mark.parametrize("name,mesh,accum", [("dense", None, 4), ("deep", {"fsdp": 4, "tensor": 2}, 2)])
+def test_gradient_accumulation_matches_the_full_batch(tmp_path, single_device, name, mesh, accum):
+    model, train_kw = CASES[name]  # (a micro-batch must still split over data * fsdp)
+    train(run_cfg(tmp_path, model, mesh, grad_accum=accum, **train_kw))
+    np.testing.assert_allclose(losses(tmp_path), single_device[name], rtol=2e-5)
+
+
+def test_deep_stack_remat_matches_no_remat(tmp_path, single_device):
+    """Rematerialization recomputes the scanned layers; it must not change the numbers."""
+    train(run_cfg(tmp_path, DEEP))
+    np.testing.assert_allclose(losses(tmp_path), single_device["deep"], rtol=2e-5)
 
 
 def test_moe_metrics_are_logged(tmp_path):
@@ -173,22 +192,98 @@ def test_moe_experts_must_divide(tmp_path):
         train(run_cfg(tmp_path, MOE, mesh={"expert": 8}))
 
 
-def test_cli_one_line_errors(tmp_path):
-    def run(*args):
-        return subprocess.run([sys.executable, "-m", "jaxaccel.train", *args], capture_output=True, text=True,
-                              env={**os.environ, "JAX_PLATFORMS": "cpu"})
+def run_train_cli(args, capsys):
+    """`python -m jaxaccel.train ARGS`, in this process: (exit status, stderr)."""
+    try:
+        code = run_cli(train_main, [str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
 
+
+def test_cli_one_line_errors(tmp_path, capsys):
     cfg = ROOT / "configs" / "tiny.yaml"
-    for args, message in [((str(cfg), "train.stepz=3"), "unknown config key 'train.stepz'"),
-                          ((str(cfg), "train.steps=many"), "train.steps: expected an integer"),
+    for args, message in [((cfg, "train.stepz=3"), "unknown config key 'train.stepz'"),
+                          ((cfg, "train.steps=many"), "train.steps: expected an integer"),
                           (("missing.yaml",), "config file 'missing.yaml' does not exist"),
-                          ((str(cfg), "data.corpus=/nonexistent/*.txt", f"output_dir={tmp_path}"),
-                           "/nonexistent/*.txt")]:
-        proc = run(*args)
-        assert proc.returncode == 2, proc.stderr
-        lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-        assert len(lines) == 1 and message in lines[0], proc.stderr
-        assert "Traceback" not in proc.stderr
+                          ((cfg, "data.corpus=/nonexistent/*.txt", f"output_dir={tmp_path}"), "/nonexistent/*.txt")]:
+        code, err = run_train_cli(args, capsys)
+        assert code == 2, err
+        lines = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(lines) == 1 and message in lines[0], err
+        assert "Traceback" not in err
+
+
+class GatedData:
+    """Synthetic data whose first training batch waits for `go`: the run holding it stays live."""
+
+    def __init__(self, inner):
+        self.inner, self.waiting, self.go = inner, threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def train_batches(self, start_step=0):
+        self.waiting.set()
+        assert self.go.wait(300)
+        yield from self.inner.train_batches(start_step)
+
+
+def test_a_live_run_keeps_its_output_dir_to_itself(tmp_path, capsys):
+    """A second trainer on a folder in use is refused with one line naming the holder, whether
+    the live run is in this process (a thread) or another; the lock dies with its holder, so a
+    SIGKILLed run never blocks the resume."""
+    import re
+
+    from jaxaccel.train.loop import output_dir_lock
+
+    cfg = run_cfg(tmp_path, steps=4)
+    data = GatedData(SyntheticData(MODEL["vocab_size"], 32, 8, total_steps=4, seed=cfg.data.seed))
+    result = {}
+
+    def live_run():
+        try:
+            result["summary"] = train(cfg, data)
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            result["error"] = e
+
+    thread = threading.Thread(target=live_run, daemon=True)
+    thread.start()
+    try:
+        assert data.waiting.wait(300), result
+        held = rf"output_dir '{re.escape(str(tmp_path))}' is in use by pid {os.getpid()} on host "
+        with pytest.raises(OutputDirInUseError, match=held):
+            train(run_cfg(tmp_path, steps=8))
+        code, err = run_train_cli([ROOT / "configs" / "tiny.yaml", "data.corpus=synthetic", f"output_dir={tmp_path}"],
+                                  capsys)
+        lines = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert code == 2 and len(lines) == 1 and re.search(held, lines[0]) and "Traceback" not in err, err
+    finally:
+        data.go.set()
+        thread.join(300)
+    assert "error" not in result, result
+    assert result["summary"]["steps"] == 4 and not (tmp_path / "checkpoints" / "8").exists()
+
+    # Another process holds the folder (as a trainer would), then dies by SIGKILL.
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+        "os.write(fd, f'pid {os.getpid()} on host elsewhere'.encode())\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(300)\n"), str(tmp_path / "train.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(OutputDirInUseError, match=rf"is in use by pid {holder.pid} on host elsewhere"):
+            train(run_cfg(tmp_path, steps=8))
+    finally:
+        holder.kill()
+        holder.wait()
+    summary = train(run_cfg(tmp_path, steps=8))
+    assert summary["resumed_from"] == 4 and len(losses(tmp_path)) == 8
+    # Object stores have no flock: gs:// runs are not locked (and nothing is created locally).
+    with output_dir_lock("gs://bucket/run"), output_dir_lock("gs://bucket/run"):
+        pass
 
 
 def test_two_processes_match_one(tmp_path):
@@ -198,9 +293,7 @@ def test_two_processes_match_one(tmp_path):
               "model.ffn_dim=64", "train.steps=6", "train.batch_size=8", "train.seq_len=32", "train.eval_every=0",
               "train.peak_flops=1e11", "checkpoint.every_steps=3", "mesh.data=8", "tensorboard=false"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    one = subprocess.run([sys.executable, *common, f"output_dir={tmp_path / 'one'}", "--cpu-devices", "8"],
-                         capture_output=True, text=True, env=env)
-    assert one.returncode == 0, one.stderr
+    assert train_main([*common[2:], f"output_dir={tmp_path / 'one'}"]) == 0  # this process has the 8 devices
     import socket
 
     with socket.socket() as s:
@@ -223,7 +316,7 @@ def small_corpus_args(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkilled_run_resumes_to_the_uninterrupted_curve_and_decodes(tmp_path):
+def test_sigkilled_run_resumes_to_the_uninterrupted_curve_and_decodes(tmp_path, capsys):
     base = [sys.executable, "-m", "jaxaccel.train", str(ROOT / "configs" / "tiny.yaml"), "train.steps=120",
             "checkpoint.every_steps=30", "train.eval_every=60", *small_corpus_args(tmp_path)]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -255,7 +348,8 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_curve_and_decodes(tmp_path):
     assert lm.tokenizer is not None and lm.bos_token_id == 3 and lm.eos_token_ids == (1,)
     out = lm.generate(["import json\n"], max_new_tokens=12)
     assert out.prompt_ids[0][0] == 3 and len(out.tokens[0]) >= 1 and isinstance(out.texts[0], str)
-    dec = subprocess.run([sys.executable, "-m", "jaxaccel.decode", "--model", str(killed), "--prompt", "def ",
-                          "--max-new-tokens", "8", "--output", "json"], capture_output=True, text=True, env=env)
-    assert dec.returncode == 0, dec.stderr
-    assert json.loads(dec.stdout)["results"][0]["text"] is not None
+    from jaxaccel.decode.__main__ import main as decode_main
+
+    capsys.readouterr()
+    assert decode_main(["--model", str(killed), "--prompt", "def ", "--max-new-tokens", "8", "--output", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["text"] is not None

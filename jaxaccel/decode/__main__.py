@@ -48,9 +48,9 @@ def read_prompts(args) -> list[Any]:
             fail(f"--prompt-ids {text!r}: expected comma-separated integers")
     if args.prompts_file:
         path = Path(args.prompts_file)
-        if not path.is_file():
-            fail(f"prompts file {str(path)!r} does not exist")
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        # JSONL separates records by "\n" only: str.splitlines would also split at U+2028 and
+        # friends, which are legal unescaped inside a JSON string.
+        for n, line in enumerate(read_prompts_file(path).split("\n"), 1):
             if not line.strip():
                 continue
             try:
@@ -58,14 +58,40 @@ def read_prompts(args) -> list[Any]:
             except json.JSONDecodeError as e:
                 fail(f"{path}:{n}: not valid JSON ({e.msg})")
             if isinstance(item, dict) and "prompt_ids" in item:
-                prompts.append(item["prompt_ids"])
+                ids = item["prompt_ids"]
+                if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                    fail(f'{path}:{n}: "prompt_ids" must be a list of integers')
+                prompts.append(ids)
             elif isinstance(item, dict) and ("prompt" in item or "text" in item):
-                prompts.append(item.get("prompt", item.get("text")))
+                key = "prompt" if "prompt" in item else "text"
+                text = item[key]
+                if not isinstance(text, str):
+                    fail(f'{path}:{n}: "{key}" must be a string')
+                prompts.append(text)
             elif isinstance(item, str):
                 prompts.append(item)
             else:
                 fail(f'{path}:{n}: expected {{"prompt": "..."}} or {{"prompt_ids": [...]}}')
     return prompts
+
+
+def read_prompts_file(path: Path) -> str:
+    """The file's text, or a one-line error: missing, a directory, unreadable, or not UTF-8 text."""
+    name = repr(str(path))
+    if not path.exists():
+        fail(f"prompts file {name} does not exist")
+    if path.is_dir():
+        fail(f"prompts file {name} is a directory; expected a JSONL file")
+    try:
+        data = path.read_bytes()
+    except OSError as e:  # permissions, a dangling mount, ...
+        fail(f"prompts file {name} cannot be read ({e.strerror or e})")
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")  # a BOM (some editors write one) is not line 1's
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        fail(f"prompts file {name} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}, line {line}); "
+             f"expected JSONL")
 
 
 def parse_options(items: Sequence[str]) -> dict[str, Any]:

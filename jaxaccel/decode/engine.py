@@ -182,22 +182,32 @@ def prefill(model: ModelHandle, cache, prompt_tokens, prompt_lens, chunk: int):
     return jax.lax.fori_loop(0, n_chunks, body, cache)
 
 
-def generate_loop(model: ModelHandle, prompt_tokens, prompt_lens, live, max_new, sampling: SamplingParams, rng,
-                  method_input, *, method: DecodeMethod, mode: SamplingMode, eos_ids: tuple[int, ...], out_len: int,
-                  cache_len: int, chunk: int, cache_sharding: NamedSharding | None = None,
-                  tree_attention: AttentionPolicy = DENSE,
-                  progress: Callable[[Any], None] | None = None) -> GenerateOutput:
-    """The whole generation, meant to be jitted with everything after `*` static.
-
-    model: the target's handle (its params are traced arguments, its config static);
-    prompt_tokens [batch, P] (right-padded), prompt_lens [batch] (>= 1), live [batch] bool
-    (False for bucket padding rows), max_new () int32, rng: one key per row [batch].
-    """
-    batch = prompt_tokens.shape[0]
-    cache = model.init_cache(batch, cache_len)
+def prefill_cache(model: ModelHandle, prompt_tokens, prompt_lens, *, cache_len: int, chunk: int,
+                  cache_sharding: NamedSharding | None = None):
+    """A new cache of `cache_len` slots holding the K/V of every prompt token but the last:
+    the first of the two programs of a generation (one per prompt bucket; small: no logits)."""
+    cache = model.init_cache(prompt_tokens.shape[0], cache_len)
     if cache_sharding is not None:
         cache = jax.lax.with_sharding_constraint(cache, jax.tree.map(lambda _: cache_sharding, cache))
-    cache = prefill(model, cache, prompt_tokens, prompt_lens, chunk)
+    return prefill(model, cache, prompt_tokens, prompt_lens, chunk)
+
+
+def generate_loop(model: ModelHandle, cache, prompt_tokens, prompt_lens, live, max_new, sampling: SamplingParams,
+                  rng, method_input, *, method: DecodeMethod, mode: SamplingMode, eos_ids: tuple[int, ...],
+                  out_len: int, cache_sharding: NamedSharding | None = None, tree_attention: AttentionPolicy = DENSE,
+                  progress: Callable[[Any], None] | None = None) -> GenerateOutput:
+    """The decode loop over a prefilled cache (`prefill_cache`), meant to be jitted with
+    everything after `*` static and the cache donated. Its shapes do not depend on the
+    prompt bucket — only on the cache length — so prompts of many lengths share one program.
+
+    model: the target's handle (its params are traced arguments, its config static);
+    prompt_tokens [batch, W] (right-padded, any width >= the longest prompt), prompt_lens
+    [batch] (>= 1), live [batch] bool (False for bucket padding rows), max_new () int32,
+    rng: one key per row [batch].
+    """
+    batch = prompt_tokens.shape[0]
+    if cache_sharding is not None:
+        cache = jax.lax.with_sharding_constraint(cache, jax.tree.map(lambda _: cache_sharding, cache))
     ctx = StepContext(model=model, mode=mode, sampling=sampling, sharded=cache_sharding is not None,
                       eos_ids=jnp.asarray(eos_ids, jnp.int32).reshape(-1), max_new=max_new,
                       tree_attention=tree_attention)

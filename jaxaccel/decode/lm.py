@@ -25,19 +25,30 @@ from jax.sharding import Mesh, NamedSharding
 from jaxaccel import sharding as shd
 from jaxaccel.config import ModelConfig
 from jaxaccel.decode import compile_cache, tuning
-from jaxaccel.decode.engine import GenerateOutput, generate_loop
+from jaxaccel.decode.engine import GenerateOutput, generate_loop, prefill_cache
 from jaxaccel.decode.methods import get_method
 from jaxaccel.decode.sampling import make_sampling
 from jaxaccel.errors import InvalidArgumentError, InvalidPromptError, ModelLoadError
 from jaxaccel.model.transformer import (LayerKV, ModelHandle, canonical_params, fuse_layers, init_cache, logical_axes,
                                         param_shapes, stack_layers, unstack_layers)
 
-PREFILL_CHUNK = 256
+PREFILL_CHUNK = 128  # prompt tokens per prefill forward
 MIN_BUCKET = 16
 
 
 def _pow2_at_least(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+def cache_bucket(n: int) -> int:
+    """KV cache slots for n tokens: the smallest of 128, 192, 256, 384, 512, 768, ... (two
+    steps per octave, so at most a third unused) — few distinct programs per model, each
+    compiled once and kept in the persistent cache."""
+    size = 128
+    while size < n:
+        octave = 1 << (size.bit_length() - 1)
+        size += octave // 2
+    return size
 
 
 def can_fuse(config: ModelConfig, mesh: Mesh | None) -> bool:
@@ -156,13 +167,13 @@ class LanguageModel:
         batch = len(ids)
         batch_bucket = _pow2_at_least(batch)
         batch_bucket = math.ceil(batch_bucket / data_ways) * data_ways
-        prompt_bucket = _pow2_at_least(max(len(p) for p in ids), MIN_BUCKET)
-        chunk = min(prompt_bucket, self.prefill_chunk)
         out_len = _pow2_at_least(max_new_tokens, MIN_BUCKET)
-        cache_len = prompt_bucket + out_len + decoder.cache_headroom()
-        cache_len = math.ceil(cache_len / MIN_BUCKET) * MIN_BUCKET
+        cache_len = cache_bucket(longest + out_len + decoder.cache_headroom())
+        # Prompts are padded to the cache length: both programs are keyed by it alone, so
+        # prompts of every length up to it share them (prefill runs only the chunks it needs).
+        chunk = min(cache_len, self.prefill_chunk)
 
-        tokens = np.zeros((batch_bucket, prompt_bucket), np.int32)
+        tokens = np.zeros((batch_bucket, cache_len), np.int32)
         lens = np.ones((batch_bucket,), np.int32)
         for i, p in enumerate(ids):
             tokens[i, :len(p)] = p
@@ -170,35 +181,49 @@ class LanguageModel:
         live = np.arange(batch_bucket) < batch
         base = jax.random.key(seed)
         rng = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(batch_bucket))
-        args = (self.handle, jnp.asarray(tokens), jnp.asarray(lens), jnp.asarray(live), jnp.int32(max_new_tokens),
-                sampling, rng, method_input)
+        prompt_args = (self.handle, jnp.asarray(tokens), jnp.asarray(lens))
+        loop_args = (prompt_args[1], prompt_args[2], jnp.asarray(live), jnp.int32(max_new_tokens), sampling, rng,
+                     method_input)
 
         show_progress = progress and max_new_tokens >= 64
         input_sig = jax.tree.map(lambda a: (np.shape(a), str(getattr(a, "dtype", np.asarray(a).dtype))), method_input)
-        key = (decoder.key(), mode, batch_bucket, prompt_bucket, out_len, cache_len, chunk, show_progress, input_sig)
+        cache_sharding = self._cache_sharding(batch_bucket)
         compile_s = 0.0
-        compiled = self._compiled.get(key)
+        prefill_key = ("prefill", batch_bucket, cache_len, chunk)
+        prefill_fn = self._compiled.get(prefill_key)
+        prefill_jit = jax.jit(functools.partial(prefill_cache, cache_len=cache_len, chunk=chunk,
+                                                cache_sharding=cache_sharding))
+        if prefill_fn is None:
+            t0 = time.perf_counter()
+            prefill_fn = prefill_jit.lower(*prompt_args).compile(compiler_options=tuning.compiler_options())
+            self._compiled[prefill_key] = prefill_fn
+            compile_s += time.perf_counter() - t0
+        loop_key = (decoder.key(), mode, batch_bucket, out_len, cache_len, show_progress, input_sig)
+        loop_fn = self._compiled.get(loop_key)
+        if loop_fn is None:
+            t0 = time.perf_counter()
+            cache_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cache_sharding),
+                                      jax.eval_shape(prefill_jit, *prompt_args))
+            tree_attention = tuning.DENSE
+            if decoder.tree_nodes():
+                tree_attention = tuning.tree_attention_policy(self.config, decoder.tree_nodes(), cache_len,
+                                                              sharded=self.mesh is not None)
+            static = dict(method=decoder, mode=mode, eos_ids=self.eos_token_ids, out_len=out_len,
+                          cache_sharding=cache_sharding, tree_attention=tree_attention,
+                          progress=self._report_progress if show_progress else None)
+            fn = jax.jit(functools.partial(generate_loop, **static))
+            loop_fn = fn.lower(self.handle, cache_spec, *loop_args).compile(compiler_options=tuning.compiler_options())
+            self._compiled[loop_key] = loop_fn
+            compile_s += time.perf_counter() - t0
         bar = None
         if show_progress:
             from tqdm import tqdm
 
             bar = tqdm(total=batch * max_new_tokens, unit="tok", file=sys.stderr, leave=False)
             self._progress_bar = bar
-        if compiled is None:
-            t0 = time.perf_counter()
-            tree_attention = tuning.DENSE
-            if decoder.tree_nodes():
-                tree_attention = tuning.tree_attention_policy(self.config, decoder.tree_nodes(), cache_len,
-                                                              sharded=self.mesh is not None)
-            static = dict(method=decoder, mode=mode, eos_ids=self.eos_token_ids, out_len=out_len, cache_len=cache_len,
-                          chunk=chunk, cache_sharding=self._cache_sharding(batch_bucket), tree_attention=tree_attention,
-                          progress=self._report_progress if show_progress else None)
-            fn = jax.jit(functools.partial(generate_loop, **static))
-            compiled = fn.lower(*args).compile(compiler_options=tuning.compiler_options())
-            compile_s = time.perf_counter() - t0
-            self._compiled[key] = compiled
         t0 = time.perf_counter()
-        out: GenerateOutput = compiled(*args)
+        cache = prefill_fn(*prompt_args)
+        out: GenerateOutput = loop_fn(self.handle, cache, *loop_args)
         out = jax.block_until_ready(out)
         decode_s = time.perf_counter() - t0
         if bar is not None:
@@ -301,6 +326,7 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh
     from jaxaccel.model import checkpoint as ckpt
     from jaxaccel.tokenizer import load_tokenizer
 
+    compile_cache.enable()  # before the first jitted op of the load
     if dtype is not None and dtype not in DTYPES:
         raise InvalidArgumentError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if path is None:

@@ -422,9 +422,22 @@ def fuse_layers(params: Params, config: ModelConfig, consume: bool = False) -> P
     out = {k: v for k, v in params.items() if not k.startswith("layer_")}
     for i in range(config.n_layers):
         layer = params.pop(f"layer_{i}") if consume else params[f"layer_{i}"]
-        out[f"layer_{i}"] = fuse_layer(layer, config)
+        if _on_host(layer):  # numpy views of host buffers: no per-op compiles at load time
+            out[f"layer_{i}"] = jax.tree.map(jnp.asarray, fuse_layer(jax.tree.map(np.asarray, layer), config, xp=np))
+        else:
+            out[f"layer_{i}"] = fuse_layer(layer, config)
         del layer
     return out
+
+
+def _on_host(tree: Params) -> bool:
+    """Every leaf a numpy array or a single-device CPU array (fusing it with numpy is free)."""
+    def host(x):
+        if isinstance(x, np.ndarray):
+            return True
+        devices = getattr(x, "devices", lambda: set())()
+        return len(devices) == 1 and next(iter(devices)).platform == "cpu"
+    return all(host(x) for x in jax.tree.leaves(tree))
 
 
 def unfuse_layers(params: Params, config: ModelConfig) -> Params:

@@ -3,13 +3,16 @@
     summary = train(run_config)            # or: python -m jaxaccel.train CONFIG.yaml key=value ...
 
 Output folder: `config.yaml` (the resolved config), `metrics.jsonl`, `tensorboard/`,
-`checkpoints/<step>/` (Orbax: state + data position), `tokenizer.model`, and at the end
-`model/` — a jaxaccel model checkpoint that `jaxaccel.load` and `python -m jaxaccel.decode`
+`checkpoints/<step>/` (Orbax: state + data position), `tokenizer.model`, `train.lock`, and at
+the end `model/` — a jaxaccel model checkpoint that `jaxaccel.load` and `python -m jaxaccel.decode`
 take directly. Rerunning the same command on the same folder resumes from the latest
 readable checkpoint and reproduces the uninterrupted loss curve exactly (CPU, float32).
+A second run on a folder that a live run is using is refused (`train.lock`, an OS lock that
+dies with its process, so a killed run's folder resumes at once).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -27,6 +30,7 @@ from jaxaccel.config import to_dict
 from jaxaccel.errors import ConfigError, JaxaccelError
 from jaxaccel.train.checkpoint import Checkpoints
 from jaxaccel.train.config import RunConfig
+from jaxaccel.train.lock import OutputDirInUseError, OutputDirLock
 from jaxaccel.train.metrics import MetricsWriter, flops_per_token, measure_peak_flops
 from jaxaccel.train.state import batch_sharding, create_state, global_batch, state_shardings
 from jaxaccel.train.step import eval_step, lr_schedule, make_optimizer, train_step
@@ -55,10 +59,49 @@ def _is_main() -> bool:
     return jax.process_index() == 0
 
 
+@contextlib.contextmanager
+def output_dir_lock(output_dir: str):
+    """Hold the output folder for the run: a second live run on it is refused with
+    `OutputDirInUseError` (see `jaxaccel.train.lock`; a killed run's lock dies with it).
+
+    Only process 0 locks: it is the one that writes the run's files. On a multi-host run
+    every process learns process 0's outcome, so a refused run stops on all hosts at once
+    instead of leaving the others waiting in their first collective."""
+    lock = None
+    refused: OutputDirInUseError | None = None
+    # gs:// and other object stores have no flock (nor any atomic lock primitive this
+    # could use without a separate service), so those runs are unguarded: give every run
+    # its own bucket prefix.
+    if _is_main() and "://" not in output_dir:
+        try:
+            lock = OutputDirLock(output_dir).acquire()
+        except OutputDirInUseError as e:
+            refused = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        ok = int(multihost_utils.broadcast_one_to_all(np.int32(refused is None)))
+        if not ok and refused is None:
+            refused = OutputDirInUseError(f"output_dir {output_dir!r} is in use by another training run "
+                                          f"(process 0 could not lock it)")
+    if refused is not None:
+        raise refused
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def train(cfg: RunConfig, data: Any = None, *, log=None) -> dict[str, Any]:
+    mesh = build_mesh(cfg)  # config errors first, before the folder is touched
+    with output_dir_lock(cfg.output_dir):
+        return _train(cfg, mesh, data, log=log)
+
+
+def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any]:
     log = log or (lambda msg: print(msg, file=sys.stderr) if _is_main() else None)
     out = Path(cfg.output_dir) if not cfg.output_dir.startswith("gs://") else None
-    mesh = build_mesh(cfg)
     if data is None and cfg.data.corpus == "synthetic":
         from jaxaccel.train.synthetic import SyntheticData
 
@@ -96,13 +139,17 @@ def train(cfg: RunConfig, data: Any = None, *, log=None) -> dict[str, Any]:
             (run_dir / "tokenizer.model").write_bytes(Path(data.vocab_path).read_bytes())
 
     bsh = batch_sharding(mesh)
+    # A causal objective has no bidirectional tokens: flash attention then skips the tiles
+    # above the diagonal. Activations are pinned to the mesh by their logical axes.
+    attention = dict(attention=cfg.train.attention, bidirectional=cfg.data.objective != "causal", mesh=mesh)
     step_fn = {}
     for dropout in (False, True):
         fn = functools.partial(train_step, model_cfg=cfg.model, optimizer=optimizer, schedule=schedule,
-                               grad_accum=cfg.train.grad_accum, dropout=dropout, remat=cfg.train.remat)
+                               grad_accum=cfg.train.grad_accum, dropout=dropout, remat=cfg.train.remat, **attention)
         step_fn[dropout] = jax.jit(fn, in_shardings=(shardings, bsh), out_shardings=(shardings, None),
                                    donate_argnums=(0,))
-    eval_fn = jax.jit(functools.partial(eval_step, model_cfg=cfg.model), in_shardings=(shardings.params, bsh))
+    eval_fn = jax.jit(functools.partial(eval_step, model_cfg=cfg.model, **attention),
+                      in_shardings=(shardings.params, bsh))
     has_dropout = any(getattr(cfg.model.dropout, f.name) > 0 for f in dataclasses.fields(cfg.model.dropout))
 
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
