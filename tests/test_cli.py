@@ -171,3 +171,18 @@ def test_bench_train_runs_and_reports(capsys, tmp_path):
     row = json.loads((tmp_path / "t.json").read_text())["rows"][0]
     assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1
     assert "| " in out and "MFU" in out
+
+
+def test_bench_startup_runs_and_reports(capsys):
+    from jaxaccel.bench import startup
+
+    result = startup.run("builtin:default", runs=1, methods=("autoregressive", "pld"), repeats=1, lengths=(5, 40),
+                         progress=lambda s: None)
+    wall = result["decode_wall"]
+    assert wall["cold_s"] > 0 and len(wall["warm_runs_s"]) == 1
+    calls = result["first_calls"]
+    assert calls["autoregressive"]["relative"] == 1.0 and calls["pld"]["compile_s"] > 0
+    assert calls["autoregressive"]["programs"] == 2  # prompts of 5 and 40 tokens share the prefill and loop programs
+    assert "| pld |" in startup.markdown(result)
+    code, _, err = run(bench_main, ["startup", "--runs", "0"], capsys)
+    assert code == 2 and "runs and repeats must be >= 1" in err

@@ -3,6 +3,7 @@
     python -m jaxaccel.bench decode [--models 7m,40m] [--batches 1,8] [--runs 5] [--no-hf]
     python -m jaxaccel.bench train [--configs configs/tiny.yaml,configs/default.yaml] [--compare-devices 8]
     python -m jaxaccel.bench spec [--model builtin:default] [--batches 1,4] [--temperatures 0,0.7] [--no-hf]
+    python -m jaxaccel.bench startup [--model builtin:default] [--runs 5]
 """
 from __future__ import annotations
 
@@ -67,7 +68,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     sp.add_argument("--sweep", default=None, help='templates to sweep, e.g. "4-4-2,paper" (default: a built-in list)')
     sp.add_argument("--no-hf", action="store_true", help="skip transformers' prompt-lookup baseline")
     sp.add_argument("--json", default=None)
+    st = sub.add_parser("startup", help="whole-process decode CLI wall time (cold/warm compile cache) and "
+                                        "first-call compile time per method")
+    st.add_argument("--model", default="builtin:default")
+    st.add_argument("--runs", type=int, default=5, help="warm CLI runs (median)")
+    st.add_argument("--repeats", type=int, default=3, help="fresh processes per method for the first-call figure")
+    st.add_argument("--methods", default="autoregressive,recycling")
+    st.add_argument("--json", default=None)
     args = p.parse_args(argv)
+
+    if args.which == "startup":
+        from jaxaccel.bench import startup
+        from jaxaccel.bench.common import write_json
+
+        if args.runs < 1 or args.repeats < 1:
+            fail("runs and repeats must be >= 1")
+        result = startup.run(args.model, args.runs, _csv(args.methods), args.repeats,
+                             progress=lambda s: print(s, file=sys.stderr))
+        print(startup.markdown(result))
+        if args.json:
+            write_json(args.json, result)
+        return 0
 
     if args.which == "spec":
         from jaxaccel.bench import spec
