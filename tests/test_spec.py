@@ -52,6 +52,20 @@ def test_tree_structure_against_python():
             assert list(children[b, i, :len(kids)]) == kids and (children[b, i, len(kids):] == -1).all()
 
 
+def test_static_tables_equal_the_device_tables():
+    """The host (numpy) tables of static templates are the device functions' tables."""
+    from jaxaccel.decode.tree import static_tables
+
+    rng = np.random.default_rng(1)
+    for par, dep in [random_tree(rng, 12) for _ in range(3)] + [build_template(PAPER_WIDTHS, 8)[::2]]:
+        max_depth, max_children = int(dep.max()), int(np.bincount(par[1:], minlength=len(par)).max())
+        mask, paths, children = static_tables(tuple(par.tolist()), tuple(dep.tolist()), max_depth, max_children)
+        p, d = jnp.asarray(par)[None], jnp.asarray(dep)[None]
+        np.testing.assert_array_equal(mask, ancestor_mask(p, max_depth))
+        np.testing.assert_array_equal(paths, tree_paths(p, d, max_depth))
+        np.testing.assert_array_equal(children, children_table(p, jnp.ones(p.shape, bool), max_children))
+
+
 def test_paper_template_shape():
     parents, ranks, depth = build_template(PAPER_WIDTHS, 8)
     assert len(parents) == 81 and np.bincount(depth).tolist() == [1, 8, 21, 25, 15, 8, 3]

@@ -203,7 +203,7 @@ class LanguageModel:
         if loop_fn is None:
             t0 = time.perf_counter()
             cache_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cache_sharding),
-                                      jax.eval_shape(prefill_jit, *prompt_args))
+                                      jax.eval_shape(lambda: self.handle.init_cache(batch_bucket, cache_len)))
             tree_attention = tuning.DENSE
             if decoder.tree_nodes():
                 tree_attention = tuning.tree_attention_policy(self.config, decoder.tree_nodes(), cache_len,

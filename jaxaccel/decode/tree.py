@@ -25,6 +25,7 @@ are invisible to later steps, so rejected nodes need no cleanup.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -104,6 +105,34 @@ def children_table(parents: jax.Array, valid: jax.Array, max_children: int) -> j
     table = jnp.full((b, n, max_children), -1, jnp.int32)
     return table.at[rows, target_parent, jnp.where(ok, rank, 0)].set(
         jnp.broadcast_to(idx.astype(jnp.int32), (b, n)), mode="drop")
+
+
+@functools.lru_cache(maxsize=64)
+def static_tables(parents: tuple[int, ...], depth: tuple[int, ...], max_depth: int, max_children: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ancestor mask [1, N, N], paths [1, N, D + 1], children [1, N, C]) of one static tree
+    structure, in numpy: the same tables as `ancestor_mask`, `tree_paths` and
+    `children_table`, computed once per template on the host (as jnp ops under
+    `ensure_compile_time_eval` they were ~50 tiny eager compiles, ~1 s per trace)."""
+    par = np.asarray(parents, np.int32)
+    dep = np.asarray(depth, np.int32)
+    n = len(par)
+    chain = [np.arange(n, dtype=np.int32)]
+    for _ in range(max_depth):
+        cur = chain[-1]
+        chain.append(np.where(cur >= 0, par[np.maximum(cur, 0)], -1).astype(np.int32))
+    chain = np.stack(chain, axis=-1)  # [N, D + 1]: ancestor s steps up
+    mask = (chain[:, :, None] == np.arange(n)[None, None, :]).any(axis=1)
+    steps_up = dep[:, None] - np.arange(max_depth + 1)[None, :]
+    paths = np.where(steps_up >= 0, np.take_along_axis(chain, np.clip(steps_up, 0, max_depth), axis=1), -1)
+    children = np.full((n, max_children), -1, np.int32)
+    filled = np.zeros(n, np.int64)
+    for i in range(n):  # parents precede children: node order is sibling order
+        p = par[i]
+        if p >= 0 and filled[p] < max_children:
+            children[p, filled[p]] = i
+            filled[p] += 1
+    return mask[None], paths[None].astype(np.int32), children[None]
 
 
 # ----------------------------------------------------------------------------- verification
@@ -325,37 +354,50 @@ class TreeMethod(DecodeMethod):
             return self.tree_step(state, ctx)[0]
         inner, hit_rate = state.method_state
         use_tree = self.expected_tokens(hit_rate) >= self.cost_for_batch(state.last_token.shape[0])
-        plain = state._replace(method_state=inner)
-        out, hit = jax.lax.cond(use_tree, lambda s: self.tree_step(s, ctx), lambda s: self.plain_step(s, ctx), plain)
+        state = state._replace(method_state=inner)
+        # Only the target forwards differ between the two kinds of step: drafting, the
+        # drafter's update and the commit run once, outside the cond (one copy each in the
+        # compiled loop instead of two — the fallback's compile cost is its second forward).
+        tree = self.draft(state, ctx)
+        out, tokens, count, observed, logits, hit = jax.lax.cond(
+            use_tree, lambda s: self.verify(s, tree, ctx), lambda s: self.plain_verify(s, tree, ctx), state)
+        out = out._replace(method_state=self.observe(inner, tree._replace(valid=observed), logits, out))
+        out = commit(out, tokens, count, ctx)
         live = ~state.done
         rate = jnp.sum(jnp.where(live, hit, False)) / jnp.maximum(jnp.sum(live), 1)
         hit_rate = jnp.where(jnp.any(live), (1 - self.HIT_DECAY) * hit_rate + self.HIT_DECAY * rate, hit_rate)
         return out._replace(method_state=(out.method_state, hit_rate.astype(jnp.float32)))
 
-    def plain_step(self, state: DecodeState, ctx: StepContext) -> tuple[DecodeState, jax.Array]:
-        """One autoregressive step; the drafter observes the root's logits, and whether the
-        chosen token was among its depth-1 drafts is returned."""
-        tree = self.draft(state, ctx)
-        state, logits, token = next_token(state, ctx)
+    def plain_verify(self, state: DecodeState, tree: Tree, ctx: StepContext):
+        """A plain autoregressive step in `verify`'s output form: one token; the drafter
+        observes the root's logits only (the other nodes were not run); hit = the chosen
+        token was among the depth-1 drafts."""
+        state, root_logits, token = next_token(state, ctx)
+        b, n = tree.tokens.shape
+        logits = jnp.zeros((b, n, root_logits.shape[-1]), root_logits.dtype).at[:, :1].set(root_logits)
+        observed = jnp.zeros((b, n), bool).at[:, 0].set(True)
+        tokens = jnp.zeros((b, self.tree_shape().max_depth + 1), jnp.int32).at[:, 0].set(token)
         hit = (tree.valid & (tree.depth == 1) & (tree.tokens == token[:, None])).any(axis=1)
-        b = token.shape[0]
-        root = Tree(tokens=state.last_token[:, None], parents=jnp.full((b, 1), -1, jnp.int32),
-                    depth=jnp.zeros((b, 1), jnp.int32), valid=jnp.ones((b, 1), bool))
-        state = state._replace(method_state=self.observe(state.method_state, root, logits, state))
-        return commit(state, token[:, None], jnp.ones_like(token), ctx), hit
+        return state, tokens, jnp.ones_like(token), observed, logits, hit
 
     def tree_step(self, state: DecodeState, ctx: StepContext) -> tuple[DecodeState, jax.Array]:
         """One draft-verify step -> (state, whether a drafted token was accepted, per row)."""
-        shape = self.tree_shape()
         tree = self.draft(state, ctx)
+        out, tokens, count, observed, logits, hit = self.verify(state, tree, ctx)
+        out = out._replace(method_state=self.observe(state.method_state, tree, logits, out))
+        return commit(out, tokens, count, ctx), hit
+
+    def verify(self, state: DecodeState, tree: Tree, ctx: StepContext):
+        """Run the target over `tree` and accept a path -> (state with the cache compacted and
+        the PRNG advanced, tokens [b, D + 1] and count [b] to commit, the nodes the drafter may
+        observe [b, N], the verification logits [b, N, vocab], hit [b]: a drafted token was
+        accepted)."""
+        shape = self.tree_shape()
         n = tree.tokens.shape[1]
         static = self.static_structure()
-        if static is not None:
-            with jax.ensure_compile_time_eval():  # constants of the compiled step
-                parents, depth = (jnp.asarray(a)[None] for a in static)
-                mask = np.asarray(ancestor_mask(parents, shape.max_depth))
-                paths = np.asarray(tree_paths(parents, depth, shape.max_depth))
-                children = np.asarray(children_table(parents, jnp.ones(parents.shape, bool), shape.max_children))
+        if static is not None:  # constants of the compiled step
+            mask, paths, children = static_tables(tuple(int(p) for p in static[0]), tuple(int(d) for d in static[1]),
+                                                  shape.max_depth, shape.max_children)
         else:
             mask = ancestor_mask(tree.parents, shape.max_depth)
             paths = tree_paths(tree.parents, tree.depth, shape.max_depth)
@@ -378,9 +420,7 @@ class TreeMethod(DecodeMethod):
         if not (static is not None and shape.max_children == 1):  # a chain's nodes are already in place
             cache = move_kv(cache, state.cache_len, path)
         tokens, count = accepted_tokens(tree, path, node, bonus)
-        method_state = self.observe(state.method_state, tree, logits, state)
-        state = state._replace(cache=cache, rng=rng, method_state=method_state)
-        return commit(state, tokens, count, ctx), count > 1
+        return state._replace(cache=cache, rng=rng), tokens, count, tree.valid, logits, count > 1
 
 
 def chain_structure(length: int) -> tuple[np.ndarray, np.ndarray]:
