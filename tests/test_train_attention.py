@@ -66,3 +66,30 @@ def test_train_step_memory_grows_linearly_with_flash_attention():
     assert flash[4096] / flash[1024] < 6, flash
     assert dense[4096] / dense[1024] > 10, dense
     assert flash[4096] < dense[4096] / 5, (flash, dense)
+
+
+def test_activations_carry_their_logical_sharding_on_a_mesh():
+    """With a mesh, the residual stream, q/k/v, attention output, MLP hidden and logits are
+    pinned by sharding constraints from the rule table; without one, none are emitted."""
+    from jaxaccel.model.transformer import forward
+    from jaxaccel.sharding import make_mesh
+
+    cfg = replace(TINY, n_layers=2)
+    params = init_params(cfg, jax.random.key(0), "scanned")
+    x = jnp.zeros((8, 16), jnp.int32)
+    mesh = make_mesh("fsdp=4,tensor=2")
+
+    def hlo(mesh):
+        return jax.jit(lambda p, t: forward(p, cfg, t, mesh=mesh)[0]).lower(params, x).as_text()
+
+    def constraints(text):  # Shardy or GSPMD spelling
+        return [line for line in text.splitlines() if "sharding_constraint" in line or "@Sharding" in line]
+
+    sharded, plain = constraints(hlo(mesh)), constraints(hlo(None))
+    assert plain == []
+    # the scan body holds one layer: q, k, v, attention output, two residuals, MLP hidden; plus embeddings, logits
+    assert len(sharded) >= 9, len(sharded)
+    logits = [line for line in sharded if "x97x" in line]
+    assert logits and all("fsdp" in line for line in logits)  # [batch, length, vocab]: batch split over fsdp
+    heads = [line for line in sharded if "x4x8x" in line]  # q [batch, length, heads, head_dim]
+    assert heads and all("tensor" in line for line in heads)
