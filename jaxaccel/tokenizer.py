@@ -1,6 +1,8 @@
 """Tokenizers for decoding: Hugging Face `tokenizer.json` (the `tokenizers` library) or a
 SentencePiece model. Neither imports TensorFlow; seqio's vocabulary wrapper stays in
-`jaxaccel.data`.
+`jaxaccel.data`. Files are read as bytes through the path object given (a `pathlib.Path`
+or an etils `epath.Path` for gs://), never by file name, so object-store models keep their
+tokenizer.
 """
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ class HFTokenizer:
     def __init__(self, path: str | Path):
         from tokenizers import Tokenizer as _Tok
 
-        self.path = Path(path)
-        self._tok = _Tok.from_file(str(self.path))
+        self.path = _as_path(path)
+        self._tok = _Tok.from_str(self.path.read_text())
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
@@ -51,8 +53,9 @@ class SentencePieceTokenizer:
     def __init__(self, path: str | Path, add_bos: bool = False):
         import sentencepiece as spm
 
-        self.path = Path(path)
-        self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        self.path = _as_path(path)
+        self._proto = self.path.read_bytes()
+        self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
         self.vocab_size = self._sp.get_piece_size()
         self.add_bos = add_bos
 
@@ -70,14 +73,19 @@ class SentencePieceTokenizer:
         return self._sp.eos_id() if self._sp.eos_id() >= 0 else None
 
     def save(self, folder: Path) -> None:
-        (folder / self.filename).write_bytes(self.path.read_bytes())
+        (folder / self.filename).write_bytes(self._proto)
 
 
 def load_tokenizer(folder: str | Path, add_bos: bool = False) -> Tokenizer | None:
     """The tokenizer stored in a model folder, or None when it has none."""
-    folder = Path(folder)
+    folder = _as_path(folder)
     if (folder / HFTokenizer.filename).is_file():
         return HFTokenizer(folder / HFTokenizer.filename)
     if (folder / SentencePieceTokenizer.filename).is_file():
         return SentencePieceTokenizer(folder / SentencePieceTokenizer.filename, add_bos=add_bos)
     return None
+
+
+def _as_path(path):
+    """A path object as given (pathlib or epath), or a pathlib.Path for a string."""
+    return path if hasattr(path, "read_bytes") else Path(path)

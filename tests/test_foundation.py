@@ -13,7 +13,7 @@ from jaxaccel.errors import InvalidArgumentError
 from jaxaccel.model.options import DENSE, TreeKernelAttention
 from jaxaccel.model.transformer import ModelHandle, forward, init_cache, init_params
 
-PROMPTS = [[5, 9, 14, 3, 7] * 9, [11, 2, 8]]  # 45 and 3 tokens: prompt bucket 64
+PROMPTS = [[5, 9, 14, 3, 7] * 22, [11, 2, 8]]  # 110 and 3 tokens: a 128-slot cache with 12 new tokens
 
 
 def test_handle_is_a_pytree_whose_leaves_are_the_params(tiny_params):
@@ -29,13 +29,18 @@ def test_handle_is_a_pytree_whose_leaves_are_the_params(tiny_params):
     assert cache[0].k.shape == init_cache(TINY, 2, 32)[0].k.shape
 
 
-def test_prefill_chunk_that_does_not_divide_the_prompt_bucket(tiny_params):
+def test_prefill_chunk_that_does_not_divide_the_padded_prompt(tiny_params):
+    """Chunks of 48 over a 128-slot prompt: the third chunk would run past the end (a clamped
+    dynamic_slice re-reads earlier tokens and writes wrong K/V) unless the prompt is padded."""
+    from conftest import reference_greedy
+
     lm = jaxaccel.from_params(TINY, tiny_params)
-    ref = lm.generate(PROMPTS, max_new_tokens=12)
-    for chunk in (24, 40, 7):  # 64 % chunk != 0: the last chunk runs past the bucket
+    ref = [reference_greedy(lm, p, 12) for p in PROMPTS]
+    assert lm.generate(PROMPTS, max_new_tokens=12).tokens == ref
+    for chunk in (48, 40, 7):  # 128 % chunk != 0
         odd = jaxaccel.from_params(TINY, tiny_params)
         odd.prefill_chunk = chunk
-        assert odd.generate(PROMPTS, max_new_tokens=12).tokens == ref.tokens, chunk
+        assert odd.generate(PROMPTS, max_new_tokens=12).tokens == ref, chunk
 
 
 def test_tree_kernel_self_check_accepts_a_good_kernel_and_falls_back_from_a_bad_one(monkeypatch, capsys):
@@ -81,13 +86,48 @@ def test_recycling_matrix_fed_back_with_another_batch_size_is_a_typed_error(tiny
     assert len(lm.generate([[1, 2, 3]] * 2, max_new_tokens=4, method="recycling", method_input=shared).tokens) == 2
 
 
-def test_recycling_chain_needs_k_within_the_vocabulary():
+def test_chain_longer_than_the_vocabulary_is_a_typed_error_and_a_short_one_works():
     from jaxaccel.config import replace
 
     small = replace(TINY, vocab_size=6)
     lm = jaxaccel.from_params(small, init_params(small, jax.random.key(0), "unrolled"))
-    with pytest.raises(InvalidArgumentError, match="larger than the vocabulary"):
-        lm.generate([[1, 2]], max_new_tokens=4, method="chain", draft="recycling", k=2)
+    for draft in ("random", "recycling"):
+        with pytest.raises(InvalidArgumentError, match="k=7 is larger than the vocabulary"):
+            lm.generate([[1, 2]], max_new_tokens=4, method="chain", draft=draft, k=7)
+    ref = lm.generate([[1, 2]], max_new_tokens=6).tokens
+    assert lm.generate([[1, 2]], max_new_tokens=6, method="chain", draft="recycling", k=5).tokens == ref
+
+
+class _ObjectStorePath:
+    """A path object like etils' gs:// paths: it works through its methods, but its file-system
+    name is not a local file (pathlib.Path(p) or open(str(p)) would miss the object)."""
+
+    def __init__(self, local, name):
+        self._local, self._name = local, name
+
+    def __truediv__(self, part):
+        return _ObjectStorePath(self._local / part, f"{self._name}/{part}")
+
+    def __str__(self):
+        return self._name
+
+    __fspath__ = __str__
+
+    def __getattr__(self, attr):  # is_file, exists, read_bytes, read_text, ...
+        return getattr(self._local, attr)
+
+
+def test_tokenizers_read_through_the_path_object(tmp_path):
+    from jaxaccel.decode.lm import DEFAULT_MODEL_DIR
+    from jaxaccel.tokenizer import load_tokenizer
+
+    (tmp_path / "tokenizer.model").write_bytes((DEFAULT_MODEL_DIR / "tokenizer.model").read_bytes())
+    remote = _ObjectStorePath(tmp_path, "gs://bucket/model")
+    tok = load_tokenizer(remote, add_bos=True)
+    local = load_tokenizer(tmp_path, add_bos=True)
+    assert tok is not None and tok.encode("def fib(n):") == local.encode("def fib(n):")
+    tok.save(tmp_path / "copy" if (tmp_path / "copy").mkdir() is None else None)
+    assert (tmp_path / "copy" / "tokenizer.model").read_bytes() == (tmp_path / "tokenizer.model").read_bytes()
 
 
 def test_gs_model_paths_are_never_turned_into_local_paths(tmp_path, tiny_lm, monkeypatch):
@@ -112,7 +152,7 @@ def test_gs_model_paths_are_never_turned_into_local_paths(tmp_path, tiny_lm, mon
     assert lm.generate([[1, 2, 3]], max_new_tokens=5).tokens == tiny_lm.generate([[1, 2, 3]], max_new_tokens=5).tokens
 
 
-def test_a_live_training_run_loads_its_parameters_only_into_the_decode_sharding(tmp_path):
+def test_a_live_training_run_loads_its_parameters_only_into_the_decode_sharding(tmp_path, recwarn):
     import shutil
 
     from jaxaccel.config import from_dict
@@ -124,7 +164,7 @@ def test_a_live_training_run_loads_its_parameters_only_into_the_decode_sharding(
         "model": model, "data": {"corpus": "synthetic"},
         "train": {"steps": 4, "batch_size": 8, "seq_len": 32, "log_every": 2, "eval_every": 0, "progress": False,
                   "peak_flops": 1e11},
-        "checkpoint": {"every_steps": 4, "keep": 2}, "mesh": {"data": 1}, "output_dir": str(tmp_path / "run"),
+        "checkpoint": {"every_steps": 4, "keep": 2}, "mesh": {"data": 1, "fsdp": 2}, "output_dir": str(tmp_path / "run"),
         "tensorboard": False})
     train(cfg)
     finished = jaxaccel.load(tmp_path / "run" / "model")
@@ -137,3 +177,8 @@ def test_a_live_training_run_loads_its_parameters_only_into_the_decode_sharding(
     assert qkv.sharding.spec[1] == "tensor" and len(qkv.sharding.device_set) == 4
     prompt = [[1, 2, 3, 4]]
     assert live.generate(prompt, max_new_tokens=6).tokens == finished.generate(prompt, max_new_tokens=6).tokens
+    # no mesh: one device, whatever mesh the run trained on (here fsdp=2)
+    local = jaxaccel.load(tmp_path / "run")
+    assert all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(local.params))
+    assert all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(finished.params))
+    assert not [w for w in recwarn if "donated" in str(w.message)]  # the loop updates the prefilled cache in place

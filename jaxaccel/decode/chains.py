@@ -78,7 +78,8 @@ class Chain(TreeMethod):
         self.k = positive_int("k", self.opts["k"], 256)
         if self.opts["draft"] not in ("random", "recycling"):
             raise InvalidArgumentError(f'draft must be "random" or "recycling", got {self.opts["draft"]!r}')
-        self.recycling = Recycling(template=[1] * self.k) if self.opts["draft"] == "recycling" else None
+        # the chain reads only each token's top-1 recycled successor: a [vocab, 1] matrix
+        self.recycling = Recycling(template=[1] * self.k, k=1) if self.opts["draft"] == "recycling" else None
 
     def check(self, config) -> None:
         check_k_fits_vocab(self.k, config)

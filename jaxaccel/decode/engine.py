@@ -1,4 +1,5 @@
-"""The decode engine: one jitted function = chunked prefill + one `lax.while_loop`.
+"""The decode engine: two jitted programs per cache length — chunked prefill
+(`prefill_cache`) and one `lax.while_loop` (`generate_loop`, the cache donated to it).
 
 The loop state is a typed NamedTuple (`DecodeState`); a decoding method is a pure
 `step(state, ctx) -> state` plugged into the loop (t5x's `decoding.py` shape). Methods reach
@@ -154,6 +155,7 @@ class GenerateOutput(NamedTuple):
     steps: jax.Array  # ()
     forwards: jax.Array  # [batch]
     method_output: Any
+    cache: Any = None  # the final cache: returned so the donated input cache is updated in place
 
 
 def prefill(model: ModelHandle, cache, prompt_tokens, prompt_lens, chunk: int):
@@ -233,4 +235,4 @@ def generate_loop(model: ModelHandle, cache, prompt_tokens, prompt_lens, live, m
 
     state = jax.lax.while_loop(cond, body, state)
     return GenerateOutput(state.out_tokens, state.num_new, state.step, state.forwards,
-                          method.final_state(state.method_state))
+                          method_output=method.final_state(state.method_state), cache=state.cache)

@@ -4,8 +4,9 @@
     out = lm.generate(["def fib(n):"], max_new_tokens=64, temperature=0.0)
     out.tokens, out.texts, out.stats
 
-Shapes are bucketed (batch and lengths round up to powers of two) and each bucket's
-compiled executable is kept, so a second call with similar shapes does not recompile.
+Shapes are bucketed (batch and output length round up to powers of two, the KV cache to
+128, 192, 256, 384, ...) and each bucket's compiled programs are kept — on the model and in
+JAX's persistent compilation cache — so a second call with similar shapes does not recompile.
 """
 from __future__ import annotations
 
@@ -192,7 +193,8 @@ class LanguageModel:
         prefill_key = ("prefill", batch_bucket, cache_len, chunk)
         prefill_fn = self._compiled.get(prefill_key)
         prefill_jit = jax.jit(functools.partial(prefill_cache, cache_len=cache_len, chunk=chunk,
-                                                cache_sharding=cache_sharding))
+                                                cache_sharding=cache_sharding),
+                              out_shardings=cache_sharding)  # the layout the loop was compiled for
         if prefill_fn is None:
             t0 = time.perf_counter()
             prefill_fn = prefill_jit.lower(*prompt_args).compile(compiler_options=tuning.compiler_options())
@@ -211,7 +213,7 @@ class LanguageModel:
             static = dict(method=decoder, mode=mode, eos_ids=self.eos_token_ids, out_len=out_len,
                           cache_sharding=cache_sharding, tree_attention=tree_attention,
                           progress=self._report_progress if show_progress else None)
-            fn = jax.jit(functools.partial(generate_loop, **static))
+            fn = jax.jit(functools.partial(generate_loop, **static), donate_argnums=(1,))
             loop_fn = fn.lower(self.handle, cache_spec, *loop_args).compile(compiler_options=tuning.compiler_options())
             self._compiled[loop_key] = loop_fn
             compile_s += time.perf_counter() - t0
@@ -224,7 +226,7 @@ class LanguageModel:
         t0 = time.perf_counter()
         cache = prefill_fn(*prompt_args)
         out: GenerateOutput = loop_fn(self.handle, cache, *loop_args)
-        out = jax.block_until_ready(out)
+        out = jax.block_until_ready(out._replace(cache=None))  # the final cache is not kept
         decode_s = time.perf_counter() - t0
         if bar is not None:
             bar.close()

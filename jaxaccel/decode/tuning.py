@@ -88,18 +88,19 @@ def _warn(message: str) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _kernel_checked(backend: str, nodes: int, heads: int, kv_heads: int, head_dim: int, dtype: str,
-                    block_k: int, interpret: bool) -> str | None:
-    """Run the kernel once on a small random input of this shape and compare it with the
-    reference -> None when they agree, else the reason (a failed compile included)."""
+                    block_k: int, interpret: bool, cache_len: int) -> str | None:
+    """Run the kernel once on random inputs of this shape (one batch row: the kernel's grid
+    runs rows independently) and compare it with the reference -> None when they agree,
+    else the reason (a failed compile included)."""
     from jaxaccel.pallas_kernels.tree_attention import tree_attention_kernel, tree_attention_reference
 
     rng = np.random.default_rng(0)
-    cache_len = 2 * block_k
-    q = rng.standard_normal((1, nodes, heads, head_dim)).astype(dtype) * head_dim ** -0.5
-    kn, vn = (rng.standard_normal((1, nodes, kv_heads, head_dim)).astype(dtype) for _ in range(2))
-    kc, vc = (rng.standard_normal((1, kv_heads, cache_len, head_dim)).astype(dtype) for _ in range(2))
+    np_dtype = jax.numpy.dtype(dtype)  # bfloat16 through ml_dtypes
+    q = rng.standard_normal((1, nodes, heads, head_dim)).astype(np_dtype) * head_dim ** -0.5
+    kn, vn = (rng.standard_normal((1, nodes, kv_heads, head_dim)).astype(np_dtype) for _ in range(2))
+    kc, vc = (rng.standard_normal((1, kv_heads, cache_len, head_dim)).astype(np_dtype) for _ in range(2))
     mask = np.tril(np.ones((1, nodes, nodes), bool))
-    plen = np.asarray([block_k + 3], np.int32)
+    plen = np.asarray([max(0, cache_len - nodes - 3)], np.int32)  # a prefix ending inside a block
     try:
         got = np.asarray(tree_attention_kernel(q, kn, vn, mask, kc, vc, plen, block_k=block_k, interpret=interpret),
                          np.float32)
@@ -130,7 +131,7 @@ def tree_attention_policy(config, nodes: int, cache_len: int, *, sharded: bool, 
     reason = kernel_constraints(config.resolved_head_dim, block_k, "interpret" if interpret else backend)
     if reason is None:
         reason = _kernel_checked(backend, nodes, config.n_heads, config.n_kv_heads, config.resolved_head_dim,
-                                 config.dtype, block_k, interpret)
+                                 config.dtype, block_k, interpret, cache_len)
     if reason is not None:
         _warn_once(f"tree attention: {reason}; using the jnp reference for {nodes}-node trees")
         return DENSE

@@ -57,8 +57,6 @@ def load_run_params(folder, dtype: str | None = None, shardings_fn=None) -> tupl
     import orbax.checkpoint as ocp
     import yaml
 
-    from jaxaccel.model.transformer import param_shapes
-
     folder = as_path(folder)
     try:
         run = yaml.safe_load((folder / RUN_CONFIG).read_text())
@@ -68,13 +66,8 @@ def load_run_params(folder, dtype: str | None = None, shardings_fn=None) -> tupl
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if dtype is not None:
         config = from_dict(ModelConfig, {**to_dict(config), "param_dtype": dtype, "dtype": dtype})
-    shapes = param_shapes(config, "scanned")
-    shardings = shardings_fn(config, "scanned") if shardings_fn is not None else None
-    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
-                          shardings if shardings is not None else jax.tree.map(lambda _: None, shapes))
-    restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype)
-                                if t.sharding is not None else ocp.RestoreArgs(restore_type=jax.Array, dtype=t.dtype),
-                                target)
+    target = restore_target(config, "scanned", shardings_fn)
+    restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype), target)
     options = ocp.CheckpointManagerOptions(create=False, read_only=True, cleanup_tmp_directories=False)
     manager = ocp.CheckpointManager(folder / RUN_CHECKPOINTS, options=options,
                                     item_handlers={RUN_STATE_ITEM: ocp.PyTreeCheckpointHandler()})
@@ -145,12 +138,25 @@ def read_meta(folder) -> dict:
     return meta
 
 
+def restore_target(config: ModelConfig, layout: str, shardings_fn=None) -> Any:
+    """ShapeDtypeStructs of the parameters carrying their target shardings: `shardings_fn(config,
+    layout)`, or the first device when None — never the layout stored with the checkpoint (a
+    run trained on a pod mesh must load on a workstation)."""
+    from jaxaccel.model.transformer import param_shapes
+
+    shapes = param_shapes(config, layout)
+    if shardings_fn is not None:
+        shardings = shardings_fn(config, layout)
+    else:
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: one, shapes)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
 def load_model(folder: str | Path, dtype: str | None = None, shardings_fn=None) -> tuple[ModelConfig, Any, dict]:
     """Restore (config, params, meta). `shardings_fn(config, layout)` gives a tree of
     shardings for the stored layout (None: default device). `dtype` overrides the stored one."""
     import orbax.checkpoint as ocp
-
-    from jaxaccel.model.transformer import param_shapes
 
     folder = as_path(folder)
     meta = read_meta(folder)
@@ -161,11 +167,7 @@ def load_model(folder: str | Path, dtype: str | None = None, shardings_fn=None) 
     if dtype is not None:
         config = from_dict(ModelConfig, {**to_dict(config), "param_dtype": dtype, "dtype": dtype})
     layout = meta.get("layout", "unrolled")
-    shapes = param_shapes(config, layout)
-    shardings = shardings_fn(config, layout) if shardings_fn is not None else None
-    target = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
-        shardings if shardings is not None else jax.tree.map(lambda _: None, shapes))
+    target = restore_target(config, layout, shardings_fn)
     if not (folder / "params").is_dir():
         raise CheckpointError(f"{folder}: jaxaccel.json is present but params/ is missing")
     ckptr = ocp.StandardCheckpointer()
