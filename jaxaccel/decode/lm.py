@@ -103,8 +103,11 @@ class LanguageModel:
     @property
     def handle(self) -> ModelHandle:
         """The model as the decode engine sees it (params + config + forward + init_cache),
-        with this backend's forward defaults (`jaxaccel.decode.tuning`)."""
-        return ModelHandle(self.params, self.config, tuning.forward_defaults())
+        with this backend's forward defaults (`jaxaccel.decode.tuning`) and the mesh."""
+        defaults = tuning.forward_defaults()
+        if self.mesh is not None:  # activations pinned to their logical layout, as in training
+            defaults["mesh"] = self.mesh
+        return ModelHandle(self.params, self.config, defaults)
 
     # ------------------------------------------------------------------ inputs
 
