@@ -16,6 +16,7 @@ from typing import Any
 import jax
 
 from jaxaccel.errors import CheckpointError
+from jaxaccel.model.checkpoint import RUN_META_ITEM as META, RUN_STATE_ITEM as STATE  # what run readers expect
 from jaxaccel.train.config import CheckpointConfig
 
 
@@ -45,19 +46,19 @@ class Checkpoints:
                                                read_only=read_only)
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+            item_handlers={STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler()})
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict) -> None:
         ocp = self._ocp
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(meta)), force=True)
+        self.manager.save(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
+                                                           META: ocp.args.JsonSave(meta)}), force=True)
 
     def check_shapes(self, step: int, abstract_state: Any) -> None:
         """Raise CheckpointError naming the first parameter whose stored shape differs."""
-        stored = self.manager.item_metadata(step)["state"]
+        stored = self.manager.item_metadata(step)[STATE]
         stored = getattr(stored, "tree", stored)
         expected = dict(jax.tree_util.tree_flatten_with_path(abstract_state)[0])
         got = dict(jax.tree_util.tree_flatten_with_path(stored)[0])
@@ -90,7 +91,7 @@ class Checkpoints:
                 continue
             try:
                 out = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+                    **{STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}))
             except Exception as e:
                 skipped.append((step, _first_line(e)))
                 continue
@@ -98,7 +99,7 @@ class Checkpoints:
                 moved = self._set_aside(bad)
                 print(f"warning: checkpoint step {bad} is unreadable ({reason}); resuming from step {step}"
                       f"{f' (the bad one is kept in {moved})' if moved else ''}", file=sys.stderr)
-            return Restored(step=step, state=out["state"], meta=dict(out["meta"]), skipped=skipped)
+            return Restored(step=step, state=out[STATE], meta=dict(out[META]), skipped=skipped)
         if skipped:
             bad = ", ".join(str(s) for s, _ in skipped)
             for step, _ in skipped:

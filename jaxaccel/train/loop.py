@@ -28,6 +28,7 @@ import yaml
 from jaxaccel import sharding as shd
 from jaxaccel.config import to_dict
 from jaxaccel.errors import ConfigError, JaxaccelError
+from jaxaccel.model.checkpoint import RUN_CHECKPOINTS, RUN_CONFIG  # the names run readers look for
 from jaxaccel.train.checkpoint import Checkpoints
 from jaxaccel.train.config import RunConfig
 from jaxaccel.train.lock import OutputDirInUseError, OutputDirLock
@@ -121,7 +122,7 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
     schedule = lr_schedule(cfg.optim, total_steps)
     abstract, shardings = state_shardings(cfg.model, optimizer, mesh, cfg.train.seed)
 
-    ckpt_dir = (out / "checkpoints") if out is not None else cfg.output_dir.rstrip("/") + "/checkpoints"
+    ckpt_dir = (out / RUN_CHECKPOINTS) if out is not None else cfg.output_dir.rstrip("/") + "/" + RUN_CHECKPOINTS
     ckpts = Checkpoints(ckpt_dir, cfg.checkpoint)
     restored = ckpts.restore_latest(abstract)
     if restored is not None:
@@ -134,7 +135,7 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
 
         run_dir = as_path(cfg.output_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        (run_dir / RUN_CONFIG).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         if data.vocab_path is not None:
             (run_dir / "tokenizer.model").write_bytes(Path(data.vocab_path).read_bytes())
 
