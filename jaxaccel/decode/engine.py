@@ -49,7 +49,6 @@ class StepContext(NamedTuple):
     sampling: SamplingParams
     eos_ids: jax.Array  # [n_eos] int32 (may be empty)
     max_new: jax.Array  # () int32
-    sharded: bool = False  # static: the model runs over a device mesh
     tree_attention: AttentionPolicy = DENSE  # static: what a tree-verification forward runs (decode.tuning)
 
     @property
@@ -187,7 +186,7 @@ def prefill(model: ModelHandle, cache, prompt_tokens, prompt_lens, chunk: int):
 def prefill_cache(model: ModelHandle, prompt_tokens, prompt_lens, *, cache_len: int, chunk: int,
                   cache_sharding: NamedSharding | None = None):
     """A new cache of `cache_len` slots holding the K/V of every prompt token but the last:
-    the first of the two programs of a generation (one per prompt bucket; small: no logits)."""
+    the first of the two programs of a generation (one per cache length; small: no logits)."""
     cache = model.init_cache(prompt_tokens.shape[0], cache_len)
     if cache_sharding is not None:
         cache = jax.lax.with_sharding_constraint(cache, jax.tree.map(lambda _: cache_sharding, cache))
@@ -210,8 +209,7 @@ def generate_loop(model: ModelHandle, cache, prompt_tokens, prompt_lens, live, m
     batch = prompt_tokens.shape[0]
     if cache_sharding is not None:
         cache = jax.lax.with_sharding_constraint(cache, jax.tree.map(lambda _: cache_sharding, cache))
-    ctx = StepContext(model=model, mode=mode, sampling=sampling, sharded=cache_sharding is not None,
-                      eos_ids=jnp.asarray(eos_ids, jnp.int32).reshape(-1), max_new=max_new,
+    ctx = StepContext(model=model, mode=mode, sampling=sampling, eos_ids=jnp.asarray(eos_ids, jnp.int32).reshape(-1), max_new=max_new,
                       tree_attention=tree_attention)
     last = jnp.take_along_axis(prompt_tokens, (prompt_lens - 1)[:, None], axis=1)[:, 0]
     state = DecodeState(

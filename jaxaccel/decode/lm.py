@@ -273,7 +273,7 @@ class LanguageModel:
         if fn is None:
             fn = jax.jit(lambda model, t: model.forward(t)[0])
             self._compiled[("logits", tokens.shape)] = fn
-        return np.asarray(fn(ModelHandle(self.params, self.config), jnp.asarray(tokens)))
+        return np.asarray(fn(self.handle, jnp.asarray(tokens)))
 
     def save(self, folder: str | Path) -> Path:
         from jaxaccel.model.checkpoint import save_model

@@ -82,10 +82,6 @@ def kernel_constraints(head_dim: int, block_k: int, backend: str) -> str | None:
     return None
 
 
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
-
-
 @functools.lru_cache(maxsize=None)
 def _kernel_checked(backend: str, nodes: int, heads: int, kv_heads: int, head_dim: int, dtype: str,
                     block_k: int, interpret: bool, cache_len: int) -> str | None:
@@ -140,4 +136,4 @@ def tree_attention_policy(config, nodes: int, cache_len: int, *, sharded: bool, 
 
 @functools.lru_cache(maxsize=None)
 def _warn_once(message: str) -> None:
-    _warn(message)
+    print(f"warning: {message}", file=sys.stderr)

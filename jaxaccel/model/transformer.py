@@ -42,6 +42,7 @@ from jaxaccel.model.layers import (BATCH, EMBED, LAYERS, LENGTH, VOCAB, MLP, Att
 from jaxaccel.model.moe import MoE
 from jaxaccel.model.options import (DENSE, AttentionPolicy, ExecutionPlan, FlashAttention, LayerOptions,
                                     Segments)
+from jaxaccel.pallas_kernels.ops import segment_visible
 from jaxaccel.sharding import constrain
 
 Params = Any
@@ -93,15 +94,8 @@ def build_visibility(positions, *, new_mask=None, cache_len=None, prefix_len=Non
 
 def segment_mask(segments: Segments) -> jax.Array:
     """[batch, T, T] bool: the `Segments` visibility rule as an explicit mask (dense attention)."""
-    ids = segments.ids
-    t = ids.shape[-1]
-    query, key = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
-    same = (ids[:, :, None] == ids[:, None, :]) & (ids[:, :, None] != 0)
-    allowed = (key <= query)[None]
-    if segments.bidirectional is not None:
-        bid = segments.bidirectional.astype(bool)
-        allowed = allowed | (bid[:, :, None] & bid[:, None, :])
-    return (same & allowed) | (key == query)[None]
+    bid = segments.bidirectional
+    return segment_visible(segments.ids, segments.ids, bid, bid)
 
 
 class DecoderLayer(nn.Module):
@@ -490,10 +484,6 @@ class ModelHandle:
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         return init_cache(self.config, batch, max_len, dtype)
-
-    def replace(self, **changes) -> "ModelHandle":
-        fields = {"params": self.params, "config": self.config, "defaults": self.defaults, **changes}
-        return ModelHandle(fields["params"], fields["config"], fields["defaults"])
 
     def tree_flatten(self):
         return (self.params,), (self.config, self.defaults)

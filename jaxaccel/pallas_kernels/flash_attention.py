@@ -60,9 +60,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-# Masked scores: large, negative and finite, so exp() underflows to exactly 0 and no
-# inf - inf NaN can appear (kernels keep their own copy; they never import model code).
-MASKED_SCORE = -1e30
+from jaxaccel.pallas_kernels.ops import MASKED_SCORE, segment_visible
 
 # Splash attention tiles the key axis in lanes of 128.
 _SPLASH_LANES = 128
@@ -181,18 +179,6 @@ def _row_blocks(x: jax.Array, kv_heads: int, block: int) -> jax.Array:
     return _query_blocks(x[..., None], kv_heads, block)[..., 0]
 
 
-def _tile_visible(seg_q: jax.Array, seg_k: jax.Array, bid_q: jax.Array | None, bid_k: jax.Array | None,
-                  q_start: jax.Array, k_start: jax.Array) -> jax.Array:
-    """The mask rule on one tile: [b, block_q] x [b, block_k] -> [b, block_q, block_k] bool."""
-    q_pos = q_start + jnp.arange(seg_q.shape[1])[:, None]
-    k_pos = k_start + jnp.arange(seg_k.shape[1])[None, :]
-    in_order = (k_pos <= q_pos)[None]
-    if bid_q is not None:
-        in_order = in_order | (bid_q[:, :, None] & bid_k[:, None, :])
-    same_segment = (seg_q[:, :, None] == seg_k[:, None, :]) & (seg_q[:, :, None] != 0)
-    return (same_segment & in_order) | (k_pos == q_pos)[None]
-
-
 def _causal_key_blocks_end(q_block: jax.Array, block_q: int, block_k: int, n_k: int) -> jax.Array:
     """Key blocks [0, end) hold every key a causal query block can see (its last row's)."""
     return jnp.minimum(n_k, ((q_block + 1) * block_q - 1) // block_k + 1)
@@ -222,7 +208,7 @@ def _flash_forward(q, k, v, segment_ids, bidirectional, block_q: int, block_k: i
         def one_key_block(j, carry):
             seg_k = seg_k_blocks[j]
             bid_k = None if causal_only else bid_k_blocks[j]
-            visible = _tile_visible(seg_q, seg_k, bid_q, bid_k, i * block_q, j * block_k)
+            visible = segment_visible(seg_q, seg_k, bid_q, bid_k, i * block_q, j * block_k)
 
             def update(carry):
                 row_max, row_sum, acc = carry
@@ -282,7 +268,7 @@ def _flash_backward(q, k, v, segment_ids, bidirectional, out, lse_blocks, d_out,
 
         def one_query_block(i, inner):
             bid_q = None if causal_only else bid_q_blocks[i]
-            visible = _tile_visible(seg_q_blocks[i], seg_k, bid_q, bid_k, i * block_q, j * block_k)
+            visible = segment_visible(seg_q_blocks[i], seg_k, bid_q, bid_k, i * block_q, j * block_k)
 
             def update(inner):
                 dq_blocks, dk_acc, dv_acc = inner

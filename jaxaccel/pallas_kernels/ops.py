@@ -15,6 +15,23 @@ import jax.numpy as jnp
 MASKED_SCORE = -1e30
 
 
+def segment_visible(seg_q: jax.Array, seg_k: jax.Array, bid_q: jax.Array | None, bid_k: jax.Array | None,
+                    q_start=0, k_start=0) -> jax.Array:
+    """The packed-segment visibility rule on a block of queries x keys: [b, Tq] x [b, Tk] ->
+    [b, Tq, Tk] bool. Key j is visible to query i when both are in the same non-padding
+    segment (id != 0) and j <= i or both are bidirectional; every token sees itself.
+    q_start / k_start: the block's first positions (a tile of flash attention; 0 for the
+    whole sequence). The same rule as `jaxaccel.data.attention_mask` (the data package's
+    host-side copy; `tests/test_flash_attention.py` checks they agree)."""
+    q_pos = q_start + jnp.arange(seg_q.shape[1])[:, None]
+    k_pos = k_start + jnp.arange(seg_k.shape[1])[None, :]
+    in_order = (k_pos <= q_pos)[None]
+    if bid_q is not None:
+        in_order = in_order | (bid_q[:, :, None].astype(bool) & bid_k[:, None, :].astype(bool))
+    same_segment = (seg_q[:, :, None] == seg_k[:, None, :]) & (seg_q[:, :, None] != 0)
+    return (same_segment & in_order) | (k_pos == q_pos)[None]
+
+
 def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, new_visible: jax.Array,
            k_cache: jax.Array | None = None, v_cache: jax.Array | None = None,
            cache_visible: jax.Array | None = None) -> jax.Array:

@@ -74,16 +74,6 @@ class OutputDirLock:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
-    def __enter__(self) -> "OutputDirLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
 
 def _read_holder(fd: int) -> str:
     """The holder's `pid N on host H` line; empty while it is still being written."""
