@@ -28,6 +28,9 @@ from jaxaccel.model.options import DENSE, AttentionPolicy
 from jaxaccel.model.transformer import ModelHandle
 
 
+PREFILL_CHUNK = 128  # prompt tokens per prefill forward
+
+
 class DecodeState(NamedTuple):
     cache: Any  # tuple[LayerKV, ...], each [batch, kv_heads, cache_len, head_dim]
     cache_len: jax.Array  # [batch] int32: committed entries = position of last_token
@@ -50,6 +53,8 @@ class StepContext(NamedTuple):
     eos_ids: jax.Array  # [n_eos] int32 (may be empty)
     max_new: jax.Array  # () int32
     tree_attention: AttentionPolicy = DENSE  # static: what a tree-verification forward runs (decode.tuning)
+    draft: ModelHandle | None = None  # a draft model's handle (draft-model speculation), else None
+    cache_slots: int = 0  # static: slots of the target's KV cache (a draft's cache gets as many)
 
     @property
     def config(self) -> ModelConfig:
@@ -194,7 +199,7 @@ def prefill_cache(model: ModelHandle, prompt_tokens, prompt_lens, *, cache_len: 
 
 
 def generate_loop(model: ModelHandle, cache, prompt_tokens, prompt_lens, live, max_new, sampling: SamplingParams,
-                  rng, method_input, *, method: DecodeMethod, mode: SamplingMode, eos_ids: tuple[int, ...],
+                  rng, method_input, draft: ModelHandle | None = None, *, method: DecodeMethod, mode: SamplingMode, eos_ids: tuple[int, ...],
                   out_len: int, cache_sharding: NamedSharding | None = None, tree_attention: AttentionPolicy = DENSE,
                   progress: Callable[[Any], None] | None = None) -> GenerateOutput:
     """The decode loop over a prefilled cache (`prefill_cache`), meant to be jitted with
@@ -204,13 +209,15 @@ def generate_loop(model: ModelHandle, cache, prompt_tokens, prompt_lens, live, m
     model: the target's handle (its params are traced arguments, its config static);
     prompt_tokens [batch, W] (right-padded, any width >= the longest prompt), prompt_lens
     [batch] (>= 1), live [batch] bool (False for bucket padding rows), max_new () int32,
-    rng: one key per row [batch].
+    rng: one key per row [batch]; draft: a draft model's handle (its params traced arguments
+    too, so reusing a loaded draft never recompiles), for the methods that use one.
     """
     batch = prompt_tokens.shape[0]
     if cache_sharding is not None:
         cache = jax.lax.with_sharding_constraint(cache, jax.tree.map(lambda _: cache_sharding, cache))
-    ctx = StepContext(model=model, mode=mode, sampling=sampling, eos_ids=jnp.asarray(eos_ids, jnp.int32).reshape(-1), max_new=max_new,
-                      tree_attention=tree_attention)
+    ctx = StepContext(model=model, mode=mode, sampling=sampling, eos_ids=jnp.asarray(eos_ids, jnp.int32).reshape(-1),
+                      max_new=max_new, tree_attention=tree_attention, draft=draft,
+                      cache_slots=jax.tree.leaves(cache)[0].shape[2])
     last = jnp.take_along_axis(prompt_tokens, (prompt_lens - 1)[:, None], axis=1)[:, 0]
     state = DecodeState(
         cache=cache, cache_len=(prompt_lens - 1).astype(jnp.int32), last_token=last.astype(jnp.int32),

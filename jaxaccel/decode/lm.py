@@ -26,14 +26,13 @@ from jax.sharding import Mesh, NamedSharding
 from jaxaccel import sharding as shd
 from jaxaccel.config import ModelConfig
 from jaxaccel.decode import compile_cache, tuning
-from jaxaccel.decode.engine import GenerateOutput, generate_loop, prefill_cache
+from jaxaccel.decode.engine import PREFILL_CHUNK, GenerateOutput, generate_loop, prefill_cache
 from jaxaccel.decode.methods import get_method
 from jaxaccel.decode.sampling import make_sampling
 from jaxaccel.errors import InvalidArgumentError, InvalidPromptError, ModelLoadError
 from jaxaccel.model.transformer import (LayerKV, ModelHandle, canonical_params, fuse_layers, init_cache, logical_axes,
                                         param_shapes, stack_layers, unstack_layers)
 
-PREFILL_CHUNK = 128  # prompt tokens per prefill forward
 MIN_BUCKET = 16
 
 
@@ -98,6 +97,7 @@ class LanguageModel:
         self.prefill_chunk = PREFILL_CHUNK  # prompt tokens per prefill forward
         self._compiled: dict[tuple, Any] = {}
         self._method_memory: dict[str, Any] = {}  # hot-start state of methods that carry one
+        self._drafts: dict[str, LanguageModel] = {}  # draft models loaded by draft-model methods
         compile_cache.enable()  # compiled programs persist across processes (DESIGN decision 14)
 
     @property
@@ -164,6 +164,11 @@ class LanguageModel:
         decoder.check_headroom(self.config.max_seq_len - longest - max_new_tokens,
                                f"after the longest prompt ({longest} tokens) and max_new_tokens ({max_new_tokens}) "
                                f"within the model's maximum length {self.config.max_seq_len}")
+        draft_handle = None
+        if getattr(decoder, "uses_draft", False):
+            draft_lm = self._draft_model(decoder, longest + max_new_tokens + decoder.cache_headroom())
+            decoder.prepare(self, draft_lm, temperature, top_k, top_p)
+            draft_handle = draft_lm.handle
         if method_input is None and decoder.carries_memory:
             method_input = self._method_memory.get(decoder.key())  # hot start from the previous call
 
@@ -187,7 +192,7 @@ class LanguageModel:
         rng = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(batch_bucket))
         prompt_args = (self.handle, jnp.asarray(tokens), jnp.asarray(lens))
         loop_args = (prompt_args[1], prompt_args[2], jnp.asarray(live), jnp.int32(max_new_tokens), sampling, rng,
-                     method_input)
+                     method_input, draft_handle)
 
         show_progress = progress and max_new_tokens >= 64
         input_sig = jax.tree.map(lambda a: (np.shape(a), str(getattr(a, "dtype", np.asarray(a).dtype))), method_input)
@@ -253,6 +258,42 @@ class LanguageModel:
         texts = None if self.tokenizer is None else [self.tokenizer.decode(g) for g in gen]
         return GenerationResult(tokens=gen, texts=texts, stats=stats, prompt_ids=ids, method_output=out.method_output)
 
+    def _draft_model(self, decoder, positions: int) -> "LanguageModel":
+        """The draft model a draft-model method names (`draft=`: a path, a builtin name or a
+        loaded LanguageModel; default `builtin:draft` for `builtin:default`), loaded once and
+        kept; checked against this model. Its identity goes into the method's compile key."""
+        spec = decoder.opts.get("draft")
+        if spec is None:
+            if self.source is None or Path(self.source) != Path(BUILTIN_MODELS["default"]):
+                raise InvalidArgumentError(f"method {decoder.name!r} needs a draft model: pass draft=PATH (a model "
+                                           f"with this model's vocabulary)")
+            spec = "builtin:draft"
+        if isinstance(spec, LanguageModel):
+            draft = spec
+        elif isinstance(spec, (str, Path)):
+            draft = self._drafts.get(str(spec))
+            if draft is None:
+                try:
+                    draft = load(spec, mesh=self.mesh)
+                except ModelLoadError as e:
+                    raise InvalidArgumentError(f"draft model: {e}") from None
+                self._drafts[str(spec)] = draft
+        else:
+            raise InvalidArgumentError(f"draft must be a model path or name, got {spec!r}")
+        decoder.opts["draft"] = spec if isinstance(spec, LanguageModel) else str(spec)
+        decoder.check_draft(draft.config, self.config)
+        if (draft.tokenizer is None) != (self.tokenizer is None) or (
+                draft.tokenizer is not None and not _same_tokenizer(draft.tokenizer, self.tokenizer)):
+            raise InvalidArgumentError("the draft's tokenizer differs from the target's; a draft must share the "
+                                       "target's tokenizer")
+        if draft.config.max_seq_len < positions:
+            raise InvalidArgumentError(f"the draft's maximum length ({draft.config.max_seq_len}) is shorter than the "
+                                       f"{positions} positions this call needs (longest prompt + max_new_tokens + "
+                                       f"the tree)")
+        if draft.mesh is not self.mesh and not (draft.mesh is None and self.mesh is None):
+            raise InvalidArgumentError("the draft model must be loaded on the target's mesh")
+        return draft
+
     def _report_progress(self, total_new) -> None:
         bar = getattr(self, "_progress_bar", None)
         if bar is not None:
@@ -315,6 +356,13 @@ def resolve_mesh(mesh: Mesh | str | dict | None) -> Mesh | None:
     if mesh is None or isinstance(mesh, Mesh):
         return mesh
     return shd.make_mesh(mesh)
+
+
+def _same_tokenizer(a, b) -> bool:
+    """Two tokenizers agree: same vocabulary size and the same ids for a probe text."""
+    probe = "def f(x):\n    return x ** 2  # héllo, 世界 \t 0.5e-3 {}[]"
+    size = lambda t: getattr(t, "vocab_size", None)  # noqa: E731
+    return size(a) == size(b) and list(a.encode(probe)) == list(b.encode(probe))
 
 
 def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh | str | dict | None = None

@@ -5,6 +5,8 @@ from typing import Any
 
 from jaxaccel.decode.autoregressive import Autoregressive
 from jaxaccel.decode.chains import Chain, PromptLookup
+from jaxaccel.decode.draft import Sequoia, SpecInfer, SpS
+from jaxaccel.decode.dyspec import DySpec
 from jaxaccel.decode.engine import DecodeMethod
 from jaxaccel.decode.recycling import Recycling
 from jaxaccel.errors import InvalidArgumentError
@@ -14,6 +16,10 @@ METHODS: dict[str, type[DecodeMethod]] = {
     Recycling.name: Recycling,
     PromptLookup.name: PromptLookup,
     Chain.name: Chain,
+    SpS.name: SpS,
+    SpecInfer.name: SpecInfer,
+    Sequoia.name: Sequoia,
+    DySpec.name: DySpec,
 }
 
 

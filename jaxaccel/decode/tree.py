@@ -47,6 +47,19 @@ class Tree(NamedTuple):
     depth: jax.Array  # [batch, N] int32; 0 for the root
     valid: jax.Array  # [batch, N] bool; padded nodes are False
     draft_q: jax.Array | None = None  # [batch, N, vocab]: distribution node i's children were drawn from
+    mask: jax.Array | None = None  # [batch, N, N] ancestor-or-self mask, when the drafter already has it
+
+
+class Verdict(NamedTuple):
+    """What `TreeMethod.verify` returns."""
+
+    state: Any  # DecodeState: cache compacted, PRNG advanced (not yet committed)
+    tokens: jax.Array  # [b, D + 1]: the accepted path's drafted tokens, then the bonus
+    count: jax.Array  # [b]: how many of `tokens` to commit (depth of the accepted node + 1)
+    observed: jax.Array  # [b, N]: nodes whose logits the drafter may learn from
+    logits: jax.Array  # [b, N, vocab]: the target's logits at the nodes
+    hit: jax.Array  # [b]: a drafted token was accepted
+    path: jax.Array  # [b, D + 1]: the accepted root-to-node path (node indices, -1 padded)
 
 
 class TreeShape(NamedTuple):
@@ -362,10 +375,11 @@ class TreeMethod(DecodeMethod):
         # drafter's update and the commit run once, outside the cond (one copy each in the
         # compiled loop instead of two — the fallback's compile cost is its second forward).
         tree = self.draft(state, ctx)
-        out, tokens, count, observed, logits, hit = jax.lax.cond(
-            use_tree, lambda s: self.verify(s, tree, ctx), lambda s: self.plain_verify(s, tree, ctx), state)
-        out = out._replace(method_state=self.observe(inner, tree._replace(valid=observed), logits, out))
-        out = commit(out, tokens, count, ctx)
+        v = jax.lax.cond(use_tree, lambda s: self.verify(s, tree, ctx), lambda s: self.plain_verify(s, tree, ctx),
+                         state)
+        out = v.state._replace(method_state=self.observe(inner, tree._replace(valid=v.observed), v.logits, v.state))
+        out = commit(out, v.tokens, v.count, ctx)
+        hit = v.hit
         live = ~state.done
         rate = jnp.sum(jnp.where(live, hit, False)) / jnp.maximum(jnp.sum(live), 1)
         hit_rate = jnp.where(jnp.any(live), (1 - self.HIT_DECAY) * hit_rate + self.HIT_DECAY * rate, hit_rate)
@@ -381,20 +395,18 @@ class TreeMethod(DecodeMethod):
         observed = jnp.zeros((b, n), bool).at[:, 0].set(True)
         tokens = jnp.zeros((b, self.tree_shape().max_depth + 1), jnp.int32).at[:, 0].set(token)
         hit = (tree.valid & (tree.depth == 1) & (tree.tokens == token[:, None])).any(axis=1)
-        return state, tokens, jnp.ones_like(token), observed, logits, hit
+        path = jnp.full((b, self.tree_shape().max_depth + 1), -1, jnp.int32).at[:, 0].set(0)
+        return Verdict(state, tokens, jnp.ones_like(token), observed, logits, hit, path)
 
     def tree_step(self, state: DecodeState, ctx: StepContext) -> tuple[DecodeState, jax.Array]:
         """One draft-verify step -> (state, whether a drafted token was accepted, per row)."""
         tree = self.draft(state, ctx)
-        out, tokens, count, observed, logits, hit = self.verify(state, tree, ctx)
-        out = out._replace(method_state=self.observe(state.method_state, tree, logits, out))
-        return commit(out, tokens, count, ctx), hit
+        v = self.verify(state, tree, ctx)
+        out = v.state._replace(method_state=self.observe(state.method_state, tree, v.logits, v.state))
+        return commit(out, v.tokens, v.count, ctx), v.hit
 
-    def verify(self, state: DecodeState, tree: Tree, ctx: StepContext):
-        """Run the target over `tree` and accept a path -> (state with the cache compacted and
-        the PRNG advanced, tokens [b, D + 1] and count [b] to commit, the nodes the drafter may
-        observe [b, N], the verification logits [b, N, vocab], hit [b]: a drafted token was
-        accepted)."""
+    def verify(self, state: DecodeState, tree: Tree, ctx: StepContext) -> Verdict:
+        """Run the target over `tree` and accept a path (`Verdict`)."""
         shape = self.tree_shape()
         n = tree.tokens.shape[1]
         static = self.static_structure()
@@ -402,7 +414,7 @@ class TreeMethod(DecodeMethod):
             mask, paths, children = static_tables(tuple(int(p) for p in static[0]), tuple(int(d) for d in static[1]),
                                                   shape.max_depth, shape.max_children)
         else:
-            mask = ancestor_mask(tree.parents, shape.max_depth)
+            mask = tree.mask if tree.mask is not None else ancestor_mask(tree.parents, shape.max_depth)
             paths = tree_paths(tree.parents, tree.depth, shape.max_depth)
             children = None
         positions = state.cache_len[:, None] + tree.depth
@@ -423,7 +435,7 @@ class TreeMethod(DecodeMethod):
         if not (static is not None and shape.max_children == 1):  # a chain's nodes are already in place
             cache = move_kv(cache, state.cache_len, path)
         tokens, count = accepted_tokens(tree, path, node, bonus)
-        return state._replace(cache=cache, rng=rng), tokens, count, tree.valid, logits, count > 1
+        return Verdict(state._replace(cache=cache, rng=rng), tokens, count, tree.valid, logits, count > 1, path)
 
 
 def chain_structure(length: int) -> tuple[np.ndarray, np.ndarray]:

@@ -7,7 +7,8 @@
 
 * tokens, positions, write_slots: [batch, T] int32. `positions` feed RoPE; `write_slots` say
   where each new token's K/V go in the cache (-1: nowhere, e.g. padding).
-* Key visibility: cache slots [0, prefix_len[b]) are visible to every new token of row b;
+* Key visibility: cache slots [0, prefix_len[b]) are visible to every new token of row b
+  (plus any slot `cache_mask` [batch, T, cache_len] adds: a tree grown over several forwards);
   among the new tokens, `new_mask` [batch or 1, T, T] (default causal) says which new token
   sees which. A token tree passes its ancestor mask here; training passes `segments`. New
   tokens attend to the cache as it was *before* this call plus to each other; their own K/V
@@ -63,13 +64,16 @@ def causal_mask(t: int) -> jax.Array:
 
 
 def build_visibility(positions, *, new_mask=None, cache_len=None, prefix_len=None, sliding_window=None,
-                     segments: Segments | None = None, flash: bool = False, token_mask=None) -> Visibility:
+                     segments: Segments | None = None, flash: bool = False, token_mask=None,
+                     cache_mask=None) -> Visibility:
     """Which keys each new token may attend to (`layers.Visibility`).
 
     Among the new tokens: `new_mask` (default causal); with `flash` and `segments` (training
     through flash attention) no [T, T] mask is built at all — the kernel applies the segment
-    rule tile by tile. Over the cache: committed slots [0, prefix_len); `prefix_len` is
-    passed on alone when that is the whole rule (no sliding window), for the tree kernel.
+    rule tile by tile. Over the cache: committed slots [0, prefix_len), plus the slots
+    `cache_mask` [batch, T, cache_len] adds (a tree grown over several forwards: a node's
+    ancestors already in the cache); `prefix_len` is passed on alone when that is the whole
+    rule (no sliding window, no cache_mask), for the tree kernel.
     With a sliding window a key is visible only if q_pos - k_pos < window (a committed
     cache slot's position is its index).
     """
@@ -86,8 +90,12 @@ def build_visibility(positions, *, new_mask=None, cache_len=None, prefix_len=Non
         return Visibility(new_visible, token_mask=token_mask)
     slots = jnp.arange(cache_len, dtype=jnp.int32)
     cache_visible = jnp.broadcast_to(slots[None, None, :] < prefix_len[:, None, None], (b, t, cache_len))
+    if cache_mask is not None:
+        cache_visible = cache_visible | cache_mask.astype(bool)
     if sliding_window is not None:
         cache_visible = cache_visible & (positions[:, :, None] - slots[None, None, :] < sliding_window)
+        return Visibility(new_visible, cache_visible, token_mask=token_mask)
+    if cache_mask is not None:
         return Visibility(new_visible, cache_visible, token_mask=token_mask)
     return Visibility(new_visible, cache_visible, prefix_len, token_mask=token_mask)
 
@@ -161,7 +169,7 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens, positions, cache=None, write_slots=None, prefix_len=None, new_mask=None,
                  plan: ExecutionPlan | None = None, compute_logits=True, token_mask=None,
-                 segments: Segments | None = None):
+                 segments: Segments | None = None, cache_mask=None):
         cfg, opts = self.config, self.options
         dtype, pdtype = jnp_dtype(cfg.dtype), jnp_dtype(cfg.param_dtype)
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=pdtype, name="embed",
@@ -172,7 +180,8 @@ class Transformer(nn.Module):
         cache_len = None if cache is None else (cache.k if self.scanned else cache[0].k).shape[-2]
         visibility = build_visibility(positions, new_mask=new_mask, cache_len=cache_len, prefix_len=prefix_len,
                                       sliding_window=cfg.sliding_window, segments=segments,
-                                      flash=isinstance(opts.attention, FlashAttention), token_mask=token_mask)
+                                      flash=isinstance(opts.attention, FlashAttention), token_mask=token_mask,
+                                      cache_mask=cache_mask)
         rope = rope_tables(positions, rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling))
         layer_active = None if plan is None else plan.active
 
@@ -247,7 +256,8 @@ def is_fused(params: Params) -> bool:
 
 
 def forward(params: Params, config: ModelConfig, tokens, positions=None, *, cache=None, write_slots=None,
-            prefix_len=None, new_mask=None, segments: Segments | None = None, plan: ExecutionPlan | None = None,
+            prefix_len=None, new_mask=None, cache_mask=None, segments: Segments | None = None,
+            plan: ExecutionPlan | None = None,
             attention: AttentionPolicy = DENSE, deterministic=True, dropout_rng=None, compute_logits=True,
             return_aux=False, remat=False, moe_training=False, token_mask=None, mesh=None,
             vocab_major_logits=False):
@@ -277,7 +287,8 @@ def forward(params: Params, config: ModelConfig, tokens, positions=None, *, cach
     model = Transformer(config, options, scanned=is_scanned(params), remat=remat,
                         vocab_major_logits=vocab_major_logits and cache is not None)
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
-    args = (tokens, positions, cache, write_slots, prefix_len, new_mask, plan, compute_logits, token_mask, segments)
+    args = (tokens, positions, cache, write_slots, prefix_len, new_mask, plan, compute_logits, token_mask, segments,
+            cache_mask)
     if not return_aux:
         return model.apply({"params": params}, *args, rngs=rngs)
     (out, new_cache), state = model.apply({"params": params}, *args, rngs=rngs, mutable=["intermediates"])

@@ -1,0 +1,220 @@
+"""How well a draft model predicts a target: the measurements tree builders are planned from.
+
+* `positional_acceptance` — Sequoia's vector p: p_k = probability that the k-th child drafted
+  under a node (drawn from the draft without replacement; greedy: the draft's k-th best
+  token) is the first one the verifier accepts. Measured on calibration text the target
+  itself generated (at the decoding temperature), teacher-forced through both models: at
+  temperature 0 exactly (the rank of the target's argmax in the draft's ordering); when
+  sampling by simulating the verifier (multi-candidate speculative sampling with residual
+  updates, `tree.verify_sample`'s rule) `samples` times per position.
+* `probability_vs_acceptance` — DySpec's Figure 2: for draft tokens x ~ q, the draft
+  probability q(x) against the probability the target accepts it, min(1, p(x)/q(x)) (the
+  correlation that justifies growing trees greedily by draft probability).
+
+Results are cached on disk per (target, draft, sampling settings) when both models come from
+files (`cached_acceptance`), next to the persistent compile cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxaccel.decode.sampling import make_sampling, target_probs
+
+CALIBRATION_PROMPTS = 16
+CALIBRATION_NEW_TOKENS = 48
+
+
+def calibration_prompts(lm, n: int = CALIBRATION_PROMPTS, prompt_tokens: int = 32, seed: int = 0) -> list[list[int]]:
+    """Prompts to measure on: the first `prompt_tokens` tokens of held-out (validation-split)
+    documents of the default corpus when the model has a tokenizer, else random token ids."""
+    if lm.tokenizer is not None:
+        from jaxaccel.data.config import DataConfig
+        from jaxaccel.data.corpus import open_corpus
+
+        cfg = DataConfig()
+        prompts = []
+        try:
+            for doc in open_corpus(cfg.corpus).documents("validation", cfg.validation_buckets):
+                ids = lm.encode(doc.text[:4 * prompt_tokens * 8])
+                if len(ids) >= prompt_tokens:
+                    prompts.append(ids[:prompt_tokens])
+                if len(prompts) == n:
+                    return prompts
+        except (OSError, ImportError, ValueError, RuntimeError):  # no corpus here: random ids
+            pass
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, lm.config.vocab_size, prompt_tokens).tolist() for _ in range(n)]
+
+
+def teacher_forced(target, draft, prompts: Sequence[Sequence[int]], temperature: float, top_k: int | None,
+                   top_p: float | None, new_tokens: int, seed: int, draft_logits: bool = False):
+    """The target continues each prompt (autoregressive, these sampling settings); both models
+    then score prompt + continuation -> (p, q) [positions, vocab]: the target's sampling
+    distribution and the draft's (`draft.draft_probs`' rule) at every generated position;
+    with draft_logits=True also the draft's raw logits there."""
+    out = target.generate([list(p) for p in prompts], max_new_tokens=new_tokens, temperature=temperature,
+                          top_k=top_k, top_p=top_p, seed=seed)
+    seqs = [list(p) + g for p, g in zip(prompts, out.tokens)]
+    width = max(len(s) for s in seqs)
+    rows = np.zeros((len(seqs), width), np.int32)
+    for i, s in enumerate(seqs):
+        rows[i, :len(s)] = s  # right padding never reaches earlier positions (causal)
+    mode, sp = make_sampling(temperature, top_k, top_p)
+    greedy_draft = make_sampling(1.0, None, None)
+    t_logits = target.logits(rows)
+    d_logits = draft.logits(rows)
+    ps, qs, ls = [], [], []
+    for i, (prompt, s) in enumerate(zip(prompts, seqs)):
+        pos = np.arange(len(prompt) - 1, len(s) - 1)
+        if len(pos) == 0:
+            continue
+        ps.append(np.asarray(target_probs(jnp.asarray(t_logits[i, pos]), mode, sp)))
+        qmode, qsp = greedy_draft if mode.greedy else (mode, sp)
+        qs.append(np.asarray(target_probs(jnp.asarray(d_logits[i, pos]), qmode, qsp)))
+        ls.append(np.asarray(d_logits[i, pos], np.float64))
+    if draft_logits:
+        return np.concatenate(ps), np.concatenate(qs), np.concatenate(ls)
+    return np.concatenate(ps), np.concatenate(qs)
+
+
+def _normalise(a: np.ndarray) -> np.ndarray:
+    s = a.sum(-1, keepdims=True)
+    return np.where(s > 0, a / np.where(s > 0, s, 1), a)
+
+
+def acceptance_from_probs(p: np.ndarray, q: np.ndarray, greedy: bool, max_rank: int, samples: int = 4,
+                          seed: int = 0) -> np.ndarray:
+    """p, q [positions, vocab] -> the positional acceptance vector [max_rank]."""
+    positions, vocab = p.shape
+    if greedy:
+        order = np.argsort(-q, axis=1, kind="stable")
+        target = p.argmax(axis=1)
+        rank = np.argmax(order == target[:, None], axis=1)
+        return np.bincount(rank[rank < max_rank], minlength=max_rank)[:max_rank] / positions
+    rng = np.random.default_rng(seed)
+    p = np.repeat(p, samples, axis=0).astype(np.float64)
+    q = np.repeat(q, samples, axis=0).astype(np.float64)
+    rows = np.arange(len(p))
+    with np.errstate(divide="ignore"):
+        scores = np.log(q) + rng.gumbel(size=q.shape)
+    drafted = np.argsort(-scores, axis=1)[:, :max_rank]  # q without replacement, in order
+    first = np.full(len(p), -1)
+    for k in range(max_rank):
+        x = drafted[:, k]
+        live = (first < 0) & (q[rows, x] > 0)
+        accept = live & (rng.random(len(p)) * q[rows, x] < p[rows, x])
+        first = np.where(accept, k, first)
+        rejected = live & ~accept
+        p = np.where(rejected[:, None], _normalise(np.maximum(p - q, 0.0)), p)
+        q_new = q.copy()
+        q_new[rows, x] = 0.0
+        q = np.where(rejected[:, None], _normalise(q_new), q)
+    return np.bincount(first[first >= 0], minlength=max_rank)[:max_rank] / len(first)
+
+
+def positional_acceptance(target, draft, *, temperature: float = 0.0, top_k: int | None = None,
+                          top_p: float | None = None, prompts: Sequence[Sequence[int]] | None = None,
+                          max_rank: int = 16, new_tokens: int = CALIBRATION_NEW_TOKENS, samples: int = 4,
+                          seed: int = 0) -> np.ndarray:
+    """Sequoia's acceptance vector for `draft` drafting for `target` (see the module docstring)."""
+    prompts = calibration_prompts(target) if prompts is None else prompts
+    p, q = teacher_forced(target, draft, prompts, temperature, top_k, top_p, new_tokens, seed)
+    return acceptance_from_probs(p, q, temperature == 0, max_rank, samples, seed)
+
+
+def probability_vs_acceptance(p: np.ndarray, q: np.ndarray, samples: int = 8, bins: int = 10,
+                              seed: int = 0) -> dict[str, Any]:
+    """DySpec's Figure 2 from teacher-forced (p, q): draft tokens x ~ q, their q(x) against
+    min(1, p(x)/q(x)); -> the correlation coefficient and the binned curve."""
+    rng = np.random.default_rng(seed)
+    g = np.log(np.maximum(q, 1e-30))[:, None, :] + rng.gumbel(size=(len(q), samples, q.shape[1]))
+    x = g.argmax(-1)  # [positions, samples]: x ~ q
+    rows = np.arange(len(q))[:, None]
+    qx = q[rows, x].ravel()
+    px = p[rows, x].ravel()
+    acc = np.minimum(1.0, px / np.maximum(qx, 1e-30))
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(qx, edges) - 1, 0, bins - 1)
+    curve = [{"q_lo": float(edges[b]), "q_hi": float(edges[b + 1]), "n": int(np.sum(which == b)),
+              "acceptance": float(acc[which == b].mean()) if np.any(which == b) else None} for b in range(bins)]
+    corr = float(np.corrcoef(qx, acc)[0, 1]) if qx.std() > 0 and acc.std() > 0 else float("nan")
+    return {"correlation": corr, "curve": curve, "points": len(qx), "q": qx, "acceptance": acc}
+
+
+def greedy_temperature_from(logits: np.ndarray, argmax: np.ndarray) -> float:
+    """The softmax temperature under which the draft's logits [positions, vocab] best predict
+    the target's greedy tokens [positions] (maximum likelihood over a log-spaced grid)."""
+    best, best_nll = 1.0, np.inf
+    for tau in np.exp(np.linspace(np.log(0.05), np.log(2.0), 60)):
+        z = logits / tau
+        z = z - z.max(axis=1, keepdims=True)
+        nll = -np.mean(z[np.arange(len(z)), argmax] - np.log(np.exp(z).sum(axis=1)))
+        if nll < best_nll:
+            best, best_nll = float(tau), nll
+    return round(best, 4)
+
+
+def cache_path(target, draft, settings: dict[str, Any]) -> Path | None:
+    """Where the acceptance vector of this (target, draft, settings) is cached; None for
+    models built in memory (nothing identifies them across processes)."""
+    if target.source is None or draft.source is None:
+        return None
+    key = json.dumps({"target": str(target.source), "draft": str(draft.source), **settings}, sort_keys=True)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "jaxaccel" / "acceptance" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
+
+
+def cached_acceptance(target, draft, *, temperature: float, top_k: int | None, top_p: float | None,
+                      max_rank: int = 16) -> np.ndarray:
+    """`positional_acceptance` with its default calibration, measured once per (target, draft,
+    settings) and kept on disk (`cache_path`); written atomically."""
+    settings = {"temperature": float(temperature), "top_k": top_k, "top_p": top_p, "max_rank": max_rank,
+                "prompts": CALIBRATION_PROMPTS, "new_tokens": CALIBRATION_NEW_TOKENS}
+    path = cache_path(target, draft, settings)
+    if path is not None and path.exists():
+        try:
+            vec = np.asarray(json.loads(path.read_text())["acceptance"], np.float64)
+            if vec.shape == (max_rank,):
+                return vec
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable: measure again
+    vec = positional_acceptance(target, draft, temperature=temperature, top_k=top_k, top_p=top_p, max_rank=max_rank)
+    _write(path, {"acceptance": vec.tolist(), **settings, "target": str(target.source), "draft": str(draft.source)})
+    return vec
+
+
+def cached_greedy_temperature(target, draft) -> float:
+    """`greedy_temperature_from` on the default calibration (greedy continuations), measured
+    once per (target, draft) and kept on disk like `cached_acceptance`."""
+    settings = {"kind": "greedy_temperature", "prompts": CALIBRATION_PROMPTS, "new_tokens": CALIBRATION_NEW_TOKENS}
+    path = cache_path(target, draft, settings)
+    if path is not None and path.exists():
+        try:
+            return float(json.loads(path.read_text())["greedy_temperature"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    p, _, logits = teacher_forced(target, draft, calibration_prompts(target), 0.0, None, None,
+                                  CALIBRATION_NEW_TOKENS, 0, draft_logits=True)
+    tau = greedy_temperature_from(logits, p.argmax(axis=1))
+    _write(path, {"greedy_temperature": tau, **settings, "target": str(target.source), "draft": str(draft.source)})
+    return tau
+
+
+def _write(path: Path | None, data: dict[str, Any]) -> None:
+    """Atomically write a cache entry; a read-only cache is measured again next time."""
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+    except OSError:
+        pass

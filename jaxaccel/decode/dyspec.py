@@ -1,0 +1,169 @@
+"""DySpec (Xiong et al. 2024, arXiv 2410.11744): a token tree grown greedily from the draft's
+probabilities, verified losslessly by the shared tree verifier.
+
+Every node carries a *candidate*: its next child, valued by the product of the draft
+probabilities along its path times the draft mass its not-yet-sampled children still hold
+(an estimate of the probability the target accepts that child). The root's candidate is
+worth 1.
+
+* `expand="heap"` (the paper's Algorithm 1): repeatedly take the best candidate, sample a
+  token from its node's residual draft distribution (greedy: the residual's argmax), and add
+  it as a child; the node's candidate is then worth value × (1 − p) (the residual loses the
+  token) and the new child's own candidate value × p. A child's candidate needs the draft's
+  distribution at the child, i.e. a draft forward over it: `pops_per_round=M` takes M
+  candidates per draft forward (M = 1 is the paper; children added in a round wait for the
+  next one), until `budget` nodes.
+* `expand="threshold"` (the paper's Algorithm 2): one draft forward per depth; each round
+  takes every candidate whose value exceeds `threshold` (at most M per round), so the tree
+  grows layer by layer, capped at `budget` nodes.
+
+Static shapes: the tree is a fixed [budget + 1] array per row (rows grow their own trees,
+padded), the "heap" an argmax over the nodes' candidate values; each node keeps its draft
+distribution (for the verifier's `draft_q`) and its residual. `max_depth` and `max_children`
+bound the tree (they size the verifier's compiled loops).
+
+Values at temperature 0: the verifier accepts a child iff it is the target's argmax, so a
+value should estimate P(argmax = token). The draft's softmax is a poorly calibrated
+estimate of that (a small draft is under-confident: its top token holds ~0.3 of the mass yet
+matches the target's argmax ~0.6 of the time on the shipped pair), which makes the heap
+prefer siblings over depth. `greedy_temperature="auto"` fits the softmax temperature that
+makes the draft's distribution the best predictor (maximum likelihood) of the target's
+argmax on calibration text (`decode.acceptance.greedy_temperature`, measured once per
+target/draft pair and cached); only values change — tokens are still the draft's top-k.
+When sampling, values use the draft distribution the tokens are drawn from, as the paper.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxaccel.decode.draft import DraftModelMethod, Grown, forward_nodes
+from jaxaccel.decode.engine import DecodeState, StepContext
+from jaxaccel.decode.tree import Tree, TreeShape, positive_int
+from jaxaccel.errors import InvalidArgumentError
+
+
+class DySpec(DraftModelMethod):
+    name = "dyspec"
+    options = {"draft": None, "budget": 32, "expand": "heap", "pops_per_round": None, "threshold": 0.05,
+               "max_depth": 16, "max_children": 16, "greedy_temperature": "auto"}
+
+    def __init__(self, **opts: Any):
+        super().__init__(**opts)
+        o = self.opts
+        if o["expand"] not in ("heap", "threshold"):
+            raise InvalidArgumentError(f'expand must be "heap" or "threshold", got {o["expand"]!r}')
+        t = o["threshold"]
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t < 1.0:
+            raise InvalidArgumentError(f"threshold must be in (0, 1), got {t!r}")
+        self.threshold = float(t)
+        self.max_depth = positive_int("max_depth", o["max_depth"], 64)
+        self.max_children = positive_int("max_children", o["max_children"], 64)
+        g = o["greedy_temperature"]
+        if g != "auto" and (isinstance(g, bool) or not isinstance(g, (int, float)) or not 0.0 < g <= 10.0):
+            raise InvalidArgumentError(f'greedy_temperature must be "auto" or in (0, 10], got {g!r}')
+        if g != "auto":
+            self.greedy_temperature = float(g)
+        m = o["pops_per_round"]
+        if m is None:  # the heap: 4 candidates per draft forward; threshold: a whole layer
+            m = min(4, self.budget) if o["expand"] == "heap" else self.budget
+        self.pops = positive_int("pops_per_round", m)
+        if self.pops > self.budget:
+            raise InvalidArgumentError(f"pops_per_round ({self.pops}) must not exceed budget ({self.budget})")
+
+    def prepare(self, target, draft, temperature, top_k, top_p) -> None:
+        if temperature == 0 and self.opts["greedy_temperature"] == "auto":
+            from jaxaccel.decode.acceptance import cached_greedy_temperature
+
+            self.greedy_temperature = cached_greedy_temperature(target, draft)
+            self.opts["greedy_temperature"] = self.greedy_temperature  # a constant of the compiled step
+
+    def tree_shape(self) -> TreeShape:
+        return TreeShape(nodes=self.budget + 1, max_depth=min(self.max_depth, self.budget),
+                         max_children=min(self.max_children, self.budget))
+
+    def rounds(self) -> int:
+        if self.opts["expand"] == "heap":
+            return -(-self.budget // self.pops)
+        return self.tree_shape().max_depth
+
+    def grow(self, state: DecodeState, ctx: StepContext, cache, root_q: jax.Array, keys: jax.Array) -> Grown:
+        shape = self.tree_shape()
+        b, vocab = root_q.shape
+        n, m = shape.nodes, self.pops
+        rows = jnp.arange(b)
+        c = state.cache_len
+        greedy = ctx.mode.greedy
+        use_threshold = self.opts["expand"] == "threshold"
+
+        def pop(j, t):
+            """Add one child to every row whose best candidate qualifies."""
+            avail = (t["valid"] & t["ready"] & (t["value"] > 0) & (t["nchild"] < shape.max_children)
+                     & (t["depth"] < shape.max_depth))
+            if use_threshold:
+                avail = avail & (t["value"] > self.threshold)
+            score = jnp.where(avail, t["value"], -1.0)
+            i = jnp.argmax(score, axis=1).astype(jnp.int32)
+            has = (jnp.max(score, axis=1) >= 0) & (t["count"] < n)
+            resid = t["resid"][rows, i]  # [b, V]
+            mass = jnp.sum(resid, axis=1)
+            if greedy:
+                y = jnp.argmax(resid, axis=1).astype(jnp.int32)
+            else:
+                ks = jax.vmap(jax.random.fold_in)(keys, jnp.full((b,), t["round"] * m + j, jnp.int32))
+                y = jax.vmap(jax.random.categorical)(ks, jnp.log(resid)).astype(jnp.int32)
+            p = resid[rows, y] / jnp.where(mass > 0, mass, 1.0)
+            has = has & (p > 0)
+            v = t["value"][rows, i]
+            new = jnp.where(has, t["count"], n)  # out of range when nothing is added: dropped
+            at = jnp.where(has, i, n)
+            t = dict(t)
+            t["tokens"] = t["tokens"].at[rows, new].set(y, mode="drop")
+            t["parents"] = t["parents"].at[rows, new].set(i, mode="drop")
+            t["depth"] = t["depth"].at[rows, new].set(t["depth"][rows, i] + 1, mode="drop")
+            t["valid"] = t["valid"].at[rows, new].set(True, mode="drop")
+            anc_row = t["anc"][rows, i] | (jnp.arange(n)[None, :] == new[:, None])
+            t["anc"] = t["anc"].at[rows, new].set(anc_row, mode="drop")
+            t["value"] = t["value"].at[rows, new].set(v * p, mode="drop").at[rows, at].set(v * (1 - p), mode="drop")
+            t["resid"] = t["resid"].at[rows, at, y].set(0.0, mode="drop")
+            t["nchild"] = t["nchild"].at[rows, at].add(1, mode="drop")
+            t["count"] = t["count"] + has.astype(jnp.int32)
+            return t
+
+        def pops(t):
+            start = t["count"]
+            t = jax.lax.fori_loop(0, m, pop, t)
+            return t, start
+
+        def round_(r, carry):
+            t, cache = carry
+            t, start = pops(dict(t, round=r))
+            idx = start[:, None] + jnp.arange(m, dtype=jnp.int32)[None, :]
+            idx = jnp.where(idx < t["count"][:, None], idx, -1)
+            logits, cache = forward_nodes(ctx, cache, c, t["tokens"], t["depth"], t["anc"], idx)
+            dest = jnp.where(idx >= 0, idx, n)
+            q = self.probs(logits, ctx)
+            r_ = rows[:, None]
+            t = dict(t)
+            t["q"] = t["q"].at[r_, dest].set(q, mode="drop")
+            t["resid"] = t["resid"].at[r_, dest].set(q, mode="drop")
+            t["ready"] = t["ready"].at[r_, dest].set(True, mode="drop")
+            return t, cache
+
+        zeros = jnp.zeros((b, n), jnp.int32)
+        root_q = root_q.astype(jnp.float32)
+        t = dict(
+            tokens=zeros.at[:, 0].set(state.last_token), parents=jnp.full((b, n), -1, jnp.int32), depth=zeros,
+            valid=jnp.zeros((b, n), bool).at[:, 0].set(True), ready=jnp.zeros((b, n), bool).at[:, 0].set(True),
+            value=jnp.zeros((b, n), jnp.float32).at[:, 0].set(1.0), nchild=zeros,
+            anc=jnp.broadcast_to(jnp.eye(n, dtype=bool), (b, n, n)),
+            q=jnp.zeros((b, n, vocab), jnp.float32).at[:, 0].set(root_q),
+            resid=jnp.zeros((b, n, vocab), jnp.float32).at[:, 0].set(root_q),
+            count=jnp.ones((b,), jnp.int32), round=jnp.int32(0))
+        t, cache = jax.lax.fori_loop(0, self.rounds() - 1, round_, (t, cache))
+        t, _ = pops(dict(t, round=jnp.int32(self.rounds() - 1)))
+        tree = Tree(tokens=t["tokens"], parents=t["parents"], depth=t["depth"], valid=t["valid"],
+                    draft_q=None if greedy else t["q"], mask=t["anc"])
+        return Grown(tree, t["ready"], cache)

@@ -1,0 +1,283 @@
+"""Draft-model speculation (sps, specinfer, dyspec): lossless greedy and sampling, the draft's
+own KV cache, tree forwards over a growing tree, and bad input."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats as sps_stats
+
+import jaxaccel
+from conftest import TINY, randomize
+from jaxaccel.config import ModelConfig
+from jaxaccel.decode import methods
+from jaxaccel.decode.draft import SpS, draft_probs
+from jaxaccel.decode.dyspec import DySpec
+from jaxaccel.decode.engine import DecodeState, StepContext
+from jaxaccel.decode.sampling import make_sampling, target_probs
+from jaxaccel.errors import InvalidArgumentError
+from jaxaccel.model.transformer import init_params
+
+PROMPTS = [[5, 9, 3, 5, 9, 3, 5], [7, 1, 8, 2, 8], [4] * 11, [60, 61]]
+METHODS = [
+    ("sps", {"budget": 3}),
+    ("specinfer", {"widths": [2, 2]}),
+    ("dyspec", {"budget": 8, "pops_per_round": 1}),
+    ("dyspec", {"budget": 12, "pops_per_round": 4}),
+    ("dyspec", {"budget": 10, "expand": "threshold", "threshold": 0.02}),
+]
+
+
+def perturbed(params, seed, scale):
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tree, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_params):
+    return jaxaccel.from_params(TINY, tiny_params)
+
+
+@pytest.fixture(scope="module")
+def draft_lm(tiny_params):
+    """A draft close to the target (its params perturbed): deep trees get accepted."""
+    return jaxaccel.from_params(TINY, perturbed(tiny_params, 7, 0.01))
+
+
+@pytest.fixture(scope="module")
+def reference(lm):
+    return lm.generate(PROMPTS, max_new_tokens=24).tokens
+
+
+@pytest.mark.parametrize("method,opts", METHODS)
+def test_greedy_is_identical_to_autoregressive_batch4_and_batch1(lm, draft_lm, reference, method, opts):
+    out = lm.generate(PROMPTS, max_new_tokens=24, method=method, draft=draft_lm, **opts)
+    assert out.tokens == reference
+    assert out.stats["mean_accepted"] > 1.5
+    single = lm.generate([PROMPTS[1]], max_new_tokens=24, method=method, draft=draft_lm, **opts)
+    assert single.tokens[0] == reference[1]
+
+
+def test_a_draft_identical_to_the_target_is_always_accepted(lm, reference):
+    """With draft == target, every drafted chain token is the target's argmax: each step
+    commits budget + 1 tokens. A stale or misplaced draft K/V (catch-up, compaction) would
+    break this."""
+    out = lm.generate(PROMPTS[:2], max_new_tokens=24, method="sps", budget=3, draft=lm)
+    assert out.tokens == reference[:2]
+    assert out.stats["steps"] == 6  # 24 tokens, 4 per step
+
+
+class _KeepState(SpS):
+    name = "test-keep-state"
+
+    def final_state(self, method_state):
+        return method_state
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_draft_cache_holds_the_committed_sequence(lm, draft_lm, monkeypatch, temperature):
+    """After generation the draft's cache, slots [0, length), equals a fresh draft forward over
+    prompt + generated tokens; length is at most the committed length."""
+    from jaxaccel.model.transformer import forward
+
+    monkeypatch.setitem(methods.METHODS, _KeepState.name, _KeepState)
+    out = lm.generate(PROMPTS[:2], max_new_tokens=13, method=_KeepState.name, budget=3, draft=draft_lm,
+                      temperature=temperature, seed=3)
+    cache, length = out.method_output
+    for row, (prompt, gen) in enumerate(zip(PROMPTS[:2], out.tokens)):
+        seq = prompt + gen
+        committed = len(seq) - 1  # the last token is not in any cache yet
+        n = int(length[row])
+        assert committed - 1 <= n <= committed
+        ref_cache = draft_lm.handle.init_cache(1, 64)
+        _, ref_cache = forward(draft_lm.params, TINY, jnp.asarray([seq]), cache=ref_cache,
+                               write_slots=jnp.arange(len(seq))[None], prefix_len=jnp.zeros((1,), jnp.int32))
+        for layer, ref in zip(cache, ref_cache):
+            np.testing.assert_allclose(np.asarray(layer.k[row, :, :n]), np.asarray(ref.k[0, :, :n]), atol=2e-5)
+            np.testing.assert_allclose(np.asarray(layer.v[row, :, :n]), np.asarray(ref.v[0, :, :n]), atol=2e-5)
+
+
+@pytest.mark.parametrize("expand", ["heap", "threshold"])
+def test_tree_node_distributions_equal_full_sequence_forwards(draft_lm, expand):
+    """Each node the draft ran holds the draft distribution a plain forward over prompt +
+    the node's root-to-node path gives: the ancestor mask over a tree grown in several
+    forwards is right."""
+    h = draft_lm.handle
+    prompt = PROMPTS[0]
+    slots = 64
+    toks = np.zeros((1, slots), np.int32)
+    toks[0, :len(prompt)] = prompt
+    lens = jnp.asarray([len(prompt)])
+    mode, sp = make_sampling(0.3, None, None)  # peaked: children outvalue the root's residual
+    method = DySpec(budget=9, pops_per_round=2, expand=expand, threshold=0.01)
+
+    def grow(h, toks, lens):
+        ctx = StepContext(model=h, mode=mode, sampling=sp, eos_ids=jnp.zeros((0,), jnp.int32), max_new=jnp.int32(8),
+                          draft=h, cache_slots=slots)
+        ds = method.init_state(ctx, 1, None, toks, lens)
+        state = DecodeState(cache=None, cache_len=lens - 1, last_token=toks[:, len(prompt) - 1],
+                            out_tokens=jnp.zeros((1, 16), jnp.int32), num_new=jnp.zeros((1,), jnp.int32),
+                            done=jnp.zeros((1,), bool), rng=None, step=jnp.int32(0), forwards=None, method_state=ds)
+        cache, root_logits = method.catch_up(state, ctx, ds)
+        keys = jax.random.split(jax.random.key(4), 1)
+        return method.grow(state, ctx, cache, draft_probs(root_logits, ctx), keys)
+
+    grown = jax.jit(grow)(h, jnp.asarray(toks), lens)
+    tree = grown.tree
+    tokens, parents, valid, run = (np.asarray(a)[0] for a in (tree.tokens, tree.parents, tree.valid, grown.run))
+    assert valid.sum() >= 5 and run.sum() >= 3 and (np.asarray(tree.depth)[0] >= 2).any()
+    for i in np.flatnonzero(run):
+        path, j = [], i
+        while j > 0:
+            path.append(int(tokens[j]))
+            j = parents[j]
+        seq = prompt + path[::-1]
+        logits = draft_lm.logits([seq])[0, -1]
+        expected = np.asarray(target_probs(jnp.asarray(logits), mode, sp))
+        np.testing.assert_allclose(np.asarray(tree.draft_q)[0, i], expected, atol=1e-5)
+    mask = np.asarray(tree.mask)[0]
+    for i in np.flatnonzero(valid):  # the ancestor mask the verifier gets
+        anc, j = {i}, i
+        while j > 0:
+            j = parents[j]
+            anc.add(int(j))
+        assert set(np.flatnonzero(mask[i])) == anc
+
+
+def test_sharded_decoding_is_identical(tiny_params, draft_lm, reference):
+    from jaxaccel.sharding import make_mesh
+
+    mesh = make_mesh("tensor=2,data=4")
+    target = jaxaccel.from_params(TINY, tiny_params, mesh=mesh)
+    draft = jaxaccel.from_params(TINY, draft_lm.params, mesh=mesh)
+    for method, opts in (METHODS[3], METHODS[1]):
+        assert target.generate(PROMPTS, max_new_tokens=24, method=method, draft=draft, **opts).tokens == reference
+
+
+@pytest.mark.slow
+def test_shipped_pair_is_lossless():
+    lm = jaxaccel.load()
+    prompts = ["def fib(n):", "import os\nimport sys\n", "class Point:\n    def __init__(self", "# x"]
+    ref = lm.generate(prompts, max_new_tokens=32).tokens
+    for method, opts in (("sps", {"budget": 4}), ("specinfer", {"budget": 8}), ("dyspec", {"budget": 16})):
+        out = lm.generate(prompts, max_new_tokens=32, method=method, **opts)  # draft: builtin:draft
+        assert out.tokens == ref, method
+        assert out.stats["mean_accepted"] > 1.5
+
+
+# ----------------------------------------------------------------------------- sampling
+
+SMALL = ModelConfig(vocab_size=6, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=24, max_seq_len=64)
+ROWS = 3000
+SAMPLE_PROMPT = [1, 4, 2]
+
+
+@pytest.fixture(scope="module")
+def small_pair():
+    params = randomize(init_params(SMALL, jax.random.key(3), "unrolled"), seed=4, scale=0.15)
+    target = jaxaccel.from_params(SMALL, params)
+    return target, jaxaccel.from_params(SMALL, perturbed(params, 8, 0.3))
+
+
+def exact_pair_probs(lm, prompt, temperature, top_k=None):
+    """P(first two generated tokens) from the model's own logits (the target distribution)."""
+    mode, sp = make_sampling(temperature, top_k, None)
+    seqs = np.array([prompt + [a] for a in range(lm.config.vocab_size)])
+    logits = lm.logits(seqs)
+    p1 = np.asarray(target_probs(jnp.asarray(logits[0, len(prompt) - 1]), mode, sp))
+    p2 = np.asarray(target_probs(jnp.asarray(logits[:, len(prompt)]), mode, sp))
+    return p1[:, None] * p2
+
+
+def chi2_pvalue(pairs, expected):
+    counts = np.zeros_like(expected)
+    for a, b in pairs:
+        counts[a, b] += 1
+    exp = expected.ravel() * len(pairs)
+    keep = exp > 0
+    assert counts.ravel()[~keep].sum() == 0  # nothing outside the support (top-k)
+    return sps_stats.chisquare(counts.ravel()[keep], exp[keep] / exp[keep].sum() * len(pairs)).pvalue
+
+
+@pytest.mark.parametrize("method,opts,temperature,top_k", [
+    ("sps", {"budget": 2}, 1.0, None),
+    ("specinfer", {"widths": [3, 2]}, 0.7, 4),
+    ("dyspec", {"budget": 6, "pops_per_round": 2}, 1.0, None),
+    ("dyspec", {"budget": 6, "expand": "threshold", "threshold": 0.05}, 1.0, None),
+])
+def test_sampling_matches_the_target_distribution(small_pair, method, opts, temperature, top_k):
+    """Chi-square goodness of fit of the first two generated tokens (ROWS independent rows)
+    against the exact target distribution; fails at p < 1e-4."""
+    target, draft = small_pair
+    out = target.generate([SAMPLE_PROMPT] * ROWS, max_new_tokens=2, method=method, draft=draft,
+                          temperature=temperature, top_k=top_k, seed=11, **opts)
+    expected = exact_pair_probs(target, SAMPLE_PROMPT, temperature, top_k)
+    assert chi2_pvalue([t[:2] for t in out.tokens], expected) > 1e-4
+    assert out.stats["mean_accepted"] > 1.2  # drafted tokens were accepted, not only bonus tokens
+
+
+class _WrongQ(SpS):
+    """A drafter whose reported q is a little off the distribution it sampled from."""
+
+    name = "test-wrong-q"
+
+    def grow(self, state, ctx, cache, root_q, keys):
+        grown = super().grow(state, ctx, cache, root_q, keys)
+        q = grown.tree.draft_q
+        wrong = q * jnp.where(jnp.arange(q.shape[-1]) == 0, 1.25, 1.0)
+        return grown._replace(tree=grown.tree._replace(draft_q=wrong / wrong.sum(-1, keepdims=True)))
+
+
+def test_a_drafter_with_a_slightly_wrong_q_fails_the_check(small_pair, monkeypatch):
+    """The check has power: q off by 25% on one token of six is caught (at 4x the rows: at
+    ROWS this error gives p ~ 0.05)."""
+    monkeypatch.setitem(methods.METHODS, _WrongQ.name, _WrongQ)
+    target, draft = small_pair
+    out = target.generate([SAMPLE_PROMPT] * (4 * ROWS), max_new_tokens=2, method=_WrongQ.name, draft=draft,
+                          temperature=1.0, seed=11, budget=2)
+    assert chi2_pvalue([t[:2] for t in out.tokens], exact_pair_probs(target, SAMPLE_PROMPT, 1.0)) < 1e-4
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("method,opts,message", [
+    ("dyspec", {"bugdet": 4}, "valid options: budget, draft"),
+    ("dyspec", {"budget": 0}, "budget must be an integer >= 1"),
+    ("sps", {"budget": 2.5}, "budget must be an integer >= 1"),
+    ("dyspec", {"threshold": 1.5, "expand": "threshold"}, "threshold must be in (0, 1)"),
+    ("dyspec", {"threshold": 0}, "threshold must be in (0, 1)"),
+    ("dyspec", {"pops_per_round": 0}, "pops_per_round must be an integer >= 1"),
+    ("dyspec", {"budget": 4, "pops_per_round": 5}, "must not exceed budget"),
+    ("dyspec", {"expand": "bfs"}, 'expand must be "heap" or "threshold"'),
+    ("specinfer", {"widths": [2, 0]}, "widths must be a non-empty list"),
+    ("specinfer", {"widths": [2, 2], "budget": 5}, "give one or the other"),
+])
+def test_bad_options(lm, draft_lm, method, opts, message):
+    with pytest.raises(InvalidArgumentError, match=None) as err:
+        lm.generate([[1, 2]], max_new_tokens=4, method=method, draft=draft_lm, **opts)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_drafts(lm, tmp_path):
+    cases = [
+        (dict(), "needs a draft model"),
+        (dict(draft=str(tmp_path / "missing")), "does not exist"),
+        (dict(draft=str(tmp_path)), "neither a jaxaccel checkpoint"),
+        (dict(draft=jaxaccel.from_params(SMALL, init_params(SMALL, jax.random.key(0), "unrolled"))), "vocabulary"),
+        (dict(draft=jaxaccel.from_params(
+            dataclasses.replace(TINY, max_seq_len=12), init_params(TINY, jax.random.key(0), "unrolled"))),
+         "maximum length"),
+        (dict(draft=3), "draft must be a model path or name"),
+    ]
+    for opts, message in cases:
+        with pytest.raises(InvalidArgumentError) as err:
+            lm.generate([[1, 2]], max_new_tokens=8, method="dyspec", budget=4, **opts)
+        assert message in str(err.value), (opts, str(err.value))
+
+
+def test_budget_beyond_cache_headroom(lm, draft_lm):
+    with pytest.raises(InvalidArgumentError, match="cache slots"):
+        lm.generate([[1] * 200], max_new_tokens=40, method="dyspec", budget=64, draft=draft_lm)

@@ -1,0 +1,166 @@
+"""Sequoia tree DP: optimum against brute force, tree layout, closed forms, the value curve, input checks."""
+import functools
+
+import numpy as np
+import pytest
+
+from jaxaccel.decode.sequoia import expected_tokens, optimal_tree, tree_value_curve
+
+
+@functools.lru_cache(maxsize=None)
+def plane_trees(m, depth, fan_out):
+    """All ordered trees of m nodes, depth <= depth, fan-out <= fan_out; a tree = tuple of child subtrees."""
+    if m == 1:
+        return ((),)
+    if depth == 0:
+        return ()
+
+    def forests(nodes, slots):  # ordered sequences of <= slots subtrees with `nodes` nodes in all
+        if nodes == 0:
+            return [()]
+        out = []
+        if slots == 0:
+            return out
+        for s in range(1, nodes + 1):
+            for first in plane_trees(s, depth - 1, fan_out):
+                out.extend((first,) + rest for rest in forests(nodes - s, slots - 1))
+        return out
+
+    return tuple(forests(m - 1, fan_out))
+
+
+def tree_value(p, tree):
+    return 1.0 + sum(p[k] * tree_value(p, child) for k, child in enumerate(tree))
+
+
+def to_parents(tree):
+    """Nested tree -> breadth-first parents array."""
+    parents, queue = [-1], [(tree, 0)]
+    for node, idx in queue:
+        for child in node:
+            parents.append(idx)
+            queue.append((child, len(parents) - 1))
+    return np.array(parents, np.int32)
+
+
+def random_acceptance(rng, k):
+    p = rng.dirichlet(np.ones(k + 1))[:k]  # leftover mass: no child accepted
+    return p if rng.random() < 0.5 else np.sort(p)[::-1]  # sometimes non-monotone in rank
+
+
+REALISTIC = 0.9 * (lambda w: w / w.sum())(1.0 / np.arange(1, 17) ** 1.6)
+
+
+def check_layout(tree, budget):
+    par, dep = tree.parents, tree.depth
+    assert par.shape == dep.shape == (budget + 1,) and par.dtype == dep.dtype == np.int32
+    assert par[0] == -1 and dep[0] == 0
+    idx = np.arange(1, budget + 1)
+    assert np.all((par[1:] >= 0) & (par[1:] < idx))
+    assert np.all(dep[1:] == dep[par[1:]] + 1)
+    assert np.all(np.diff(dep) >= 0)  # breadth-first
+    assert np.all(np.diff(par[1:]) >= 0)  # children of one node contiguous, parents in order
+
+
+@pytest.mark.parametrize("fan_out", [1, 2, 3])
+@pytest.mark.parametrize("max_depth", [1, 2, 3])
+def test_optimum_matches_brute_force(fan_out, max_depth):
+    rng = np.random.default_rng(10 * fan_out + max_depth)
+    for _ in range(4):
+        p = random_acceptance(rng, fan_out)
+        for nodes in range(1, 8):
+            trees = plane_trees(nodes, max_depth, fan_out)
+            if not trees:
+                with pytest.raises(ValueError):
+                    optimal_tree(p, nodes - 1, max_depth)
+                continue
+            best = max(tree_value(p, t) for t in trees)
+            tree = optimal_tree(p, nodes - 1, max_depth)
+            assert tree.expected == pytest.approx(best, rel=1e-12)
+            assert expected_tokens(p, tree.parents) == pytest.approx(tree.expected, rel=1e-12)
+            assert tree.depth.max() <= max_depth
+            assert np.bincount(tree.parents[1:], minlength=1).max(initial=0) <= fan_out
+            check_layout(tree, nodes - 1)
+
+
+def test_expected_tokens_matches_recursive_value():
+    rng = np.random.default_rng(0)
+    p = random_acceptance(rng, 3)
+    for tree in plane_trees(6, 3, 3):
+        assert expected_tokens(p, to_parents(tree)) == pytest.approx(tree_value(p, tree), rel=1e-12)
+
+
+@pytest.mark.parametrize("budget", [0, 1, 5, 40, 128])
+def test_realistic_tree_layout_and_value(budget):
+    tree = optimal_tree(REALISTIC, budget, 16)
+    check_layout(tree, budget)
+    assert expected_tokens(REALISTIC, tree.parents) == pytest.approx(tree.expected, rel=1e-12)
+    if budget:  # the rank-1 chain is always worth at least as much as its first node
+        assert tree.expected >= 1 + REALISTIC[0]
+
+
+@pytest.mark.parametrize("a", [0.0, 0.3, 0.8, 1.0])
+def test_single_rank_gives_chain(a):
+    n = 6
+    tree = optimal_tree([a], n, n)
+    np.testing.assert_array_equal(tree.parents, np.arange(-1, n))
+    np.testing.assert_array_equal(tree.depth, np.arange(n + 1))
+    assert tree.expected == pytest.approx(sum(a ** d for d in range(n + 1)))
+    with pytest.raises(ValueError):
+        optimal_tree([a], n, n - 1)
+
+
+def test_depth_one_gives_star_of_top_ranks():
+    p = np.array([0.4, 0.25, 0.1, 0.05, 0.02])
+    for n in range(len(p) + 1):
+        tree = optimal_tree(p, n, 1)
+        np.testing.assert_array_equal(tree.parents, [-1] + [0] * n)
+        np.testing.assert_array_equal(tree.depth, [0] + [1] * n)
+        assert tree.expected == pytest.approx(1 + p[:n].sum())
+    with pytest.raises(ValueError):
+        optimal_tree(p, len(p) + 1, 1)
+
+
+def test_value_curve():
+    curve = tree_value_curve(REALISTIC, 128, 16)
+    assert curve.shape == (129,) and curve[0] == 1.0
+    assert np.all(np.diff(curve) >= -1e-12)
+    for n in [0, 1, 2, 7, 33, 128]:
+        assert curve[n] == pytest.approx(optimal_tree(REALISTIC, n, 16).expected, rel=1e-12)
+    small = tree_value_curve([0.5, 0.2], 6, 2)  # capacity 1 + 2 + 4 = 7 nodes
+    for n in range(7):
+        assert small[n] == pytest.approx(optimal_tree([0.5, 0.2], n, 2).expected, rel=1e-12)
+    with pytest.raises(ValueError):
+        tree_value_curve([0.5, 0.2], 7, 2)
+
+
+@pytest.mark.parametrize("acceptance", [[], [[0.5]], [0.5, -0.1], [0.5, np.nan], [np.inf], [0.7, 0.4], "x"])
+def test_bad_acceptance(acceptance):
+    with pytest.raises(ValueError):
+        optimal_tree(acceptance, 4, 2)
+    with pytest.raises(ValueError):
+        tree_value_curve(acceptance, 4, 2)
+    with pytest.raises(ValueError):
+        expected_tokens(acceptance, [-1, 0])
+
+
+@pytest.mark.parametrize("budget,max_depth", [(-1, 2), (2.0, 2), (True, 2), (3, 0), (3, -1), (3, 1.5)])
+def test_bad_budget_or_depth(budget, max_depth):
+    with pytest.raises(ValueError):
+        optimal_tree([0.5, 0.2], budget, max_depth)
+    with pytest.raises(ValueError):
+        tree_value_curve([0.5, 0.2], budget, max_depth)
+
+
+@pytest.mark.parametrize("parents", [[], [0], [-1, 1], [-1, 0, 2], [-1, -1], [[-1, 0]], [-1.0, 0.0], [-1, 0, 0, 0]])
+def test_bad_parents(parents):
+    with pytest.raises(ValueError):
+        expected_tokens([0.5, 0.2], parents)  # the last case: 3 children, only 2 ranks
+
+
+def test_errors_are_one_line():
+    for call in [lambda: optimal_tree([0.9, 0.9], 3, 2), lambda: optimal_tree([0.5], 5, 2),
+                 lambda: optimal_tree([0.5], -1, 2), lambda: expected_tokens([0.5], [-1, 0, 0])]:
+        with pytest.raises(ValueError) as info:
+            call()
+        assert "\n" not in str(info.value)
