@@ -26,6 +26,7 @@ METHODS = [
     ("dyspec", {"budget": 8, "pops_per_round": 1}),
     ("dyspec", {"budget": 12, "pops_per_round": 4}),
     ("dyspec", {"budget": 10, "expand": "threshold", "threshold": 0.02}),
+    ("sequoia", {"budget": 9, "acceptance": [0.6, 0.2, 0.1]}),
 ]
 
 
@@ -206,6 +207,7 @@ def chi2_pvalue(pairs, expected):
     ("specinfer", {"widths": [3, 2]}, 0.7, 4),
     ("dyspec", {"budget": 6, "pops_per_round": 2}, 1.0, None),
     ("dyspec", {"budget": 6, "expand": "threshold", "threshold": 0.05}, 1.0, None),
+    ("sequoia", {"budget": 5, "acceptance": [0.5, 0.3]}, 1.0, None),
 ])
 def test_sampling_matches_the_target_distribution(small_pair, method, opts, temperature, top_k):
     """Chi-square goodness of fit of the first two generated tokens (ROWS independent rows)
@@ -254,6 +256,10 @@ def test_a_drafter_with_a_slightly_wrong_q_fails_the_check(small_pair, monkeypat
     ("dyspec", {"expand": "bfs"}, 'expand must be "heap" or "threshold"'),
     ("specinfer", {"widths": [2, 0]}, "widths must be a non-empty list"),
     ("specinfer", {"widths": [2, 2], "budget": 5}, "give one or the other"),
+    ("sequoia", {"acceptance": [0.7, 0.6]}, "summing to at most 1"),
+    ("sequoia", {"acceptance": "/nonexistent.json"}, "cannot read an acceptance vector"),
+    ("dyspec", {"budget": "auto", "expand": "threshold"}, 'budget="auto" plans a heap-grown tree'),
+    ("dyspec", {"greedy_temperature": -1}, "greedy_temperature must be"),
 ])
 def test_bad_options(lm, draft_lm, method, opts, message):
     with pytest.raises(InvalidArgumentError, match=None) as err:
@@ -281,3 +287,65 @@ def test_bad_drafts(lm, tmp_path):
 def test_budget_beyond_cache_headroom(lm, draft_lm):
     with pytest.raises(InvalidArgumentError, match="cache slots"):
         lm.generate([[1] * 200], max_new_tokens=40, method="dyspec", budget=64, draft=draft_lm)
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def test_greedy_acceptance_vector_is_the_rank_of_the_target_argmax():
+    from jaxaccel.decode.acceptance import acceptance_from_probs
+
+    rng = np.random.default_rng(0)
+    q = rng.dirichlet(np.ones(8), size=500)
+    p = rng.dirichlet(np.ones(8), size=500)
+    vec = acceptance_from_probs(p, q, greedy=True, max_rank=8)
+    ranks = [list(np.argsort(-q[i], kind="stable")).index(int(p[i].argmax())) for i in range(500)]
+    np.testing.assert_allclose(vec, np.bincount(ranks, minlength=8) / 500)
+    assert vec.sum() == pytest.approx(1.0)
+
+
+def test_sampled_acceptance_of_the_first_child_is_the_overlap():
+    """p_1 = P(the first drafted token is accepted) = sum_x min(p(x), q(x)) (speculative
+    sampling), and the whole vector sums to P(some drafted token is accepted) <= 1."""
+    from jaxaccel.decode.acceptance import acceptance_from_probs
+
+    rng = np.random.default_rng(1)
+    q = rng.dirichlet(np.ones(6), size=40)
+    p = rng.dirichlet(np.ones(6), size=40)
+    vec = acceptance_from_probs(p, q, greedy=False, max_rank=6, samples=500)
+    assert vec[0] == pytest.approx(np.minimum(p, q).sum(axis=1).mean(), abs=0.02)
+    assert vec.sum() == pytest.approx(1.0, abs=1e-9)  # 6 draws without replacement cover the vocabulary
+
+
+def test_greedy_temperature_fit_recovers_a_known_temperature():
+    from jaxaccel.decode.acceptance import greedy_temperature_from
+
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(4000, 12)) * 2
+    z = logits / 0.5  # the target's argmax is drawn from softmax(logits / 0.5)
+    probs = np.exp(z - z.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    argmax = np.array([rng.choice(12, p=row) for row in probs])
+    assert greedy_temperature_from(logits, argmax) == pytest.approx(0.5, rel=0.1)
+
+
+def test_budget_plan_follows_the_cost_curve():
+    from jaxaccel.decode import tuning
+
+    value = lambda n, depth: 1 + sum(0.7 ** d for d in range(1, min(n, depth) + 1))  # noqa: E731 - a chain
+    cpu = tuning.plan_draft_budget(value, 1, 0.12, curve=tuning.VERIFY_COST["cpu"])
+    accel = tuning.plan_draft_budget(value, 1, 0.02, curve=tuning.ACCELERATOR_VERIFY_COST)
+    assert cpu.budget < accel.budget  # expensive verification: small trees
+    assert accel.pops_per_round == 1  # a chain needs one round per level; cheap draft forwards
+    assert cpu.speedup == pytest.approx(cpu.expected_tokens / cpu.step_cost)
+    best = max(value(b, b) / tuning.step_cost(b, 1, 1, 0.02, tuning.ACCELERATOR_VERIFY_COST) for b in range(1, 129))
+    assert accel.speedup == pytest.approx(best)
+
+
+def test_auto_budget_is_lossless_and_planned(lm, draft_lm, reference, monkeypatch):
+    from jaxaccel.decode import acceptance
+
+    monkeypatch.setattr(acceptance, "cached_acceptance", lambda *a, **k: np.array([0.6, 0.2, 0.1]))
+    monkeypatch.setattr(acceptance, "cached_greedy_temperature", lambda *a, **k: 0.7)
+    out = lm.generate(PROMPTS, max_new_tokens=24, method="dyspec", budget="auto", draft=draft_lm)
+    assert out.tokens == reference

@@ -4,6 +4,8 @@
     python -m jaxaccel.bench train [--configs configs/tiny.yaml,configs/default.yaml] [--compare-devices 8]
     python -m jaxaccel.bench spec [--model builtin:default] [--batches 1,4] [--temperatures 0,0.7] [--no-hf]
     python -m jaxaccel.bench startup [--model builtin:default] [--runs 5]
+    python -m jaxaccel.bench dyspec [--model builtin:default] [--draft builtin:draft] [--budgets 8,16,32,64,128]
+    python -m jaxaccel.bench acceptance --target builtin:default --draft builtin:draft [--temperature 0]
 """
 from __future__ import annotations
 
@@ -75,7 +77,66 @@ def main(argv: Sequence[str] | None = None) -> int:
     st.add_argument("--repeats", type=int, default=3, help="fresh processes per method for the first-call figure")
     st.add_argument("--methods", default="autoregressive,recycling")
     st.add_argument("--json", default=None)
+    dy = sub.add_parser("dyspec", help="draft-model speculation: sps, specinfer, sequoia, dyspec vs autoregressive")
+    dy.add_argument("--model", default="builtin:default")
+    dy.add_argument("--draft", default="builtin:draft")
+    dy.add_argument("--batches", default="1,4")
+    dy.add_argument("--temperatures", default="0,0.6")
+    dy.add_argument("--budgets", default="8,16,32,64,128")
+    dy.add_argument("--methods", default="sps,specinfer,sequoia,dyspec")
+    dy.add_argument("--new-tokens", type=int, default=128)
+    dy.add_argument("--runs", type=int, default=3)
+    dy.add_argument("--files", type=int, default=8, help="held-out corpus files used as prompts")
+    dy.add_argument("--prompt-tokens", type=int, default=256)
+    dy.add_argument("--figure", default=None, help="write DySpec's Figure 2 here (one PNG per temperature)")
+    dy.add_argument("--json", default=None)
+    ac = sub.add_parser("acceptance", help="Sequoia's positional acceptance vector of a draft for a target")
+    ac.add_argument("--target", default="builtin:default")
+    ac.add_argument("--draft", default="builtin:draft")
+    ac.add_argument("--temperature", type=float, default=0.0)
+    ac.add_argument("--top-k", type=int, default=None)
+    ac.add_argument("--top-p", type=float, default=None)
+    ac.add_argument("--max-rank", type=int, default=16)
+    ac.add_argument("--json", default=None, help="also write it here (method option acceptance=PATH reads it)")
     args = p.parse_args(argv)
+
+    if args.which == "dyspec":
+        from jaxaccel.bench import draft as draft_bench
+        from jaxaccel.bench.common import write_json
+        from jaxaccel.decode.methods import METHODS
+
+        batches, budgets = _csv(args.batches, int), _csv(args.budgets, int)
+        temperatures, methods = _csv(args.temperatures, float), _csv(args.methods)
+        if not batches or min(batches) < 1 or not budgets or min(budgets) < 1 or args.runs < 1 or args.files < 1:
+            fail("batches, budgets, runs and files must be >= 1")
+        if any(t < 0 for t in temperatures):
+            fail("temperatures must be >= 0")
+        unknown = [m for m in methods if m not in draft_bench.METHODS]
+        if unknown:
+            fail(f"unknown method {unknown[0]!r}; choose from {', '.join(draft_bench.METHODS)}")
+        assert all(m in METHODS for m in draft_bench.METHODS)
+        result = draft_bench.run(args.model, args.draft, batches, temperatures, budgets, methods, args.new_tokens,
+                                 args.runs, args.files, args.prompt_tokens, args.figure,
+                                 progress=lambda s: print(s, file=sys.stderr))
+        print(draft_bench.markdown(result))
+        if args.json:
+            write_json(args.json, result)
+        return 0
+
+    if args.which == "acceptance":
+        from jaxaccel.bench import draft as draft_bench
+        from jaxaccel.bench.common import write_json
+        from jaxaccel.decode.sampling import check_sampling_args
+
+        check_sampling_args(args.temperature, args.top_k, args.top_p)
+        if args.max_rank < 1:
+            fail("max-rank must be >= 1")
+        result = draft_bench.acceptance(args.target, args.draft, args.temperature, args.top_k, args.top_p,
+                                        args.max_rank)
+        print(" ".join(f"{x:.4f}" for x in result["acceptance"]), f"(sum {result['sum']:.3f})")
+        if args.json:
+            write_json(args.json, result)
+        return 0
 
     if args.which == "startup":
         from jaxaccel.bench import startup

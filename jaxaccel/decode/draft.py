@@ -90,13 +90,14 @@ class DraftModelMethod(TreeMethod):
     uses_draft = True
     MAX_BUDGET = 512
     greedy_temperature = 1.0  # see draft_probs
+    auto_budget = False  # accepts budget="auto" (chosen in prepare())
 
     def probs(self, logits: jax.Array, ctx: StepContext) -> jax.Array:
         return draft_probs(logits, ctx, self.greedy_temperature)
 
     def __init__(self, **opts: Any):
         super().__init__(**opts)
-        if self.opts["budget"] != "auto":
+        if self.opts["budget"] != "auto" or not self.auto_budget:
             self.budget = positive_int("budget", self.opts["budget"], self.MAX_BUDGET)
 
     def check(self, config) -> None:
@@ -145,7 +146,8 @@ class DraftModelMethod(TreeMethod):
         length = jnp.minimum(kept, out.cache_len)
         return out._replace(method_state=DraftState(draft_cache, length))
 
-    def prepare(self, target, draft, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    def prepare(self, target, draft, temperature: float, top_k: int | None, top_p: float | None,
+                batch: int = 1) -> None:
         """Host-side set-up that needs both models (e.g. Sequoia's measured acceptance), run by
         `LanguageModel.generate` before compiling."""
 
@@ -379,7 +381,7 @@ class Sequoia(StaticDraftMethod):
             raise InvalidArgumentError("acceptance must be a non-empty list of probabilities summing to at most 1")
         return vec
 
-    def prepare(self, target, draft, temperature, top_k, top_p) -> None:
+    def prepare(self, target, draft, temperature, top_k, top_p, batch: int = 1) -> None:
         if self.acceptance is None:
             from jaxaccel.decode.acceptance import cached_acceptance
 

@@ -38,7 +38,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jaxaccel.decode import tuning
 from jaxaccel.decode.draft import DraftModelMethod, Grown, forward_nodes
 from jaxaccel.decode.engine import DecodeState, StepContext
 from jaxaccel.decode.tree import Tree, TreeShape, positive_int
@@ -47,6 +49,7 @@ from jaxaccel.errors import InvalidArgumentError
 
 class DySpec(DraftModelMethod):
     name = "dyspec"
+    auto_budget = True
     options = {"draft": None, "budget": 32, "expand": "heap", "pops_per_round": None, "threshold": 0.05,
                "max_depth": 16, "max_children": 16, "greedy_temperature": "auto"}
 
@@ -66,19 +69,31 @@ class DySpec(DraftModelMethod):
             raise InvalidArgumentError(f'greedy_temperature must be "auto" or in (0, 10], got {g!r}')
         if g != "auto":
             self.greedy_temperature = float(g)
-        m = o["pops_per_round"]
-        if m is None:  # the heap: 4 candidates per draft forward; threshold: a whole layer
-            m = min(4, self.budget) if o["expand"] == "heap" else self.budget
-        self.pops = positive_int("pops_per_round", m)
+        if o["pops_per_round"] is not None:
+            self.pops = positive_int("pops_per_round", o["pops_per_round"], self.MAX_BUDGET)
+        if o["budget"] == "auto":
+            if o["expand"] != "heap":
+                raise InvalidArgumentError('budget="auto" plans a heap-grown tree; give a budget with expand="threshold"')
+            return  # set by prepare()
+        if o["pops_per_round"] is None:  # the heap: 4 candidates per draft forward; threshold: a whole layer
+            self.pops = min(4, self.budget) if o["expand"] == "heap" else self.budget
+        self._check_pops()
+
+    def _check_pops(self) -> None:
         if self.pops > self.budget:
             raise InvalidArgumentError(f"pops_per_round ({self.pops}) must not exceed budget ({self.budget})")
 
-    def prepare(self, target, draft, temperature, top_k, top_p) -> None:
+    def prepare(self, target, draft, temperature, top_k, top_p, batch: int = 1) -> None:
         if temperature == 0 and self.opts["greedy_temperature"] == "auto":
             from jaxaccel.decode.acceptance import cached_greedy_temperature
 
             self.greedy_temperature = cached_greedy_temperature(target, draft)
             self.opts["greedy_temperature"] = self.greedy_temperature  # a constant of the compiled step
+        if self.opts["budget"] == "auto":
+            self.plan = plan_budget(target, draft, temperature, top_k, top_p, batch,
+                                    None if self.opts["pops_per_round"] is None else [self.pops])
+            self.budget, self.pops = self.plan.budget, self.plan.pops_per_round
+            self.opts["budget"], self.opts["pops_per_round"] = self.budget, self.pops  # the compiled step's key
 
     def tree_shape(self) -> TreeShape:
         return TreeShape(nodes=self.budget + 1, max_depth=min(self.max_depth, self.budget),
@@ -167,3 +182,33 @@ class DySpec(DraftModelMethod):
         tree = Tree(tokens=t["tokens"], parents=t["parents"], depth=t["depth"], valid=t["valid"],
                     draft_q=None if greedy else t["q"], mask=t["anc"])
         return Grown(tree, t["ready"], cache)
+
+
+def plan_budget(target, draft, temperature: float, top_k, top_p, batch: int, pops_choices=None, curve=None,
+                draft_ratio: float | None = None) -> tuning.DraftPlan:
+    """`budget="auto"`: the budget and pops per round with the best predicted speedup over
+    autoregressive (`tuning.plan_draft_budget`): expected tokens per step from the draft's
+    measured acceptance vector (the best static tree's value: DySpec's dynamic tree does at
+    least as well on average), step cost from the backend's verification-cost curve and the
+    draft/target cost ratio."""
+    from jaxaccel.decode.acceptance import cached_acceptance
+    from jaxaccel.decode.sequoia import tree_value_curve
+
+    acceptance = cached_acceptance(target, draft, temperature=temperature, top_k=top_k, top_p=top_p)
+    acceptance = np.maximum(acceptance, 1e-9)  # every rank possible: trees of any size fit
+    curves = {}
+
+    def value(n: int, depth: int) -> float:
+        depth = min(depth, 16)
+        if depth not in curves:  # ranks past the measured ones: a tiny probability, so that 128 nodes fit
+            fan_out = len(acceptance)
+            while sum(fan_out ** d for d in range(depth + 1)) < 129:
+                fan_out += 1
+            padded = np.concatenate([acceptance, np.full(fan_out - len(acceptance), 1e-9)])
+            curves[depth] = tree_value_curve(padded, 128, depth)
+        return float(curves[depth][n])
+
+    if draft_ratio is None:
+        count = lambda lm: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(lm.params))  # noqa: E731
+        draft_ratio = tuning.draft_cost_ratio(count(draft), count(target))
+    return tuning.plan_draft_budget(value, batch, draft_ratio, curve=curve, pops_choices=pops_choices)

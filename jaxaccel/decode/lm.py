@@ -155,6 +155,10 @@ class LanguageModel:
         decoder = get_method(method, **method_options)
         decoder.check(self.config)
         ids = [self.encode(p, i) for i, p in enumerate(prompts)]
+        draft_lm = None
+        if getattr(decoder, "uses_draft", False):  # load + check the draft; methods may plan with both models
+            draft_lm = self._draft_model(decoder)
+            decoder.prepare(self, draft_lm, temperature, top_k, top_p, batch=len(ids))
         for i, p in enumerate(ids):
             if len(p) + max_new_tokens > self.config.max_seq_len:
                 raise InvalidPromptError(
@@ -165,9 +169,12 @@ class LanguageModel:
                                f"after the longest prompt ({longest} tokens) and max_new_tokens ({max_new_tokens}) "
                                f"within the model's maximum length {self.config.max_seq_len}")
         draft_handle = None
-        if getattr(decoder, "uses_draft", False):
-            draft_lm = self._draft_model(decoder, longest + max_new_tokens + decoder.cache_headroom())
-            decoder.prepare(self, draft_lm, temperature, top_k, top_p)
+        if draft_lm is not None:
+            positions = longest + max_new_tokens + decoder.cache_headroom()
+            if draft_lm.config.max_seq_len < positions:
+                raise InvalidArgumentError(
+                    f"the draft's maximum length ({draft_lm.config.max_seq_len}) is shorter than the {positions} "
+                    f"positions this call needs (longest prompt + max_new_tokens + the tree)")
             draft_handle = draft_lm.handle
         if method_input is None and decoder.carries_memory:
             method_input = self._method_memory.get(decoder.key())  # hot start from the previous call
@@ -258,7 +265,7 @@ class LanguageModel:
         texts = None if self.tokenizer is None else [self.tokenizer.decode(g) for g in gen]
         return GenerationResult(tokens=gen, texts=texts, stats=stats, prompt_ids=ids, method_output=out.method_output)
 
-    def _draft_model(self, decoder, positions: int) -> "LanguageModel":
+    def _draft_model(self, decoder) -> "LanguageModel":
         """The draft model a draft-model method names (`draft=`: a path, a builtin name or a
         loaded LanguageModel; default `builtin:draft` for `builtin:default`), loaded once and
         kept; checked against this model. Its identity goes into the method's compile key."""
@@ -286,10 +293,6 @@ class LanguageModel:
                 draft.tokenizer is not None and not _same_tokenizer(draft.tokenizer, self.tokenizer)):
             raise InvalidArgumentError("the draft's tokenizer differs from the target's; a draft must share the "
                                        "target's tokenizer")
-        if draft.config.max_seq_len < positions:
-            raise InvalidArgumentError(f"the draft's maximum length ({draft.config.max_seq_len}) is shorter than the "
-                                       f"{positions} positions this call needs (longest prompt + max_new_tokens + "
-                                       f"the tree)")
         if draft.mesh is not self.mesh and not (draft.mesh is None and self.mesh is None):
             raise InvalidArgumentError("the draft model must be loaded on the target's mesh")
         return draft

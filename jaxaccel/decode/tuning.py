@@ -5,6 +5,7 @@ backend (the reference CPU: 2 cores, docs/BENCHMARKS.md) and is a lookup keyed b
 * XLA compiler options for the decode loop;
 * forward defaults a `ModelHandle` carries (the tied-embedding logits layout);
 * Token Recycling's `"auto"` template and its fallback cost table;
+* the step-cost model draft-model methods pick `budget="auto"` from;
 * which tree-attention implementation verification runs: the Pallas kernel on TPU/GPU after
   a self-check against the reference on first use per shape, the reference otherwise.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -64,6 +66,73 @@ def recycling_widths(backend: str | None = None) -> tuple[int, ...]:
 
 def recycling_cost(backend: str | None = None) -> dict[int, float] | None:
     return RECYCLING_COST.get(backend or jax.default_backend())
+
+
+# ----------------------------------------------------------------------------- draft-model cost model
+
+# A verification forward over n tokens (batch x nodes) relative to a one-token step, batch 1.
+# CPU: measured on the default model with a 512-token prefix (docs/BENCHMARKS.md,
+# "Verification forward cost"): XLA's CPU dot turns compute-bound after a handful of rows.
+# Accelerators: not measured here (no GPU/TPU lent); a memory-bound forward of an LLM costs
+# about the same for up to a few hundred tokens, which this curve assumes — a prediction.
+VERIFY_COST = {"cpu": {1: 1.0, 4: 1.16, 8: 1.45, 16: 2.23, 32: 3.68, 64: 6.51, 81: 8.02}}
+ACCELERATOR_VERIFY_COST = {1: 1.0, 64: 1.05, 128: 1.15, 256: 1.4, 512: 2.0}
+# A draft forward's time over a target step when the draft's FLOPs are negligible: fixed
+# per-call costs. CPU: builtin:draft (0.9M) steps at 0.12x builtin:default (8M), batch 1
+# and 4 (ms/step of plain decoding, both models, same process).
+DRAFT_COST_FLOOR = {"cpu": 0.12}
+
+
+def verify_cost(tokens: float, curve: dict[int, float] | None = None, backend: str | None = None) -> float:
+    """A forward over `tokens` new tokens relative to a one-token forward (interpolated in
+    log2 of the width; extrapolated linearly past the last point)."""
+    curve = curve or VERIFY_COST.get(backend or jax.default_backend(), ACCELERATOR_VERIFY_COST)
+    xs, ys = zip(*sorted(curve.items()))
+    if tokens >= xs[-1]:
+        return ys[-1] * tokens / xs[-1] if len(xs) > 1 and ys[-1] > 1.5 else ys[-1]
+    return float(np.interp(np.log2(max(tokens, 1)), np.log2(xs), ys))
+
+
+def draft_cost_ratio(draft_params: int, target_params: int, backend: str | None = None) -> float:
+    """A draft forward's time over a target forward of the same width: the parameter ratio
+    (FLOPs and bytes) with the backend's per-call floor."""
+    return max(DRAFT_COST_FLOOR.get(backend or jax.default_backend(), 0.0), draft_params / max(target_params, 1))
+
+
+class DraftPlan(NamedTuple):
+    budget: int
+    pops_per_round: int
+    expected_tokens: float  # per step (tree value from the acceptance vector)
+    step_cost: float  # relative to a plain autoregressive step
+    speedup: float  # predicted: expected_tokens / step_cost
+
+
+def step_cost(budget: int, pops: int, batch: int, draft_ratio: float, curve: dict[int, float] | None = None,
+              backend: str | None = None) -> float:
+    """A DySpec step (catch-up, ceil(budget / pops) - 1 draft forwards of `pops` nodes, one
+    verification of budget + 1 nodes) relative to a plain step, per the cost curve."""
+    cost = lambda width: verify_cost(width * batch, curve, backend) / verify_cost(batch, curve, backend)  # noqa: E731
+    rounds = -(-budget // pops)
+    return cost(budget + 1) + draft_ratio * (cost(2) + (rounds - 1) * cost(pops))
+
+
+def plan_draft_budget(value: Callable[[int, int], float], batch: int, draft_ratio: float,
+                      curve: dict[int, float] | None = None, backend: str | None = None, max_budget: int = 128,
+                      pops_choices: Sequence[int] | None = None) -> DraftPlan:
+    """The (budget, pops_per_round) with the best predicted speedup. value(n, depth): expected
+    tokens per step of the best tree of n drafted nodes no deeper than `depth` (a tree grown
+    in r rounds is at most r deep; `sequoia.tree_value_curve`)."""
+    best = None
+    for budget in range(1, max_budget + 1):
+        for pops in sorted(set(pops_choices or (1, 2, 4, 8, 16, budget))):
+            if pops > budget:
+                continue
+            c = step_cost(budget, pops, batch, draft_ratio, curve, backend)
+            tokens = value(budget, -(-budget // pops))
+            plan = DraftPlan(budget, pops, tokens, c, tokens / c)
+            if best is None or plan.speedup > best.speedup:
+                best = plan
+    return best
 
 
 # ----------------------------------------------------------------------------- tree attention

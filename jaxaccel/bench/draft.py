@@ -1,0 +1,152 @@
+"""Draft-model speculation: autoregressive vs SpS vs SpecInfer vs Sequoia vs DySpec, one engine.
+
+For each batch size and temperature the same prompts (held-out corpus files + natural-language
+prompts, as `bench spec`) are decoded by every method at every budget; reported per row: MAT
+(new tokens per target forward, bonus included: hardware-independent), tokens/s (median over
+runs) and speedup over autoregressive measured in the same run; DySpec also with
+`budget="auto"`. Each row also carries the speedup the cost model *predicts* for an
+accelerator-like setting (draft/target cost 1:50, verification cost flat in tree size):
+measured MAT over the modelled step cost — a prediction, not a measurement.
+
+Also DySpec's Figure 2: draft probability q(x) of drafted tokens against the probability the
+target accepts them, min(1, p(x)/q(x)), on teacher-forced calibration text -> a PNG and the
+correlation coefficient.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from jaxaccel.bench.common import machine
+from jaxaccel.bench.spec import NATURAL_PROMPTS, heldout_prompts, run_method
+
+METHODS = ("sps", "specinfer", "sequoia", "dyspec")
+ACCELERATOR_RATIO = 1 / 50
+
+
+def draft_widths(method) -> list[int]:
+    """Widths of the draft forwards of one step after the catch-up (for the cost model)."""
+    from jaxaccel.decode.dyspec import DySpec
+
+    if isinstance(method, DySpec):
+        return [method.pops] * (method.rounds() - 1)
+    t = method.template()
+    return [int((t.level_nodes[d] >= 0).sum()) for d in range(1, t.max_depth)]
+
+
+def predicted_speedup(method, mat: float, batch: int, ratio: float = ACCELERATOR_RATIO) -> float:
+    from jaxaccel.decode import tuning
+
+    curve = tuning.ACCELERATOR_VERIFY_COST
+    cost = lambda width: tuning.verify_cost(width * batch, curve) / tuning.verify_cost(batch, curve)  # noqa: E731
+    step = cost(method.tree_nodes()) + ratio * (cost(2) + sum(cost(w) for w in draft_widths(method)))
+    return mat / step
+
+
+def figure2(lm, draft, temperature: float, path: str | None) -> dict[str, Any]:
+    from jaxaccel.decode.acceptance import calibration_prompts, probability_vs_acceptance, teacher_forced
+
+    p, q = teacher_forced(lm, draft, calibration_prompts(lm), temperature, None, None, 48, 0)
+    res = probability_vs_acceptance(p, q)
+    if path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 4))
+        ax.scatter(res["q"], res["acceptance"], s=3, alpha=0.15, label="drafted tokens")
+        mids = [(c["q_lo"] + c["q_hi"]) / 2 for c in res["curve"] if c["acceptance"] is not None]
+        ax.plot(mids, [c["acceptance"] for c in res["curve"] if c["acceptance"] is not None], "o-", color="C3",
+                label="binned mean")
+        ax.plot([0, 1], [0, 1], ":", color="gray")
+        ax.set_xlabel("draft probability q(x)")
+        ax.set_ylabel("acceptance probability min(1, p(x)/q(x))")
+        ax.set_title(f"draft vs acceptance, T={temperature} (r = {res['correlation']:.2f})")
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    return {"temperature": temperature, "correlation": res["correlation"], "points": res["points"],
+            "curve": res["curve"], "png": path}
+
+
+def run(model: str = "builtin:default", draft: str = "builtin:draft", batches: Sequence[int] = (1, 4),
+        temperatures: Sequence[float] = (0.0, 0.6), budgets: Sequence[int] = (8, 16, 32, 64, 128),
+        methods: Sequence[str] = METHODS, new_tokens: int = 128, runs: int = 3, n_files: int = 8,
+        prompt_tokens: int = 256, figure: str | None = None,
+        progress: Callable[[str], None] = print) -> dict[str, Any]:
+    import jaxaccel
+    from jaxaccel.decode.methods import get_method
+
+    lm = jaxaccel.load(model, dtype="float32")
+    lm.eos_token_ids = ()  # every row decodes exactly new_tokens
+    draft_lm = jaxaccel.load(draft, dtype="float32")
+    prompts = heldout_prompts(lm, n_files, prompt_tokens) + [lm.encode(p) for p in NATURAL_PROMPTS]
+    result: dict[str, Any] = {
+        "benchmark": "draft", "machine": machine(), "model": model, "draft": draft,
+        "params_m": round(lm.num_params() / 1e6, 2), "draft_params_m": round(draft_lm.num_params() / 1e6, 2),
+        "new_tokens": new_tokens, "runs": runs, "prompts": len(prompts), "accelerator_ratio": ACCELERATOR_RATIO}
+    rows = []
+    for batch in batches:
+        for temperature in temperatures:
+            base = run_method(lm, prompts, batch, new_tokens, runs, "autoregressive", temperature)
+            rows.append({"batch": batch, "temperature": temperature, "method": "autoregressive", "budget": None,
+                         **base, "speedup": 1.0, "predicted_accelerator_speedup": 1.0})
+            progress(f"batch {batch}, T={temperature}: autoregressive {base['tokens_per_s']:.0f} tok/s")
+            configs = [(m, b) for b in budgets for m in methods] + [("dyspec", "auto")]
+            for method, budget in configs:
+                opts = {"budget": budget, "draft": draft}
+                res = run_method(lm, prompts, batch, new_tokens, runs, method, temperature, **opts)
+                decoder = get_method(method, **opts)
+                if budget == "auto" or method == "sequoia":  # resolve what the run planned
+                    decoder.prepare(lm, lm._drafts[draft], temperature, None, None, batch=batch)
+                row = {"batch": batch, "temperature": temperature, "method": method, "budget": budget,
+                       "nodes": decoder.tree_nodes() - 1, **res, "speedup": res["tokens_per_s"] / base["tokens_per_s"],
+                       "predicted_accelerator_speedup": predicted_speedup(decoder, res["mat"], batch)}
+                if budget == "auto":
+                    row["auto_plan"] = decoder.plan._asdict()
+                rows.append(row)
+                progress(f"batch {batch}, T={temperature}: {method} budget {budget} ({row['nodes']} nodes): MAT "
+                         f"{row['mat']:.2f}, {row['tokens_per_s']:.0f} tok/s, {row['speedup']:.2f}x autoregressive, "
+                         f"predicted 1:50 {row['predicted_accelerator_speedup']:.2f}x")
+    result["rows"] = rows
+    result["figure2"] = [figure2(lm, lm._drafts[draft], t, figure and figure.replace(".png", f"-T{t}.png"))
+                         for t in temperatures]
+    for f in result["figure2"]:
+        progress(f"figure 2, T={f['temperature']}: correlation {f['correlation']:.3f} over {f['points']} drafted tokens")
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    out = [f"Target `{result['model']}` ({result['params_m']}M params), draft `{result['draft']}` "
+           f"({result['draft_params_m']}M), float32, {m['cpu']} ({m['cores']} cores), {m['backend']}, jax {m['jax']}, "
+           f"{m['date']}; {result['prompts']} prompts, {result['new_tokens']} new tokens each, median of "
+           f"{result['runs']} runs. *Predicted 1:50* = measured MAT / modelled step cost with a draft 50x cheaper "
+           f"than the target and flat verification cost (an accelerator-like setting): a prediction.", "",
+           "| batch | T | method | budget (nodes) | MAT | tok/s | vs autoregressive | predicted 1:50 |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        budget = "" if r["budget"] is None else (f"auto → {r['nodes']}" if r["budget"] == "auto"
+                                                 else f"{r['budget']} ({r['nodes']})")
+        out.append(f"| {r['batch']} | {r['temperature']} | {r['method']} | {budget} | {r['mat']:.2f} | "
+                   f"{r['tokens_per_s']:.0f} | {r['speedup']:.2f}x | {r['predicted_accelerator_speedup']:.2f}x |")
+    out += ["", "| temperature | correlation of q(x) and acceptance | drafted tokens |", "|---|---|---|"]
+    for f in result["figure2"]:
+        out.append(f"| {f['temperature']} | {f['correlation']:.3f} | {f['points']} |")
+    return "\n".join(out)
+
+
+def acceptance(target: str, draft: str, temperature: float, top_k: int | None, top_p: float | None,
+               max_rank: int) -> dict[str, Any]:
+    """`bench acceptance`: Sequoia's positional acceptance vector, also stored where
+    `method="sequoia"` looks for it (`decode.acceptance.cached_acceptance`)."""
+    import jaxaccel
+    from jaxaccel.decode.acceptance import cache_path, cached_acceptance
+
+    lm = jaxaccel.load(target)
+    d = jaxaccel.load(draft)
+    vec = cached_acceptance(lm, d, temperature=temperature, top_k=top_k, top_p=top_p, max_rank=max_rank)
+    return {"acceptance": [float(x) for x in vec], "target": target, "draft": draft, "temperature": temperature,
+            "top_k": top_k, "top_p": top_p, "sum": float(vec.sum()), "machine": machine(),
+            "cached_at": str(cache_path(lm, d, {})).rsplit("/", 1)[0]}
