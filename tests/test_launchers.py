@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -23,15 +25,28 @@ def test_tpu_pod_dry_run_creates_runs_everywhere_and_deletes():
     assert "delete" not in keep.stdout
 
 
-def test_colab_notebook_runs(tmp_path, monkeypatch):
-    nb = json.loads((ROOT / "colab" / "quickstart.ipynb").read_text())
-    monkeypatch.chdir(tmp_path)
+def run_notebook(name: str) -> dict:
+    nb = json.loads((ROOT / "colab" / name).read_text())
     namespace: dict = {}
     for cell in nb["cells"]:
         if cell["cell_type"] != "code":
             continue
         src = "".join(cell["source"])
         code = "\n".join(line for line in src.splitlines() if not line.lstrip().startswith(("!", "%")))
-        exec(compile(code, "quickstart.ipynb", "exec"), namespace)
+        exec(compile(code, name, "exec"), namespace)
+    return namespace
+
+
+def test_colab_notebook_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace = run_notebook("quickstart.ipynb")
     assert namespace["result"].stats["new_tokens"] > 0
     assert namespace["reloaded_tokens"] == namespace["result"].tokens
+
+
+@pytest.mark.slow
+def test_speculative_notebook_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace = run_notebook("speculative.ipynb")  # asserts losslessness itself
+    assert set(namespace["results"]) == set(namespace["runs"])
+    assert namespace["results"]["dyspec, budget 16"]["mean_accepted"] > 1.5
