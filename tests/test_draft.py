@@ -349,3 +349,13 @@ def test_auto_budget_is_lossless_and_planned(lm, draft_lm, reference, monkeypatc
     monkeypatch.setattr(acceptance, "cached_greedy_temperature", lambda *a, **k: 0.7)
     out = lm.generate(PROMPTS, max_new_tokens=24, method="dyspec", budget="auto", draft=draft_lm)
     assert out.tokens == reference
+
+
+def test_a_draft_loaded_from_a_path_once_is_reused_without_recompiling(lm, draft_lm, reference, tmp_path):
+    folder = draft_lm.save(tmp_path / "draft")
+    target = jaxaccel.from_params(TINY, lm.params)  # nothing compiled yet
+    first = target.generate(PROMPTS, max_new_tokens=24, method="sps", budget=3, draft=str(folder))
+    again = target.generate(PROMPTS, max_new_tokens=24, method="sps", budget=3, draft=str(folder))
+    assert first.tokens == again.tokens == reference
+    assert first.stats["compile_s"] > 0 and again.stats["compile_s"] == 0
+    assert list(target._drafts) == [str(folder)]
