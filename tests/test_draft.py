@@ -342,13 +342,19 @@ def test_budget_plan_follows_the_cost_curve():
     assert accel.speedup == pytest.approx(best)
 
 
-def test_auto_budget_is_lossless_and_planned(lm, draft_lm, reference, monkeypatch):
-    from jaxaccel.decode import acceptance
+@pytest.mark.parametrize("cheap", [True, False])
+def test_auto_budget_is_lossless_and_planned(lm, draft_lm, reference, monkeypatch, cheap):
+    """budget="auto" runs the planned tree; when no tree is predicted to pay (expensive
+    verification), plain autoregressive steps."""
+    from jaxaccel.decode import acceptance, tuning
 
     monkeypatch.setattr(acceptance, "cached_acceptance", lambda *a, **k: np.array([0.6, 0.2, 0.1]))
     monkeypatch.setattr(acceptance, "cached_greedy_temperature", lambda *a, **k: 0.7)
+    monkeypatch.setitem(tuning.DRAFT_COST_FLOOR, "cpu", 0.01 if cheap else 0.5)
+    monkeypatch.setitem(tuning.TREE_STEP_OVERHEAD, "cpu", 0.0 if cheap else 2.0)
     out = lm.generate(PROMPTS, max_new_tokens=24, method="dyspec", budget="auto", draft=draft_lm)
     assert out.tokens == reference
+    assert (out.stats["mean_accepted"] > 1.1) if cheap else (out.stats["mean_accepted"] == 1.0)
 
 
 def test_a_draft_loaded_from_a_path_once_is_reused_without_recompiling(lm, draft_lm, reference, tmp_path):

@@ -227,6 +227,9 @@ def widths_template(widths: tuple[int, ...]) -> StaticTemplate:
     return make_template(parents)
 
 
+UNROLL_LEVELS = 4
+
+
 class StaticDraftMethod(DraftModelMethod):
     """A static tree drafted level by level: one draft forward per depth over that level's
     nodes (padded to the widest level, so the forward compiles once); node of rank r under a
@@ -290,7 +293,13 @@ class StaticDraftMethod(DraftModelMethod):
         q = jnp.zeros((b, n, vocab), jnp.float32).at[:, 0].set(root_q)
         tokens = jnp.zeros((b, n), jnp.int32).at[:, 0].set(state.last_token)
         valid = jnp.zeros((b, n), bool).at[:, 0].set(True)
-        q, tokens, valid, cache = jax.lax.fori_loop(1, d_max, level, (q, tokens, valid, cache))
+        carry = (q, tokens, valid, cache)
+        if d_max <= UNROLL_LEVELS:  # a loop inside the decode loop copies the draft cache every iteration on CPU
+            for d in range(1, d_max):
+                carry = level(d, carry)
+        else:
+            carry = jax.lax.fori_loop(1, d_max, level, carry)
+        q, tokens, valid, cache = carry
         q, tokens, valid = draw(d_max, (q, tokens, valid))
         run = jnp.broadcast_to(jnp.asarray(t.depth < d_max), (b, n))
         tree = Tree(tokens=tokens, parents=jnp.broadcast_to(parents, (b, n)), depth=depth, valid=valid,

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxaccel.decode import tuning
+from jaxaccel.decode.autoregressive import Autoregressive
 from jaxaccel.decode.draft import DraftModelMethod, Grown, forward_nodes
 from jaxaccel.decode.engine import DecodeState, StepContext
 from jaxaccel.decode.tree import Tree, TreeShape, positive_int
@@ -95,9 +96,26 @@ class DySpec(DraftModelMethod):
             self.budget, self.pops = self.plan.budget, self.plan.pops_per_round
             self.opts["budget"], self.opts["pops_per_round"] = self.budget, self.pops  # the compiled step's key
 
+    # Budget 0 (only from budget="auto", when no tree is predicted to pay): plain
+    # autoregressive steps; the draft is not run at all.
+
+    def init_state(self, ctx, batch, method_input, prompt_tokens=None, prompt_lens=None):
+        return None if self.budget == 0 else super().init_state(ctx, batch, method_input, prompt_tokens, prompt_lens)
+
+    def step(self, state, ctx):
+        if self.budget == 0:
+            return Autoregressive().step(state, ctx)
+        return super().step(state, ctx)
+
+    def cache_headroom(self) -> int:
+        return 0 if self.budget == 0 else super().cache_headroom()
+
+    def tree_nodes(self) -> int:
+        return 0 if self.budget == 0 else super().tree_nodes()
+
     def tree_shape(self) -> TreeShape:
-        return TreeShape(nodes=self.budget + 1, max_depth=min(self.max_depth, self.budget),
-                         max_children=min(self.max_children, self.budget))
+        return TreeShape(nodes=self.budget + 1, max_depth=max(1, min(self.max_depth, self.budget)),
+                         max_children=max(1, min(self.max_children, self.budget)))
 
     def rounds(self) -> int:
         if self.opts["expand"] == "heap":

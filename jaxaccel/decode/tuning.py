@@ -78,9 +78,15 @@ def recycling_cost(backend: str | None = None) -> dict[int, float] | None:
 VERIFY_COST = {"cpu": {1: 1.0, 4: 1.16, 8: 1.45, 16: 2.23, 32: 3.68, 64: 6.51, 81: 8.02}}
 ACCELERATOR_VERIFY_COST = {1: 1.0, 64: 1.05, 128: 1.15, 256: 1.4, 512: 2.0}
 # A draft forward's time over a target step when the draft's FLOPs are negligible: fixed
-# per-call costs. CPU: builtin:draft (0.9M) steps at 0.12x builtin:default (8M), batch 1
-# and 4 (ms/step of plain decoding, both models, same process).
-DRAFT_COST_FLOOR = {"cpu": 0.12}
+# per-call costs. CPU: inside the decode step a draft forward of builtin:draft (0.9M) costs
+# ~0.33 of a builtin:default (8M) step (sps with budget 3 against a 4-node chain with no
+# drafting, same process; standalone the draft decodes at 0.12x the target's step time —
+# inside the step its forwards cost more).
+DRAFT_COST_FLOOR = {"cpu": 0.33}
+# A tree step's fixed cost beyond its verification forward (verification logic, KV
+# compaction, commit), relative to a plain step. CPU: a 4-node chain step costs 1.76x a
+# plain step where its forward alone costs 1.16x.
+TREE_STEP_OVERHEAD = {"cpu": 0.6}
 
 
 def verify_cost(tokens: float, curve: dict[int, float] | None = None, backend: str | None = None) -> float:
@@ -108,29 +114,35 @@ class DraftPlan(NamedTuple):
 
 
 def step_cost(budget: int, pops: int, batch: int, draft_ratio: float, curve: dict[int, float] | None = None,
-              backend: str | None = None) -> float:
+              backend: str | None = None, overhead: float | None = None) -> float:
     """A DySpec step (catch-up, ceil(budget / pops) - 1 draft forwards of `pops` nodes, one
-    verification of budget + 1 nodes) relative to a plain step, per the cost curve."""
+    verification of budget + 1 nodes, the tree step's fixed `overhead`) relative to a plain
+    step, per the cost curve. Budget 0 is a plain step."""
+    if budget == 0:
+        return 1.0
+    if overhead is None:
+        overhead = TREE_STEP_OVERHEAD.get(backend or jax.default_backend(), 0.0) if curve is None else 0.0
     cost = lambda width: verify_cost(width * batch, curve, backend) / verify_cost(batch, curve, backend)  # noqa: E731
     rounds = -(-budget // pops)
-    return cost(budget + 1) + draft_ratio * (cost(2) + (rounds - 1) * cost(pops))
+    return cost(budget + 1) + overhead + draft_ratio * (cost(2) + (rounds - 1) * cost(pops))
 
 
 def plan_draft_budget(value: Callable[[int, int], float], batch: int, draft_ratio: float,
                       curve: dict[int, float] | None = None, backend: str | None = None, max_budget: int = 128,
-                      pops_choices: Sequence[int] | None = None) -> DraftPlan:
+                      pops_choices: Sequence[int] | None = None, overhead: float | None = None) -> DraftPlan:
     """The (budget, pops_per_round) with the best predicted speedup. value(n, depth): expected
     tokens per step of the best tree of n drafted nodes no deeper than `depth` (a tree grown
-    in r rounds is at most r deep; `sequoia.tree_value_curve`)."""
-    best = None
+    in r rounds is at most r deep; `sequoia.tree_value_curve`). Budget 0 (no drafting: plain
+    steps, speedup 1) wins when no tree is predicted to pay."""
+    best = DraftPlan(0, 0, 1.0, 1.0, 1.0)
     for budget in range(1, max_budget + 1):
         for pops in sorted(set(pops_choices or (1, 2, 4, 8, 16, budget))):
             if pops > budget:
                 continue
-            c = step_cost(budget, pops, batch, draft_ratio, curve, backend)
+            c = step_cost(budget, pops, batch, draft_ratio, curve, backend, overhead)
             tokens = value(budget, -(-budget // pops))
             plan = DraftPlan(budget, pops, tokens, c, tokens / c)
-            if best is None or plan.speedup > best.speedup:
+            if plan.speedup > best.speedup:
                 best = plan
     return best
 
