@@ -350,7 +350,7 @@ def test_auto_budget_is_lossless_and_planned(lm, draft_lm, reference, monkeypatc
 
     monkeypatch.setattr(acceptance, "cached_acceptance", lambda *a, **k: np.array([0.6, 0.2, 0.1]))
     monkeypatch.setattr(acceptance, "cached_greedy_temperature", lambda *a, **k: 0.7)
-    monkeypatch.setitem(tuning.DRAFT_COST_FLOOR, "cpu", 0.01 if cheap else 0.5)
+    monkeypatch.setattr(tuning, "draft_cost_ratio", lambda *a, **k: 0.01 if cheap else 0.5)  # same-size draft here
     monkeypatch.setitem(tuning.TREE_STEP_OVERHEAD, "cpu", 0.0 if cheap else 2.0)
     out = lm.generate(PROMPTS, max_new_tokens=24, method="dyspec", budget="auto", draft=draft_lm)
     assert out.tokens == reference
