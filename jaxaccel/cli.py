@@ -35,3 +35,29 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
         sys.stderr.write("interrupted\n")
         return 130
     return 0
+
+
+def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
+    """The multi-host flags of every command that trains (`jaxaccel.train`, `jaxaccel.experiments`)."""
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host: jax.distributed.initialize() with the platform's auto-detection (TPU pods)")
+    p.add_argument("--coordinator", help="multi-host on other platforms: HOST:PORT of process 0")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
+    p.add_argument("--cpu-devices", type=int, default=None, help="local CPU devices to emulate (testing sharding)")
+
+
+def init_distributed(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
+    """Apply `add_distributed_arguments`' flags: before anything else touches a JAX backend."""
+    import jax
+
+    if args.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    if args.coordinator:
+        if args.num_processes is None or args.process_id is None:
+            p.error("--coordinator needs --num-processes and --process-id")
+        if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    elif args.distributed:
+        jax.distributed.initialize()

@@ -6,7 +6,9 @@ error naming the key, so a typo never silently trains the wrong model.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -46,9 +48,10 @@ class DropoutConfig:
     embed: float = 0.0  # after the token embedding
     attention: float = 0.0  # on the attention block's output, before the residual add
     mlp: float = 0.0  # on the MLP block's output, before the residual add
+    path: float = 0.0  # DropPath (stochastic depth): a whole residual branch, per example
 
     def __post_init__(self):
-        for site in ("embed", "attention", "mlp"):
+        for site in ("embed", "attention", "mlp", "path"):
             rate = getattr(self, site)
             if not 0.0 <= rate < 1.0:
                 raise ConfigError(f"dropout.{site} must be in [0, 1), got {rate}")
@@ -317,10 +320,60 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def build(cls: type[T], yaml_path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Dataclass defaults <- YAML preset <- `key=value` overrides, all checked."""
     data: dict[str, Any] = load_yaml(yaml_path) if yaml_path is not None else {}
+    return from_dict(cls, with_overrides(data, overrides))
+
+
+def with_overrides(data: Mapping[str, Any], overrides: Sequence[str] = (),
+                   settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A deep copy of the nested mapping `data` with `key.sub=value` texts, then `settings`
+    ({"key.sub": value}, values already parsed), applied in that order. A value set on a
+    section (a mapping) replaces the whole section."""
+    out = copy.deepcopy(dict(data))
     for text in overrides:
         path, value = parse_override(text)
-        _set_nested(data, path, value)
-    return from_dict(cls, data)
+        _set_nested(out, path, value)
+    for key, value in (settings or {}).items():
+        _set_nested(out, key.split("."), copy.deepcopy(value))
+    return out
+
+
+def _dataclass_of(tp: Any) -> type | None:
+    """The dataclass an annotation names (also through `X | None`), else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        found = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        return found[0] if len(found) == 1 else None
+    return None
+
+
+def dotted_keys(cls: type) -> list[str]:
+    """Every key a dotted override of `cls` may name: leaves and sections, e.g. "model",
+    "model.dropout", "model.dropout.mlp"."""
+    keys: list[str] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        keys.append(f.name)
+        sub = _dataclass_of(hints[f.name])
+        if sub is not None:
+            keys.extend(f"{f.name}.{k}" for k in dotted_keys(sub))
+    return keys
+
+
+def check_dotted_key(cls: type, key: str, where: str = "") -> None:
+    """ConfigError (one line, with the closest valid keys) unless `key` names a field of `cls`."""
+    valid = dotted_keys(cls)
+    if key in valid:
+        return
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+    if not close:  # a typo in the section part: match the last component alone
+        last = key.rsplit(".", 1)[-1]
+        close = [k for k in valid if k.rsplit(".", 1)[-1] in difflib.get_close_matches(last, [
+            v.rsplit(".", 1)[-1] for v in valid], n=3, cutoff=0.75)][:3]
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise ConfigError(f"unknown config key {key!r}{f' {where}' if where else ''}{hint}")
 
 
 def replace(cfg: T, **changes: Any) -> T:

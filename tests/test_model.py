@@ -136,6 +136,22 @@ def test_dropout_is_off_at_inference_and_on_in_training(tiny_params):
     assert np.abs(c - a).max() > 1e-3 and np.abs(c - d).max() > 1e-3
 
 
+def test_droppath_drops_whole_residual_branches_per_example(tiny_params):
+    """With DropPath p, an example whose two branches of a layer are both dropped (probability
+    p^2 per layer) leaves that layer exactly as the identity: with one layer, its logits equal
+    those of the plan that skips the layer. Off at inference."""
+    cfg = replace(TINY, n_layers=1, dropout={"path": 0.8})
+    params = init_params(cfg, jax.random.key(5), "unrolled")
+    x = tokens(64, 6)
+    np.testing.assert_array_equal(forward(params, cfg, x)[0], forward(params, replace(cfg, dropout={}), x)[0])
+    train, _ = forward(params, cfg, x, deterministic=False, dropout_rng=jax.random.key(0))
+    skipped, _ = forward(params, cfg, x, plan=ExecutionPlan(active=np.zeros((64, 1), bool)))
+    full, _ = forward(params, cfg, x)
+    same = np.all(np.isclose(np.asarray(train), np.asarray(skipped), atol=1e-6), axis=(1, 2))
+    assert 0.45 < same.mean() < 0.85  # expected 0.64; a per-token mask would almost never match a whole row
+    assert not np.any(np.all(np.isclose(np.asarray(train), np.asarray(full), atol=1e-6), axis=(1, 2)))  # scaled
+
+
 def test_bfloat16_params_run_and_stay_close(tiny_params):
     cfg16 = replace(TINY, param_dtype="bfloat16", dtype="bfloat16")
     p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), tiny_params)

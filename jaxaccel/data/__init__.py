@@ -19,8 +19,8 @@ from jaxaccel.data.config import OBJECTIVES, UL2_DENOISERS, DataConfig, Denoiser
 from jaxaccel.data.errors import DataError
 from jaxaccel.data.ids import BOS_ID, EOS_ID, FIRST_SENTINEL_ID, MODE_IDS, PAD_ID, UNK_ID, sentinel_id
 from jaxaccel.data.objectives import BATCH_KEYS, attention_mask
-from jaxaccel.data.pipeline import TrainData, build_data
+from jaxaccel.data.pipeline import TrainData, budget, build_data, corpus_token_count
 
 __all__ = ["BATCH_KEYS", "BOS_ID", "DataConfig", "DataError", "Denoiser", "EOS_ID", "FIRST_SENTINEL_ID", "MODE_IDS",
-           "OBJECTIVES", "PAD_ID", "TrainData", "UL2_DENOISERS", "UNK_ID", "attention_mask", "build_data",
-           "sentinel_id"]
+           "OBJECTIVES", "PAD_ID", "TrainData", "UL2_DENOISERS", "UNK_ID", "attention_mask", "budget", "build_data",
+           "corpus_token_count", "sentinel_id"]

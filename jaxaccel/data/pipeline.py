@@ -94,6 +94,47 @@ def _eval_stream(tokenized, cfg: DataConfig) -> np.ndarray:
                              cfg.max_eval_tokens)
 
 
+def _vocab_dir(corpus, cfg: DataConfig) -> tuple[Path, Path]:
+    corpus_dir = cache.cache_root(cfg.cache_dir) / corpus.key
+    key = vocab_key(corpus.sha256, cfg.validation_buckets, cfg.vocab_size, cfg.num_sentinels, cfg.vocab_max_chars)
+    return corpus_dir, corpus_dir / f"vocab-{key[:16]}"
+
+
+def _tokenized(cfg: DataConfig):
+    """(corpus, its cache folder, vocabulary, token arrays), building what is missing."""
+    corpus = open_corpus(cfg.corpus, cfg.text_field)
+    corpus_dir, vocab_dir = _vocab_dir(corpus, cfg)
+    corpus.write_manifest(corpus_dir)
+    vocab = ensure_vocab(corpus, vocab_dir, validation_buckets=cfg.validation_buckets, vocab_size=cfg.vocab_size,
+                         num_sentinels=cfg.num_sentinels, vocab_max_chars=cfg.vocab_max_chars)
+    return corpus, corpus_dir, vocab, tokenize_corpus(corpus, vocab.path, cfg.validation_buckets)
+
+
+def corpus_token_count(cfg: DataConfig, *, build: bool = True) -> int | None:
+    """Tokens in the training split of `cfg`'s corpus under its vocabulary: the most
+    `data.unique_tokens` can be. build=False: only from the cache (None when the corpus has
+    not been tokenized with this vocabulary yet), so nothing is trained or tokenized; a TFDS
+    corpus is not even opened then (its manifest hashes every file of the split)."""
+    if build:
+        return _tokenized(cfg)[3].num_tokens("train")
+    if cfg.corpus.strip().startswith("tfds:"):
+        return None
+    corpus = open_corpus(cfg.corpus, cfg.text_field)
+    info = cache.read_json(_vocab_dir(corpus, cfg)[1] / "tokens" / "info.json")
+    return None if info is None else int(info["splits"]["train"]["tokens"])
+
+
+def budget(cfg: DataConfig, unique_tokens: int, *, seq_len: int, batch_size: int) -> dict[str, int | float]:
+    """The schedule of a repetition budget over a unique stream of `unique_tokens` tokens: raw
+    row length R, rows per epoch S = ceil(U / R), rows read ceil(epochs * S), global batches."""
+    raw_len = ul2_raw_length(seq_len, cfg.denoisers, cfg.num_sentinels) if cfg.objective == "ul2" else seq_len
+    per_epoch = -(-unique_tokens // raw_len)
+    # round() first so that e.g. epochs=0.1 of 30 rows is 3 rows, not ceil(3.0000000000000004) = 4
+    total = math.ceil(round(cfg.epochs * per_epoch, 6))
+    return {"raw_sequence_length": raw_len, "sequences_per_epoch": per_epoch, "total_sequences": total,
+            "steps_per_epoch": per_epoch / batch_size, "total_steps": -(-total // batch_size)}
+
+
 def build_data(cfg: DataConfig, *, seq_len: int, batch_size: int, shard_index: int = 0,
                num_shards: int = 1) -> "TrainData":
     """Everything a training run reads. Builds (or finds in the cache) the manifest, the
@@ -105,15 +146,8 @@ def build_data(cfg: DataConfig, *, seq_len: int, batch_size: int, shard_index: i
         raise ConfigError(f"shard_index must be in [0, num_shards={num_shards}), got {shard_index}")
     if batch_size < 1 or batch_size % num_shards:
         raise ConfigError(f"batch_size ({batch_size}) must be a positive multiple of num_shards ({num_shards})")
-    corpus = open_corpus(cfg.corpus, cfg.text_field)
-    corpus_dir = cache.cache_root(cfg.cache_dir) / corpus.key
-    corpus.write_manifest(corpus_dir)
+    corpus, corpus_dir, vocab, tokenized = _tokenized(cfg)
     buckets = cfg.validation_buckets
-    key = vocab_key(corpus.sha256, buckets, cfg.vocab_size, cfg.num_sentinels, cfg.vocab_max_chars)
-    vocab = ensure_vocab(corpus, corpus_dir / f"vocab-{key[:16]}", validation_buckets=buckets,
-                         vocab_size=cfg.vocab_size, num_sentinels=cfg.num_sentinels,
-                         vocab_max_chars=cfg.vocab_max_chars)
-    tokenized = tokenize_corpus(corpus, vocab.path, buckets)
     if buckets > 0 and tokenized.num_documents("validation") == 0:
         raise ConfigError(
             f"data.validation_fraction={cfg.validation_fraction} holds out none of the"
@@ -170,16 +204,13 @@ class TrainData:
         self.vocab_size = vocab_size
         self._stream = stream
         self._eval_stream = eval_stream
-        if cfg.objective == "ul2":
-            self.raw_len = ul2_raw_length(seq_len, cfg.denoisers, cfg.num_sentinels)
-        else:
-            self.raw_len = seq_len
         unique = len(stream)
-        self.sequences_per_epoch = -(-unique // self.raw_len)
-        # round() first so that e.g. epochs=0.1 of 30 rows is 3 rows, not ceil(3.0000000000000004) = 4
-        self.total_sequences = math.ceil(round(cfg.epochs * self.sequences_per_epoch, 6))
-        self.steps_per_epoch = self.sequences_per_epoch / batch_size
-        self.total_steps = -(-self.total_sequences // batch_size)
+        plan = budget(cfg, unique, seq_len=seq_len, batch_size=batch_size)
+        self.raw_len = plan["raw_sequence_length"]
+        self.sequences_per_epoch = plan["sequences_per_epoch"]
+        self.total_sequences = plan["total_sequences"]
+        self.steps_per_epoch = plan["steps_per_epoch"]
+        self.total_steps = plan["total_steps"]
         self.eval_sequences = -(-len(eval_stream) // seq_len)
         self.eval_steps = -(-self.eval_sequences // batch_size)
         self.stats = dict(stats)

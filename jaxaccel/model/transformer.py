@@ -122,14 +122,19 @@ class DecoderLayer(nn.Module):
         dtype, pdtype = jnp_dtype(cfg.dtype), jnp_dtype(cfg.param_dtype)
         h = RMSNorm(cfg.norm_eps, dtype, pdtype, name="attn_norm")(x)
         a, new_kv = Attention(cfg, opts, name="attn")(h, rope, visibility, cache_kv, write_slots)
-        y = x + nn.Dropout(cfg.dropout.attention)(a, deterministic=opts.deterministic)
+        # DropPath (stochastic depth, Huang et al. 2016): each residual branch is dropped for
+        # a whole example with probability dropout.path (the survivors scaled by 1 / (1 - p)).
+        drop_path = nn.Dropout(cfg.dropout.path, broadcast_dims=(1, 2))
+        a = nn.Dropout(cfg.dropout.attention)(a, deterministic=opts.deterministic)
+        y = x + drop_path(a, deterministic=opts.deterministic)
         y = constrain(y, (BATCH, LENGTH, EMBED), opts.mesh)
         h = RMSNorm(cfg.norm_eps, dtype, pdtype, name="mlp_norm")(y)
         if cfg.is_moe_layer(self.index):
             m = MoE(cfg, opts.dropless, opts.moe_training, name="moe")(h, visibility.token_mask)
         else:
             m = MLP(cfg, opts, name="mlp")(h)
-        y = y + nn.Dropout(cfg.dropout.mlp)(m, deterministic=opts.deterministic)
+        m = nn.Dropout(cfg.dropout.mlp)(m, deterministic=opts.deterministic)
+        y = y + drop_path(m, deterministic=opts.deterministic)
         y = constrain(y, (BATCH, LENGTH, EMBED), opts.mesh)
         if active is not None:  # execution plan: inactive rows pass through this layer
             y = jnp.where(active[:, None, None], y, x)

@@ -44,6 +44,9 @@ class LoopConfig:
     eval_batches: int | None = None  # cap on validation batches per evaluation
     log_every: int = 10
     dropout_start_step: int = 0  # dropout (rates in model.dropout) is on from this step
+    # Training targets (1 - eps) one-hot + eps uniform over model.vocab_size; the logged train
+    # loss and every evaluation stay the plain cross entropy, so runs remain comparable.
+    label_smoothing: float = 0.0
     remat: bool = False  # recompute layers in the backward pass
     # "flash": blockwise attention with an online softmax (memory linear in seq_len; splash
     # kernel on TPU); "dense": the reference that materialises [batch, heads, T, T] scores.
@@ -57,6 +60,8 @@ class LoopConfig:
         for name in ("batch_size", "seq_len", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.attention not in ("flash", "dense"):
             raise ConfigError(f"train.attention must be 'flash' or 'dense', got {self.attention!r}")
         if self.batch_size % self.grad_accum:

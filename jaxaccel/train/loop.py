@@ -146,7 +146,8 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
     step_fn = {}
     for dropout in (False, True):
         fn = functools.partial(train_step, model_cfg=cfg.model, optimizer=optimizer, schedule=schedule,
-                               grad_accum=cfg.train.grad_accum, dropout=dropout, remat=cfg.train.remat, **attention)
+                               grad_accum=cfg.train.grad_accum, dropout=dropout, remat=cfg.train.remat,
+                               label_smoothing=cfg.train.label_smoothing, **attention)
         step_fn[dropout] = jax.jit(fn, in_shardings=(shardings, bsh), out_shardings=(shardings, None),
                                    donate_argnums=(0,))
     eval_fn = jax.jit(functools.partial(eval_step, model_cfg=cfg.model, **attention),
@@ -164,7 +165,7 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
     writer = MetricsWriter(out or cfg.output_dir, cfg.tensorboard and out is not None, start) if _is_main() else None
     unique = data.stats.get("unique_tokens")
 
-    def evaluate(step: int) -> dict[str, float]:
+    def evaluate(step: int, write: bool = True) -> dict[str, float]:
         ce, n, correct = 0.0, 0.0, 0.0
         for i, batch in enumerate(data.eval_batches()):
             if cfg.train.eval_batches is not None and i >= cfg.train.eval_batches:
@@ -174,7 +175,7 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
         loss = ce / max(n, 1.0)
         record = {"step": step, "eval_loss": loss, "eval_accuracy": correct / max(n, 1.0),
                   "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": n}
-        if writer is not None:
+        if writer is not None and write:
             writer.write(record)
             writer.flush()
         log(f"step {step}: eval loss {loss:.4f}, accuracy {record['eval_accuracy']:.3f}, "
@@ -242,17 +243,19 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
             pending.append((step, metrics))
             done = step + 1
             due_ckpt = done % cfg.checkpoint.every_steps == 0 or done == total_steps
-            due_eval = cfg.train.eval_every and done % cfg.train.eval_every == 0
+            due_eval = (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == total_steps
             if due_ckpt or due_eval or len(pending) >= cfg.train.log_every:
                 flush_metrics()
+            # Evaluate before checkpointing: a run killed after a checkpoint has that step's
+            # evaluation on record, so its resumed curve is the uninterrupted one.
+            if due_eval:
+                last_eval = evaluate(done)
             if due_ckpt:
                 ckpts.save(done, state, {"step": done, "data_position": done, "tokens_seen": done * tokens_per_step,
                                          "unique_tokens": unique})
-            if due_eval and done != total_steps:
-                last_eval = evaluate(done)
         flush_metrics()
-        if start < total_steps or not last_eval:
-            last_eval = evaluate(total_steps)
+        if start == total_steps:  # resumed after the last step: evaluate, recording it only if it is not yet
+            last_eval = evaluate(total_steps, write=writer is not None and not writer.has(total_steps, "eval_loss"))
         ckpts.wait()
         from jaxaccel.model.checkpoint import as_path
 

@@ -79,6 +79,18 @@ class MetricsWriter:
                 continue  # a line cut by a kill
         self.path.write_text("".join(k + "\n" for k in kept))
 
+    def has(self, step: int, key: str) -> bool:
+        """Whether a record of `step` with `key` is in the file (flushed)."""
+        self._file.flush()
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step") == step and key in record:
+                return True
+        return False
+
     def write(self, record: dict[str, Any]) -> None:
         clean = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in record.items()}
         self._file.write(json.dumps(clean) + "\n")

@@ -59,7 +59,7 @@ UNROLL_LAYERS_UP_TO = 4
 
 def loss_and_metrics(params, model_cfg: ModelConfig, batch: dict, rng, *, dropout: bool, remat: bool,
                      normalizer=None, aux_scale: float = 1.0, training: bool = True, attention: str = "flash",
-                     bidirectional: bool = True, mesh=None):
+                     bidirectional: bool = True, mesh=None, label_smoothing: float = 0.0):
     """Objective = sum of masked token cross entropy / `normalizer` (default: this batch's
     target count) + aux_scale * MoE auxiliary losses. With normalizer = the global batch's
     target count and aux_scale = 1 / micro-batches, summing micro-batch objectives gives the
@@ -68,7 +68,11 @@ def loss_and_metrics(params, model_cfg: ModelConfig, batch: dict, rng, *, dropou
     Attention sees the batch's packed segments (the data package's visibility rule):
     `attention` "flash" applies it tile by tile, "dense" as a [B, T, T] mask. bidirectional
     False (a causal objective: no token is bidirectional) lets flash skip the tiles above the
-    diagonal. `mesh` pins activations to their logical-axis layout."""
+    diagonal. `mesh` pins activations to their logical-axis layout.
+
+    label_smoothing eps > 0 optimizes the cross entropy against (1 - eps) one-hot + eps
+    uniform, i.e. (1 - eps) CE + eps (logsumexp - mean logit) per token (no [.., vocab]
+    target array); `ce_sum` (the logged loss) stays the plain cross entropy."""
     if model_cfg.n_layers <= UNROLL_LAYERS_UP_TO:
         params = unstack_layers(params, model_cfg)  # slices of the stacked arrays; grads flow back stacked
     segments = Segments(batch["segment_ids"], batch["bidirectional"] if bidirectional else None)
@@ -79,6 +83,10 @@ def loss_and_metrics(params, model_cfg: ModelConfig, batch: dict, rng, *, dropou
     weights = batch["loss_mask"].astype(jnp.float32)
     token_ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     ce_sum = jnp.sum(token_ce * weights)
+    objective_sum = ce_sum
+    if label_smoothing:  # static: eps = 0 traces exactly the unsmoothed step
+        uniform_ce = jax.nn.logsumexp(logits, axis=-1) - jnp.mean(logits, axis=-1)
+        objective_sum = jnp.sum(((1.0 - label_smoothing) * token_ce + label_smoothing * uniform_ce) * weights)
     n_tokens = jnp.sum(weights)
     # The target's logit reaching the row maximum (ties count): the max is shared with the
     # softmax, where an argmax is a separate variadic reduce (measured ~3% of a CPU step).
@@ -90,7 +98,7 @@ def loss_and_metrics(params, model_cfg: ModelConfig, batch: dict, rng, *, dropou
     metrics = {"ce_sum": ce_sum, "tokens": n_tokens, "correct": correct, "aux_loss": aux_loss,
                "moe_load_balance": aux["load_balance"], "moe_router_z": aux["router_z"],
                "moe_dropped": aux["dropped"], "moe_expert_load": aux["expert_load"]}
-    return ce_sum / normalizer + aux_scale * aux_loss, metrics
+    return objective_sum / normalizer + aux_scale * aux_loss, metrics
 
 
 def training_attention(name: str, mesh=None):
@@ -110,7 +118,7 @@ def split_micro(batch: dict, n: int) -> dict:
 
 def train_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, optimizer: optax.GradientTransformation,
                schedule: optax.Schedule, grad_accum: int, dropout: bool, remat: bool, attention: str = "flash",
-               bidirectional: bool = True, mesh=None):
+               bidirectional: bool = True, mesh=None, label_smoothing: float = 0.0):
     """One optimizer step over the global batch, accumulating gradients over `grad_accum`
     micro-batches. Skips the update (`metrics["finite"]` False) when the loss or gradient norm
     is not finite, so the state stays the last good one."""
@@ -119,7 +127,7 @@ def train_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, optimi
     n_total = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
     grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
     kwargs = dict(dropout=dropout, remat=remat, normalizer=n_total, aux_scale=1.0 / grad_accum, attention=attention,
-                  bidirectional=bidirectional, mesh=mesh)
+                  bidirectional=bidirectional, mesh=mesh, label_smoothing=label_smoothing)
 
     if grad_accum == 1:
         (objective, metrics), grads = grad_fn(state.params, model_cfg, batch, keys[0], **kwargs)

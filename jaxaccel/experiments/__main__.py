@@ -1,0 +1,107 @@
+"""python -m jaxaccel.experiments sweep|collect|plot|report — run and read experiment sweeps.
+
+    python -m jaxaccel.experiments sweep configs/experiments/repetition.yaml --dry-run
+    python -m jaxaccel.experiments sweep configs/experiments/repetition.yaml            # rerun to resume
+    python -m jaxaccel.experiments sweep configs/experiments/repetition.yaml --only repeated/epochs=4
+    python -m jaxaccel.experiments sweep configs/experiments/repetition-pod.yaml --distributed \\
+        output_dir=gs://BUCKET/sweeps/repetition                # on every host of a TPU pod
+    python -m jaxaccel.experiments collect CONFIG               # rebuild the results file only
+    python -m jaxaccel.experiments plot runs/experiments/repetition/results.json --out docs/token_crisis
+    python -m jaxaccel.experiments report runs/experiments/repetition/results.json --out table.md
+
+`KEY=VALUE` after the sweep file override its base training config (as for the trainer).
+Bad input (unknown keys, empty axes, duplicate run names, a budget the corpus cannot meet, a
+folder or results file that belongs to something else) is a one-line error with exit status 2;
+nothing is trained or overwritten.
+"""
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Sequence
+
+from jaxaccel.cli import ArgumentParser, add_distributed_arguments, init_distributed, run_cli
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = ArgumentParser(prog="python -m jaxaccel.experiments", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_text in (("sweep", "train the sweep's runs (skipping finished ones, resuming killed ones)"),
+                            ("collect", "rebuild the sweep's results file from its run folders, training nothing")):
+        s = sub.add_parser(name, help=help_text)
+        s.add_argument("config", help="sweep file (configs/experiments/*.yaml)")
+        s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the base training config")
+        s.add_argument("--results", default=None, help="results file (default: the sweep file's results:, else "
+                                                       "OUTPUT_DIR/results.json)")
+        if name == "sweep":
+            s.add_argument("--only", action="append", default=[], metavar="NAME",
+                           help="a run name, group name or shell pattern (repeatable)")
+            s.add_argument("--dry-run", action="store_true", help="print the plan and its estimated cost; train nothing")
+            s.add_argument("--flops-per-s", type=float, default=None,
+                           help="sustained training FLOP/s for the time estimate (default: 30%% of a measured matmul)")
+            add_distributed_arguments(s)
+    plot = sub.add_parser("plot", help="PNG plots of a results file")
+    plot.add_argument("results")
+    plot.add_argument("--out", default=None, help="folder (default: plots/ beside the results file)")
+    report = sub.add_parser("report", help="Markdown tables of a results file")
+    report.add_argument("results")
+    report.add_argument("--out", default=None, help="write the Markdown here (default: print it)")
+    # KEY=VALUE overrides may come after options too (`sweep CONFIG --dry-run output_dir=...`).
+    args, extra = p.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or args.command not in ("sweep", "collect")]
+    if stray:
+        p.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+
+    if args.command in ("sweep", "collect"):
+        if args.command == "sweep":
+            init_distributed(args, p)
+        from jaxaccel.experiments.runner import run_sweep
+        from jaxaccel.experiments.spec import load_sweep
+
+        sweep = load_sweep(args.config, args.overrides, results=args.results)
+        # The command that reproduces the whole sweep (not this call's --only selection).
+        command = shlex.join(["python", "-m", "jaxaccel.experiments", "sweep", args.config, *args.overrides,
+                              *(["--results", args.results] if args.results else [])])
+        if args.command == "collect":
+            run_sweep(sweep, collect=True, command=command)
+        elif args.dry_run:
+            run_sweep(sweep, args.only, dry_run=True, flops_per_s=args.flops_per_s)
+        else:
+            # Runs of one sweep share shapes (often all but the data differ): compiled steps are
+            # kept in JAX's persistent cache (jaxaccel.decode.compile_cache, $JAXACCEL_COMPILE_CACHE).
+            from jaxaccel.decode import compile_cache
+
+            compile_cache.enable()
+            run_sweep(sweep, args.only, flops_per_s=args.flops_per_s, command=command)
+        return 0
+
+    from jaxaccel.experiments.results import read_results
+
+    doc = read_results(args.results)
+    if args.command == "plot":
+        from jaxaccel.experiments.plots import plot_results
+
+        out = args.out or str(Path(args.results).parent / "plots")
+        for path in plot_results(doc, out):
+            print(path)
+        return 0
+    from jaxaccel.experiments.report import render_report
+
+    text = render_report(doc)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+        print(args.out)
+    else:
+        print(text, end="")
+    return 0
+
+
+def entry() -> None:
+    raise SystemExit(run_cli(main))
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,176 @@
+"""A sweep's results: one JSON file holding every run (config, final and best validation
+figures, curves, wall time), and the per-run record each finished run leaves in its folder.
+
+    {"format": "jaxaccel.sweep-results", "version": 1, "sweep": NAME, "source": SWEEP_YAML,
+     "output_dir": ..., "updated": ISO time, "groups": [...], "plots": [...], "report": {...},
+     "runs": [RECORD, ...]}       # in the sweep's order; unfinished runs carry only their plan
+
+A RECORD (also `<run folder>/sweep_result.json` once the run has finished) is
+    name, group, settings {dotted key: value}, folder, status ("done" | "diverged" |
+    "partial" | "new"), error, config (the full training config), steps, resumed_from,
+    wall_s, finished_at, tokens_per_step, total_tokens, unique_tokens, epochs,
+    corpus_tokens, params, active_params, train_flops,
+    final {step, eval_loss, eval_accuracy, train_loss},
+    best {eval_loss, eval_loss_step, eval_accuracy, eval_accuracy_step},
+    curve {train_step, train_loss, eval_step, eval_loss, eval_accuracy}, data {stats}.
+
+`wall_s` is the time of the attempt that finished the run: an attempt that was killed
+leaves no record of its time (`resumed_from` > 0 says there was one).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from jaxaccel.errors import JaxaccelError
+
+FORMAT = "jaxaccel.sweep-results"
+VERSION = 1
+RESULT_FILE = "sweep_result.json"  # in a run's folder once it has finished
+METRICS_FILE = "metrics.jsonl"  # written by the trainer
+MAX_TRAIN_POINTS = 500  # the train-loss curve is thinned to about this many points
+FINISHED = ("done", "diverged")
+
+# Figures of a record that plots and reports can name (besides dotted config keys).
+METRICS = {
+    "final_eval_loss": ("final", "eval_loss"), "final_eval_accuracy": ("final", "eval_accuracy"),
+    "final_train_loss": ("final", "train_loss"), "best_eval_loss": ("best", "eval_loss"),
+    "best_eval_accuracy": ("best", "eval_accuracy"), "wall_s": ("wall_s",), "steps": ("steps",),
+    "total_tokens": ("total_tokens",), "unique_tokens": ("unique_tokens",), "epochs": ("epochs",),
+    "params": ("params",), "active_params": ("active_params",), "train_flops": ("train_flops",),
+}
+
+
+class SweepError(JaxaccelError):
+    """A sweep that cannot run as asked: a folder or results file that belongs to something
+    else, a budget the corpus cannot meet, a run name that is not in the sweep."""
+
+
+def as_path(path: str | Path):
+    """A local Path, or an etils epath for gs:// (sweeps on pods keep their runs in a bucket)."""
+    if str(path).startswith("gs://"):
+        from etils import epath
+
+        return epath.Path(str(path))
+    return Path(path)
+
+
+def join(folder: str, *parts: str) -> str:
+    return "/".join([str(folder).rstrip("/"), *parts])
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write atomically where the file system allows (rename), so a reader never sees half a file."""
+    text = json.dumps(obj, indent=1, allow_nan=True) + "\n"
+    target = as_path(path)
+    if isinstance(target, Path):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, target)
+    else:  # object stores: a write is all-or-nothing already
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(as_path(path).read_text())
+
+
+def read_results(path: str | Path) -> dict:
+    """The results document at `path`; SweepError (one line) if it is missing or not one."""
+    target = as_path(path)
+    if not target.exists():
+        raise SweepError(f"results file {str(path)!r} does not exist")
+    try:
+        doc = json.loads(target.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise SweepError(f"{path} is not a jaxaccel sweep results file (not JSON)") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise SweepError(f"{path} is not a jaxaccel sweep results file (no \"format\": \"{FORMAT}\")")
+    if doc.get("version") != VERSION:
+        raise SweepError(f"{path}: results format version {doc.get('version')!r}; this jaxaccel reads {VERSION}")
+    return doc
+
+
+def check_results_target(path: str | Path, sweep_name: str) -> None:
+    """Refuse to write `sweep_name`'s results over a file that is someone else's."""
+    if not as_path(path).exists():
+        return
+    try:
+        doc = read_results(path)
+    except SweepError as e:
+        raise SweepError(f"{e}; refusing to overwrite it (set results: in the sweep file, or --results)") from None
+    if doc.get("sweep") != sweep_name:
+        raise SweepError(f"{path} holds the results of sweep {doc.get('sweep')!r}, not {sweep_name!r}; refusing to "
+                         f"overwrite it (set results: in the sweep file, or --results)")
+
+
+def check_results_of(doc: dict, sweep_name: str, path: str | Path) -> None:
+    if doc.get("sweep") != sweep_name:
+        raise SweepError(f"{path} holds the results of sweep {doc.get('sweep')!r}, not {sweep_name!r}")
+
+
+# ----------------------------------------------------------------------------- a run's figures
+
+
+def read_metrics(folder: str) -> list[dict]:
+    """The trainer's metrics.jsonl of a run folder (a line cut by a kill is skipped)."""
+    path = as_path(join(folder, METRICS_FILE))
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def _finite(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def figures(metrics: list[dict]) -> dict[str, Any]:
+    """final / best / curve of a run from its metrics records."""
+    train = [(r["step"], r["loss"]) for r in metrics if "loss" in r]
+    evals = [(r["step"], r["eval_loss"], r.get("eval_accuracy")) for r in metrics if "eval_loss" in r]
+    stride = max(1, -(-len(train) // MAX_TRAIN_POINTS))
+    thinned = train[::stride] + ([train[-1]] if train and (len(train) - 1) % stride else [])
+    curve = {"train_step": [s for s, _ in thinned], "train_loss": [_finite(v) for _, v in thinned],
+             "eval_step": [s for s, _, _ in evals], "eval_loss": [_finite(v) for _, v, _ in evals],
+             "eval_accuracy": [_finite(a) for _, _, a in evals]}
+    final = {"step": evals[-1][0] if evals else (train[-1][0] if train else None),
+             "eval_loss": _finite(evals[-1][1]) if evals else None,
+             "eval_accuracy": _finite(evals[-1][2]) if evals else None,
+             "train_loss": _finite(train[-1][1]) if train else None}
+    best: dict[str, Any] = {"eval_loss": None, "eval_loss_step": None, "eval_accuracy": None,
+                            "eval_accuracy_step": None}
+    losses = [(v, s) for s, v, _ in evals if _finite(v) is not None]
+    accs = [(a, s) for s, _, a in evals if _finite(a) is not None]
+    if losses:
+        best["eval_loss"], best["eval_loss_step"] = min(losses, key=lambda t: (t[0], t[1]))
+    if accs:
+        best["eval_accuracy"], best["eval_accuracy_step"] = max(accs, key=lambda t: (t[0], -t[1]))
+    return {"final": final, "best": best, "curve": curve}
+
+
+def metric(record: dict, key: str) -> Any:
+    """A figure of a record by name (`METRICS`), or any dotted key of its training config."""
+    if key in METRICS:
+        value: Any = record
+        for part in METRICS[key]:
+            value = value.get(part) if isinstance(value, dict) else None
+        return value
+    value = record.get("config", {})
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value

@@ -1,0 +1,381 @@
+"""Run a sweep: skip finished runs, resume killed ones, train the rest, keep the results file
+current after every run.
+
+A run's folder is the trainer's output folder. Its state is read from what the trainer and
+this runner leave there: `sweep_result.json` (finished; written last), else `config.yaml`
+(started: the trainer resumes from its latest checkpoint, reproducing the uninterrupted
+curve), else nothing (new). A folder whose config differs from the run's planned config
+(ignoring `IGNORED_KEYS`, which do not change what is trained) belongs to another run: the
+sweep stops before training anything rather than resume or overwrite it.
+
+Before any training every run's budget is checked against its corpus (unique tokens at most
+the training split; train.steps within the budget), so a sweep does not fail hours in.
+
+On a pod every host runs the same sweep command (`--distributed`): each run is one
+multi-host training; process 0 decides which runs are finished and writes the files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import sys
+import time
+from typing import Any, Callable
+
+import yaml
+
+from jaxaccel.config import to_dict
+from jaxaccel.experiments.results import (FINISHED, FORMAT, RESULT_FILE, VERSION, SweepError, as_path,
+                                          check_results_target, figures, join, read_json, read_metrics,
+                                          write_json)
+from jaxaccel.experiments.spec import Run, Sweep
+
+RUN_CONFIG = "config.yaml"  # the trainer's copy of the resolved config (jaxaccel.model.checkpoint.RUN_CONFIG)
+# Keys that may differ between a run folder and the plan without it being another run:
+# display, logging, where the data cache lives, how many checkpoints are kept, the mesh
+# (checkpoints restore onto any mesh), and the folder itself (a sweep may be moved).
+IGNORED_KEYS = ("output_dir", "tensorboard", "train.progress", "train.peak_flops", "train.log_every",
+                "checkpoint.async_save", "checkpoint.keep", "data.cache_dir", "mesh")
+ASSUMED_MFU = 0.3  # of the measured matmul peak, for the time estimate when no --flops-per-s is given
+STARTUP_S = 15.0  # per run started: compilation, first checkpoint, export (CPU, small models)
+
+
+@dataclasses.dataclass
+class RunState:
+    status: str  # "done" | "diverged" (finished) | "partial" (has a config, maybe checkpoints) | "new"
+    checkpoint_step: int = 0
+    record: dict | None = None
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: tree}
+
+
+def _ignored(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in IGNORED_KEYS)
+
+
+def config_differences(stored: dict, planned: dict) -> list[tuple[str, Any, Any]]:
+    """(key, stored value, planned value) for every setting that makes them different runs."""
+    a = _flatten(json.loads(json.dumps(stored)))
+    b = _flatten(json.loads(json.dumps(planned)))
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if not _ignored(k) and a.get(k) != b.get(k)]
+
+
+def _check_same_run(run: Run, stored: Any, where: str) -> None:
+    if not isinstance(stored, dict):
+        raise SweepError(f"run {run.name!r}: {where} is not a jaxaccel run config; move the folder away")
+    diff = config_differences(stored, to_dict(run.config))
+    if diff:
+        key, have, want = diff[0]
+        more = f" and {len(diff) - 1} more" if len(diff) > 1 else ""
+        raise SweepError(f"run {run.name!r}: {where} belongs to a different run ({key} is {have!r} there, {want!r} in "
+                         f"this sweep{more}); move it away or give the sweep another output_dir — nothing was changed")
+
+
+def checkpoint_steps(folder: str) -> list[int]:
+    """Committed checkpoint steps of a run folder (Orbax renames a step's folder to its number
+    only once the save is complete)."""
+    ckpt = as_path(join(folder, "checkpoints"))
+    if not ckpt.exists():
+        return []
+    return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
+
+
+def inspect_run(run: Run) -> RunState:
+    folder = run.config.output_dir
+    result = as_path(join(folder, RESULT_FILE))
+    if result.exists():
+        record = read_json(result)
+        _check_same_run(run, record.get("config") if isinstance(record, dict) else None, str(result))
+        return RunState(record["status"], record.get("steps") or 0, record)
+    config = as_path(join(folder, RUN_CONFIG))
+    if config.exists():
+        _check_same_run(run, yaml.safe_load(config.read_text()), str(config))
+        steps = checkpoint_steps(folder)
+        return RunState("partial", steps[-1] if steps else 0)
+    if checkpoint_steps(folder) or any(as_path(join(folder, f)).exists() for f in ("metrics.jsonl", "model")):
+        raise SweepError(f"run {run.name!r}: {folder} holds training files but no {RUN_CONFIG}: not a run of this "
+                         f"sweep; move it away — nothing was changed")
+    return RunState("new")
+
+
+# ----------------------------------------------------------------------------- budgets and cost
+
+
+def _data_key(d) -> tuple:
+    return (d.corpus, d.text_field, d.cache_dir, d.vocab_size, d.num_sentinels, d.vocab_max_chars,
+            d.validation_fraction)
+
+
+def plan_steps(runs: list[Run], *, build: bool) -> tuple[dict[str, int | None], list[str]]:
+    """Training steps of each run, checking its budget against the corpus first, and the
+    corpora that could not be checked. build=False (dry run): corpora not tokenized yet are
+    not built; their runs' budgets are unchecked and their steps may be unknown."""
+    from jaxaccel.data import budget, corpus_token_count
+
+    counts: dict[tuple, int | None] = {}
+    steps: dict[str, int | None] = {}
+    unchecked: list[str] = []
+    for run in runs:
+        cfg = run.config
+        d = cfg.data
+        if d.corpus == "synthetic":
+            steps[run.name] = cfg.train.steps or 1000
+            continue
+        key = _data_key(d)
+        if key not in counts:
+            counts[key] = corpus_token_count(d, build=build)
+        corpus = counts[key]
+        if corpus is None and d.corpus not in unchecked:
+            unchecked.append(d.corpus)
+        if corpus is not None and d.unique_tokens is not None and d.unique_tokens > corpus:
+            raise SweepError(f"run {run.name!r}: data.unique_tokens={d.unique_tokens} is more than the {corpus} tokens "
+                             f"of corpus {d.corpus!r}'s training split: the budget cannot be met")
+        unique = d.unique_tokens if d.unique_tokens is not None else corpus
+        budget_steps = None
+        if unique is not None:
+            budget_steps = budget(d, unique, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size)["total_steps"]
+        if cfg.train.steps is not None and budget_steps is not None and cfg.train.steps > budget_steps:
+            raise SweepError(f"run {run.name!r}: train.steps={cfg.train.steps} is more than its data budget of "
+                             f"{budget_steps} steps ({unique} unique tokens x {d.epochs} epochs)")
+        steps[run.name] = cfg.train.steps or budget_steps
+    return steps, unchecked
+
+
+def run_flops(run: Run, steps: int) -> float:
+    """Training FLOPs of `steps` steps (6N + attention per token, `train.metrics`) plus its
+    evaluations (a forward: a third of that per token)."""
+    from jaxaccel.train.metrics import flops_per_token
+
+    cfg = run.config
+    per_token = flops_per_token(cfg.model, cfg.train.seq_len)
+    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+    evals = (steps // cfg.train.eval_every if cfg.train.eval_every else 0) + 1
+    eval_tokens = cfg.data.max_eval_tokens
+    if cfg.train.eval_batches is not None:
+        eval_tokens = min(eval_tokens, cfg.train.eval_batches * tokens_per_step)
+    return per_token * tokens_per_step * steps + evals * eval_tokens * per_token / 3
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _flops(value: float) -> str:
+    for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+        if value >= scale:
+            return f"{value / scale:.3g} {unit}"
+    return f"{value:.3g} FLOP"
+
+
+def default_rate() -> tuple[float, str]:
+    from jaxaccel.train.metrics import measure_peak_flops
+
+    peak = measure_peak_flops()
+    return peak * ASSUMED_MFU, f"{ASSUMED_MFU:.0%} of this machine's measured matmul peak, {_flops(peak)}/s"
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+def _record(run: Run, sweep: Sweep, state: RunState) -> dict:
+    """The results entry of a run that has not finished: its plan and where it stands."""
+    return {"name": run.name, "group": run.group, "settings": run.settings, "folder": run.config.output_dir,
+            "status": state.status, "checkpoint_step": state.checkpoint_step, "config": to_dict(run.config)}
+
+
+def finished_record(run: Run, summary: dict | None, status: str, error: str | None, wall_s: float,
+                    resumed_from: int) -> dict:
+    cfg = run.config
+    stats = (summary or {}).get("data") or {}
+    record = {"name": run.name, "group": run.group, "settings": run.settings, "folder": cfg.output_dir,
+              "status": status, "error": error, "config": to_dict(cfg),
+              "steps": (summary or {}).get("steps"), "resumed_from": resumed_from, "wall_s": round(wall_s, 3),
+              "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "tokens_per_step": cfg.train.batch_size * cfg.train.seq_len,
+              "total_tokens": stats.get("total_tokens"), "unique_tokens": stats.get("unique_tokens"),
+              "epochs": stats.get("epochs", cfg.data.epochs), "corpus_tokens": stats.get("corpus_tokens"),
+              "params": cfg.model.num_params(), "active_params": cfg.model.active_params(),
+              **figures(read_metrics(cfg.output_dir)),
+              "data": {k: v for k, v in stats.items() if isinstance(v, (int, float, str)) or v is None}}
+    if record["steps"] is not None:
+        record["train_flops"] = run_flops(run, record["steps"])
+    return record
+
+
+def results_document(sweep: Sweep, states: dict[str, RunState], command: str | None = None) -> dict:
+    return {"format": FORMAT, "version": VERSION, "sweep": sweep.name, "description": sweep.description,
+            "source": sweep.source, "output_dir": sweep.output_dir,
+            "command": command or f"python -m jaxaccel.experiments sweep {sweep.source}",
+            "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "groups": [{"name": g.name, "description": g.description, "set": g.settings, "zip": g.zip, "axes": g.axes}
+                       for g in sweep.groups],
+            "plots": list(sweep.plots), "report": sweep.report,
+            "runs": [states[r.name].record if states[r.name].status in FINISHED else _record(r, sweep, states[r.name])
+                     for r in sweep.runs]}
+
+
+def _agree(states: dict[str, RunState], runs: list[Run]) -> None:
+    """Multi-host: every process takes process 0's view of which runs are finished."""
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    flags = np.array([states[r.name].status in FINISHED for r in runs], np.int32)
+    agreed = np.asarray(multihost_utils.broadcast_one_to_all(flags))
+    for run, finished in zip(runs, agreed):
+        if bool(finished) != (states[run.name].status in FINISHED):
+            states[run.name] = RunState("done" if finished else "partial")
+
+
+def run_sweep(sweep: Sweep, only: list[str] | tuple[str, ...] = (), *, dry_run: bool = False, collect: bool = False,
+              flops_per_s: float | None = None, log: Callable[[str], None] | None = None,
+              out: Callable[[str], None] | None = None, command: str | None = None) -> dict | None:
+    """Train the selected runs that are not finished (all of them by default) and write the
+    results file; `dry_run` prints the plan and its estimated cost instead; `collect` only
+    rebuilds the results file from the run folders. `command` (the command line) is kept in
+    the results. Returns the results document."""
+    import jax
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    out = out or (lambda msg: print(msg, flush=True))
+    selected = sweep.select(only)
+    unreadable: list[str] = []
+
+    def readable(what: str, fn, fallback):
+        """Storage errors (an unreachable bucket) are one line; a dry run reports and goes on."""
+        try:
+            return fn()
+        except SweepError:
+            raise
+        except Exception as e:  # noqa: BLE001 - gcsfs/tensorflow/OS errors of many types
+            reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            if not dry_run:
+                raise SweepError(f"cannot read {what}: {reason}") from None
+            unreadable.append(f"{what}: {reason}")
+            return fallback
+
+    readable(sweep.results_path, lambda: check_results_target(sweep.results_path, sweep.name), None)
+    states = {run.name: readable(run.config.output_dir, lambda run=run: inspect_run(run), RunState("unknown"))
+              for run in sweep.runs}
+    steps, unchecked = plan_steps(list(sweep.runs), build=not (dry_run or collect))
+    if dry_run:
+        _print_plan(sweep, selected, states, steps, flops_per_s, out)
+        if unchecked:
+            out(f"not tokenized yet, so budgets against it unchecked: {', '.join(unchecked)} (the sweep checks them "
+                f"before training)")
+        if unreadable:
+            out(f"could not read {len(unreadable)} location(s), status unknown; first: {unreadable[0]}")
+        return None
+    main = jax.process_index() == 0
+    if collect:
+        doc = results_document(sweep, states, command)
+        if main:
+            write_json(sweep.results_path, doc)
+        out(f"{sum(s.status in FINISHED for s in states.values())} of {len(states)} runs finished; results in "
+            f"{sweep.results_path}")
+        return doc
+    _agree(states, list(sweep.runs))
+    todo = [r for r in selected if states[r.name].status not in FINISHED]
+
+    from jaxaccel.train.lock import OutputDirInUseError
+    from jaxaccel.train.loop import TrainingDiverged, train
+
+    remaining = {r.name: run_flops(r, max((steps[r.name] or 0) - states[r.name].checkpoint_step, 0)) for r in todo}
+    total_flops = sum(remaining.values())
+    skipped = len(selected) - len(todo)
+    log(f"sweep {sweep.name}: {len(selected)} run(s) selected, {skipped} finished already, {len(todo)} to train "
+        f"(~{_flops(total_flops)}); results: {sweep.results_path}")
+    started = time.perf_counter()
+    flops_done = 0.0
+    for i, run in enumerate(todo, 1):
+        state = states[run.name]
+        where = f"resuming from step {state.checkpoint_step}" if state.checkpoint_step else "starting"
+        log(f"[{i}/{len(todo)}] {run.name}: {where} ({steps[run.name] or '?'} steps)")
+        t0 = time.perf_counter()
+        try:
+            summary = train(run.config, log=lambda msg, name=run.name: log(f"  [{name}] {msg}"))
+            status, error = "done", None
+        except TrainingDiverged as e:
+            summary, status, error = None, "diverged", str(e)
+        except OutputDirInUseError as e:
+            log(f"[{i}/{len(todo)}] {run.name}: skipped, another process is training it ({e})")
+            continue
+        wall = time.perf_counter() - t0
+        record = finished_record(run, summary, status, error, wall, state.checkpoint_step)
+        states[run.name] = RunState(status, record["steps"] or 0, record)
+        if main:
+            write_json(join(run.config.output_dir, RESULT_FILE), record)
+            write_json(sweep.results_path, results_document(sweep, states, command))
+        flops_done += remaining[run.name]
+        elapsed = time.perf_counter() - started
+        left = total_flops - flops_done
+        eta = elapsed / flops_done * left if flops_done > 0 else float("nan")
+        final = record["final"]
+        figures_text = (f"validation loss {final['eval_loss']:.4f} (best {record['best']['eval_loss']:.4f}), "
+                        f"accuracy {final['eval_accuracy']:.3f}" if final["eval_loss"] is not None
+                        else "no validation figures")
+        log(f"[{i}/{len(todo)}] {run.name}: {status} in {_duration(wall)}; {figures_text}"
+            + (f" | sweep {100 * flops_done / max(total_flops, 1.0):.0f}% done, ~{_duration(eta)} left"
+               if i < len(todo) else "")
+            + (f" | {error}" if error else ""))
+    doc = results_document(sweep, states, command)
+    if main:
+        write_json(sweep.results_path, doc)
+    finished = sum(s.status in FINISHED for s in states.values())
+    log(f"sweep {sweep.name}: {finished} of {len(states)} runs finished; results in {sweep.results_path}")
+    return doc
+
+
+def _print_plan(sweep: Sweep, selected: list[Run], states: dict[str, RunState], steps: dict[str, int | None],
+                flops_per_s: float | None, out: Callable[[str], None]) -> None:
+    if flops_per_s is None:
+        rate, how = default_rate()
+    else:
+        rate, how = flops_per_s, "--flops-per-s"
+    out(f"sweep {sweep.name} ({sweep.source}): {len(sweep.runs)} runs, {len(selected)} selected; "
+        f"runs in {sweep.output_dir}/, results in {sweep.results_path}")
+    header = ("run", "status", "steps", "tokens", "params", "FLOPs to go", "time to go")
+    rows = []
+    total_flops, total_s, unknown = 0.0, 0.0, 0
+    for run in selected:
+        state, n = states[run.name], steps[run.name]
+        cfg = run.config
+        status = {"partial": f"partial (step {state.checkpoint_step})"}.get(state.status, state.status)
+        if state.status in FINISHED:
+            flops, seconds = 0.0, 0.0
+        elif n is None:
+            flops, seconds = float("nan"), float("nan")
+            unknown += 1
+        else:
+            flops = run_flops(run, max(n - state.checkpoint_step, 0))
+            seconds = flops / rate + STARTUP_S
+            total_flops += flops
+            total_s += seconds
+        tokens = "?" if n is None else f"{n * cfg.train.batch_size * cfg.train.seq_len:,}"
+        rows.append((run.name, status, "?" if n is None else str(n), tokens, f"{cfg.model.num_params():,}",
+                     "-" if flops == 0 else ("?" if math.isnan(flops) else _flops(flops)),
+                     "-" if seconds == 0 else _duration(seconds)))
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, tuple("-" * w for w in widths), *rows]:
+        out("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    note = f" ({unknown} run(s) of unknown length: corpus not tokenized yet)" if unknown else ""
+    out(f"estimated cost: {_flops(total_flops)}, about {_duration(total_s)} at {_flops(rate)}/s ({how}), "
+        f"counting ~{STARTUP_S:.0f} s start-up per run{note}")

@@ -1,0 +1,381 @@
+"""The experiment machinery at toy size (DESIGN decision 13): a 2 x 2 sweep of a tiny model on a
+small real corpus expands into named runs, trains them, skips them when finished, resumes a
+SIGKILLed one to the uninterrupted result, aggregates one results file, plots valid PNGs and
+reports the same numbers; a run repeated with the same seed is bit-identical; bad input is a
+one-line error (exit 2) that touches nothing; the data-constrained scaling law reproduces its
+published value; the pod launcher recreates a preempted slice and reruns the same sweep."""
+import email
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import yaml
+
+from jaxaccel.cli import run_cli
+from jaxaccel.config import to_dict
+from jaxaccel.experiments.__main__ import main as experiments_main
+from jaxaccel.experiments.results import FORMAT, RESULT_FILE, VERSION
+from jaxaccel.experiments.scaling import PUBLISHED, effective_data, fit_rd_star
+from jaxaccel.experiments.spec import load_sweep
+
+ROOT = Path(__file__).resolve().parent.parent
+EMAIL = Path(email.__file__).parent  # ~160k tokens of real Python: a corpus that tokenizes in seconds
+RUN_NAMES = ["epochs=1,d_model=16", "epochs=1,d_model=32", "epochs=2,d_model=16", "epochs=2,d_model=32"]
+KILLED = "epochs=2,d_model=32"  # 32 steps, checkpoints every 8: killed right after step 16's
+
+
+def toy_sweep(cache: Path, output_dir: Path, **changes) -> dict:
+    sweep = {
+        "name": "toy",
+        "config": {
+            "output_dir": str(output_dir), "tensorboard": False,
+            "model": {"vocab_size": 512, "d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "ffn_dim": 64,
+                      "max_seq_len": 64},
+            "data": {"corpus": f"{EMAIL}/*.py", "vocab_size": 512, "num_sentinels": 8, "validation_fraction": 0.2,
+                     "cache_dir": str(cache), "unique_tokens": 4096, "max_eval_tokens": 2048},
+            "train": {"batch_size": 8, "seq_len": 32, "eval_every": 8, "log_every": 4, "progress": False,
+                      "peak_flops": 1e11, "attention": "dense"},
+            "optim": {"lr": 1e-2, "warmup_steps": 2},
+            "checkpoint": {"every_steps": 8, "keep": 5},
+            "mesh": {"data": 1},
+        },
+        "axes": {"data.epochs": [1, 2], "model.d_model": [16, 32]},
+    }
+    sweep.update(changes)
+    return sweep
+
+
+def write_sweep(path: Path, sweep: dict) -> Path:
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    return path
+
+
+def cli(args, capsys=None):
+    """`python -m jaxaccel.experiments ARGS` in this process: (exit status, stdout, stderr)."""
+    try:
+        code = run_cli(experiments_main, [str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr() if capsys is not None else ("", "")
+    return code, out, err
+
+
+def files_of(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")
+            if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """JAX's persistent compilation cache in a temporary folder for this module: every run of the
+    toy shapes after the first loads its programs instead of compiling them (the sweep CLI turns
+    the same cache on; the test session runs with it off)."""
+    from jax._src import compilation_cache
+
+    folder = tmp_path_factory.mktemp("xla-cache")
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    before = {n: getattr(jax.config, n) for n in names}
+    for name, value in zip(names, (str(folder), 0.0, 0)):
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+    yield folder
+    for name, value in before.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory, compile_cache):
+    """The toy sweep, run once: (sweep file, output folder, results document)."""
+    base = tmp_path_factory.mktemp("toy")
+    cache, out = base / "cache", base / "runs"
+    path = write_sweep(base / "toy.yaml", toy_sweep(cache, out))
+    code, _, _ = cli(["sweep", path])
+    assert code == 0
+    return path, out, json.loads((out / "results.json").read_text())
+
+
+def test_sweep_expands_into_one_folder_per_setting(toy):
+    path, out, _ = toy
+    sweep = load_sweep(path)
+    assert [r.name for r in sweep.runs] == RUN_NAMES
+    run = sweep.run("epochs=2,d_model=16")
+    assert run.settings == {"data.epochs": 2, "model.d_model": 16}
+    assert (run.config.data.epochs, run.config.model.d_model, run.config.model.n_layers) == (2.0, 16, 1)
+    assert run.config.output_dir == f"{out}/epochs=2,d_model=16"
+    assert sweep.results_path == f"{out}/results.json"
+    assert [r.name for r in sweep.select(["epochs=1,*"])] == RUN_NAMES[:2]
+
+
+def test_sweep_trains_every_run_and_aggregates_one_results_file(toy):
+    _, out, doc = toy
+    assert doc["format"] == FORMAT and doc["sweep"] == "toy" and [r["name"] for r in doc["runs"]] == RUN_NAMES
+    for record in doc["runs"]:
+        epochs = record["settings"]["data.epochs"]
+        assert record["status"] == "done" and record["steps"] == 16 * epochs
+        assert record["config"]["data"]["epochs"] == epochs and record["config"]["model"]["d_model"] == \
+            record["settings"]["model.d_model"]
+        assert (record["unique_tokens"], record["total_tokens"]) == (4096, 4096 * epochs)
+        assert record["curve"]["eval_step"] == list(range(8, 16 * epochs + 1, 8))
+        assert record["curve"]["train_step"] == list(range(1, 16 * epochs + 1))
+        assert record["final"]["eval_loss"] == record["curve"]["eval_loss"][-1]
+        assert record["best"]["eval_loss"] == min(record["curve"]["eval_loss"]) <= record["final"]["eval_loss"]
+        assert 0 < record["final"]["eval_accuracy"] < 1 and record["wall_s"] > 0
+        assert json.loads((out / record["name"] / RESULT_FILE).read_text())["final"] == record["final"]
+    by_name = {r["name"]: r for r in doc["runs"]}
+    assert by_name["epochs=2,d_model=32"]["final"]["eval_loss"] < by_name["epochs=1,d_model=16"]["final"]["eval_loss"]
+
+
+def test_rerunning_the_sweep_skips_finished_runs(toy, monkeypatch, capsys):
+    path, out, doc = toy
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr("jaxaccel.train.loop.train", no_training)
+    before = {name: files_of(out / name) for name in RUN_NAMES}
+    code, _, err = cli(["sweep", path], capsys)
+    assert code == 0, err
+    assert "4 finished already, 0 to train" in err
+    assert {name: files_of(out / name) for name in RUN_NAMES} == before
+    again = json.loads((out / "results.json").read_text())
+    assert again["runs"] == doc["runs"]
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_result(toy, tmp_path, compile_cache, capsys):
+    """The sweep process is SIGKILLed right after the step-16 checkpoint of a 32-step run; the
+    same command resumes it from there and ends with exactly the uninterrupted run's numbers."""
+    path, _, doc = toy
+    out = tmp_path / "runs"
+    script = textwrap.dedent("""
+        import os, signal, sys
+        from jaxaccel.train import checkpoint
+
+        save = checkpoint.Checkpoints.save
+
+        def save_then_die(self, step, state, meta):
+            save(self, step, state, meta)
+            if step == 16:
+                self.wait()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        checkpoint.Checkpoints.save = save_then_die
+        from jaxaccel.experiments.__main__ import main
+        main(sys.argv[1:])
+    """)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(compile_cache),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    args = ["sweep", str(path), f"output_dir={out}", "--only", KILLED]
+    proc = subprocess.run([sys.executable, "-c", script, *args, "--cpu-devices", "8"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    folder = out / KILLED
+    assert (folder / "checkpoints" / "16").is_dir() and not (folder / RESULT_FILE).exists()
+    code, plan, _ = cli(["sweep", path, f"output_dir={out}", "--dry-run", "--flops-per-s", "1e9"], capsys)
+    assert code == 0 and f"{KILLED}  partial (step 16)" in plan
+
+    code, _, err = cli(args, capsys)
+    assert code == 0, err
+    assert "resuming from step 16" in err
+    resumed = json.loads((folder / RESULT_FILE).read_text())
+    original = next(r for r in doc["runs"] if r["name"] == KILLED)
+    assert resumed["resumed_from"] == 16
+    for key in ("final", "best", "curve", "steps", "total_tokens"):
+        assert resumed[key] == original[key], key
+
+
+def test_two_runs_with_the_same_seed_give_bit_identical_losses(toy, tmp_path, capsys):
+    path, _, doc = toy
+    name = "epochs=1,d_model=32"
+    code, _, err = cli(["sweep", path, f"output_dir={tmp_path}", "--only", name], capsys)
+    assert code == 0, err
+    again = json.loads((tmp_path / name / RESULT_FILE).read_text())
+    first = next(r for r in doc["runs"] if r["name"] == name)
+    assert again["final"]["train_loss"] == first["final"]["train_loss"]
+    assert again["final"]["eval_loss"] == first["final"]["eval_loss"]
+    assert again["curve"] == first["curve"]
+
+
+def test_plot_writes_valid_pngs(toy, tmp_path, capsys):
+    import matplotlib.image
+
+    _, out, _ = toy
+    code, stdout, err = cli(["plot", out / "results.json", "--out", tmp_path], capsys)
+    assert code == 0, err
+    written = [Path(line) for line in stdout.split()]
+    assert {p.name for p in written} == {"sweep-final.png", "sweep-curves.png"}
+    for png in written:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        height, width, _ = matplotlib.image.imread(png).shape
+        assert height > 100 and width > 100
+
+
+def test_report_reflects_the_results_file(toy, capsys):
+    _, out, doc = toy
+    code, report, err = cli(["report", out / "results.json"], capsys)
+    assert code == 0, err
+    rows = {line.split("|")[1].strip().strip("`"): line for line in report.splitlines() if line.startswith("| `")}
+    assert sorted(rows) == sorted(RUN_NAMES)
+    for record in doc["runs"]:
+        cells = [c.strip() for c in rows[record["name"]].split("|")[1:-1]]
+        assert cells[1] == f"{record['final']['eval_loss']:.4f}"
+        assert cells[2] == f"{record['best']['eval_loss']:.4f} ({record['best']['eval_loss_step']})"
+        assert cells[3] == f"{record['final']['eval_accuracy']:.4f}"
+        assert cells[5] == str(record["steps"])
+
+
+def test_dry_run_prints_the_plan_and_its_cost_and_writes_nothing(toy, tmp_path, capsys):
+    path, out, _ = toy
+    code, plan, _ = cli(["sweep", path, "--dry-run", "--flops-per-s", "1e9"], capsys)
+    assert code == 0 and all(f"{name}  done" in plan for name in RUN_NAMES) and "estimated cost: 0 FLOP" in plan
+    fresh = tmp_path / "fresh"
+    code, plan, _ = cli(["sweep", path, f"output_dir={fresh}", "--dry-run", "--flops-per-s", "1e9"], capsys)
+    assert code == 0 and all(f"{name}  new" in plan for name in RUN_NAMES)
+    assert "estimated cost: 4.35 GFLOP, about 64 s at 1 GFLOP/s (--flops-per-s)" in plan  # + 15 s start-up a run
+    assert not fresh.exists()
+
+
+@pytest.mark.parametrize("case,message", [
+    ("unknown key", "unknown config key 'data.epoch' in the sweep's axes; did you mean 'data.epochs'"),
+    ("empty axis", "axis 'model.d_model' in the sweep's axes is empty"),
+    ("duplicate names", "duplicate run name 'epochs=1,d_model=16'"),
+    ("budget", "data.unique_tokens=1000000000 is more than the "),
+    ("other run's folder", "belongs to a different run (optim.lr is 0.01 there, 0.02 in this sweep)"),
+    ("other sweep's results", "holds the results of sweep 'other', not 'toy'; refusing to overwrite it"),
+    ("not a results file", "is not a jaxaccel sweep results file"),
+])
+def test_bad_input_is_one_line_and_touches_nothing(toy, tmp_path, capsys, case, message):
+    path, out, _ = toy
+    cache = Path(yaml.safe_load(path.read_text())["config"]["data"]["cache_dir"])
+    sweep = toy_sweep(cache, out)
+    args = ["sweep"]
+    if case == "unknown key":
+        sweep["axes"] = {"data.epoch": [1, 2], "model.d_model": [16, 32]}
+    elif case == "empty axis":
+        sweep["axes"] = {"data.epochs": [1, 2], "model.d_model": []}
+    elif case == "duplicate names":
+        sweep["axes"] = {"data.epochs": [1, 1], "model.d_model": [16, 32]}
+    elif case == "budget":
+        sweep["config"]["data"]["unique_tokens"] = 10**9
+        sweep["config"]["output_dir"] = str(tmp_path / "budget")
+    elif case == "other run's folder":
+        sweep["config"]["optim"]["lr"] = 0.02
+    elif case == "other sweep's results":
+        foreign = {"format": FORMAT, "version": VERSION, "sweep": "other", "runs": []}
+        (tmp_path / "other.json").write_text(json.dumps(foreign))
+        args = ["sweep", "--results", tmp_path / "other.json"]
+    else:
+        (tmp_path / "metrics.json").write_text(json.dumps({"loss": 1.0}))
+        args = ["report", tmp_path / "metrics.json"]
+    spec = write_sweep(tmp_path / "bad.yaml", sweep)
+    if args[0] == "sweep":
+        args.insert(1, spec)
+    before, other_files = files_of(out), files_of(tmp_path)
+    code, _, err = cli(args, capsys)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and message in errors[0], err
+    assert "Traceback" not in err
+    assert files_of(out) == before and files_of(tmp_path) == other_files  # nothing written, nothing trained
+
+
+def test_published_data_constrained_scaling_law_value():
+    # Muennighoff et al. 2023, Figure 1's model: N = 6.34B parameters, D = 242B tokens, U = 25B unique.
+    assert PUBLISHED.loss(6.34e9, 242e9, 25e9) == pytest.approx(2.2256, abs=1e-4)
+    assert PUBLISHED.loss(8.67e9, 178e9, 25e9) == pytest.approx(2.2270, abs=1e-4)
+    assert (PUBLISHED.rd_star, PUBLISHED.rn_star) == (pytest.approx(15.39, abs=5e-3), pytest.approx(5.31, abs=5e-3))
+    assert effective_data(1e9, 1e9, 15.39) == 1e9  # one epoch: every token counts
+    assert effective_data(1e9, 1e15, 15.39) == pytest.approx(16.39e9)  # saturates at (1 + R_D*) U
+    assert 1e9 < effective_data(1e9, 4e9, 15.39) < 4e9  # repeats count, but less than new tokens
+
+
+def test_rd_star_fit_recovers_the_constant_of_synthetic_runs():
+    rng = np.random.default_rng(0)
+    tokens = 2.0**21
+    unique = [tokens / 2**k for k in range(6)] + [tokens / e for e in (2, 4, 8, 16, 32)]
+    seen = unique[:6] + [tokens] * 5  # single-epoch runs on less data, then repeated runs
+    params = [1e6] * len(seen)
+    losses = [2.0 + 40.0 / effective_data(u, d, 4.0) ** 0.3 for u, d in zip(unique, seen)]
+    fit = fit_rd_star(params, seen, unique, np.array(losses) + rng.normal(0, 1e-3, len(losses)))
+    assert fit.rd_star == pytest.approx(4.0, rel=0.15) and fit.beta == pytest.approx(0.3, rel=0.1)
+    assert not fit.rd_star_at_bound and fit.rmse < 2e-3
+
+
+def test_shipped_sweeps_expand_and_shared_runs_are_the_same_run(tmp_path, capsys):
+    """Every configs/experiments file expands; a run name two CPU sweeps share (they share an
+    output_dir) is one config, trained once. The pod files plan (dry run) without touching C4."""
+    seen: dict[str, dict] = {}
+    files = sorted((ROOT / "configs" / "experiments").glob("*.yaml"))
+    assert len([f for f in files if not f.stem.endswith("-pod")]) == 6 and len([f for f in files if
+                                                                                f.stem.endswith("-pod")]) == 6
+    for path in files:
+        sweep = load_sweep(path)
+        assert sweep.runs and sweep.results_path.startswith(sweep.output_dir)
+        for run in sweep.runs:
+            config = to_dict(run.config)
+            assert seen.setdefault(f"{sweep.output_dir}/{run.name}", config) == config, (path, run.name)
+            if path.stem.endswith("-pod"):  # every paper-scale run fits a 64-chip slice
+                run.config.check_mesh(run.config.mesh.sizes(64))
+                assert run.config.output_dir.startswith("gs://") and run.config.data.corpus.startswith("tfds:")
+    shared = load_sweep(ROOT / "configs/experiments/repetition.yaml").run("repeat/epochs=16,unique_tokens=65536")
+    assert shared.config.data.unique_tokens * shared.config.data.epochs == 2**20
+    code, plan, err = cli(["sweep", ROOT / "configs/experiments/scaling-pod.yaml", f"output_dir={tmp_path}",
+                           "--dry-run", "--flops-per-s", "1e16"], capsys)
+    assert code == 0, err
+    assert "repeat/epochs=256,unique_tokens=134217728  new" in plan and "budgets against it unchecked" in plan
+
+
+def test_pod_launcher_recreates_a_preempted_slice_and_reruns_the_same_sweep():
+    proc = subprocess.run([sys.executable, str(ROOT / "gcp" / "tpu_pod.py"), "sweep", "--name", "tc", "--zone", "z",
+                           "--accelerator-type", "v4-64", "--spot", "--config",
+                           "configs/experiments/repetition-pod.yaml", "--sweep-args", "output_dir=gs://b/tc",
+                           "--dry-run", "--simulate-preemption", "1"], capture_output=True, text=True, check=True)
+    steps = []
+    for line in proc.stdout.splitlines():
+        if line.startswith("+ gcloud"):
+            words = line.split()
+            steps.append(words[5] if words[5] != "ssh" else ("run" if "--command=cd" in line else "install"))
+        elif line.startswith("+ git"):
+            steps.append("archive")
+    setup = ["archive", "scp", "install"]
+    assert steps == ["create", *setup, "run", "describe", "delete", "create", *setup, "run", "delete"]
+    runs = [line for line in proc.stdout.splitlines() if "--command=cd ~/jaxaccel && " in line]
+    assert len(runs) == 2 and runs[0] == runs[1]
+    assert ("python -m jaxaccel.experiments sweep configs/experiments/repetition-pod.yaml --distributed "
+            "output_dir=gs://b/tc") in runs[0]
+    assert all("--spot" in line for line in proc.stdout.splitlines() if "tpu-vm create" in line)
+    assert "is PREEMPTED: recreating it and rerunning the same command" in proc.stdout
+
+
+def test_label_smoothing_changes_the_objective_but_not_the_logged_loss():
+    import jax.numpy as jnp
+    import optax
+
+    from jaxaccel.config import ModelConfig
+    from jaxaccel.model.transformer import forward, init_params
+    from jaxaccel.train.step import loss_and_metrics
+
+    TINY = ModelConfig(vocab_size=97, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32, max_seq_len=32)
+    params = init_params(TINY, jax.random.key(0), "scanned")
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, TINY.vocab_size, (2, 17))
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((2, 16), np.float32),
+             "segment_ids": np.ones((2, 16), np.int32), "positions": np.tile(np.arange(16), (2, 1)),
+             "bidirectional": np.zeros((2, 16), bool)}
+    objective = jax.jit(lambda p, b, eps: loss_and_metrics(p, TINY, b, None, dropout=False, remat=False,
+                                                           training=False, attention="dense", label_smoothing=eps),
+                        static_argnums=2)
+    plain, m0 = objective(params, batch, 0.0)
+    smooth, m1 = objective(params, batch, 0.1)
+    logits = jax.jit(forward, static_argnums=1)(params, TINY, jnp.asarray(batch["inputs"]),
+                                                 jnp.asarray(batch["positions"]))[0]
+    targets = optax.smooth_labels(jax.nn.one_hot(batch["targets"], TINY.vocab_size), 0.1)
+    expected = float(jnp.mean(optax.softmax_cross_entropy(logits, targets)))
+    assert float(smooth) == pytest.approx(expected, rel=1e-5) and float(smooth) != pytest.approx(float(plain))
+    assert float(m1["ce_sum"]) == pytest.approx(float(m0["ce_sum"]), rel=1e-6)  # logged: the plain cross entropy
