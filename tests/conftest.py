@@ -66,3 +66,38 @@ def _jit_forward():
 
 
 jit_forward = _jit_forward()
+
+
+# ----------------------------------------------------------------------------- sampling checks
+# Speculative samplers are tested against the exact target distribution of the first two
+# generated tokens: a 6-token vocabulary makes that 36 cells, ROWS independent rows one call.
+
+SMALL = ModelConfig(vocab_size=6, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=24, max_seq_len=64)
+ROWS = 3000
+
+
+def exact_pair_probs(lm, prompt, temperature, top_k=None):
+    """P(first two generated tokens) from the model's own logits (the target distribution)."""
+    import jax.numpy as jnp
+
+    from jaxaccel.decode.sampling import make_sampling, target_probs
+
+    mode, sp = make_sampling(temperature, top_k, None)
+    seqs = np.array([prompt + [a] for a in range(lm.config.vocab_size)])
+    logits = lm.logits(seqs)
+    p1 = np.asarray(target_probs(jnp.asarray(logits[0, len(prompt) - 1]), mode, sp))
+    p2 = np.asarray(target_probs(jnp.asarray(logits[:, len(prompt)]), mode, sp))
+    return p1[:, None] * p2
+
+
+def chi2_pvalue(pairs, expected):
+    """Chi-square goodness of fit of observed (first, second) token pairs to `expected`."""
+    from scipy import stats
+
+    counts = np.zeros_like(expected)
+    for a, b in pairs:
+        counts[a, b] += 1
+    exp = expected.ravel() * len(pairs)
+    keep = exp > 0
+    assert counts.ravel()[~keep].sum() == 0  # nothing outside the support (top-k)
+    return stats.chisquare(counts.ravel()[keep], exp[keep] / exp[keep].sum() * len(pairs)).pvalue

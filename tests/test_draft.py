@@ -6,11 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import scipy.stats as sps_stats
 
 import jaxaccel
-from conftest import TINY, randomize
-from jaxaccel.config import ModelConfig
+from conftest import ROWS, SMALL, TINY, chi2_pvalue, exact_pair_probs, randomize
 from jaxaccel.decode import methods
 from jaxaccel.decode.draft import SpS, draft_probs
 from jaxaccel.decode.dyspec import DySpec
@@ -170,8 +168,6 @@ def test_shipped_pair_is_lossless():
 
 # ----------------------------------------------------------------------------- sampling
 
-SMALL = ModelConfig(vocab_size=6, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=24, max_seq_len=64)
-ROWS = 3000
 SAMPLE_PROMPT = [1, 4, 2]
 
 
@@ -180,26 +176,6 @@ def small_pair():
     params = randomize(init_params(SMALL, jax.random.key(3), "unrolled"), seed=4, scale=0.15)
     target = jaxaccel.from_params(SMALL, params)
     return target, jaxaccel.from_params(SMALL, perturbed(params, 8, 0.3))
-
-
-def exact_pair_probs(lm, prompt, temperature, top_k=None):
-    """P(first two generated tokens) from the model's own logits (the target distribution)."""
-    mode, sp = make_sampling(temperature, top_k, None)
-    seqs = np.array([prompt + [a] for a in range(lm.config.vocab_size)])
-    logits = lm.logits(seqs)
-    p1 = np.asarray(target_probs(jnp.asarray(logits[0, len(prompt) - 1]), mode, sp))
-    p2 = np.asarray(target_probs(jnp.asarray(logits[:, len(prompt)]), mode, sp))
-    return p1[:, None] * p2
-
-
-def chi2_pvalue(pairs, expected):
-    counts = np.zeros_like(expected)
-    for a, b in pairs:
-        counts[a, b] += 1
-    exp = expected.ravel() * len(pairs)
-    keep = exp > 0
-    assert counts.ravel()[~keep].sum() == 0  # nothing outside the support (top-k)
-    return sps_stats.chisquare(counts.ravel()[keep], exp[keep] / exp[keep].sum() * len(pairs)).pvalue
 
 
 @pytest.mark.parametrize("method,opts,temperature,top_k", [

@@ -6,8 +6,7 @@ import pytest
 from scipy import stats as sps
 
 import jaxaccel
-from conftest import TINY, randomize
-from jaxaccel.config import ModelConfig
+from conftest import ROWS, SMALL, TINY, chi2_pvalue, exact_pair_probs, randomize
 from jaxaccel.decode.recycling import PAPER_WIDTHS, build_template
 from jaxaccel.decode.tree import (TreeMethod, TreeShape, ancestor_mask, children_table, static_tree,
                                   tree_paths, verify_greedy)
@@ -297,43 +296,16 @@ def test_default_model_greedy_is_lossless():
 
 # ----------------------------------------------------------------------------- sampling
 
-SMALL = ModelConfig(vocab_size=6, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=24, max_seq_len=64)
-ROWS = 3000
-
-
 @pytest.fixture(scope="module")
 def small_lm():
     params = randomize(init_params(SMALL, jax.random.key(3), "unrolled"), seed=4, scale=0.15)
     return jaxaccel.from_params(SMALL, params)
 
 
-def exact_pair_probs(lm, prompt, temperature, top_k=None):
-    """P(first two generated tokens) from the model's own logits (the target distribution)."""
-    from jaxaccel.decode.sampling import make_sampling, target_probs
-
-    mode, sp = make_sampling(temperature, top_k, None)
-    v = lm.config.vocab_size
-    seqs = np.array([prompt + [a] for a in range(v)])
-    logits = lm.logits(seqs)
-    p1 = np.asarray(target_probs(jnp.asarray(logits[0, len(prompt) - 1]), mode, sp))
-    p2 = np.asarray(target_probs(jnp.asarray(logits[:, len(prompt)]), mode, sp))
-    return p1[:, None] * p2
-
-
 def warm_matrix(k=3):
     """A recycling matrix with k distinct candidates per token."""
     rng = np.random.default_rng(5)
     return np.stack([rng.permutation(SMALL.vocab_size)[:k] for _ in range(SMALL.vocab_size)]).astype(np.int32)
-
-
-def chi2_pvalue(pairs, expected):
-    counts = np.zeros_like(expected)
-    for a, b in pairs:
-        counts[a, b] += 1
-    exp = expected.ravel() * len(pairs)
-    keep = exp > 0
-    assert counts.ravel()[~keep].sum() == 0  # nothing outside the support (top-k)
-    return sps.chisquare(counts.ravel()[keep], exp[keep] / exp[keep].sum() * len(pairs)).pvalue
 
 
 class _StochasticDrafter(TreeMethod):
