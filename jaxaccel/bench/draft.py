@@ -36,6 +36,8 @@ def draft_widths(method) -> list[int]:
 def predicted_speedup(method, mat: float, batch: int, ratio: float = ACCELERATOR_RATIO) -> float:
     from jaxaccel.decode import tuning
 
+    if method.tree_nodes() == 0:  # dyspec's plain-step plan
+        return 1.0
     curve = tuning.ACCELERATOR_VERIFY_COST
     cost = lambda width: tuning.verify_cost(width * batch, curve) / tuning.verify_cost(batch, curve)  # noqa: E731
     step = cost(method.tree_nodes()) + ratio * (cost(2) + sum(cost(w) for w in draft_widths(method)))
@@ -101,10 +103,16 @@ def run(model: str = "builtin:default", draft: str = "builtin:draft", batches: S
                 if budget == "auto" or method == "sequoia":  # resolve what the run planned
                     decoder.prepare(lm, lm._drafts[draft], temperature, None, None, batch=batch)
                 row = {"batch": batch, "temperature": temperature, "method": method, "budget": budget,
-                       "nodes": decoder.tree_nodes() - 1, **res, "speedup": res["tokens_per_s"] / base["tokens_per_s"],
+                       "nodes": max(decoder.tree_nodes() - 1, 0), **res, "speedup": res["tokens_per_s"] / base["tokens_per_s"],
                        "predicted_accelerator_speedup": predicted_speedup(decoder, res["mat"], batch)}
-                if budget == "auto":
+                if budget == "auto":  # what this CPU's cost model chose, and what it picks at 1:50
+                    from jaxaccel.decode import tuning
+                    from jaxaccel.decode.dyspec import plan_budget
+
                     row["auto_plan"] = decoder.plan._asdict()
+                    row["accelerator_plan"] = plan_budget(lm, lm._drafts[draft], temperature, None, None, batch,
+                                                          curve=tuning.ACCELERATOR_VERIFY_COST,
+                                                          draft_ratio=ACCELERATOR_RATIO)._asdict()
                 rows.append(row)
                 progress(f"batch {batch}, T={temperature}: {method} budget {budget} ({row['nodes']} nodes): MAT "
                          f"{row['mat']:.2f}, {row['tokens_per_s']:.0f} tok/s, {row['speedup']:.2f}x autoregressive, "
@@ -127,10 +135,18 @@ def markdown(result: dict[str, Any]) -> str:
            "| batch | T | method | budget (nodes) | MAT | tok/s | vs autoregressive | predicted 1:50 |",
            "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        budget = "" if r["budget"] is None else (f"auto → {r['nodes']}" if r["budget"] == "auto"
-                                                 else f"{r['budget']} ({r['nodes']})")
+        auto = f"auto → {r['nodes']}" if r.get("nodes", 0) > 0 else "auto → plain steps"
+        budget = "" if r["budget"] is None else (auto if r["budget"] == "auto" else f"{r['budget']} ({r['nodes']})")
         out.append(f"| {r['batch']} | {r['temperature']} | {r['method']} | {budget} | {r['mat']:.2f} | "
                    f"{r['tokens_per_s']:.0f} | {r['speedup']:.2f}x | {r['predicted_accelerator_speedup']:.2f}x |")
+    out += ["", "`budget=\"auto\"`: the plan of this backend's cost model, and the plan (predicted) at 1:50:", "",
+            "| batch | T | plan here: budget, pops, predicted | plan at 1:50: budget, pops, predicted |",
+            "|---|---|---|---|"]
+    for r in result["rows"]:
+        if r.get("auto_plan"):
+            a, b = r["auto_plan"], r["accelerator_plan"]
+            out.append(f"| {r['batch']} | {r['temperature']} | {a['budget']}, {a['pops_per_round']}, "
+                       f"{a['speedup']:.2f}x | {b['budget']}, {b['pops_per_round']}, {b['speedup']:.2f}x |")
     out += ["", "| temperature | correlation of q(x) and acceptance | drafted tokens |", "|---|---|---|"]
     for f in result["figure2"]:
         out.append(f"| {f['temperature']} | {f['correlation']:.3f} | {f['points']} |")
