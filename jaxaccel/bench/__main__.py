@@ -117,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         assert all(m in METHODS for m in draft_bench.METHODS)
         result = draft_bench.run(args.model, args.draft, batches, temperatures, budgets, methods, args.new_tokens,
                                  args.runs, args.files, args.prompt_tokens, args.figure,
-                                 progress=lambda s: print(s, file=sys.stderr))
+                                 progress=lambda s: print(s, file=sys.stderr),
+                                 partial=(lambda r: write_json(args.json, r)) if args.json else None)
         print(draft_bench.markdown(result))
         if args.json:
             write_json(args.json, result)

@@ -72,11 +72,20 @@ def figure2(lm, draft, temperature: float, path: str | None) -> dict[str, Any]:
             "curve": res["curve"], "png": path}
 
 
+def _release(lm) -> None:
+    """Drop the programs of a finished row: a sweep of ~90 configurations otherwise exhausts
+    the CPU backend's code memory (LLVM "Cannot allocate memory")."""
+    import jax
+
+    lm._compiled.clear()
+    jax.clear_caches()
+
+
 def run(model: str = "builtin:default", draft: str = "builtin:draft", batches: Sequence[int] = (1, 4),
         temperatures: Sequence[float] = (0.0, 0.6), budgets: Sequence[int] = (8, 16, 32, 64, 128),
         methods: Sequence[str] = METHODS, new_tokens: int = 128, runs: int = 3, n_files: int = 8,
         prompt_tokens: int = 256, figure: str | None = None,
-        progress: Callable[[str], None] = print) -> dict[str, Any]:
+        progress: Callable[[str], None] = print, partial: Callable[[dict], None] | None = None) -> dict[str, Any]:
     import jaxaccel
     from jaxaccel.decode.methods import get_method
 
@@ -114,6 +123,9 @@ def run(model: str = "builtin:default", draft: str = "builtin:draft", batches: S
                                                           curve=tuning.ACCELERATOR_VERIFY_COST,
                                                           draft_ratio=ACCELERATOR_RATIO)._asdict()
                 rows.append(row)
+                _release(lm)
+                if partial is not None:  # the rows so far, in case a long run dies
+                    partial({**result, "rows": rows})
                 progress(f"batch {batch}, T={temperature}: {method} budget {budget} ({row['nodes']} nodes): MAT "
                          f"{row['mat']:.2f}, {row['tokens_per_s']:.0f} tok/s, {row['speedup']:.2f}x autoregressive, "
                          f"predicted 1:50 {row['predicted_accelerator_speedup']:.2f}x")
