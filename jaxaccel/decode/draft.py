@@ -100,9 +100,6 @@ class DraftModelMethod(TreeMethod):
         if self.opts["budget"] != "auto" or not self.auto_budget:
             self.budget = positive_int("budget", self.opts["budget"], self.MAX_BUDGET)
 
-    def check(self, config) -> None:
-        pass
-
     def init_state(self, ctx: StepContext, batch: int, method_input: Any, prompt_tokens=None, prompt_lens=None):
         if ctx.draft is None:
             raise ValueError(f"method {self.name!r} needs a draft model handle (StepContext.draft)")
@@ -409,24 +406,16 @@ class Sequoia(StaticDraftMethod):
     def tree_nodes(self) -> int:
         return self.budget + 1
 
-    def check_headroom(self, headroom: int, context: str) -> None:
-        if self.budget + 1 > headroom:
-            raise InvalidArgumentError(
-                f"method {self.name!r}: its draft tree needs {self.budget + 1} cache slots but only {headroom} remain "
-                f"{context}; use a smaller budget or fewer max_new_tokens")
 
 
 @functools.lru_cache(maxsize=32)
 def _sequoia_template(acceptance: tuple[float, ...], budget: int, max_depth: int) -> StaticTemplate:
     from jaxaccel.decode.sequoia import optimal_tree
 
+    from jaxaccel.decode.sequoia import padded_acceptance
+
     vec = np.asarray(acceptance)
-    # ranks beyond the measured vector never help; a too-small tree space gets the ranks it needs
     if vec.sum() <= 0:
         vec = np.full(len(vec), 1e-6)
-    fan_out = len(vec)
-    while sum(fan_out ** d for d in range(max_depth + 1)) < budget + 1:
-        fan_out += 1
-    vec = np.concatenate([vec, np.full(fan_out - len(vec), 1e-9)])
-    tree = optimal_tree(vec, budget, max_depth)
+    tree = optimal_tree(padded_acceptance(vec, budget, max_depth), budget, max_depth)
     return make_template(tree.parents)

@@ -210,7 +210,7 @@ def plan_budget(target, draft, temperature: float, top_k, top_p, batch: int, pop
     least as well on average), step cost from the backend's verification-cost curve and the
     draft/target cost ratio."""
     from jaxaccel.decode.acceptance import cached_acceptance
-    from jaxaccel.decode.sequoia import tree_value_curve
+    from jaxaccel.decode.sequoia import padded_acceptance, tree_value_curve
 
     acceptance = cached_acceptance(target, draft, temperature=temperature, top_k=top_k, top_p=top_p)
     acceptance = np.maximum(acceptance, 1e-9)  # every rank possible: trees of any size fit
@@ -218,12 +218,8 @@ def plan_budget(target, draft, temperature: float, top_k, top_p, batch: int, pop
 
     def value(n: int, depth: int) -> float:
         depth = min(depth, 16)
-        if depth not in curves:  # ranks past the measured ones: a tiny probability, so that 128 nodes fit
-            fan_out = len(acceptance)
-            while sum(fan_out ** d for d in range(depth + 1)) < 129:
-                fan_out += 1
-            padded = np.concatenate([acceptance, np.full(fan_out - len(acceptance), 1e-9)])
-            curves[depth] = tree_value_curve(padded, 128, depth)
+        if depth not in curves:
+            curves[depth] = tree_value_curve(padded_acceptance(acceptance, 128, depth), 128, depth)
         return float(curves[depth][n])
 
     if draft_ratio is None:

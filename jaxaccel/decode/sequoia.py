@@ -162,6 +162,16 @@ def _breadth_first(children: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------- public API
 
 
+def padded_acceptance(acceptance, budget: int, max_depth: int) -> np.ndarray:
+    """The vector with ranks past the measured ones at a tiny probability (1e-9), as many as
+    a tree of `budget` drafted nodes and depth <= `max_depth` needs to fit."""
+    vec = np.asarray(acceptance, np.float64)
+    fan_out = len(vec)
+    while sum(fan_out ** d for d in range(max_depth + 1)) < budget + 1:
+        fan_out += 1
+    return np.concatenate([vec, np.full(fan_out - len(vec), 1e-9)])
+
+
 def optimal_tree(acceptance: Any, budget: int, max_depth: int) -> SequoiaTree:
     """The tree of `budget` drafted nodes (plus the root), depth <= max_depth and fan-out <=
     len(acceptance), maximising the expected tokens per step. Breadth-first order, siblings
