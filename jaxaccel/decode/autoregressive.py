@@ -6,14 +6,17 @@ import jax.numpy as jnp
 
 from jaxaccel.decode.engine import DecodeMethod, DecodeState, StepContext, commit, split_row_keys
 from jaxaccel.decode.sampling import sample
+from jaxaccel.model.options import ExecutionPlan
 
 
-def next_token(state: DecodeState, ctx: StepContext) -> tuple[DecodeState, jax.Array, jax.Array]:
-    """Run `last_token` through the model and pick the next token, without committing it.
+def next_token(state: DecodeState, ctx: StepContext, plan: ExecutionPlan | None = None
+               ) -> tuple[DecodeState, jax.Array, jax.Array]:
+    """Run `last_token` through the model (under `plan`: e.g. SkipDecode's layers) and pick
+    the next token, without committing it.
     -> (state with the cache written and the PRNG advanced, logits [b, 1, vocab], token [b])."""
     positions = state.cache_len[:, None]
     logits, cache = ctx.model.forward(state.last_token[:, None], positions, cache=state.cache,
-                                      write_slots=positions, prefix_len=state.cache_len)
+                                      write_slots=positions, prefix_len=state.cache_len, plan=plan)
     if ctx.mode.greedy:  # no randomness to draw
         return state._replace(cache=cache), logits, sample(None, logits[:, 0], ctx.mode, ctx.sampling)
     rng, keys = split_row_keys(state.rng)

@@ -132,6 +132,13 @@ class DecodeMethod:
     def check_headroom(self, headroom: int, context: str) -> None:
         """Raise InvalidArgumentError when `cache_headroom()` exceeds the `headroom` slots left."""
 
+    def check_request(self, prompt_lens: list[int], max_new_tokens: int) -> None:
+        """Raise InvalidArgumentError when the options do not fit this request's prompts."""
+
+    def stats(self, method_output: Any, batch: int) -> dict[str, Any]:
+        """Method-specific figures for `GenerationResult.stats`, from `final_state`'s output."""
+        return {}
+
     @property
     def carries_memory(self) -> bool:
         """True: `final_state` is kept by the LanguageModel and fed back as `method_input`."""

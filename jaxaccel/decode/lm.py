@@ -165,6 +165,7 @@ class LanguageModel:
                     f"prompt {i} ({len(p)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's maximum "
                     f"length {self.config.max_seq_len}")
         longest = max(len(p) for p in ids)
+        decoder.check_request([len(p) for p in ids], max_new_tokens)
         decoder.check_headroom(self.config.max_seq_len - longest - max_new_tokens,
                                f"after the longest prompt ({longest} tokens) and max_new_tokens ({max_new_tokens}) "
                                f"within the model's maximum length {self.config.max_seq_len}")
@@ -260,7 +261,7 @@ class LanguageModel:
             "row_forwards": int(forwards[:batch].sum()),  # target forwards summed over the rows while live
             "mean_accepted": new_tokens / max(1, int(forwards[:batch].sum())),
             "decode_s": decode_s, "tokens_per_s": new_tokens / decode_s if decode_s > 0 else float("inf"),
-            "compile_s": compile_s,
+            "compile_s": compile_s, **decoder.stats(out.method_output, batch),
         }
         texts = None if self.tokenizer is None else [self.tokenizer.decode(g) for g in gen]
         return GenerationResult(tokens=gen, texts=texts, stats=stats, prompt_ids=ids, method_output=out.method_output)

@@ -9,6 +9,7 @@ from jaxaccel.decode.draft import Sequoia, SpecInfer, SpS
 from jaxaccel.decode.dyspec import DySpec
 from jaxaccel.decode.engine import DecodeMethod
 from jaxaccel.decode.recycling import Recycling
+from jaxaccel.decode.skipdecode import SkipDecode
 from jaxaccel.errors import InvalidArgumentError
 
 METHODS: dict[str, type[DecodeMethod]] = {
@@ -20,6 +21,7 @@ METHODS: dict[str, type[DecodeMethod]] = {
     SpecInfer.name: SpecInfer,
     Sequoia.name: Sequoia,
     DySpec.name: DySpec,
+    SkipDecode.name: SkipDecode,
 }
 
 

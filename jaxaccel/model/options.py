@@ -56,10 +56,18 @@ DENSE = DenseAttention()
 
 
 class ExecutionPlan(NamedTuple):
-    """Per-row, per-layer execution: `active` [batch, n_layers] bool — a row whose flag is off
-    for a layer passes its hidden state through that layer unchanged (SkipDecode)."""
+    """Which layers run, for which tokens.
+
+    * `active` [batch, n_layers] or [batch, T, n_layers] bool: a row (token) whose flag is off
+      for a layer passes its hidden state through that layer unchanged. The layer is still
+      computed for the batch (teacher-forced SkipDecode training, per-row masks).
+    * `layer_on` [n_layers] bool, the same for the whole batch: a layer whose flag is off is
+      not computed at all (`lax.cond`: it costs nothing and writes no K/V) — SkipDecode's
+      decode steps. Unrolled parameter layout only (what decoding uses).
+    """
 
     active: jax.Array | None = None
+    layer_on: jax.Array | None = None
 
 
 class Segments(NamedTuple):

@@ -16,8 +16,9 @@
 * Committed cache entries sit in slot == position (rows are right-padded, never shifted), so
   a slot index is also the key's RoPE position (used by sliding-window attention).
 * What varies per call is typed (`jaxaccel.model.options`): the attention policy, the
-  execution plan (plan.active [batch, n_layers] bool: a row whose flag is off for a layer
-  passes its hidden state through unchanged — SkipDecode) and the static `LayerOptions`
+  execution plan (plan.active [batch, (T,) n_layers] bool: a row or token whose flag is off
+  for a layer passes its hidden state through unchanged; plan.layer_on [n_layers] bool: a
+  layer off for the whole batch is not computed at all — SkipDecode) and the static `LayerOptions`
   every module shares.
 * Decoding reaches the model only through a `ModelHandle` (params + config + forward +
   init_cache, a pytree whose leaves are the params): a draft model is a second handle.
@@ -136,11 +137,19 @@ class DecoderLayer(nn.Module):
         m = nn.Dropout(cfg.dropout.mlp)(m, deterministic=opts.deterministic)
         y = y + drop_path(m, deterministic=opts.deterministic)
         y = constrain(y, (BATCH, LENGTH, EMBED), opts.mesh)
-        if active is not None:  # execution plan: inactive rows pass through this layer
-            y = jnp.where(active[:, None, None], y, x)
+        if active is not None:  # execution plan: inactive rows / tokens pass through this layer
+            y = jnp.where(active[..., None], y, x)  # active [batch, T or 1]
         if cache_kv is None:
             return y, None
         return y, LayerKV(*new_kv)
+
+
+def _run_layer(layer, x, cache, active, rope, visibility, write_slots):
+    return layer(x, (cache, active), rope, visibility, write_slots)
+
+
+def _skip_layer(layer, x, cache, active, rope, visibility, write_slots):
+    return x, cache
 
 
 class DecoderBlock(nn.Module):
@@ -193,7 +202,7 @@ class Transformer(nn.Module):
         if self.scanned:
             bs = cfg.block_size
             n_blocks = cfg.n_layers // bs
-            active = None if layer_active is None else jnp.asarray(layer_active).T  # [layers, batch]
+            active = None if layer_active is None else jnp.moveaxis(layer_active, -1, 0)  # [layers, batch, T|1]
             if bs == 1:
                 body, args = DecoderLayer, (cfg, opts, 0)
                 xs = (cache, active)
@@ -218,12 +227,17 @@ class Transformer(nn.Module):
                 new_cache = LayerKV(merge(new_cache.k), merge(new_cache.v))
         else:
             layer_cls = nn.remat(DecoderLayer, prevent_cse=False) if self.remat else DecoderLayer
+            layer_on = None if plan is None else plan.layer_on
             new_layers = []
             for i in range(cfg.n_layers):
                 layer_cache = None if cache is None else cache[i]
-                active = None if layer_active is None else layer_active[:, i]
-                x, kv = layer_cls(cfg, opts, i, name=f"layer_{i}")(x, (layer_cache, active), rope, visibility,
-                                                                   write_slots)
+                active = None if layer_active is None else layer_active[..., i]
+                layer = layer_cls(cfg, opts, i, name=f"layer_{i}")
+                if layer_on is None:
+                    x, kv = layer(x, (layer_cache, active), rope, visibility, write_slots)
+                else:  # a skipped layer is not computed at all: no FLOPs, no K/V written
+                    x, kv = nn.cond(layer_on[i], _run_layer, _skip_layer, layer, x, layer_cache, active, rope,
+                                    visibility, write_slots)
                 new_layers.append(kv)
             new_cache = None if cache is None else tuple(new_layers)
 
@@ -285,8 +299,16 @@ def forward(params: Params, config: ModelConfig, tokens, positions=None, *, cach
         if write_slots is None or prefix_len is None:
             raise ValueError("a cached forward needs write_slots and prefix_len")
     if plan is not None and plan.active is not None:
-        plan = plan._replace(active=jnp.broadcast_to(jnp.asarray(plan.active, bool),
-                                                     (tokens.shape[0], config.n_layers)))
+        active = jnp.asarray(plan.active, bool)
+        if active.ndim < 3:  # per row: one flag for all of its tokens
+            active = jnp.broadcast_to(active, (tokens.shape[0], config.n_layers))[:, None, :]
+        plan = plan._replace(active=jnp.broadcast_to(active, (tokens.shape[0], active.shape[1], config.n_layers)))
+    if plan is not None and plan.layer_on is not None:
+        if is_scanned(params):
+            raise ValueError("plan.layer_on (skipping layers' compute) needs the unrolled parameter layout")
+        if cache is not None and len(cache) != config.n_layers:
+            raise ValueError("plan.layer_on needs an unrolled cache (one LayerKV per layer)")
+        plan = plan._replace(layer_on=jnp.broadcast_to(jnp.asarray(plan.layer_on, bool), (config.n_layers,)))
     options = LayerOptions(deterministic=deterministic, fused=is_fused(params), dropless=cache is not None,
                            moe_training=moe_training, attention=attention, mesh=mesh)
     model = Transformer(config, options, scanned=is_scanned(params), remat=remat,

@@ -34,6 +34,33 @@ class OptimConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SkipScheduleConfig:
+    """Fine-tune under SkipDecode's layer schedule (`jaxaccel.model.skip`): each training row
+    gets a random prompt boundary in [prompt_min, prompt_max]; the tokens after it run only
+    the layers the schedule gives their step (per-token layer masks in one forward). On when
+    `max_layers` or `speedup` is set."""
+
+    max_layers: int | None = None
+    min_layers: int | None = None  # default: max_layers
+    speedup: float | None = None  # instead of min/max: a target mean layer count n_layers / speedup
+    warmup_layers: int = 1
+    max_length: int | None = None  # where the schedule reaches min_layers; default train.seq_len
+    prompt_min: int = 16
+    prompt_max: int | None = None  # default train.seq_len // 2
+    loss: str = "generated"  # generated: loss on the tokens after the boundary only; all: every token
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_layers is not None or self.speedup is not None
+
+    def __post_init__(self):
+        if self.loss not in ("generated", "all"):
+            raise ConfigError(f"train.skip_schedule.loss must be 'generated' or 'all', got {self.loss!r}")
+        if self.prompt_min < 1 or (self.prompt_max is not None and self.prompt_max < self.prompt_min):
+            raise ConfigError("train.skip_schedule.prompt_min must be >= 1 and <= prompt_max")
+
+
+@dataclasses.dataclass(frozen=True)
 class LoopConfig:
     steps: int | None = None  # None: the data budget's total steps (unique_tokens x epochs)
     batch_size: int = 32  # global, in sequences
@@ -53,6 +80,11 @@ class LoopConfig:
     attention: str = "flash"
     peak_flops: float | None = None  # per-device FLOP/s for MFU; None: measure a matmul
     progress: bool = True
+    # A model folder (jaxaccel checkpoint, or a run's output folder) whose parameters start
+    # this run instead of a random init (ignored when resuming). A deeper source gives its
+    # first model.n_layers layers (a shallower baseline: the top layers dropped).
+    init_from: str | None = None
+    skip_schedule: SkipScheduleConfig = SkipScheduleConfig()
 
     def __post_init__(self):
         if self.steps is not None and self.steps < 1:
@@ -121,6 +153,31 @@ class RunConfig:
     mesh: MeshConfig = MeshConfig()
     output_dir: str = "runs/default"
     tensorboard: bool = True
+
+    def skip_schedule(self):
+        """The SkipDecode schedule this run fine-tunes under, or None (a ConfigError when the
+        options do not fit the model or the sequence length)."""
+        sk = self.train.skip_schedule
+        if not sk.enabled:
+            return None
+        from jaxaccel.errors import InvalidArgumentError
+        from jaxaccel.model.skip import SkipSchedule
+
+        prompt_max = self.train.seq_len // 2 if sk.prompt_max is None else sk.prompt_max
+        if prompt_max >= self.train.seq_len or sk.prompt_min > prompt_max:
+            raise ConfigError(f"train.skip_schedule prompt lengths [{sk.prompt_min}, {prompt_max}] must lie below "
+                              f"train.seq_len ({self.train.seq_len})")
+        try:
+            schedule = SkipSchedule.build(self.model.n_layers, warmup_layers=sk.warmup_layers,
+                                          min_layers=sk.min_layers, max_layers=sk.max_layers,
+                                          max_length=sk.max_length, speedup=sk.speedup,
+                                          default_max_length=self.train.seq_len)
+        except InvalidArgumentError as e:
+            raise ConfigError(f"train.skip_schedule: {e}") from None
+        if schedule.max_length <= prompt_max:
+            raise ConfigError(f"train.skip_schedule.max_length ({schedule.max_length}) must exceed prompt_max "
+                              f"({prompt_max})")
+        return schedule, sk.prompt_min, prompt_max, sk.loss == "generated"
 
     def check_mesh(self, sizes: dict[str, int]) -> None:
         """The mesh must divide what it splits: heads, KV heads, experts, the batch."""

@@ -96,6 +96,7 @@ def output_dir_lock(output_dir: str):
 
 def train(cfg: RunConfig, data: Any = None, *, log=None) -> dict[str, Any]:
     mesh = build_mesh(cfg)  # config errors first, before the folder is touched
+    cfg.skip_schedule()
     with output_dir_lock(cfg.output_dir):
         return _train(cfg, mesh, data, log=log)
 
@@ -130,6 +131,9 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
         log(f"resuming from checkpoint step {start} in {ckpt_dir}")
     else:
         state, start = create_state(cfg.model, optimizer, shardings, cfg.train.seed), 0
+        if cfg.train.init_from is not None:
+            state = state._replace(params=initial_params(cfg, shardings.params))
+            log(f"initialised from {cfg.train.init_from}")
     if _is_main():
         from jaxaccel.model.checkpoint import as_path
 
@@ -142,7 +146,8 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
     bsh = batch_sharding(mesh)
     # A causal objective has no bidirectional tokens: flash attention then skips the tiles
     # above the diagonal. Activations are pinned to the mesh by their logical axes.
-    attention = dict(attention=cfg.train.attention, bidirectional=cfg.data.objective != "causal", mesh=mesh)
+    attention = dict(attention=cfg.train.attention, bidirectional=cfg.data.objective != "causal", mesh=mesh,
+                     skip=cfg.skip_schedule())
     step_fn = {}
     for dropout in (False, True):
         fn = functools.partial(train_step, model_cfg=cfg.model, optimizer=optimizer, schedule=schedule,
@@ -268,6 +273,38 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
             writer.close()
     return {"steps": total_steps, "resumed_from": start, "final_loss": last_loss, **last_eval,
             "data": data.stats, "output_dir": cfg.output_dir}
+
+
+def initial_params(cfg: RunConfig, shardings: Any) -> Any:
+    """`train.init_from`'s parameters in this run's (scanned) layout and shardings. The source
+    must match the model config in everything but depth; a deeper source gives its first
+    model.n_layers layers."""
+    from jaxaccel.model import checkpoint as ckpt
+    from jaxaccel.model.layers import jnp_dtype
+    from jaxaccel.model.transformer import canonical_params, stack_layers
+
+    folder = ckpt.as_path(cfg.train.init_from)
+    if not ckpt.is_jaxaccel_checkpoint(folder) and ckpt.is_jaxaccel_checkpoint(folder / "model"):
+        folder = folder / "model"
+    if ckpt.is_jaxaccel_checkpoint(folder):
+        src_cfg, params, _ = ckpt.load_model(folder)
+    elif ckpt.is_run_dir(folder):
+        src_cfg, params, _ = ckpt.load_run_params(folder)
+    else:
+        raise ConfigError(f"train.init_from: {str(folder)!r} is neither a jaxaccel model nor a training run folder")
+    mine, theirs = to_dict(cfg.model), to_dict(src_cfg)
+    differ = sorted(k for k in mine if k not in ("n_layers", "dropout", "max_seq_len", "dtype", "param_dtype") and mine[k] != theirs.get(k))
+    if differ:
+        raise ConfigError(f"train.init_from: the model differs from this run's in {', '.join(differ)} "
+                          f"(e.g. {differ[0]} {theirs.get(differ[0])!r} vs {mine[differ[0]]!r})")
+    if src_cfg.n_layers < cfg.model.n_layers:
+        raise ConfigError(f"train.init_from has {src_cfg.n_layers} layers, fewer than model.n_layers "
+                          f"({cfg.model.n_layers})")
+    params = canonical_params(params, src_cfg)
+    params = {k: v for k, v in params.items()
+              if not k.startswith("layer_") or int(k.split("_")[1]) < cfg.model.n_layers}
+    dtype = jnp_dtype(cfg.model.param_dtype)
+    return jax.device_put(jax.tree.map(lambda x: x.astype(dtype), stack_layers(params, cfg.model)), shardings)
 
 
 def export_model(cfg: RunConfig, params: Any, folder: Path, data: Any, steps: int, evaluation: dict) -> Path:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxaccel.config import ModelConfig
-from jaxaccel.model.options import DENSE, FlashAttention, Segments
+from jaxaccel.model.options import DENSE, ExecutionPlan, FlashAttention, Segments
 from jaxaccel.model.transformer import forward, unstack_layers
 from jaxaccel.train.config import OptimConfig
 
@@ -59,7 +59,7 @@ UNROLL_LAYERS_UP_TO = 4
 
 def loss_and_metrics(params, model_cfg: ModelConfig, batch: dict, rng, *, dropout: bool, remat: bool,
                      normalizer=None, aux_scale: float = 1.0, training: bool = True, attention: str = "flash",
-                     bidirectional: bool = True, mesh=None, label_smoothing: float = 0.0):
+                     bidirectional: bool = True, mesh=None, label_smoothing: float = 0.0, skip=None):
     """Objective = sum of masked token cross entropy / `normalizer` (default: this batch's
     target count) + aux_scale * MoE auxiliary losses. With normalizer = the global batch's
     target count and aux_scale = 1 / micro-batches, summing micro-batch objectives gives the
@@ -72,15 +72,23 @@ def loss_and_metrics(params, model_cfg: ModelConfig, batch: dict, rng, *, dropou
 
     label_smoothing eps > 0 optimizes the cross entropy against (1 - eps) one-hot + eps
     uniform, i.e. (1 - eps) CE + eps (logsumexp - mean logit) per token (no [.., vocab]
-    target array); `ce_sum` (the logged loss) stays the plain cross entropy."""
+    target array); `ce_sum` (the logged loss) stays the plain cross entropy.
+
+    skip = (SkipSchedule, prompt_min, prompt_max, generated_only) runs the batch under
+    SkipDecode's schedule (`skip_plan`); with generated_only the loss counts only the
+    tokens predicted after each row's prompt boundary."""
     if model_cfg.n_layers <= UNROLL_LAYERS_UP_TO:
         params = unstack_layers(params, model_cfg)  # slices of the stacked arrays; grads flow back stacked
     segments = Segments(batch["segment_ids"], batch["bidirectional"] if bidirectional else None)
-    logits, _, aux = forward(params, model_cfg, batch["inputs"], batch["positions"], segments=segments,
+    plan, weights = None, batch["loss_mask"].astype(jnp.float32)
+    if skip is not None:
+        plan, generated = skip_plan(skip, batch["positions"], rng)
+        if skip[3]:
+            weights = weights * generated
+    logits, _, aux = forward(params, model_cfg, batch["inputs"], batch["positions"], segments=segments, plan=plan,
                              attention=training_attention(attention, mesh),
                              deterministic=not dropout, dropout_rng=rng if dropout else None, return_aux=True,
                              remat=remat, moe_training=training, token_mask=batch["segment_ids"] > 0, mesh=mesh)
-    weights = batch["loss_mask"].astype(jnp.float32)
     token_ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     ce_sum = jnp.sum(token_ce * weights)
     objective_sum = ce_sum
@@ -101,6 +109,19 @@ def loss_and_metrics(params, model_cfg: ModelConfig, batch: dict, rng, *, dropou
     return objective_sum / normalizer + aux_scale * aux_loss, metrics
 
 
+def skip_plan(skip, positions, rng):
+    """SkipDecode fine-tuning: a random prompt boundary b per row, uniform in [prompt_min,
+    prompt_max] (from `rng`; a fixed key when None, so evaluations are repeatable), and the
+    per-token layer flags of `SkipSchedule.token_active`. Within a packed row each segment's
+    positions restart, so every segment gets its own prompt part. -> (ExecutionPlan,
+    [batch, T] float: 1 where the token predicts a generated one, i.e. position >= b - 1)."""
+    schedule, lo, hi, _ = skip
+    key = jax.random.key(17) if rng is None else jax.random.fold_in(rng, 17)
+    boundary = jax.random.randint(key, (positions.shape[0],), lo, hi + 1, dtype=jnp.int32)
+    generated = (positions >= boundary[:, None] - 1).astype(jnp.float32)
+    return ExecutionPlan(active=schedule.token_active(positions, boundary)), generated
+
+
 def training_attention(name: str, mesh=None):
     """The attention policy of train.attention. The splash kernel is a custom call GSPMD cannot
     split, so over a multi-device mesh flash attention runs its jnp path (partitioned like
@@ -118,7 +139,7 @@ def split_micro(batch: dict, n: int) -> dict:
 
 def train_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, optimizer: optax.GradientTransformation,
                schedule: optax.Schedule, grad_accum: int, dropout: bool, remat: bool, attention: str = "flash",
-               bidirectional: bool = True, mesh=None, label_smoothing: float = 0.0):
+               bidirectional: bool = True, mesh=None, label_smoothing: float = 0.0, skip=None):
     """One optimizer step over the global batch, accumulating gradients over `grad_accum`
     micro-batches. Skips the update (`metrics["finite"]` False) when the loss or gradient norm
     is not finite, so the state stays the last good one."""
@@ -127,7 +148,7 @@ def train_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, optimi
     n_total = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
     grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
     kwargs = dict(dropout=dropout, remat=remat, normalizer=n_total, aux_scale=1.0 / grad_accum, attention=attention,
-                  bidirectional=bidirectional, mesh=mesh, label_smoothing=label_smoothing)
+                  bidirectional=bidirectional, mesh=mesh, label_smoothing=label_smoothing, skip=skip)
 
     if grad_accum == 1:
         (objective, metrics), grads = grad_fn(state.params, model_cfg, batch, keys[0], **kwargs)
@@ -162,7 +183,7 @@ def train_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, optimi
 
 
 def eval_step(params, batch: dict, *, model_cfg: ModelConfig, attention: str = "flash", bidirectional: bool = True,
-              mesh=None):
+              mesh=None, skip=None):
     _, metrics = loss_and_metrics(params, model_cfg, batch, None, dropout=False, remat=False, training=False,
-                                  attention=attention, bidirectional=bidirectional, mesh=mesh)
+                                  attention=attention, bidirectional=bidirectional, mesh=mesh, skip=skip)
     return {"ce_sum": metrics["ce_sum"], "tokens": metrics["tokens"], "correct": metrics["correct"]}

@@ -1,0 +1,86 @@
+"""SkipDecode (arXiv 2307.02628): batched, KV-cached early-exit decoding.
+
+Each decode step runs the whole batch through the same h(t) layers — the warm-up layers,
+then the top h(t) - warm-up — with h non-increasing over the generation
+(`jaxaccel.model.skip.SkipSchedule`). Skipped layers are not computed at all: the forward's
+execution plan (`ExecutionPlan.layer_on`) wraps each layer in a `lax.cond`, so a step at h
+layers costs h layers (docs/ARCHITECTURE.md: why `cond` per layer rather than a switch over
+compiled depths). Because every later token runs a subset of the layers every earlier token
+ran, every K/V a step attends to exists; the K/V slots of skipped layers are never written
+and never read.
+
+Step 0 runs the last prompt token, so it runs every layer (the prompt always does); step
+t >= 1 runs the (t-1)-th generated token at h(t - 1).
+
+    lm.generate(prompts, method="skipdecode", speedup=2, max_length=256)
+    lm.generate(prompts, method="skipdecode", min_layers=4, max_layers=10, max_length=256)
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxaccel.config import ModelConfig
+from jaxaccel.decode.autoregressive import next_token
+from jaxaccel.decode.engine import DecodeMethod, DecodeState, StepContext, commit
+from jaxaccel.model.options import ExecutionPlan
+from jaxaccel.model.skip import SkipSchedule, check_span
+
+
+class SkipState(NamedTuple):
+    span: jax.Array  # () int32: max_length - the batch's longest prompt
+    layers_run: jax.Array  # () int32: layers computed, summed over steps (batch-uniform)
+    steps: jax.Array  # () int32
+
+
+class SkipDecode(DecodeMethod):
+    name = "skipdecode"
+    options: dict = {"warmup_layers": 1, "min_layers": None, "max_layers": None, "max_length": None,
+                     "speedup": None}
+
+    def schedule(self, config: ModelConfig) -> SkipSchedule:
+        o = self.opts
+        return SkipSchedule.build(config.n_layers, warmup_layers=o["warmup_layers"], min_layers=o["min_layers"],
+                                  max_layers=o["max_layers"], max_length=o["max_length"], speedup=o["speedup"],
+                                  default_max_length=config.max_seq_len)
+
+    def check(self, config: ModelConfig) -> None:
+        self._schedule = self.schedule(config)
+
+    def check_request(self, prompt_lens: list[int], max_new_tokens: int) -> None:
+        check_span(self._schedule, max(prompt_lens))
+
+    def init_state(self, ctx: StepContext, batch: int, method_input: Any, prompt_tokens=None,
+                   prompt_lens=None) -> SkipState:
+        span = jnp.int32(self._require(ctx).max_length) - jnp.max(prompt_lens).astype(jnp.int32)
+        return SkipState(span=span, layers_run=jnp.int32(0), steps=jnp.int32(0))
+
+    def _require(self, ctx: StepContext) -> SkipSchedule:
+        schedule = getattr(self, "_schedule", None)
+        if schedule is None or schedule.n_layers != ctx.config.n_layers:
+            self._schedule = schedule = self.schedule(ctx.config)
+        return schedule
+
+    def layers_at_step(self, step, span, schedule: SkipSchedule):
+        """h for loop iteration `step` (step 0: the last prompt token, every layer)."""
+        return jnp.where(step == 0, schedule.n_layers, schedule.layers(jnp.maximum(step - 1, 0), span))
+
+    def step(self, state: DecodeState, ctx: StepContext) -> DecodeState:
+        schedule = self._require(ctx)
+        ms: SkipState = state.method_state
+        h = self.layers_at_step(state.step, ms.span, schedule)
+        plan = ExecutionPlan(layer_on=schedule.active(h))
+        state, _, token = next_token(state, ctx, plan)
+        state = state._replace(method_state=ms._replace(layers_run=ms.layers_run + h, steps=ms.steps + 1))
+        return commit(state, token[:, None], jnp.ones_like(token), ctx)
+
+    def final_state(self, method_state: SkipState) -> Any:
+        return method_state.layers_run, method_state.steps
+
+    def stats(self, method_output: Any, batch: int) -> dict[str, Any]:
+        layers, steps = (int(np.asarray(x)) for x in method_output)
+        return {"schedule": self._schedule.describe(), "n_layers": self._schedule.n_layers,
+                "mean_layers_per_step": layers / max(steps, 1)}

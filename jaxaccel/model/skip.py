@@ -1,0 +1,138 @@
+"""SkipDecode's layer schedule (Del Corro et al. 2023, arXiv 2307.02628): one place for the
+rule both the decoder (`jaxaccel.decode.skipdecode`) and the trainer's schedule fine-tune use.
+
+The i-th generated token (i = 0, 1, ...; prompt tokens always run every layer) runs
+
+    h(i) = round((1 - tau) * max_layers + tau * min_layers),  tau = clip(i / span, 0, 1),
+    span = max_length - prompt_length
+
+layers: the first `warmup_layers`, then the top h(i) - warmup_layers. h never increases, so
+the layers a token runs are a subset of the layers every earlier token ran: every K/V a later
+token attends to was computed, and nothing is ever recomputed. Decoding is batch-uniform:
+the step index (not a row's position) drives h, with the batch's longest prompt in `span`.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxaccel.errors import InvalidArgumentError
+
+
+@dataclasses.dataclass(frozen=True)
+class SkipSchedule:
+    n_layers: int
+    min_layers: int
+    max_layers: int
+    max_length: int
+    warmup_layers: int = 1
+
+    def __post_init__(self):
+        n, w = self.n_layers, self.warmup_layers
+        if not isinstance(w, int) or w < 0:
+            raise InvalidArgumentError(f"warmup_layers must be an integer >= 0, got {w!r}")
+        for name in ("min_layers", "max_layers"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or not w + 1 <= v <= n:
+                raise InvalidArgumentError(
+                    f"{name} must be an integer in [warmup_layers + 1, n_layers] = [{w + 1}, {n}], got {v!r}")
+        if self.min_layers > self.max_layers:
+            raise InvalidArgumentError(f"min_layers ({self.min_layers}) > max_layers ({self.max_layers})")
+        if not isinstance(self.max_length, (int, np.integer)) or self.max_length < 2:
+            raise InvalidArgumentError(f"max_length must be an integer >= 2, got {self.max_length!r}")
+        h = self.layers_np(np.arange(4 * self.max_length), self.max_length)
+        if np.any(np.diff(h) > 0):  # by construction; a guard against a future edit of the rule
+            raise AssertionError("the SkipDecode schedule must be non-increasing")
+
+    @classmethod
+    def build(cls, n_layers: int, *, warmup_layers: int = 1, min_layers: int | None = None,
+              max_layers: int | None = None, max_length: int | None = None, speedup: float | None = None,
+              default_max_length: int | None = None) -> "SkipSchedule":
+        """From the method's / trainer's options: explicit min/max layers, or `speedup` (the
+        mean layer count over a generation = n_layers / speedup; see `for_speedup`)."""
+        max_length = default_max_length if max_length is None else max_length
+        if max_length is None:
+            raise InvalidArgumentError("max_length is required (the length at which the schedule reaches min_layers)")
+        if speedup is not None:
+            if min_layers is not None or max_layers is not None:
+                raise InvalidArgumentError("give either speedup or min_layers/max_layers, not both")
+            return cls.for_speedup(n_layers, speedup, warmup_layers=warmup_layers, max_length=max_length)
+        max_layers = n_layers if max_layers is None else max_layers
+        min_layers = max_layers if min_layers is None else min_layers
+        return cls(n_layers, min_layers, max_layers, max_length, warmup_layers)
+
+    @classmethod
+    def for_speedup(cls, n_layers: int, speedup: float, *, warmup_layers: int = 1,
+                    max_length: int = 1024) -> "SkipSchedule":
+        """The schedule whose mean layer count over a generation, (max + min) / 2, is closest
+        to n_layers / speedup, preferring max_layers near 1.5x that mean (the top of the
+        schedule keeps early tokens accurate; the paper's schedules decay by 2-3x)."""
+        if not isinstance(speedup, (int, float)) or isinstance(speedup, bool) or not speedup >= 1:
+            raise InvalidArgumentError(f"speedup must be a number >= 1, got {speedup!r}")
+        target = n_layers / speedup
+        lowest = warmup_layers + 1
+        if target < lowest - 1e-9:
+            raise InvalidArgumentError(
+                f"speedup {speedup} is unreachable: it needs a mean of {target:.2f} layers per token, but at least "
+                f"warmup_layers + 1 = {lowest} run (largest speedup for {n_layers} layers: {n_layers / lowest:.2f})")
+        best = None
+        for hi in range(lowest, n_layers + 1):
+            for lo in range(lowest, hi + 1):
+                cost = (abs((hi + lo) / 2 - target), abs(hi - 1.5 * target))
+                if best is None or cost < best[0]:
+                    best = (cost, lo, hi)
+        (miss, _), lo, hi = best
+        if miss > 0.25 * target:
+            raise InvalidArgumentError(f"speedup {speedup} is unreachable with {n_layers} layers "
+                                       f"(closest mean {(lo + hi) / 2} layers vs {target:.2f} wanted)")
+        return cls(n_layers, lo, hi, max_length, warmup_layers)
+
+    # ------------------------------------------------------------------ the rule
+
+    def layers_np(self, i, span) -> np.ndarray:
+        tau = np.clip(np.asarray(i, np.float64) / max(span, 1), 0.0, 1.0)
+        return np.floor((1.0 - tau) * self.max_layers + tau * self.min_layers + 0.5).astype(np.int32)
+
+    def layers(self, i, span):
+        """h(i) as int32 (jnp; i and span may be traced and broadcast)."""
+        i = jnp.asarray(i, jnp.float32)
+        tau = jnp.clip(i / jnp.maximum(jnp.asarray(span, jnp.float32), 1.0), 0.0, 1.0)
+        return jnp.floor((1.0 - tau) * self.max_layers + tau * self.min_layers + 0.5).astype(jnp.int32)
+
+    def active(self, h):
+        """[..., n_layers] bool: which layers a token with h layers runs (warm-up, then the top)."""
+        layer = jnp.arange(self.n_layers, dtype=jnp.int32)
+        h = jnp.asarray(h, jnp.int32)[..., None]
+        return (layer < self.warmup_layers) | (layer >= self.n_layers - (h - self.warmup_layers))
+
+    def token_active(self, positions, boundary):
+        """Per-token layer flags for teacher-forced training / evaluation under the schedule:
+        positions [batch, T] (a token's position in its sequence), boundary [batch] (the
+        prompt length). Tokens before the boundary run every layer; token at position q >= b
+        is generated token i = q - b. -> [batch, T, n_layers] bool."""
+        boundary = jnp.asarray(boundary, jnp.int32)[:, None]
+        i = positions - boundary
+        h = jnp.where(i < 0, self.n_layers, self.layers(jnp.maximum(i, 0), self.max_length - boundary))
+        return self.active(h)
+
+    def mean_layers(self, span: int | None = None) -> float:
+        """Mean layers per generated token over `span` tokens (default: max_length / 2)."""
+        span = self.max_length // 2 if span is None else span
+        return float(np.mean(self.layers_np(np.arange(span), span)))
+
+    @property
+    def nominal_speedup(self) -> float:
+        return self.n_layers / ((self.max_layers + self.min_layers) / 2)
+
+    def describe(self) -> str:
+        return (f"{self.max_layers} -> {self.min_layers} of {self.n_layers} layers (warm-up {self.warmup_layers}) "
+                f"by length {self.max_length}; nominal speedup {self.nominal_speedup:.2f}x")
+
+
+def check_span(schedule: SkipSchedule, longest_prompt: int) -> None:
+    if schedule.max_length <= longest_prompt:
+        raise InvalidArgumentError(f"max_length ({schedule.max_length}) must exceed the longest prompt "
+                                   f"({longest_prompt} tokens)")
+

@@ -1,0 +1,216 @@
+"""SkipDecode: the schedule, the decode method (exactness, real skipping, the link to the
+teacher-forced training forward) and the trainer's schedule fine-tune."""
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxaccel
+from jaxaccel.cli import run_cli
+from jaxaccel.config import ModelConfig, from_dict
+from jaxaccel.decode.__main__ import main as decode_main
+from jaxaccel.decode.engine import generate_loop, prefill_cache
+from jaxaccel.decode.sampling import make_sampling
+from jaxaccel.decode.skipdecode import SkipDecode
+from jaxaccel.errors import ConfigError, InvalidArgumentError
+from jaxaccel.model.options import ExecutionPlan
+from jaxaccel.model.skip import SkipSchedule
+from jaxaccel.model.transformer import ModelHandle, forward, init_params
+from jaxaccel.train.config import RunConfig
+from jaxaccel.train.loop import train
+
+CFG = ModelConfig(vocab_size=96, d_model=32, n_layers=6, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=128)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    # A larger init scale than training's 0.02 makes the random model's greedy choices
+    # depend on every layer, so a wrong layer set changes tokens.
+    cfg = dataclasses.replace(CFG, init_std=0.2)
+    return jaxaccel.from_params(cfg, init_params(cfg, jax.random.key(3)))
+
+
+def prompts(n, seed=0, lo=3, hi=12):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, CFG.vocab_size, size=int(rng.integers(lo, hi))).tolist() for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------- the schedule
+
+
+def test_schedule_is_monotone_batch_uniform_and_keeps_the_top_layers():
+    s = SkipSchedule(n_layers=12, min_layers=3, max_layers=10, max_length=100, warmup_layers=1)
+    h = s.layers_np(np.arange(200), 80)
+    assert h[0] == 10 and h[80:].tolist() == [3] * 120 and np.all(np.diff(h) <= 0)
+    np.testing.assert_array_equal(np.asarray(s.layers(jnp.arange(200), 80)), h)
+    act = np.asarray(s.active(jnp.array([12, 10, 3, 2])))
+    assert act[0].all()
+    np.testing.assert_array_equal(np.flatnonzero(act[1]), [0, 3, 4, 5, 6, 7, 8, 9, 10, 11])
+    np.testing.assert_array_equal(np.flatnonzero(act[2]), [0, 10, 11])
+    np.testing.assert_array_equal(np.flatnonzero(act[3]), [0, 11])
+    # Nested: a later token's layers are a subset of every earlier token's.
+    per_token = np.asarray(s.token_active(jnp.arange(100)[None], jnp.array([20])))[0]
+    assert per_token[:20].all()
+    assert np.all(per_token[1:] <= per_token[:-1])
+
+
+@pytest.mark.parametrize("speedup,expect", [(1, (12, 12)), (2, (9, 3)), (3, (6, 2))])
+def test_speedup_picks_a_schedule_with_that_mean(speedup, expect):
+    s = SkipSchedule.for_speedup(12, speedup, max_length=256)
+    assert (s.max_layers, s.min_layers) == expect
+    assert abs(s.mean_layers(2000) - 12 / speedup) < 0.1
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"min_layers": 5, "max_layers": 3}, "min_layers .5. > max_layers"),
+    ({"min_layers": 2, "max_layers": 7}, r"max_layers must be an integer in .* = \[2, 6\], got 7"),
+    ({"min_layers": 1, "max_layers": 4}, r"min_layers must be .* = \[2, 6\], got 1"),
+    ({"warmup_layers": 3, "min_layers": 3, "max_layers": 5}, r"min_layers must be .* = \[4, 6\], got 3"),
+    ({"speedup": 0.5}, "speedup must be a number >= 1"),
+    ({"speedup": 4}, "speedup 4 is unreachable"),
+    ({"speedup": 2, "max_layers": 4}, "either speedup or min_layers"),
+    ({"max_length": 1}, "max_length must be an integer >= 2"),
+])
+def test_bad_schedules_are_one_line_errors(lm, options, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        lm.generate([[1, 2, 3]], max_new_tokens=4, method="skipdecode", **options)
+
+
+def test_max_length_must_exceed_the_prompt(lm):
+    with pytest.raises(InvalidArgumentError, match=r"max_length \(8\) must exceed the longest prompt \(9 tokens\)"):
+        lm.generate([[1] * 4, [2] * 9], max_new_tokens=4, method="skipdecode", max_length=8)
+
+
+def test_cli_bad_schedule_exits_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(decode_main, ["--model", "builtin:default", "--method", "skipdecode", "--option", "min_layers=3",
+                              "--option", "max_layers=2", "--max-new-tokens", "4", "--prompt", "def f():"])
+    rc = exit_info.value.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and "min_layers" in err[0]
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_full_schedule_equals_autoregressive(lm, batch):
+    ps = prompts(batch, seed=batch)
+    ref = lm.generate(ps, max_new_tokens=24)
+    got = lm.generate(ps, max_new_tokens=24, method="skipdecode", max_length=64)
+    assert got.tokens == ref.tokens
+    assert got.stats["mean_layers_per_step"] == CFG.n_layers
+
+
+def teacher_forced_argmax(lm, prompt, generated, schedule):
+    """Greedy choices of the *training* forward under the schedule (per-token layer masks,
+    no cache): what the schedule fine-tune optimises."""
+    seq = jnp.asarray([prompt + generated[:-1]])
+    plan = ExecutionPlan(active=schedule.token_active(jnp.arange(seq.shape[1])[None], jnp.array([len(prompt)])))
+    logits, _ = forward(lm.params, lm.config, seq, plan=plan)
+    return np.asarray(jnp.argmax(logits[0, len(prompt) - 1:], -1)).tolist()
+
+
+def test_decoding_matches_the_teacher_forced_training_forward(lm):
+    """Step t runs the t-th token with the layers the training forward gives that position:
+    the K/V each step reads are exactly the ones the per-token-mask forward computes."""
+    schedule = SkipSchedule(CFG.n_layers, min_layers=2, max_layers=5, max_length=40, warmup_layers=1)
+    for p in prompts(3, seed=7):
+        out = lm.generate([p], max_new_tokens=36, method="skipdecode", min_layers=2, max_layers=5, max_length=40)
+        gen = out.tokens[0]
+        assert teacher_forced_argmax(lm, p, gen, schedule) == gen
+        full = lm.generate([p], max_new_tokens=36).tokens[0]
+        assert gen != full  # skipping changed the model: the test above is not vacuous
+    assert out.stats["mean_layers_per_step"] < 4
+
+
+class PoisonSkipped(SkipDecode):
+    """SkipDecode that, after each step, fills the K/V slot it just skipped in every skipped
+    layer with NaN: garbage standing for "never computed". Any later read of one would
+    poison the logits (greedy argmax of NaN logits is token 0)."""
+
+    def step(self, state, ctx):
+        schedule = self._require(ctx)
+        on = schedule.active(self.layers_at_step(state.step, state.method_state.span, schedule))
+        slot, rows = state.cache_len, jnp.arange(state.cache_len.shape[0])
+        state = super().step(state, ctx)
+        poison = lambda a, i: a.at[rows, :, slot].set(jnp.where(on[i], a[rows, :, slot], jnp.nan))  # noqa: E731
+        return state._replace(cache=tuple(type(kv)(poison(kv.k, i), poison(kv.v, i))
+                                          for i, kv in enumerate(state.cache)))
+
+
+def test_skipped_kv_slots_are_never_read(lm):
+    ps = prompts(4, seed=11)
+    opts = dict(min_layers=2, max_layers=4, max_length=30, warmup_layers=1)
+    ref = lm.generate(ps, max_new_tokens=20, method="skipdecode", **opts)
+    method = PoisonSkipped(**opts)
+    method.check(lm.config)
+    handle = ModelHandle(lm.params, lm.config)
+    tokens = jnp.zeros((4, 64), jnp.int32)
+    for i, p in enumerate(ps):
+        tokens = tokens.at[i, :len(p)].set(jnp.asarray(p))
+    lens = jnp.asarray([len(p) for p in ps], jnp.int32)
+    mode, sampling = make_sampling(0.0, None, None)
+    loop = jax.jit(lambda h, c: generate_loop(h, c, tokens, lens, jnp.ones(4, bool), jnp.int32(20), sampling,
+                                              jax.vmap(jax.random.key)(jnp.arange(4)), None, method=method,
+                                              mode=mode, eos_ids=(), out_len=32))
+    out = loop(handle, prefill_cache(handle, tokens, lens, cache_len=64, chunk=16))
+    assert np.asarray(out.tokens)[:, :20].tolist() == ref.tokens
+    assert ref.stats["mean_layers_per_step"] < 4
+    nan_layers = [i for i, kv in enumerate(out.cache) if np.isnan(np.asarray(kv.k)).any()]
+    assert nan_layers == [1, 2, 3, 4]  # every layer but the warm-up and the top one was skipped at some step
+
+
+def test_sampling_eos_and_ragged_batches_work(lm):
+    ps = prompts(3, seed=5)
+    eos = lm.generate(ps, max_new_tokens=16, method="skipdecode", max_length=32, speedup=2).tokens[1][5]
+    lm2 = jaxaccel.from_params(lm.config, lm.params, eos_token_ids=[eos])
+    out = lm2.generate(ps, max_new_tokens=16, method="skipdecode", max_length=32, speedup=2, temperature=0.8,
+                       top_k=20, top_p=0.9, seed=1)
+    again = lm2.generate(ps, max_new_tokens=16, method="skipdecode", max_length=32, speedup=2, temperature=0.8,
+                         top_k=20, top_p=0.9, seed=1)
+    assert out.tokens == again.tokens
+    for t in out.tokens:
+        assert 1 <= len(t) <= 16 and (eos not in t or t.index(eos) == len(t) - 1)
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+def run_cfg(tmp, mesh=None, steps=4, init_from=None, **skip):
+    return from_dict(RunConfig, {
+        "model": {"vocab_size": 64, "d_model": 32, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 64},
+        "data": {"corpus": "synthetic"},
+        "train": {"steps": steps, "batch_size": 8, "seq_len": 32, "log_every": 2, "eval_every": 0, "progress": False,
+                  "peak_flops": 1e11, "init_from": init_from,
+                  "skip_schedule": {"prompt_min": 4, "prompt_max": 12, **skip}},
+        "optim": {"lr": 1e-2, "warmup_steps": 1}, "checkpoint": {"every_steps": 2, "keep": 3},
+        "mesh": {"data": 1, **(mesh or {})}, "output_dir": str(tmp), "tensorboard": False})
+
+
+def losses(folder):
+    return [json.loads(line)["loss"] for line in open(Path(folder) / "metrics.jsonl") if '"loss"' in line]
+
+
+def test_schedule_fine_tune_starts_from_a_model_and_shards(tmp_path):
+    train(run_cfg(tmp_path / "base", steps=6))  # plain training: the init_from source
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    train(run_cfg(single, speedup=2, max_length=32, init_from=str(tmp_path / "base")))
+    train(run_cfg(sharded, {"data": 2, "fsdp": 2, "tensor": 2}, speedup=2, max_length=32,
+                  init_from=str(tmp_path / "base" / "model")))
+    np.testing.assert_allclose(losses(sharded), losses(single), rtol=2e-5)
+    base = losses(tmp_path / "base")
+    assert losses(single)[0] < base[0]  # it started from the trained base, not from scratch
+
+
+def test_bad_fine_tune_configs(tmp_path):
+    with pytest.raises(ConfigError, match="train.skip_schedule: speedup 3.0 is unreachable"):
+        train(run_cfg(tmp_path / "a", speedup=3))
+    with pytest.raises(ConfigError, match=r"max_length \(10\) must exceed prompt_max \(12\)"):
+        train(run_cfg(tmp_path / "b", max_layers=4, min_layers=2, max_length=10))
+    with pytest.raises(ConfigError, match="init_from.*neither a jaxaccel model nor a training run"):
+        train(run_cfg(tmp_path / "c", init_from=str(tmp_path)))
