@@ -214,3 +214,39 @@ def test_bad_fine_tune_configs(tmp_path):
         train(run_cfg(tmp_path / "b", max_layers=4, min_layers=2, max_length=10))
     with pytest.raises(ConfigError, match="init_from.*neither a jaxaccel model nor a training run"):
         train(run_cfg(tmp_path / "c", init_from=str(tmp_path)))
+
+
+# ----------------------------------------------------------------------------- the experiment, at toy size
+
+
+def test_experiment_scores_plots_and_reports(lm, tmp_path):
+    from jaxaccel.experiments import skipdecode as exp
+
+    rows = np.random.default_rng(0).integers(1, CFG.vocab_size, size=(6, 41)).astype(np.int32)
+    sch = SkipSchedule(CFG.n_layers, min_layers=2, max_layers=5, max_length=40)
+    full = exp.teacher_forced(lm.params, lm.config, rows, 8, None, batch=4)
+    skip = exp.teacher_forced(lm.params, lm.config, rows, 8, sch, batch=4)
+    assert full["tokens"] == skip["tokens"] == 6 * 33
+    # By hand: the schedule's forward, the positions after the prompt, mean cross entropy.
+    plan = ExecutionPlan(active=sch.token_active(jnp.broadcast_to(jnp.arange(40), (6, 40)), jnp.full((6,), 8)))
+    logits, _ = forward(lm.params, lm.config, jnp.asarray(rows[:, :-1]), plan=plan)
+    logp = jax.nn.log_softmax(logits[:, 7:], -1)
+    ce = -np.take_along_axis(np.asarray(logp), rows[:, 8:, None], -1).mean()
+    assert abs(skip["loss"] - ce) < 1e-4 and skip["loss"] != full["loss"]
+    assert exp.agreement([[1, 2, 3, 4]], [[1, 2, 9, 4]]) == {"token_agreement": 0.75, "common_prefix": 2.0}
+    assert exp.shallow_layers(SkipSchedule.for_speedup(12, 2, max_length=256), 192) == 6
+    speeds = {"batch1": 100.0, "batch8": 400.0}
+    part = lambda m, **kw: {**m, "token_agreement": 0.5, "common_prefix": 3.0, "perplexity_rise": 0.1, **kw}  # noqa
+    results = {"n_layers": CFG.n_layers, "new_tokens": 32, "full": {**full, "tokens_per_s": speeds},
+               "speedups": [{"speedup": 2, "max_layers": 5, "min_layers": 2, "mean_layers": 3.5,
+                             "layers_per_step": sch.layers_np(np.arange(32), 32).tolist(),
+                             "skipdecode": part(skip, tokens_per_s={"batch1": 180.0, "batch8": 700.0},
+                                                speedup_batch1=1.8, speedup_batch8=1.75),
+                             "no_finetune": part(skip), "shallow": part(full, n_layers=3, tokens_per_s=speeds),
+                             "skipdecode_best": False}]}
+    paths = exp.plot(results, tmp_path)
+    assert all(p.stat().st_size > 1000 for p in paths)
+    table = exp.markdown(results)
+    assert "| 2x | **SkipDecode** | 5→2 (mean 3.50) |" in table and "1.80x" in table
+    assert exp.summary(results) == ["2x: perplexity +10.0% vs full, tokens/s 1.80x at batch1, 1.75x at batch8; "
+                                    "beats both baselines: no"]

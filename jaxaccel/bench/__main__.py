@@ -6,6 +6,7 @@
     python -m jaxaccel.bench startup [--model builtin:default] [--runs 5]
     python -m jaxaccel.bench dyspec [--model builtin:default] [--draft builtin:draft] [--budgets 8,16,32,64,128]
     python -m jaxaccel.bench acceptance --target builtin:default --draft builtin:draft [--temperature 0]
+    python -m jaxaccel.bench skipdecode [--model builtin:skipdecode] [--batches 1,8] [--speedups 2,3,5]
 """
 from __future__ import annotations
 
@@ -98,7 +99,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     ac.add_argument("--top-p", type=float, default=None)
     ac.add_argument("--max-rank", type=int, default=16)
     ac.add_argument("--json", default=None, help="also write it here (method option acceptance=PATH reads it)")
+    sk = sub.add_parser("skipdecode", help="SkipDecode: step cost at h layers (cond vs static), tokens/s vs "
+                                           "autoregressive")
+    sk.add_argument("--model", default="builtin:skipdecode")
+    sk.add_argument("--batches", default="1,8")
+    sk.add_argument("--speedups", default="2,3,5")
+    sk.add_argument("--new-tokens", type=int, default=192)
+    sk.add_argument("--max-length", type=int, default=256, help="the schedule's max_length")
+    sk.add_argument("--runs", type=int, default=3)
+    sk.add_argument("--files", type=int, default=8, help="held-out corpus files used as prompts")
+    sk.add_argument("--prompt-tokens", type=int, default=64)
+    sk.add_argument("--json", default=None)
     args = p.parse_args(argv)
+
+    if args.which == "skipdecode":
+        from jaxaccel.bench import skipdecode
+        from jaxaccel.bench.common import write_json
+
+        batches, speedups = _csv(args.batches, int), _csv(args.speedups, float)
+        if not batches or min(batches) < 1 or args.runs < 1 or args.files < 1 or args.new_tokens < 1:
+            fail("batches, runs, files and new tokens must be >= 1")
+        if not speedups or min(speedups) < 1:
+            fail("speedups must be >= 1")
+        if args.max_length <= args.prompt_tokens:
+            fail(f"--max-length ({args.max_length}) must exceed --prompt-tokens ({args.prompt_tokens})")
+        result = skipdecode.run(args.model, batches, speedups, args.new_tokens, args.runs, args.files,
+                                args.prompt_tokens, args.max_length, progress=lambda s: print(s, file=sys.stderr))
+        print(skipdecode.markdown(result))
+        if args.json:
+            write_json(args.json, result)
+        return 0
 
     if args.which == "dyspec":
         from jaxaccel.bench import draft as draft_bench

@@ -26,6 +26,7 @@ import numpy as np
 from jaxaccel.config import ModelConfig
 from jaxaccel.decode.autoregressive import next_token
 from jaxaccel.decode.engine import DecodeMethod, DecodeState, StepContext, commit
+from jaxaccel.errors import InvalidArgumentError
 from jaxaccel.model.options import ExecutionPlan
 from jaxaccel.model.skip import SkipSchedule, check_span
 
@@ -38,8 +39,11 @@ class SkipState(NamedTuple):
 
 class SkipDecode(DecodeMethod):
     name = "skipdecode"
+    # dispatch: "cond" — one program, a lax.cond per layer on the step's flag; "switch" — a
+    # lax.switch over one program per depth the schedule reaches (the skipped layers are not
+    # even traced). `python -m jaxaccel.bench skipdecode` times both (docs/ARCHITECTURE.md).
     options: dict = {"warmup_layers": 1, "min_layers": None, "max_layers": None, "max_length": None,
-                     "speedup": None}
+                     "speedup": None, "dispatch": "cond"}
 
     def schedule(self, config: ModelConfig) -> SkipSchedule:
         o = self.opts
@@ -48,6 +52,8 @@ class SkipDecode(DecodeMethod):
                                   default_max_length=config.max_seq_len)
 
     def check(self, config: ModelConfig) -> None:
+        if self.opts["dispatch"] not in ("cond", "switch"):
+            raise InvalidArgumentError(f"dispatch must be 'cond' or 'switch', got {self.opts['dispatch']!r}")
         self._schedule = self.schedule(config)
 
     def check_request(self, prompt_lens: list[int], max_new_tokens: int) -> None:
@@ -72,8 +78,14 @@ class SkipDecode(DecodeMethod):
         schedule = self._require(ctx)
         ms: SkipState = state.method_state
         h = self.layers_at_step(state.step, ms.span, schedule)
-        plan = ExecutionPlan(layer_on=schedule.active(h))
-        state, _, token = next_token(state, ctx, plan)
+        if self.opts["dispatch"] == "cond":
+            state, _, token = next_token(state, ctx, ExecutionPlan(layer_on=schedule.active(h)))
+        else:
+            depths = sorted(set(range(schedule.min_layers, schedule.max_layers + 1)) | {schedule.n_layers})
+            branches = [lambda st, d=d: next_token(st, ctx, ExecutionPlan(layer_on=schedule.static_active(d)))
+                        for d in depths]
+            index = jnp.searchsorted(jnp.asarray(depths, jnp.int32), h)
+            state, _, token = jax.lax.switch(index, branches, state)
         state = state._replace(method_state=ms._replace(layers_run=ms.layers_run + h, steps=ms.steps + 1))
         return commit(state, token[:, None], jnp.ones_like(token), ctx)
 

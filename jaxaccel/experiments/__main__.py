@@ -8,6 +8,7 @@
     python -m jaxaccel.experiments collect CONFIG               # rebuild the results file only
     python -m jaxaccel.experiments plot runs/experiments/repetition/results.json --out docs/token_crisis
     python -m jaxaccel.experiments report runs/experiments/repetition/results.json --out table.md
+    python -m jaxaccel.experiments skipdecode [--base runs/deep] [--out docs/skipdecode]   # issue 9
 
 `KEY=VALUE` after the sweep file override its base training config (as for the trainer).
 Bad input (unknown keys, empty axes, duplicate run names, a budget the corpus cannot meet, a
@@ -46,6 +47,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = sub.add_parser("report", help="Markdown tables of a results file")
     report.add_argument("results")
     report.add_argument("--out", default=None, help="write the Markdown here (default: print it)")
+    sd = sub.add_parser("skipdecode", help="SkipDecode: fine-tune per speedup, evaluate quality and speed "
+                                           "against the full model and two baselines")
+    sd.add_argument("--base", default="runs/deep", help="the deep model (configs/deep.yaml's run folder)")
+    sd.add_argument("--root", default="runs/skipdecode", help="where the fine-tunes go")
+    sd.add_argument("--configs", default="configs", help="folder with skipdecode-{S}x.yaml")
+    sd.add_argument("--speedups", default="1,2,3,5")
+    sd.add_argument("--prompt-tokens", type=int, default=64)
+    sd.add_argument("--max-length", type=int, default=256)
+    sd.add_argument("--eval-rows", type=int, default=64, help="held-out files scored teacher forced")
+    sd.add_argument("--files", type=int, default=8, help="held-out files used as prompts (greedy agreement, speed)")
+    sd.add_argument("--batches", default="1,8")
+    sd.add_argument("--runs", type=int, default=3)
+    sd.add_argument("--dispatch", choices=["cond", "switch"], default="cond")
+    sd.add_argument("--out", default="docs/skipdecode", help="results.json and plots go here")
     # KEY=VALUE overrides may come after options too (`sweep CONFIG --dry-run output_dir=...`).
     args, extra = p.parse_known_args(argv)
     stray = [e for e in extra if e.startswith("-") or "=" not in e or args.command not in ("sweep", "collect")]
@@ -53,6 +68,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+
+    if args.command == "skipdecode":
+        import json
+
+        from jaxaccel.cli import fail
+        from jaxaccel.experiments import skipdecode
+
+        try:
+            speedups = tuple(float(x) for x in args.speedups.split(",") if x)
+            batches = tuple(int(x) for x in args.batches.split(",") if x)
+        except ValueError:
+            fail("--speedups and --batches are comma-separated numbers")
+        for s in speedups:
+            if not (Path(args.configs) / f"skipdecode-{s:g}x.yaml").is_file():
+                fail(f"no config {Path(args.configs) / f'skipdecode-{s:g}x.yaml'} for speedup {s:g}")
+        if not Path(args.base).exists():
+            fail(f"--base {args.base!r} does not exist (train it: python -m jaxaccel.train configs/deep.yaml)")
+        if min(args.eval_rows, args.files, args.runs, *batches) < 1 or args.max_length <= args.prompt_tokens:
+            fail("eval rows, files, runs and batches must be >= 1, and --max-length > --prompt-tokens")
+        results = skipdecode.run(args.base, args.root, args.configs, speedups, args.prompt_tokens, args.max_length,
+                                 args.eval_rows, args.files, batches, args.runs, args.dispatch)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        for path in skipdecode.plot(results, out):
+            print(path)
+        print(skipdecode.markdown(results))
+        print("\n".join(skipdecode.summary(results)))
+        return 0
 
     if args.command in ("sweep", "collect"):
         if args.command == "sweep":

@@ -63,7 +63,9 @@ class ExecutionPlan(NamedTuple):
       computed for the batch (teacher-forced SkipDecode training, per-row masks).
     * `layer_on` [n_layers] bool, the same for the whole batch: a layer whose flag is off is
       not computed at all (`lax.cond`: it costs nothing and writes no K/V) — SkipDecode's
-      decode steps. Unrolled parameter layout only (what decoding uses).
+      decode steps. A tuple of Python bools is static instead: the skipped layers are not
+      traced at all (one program per layer set). Unrolled parameter layout only (what
+      decoding uses).
     """
 
     active: jax.Array | None = None

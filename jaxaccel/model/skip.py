@@ -107,6 +107,11 @@ class SkipSchedule:
         h = jnp.asarray(h, jnp.int32)[..., None]
         return (layer < self.warmup_layers) | (layer >= self.n_layers - (h - self.warmup_layers))
 
+    def static_active(self, h: int) -> tuple[bool, ...]:
+        """`active` for a Python int h, as a static tuple (`ExecutionPlan.layer_on`)."""
+        return tuple(i < self.warmup_layers or i >= self.n_layers - (h - self.warmup_layers)
+                     for i in range(self.n_layers))
+
     def token_active(self, positions, boundary):
         """Per-token layer flags for teacher-forced training / evaluation under the schedule:
         positions [batch, T] (a token's position in its sequence), boundary [batch] (the

@@ -233,7 +233,12 @@ class Transformer(nn.Module):
                 layer_cache = None if cache is None else cache[i]
                 active = None if layer_active is None else layer_active[..., i]
                 layer = layer_cls(cfg, opts, i, name=f"layer_{i}")
-                if layer_on is None:
+                if isinstance(layer_on, tuple):  # static: the skipped layers are not even traced
+                    if layer_on[i]:
+                        x, kv = layer(x, (layer_cache, active), rope, visibility, write_slots)
+                    else:
+                        kv = layer_cache
+                elif layer_on is None:
                     x, kv = layer(x, (layer_cache, active), rope, visibility, write_slots)
                 else:  # a skipped layer is not computed at all: no FLOPs, no K/V written
                     x, kv = nn.cond(layer_on[i], _run_layer, _skip_layer, layer, x, layer_cache, active, rope,
@@ -308,7 +313,12 @@ def forward(params: Params, config: ModelConfig, tokens, positions=None, *, cach
             raise ValueError("plan.layer_on (skipping layers' compute) needs the unrolled parameter layout")
         if cache is not None and len(cache) != config.n_layers:
             raise ValueError("plan.layer_on needs an unrolled cache (one LayerKV per layer)")
-        plan = plan._replace(layer_on=jnp.broadcast_to(jnp.asarray(plan.layer_on, bool), (config.n_layers,)))
+        if isinstance(plan.layer_on, (tuple, list)):
+            if len(plan.layer_on) != config.n_layers:
+                raise ValueError(f"plan.layer_on has {len(plan.layer_on)} flags for {config.n_layers} layers")
+            plan = plan._replace(layer_on=tuple(bool(f) for f in plan.layer_on))
+        else:
+            plan = plan._replace(layer_on=jnp.broadcast_to(jnp.asarray(plan.layer_on, bool), (config.n_layers,)))
     options = LayerOptions(deterministic=deterministic, fused=is_fused(params), dropless=cache is not None,
                            moe_training=moe_training, attention=attention, mesh=mesh)
     model = Transformer(config, options, scanned=is_scanned(params), remat=remat,

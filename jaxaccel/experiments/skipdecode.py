@@ -1,0 +1,289 @@
+"""python -m jaxaccel.experiments skipdecode — SkipDecode's quality/speed trade-off (issue 9).
+
+One command: fine-tune the deep model (configs/deep.yaml, `--base`) under the schedule for
+each speedup (configs/skipdecode-{S}x.yaml; 1x = the same fine-tune without skipping, the
+quality reference), fine-tune the plain shallower baselines (the base's first N layers,
+N = the schedule's mean layer count, configs/skipdecode-1x.yaml with model.n_layers=N), then
+evaluate, on held-out (validation-split) corpus files:
+
+* quality of the generated part: perplexity and next-token accuracy, teacher forced, of the
+  tokens after a `prompt_tokens` prefix (the schedule applied per token, exactly as decoding
+  runs it), and agreement of greedy continuations with the full fine-tuned model's;
+* speed: decode tokens/s at batch 1 and 8, each speedup's model with `skipdecode` vs the full
+  model with `autoregressive`;
+* at each speedup three models at the same mean layer count: SkipDecode (fine-tuned with the
+  schedule), the base model run with the schedule without fine-tuning, the shallower model.
+
+Fine-tunes already finished are reused, killed ones resume (the trainer's own checkpoints).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxaccel.model.options import ExecutionPlan
+from jaxaccel.model.skip import SkipSchedule
+
+SPEEDUPS = (1, 2, 3, 5)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def heldout_rows(data_cfg, seq_len: int, n_rows: int) -> np.ndarray:
+    """[n_rows, seq_len + 1] token ids: validation-split documents at least that long, one
+    window per document (the start of the file: a prompt, then code to continue)."""
+    from jaxaccel.data.corpus import open_corpus
+    from jaxaccel.data.pipeline import build_data
+
+    data = build_data(data_cfg, seq_len=seq_len, batch_size=8)
+    from jaxaccel.tokenizer import SentencePieceTokenizer
+
+    tok = SentencePieceTokenizer(data.vocab_path)
+    rows = []
+    for doc in open_corpus(data_cfg.corpus).documents("validation", data_cfg.validation_buckets):
+        ids = ([data.bos_id] if data.bos_id is not None else []) + tok.encode(doc.text)
+        if len(ids) >= seq_len + 1:
+            rows.append(ids[:seq_len + 1])
+        if len(rows) == n_rows:
+            break
+    if not rows:
+        raise ValueError(f"no validation document of {seq_len + 1} tokens")
+    return np.asarray(rows, np.int32)
+
+
+def teacher_forced(params, config, rows: np.ndarray, prompt_tokens: int, schedule: SkipSchedule | None,
+                   batch: int = 8) -> dict[str, float]:
+    """Cross entropy and accuracy of the tokens after `prompt_tokens`, teacher forced; with a
+    schedule each token runs the layers decoding would give it (`SkipSchedule.token_active`)."""
+    from jaxaccel.model.transformer import forward
+
+    @jax.jit
+    def score(params, x, y):
+        plan = None
+        if schedule is not None:
+            pos = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape)
+            plan = ExecutionPlan(active=schedule.token_active(pos, jnp.full((x.shape[0],), prompt_tokens)))
+        logits, _ = forward(params, config, x, plan=plan)
+        logp = jax.nn.log_softmax(logits[:, prompt_tokens - 1:], -1)
+        target = y[:, prompt_tokens - 1:]
+        ce = -jnp.take_along_axis(logp, target[..., None], -1)[..., 0]
+        return ce.sum(), (jnp.argmax(logp, -1) == target).sum(), ce.size
+
+    ce, correct, n = 0.0, 0, 0
+    for i in range(0, len(rows), batch):
+        chunk = jnp.asarray(rows[i:i + batch])
+        c, k, m = score(params, chunk[:, :-1], chunk[:, 1:])
+        ce, correct, n = ce + float(c), correct + int(k), n + int(m)
+    return {"loss": ce / n, "perplexity": math.exp(ce / n), "accuracy": correct / n, "tokens": n}
+
+
+def agreement(reference: list[list[int]], other: list[list[int]]) -> dict[str, float]:
+    """Token-level agreement of two sets of greedy continuations: the fraction of positions
+    with the same token, and the mean length of the common prefix."""
+    same, total, prefix = 0, 0, []
+    for a, b in zip(reference, other):
+        n = min(len(a), len(b))
+        eq = [x == y for x, y in zip(a[:n], b[:n])]
+        same, total = same + sum(eq), total + max(len(a), len(b))
+        prefix.append(eq.index(False) if False in eq else n)
+    return {"token_agreement": same / max(total, 1), "common_prefix": float(np.mean(prefix))}
+
+
+def shallow_layers(schedule: SkipSchedule, span: int) -> int:
+    """The plain baseline's depth for a schedule: its mean layer count, rounded half up
+    (ties go to the baseline)."""
+    return max(1, int(math.floor(schedule.mean_layers(span) + 0.5)))
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def fine_tune(config_path: Path, output_dir: Path, base: str, overrides: Sequence[str] = (),
+              log: Callable[[str], None] = print) -> Path:
+    """Train (or resume, or reuse) one fine-tune; -> its model folder."""
+    from jaxaccel.config import build
+    from jaxaccel.train.config import RunConfig
+    from jaxaccel.train.loop import train
+
+    model_dir = output_dir / "model"
+    if (model_dir / "jaxaccel.json").is_file():
+        return model_dir
+    cfg = build(RunConfig, config_path, [f"train.init_from={base}", f"output_dir={output_dir}",
+                                         "train.progress=false", *overrides])
+    log(f"fine-tuning {output_dir} ({config_path} {' '.join(overrides)})")
+    train(cfg)
+    return model_dir
+
+
+def run(base: str = "runs/deep", root: str = "runs/skipdecode", configs: str = "configs",
+        speedups: Sequence[float] = SPEEDUPS, prompt_tokens: int = 64, max_length: int = 256, eval_rows: int = 64,
+        files: int = 8, batches: Sequence[int] = (1, 8), runs: int = 3, dispatch: str = "cond",
+        log: Callable[[str], None] = print) -> dict[str, Any]:
+    import jaxaccel
+    from jaxaccel.bench.common import machine
+    from jaxaccel.bench.spec import run_method
+    from jaxaccel.config import build
+    from jaxaccel.train.config import RunConfig
+
+    configs_dir, root_dir = Path(configs), Path(root)
+    if 1 not in speedups:
+        speedups = (1, *speedups)
+    cfg1 = build(RunConfig, configs_dir / "skipdecode-1x.yaml")
+    n_layers, span = cfg1.model.n_layers, max_length - prompt_tokens
+    schedules = {s: SkipSchedule.for_speedup(n_layers, s, max_length=max_length) for s in speedups}
+    models = {s: fine_tune(configs_dir / f"skipdecode-{s:g}x.yaml", root_dir / f"{s:g}x", base, log=log)
+              for s in speedups}
+    shallow = {}
+    for s in speedups:
+        if s == 1:
+            continue
+        n = shallow_layers(schedules[s], span)
+        shallow[s] = (n, fine_tune(configs_dir / "skipdecode-1x.yaml", root_dir / f"shallow-{n}layers", base,
+                                   [f"model.n_layers={n}"], log=log))
+
+    base_lm = jaxaccel.load(base)
+    full = jaxaccel.load(str(models[1]))
+    rows = heldout_rows(cfg1.data, max_length, eval_rows)
+    prompts = [r[:prompt_tokens].tolist() for r in rows[:files]]
+    new_tokens = span
+
+    def greedy(lm, **kw) -> list[list[int]]:
+        out = lm.generate(prompts, max_new_tokens=new_tokens, **kw)
+        return out.tokens
+
+    reference = greedy(full)
+
+    def speed(lm, method: str, **kw) -> dict[str, float]:
+        return {f"batch{b}": run_method(lm, prompts, b, new_tokens, runs, method, 0.0, **kw)["tokens_per_s"]
+                for b in batches}
+
+    log("speed: the full model")
+    full_speed = speed(full, "autoregressive")
+    results: dict[str, Any] = {
+        "machine": machine(), "base": base, "n_layers": n_layers, "prompt_tokens": prompt_tokens,
+        "max_length": max_length, "new_tokens": new_tokens, "eval_rows": int(len(rows)),
+        "eval_tokens_per_row": span, "files": len(prompts), "runs": runs, "dispatch": dispatch,
+        "full": {"model": str(models[1]), **teacher_forced(full.params, full.config, rows, prompt_tokens, None),
+                 "tokens_per_s": full_speed},
+        "speedups": []}
+    for s in speedups:
+        if s == 1:
+            continue
+        sch = schedules[s]
+        opts = dict(method="skipdecode", speedup=s, max_length=max_length, dispatch=dispatch)
+        log(f"speedup {s:g}: {sch.describe()}")
+        lm = jaxaccel.load(str(models[s]))
+        n, shallow_dir = shallow[s]
+        sh = jaxaccel.load(str(shallow_dir))
+        row = {"speedup": s, "schedule": sch.describe(), "max_layers": sch.max_layers, "min_layers": sch.min_layers,
+               "mean_layers": sch.mean_layers(span), "layers_per_step": sch.layers_np(np.arange(span), span).tolist()}
+        row["skipdecode"] = {"model": str(models[s]),
+                             **teacher_forced(lm.params, lm.config, rows, prompt_tokens, sch),
+                             **agreement(reference, greedy(lm, **opts)),
+                             "tokens_per_s": speed(lm, "skipdecode", speedup=s, max_length=max_length,
+                                                   dispatch=dispatch)}
+        row["no_finetune"] = {"model": base,
+                              **teacher_forced(base_lm.params, base_lm.config, rows, prompt_tokens, sch),
+                              **agreement(reference, greedy(base_lm, **opts))}
+        row["shallow"] = {"model": str(shallow_dir), "n_layers": n,
+                          **teacher_forced(sh.params, sh.config, rows, prompt_tokens, None),
+                          **agreement(reference, greedy(sh)), "tokens_per_s": speed(sh, "autoregressive")}
+        for b in batches:
+            k = f"batch{b}"
+            row["skipdecode"][f"speedup_{k}"] = row["skipdecode"]["tokens_per_s"][k] / full_speed[k]
+            row["shallow"][f"speedup_{k}"] = row["shallow"]["tokens_per_s"][k] / full_speed[k]
+        ppl = results["full"]["perplexity"]
+        for name in ("skipdecode", "no_finetune", "shallow"):
+            row[name]["perplexity_rise"] = row[name]["perplexity"] / ppl - 1
+        row["skipdecode_best"] = all(row["skipdecode"]["perplexity"] < row[o]["perplexity"]
+                                     for o in ("no_finetune", "shallow"))
+        results["speedups"].append(row)
+    return results
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def plot(results: dict[str, Any], out: str | Path) -> list[Path]:
+    from jaxaccel.experiments.plots import _pyplot
+
+    plt = _pyplot()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = results["speedups"]
+    xs = [1] + [r["speedup"] for r in rows]
+    full = results["full"]
+    paths = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, style in (("skipdecode", "o-"), ("no_finetune", "s--"), ("shallow", "^:")):
+        axes[0].plot(xs, [full["perplexity"]] + [r[name]["perplexity"] for r in rows], style, label=name)
+        axes[1].plot(xs, [1.0] + [r[name]["token_agreement"] for r in rows], style, label=name)
+    axes[0].set(xlabel="nominal speedup (layers / mean layers per token)", ylabel="perplexity (generated part)",
+                yscale="log", title="quality vs speedup")
+    axes[1].set(xlabel="nominal speedup", ylabel="greedy agreement with the full model",
+                title="agreement vs speedup")
+    for ax in axes:
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(out / "quality-vs-speedup.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    span = results["new_tokens"]
+    ax.plot(range(span), [results["n_layers"]] * span, label="1x (full)")
+    for r in rows:
+        ax.plot(range(span), r["layers_per_step"], label=f"{r['speedup']:g}x: {r['max_layers']} -> {r['min_layers']}")
+    ax.set(xlabel="generated token t", ylabel="layers run", title=f"SkipDecode schedules ({results['n_layers']} layers)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(out / "layers-per-step.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def markdown(results: dict[str, Any]) -> str:
+    full = results["full"]
+    bs = sorted(full["tokens_per_s"])
+    head = ("| speedup | model | layers | perplexity | rise vs full | accuracy | greedy agreement | common prefix | "
+            + " | ".join(f"tok/s {b}" for b in bs) + " | " + " | ".join(f"vs full ({b})" for b in bs) + " |")
+    lines = [head, "|" + "---|" * (8 + 2 * len(bs))]
+
+    def line(s, name, m, layers):
+        speeds = m.get("tokens_per_s", {})
+        cells = [f"{speeds[b]:.0f}" if b in speeds else "—" for b in bs]
+        ratios = [f"{speeds[b] / full['tokens_per_s'][b]:.2f}x" if b in speeds else "—" for b in bs]
+        agree = m.get("token_agreement", 1.0)
+        prefix = m.get("common_prefix", float(results["new_tokens"]))
+        return (f"| {s} | {name} | {layers} | {m['perplexity']:.3f} | {m.get('perplexity_rise', 0) * 100:+.1f}% | "
+                f"{m['accuracy']:.3f} | {agree:.3f} | {prefix:.1f} | " + " | ".join(cells + ratios) + " |")
+
+    lines.append(line("1x", "full (fine-tuned, autoregressive)", full, results["n_layers"]))
+    for r in results["speedups"]:
+        s = f"{r['speedup']:g}x"
+        lines.append(line(s, "**SkipDecode**", r["skipdecode"], f"{r['max_layers']}→{r['min_layers']} "
+                                                                f"(mean {r['mean_layers']:.2f})"))
+        lines.append(line(s, "schedule, no fine-tune", r["no_finetune"], "same"))
+        lines.append(line(s, "shallow model", r["shallow"], r["shallow"]["n_layers"]))
+    return "\n".join(lines)
+
+
+def summary(results: dict[str, Any]) -> list[str]:
+    """The issue's targets, one line each."""
+    out = []
+    bs = sorted(results["full"]["tokens_per_s"])
+    for r in results["speedups"]:
+        sd = r["skipdecode"]
+        speeds = ", ".join(f"{sd[f'speedup_{b}']:.2f}x at {b}" for b in bs)
+        out.append(f"{r['speedup']:g}x: perplexity {sd['perplexity_rise'] * 100:+.1f}% vs full, tokens/s {speeds}; "
+                   f"beats both baselines: {'yes' if r['skipdecode_best'] else 'no'}")
+    return out
