@@ -205,6 +205,13 @@ def test_schedule_fine_tune_starts_from_a_model_and_shards(tmp_path):
     np.testing.assert_allclose(losses(sharded), losses(single), rtol=2e-5)
     base = losses(tmp_path / "base")
     assert losses(single)[0] < base[0]  # it started from the trained base, not from scratch
+    # The exported model remembers its schedule: method="skipdecode" alone decodes with it.
+    tuned = jaxaccel.load(single / "model")
+    trained = run_cfg(single, speedup=2, max_length=32).skip_schedule()[0]
+    out = tuned.generate([[1, 2, 3]], max_new_tokens=4, method="skipdecode")
+    assert out.stats["schedule"] == trained.describe()
+    assert jaxaccel.load(tmp_path / "base").generate([[1, 2, 3]], max_new_tokens=4, method="skipdecode"
+                                                     ).stats["mean_layers_per_step"] == 4
 
 
 def test_bad_fine_tune_configs(tmp_path):

@@ -126,6 +126,10 @@ class DecodeMethod:
     def cache_headroom(self) -> int:
         return 0
 
+    def use_model_info(self, info: dict[str, Any]) -> None:
+        """Called before `check` with the model's provenance (`LanguageModel.info`): a method
+        may take defaults from it (SkipDecode: the schedule the model was fine-tuned with)."""
+
     def check(self, config: ModelConfig) -> None:
         """Raise InvalidArgumentError when the options do not fit this model."""
 

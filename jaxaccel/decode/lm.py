@@ -153,6 +153,7 @@ class LanguageModel:
             raise InvalidArgumentError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
         mode, sampling = make_sampling(temperature, top_k, top_p)
         decoder = get_method(method, **method_options)
+        decoder.use_model_info(self.info)
         decoder.check(self.config)
         ids = [self.encode(p, i) for i, p in enumerate(prompts)]
         draft_lm = None

@@ -14,6 +14,10 @@ t >= 1 runs the (t-1)-th generated token at h(t - 1).
 
     lm.generate(prompts, method="skipdecode", speedup=2, max_length=256)
     lm.generate(prompts, method="skipdecode", min_layers=4, max_layers=10, max_length=256)
+    lm.generate(prompts, method="skipdecode")   # a schedule-fine-tuned model: its own schedule
+
+Without schedule options, a model fine-tuned under a schedule (`info["skip_schedule"]`,
+written by the trainer) decodes with that schedule; any other model runs every layer.
 """
 from __future__ import annotations
 
@@ -50,6 +54,16 @@ class SkipDecode(DecodeMethod):
         return SkipSchedule.build(config.n_layers, warmup_layers=o["warmup_layers"], min_layers=o["min_layers"],
                                   max_layers=o["max_layers"], max_length=o["max_length"], speedup=o["speedup"],
                                   default_max_length=config.max_seq_len)
+
+    SCHEDULE_KEYS = ("warmup_layers", "min_layers", "max_layers", "max_length")
+
+    def use_model_info(self, info: dict[str, Any]) -> None:
+        """No schedule given: take the one the model was fine-tuned with (the trainer records
+        it as info["skip_schedule"]), so `--method skipdecode` alone decodes as trained."""
+        trained = info.get("skip_schedule")
+        given = any(self.opts[k] is not None for k in ("min_layers", "max_layers", "max_length", "speedup"))
+        if trained and not given:
+            self.opts.update({k: trained[k] for k in self.SCHEDULE_KEYS if k in trained})
 
     def check(self, config: ModelConfig) -> None:
         if self.opts["dispatch"] not in ("cond", "switch"):

@@ -36,22 +36,20 @@ SPEEDUPS = (1, 2, 3, 5)
 
 
 def heldout_rows(data_cfg, seq_len: int, n_rows: int) -> np.ndarray:
-    """[n_rows, seq_len + 1] token ids: validation-split documents at least that long, one
-    window per document (the start of the file: a prompt, then code to continue)."""
+    """[<= n_rows, seq_len + 1] token ids from the validation-split documents: consecutive
+    non-overlapping windows, the first window of every document first (a file's start, BOS
+    included: the prompts for generation), then the later ones."""
     from jaxaccel.data.corpus import open_corpus
     from jaxaccel.data.pipeline import build_data
-
-    data = build_data(data_cfg, seq_len=seq_len, batch_size=8)
     from jaxaccel.tokenizer import SentencePieceTokenizer
 
+    data = build_data(data_cfg, seq_len=seq_len, batch_size=8)
     tok = SentencePieceTokenizer(data.vocab_path)
-    rows = []
+    windows: list[list[list[int]]] = []
     for doc in open_corpus(data_cfg.corpus).documents("validation", data_cfg.validation_buckets):
         ids = ([data.bos_id] if data.bos_id is not None else []) + tok.encode(doc.text)
-        if len(ids) >= seq_len + 1:
-            rows.append(ids[:seq_len + 1])
-        if len(rows) == n_rows:
-            break
+        windows.append([ids[i:i + seq_len + 1] for i in range(0, len(ids) - seq_len, seq_len + 1)])
+    rows = [w[k] for k in range(max(map(len, windows), default=0)) for w in windows if k < len(w)][:n_rows]
     if not rows:
         raise ValueError(f"no validation document of {seq_len + 1} tokens")
     return np.asarray(rows, np.int32)

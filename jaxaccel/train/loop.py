@@ -307,6 +307,17 @@ def initial_params(cfg: RunConfig, shardings: Any) -> Any:
     return jax.device_put(jax.tree.map(lambda x: x.astype(dtype), stack_layers(params, cfg.model)), shardings)
 
 
+def skip_info(cfg: RunConfig) -> dict:
+    """The schedule a SkipDecode fine-tune trained under: `method="skipdecode"` decodes the
+    exported model with it by default."""
+    skip = cfg.skip_schedule()
+    if skip is None:
+        return {}
+    s = skip[0]
+    return {"skip_schedule": {"warmup_layers": s.warmup_layers, "min_layers": s.min_layers,
+                              "max_layers": s.max_layers, "max_length": s.max_length}}
+
+
 def export_model(cfg: RunConfig, params: Any, folder: Path, data: Any, steps: int, evaluation: dict) -> Path:
     """The trained weights as a jaxaccel model folder, with the SentencePiece tokenizer and
     what produced them (steps, data statistics, final validation figures)."""
@@ -321,5 +332,5 @@ def export_model(cfg: RunConfig, params: Any, folder: Path, data: Any, steps: in
                       bos_token_id=bos, extra={"add_bos": bos is not None, "info": {
                           "trained_steps": steps, "validation_loss": evaluation.get("eval_loss"),
                           "validation_accuracy": evaluation.get("eval_accuracy"),
-                          "validation_tokens": evaluation.get("eval_tokens"),
+                          "validation_tokens": evaluation.get("eval_tokens"), **skip_info(cfg),
                           "data": {k: v for k, v in data.stats.items() if isinstance(v, (int, float, str))}}})
