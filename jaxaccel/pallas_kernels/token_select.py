@@ -315,11 +315,14 @@ def score_keys_kernel(q: jax.Array, k: jax.Array, lengths: jax.Array, *, candida
          jnp then folds the blocks into one logsumexp per head ([batch, heads]: tiny);
       2. per block, sum over the group's heads of exp(logit - logsumexp) -> [batch, kv_heads,
          cache_len]; jnp sums the KV groups.
-    (One pass writing raw logits [batch, heads, cache_len] float32 and normalising in XLA
-    moves less memory when 4 * n_heads < 2 * n_kv_heads * head_dim; the kernel keeps the
-    normaliser on chip instead, as the issue asks.) Blocks wholly past a row's length skip
-    the matmul (`pl.when`); on TPU the pipeline still fetches them -- clamping the block
-    index with a scalar-prefetched length would elide that DMA (not done).
+    Per key that reads K twice, 2 * n_kv_heads * head_dim * itemsize bytes. One pass that
+    writes raw float32 logits [batch, n_heads, cache_len] and normalises them in XLA moves
+    n_kv_heads * head_dim * itemsize + 8 * n_heads bytes instead -- less for typical GQA
+    shapes (bf16, 32 heads, 8 KV heads, head_dim 128: 2 KiB + 256 B against 4 KiB); worth
+    measuring on hardware before choosing (not done: no device here).
+    Blocks wholly past a row's length skip the matmul (`pl.when`); on TPU the pipeline still
+    fetches them -- clamping the block index with a scalar-prefetched length would elide
+    that DMA (not done).
     cache_len is zero-padded to a multiple of block_k here (a copy: prefer cache_len %
     block_k == 0). block_k defaults to `default_block_k(cache_len)`.
     """
@@ -390,7 +393,7 @@ def select_indices(scores: jax.Array, lengths: jax.Array, *, k: int, n_init: int
                    pool: int | None = None) -> tuple[jax.Array, jax.Array]:
     """The keys one TokenSelect step attends to (jnp; top-k through `lax.top_k`).
 
-    scores: [batch, cache_len] (from `score_keys`); lengths: [batch] int32.
+    scores: [batch, cache_len] (from `score_keys`); lengths: [batch] int32 (clipped to cache_len).
     k: how many candidates to pick by score; n_init / n_local: the first n_init and the last
       n_local valid keys of a row, always selected (attention sinks and the local window).
       The candidates are the slots [n_init, lengths - n_local).
@@ -410,7 +413,7 @@ def select_indices(scores: jax.Array, lengths: jax.Array, *, k: int, n_init: int
     if pool is not None and (pool < 1 or pool % 2 == 0):
         raise ValueError(f"pool must be an odd width >= 1 or None, got {pool}")
     b, s = scores.shape
-    lengths = lengths.astype(jnp.int32)
+    lengths = jnp.clip(lengths.astype(jnp.int32), 0, s)
     budget = n_init + k + n_local
     candidates = selection_candidates(lengths, s, n_init=n_init, n_local=n_local)
     ranked = jnp.where(candidates, scores.astype(jnp.float32), -jnp.inf)
