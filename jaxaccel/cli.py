@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from typing import Callable, Sequence
 
 from jaxaccel.errors import JaxaccelError
@@ -27,6 +28,8 @@ def fail(message: str) -> None:
 def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Run `main`, turning jaxaccel's typed errors into `error: <message>` + exit 2."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    # Warnings are one line too (`warning: ...`), not a source location and a code excerpt.
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     try:
         return main(argv)
     except JaxaccelError as e:

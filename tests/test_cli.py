@@ -60,7 +60,6 @@ def test_decode_text_output_and_prompts_file(model_dir, capsys, tmp_path):
     (["--prompt-ids", "1,x"], "expected comma-separated integers"),
     (["--prompt-ids", "1,500"], "token id 500 is outside the vocabulary (0..96)"),
     (["--prompt-ids", ""], "prompt 0 is empty"),
-    (["--prompt-ids", ",".join(["1"] * 300)], "300 tokens; the model's maximum length is 256"),
     (["--prompt", "hello"], "no tokenizer"),
     (["--prompt-ids", "1", "--temperature", "hot"], "invalid float value: 'hot'"),
     (["--prompts-file", "/nonexistent.jsonl"], "does not exist"),

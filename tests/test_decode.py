@@ -118,6 +118,14 @@ def test_sampled_first_token_is_distributed_as_the_model(tiny_lm, temperature, t
     assert sps.chisquare(obs_p, exp_p).pvalue > 1e-3
 
 
+def test_contexts_past_max_seq_len_run_with_one_warning(tiny_lm):
+    """The cache is sized from the request: a context past the trained maximum length runs
+    (positions the model never saw — the TokenSelect extrapolation experiment), said once."""
+    with pytest.warns(UserWarning, match="runs past the model's maximum length 256") as record:
+        out = tiny_lm.generate([[1] * 200], max_new_tokens=100)
+    assert len(record) == 1 and len(out.tokens[0]) == 100
+
+
 def test_progress_display_runs(tiny_lm, capsys):
     out = tiny_lm.generate(PROMPTS[:1], max_new_tokens=64, progress=True)
     assert len(out.tokens[0]) == 64
@@ -129,8 +137,6 @@ def test_progress_display_runs(tiny_lm, capsys):
     (dict(prompts=[[]]), InvalidPromptError, "prompt 0 is empty"),
     (dict(prompts=[[1], [3, 97]]), InvalidPromptError, r"prompt 1: token id 97 is outside the vocabulary \(0..96\)"),
     (dict(prompts=[[-1]]), InvalidPromptError, "outside the vocabulary"),
-    (dict(prompts=[[1] * 257]), InvalidPromptError, "257 tokens; the model's maximum length is 256"),
-    (dict(prompts=[[1] * 200], max_new_tokens=100), InvalidPromptError, "exceeds the model's maximum length 256"),
     (dict(prompts=["hello"]), InvalidPromptError, "no tokenizer"),
     (dict(temperature=-0.1), InvalidArgumentError, "temperature must be >= 0"),
     (dict(top_p=0.0), InvalidArgumentError, r"top_p must be in \(0, 1\]"),

@@ -126,6 +126,20 @@ class DecodeMethod:
     def cache_headroom(self) -> int:
         return 0
 
+    # True: positions past the model's trained max_seq_len are what the method is for
+    # (TokenSelect's compact positions); generate then does not warn about them.
+    extrapolates: bool = False
+
+    def forward_defaults(self) -> dict[str, Any]:
+        """Forward keyword arguments for every call of the target in a generation with this
+        method — the prefill included, so they go on the handle (TokenSelect: its attention
+        policy, which changes what the cache holds)."""
+        return {}
+
+    def prefill_chunk(self) -> int | None:
+        """Prompt tokens per prefill forward, or None for the model's default."""
+        return None
+
     def use_model_info(self, info: dict[str, Any]) -> None:
         """Called before `check` with the model's provenance (`LanguageModel.info`): a method
         may take defaults from it (SkipDecode: the schedule the model was fine-tuned with)."""

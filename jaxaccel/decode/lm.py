@@ -15,6 +15,7 @@ import functools
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -130,9 +131,6 @@ class LanguageModel:
         if bad:
             raise InvalidPromptError(f"prompt {index}: token id {bad[0]} is outside the vocabulary "
                                      f"(0..{self.config.vocab_size - 1})")
-        if len(ids) > self.config.max_seq_len:
-            raise InvalidPromptError(f"prompt {index} has {len(ids)} tokens; the model's maximum length is "
-                                     f"{self.config.max_seq_len}")
         return ids
 
     def decode_text(self, ids: Sequence[int]) -> str | None:
@@ -160,16 +158,20 @@ class LanguageModel:
         if getattr(decoder, "uses_draft", False):  # load + check the draft; methods may plan with both models
             draft_lm = self._draft_model(decoder)
             decoder.prepare(self, draft_lm, temperature, top_k, top_p, batch=len(ids))
-        for i, p in enumerate(ids):
-            if len(p) + max_new_tokens > self.config.max_seq_len:
-                raise InvalidPromptError(
-                    f"prompt {i} ({len(p)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's maximum "
-                    f"length {self.config.max_seq_len}")
         longest = max(len(p) for p in ids)
         decoder.check_request([len(p) for p in ids], max_new_tokens)
-        decoder.check_headroom(self.config.max_seq_len - longest - max_new_tokens,
-                               f"after the longest prompt ({longest} tokens) and max_new_tokens ({max_new_tokens}) "
-                               f"within the model's maximum length {self.config.max_seq_len}")
+        # The cache is sized from the request, so the model's trained maximum length is no
+        # limit: past it, positions are ones the model never saw (the extrapolation TokenSelect
+        # is for), said once per call.
+        if longest + max_new_tokens > self.config.max_seq_len:
+            if not decoder.extrapolates:
+                warnings.warn(f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) runs past "
+                              f"the model's maximum length {self.config.max_seq_len}: method {decoder.name!r} uses "
+                              f"positions the model was not trained at", stacklevel=2)
+        else:
+            decoder.check_headroom(self.config.max_seq_len - longest - max_new_tokens,
+                                   f"after the longest prompt ({longest} tokens) and max_new_tokens ({max_new_tokens}) "
+                                   f"within the model's maximum length {self.config.max_seq_len}")
         draft_handle = None
         if draft_lm is not None:
             positions = longest + max_new_tokens + decoder.cache_headroom()
@@ -189,7 +191,11 @@ class LanguageModel:
         cache_len = cache_bucket(longest + out_len + decoder.cache_headroom())
         # Prompts are padded to the cache length: both programs are keyed by it alone, so
         # prompts of every length up to it share them (prefill runs only the chunks it needs).
-        chunk = min(cache_len, self.prefill_chunk)
+        chunk = min(cache_len, decoder.prefill_chunk() or self.prefill_chunk)
+        method_defaults = decoder.forward_defaults()  # e.g. TokenSelect's attention policy, prefill included
+        handle = self.handle
+        if method_defaults:
+            handle = ModelHandle(self.params, self.config, {**dict(handle.defaults), **method_defaults})
 
         tokens = np.zeros((batch_bucket, cache_len), np.int32)
         lens = np.ones((batch_bucket,), np.int32)
@@ -199,7 +205,7 @@ class LanguageModel:
         live = np.arange(batch_bucket) < batch
         base = jax.random.key(seed)
         rng = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(batch_bucket))
-        prompt_args = (self.handle, jnp.asarray(tokens), jnp.asarray(lens))
+        prompt_args = (handle, jnp.asarray(tokens), jnp.asarray(lens))
         loop_args = (prompt_args[1], prompt_args[2], jnp.asarray(live), jnp.int32(max_new_tokens), sampling, rng,
                      method_input, draft_handle)
 
@@ -207,7 +213,7 @@ class LanguageModel:
         input_sig = jax.tree.map(lambda a: (np.shape(a), str(getattr(a, "dtype", np.asarray(a).dtype))), method_input)
         cache_sharding = self._cache_sharding(batch_bucket)
         compile_s = 0.0
-        prefill_key = ("prefill", batch_bucket, cache_len, chunk)
+        prefill_key = ("prefill", batch_bucket, cache_len, chunk) + tuple(sorted(method_defaults.items()))
         prefill_fn = self._compiled.get(prefill_key)
         prefill_jit = jax.jit(functools.partial(prefill_cache, cache_len=cache_len, chunk=chunk,
                                                 cache_sharding=cache_sharding),
@@ -231,7 +237,7 @@ class LanguageModel:
                           cache_sharding=cache_sharding, tree_attention=tree_attention,
                           progress=self._report_progress if show_progress else None)
             fn = jax.jit(functools.partial(generate_loop, **static), donate_argnums=(1,))
-            loop_fn = fn.lower(self.handle, cache_spec, *loop_args).compile(compiler_options=tuning.compiler_options())
+            loop_fn = fn.lower(handle, cache_spec, *loop_args).compile(compiler_options=tuning.compiler_options())
             self._compiled[loop_key] = loop_fn
             compile_s += time.perf_counter() - t0
         bar = None
@@ -242,7 +248,7 @@ class LanguageModel:
             self._progress_bar = bar
         t0 = time.perf_counter()
         cache = prefill_fn(*prompt_args)
-        out: GenerateOutput = loop_fn(self.handle, cache, *loop_args)
+        out: GenerateOutput = loop_fn(handle, cache, *loop_args)
         out = jax.block_until_ready(out._replace(cache=None))  # the final cache is not kept
         decode_s = time.perf_counter() - t0
         if bar is not None:
@@ -344,7 +350,8 @@ class LanguageModel:
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL_DIR = ASSETS / "default_model"  # configs/default.yaml, trained ~30 min on a 2-core CPU
 DRAFT_MODEL_DIR = ASSETS / "draft_model"  # configs/draft.yaml: same vocabulary, ~9x smaller
-BUILTIN_MODELS = {"default": DEFAULT_MODEL_DIR, "draft": DRAFT_MODEL_DIR}
+SKIPDECODE_MODEL_DIR = ASSETS / "skipdecode_model"  # configs/deep.yaml + configs/skipdecode-2x.yaml: 12 layers
+BUILTIN_MODELS = {"default": DEFAULT_MODEL_DIR, "draft": DRAFT_MODEL_DIR, "skipdecode": SKIPDECODE_MODEL_DIR}
 
 
 def _param_shardings(mesh: Mesh | None):

@@ -10,6 +10,7 @@ from jaxaccel.decode.dyspec import DySpec
 from jaxaccel.decode.engine import DecodeMethod
 from jaxaccel.decode.recycling import Recycling
 from jaxaccel.decode.skipdecode import SkipDecode
+from jaxaccel.decode.tokenselect import TokenSelect
 from jaxaccel.errors import InvalidArgumentError
 
 METHODS: dict[str, type[DecodeMethod]] = {
@@ -22,6 +23,7 @@ METHODS: dict[str, type[DecodeMethod]] = {
     Sequoia.name: Sequoia,
     DySpec.name: DySpec,
     SkipDecode.name: SkipDecode,
+    TokenSelect.name: TokenSelect,
 }
 
 

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxaccel.config import ModelConfig, RopeScaling
-from jaxaccel.model.options import FlashAttention, LayerOptions, Segments, TreeKernelAttention
+from jaxaccel.model.options import (FlashAttention, LayerOptions, Segments, SelectionState, TokenSelectAttention,
+                                    TreeKernelAttention)
 from jaxaccel.sharding import constrain
 from jaxaccel.pallas_kernels.ops import MASKED_SCORE, attend  # noqa: F401  (re-exported)
 
@@ -132,9 +133,11 @@ class Attention(nn.Module):
     options: LayerOptions = LayerOptions()
 
     @nn.compact
-    def __call__(self, x, rope, visibility: Visibility, cache_kv=None, write_slots=None):
+    def __call__(self, x, rope, visibility: Visibility, cache_kv=None, write_slots=None,
+                 select_state: SelectionState | None = None):
         """x [b, t, d] -> ([b, t, d], updated (k, v) cache, or None when uncached). How the
-        scores are computed is `options.attention` (see `jaxaccel.model.options`)."""
+        scores are computed is `options.attention` (see `jaxaccel.model.options`). With
+        `select_state` (TokenSelect's selection cache) a third result: its update."""
         cfg, opts = self.config, self.options
         hd = cfg.resolved_head_dim
         dtype, pdtype = jnp_dtype(cfg.dtype), jnp_dtype(cfg.param_dtype)
@@ -161,13 +164,17 @@ class Attention(nn.Module):
             q = proj("q", cfg.n_heads, HEADS)
             k = proj("k", cfg.n_kv_heads, KV_HEADS)
             v = proj("v", cfg.n_kv_heads, KV_HEADS)
+        q_raw, k_raw = q, k  # before RoPE: what TokenSelect scores with and caches
         q = apply_rope(q, rope) * jnp.asarray(hd ** -0.5, dtype)
         k = apply_rope(k, rope)
         q = constrain(q, (BATCH, LENGTH, HEADS, HEAD_DIM), opts.mesh)
         k = constrain(k, (BATCH, LENGTH, KV_HEADS, HEAD_DIM), opts.mesh)
         v = constrain(v, (BATCH, LENGTH, KV_HEADS, HEAD_DIM), opts.mesh)
         policy = opts.attention
-        if cache_kv is None:
+        if isinstance(policy, TokenSelectAttention) and cache_kv is not None:
+            out, new_kv, select_state = token_select_attention(policy, cfg, q_raw, k_raw, v, q, k, visibility,
+                                                               cache_kv, write_slots, select_state)
+        elif cache_kv is None:
             if isinstance(policy, FlashAttention) and visibility.new is None:
                 from jaxaccel.pallas_kernels.flash_attention import flash_attention
 
@@ -195,7 +202,116 @@ class Attention(nn.Module):
             cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dtype, param_dtype=pdtype, name="o",
             kernel_init=_init(cfg.init_std / math.sqrt(2 * cfg.n_layers), (HEADS, HEAD_DIM, EMBED)),
         )(out)
+        if select_state is not None:
+            return out, new_kv, select_state
         return out, new_kv
+
+
+# ----------------------------------------------------------------------------- TokenSelect
+
+
+def rotate_cache_keys(cache_k: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Keys cached before RoPE [batch, kv_heads, S, head_dim], rotated at their slots (slot ==
+    position): what the dense policy would have cached."""
+    angles = jnp.arange(cache_k.shape[2], dtype=jnp.int32).astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)
+    return apply_rope(cache_k, (jnp.cos(angles)[None, None], jnp.sin(angles)[None, None]))
+
+
+def assemble_selection(top: jax.Array, lengths: jax.Array, policy: TokenSelectAttention, cache_len: int
+                       ) -> tuple[jax.Array, jax.Array]:
+    """init + `top` [batch, k] + local as `token_select.select_indices` lays them out
+    (indices, valid [batch, budget]): a row longer than the budget gets [0, n_init), top,
+    [lengths - n_local, lengths); a shorter row every slot [0, lengths) (masked entries hold
+    max(lengths - 1, 0)). How a reused top-k becomes this step's selection."""
+    b = top.shape[0]
+    every = jnp.arange(policy.budget, dtype=jnp.int32)[None, :]
+    full = jnp.concatenate([jnp.broadcast_to(jnp.arange(policy.n_init, dtype=jnp.int32), (b, policy.n_init)), top,
+                            lengths[:, None] - policy.n_local + jnp.arange(policy.n_local, dtype=jnp.int32)], axis=1)
+    short = (lengths <= policy.budget)[:, None]
+    valid = jnp.where(short, every < lengths[:, None], True)
+    indices = jnp.where(valid, jnp.where(short, every, full), jnp.maximum(lengths - 1, 0)[:, None])
+    return jnp.clip(indices, 0, cache_len - 1), valid
+
+
+def _fresh_top(policy: TokenSelectAttention, query, cache_k, lengths) -> jax.Array:
+    """Soft-vote scores of the committed keys for `query` [batch, heads, head_dim] (before
+    RoPE), then the top-k candidates [batch, k] (ascending) of each long row."""
+    from jaxaccel.pallas_kernels import token_select as ts
+
+    s = cache_k.shape[2]
+    candidates = ts.selection_candidates(lengths, s, n_init=policy.n_init, n_local=policy.n_local)
+    scores = ts.score_keys(query, cache_k, lengths, candidate_mask=candidates, use_kernel=policy.use_kernel,
+                           interpret=policy.interpret)
+    indices, _ = ts.select_indices(scores, lengths, k=policy.k, n_init=policy.n_init, n_local=policy.n_local,
+                                   pool=policy.pool)
+    return indices[:, policy.n_init:policy.n_init + policy.k]
+
+
+def token_select_attention(policy: TokenSelectAttention, cfg: ModelConfig, q_raw, k_raw, v, q_rot, k_rot,
+                           visibility: Visibility, cache_kv, write_slots, state: SelectionState | None):
+    """Cached attention under `TokenSelectAttention` (see there for the rule).
+
+    q_raw [b, t, heads, hd], k_raw / v [b, t, kv_heads, hd]: the new tokens before RoPE (q
+    unscaled); q_rot / k_rot: the same rotated at their positions (q scaled). The cache keys
+    are before RoPE and so are the keys written. Returns (out [b, t, heads, hd], (k, v) cache
+    updated, the selection state updated or None)."""
+    from jaxaccel.pallas_kernels import token_select as ts
+
+    cache_k, cache_v = cache_kv
+    b, t, h, hd = q_raw.shape
+    s = cache_k.shape[2]
+    lengths = visibility.prefix_len
+    inv_freq = rope_inv_freq(hd, cfg.rope_theta, cfg.rope_scaling)
+    if s <= policy.budget or lengths is None:
+        # Everything fits (or the visibility is more than a prefix: a sliding window, an extra
+        # cache mask): plain attention over the cache's keys rotated at their positions.
+        out = attend(q_rot, k_rot, v, visibility.new, rotate_cache_keys(cache_k, inv_freq), cache_v,
+                     visibility.cache)
+    elif t == 1:  # a decode step: one query per row selects for itself
+        lengths = lengths.astype(jnp.int32)
+        query = q_raw[:, 0]
+        long = lengths > policy.budget
+        hit = jnp.zeros((b,), bool)
+        flat = query.reshape(b, h * hd).astype(jnp.float32)
+        if state is None or policy.cache_threshold is None:
+            top = _fresh_top(policy, query, cache_k, lengths)
+        else:
+            norms = jnp.linalg.norm(flat, axis=-1) * jnp.linalg.norm(state.query, axis=-1)
+            cos = jnp.sum(flat * state.query, axis=-1) / jnp.where(norms > 0, norms, 1.0)
+            hit = state.filled & long & (cos >= policy.cache_threshold)
+            # Score the keys only when some long row misses (batch 1: a hit skips the scoring).
+            top = jax.lax.cond(jnp.all(hit | ~long), lambda: state.top, lambda: jnp.where(
+                hit[:, None], state.top, _fresh_top(policy, query, cache_k, lengths)))
+        indices, valid = assemble_selection(top, lengths, policy, s)
+        scaled = query * jnp.asarray(hd ** -0.5, query.dtype)
+        out = ts.sparse_attention(scaled, cache_k, cache_v, indices, valid, lengths, k_new=k_raw[:, 0],
+                                  v_new=v[:, 0], rope_inv_freq=inv_freq, positions=policy.positions,
+                                  use_kernel=policy.use_kernel, interpret=policy.interpret)[:, None]
+        if state is not None:
+            fresh = long & ~hit
+            state = SelectionState(top=jnp.where(fresh[:, None], top, state.top),
+                                   query=jnp.where(fresh[:, None], flat, state.query), filled=state.filled | long,
+                                   hits=state.hits + hit, lookups=state.lookups + long)
+    else:  # a prefill chunk: its mean query (over the tokens being written) selects for all of them
+        lengths = lengths.astype(jnp.int32)
+        real = (write_slots >= 0).astype(jnp.float32)[:, :, None, None]  # padding tokens do not vote
+        mean = jnp.sum(q_raw.astype(jnp.float32) * real, axis=1) / jnp.maximum(jnp.sum(real, axis=1), 1.0)
+        mean = mean.astype(q_raw.dtype)
+        indices, valid = assemble_selection(_fresh_top(policy, mean, cache_k, lengths), lengths, policy, s)
+        key_pos, n_selected = ts.rope_positions(indices, valid, lengths, policy.positions)
+        # The new tokens keep their rotation (true positions); the selected keys move by
+        # lengths - n_selected instead, which leaves every query-key distance as in the
+        # compacted sequence (RoPE sees only differences). "original": shift 0.
+        shift = lengths - n_selected if policy.positions == "compact" else jnp.zeros_like(lengths)
+        slots = indices[:, None, :, None]
+        k_sel = ts.apply_rope(jnp.take_along_axis(cache_k, slots, axis=2), (key_pos + shift[:, None])[:, None, :],
+                              inv_freq)
+        v_sel = jnp.take_along_axis(cache_v, slots, axis=2)
+        selected_visible = jnp.broadcast_to(valid[:, None, :], (b, t, valid.shape[1]))
+        out = attend(q_rot, k_rot, v, visibility.new, k_sel, v_sel, selected_visible)
+    # Order the write after the read (see the dense path): the cache is updated in place.
+    out, cache_k, cache_v = jax.lax.optimization_barrier((out, cache_k, cache_v))
+    return out, (write_kv(cache_k, k_raw, write_slots), write_kv(cache_v, v, write_slots)), state
 
 
 class MLP(nn.Module):

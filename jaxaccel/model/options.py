@@ -3,8 +3,10 @@
 * An **attention policy** says how the attention of every layer is computed:
   `DenseAttention` (the jnp reference over explicit masks: every call shape),
   `FlashAttention` (training: blockwise with an online softmax, memory linear in the
-  sequence; needs `Segments` instead of a mask) and `TreeKernelAttention` (cached calls
-  through the Pallas tree-attention op). A policy that does not apply to a call (the tree
+  sequence; needs `Segments` instead of a mask), `TreeKernelAttention` (cached calls
+  through the Pallas tree-attention op) and `TokenSelectAttention` (cached calls attend to a
+  per-row selection of the cache; its per-layer selection cache, `SelectionState`, is a
+  forward argument and result like the KV cache). A policy that does not apply to a call (the tree
   kernel without a cache or with a sliding window, flash attention with a cache or an
   explicit mask) falls back to `DenseAttention` for that call, so a caller can set one
   policy for a whole decode loop.
@@ -22,6 +24,7 @@ import dataclasses
 from typing import NamedTuple, Union
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 
 
@@ -51,7 +54,69 @@ class TreeKernelAttention:
     block_k: int | None = None
 
 
-AttentionPolicy = Union[DenseAttention, FlashAttention, TreeKernelAttention]
+@dataclasses.dataclass(frozen=True)
+class TokenSelectAttention:
+    """TokenSelect (arXiv 2411.02886): cached calls attend to a few selected cache keys.
+
+    The cache holds keys *before* RoPE (every cached call under this policy writes them so;
+    the whole generation, prefill included, must run it). Per layer and row:
+    * a decode step (one new token) scores the committed keys with its query,
+      s[h, j] = q_h . k_j (q unscaled and un-rotated, query head h reading KV head h // group —
+      the official code reads KV head h % n_kv_heads), lets the heads vote (sum over h of
+      softmax_j s[h, :], over the candidate keys between the first `n_init` and the last
+      `n_local`), optionally max-pools the votes over `pool` neighbours, keeps the top `k`,
+      and attends over init + top-k + local + itself;
+    * a prefill chunk (several new tokens) selects the same way with the mean of its queries,
+      then each token attends over that selection plus the chunk's earlier tokens;
+    * RoPE is applied to the selected keys at their rank in the selection ("compact") or at
+      their slot ("original"); the query sits right after them.
+    A row whose committed length fits in n_init + k + n_local selects every key (compact
+    rank == slot): plain attention. When the whole cache fits (or a sliding window or an extra
+    cache mask decides visibility), plain attention over the cache's keys rotated at their
+    slots: the same result as the dense policy over a rotated cache.
+    Selection cache: a step reuses the row's last top-k while the cosine between its query
+    (flattened over heads) and the query that chose them is >= `cache_threshold` (None:
+    never). `use_kernel` None: the Pallas kernels on TPU/GPU, their jnp references on CPU;
+    `interpret` runs the kernels in the Pallas interpreter (tests)."""
+
+    k: int = 2048
+    n_init: int = 128
+    n_local: int = 512
+    pool: int | None = None
+    positions: str = "compact"  # "compact" | "original"
+    cache_threshold: float | None = 0.9
+    use_kernel: bool | None = None
+    interpret: bool = False
+
+    @property
+    def budget(self) -> int:
+        """Keys a long row attends to (besides the new tokens themselves)."""
+        return self.n_init + self.k + self.n_local
+
+
+class SelectionState(NamedTuple):
+    """One layer's TokenSelect selection cache, per row (the forward's `attention_state` is a
+    tuple of these, one per layer; decode steps read and update it).
+
+    top [batch, k] int32: the top-k candidate slots of the last fresh selection (ascending);
+    query [batch, n_heads * head_dim] float32: the query that chose them; filled [batch] bool:
+    `top` holds a selection; hits / lookups [batch] int32: steps that reused `top` / steps of
+    a row longer than the budget (which needed a selection)."""
+
+    top: jax.Array
+    query: jax.Array
+    filled: jax.Array
+    hits: jax.Array
+    lookups: jax.Array
+
+    @classmethod
+    def empty(cls, batch: int, k: int, query_dim: int) -> "SelectionState":
+        zeros = lambda dtype, *shape: jnp.zeros((batch, *shape), dtype)  # noqa: E731
+        return cls(zeros(jnp.int32, k), zeros(jnp.float32, query_dim), zeros(bool), zeros(jnp.int32),
+                   zeros(jnp.int32))
+
+
+AttentionPolicy = Union[DenseAttention, FlashAttention, TreeKernelAttention, TokenSelectAttention]
 DENSE = DenseAttention()
 
 

@@ -117,12 +117,16 @@ class DecoderLayer(nn.Module):
     index: int = 0  # position in the stack (in its block when scanned): decides dense vs MoE
 
     @nn.compact
-    def __call__(self, x, layer_inputs, rope, visibility: Visibility, write_slots):
+    def __call__(self, x, layer_inputs, rope, visibility: Visibility, write_slots, select_state=None):
         cache_kv, active = layer_inputs
         cfg, opts = self.config, self.options
         dtype, pdtype = jnp_dtype(cfg.dtype), jnp_dtype(cfg.param_dtype)
         h = RMSNorm(cfg.norm_eps, dtype, pdtype, name="attn_norm")(x)
-        a, new_kv = Attention(cfg, opts, name="attn")(h, rope, visibility, cache_kv, write_slots)
+        if select_state is None:
+            a, new_kv = Attention(cfg, opts, name="attn")(h, rope, visibility, cache_kv, write_slots)
+        else:  # the attention policy's per-layer state (TokenSelect's selection cache) in and out
+            a, new_kv, select_state = Attention(cfg, opts, name="attn")(h, rope, visibility, cache_kv, write_slots,
+                                                                         select_state)
         # DropPath (stochastic depth, Huang et al. 2016): each residual branch is dropped for
         # a whole example with probability dropout.path (the survivors scaled by 1 / (1 - p)).
         drop_path = nn.Dropout(cfg.dropout.path, broadcast_dims=(1, 2))
@@ -141,6 +145,8 @@ class DecoderLayer(nn.Module):
             y = jnp.where(active[..., None], y, x)  # active [batch, T or 1]
         if cache_kv is None:
             return y, None
+        if select_state is not None:
+            return y, (LayerKV(*new_kv), select_state)
         return y, LayerKV(*new_kv)
 
 
@@ -183,7 +189,7 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens, positions, cache=None, write_slots=None, prefix_len=None, new_mask=None,
                  plan: ExecutionPlan | None = None, compute_logits=True, token_mask=None,
-                 segments: Segments | None = None, cache_mask=None):
+                 segments: Segments | None = None, cache_mask=None, attention_state=None):
         cfg, opts = self.config, self.options
         dtype, pdtype = jnp_dtype(cfg.dtype), jnp_dtype(cfg.param_dtype)
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=pdtype, name="embed",
@@ -228,12 +234,16 @@ class Transformer(nn.Module):
         else:
             layer_cls = nn.remat(DecoderLayer, prevent_cse=False) if self.remat else DecoderLayer
             layer_on = None if plan is None else plan.layer_on
-            new_layers = []
+            new_layers, new_states = [], []
             for i in range(cfg.n_layers):
                 layer_cache = None if cache is None else cache[i]
                 active = None if layer_active is None else layer_active[..., i]
                 layer = layer_cls(cfg, opts, i, name=f"layer_{i}")
-                if isinstance(layer_on, tuple):  # static: the skipped layers are not even traced
+                if attention_state is not None:  # checked by `forward`: cached, every layer runs
+                    x, (kv, layer_state) = layer(x, (layer_cache, active), rope, visibility, write_slots,
+                                                 attention_state[i])
+                    new_states.append(layer_state)
+                elif isinstance(layer_on, tuple):  # static: the skipped layers are not even traced
                     if layer_on[i]:
                         x, kv = layer(x, (layer_cache, active), rope, visibility, write_slots)
                     else:
@@ -245,6 +255,8 @@ class Transformer(nn.Module):
                                     visibility, write_slots)
                 new_layers.append(kv)
             new_cache = None if cache is None else tuple(new_layers)
+            if attention_state is not None:
+                new_cache = (new_cache, tuple(new_states))
 
         x = RMSNorm(cfg.norm_eps, dtype, pdtype, name="final_norm")(x)
         if not compute_logits:
@@ -284,7 +296,7 @@ def forward(params: Params, config: ModelConfig, tokens, positions=None, *, cach
             plan: ExecutionPlan | None = None,
             attention: AttentionPolicy = DENSE, deterministic=True, dropout_rng=None, compute_logits=True,
             return_aux=False, remat=False, moe_training=False, token_mask=None, mesh=None,
-            vocab_major_logits=False):
+            vocab_major_logits=False, attention_state=None):
     """Run the decoder. Returns (logits [batch, T, vocab] float32 — or the final hidden
     states [batch, T, d_model] when compute_logits=False — and the updated cache or None);
     with return_aux=True a third element: the MoE statistics summed over layers (`moe_aux`).
@@ -296,7 +308,10 @@ def forward(params: Params, config: ModelConfig, tokens, positions=None, *, cach
     token_mask [batch, T] (False on padding) keeps padding out of MoE routing; `mesh`
     pins activations to their logical-axis layout on it; `vocab_major_logits` computes
     tied-embedding logits of T > 1 cached calls as table @ x.T (a layout some backends run
-    faster, chosen by the decode side)."""
+    faster, chosen by the decode side). `attention_state`: the attention policy's per-layer
+    state (a tuple with one entry per layer, e.g. TokenSelect's `SelectionState`; cached calls
+    of the unrolled layout, every layer run): given, its update is returned after the cache
+    (logits, cache, attention_state[, aux])."""
     tokens = jnp.asarray(tokens, jnp.int32)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
@@ -319,17 +334,27 @@ def forward(params: Params, config: ModelConfig, tokens, positions=None, *, cach
             plan = plan._replace(layer_on=tuple(bool(f) for f in plan.layer_on))
         else:
             plan = plan._replace(layer_on=jnp.broadcast_to(jnp.asarray(plan.layer_on, bool), (config.n_layers,)))
+    if attention_state is not None:
+        if cache is None or is_scanned(params) or (plan is not None and plan.layer_on is not None):
+            raise ValueError("attention_state needs a cached call of the unrolled layout without plan.layer_on")
+        if len(attention_state) != config.n_layers:
+            raise ValueError(f"attention_state has {len(attention_state)} entries for {config.n_layers} layers")
     options = LayerOptions(deterministic=deterministic, fused=is_fused(params), dropless=cache is not None,
                            moe_training=moe_training, attention=attention, mesh=mesh)
     model = Transformer(config, options, scanned=is_scanned(params), remat=remat,
                         vocab_major_logits=vocab_major_logits and cache is not None)
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
     args = (tokens, positions, cache, write_slots, prefix_len, new_mask, plan, compute_logits, token_mask, segments,
-            cache_mask)
+            cache_mask, attention_state)
     if not return_aux:
-        return model.apply({"params": params}, *args, rngs=rngs)
-    (out, new_cache), state = model.apply({"params": params}, *args, rngs=rngs, mutable=["intermediates"])
-    return out, new_cache, moe_aux(state.get("intermediates", {}), config)
+        out, new_cache = model.apply({"params": params}, *args, rngs=rngs)
+        aux = ()
+    else:
+        (out, new_cache), state = model.apply({"params": params}, *args, rngs=rngs, mutable=["intermediates"])
+        aux = (moe_aux(state.get("intermediates", {}), config),)
+    if attention_state is not None:  # the Transformer returns (cache, states) in the cache's place
+        return (out, *new_cache, *aux)
+    return (out, new_cache, *aux)
 
 
 def moe_aux(intermediates, config: ModelConfig) -> dict:

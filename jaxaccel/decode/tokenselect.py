@@ -1,0 +1,136 @@
+"""TokenSelect (arXiv 2411.02886): long-context decoding over a per-head soft-vote selection
+of the KV cache.
+
+Each decode step and layer scores every cached key with the current query, lets the heads
+vote (sum over heads of each head's softmax over the candidate keys), keeps the top `k` plus
+the first `n_init` and the last `n_local` keys, and attends over only those; RoPE is applied
+to the selected keys at their rank in the selection ("compact", the default: the model never
+sees a position past n_init + k + n_local + 1, which is why it extrapolates past its trained
+length) or at their true positions ("original"). The model does the work: this method puts
+the attention policy `TokenSelectAttention` on the handle, so every forward of the
+generation — the chunked prefill (each chunk of `chunk` prompt tokens selects with its mean
+query, so a prompt of n tokens costs O(n·k), not O(n²)) and the steps — caches keys before
+RoPE and attends through the selection. Selection is per row, so ragged batches work.
+
+Selection cache: per layer and row, a step reuses the last selected top-k while the cosine
+between its query (flattened over heads) and the query that chose them is >= `cache_threshold`
+(None: never); the steps' per-layer `SelectionState`s are the method state, passed through
+the forward like the KV cache. `stats` reports the hit rate over the steps that needed a
+selection (rows longer than the budget).
+
+    lm.generate(prompts, method="tokenselect", k=2048, n_init=128, n_local=512)
+    lm.generate(prompts, method="tokenselect", k=64, n_init=4, n_local=32, pool=3, cache_threshold=None)
+
+The official code (an SGLang patch) pairs query head h with KV head h % n_kv_heads; here it
+is the standard GQA map h // (n_heads // n_kv_heads).
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxaccel.config import ModelConfig
+from jaxaccel.decode.engine import DecodeMethod, DecodeState, StepContext, commit, split_row_keys
+from jaxaccel.decode.sampling import sample
+from jaxaccel.decode.tree import positive_int
+from jaxaccel.errors import InvalidArgumentError
+from jaxaccel.model.options import SelectionState, TokenSelectAttention
+
+POSITIONS = ("compact", "original")
+
+
+class TokenSelectState(NamedTuple):
+    layers: tuple[SelectionState, ...]  # one selection cache per layer
+
+
+def _non_negative_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise InvalidArgumentError(f"{name} must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
+class TokenSelect(DecodeMethod):
+    name = "tokenselect"
+    options: dict = {"k": 2048, "n_init": 128, "n_local": 512, "chunk": 512, "pool": None, "cache_threshold": 0.9,
+                     "positions": "compact"}
+    extrapolates = True
+    THRESHOLD_RANGE = (-1.0, 1.0)  # a cosine
+
+    def __init__(self, **opts: Any):
+        super().__init__(**opts)
+        o = self.opts
+        positive_int("k", o["k"])
+        positive_int("chunk", o["chunk"])
+        _non_negative_int("n_init", o["n_init"])
+        _non_negative_int("n_local", o["n_local"])
+        pool = o["pool"]
+        if pool is not None and (isinstance(pool, bool) or not isinstance(pool, (int, np.integer)) or pool < 1
+                                 or pool % 2 == 0):
+            raise InvalidArgumentError(f"pool must be an odd integer >= 1 or None, got {pool!r}")
+        threshold = o["cache_threshold"]
+        lo, hi = self.THRESHOLD_RANGE
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.number))
+                                      or not lo <= threshold <= hi):
+            raise InvalidArgumentError(f"cache_threshold must be a number in [{lo:g}, {hi:g}] or None, "
+                                       f"got {threshold!r}")
+        if o["positions"] not in POSITIONS:
+            raise InvalidArgumentError(f"positions must be 'compact' or 'original', got {o['positions']!r}")
+
+    def policy(self) -> TokenSelectAttention:
+        o = self.opts
+        threshold = None if o["cache_threshold"] is None else float(o["cache_threshold"])
+        return TokenSelectAttention(k=int(o["k"]), n_init=int(o["n_init"]), n_local=int(o["n_local"]),
+                                    pool=None if o["pool"] is None else int(o["pool"]), positions=o["positions"],
+                                    cache_threshold=threshold)
+
+    def forward_defaults(self) -> dict[str, Any]:
+        return {"attention": self.policy()}
+
+    def prefill_chunk(self) -> int:
+        return int(self.opts["chunk"])
+
+    def check(self, config: ModelConfig) -> None:
+        if config.resolved_head_dim % 2:
+            raise InvalidArgumentError(f"tokenselect needs an even head_dim (RoPE), got {config.resolved_head_dim}")
+
+    def init_state(self, ctx: StepContext, batch: int, method_input: Any, prompt_tokens=None,
+                   prompt_lens=None) -> TokenSelectState:
+        cfg = ctx.config
+        layer = SelectionState.empty(batch, int(self.opts["k"]), cfg.n_heads * cfg.resolved_head_dim)
+        return TokenSelectState(layers=(layer,) * cfg.n_layers)
+
+    def step(self, state: DecodeState, ctx: StepContext) -> DecodeState:
+        ms: TokenSelectState = state.method_state
+        positions = state.cache_len[:, None]
+        logits, cache, layers = ctx.model.forward(state.last_token[:, None], positions, cache=state.cache,
+                                                  write_slots=positions, prefix_len=state.cache_len,
+                                                  attention_state=ms.layers)
+        # Finished rows still run (static shapes) but no longer count towards the hit rate.
+        live = ~state.done
+        layers = tuple(new._replace(hits=jnp.where(live, new.hits, old.hits),
+                                    lookups=jnp.where(live, new.lookups, old.lookups))
+                       for new, old in zip(layers, ms.layers))
+        state = state._replace(cache=cache, method_state=TokenSelectState(layers))
+        if ctx.mode.greedy:
+            token = sample(None, logits[:, 0], ctx.mode, ctx.sampling)
+        else:
+            rng, keys = split_row_keys(state.rng)
+            state = state._replace(rng=rng)
+            token = sample(keys, logits[:, 0], ctx.mode, ctx.sampling)
+        return commit(state, token[:, None], jnp.ones_like(token), ctx)
+
+    def final_state(self, method_state: TokenSelectState) -> Any:
+        """(hits, lookups), each [n_layers, batch] int32."""
+        return (jnp.stack([layer.hits for layer in method_state.layers]),
+                jnp.stack([layer.lookups for layer in method_state.layers]))
+
+    def stats(self, method_output: Any, batch: int) -> dict[str, Any]:
+        hits, lookups = (np.asarray(x)[:, :batch] for x in method_output)
+        n_hits, n_lookups = int(hits.sum()), int(lookups.sum())
+        return {"selection_budget": self.policy().budget, "selection_lookups": n_lookups,
+                "selection_cache_hits": n_hits,
+                "selection_cache_hit_rate": n_hits / n_lookups if n_lookups else None,
+                "selection_cache_hit_rate_per_layer": [int(h) / int(n) if n else None
+                                                       for h, n in zip(hits.sum(1), lookups.sum(1))]}
