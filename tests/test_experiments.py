@@ -379,3 +379,16 @@ def test_label_smoothing_changes_the_objective_but_not_the_logged_loss():
     expected = float(jnp.mean(optax.softmax_cross_entropy(logits, targets)))
     assert float(smooth) == pytest.approx(expected, rel=1e-5) and float(smooth) != pytest.approx(float(plain))
     assert float(m1["ce_sum"]) == pytest.approx(float(m0["ce_sum"]), rel=1e-6)  # logged: the plain cross entropy
+
+
+def test_a_run_written_before_a_setting_existed_still_matches():
+    from jaxaccel.config import to_dict
+    from jaxaccel.experiments.runner import config_differences
+    from jaxaccel.train.config import RunConfig
+
+    planned = to_dict(RunConfig())
+    old = json.loads(json.dumps(planned))
+    del old["train"]["skip_schedule"], old["train"]["init_from"]  # an older jaxaccel wrote this folder
+    assert config_differences(old, planned) == []
+    planned["train"]["init_from"] = "runs/deep"  # a new setting, set: a different run
+    assert config_differences(old, planned) == [("train.init_from", None, "runs/deep")]

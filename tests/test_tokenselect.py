@@ -229,6 +229,56 @@ def test_selection_cache_state_of_a_decode_step():
     np.testing.assert_allclose(out2[1:], fresh[1:], rtol=1e-5, atol=1e-6)
 
 
+# ----------------------------------------------------------------------------- baseline selections
+
+
+def test_recent_selection_is_streamingllm_at_the_same_budget():
+    """selection="recent": init + a local window of k + n_local keys, the attention exactly
+    as if those were selected by score."""
+    lengths = [100, 57, 15]
+    policy = TokenSelectAttention(**SMALL_BUDGET, selection="recent", cache_threshold=None)
+    params, cache, x = layer_case(4, lengths, 1)
+    out, _ = run_layer(policy, params, cache, x, lengths, np.array(lengths)[:, None])
+    q, k, v, wo = projections(params, x)
+    ck, cv = (np.asarray(c, np.float64) for c in cache)
+    window = policy.k + policy.n_local
+    for row, length in enumerate(lengths):
+        sel = np.arange(length) if length <= policy.budget else np.concatenate(
+            [np.arange(policy.n_init), np.arange(length - window, length)])
+        attn = np_attention(q[row] * HD ** -0.5, ck[row][:, sel], cv[row][:, sel], np.arange(len(sel)), k[row],
+                            v[row], np.array([len(sel)]), np.array([len(sel)]))
+        np.testing.assert_allclose(np.asarray(out[row]), np.einsum("the,hed->td", attn, wo), rtol=2e-4, atol=2e-5)
+
+
+def test_random_selection_draws_k_distinct_candidates_per_length():
+    from jaxaccel.model.layers import _fresh_top
+
+    lengths = jnp.array([100, 57, 100], jnp.int32)
+    policy = TokenSelectAttention(**SMALL_BUDGET, selection="random")
+    query = jnp.zeros((3, CFG.n_heads, HD))
+    cache_k = jnp.zeros((3, CFG.n_kv_heads, CACHE, HD))
+    top = np.asarray(_fresh_top(policy, query, cache_k, lengths))
+    assert top.shape == (3, policy.k)
+    for row, length in enumerate(np.asarray(lengths)):
+        assert len(set(top[row])) == policy.k and np.all(np.diff(top[row]) > 0)
+        assert top[row].min() >= policy.n_init and top[row].max() < length - policy.n_local
+    np.testing.assert_array_equal(top[0], top[2])  # a draw per length: deterministic
+    np.testing.assert_array_equal(top, np.asarray(_fresh_top(policy, query, cache_k, lengths)))
+    later = np.asarray(_fresh_top(policy, query, cache_k, lengths + 1))
+    assert not np.array_equal(top[0], later[0])  # the next step draws again
+    scored = np.asarray(_fresh_top(dataclasses.replace(policy, selection="topk"), query,
+                                   jax.random.normal(jax.random.key(1), cache_k.shape), lengths))
+    assert not np.array_equal(top[0], scored[0])
+
+
+def test_baseline_selections_decode_past_the_budget(lm):
+    ps = prompts([60, 45], seed=3)
+    outs = {sel: lm.generate(ps, max_new_tokens=6, method="tokenselect", **SMALL_BUDGET, chunk=16,
+                             cache_threshold=None, selection=sel) for sel in ("topk", "recent", "random")}
+    assert all([len(t) for t in o.tokens] == [6, 6] for o in outs.values())
+    assert outs["recent"].stats["selection_lookups"] == 2 * 2 * 6
+
+
 # ----------------------------------------------------------------------------- the selection cache in decoding
 
 
@@ -277,6 +327,7 @@ def test_contexts_past_the_trained_length(lm):
     (dict(cache_threshold=1.5), "cache_threshold must be a number in [-1, 1] or None, got 1.5"),
     (dict(cache_threshold=-1.01), "cache_threshold must be a number in [-1, 1] or None, got -1.01"),
     (dict(positions="rank"), "positions must be 'compact' or 'original', got 'rank'"),
+    (dict(selection="none"), "selection must be 'topk', 'recent' or 'random', got 'none'"),
     (dict(budget=3), "unknown option budget for method 'tokenselect'"),
 ])
 def test_bad_options_are_one_line_errors(lm, options, message):

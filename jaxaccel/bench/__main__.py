@@ -7,6 +7,7 @@
     python -m jaxaccel.bench dyspec [--model builtin:default] [--draft builtin:draft] [--budgets 8,16,32,64,128]
     python -m jaxaccel.bench acceptance --target builtin:default --draft builtin:draft [--temperature 0]
     python -m jaxaccel.bench skipdecode [--model builtin:skipdecode] [--batches 1,8] [--speedups 2,3,5]
+    python -m jaxaccel.bench tokenselect [--model runs/longctx] [--lengths 8192,32768,65536,131072] [--batches 1,4]
 """
 from __future__ import annotations
 
@@ -110,7 +111,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     sk.add_argument("--files", type=int, default=8, help="held-out corpus files used as prompts")
     sk.add_argument("--prompt-tokens", type=int, default=64)
     sk.add_argument("--json", default=None)
+    tk = sub.add_parser("tokenselect", help="TokenSelect: attention time per step, decode tokens/s and prefill time "
+                                            "vs full attention at long contexts")
+    tk.add_argument("--model", default="runs/longctx")
+    tk.add_argument("--lengths", default="8192,32768,65536,131072", help="cached tokens")
+    tk.add_argument("--batches", default="1,4")
+    tk.add_argument("--new-tokens", type=int, default=32)
+    tk.add_argument("--runs", type=int, default=3)
+    tk.add_argument("--reps", type=int, default=16, help="decode steps per timed attention loop")
+    tk.add_argument("--prefill-length", type=int, default=32768, help="prompt of the prefill timing (0: skip)")
+    tk.add_argument("--prefill-runs", type=int, default=None, help="default: --runs")
+    tk.add_argument("--k", type=int, default=256)
+    tk.add_argument("--n-init", type=int, default=16)
+    tk.add_argument("--n-local", type=int, default=64)
+    tk.add_argument("--chunk", type=int, default=64)
+    tk.add_argument("--cache-threshold", type=float, default=0.9)
+    tk.add_argument("--json", default=None)
     args = p.parse_args(argv)
+
+    if args.which == "tokenselect":
+        from jaxaccel.bench import tokenselect
+        from jaxaccel.bench.common import write_json
+        from jaxaccel.decode.methods import get_method
+
+        lengths, batches = _csv(args.lengths, int), _csv(args.batches, int)
+        if not lengths or not batches or min(*lengths, *batches) < 1 or min(args.runs, args.reps, args.new_tokens) < 1:
+            fail("lengths, batches, runs, reps and new tokens must be >= 1")
+        if args.prefill_length < 0 or (args.prefill_runs is not None and args.prefill_runs < 1):
+            fail("--prefill-length must be >= 0 and --prefill-runs >= 1")
+        budget = {"k": args.k, "n_init": args.n_init, "n_local": args.n_local, "chunk": args.chunk,
+                  "cache_threshold": args.cache_threshold}
+        get_method("tokenselect", **budget)  # bad values: one line, exit 2
+        if not (args.model.startswith("builtin:") or Path(args.model).exists()):
+            fail(f"--model {args.model!r} does not exist (train it: python -m jaxaccel.train configs/longctx.yaml)")
+        result = tokenselect.run(args.model, lengths, batches, new_tokens=args.new_tokens, runs=args.runs,
+                                 reps=args.reps, budget=budget, prefill_length=args.prefill_length,
+                                 prefill_runs=args.prefill_runs, progress=lambda s: print(s, file=sys.stderr))
+        print(tokenselect.markdown(result))
+        if args.json:
+            write_json(args.json, result)
+        return 0
 
     if args.which == "skipdecode":
         from jaxaccel.bench import skipdecode

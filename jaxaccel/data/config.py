@@ -52,6 +52,49 @@ UL2_DENOISERS = (
 )
 
 
+RETRIEVAL_TASKS = ("passkey", "kv_lookup", "code_needle")
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalConfig:
+    """Synthetic long-context retrieval examples mixed into every training batch
+    (`jaxaccel.data.longctx`; TokenSelect's evaluation, issue 10).
+
+    rate: the fraction of each global batch's rows that hold task examples instead of corpus
+        rows (round(rate * batch_size) rows); 0 = off.
+    tasks: which tasks, drawn uniformly: "passkey" (a number hidden in filler text),
+        "kv_lookup" (many key = value lines, ask one), "code_needle" (a constant's line
+        hidden in corpus code).
+    min_length: the shortest example in tokens; lengths are log-uniform between it (or the
+        task's own minimum) and what is left of the row, examples packed back to back.
+    answer_weight: the loss weight of an answer token (and its EOS) against a corpus token's
+        1 (`loss_mask` carries it; the logged training loss is then the weighted mean). An
+        example scores only ~7 tokens where a corpus row scores all of its tokens, so at 1
+        the answers would get a few percent of the gradient.
+    """
+
+    rate: float = 0.0
+    tasks: tuple[str, ...] = RETRIEVAL_TASKS
+    min_length: int = 64
+    answer_weight: float = 1.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.rate < 1.0:
+            raise ConfigError(f"data.retrieval.rate must be in [0, 1), got {self.rate}")
+        unknown = [t for t in self.tasks if t not in RETRIEVAL_TASKS]
+        if unknown or not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError(f"data.retrieval.tasks must be distinct names among {', '.join(RETRIEVAL_TASKS)}, "
+                              f"got {list(self.tasks)}")
+        if self.min_length < 16:
+            raise ConfigError(f"data.retrieval.min_length must be >= 16, got {self.min_length}")
+        if not (self.answer_weight > 0 and math.isfinite(self.answer_weight)):
+            raise ConfigError(f"data.retrieval.answer_weight must be > 0, got {self.answer_weight}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rate > 0
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Training data for the repetition experiments ("To Repeat or Not To Repeat").
@@ -74,6 +117,8 @@ class DataConfig:
     validation_fraction: documents whose id hashes below this fraction are held out.
     max_eval_tokens: cap on the validation token stream.
     objective: "causal", "prefix_lm" or "ul2" (mixture of `denoisers`).
+    retrieval: synthetic long-context retrieval rows mixed into the batches (`RetrievalConfig`;
+        causal objective only).
     """
 
     corpus: str = "stdlib"
@@ -89,6 +134,7 @@ class DataConfig:
     max_eval_tokens: int = 65536
     objective: str = "causal"
     denoisers: tuple[Denoiser, ...] = UL2_DENOISERS
+    retrieval: RetrievalConfig = RetrievalConfig()
 
     def __post_init__(self):
         if not self.corpus.strip():
@@ -121,6 +167,8 @@ class DataConfig:
                 raise ConfigError("data.denoisers must not be empty when data.objective is 'ul2'")
             if sum(d.rate for d in self.denoisers) <= 0:
                 raise ConfigError("data.denoisers: the rates must not all be 0")
+        if self.retrieval.enabled and self.objective != "causal":
+            raise ConfigError(f"data.retrieval needs data.objective 'causal', got {self.objective!r}")
 
     @property
     def validation_buckets(self) -> int:

@@ -139,7 +139,8 @@ def build_data(cfg: DataConfig, *, seq_len: int, batch_size: int, shard_index: i
                num_shards: int = 1) -> "TrainData":
     """Everything a training run reads. Builds (or finds in the cache) the manifest, the
     vocabulary, the token arrays and the unique stream; TensorFlow is imported only if a
-    cache entry is missing."""
+    cache entry is missing. With `cfg.retrieval` on, a `longctx.RetrievalMixture` (the same
+    interface) whose corpus part is this pipeline's batches at the smaller batch size."""
     if seq_len < 2:
         raise ConfigError(f"seq_len must be >= 2, got {seq_len}")
     if num_shards < 1 or not 0 <= shard_index < num_shards:
@@ -154,6 +155,11 @@ def build_data(cfg: DataConfig, *, seq_len: int, batch_size: int, shard_index: i
             f" {tokenized.num_documents('train')} documents of {cfg.corpus!r}; raise it, or set it to 0 for no eval"
         )
     stream, stream_info = _unique_stream(tokenized, cfg)
+    task_rows = 0
+    if cfg.retrieval.enabled:  # synthetic retrieval rows take part of every batch (jaxaccel.data.longctx)
+        from jaxaccel.data.longctx import task_rows_per_batch
+
+        task_rows = task_rows_per_batch(cfg.retrieval, batch_size, num_shards)
     stats = {
         "corpus": cfg.corpus,
         "manifest_sha256": corpus.sha256,
@@ -170,9 +176,16 @@ def build_data(cfg: DataConfig, *, seq_len: int, batch_size: int, shard_index: i
         "vocab_size": vocab.vocab_size,
         "vocab_train_seconds": vocab.seconds,
     }
-    return TrainData(cfg, seq_len=seq_len, batch_size=batch_size, shard_index=shard_index, num_shards=num_shards,
-                     vocab_path=vocab.path, vocab_size=vocab.vocab_size, stream=stream,
+    data = TrainData(cfg, seq_len=seq_len, batch_size=batch_size - task_rows, shard_index=shard_index,
+                     num_shards=num_shards, vocab_path=vocab.path, vocab_size=vocab.vocab_size, stream=stream,
                      eval_stream=_eval_stream(tokenized, cfg), stats=stats)
+    if not task_rows:
+        return data
+    from jaxaccel.data.longctx import RetrievalMixture, RetrievalTasks
+
+    tasks = RetrievalTasks.from_sentencepiece(vocab.path, tokenized.tokens("train"))
+    return RetrievalMixture(data, tasks, cfg.retrieval, seq_len=seq_len, task_rows=task_rows, seed=cfg.seed,
+                            shard_index=shard_index, num_shards=num_shards)
 
 
 class TrainData:

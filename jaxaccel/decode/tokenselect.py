@@ -20,6 +20,11 @@ selection (rows longer than the budget).
 
     lm.generate(prompts, method="tokenselect", k=2048, n_init=128, n_local=512)
     lm.generate(prompts, method="tokenselect", k=64, n_init=4, n_local=32, pool=3, cache_threshold=None)
+    lm.generate(prompts, method="tokenselect", selection="recent")   # StreamingLLM at the same budget
+
+Baselines at the same budget (`selection`): "recent" spends the k slots on the keys right
+before the local window (StreamingLLM: init + a local window of k + n_local), "random" on k
+candidates drawn uniformly; the default "topk" is TokenSelect's soft vote.
 
 The official code (an SGLang patch) pairs query head h with KV head h % n_kv_heads; here it
 is the standard GQA map h // (n_heads // n_kv_heads).
@@ -39,6 +44,7 @@ from jaxaccel.errors import InvalidArgumentError
 from jaxaccel.model.options import SelectionState, TokenSelectAttention
 
 POSITIONS = ("compact", "original")
+SELECTIONS = ("topk", "recent", "random")
 
 
 class TokenSelectState(NamedTuple):
@@ -54,7 +60,7 @@ def _non_negative_int(name: str, value: Any) -> int:
 class TokenSelect(DecodeMethod):
     name = "tokenselect"
     options: dict = {"k": 2048, "n_init": 128, "n_local": 512, "chunk": 512, "pool": None, "cache_threshold": 0.9,
-                     "positions": "compact"}
+                     "positions": "compact", "selection": "topk"}
     extrapolates = True
     THRESHOLD_RANGE = (-1.0, 1.0)  # a cosine
 
@@ -77,13 +83,15 @@ class TokenSelect(DecodeMethod):
                                        f"got {threshold!r}")
         if o["positions"] not in POSITIONS:
             raise InvalidArgumentError(f"positions must be 'compact' or 'original', got {o['positions']!r}")
+        if o["selection"] not in SELECTIONS:
+            raise InvalidArgumentError(f"selection must be 'topk', 'recent' or 'random', got {o['selection']!r}")
 
     def policy(self) -> TokenSelectAttention:
         o = self.opts
         threshold = None if o["cache_threshold"] is None else float(o["cache_threshold"])
         return TokenSelectAttention(k=int(o["k"]), n_init=int(o["n_init"]), n_local=int(o["n_local"]),
                                     pool=None if o["pool"] is None else int(o["pool"]), positions=o["positions"],
-                                    cache_threshold=threshold)
+                                    cache_threshold=threshold, selection=o["selection"])
 
     def forward_defaults(self) -> dict[str, Any]:
         return {"attention": self.policy()}

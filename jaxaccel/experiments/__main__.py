@@ -9,6 +9,7 @@
     python -m jaxaccel.experiments plot runs/experiments/repetition/results.json --out docs/token_crisis
     python -m jaxaccel.experiments report runs/experiments/repetition/results.json --out table.md
     python -m jaxaccel.experiments skipdecode [--base runs/deep] [--out docs/skipdecode]   # issue 9
+    python -m jaxaccel.experiments tokenselect [--model runs/longctx] [--lengths 1024,...,65536]   # issue 10
 
 `KEY=VALUE` after the sweep file override its base training config (as for the trainer).
 Bad input (unknown keys, empty axes, duplicate run names, a budget the corpus cannot meet, a
@@ -61,6 +62,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     sd.add_argument("--runs", type=int, default=3)
     sd.add_argument("--dispatch", choices=["cond", "switch"], default="cond")
     sd.add_argument("--out", default="docs/skipdecode", help="results.json and plots go here")
+    ts = sub.add_parser("tokenselect", help="TokenSelect: long-context retrieval accuracy at 1K-64K tokens vs full "
+                                            "attention, StreamingLLM and random selection")
+    ts.add_argument("--model", default="runs/longctx", help="the model (configs/longctx.yaml's run folder)")
+    ts.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768,65536", help="context lengths (tokens)")
+    ts.add_argument("--tasks", default="passkey,kv_lookup,code_needle")
+    ts.add_argument("--methods", default="full,tokenselect,tokenselect_original,streamingllm,random")
+    ts.add_argument("--examples", type=int, default=10, help="examples per task and length")
+    ts.add_argument("--batch", type=int, default=4, help="examples decoded together")
+    ts.add_argument("--k", type=int, default=256, help="top-k selected keys (the issue's 2048 / 8)")
+    ts.add_argument("--n-init", type=int, default=16, help="first keys always kept (128 / 8)")
+    ts.add_argument("--n-local", type=int, default=64, help="last keys always kept (512 / 8)")
+    ts.add_argument("--chunk", type=int, default=64, help="prefill chunk (512 / 8)")
+    ts.add_argument("--cache-threshold", default="0.9", help="selection cache cosine, or 'none' (off)")
+    ts.add_argument("--full-max-length", type=int, default=None,
+                    help="skip full attention above this length (its prefill is quadratic)")
+    ts.add_argument("--seed", type=int, default=0)
+    ts.add_argument("--out", default="docs/tokenselect", help="results.json, results.md and the plot go here")
     # KEY=VALUE overrides may come after options too (`sweep CONFIG --dry-run output_dir=...`).
     args, extra = p.parse_known_args(argv)
     stray = [e for e in extra if e.startswith("-") or "=" not in e or args.command not in ("sweep", "collect")]
@@ -96,6 +114,51 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(path)
         print(skipdecode.markdown(results))
         print("\n".join(skipdecode.summary(results)))
+        return 0
+
+    if args.command == "tokenselect":
+        from jaxaccel.cli import fail
+        from jaxaccel.data.longctx import TASKS
+        from jaxaccel.experiments import tokenselect
+
+        try:
+            lengths = tuple(int(x) for x in args.lengths.split(",") if x)
+        except ValueError:
+            fail("--lengths is a comma-separated list of integers")
+        tasks = tuple(t for t in args.tasks.split(",") if t)
+        methods = tuple(m for m in args.methods.split(",") if m)
+        bad = [t for t in tasks if t not in TASKS] + [m for m in methods if m not in tokenselect.METHODS]
+        if bad:
+            fail(f"unknown task or method {bad[0]!r}; tasks: {', '.join(TASKS)}; methods: "
+                 f"{', '.join(tokenselect.METHODS)}")
+        if not lengths or not tasks or not methods or min(lengths) < 1 or args.examples < 1 or args.batch < 1:
+            fail("lengths, tasks, methods, --examples and --batch must be non-empty and >= 1")
+        if not Path(args.model).exists():
+            fail(f"--model {args.model!r} does not exist (train it: python -m jaxaccel.train configs/longctx.yaml)")
+        try:
+            threshold = None if args.cache_threshold.lower() in ("none", "off") else float(args.cache_threshold)
+        except ValueError:
+            fail(f"--cache-threshold must be a number or 'none', got {args.cache_threshold!r}")
+        budget = {"k": args.k, "n_init": args.n_init, "n_local": args.n_local, "chunk": args.chunk,
+                  "cache_threshold": threshold}
+        from jaxaccel.decode.methods import get_method
+
+        get_method("tokenselect", **budget)  # bad budget values: one line, exit 2, before loading anything
+        import jaxaccel
+
+        lm = jaxaccel.load(args.model)
+        generator = tokenselect.model_tasks(lm, args.model)
+        too_short = [(t, n) for t in tasks for n in lengths if n < generator.min_length(t)]
+        if too_short:
+            fail(f"{too_short[0][0]} needs at least {generator.min_length(too_short[0][0])} tokens, "
+                 f"--lengths has {too_short[0][1]}")
+        results = tokenselect.evaluate(lm, generator, lengths=lengths, task_names=tasks, methods=methods,
+                                       examples=args.examples, budget=budget, batch=args.batch, seed=args.seed,
+                                       full_max_length=args.full_max_length, out=args.out, model=args.model)
+        for path in tokenselect.write_report(results, args.out):
+            print(path)
+        print(tokenselect.markdown(results))
+        print("\n".join(results["summary"]))
         return 0
 
     if args.command in ("sweep", "collect"):

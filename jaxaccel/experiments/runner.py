@@ -31,6 +31,7 @@ from jaxaccel.experiments.results import (FINISHED, FORMAT, RESULT_FILE, VERSION
                                           check_results_target, figures, join, read_json, read_metrics,
                                           write_json)
 from jaxaccel.experiments.spec import Run, Sweep
+from jaxaccel.train.config import RunConfig
 
 RUN_CONFIG = "config.yaml"  # the trainer's copy of the resolved config (jaxaccel.model.checkpoint.RUN_CONFIG)
 # Keys that may differ between a run folder and the plan without it being another run:
@@ -63,10 +64,15 @@ def _ignored(key: str) -> bool:
 
 
 def config_differences(stored: dict, planned: dict) -> list[tuple[str, Any, Any]]:
-    """(key, stored value, planned value) for every setting that makes them different runs."""
+    """(key, stored value, planned value) for every setting that makes them different runs.
+    A key the stored config lacks (a setting added to jaxaccel after that run was written)
+    differs only if the plan gives it a value other than its default: a run folder from an
+    older version still resumes."""
     a = _flatten(json.loads(json.dumps(stored)))
     b = _flatten(json.loads(json.dumps(planned)))
-    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if not _ignored(k) and a.get(k) != b.get(k)]
+    defaults = _flatten(json.loads(json.dumps(to_dict(RunConfig()))))
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if not _ignored(k) and a.get(k) != b.get(k) and not (k not in a and k in defaults and b.get(k) == defaults[k])]
 
 
 def _check_same_run(run: Run, stored: Any, where: str) -> None:

@@ -235,15 +235,24 @@ def assemble_selection(top: jax.Array, lengths: jax.Array, policy: TokenSelectAt
 
 def _fresh_top(policy: TokenSelectAttention, query, cache_k, lengths) -> jax.Array:
     """Soft-vote scores of the committed keys for `query` [batch, heads, head_dim] (before
-    RoPE), then the top-k candidates [batch, k] (ascending) of each long row."""
+    RoPE), then the top-k candidates [batch, k] (ascending) of each long row. The baseline
+    selections rank the candidates without scoring: by slot ("recent") or at random."""
     from jaxaccel.pallas_kernels import token_select as ts
 
-    s = cache_k.shape[2]
-    candidates = ts.selection_candidates(lengths, s, n_init=policy.n_init, n_local=policy.n_local)
-    scores = ts.score_keys(query, cache_k, lengths, candidate_mask=candidates, use_kernel=policy.use_kernel,
-                           interpret=policy.interpret)
+    b, s = cache_k.shape[0], cache_k.shape[2]
+    pool = None
+    if policy.selection == "recent":
+        scores = jnp.broadcast_to(jnp.arange(s, dtype=jnp.float32), (b, s))
+    elif policy.selection == "random":
+        row_keys = jax.vmap(lambda n: jax.random.fold_in(jax.random.key(0), n))(lengths)
+        scores = jax.vmap(lambda key: jax.random.uniform(key, (s,)))(row_keys)
+    else:
+        candidates = ts.selection_candidates(lengths, s, n_init=policy.n_init, n_local=policy.n_local)
+        scores = ts.score_keys(query, cache_k, lengths, candidate_mask=candidates, use_kernel=policy.use_kernel,
+                               interpret=policy.interpret)
+        pool = policy.pool
     indices, _ = ts.select_indices(scores, lengths, k=policy.k, n_init=policy.n_init, n_local=policy.n_local,
-                                   pool=policy.pool)
+                                   pool=pool)
     return indices[:, policy.n_init:policy.n_init + policy.k]
 
 

@@ -77,7 +77,11 @@ class TokenSelectAttention:
     Selection cache: a step reuses the row's last top-k while the cosine between its query
     (flattened over heads) and the query that chose them is >= `cache_threshold` (None:
     never). `use_kernel` None: the Pallas kernels on TPU/GPU, their jnp references on CPU;
-    `interpret` runs the kernels in the Pallas interpreter (tests)."""
+    `interpret` runs the kernels in the Pallas interpreter (tests).
+    `selection` picks the k candidates: "topk" (the soft votes above), or a baseline at the
+    same budget that scores no key — "recent" (the k candidates right before the local
+    window: StreamingLLM's init + local window) or "random" (k candidates uniformly at
+    random, a fresh draw per row length; `pool` applies to "topk" only)."""
 
     k: int = 2048
     n_init: int = 128
@@ -87,6 +91,7 @@ class TokenSelectAttention:
     cache_threshold: float | None = 0.9
     use_kernel: bool | None = None
     interpret: bool = False
+    selection: str = "topk"  # "topk" | "recent" | "random"
 
     @property
     def budget(self) -> int:
