@@ -83,6 +83,29 @@ class MoeConfig:
                 raise ConfigError(f"moe.{name} must be > 0, got {value}")
 
 
+@dataclasses.dataclass(frozen=True)
+class DuoConfig:
+    """Duo-LLM (arXiv 2410.10846): every layer has a big SwiGLU FFN (ffn_dim) and a small one
+    (ffn_dim / small_ratio); each token takes, per layer, the big one, the small one or neither
+    (skip: the residual passes through). Routes come from the forward's execution plan
+    (`ExecutionPlan.routes`; none given: all big). Training draws them at random per token and
+    layer: big with p_big, skip with p_skip, small otherwise."""
+
+    enabled: bool = False
+    small_ratio: int = 16
+    p_big: float = 0.5
+    p_skip: float = 0.0
+
+    def __post_init__(self):
+        if self.small_ratio < 1:
+            raise ConfigError(f"duo.small_ratio must be >= 1, got {self.small_ratio}")
+        for name in ("p_big", "p_skip"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"duo.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.p_big + self.p_skip > 1.0 + 1e-9:
+            raise ConfigError(f"duo.p_big + duo.p_skip must be <= 1, got {self.p_big} + {self.p_skip}")
+
+
 ARCHITECTURES = ("llama", "qwen2", "mistral")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -107,6 +130,7 @@ class ModelConfig:
     sliding_window: int | None = None  # Mistral: a query sees keys with q_pos - k_pos < window
     dropout: DropoutConfig = DropoutConfig()
     moe: MoeConfig = MoeConfig()
+    duo: DuoConfig = DuoConfig()
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype; softmax and norms always accumulate in float32
     architecture: str = "llama"  # which HF family to export as
@@ -134,6 +158,11 @@ class ModelConfig:
                 raise ConfigError(f"model.{name} must be one of {', '.join(DTYPES)}, got {getattr(self, name)!r}")
         if self.moe.n_experts and self.n_layers % self.moe.every:
             raise ConfigError(f"model.n_layers ({self.n_layers}) must be a multiple of moe.every ({self.moe.every})")
+        if self.duo.enabled and self.ffn_dim % self.duo.small_ratio:
+            raise ConfigError(f"duo.small_ratio ({self.duo.small_ratio}) must divide model.ffn_dim ({self.ffn_dim})")
+        if self.duo.enabled and self.moe.n_experts:
+            raise ConfigError("model.duo and model.moe cannot both be on: a layer's FFN is either routed experts or "
+                              "big/small/skip")
         if self.architecture not in ARCHITECTURES:
             raise ConfigError(
                 f"model.architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}"
@@ -146,6 +175,11 @@ class ModelConfig:
     @property
     def q_per_kv(self) -> int:
         return self.n_heads // self.n_kv_heads
+
+    @property
+    def small_ffn_dim(self) -> int:
+        """Duo-LLM's small FFN width (ffn_dim / duo.small_ratio)."""
+        return self.ffn_dim // self.duo.small_ratio
 
     def is_moe_layer(self, i: int) -> bool:
         return self.moe.n_experts > 0 and (i + 1) % self.moe.every == 0
@@ -164,11 +198,14 @@ class ModelConfig:
         dense_mlp = 3 * d * self.ffn_dim
         moe_mlp = self.moe.n_experts * dense_mlp + d * self.moe.n_experts
         mlps = sum(moe_mlp if self.is_moe_layer(i) else dense_mlp for i in range(self.n_layers))
+        if self.duo.enabled:  # each layer's small FFN beside the big one
+            mlps += self.n_layers * 3 * d * self.small_ffn_dim
         head = 0 if self.tie_embeddings else self.vocab_size * d
         return self.n_layers * (attn + 2 * d) + mlps + self.vocab_size * d + head + d
 
     def active_params(self) -> int:
-        """Parameters a token uses (top-k of the experts; embedding counted once)."""
+        """Parameters a token uses (top-k of the experts; embedding counted once). A Duo-LLM
+        model counts both FFNs: training computes both for every token (the masked path)."""
         if not self.moe.n_experts:
             return self.num_params()
         per_expert = 3 * self.d_model * self.ffn_dim

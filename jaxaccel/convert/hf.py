@@ -270,6 +270,9 @@ def export_hf(folder: str | Path, config: ModelConfig, params: Any, *, tokenizer
     if config.moe.n_experts:
         raise UnsupportedArchitectureError("MoE models cannot be exported to Hugging Face format: none of "
                                            f"{', '.join(SUPPORTED)} has routed experts")
+    if config.duo.enabled:
+        raise UnsupportedArchitectureError("Duo-LLM models cannot be exported to Hugging Face format: none of "
+                                           f"{', '.join(SUPPORTED)} has a per-token big/small/skip FFN")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     params = canonical_params(params, config)

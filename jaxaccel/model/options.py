@@ -10,8 +10,8 @@
   kernel without a cache or with a sliding window, flash attention with a cache or an
   explicit mask) falls back to `DenseAttention` for that call, so a caller can set one
   policy for a whole decode loop.
-* An **execution plan** says which layers run for which row (SkipDecode's active layers;
-  Duo-LLM's FFN routes join it).
+* An **execution plan** says which layers run for which row (SkipDecode's active layers)
+  and which FFN each token takes in each layer (Duo-LLM's routes).
 * `LayerOptions` is the one frozen object the decoder's modules share: everything static
   about a call that is not the model config.
 
@@ -136,10 +136,17 @@ class ExecutionPlan(NamedTuple):
       decode steps. A tuple of Python bools is static instead: the skipped layers are not
       traced at all (one program per layer set). Unrolled parameter layout only (what
       decoding uses).
+    * `routes` [batch, T, n_layers] int (also [batch, n_layers]: one route per row and layer,
+      or [n_layers]: for the whole batch), Duo-LLM models only: which FFN each token takes in
+      each layer — 0 big, 1 small, 2 skip (`jaxaccel.model.duo`). None: every token takes the
+      big FFN. How the routes are executed follows from the call (`duo.dispatch_mode`):
+      uncached calls compute both FFNs and select (training; the reference), cached calls
+      group the tokens by route (several tokens) or switch on it (one token).
     """
 
     active: jax.Array | None = None
     layer_on: jax.Array | None = None
+    routes: jax.Array | None = None
 
 
 class Segments(NamedTuple):

@@ -18,8 +18,9 @@
 * What varies per call is typed (`jaxaccel.model.options`): the attention policy, the
   execution plan (plan.active [batch, (T,) n_layers] bool: a row or token whose flag is off
   for a layer passes its hidden state through unchanged; plan.layer_on [n_layers] bool: a
-  layer off for the whole batch is not computed at all — SkipDecode) and the static `LayerOptions`
-  every module shares.
+  layer off for the whole batch is not computed at all — SkipDecode; plan.routes [batch, T,
+  n_layers] in {0 big, 1 small, 2 skip}: a Duo-LLM model's FFN per token and layer, default
+  all big — `jaxaccel.model.duo`) and the static `LayerOptions` every module shares.
 * Decoding reaches the model only through a `ModelHandle` (params + config + forward +
   init_cache, a pytree whose leaves are the params): a draft model is a second handle.
 
@@ -39,8 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxaccel.config import ModelConfig
+from jaxaccel.errors import InvalidArgumentError
 from jaxaccel.model.layers import (BATCH, EMBED, LAYERS, LENGTH, VOCAB, MLP, Attention, RMSNorm, Visibility, _init,
                                    jnp_dtype, rope_inv_freq, rope_tables)
+from jaxaccel.model.duo import DuoFFN, check_routes, dispatch_mode
 from jaxaccel.model.moe import MoE
 from jaxaccel.model.options import (DENSE, AttentionPolicy, ExecutionPlan, FlashAttention, LayerOptions,
                                     Segments)
@@ -108,9 +111,11 @@ def segment_mask(segments: Segments) -> jax.Array:
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then + ffn(norm(.)), the FFN a SwiGLU MLP or, for
-    sparse layers (`config.is_moe_layer(index)`), a routed MoE. Signature is nn.scan-ready:
-    (carry, per_layer_inputs, *broadcast_inputs) -> (carry, per_layer_outputs)."""
+    """Pre-norm block: x + attn(norm(x)), then + ffn(norm(.)), the FFN a SwiGLU MLP, for
+    sparse layers (`config.is_moe_layer(index)`) a routed MoE, or in a Duo-LLM model
+    (`config.duo.enabled`) the big / small / skip FFN the token's route picks. Signature is
+    nn.scan-ready: (carry, per_layer_inputs, *broadcast_inputs) -> (carry, per_layer_outputs);
+    per_layer_inputs = (cache_kv, active [batch, T] or None, route [batch, T] or None)."""
 
     config: ModelConfig
     options: LayerOptions = LayerOptions()
@@ -118,7 +123,7 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x, layer_inputs, rope, visibility: Visibility, write_slots, select_state=None):
-        cache_kv, active = layer_inputs
+        cache_kv, active, route = layer_inputs
         cfg, opts = self.config, self.options
         dtype, pdtype = jnp_dtype(cfg.dtype), jnp_dtype(cfg.param_dtype)
         h = RMSNorm(cfg.norm_eps, dtype, pdtype, name="attn_norm")(x)
@@ -134,7 +139,10 @@ class DecoderLayer(nn.Module):
         y = x + drop_path(a, deterministic=opts.deterministic)
         y = constrain(y, (BATCH, LENGTH, EMBED), opts.mesh)
         h = RMSNorm(cfg.norm_eps, dtype, pdtype, name="mlp_norm")(y)
-        if cfg.is_moe_layer(self.index):
+        if cfg.duo.enabled:
+            mode = dispatch_mode(h.shape[0] * h.shape[1], cached=cache_kv is not None)
+            m = DuoFFN(cfg, opts, mode, name="duo")(h, route)
+        elif cfg.is_moe_layer(self.index):
             m = MoE(cfg, opts.dropless, opts.moe_training, name="moe")(h, visibility.token_mask)
         else:
             m = MLP(cfg, opts, name="mlp")(h)
@@ -150,11 +158,11 @@ class DecoderLayer(nn.Module):
         return y, LayerKV(*new_kv)
 
 
-def _run_layer(layer, x, cache, active, rope, visibility, write_slots):
-    return layer(x, (cache, active), rope, visibility, write_slots)
+def _run_layer(layer, x, cache, active, route, rope, visibility, write_slots):
+    return layer(x, (cache, active, route), rope, visibility, write_slots)
 
 
-def _skip_layer(layer, x, cache, active, rope, visibility, write_slots):
+def _skip_layer(layer, x, cache, active, route, rope, visibility, write_slots):
     return x, cache
 
 
@@ -167,12 +175,13 @@ class DecoderBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, block_inputs, rope, visibility, write_slots):
-        cache, active = block_inputs  # LayerKV with leading [block_size] / [block_size, batch], or None
+        cache, active, route = block_inputs  # leading [block_size] each, or None
         new = []
         for j in range(self.config.block_size):
             layer_cache = None if cache is None else LayerKV(cache.k[j], cache.v[j])
             x, kv = DecoderLayer(self.config, self.options, j, name=f"layer_{j}")(
-                x, (layer_cache, None if active is None else active[j]), rope, visibility, write_slots)
+                x, (layer_cache, None if active is None else active[j], None if route is None else route[j]), rope,
+                visibility, write_slots)
             new.append(kv)
         if cache is None:
             return x, None
@@ -204,19 +213,21 @@ class Transformer(nn.Module):
                                       cache_mask=cache_mask)
         rope = rope_tables(positions, rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling))
         layer_active = None if plan is None else plan.active
+        layer_routes = None if plan is None else plan.routes  # [batch, T, layers] (checked by `forward`)
 
         if self.scanned:
             bs = cfg.block_size
             n_blocks = cfg.n_layers // bs
             active = None if layer_active is None else jnp.moveaxis(layer_active, -1, 0)  # [layers, batch, T|1]
+            routes = None if layer_routes is None else jnp.moveaxis(layer_routes, -1, 0)  # [layers, batch, T]
             if bs == 1:
                 body, args = DecoderLayer, (cfg, opts, 0)
-                xs = (cache, active)
+                xs = (cache, active, routes)
             else:
                 body, args = DecoderBlock, (cfg, opts)
                 split = lambda a: a.reshape((n_blocks, bs) + a.shape[1:])  # noqa: E731
                 xs = (None if cache is None else LayerKV(split(cache.k), split(cache.v)),
-                      None if active is None else split(active))
+                      None if active is None else split(active), None if routes is None else split(routes))
             if self.remat:
                 body = nn.remat(body, prevent_cse=False)
             stack = nn.scan(
@@ -238,21 +249,22 @@ class Transformer(nn.Module):
             for i in range(cfg.n_layers):
                 layer_cache = None if cache is None else cache[i]
                 active = None if layer_active is None else layer_active[..., i]
+                route = None if layer_routes is None else layer_routes[..., i]
                 layer = layer_cls(cfg, opts, i, name=f"layer_{i}")
                 if attention_state is not None:  # checked by `forward`: cached, every layer runs
-                    x, (kv, layer_state) = layer(x, (layer_cache, active), rope, visibility, write_slots,
+                    x, (kv, layer_state) = layer(x, (layer_cache, active, route), rope, visibility, write_slots,
                                                  attention_state[i])
                     new_states.append(layer_state)
                 elif isinstance(layer_on, tuple):  # static: the skipped layers are not even traced
                     if layer_on[i]:
-                        x, kv = layer(x, (layer_cache, active), rope, visibility, write_slots)
+                        x, kv = layer(x, (layer_cache, active, route), rope, visibility, write_slots)
                     else:
                         kv = layer_cache
                 elif layer_on is None:
-                    x, kv = layer(x, (layer_cache, active), rope, visibility, write_slots)
+                    x, kv = layer(x, (layer_cache, active, route), rope, visibility, write_slots)
                 else:  # a skipped layer is not computed at all: no FLOPs, no K/V written
-                    x, kv = nn.cond(layer_on[i], _run_layer, _skip_layer, layer, x, layer_cache, active, rope,
-                                    visibility, write_slots)
+                    x, kv = nn.cond(layer_on[i], _run_layer, _skip_layer, layer, x, layer_cache, active, route,
+                                    rope, visibility, write_slots)
                 new_layers.append(kv)
             new_cache = None if cache is None else tuple(new_layers)
             if attention_state is not None:
@@ -302,7 +314,7 @@ def forward(params: Params, config: ModelConfig, tokens, positions=None, *, cach
     with return_aux=True a third element: the MoE statistics summed over layers (`moe_aux`).
 
     Typed per-call arguments (`jaxaccel.model.options`): `attention` (policy), `plan`
-    (per-layer execution), `segments` (packed training rows: the visibility rule flash
+    (per-layer execution; Duo-LLM routes, default all big), `segments` (packed training rows: the visibility rule flash
     attention applies tile by tile; dense attention builds the mask from it).
     moe_training selects the MoE training capacity factor (independently of dropout);
     token_mask [batch, T] (False on padding) keeps padding out of MoE routing; `mesh`
@@ -323,6 +335,10 @@ def forward(params: Params, config: ModelConfig, tokens, positions=None, *, cach
         if active.ndim < 3:  # per row: one flag for all of its tokens
             active = jnp.broadcast_to(active, (tokens.shape[0], config.n_layers))[:, None, :]
         plan = plan._replace(active=jnp.broadcast_to(active, (tokens.shape[0], active.shape[1], config.n_layers)))
+    if plan is not None and plan.routes is not None:
+        if not config.duo.enabled:
+            raise InvalidArgumentError("plan.routes needs a Duo-LLM model (model.duo.enabled)")
+        plan = plan._replace(routes=check_routes(plan.routes, tokens.shape, config.n_layers))
     if plan is not None and plan.layer_on is not None:
         if is_scanned(params):
             raise ValueError("plan.layer_on (skipping layers' compute) needs the unrolled parameter layout")
@@ -458,9 +474,20 @@ def fuse_layer(layer: Params, config: ModelConfig, xp=jnp) -> Params:
                                       attn["v"]["bias"][:, None]], axis=1)
     fused = {**layer, "attn": {"qkv": qkv, "o": attn["o"]}}
     if "mlp" in layer:  # MoE layers keep their experts as they are
-        gate_up = xp.stack([layer["mlp"]["gate"]["kernel"], layer["mlp"]["up"]["kernel"]], axis=1)
-        fused["mlp"] = {"gate_up": {"kernel": gate_up}, "down": layer["mlp"]["down"]}
+        fused["mlp"] = _fuse_mlp(layer["mlp"], xp)
+    if "duo" in layer:  # Duo-LLM: both FFNs fused the same way
+        fused["duo"] = {name: _fuse_mlp(mlp, xp) for name, mlp in layer["duo"].items()}
     return fused
+
+
+def _fuse_mlp(mlp: Params, xp=jnp) -> Params:
+    gate_up = xp.stack([mlp["gate"]["kernel"], mlp["up"]["kernel"]], axis=1)
+    return {"gate_up": {"kernel": gate_up}, "down": mlp["down"]}
+
+
+def _unfuse_mlp(mlp: Params) -> Params:
+    gate_up = mlp["gate_up"]["kernel"]
+    return {"gate": {"kernel": gate_up[:, 0]}, "up": {"kernel": gate_up[:, 1]}, "down": mlp["down"]}
 
 
 def unfuse_layer(layer: Params, config: ModelConfig) -> Params:
@@ -475,8 +502,9 @@ def unfuse_layer(layer: Params, config: ModelConfig) -> Params:
         attn["k"]["bias"], attn["v"]["bias"] = qkv["bias"][:, g], qkv["bias"][:, g + 1]
     out = {**layer, "attn": attn}
     if "mlp" in layer:
-        gate_up = layer["mlp"]["gate_up"]["kernel"]
-        out["mlp"] = {"gate": {"kernel": gate_up[:, 0]}, "up": {"kernel": gate_up[:, 1]}, "down": layer["mlp"]["down"]}
+        out["mlp"] = _unfuse_mlp(layer["mlp"])
+    if "duo" in layer:
+        out["duo"] = {name: _unfuse_mlp(mlp) for name, mlp in layer["duo"].items()}
     return out
 
 

@@ -14,8 +14,11 @@ import jax.numpy as jnp
 import optax
 
 from jaxaccel.config import ModelConfig
+from jaxaccel.model.duo import random_routes
+from jaxaccel.model.layers import BATCH, LAYERS, LENGTH
 from jaxaccel.model.options import DENSE, ExecutionPlan, FlashAttention, Segments
 from jaxaccel.model.transformer import forward, unstack_layers
+from jaxaccel.sharding import constrain
 from jaxaccel.train.config import OptimConfig
 
 
@@ -76,7 +79,10 @@ def loss_and_metrics(params, model_cfg: ModelConfig, batch: dict, rng, *, dropou
 
     skip = (SkipSchedule, prompt_min, prompt_max, generated_only) runs the batch under
     SkipDecode's schedule (`skip_plan`); with generated_only the loss counts only the
-    tokens predicted after each row's prompt boundary."""
+    tokens predicted after each row's prompt boundary.
+
+    A Duo-LLM model (model.duo.enabled) runs every token of every layer on a random route
+    (`duo_plan`: big with p_big, skip with p_skip, else small), drawn from `rng`."""
     if model_cfg.n_layers <= UNROLL_LAYERS_UP_TO:
         params = unstack_layers(params, model_cfg)  # slices of the stacked arrays; grads flow back stacked
     segments = Segments(batch["segment_ids"], batch["bidirectional"] if bidirectional else None)
@@ -85,6 +91,9 @@ def loss_and_metrics(params, model_cfg: ModelConfig, batch: dict, rng, *, dropou
         plan, generated = skip_plan(skip, batch["positions"], rng)
         if skip[3]:
             weights = weights * generated
+    if model_cfg.duo.enabled:  # the routes follow the batch's layout on the mesh
+        routes = constrain(duo_plan(model_cfg, batch["inputs"].shape, rng).routes, (BATCH, LENGTH, LAYERS), mesh)
+        plan = (ExecutionPlan() if plan is None else plan)._replace(routes=routes)
     logits, _, aux = forward(params, model_cfg, batch["inputs"], batch["positions"], segments=segments, plan=plan,
                              attention=training_attention(attention, mesh),
                              deterministic=not dropout, dropout_rng=rng if dropout else None, return_aux=True,
@@ -120,6 +129,15 @@ def skip_plan(skip, positions, rng):
     boundary = jax.random.randint(key, (positions.shape[0],), lo, hi + 1, dtype=jnp.int32)
     generated = (positions >= boundary[:, None] - 1).astype(jnp.float32)
     return ExecutionPlan(active=schedule.token_active(positions, boundary)), generated
+
+
+def duo_plan(model_cfg: ModelConfig, tokens_shape: tuple[int, int], rng) -> ExecutionPlan:
+    """Duo-LLM stage-1 training: an independent random route per token and layer ([batch, T,
+    n_layers], `duo.random_routes`) from `rng` — the step's key, so a resumed run draws the
+    same routes — or, when None (evaluation), from a fixed key: every evaluation scores the
+    same routes, drawn as in training."""
+    key = jax.random.key(29) if rng is None else jax.random.fold_in(rng, 29)
+    return ExecutionPlan(routes=random_routes(model_cfg.duo, key, (*tokens_shape, model_cfg.n_layers)))
 
 
 def training_attention(name: str, mesh=None):
