@@ -58,6 +58,21 @@ def test_schedule_is_monotone_batch_uniform_and_keeps_the_top_layers():
     assert np.all(per_token[1:] <= per_token[:-1])
 
 
+def test_schedule_rounds_exactly_and_the_same_everywhere():
+    """h is computed in integers: numpy (plots, means), jnp scalars (decoding) and jnp
+    [batch, T] masks (training) agree with exact rational rounding, .5 ties included."""
+    from fractions import Fraction
+
+    s = SkipSchedule(n_layers=12, min_layers=3, max_layers=9, max_length=256)
+    span = 192
+    exact = [int((Fraction(9 * (span - i) + 3 * i, span) + Fraction(1, 2)) // 1) for i in range(span)]
+    assert exact[80] == 7 and s.layers_np(np.arange(span), span).tolist() == exact  # 9 - 6 * 80/192 = 6.5
+    assert [int(s.layers(i, span)) for i in (80, 176)] == [exact[80], exact[176]]
+    per_token = np.asarray(s.token_active(jnp.arange(64 + span)[None], jnp.array([64])))[0, 64:].sum(-1)
+    assert per_token.tolist() == exact
+    assert abs(s.mean_layers(span, 96) - np.mean(exact[:96])) < 1e-12
+
+
 @pytest.mark.parametrize("speedup,expect", [(1, (12, 12)), (2, (9, 3)), (3, (6, 2))])
 def test_speedup_picks_a_schedule_with_that_mean(speedup, expect):
     s = SkipSchedule.for_speedup(12, speedup, max_length=256)
@@ -76,8 +91,9 @@ def test_speedup_picks_a_schedule_with_that_mean(speedup, expect):
     ({"max_length": 1}, "max_length must be an integer >= 2"),
 ])
 def test_bad_schedules_are_one_line_errors(lm, options, match):
-    with pytest.raises(InvalidArgumentError, match=match):
+    with pytest.raises(InvalidArgumentError, match=match) as err:
         lm.generate([[1, 2, 3]], max_new_tokens=4, method="skipdecode", **options)
+    assert "\n" not in str(err.value)
 
 
 def test_max_length_must_exceed_the_prompt(lm):
@@ -97,13 +113,21 @@ def test_cli_bad_schedule_exits_2(capsys):
 # ----------------------------------------------------------------------------- decoding
 
 
-@pytest.mark.parametrize("batch", [1, 4])
-def test_full_schedule_equals_autoregressive(lm, batch):
+@pytest.mark.parametrize("batch,dispatch", [(1, "cond"), (4, "cond"), (4, "switch")])
+def test_full_schedule_equals_autoregressive(lm, batch, dispatch):
     ps = prompts(batch, seed=batch)
     ref = lm.generate(ps, max_new_tokens=24)
-    got = lm.generate(ps, max_new_tokens=24, method="skipdecode", max_length=64)
+    got = lm.generate(ps, max_new_tokens=24, method="skipdecode", max_length=64, dispatch=dispatch)
     assert got.tokens == ref.tokens
     assert got.stats["mean_layers_per_step"] == CFG.n_layers
+
+
+def test_switch_dispatch_equals_cond(lm):
+    ps = prompts(3, seed=9)
+    opts = dict(method="skipdecode", min_layers=2, max_layers=5, max_length=30, max_new_tokens=28)
+    cond = lm.generate(ps, **opts)
+    assert lm.generate(ps, dispatch="switch", **opts).tokens == cond.tokens
+    assert cond.tokens != lm.generate(ps, max_new_tokens=28).tokens
 
 
 def teacher_forced_argmax(lm, prompt, generated, schedule):
@@ -165,17 +189,25 @@ def test_skipped_kv_slots_are_never_read(lm):
     assert nan_layers == [1, 2, 3, 4]  # every layer but the warm-up and the top one was skipped at some step
 
 
-def test_sampling_eos_and_ragged_batches_work(lm):
+def test_eos_ends_rows_where_plain_decoding_would(lm):
     ps = prompts(3, seed=5)
-    eos = lm.generate(ps, max_new_tokens=16, method="skipdecode", max_length=32, speedup=2).tokens[1][5]
+    opts = dict(max_new_tokens=16, method="skipdecode", max_length=32, speedup=2)
+    free = lm.generate(ps, **opts).tokens
+    eos = free[1][5]
     lm2 = jaxaccel.from_params(lm.config, lm.params, eos_token_ids=[eos])
-    out = lm2.generate(ps, max_new_tokens=16, method="skipdecode", max_length=32, speedup=2, temperature=0.8,
-                       top_k=20, top_p=0.9, seed=1)
-    again = lm2.generate(ps, max_new_tokens=16, method="skipdecode", max_length=32, speedup=2, temperature=0.8,
-                         top_k=20, top_p=0.9, seed=1)
-    assert out.tokens == again.tokens
-    for t in out.tokens:
-        assert 1 <= len(t) <= 16 and (eos not in t or t.index(eos) == len(t) - 1)
+    out = lm2.generate(ps, **opts).tokens
+    for row, full in zip(out, free):  # each row: the free run cut after its first EOS
+        assert row == (full[:full.index(eos) + 1] if eos in full else full)
+    assert len(out[1]) <= 6
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(lm):
+    ps = prompts(3, seed=6)
+    opts = dict(max_new_tokens=16, method="skipdecode", max_length=32, speedup=2)
+    sampled = [lm.generate(ps, temperature=0.8, top_k=20, top_p=0.9, seed=1, **opts).tokens for _ in range(2)]
+    assert sampled[0] == sampled[1]
+    assert sampled[0] != lm.generate(ps, temperature=0.8, top_k=20, top_p=0.9, seed=2, **opts).tokens
+    assert lm.generate(ps, temperature=0.8, top_k=1, **opts).tokens == lm.generate(ps, **opts).tokens
 
 
 # ----------------------------------------------------------------------------- fine-tuning
@@ -257,3 +289,34 @@ def test_experiment_scores_plots_and_reports(lm, tmp_path):
     assert "| 2x | **SkipDecode** | 5→2 (mean 3.50) |" in table and "1.80x" in table
     assert exp.summary(results) == ["2x: perplexity +10.0% vs full, tokens/s 1.80x at batch1, 1.75x at batch8; "
                                     "beats both baselines: no"]
+
+
+def test_generated_only_loss_is_the_mean_over_the_tokens_it_sums():
+    """The train step's loss under `loss: generated` is the mean cross entropy of exactly the
+    tokens after each row's boundary (its normalizer counts those, not every target)."""
+    import optax
+
+    from jaxaccel.train.step import TrainState, make_optimizer, lr_schedule, train_step, with_skip_boundary
+    from jaxaccel.train.config import OptimConfig
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
+    params = init_params(cfg, jax.random.key(0))
+    rows, t = 4, 32
+    x = jax.random.randint(jax.random.key(1), (rows, t + 1), 1, 64)
+    batch = {"inputs": x[:, :-1], "targets": x[:, 1:], "loss_mask": jnp.ones((rows, t), jnp.float32),
+             "segment_ids": jnp.ones((rows, t), jnp.int32), "positions": jnp.broadcast_to(jnp.arange(t), (rows, t)),
+             "bidirectional": jnp.zeros((rows, t), bool)}
+    skip = (SkipSchedule(4, min_layers=2, max_layers=3, max_length=32), 4, 12, True)
+    opt_cfg = OptimConfig(lr=1e-3, warmup_steps=1)
+    optimizer = make_optimizer(opt_cfg, 10)
+    state = TrainState(jnp.int32(0), params, optimizer.init(params), jax.random.key(5))
+    _, metrics = train_step(state, batch, model_cfg=cfg, optimizer=optimizer, schedule=lr_schedule(opt_cfg, 10),
+                            grad_accum=1, dropout=False, remat=False, attention="dense", skip=skip)
+    _, step_rng = jax.random.split(state.rng)
+    b = with_skip_boundary(skip, batch, jax.random.fold_in(step_rng, 17))
+    plan = ExecutionPlan(active=skip[0].token_active(b["positions"], b["skip_boundary"]))
+    logits, _ = forward(params, cfg, batch["inputs"], batch["positions"], plan=plan)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    mask = np.asarray(b["loss_mask"])
+    assert 0 < mask.sum() < rows * t
+    np.testing.assert_allclose(float(metrics["loss"]), float((ce * mask).sum() / mask.sum()), rtol=1e-5)

@@ -84,7 +84,7 @@ def end_to_end(lm, prompts: list[list[int]], batch: int, speedups: Sequence[floa
                            dispatch=dispatch)
             span = max_length - len(prompts[0])
             rows.append({"batch": batch, "method": f"skipdecode ({dispatch})", "speedup_nominal": s,
-                         "schedule": schedule.describe(), "mean_layers": schedule.mean_layers(min(span, new_tokens)),
+                         "schedule": schedule.describe(), "mean_layers": schedule.mean_layers(span, new_tokens),
                          "tokens_per_s": r["tokens_per_s"], "runs_tokens_per_s": r["runs_tokens_per_s"],
                          "vs_ar": r["tokens_per_s"] / base["tokens_per_s"]})
     return rows

@@ -46,24 +46,26 @@ class SkipDecode(DecodeMethod):
     # dispatch: "cond" — one program, a lax.cond per layer on the step's flag; "switch" — a
     # lax.switch over one program per depth the schedule reaches (the skipped layers are not
     # even traced). `python -m jaxaccel.bench skipdecode` times both (docs/ARCHITECTURE.md).
-    options: dict = {"warmup_layers": 1, "min_layers": None, "max_layers": None, "max_length": None,
-                     "speedup": None, "dispatch": "cond"}
+    options: dict = {"warmup_layers": None, "min_layers": None, "max_layers": None, "max_length": None,
+                     "speedup": None, "dispatch": "cond"}  # warmup_layers None: the model's, else 1
 
     def schedule(self, config: ModelConfig) -> SkipSchedule:
         o = self.opts
-        return SkipSchedule.build(config.n_layers, warmup_layers=o["warmup_layers"], min_layers=o["min_layers"],
+        warmup = 1 if o["warmup_layers"] is None else o["warmup_layers"]
+        return SkipSchedule.build(config.n_layers, warmup_layers=warmup, min_layers=o["min_layers"],
                                   max_layers=o["max_layers"], max_length=o["max_length"], speedup=o["speedup"],
                                   default_max_length=config.max_seq_len)
 
-    SCHEDULE_KEYS = ("warmup_layers", "min_layers", "max_layers", "max_length")
-
     def use_model_info(self, info: dict[str, Any]) -> None:
-        """No schedule given: take the one the model was fine-tuned with (the trainer records
-        it as info["skip_schedule"]), so `--method skipdecode` alone decodes as trained."""
-        trained = info.get("skip_schedule")
-        given = any(self.opts[k] is not None for k in ("min_layers", "max_layers", "max_length", "speedup"))
-        if trained and not given:
-            self.opts.update({k: trained[k] for k in self.SCHEDULE_KEYS if k in trained})
+        """Every schedule option the caller did not give comes from the schedule the model
+        was fine-tuned with (the trainer records it as info["skip_schedule"]), so
+        `--method skipdecode` alone decodes as trained, and `speedup=3` keeps the trained
+        max_length and warm-up (min/max then come from the speedup)."""
+        trained = info.get("skip_schedule") or {}
+        keys = ("warmup_layers", "max_length") + (("min_layers", "max_layers") if self.opts["speedup"] is None else ())
+        for k in keys:
+            if self.opts[k] is None and k in trained:
+                self.opts[k] = trained[k]
 
     def check(self, config: ModelConfig) -> None:
         if self.opts["dispatch"] not in ("cond", "switch"):

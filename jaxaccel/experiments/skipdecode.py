@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxaccel.errors import ConfigError
 from jaxaccel.model.options import ExecutionPlan
 from jaxaccel.model.skip import SkipSchedule
 
@@ -135,6 +136,11 @@ def run(base: str = "runs/deep", root: str = "runs/skipdecode", configs: str = "
     cfg1 = build(RunConfig, configs_dir / "skipdecode-1x.yaml")
     n_layers, span = cfg1.model.n_layers, max_length - prompt_tokens
     schedules = {s: SkipSchedule.for_speedup(n_layers, s, max_length=max_length) for s in speedups}
+    for s in speedups:  # evaluate under exactly the schedule each model is fine-tuned with
+        trained = build(RunConfig, configs_dir / f"skipdecode-{s:g}x.yaml").skip_schedule()
+        if s != 1 and (trained is None or trained[0] != schedules[s]):
+            raise ConfigError(f"configs/skipdecode-{s:g}x.yaml does not fine-tune under {schedules[s].describe()} "
+                             f"(max_length {max_length}); pass --max-length to match it")
     models = {s: fine_tune(configs_dir / f"skipdecode-{s:g}x.yaml", root_dir / f"{s:g}x", base, log=log)
               for s in speedups}
     shallow = {}
@@ -226,13 +232,7 @@ def plot(results: dict[str, Any], out: str | Path) -> list[Path]:
                 yscale="log", title="quality vs speedup")
     axes[1].set(xlabel="nominal speedup", ylabel="greedy agreement with the full model",
                 title="agreement vs speedup")
-    for ax in axes:
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(out / "quality-vs-speedup.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(plt, fig, axes, out / "quality-vs-speedup.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     span = results["new_tokens"]
@@ -240,13 +240,18 @@ def plot(results: dict[str, Any], out: str | Path) -> list[Path]:
     for r in rows:
         ax.plot(range(span), r["layers_per_step"], label=f"{r['speedup']:g}x: {r['max_layers']} -> {r['min_layers']}")
     ax.set(xlabel="generated token t", ylabel="layers run", title=f"SkipDecode schedules ({results['n_layers']} layers)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(out / "layers-per-step.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(plt, fig, [ax], out / "layers-per-step.png"))
     return paths
+
+
+def _save(plt, fig, axes, path: Path) -> Path:
+    for ax in axes:
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def markdown(results: dict[str, Any]) -> str:

@@ -31,20 +31,21 @@ class SkipSchedule:
 
     def __post_init__(self):
         n, w = self.n_layers, self.warmup_layers
-        if not isinstance(w, int) or w < 0:
+        if isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 0:
             raise InvalidArgumentError(f"warmup_layers must be an integer >= 0, got {w!r}")
         for name in ("min_layers", "max_layers"):
             v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or not w + 1 <= v <= n:
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not w + 1 <= v <= n:
                 raise InvalidArgumentError(
                     f"{name} must be an integer in [warmup_layers + 1, n_layers] = [{w + 1}, {n}], got {v!r}")
         if self.min_layers > self.max_layers:
             raise InvalidArgumentError(f"min_layers ({self.min_layers}) > max_layers ({self.max_layers})")
         if not isinstance(self.max_length, (int, np.integer)) or self.max_length < 2:
             raise InvalidArgumentError(f"max_length must be an integer >= 2, got {self.max_length!r}")
-        h = self.layers_np(np.arange(4 * self.max_length), self.max_length)
-        if np.any(np.diff(h) > 0):  # by construction; a guard against a future edit of the rule
-            raise AssertionError("the SkipDecode schedule must be non-increasing")
+        for span in (1, 2, 3, 7, self.max_length):
+            h = self.layers_np(np.arange(2 * span + 2), span)
+            if np.any(np.diff(h) > 0) or h[0] != self.max_layers or h[-1] != self.min_layers:
+                raise AssertionError("the SkipDecode schedule must fall from max_layers to min_layers")
 
     @classmethod
     def build(cls, n_layers: int, *, warmup_layers: int = 1, min_layers: int | None = None,
@@ -83,23 +84,27 @@ class SkipSchedule:
                 cost = (abs((hi + lo) / 2 - target), abs(hi - 1.5 * target))
                 if best is None or cost < best[0]:
                     best = (cost, lo, hi)
-        (miss, _), lo, hi = best
-        if miss > 0.25 * target:
-            raise InvalidArgumentError(f"speedup {speedup} is unreachable with {n_layers} layers "
-                                       f"(closest mean {(lo + hi) / 2} layers vs {target:.2f} wanted)")
+        _, lo, hi = best  # the means reachable are every half-integer in [lowest, n]: within 0.25
         return cls(n_layers, lo, hi, max_length, warmup_layers)
 
     # ------------------------------------------------------------------ the rule
 
+    def _rule(self, xp, i, span):
+        # round((1 - tau) max + tau min), tau = i / span, in integers: floor((2X + span) / 2span)
+        # with X = max*span - (max - min)*i. Exact, so the trainer's [batch, T] masks, the
+        # decoder's per-step scalar and every plot agree even at .5 ties (floats did not).
+        span = xp.maximum(xp.asarray(span, xp.int32), 1)
+        i = xp.clip(xp.asarray(i, xp.int32), 0, span)
+        hi, lo = self.max_layers, self.min_layers
+        return ((2 * hi * span - 2 * (hi - lo) * i + span) // (2 * span)).astype(xp.int32)
+
     def layers_np(self, i, span) -> np.ndarray:
-        tau = np.clip(np.asarray(i, np.float64) / max(span, 1), 0.0, 1.0)
-        return np.floor((1.0 - tau) * self.max_layers + tau * self.min_layers + 0.5).astype(np.int32)
+        """h(i) in numpy (plots, means, checks): the same integers as `layers`."""
+        return self._rule(np, i, span)
 
     def layers(self, i, span):
         """h(i) as int32 (jnp; i and span may be traced and broadcast)."""
-        i = jnp.asarray(i, jnp.float32)
-        tau = jnp.clip(i / jnp.maximum(jnp.asarray(span, jnp.float32), 1.0), 0.0, 1.0)
-        return jnp.floor((1.0 - tau) * self.max_layers + tau * self.min_layers + 0.5).astype(jnp.int32)
+        return self._rule(jnp, i, span)
 
     def active(self, h):
         """[..., n_layers] bool: which layers a token with h layers runs (warm-up, then the top)."""
@@ -122,10 +127,11 @@ class SkipSchedule:
         h = jnp.where(i < 0, self.n_layers, self.layers(jnp.maximum(i, 0), self.max_length - boundary))
         return self.active(h)
 
-    def mean_layers(self, span: int | None = None) -> float:
-        """Mean layers per generated token over `span` tokens (default: max_length / 2)."""
+    def mean_layers(self, span: int | None = None, n_tokens: int | None = None) -> float:
+        """Mean layers per generated token over the first `n_tokens` (default: `span`) of a
+        generation whose schedule spans `span` tokens (default: max_length / 2)."""
         span = self.max_length // 2 if span is None else span
-        return float(np.mean(self.layers_np(np.arange(span), span)))
+        return float(np.mean(self.layers_np(np.arange(span if n_tokens is None else n_tokens), span)))
 
     @property
     def nominal_speedup(self) -> float:

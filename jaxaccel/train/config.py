@@ -38,7 +38,7 @@ class SkipScheduleConfig:
     """Fine-tune under SkipDecode's layer schedule (`jaxaccel.model.skip`): each training row
     gets a random prompt boundary in [prompt_min, prompt_max]; the tokens after it run only
     the layers the schedule gives their step (per-token layer masks in one forward). On when
-    `max_layers` or `speedup` is set."""
+    `max_layers`, `min_layers` or `speedup` is set."""
 
     max_layers: int | None = None
     min_layers: int | None = None  # default: max_layers
@@ -51,7 +51,7 @@ class SkipScheduleConfig:
 
     @property
     def enabled(self) -> bool:
-        return self.max_layers is not None or self.speedup is not None
+        return self.max_layers is not None or self.min_layers is not None or self.speedup is not None
 
     def __post_init__(self):
         if self.loss not in ("generated", "all"):

@@ -78,19 +78,20 @@ def loss_and_metrics(params, model_cfg: ModelConfig, batch: dict, rng, *, dropou
     target array); `ce_sum` (the logged loss) stays the plain cross entropy.
 
     skip = (SkipSchedule, prompt_min, prompt_max, generated_only) runs the batch under
-    SkipDecode's schedule (`skip_plan`); with generated_only the loss counts only the
-    tokens predicted after each row's prompt boundary.
+    SkipDecode's schedule from each row's prompt boundary (`with_skip_boundary`: drawn by
+    `train_step`; a fixed key in evaluation).
 
     A Duo-LLM model (model.duo.enabled) runs every token of every layer on a random route
     (`duo_plan`: big with p_big, skip with p_skip, else small), drawn from `rng`."""
     if model_cfg.n_layers <= UNROLL_LAYERS_UP_TO:
         params = unstack_layers(params, model_cfg)  # slices of the stacked arrays; grads flow back stacked
     segments = Segments(batch["segment_ids"], batch["bidirectional"] if bidirectional else None)
-    plan, weights = None, batch["loss_mask"].astype(jnp.float32)
+    plan = None
     if skip is not None:
-        plan, generated = skip_plan(skip, batch["positions"], rng)
-        if skip[3]:
-            weights = weights * generated
+        if "skip_boundary" not in batch:  # evaluation: a fixed key, so every evaluation scores the same split
+            batch = with_skip_boundary(skip, batch, jax.random.key(17))
+        plan = ExecutionPlan(active=skip[0].token_active(batch["positions"], batch["skip_boundary"]))
+    weights = batch["loss_mask"].astype(jnp.float32)
     if model_cfg.duo.enabled:  # the routes follow the batch's layout on the mesh
         routes = constrain(duo_plan(model_cfg, batch["inputs"].shape, rng).routes, (BATCH, LENGTH, LAYERS), mesh)
         plan = (ExecutionPlan() if plan is None else plan)._replace(routes=routes)
@@ -118,17 +119,21 @@ def loss_and_metrics(params, model_cfg: ModelConfig, batch: dict, rng, *, dropou
     return objective_sum / normalizer + aux_scale * aux_loss, metrics
 
 
-def skip_plan(skip, positions, rng):
+def with_skip_boundary(skip, batch: dict, key) -> dict:
     """SkipDecode fine-tuning: a random prompt boundary b per row, uniform in [prompt_min,
-    prompt_max] (from `rng`; a fixed key when None, so evaluations are repeatable), and the
-    per-token layer flags of `SkipSchedule.token_active`. Within a packed row each segment's
-    positions restart, so every segment gets its own prompt part. -> (ExecutionPlan,
-    [batch, T] float: 1 where the token predicts a generated one, i.e. position >= b - 1)."""
-    schedule, lo, hi, _ = skip
-    key = jax.random.key(17) if rng is None else jax.random.fold_in(rng, 17)
+    prompt_max], as batch["skip_boundary"] [batch] (`SkipSchedule.token_active` turns it into
+    per-token layer flags; within a packed row each segment's positions restart, so every
+    segment gets its own prompt part). With generated_only the loss mask keeps only the
+    tokens that predict a generated one (position >= b - 1) — applied to the batch before
+    the step counts its targets, so the loss is a mean over exactly the tokens it sums."""
+    _, lo, hi, generated_only = skip
+    positions = batch["positions"]
     boundary = jax.random.randint(key, (positions.shape[0],), lo, hi + 1, dtype=jnp.int32)
-    generated = (positions >= boundary[:, None] - 1).astype(jnp.float32)
-    return ExecutionPlan(active=schedule.token_active(positions, boundary)), generated
+    out = dict(batch, skip_boundary=boundary)
+    if generated_only:
+        mask = batch["loss_mask"]
+        out["loss_mask"] = jnp.where(positions >= boundary[:, None] - 1, mask, jnp.zeros_like(mask))
+    return out
 
 
 def duo_plan(model_cfg: ModelConfig, tokens_shape: tuple[int, int], rng) -> ExecutionPlan:
@@ -163,6 +168,8 @@ def train_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, optimi
     is not finite, so the state stays the last good one."""
     rng, step_rng = jax.random.split(state.rng)
     keys = jax.random.split(step_rng, grad_accum)
+    if skip is not None:
+        batch = with_skip_boundary(skip, batch, jax.random.fold_in(step_rng, 17))
     n_total = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
     grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
     kwargs = dict(dropout=dropout, remat=remat, normalizer=n_total, aux_scale=1.0 / grad_accum, attention=attention,
