@@ -50,3 +50,11 @@ def test_speculative_notebook_runs(tmp_path, monkeypatch):
     namespace = run_notebook("speculative.ipynb")  # asserts losslessness itself
     assert set(namespace["results"]) == set(namespace["runs"])
     assert namespace["results"]["dyspec, budget 16"]["mean_accepted"] > 1.5
+
+
+@pytest.mark.slow
+def test_skipdecode_notebook_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace = run_notebook("skipdecode.ipynb")  # asserts the full schedule is exact itself
+    assert namespace["skip"].stats["mean_layers_per_step"] < namespace["lm"].config.n_layers
+    assert namespace["agreement"] > 0.2
