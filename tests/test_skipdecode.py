@@ -310,8 +310,10 @@ def test_generated_only_loss_is_the_mean_over_the_tokens_it_sums():
     opt_cfg = OptimConfig(lr=1e-3, warmup_steps=1)
     optimizer = make_optimizer(opt_cfg, 10)
     state = TrainState(jnp.int32(0), params, optimizer.init(params), jax.random.key(5))
-    _, metrics = train_step(state, batch, model_cfg=cfg, optimizer=optimizer, schedule=lr_schedule(opt_cfg, 10),
-                            grad_accum=1, dropout=False, remat=False, attention="dense", skip=skip)
+    step = jax.jit(lambda st, b: train_step(st, b, model_cfg=cfg, optimizer=optimizer,
+                                            schedule=lr_schedule(opt_cfg, 10), grad_accum=1, dropout=False,
+                                            remat=False, attention="dense", skip=skip))
+    _, metrics = step(state, batch)
     _, step_rng = jax.random.split(state.rng)
     b = with_skip_boundary(skip, batch, jax.random.fold_in(step_rng, 17))
     plan = ExecutionPlan(active=skip[0].token_active(b["positions"], b["skip_boundary"]))
