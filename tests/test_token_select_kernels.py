@@ -82,8 +82,11 @@ def model_rope(x, positions):
     return apply_rope(x, rope_tables(positions, rope_inv_freq(x.shape[-1], THETA, None)))
 
 
-def close(got, want, tol=1e-5):
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)
+def close(got, want, tol=1e-5) -> float:
+    """Assert got ~= want; -> the largest absolute difference (for a test's own assertion)."""
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+    return float(np.abs(got - want).max())
 
 
 # ----------------------------------------------------------------------------- RoPE
@@ -130,8 +133,12 @@ def test_score_kernel_bfloat16():
     q, k, *_ = cache_inputs(3, 2, 8, 2, 32, 64, jnp.bfloat16)
     lengths = jnp.asarray([64, 23], jnp.int32)
     got = ts.score_keys_kernel(q, k, lengths, block_k=16, interpret=True)
-    close(got, score_reference(q, k, lengths), 1e-4)
-    close(got, numpy_scores(q, k, np.asarray(lengths)), 1e-4)  # bf16 inputs, float32 math
+    assert got.dtype == jnp.float32  # bf16 inputs, float32 math and output
+    assert close(got, score_reference(q, k, lengths), 1e-4) < 1e-4
+    assert close(got, numpy_scores(q, k, np.asarray(lengths)), 1e-4) < 1e-4
+    votes = np.asarray(got).sum(1)
+    np.testing.assert_allclose(votes, [8, 8], rtol=1e-3)  # every head votes once per row
+    assert (np.asarray(got)[1, 23:] == 0).all()  # nothing past row 1's length
 
 
 def test_score_kernel_never_reads_past_the_length():
@@ -143,8 +150,10 @@ def test_score_kernel_never_reads_past_the_length():
     for row, length in enumerate(lengths):
         poisoned[row, :, length:] = np.nan
     lengths = jnp.asarray(lengths, jnp.int32)
-    got = ts.score_keys_kernel(q, jnp.asarray(poisoned), lengths, block_k=16, interpret=True)
-    close(got, score_reference(q, k, lengths))
+    got = np.asarray(ts.score_keys_kernel(q, jnp.asarray(poisoned), lengths, block_k=16, interpret=True))
+    assert np.isfinite(got).all(), "a NaN past the length reached the scores"
+    assert close(got, score_reference(q, k, lengths)) < 1e-5
+    assert (got[0] == 0).all() and (got[1, 20:] == 0).all()
 
 
 # ----------------------------------------------------------------------------- selection
@@ -246,9 +255,14 @@ def test_compact_positions_with_every_key_selected_equal_full_attention():
     want = dense_decode_attention(q, k, v, k_new, v_new, lengths, valid)
     args = (q, k, v, indices, valid, lengths)
     own = dict(k_new=k_new, v_new=v_new)
-    close(ts.sparse_attention_kernel(*args, positions="compact", block_k=8, interpret=True, **own), want)
-    close(sparse_reference(*args, positions="compact", **own), want)
-    close(sparse_reference(*args, positions="original", **own), want)
+    kernel = ts.sparse_attention_kernel(*args, positions="compact", block_k=8, interpret=True, **own)
+    assert kernel.shape == (b, h, d) and np.isfinite(np.asarray(kernel)).all()
+    assert close(kernel, want) < 1e-5
+    assert close(sparse_reference(*args, positions="compact", **own), want) < 1e-5
+    assert close(sparse_reference(*args, positions="original", **own), want) < 1e-5
+    # row 2 has an empty cache: it attends to its own key only, so its output is v_new
+    group = h // kvh
+    np.testing.assert_allclose(np.asarray(kernel)[2], np.repeat(np.asarray(v_new)[2], group, axis=0), atol=1e-6)
 
 
 def test_original_positions_equal_dense_attention_over_the_selected_slots():
@@ -280,9 +294,11 @@ def test_sparse_kernel_reads_only_the_selected_slots():
         unread = np.setdiff1d(np.arange(32), np.asarray(indices[row]))
         k_bad[row][:, unread] = np.nan
         v_bad[row][:, unread] = np.nan
+    assert np.isnan(k_bad).any() and np.isnan(v_bad).any()
     got = ts.sparse_attention_kernel(q, jnp.asarray(k_bad), jnp.asarray(v_bad), indices, valid, lengths, k_new=k_new,
                                      v_new=v_new, block_k=8, gather="kernel", interpret=True)
-    close(got, sparse_reference(q, k, v, indices, valid, lengths, k_new=k_new, v_new=v_new))
+    assert np.isfinite(np.asarray(got)).all(), "an unselected (NaN) slot was read"
+    assert close(got, sparse_reference(q, k, v, indices, valid, lengths, k_new=k_new, v_new=v_new)) < 1e-5
 
 
 # ----------------------------------------------------------------------------- public ops
@@ -309,28 +325,39 @@ def test_public_ops_run_the_reference_on_cpu_and_the_kernel_when_interpreting():
     assert "pallas_call" not in jaxpr(ts.sparse_attention, *sparse_args, interpret=True, use_kernel=False)
 
 
-def one_line_error(fn, match):
+def one_line_error(fn, match) -> str:
+    """Assert fn() raises a one-line ValueError matching `match`; -> its message."""
     with pytest.raises(ValueError, match=match) as info:
         fn()
     assert "\n" not in str(info.value)
+    return str(info.value)
 
 
 def test_bad_shapes_and_blocks_fail_up_front_with_one_line_errors():
     q, k, v, *_ = cache_inputs(0, 1, 4, 2, 16, 32)
     lengths = jnp.asarray([32], jnp.int32)
     indices, valid = selection(0, (1, 32), lengths, k=4, n_init=1, n_local=2)
-    one_line_error(lambda: ts.score_keys(q[:, :3], k, lengths), "multiple of n_kv_heads")
-    one_line_error(lambda: ts.score_keys(q, k, lengths, block_k=12, interpret=True), "multiple of 8")
     odd = jnp.zeros((1, 4, 15))
-    one_line_error(lambda: ts.sparse_attention(odd, jnp.zeros((1, 2, 32, 15)), jnp.zeros((1, 2, 32, 15)), indices,
-                                               valid, lengths), "even")
-    one_line_error(lambda: ts.sparse_attention(q, k, v, indices, valid, lengths, positions="relative"), "compact")
-    one_line_error(lambda: ts.select_indices(jnp.zeros((1, 32)), lengths, k=2, n_init=1, n_local=1, pool=4), "odd")
+    messages = [
+        one_line_error(lambda: ts.score_keys(q[:, :3], k, lengths), "multiple of n_kv_heads"),
+        one_line_error(lambda: ts.score_keys(q, k, lengths, block_k=12, interpret=True), "multiple of 8"),
+        one_line_error(lambda: ts.sparse_attention(odd, jnp.zeros((1, 2, 32, 15)), jnp.zeros((1, 2, 32, 15)),
+                                                   indices, valid, lengths), "even"),
+        one_line_error(lambda: ts.sparse_attention(q, k, v, indices, valid, lengths, positions="relative"),
+                       "compact"),
+        one_line_error(lambda: ts.select_indices(jnp.zeros((1, 32)), lengths, k=2, n_init=1, n_local=1, pool=4),
+                       "odd"),
+    ]
     with mock.patch("jax.default_backend", return_value="gpu"):  # Triton: powers of two, tl.dot >= 16
-        one_line_error(lambda: ts.score_keys(q, k, lengths, block_k=24), "power of two")
-        one_line_error(lambda: ts.sparse_attention(q, k, v, indices, valid, lengths, block_k=16), "head_dim")
+        messages.append(one_line_error(lambda: ts.score_keys(q, k, lengths, block_k=24), "power of two"))
+        messages.append(one_line_error(lambda: ts.sparse_attention(q, k, v, indices, valid, lengths, block_k=16),
+                                       "head_dim"))
     with mock.patch("jax.default_backend", return_value="tpu"):
-        one_line_error(lambda: ts.score_keys(q, k, lengths, block_k=64), "multiple of 128")
+        messages.append(one_line_error(lambda: ts.score_keys(q, k, lengths, block_k=64), "multiple of 128"))
+    assert len(set(messages)) == len(messages) == 8  # eight distinct one-line messages
+    assert "12" in messages[1] and "15" in messages[2] and "relative" in messages[3] and "4" in messages[4]
+    # and the valid calls next to them run
+    assert ts.score_keys(q, k, lengths).shape == (1, 32)
 
 
 @pytest.mark.parametrize("platform,backend,marker", [("tpu", "tpu", "tpu_custom_call"), ("cuda", "gpu", "triton")])
