@@ -298,6 +298,11 @@ def test_selection_cache_thresholds(lm, monkeypatch):
     # every step after each layer's first selection of each row reuses it
     assert always.stats["selection_cache_hits"] == always.stats["selection_lookups"] - 2 * 2
     assert always.stats["selection_cache_hit_rate"] == pytest.approx(0.9)
+    # The threshold is read only by the decode steps: a new value compiles the loop, not the prefill.
+    prefills = lambda: sum(1 for key in lm._compiled if key[0] == "prefill")  # noqa: E731
+    before = prefills()
+    again = run(cache_threshold=0.5)
+    assert prefills() == before and again.stats["compile_s"] > 0
 
 
 # ----------------------------------------------------------------------------- long contexts

@@ -132,11 +132,7 @@ def _prompts(lm, code: np.ndarray | None, context: int, batch: int, seed: int = 
 
 
 def _handle(lm, decoder):
-    from jaxaccel.model.transformer import ModelHandle
-
-    handle = lm.handle
-    defaults = decoder.forward_defaults()
-    return ModelHandle(lm.params, lm.config, {**dict(handle.defaults), **defaults}) if defaults else handle
+    return lm.handle.with_defaults(**decoder.forward_defaults())
 
 
 def _padded(prompts: np.ndarray, cache_len: int) -> tuple[jax.Array, jax.Array]:

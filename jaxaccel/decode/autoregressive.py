@@ -17,10 +17,17 @@ def next_token(state: DecodeState, ctx: StepContext, plan: ExecutionPlan | None 
     positions = state.cache_len[:, None]
     logits, cache = ctx.model.forward(state.last_token[:, None], positions, cache=state.cache,
                                       write_slots=positions, prefix_len=state.cache_len, plan=plan)
-    if ctx.mode.greedy:  # no randomness to draw
-        return state._replace(cache=cache), logits, sample(None, logits[:, 0], ctx.mode, ctx.sampling)
+    state, token = choose(state._replace(cache=cache), logits[:, 0], ctx)
+    return state, logits, token
+
+
+def choose(state: DecodeState, logits: jax.Array, ctx: StepContext) -> tuple[DecodeState, jax.Array]:
+    """The next token of each row from its logits [b, vocab] under the call's sampling
+    (greedy draws no randomness; otherwise each row's key is split). -> (state, token [b])."""
+    if ctx.mode.greedy:
+        return state, sample(None, logits, ctx.mode, ctx.sampling)
     rng, keys = split_row_keys(state.rng)
-    return state._replace(cache=cache, rng=rng), logits, sample(keys, logits[:, 0], ctx.mode, ctx.sampling)
+    return state._replace(rng=rng), sample(keys, logits, ctx.mode, ctx.sampling)
 
 
 class Autoregressive(DecodeMethod):

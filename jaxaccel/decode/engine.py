@@ -136,6 +136,11 @@ class DecodeMethod:
         policy, which changes what the cache holds)."""
         return {}
 
+    def prefill_defaults(self) -> dict[str, Any]:
+        """`forward_defaults` for the prefill program; a method narrows them to what prefill
+        reads, so options only the steps read do not key (and recompile) the prefill."""
+        return self.forward_defaults()
+
     def prefill_chunk(self) -> int | None:
         """Prompt tokens per prefill forward, or None for the model's default."""
         return None

@@ -192,10 +192,11 @@ class LanguageModel:
         # Prompts are padded to the cache length: both programs are keyed by it alone, so
         # prompts of every length up to it share them (prefill runs only the chunks it needs).
         chunk = min(cache_len, decoder.prefill_chunk() or self.prefill_chunk)
-        method_defaults = decoder.forward_defaults()  # e.g. TokenSelect's attention policy, prefill included
-        handle = self.handle
-        if method_defaults:
-            handle = ModelHandle(self.params, self.config, {**dict(handle.defaults), **method_defaults})
+        # A method's forward arguments for both programs (TokenSelect's attention policy: what
+        # the cache holds), the prefill's narrowed to what it reads so they alone key it.
+        prefill_defaults = decoder.prefill_defaults()
+        handle = self.handle.with_defaults(**decoder.forward_defaults())
+        prefill_handle = self.handle.with_defaults(**prefill_defaults)
 
         tokens = np.zeros((batch_bucket, cache_len), np.int32)
         lens = np.ones((batch_bucket,), np.int32)
@@ -205,7 +206,7 @@ class LanguageModel:
         live = np.arange(batch_bucket) < batch
         base = jax.random.key(seed)
         rng = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(batch_bucket))
-        prompt_args = (handle, jnp.asarray(tokens), jnp.asarray(lens))
+        prompt_args = (prefill_handle, jnp.asarray(tokens), jnp.asarray(lens))
         loop_args = (prompt_args[1], prompt_args[2], jnp.asarray(live), jnp.int32(max_new_tokens), sampling, rng,
                      method_input, draft_handle)
 
@@ -213,7 +214,7 @@ class LanguageModel:
         input_sig = jax.tree.map(lambda a: (np.shape(a), str(getattr(a, "dtype", np.asarray(a).dtype))), method_input)
         cache_sharding = self._cache_sharding(batch_bucket)
         compile_s = 0.0
-        prefill_key = ("prefill", batch_bucket, cache_len, chunk) + tuple(sorted(method_defaults.items()))
+        prefill_key = ("prefill", batch_bucket, cache_len, chunk) + tuple(sorted(prefill_defaults.items()))
         prefill_fn = self._compiled.get(prefill_key)
         prefill_jit = jax.jit(functools.partial(prefill_cache, cache_len=cache_len, chunk=chunk,
                                                 cache_sharding=cache_sharding),

@@ -31,14 +31,15 @@ is the standard GQA map h // (n_heads // n_kv_heads).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
 
 from jaxaccel.config import ModelConfig
-from jaxaccel.decode.engine import DecodeMethod, DecodeState, StepContext, commit, split_row_keys
-from jaxaccel.decode.sampling import sample
+from jaxaccel.decode.autoregressive import choose
+from jaxaccel.decode.engine import DecodeMethod, DecodeState, StepContext, commit
 from jaxaccel.decode.tree import positive_int
 from jaxaccel.errors import InvalidArgumentError
 from jaxaccel.model.options import SelectionState, TokenSelectAttention
@@ -96,6 +97,10 @@ class TokenSelect(DecodeMethod):
     def forward_defaults(self) -> dict[str, Any]:
         return {"attention": self.policy()}
 
+    def prefill_defaults(self) -> dict[str, Any]:
+        # Prefill carries no selection state, so it never reads the cache threshold.
+        return {"attention": dataclasses.replace(self.policy(), cache_threshold=None)}
+
     def prefill_chunk(self) -> int:
         return int(self.opts["chunk"])
 
@@ -120,13 +125,7 @@ class TokenSelect(DecodeMethod):
         layers = tuple(new._replace(hits=jnp.where(live, new.hits, old.hits),
                                     lookups=jnp.where(live, new.lookups, old.lookups))
                        for new, old in zip(layers, ms.layers))
-        state = state._replace(cache=cache, method_state=TokenSelectState(layers))
-        if ctx.mode.greedy:
-            token = sample(None, logits[:, 0], ctx.mode, ctx.sampling)
-        else:
-            rng, keys = split_row_keys(state.rng)
-            state = state._replace(rng=rng)
-            token = sample(keys, logits[:, 0], ctx.mode, ctx.sampling)
+        state, token = choose(state._replace(cache=cache, method_state=TokenSelectState(layers)), logits[:, 0], ctx)
         return commit(state, token[:, None], jnp.ones_like(token), ctx)
 
     def final_state(self, method_state: TokenSelectState) -> Any:

@@ -23,7 +23,7 @@ from jaxaccel.config import ModelConfig, RopeScaling
 from jaxaccel.model.options import (FlashAttention, LayerOptions, Segments, SelectionState, TokenSelectAttention,
                                     TreeKernelAttention)
 from jaxaccel.sharding import constrain
-from jaxaccel.pallas_kernels.ops import MASKED_SCORE, attend  # noqa: F401  (re-exported)
+from jaxaccel.pallas_kernels.ops import MASKED_SCORE, attend, rope_frequencies, rotate_half  # noqa: F401
 
 # Logical axis names: one vocabulary for parameters and activations.
 BATCH = "batch"
@@ -66,7 +66,7 @@ class RMSNorm(nn.Module):
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
     """Inverse frequencies [head_dim // 2], float32, with optional linear / Llama-3 scaling."""
-    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    inv = rope_frequencies(head_dim, theta)
     if scaling is None:
         pass
     elif scaling.kind == "linear":
@@ -93,11 +93,7 @@ def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, 
 def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
     """Rotate [batch, seq, heads, head_dim] (rotate-half layout, as Hugging Face Llama
     checkpoints store q/k)."""
-    cos, sin = rope
-    half = x.shape[-1] // 2
-    x1 = x[..., :half].astype(jnp.float32)
-    x2 = x[..., half:].astype(jnp.float32)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    return rotate_half(x, *rope)
 
 
 # ----------------------------------------------------------------------------- attention

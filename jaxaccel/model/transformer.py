@@ -255,12 +255,9 @@ class Transformer(nn.Module):
                     x, (kv, layer_state) = layer(x, (layer_cache, active, route), rope, visibility, write_slots,
                                                  attention_state[i])
                     new_states.append(layer_state)
-                elif isinstance(layer_on, tuple):  # static: the skipped layers are not even traced
-                    if layer_on[i]:
-                        x, kv = layer(x, (layer_cache, active, route), rope, visibility, write_slots)
-                    else:
-                        kv = layer_cache
-                elif layer_on is None:
+                elif isinstance(layer_on, tuple) and not layer_on[i]:  # static: a skipped layer is not traced
+                    kv = layer_cache
+                elif layer_on is None or isinstance(layer_on, tuple):
                     x, kv = layer(x, (layer_cache, active, route), rope, visibility, write_slots)
                 else:  # a skipped layer is not computed at all: no FLOPs, no K/V written
                     x, kv = nn.cond(layer_on[i], _run_layer, _skip_layer, layer, x, layer_cache, active, route,
@@ -585,6 +582,12 @@ class ModelHandle:
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         return init_cache(self.config, batch, max_len, dtype)
+
+    def with_defaults(self, **kwargs) -> "ModelHandle":
+        """This handle with more `forward` defaults (e.g. a decoding method's attention policy)."""
+        if not kwargs:
+            return self
+        return ModelHandle(self.params, self.config, {**dict(self.defaults), **kwargs})
 
     def tree_flatten(self):
         return (self.params,), (self.config, self.defaults)

@@ -9,10 +9,26 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Masked attention scores: a large finite number, so a query with no visible key (a padded
 # tree node) yields a uniform, finite distribution rather than NaN.
 MASKED_SCORE = -1e30
+
+
+def rope_frequencies(head_dim: int, theta: float) -> np.ndarray:
+    """Unscaled RoPE inverse frequencies [head_dim // 2], float64 (the model applies its
+    linear / Llama-3 scaling on top, `model.layers.rope_inv_freq`)."""
+    return 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+
+
+def rotate_half(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """RoPE in the rotate-half layout (Hugging Face Llama's): x [..., head_dim] by angles
+    whose cos / sin broadcast against x[..., :head_dim // 2]; float32 math, x.dtype out. The
+    one rotation the model and the kernels' references share."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 def segment_visible(seg_q: jax.Array, seg_k: jax.Array, bid_q: jax.Array | None, bid_k: jax.Array | None,

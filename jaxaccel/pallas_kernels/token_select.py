@@ -49,7 +49,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxaccel.pallas_kernels.ops import MASKED_SCORE
+from jaxaccel.pallas_kernels.ops import MASKED_SCORE, rope_frequencies, rotate_half
 
 Positions = Literal["compact", "original"]
 Gather = Literal["kernel", "xla"]
@@ -122,24 +122,21 @@ def _group_rows(q: jax.Array, n_kv_heads: int, rows: int) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- RoPE
-# A copy of the model's rotate-half RoPE (`jaxaccel.model.layers`): kernels never import model
-# code (DESIGN decision 12). `tests/test_token_select_kernels.py` checks the two agree.
+# The model's rotate-half RoPE through the shared ops module (kernels never import model code,
+# DESIGN decision 12): the same frequencies and the same rotation as `jaxaccel.model.layers`.
 
 
 def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
     """Unscaled RoPE inverse frequencies [head_dim // 2] float32 (as `model.layers.rope_inv_freq`
     with no scaling; pass that function's output as `rope_inv_freq=` for linear / Llama-3)."""
-    return (1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))).astype(np.float32)
+    return rope_frequencies(head_dim, theta).astype(np.float32)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq) -> jax.Array:
     """Rotate x [..., head_dim] (rotate-half layout) by `positions` (int, x.shape[:-1] or
     broadcastable to it). Angles and rotation in float32; returns x.dtype."""
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    return rotate_half(x, jnp.cos(angles), jnp.sin(angles))
 
 
 def _inv_freq_array(head_dim: int, rope_theta: float, rope_inv_freq_: np.ndarray | jax.Array | None) -> jax.Array:
