@@ -89,12 +89,15 @@ class DuoConfig:
     (ffn_dim / small_ratio); each token takes, per layer, the big one, the small one or neither
     (skip: the residual passes through). Routes come from the forward's execution plan
     (`ExecutionPlan.routes`; none given: all big). Training draws them at random per token and
-    layer: big with p_big, skip with p_skip, small otherwise."""
+    layer: big with p_big, skip with p_skip, small otherwise. `router` (stage 2): each layer
+    also has a linear router on its FFN input that picks big or small per token whenever the
+    plan forces no routes (`jaxaccel.model.duo`)."""
 
     enabled: bool = False
     small_ratio: int = 16
     p_big: float = 0.5
     p_skip: float = 0.0
+    router: bool = False
 
     def __post_init__(self):
         if self.small_ratio < 1:

@@ -17,6 +17,8 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
+    def piece(self, token_id: int) -> str: ...
+
     def save(self, folder: Path) -> None: ...
 
 
@@ -37,6 +39,10 @@ class HFTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def piece(self, token_id: int) -> str:
+        """The vocabulary entry of one id, as stored (e.g. with its word-start marker)."""
+        return self._tok.id_to_token(int(token_id)) or ""
 
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
@@ -67,6 +73,10 @@ class SentencePieceTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
+
+    def piece(self, token_id: int) -> str:
+        """The vocabulary entry of one id, as stored ("\u2581" marks a word start)."""
+        return self._sp.id_to_piece(int(token_id))
 
     @property
     def eos_id(self) -> int | None:

@@ -9,6 +9,7 @@
     python -m jaxaccel.experiments plot runs/experiments/repetition/results.json --out docs/token_crisis
     python -m jaxaccel.experiments report runs/experiments/repetition/results.json --out table.md
     python -m jaxaccel.experiments skipdecode [--base runs/deep] [--out docs/skipdecode]   # issue 9
+    python -m jaxaccel.experiments duo [--model runs/duo] [--out docs/duo]                 # issue 11
     python -m jaxaccel.experiments tokenselect [--model runs/longctx] [--lengths 1024,...,65536]   # issue 10
 
 `KEY=VALUE` after the sweep file override its base training config (as for the trainer).
@@ -19,6 +20,7 @@ nothing is trained or overwritten.
 from __future__ import annotations
 
 import shlex
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -79,6 +81,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="skip full attention above this length (its prefill is quadratic)")
     ts.add_argument("--seed", type=int, default=0)
     ts.add_argument("--out", default="docs/tokenselect", help="results.json, results.md and the plot go here")
+    du = sub.add_parser("duo", help="Duo-LLM: exhaustive and beam oracles, fixed / random baselines, routers "
+                                    "(issue 11)")
+    du.add_argument("--model", default="runs/duo", help="a random-routing Duo model (configs/duo.yaml's run folder)")
+    du.add_argument("--config", default="configs/duo.yaml", help="its training config (the corpus to hold out)")
+    du.add_argument("--eval-rows", type=int, default=32, help="held-out windows: half fit the routers, half test")
+    du.add_argument("--seq-len", type=int, default=256)
+    du.add_argument("--skip-rows", type=int, default=2, help="test windows scored under all 3^L big/small/skip patterns")
+    du.add_argument("--beam-width", type=int, default=4)
+    du.add_argument("--router-budgets", default="1,2,4,6", help="big layers per token the routers are trained for")
+    du.add_argument("--router-steps", type=int, default=150)
+    du.add_argument("--random-draws", type=int, default=100)
+    du.add_argument("--batch", type=int, default=32, help="rows per forward")
+    du.add_argument("--seed", type=int, default=0)
+    du.add_argument("--out", default="docs/duo", help="results.json, results.md and the plots go here")
     # KEY=VALUE overrides may come after options too (`sweep CONFIG --dry-run output_dir=...`).
     args, extra = p.parse_known_args(argv)
     stray = [e for e in extra if e.startswith("-") or "=" not in e or args.command not in ("sweep", "collect")]
@@ -114,6 +130,38 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(path)
         print(skipdecode.markdown(results))
         print("\n".join(skipdecode.summary(results)))
+        return 0
+
+    if args.command == "duo":
+        import json
+
+        from jaxaccel.cli import fail
+        from jaxaccel.experiments import duo
+
+        try:
+            budgets = tuple(int(x) for x in args.router_budgets.split(",") if x)
+        except ValueError:
+            fail("--router-budgets is a comma-separated list of integers")
+        if min(args.eval_rows - 1, args.seq_len, args.skip_rows, args.beam_width, args.router_steps,
+               args.random_draws, args.batch) < 1:
+            fail("--eval-rows must be >= 2, and --seq-len, --skip-rows, --beam-width, --router-steps, "
+                 "--random-draws and --batch >= 1")
+        if not Path(args.model).exists():
+            fail(f"--model {args.model!r} does not exist (train it: python -m jaxaccel.train configs/duo.yaml)")
+        if not Path(args.config).is_file():
+            fail(f"--config {args.config!r} does not exist")
+        results = duo.run(args.model, args.config, args.eval_rows, args.seq_len, args.skip_rows, args.beam_width,
+                          budgets, args.random_draws, args.router_steps, args.batch, args.seed)
+        results["command"] = "python -m jaxaccel.experiments " + shlex.join(list(argv) if argv is not None
+                                                                              else sys.argv[1:])
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        text = duo.markdown(results) + "\n\n" + "\n".join(f"- {line}" for line in duo.summary(results)) + "\n"
+        (out / "results.md").write_text(text)
+        for path in duo.plot(results, out):
+            print(path)
+        print(text)
         return 0
 
     if args.command == "tokenselect":

@@ -215,7 +215,7 @@ def run(base: str = "runs/deep", root: str = "runs/skipdecode", configs: str = "
 
 
 def plot(results: dict[str, Any], out: str | Path) -> list[Path]:
-    from jaxaccel.experiments.plots import _pyplot
+    from jaxaccel.experiments.plots import _pyplot, save_figure
 
     plt = _pyplot()
     out = Path(out)
@@ -232,7 +232,7 @@ def plot(results: dict[str, Any], out: str | Path) -> list[Path]:
                 yscale="log", title="quality vs speedup")
     axes[1].set(xlabel="nominal speedup", ylabel="greedy agreement with the full model",
                 title="agreement vs speedup")
-    paths.append(_save(plt, fig, axes, out / "quality-vs-speedup.png"))
+    paths.append(save_figure(plt, fig, axes, out / "quality-vs-speedup.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     span = results["new_tokens"]
@@ -240,18 +240,8 @@ def plot(results: dict[str, Any], out: str | Path) -> list[Path]:
     for r in rows:
         ax.plot(range(span), r["layers_per_step"], label=f"{r['speedup']:g}x: {r['max_layers']} -> {r['min_layers']}")
     ax.set(xlabel="generated token t", ylabel="layers run", title=f"SkipDecode schedules ({results['n_layers']} layers)")
-    paths.append(_save(plt, fig, [ax], out / "layers-per-step.png"))
+    paths.append(save_figure(plt, fig, [ax], out / "layers-per-step.png"))
     return paths
-
-
-def _save(plt, fig, axes, path: Path) -> Path:
-    for ax in axes:
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def markdown(results: dict[str, Any]) -> str:

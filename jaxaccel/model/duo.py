@@ -29,6 +29,18 @@ a flag:
   rung 0: not at all). Gather/scatter rather than MoE's one-hot dispatch einsums: those cost
   O(N * capacity * d_model), more than the small FFN itself at prefill lengths.
 
+Routers (stage 2, `config.duo.router`): each layer has a linear router on its FFN input,
+params[...]["duo"]["router"] {"kernel" [d_model, 2], "bias" [2]} (float32, zero at init:
+p_big = 1/2), giving logits for (big, small). Without forced routes the router decides: hard,
+the larger logit's FFN (executed by the mode above); or, with `ExecutionPlan.soft_routes`,
+the mixture p_big * big(h) + p_small * small(h) with p = softmax(logits) (both FFNs run).
+A temperature tau is a scale of the router's parameters by 1 / tau (`scale_router`), so
+annealing needs no recompile; as tau -> 0 the soft mixture tends to the hard routes. Every
+mode sows the layer's mean P(big) (soft) or fraction of big routes ("duo_p_big"), which
+`forward(..., return_aux=True)` returns per layer (the budget loss of router training), and
+with a router its logits per token ("duo_router_logits" [n_layers, batch, T, 2]; computed
+under forced routes too, so a router can learn to imitate given routes).
+
 Dtype policy: the FFNs follow `layers.MLP` (parameters in param_dtype, matmuls in dtype);
 routes are int32 after `check_routes`.
 """
@@ -45,7 +57,7 @@ import numpy as np
 
 from jaxaccel.config import DuoConfig, ModelConfig
 from jaxaccel.errors import InvalidArgumentError
-from jaxaccel.model.layers import MLP
+from jaxaccel.model.layers import EMBED, MLP
 from jaxaccel.model.options import LayerOptions
 
 BIG, SMALL, SKIP = 0, 1, 2
@@ -110,6 +122,35 @@ def random_routes(duo: DuoConfig, key: jax.Array, shape: tuple[int, ...]) -> jax
     return jnp.where(u < duo.p_big, BIG, jnp.where(u < 1.0 - duo.p_skip, SMALL, SKIP)).astype(jnp.int32)
 
 
+def scale_router(params, scale):
+    """The params with every router's kernel and bias multiplied by `scale` (1 / temperature):
+    softmax(scale * logits) is the router at temperature 1 / scale. Other leaves unchanged."""
+    def visit(tree):
+        if isinstance(tree, dict):
+            return {k: (jax.tree.map(lambda a: a * scale, v) if k == "router" else visit(v)) for k, v in tree.items()}
+        return tree
+    return visit(params)
+
+
+def init_router(params, config: ModelConfig, rng=None):
+    """Add zero-initialised routers (p_big = 1/2 everywhere) to a Duo model's params (unrolled
+    or scanned layout) -> (params, config with duo.router on). `rng` is unused (zeros), kept
+    for a future random init."""
+    if not config.duo.enabled:
+        raise InvalidArgumentError("a router needs a Duo-LLM model (model.duo.enabled)")
+    d = config.d_model
+
+    def add(tree):
+        if isinstance(tree, dict):
+            out = {k: add(v) for k, v in tree.items()}
+            if "big" in tree and "small" in tree and "router" not in tree:
+                lead = jax.tree.leaves(tree["big"])[0].shape[:-2]  # scanned: [n_layers] in front
+                out["router"] = {"kernel": jnp.zeros(lead + (d, 2), jnp.float32), "bias": jnp.zeros(lead + (2,), jnp.float32)}
+            return out
+        return tree
+    return add(params), dataclasses.replace(config, duo=dataclasses.replace(config.duo, router=True))
+
+
 def route_fractions(routes: jax.Array) -> jax.Array:
     """[3] float32: the fraction of routes that are big, small and skip."""
     return jnp.mean(jax.nn.one_hot(routes, 3, dtype=jnp.float32), axis=tuple(range(routes.ndim)))
@@ -127,14 +168,30 @@ class DuoFFN(nn.Module):
     def setup(self):
         self.big = MLP(ffn_config(self.config, "big"), self.options)
         self.small = MLP(ffn_config(self.config, "small"), self.options)
+        if self.config.duo.router:
+            self.router = nn.Dense(2, dtype=jnp.float32, param_dtype=jnp.float32, name="router",
+                                   kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, (EMBED, None)),
+                                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))
 
     def __call__(self, x, routes=None):
         if self.mode not in MODES:
             raise ValueError(f"DuoFFN.mode must be one of {MODES}, got {self.mode!r}")
+        if self.config.duo.router:
+            logits = self.router(x.astype(jnp.float32))  # [batch, T, 2]: (big, small)
+            self.sow("intermediates", "duo_router_logits", logits)  # also under forced routes (imitation)
+        if routes is None and self.config.duo.router:
+            if self.options.soft_routes:
+                p = jax.nn.softmax(logits, axis=-1)
+                self.sow("intermediates", "duo_p_big", jnp.mean(p[..., 0]))
+                mix = p[..., 0:1] * self.big(x).astype(jnp.float32) + p[..., 1:2] * self.small(x).astype(jnp.float32)
+                return mix.astype(jnp.dtype(self.config.dtype))
+            routes = jnp.where(logits[..., 0] >= logits[..., 1], BIG, SMALL).astype(jnp.int32)
         if routes is None:  # the default plan: every token takes the big FFN
             if self.is_initializing():
                 self.small(x)  # both FFNs exist from init on, whatever the first call routes
+            self.sow("intermediates", "duo_p_big", jnp.ones((), jnp.float32))
             return self.big(x)
+        self.sow("intermediates", "duo_p_big", jnp.mean((routes == BIG).astype(jnp.float32)))
         if self.mode == "masked" or self.is_initializing():
             big, small = self.big(x), self.small(x)
             return jnp.where((routes == BIG)[..., None], big,

@@ -141,12 +141,18 @@ class ExecutionPlan(NamedTuple):
       each layer — 0 big, 1 small, 2 skip (`jaxaccel.model.duo`). None: every token takes the
       big FFN. How the routes are executed follows from the call (`duo.dispatch_mode`):
       uncached calls compute both FFNs and select (training; the reference), cached calls
-      group the tokens by route (several tokens) or switch on it (one token).
+      group the tokens by route (several tokens) or switch on it (one token). A Duo model with
+      a router (`config.duo.router`) and no routes here takes its router's routes.
+    * `soft_routes` (static Python bool, None = False; build the plan inside a jitted function,
+      as for a tuple `layer_on`): a router mixes the two FFNs by its probabilities,
+      p_big * big + (1 - p_big) * small, instead of picking one (stage-2 router training; the
+      temperature is a scale of the router's parameters, `duo.scale_router`).
     """
 
     active: jax.Array | None = None
     layer_on: jax.Array | None = None
     routes: jax.Array | None = None
+    soft_routes: bool | None = None
 
 
 class Segments(NamedTuple):
@@ -169,3 +175,4 @@ class LayerOptions:
     moe_training: bool = False  # MoE: the training capacity factor
     attention: AttentionPolicy = DENSE
     mesh: Mesh | None = None  # set: activations carry sharding constraints on this mesh
+    soft_routes: bool = False  # Duo-LLM router: mix the FFNs by its probabilities (ExecutionPlan.soft_routes)

@@ -352,8 +352,13 @@ def forward(params: Params, config: ModelConfig, tokens, positions=None, *, cach
             raise ValueError("attention_state needs a cached call of the unrolled layout without plan.layer_on")
         if len(attention_state) != config.n_layers:
             raise ValueError(f"attention_state has {len(attention_state)} entries for {config.n_layers} layers")
+    soft_routes = plan is not None and plan.soft_routes is not None and plan.soft_routes is not False
+    if soft_routes and not isinstance(plan.soft_routes, bool):
+        raise ValueError("plan.soft_routes must be a Python bool: build the plan inside the jitted function")
+    if soft_routes and not (config.duo.enabled and config.duo.router):
+        raise InvalidArgumentError("plan.soft_routes needs a Duo-LLM model with a router (model.duo.router)")
     options = LayerOptions(deterministic=deterministic, fused=is_fused(params), dropless=cache is not None,
-                           moe_training=moe_training, attention=attention, mesh=mesh)
+                           moe_training=moe_training, attention=attention, mesh=mesh, soft_routes=bool(soft_routes))
     model = Transformer(config, options, scanned=is_scanned(params), remat=remat,
                         vocab_major_logits=vocab_major_logits and cache is not None)
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
@@ -390,7 +395,30 @@ def moe_aux(intermediates, config: ModelConfig) -> dict:
     n_sparse = max(1, sum(config.is_moe_layer(i) for i in range(config.n_layers)))
     totals["expert_load"] = totals["expert_load"] / n_sparse
     totals["dropped"] = totals["dropped"] / n_sparse
+    if config.duo.enabled:  # [n_layers]: each layer's mean P(big) (router) or fraction of big routes
+        totals["duo_p_big"] = _per_layer(flat, "duo_p_big", config.n_layers)
+        if config.duo.router:  # [n_layers, batch, T, 2]: each layer's router logits (big, small)
+            totals["duo_router_logits"] = _per_layer(flat, "duo_router_logits", config.n_layers)
     return totals
+
+
+def _per_layer(flat, name: str, n_layers: int) -> jax.Array:
+    """A statistic every layer sows once -> [n_layers, *its shape] in layer order: unrolled
+    layers by their index ("layer_10" after "layer_9"); a scanned stack sows it with the
+    stack's leading axis ([n_layers], or [n_blocks] per layer of a block)."""
+    found, scanned = {}, False
+    for path, value in flat:
+        keys = [str(getattr(k, "key", "")) for k in path]
+        if name in keys:
+            scanned = keys[0] == "layers"
+            index = next((int(k[6:]) for k in keys if k.startswith("layer_") and k[6:].isdigit()), 0)
+            found[index] = jnp.asarray(value, jnp.float32)
+    if not found:
+        return jnp.zeros((n_layers,), jnp.float32)
+    stacked = jnp.stack([found[i] for i in sorted(found)])  # unrolled [layers, ...]; scanned [block, stack, ...]
+    if not scanned:
+        return stacked
+    return jnp.swapaxes(stacked, 0, 1).reshape((n_layers,) + stacked.shape[2:])
 
 
 LAYOUTS = ("scanned", "unrolled", "fused")

@@ -1,0 +1,175 @@
+"""Duo-LLM's routers and oracles (jaxaccel.model.duo routers, jaxaccel.experiments.duo): the
+soft router tends to the hard one as the temperature falls, the budget loss moves P(big)
+toward the budget, the exhaustive oracle equals a brute force over separately computed
+patterns, the beam oracle matches it when wide enough, and bad input is one line."""
+import itertools
+from dataclasses import replace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxaccel.config import DuoConfig, ModelConfig
+from jaxaccel.errors import InvalidArgumentError
+from jaxaccel.experiments import duo as exp
+from jaxaccel.model.duo import BIG, SMALL, init_router, scale_router
+from jaxaccel.model.options import ExecutionPlan
+from jaxaccel.model.transformer import forward, init_params, stack_layers
+
+# 3 layers: 2^3 = 8 patterns, 3^3 = 27 with skip — small enough to brute-force in the test.
+TOY = ModelConfig(vocab_size=48, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64,
+                  init_std=0.15, duo=DuoConfig(enabled=True))
+
+
+@pytest.fixture(scope="module")
+def toy():
+    params = init_params(TOY, jax.random.key(0), "unrolled")
+    rows = np.asarray(jax.random.randint(jax.random.key(1), (4, 13), 0, TOY.vocab_size), np.int32)
+    return params, rows
+
+
+@pytest.fixture(scope="module")
+def scorer(toy):
+    params, rows = toy
+    return exp.Scorer(params, TOY, rows, batch=8)
+
+
+def with_random_router(params, config, seed=0, scale=1.0):
+    full, rconfig = init_router(params, config)
+    keys = iter(jax.random.split(jax.random.key(seed), config.n_layers))
+    for i in range(config.n_layers):
+        full[f"layer_{i}"]["duo"]["router"] = {"kernel": scale * jax.random.normal(next(keys), (config.d_model, 2)),
+                                               "bias": jnp.zeros((2,), jnp.float32)}
+    return full, rconfig
+
+
+def brute_force_losses(params, rows, pattern):
+    """Per-token CE under one pattern: a forward per row, routes [L] for the whole row."""
+    out = []
+    for row in rows:
+        logits, _ = forward(params, TOY, jnp.asarray(row[None, :-1]), plan=ExecutionPlan(routes=jnp.asarray(pattern)))
+        logp = jax.nn.log_softmax(logits[0], -1)
+        out.append(-np.asarray(logp)[np.arange(len(row) - 1), row[1:]])
+    return np.concatenate(out)
+
+
+def test_exhaustive_oracle_equals_a_brute_force_over_patterns(toy, scorer):
+    params, rows = toy
+    patterns = exp.all_patterns(3, with_skip=True)
+    assert patterns.shape == (27, 3) and len({tuple(p) for p in patterns}) == 27
+    losses = scorer.patterns(patterns)
+    brute = {p: brute_force_losses(params, rows, p) for p in itertools.product((0, 1, 2), repeat=3)}
+    np.testing.assert_allclose(losses, np.stack([brute[tuple(p)] for p in patterns]), atol=2e-5)
+    for budget in range(4):
+        for exact in (False, True):
+            loss, index = exp.oracle(losses, patterns, budget, exact=exact)
+            ok = [p for p in brute if (sum(r == BIG for r in p) == budget if exact else sum(r == BIG for r in p) <= budget)]
+            want = np.min(np.stack([brute[p] for p in ok]), axis=0)
+            np.testing.assert_allclose(loss, want, atol=2e-5)
+            assert all(sum(r == BIG for r in patterns[i]) <= budget for i in index)
+            fixed = exp.best_fixed(losses, patterns, budget, exact=exact)
+            assert np.isclose(losses[fixed].mean(), min(brute[p].mean() for p in ok), atol=2e-5)
+    # more budget never hurts the "at most" oracle; the all-big pattern is the dense big model
+    curve = [exp.oracle(losses, patterns, b)[0].mean() for b in range(4)]
+    assert all(a >= b - 1e-6 for a, b in zip(curve, curve[1:]))
+
+
+def test_beam_oracle_matches_the_exhaustive_one_when_wide_and_bounds_it_when_narrow(scorer):
+    patterns = exp.all_patterns(3)
+    losses = scorer.patterns(patterns)
+    index = {tuple(p): i for i, p in enumerate(patterns)}
+    calls = []
+
+    def evaluate(ps):
+        calls.append(len(ps))
+        return losses[[index[tuple(p)] for p in ps]]
+
+    wide_p, wide_l = exp.beam_oracle(evaluate, 3, width=8)
+    assert len(wide_p) == 8 and sum(calls) == 8  # every pattern once, none twice
+    for b in range(4):
+        np.testing.assert_allclose(exp.oracle(wide_l, wide_p, b)[0], exp.oracle(losses, patterns, b)[0])
+    narrow_p, narrow_l = exp.beam_oracle(evaluate, 3, width=1)  # greedy: one pattern per budget kept
+    assert len(narrow_p) == 1 + 3 + 2 + 1
+    for b in range(4):
+        assert np.all(exp.oracle(narrow_l, narrow_p, b)[0] >= exp.oracle(losses, patterns, b)[0] - 1e-6)
+
+
+def test_random_routes_give_each_token_exactly_b_big_layers():
+    routes = exp.random_routes(np.random.default_rng(0), (3, 50), 8, 3)
+    assert routes.shape == (3, 50, 8) and set(np.unique(routes)) == {BIG, SMALL}
+    assert np.all(np.sum(routes == BIG, axis=-1) == 3)
+    assert 0.2 < np.mean(routes[..., 0] == BIG) < 0.55  # every layer takes its share (3 / 8)
+
+
+def test_soft_routing_tends_to_hard_routing_as_the_temperature_falls(toy):
+    params, rows = toy
+    rparams, rcfg = with_random_router(params, TOY)
+    x = jnp.asarray(rows[:, :-1])
+    hard, _, aux = forward(rparams, rcfg, x, return_aux=True)
+    chosen = jnp.moveaxis(jnp.argmax(aux["duo_router_logits"], -1), 0, -1)  # [B, T, L]: 0 big, 1 small
+    forced, _ = forward(rparams, rcfg, x, plan=ExecutionPlan(routes=chosen.astype(jnp.int32)))
+    np.testing.assert_allclose(hard, forced, atol=1e-5)  # hard = the router's argmax as forced routes
+    assert 0.0 < float(jnp.mean(aux["duo_p_big"])) < 1.0  # a random router mixes both
+    gaps = [float(jnp.max(jnp.abs(forward(scale_router(rparams, 1.0 / tau), rcfg, x,
+                                          plan=ExecutionPlan(soft_routes=True))[0] - hard)))
+            for tau in (1.0, 1e-4)]
+    assert gaps[0] > 1e-2 and gaps[-1] < 1e-4  # soft differs from hard at tau 1, equals it as tau -> 0
+    # a scanned layout sows the same per-layer statistics
+    _, _, aux_scanned = forward(stack_layers(rparams, rcfg), rcfg, x, return_aux=True)
+    np.testing.assert_allclose(aux_scanned["duo_p_big"], aux["duo_p_big"], atol=1e-6)
+    np.testing.assert_allclose(aux_scanned["duo_router_logits"], aux["duo_router_logits"], atol=1e-5)
+
+
+@pytest.mark.parametrize("budget", [0.5, 2.5])
+def test_the_budget_loss_moves_p_big_toward_the_budget(toy, budget):
+    params, rows = toy
+    rparams, rcfg, curve = exp.train_router(params, TOY, rows, budget, steps=30, batch=4, alpha=100.0, lr=0.1,
+                                            tau_start=1.0, tau_end=1.0)
+    _, _, aux = forward(rparams, rcfg, jnp.asarray(rows[:, :-1]), plan=ExecutionPlan(soft_routes=True),
+                        return_aux=True)
+    start = 0.5 * TOY.n_layers  # zero-initialised routers: P(big) = 1/2 in every layer
+    moved = float(jnp.sum(aux["duo_p_big"]))
+    assert abs(moved - budget) < 0.5 * abs(start - budget), (moved, budget)
+    assert curve[-1] < curve[0]
+
+
+def test_an_imitating_router_learns_the_routes_it_is_shown(toy):
+    params, rows = toy
+    target = np.broadcast_to(np.asarray([BIG, SMALL, BIG], np.int32), (rows.shape[0], rows.shape[1] - 1, 3)).copy()
+    rparams, rcfg, _ = exp.train_router(params, TOY, rows, 2, steps=40, batch=4, lr=0.1, targets=target)
+    big = exp.router_big_layers(rparams, rcfg, rows)
+    assert np.mean(big == 2) > 0.9  # two big layers per token, as shown
+    _, _, aux = forward(rparams, rcfg, jnp.asarray(rows[:, :-1]), return_aux=True)
+    np.testing.assert_allclose(aux["duo_p_big"], [1.0, 0.0, 1.0], atol=0.1)
+
+
+def test_bad_input_is_one_line(toy):
+    params, rows = toy
+    with pytest.raises(InvalidArgumentError, match=r"3\^11 = 177,147 patterns exceeds the limit of 20,000; use the beam"):
+        exp.all_patterns(11, with_skip=True)
+    assert exp.all_patterns(9, with_skip=True).shape == (19683, 9)
+    for budget in (-1, 4):
+        with pytest.raises(InvalidArgumentError, match=rf"budget must be in \[0, 3\] big layers, got {budget}"):
+            exp.train_router(params, TOY, rows, budget, steps=1)
+    with pytest.raises(InvalidArgumentError, match="plan.soft_routes needs a Duo-LLM model with a router"):
+        forward(params, TOY, jnp.asarray(rows[:, :-1]), plan=ExecutionPlan(soft_routes=True))
+    dense = replace(TOY, duo=DuoConfig())
+    with pytest.raises(InvalidArgumentError, match="a router needs a Duo-LLM model"):
+        init_router(init_params(dense, jax.random.key(0), "unrolled"), dense)
+
+
+def test_the_experiment_cli_rejects_bad_input_before_loading(capsys, tmp_path):
+    from jaxaccel.experiments.__main__ import main
+    from jaxaccel.cli import run_cli
+
+    cases = [(["duo", "--model", str(tmp_path / "none")], "does not exist (train it: python -m jaxaccel.train "
+                                                            "configs/duo.yaml)"),
+             (["duo", "--router-budgets", "1,x"], "--router-budgets is a comma-separated list of integers"),
+             (["duo", "--eval-rows", "1"], "--eval-rows must be >= 2")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_:
+            run_cli(main, argv)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
