@@ -7,6 +7,7 @@
     python -m jaxaccel.bench dyspec [--model builtin:default] [--draft builtin:draft] [--budgets 8,16,32,64,128]
     python -m jaxaccel.bench acceptance --target builtin:default --draft builtin:draft [--temperature 0]
     python -m jaxaccel.bench skipdecode [--model builtin:skipdecode] [--batches 1,8] [--speedups 2,3,5]
+    python -m jaxaccel.bench duo [--model builtin:duo] [--batches 1,8]
     python -m jaxaccel.bench tokenselect [--model runs/longctx] [--lengths 8192,32768,65536,131072] [--batches 1,4]
 """
 from __future__ import annotations
@@ -111,6 +112,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     sk.add_argument("--files", type=int, default=8, help="held-out corpus files used as prompts")
     sk.add_argument("--prompt-tokens", type=int, default=64)
     sk.add_argument("--json", default=None)
+    du = sub.add_parser("duo", help="Duo-LLM: decode tokens/s at a 50%% big budget (fixed pattern, router) vs all big")
+    du.add_argument("--model", default="builtin:duo")
+    du.add_argument("--batches", default="1,8")
+    du.add_argument("--pattern", default=None, help="the fixed pattern (B/S/- per layer); default: the later half big")
+    du.add_argument("--new-tokens", type=int, default=128)
+    du.add_argument("--runs", type=int, default=5)
+    du.add_argument("--files", type=int, default=8, help="held-out corpus files used as prompts")
+    du.add_argument("--prompt-tokens", type=int, default=64)
+    du.add_argument("--json", default=None)
     tk = sub.add_parser("tokenselect", help="TokenSelect: attention time per step, decode tokens/s and prefill time "
                                             "vs full attention at long contexts")
     tk.add_argument("--model", default="runs/longctx")
@@ -148,6 +158,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  reps=args.reps, budget=budget, prefill_length=args.prefill_length,
                                  prefill_runs=args.prefill_runs, progress=lambda s: print(s, file=sys.stderr))
         print(tokenselect.markdown(result))
+        if args.json:
+            write_json(args.json, result)
+        return 0
+
+    if args.which == "duo":
+        from jaxaccel.bench import duo
+        from jaxaccel.bench.common import write_json
+
+        batches = _csv(args.batches, int)
+        if not batches or min(batches) < 1 or min(args.runs, args.files, args.new_tokens, args.prompt_tokens) < 1:
+            fail("batches, runs, files, new tokens and prompt tokens must be >= 1")
+        if not (args.model.startswith("builtin:") or Path(args.model).exists()):
+            fail(f"--model {args.model!r} does not exist")
+        result = duo.run(args.model, batches, args.new_tokens, args.runs, args.files, args.prompt_tokens,
+                         args.pattern, progress=lambda s: print(s, file=sys.stderr))
+        print(duo.markdown(result))
         if args.json:
             write_json(args.json, result)
         return 0

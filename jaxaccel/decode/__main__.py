@@ -29,6 +29,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--method", default="autoregressive", help="decoding method (autoregressive, ...)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="method option, e.g. --option template=paper (repeatable)")
+    p.add_argument("--routes", default=None,
+                   help="Duo-LLM models: big, small, or one of B/S/- per layer (e.g. BSBSSBSB); default: the "
+                        "model's router, else all big")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
@@ -132,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prompts = [SAMPLE_PROMPT]
     result = lm.generate(prompts, max_new_tokens=args.max_new_tokens, method=args.method,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                         progress=args.output == "text" and sys.stderr.isatty(), **options)
+                         progress=args.output == "text" and sys.stderr.isatty(), routes=args.routes, **options)
     if args.output == "json":
         out = {"results": [{"prompt_ids": ids, "tokens": toks, "text": (result.texts[i] if result.texts else None)}
                            for i, (ids, toks) in enumerate(zip(result.prompt_ids, result.tokens))],

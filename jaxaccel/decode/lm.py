@@ -31,6 +31,7 @@ from jaxaccel.decode.engine import PREFILL_CHUNK, GenerateOutput, generate_loop,
 from jaxaccel.decode.methods import get_method
 from jaxaccel.decode.sampling import make_sampling
 from jaxaccel.errors import InvalidArgumentError, InvalidPromptError, ModelLoadError
+from jaxaccel.model.options import ExecutionPlan
 from jaxaccel.model.transformer import (LayerKV, ModelHandle, canonical_params, fuse_layers, init_cache, logical_axes,
                                         param_shapes, stack_layers, unstack_layers)
 
@@ -141,8 +142,12 @@ class LanguageModel:
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 128,
                  method: str = "autoregressive", temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int = 0, *, progress: bool = False,
-                 method_input: Any = None, **method_options: Any) -> GenerationResult:
-        """Generate for a batch of prompts (strings or token-id lists) in one compiled call."""
+                 method_input: Any = None, routes: str | Sequence[int] | None = None,
+                 **method_options: Any) -> GenerationResult:
+        """Generate for a batch of prompts (strings or token-id lists) in one compiled call.
+        `routes` (Duo-LLM models, `duo_routes`): the FFN every token takes in each layer — "big",
+        "small", a pattern such as "BSSB..." (B big, S small, - skip; one letter per layer) or
+        a list of ints; None: the model's own (its router's, else all big)."""
         if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not isinstance(prompts, Sequence) or len(prompts) == 0:
@@ -150,6 +155,7 @@ class LanguageModel:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
             raise InvalidArgumentError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
         mode, sampling = make_sampling(temperature, top_k, top_p)
+        route_plan = duo_routes(routes, self.config)
         decoder = get_method(method, **method_options)
         decoder.use_model_info(self.info)
         decoder.check(self.config)
@@ -195,7 +201,10 @@ class LanguageModel:
         # A method's forward arguments for both programs (TokenSelect's attention policy: what
         # the cache holds), the prefill's narrowed to what it reads so they alone key it.
         prefill_defaults = decoder.prefill_defaults()
-        handle = self.handle.with_defaults(**decoder.forward_defaults())
+        if route_plan is not None:  # Duo-LLM routes: every forward of both programs takes them
+            prefill_defaults = {**prefill_defaults, "plan": route_plan}
+        handle = self.handle.with_defaults(**decoder.forward_defaults(), **({} if route_plan is None else
+                                                                         {"plan": route_plan}))
         prefill_handle = self.handle.with_defaults(**prefill_defaults)
 
         tokens = np.zeros((batch_bucket, cache_len), np.int32)
@@ -224,7 +233,7 @@ class LanguageModel:
             prefill_fn = prefill_jit.lower(*prompt_args).compile(compiler_options=tuning.compiler_options())
             self._compiled[prefill_key] = prefill_fn
             compile_s += time.perf_counter() - t0
-        loop_key = (decoder.key(), mode, batch_bucket, out_len, cache_len, show_progress, input_sig)
+        loop_key = (decoder.key(), mode, batch_bucket, out_len, cache_len, show_progress, input_sig, route_plan)
         loop_fn = self._compiled.get(loop_key)
         if loop_fn is None:
             t0 = time.perf_counter()
@@ -376,6 +385,28 @@ def _same_tokenizer(a, b) -> bool:
     probe = "def f(x):\n    return x ** 2  # héllo, 世界 \t 0.5e-3 {}[]"
     size = lambda t: getattr(t, "vocab_size", None)  # noqa: E731
     return size(a) == size(b) and list(a.encode(probe)) == list(b.encode(probe))
+
+
+def duo_routes(routes: str | Sequence[int] | None, config) -> ExecutionPlan | None:
+    """`generate`'s `routes` -> a static plan (one route per layer for every token), or None
+    for the model's own routes. Bad values are one-line `InvalidArgumentError`s."""
+    if routes is None:
+        return None
+    if not config.duo.enabled:
+        raise InvalidArgumentError("routes= needs a Duo-LLM model (model.duo.enabled)")
+    n = config.n_layers
+    if isinstance(routes, str):
+        named = {"big": "B" * n, "small": "S" * n, "skip": "-" * n}
+        text = named.get(routes.lower(), routes.upper())
+        if len(text) != n or set(text) - set("BS-"):
+            raise InvalidArgumentError(f"routes must be big, small, skip or one of B/S/- per layer ({n} letters), "
+                                       f"got {routes!r}")
+        values = tuple("BS-".index(c) for c in text)
+    else:
+        values = tuple(int(r) for r in routes)
+        if len(values) != n or any(r not in (0, 1, 2) for r in values):
+            raise InvalidArgumentError(f"routes must hold {n} values in 0 (big), 1 (small), 2 (skip), got {list(routes)}")
+    return ExecutionPlan(routes=values)
 
 
 def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh | str | dict | None = None

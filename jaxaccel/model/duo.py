@@ -158,7 +158,8 @@ def route_fractions(routes: jax.Array) -> jax.Array:
 
 class DuoFFN(nn.Module):
     """The FFN branch of a Duo layer. x [batch, T, d_model], routes [batch, T] int (this layer's
-    slice of `ExecutionPlan.routes`) or None (all big) -> [batch, T, d_model]. `mode`: one of
+    slice of `ExecutionPlan.routes`), a Python int (static: every token takes that route; only
+    that FFN is traced) or None (all big, or the router's) -> [batch, T, d_model]. `mode`: one of
     MODES (see the module docstring; the decoder picks it with `dispatch_mode`)."""
 
     config: ModelConfig
@@ -186,6 +187,15 @@ class DuoFFN(nn.Module):
                 mix = p[..., 0:1] * self.big(x).astype(jnp.float32) + p[..., 1:2] * self.small(x).astype(jnp.float32)
                 return mix.astype(jnp.dtype(self.config.dtype))
             routes = jnp.where(logits[..., 0] >= logits[..., 1], BIG, SMALL).astype(jnp.int32)
+        if isinstance(routes, int):  # a static route for every token (ExecutionPlan.routes as a tuple)
+            if self.is_initializing():
+                self.big(x), self.small(x)
+            self.sow("intermediates", "duo_p_big", jnp.asarray(float(routes == BIG), jnp.float32))
+            if routes == BIG:
+                return self.big(x)
+            if routes == SMALL:
+                return self.small(x)
+            return jnp.zeros(x.shape[:-1] + (self.config.d_model,), jnp.dtype(self.config.dtype))
         if routes is None:  # the default plan: every token takes the big FFN
             if self.is_initializing():
                 self.small(x)  # both FFNs exist from init on, whatever the first call routes

@@ -137,7 +137,8 @@ class ExecutionPlan(NamedTuple):
       traced at all (one program per layer set). Unrolled parameter layout only (what
       decoding uses).
     * `routes` [batch, T, n_layers] int (also [batch, n_layers]: one route per row and layer,
-      or [n_layers]: for the whole batch), Duo-LLM models only: which FFN each token takes in
+      or [n_layers]: for the whole batch; a tuple of n_layers Python ints is static: each
+      layer traces only its FFN — decoding with a fixed pattern), Duo-LLM models only: which FFN each token takes in
       each layer — 0 big, 1 small, 2 skip (`jaxaccel.model.duo`). None: every token takes the
       big FFN. How the routes are executed follows from the call (`duo.dispatch_mode`):
       uncached calls compute both FFNs and select (training; the reference), cached calls

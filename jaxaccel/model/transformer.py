@@ -249,7 +249,8 @@ class Transformer(nn.Module):
             for i in range(cfg.n_layers):
                 layer_cache = None if cache is None else cache[i]
                 active = None if layer_active is None else layer_active[..., i]
-                route = None if layer_routes is None else layer_routes[..., i]
+                route = None if layer_routes is None else (
+                    layer_routes[i] if isinstance(layer_routes, tuple) else layer_routes[..., i])
                 layer = layer_cls(cfg, opts, i, name=f"layer_{i}")
                 if attention_state is not None:  # checked by `forward`: cached, every layer runs
                     x, (kv, layer_state) = layer(x, (layer_cache, active, route), rope, visibility, write_slots,
@@ -335,7 +336,12 @@ def forward(params: Params, config: ModelConfig, tokens, positions=None, *, cach
     if plan is not None and plan.routes is not None:
         if not config.duo.enabled:
             raise InvalidArgumentError("plan.routes needs a Duo-LLM model (model.duo.enabled)")
-        plan = plan._replace(routes=check_routes(plan.routes, tokens.shape, config.n_layers))
+        static = isinstance(plan.routes, tuple) and not is_scanned(params)
+        if static:  # one Python int per layer: each layer runs only its FFN, nothing routed at run time
+            check_routes(np.asarray(plan.routes, np.int32), tokens.shape, config.n_layers)
+            plan = plan._replace(routes=tuple(int(r) for r in plan.routes))
+        else:
+            plan = plan._replace(routes=check_routes(plan.routes, tokens.shape, config.n_layers))
     if plan is not None and plan.layer_on is not None:
         if is_scanned(params):
             raise ValueError("plan.layer_on (skipping layers' compute) needs the unrolled parameter layout")
