@@ -173,3 +173,29 @@ def test_the_experiment_cli_rejects_bad_input_before_loading(capsys, tmp_path):
         assert exit_.value.code == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_model_with_routers_saves_loads_fuses_and_decodes_with_its_routes(toy, tmp_path):
+    import jaxaccel
+
+    params, rows = toy
+    rparams, rcfg = with_random_router(params, TOY, seed=3, scale=2.0)
+    lm = jaxaccel.from_params(rcfg, rparams, eos_token_ids=())
+    back = jaxaccel.load(lm.save(tmp_path / "m"))
+    assert back.config.duo.router
+    prompts = [rows[0, :5].tolist(), rows[1, :3].tolist()]
+    out = back.generate(prompts, max_new_tokens=6)
+    # greedy with the router's hard routes == recomputing the uncached forward (router routes) each step
+    for prompt, got in zip(prompts, out.tokens):
+        seq = list(prompt)
+        for _ in range(6):
+            logits, _ = forward(rparams, rcfg, jnp.asarray([seq]))
+            seq.append(int(jnp.argmax(logits[0, -1])))
+        assert got == seq[len(prompt):]
+    forced = back.generate(prompts, max_new_tokens=6, routes="big")
+    dense_big = jaxaccel.from_params(rcfg, rparams, eos_token_ids=()).generate(prompts, max_new_tokens=6,
+                                                                               routes=[BIG] * 3)
+    assert forced.tokens == dense_big.tokens
+    with pytest.raises(InvalidArgumentError, match=r"routes must be big, small, skip or one of B/S/- per layer "
+                                                   r"\(3 letters\), got 'BB'"):
+        back.generate(prompts, max_new_tokens=2, routes="BB")

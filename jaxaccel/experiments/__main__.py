@@ -95,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     du.add_argument("--batch", type=int, default=32, help="rows per forward")
     du.add_argument("--seed", type=int, default=0)
     du.add_argument("--out", default="docs/duo", help="results.json, results.md and the plots go here")
+    du.add_argument("--save-router", default=None, metavar="DIR",
+                    help="save the model with its router for half the layers big here (decoding uses its routes)")
     # KEY=VALUE overrides may come after options too (`sweep CONFIG --dry-run output_dir=...`).
     args, extra = p.parse_known_args(argv)
     stray = [e for e in extra if e.startswith("-") or "=" not in e or args.command not in ("sweep", "collect")]
@@ -151,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not Path(args.config).is_file():
             fail(f"--config {args.config!r} does not exist")
         results = duo.run(args.model, args.config, args.eval_rows, args.seq_len, args.skip_rows, args.beam_width,
-                          budgets, args.random_draws, args.router_steps, args.batch, args.seed)
+                          budgets, args.random_draws, args.router_steps, args.batch, args.seed, args.save_router)
         results["command"] = "python -m jaxaccel.experiments " + shlex.join(list(argv) if argv is not None
                                                                               else sys.argv[1:])
         out = Path(args.out)

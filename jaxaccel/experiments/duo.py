@@ -295,7 +295,10 @@ def _ppl(losses) -> float:
 def run(model: str = "runs/duo", config: str = "configs/duo.yaml", eval_rows: int = 32, seq_len: int = 256,
         skip_rows: int = 2, beam_width: int = 4, router_budgets: Sequence[int] = (1, 2, 4, 6),
         random_draws: int = 100, router_steps: int = 150, batch: int = 32, seed: int = 0,
-        log: Callable[[str], None] = print) -> dict[str, Any]:
+        save_router: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The whole experiment -> the results dict (see the module docstring). `save_router`: a
+    folder where the model with its CE + budget-loss router at the budget closest to half the
+    layers is saved (a loadable model: decoding uses the router's routes)."""
     import jaxaccel
     from jaxaccel.bench.common import machine
     from jaxaccel.config import build
@@ -360,6 +363,7 @@ def run(model: str = "runs/duo", config: str = "configs/duo.yaml", eval_rows: in
 
     log("routers")
     routers = []
+    keep_budget = min(router_budgets, key=lambda b: abs(b - n_layers / 2)) if router_budgets else None
     for b in router_budgets:
         for kind in ("budget_loss", "imitation"):
             targets = None
@@ -373,6 +377,12 @@ def run(model: str = "runs/duo", config: str = "configs/duo.yaml", eval_rows: in
             routers.append({"kind": kind, "budget": b, "big_layers": realized, "perplexity": _ppl(losses),
                             "final_train_loss": float(np.mean(curve[-10:]))})
             log(f"  {kind} router, budget {b}: {realized:.2f} big layers, perplexity {routers[-1]['perplexity']:.2f}")
+            if save_router and kind == "budget_loss" and b == keep_budget:
+                info = {**lm.info, "duo_router": {"budget": b, "big_layers": realized, "test_perplexity": _ppl(losses),
+                                                  "all_big_perplexity": _ppl(test[all_big]), "steps": router_steps}}
+                jaxaccel.from_params(rcfg, rparams, tokenizer=lm.tokenizer, eos_token_ids=lm.eos_token_ids,
+                                     bos_token_id=lm.bos_token_id, info=info).save(save_router)
+                log(f"  saved the model with this router to {save_router}")
 
     log(f"with skip: 3^{n_layers} patterns x {skip_rows} rows")
     skip_patterns = all_patterns(n_layers, with_skip=True)

@@ -507,7 +507,8 @@ def fuse_layer(layer: Params, config: ModelConfig, xp=jnp) -> Params:
     if "mlp" in layer:  # MoE layers keep their experts as they are
         fused["mlp"] = _fuse_mlp(layer["mlp"], xp)
     if "duo" in layer:  # Duo-LLM: both FFNs fused the same way
-        fused["duo"] = {name: _fuse_mlp(mlp, xp) for name, mlp in layer["duo"].items()}
+        fused["duo"] = {name: (_fuse_mlp(sub, xp) if name in ("big", "small") else sub)  # the router as is
+                        for name, sub in layer["duo"].items()}
     return fused
 
 
@@ -535,7 +536,7 @@ def unfuse_layer(layer: Params, config: ModelConfig) -> Params:
     if "mlp" in layer:
         out["mlp"] = _unfuse_mlp(layer["mlp"])
     if "duo" in layer:
-        out["duo"] = {name: _unfuse_mlp(mlp) for name, mlp in layer["duo"].items()}
+        out["duo"] = {name: (_unfuse_mlp(sub) if name in ("big", "small") else sub) for name, sub in layer["duo"].items()}
     return out
 
 
