@@ -1,12 +1,15 @@
 """Tree attention: the Pallas kernel (interpret mode on CPU) against the jnp reference."""
 import functools
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxaccel.pallas_kernels.tree_attention import tree_attention, tree_attention_kernel, tree_attention_reference
+from jaxaccel.errors import InvalidArgumentError
+from jaxaccel.pallas_kernels.tree_attention import (_tree_attention_pallas, default_block_k, tree_attention,
+                                                    tree_attention_kernel, tree_attention_reference)
 
 
 def random_tree_mask(rng, t, n_valid):
@@ -36,12 +39,17 @@ def make_inputs(seed, b, h, kvh, d, s, t, prefix, *, shared_mask=False, dtype=jn
     return q, k_new, v_new, jnp.asarray(mask), k_cache, v_cache, jnp.asarray(prefix, jnp.int32)
 
 
+def assert_close(got, want, tol=1e-5):
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)
+
+
 CASES = [
-    # b, heads, kv_heads, head_dim, S, block_k, T, prefix_len per row
-    (1, 2, 2, 16, 64, 32, 1, [64]),
-    (3, 4, 2, 32, 128, 64, 7, [0, 128, 45]),
-    (3, 4, 1, 16, 256, 64, 17, [256, 1, 130]),
-    (1, 8, 2, 32, 100, 32, 9, [77]),  # S not a multiple of block_k: padded in the wrapper
+    # b, heads, kv_heads, head_dim, S, block_k, T, prefix_len per row; every case has several
+    # key blocks per row, so the key-block grid axis (and its skipping) is really exercised
+    (1, 2, 2, 16, 64, 16, 1, [64]),  # GQA 1, full cache, 4 blocks
+    (3, 4, 2, 16, 128, 32, 7, [0, 128, 45]),  # GQA 2: empty, full, ends inside a block
+    (3, 4, 1, 16, 256, 32, 5, [256, 1, 130]),  # GQA 4, 8 blocks: 7 resp. 3 skipped
+    (2, 8, 2, 16, 96, 32, 9, [77, 32]),  # GQA 4, S not a power of two, prefix on a block edge
 ]
 
 
@@ -49,41 +57,52 @@ CASES = [
 def test_kernel_matches_reference(b, h, kvh, d, s, block_k, t, prefix):
     args = make_inputs(len(prefix) * 100 + t, b, h, kvh, d, s, t, prefix)
     got = tree_attention_kernel(*args, block_k=block_k, interpret=True)
-    want = tree_attention_reference(*args)
     assert got.shape == (b, t, h, d) and got.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    assert_close(got, tree_attention_reference(*args))
+
+
+def test_loop_tiling_matches_reference():
+    """The GPU (Triton) body -- grid (batch, kv_head), a loop over key blocks -- in the interpreter."""
+    args = make_inputs(21, 3, 4, 2, 16, 128, 7, [0, 128, 45])
+    got = _tree_attention_pallas(*args, block_k=32, platform="interpret", tiling="loop")
+    assert_close(got, tree_attention_reference(*args))
 
 
 def test_kernel_shared_mask():
     """tree_mask with a leading dim of 1 is shared by every batch row."""
     args = make_inputs(7, 3, 2, 2, 16, 96, 17, [0, 96, 64], shared_mask=True)
     assert args[3].shape == (1, 17, 17)
-    got = tree_attention_kernel(*args, block_k=32, interpret=True)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(tree_attention_reference(*args)), rtol=1e-5, atol=1e-5)
+    assert_close(tree_attention_kernel(*args, block_k=32, interpret=True), tree_attention_reference(*args))
 
 
 def test_kernel_bfloat16():
-    args = make_inputs(11, 3, 4, 2, 32, 128, 9, [0, 70, 128], dtype=jnp.bfloat16)
+    args = make_inputs(11, 3, 4, 2, 16, 128, 9, [0, 70, 128], dtype=jnp.bfloat16)
     got = tree_attention_kernel(*args, block_k=32, interpret=True)
-    want = tree_attention_reference(*args)
     assert got.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=3e-2, atol=3e-2)
+    assert_close(got, tree_attention_reference(*args), tol=3e-2)
 
 
-def test_row_with_no_visible_key_is_finite():
-    """An empty mask row with prefix 0 sees nothing: the reference averages all S + T values,
-    the kernel averages the keys it visited; only finiteness is required of that row, and the
-    other rows must still match."""
+def test_default_block_k():
+    """block_k=None: the largest of 128..8 dividing the cache length (else the whole cache)."""
+    assert [default_block_k(s) for s in (4096, 256, 96, 72, 100)] == [128, 128, 32, 8, 100]
+    args = make_inputs(17, 2, 2, 1, 16, 96, 3, [50, 96])  # 3 blocks of 32
+    assert_close(tree_attention_kernel(*args, interpret=True), tree_attention_reference(*args))
+
+
+def test_row_with_no_visible_key_is_zero():
+    """An empty mask row with prefix 0 sees nothing: the kernel returns 0 there (masked keys add
+    nothing to the softmax; the reference instead averages all S + T values). Every other row
+    still matches the reference."""
     q, k_new, v_new, mask, k_cache, v_cache, _ = make_inputs(5, 2, 2, 1, 16, 64, 4, [0, 0])
     mask = np.array(mask)
     mask[0, 3] = False
     prefix = jnp.asarray([0, 40], jnp.int32)
     args = (q, k_new, v_new, jnp.asarray(mask), k_cache, v_cache, prefix)
-    got = np.asarray(tree_attention_kernel(*args, block_k=32, interpret=True))
+    got = np.asarray(tree_attention_kernel(*args, block_k=16, interpret=True))
     want = np.asarray(tree_attention_reference(*args))
-    assert np.isfinite(got).all() and np.isfinite(want).all()
-    np.testing.assert_allclose(got[0, :3], want[0, :3], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got[0, 3], 0.0)
+    assert_close(got[0, :3], want[0, :3])
+    assert_close(got[1], want[1])
 
 
 def test_public_op_dispatch():
@@ -98,38 +117,86 @@ def test_public_op_dispatch():
     assert "pallas_call" not in traced()
     assert "pallas_call" not in traced(interpret=True, use_kernel=False)
     assert "pallas_call" in traced(interpret=True)  # interpret=True really runs the kernel
-    got = tree_attention(*args, block_k=32, interpret=True)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(tree_attention_reference(*args)), rtol=1e-5, atol=1e-5)
+    assert_close(tree_attention(*args, block_k=32, interpret=True), tree_attention_reference(*args))
 
 
-def test_blocks_beyond_prefix_are_skipped():
-    """Cache blocks that start at or after prefix_len are never read: NaN there changes nothing."""
+@pytest.mark.parametrize("tiling", ["grid", "loop"])
+def test_blocks_beyond_prefix_are_skipped(tiling):
+    """Cache blocks that start at or after prefix_len are never used: NaN there changes nothing."""
     args = make_inputs(13, 3, 4, 2, 16, 128, 6, [0, 64, 33])
     k_cache, v_cache = np.array(args[4]), np.array(args[5])
     for row, first_unread in enumerate([0, 64, 64]):  # block_k = 32
         k_cache[row, :, first_unread:] = np.nan
         v_cache[row, :, first_unread:] = np.nan
     poisoned = args[:4] + (jnp.asarray(k_cache), jnp.asarray(v_cache), args[6])
-    got = np.asarray(tree_attention_kernel(*poisoned, block_k=32, interpret=True))
-    np.testing.assert_allclose(got, np.asarray(tree_attention_reference(*args)), rtol=1e-5, atol=1e-5)
+    got = _tree_attention_pallas(*poisoned, block_k=32, platform="interpret", tiling=tiling)
+    assert_close(got, tree_attention_reference(*args))
+
+
+def _shapes(b=2, t=3, h=4, kvh=2, d=16, s=96):
+    """ShapeDtypeStructs: the checks run before anything is traced."""
+    f = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
+    return (f((b, t, h, d)), f((b, t, kvh, d)), f((b, t, kvh, d)), jax.ShapeDtypeStruct((b, t, t), jnp.bool_),
+            f((b, kvh, s, d)), f((b, kvh, s, d)), jax.ShapeDtypeStruct((b,), jnp.int32))
+
+
+@pytest.mark.parametrize("backend,shape,block_k,words", [
+    ("cpu", {}, 40, ["block_k=40", "divide the cache length 96"]),
+    ("cpu", {}, 0, ["block_k=0", ">= 1"]),
+    ("cpu", {}, 12, ["block_k=12", "multiple of 8"]),
+    ("cpu", {"s": 0}, None, ["cache length must be >= 1, got 0"]),
+    ("cpu", {"h": 3}, 32, ["heads (3)", "kv_heads (2)"]),
+    ("gpu", {"d": 24}, 32, ["head_dim=24", "power of two >= 16"]),
+    ("gpu", {"d": 8}, 32, ["head_dim=8", "power of two >= 16"]),
+    ("gpu", {}, 8, ["block_k=8", "power of two >= 16"]),
+    ("gpu", {}, 48, ["block_k=48", "power of two >= 16"]),
+])
+def test_constraint_errors(backend, shape, block_k, words):
+    """Bad sizes fail up front with one line naming the value and the rule."""
+    with mock.patch("jax.default_backend", return_value=backend), pytest.raises(InvalidArgumentError) as err:
+        tree_attention_kernel(*_shapes(**shape), block_k=block_k, interpret=backend == "cpu")
+    message = str(err.value)
+    assert "\n" not in message and all(w in message for w in words), message
+    assert isinstance(err.value, ValueError)
+
+
+def _pallas_eqn(jaxpr):
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            return eqn
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns") and (found := _pallas_eqn(inner)) is not None:
+                return found
+    return None
+
+
+def _long_cache_args(dtype=jnp.float32):
+    b, t, h, kvh, d, s = 2, 8, 4, 2, 64, 4096
+    return (jnp.zeros((b, t, h, d), dtype), jnp.zeros((b, t, kvh, d), dtype), jnp.zeros((b, t, kvh, d), dtype),
+            jnp.ones((b, t, t), bool), jnp.zeros((b, kvh, s, d), dtype), jnp.zeros((b, kvh, s, d), dtype),
+            jnp.array([10, 3000], jnp.int32))
+
+
+def test_grid_tiles_the_cache():
+    """A 4096-slot cache: grid (batch, kv_head, 4096 / block_k), K and V blocks [block_k, d] (what a
+    program holds does not grow with S), the softmax state in 3 scratch buffers."""
+    args = _long_cache_args()
+    eqn = _pallas_eqn(jax.make_jaxpr(lambda *a: tree_attention_kernel(*a, block_k=128, interpret=True))(*args).jaxpr)
+    grid_mapping = eqn.params["grid_mapping"]
+    assert tuple(grid_mapping.grid) == (2, 2, 32)
+    k_block = grid_mapping.block_mappings[1].block_shape  # [q, k_cache, v_cache, ...] after prefix_len
+    assert [getattr(dim, "block_size", None) for dim in k_block][2:] == [128, 64]
+    assert grid_mapping.num_scratch_operands == 3
 
 
 @pytest.mark.parametrize("platform,backend,marker", [("tpu", "tpu", "tpu_custom_call"), ("cuda", "gpu", "triton")])
 def test_kernel_lowers_for_accelerators(platform, backend, marker):
-    """Lowering (no device needed) for TPU through Mosaic and for CUDA through Triton, so an
-    API drift breaks here and not first on a pod. Compiling and timing need the hardware."""
-    from unittest import mock
-
-    from jaxaccel.pallas_kernels.tree_attention import tree_attention_kernel
-
-    b, t, h, kvh, d, s = 2, 8, 4, 2, 64, 256
-    args = (jnp.zeros((b, t, h, d)), jnp.zeros((b, t, kvh, d)), jnp.zeros((b, t, kvh, d)), jnp.ones((b, t, t), bool),
-            jnp.zeros((b, kvh, s, d)), jnp.zeros((b, kvh, s, d)), jnp.array([10, 200], jnp.int32))
-    jax.clear_caches()
-    try:
-        with mock.patch("jax.default_backend", return_value=backend):
-            text = jax.jit(lambda *a: tree_attention_kernel(*a, block_k=128)).trace(*args).lower(
-                lowering_platforms=(platform,)).as_text()
-    finally:
-        jax.clear_caches()
+    """Lowering (no device needed) of a 4096-slot bf16 cache for TPU through Mosaic and for CUDA
+    through Triton, so an API drift breaks here and not first on a pod. Compiling and timing
+    need the hardware."""
+    args = _long_cache_args(jnp.bfloat16)
+    with mock.patch("jax.default_backend", return_value=backend):
+        text = jax.jit(lambda *a: tree_attention_kernel(*a, block_k=128)).trace(*args).lower(
+            lowering_platforms=(platform,)).as_text()
     assert marker in text.lower()
