@@ -58,3 +58,11 @@ def test_skipdecode_notebook_runs(tmp_path, monkeypatch):
     namespace = run_notebook("skipdecode.ipynb")  # asserts the full schedule is exact itself
     assert namespace["skip"].stats["mean_layers_per_step"] < namespace["lm"].config.n_layers
     assert namespace["agreement"] > 0.2
+
+
+@pytest.mark.slow
+def test_duo_notebook_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace = run_notebook("duo.ipynb")  # asserts all-big routes == the dense big model itself
+    oracle, fixed = namespace["oracle"], namespace["fixed"]
+    assert oracle[1] < fixed[1] and oracle[-1] <= namespace["all_big"] + 1e-6  # per-token choice beats one pattern

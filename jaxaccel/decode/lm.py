@@ -361,7 +361,9 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL_DIR = ASSETS / "default_model"  # configs/default.yaml, trained ~30 min on a 2-core CPU
 DRAFT_MODEL_DIR = ASSETS / "draft_model"  # configs/draft.yaml: same vocabulary, ~9x smaller
 SKIPDECODE_MODEL_DIR = ASSETS / "skipdecode_model"  # configs/deep.yaml + configs/skipdecode-2x.yaml: 12 layers
-BUILTIN_MODELS = {"default": DEFAULT_MODEL_DIR, "draft": DRAFT_MODEL_DIR, "skipdecode": SKIPDECODE_MODEL_DIR}
+DUO_MODEL_DIR = ASSETS / "duo_model"  # configs/duo.yaml (random routes) + a router for 4 of 8 big layers
+BUILTIN_MODELS = {"default": DEFAULT_MODEL_DIR, "draft": DRAFT_MODEL_DIR, "skipdecode": SKIPDECODE_MODEL_DIR,
+                  "duo": DUO_MODEL_DIR}
 
 
 def _param_shardings(mesh: Mesh | None):
