@@ -199,3 +199,12 @@ def test_a_model_with_routers_saves_loads_fuses_and_decodes_with_its_routes(toy,
     with pytest.raises(InvalidArgumentError, match=r"routes must be big, small, skip or one of B/S/- per layer "
                                                    r"\(3 letters\), got 'BB'"):
         back.generate(prompts, max_new_tokens=2, routes="BB")
+
+
+def test_calibration_puts_a_hard_router_on_its_budget(toy):
+    params, rows = toy
+    rparams, rcfg = with_random_router(params, TOY, seed=5)
+    for budget in (0.75, 2.0):
+        calibrated, delta = exp.calibrate_router(rparams, rcfg, rows, budget)
+        realized = float(np.mean(exp.router_big_layers(calibrated, rcfg, rows)))
+        assert abs(realized - budget) < 0.15, (budget, realized, delta)

@@ -19,8 +19,11 @@ every layer during training) and held-out (validation-split) windows of the corp
   parameters), loss = CE + alpha * (mean P(big) - b / L)^2; evaluated with hard routes. And,
   beyond the paper, routers trained to imitate the oracle's routes (binary cross entropy on
   each token's oracle pattern at budget b, under those routes), to measure how much of the
-  router-to-oracle gap imitation closes. Routers are fitted on one half of the held-out
-  windows ("fit") and everything is reported on the other half ("test").
+  router-to-oracle gap imitation closes. Made hard, a router lands near, not on, its budget:
+  each is calibrated (one shift of every layer's big logit, bisected on the fit half) to
+  take exactly b big layers per token on average, so all methods compare at equal budgets.
+  Routers are fitted on one half of the held-out windows ("fit") and everything is reported
+  on the other half ("test").
 * **Findings** (each marked reproduced / not at this scale in `summary`): perplexity vs big
   layers for every method; the oracle with one big layer vs all big; where the oracle puts
   the big layers at budgets 1, 2, 4 (heatmap); token difficulty — the gain the big FFN could
@@ -271,18 +274,46 @@ def train_router(params, config, rows: np.ndarray, budget: float, *, steps: int 
     return merge_router(routers, rest), rconfig, curve
 
 
-def router_big_layers(params, config, rows: np.ndarray, batch: int = 32) -> np.ndarray:
-    """[N] float32: the number of layers in which each token's (hard) router picks big."""
+def _count_big(params, config, x):
     from jaxaccel.model.transformer import forward
 
-    @jax.jit
-    def count(params, x):
-        _, _, aux = forward(params, config, x, return_aux=True)
-        logits = aux["duo_router_logits"]  # [L, B, T, 2]
-        return jnp.sum(logits[..., BIG] >= logits[..., SMALL], axis=0)
+    _, _, aux = forward(params, config, x, return_aux=True)
+    logits = aux["duo_router_logits"]  # [L, B, T, 2]
+    return jnp.sum(logits[..., BIG] >= logits[..., SMALL], axis=0)
 
-    out = [np.asarray(count(params, jnp.asarray(rows[i:i + batch, :-1]))) for i in range(0, len(rows), batch)]
+
+_count_big_jit = jax.jit(_count_big, static_argnums=(1,))
+
+
+def router_big_layers(params, config, rows: np.ndarray, batch: int = 32) -> np.ndarray:
+    """[N] float32: the number of layers in which each token's (hard) router picks big."""
+    out = [np.asarray(_count_big_jit(params, config, jnp.asarray(rows[i:i + batch, :-1])))
+           for i in range(0, len(rows), batch)]
     return np.concatenate(out).reshape(-1).astype(np.float32)
+
+
+def shift_router(params, delta: float):
+    """Every router's big logit raised by `delta` (its bias), the rest unchanged."""
+    routers, rest = split_router(params)
+    shift = jnp.asarray([0.0, 0.0], jnp.float32).at[BIG].set(delta)
+    return merge_router({k: {**r, "bias": r["bias"] + shift} for k, r in routers.items()}, rest)
+
+
+def calibrate_router(params, config, rows: np.ndarray, budget: float, iters: int = 14, batch: int = 32
+                     ) -> tuple[dict, float]:
+    """Shift every router's big logit by one common delta (bisection) so that the hard routes
+    take `budget` big layers per token on `rows` -> (params, delta). A router trained with a
+    soft budget loss (or by imitation) lands near, not on, its budget when made hard; this
+    puts every router at the budget it is compared at."""
+    lo, hi = -30.0, 30.0
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if float(np.mean(router_big_layers(shift_router(params, mid), config, rows, batch))) < budget:
+            lo = mid
+        else:
+            hi = mid
+    delta = 0.5 * (lo + hi)
+    return shift_router(params, delta), delta
 
 
 # ----------------------------------------------------------------------------- the run
@@ -372,9 +403,13 @@ def run(model: str = "runs/duo", config: str = "configs/duo.yaml", eval_rows: in
                 targets = patterns[idx].reshape(half, t, n_layers)
             rparams, rcfg, curve = train_router(params, cfg, fit_rows, b, steps=router_steps, targets=targets,
                                                 seed=seed, log=log)
+            raw = float(np.mean(router_big_layers(rparams, rcfg, test_rows, batch)))
+            raw_ppl = _ppl(Scorer(rparams, rcfg, test_rows, batch).free(rparams, rcfg))
+            rparams, delta = calibrate_router(rparams, rcfg, fit_rows, b, batch=batch)
             losses = Scorer(rparams, rcfg, test_rows, batch).free(rparams, rcfg)
             realized = float(np.mean(router_big_layers(rparams, rcfg, test_rows, batch)))
             routers.append({"kind": kind, "budget": b, "big_layers": realized, "perplexity": _ppl(losses),
+                            "calibration_shift": delta, "uncalibrated": {"big_layers": raw, "perplexity": raw_ppl},
                             "final_train_loss": float(np.mean(curve[-10:]))})
             log(f"  {kind} router, budget {b}: {realized:.2f} big layers, perplexity {routers[-1]['perplexity']:.2f}")
             if save_router and kind == "budget_loss" and b == keep_budget:
