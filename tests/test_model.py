@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY, jit_forward as forward, randomize
-from jaxaccel.config import ModelConfig, RopeScaling, replace
+from jaxaccel.config import RopeScaling, replace
 from jaxaccel.model.layers import rope_inv_freq
 from jaxaccel.model.options import ExecutionPlan
 from jaxaccel.model.transformer import (canonical_params, fuse_layers, init_cache, init_params, is_fused,

@@ -1,6 +1,5 @@
 """Sharded inference on 8 fake CPU devices gives the same tokens as one device."""
 import jax
-import numpy as np
 import pytest
 
 import jaxaccel

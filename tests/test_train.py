@@ -1,7 +1,6 @@
 """The trainer on 8 fake CPU devices: every sharding gives the single-device loss, exact
 resume, gradient accumulation, dropout switched on mid-run, and one-line errors."""
 import json
-import math
 import os
 import signal
 import subprocess

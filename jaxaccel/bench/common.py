@@ -51,6 +51,11 @@ def read_bandwidth(mbytes: int = 256, runs: int = 7) -> float:
     return probe.median()
 
 
+def machine_line(m: dict[str, Any]) -> str:
+    """A `machine()` record as report text: "CPU, N cores, backend, jax V, date"."""
+    return f"{m['cpu']}, {m['cores']} cores, {m['backend']}, jax {m['jax']}, {m['date']}"
+
+
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaccel.bench.common import machine
+from jaxaccel.bench.common import machine, machine_line
 from jaxaccel.bench.spec import heldout_prompts, run_method
 from jaxaccel.errors import InvalidArgumentError
 
@@ -78,7 +78,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"Duo-LLM decode on {result['model']} ({result['n_layers']} layers, d {result['d_model']}, big FFN "
              f"{result['ffn_dim']}, small {result['small_ffn_dim']}); {result['files']} held-out prompts of "
              f"{result['prompt_tokens']} tokens, {result['new_tokens']} new tokens, median of {result['runs']}; "
-             f"{m['cpu']}, {m['cores']} cores, {m['backend']}, jax {m['jax']}, {m['date']}", "",
+             f"{machine_line(m)}", "",
              "| batch | routes | big layers / token | tokens/s | vs all big |", "|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['batch']} | {r['routes']} | {r['big_layers']:.2f} of {result['n_layers']} | "

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxaccel.bench.common import machine
+from jaxaccel.bench.common import machine, machine_line
 from jaxaccel.bench.spec import heldout_prompts, run_method
 from jaxaccel.model.options import ExecutionPlan
 from jaxaccel.model.skip import SkipSchedule
@@ -114,8 +114,7 @@ def run(model: str, batches: Sequence[int], speedups: Sequence[float], new_token
 
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
-    lines = [f"SkipDecode on {result['model']} ({result['n_layers']} layers); {m['cpu']}, {m['cores']} cores, "
-             f"{m['backend']}, jax {m['jax']}, {m['date']}", "",
+    lines = [f"SkipDecode on {result['model']} ({result['n_layers']} layers); {machine_line(m)}", "",
              "| batch | layers run | cond ms/step | static ms/step | full step ms | cond / full | static / full "
              "| layers / n |", "|---|---|---|---|---|---|---|---|"]
     for r in result["step_cost"]:

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaccel.bench.common import machine
+from jaxaccel.bench.common import machine, machine_line
 
 BUDGET = {"k": 256, "n_init": 16, "n_local": 64, "chunk": 64, "cache_threshold": 0.9, "pool": None}
 LENGTHS = (8192, 32768, 65536, 131072)
@@ -322,7 +322,7 @@ def markdown(result: dict[str, Any]) -> str:
     head = (f"TokenSelect on {result['model']} ({result['n_layers']} layers, d_model {result['d_model']}, "
             f"{result['n_heads']} heads / {result['n_kv_heads']} KV heads of {result['head_dim']}, {result['dtype']}); "
             f"budget k={b['k']}, n_init={b['n_init']}, n_local={b['n_local']}, chunk {b['chunk']}, cache threshold "
-            f"{b['cache_threshold']}; {m['cpu']}, {m['cores']} cores, {m['backend']}, jax {m['jax']}, {m['date']}; "
+            f"{b['cache_threshold']}; {machine_line(m)}; "
             f"medians of {result['runs']} runs")
     lines = [head, "", f"Attention time per decode step (ms, all {result['n_layers']} layers; one layer timed over "
              f"{result['reps']} steps):", "",
