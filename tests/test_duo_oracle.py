@@ -67,10 +67,11 @@ def test_exhaustive_oracle_equals_a_brute_force_over_patterns(toy, scorer):
             ok = [p for p in brute if (sum(r == BIG for r in p) == budget if exact else sum(r == BIG for r in p) <= budget)]
             want = np.min(np.stack([brute[p] for p in ok]), axis=0)
             np.testing.assert_allclose(loss, want, atol=2e-5)
-            assert all(sum(r == BIG for r in patterns[i]) <= budget for i in index)
+            bigs = [sum(r == BIG for r in patterns[i]) for i in index]
+            assert all(n == budget for n in bigs) if exact else all(n <= budget for n in bigs)
             fixed = exp.best_fixed(losses, patterns, budget, exact=exact)
             assert np.isclose(losses[fixed].mean(), min(brute[p].mean() for p in ok), atol=2e-5)
-    # more budget never hurts the "at most" oracle; the all-big pattern is the dense big model
+    # more budget never hurts the "at most" oracle
     curve = [exp.oracle(losses, patterns, b)[0].mean() for b in range(4)]
     assert all(a >= b - 1e-6 for a, b in zip(curve, curve[1:]))
 
@@ -96,7 +97,7 @@ def test_beam_oracle_matches_the_exhaustive_one_when_wide_and_bounds_it_when_nar
 
 
 def test_random_routes_give_each_token_exactly_b_big_layers():
-    routes = exp.random_routes(np.random.default_rng(0), (3, 50), 8, 3)
+    routes = exp.random_budget_routes(np.random.default_rng(0), (3, 50), 8, 3)
     assert routes.shape == (3, 50, 8) and set(np.unique(routes)) == {BIG, SMALL}
     assert np.all(np.sum(routes == BIG, axis=-1) == 3)
     assert 0.2 < np.mean(routes[..., 0] == BIG) < 0.55  # every layer takes its share (3 / 8)
@@ -192,13 +193,21 @@ def test_a_model_with_routers_saves_loads_fuses_and_decodes_with_its_routes(toy,
             logits, _ = forward(rparams, rcfg, jnp.asarray([seq]))
             seq.append(int(jnp.argmax(logits[0, -1])))
         assert got == seq[len(prompt):]
-    forced = back.generate(prompts, max_new_tokens=6, routes="big")
-    dense_big = jaxaccel.from_params(rcfg, rparams, eos_token_ids=()).generate(prompts, max_new_tokens=6,
-                                                                               routes=[BIG] * 3)
-    assert forced.tokens == dense_big.tokens
-    with pytest.raises(InvalidArgumentError, match=r"routes must be big, small, skip or one of B/S/- per layer "
-                                                   r"\(3 letters\), got 'BB'"):
-        back.generate(prompts, max_new_tokens=2, routes="BB")
+    # a fixed mixed pattern (static: each layer traces only its FFN; skip adds nothing) == the
+    # uncached forward under the same routes as an array, recomputed each step
+    for routes, as_array in (("BS-", [BIG, SMALL, 2]), ([1, 0, 1], [SMALL, BIG, SMALL])):
+        fixed = back.generate(prompts, max_new_tokens=5, routes=routes)
+        for prompt, got in zip(prompts, fixed.tokens):
+            seq = list(prompt)
+            for _ in range(5):
+                logits, _ = forward(rparams, rcfg, jnp.asarray([seq]), plan=ExecutionPlan(routes=jnp.asarray(as_array)))
+                seq.append(int(jnp.argmax(logits[0, -1])))
+            assert got == seq[len(prompt):], routes
+    for bad, message in (("BB", r"one of B/S/- per layer \(3 letters\), got 'BB'"),
+                         ([0, 1, 5], r"3 integers in 0 \(big\), 1 \(small\), 2 \(skip\)"),
+                         ([0.5, 1, 1], "3 integers"), (7, "3 integers")):
+        with pytest.raises(InvalidArgumentError, match=message):
+            back.generate(prompts, max_new_tokens=2, routes=bad)
 
 
 def test_calibration_puts_a_hard_router_on_its_budget(toy):
@@ -208,3 +217,18 @@ def test_calibration_puts_a_hard_router_on_its_budget(toy):
         calibrated, delta = exp.calibrate_router(rparams, rcfg, rows, budget)
         realized = float(np.mean(exp.router_big_layers(calibrated, rcfg, rows)))
         assert abs(realized - budget) < 0.15, (budget, realized, delta)
+
+
+def test_skipdecode_keeps_the_routes_of_the_call(toy):
+    """A method with its own plan (SkipDecode's layers) decodes under the call's routes too:
+    the full-depth schedule with a fixed pattern == autoregressive with that pattern."""
+    import jaxaccel
+
+    params, rows = toy
+    lm = jaxaccel.from_params(TOY, params, eos_token_ids=())
+    prompts = [rows[0, :4].tolist(), rows[2, :6].tolist()]
+    plain = lm.generate(prompts, max_new_tokens=6, routes="S-B")
+    skip = lm.generate(prompts, max_new_tokens=6, routes="S-B", method="skipdecode", min_layers=3, max_layers=3,
+                       max_length=16)
+    assert skip.tokens == plain.tokens
+    assert plain.tokens != lm.generate(prompts, max_new_tokens=6).tokens  # the routes change the output

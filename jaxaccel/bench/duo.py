@@ -21,25 +21,33 @@ from jaxaccel.errors import InvalidArgumentError
 
 
 def half_pattern(n_layers: int) -> str:
-    """Half the layers big, the later ones (where a low-budget oracle tends to put them), e.g.
-    SSSSBBBB for 8 layers."""
-    big = n_layers // 2
-    return "S" * (n_layers - big) + "B" * big
+    """Half the layers big, alternating from a big first layer (BSBSBSBS for 8): a neutral
+    default; pass the best fixed pattern of `experiments duo` (BSSBSBSB for builtin:duo) to
+    time the one whose quality docs/DUO.md reports."""
+    return "".join("BS"[i % 2] for i in range(n_layers - n_layers % 2)) + "S" * (n_layers % 2)
 
 
-def big_layers(lm, sequences: list[list[int]], routes: str | None) -> float:
-    """Mean number of layers per token that took the big FFN, teacher forced."""
+def big_layers(lm, prompts: list[list[int]], outputs: list[list[int]], routes: str | None) -> float:
+    """Mean number of layers that took the big FFN in the forwards that produced the output
+    tokens (the last prompt token's, then each output's but the last), teacher forced over
+    prompt + output; padding excluded."""
     from jaxaccel.decode.lm import duo_routes
+    from jaxaccel.model.duo import BIG, hard_routes
     from jaxaccel.model.transformer import forward
 
     plan = duo_routes(routes, lm.config)
+    if plan is not None:  # a fixed pattern: every token the same
+        return float(sum(r == BIG for r in plan.routes))
+    sequences = [p + o for p, o in zip(prompts, outputs)]
     width = max(len(s) for s in sequences)
     tokens = np.zeros((len(sequences), width), np.int32)
-    for i, s in enumerate(sequences):
-        tokens[i, :len(s)] = s
-    _, _, aux = jax.jit(lambda p, t: forward(p, lm.config, t, plan=plan, return_aux=True))(lm.params,
-                                                                                           jnp.asarray(tokens))
-    return float(jnp.sum(aux["duo_p_big"]))
+    counted = np.zeros((len(sequences), width), bool)
+    for i, (p, o) in enumerate(zip(prompts, outputs)):
+        tokens[i, :len(p) + len(o)] = p + o
+        counted[i, len(p) - 1:len(p) + len(o) - 1] = True  # the tokens whose forward produced an output token
+    _, _, aux = jax.jit(lambda prm, t: forward(prm, lm.config, t, return_aux=True))(lm.params, jnp.asarray(tokens))
+    per_token = np.asarray(jnp.sum(hard_routes(aux["duo_router_logits"]) == BIG, axis=0))  # [B, T]
+    return float(per_token[counted].mean())
 
 
 def run(model: str, batches: Sequence[int], new_tokens: int, runs: int, files: int, prompt_tokens: int,
@@ -66,7 +74,7 @@ def run(model: str, batches: Sequence[int], new_tokens: int, runs: int, files: i
             progress(f"batch {b}: {name}")
             r = run_method(lm, prompts, b, new_tokens, runs, "autoregressive", 0.0, routes=routes)
             out = lm.generate(prompts[:b], max_new_tokens=new_tokens, routes=routes)
-            used = big_layers(lm, [p + t for p, t in zip(out.prompt_ids, out.tokens)], routes)
+            used = big_layers(lm, out.prompt_ids, out.tokens, routes)
             base = r["tokens_per_s"] if base is None else base
             result["rows"].append({"batch": b, "routes": name, "big_layers": used, "tokens_per_s": r["tokens_per_s"],
                                    "runs_tokens_per_s": r["runs_tokens_per_s"], "vs_all_big": r["tokens_per_s"] / base})

@@ -15,7 +15,10 @@ def next_token(state: DecodeState, ctx: StepContext, plan: ExecutionPlan | None 
     the next token, without committing it.
     -> (state with the cache written and the PRNG advanced, logits [b, 1, vocab], token [b])."""
     positions = state.cache_len[:, None]
-    planned = {} if plan is None else {"plan": plan}  # none given: the handle's default (Duo routes) applies
+    default = dict(ctx.model.defaults).get("plan")  # a call-wide plan on the handle (Duo-LLM routes)
+    if plan is not None and default is not None and plan.routes is None:
+        plan = plan._replace(routes=default.routes)  # a method's plan (SkipDecode's layers) keeps the routes
+    planned = {} if plan is None else {"plan": plan}  # none given: the handle's default applies
     logits, cache = ctx.model.forward(state.last_token[:, None], positions, cache=state.cache,
                                       write_slots=positions, prefix_len=state.cache_len, **planned)
     state, token = choose(state._replace(cache=cache), logits[:, 0], ctx)

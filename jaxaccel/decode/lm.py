@@ -31,6 +31,7 @@ from jaxaccel.decode.engine import PREFILL_CHUNK, GenerateOutput, generate_loop,
 from jaxaccel.decode.methods import get_method
 from jaxaccel.decode.sampling import make_sampling
 from jaxaccel.errors import InvalidArgumentError, InvalidPromptError, ModelLoadError
+from jaxaccel.model.duo import parse_routes
 from jaxaccel.model.options import ExecutionPlan
 from jaxaccel.model.transformer import (LayerKV, ModelHandle, canonical_params, fuse_layers, init_cache, logical_axes,
                                         param_shapes, stack_layers, unstack_layers)
@@ -389,26 +390,14 @@ def _same_tokenizer(a, b) -> bool:
     return size(a) == size(b) and list(a.encode(probe)) == list(b.encode(probe))
 
 
-def duo_routes(routes: str | Sequence[int] | None, config) -> ExecutionPlan | None:
-    """`generate`'s `routes` -> a static plan (one route per layer for every token), or None
-    for the model's own routes. Bad values are one-line `InvalidArgumentError`s."""
+def duo_routes(routes, config) -> ExecutionPlan | None:
+    """`generate`'s `routes` -> a static plan (one route per layer for every token,
+    `duo.parse_routes`), or None for the model's own routes."""
     if routes is None:
         return None
     if not config.duo.enabled:
         raise InvalidArgumentError("routes= needs a Duo-LLM model (model.duo.enabled)")
-    n = config.n_layers
-    if isinstance(routes, str):
-        named = {"big": "B" * n, "small": "S" * n, "skip": "-" * n}
-        text = named.get(routes.lower(), routes.upper())
-        if len(text) != n or set(text) - set("BS-"):
-            raise InvalidArgumentError(f"routes must be big, small, skip or one of B/S/- per layer ({n} letters), "
-                                       f"got {routes!r}")
-        values = tuple("BS-".index(c) for c in text)
-    else:
-        values = tuple(int(r) for r in routes)
-        if len(values) != n or any(r not in (0, 1, 2) for r in values):
-            raise InvalidArgumentError(f"routes must hold {n} values in 0 (big), 1 (small), 2 (skip), got {list(routes)}")
-    return ExecutionPlan(routes=values)
+    return ExecutionPlan(routes=parse_routes(routes, config.n_layers))
 
 
 def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh | str | dict | None = None

@@ -87,7 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     du.add_argument("--config", default="configs/duo.yaml", help="its training config (the corpus to hold out)")
     du.add_argument("--eval-rows", type=int, default=32, help="held-out windows: half fit the routers, half test")
     du.add_argument("--seq-len", type=int, default=256)
-    du.add_argument("--skip-rows", type=int, default=2, help="test windows scored under all 3^L big/small/skip patterns")
+    du.add_argument("--skip-rows", type=int, default=2,
+                    help="test windows scored under all 3^L big/small/skip patterns (0: none)")
+    du.add_argument("--oracle", choices=["auto", "exhaustive", "beam"], default="auto",
+                    help="exhaustive where 2^L patterns fit the limit (auto), or the beam oracle")
     du.add_argument("--beam-width", type=int, default=4)
     du.add_argument("--router-budgets", default="1,2,4,6", help="big layers per token the routers are trained for")
     du.add_argument("--router-steps", type=int, default=150)
@@ -144,16 +147,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             budgets = tuple(int(x) for x in args.router_budgets.split(",") if x)
         except ValueError:
             fail("--router-budgets is a comma-separated list of integers")
-        if min(args.eval_rows - 1, args.seq_len, args.skip_rows, args.beam_width, args.router_steps,
-               args.random_draws, args.batch) < 1:
-            fail("--eval-rows must be >= 2, and --seq-len, --skip-rows, --beam-width, --router-steps, "
+        if min(args.eval_rows - 1, args.seq_len, args.beam_width, args.router_steps, args.random_draws,
+               args.batch) < 1 or args.skip_rows < 0:
+            fail("--eval-rows must be >= 2, --skip-rows >= 0, and --seq-len, --beam-width, --router-steps, "
                  "--random-draws and --batch >= 1")
-        if not Path(args.model).exists():
+        if not (args.model.startswith("builtin:") or Path(args.model).exists()):
             fail(f"--model {args.model!r} does not exist (train it: python -m jaxaccel.train configs/duo.yaml)")
         if not Path(args.config).is_file():
             fail(f"--config {args.config!r} does not exist")
         results = duo.run(args.model, args.config, args.eval_rows, args.seq_len, args.skip_rows, args.beam_width,
-                          budgets, args.random_draws, args.router_steps, args.batch, args.seed, args.save_router)
+                          budgets, args.random_draws, args.router_steps, args.batch, args.seed, args.save_router,
+                          args.oracle)
         results["command"] = "python -m jaxaccel.experiments " + shlex.join(list(argv) if argv is not None
                                                                               else sys.argv[1:])
         out = Path(args.out)

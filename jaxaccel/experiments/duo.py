@@ -12,16 +12,19 @@ every layer during training) and held-out (validation-split) windows of the corp
   2^L patterns (3^L with skip, on fewer tokens), and a beam oracle that scales to deep models
   (`beam_oracle`: extend the `width` patterns that win the most tokens at budget b - 1 by one
   more big layer), validated against the exhaustive one.
-* **Baselines per budget:** the best fixed pattern (one pattern for every token), the best of
-  100 random routings (each token draws its own b big layers), all big, all small.
+* **Baselines per budget:** the best fixed pattern (one pattern for every token, chosen on the
+  fit half), the best of 100 random routings (each token draws its own b big layers; a draw
+  is tied to its tokens, so the best is chosen on the test half itself: an optimistic
+  baseline), all big, all small.
 * **Routers (stage 2, base frozen):** a linear router per layer on the FFN input, a soft
   mixture at a temperature annealed from `tau_start` to `tau_end` (a scale of the router's
   parameters), loss = CE + alpha * (mean P(big) - b / L)^2; evaluated with hard routes. And,
   beyond the paper, routers trained to imitate the oracle's routes (binary cross entropy on
   each token's oracle pattern at budget b, under those routes), to measure how much of the
   router-to-oracle gap imitation closes. Made hard, a router lands near, not on, its budget:
-  each is calibrated (one shift of every layer's big logit, bisected on the fit half) to
-  take exactly b big layers per token on average, so all methods compare at equal budgets.
+  each is calibrated (one shift of every layer's big logit, bisected on the fit half) to take
+  b big layers per token on average there; on the test half it realises a budget close to b
+  (reported, and compared with the other curves at that budget).
   Routers are fitted on one half of the held-out windows ("fit") and everything is reported
   on the other half ("test").
 * **Findings** (each marked reproduced / not at this scale in `summary`): perplexity vs big
@@ -31,6 +34,7 @@ every layer during training) and held-out (validation-split) windows of the corp
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import time
@@ -42,7 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxaccel.errors import InvalidArgumentError
-from jaxaccel.model.duo import BIG, SKIP, SMALL, init_router, scale_router
+from jaxaccel.model.duo import (BIG, SKIP, SMALL, hard_routes, init_router, pattern_string, scale_router,
+                                shift_router)
 from jaxaccel.model.options import ExecutionPlan
 
 MAX_PATTERNS = 20_000  # exhaustive oracles evaluate at most this many patterns (3^9 = 19,683)
@@ -192,7 +197,7 @@ def beam_oracle(evaluate: Callable[[np.ndarray], np.ndarray], n_layers: int, wid
     return np.stack(patterns), np.stack(losses)
 
 
-def random_routes(rng: np.random.Generator, shape: tuple[int, int], n_layers: int, budget: int) -> np.ndarray:
+def random_budget_routes(rng: np.random.Generator, shape: tuple[int, int], n_layers: int, budget: int) -> np.ndarray:
     """[R, T, L] int32: each token takes the big FFN in `budget` layers drawn uniformly at
     random (without replacement), the small one elsewhere."""
     keys = rng.random((*shape, n_layers))
@@ -230,36 +235,12 @@ def train_router(params, config, rows: np.ndarray, budget: float, *, steps: int 
     alpha * (mean P(big) - budget / L)^2. With `targets` [R, T, L] (oracle routes, 0 big /
     1 small): imitation — binary cross entropy of each router's P(big) against the target,
     with the forward run under the target routes (the states the oracle's routes produce)."""
-    import optax
-
-    from jaxaccel.model.transformer import forward
-
     check_budget(budget, config.n_layers)
     full, rconfig = init_router(params, config)
     routers, rest = split_router(full)
     rows = np.asarray(rows, np.int32)
-    opt = optax.adam(lr)
+    step, opt = _router_step(rconfig, float(lr), float(alpha))
     state = opt.init(routers)
-    n_layers = config.n_layers
-
-    def loss_fn(routers, rest, x, y, tau, target):
-        p = merge_router(scale_router(routers, 1.0 / tau), rest)
-        if target is None:
-            logits, _, aux = forward(p, rconfig, x, plan=ExecutionPlan(soft_routes=True), return_aux=True)
-            logp = jax.nn.log_softmax(logits, -1)
-            ce = -jnp.mean(jnp.take_along_axis(logp, y[..., None], -1))
-            return ce + alpha * (jnp.mean(aux["duo_p_big"]) - budget / n_layers) ** 2
-        _, _, aux = forward(p, rconfig, x, plan=ExecutionPlan(routes=target), return_aux=True)
-        logit = aux["duo_router_logits"][..., BIG] - aux["duo_router_logits"][..., SMALL]  # [L, B, T]
-        label = (jnp.moveaxis(target, -1, 0) == BIG).astype(jnp.float32)
-        return jnp.mean(optax.sigmoid_binary_cross_entropy(logit, label))
-
-    @jax.jit
-    def step(routers, state, x, y, tau, target):
-        loss, grads = jax.value_and_grad(loss_fn)(routers, rest, x, y, tau, target)
-        updates, state = opt.update(grads, state, routers)
-        return optax.apply_updates(routers, updates), state, loss
-
     rng = np.random.default_rng(seed)
     curve = []
     for i in range(steps):
@@ -267,19 +248,51 @@ def train_router(params, config, rows: np.ndarray, budget: float, *, steps: int 
         tau = tau_start * (tau_end / tau_start) ** (i / max(steps - 1, 1)) if targets is None else 1.0
         chunk = jnp.asarray(rows[pick])
         target = None if targets is None else jnp.asarray(targets[pick], jnp.int32)
-        routers, state, loss = step(routers, state, chunk[:, :-1], chunk[:, 1:], jnp.float32(tau), target)
+        routers, state, loss = step(routers, state, rest, chunk[:, :-1], chunk[:, 1:], jnp.float32(tau),
+                                    jnp.float32(budget / config.n_layers), target)
         curve.append(float(loss))
         if log is not None and (i + 1) % 50 == 0:
             log(f"  router step {i + 1}/{steps}: loss {curve[-1]:.4f} (tau {tau:.3f})")
     return merge_router(routers, rest), rconfig, curve
 
 
+@functools.lru_cache(maxsize=None)
+def _router_step(rconfig, lr: float, alpha: float):
+    """(jitted step, optimizer) of router training for one model config: the frozen params,
+    temperature and budget are arguments, so every budget and router shares one program
+    (one more for imitation)."""
+    import optax
+
+    from jaxaccel.model.transformer import forward
+
+    opt = optax.adam(lr)
+
+    def loss_fn(routers, rest, x, y, tau, share, target):
+        p = merge_router(scale_router(routers, 1.0 / tau), rest)
+        if target is None:
+            logits, _, aux = forward(p, rconfig, x, plan=ExecutionPlan(soft_routes=True), return_aux=True)
+            logp = jax.nn.log_softmax(logits, -1)
+            ce = -jnp.mean(jnp.take_along_axis(logp, y[..., None], -1))
+            return ce + alpha * (jnp.mean(aux["duo_p_big"]) - share) ** 2
+        _, _, aux = forward(p, rconfig, x, plan=ExecutionPlan(routes=target), return_aux=True)
+        logit = aux["duo_router_logits"][..., BIG] - aux["duo_router_logits"][..., SMALL]  # [L, B, T]
+        label = (jnp.moveaxis(target, -1, 0) == BIG).astype(jnp.float32)
+        return jnp.mean(optax.sigmoid_binary_cross_entropy(logit, label))
+
+    @jax.jit
+    def step(routers, state, rest, x, y, tau, share, target):
+        loss, grads = jax.value_and_grad(loss_fn)(routers, rest, x, y, tau, share, target)
+        updates, state = opt.update(grads, state, routers)
+        return optax.apply_updates(routers, updates), state, loss
+
+    return step, opt
+
+
 def _count_big(params, config, x):
     from jaxaccel.model.transformer import forward
 
     _, _, aux = forward(params, config, x, return_aux=True)
-    logits = aux["duo_router_logits"]  # [L, B, T, 2]
-    return jnp.sum(logits[..., BIG] >= logits[..., SMALL], axis=0)
+    return jnp.sum(hard_routes(aux["duo_router_logits"]) == BIG, axis=0)  # logits [L, B, T, 2]
 
 
 _count_big_jit = jax.jit(_count_big, static_argnums=(1,))
@@ -290,13 +303,6 @@ def router_big_layers(params, config, rows: np.ndarray, batch: int = 32) -> np.n
     out = [np.asarray(_count_big_jit(params, config, jnp.asarray(rows[i:i + batch, :-1])))
            for i in range(0, len(rows), batch)]
     return np.concatenate(out).reshape(-1).astype(np.float32)
-
-
-def shift_router(params, delta: float):
-    """Every router's big logit raised by `delta` (its bias), the rest unchanged."""
-    routers, rest = split_router(params)
-    shift = jnp.asarray([0.0, 0.0], jnp.float32).at[BIG].set(delta)
-    return merge_router({k: {**r, "bias": r["bias"] + shift} for k, r in routers.items()}, rest)
 
 
 def calibrate_router(params, config, rows: np.ndarray, budget: float, iters: int = 14, batch: int = 32
@@ -326,10 +332,15 @@ def _ppl(losses) -> float:
 def run(model: str = "runs/duo", config: str = "configs/duo.yaml", eval_rows: int = 32, seq_len: int = 256,
         skip_rows: int = 2, beam_width: int = 4, router_budgets: Sequence[int] = (1, 2, 4, 6),
         random_draws: int = 100, router_steps: int = 150, batch: int = 32, seed: int = 0,
-        save_router: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+        save_router: str | None = None, oracle_mode: str = "auto",
+        log: Callable[[str], None] = print) -> dict[str, Any]:
     """The whole experiment -> the results dict (see the module docstring). `save_router`: a
     folder where the model with its CE + budget-loss router at the budget closest to half the
-    layers is saved (a loadable model: decoding uses the router's routes)."""
+    layers is saved (a loadable model: decoding uses the router's routes). `oracle_mode`:
+    "exhaustive" (all 2^L patterns, and 3^L with skip on `skip_rows` windows: an error past
+    MAX_PATTERNS), "beam" (the beam oracle over every window; oracles and the best fixed
+    pattern range over the patterns it evaluated; no 3^L part), or "auto" (exhaustive where
+    2^L fits the limit, else beam; the 3^L part only where 3^L fits). skip_rows 0: no 3^L part."""
     import jaxaccel
     from jaxaccel.bench.common import machine
     from jaxaccel.config import build
@@ -344,9 +355,20 @@ def run(model: str = "runs/duo", config: str = "configs/duo.yaml", eval_rows: in
     n_layers = cfg.n_layers
     for b in router_budgets:
         check_budget(b, n_layers)
-    patterns = all_patterns(n_layers)  # checks the limit before any work
+    if oracle_mode not in ("auto", "exhaustive", "beam"):
+        raise InvalidArgumentError(f"oracle must be auto, exhaustive or beam, got {oracle_mode!r}")
+    fits = lambda k: k ** n_layers <= MAX_PATTERNS  # noqa: E731
+    exhaustive = oracle_mode == "exhaustive" or (oracle_mode == "auto" and fits(2))
+    if exhaustive:  # the limits are checked before any work
+        all_patterns(n_layers)
+        if skip_rows:
+            all_patterns(n_layers, with_skip=True)
+    with_skip_part = skip_rows > 0 and exhaustive and fits(3)
     params = canonical_params(lm.params, cfg)
-    rows = heldout_rows(build(RunConfig, config).data, seq_len, eval_rows)
+    try:
+        rows = heldout_rows(build(RunConfig, config).data, seq_len, eval_rows)
+    except ValueError as e:  # no held-out document that long
+        raise InvalidArgumentError(f"{e} (--seq-len {seq_len})") from None
     half = len(rows) // 2
     if half < 1:
         raise InvalidArgumentError(f"need at least 2 held-out rows of {seq_len + 1} tokens, got {len(rows)}")
@@ -354,9 +376,16 @@ def run(model: str = "runs/duo", config: str = "configs/duo.yaml", eval_rows: in
     scorer = Scorer(params, cfg, rows, batch)
     t = seq_len
 
-    log(f"exhaustive: {len(patterns)} big/small patterns x {len(rows)} rows of {t} tokens")
     start = time.perf_counter()
-    losses_all = scorer.patterns(patterns, log=log).reshape(len(patterns), len(rows), t)
+    if exhaustive:
+        patterns = all_patterns(n_layers)
+        log(f"exhaustive: {len(patterns)} big/small patterns x {len(rows)} rows of {t} tokens")
+        flat = scorer.patterns(patterns, log=log)
+    else:
+        log(f"beam oracle (width {beam_width}) over {len(rows)} rows of {t} tokens"
+            + (f": 2^{n_layers} patterns exceed {MAX_PATTERNS:,}" if not fits(2) else ""))
+        patterns, flat = beam_oracle(lambda ps: scorer.patterns(ps), n_layers, beam_width)
+    losses_all = flat.reshape(len(patterns), len(rows), t)
     exhaustive_s = time.perf_counter() - start
     fit = losses_all[:, :half].reshape(len(patterns), -1)
     test = losses_all[:, half:].reshape(len(patterns), -1)
@@ -369,14 +398,18 @@ def run(model: str = "runs/duo", config: str = "configs/duo.yaml", eval_rows: in
     for b in budgets:
         curves["oracle"].append(_ppl(oracle(test, patterns, b)[0]))
         curves["oracle_exact"].append(_ppl(oracle(test, patterns, b, exact=True)[0]))
-        curves["fixed"].append(_ppl(test[best_fixed(test, patterns, b)]))
-        fixed_exact = best_fixed(test, patterns, b, exact=True)
-        curves["fixed_exact"].append({"perplexity": _ppl(test[fixed_exact]),
-                                      "pattern": "".join("BS-"[r] for r in patterns[fixed_exact])})
+        # the fixed pattern is chosen on the fit half (as the routers are fitted there), scored on test
+        curves["fixed"].append(_ppl(test[best_fixed(fit, patterns, b)]))
+        fixed_exact = best_fixed(fit, patterns, b, exact=True)
+        curves["fixed_exact"].append({"perplexity": _ppl(test[fixed_exact]), "pattern": pattern_string(patterns[fixed_exact])})
 
-    log(f"beam oracle (width {beam_width}), validated against the exhaustive one")
-    beam_patterns, beam_losses = beam_oracle(lambda ps: test[[index[tuple(p)] for p in ps]], n_layers, beam_width)
-    curves["beam_oracle"] = [_ppl(oracle(beam_losses, beam_patterns, b)[0]) for b in budgets]
+    if exhaustive:
+        log(f"beam oracle (width {beam_width}), validated against the exhaustive one")
+        beam_patterns, beam_losses = beam_oracle(lambda ps: test[[index[tuple(p)] for p in ps]], n_layers,
+                                                 beam_width)
+        curves["beam_oracle"] = [_ppl(oracle(beam_losses, beam_patterns, b)[0]) for b in budgets]
+    else:  # the oracle is the beam oracle
+        beam_patterns, curves["beam_oracle"] = patterns, list(curves["oracle"])
 
     log(f"random routes: best of {random_draws} per budget")
     rng = np.random.default_rng(seed)
@@ -384,7 +417,7 @@ def run(model: str = "runs/duo", config: str = "configs/duo.yaml", eval_rows: in
     random_best = [_ppl(test[all_small])]
     start = time.perf_counter()
     for b in budgets[1:-1]:
-        draws = [_ppl(test_scorer.routed(random_routes(rng, (len(test_rows), t), n_layers, b)))
+        draws = [_ppl(test_scorer.routed(random_budget_routes(rng, (len(test_rows), t), n_layers, b)))
                  for _ in range(random_draws)]
         random_best.append(min(draws))
         log(f"  budget {b}: best {min(draws):.2f}, median {float(np.median(draws)):.2f}")
@@ -404,9 +437,9 @@ def run(model: str = "runs/duo", config: str = "configs/duo.yaml", eval_rows: in
             rparams, rcfg, curve = train_router(params, cfg, fit_rows, b, steps=router_steps, targets=targets,
                                                 seed=seed, log=log)
             raw = float(np.mean(router_big_layers(rparams, rcfg, test_rows, batch)))
-            raw_ppl = _ppl(Scorer(rparams, rcfg, test_rows, batch).free(rparams, rcfg))
+            raw_ppl = _ppl(test_scorer.free(rparams, rcfg))  # rcfg is static: one program for every router
             rparams, delta = calibrate_router(rparams, rcfg, fit_rows, b, batch=batch)
-            losses = Scorer(rparams, rcfg, test_rows, batch).free(rparams, rcfg)
+            losses = test_scorer.free(rparams, rcfg)
             realized = float(np.mean(router_big_layers(rparams, rcfg, test_rows, batch)))
             routers.append({"kind": kind, "budget": b, "big_layers": realized, "perplexity": _ppl(losses),
                             "calibration_shift": delta, "uncalibrated": {"big_layers": raw, "perplexity": raw_ppl},
@@ -419,19 +452,23 @@ def run(model: str = "runs/duo", config: str = "configs/duo.yaml", eval_rows: in
                                      bos_token_id=lm.bos_token_id, info=info).save(save_router)
                 log(f"  saved the model with this router to {save_router}")
 
-    log(f"with skip: 3^{n_layers} patterns x {skip_rows} rows")
-    skip_patterns = all_patterns(n_layers, with_skip=True)
-    start = time.perf_counter()
-    skip_losses = scorer.patterns(skip_patterns, rows=slice(half, half + skip_rows), log=log)
-    skip_s = time.perf_counter() - start
-    two_way = np.isin(skip_patterns, (BIG, SMALL)).all(axis=1)
-    with_skip = {"rows": skip_rows, "tokens": int(skip_losses.shape[1]), "patterns": len(skip_patterns),
-                 "seconds": skip_s, "oracle": [], "oracle_no_skip": [], "skipped_layers": []}
-    for b in budgets:
-        loss, idx = oracle(skip_losses, skip_patterns, b)
-        with_skip["oracle"].append(_ppl(loss))
-        with_skip["oracle_no_skip"].append(_ppl(oracle(skip_losses[two_way], skip_patterns[two_way], b)[0]))
-        with_skip["skipped_layers"].append(float(np.mean(np.sum(skip_patterns[idx] == SKIP, axis=1))))
+    with_skip, skip_s = None, None
+    if skip_rows and not with_skip_part:
+        log(f"with skip: left out (3^{n_layers} patterns exceed {MAX_PATTERNS:,}, or the beam oracle runs)")
+    if with_skip_part:
+        log(f"with skip: 3^{n_layers} patterns x {skip_rows} rows")
+        skip_patterns = all_patterns(n_layers, with_skip=True)
+        start = time.perf_counter()
+        skip_losses = scorer.patterns(skip_patterns, rows=slice(half, half + skip_rows), log=log)
+        skip_s = time.perf_counter() - start
+        two_way = np.isin(skip_patterns, (BIG, SMALL)).all(axis=1)
+        with_skip = {"rows": skip_rows, "tokens": int(skip_losses.shape[1]), "patterns": len(skip_patterns),
+                     "seconds": skip_s, "oracle": [], "oracle_no_skip": [], "skipped_layers": []}
+        for b in budgets:
+            loss, idx = oracle(skip_losses, skip_patterns, b)
+            with_skip["oracle"].append(_ppl(loss))
+            with_skip["oracle_no_skip"].append(_ppl(oracle(skip_losses[two_way], skip_patterns[two_way], b)[0]))
+            with_skip["skipped_layers"].append(float(np.mean(np.sum(skip_patterns[idx] == SKIP, axis=1))))
 
     heatmap = {}
     for b in (1, 2, 4):
@@ -441,15 +478,18 @@ def run(model: str = "runs/duo", config: str = "configs/duo.yaml", eval_rows: in
 
     difficulty = token_difficulty(test, patterns, all_big, all_small, test_rows, lm.tokenizer)
     return {
-        "machine": machine(), "model": model, "n_layers": n_layers, "d_model": cfg.d_model,
+        "machine": machine(), "model": model, "oracle_mode": "exhaustive" if exhaustive else "beam",
+        "n_layers": n_layers, "d_model": cfg.d_model,
         "ffn_dim": cfg.ffn_dim, "small_ffn_dim": cfg.small_ffn_dim, "seq_len": t,
         "rows": {"fit": half, "test": len(test_rows)}, "test_tokens": int(test.shape[1]),
         "budgets": budgets, "all_big": _ppl(test[all_big]), "all_small": _ppl(test[all_small]),
         "curves": curves, "routers": routers, "with_skip": with_skip, "heatmap_exact": heatmap,
         "difficulty": difficulty,
-        "beam": {"width": beam_width, "patterns_evaluated": len(beam_patterns), "exhaustive_patterns": len(patterns),
-                 "max_gap_perplexity": max(abs(a - b) for a, b in zip(curves["beam_oracle"], curves["oracle"]))},
-        "seconds": {"exhaustive": exhaustive_s, "random": random_s, "skip": skip_s},
+        "beam": {"width": beam_width, "patterns_evaluated": len(beam_patterns),
+                 "exhaustive_patterns": 2 ** n_layers if exhaustive else None,
+                 "max_gap_perplexity": (max(abs(a - b) for a, b in zip(curves["beam_oracle"], curves["oracle"]))
+                                        if exhaustive else None)},
+        "seconds": {"patterns": exhaustive_s, "random": random_s, "skip": skip_s},
         "random_draws": random_draws, "router_steps": router_steps,
     }
 
@@ -530,7 +570,7 @@ def plot(results: dict[str, Any], out: str | Path) -> list[Path]:
     ax.set(yticks=range(len(heat)), yticklabels=[f"b = {k}" for k in heat], xticks=range(n),
            xlabel="layer", title="share of tokens whose oracle pattern makes the layer big")
     fig.colorbar(im, ax=ax)
-    paths.append(save_figure(plt, fig, [ax], out / "oracle-layers.png"))
+    paths.append(save_figure(plt, fig, [ax], out / "oracle-layers.png", grid=False))
 
     d = results["difficulty"]
     fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -556,10 +596,12 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {'CE + budget loss' if r['kind'] == 'budget_loss' else 'imitates the oracle'} | {r['budget']} | "
                      f"{r['big_layers']:.2f} | {r['perplexity']:.2f} | {_at(c['oracle'], r['big_layers']):.2f} |")
     ws = results["with_skip"]
-    lines += ["", f"With skip (3^{results['n_layers']} = {ws['patterns']:,} patterns, {ws['tokens']} tokens):", "",
-              "| b | oracle big/small/skip | oracle big/small | layers skipped (mean) |", "|---|---|---|---|"]
-    for b in results["budgets"]:
-        lines.append(f"| {b} | {ws['oracle'][b]:.2f} | {ws['oracle_no_skip'][b]:.2f} | {ws['skipped_layers'][b]:.2f} |")
+    if ws is not None:
+        lines += ["", f"With skip (3^{results['n_layers']} = {ws['patterns']:,} patterns, {ws['tokens']} tokens):", "",
+                  "| b | oracle big/small/skip | oracle big/small | layers skipped (mean) |", "|---|---|---|---|"]
+        for b in results["budgets"]:
+            lines.append(f"| {b} | {ws['oracle'][b]:.2f} | {ws['oracle_no_skip'][b]:.2f} | "
+                         f"{ws['skipped_layers'][b]:.2f} |")
     d = results["difficulty"]
     lines += ["", f"Token difficulty: Spearman(gain, loss) = {d['spearman_gain_vs_loss']:.2f}; mean gain "
               f"{d['mean_gain']:.3f} nats.", "", "| kind of token | tokens | mean gain (nats) |", "|---|---|---|"]

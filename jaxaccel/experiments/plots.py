@@ -204,12 +204,14 @@ def _scaling_fit(ax, doc: dict, spec: dict) -> bool:
     return True
 
 
-def save_figure(plt, fig, axes, path: Path) -> Path:
-    """Legends and a light grid on `axes`, tight layout, PNG at 110 dpi; closes the figure."""
+def save_figure(plt, fig, axes, path: Path, grid: bool = True) -> Path:
+    """Legends and (unless `grid` is off: images) a light grid on `axes`, tight layout, PNG at
+    110 dpi; closes the figure."""
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
-        ax.grid(alpha=0.3)
+        if grid:
+            ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -122,14 +122,59 @@ def random_routes(duo: DuoConfig, key: jax.Array, shape: tuple[int, ...]) -> jax
     return jnp.where(u < duo.p_big, BIG, jnp.where(u < 1.0 - duo.p_skip, SMALL, SKIP)).astype(jnp.int32)
 
 
+LETTERS = "BS-"  # a route pattern as text: B big, S small, - skip, one letter per layer
+
+
+def pattern_string(pattern) -> str:
+    """[n_layers] routes -> e.g. "BSSB-SBB"."""
+    return "".join(LETTERS[int(r)] for r in pattern)
+
+
+def parse_routes(routes, n_layers: int) -> tuple[int, ...]:
+    """A route pattern for every token -> n_layers Python ints (static `ExecutionPlan.routes`):
+    "big" / "small" / "skip", a string of B/S/- (one letter per layer), or a sequence of ints
+    in {0, 1, 2}. Anything else is a one-line `InvalidArgumentError`."""
+    if isinstance(routes, str):
+        named = {"big": "B" * n_layers, "small": "S" * n_layers, "skip": "-" * n_layers}
+        text = named.get(routes.lower(), routes.upper())
+        if len(text) != n_layers or set(text) - set(LETTERS):
+            raise InvalidArgumentError(f"routes must be big, small, skip or one of B/S/- per layer ({n_layers} "
+                                       f"letters), got {routes!r}")
+        return tuple(LETTERS.index(c) for c in text)
+    values = list(routes) if isinstance(routes, (list, tuple, np.ndarray)) else None
+    if (values is None or len(values) != n_layers
+            or not all(isinstance(r, (int, np.integer)) and not isinstance(r, bool) and r in (BIG, SMALL, SKIP)
+                       for r in values)):
+        raise InvalidArgumentError(f"routes must be {n_layers} integers in 0 (big), 1 (small), 2 (skip), or a "
+                                   f"B/S/- string, got {routes!r}")
+    return tuple(int(r) for r in values)
+
+
+def hard_routes(logits: jax.Array) -> jax.Array:
+    """A router's hard decision: big where its big logit is at least its small one. logits
+    [..., 2] -> routes [...] int32 (ties go big)."""
+    return jnp.where(logits[..., BIG] >= logits[..., SMALL], BIG, SMALL).astype(jnp.int32)
+
+
+def map_routers(params, fn):
+    """The params with every router's {"kernel", "bias"} replaced by fn(router) (either layout)."""
+    def visit(tree):
+        if isinstance(tree, dict):
+            return {k: (fn(v) if k == "router" else visit(v)) for k, v in tree.items()}
+        return tree
+    return visit(params)
+
+
 def scale_router(params, scale):
     """The params with every router's kernel and bias multiplied by `scale` (1 / temperature):
     softmax(scale * logits) is the router at temperature 1 / scale. Other leaves unchanged."""
-    def visit(tree):
-        if isinstance(tree, dict):
-            return {k: (jax.tree.map(lambda a: a * scale, v) if k == "router" else visit(v)) for k, v in tree.items()}
-        return tree
-    return visit(params)
+    return map_routers(params, lambda r: jax.tree.map(lambda a: a * scale, r))
+
+
+def shift_router(params, delta):
+    """The params with every router's big logit raised by `delta` (its bias)."""
+    shift = jnp.zeros((2,), jnp.float32).at[BIG].set(delta)
+    return map_routers(params, lambda r: {**r, "bias": r["bias"] + shift})
 
 
 def init_router(params, config: ModelConfig, rng=None):
@@ -186,7 +231,7 @@ class DuoFFN(nn.Module):
                 self.sow("intermediates", "duo_p_big", jnp.mean(p[..., 0]))
                 mix = p[..., 0:1] * self.big(x).astype(jnp.float32) + p[..., 1:2] * self.small(x).astype(jnp.float32)
                 return mix.astype(jnp.dtype(self.config.dtype))
-            routes = jnp.where(logits[..., 0] >= logits[..., 1], BIG, SMALL).astype(jnp.int32)
+            routes = hard_routes(logits)
         if isinstance(routes, int):  # a static route for every token (ExecutionPlan.routes as a tuple)
             if self.is_initializing():
                 self.big(x), self.small(x)

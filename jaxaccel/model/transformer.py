@@ -32,6 +32,7 @@ stacked weight inside a jitted loop copies it on every step). `stack_layers` /
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -43,7 +44,7 @@ from jaxaccel.config import ModelConfig
 from jaxaccel.errors import InvalidArgumentError
 from jaxaccel.model.layers import (BATCH, EMBED, LAYERS, LENGTH, VOCAB, MLP, Attention, RMSNorm, Visibility, _init,
                                    jnp_dtype, rope_inv_freq, rope_tables)
-from jaxaccel.model.duo import DuoFFN, check_routes, dispatch_mode
+from jaxaccel.model.duo import DuoFFN, check_routes, dispatch_mode, parse_routes
 from jaxaccel.model.moe import MoE
 from jaxaccel.model.options import (DENSE, AttentionPolicy, ExecutionPlan, FlashAttention, LayerOptions,
                                     Segments)
@@ -162,6 +163,10 @@ def _run_layer(layer, x, cache, active, route, rope, visibility, write_slots):
     return layer(x, (cache, active, route), rope, visibility, write_slots)
 
 
+def _run_static_route(layer, x, cache, active, _, rope, visibility, write_slots, *, route: int):
+    return layer(x, (cache, active, route), rope, visibility, write_slots)
+
+
 def _skip_layer(layer, x, cache, active, route, rope, visibility, write_slots):
     return x, cache
 
@@ -261,7 +266,10 @@ class Transformer(nn.Module):
                 elif layer_on is None or isinstance(layer_on, tuple):
                     x, kv = layer(x, (layer_cache, active, route), rope, visibility, write_slots)
                 else:  # a skipped layer is not computed at all: no FLOPs, no K/V written
-                    x, kv = nn.cond(layer_on[i], _run_layer, _skip_layer, layer, x, layer_cache, active, route,
+                    run = _run_layer
+                    if isinstance(route, int):  # a static route stays static (not a traced cond operand)
+                        run, route = functools.partial(_run_static_route, route=route), None
+                    x, kv = nn.cond(layer_on[i], run, _skip_layer, layer, x, layer_cache, active, route,
                                     rope, visibility, write_slots)
                 new_layers.append(kv)
             new_cache = None if cache is None else tuple(new_layers)
@@ -336,10 +344,10 @@ def forward(params: Params, config: ModelConfig, tokens, positions=None, *, cach
     if plan is not None and plan.routes is not None:
         if not config.duo.enabled:
             raise InvalidArgumentError("plan.routes needs a Duo-LLM model (model.duo.enabled)")
-        static = isinstance(plan.routes, tuple) and not is_scanned(params)
+        static = (isinstance(plan.routes, tuple) and not is_scanned(params)
+                  and all(isinstance(r, (int, np.integer)) and not isinstance(r, bool) for r in plan.routes))
         if static:  # one Python int per layer: each layer runs only its FFN, nothing routed at run time
-            check_routes(np.asarray(plan.routes, np.int32), tokens.shape, config.n_layers)
-            plan = plan._replace(routes=tuple(int(r) for r in plan.routes))
+            plan = plan._replace(routes=parse_routes(plan.routes, config.n_layers))
         else:
             plan = plan._replace(routes=check_routes(plan.routes, tokens.shape, config.n_layers))
     if plan is not None and plan.layer_on is not None:
