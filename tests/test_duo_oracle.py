@@ -232,3 +232,16 @@ def test_skipdecode_keeps_the_routes_of_the_call(toy):
                        max_length=16)
     assert skip.tokens == plain.tokens
     assert plain.tokens != lm.generate(prompts, max_new_tokens=6).tokens  # the routes change the output
+
+
+def test_the_duo_benchmark_rejects_bad_input_in_one_line(capsys, tmp_path):
+    from jaxaccel.bench.__main__ import main
+    from jaxaccel.cli import run_cli
+
+    for argv, message in ((["duo", "--runs", "0"], "batches, runs, files, new tokens and prompt tokens must be >= 1"),
+                          (["duo", "--model", str(tmp_path / "none")], "does not exist")):
+        with pytest.raises(SystemExit) as exit_:
+            run_cli(main, argv)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
