@@ -13,8 +13,6 @@ from __future__ import annotations
 import statistics
 from typing import Any, Callable, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxaccel.bench.common import machine, machine_line
@@ -34,8 +32,8 @@ def big_layers(lm, prompts: list[list[int]], outputs: list[list[int]], routes: s
     tokens (the last prompt token's, then each output's but the last), teacher forced over
     prompt + output; padding excluded."""
     from jaxaccel.decode.lm import duo_routes
-    from jaxaccel.model.duo import BIG, hard_routes
-    from jaxaccel.model.transformer import forward
+    from jaxaccel.experiments.duo import big_layer_counts
+    from jaxaccel.model.duo import BIG
 
     plan = duo_routes(routes, lm.config)
     if plan is not None:  # a fixed pattern: every token the same
@@ -47,9 +45,7 @@ def big_layers(lm, prompts: list[list[int]], outputs: list[list[int]], routes: s
     for i, (p, o) in enumerate(zip(prompts, outputs)):
         tokens[i, :len(p) + len(o)] = p + o
         counted[i, len(p) - 1:len(p) + len(o) - 1] = True  # the tokens whose forward produced an output token
-    _, _, aux = jax.jit(lambda prm, t: forward(prm, lm.config, t, return_aux=True))(lm.params, jnp.asarray(tokens))
-    per_token = np.asarray(jnp.sum(hard_routes(aux["duo_router_logits"]) == BIG, axis=0))  # [B, T]
-    return float(per_token[counted].mean())
+    return float(big_layer_counts(lm.params, lm.config, tokens)[counted].mean())
 
 
 def run(model: str, batches: Sequence[int], new_tokens: int, runs: int, files: int, prompt_tokens: int,

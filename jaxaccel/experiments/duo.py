@@ -298,6 +298,12 @@ def _count_big(params, config, x):
 _count_big_jit = jax.jit(_count_big, static_argnums=(1,))
 
 
+def big_layer_counts(params, config, tokens) -> np.ndarray:
+    """[B, T] int: in how many layers each token's (hard) router picks big (one compiled
+    program per config and shape)."""
+    return np.asarray(_count_big_jit(params, config, jnp.asarray(tokens, jnp.int32)))
+
+
 def router_big_layers(params, config, rows: np.ndarray, batch: int = 32) -> np.ndarray:
     """[N] float32: the number of layers in which each token's (hard) router picks big."""
     out = [np.asarray(_count_big_jit(params, config, jnp.asarray(rows[i:i + batch, :-1])))
