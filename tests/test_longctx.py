@@ -17,7 +17,7 @@ from jaxaccel.cli import run_cli
 from jaxaccel.config import ModelConfig
 from jaxaccel.data import BATCH_KEYS, BOS_ID, EOS_ID
 from jaxaccel.data.config import DataConfig, RetrievalConfig
-from jaxaccel.data.longctx import TASKS, RetrievalMixture, RetrievalTasks, task_rows_per_batch
+from jaxaccel.data.longctx import ALL_TASKS, SPAN_ANSWER, SPAN_CUE, TASKS, RetrievalMixture, RetrievalTasks, task_rows_per_batch
 from jaxaccel.errors import ConfigError
 from jaxaccel.experiments.__main__ import main as experiments_main
 from jaxaccel.model.transformer import init_params
@@ -55,7 +55,7 @@ def contains(haystack, needle):
 # ----------------------------------------------------------------------------- the tasks
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", ALL_TASKS)
 def test_examples_have_the_asked_length_and_their_answer_in_the_context(tasks, task):
     for length in (tasks.min_length(task), 150, 1000, 5000):
         for seed in range(3):
@@ -86,14 +86,41 @@ def test_code_needle_is_a_line_of_its_own_in_corpus_code(tasks):
         assert ex.tokens[ex.needle_start + ex.answer_len] == newline
 
 
+def test_span_recall_cues_a_span_of_its_code_and_asks_what_follows(tasks):
+    for seed in range(10):
+        ex = tasks.example("span_recall", 300, seed)
+        cue = ex.prompt[-SPAN_CUE:]
+        at = ex.needle_start - SPAN_CUE  # where the cue's span starts in the code
+        assert ex.prompt[at:at + SPAN_CUE] == cue and ex.answer_len == SPAN_ANSWER
+        assert ex.tokens[ex.needle_start:ex.needle_start + SPAN_ANSWER].tolist() == ex.answer
+        code = ex.prompt[1:-SPAN_CUE]  # random ids: the cue occurs once in the window
+        assert sum(code[i:i + SPAN_CUE] == cue for i in range(len(code) - SPAN_CUE + 1)) == 1
+
+
 def test_examples_are_a_function_of_the_seed(tasks):
-    for task in TASKS:
+    for task in ALL_TASKS:
         a, b = tasks.example(task, 400, 11), tasks.example(task, 400, 11)
         np.testing.assert_array_equal(a.tokens, b.tokens)
         answers = {tuple(tasks.example(task, 400, s).answer) for s in range(8)}
         assert len(answers) > 4
         depths = [tasks.example(task, 800, s).depth for s in range(40)]
         assert min(depths) < 0.25 and max(depths) > 0.75
+
+
+def test_context_weight_scores_the_example_text_too(tasks):
+    rng = lambda: np.random.default_rng(4)  # noqa: E731
+    answers = tasks.packed_row(rng(), 512, min_length=64, answer_weight=8.0)
+    both = tasks.packed_row(rng(), 512, min_length=64, answer_weight=8.0, context_weight=0.5)
+    np.testing.assert_array_equal(answers["inputs"], both["inputs"])
+    for s in range(1, both["segment_ids"].max() + 1):
+        idx = np.flatnonzero(both["segment_ids"] == s)
+        mask = both["loss_mask"][idx]
+        answer = answers["loss_mask"][idx] == 8.0
+        assert answer.sum() >= 2 and np.all(mask[answer] == 8.0)  # the answer (and EOS) keep their weight
+        np.testing.assert_array_equal(mask[~answer][:-1], 0.5)  # every other position predicting its segment
+        assert mask[-1] == 0.0  # the EOS predicts nothing
+    with pytest.raises(ConfigError, match="context_weight must be >= 0"):
+        RetrievalConfig(context_weight=-1.0)
 
 
 def test_too_short_or_unknown_is_a_clear_error(tasks):
@@ -226,6 +253,16 @@ def lm():
     return jaxaccel.from_params(CFG, init_params(CFG, jax.random.key(0), "unrolled"), eos_token_ids=())
 
 
+def test_default_budget_is_the_papers_scaled_to_the_trained_length():
+    from jaxaccel.experiments.tokenselect import scaled_budget
+
+    # the paper's k 2048, n_init 128, n_local 512, chunk 512 at 8K, in proportion
+    assert scaled_budget(8192) == dict(k=2048, n_init=128, n_local=512, chunk=512, cache_threshold=0.9, pool=None)
+    small = scaled_budget(256)
+    assert (small["k"], small["n_init"], small["n_local"], small["chunk"]) == (64, 4, 16, 16)
+    assert scaled_budget(16)["n_init"] == 1  # never 0
+
+
 def test_experiment_runs_every_cell_and_resumes(lm, tmp_path, monkeypatch):
     from jaxaccel.experiments import tokenselect as exp
 
@@ -272,6 +309,8 @@ def test_bench_runs_end_to_end(lm):
     (experiments_main, ["tokenselect", "--tasks", "haystack"], "unknown task or method 'haystack'"),
     (experiments_main, ["tokenselect", "--lengths", "1024,x"], "--lengths is a comma-separated list"),
     (experiments_main, ["tokenselect", "--model", "/no/such/model"], "does not exist"),
+    (experiments_main, ["tokenselect", "--n-local", "-1"], "n_local must be an integer >= 0"),
+    (experiments_main, ["tokenselect", "--tasks", "span_recall", "--cache-threshold", "2"], "cache_threshold"),
     (bench_main, ["tokenselect", "--batches", "0"], "must be >= 1"),
     (bench_main, ["tokenselect", "--k", "0"], "k must be an integer >= 1"),
 ])

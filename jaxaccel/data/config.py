@@ -53,6 +53,9 @@ UL2_DENOISERS = (
 
 
 RETRIEVAL_TASKS = ("passkey", "kv_lookup", "code_needle")
+# Tasks for training only (the evaluation's are RETRIEVAL_TASKS): "span_recall" asks for the
+# continuation of a span of code seen earlier in the example, cued by its first tokens.
+TRAINING_TASKS = RETRIEVAL_TASKS + ("span_recall",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,31 +67,40 @@ class RetrievalConfig:
         rows (round(rate * batch_size) rows); 0 = off.
     tasks: which tasks, drawn uniformly: "passkey" (a number hidden in filler text),
         "kv_lookup" (many key = value lines, ask one), "code_needle" (a constant's line
-        hidden in corpus code).
+        hidden in corpus code); and, for training only, "span_recall" (a window of code, then
+        the first `SPAN_CUE` tokens of one of its spans: the answer is the span's next tokens,
+        the plain long-range copy that the three evaluation tasks all need).
     min_length: the shortest example in tokens; lengths are log-uniform between it (or the
         task's own minimum) and what is left of the row, examples packed back to back.
     answer_weight: the loss weight of an answer token (and its EOS) against a corpus token's
         1 (`loss_mask` carries it; the logged training loss is then the weighted mean). An
         example scores only ~7 tokens where a corpus row scores all of its tokens, so at 1
         the answers would get a few percent of the gradient.
+    context_weight: the loss weight of a task example's other tokens (its filler, code, key
+        lines and question). 0 scores the answer only; a positive weight adds language
+        modelling of the example text, and with it the in-context repetition (the needle's
+        number said twice, code's repeated names) from which copying heads form.
     """
 
     rate: float = 0.0
     tasks: tuple[str, ...] = RETRIEVAL_TASKS
     min_length: int = 64
     answer_weight: float = 1.0
+    context_weight: float = 0.0
 
     def __post_init__(self):
         if not 0.0 <= self.rate < 1.0:
             raise ConfigError(f"data.retrieval.rate must be in [0, 1), got {self.rate}")
-        unknown = [t for t in self.tasks if t not in RETRIEVAL_TASKS]
+        unknown = [t for t in self.tasks if t not in TRAINING_TASKS]
         if unknown or not self.tasks or len(set(self.tasks)) != len(self.tasks):
-            raise ConfigError(f"data.retrieval.tasks must be distinct names among {', '.join(RETRIEVAL_TASKS)}, "
+            raise ConfigError(f"data.retrieval.tasks must be distinct names among {', '.join(TRAINING_TASKS)}, "
                               f"got {list(self.tasks)}")
         if self.min_length < 16:
             raise ConfigError(f"data.retrieval.min_length must be >= 16, got {self.min_length}")
         if not (self.answer_weight > 0 and math.isfinite(self.answer_weight)):
             raise ConfigError(f"data.retrieval.answer_weight must be > 0, got {self.answer_weight}")
+        if not (self.context_weight >= 0 and math.isfinite(self.context_weight)):
+            raise ConfigError(f"data.retrieval.context_weight must be >= 0, got {self.context_weight}")
 
     @property
     def enabled(self) -> bool:

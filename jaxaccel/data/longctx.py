@@ -16,6 +16,11 @@ Three tasks, each an example of exactly `length` tokens laid out as
   dropped) with one line "lucky_number_42 = 48213" inserted at a line start near a
   uniform depth; the question "# What is the value of the constant below?\\nlucky_number_42 ="
   and the answer " 48213".
+* "span_recall" (training only): a window of corpus code, then the first SPAN_CUE tokens of
+  one of its spans (at a uniform depth, a cue found nowhere else in the window when one can
+  be drawn) as the question; the answer is the span's next SPAN_ANSWER tokens. It is the
+  bare long-range copy (induction) that the three tasks above share, with no template to
+  learn first.
 
 Text is tokenized piece by piece (`encode` of each segment, ids concatenated), so the answer's
 ids are exactly the ids of the value where it appears in the context: retrieval is copying
@@ -28,8 +33,9 @@ Training mixture (`RetrievalMixture`, `data.retrieval` in the config): every glo
 `batch_size - task_rows` corpus rows (the corpus pipeline's own batches at that batch size:
 its budget, epochs and resume rule unchanged) followed by `task_rows` rows of task examples
 packed back to back as segments (lengths log-uniform in [min_length, what is left of the
-row]; the last one takes the rest when another would not fit). A task example is scored only
-on its answer and the EOS after it, with weight `answer_weight` (`loss_mask` carries it).
+row]; the last one takes the rest when another would not fit). A task example is scored on
+its answer and the EOS after it with weight `answer_weight`, and on its other tokens with
+`context_weight` (0: not at all); `loss_mask` carries the weights.
 Task row r of step s is a pure function of (seed, s, r), so `train_batches(start)` resumes
 exactly; across hosts, the global batch holds the same rows whatever the number of shards
 (each shard's corpus rows, then its task rows). Evaluation batches are the corpus's (causal
@@ -45,12 +51,13 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from jaxaccel.data.config import RETRIEVAL_TASKS, RetrievalConfig
+from jaxaccel.data.config import RETRIEVAL_TASKS, TRAINING_TASKS, RetrievalConfig
 from jaxaccel.data.ids import BOS_ID, EOS_ID, PAD_ID
 from jaxaccel.data.objectives import empty_rows
 from jaxaccel.errors import ConfigError
 
-TASKS = RETRIEVAL_TASKS
+TASKS = RETRIEVAL_TASKS  # what the evaluation asks
+ALL_TASKS = TRAINING_TASKS  # what an example can be (TASKS + "span_recall")
 _TASK_TAG = 0x7A5C  # separates these random streams from the corpus shuffles seeded with the same seed
 
 PASSKEY_INTRO = ("There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -64,6 +71,7 @@ CODE_QUESTION = "\n# What is the value of the constant below?\n"
 NAME_WORDS = (("lucky", "magic", "secret", "hidden", "special", "target", "golden", "silent"),
               ("number", "value", "code", "key", "token", "answer", "seed", "id"))
 HEX_DIGITS = 6  # key and value length in kv_lookup
+SPAN_CUE, SPAN_ANSWER = 6, 24  # span_recall: tokens of cue, tokens asked (many: a dense copy signal)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,9 +190,11 @@ class RetrievalTasks:
 
     def min_length(self, task: str) -> int:
         """The shortest example `task` is generated at (its fixed parts plus a little context)."""
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+        if task not in ALL_TASKS:
+            raise ValueError(f"unknown task {task!r}; tasks: {', '.join(ALL_TASKS)}")
         rng = example_rng(0)
+        if task == "span_recall":
+            return 2 + 3 * (SPAN_CUE + SPAN_ANSWER)
         if task == "passkey":
             fixed = len(self.ids(PASSKEY_INTRO, *self._passkey_needle("12345"), *self._passkey_question()))
             return fixed + 2 * 6 + 8
@@ -197,14 +207,14 @@ class RetrievalTasks:
 
     def example(self, task: str, length: int, rng: np.random.Generator | int) -> TaskExample:
         """An example of `task` with exactly `length` tokens (rng: a Generator or a seed)."""
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+        if task not in ALL_TASKS:
+            raise ValueError(f"unknown task {task!r}; tasks: {', '.join(ALL_TASKS)}")
         if length < self.min_length(task):
             raise ValueError(f"{task} needs at least {self.min_length(task)} tokens, asked for {length}")
         if not isinstance(rng, np.random.Generator):
             rng = example_rng(int(rng))
         made = {"passkey": self._passkey_example, "kv_lookup": self._kv_example,
-                "code_needle": self._code_example}[task](length, rng)
+                "code_needle": self._code_example, "span_recall": self._span_example}[task](length, rng)
         assert len(made.tokens) == length, (task, len(made.tokens), length)
         return made
 
@@ -282,13 +292,25 @@ class RetrievalTasks:
         at = 1 + cut + len(self.ids(name, " ="))
         return self._assemble("code_needle", [code[:cut], needle, code[cut:], question, answer], at)
 
+    def _span_example(self, length: int, rng: np.random.Generator) -> TaskExample:
+        code = self._code(length - 2 - SPAN_CUE - SPAN_ANSWER, rng)
+        span = SPAN_CUE + SPAN_ANSWER
+        for _ in range(8):  # a cue that occurs once in the window, when one can be drawn
+            at = int(rng.integers(len(code) - span + 1))
+            cue = code[at:at + SPAN_CUE]
+            windows = np.lib.stride_tricks.sliding_window_view(code, SPAN_CUE)
+            if int((windows == cue).all(axis=1).sum()) == 1:
+                break
+        return self._assemble("span_recall", [code, cue, code[at + SPAN_CUE:at + span]], 1 + at + SPAN_CUE)
+
     # ------------------------------------------------------------------ training rows
 
     def packed_row(self, rng: np.random.Generator, seq_len: int, tasks: Sequence[str] = TASKS,
-                   min_length: int = 64, answer_weight: float = 1.0) -> dict[str, np.ndarray]:
+                   min_length: int = 64, answer_weight: float = 1.0,
+                   context_weight: float = 0.0) -> dict[str, np.ndarray]:
         """One training row of `seq_len` tokens: examples of `tasks` back to back, one segment
-        each, scored on the answer and its EOS only, with weight `answer_weight` (the batch
-        keys of `objectives`)."""
+        each, scored on the answer and its EOS with weight `answer_weight` and on the rest
+        with `context_weight` (the batch keys of `objectives`)."""
         out = {k: v[0] for k, v in empty_rows(1, seq_len).items()}
         floors = {t: max(min_length, self.min_length(t)) for t in tasks}
         used, segment = 0, 0
@@ -311,6 +333,7 @@ class RetrievalTasks:
             out["segment_ids"][span] = segment
             out["positions"][span] = np.arange(n)
             # position i predicts token i + 1: the answer's ids and the EOS after them
+            out["loss_mask"][used:used + n - 1] = context_weight
             out["loss_mask"][used + ex.answer_start - 1:used + ex.answer_start + ex.answer_len] = answer_weight
             used += n
         return out
@@ -371,13 +394,14 @@ class RetrievalMixture:
         self.total_steps, self.steps_per_epoch = base.total_steps, base.steps_per_epoch
         self.stats = {**base.stats, "retrieval_rate": cfg.rate, "retrieval_task_rows": task_rows,
                       "retrieval_tasks": ",".join(cfg.tasks), "retrieval_min_length": cfg.min_length,
-                      "retrieval_answer_weight": cfg.answer_weight,
+                      "retrieval_answer_weight": cfg.answer_weight, "retrieval_context_weight": cfg.context_weight,
                       "batch_size": getattr(base, "batch_size", 0) + task_rows}
 
     def task_batch(self, step: int) -> dict[str, np.ndarray]:
         """This shard's task rows of global batch `step`."""
         rows = [self.tasks.packed_row(example_rng(self.seed, step, self.first_task_row + r), self.seq_len,
-                                      self.cfg.tasks, self.cfg.min_length, self.cfg.answer_weight)
+                                      self.cfg.tasks, self.cfg.min_length, self.cfg.answer_weight,
+                                      self.cfg.context_weight)
                 for r in range(self.rows_per_shard)]
         return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
 

@@ -67,15 +67,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ts = sub.add_parser("tokenselect", help="TokenSelect: long-context retrieval accuracy at 1K-64K tokens vs full "
                                             "attention, StreamingLLM and random selection")
     ts.add_argument("--model", default="runs/longctx", help="the model (configs/longctx.yaml's run folder)")
-    ts.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768,65536", help="context lengths (tokens)")
+    ts.add_argument("--lengths", default="256,1024,2048,4096,8192,16384,32768,65536", help="context lengths (tokens)")
     ts.add_argument("--tasks", default="passkey,kv_lookup,code_needle")
     ts.add_argument("--methods", default="full,tokenselect,tokenselect_original,streamingllm,random")
     ts.add_argument("--examples", type=int, default=10, help="examples per task and length")
     ts.add_argument("--batch", type=int, default=4, help="examples decoded together")
-    ts.add_argument("--k", type=int, default=256, help="top-k selected keys (the issue's 2048 / 8)")
-    ts.add_argument("--n-init", type=int, default=16, help="first keys always kept (128 / 8)")
-    ts.add_argument("--n-local", type=int, default=64, help="last keys always kept (512 / 8)")
-    ts.add_argument("--chunk", type=int, default=64, help="prefill chunk (512 / 8)")
+    ts.add_argument("--k", type=int, default=None,
+                    help="top-k selected keys (default: the trained length / 4; the issue's 2048 at 8K)")
+    ts.add_argument("--n-init", type=int, default=None, help="first keys always kept (default: length / 64)")
+    ts.add_argument("--n-local", type=int, default=None, help="last keys always kept (default: length / 16)")
+    ts.add_argument("--chunk", type=int, default=None, help="prefill chunk (default: length / 16)")
     ts.add_argument("--cache-threshold", default="0.9", help="selection cache cosine, or 'none' (off)")
     ts.add_argument("--full-max-length", type=int, default=None,
                     help="skip full attention above this length (its prefill is quadratic)")
@@ -172,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "tokenselect":
         from jaxaccel.cli import fail
-        from jaxaccel.data.longctx import TASKS
+        from jaxaccel.data.longctx import ALL_TASKS
         from jaxaccel.experiments import tokenselect
 
         try:
@@ -181,26 +182,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             fail("--lengths is a comma-separated list of integers")
         tasks = tuple(t for t in args.tasks.split(",") if t)
         methods = tuple(m for m in args.methods.split(",") if m)
-        bad = [t for t in tasks if t not in TASKS] + [m for m in methods if m not in tokenselect.METHODS]
+        bad = [t for t in tasks if t not in ALL_TASKS] + [m for m in methods if m not in tokenselect.METHODS]
         if bad:
-            fail(f"unknown task or method {bad[0]!r}; tasks: {', '.join(TASKS)}; methods: "
+            fail(f"unknown task or method {bad[0]!r}; tasks: {', '.join(ALL_TASKS)}; methods: "
                  f"{', '.join(tokenselect.METHODS)}")
         if not lengths or not tasks or not methods or min(lengths) < 1 or args.examples < 1 or args.batch < 1:
             fail("lengths, tasks, methods, --examples and --batch must be non-empty and >= 1")
-        if not Path(args.model).exists():
-            fail(f"--model {args.model!r} does not exist (train it: python -m jaxaccel.train configs/longctx.yaml)")
         try:
             threshold = None if args.cache_threshold.lower() in ("none", "off") else float(args.cache_threshold)
         except ValueError:
             fail(f"--cache-threshold must be a number or 'none', got {args.cache_threshold!r}")
-        budget = {"k": args.k, "n_init": args.n_init, "n_local": args.n_local, "chunk": args.chunk,
-                  "cache_threshold": threshold}
+        given = {name: value for name, value in (("k", args.k), ("n_init", args.n_init), ("n_local", args.n_local),
+                                                  ("chunk", args.chunk)) if value is not None}
         from jaxaccel.decode.methods import get_method
 
-        get_method("tokenselect", **budget)  # bad budget values: one line, exit 2, before loading anything
+        # bad budget values: one line, exit 2, before loading anything
+        get_method("tokenselect", **{**tokenselect.scaled_budget(1024), **given, "cache_threshold": threshold})
+        if not Path(args.model).exists():
+            fail(f"--model {args.model!r} does not exist (train it: python -m jaxaccel.train configs/longctx.yaml)")
         import jaxaccel
 
         lm = jaxaccel.load(args.model)
+        budget = {**tokenselect.scaled_budget(lm.config.max_seq_len), **given, "cache_threshold": threshold}
         generator = tokenselect.model_tasks(lm, args.model)
         too_short = [(t, n) for t in tasks for n in lengths if n < generator.min_length(t)]
         if too_short:

@@ -11,9 +11,10 @@ under five attention rules, greedy, exact match of the answer's ids:
   (StreamingLLM, `selection="recent"`, compact positions);
 * `random`: n_init + k uniformly random candidates + n_local (`selection="random"`).
 
-Budget: the issue's defaults (k 2048, n_init 128, n_local 512, chunk 512, for models trained
-at 8K-32K) divided by 8 for a model trained at 1K: k 256, n_init 16, n_local 64, chunk 64 —
-336 keys, a third of the trained length, as 2,688 is a third of Llama-3-8B's 8K. Every
+Budget (`scaled_budget`): the issue's defaults (k 2048, n_init 128, n_local 512, chunk 512, for
+models trained at 8K) scaled to the trained length L: k L/4, n_init L/64, n_local L/16, chunk
+L/16 — a third of the trained length, as 2,688 keys are a third of Llama-3-8B's 8K (at L =
+1,024: k 256, n_init 16, n_local 64, chunk 64; at L = 256: 64, 4, 16, 16). Every
 attention rule is evaluated on the same examples (a pure function of seed, task, length and
 index); the baselines run without the selection cache (each step selects afresh: their best).
 
@@ -31,10 +32,20 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from jaxaccel.data.longctx import TASKS, RetrievalTasks, example_rng
+from jaxaccel.data.longctx import ALL_TASKS, TASKS, RetrievalTasks, example_rng
 
-LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
-BUDGET = {"k": 256, "n_init": 16, "n_local": 64, "chunk": 64, "cache_threshold": 0.9, "pool": None}
+LENGTHS = (256, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+
+
+def scaled_budget(trained_length: int) -> dict[str, Any]:
+    """The paper's budget (k 2048, n_init 128, n_local 512, chunk 512 at 8K) scaled to a model
+    trained at `trained_length` tokens (each at least 1)."""
+    return {"k": max(1, trained_length // 4), "n_init": max(1, trained_length // 64),
+            "n_local": max(1, trained_length // 16), "chunk": max(1, trained_length // 16),
+            "cache_threshold": 0.9, "pool": None}
+
+
+BUDGET = scaled_budget(1024)  # k 256, n_init 16, n_local 64, chunk 64
 # name -> (label, generate method, options on top of the budget; None: the budget is not used)
 METHODS: dict[str, tuple[str, str, dict[str, Any] | None]] = {
     "full": ("full attention", "autoregressive", None),
@@ -93,7 +104,7 @@ def method_options(method: str, budget: dict[str, Any]) -> tuple[str, dict[str, 
 
 
 def examples_for(tasks: RetrievalTasks, task: str, length: int, n: int, seed: int):
-    return [tasks.example(task, length, example_rng(seed, _SEED_TAG, TASKS.index(task), length, i)) for i in range(n)]
+    return [tasks.example(task, length, example_rng(seed, _SEED_TAG, ALL_TASKS.index(task), length, i)) for i in range(n)]
 
 
 # ----------------------------------------------------------------------------- the run
@@ -107,7 +118,7 @@ def evaluate(lm, tasks: RetrievalTasks, *, lengths: Sequence[int] = LENGTHS, tas
     after every cell and its finished cells are kept when the settings match."""
     from jaxaccel.bench.common import machine
 
-    budget = {**BUDGET, **(budget or {})}
+    budget = {**scaled_budget(lm.config.max_seq_len), **(budget or {})}
     settings = {"model": model, "trained_length": lm.config.max_seq_len, "examples": examples, "seed": seed,
                 "budget": budget, "batch": batch}
     results: dict[str, Any] = {"experiment": "tokenselect", "settings": settings, "machine": machine(),
