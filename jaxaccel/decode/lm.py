@@ -363,8 +363,9 @@ DEFAULT_MODEL_DIR = ASSETS / "default_model"  # configs/default.yaml, trained ~3
 DRAFT_MODEL_DIR = ASSETS / "draft_model"  # configs/draft.yaml: same vocabulary, ~9x smaller
 SKIPDECODE_MODEL_DIR = ASSETS / "skipdecode_model"  # configs/deep.yaml + configs/skipdecode-2x.yaml: 12 layers
 DUO_MODEL_DIR = ASSETS / "duo_model"  # configs/duo.yaml (random routes) + a router for 4 of 8 big layers
+LONGCTX_MODEL_DIR = ASSETS / "longctx_model"  # configs/longctx.yaml: trained at 256 tokens to retrieve (TokenSelect)
 BUILTIN_MODELS = {"default": DEFAULT_MODEL_DIR, "draft": DRAFT_MODEL_DIR, "skipdecode": SKIPDECODE_MODEL_DIR,
-                  "duo": DUO_MODEL_DIR}
+                  "duo": DUO_MODEL_DIR, "longctx": LONGCTX_MODEL_DIR}
 
 
 def _param_shardings(mesh: Mesh | None):

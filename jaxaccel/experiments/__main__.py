@@ -64,9 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sd.add_argument("--runs", type=int, default=3)
     sd.add_argument("--dispatch", choices=["cond", "switch"], default="cond")
     sd.add_argument("--out", default="docs/skipdecode", help="results.json and plots go here")
-    ts = sub.add_parser("tokenselect", help="TokenSelect: long-context retrieval accuracy at 1K-64K tokens vs full "
+    ts = sub.add_parser("tokenselect", help="TokenSelect: long-context retrieval accuracy at 256-64K tokens vs full "
                                             "attention, StreamingLLM and random selection")
-    ts.add_argument("--model", default="runs/longctx", help="the model (configs/longctx.yaml's run folder)")
+    ts.add_argument("--model", default="runs/longctx",
+                    help="the model (configs/longctx.yaml's run folder; builtin:longctx is that model, shipped)")
     ts.add_argument("--lengths", default="256,1024,2048,4096,8192,16384,32768,65536", help="context lengths (tokens)")
     ts.add_argument("--tasks", default="passkey,kv_lookup,code_needle")
     ts.add_argument("--methods", default="full,tokenselect,tokenselect_original,streamingllm,random")
@@ -81,7 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ts.add_argument("--full-max-length", type=int, default=None,
                     help="skip full attention above this length (its prefill is quadratic)")
     ts.add_argument("--seed", type=int, default=0)
-    ts.add_argument("--out", default="docs/tokenselect", help="results.json, results.md and the plot go here")
+    ts.add_argument("--out", default="runs/tokenselect",
+                    help="results.json, results.md and the plot go here (docs/tokenselect holds the committed run)")
     du = sub.add_parser("duo", help="Duo-LLM: exhaustive and beam oracles, fixed / random baselines, routers "
                                     "(issue 11)")
     du.add_argument("--model", default="runs/duo", help="a random-routing Duo model (configs/duo.yaml's run folder)")
@@ -198,8 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         # bad budget values: one line, exit 2, before loading anything
         get_method("tokenselect", **{**tokenselect.scaled_budget(1024), **given, "cache_threshold": threshold})
-        if not Path(args.model).exists():
-            fail(f"--model {args.model!r} does not exist (train it: python -m jaxaccel.train configs/longctx.yaml)")
+        if not (args.model.startswith("builtin:") or Path(args.model).exists()):
+            fail(f"--model {args.model!r} does not exist (train it: python -m jaxaccel.train configs/longctx.yaml, "
+                 f"or use builtin:longctx)")
         import jaxaccel
 
         lm = jaxaccel.load(args.model)
