@@ -14,6 +14,35 @@ jax.config.update("jax_num_cpu_devices", 8)
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+# One persistent XLA compilation cache per pytest run, shared by the xdist workers: many test
+# files compile the same tiny programs (the TINY model's decode steps, training steps), and a
+# second worker or file then reads them back instead of compiling again. The controller makes
+# the folder and removes it at the end; set JAXACCEL_TEST_XLA_CACHE=off to compile everything.
+# (jax.config, not JAX_COMPILATION_CACHE_DIR: the CLI subprocesses of test_compile_cache must
+# not inherit it.)
+_TEST_CACHE = "JAXACCEL_TEST_XLA_CACHE"
+
+
+def pytest_configure(config):
+    import tempfile
+
+    if not hasattr(config, "workerinput") and _TEST_CACHE not in os.environ:
+        os.environ[_TEST_CACHE] = tempfile.mkdtemp(prefix="jaxaccel-test-xla-")
+        config._jaxaccel_test_cache = os.environ[_TEST_CACHE]
+    folder = os.environ.get(_TEST_CACHE, "off")
+    if folder.lower() not in ("off", "0", "none", ""):
+        jax.config.update("jax_compilation_cache_dir", folder)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    folder = getattr(config, "_jaxaccel_test_cache", None)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+
 from jaxaccel.config import ModelConfig  # noqa: E402
 
 TINY = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=256)

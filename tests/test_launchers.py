@@ -66,3 +66,16 @@ def test_duo_notebook_runs(tmp_path, monkeypatch):
     namespace = run_notebook("duo.ipynb")  # asserts all-big routes == the dense big model itself
     oracle, fixed = namespace["oracle"], namespace["fixed"]
     assert oracle[1] < fixed[1] and oracle[-1] <= namespace["all_big"] + 1e-6  # per-token choice beats one pattern
+
+
+@pytest.mark.slow
+def test_long_context_notebook_runs(tmp_path, monkeypatch):
+    """With the shipped builtin:longctx (trained at 256 tokens), TokenSelect finds the passkeys
+    at 16x the trained length and full attention loses them (the notebook also asserts that
+    TokenSelect is full attention when everything fits)."""
+    monkeypatch.chdir(tmp_path)
+    namespace = run_notebook("long_context.ipynb")
+    accuracy, lengths = namespace["accuracy"], namespace["LENGTHS"]
+    assert lengths[-1] == 16 * namespace["TRAINED"] == 4096
+    assert accuracy["TokenSelect"][-1] >= 0.75 and accuracy["full attention"][-1] <= 0.25
+    assert accuracy["full attention"][0] >= 0.75  # at the trained length the model itself retrieves
