@@ -318,7 +318,9 @@ def small_corpus_args(tmp_path):
 def test_sigkilled_run_resumes_to_the_uninterrupted_curve_and_decodes(tmp_path, capsys):
     base = [sys.executable, "-m", "jaxaccel.train", str(ROOT / "configs" / "tiny.yaml"), "train.steps=120",
             "checkpoint.every_steps=30", "train.eval_every=60", *small_corpus_args(tmp_path)]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    # the three trainer processes share their compiled programs (JAX's persistent cache)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     full = subprocess.run([*base, f"output_dir={tmp_path / 'full'}"], capture_output=True, text=True, env=env)
     assert full.returncode == 0, full.stderr[-3000:]
     killed = tmp_path / "killed"
