@@ -26,14 +26,14 @@ _TEST_CACHE = "JAXACCEL_TEST_XLA_CACHE"
 def pytest_configure(config):
     import tempfile
 
+    from jaxaccel.decode import compile_cache
+
     if not hasattr(config, "workerinput") and _TEST_CACHE not in os.environ:
         os.environ[_TEST_CACHE] = tempfile.mkdtemp(prefix="jaxaccel-test-xla-")
         config._jaxaccel_test_cache = os.environ[_TEST_CACHE]
     folder = os.environ.get(_TEST_CACHE, "off")
-    if folder.lower() not in ("off", "0", "none", ""):
-        jax.config.update("jax_compilation_cache_dir", folder)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    if folder.strip().lower() not in compile_cache.OFF_VALUES:
+        compile_cache.use_folder(folder, min_compile_seconds=0.2)
 
 
 def pytest_unconfigure(config):

@@ -131,11 +131,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     tk.add_argument("--reps", type=int, default=16, help="decode steps per timed attention loop")
     tk.add_argument("--prefill-length", type=int, default=32768, help="prompt of the prefill timing (0: skip)")
     tk.add_argument("--prefill-runs", type=int, default=None, help="default: --runs")
-    tk.add_argument("--k", type=int, default=2048, help="the method's defaults, the paper's budget")
-    tk.add_argument("--n-init", type=int, default=128)
-    tk.add_argument("--n-local", type=int, default=512)
-    tk.add_argument("--chunk", type=int, default=512)
-    tk.add_argument("--cache-threshold", type=float, default=0.9)
+    tk.add_argument("--k", type=int, default=None, help="default: the method's (the paper's budget, 2048)")
+    tk.add_argument("--n-init", type=int, default=None, help="default: the method's (128)")
+    tk.add_argument("--n-local", type=int, default=None, help="default: the method's (512)")
+    tk.add_argument("--chunk", type=int, default=None, help="default: the method's (512)")
+    tk.add_argument("--cache-threshold", type=float, default=None, help="default: the method's (0.9)")
     tk.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
@@ -149,8 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             fail("lengths, batches, runs, reps and new tokens must be >= 1")
         if args.prefill_length < 0 or (args.prefill_runs is not None and args.prefill_runs < 1):
             fail("--prefill-length must be >= 0 and --prefill-runs >= 1")
-        budget = {"k": args.k, "n_init": args.n_init, "n_local": args.n_local, "chunk": args.chunk,
-                  "cache_threshold": args.cache_threshold}
+        budget = {name: value for name, value in (("k", args.k), ("n_init", args.n_init), ("n_local", args.n_local),
+                                                   ("chunk", args.chunk), ("cache_threshold", args.cache_threshold))
+                  if value is not None}  # the rest: the method's defaults (tokenselect.BUDGET)
         get_method("tokenselect", **budget)  # bad values: one line, exit 2
         if not (args.model.startswith("builtin:") or Path(args.model).exists()):
             fail(f"--model {args.model!r} does not exist (train it: python -m jaxaccel.train configs/longctx.yaml)")

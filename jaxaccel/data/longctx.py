@@ -295,10 +295,10 @@ class RetrievalTasks:
     def _span_example(self, length: int, rng: np.random.Generator) -> TaskExample:
         code = self._code(length - 2 - SPAN_CUE - SPAN_ANSWER, rng)
         span = SPAN_CUE + SPAN_ANSWER
+        windows = np.lib.stride_tricks.sliding_window_view(code, SPAN_CUE)
         for _ in range(8):  # a cue that occurs once in the window, when one can be drawn
             at = int(rng.integers(len(code) - span + 1))
             cue = code[at:at + SPAN_CUE]
-            windows = np.lib.stride_tricks.sliding_window_view(code, SPAN_CUE)
             if int((windows == cue).all(axis=1).sum()) == 1:
                 break
         return self._assemble("span_recall", [code, cue, code[at + SPAN_CUE:at + span]], 1 + at + SPAN_CUE)

@@ -17,7 +17,7 @@ from pathlib import Path
 import jax
 
 ENV = "JAXACCEL_COMPILE_CACHE"
-_OFF = {"0", "off", "false", "none", "no", ""}
+OFF_VALUES = {"0", "off", "false", "none", "no", ""}
 # Every program is kept: besides the decode programs, a run compiles a dozen tiny eager ops
 # (PRNG keys, casts), ~10 ms each to compile and ~1 ms to read back (JAX skips < 1 s by default).
 MIN_COMPILE_SECONDS = 0.0
@@ -27,7 +27,7 @@ def cache_dir() -> Path | None:
     """The directory the cache uses, or None when disabled."""
     value = os.environ.get(ENV)
     if value is not None:
-        return None if value.strip().lower() in _OFF else Path(value).expanduser()
+        return None if value.strip().lower() in OFF_VALUES else Path(value).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "jaxaccel" / "xla"
 
@@ -53,8 +53,14 @@ def enable() -> bool:
     except OSError:
         _enabled = False
         return False
-    jax.config.update("jax_compilation_cache_dir", str(folder))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    use_folder(folder)
     _enabled = True
     return True
+
+
+def use_folder(folder: str | Path, min_compile_seconds: float = MIN_COMPILE_SECONDS) -> None:
+    """Point JAX's persistent cache at `folder`: programs that took at least
+    `min_compile_seconds` to compile are written there and read back by later processes."""
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

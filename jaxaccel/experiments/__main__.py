@@ -194,19 +194,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             threshold = None if args.cache_threshold.lower() in ("none", "off") else float(args.cache_threshold)
         except ValueError:
             fail(f"--cache-threshold must be a number or 'none', got {args.cache_threshold!r}")
-        given = {name: value for name, value in (("k", args.k), ("n_init", args.n_init), ("n_local", args.n_local),
-                                                  ("chunk", args.chunk)) if value is not None}
+        # what was given; evaluate() scales the rest to the model's trained length
+        budget = {name: value for name, value in (("k", args.k), ("n_init", args.n_init), ("n_local", args.n_local),
+                                                   ("chunk", args.chunk)) if value is not None}
+        budget["cache_threshold"] = threshold
         from jaxaccel.decode.methods import get_method
 
-        # bad budget values: one line, exit 2, before loading anything
-        get_method("tokenselect", **{**tokenselect.scaled_budget(1024), **given, "cache_threshold": threshold})
+        get_method("tokenselect", **budget)  # bad budget values: one line, exit 2, before loading anything
         if not (args.model.startswith("builtin:") or Path(args.model).exists()):
             fail(f"--model {args.model!r} does not exist (train it: python -m jaxaccel.train configs/longctx.yaml, "
                  f"or use builtin:longctx)")
         import jaxaccel
 
         lm = jaxaccel.load(args.model)
-        budget = {**tokenselect.scaled_budget(lm.config.max_seq_len), **given, "cache_threshold": threshold}
         generator = tokenselect.model_tasks(lm, args.model)
         too_short = [(t, n) for t in tasks for n in lengths if n < generator.min_length(t)]
         if too_short:

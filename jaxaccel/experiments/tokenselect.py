@@ -44,8 +44,6 @@ def scaled_budget(trained_length: int) -> dict[str, Any]:
             "n_local": max(1, trained_length // 16), "chunk": max(1, trained_length // 16),
             "cache_threshold": 0.9, "pool": None}
 
-
-BUDGET = scaled_budget(1024)  # k 256, n_init 16, n_local 64, chunk 64
 # name -> (label, generate method, options on top of the budget; None: the budget is not used)
 METHODS: dict[str, tuple[str, str, dict[str, Any] | None]] = {
     "full": ("full attention", "autoregressive", None),
