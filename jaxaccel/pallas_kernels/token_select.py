@@ -240,10 +240,14 @@ def score_keys_reference(q: jax.Array, k: jax.Array, lengths: jax.Array, *, cand
     qg = q.reshape(b, kvh, h // kvh, d)
     logits = jnp.einsum("bkgd,bksd->bkgs", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
     visible = key_visibility(lengths, s, candidate_mask)[:, None, None, :]
-    logits = jnp.where(visible, logits, MASKED_SCORE)
-    probs = jnp.where(visible, jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)), 0.0)
-    denom = jnp.sum(probs, axis=-1, keepdims=True)
-    return jnp.sum(probs / jnp.where(denom > 0, denom, 1.0), axis=(1, 2))
+    logits = jnp.where(visible, logits, MASKED_SCORE).reshape(b, h, s)
+    probs = jnp.where(visible[:, 0], jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)), 0.0)
+    denom = jnp.sum(probs, axis=-1)
+    # The head sum as a contraction with 1/denominator, not a sum over a non-minor axis:
+    # XLA's CPU backend fuses the latter with the exp into a loop ~10x slower at 128K keys.
+    inv = jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)
+    return jnp.einsum("bh,bhs->bs", inv, probs, precision=lax.Precision.HIGHEST,
+                      preferred_element_type=jnp.float32)
 
 
 def _block_logits(q_ref, k_ref, cand_ref, start, length, block_k: int):
