@@ -132,16 +132,36 @@ def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
     return rope_frequencies(head_dim, theta).astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq) -> jax.Array:
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq, table_size: int | None = None) -> jax.Array:
     """Rotate x [..., head_dim] (rotate-half layout) by `positions` (int, x.shape[:-1] or
-    broadcastable to it). Angles and rotation in float32; returns x.dtype."""
+    broadcastable to it). Angles and rotation in float32; returns x.dtype.
+
+    table_size: positions are known to lie in [0, table_size). With concrete (numpy)
+    frequencies, cos / sin then come from a constant table gathered by position: XLA's CPU
+    backend otherwise fuses the trig into every element of the rotation and recomputes it
+    per head and half (2,688 selected keys: 1.2 ms of trig per layer and step)."""
+    if table_size is not None and isinstance(inv_freq, np.ndarray):
+        cos_t, sin_t = _rope_table(table_size, tuple(float(f) for f in np.asarray(inv_freq, np.float32)))
+        pos = jnp.clip(positions.astype(jnp.int32), 0, table_size - 1)
+        return rotate_half(x, jnp.asarray(cos_t)[pos], jnp.asarray(sin_t)[pos])
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
     return rotate_half(x, jnp.cos(angles), jnp.sin(angles))
 
 
-def _inv_freq_array(head_dim: int, rope_theta: float, rope_inv_freq_: np.ndarray | jax.Array | None) -> jax.Array:
+@functools.lru_cache(maxsize=32)
+def _rope_table(size: int, inv_freq: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """cos / sin [size, head_dim // 2] of float32 angles position * inv_freq (as `apply_rope`
+    computes them on device)."""
+    angles = np.arange(size, dtype=np.float32)[:, None] * np.asarray(inv_freq, np.float32)[None, :]
+    return np.cos(angles.astype(np.float64)).astype(np.float32), np.sin(angles.astype(np.float64)).astype(np.float32)
+
+
+def _inv_freq_array(head_dim: int, rope_theta: float,
+                    rope_inv_freq_: np.ndarray | jax.Array | None) -> np.ndarray | jax.Array:
+    """The inverse frequencies, float32: numpy when given as numpy (or None), so they stay
+    constants of the compiled program; a jax array as given otherwise."""
     inv = rope_inv_freq(head_dim, rope_theta) if rope_inv_freq_ is None else rope_inv_freq_
-    inv = jnp.asarray(inv, jnp.float32)
+    inv = inv.astype(np.float32) if isinstance(inv, np.ndarray) else jnp.asarray(inv, jnp.float32)
     if inv.shape != (head_dim // 2,):
         raise ValueError(f"rope_inv_freq must be [head_dim // 2] = [{head_dim // 2}], got {inv.shape}")
     return inv
@@ -483,16 +503,18 @@ def sparse_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, indices
     inv_freq = _inv_freq_array(d, rope_theta, rope_inv_freq)
     key_pos, query_pos = rope_positions(indices, valid, lengths, positions)
     slots = jnp.clip(indices.astype(jnp.int32), 0, s - 1)[:, None, :, None]
-    k_sel = apply_rope(jnp.take_along_axis(k, slots, axis=2), key_pos[:, None, :], inv_freq)
+    # Compact positions are ranks in the selection, so at most its size: a table (see apply_rope).
+    table = indices.shape[1] + 1 if positions == "compact" else None
+    k_sel = apply_rope(jnp.take_along_axis(k, slots, axis=2), key_pos[:, None, :], inv_freq, table)
     v_sel = jnp.take_along_axis(v, slots, axis=2)
-    q_rot = apply_rope(q, query_pos[:, None], inv_freq).reshape(b, kvh, h // kvh, d)
+    q_rot = apply_rope(q, query_pos[:, None], inv_freq, table).reshape(b, kvh, h // kvh, d)
 
     logits = jnp.einsum("bkgd,bknd->bkgn", q_rot, k_sel.astype(q.dtype), preferred_element_type=jnp.float32)
     visible = valid.astype(bool)[:, None, None, :]
     logits = jnp.where(visible, logits, MASKED_SCORE)
     row_max = jnp.max(logits, axis=-1, keepdims=True)
     if k_new is not None:
-        k_self = apply_rope(k_new, query_pos[:, None], inv_freq).astype(q.dtype)  # [b, kvh, d]
+        k_self = apply_rope(k_new, query_pos[:, None], inv_freq, table).astype(q.dtype)  # [b, kvh, d]
         self_logit = jnp.einsum("bkgd,bkd->bkg", q_rot, k_self, preferred_element_type=jnp.float32)[..., None]
         row_max = jnp.maximum(row_max, self_logit)
     probs = jnp.where(visible, jnp.exp(logits - row_max), 0.0)
