@@ -182,7 +182,7 @@ def small_pair():
     ("sps", {"budget": 2}, 1.0, None),
     ("specinfer", {"widths": [3, 2]}, 0.7, 4),
     ("dyspec", {"budget": 6, "pops_per_round": 2}, 1.0, None),
-    ("dyspec", {"budget": 6, "expand": "threshold", "threshold": 0.05}, 1.0, None),
+    ("dyspec", {"budget": 6, "expand": "threshold", "threshold": 0.05, "values": "draft"}, 1.0, None),
     ("sequoia", {"budget": 5, "acceptance": [0.5, 0.3]}, 1.0, None),
 ])
 def test_sampling_matches_the_target_distribution(small_pair, method, opts, temperature, top_k):
@@ -236,6 +236,7 @@ def test_a_drafter_with_a_slightly_wrong_q_fails_the_check(small_pair, monkeypat
     ("sequoia", {"acceptance": "/nonexistent.json"}, "cannot read an acceptance vector"),
     ("dyspec", {"budget": "auto", "expand": "threshold"}, 'budget="auto" plans a heap-grown tree'),
     ("dyspec", {"greedy_temperature": -1}, "greedy_temperature must be"),
+    ("dyspec", {"values": "exact"}, 'values must be "calibrated" or "draft"'),
 ])
 def test_bad_options(lm, draft_lm, method, opts, message):
     with pytest.raises(InvalidArgumentError, match=None) as err:
@@ -341,3 +342,35 @@ def test_a_draft_loaded_from_a_path_once_is_reused_without_recompiling(lm, draft
     assert first.tokens == again.tokens == reference
     assert first.stats["compile_s"] > 0 and again.stats["compile_s"] == 0
     assert list(target._drafts) == [str(folder)]
+
+
+# ----------------------------------------------------------------------------- calibrated values
+
+
+def test_conditional_acceptance_against_closed_forms():
+    """The first child is accepted with probability sum_x min(p(x), q(x)) (averaged over
+    positions); a perfect draft (q == p) has every first child accepted and draws no second."""
+    from jaxaccel.decode.acceptance import conditional_acceptance
+
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.full(12, 0.5), size=300)
+    q = rng.dirichlet(np.full(12, 0.5), size=300)
+    table, rank_mean = conditional_acceptance(p, q, max_rank=4, samples=40)
+    assert abs(rank_mean[0] - np.minimum(p, q).sum(1).mean()) < 0.01
+    assert table.shape == (4, 14) and np.all((table >= 0) & (table <= 1))
+    assert rank_mean[1] > 0  # later siblings of rejected ones are drawn and sometimes accepted
+    table, rank_mean = conditional_acceptance(p, p, max_rank=3, samples=4)
+    assert rank_mean[0] == 1.0 and np.all(rank_mean[1:] == 1.0)  # rank 1 never drawn: rank 0's
+    assert np.all(table[1] == table[0])
+
+
+def test_calibrated_values_change_the_tree_not_the_output(small_pair):
+    """Sampling, the calibrated values grow a different tree from the paper's draft values
+    (different acceptance), and greedy decoding is unaffected by the option."""
+    target, draft = small_pair
+    kw = dict(max_new_tokens=24, method="dyspec", draft=draft, budget=8, pops_per_round=2)
+    stats = {v: target.generate([SAMPLE_PROMPT] * 4, temperature=1.0, seed=5, values=v, **kw).stats
+             for v in ("calibrated", "draft")}
+    assert stats["calibrated"]["mean_accepted"] != stats["draft"]["mean_accepted"]
+    greedy = {v: target.generate([SAMPLE_PROMPT] * 2, values=v, **kw).tokens for v in ("calibrated", "draft")}
+    assert greedy["calibrated"] == greedy["draft"] == target.generate([SAMPLE_PROMPT] * 2, max_new_tokens=24).tokens

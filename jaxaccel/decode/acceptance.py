@@ -89,6 +89,35 @@ def _normalise(a: np.ndarray) -> np.ndarray:
     return np.where(s > 0, a / np.where(s > 0, s, 1), a)
 
 
+def _simulated_draws(p: np.ndarray, q: np.ndarray, max_rank: int, samples: int, seed: int):
+    """Simulate the sampling verifier (`tree.verify_sample`'s rule) on one node per position,
+    `samples` times: children drawn from q without replacement, each accepted with
+    probability min(1, p(x)/q(x)), p <- norm(max(p - q, 0)) and q loses x after a rejection.
+    Yields, for ranks k = 0..max_rank-1: (k, qx: the drawn token's probability under the
+    residual q it was drawn from, live: the draw happened (nothing accepted before, q not
+    exhausted), accept) — arrays over positions x samples."""
+    rng = np.random.default_rng(seed)
+    p = np.repeat(p, samples, axis=0).astype(np.float64)
+    q = np.repeat(q, samples, axis=0).astype(np.float64)
+    rows = np.arange(len(p))
+    with np.errstate(divide="ignore"):
+        scores = np.log(q) + rng.gumbel(size=q.shape)
+    drafted = np.argsort(-scores, axis=1)[:, :max_rank]  # q without replacement, in order
+    done = np.zeros(len(p), bool)
+    for k in range(min(max_rank, p.shape[1])):  # a vocabulary smaller than max_rank: no more draws
+        x = drafted[:, k]
+        qx = q[rows, x]
+        live = ~done & (qx > 0)
+        accept = live & (rng.random(len(p)) * qx < p[rows, x])
+        yield k, qx, live, accept
+        done |= accept
+        rejected = live & ~accept
+        p = np.where(rejected[:, None], _normalise(np.maximum(p - q, 0.0)), p)
+        q_new = q.copy()
+        q_new[rows, x] = 0.0
+        q = np.where(rejected[:, None], _normalise(q_new), q)
+
+
 def acceptance_from_probs(p: np.ndarray, q: np.ndarray, greedy: bool, max_rank: int, samples: int = 4,
                           seed: int = 0) -> np.ndarray:
     """p, q [positions, vocab] -> the positional acceptance vector [max_rank]."""
@@ -98,25 +127,67 @@ def acceptance_from_probs(p: np.ndarray, q: np.ndarray, greedy: bool, max_rank: 
         target = p.argmax(axis=1)
         rank = np.argmax(order == target[:, None], axis=1)
         return np.bincount(rank[rank < max_rank], minlength=max_rank)[:max_rank] / positions
-    rng = np.random.default_rng(seed)
-    p = np.repeat(p, samples, axis=0).astype(np.float64)
-    q = np.repeat(q, samples, axis=0).astype(np.float64)
-    rows = np.arange(len(p))
-    with np.errstate(divide="ignore"):
-        scores = np.log(q) + rng.gumbel(size=q.shape)
-    drafted = np.argsort(-scores, axis=1)[:, :max_rank]  # q without replacement, in order
-    first = np.full(len(p), -1)
+    counts = np.zeros(max_rank)
+    for k, _, _, accept in _simulated_draws(p, q, max_rank, samples, seed):
+        counts[k] = accept.sum()
+    return counts / (positions * samples)
+
+
+# Bin edges over the drawn token's residual draft probability for `conditional_acceptance`.
+VALUE_BINS = (0.0, 0.01, 0.03, 0.06, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def conditional_acceptance(p: np.ndarray, q: np.ndarray, max_rank: int, samples: int = 4, seed: int = 0,
+                           edges: Sequence[float] = VALUE_BINS, prior: float = 20.0) -> tuple[np.ndarray, np.ndarray]:
+    """When sampling: the probability that the k-th child drawn under a node is accepted,
+    given that it is drawn (every earlier sibling rejected) and given the probability q'(x)
+    the residual draft distribution gave it, from teacher-forced (p, q) [positions, vocab]
+    by simulating the verifier. -> (table [max_rank, len(edges) - 1]: row k, column
+    the bin of q'(x); rank_mean [max_rank]: the same over all q'(x)). DySpec values a child by
+    q'(x) itself; this is what q'(x) turns out to be worth with this target. Cells with few
+    draws shrink towards their rank's mean (`prior` draws' weight); ranks never drawn take
+    the last drawn rank's."""
+    nb = len(edges) - 1
+    hits, draws = np.zeros((max_rank, nb)), np.zeros((max_rank, nb))
+    for k, qx, live, accept in _simulated_draws(p, q, max_rank, samples, seed):
+        b = np.clip(np.digitize(qx[live], edges) - 1, 0, nb - 1)
+        np.add.at(draws[k], b, 1.0)
+        np.add.at(hits[k], b, accept[live].astype(np.float64))
+    table, rank_mean = np.zeros((max_rank, nb)), np.ones(max_rank)
     for k in range(max_rank):
-        x = drafted[:, k]
-        live = (first < 0) & (q[rows, x] > 0)
-        accept = live & (rng.random(len(p)) * q[rows, x] < p[rows, x])
-        first = np.where(accept, k, first)
-        rejected = live & ~accept
-        p = np.where(rejected[:, None], _normalise(np.maximum(p - q, 0.0)), p)
-        q_new = q.copy()
-        q_new[rows, x] = 0.0
-        q = np.where(rejected[:, None], _normalise(q_new), q)
-    return np.bincount(first[first >= 0], minlength=max_rank)[:max_rank] / len(first)
+        n = draws[k].sum()
+        if n == 0:  # never drawn: the rank before's (nothing measured at all: q'(x) itself)
+            table[k] = table[k - 1] if k else np.asarray(edges[1:])
+            rank_mean[k] = rank_mean[k - 1] if k else 1.0
+            continue
+        rank_mean[k] = hits[k].sum() / n
+        table[k] = (hits[k] + prior * rank_mean[k]) / (draws[k] + prior)
+    return table, rank_mean
+
+
+def cached_conditional_acceptance(target, draft, *, temperature: float, top_k: int | None, top_p: float | None,
+                                  max_rank: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """`conditional_acceptance` on the default calibration (temperature > 0), measured once
+    per (target, draft, settings) and kept on disk like `cached_acceptance`."""
+    settings = {"kind": "conditional_acceptance", "temperature": float(temperature), "top_k": top_k,
+                "top_p": top_p, "max_rank": max_rank, "bins": list(VALUE_BINS), "prompts": CALIBRATION_PROMPTS,
+                "new_tokens": CALIBRATION_NEW_TOKENS}
+    path = cache_path(target, draft, settings)
+    shape = (max_rank, len(VALUE_BINS) - 1)
+    if path is not None and path.exists():
+        try:
+            data = json.loads(path.read_text())
+            table, rank_mean = np.asarray(data["table"], np.float64), np.asarray(data["rank_mean"], np.float64)
+            if table.shape == shape and rank_mean.shape == (max_rank,):
+                return table, rank_mean
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable: measure again
+    p, q = teacher_forced(target, draft, calibration_prompts(target), temperature, top_k, top_p,
+                          CALIBRATION_NEW_TOKENS, 0)
+    table, rank_mean = conditional_acceptance(p, q, max_rank)
+    _write(path, {"table": table.tolist(), "rank_mean": rank_mean.tolist(), **settings,
+                  "target": str(target.source), "draft": str(draft.source)})
+    return table, rank_mean
 
 
 def positional_acceptance(target, draft, *, temperature: float = 0.0, top_k: int | None = None,

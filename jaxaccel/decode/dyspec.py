@@ -30,7 +30,20 @@ prefer siblings over depth. `greedy_temperature="auto"` fits the softmax tempera
 makes the draft's distribution the best predictor (maximum likelihood) of the target's
 argmax on calibration text (`decode.acceptance.greedy_temperature`, measured once per
 target/draft pair and cached); only values change — tokens are still the draft's top-k.
-When sampling, values use the draft distribution the tokens are drawn from, as the paper.
+When sampling, the paper values a child by the residual draft probability q'(x) it was
+drawn with (`values="draft"`). How well q'(x) predicts acceptance depends on the pair: for the
+shipped 0.9M draft at temperature 0.6 the correlation is only 0.35 (DySpec's Figure 2,
+docs/BENCHMARKS.md), and tokens the draft thinks unlikely are accepted about half the time.
+`values="calibrated"` (the default) keeps the heap and the draws, and replaces q'(x) by the
+measured probability that a child drawn at that rank with that q'(x) is accepted
+(`decode.acceptance.conditional_acceptance`: the verifier simulated on calibration text,
+once per target/draft pair and sampling settings, cached). A node's next candidate is worth
+the probability of reaching it times the expectation of that table over the node's residual
+distribution. The tree's tokens, the verifier and so losslessness are unchanged: only which
+node grows next. On the shipped pair at temperature 0.6 this lifts DySpec's MAT at budget 64
+from 3.04 to 4.0 (Sequoia: 3.8; docs/BENCHMARKS.md). At temperature 0 the calibration is
+`greedy_temperature`: the same table built for greedy verification measured lower there
+(MAT 3.59-3.66 against 3.72 at budget 64), so greedy decoding does not use it.
 """
 from __future__ import annotations
 
@@ -52,7 +65,8 @@ class DySpec(DraftModelMethod):
     name = "dyspec"
     auto_budget = True
     options = {"draft": None, "budget": 32, "expand": "heap", "pops_per_round": None, "threshold": 0.05,
-               "max_depth": 16, "max_children": 16, "greedy_temperature": "auto"}
+               "max_depth": 16, "max_children": 16, "greedy_temperature": "auto", "values": "calibrated"}
+    value_table: tuple[np.ndarray, np.ndarray] | None = None  # (table, rank_mean): see `values`
 
     def __init__(self, **opts: Any):
         super().__init__(**opts)
@@ -70,6 +84,8 @@ class DySpec(DraftModelMethod):
             raise InvalidArgumentError(f'greedy_temperature must be "auto" or in (0, 10], got {g!r}')
         if g != "auto":
             self.greedy_temperature = float(g)
+        if o["values"] not in ("calibrated", "draft"):
+            raise InvalidArgumentError(f'values must be "calibrated" or "draft", got {o["values"]!r}')
         if o["pops_per_round"] is not None:
             self.pops = positive_int("pops_per_round", o["pops_per_round"], self.MAX_BUDGET)
         if o["budget"] == "auto":
@@ -90,6 +106,12 @@ class DySpec(DraftModelMethod):
 
             self.greedy_temperature = cached_greedy_temperature(target, draft)
             self.opts["greedy_temperature"] = self.greedy_temperature  # a constant of the compiled step
+        self.value_table = None
+        if self.opts["values"] == "calibrated" and temperature > 0:
+            from jaxaccel.decode.acceptance import cached_conditional_acceptance
+
+            self.value_table = cached_conditional_acceptance(target, draft, temperature=temperature, top_k=top_k,
+                                                             top_p=top_p, max_rank=self.max_children)
         if self.opts["budget"] == "auto":
             self.plan = plan_budget(target, draft, temperature, top_k, top_p, batch,
                                     None if self.opts["pops_per_round"] is None else [self.pops])
@@ -98,6 +120,11 @@ class DySpec(DraftModelMethod):
 
     # Budget 0 (only from budget="auto", when no tree is predicted to pay): plain
     # autoregressive steps; the draft is not run at all.
+
+    def key(self) -> tuple:
+        table = None if self.value_table is None else tuple(np.round(np.concatenate(
+            [self.value_table[0].ravel(), self.value_table[1]]), 6).tolist())
+        return super().key() + (table,)
 
     def init_state(self, ctx, batch, method_input, prompt_tokens=None, prompt_lens=None):
         return None if self.budget == 0 else super().init_state(ctx, batch, method_input, prompt_tokens, prompt_lens)
@@ -131,13 +158,36 @@ class DySpec(DraftModelMethod):
         greedy = ctx.mode.greedy
         use_threshold = self.opts["expand"] == "threshold"
 
+        calibrated = self.value_table is not None and not greedy  # sampling only (see `values`)
+        if calibrated:
+            from jaxaccel.decode.acceptance import VALUE_BINS
+
+            table = jnp.asarray(self.value_table[0], jnp.float32)  # [max_children, bins]
+            inner_edges = jnp.asarray(VALUE_BINS[1:-1], jnp.float32)
+
+        def accept_prob(rank, prob):
+            """What a child drawn at `rank` with residual probability `prob` is worth."""
+            return table[jnp.minimum(rank, shape.max_children - 1), jnp.searchsorted(inner_edges, prob, side="right")]
+
+        def next_worth(rank, resid):
+            """The acceptance probability of a node's next child, drawn at `rank` from the
+            residual `resid` [..., V]: the expectation over the draw."""
+            mass = jnp.sum(resid, axis=-1, keepdims=True)
+            r = resid / jnp.where(mass > 0, mass, 1.0)
+            rank = jnp.broadcast_to(jnp.minimum(rank, shape.max_children - 1), r.shape[:-1])
+            row = table[rank]  # [..., bins]
+            return jnp.sum(r * jnp.take_along_axis(row, jnp.searchsorted(inner_edges, r, side="right"), axis=-1), -1)
+
         def pop(j, t):
-            """Add one child to every row whose best candidate qualifies."""
+            """Add one child to every row whose best candidate qualifies. A node's `value` is
+            the probability the verifier reaches its next child (the paper: the path's draft
+            probabilities times the residual mass); `worth`, what that child is expected to
+            add (the paper: the same; calibrated: times its acceptance probability)."""
             avail = (t["valid"] & t["ready"] & (t["value"] > 0) & (t["nchild"] < shape.max_children)
                      & (t["depth"] < shape.max_depth))
             if use_threshold:
-                avail = avail & (t["value"] > self.threshold)
-            score = jnp.where(avail, t["value"], -1.0)
+                avail = avail & (t["worth"] > self.threshold)
+            score = jnp.where(avail, t["worth"], -1.0)
             i = jnp.argmax(score, axis=1).astype(jnp.int32)
             has = (jnp.max(score, axis=1) >= 0) & (t["count"] < n)
             resid = t["resid"][rows, i]  # [b, V]
@@ -150,6 +200,9 @@ class DySpec(DraftModelMethod):
             p = resid[rows, y] / jnp.where(mass > 0, mass, 1.0)
             has = has & (p > 0)
             v = t["value"][rows, i]
+            rank = t["nchild"][rows, i]
+            if calibrated:
+                p = accept_prob(rank, p)
             new = jnp.where(has, t["count"], n)  # out of range when nothing is added: dropped
             at = jnp.where(has, i, n)
             t = dict(t)
@@ -161,6 +214,11 @@ class DySpec(DraftModelMethod):
             t["anc"] = t["anc"].at[rows, new].set(anc_row, mode="drop")
             t["value"] = t["value"].at[rows, new].set(v * p, mode="drop").at[rows, at].set(v * (1 - p), mode="drop")
             t["resid"] = t["resid"].at[rows, at, y].set(0.0, mode="drop")
+            if calibrated:  # the popped node's next child; the new child's waits for its distribution
+                left = v * (1 - p) * next_worth(rank + 1, resid.at[rows, y].set(0.0))
+                t["worth"] = t["worth"].at[rows, at].set(left, mode="drop").at[rows, new].set(0.0, mode="drop")
+            else:
+                t["worth"] = t["value"]
             t["nchild"] = t["nchild"].at[rows, at].add(1, mode="drop")
             t["count"] = t["count"] + has.astype(jnp.int32)
             return t
@@ -183,6 +241,9 @@ class DySpec(DraftModelMethod):
             t["q"] = t["q"].at[r_, dest].set(q, mode="drop")
             t["resid"] = t["resid"].at[r_, dest].set(q, mode="drop")
             t["ready"] = t["ready"].at[r_, dest].set(True, mode="drop")
+            if calibrated:
+                opened = jnp.take_along_axis(t["value"], jnp.maximum(idx, 0), axis=1)
+                t["worth"] = t["worth"].at[r_, dest].set(opened * next_worth(jnp.zeros_like(idx), q), mode="drop")
             return t, cache
 
         zeros = jnp.zeros((b, n), jnp.int32)
@@ -191,6 +252,7 @@ class DySpec(DraftModelMethod):
             tokens=zeros.at[:, 0].set(state.last_token), parents=jnp.full((b, n), -1, jnp.int32), depth=zeros,
             valid=jnp.zeros((b, n), bool).at[:, 0].set(True), ready=jnp.zeros((b, n), bool).at[:, 0].set(True),
             value=jnp.zeros((b, n), jnp.float32).at[:, 0].set(1.0), nchild=zeros,
+            worth=jnp.zeros((b, n), jnp.float32).at[:, 0].set(next_worth(jnp.int32(0), root_q) if calibrated else 1.0),
             anc=jnp.broadcast_to(jnp.eye(n, dtype=bool), (b, n, n)),
             q=jnp.zeros((b, n, vocab), jnp.float32).at[:, 0].set(root_q),
             resid=jnp.zeros((b, n, vocab), jnp.float32).at[:, 0].set(root_q),
