@@ -316,8 +316,8 @@ def small_corpus_args(tmp_path):
 
 @pytest.mark.slow
 def test_sigkilled_run_resumes_to_the_uninterrupted_curve_and_decodes(tmp_path, capsys):
-    base = [sys.executable, "-m", "jaxaccel.train", str(ROOT / "configs" / "tiny.yaml"), "train.steps=120",
-            "checkpoint.every_steps=30", "train.eval_every=60", *small_corpus_args(tmp_path)]
+    base = [sys.executable, "-m", "jaxaccel.train", str(ROOT / "configs" / "tiny.yaml"), "train.steps=48",
+            "checkpoint.every_steps=12", "train.eval_every=24", *small_corpus_args(tmp_path)]
     # the three trainer processes share their compiled programs (JAX's persistent cache)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla"),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
@@ -327,7 +327,7 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_curve_and_decodes(tmp_path, 
     cmd = [*base, f"output_dir={killed}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 300
-    while not (killed / "checkpoints" / "30").is_dir() and proc.poll() is None and time.time() < deadline:
+    while not (killed / "checkpoints" / "12").is_dir() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -341,7 +341,7 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_curve_and_decodes(tmp_path, 
                 for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
     assert curve(killed) == curve(tmp_path / "full")
-    assert [r["step"] for r in curve(killed) if "loss" in r] == list(range(1, 121))
+    assert [r["step"] for r in curve(killed) if "loss" in r] == list(range(1, 49))
 
     import jaxaccel
 

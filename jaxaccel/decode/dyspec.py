@@ -47,6 +47,7 @@ from 3.04 to 4.0 (Sequoia: 3.8; docs/BENCHMARKS.md). At temperature 0 the calibr
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -106,17 +107,17 @@ class DySpec(DraftModelMethod):
 
             self.greedy_temperature = cached_greedy_temperature(target, draft)
             self.opts["greedy_temperature"] = self.greedy_temperature  # a constant of the compiled step
-        self.value_table = None
-        if self.opts["values"] == "calibrated" and temperature > 0:
-            from jaxaccel.decode.acceptance import cached_conditional_acceptance
-
-            self.value_table = cached_conditional_acceptance(target, draft, temperature=temperature, top_k=top_k,
-                                                             top_p=top_p, max_rank=self.max_children)
         if self.opts["budget"] == "auto":
             self.plan = plan_budget(target, draft, temperature, top_k, top_p, batch,
                                     None if self.opts["pops_per_round"] is None else [self.pops])
             self.budget, self.pops = self.plan.budget, self.plan.pops_per_round
             self.opts["budget"], self.opts["pops_per_round"] = self.budget, self.pops  # the compiled step's key
+        self.value_table = None
+        if self.opts["values"] == "calibrated" and temperature > 0 and self.budget > 0:
+            from jaxaccel.decode.acceptance import cached_conditional_acceptance
+
+            self.value_table = cached_conditional_acceptance(target, draft, temperature=temperature, top_k=top_k,
+                                                             top_p=top_p, max_rank=self.max_children)
 
     # Budget 0 (only from budget="auto", when no tree is predicted to pay): plain
     # autoregressive steps; the draft is not run at all.
@@ -272,10 +273,23 @@ def plan_budget(target, draft, temperature: float, top_k, top_p, batch: int, pop
     least as well on average), step cost from the backend's verification-cost curve and the
     draft/target cost ratio."""
     from jaxaccel.decode.acceptance import cached_acceptance
-    from jaxaccel.decode.sequoia import padded_acceptance, tree_value_curve
 
     acceptance = cached_acceptance(target, draft, temperature=temperature, top_k=top_k, top_p=top_p)
-    acceptance = np.maximum(acceptance, 1e-9)  # every rank possible: trees of any size fit
+    if draft_ratio is None:
+        count = lambda lm: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(lm.params))  # noqa: E731
+        draft_ratio = tuning.draft_cost_ratio(count(draft), count(target))
+    return _plan(tuple(float(a) for a in acceptance), batch, float(draft_ratio),
+                 None if curve is None else tuple(sorted(curve.items())),
+                 None if pops_choices is None else tuple(pops_choices))
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(acceptance: tuple[float, ...], batch: int, draft_ratio: float, curve, pops_choices) -> tuning.DraftPlan:
+    """`plan_budget` from hashable inputs, kept: the DP over tree sizes and the search over
+    budgets take ~0.15 s, longer than a short generation (every `generate` call plans)."""
+    from jaxaccel.decode.sequoia import padded_acceptance, tree_value_curve
+
+    acceptance = np.maximum(np.asarray(acceptance), 1e-9)  # every rank possible: trees of any size fit
     curves = {}
 
     def value(n: int, depth: int) -> float:
@@ -284,7 +298,5 @@ def plan_budget(target, draft, temperature: float, top_k, top_p, batch: int, pop
             curves[depth] = tree_value_curve(padded_acceptance(acceptance, 128, depth), 128, depth)
         return float(curves[depth][n])
 
-    if draft_ratio is None:
-        count = lambda lm: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(lm.params))  # noqa: E731
-        draft_ratio = tuning.draft_cost_ratio(count(draft), count(target))
-    return tuning.plan_draft_budget(value, batch, draft_ratio, curve=curve, pops_choices=pops_choices)
+    return tuning.plan_draft_budget(value, batch, draft_ratio, curve=None if curve is None else dict(curve),
+                                    pops_choices=None if pops_choices is None else list(pops_choices))
