@@ -6,6 +6,12 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # No persistent compilation cache in tests (test_compile_cache turns it on in subprocesses).
 os.environ.setdefault("JAXACCEL_COMPILE_CACHE", "off")
+# Under pytest-xdist every worker is its own XLA process; with XLA's multithreaded CPU runtime
+# each would spread over all cores and they would oversubscribe them. One thread per worker
+# (the workers are the parallelism) measured ~6% faster on 2 cores, four test files.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_cpu_multi_thread_eigen=false",
+                                        "intra_op_parallelism_threads=1"]).strip()
 
 import jax  # noqa: E402
 

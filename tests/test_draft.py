@@ -364,13 +364,11 @@ def test_conditional_acceptance_against_closed_forms():
     assert np.all(table[1] == table[0])
 
 
-def test_calibrated_values_change_the_tree_not_the_output(small_pair):
+def test_calibrated_values_grow_a_different_tree(small_pair):
     """Sampling, the calibrated values grow a different tree from the paper's draft values
-    (different acceptance), and greedy decoding is unaffected by the option."""
+    (different acceptance). Lossless sampling with them: test_sampling_matches_the_target_distribution;
+    greedy does not use them (test_greedy_is_identical_to_autoregressive_batch4_and_batch1)."""
     target, draft = small_pair
-    kw = dict(max_new_tokens=24, method="dyspec", draft=draft, budget=8, pops_per_round=2)
-    stats = {v: target.generate([SAMPLE_PROMPT] * 4, temperature=1.0, seed=5, values=v, **kw).stats
-             for v in ("calibrated", "draft")}
+    kw = dict(max_new_tokens=16, method="dyspec", draft=draft, budget=8, pops_per_round=2, temperature=1.0, seed=5)
+    stats = {v: target.generate([SAMPLE_PROMPT] * 4, values=v, **kw).stats for v in ("calibrated", "draft")}
     assert stats["calibrated"]["mean_accepted"] != stats["draft"]["mean_accepted"]
-    greedy = {v: target.generate([SAMPLE_PROMPT] * 2, values=v, **kw).tokens for v in ("calibrated", "draft")}
-    assert greedy["calibrated"] == greedy["draft"] == target.generate([SAMPLE_PROMPT] * 2, max_new_tokens=24).tokens

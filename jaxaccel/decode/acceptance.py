@@ -16,6 +16,7 @@ files (`cached_acceptance`), next to the persistent compile cache.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -29,6 +30,24 @@ from jaxaccel.decode.sampling import make_sampling, target_probs
 
 CALIBRATION_PROMPTS = 16
 CALIBRATION_NEW_TOKENS = 48
+
+
+def _remembered(measure):
+    """Also keep a `cached_*` measurement on the target object for the process: models built
+    in memory have no disk entry (they would be measured again on every `generate` call) and
+    a loaded model's entry is then read once. Keyed by the draft object and the arguments."""
+    @functools.wraps(measure)
+    def wrapper(target, draft, **kwargs):
+        memo = target.__dict__.setdefault("_measurements", {})
+        key = (measure.__name__, id(draft), json.dumps(kwargs, sort_keys=True))
+        hit = memo.get(key)
+        if hit is not None and hit[0] is draft:
+            return hit[1]
+        value = measure(target, draft, **kwargs)
+        memo[key] = (draft, value)
+        return value
+
+    return wrapper
 
 
 def calibration_prompts(lm, n: int = CALIBRATION_PROMPTS, prompt_tokens: int = 32, seed: int = 0) -> list[list[int]]:
@@ -165,6 +184,7 @@ def conditional_acceptance(p: np.ndarray, q: np.ndarray, max_rank: int, samples:
     return table, rank_mean
 
 
+@_remembered
 def cached_conditional_acceptance(target, draft, *, temperature: float, top_k: int | None, top_p: float | None,
                                   max_rank: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """`conditional_acceptance` on the default calibration (temperature > 0), measured once
@@ -242,6 +262,7 @@ def cache_path(target, draft, settings: dict[str, Any]) -> Path | None:
     return Path(base) / "jaxaccel" / "acceptance" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
 
 
+@_remembered
 def cached_acceptance(target, draft, *, temperature: float, top_k: int | None, top_p: float | None,
                       max_rank: int = 16) -> np.ndarray:
     """`positional_acceptance` with its default calibration, measured once per (target, draft,
@@ -261,6 +282,7 @@ def cached_acceptance(target, draft, *, temperature: float, top_k: int | None, t
     return vec
 
 
+@_remembered
 def cached_greedy_temperature(target, draft) -> float:
     """`greedy_temperature_from` on the default calibration (greedy continuations), measured
     once per (target, draft) and kept on disk like `cached_acceptance`."""

@@ -278,13 +278,16 @@ def plan_budget(target, draft, temperature: float, top_k, top_p, batch: int, pop
     if draft_ratio is None:
         count = lambda lm: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(lm.params))  # noqa: E731
         draft_ratio = tuning.draft_cost_ratio(count(draft), count(target))
+    # The backend's cost tables are part of the key (tests change them).
+    costs = repr((jax.default_backend(), tuning.VERIFY_COST, tuning.TREE_STEP_OVERHEAD, tuning.DRAFT_COST_FLOOR))
     return _plan(tuple(float(a) for a in acceptance), batch, float(draft_ratio),
                  None if curve is None else tuple(sorted(curve.items())),
-                 None if pops_choices is None else tuple(pops_choices))
+                 None if pops_choices is None else tuple(pops_choices), costs)
 
 
 @functools.lru_cache(maxsize=64)
-def _plan(acceptance: tuple[float, ...], batch: int, draft_ratio: float, curve, pops_choices) -> tuning.DraftPlan:
+def _plan(acceptance: tuple[float, ...], batch: int, draft_ratio: float, curve, pops_choices,
+          costs: str) -> tuning.DraftPlan:
     """`plan_budget` from hashable inputs, kept: the DP over tree sizes and the search over
     budgets take ~0.15 s, longer than a short generation (every `generate` call plans)."""
     from jaxaccel.decode.sequoia import padded_acceptance, tree_value_curve
