@@ -40,8 +40,8 @@ measured probability that a child drawn at that rank with that q'(x) is accepted
 once per target/draft pair and sampling settings, cached). A node's next candidate is worth
 the probability of reaching it times the expectation of that table over the node's residual
 distribution. The tree's tokens, the verifier and so losslessness are unchanged: only which
-node grows next. On the shipped pair at temperature 0.6 this lifts DySpec's MAT at budget 64
-from 3.04 to 4.0 (Sequoia: 3.8; docs/BENCHMARKS.md). At temperature 0 the calibration is
+node grows next. On the shipped pair at temperature 0.6 this lifts DySpec's MAT at budget 64,
+batch 1, from 3.05 to 4.06 (Sequoia: 3.86; docs/BENCHMARKS.md). At temperature 0 the calibration is
 `greedy_temperature`: the same table built for greedy verification measured lower there
 (MAT 3.59-3.66 against 3.72 at budget 64), so greedy decoding does not use it.
 """
@@ -67,7 +67,7 @@ class DySpec(DraftModelMethod):
     auto_budget = True
     options = {"draft": None, "budget": 32, "expand": "heap", "pops_per_round": None, "threshold": 0.05,
                "max_depth": 16, "max_children": 16, "greedy_temperature": "auto", "values": "calibrated"}
-    value_table: tuple[np.ndarray, np.ndarray] | None = None  # (table, rank_mean): see `values`
+    value_table: np.ndarray | None = None  # [max_children, bins] acceptance by rank and q'(x): see `values`
 
     def __init__(self, **opts: Any):
         super().__init__(**opts)
@@ -117,14 +117,13 @@ class DySpec(DraftModelMethod):
             from jaxaccel.decode.acceptance import cached_conditional_acceptance
 
             self.value_table = cached_conditional_acceptance(target, draft, temperature=temperature, top_k=top_k,
-                                                             top_p=top_p, max_rank=self.max_children)
+                                                             top_p=top_p, max_rank=self.max_children)[0]
 
     # Budget 0 (only from budget="auto", when no tree is predicted to pay): plain
     # autoregressive steps; the draft is not run at all.
 
     def key(self) -> tuple:
-        table = None if self.value_table is None else tuple(np.round(np.concatenate(
-            [self.value_table[0].ravel(), self.value_table[1]]), 6).tolist())
+        table = None if self.value_table is None else tuple(np.round(self.value_table.ravel(), 6).tolist())
         return super().key() + (table,)
 
     def init_state(self, ctx, batch, method_input, prompt_tokens=None, prompt_lens=None):
@@ -163,21 +162,22 @@ class DySpec(DraftModelMethod):
         if calibrated:
             from jaxaccel.decode.acceptance import VALUE_BINS
 
-            table = jnp.asarray(self.value_table[0], jnp.float32)  # [max_children, bins]
+            table = jnp.asarray(self.value_table, jnp.float32)  # [max_children, bins]
             inner_edges = jnp.asarray(VALUE_BINS[1:-1], jnp.float32)
 
         def accept_prob(rank, prob):
-            """What a child drawn at `rank` with residual probability `prob` is worth."""
+            """What a child drawn at `rank` with residual probability `prob` is worth (broadcasting)."""
             return table[jnp.minimum(rank, shape.max_children - 1), jnp.searchsorted(inner_edges, prob, side="right")]
 
         def next_worth(rank, resid):
-            """The acceptance probability of a node's next child, drawn at `rank` from the
+            """The acceptance probability of a node's next child, drawn at `rank` [...] from the
             residual `resid` [..., V]: the expectation over the draw."""
             mass = jnp.sum(resid, axis=-1, keepdims=True)
             r = resid / jnp.where(mass > 0, mass, 1.0)
-            rank = jnp.broadcast_to(jnp.minimum(rank, shape.max_children - 1), r.shape[:-1])
-            row = table[rank]  # [..., bins]
-            return jnp.sum(r * jnp.take_along_axis(row, jnp.searchsorted(inner_edges, r, side="right"), axis=-1), -1)
+            return jnp.sum(r * accept_prob(jnp.asarray(rank)[..., None], r), axis=-1)
+
+        def worth(t):  # what a node's next child is expected to add: the heap's key
+            return t["worth"] if calibrated else t["value"]
 
         def pop(j, t):
             """Add one child to every row whose best candidate qualifies. A node's `value` is
@@ -187,8 +187,8 @@ class DySpec(DraftModelMethod):
             avail = (t["valid"] & t["ready"] & (t["value"] > 0) & (t["nchild"] < shape.max_children)
                      & (t["depth"] < shape.max_depth))
             if use_threshold:
-                avail = avail & (t["worth"] > self.threshold)
-            score = jnp.where(avail, t["worth"], -1.0)
+                avail = avail & (worth(t) > self.threshold)
+            score = jnp.where(avail, worth(t), -1.0)
             i = jnp.argmax(score, axis=1).astype(jnp.int32)
             has = (jnp.max(score, axis=1) >= 0) & (t["count"] < n)
             resid = t["resid"][rows, i]  # [b, V]
@@ -218,8 +218,6 @@ class DySpec(DraftModelMethod):
             if calibrated:  # the popped node's next child; the new child's waits for its distribution
                 left = v * (1 - p) * next_worth(rank + 1, resid.at[rows, y].set(0.0))
                 t["worth"] = t["worth"].at[rows, at].set(left, mode="drop").at[rows, new].set(0.0, mode="drop")
-            else:
-                t["worth"] = t["value"]
             t["nchild"] = t["nchild"].at[rows, at].add(1, mode="drop")
             t["count"] = t["count"] + has.astype(jnp.int32)
             return t
@@ -253,11 +251,12 @@ class DySpec(DraftModelMethod):
             tokens=zeros.at[:, 0].set(state.last_token), parents=jnp.full((b, n), -1, jnp.int32), depth=zeros,
             valid=jnp.zeros((b, n), bool).at[:, 0].set(True), ready=jnp.zeros((b, n), bool).at[:, 0].set(True),
             value=jnp.zeros((b, n), jnp.float32).at[:, 0].set(1.0), nchild=zeros,
-            worth=jnp.zeros((b, n), jnp.float32).at[:, 0].set(next_worth(jnp.int32(0), root_q) if calibrated else 1.0),
             anc=jnp.broadcast_to(jnp.eye(n, dtype=bool), (b, n, n)),
             q=jnp.zeros((b, n, vocab), jnp.float32).at[:, 0].set(root_q),
             resid=jnp.zeros((b, n, vocab), jnp.float32).at[:, 0].set(root_q),
             count=jnp.ones((b,), jnp.int32), round=jnp.int32(0))
+        if calibrated:  # (the paper's heap key is `value` itself)
+            t["worth"] = jnp.zeros((b, n), jnp.float32).at[:, 0].set(next_worth(jnp.zeros((b,), jnp.int32), root_q))
         t, cache = jax.lax.fori_loop(0, self.rounds() - 1, round_, (t, cache))
         t, _ = pops(dict(t, round=jnp.int32(self.rounds() - 1)))
         tree = Tree(tokens=t["tokens"], parents=t["parents"], depth=t["depth"], valid=t["valid"],
