@@ -289,6 +289,16 @@ def test_experiment_scores_plots_and_reports(lm, tmp_path):
     assert "| 2x | **SkipDecode** | 5→2 (mean 3.50) |" in table and "1.80x" in table
     assert exp.summary(results) == ["2x: perplexity +10.0% vs full, tokens/s 1.80x at batch1, 1.75x at batch8; "
                                     "beats both baselines: no"]
+    assert "decode loop" not in table  # results written before the decode-loop figures still report
+    # With the decode loop timed alone (prefill excluded) too:
+    results["full"]["decode_phase_tokens_per_s"] = {"batch1": 120.0, "batch8": 500.0}
+    sd = results["speedups"][0]["skipdecode"]
+    sd.update(decode_phase_tokens_per_s={"batch1": 264.0, "batch8": 1000.0}, decode_phase_speedup_batch1=2.2,
+              decode_phase_speedup_batch8=2.0)
+    table = exp.markdown(results)
+    assert "decode loop vs full (batch8)" in table and "| 1.80x | 1.75x | 2.20x | 2.00x |" in table
+    assert exp.summary(results)[0].endswith("1.75x at batch8 (decode loop alone: 2.20x, 2.00x); "
+                                            "beats both baselines: no")
 
 
 def test_generated_only_loss_is_the_mean_over_the_tokens_it_sums():

@@ -19,7 +19,25 @@ from typing import Any, Callable, Sequence
 from jaxaccel.bench.common import machine
 from jaxaccel.bench.spec import NATURAL_PROMPTS, heldout_prompts, run_method
 
-METHODS = ("sps", "specinfer", "sequoia", "dyspec")
+METHODS = ("sps", "specinfer", "sequoia", "dyspec", "specinfer-chains")
+DEFAULT_METHODS = METHODS[:4]
+CHAIN_DEPTH = 8
+
+
+def chains_widths(budget: int) -> list[int]:
+    """`specinfer-chains`: SpecInfer as the Sequoia and DySpec papers run it, k independent
+    chains of depth 8 ("k×8": the root's top-k children, each continued by the draft's top
+    token), k = budget // 8; a single chain below 8 nodes."""
+    if budget < CHAIN_DEPTH:
+        return [1] * budget
+    return [budget // CHAIN_DEPTH] + [1] * (CHAIN_DEPTH - 1)
+
+
+def method_options(method: str, budget, draft: str) -> tuple[str, dict[str, Any]]:
+    """The decode method and options behind a bench method name."""
+    if method == "specinfer-chains":
+        return "specinfer", {"budget": budget, "draft": draft, "widths": chains_widths(budget)}
+    return method, {"budget": budget, "draft": draft}
 ACCELERATOR_RATIO = 1 / 50
 
 
@@ -83,7 +101,7 @@ def _release(lm) -> None:
 
 def run(model: str = "builtin:default", draft: str = "builtin:draft", batches: Sequence[int] = (1, 4),
         temperatures: Sequence[float] = (0.0, 0.6), budgets: Sequence[int] = (8, 16, 32, 64, 128),
-        methods: Sequence[str] = METHODS, new_tokens: int = 128, runs: int = 3, n_files: int = 8,
+        methods: Sequence[str] = DEFAULT_METHODS, new_tokens: int = 128, runs: int = 3, n_files: int = 8,
         prompt_tokens: int = 256, figure: str | None = None,
         progress: Callable[[str], None] = print, partial: Callable[[dict], None] | None = None) -> dict[str, Any]:
     import jaxaccel
@@ -105,8 +123,8 @@ def run(model: str = "builtin:default", draft: str = "builtin:draft", batches: S
                          **base, "speedup": 1.0, "predicted_accelerator_speedup": 1.0})
             progress(f"batch {batch}, T={temperature}: autoregressive {base['tokens_per_s']:.0f} tok/s")
             configs = [(m, b) for b in budgets for m in methods] + [("dyspec", "auto")]
-            for method, budget in configs:
-                opts = {"budget": budget, "draft": draft}
+            for name, budget in configs:
+                method, opts = method_options(name, budget, draft)
                 baseline = base
                 if budget == "auto":  # its claim is "never slower": against a baseline timed right before it
                     baseline = run_method(lm, prompts, batch, new_tokens, runs, "autoregressive", temperature)
@@ -114,7 +132,7 @@ def run(model: str = "builtin:default", draft: str = "builtin:draft", batches: S
                 decoder = get_method(method, **opts)
                 if budget == "auto" or method == "sequoia":  # resolve what the run planned
                     decoder.prepare(lm, lm._drafts[draft], temperature, None, None, batch=batch)
-                row = {"batch": batch, "temperature": temperature, "method": method, "budget": budget,
+                row = {"batch": batch, "temperature": temperature, "method": name, "budget": budget,
                        "nodes": max(decoder.tree_nodes() - 1, 0), **res,
                        "speedup": res["tokens_per_s"] / baseline["tokens_per_s"],
                        "baseline_tokens_per_s": baseline["tokens_per_s"],
@@ -131,7 +149,7 @@ def run(model: str = "builtin:default", draft: str = "builtin:draft", batches: S
                 _release(lm)
                 if partial is not None:  # the rows so far, in case a long run dies
                     partial({**result, "rows": rows})
-                progress(f"batch {batch}, T={temperature}: {method} budget {budget} ({row['nodes']} nodes): MAT "
+                progress(f"batch {batch}, T={temperature}: {name} budget {budget} ({row['nodes']} nodes): MAT "
                          f"{row['mat']:.2f}, {row['tokens_per_s']:.0f} tok/s, {row['speedup']:.2f}x autoregressive, "
                          f"predicted 1:50 {row['predicted_accelerator_speedup']:.2f}x")
     result["rows"] = rows

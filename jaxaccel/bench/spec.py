@@ -69,21 +69,24 @@ def run_method(lm, prompts: list[list[int]], batch: int, new_tokens: int, runs: 
     groups = [g for g in groups if len(g) == batch]
     for g in groups[:1]:
         lm.generate(g, max_new_tokens=new_tokens, method=method, temperature=temperature, **opts)  # compile
-    times, tokens, forwards = [], 0, 0
+    times, loop_times, tokens, forwards = [], [], 0, 0
     compile_s = 0.0
     for r in range(runs):
         lm._method_memory.clear()  # hot start carries over the prompts of one pass, not across passes
-        elapsed, tokens, forwards = 0.0, 0, 0
+        elapsed, prefill, tokens, forwards = 0.0, 0.0, 0, 0
         for i, g in enumerate(groups):
             out = lm.generate(g, max_new_tokens=new_tokens, method=method, temperature=temperature, seed=100 * r + i,
                               **opts)
             compile_s += out.stats["compile_s"]
             elapsed += out.stats["decode_s"]
+            prefill += out.stats["prefill_s"]
             tokens += out.stats["new_tokens"]
             forwards += out.stats["row_forwards"]
         times.append(elapsed)
+        loop_times.append(elapsed - prefill)
     t = statistics.median(times)
     return {"tokens_per_s": tokens / t, "runs_tokens_per_s": [tokens / x for x in times], "mat": tokens / forwards,
+            "decode_phase_tokens_per_s": tokens / statistics.median(loop_times),  # prefill excluded
             "new_tokens": tokens, "recompiled_s": compile_s}
 
 

@@ -258,7 +258,8 @@ class LanguageModel:
             bar = tqdm(total=batch * max_new_tokens, unit="tok", file=sys.stderr, leave=False)
             self._progress_bar = bar
         t0 = time.perf_counter()
-        cache = prefill_fn(*prompt_args)
+        cache = jax.block_until_ready(prefill_fn(*prompt_args))
+        prefill_s = time.perf_counter() - t0
         out: GenerateOutput = loop_fn(handle, cache, *loop_args)
         out = jax.block_until_ready(out._replace(cache=None))  # the final cache is not kept
         decode_s = time.perf_counter() - t0
@@ -279,6 +280,8 @@ class LanguageModel:
             "row_forwards": int(forwards[:batch].sum()),  # target forwards summed over the rows while live
             "mean_accepted": new_tokens / max(1, int(forwards[:batch].sum())),
             "decode_s": decode_s, "tokens_per_s": new_tokens / decode_s if decode_s > 0 else float("inf"),
+            "prefill_s": prefill_s,  # of decode_s; the rest is the decode loop
+            "decode_phase_tokens_per_s": new_tokens / (decode_s - prefill_s) if decode_s > prefill_s else float("inf"),
             "compile_s": compile_s, **decoder.stats(out.method_output, batch),
         }
         texts = None if self.tokenizer is None else [self.tokenizer.decode(g) for g in gen]

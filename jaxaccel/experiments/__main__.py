@@ -8,8 +8,8 @@
     python -m jaxaccel.experiments collect CONFIG               # rebuild the results file only
     python -m jaxaccel.experiments plot runs/experiments/repetition/results.json --out docs/token_crisis
     python -m jaxaccel.experiments report runs/experiments/repetition/results.json --out table.md
-    python -m jaxaccel.experiments skipdecode [--base runs/deep] [--out docs/skipdecode]   # issue 9
-    python -m jaxaccel.experiments duo [--model runs/duo] [--out docs/duo]                 # issue 11
+    python -m jaxaccel.experiments skipdecode [--base runs/deep] [--out runs/experiments/skipdecode]   # issue 9
+    python -m jaxaccel.experiments duo [--model runs/duo] [--out runs/experiments/duo]                 # issue 11
     python -m jaxaccel.experiments tokenselect [--model runs/longctx] [--lengths 1024,...,65536]   # issue 10
 
 `KEY=VALUE` after the sweep file override its base training config (as for the trainer).
@@ -63,7 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sd.add_argument("--batches", default="1,8")
     sd.add_argument("--runs", type=int, default=3)
     sd.add_argument("--dispatch", choices=["cond", "switch"], default="cond")
-    sd.add_argument("--out", default="docs/skipdecode", help="results.json and plots go here")
+    sd.add_argument("--out", default="runs/experiments/skipdecode",
+                    help="results.json and plots go here (docs/skipdecode holds the committed run)")
     ts = sub.add_parser("tokenselect", help="TokenSelect: long-context retrieval accuracy at 256-64K tokens vs full "
                                             "attention, StreamingLLM and random selection")
     ts.add_argument("--model", default="runs/longctx",
@@ -100,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     du.add_argument("--random-draws", type=int, default=100)
     du.add_argument("--batch", type=int, default=32, help="rows per forward")
     du.add_argument("--seed", type=int, default=0)
-    du.add_argument("--out", default="docs/duo", help="results.json, results.md and the plots go here")
+    du.add_argument("--out", default="runs/experiments/duo",
+                    help="results.json, results.md and the plots go here (docs/duo holds the committed run)")
     du.add_argument("--save-router", default=None, metavar="DIR",
                     help="save the model with its router for half the layers big here (decoding uses its routes)")
     # KEY=VALUE overrides may come after options too (`sweep CONFIG --dry-run output_dir=...`).

@@ -163,18 +163,24 @@ def run(base: str = "runs/deep", root: str = "runs/skipdecode", configs: str = "
 
     reference = greedy(full)
 
-    def speed(lm, method: str, **kw) -> dict[str, float]:
-        return {f"batch{b}": run_method(lm, prompts, b, new_tokens, runs, method, 0.0, **kw)["tokens_per_s"]
-                for b in batches}
+    def speed(lm, method: str, **kw) -> dict[str, dict[str, float]]:
+        """End to end (prefill included) and of the decode loop alone, per batch size."""
+        out = {"tokens_per_s": {}, "decode_phase_tokens_per_s": {}}
+        for b in batches:
+            r = run_method(lm, prompts, b, new_tokens, runs, method, 0.0, **kw)
+            for k in out:
+                out[k][f"batch{b}"] = r[k]
+        return out
 
     log("speed: the full model")
-    full_speed = speed(full, "autoregressive")
+    full_speeds = speed(full, "autoregressive")
+    full_speed, full_phase = full_speeds["tokens_per_s"], full_speeds["decode_phase_tokens_per_s"]
     results: dict[str, Any] = {
         "machine": machine(), "base": base, "n_layers": n_layers, "prompt_tokens": prompt_tokens,
         "max_length": max_length, "new_tokens": new_tokens, "eval_rows": int(len(rows)),
         "eval_tokens_per_row": span, "files": len(prompts), "runs": runs, "dispatch": dispatch,
         "full": {"model": str(models[1]), **teacher_forced(full.params, full.config, rows, prompt_tokens, None),
-                 "tokens_per_s": full_speed},
+                 **full_speeds},
         "speedups": []}
     for s in speedups:
         if s == 1:
@@ -190,18 +196,18 @@ def run(base: str = "runs/deep", root: str = "runs/skipdecode", configs: str = "
         row["skipdecode"] = {"model": str(models[s]),
                              **teacher_forced(lm.params, lm.config, rows, prompt_tokens, sch),
                              **agreement(reference, greedy(lm, **opts)),
-                             "tokens_per_s": speed(lm, "skipdecode", speedup=s, max_length=max_length,
-                                                   dispatch=dispatch)}
+                             **speed(lm, "skipdecode", speedup=s, max_length=max_length, dispatch=dispatch)}
         row["no_finetune"] = {"model": base,
                               **teacher_forced(base_lm.params, base_lm.config, rows, prompt_tokens, sch),
                               **agreement(reference, greedy(base_lm, **opts))}
         row["shallow"] = {"model": str(shallow_dir), "n_layers": n,
                           **teacher_forced(sh.params, sh.config, rows, prompt_tokens, None),
-                          **agreement(reference, greedy(sh)), "tokens_per_s": speed(sh, "autoregressive")}
+                          **agreement(reference, greedy(sh)), **speed(sh, "autoregressive")}
         for b in batches:
             k = f"batch{b}"
-            row["skipdecode"][f"speedup_{k}"] = row["skipdecode"]["tokens_per_s"][k] / full_speed[k]
-            row["shallow"][f"speedup_{k}"] = row["shallow"]["tokens_per_s"][k] / full_speed[k]
+            for name in ("skipdecode", "shallow"):
+                row[name][f"speedup_{k}"] = row[name]["tokens_per_s"][k] / full_speed[k]
+                row[name][f"decode_phase_speedup_{k}"] = row[name]["decode_phase_tokens_per_s"][k] / full_phase[k]
         ppl = results["full"]["perplexity"]
         for name in ("skipdecode", "no_finetune", "shallow"):
             row[name]["perplexity_rise"] = row[name]["perplexity"] / ppl - 1
@@ -247,14 +253,19 @@ def plot(results: dict[str, Any], out: str | Path) -> list[Path]:
 def markdown(results: dict[str, Any]) -> str:
     full = results["full"]
     bs = sorted(full["tokens_per_s"])
+    phase = "decode_phase_tokens_per_s" in full  # results written before it have end-to-end figures only
     head = ("| speedup | model | layers | perplexity | rise vs full | accuracy | greedy agreement | common prefix | "
-            + " | ".join(f"tok/s {b}" for b in bs) + " | " + " | ".join(f"vs full ({b})" for b in bs) + " |")
-    lines = [head, "|" + "---|" * (8 + 2 * len(bs))]
+            + " | ".join(f"tok/s {b}" for b in bs) + " | " + " | ".join(f"vs full ({b})" for b in bs)
+            + "".join(f" | decode loop vs full ({b})" for b in bs if phase) + " |")
+    lines = [head, "|" + "---|" * (8 + (3 if phase else 2) * len(bs))]
 
     def line(s, name, m, layers):
         speeds = m.get("tokens_per_s", {})
         cells = [f"{speeds[b]:.0f}" if b in speeds else "—" for b in bs]
         ratios = [f"{speeds[b] / full['tokens_per_s'][b]:.2f}x" if b in speeds else "—" for b in bs]
+        loop = m.get("decode_phase_tokens_per_s", {})
+        ratios += [f"{loop[b] / full['decode_phase_tokens_per_s'][b]:.2f}x" if b in loop else "—"
+                   for b in bs if phase]
         agree = m.get("token_agreement", 1.0)
         prefix = m.get("common_prefix", float(results["new_tokens"]))
         return (f"| {s} | {name} | {layers} | {m['perplexity']:.3f} | {m.get('perplexity_rise', 0) * 100:+.1f}% | "
@@ -277,6 +288,8 @@ def summary(results: dict[str, Any]) -> list[str]:
     for r in results["speedups"]:
         sd = r["skipdecode"]
         speeds = ", ".join(f"{sd[f'speedup_{b}']:.2f}x at {b}" for b in bs)
+        phase = ", ".join(f"{sd[f'decode_phase_speedup_{b}']:.2f}x" for b in bs if f"decode_phase_speedup_{b}" in sd)
+        speeds += f" (decode loop alone: {phase})" if phase else ""
         out.append(f"{r['speedup']:g}x: perplexity {sd['perplexity_rise'] * 100:+.1f}% vs full, tokens/s {speeds}; "
                    f"beats both baselines: {'yes' if r['skipdecode_best'] else 'no'}")
     return out

@@ -38,6 +38,9 @@ class Checkpoints:
         cleaned up or set aside."""
         import orbax.checkpoint as ocp
 
+        from jaxaccel.model.checkpoint import use_array_handler
+
+        use_array_handler()
         self._ocp = ocp
         self.read_only = read_only
         self.directory = directory if str(directory).startswith("gs://") else Path(directory).absolute()
