@@ -34,7 +34,8 @@ def as_path(folder):
 # Orbax saves a replicated array by slicing it across its replicas so they write in
 # parallel. Each slice is an eager op compiled per shape and sharding (~30 ms each on CPU):
 # for the many small arrays of a model (norm scales, biases, optimizer scalars) that costs
-# more than the write it parallelises. Below this size an array is written by one replica.
+# more than the write it parallelises. Where a replica's slice would be smaller than this,
+# one replica writes the whole array.
 REPLICA_PARALLEL_MIN_BYTES = 1 << 20
 
 
