@@ -185,3 +185,27 @@ def test_bench_startup_runs_and_reports(capsys):
     assert "| pld |" in startup.markdown(result)
     code, _, err = run(bench_main, ["startup", "--runs", "0"], capsys)
     assert code == 2 and "runs and repeats must be >= 1" in err
+
+
+@pytest.mark.slow
+def test_bench_dyspec_runs_and_reports(capsys, tmp_path):
+    """`bench dyspec` at toy size on the shipped pair: every method's row with its MAT, the
+    `auto` row against its own autoregressive baseline, the 1:50 prediction and Figure 2."""
+    code, out, err = run(bench_main, ["dyspec", "--batches", "1", "--temperatures", "0", "--budgets", "8",
+                                      "--methods", "sps,specinfer-chains,dyspec", "--new-tokens", "12", "--runs", "1",
+                                      "--files", "1", "--prompt-tokens", "32",
+                                      "--figure", str(tmp_path / "f2.png"), "--json", str(tmp_path / "d.json")], capsys)
+    assert code == 0, err
+    doc = json.loads((tmp_path / "d.json").read_text())
+    rows = {(r["method"], r["budget"]): r for r in doc["rows"]}
+    assert set(rows) == {("autoregressive", None), ("sps", 8), ("specinfer-chains", 8), ("dyspec", 8),
+                         ("dyspec", "auto")}
+    assert rows["autoregressive", None]["mat"] == 1.0 and rows["specinfer-chains", 8]["nodes"] == 8
+    assert all(r["mat"] >= 1.0 and r["tokens_per_s"] > 0 and r["predicted_accelerator_speedup"] > 0
+               for r in doc["rows"])
+    auto = rows["dyspec", "auto"]
+    assert auto["baseline_tokens_per_s"] > 0 and "budget" in auto["auto_plan"] and "budget" in auto["accelerator_plan"]
+    assert (tmp_path / "f2-T0.0.png").stat().st_size > 1000 and -1 <= doc["figure2"][0]["correlation"] <= 1
+    assert "| specinfer-chains | 8 (8) |" in out
+    code, _, err = run(bench_main, ["dyspec", "--methods", "medusa"], capsys)
+    assert code == 2 and "unknown method 'medusa'" in err
