@@ -372,3 +372,23 @@ def test_calibrated_values_grow_a_different_tree(small_pair):
     kw = dict(max_new_tokens=16, method="dyspec", draft=draft, budget=8, pops_per_round=2, temperature=1.0, seed=5)
     stats = {v: target.generate([SAMPLE_PROMPT] * 4, values=v, **kw).stats for v in ("calibrated", "draft")}
     assert stats["calibrated"]["mean_accepted"] != stats["draft"]["mean_accepted"]
+
+
+def test_acceptance_cache_is_keyed_by_the_model_files(tmp_path, tiny_params):
+    """A draft retrained into the same folder gets a new cache entry (its acceptance would
+    differ), the same folder read again the same one, and an in-memory model none."""
+    from types import SimpleNamespace
+
+    from jaxaccel.decode.acceptance import cache_path
+    from jaxaccel.model.checkpoint import save_model
+
+    save_model(tmp_path / "target", TINY, tiny_params)
+    save_model(tmp_path / "draft", TINY, perturbed(tiny_params, 1, 0.01))
+    target, draft = SimpleNamespace(source=tmp_path / "target"), SimpleNamespace(source=tmp_path / "draft")
+    settings = {"temperature": 0.0}
+    first = cache_path(target, draft, settings)
+    assert cache_path(target, draft, settings) == first
+    assert cache_path(target, draft, {"temperature": 0.6}) != first
+    save_model(tmp_path / "draft", TINY, perturbed(tiny_params, 2, 0.01))  # retrained in place
+    assert cache_path(target, draft, settings) != first
+    assert cache_path(target, SimpleNamespace(source=None), settings) is None

@@ -252,12 +252,34 @@ def greedy_temperature_from(logits: np.ndarray, argmax: np.ndarray) -> float:
     return round(best, 4)
 
 
+# Bumped when what the measurements compute changes, so no older cached figure is read.
+CACHE_VERSION = 2
+
+
+def _fingerprint(source) -> str:
+    """The model folder's files (relative path, size, modification time): a model retrained
+    or re-exported into the same folder is another model. A remote folder (gs://) is named
+    by its path only."""
+    root = Path(str(source))
+    if not root.is_dir():
+        return ""
+    entries = []
+    for folder, _, files in os.walk(root):
+        for name in files:
+            st = os.stat(os.path.join(folder, name))
+            entries.append(f"{os.path.relpath(os.path.join(folder, name), root)}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(sorted(entries)).encode()).hexdigest()[:16]
+
+
 def cache_path(target, draft, settings: dict[str, Any]) -> Path | None:
     """Where the acceptance vector of this (target, draft, settings) is cached; None for
-    models built in memory (nothing identifies them across processes)."""
+    models built in memory (nothing identifies them across processes). The key holds both
+    folders' paths and file fingerprints, so a model rewritten in place is measured again."""
     if target.source is None or draft.source is None:
         return None
-    key = json.dumps({"target": str(target.source), "draft": str(draft.source), **settings}, sort_keys=True)
+    key = json.dumps({"target": str(target.source), "draft": str(draft.source), "version": CACHE_VERSION,
+                      "target_files": _fingerprint(target.source), "draft_files": _fingerprint(draft.source),
+                      **settings}, sort_keys=True)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "jaxaccel" / "acceptance" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
 
