@@ -355,8 +355,6 @@ def test_sampling_matches_the_target_distribution(small_lm, monkeypatch, method,
     sampler fails it once in 10^4 runs; a lossy verifier is off by far more at this size)."""
     from jaxaccel.decode import methods
 
-    from jaxaccel.decode import recycling
-
     monkeypatch.setitem(methods.METHODS, "test-stochastic", _StochasticDrafter)
     monkeypatch.setitem(tuning.RECYCLING_COST, jax.default_backend(), {1: 1.2, 2: 1.2})  # trees when h > ~0.17
     prompt = [1, 4, 2]

@@ -27,7 +27,8 @@ CHAIN_DEPTH = 8
 def chains_widths(budget: int) -> list[int]:
     """`specinfer-chains`: SpecInfer as the Sequoia and DySpec papers run it, k independent
     chains of depth 8 ("k×8": the root's top-k children, each continued by the draft's top
-    token), k = budget // 8; a single chain below 8 nodes."""
+    token), k = budget // 8: the largest such tree within the budget; a single chain below
+    8 nodes."""
     if budget < CHAIN_DEPTH:
         return [1] * budget
     return [budget // CHAIN_DEPTH] + [1] * (CHAIN_DEPTH - 1)
@@ -36,7 +37,7 @@ def chains_widths(budget: int) -> list[int]:
 def method_options(method: str, budget, draft: str) -> tuple[str, dict[str, Any]]:
     """The decode method and options behind a bench method name."""
     if method == "specinfer-chains":
-        return "specinfer", {"budget": budget, "draft": draft, "widths": chains_widths(budget)}
+        return "specinfer", {"draft": draft, "widths": chains_widths(budget)}  # its nodes: the row's "nodes"
     return method, {"budget": budget, "draft": draft}
 ACCELERATOR_RATIO = 1 / 50
 

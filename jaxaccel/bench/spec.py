@@ -69,11 +69,11 @@ def run_method(lm, prompts: list[list[int]], batch: int, new_tokens: int, runs: 
     groups = [g for g in groups if len(g) == batch]
     for g in groups[:1]:
         lm.generate(g, max_new_tokens=new_tokens, method=method, temperature=temperature, **opts)  # compile
-    times, loop_times, tokens, forwards = [], [], 0, 0
+    rates, loop_rates, total_tokens, total_forwards = [], [], 0, 0
     compile_s = 0.0
     for r in range(runs):
         lm._method_memory.clear()  # hot start carries over the prompts of one pass, not across passes
-        elapsed, prefill, tokens, forwards = 0.0, 0.0, 0, 0
+        elapsed, prefill, tokens = 0.0, 0.0, 0
         for i, g in enumerate(groups):
             out = lm.generate(g, max_new_tokens=new_tokens, method=method, temperature=temperature, seed=100 * r + i,
                               **opts)
@@ -81,13 +81,13 @@ def run_method(lm, prompts: list[list[int]], batch: int, new_tokens: int, runs: 
             elapsed += out.stats["decode_s"]
             prefill += out.stats["prefill_s"]
             tokens += out.stats["new_tokens"]
-            forwards += out.stats["row_forwards"]
-        times.append(elapsed)
-        loop_times.append(elapsed - prefill)
-    t = statistics.median(times)
-    return {"tokens_per_s": tokens / t, "runs_tokens_per_s": [tokens / x for x in times], "mat": tokens / forwards,
-            "decode_phase_tokens_per_s": tokens / statistics.median(loop_times),  # prefill excluded
-            "new_tokens": tokens, "recompiled_s": compile_s}
+            total_forwards += out.stats["row_forwards"]
+        total_tokens += tokens
+        rates.append(tokens / elapsed)  # each pass's own count: with EOS (sampling) passes differ
+        loop_rates.append(tokens / (elapsed - prefill))
+    return {"tokens_per_s": statistics.median(rates), "runs_tokens_per_s": rates,
+            "mat": total_tokens / total_forwards, "decode_phase_tokens_per_s": statistics.median(loop_rates),
+            "new_tokens": total_tokens // runs, "recompiled_s": compile_s}
 
 
 def verification_cost(lm, sizes: Sequence[int], prefix: int = 512, reps: int = 16, runs: int = 5) -> list[dict]:

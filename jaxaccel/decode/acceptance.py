@@ -264,9 +264,15 @@ def _fingerprint(source) -> str:
     if not root.is_dir():
         return ""
     entries = []
-    for folder, _, files in os.walk(root):
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d != "tensorboard"]  # a training run's logs are not its weights
         for name in files:
-            st = os.stat(os.path.join(folder, name))
+            if name == "metrics.jsonl":
+                continue
+            try:  # a live run's checkpoint files come and go
+                st = os.stat(os.path.join(folder, name))
+            except OSError:
+                continue
             entries.append(f"{os.path.relpath(os.path.join(folder, name), root)}:{st.st_size}:{st.st_mtime_ns}")
     return hashlib.sha256("\n".join(sorted(entries)).encode()).hexdigest()[:16]
 

@@ -40,16 +40,36 @@ REPLICA_PARALLEL_MIN_BYTES = 1 << 20
 
 
 def use_array_handler() -> None:
-    """Register Orbax's jax.Array handler with the threshold above (idempotent; it is
-    Orbax's process-wide registry, so it applies to every Orbax save in the process)."""
+    """Register Orbax's jax.Array handler with the threshold above (idempotent). It is
+    Orbax's process-wide registry: the handler registered there (Orbax's default, or one a
+    user registered) is copied with every setting kept (its metadata store, primary host,
+    replica id, ...) and only a threshold it does not set filled in; a handler of another
+    class, or one that already sets a threshold, is left alone."""
     import orbax.checkpoint as ocp
 
-    handler = ocp.type_handlers.get_type_handler(jax.Array)
-    if getattr(handler, "_jaxaccel", False):
+    ArrayHandler = ocp.type_handlers.ArrayHandler
+    current = ocp.type_handlers.get_type_handler(jax.Array)
+    if type(current) is not ArrayHandler or getattr(current, "_min_slice_bytes_for_replica_parallel", 1) is not None:
         return
-    handler = ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES)
-    handler._jaxaccel = True
-    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    kept = {"primary_host": "_primary_host", "replica_id": "_replica_id", "use_replica_parallel": "_use_replica_parallel",
+            "max_replicas_for_replica_parallel": "_max_replicas_for_replica_parallel",
+            "enable_write_sharding_file": "_enable_write_sharding_file",
+            "array_metadata_store": "_array_metadata_store",
+            "enable_replica_parallel_separate_folder": "_enable_replica_parallel_separate_folder",
+            "dispatcher": "_dispatcher"}
+    if not all(hasattr(current, attr) for attr in kept.values()):  # another Orbax version: leave it be
+        return
+    handler = ArrayHandler(**{arg: getattr(current, attr) for arg, attr in kept.items()},
+                           min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES)
+    import logging
+
+    absl_logger = logging.getLogger("absl")  # Orbax warns on every override; this one is deliberate
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    finally:
+        absl_logger.setLevel(level)
 
 
 def is_jaxaccel_checkpoint(folder) -> bool:
