@@ -26,6 +26,8 @@ def test_greedy_equals_full_recompute_batch1_and_ragged_batch(tiny_lm):
     s = batched.stats
     assert s["new_tokens"] == 4 * 24 and s["steps"] == 24 and s["target_forwards"] == 24
     assert s["mean_accepted"] == 1.0 and s["tokens_per_s"] > 0 and s["decode_s"] > 0
+    assert 0 < s["prefill_s"] < s["decode_s"]  # part of it: the rest is the decode loop
+    assert s["decode_phase_tokens_per_s"] == s["new_tokens"] / (s["decode_s"] - s["prefill_s"]) > s["tokens_per_s"]
 
 
 def test_eos_ends_each_row_where_plain_decoding_would(tiny_params):
