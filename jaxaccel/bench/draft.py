@@ -19,9 +19,10 @@ from typing import Any, Callable, Sequence
 from jaxaccel.bench.common import machine
 from jaxaccel.bench.spec import NATURAL_PROMPTS, heldout_prompts, run_method
 
-METHODS = ("sps", "specinfer", "sequoia", "dyspec", "specinfer-chains")
-DEFAULT_METHODS = METHODS[:4]
+DEFAULT_METHODS = ("sps", "specinfer", "sequoia", "dyspec")  # decode methods, as registered
+METHODS = DEFAULT_METHODS + ("specinfer-chains",)  # + bench-only configurations (`method_options`)
 CHAIN_DEPTH = 8
+ACCELERATOR_RATIO = 1 / 50
 
 
 def chains_widths(budget: int) -> list[int]:
@@ -39,7 +40,6 @@ def method_options(method: str, budget, draft: str) -> tuple[str, dict[str, Any]
     if method == "specinfer-chains":
         return "specinfer", {"draft": draft, "widths": chains_widths(budget)}  # its nodes: the row's "nodes"
     return method, {"budget": budget, "draft": draft}
-ACCELERATOR_RATIO = 1 / 50
 
 
 def draft_widths(method) -> list[int]:

@@ -8,6 +8,7 @@ model unsharded.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -61,8 +62,6 @@ def use_array_handler() -> None:
         return
     handler = ArrayHandler(**{arg: getattr(current, attr) for arg, attr in kept.items()},
                            min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES)
-    import logging
-
     absl_logger = logging.getLogger("absl")  # Orbax warns on every override; this one is deliberate
     level = absl_logger.level
     absl_logger.setLevel(logging.ERROR)
