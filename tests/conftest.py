@@ -41,8 +41,13 @@ _TEST_CACHE = "JAXACCEL_TEST_XLA_CACHE"
 def pytest_configure(config):
     import tempfile
 
-    from jaxaccel.decode import compile_cache
+    from jaxaccel.decode import acceptance, compile_cache
 
+    # DySpec's measured acceptance rates go to a folder of this run's, not the user's cache
+    # (every xdist worker and CLI subprocess inherits it).
+    if not hasattr(config, "workerinput") and acceptance.CACHE_ENV not in os.environ:
+        os.environ[acceptance.CACHE_ENV] = tempfile.mkdtemp(prefix="jaxaccel-test-acceptance-")
+        config._jaxaccel_test_acceptance = os.environ[acceptance.CACHE_ENV]
     if not hasattr(config, "workerinput") and _TEST_CACHE not in os.environ:
         os.environ[_TEST_CACHE] = tempfile.mkdtemp(prefix="jaxaccel-test-xla-")
         config._jaxaccel_test_cache = os.environ[_TEST_CACHE]
@@ -54,9 +59,10 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
     import shutil
 
-    folder = getattr(config, "_jaxaccel_test_cache", None)
-    if folder is not None:
-        shutil.rmtree(folder, ignore_errors=True)
+    for name in ("_jaxaccel_test_cache", "_jaxaccel_test_acceptance"):
+        folder = getattr(config, name, None)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 from jaxaccel.config import ModelConfig  # noqa: E402
 

@@ -392,3 +392,18 @@ def test_acceptance_cache_is_keyed_by_the_model_files(tmp_path, tiny_params):
     save_model(tmp_path / "draft", TINY, perturbed(tiny_params, 2, 0.01))  # retrained in place
     assert cache_path(target, draft, settings) != first
     assert cache_path(target, SimpleNamespace(source=None), settings) is None
+
+
+def test_acceptance_cache_folder_follows_its_environment_variable(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from jaxaccel.decode.acceptance import CACHE_ENV, cache_path
+
+    pair = SimpleNamespace(source=tmp_path / "t"), SimpleNamespace(source=tmp_path / "d")
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "mine"))
+    assert cache_path(*pair, {}).parent == tmp_path / "mine"
+    monkeypatch.setenv(CACHE_ENV, "off")
+    assert cache_path(*pair, {}) is None
+    monkeypatch.delenv(CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_path(*pair, {}).parent == tmp_path / "xdg" / "jaxaccel" / "acceptance"

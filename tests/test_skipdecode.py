@@ -301,6 +301,55 @@ def test_experiment_scores_plots_and_reports(lm, tmp_path):
                                             "beats both baselines: no")
 
 
+@pytest.mark.slow
+def test_experiment_run_end_to_end_at_toy_size(tmp_path):
+    """`experiments skipdecode`'s run(): the fine-tunes from its configs (and their reuse),
+    the shallow baseline, quality, and speed end to end and of the decode loop alone."""
+    import sysconfig
+
+    import yaml
+
+    from jaxaccel.experiments import skipdecode as exp
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, f in enumerate(sorted(stdlib.glob("json/*.py")) + sorted(stdlib.glob("email/*.py"))[:12]):
+        (corpus / f"doc_{i:02d}.py").write_text(f.read_text())
+    model = {"vocab_size": 400, "d_model": 32, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 64,
+             "max_seq_len": 64}
+    data = {"corpus": str(corpus / "*.py"), "vocab_size": 400, "num_sentinels": 8, "validation_fraction": 0.25,
+            "cache_dir": str(tmp_path / "cache")}
+    common = {"model": model, "data": data, "optim": {"lr": 1e-2, "warmup_steps": 1}, "tensorboard": False,
+              "checkpoint": {"every_steps": 2, "keep": 1}, "mesh": {"data": 1}}
+    train_ = {"steps": 2, "batch_size": 4, "seq_len": 32, "eval_every": 0, "log_every": 1, "peak_flops": 1e11}
+    train(from_dict(RunConfig, {**common, "train": {**train_, "progress": False}, "output_dir": str(tmp_path / "base")}))
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    skip = {"speedup": 2, "max_length": 32, "prompt_min": 4, "prompt_max": 12}
+    for name, extra in (("1x", {}), ("2x", {"skip_schedule": skip})):
+        (configs / f"skipdecode-{name}.yaml").write_text(yaml.safe_dump({**common, "train": {**train_, **extra}}))
+    kw = dict(base=str(tmp_path / "base"), root=str(tmp_path / "runs"), configs=str(configs), speedups=(2,),
+              prompt_tokens=8, max_length=32, eval_rows=4, files=2, batches=(1, 2), runs=1)
+    logged = []
+    res = exp.run(**kw, log=logged.append)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["1x", "2x", "shallow-2layers"]
+    assert sum(line.startswith("fine-tuning") for line in logged) == 3
+    (row,) = res["speedups"]
+    assert row["schedule"] == SkipSchedule.for_speedup(4, 2, max_length=32).describe()
+    for part in ("skipdecode", "no_finetune", "shallow"):
+        assert np.isfinite(row[part]["perplexity"]) and row[part]["tokens"] == res["eval_rows"] * 25
+    for name in ("skipdecode", "shallow"):
+        for b in ("batch1", "batch2"):
+            assert row[name]["tokens_per_s"][b] > 0 and row[name]["decode_phase_tokens_per_s"][b] > 0
+            assert row[name][f"decode_phase_speedup_{b}"] == pytest.approx(
+                row[name]["decode_phase_tokens_per_s"][b] / res["full"]["decode_phase_tokens_per_s"][b])
+    assert "decode loop vs full (batch2)" in exp.markdown(res)
+    logged.clear()
+    exp.run(**{**kw, "batches": (1,)}, log=logged.append)  # the fine-tunes are found, not redone
+    assert not any(line.startswith("fine-tuning") for line in logged)
+
+
 def test_generated_only_loss_is_the_mean_over_the_tokens_it_sums():
     """The train step's loss under `loss: generated` is the mean cross entropy of exactly the
     tokens after each row's boundary (its normalizer counts those, not every target)."""

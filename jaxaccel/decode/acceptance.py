@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from jaxaccel.decode import compile_cache
 from jaxaccel.decode.sampling import make_sampling, target_probs
 
 CALIBRATION_PROMPTS = 16
@@ -277,17 +278,22 @@ def _fingerprint(source) -> str:
     return hashlib.sha256("\n".join(sorted(entries)).encode()).hexdigest()[:16]
 
 
+CACHE_ENV = "JAXACCEL_ACCEPTANCE_CACHE"
+
+
 def cache_path(target, draft, settings: dict[str, Any]) -> Path | None:
-    """Where the acceptance vector of this (target, draft, settings) is cached; None for
-    models built in memory (nothing identifies them across processes). The key holds both
-    folders' paths and file fingerprints, so a model rewritten in place is measured again."""
-    if target.source is None or draft.source is None:
+    """Where the acceptance vector of this (target, draft, settings) is cached: under
+    `$JAXACCEL_ACCEPTANCE_CACHE` if set (`off` disables the cache), else
+    `$XDG_CACHE_HOME/jaxaccel/acceptance`. None when disabled, and for models built in memory
+    (nothing identifies them across processes). The key holds both folders' paths and file
+    fingerprints, so a model rewritten in place is measured again."""
+    folder = compile_cache.user_cache_folder(CACHE_ENV, "acceptance")
+    if target.source is None or draft.source is None or folder is None:
         return None
     key = json.dumps({"target": str(target.source), "draft": str(draft.source), "version": CACHE_VERSION,
                       "target_files": _fingerprint(target.source), "draft_files": _fingerprint(draft.source),
                       **settings}, sort_keys=True)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "jaxaccel" / "acceptance" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
+    return folder / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
 
 
 @_remembered

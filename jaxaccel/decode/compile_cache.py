@@ -23,13 +23,19 @@ OFF_VALUES = {"0", "off", "false", "none", "no", ""}
 MIN_COMPILE_SECONDS = 0.0
 
 
-def cache_dir() -> Path | None:
-    """The directory the cache uses, or None when disabled."""
-    value = os.environ.get(ENV)
+def user_cache_folder(env: str, name: str) -> Path | None:
+    """A jaxaccel cache folder: `$env` if set (a directory, or one of OFF_VALUES -> None),
+    else `$XDG_CACHE_HOME/jaxaccel/<name>` (default `~/.cache/jaxaccel/<name>`)."""
+    value = os.environ.get(env)
     if value is not None:
         return None if value.strip().lower() in OFF_VALUES else Path(value).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "jaxaccel" / "xla"
+    return Path(base) / "jaxaccel" / name
+
+
+def cache_dir() -> Path | None:
+    """The directory the cache uses, or None when disabled."""
+    return user_cache_folder(ENV, "xla")
 
 
 _enabled: bool | None = None
