@@ -111,15 +111,15 @@ INV_FREQ = rope_inv_freq(HD, CFG.rope_theta, None).astype(np.float64)
 CACHE = 128
 
 
-def layer_case(seed, lengths, t):
-    """Attention params, a pre-RoPE cache [b, kvh, CACHE, hd] and t new tokens' inputs."""
+def layer_case(seed, lengths, t, cache_len=CACHE):
+    """Attention params, a pre-RoPE cache [b, kvh, cache_len, hd] and t new tokens' inputs."""
     rng = np.random.default_rng(seed)
     d, h, kvh = CFG.d_model, CFG.n_heads, CFG.n_kv_heads
     params = {"q": {"kernel": rng.normal(size=(d, h, HD)) * 0.5}, "k": {"kernel": rng.normal(size=(d, kvh, HD)) * 0.5},
               "v": {"kernel": rng.normal(size=(d, kvh, HD)) * 0.5}, "o": {"kernel": rng.normal(size=(h, HD, d)) * 0.2}}
     params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
     b = len(lengths)
-    cache = tuple(jnp.asarray(rng.normal(size=(b, kvh, CACHE, HD)), jnp.float32) for _ in range(2))
+    cache = tuple(jnp.asarray(rng.normal(size=(b, kvh, cache_len, HD)), jnp.float32) for _ in range(2))
     x = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
     return params, cache, x
 
@@ -129,7 +129,7 @@ def run_layer(policy, params, cache, x, lengths, write_slots, state=None):
     t = x.shape[1]
     positions = lengths[:, None] + jnp.arange(t, dtype=jnp.int32)
     rope = rope_tables(positions, rope_inv_freq(HD, CFG.rope_theta, None))
-    visibility = build_visibility(positions, cache_len=CACHE, prefix_len=lengths)
+    visibility = build_visibility(positions, cache_len=cache[0].shape[2], prefix_len=lengths)
     layer = Attention(CFG, LayerOptions(attention=policy))
     extra = () if state is None else (state,)
     return jax.jit(lambda *a: layer.apply({"params": params}, *a))(x, rope, visibility, cache,
@@ -162,10 +162,13 @@ def test_decode_step_attends_over_the_brute_force_selection(positions, pool):
         np.testing.assert_allclose(np.asarray(new_k[row, :, length]), k[row, 0], rtol=1e-5, atol=1e-5)
 
 
-def test_prefill_chunk_selects_with_its_mean_query():
-    lengths, t = [90, 40, 12], 8
+@pytest.mark.parametrize("lengths,cache_len", [([90, 40, 12], CACHE), ([131000, 40, 12], 131072)])
+def test_prefill_chunk_selects_with_its_mean_query(lengths, cache_len):
+    """Also at ~128K tokens: the chunk is rotated at its compacted positions, not at its true
+    ones with the selected keys shifted (float32 angles at 131K are off by ~1e-2 rad)."""
+    t = 8
     policy = TokenSelectAttention(**SMALL_BUDGET, positions="compact")
-    params, cache, x = layer_case(1, lengths, t)
+    params, cache, x = layer_case(1, lengths, t, cache_len)
     real = np.ones((3, t), bool)
     real[1, 5:] = False  # row 1's chunk ends early: its padding neither votes nor is written
     slots = np.where(real, np.array(lengths)[:, None] + np.arange(t), -1)
@@ -182,7 +185,7 @@ def test_prefill_chunk_selects_with_its_mean_query():
         np.testing.assert_allclose(np.asarray(new_k[row, :, length:length + n]).transpose(1, 0, 2), k[row, :n],
                                    rtol=1e-5, atol=1e-5)
     # row 1's slots past its real tokens still hold what the cache held
-    np.testing.assert_array_equal(np.asarray(new_k[1, :, 45:]), np.asarray(cache[0][1, :, 45:]))
+    np.testing.assert_array_equal(np.asarray(new_k[1, :, 45:128]), np.asarray(cache[0][1, :, 45:128]))
 
 
 def test_compact_and_original_positions_differ_only_when_the_selection_has_gaps():
@@ -227,6 +230,10 @@ def test_selection_cache_state_of_a_decode_step():
     fresh = run_layer(dataclasses.replace(policy, cache_threshold=None), params, cache, x2, lengths, slots)[0]
     assert not np.allclose(out2[0], fresh[0], atol=1e-4)  # row 0 attended over the stale selection
     np.testing.assert_allclose(out2[1:], fresh[1:], rtol=1e-5, atol=1e-6)
+    # Threshold -1 reuses even the opposite query (a float32 cosine of q and -q can round
+    # below -1: it is clipped).
+    always = run_layer(dataclasses.replace(policy, cache_threshold=-1.0), params, cache, x2, lengths, slots, first)[2]
+    np.testing.assert_array_equal(always.hits, [1, 1, 0])
 
 
 # ----------------------------------------------------------------------------- baseline selections

@@ -282,7 +282,7 @@ def token_select_attention(policy: TokenSelectAttention, cfg: ModelConfig, q_raw
             top = _fresh_top(policy, query, cache_k, lengths)
         else:
             norms = jnp.linalg.norm(flat, axis=-1) * jnp.linalg.norm(state.query, axis=-1)
-            cos = jnp.sum(flat * state.query, axis=-1) / jnp.where(norms > 0, norms, 1.0)
+            cos = jnp.clip(jnp.sum(flat * state.query, axis=-1) / jnp.where(norms > 0, norms, 1.0), -1.0, 1.0)
             hit = state.filled & long & (cos >= policy.cache_threshold)
             # Score the keys only when some long row misses (batch 1: a hit skips the scoring).
             top = jax.lax.cond(jnp.all(hit | ~long), lambda: state.top, lambda: jnp.where(
@@ -304,13 +304,17 @@ def token_select_attention(policy: TokenSelectAttention, cfg: ModelConfig, q_raw
         mean = mean.astype(q_raw.dtype)
         indices, valid = assemble_selection(_fresh_top(policy, mean, cache_k, lengths), lengths, policy, s)
         key_pos, n_selected = ts.rope_positions(indices, valid, lengths, policy.positions)
-        # The new tokens keep their rotation (true positions); the selected keys move by
-        # lengths - n_selected instead, which leaves every query-key distance as in the
-        # compacted sequence (RoPE sees only differences). "original": shift 0.
-        shift = lengths - n_selected if policy.positions == "compact" else jnp.zeros_like(lengths)
+        if policy.positions == "compact":
+            # The chunk's tokens continue the compacted sequence: token i (slot lengths + i) at
+            # n_selected + i, rotated here rather than keeping their true positions and moving
+            # the selected keys by lengths - n_selected (the same distances, but float32
+            # angles at ~128K positions are off by ~1e-2 rad).
+            offset = jnp.where(write_slots >= 0, write_slots - lengths[:, None], jnp.arange(t)[None, :])
+            pos = (n_selected[:, None] + offset)[:, :, None]
+            q_rot = ts.apply_rope(q_raw, pos, inv_freq) * jnp.asarray(hd ** -0.5, q_raw.dtype)
+            k_rot = ts.apply_rope(k_raw, pos, inv_freq)
         slots = indices[:, None, :, None]
-        k_sel = ts.apply_rope(jnp.take_along_axis(cache_k, slots, axis=2), (key_pos + shift[:, None])[:, None, :],
-                              inv_freq)
+        k_sel = ts.apply_rope(jnp.take_along_axis(cache_k, slots, axis=2), key_pos[:, None, :], inv_freq)
         v_sel = jnp.take_along_axis(cache_v, slots, axis=2)
         selected_visible = jnp.broadcast_to(valid[:, None, :], (b, t, valid.shape[1]))
         out = attend(q_rot, k_rot, v, visibility.new, k_sel, v_sel, selected_visible)
