@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -154,6 +155,10 @@ class ModelConfig:
             )
         if self.resolved_head_dim % 2:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.resolved_head_dim}")
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"model.{name} must be a finite number > 0, got {value}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ConfigError(f"model.sliding_window must be >= 1 or null, got {self.sliding_window}")
         for name in ("param_dtype", "dtype"):
@@ -288,6 +293,11 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     """Build dataclass `cls` from a (nested) mapping, rejecting unknown keys and wrong types."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if not isinstance(key, str):  # YAML `1:`, `null:`, `on:` (true) keys
+            where = f" in {prefix}" if prefix else ""
+            raise ConfigError(f"config key {key!r}{where} is not a string (a YAML number, null or true/false); "
+                              f"valid keys: {', '.join(sorted(fields))}")
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = f" in {prefix}" if prefix else ""
@@ -345,10 +355,16 @@ def _set_nested(data: dict, path: list[str], value: Any) -> None:
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0]
         raise ConfigError(f"{path}: not valid YAML ({first})") from None

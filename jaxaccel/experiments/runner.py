@@ -27,6 +27,7 @@ from typing import Any, Callable
 import yaml
 
 from jaxaccel.config import to_dict
+from jaxaccel.errors import ConfigError
 from jaxaccel.experiments.results import (FINISHED, FORMAT, RESULT_FILE, VERSION, SweepError, as_path,
                                           check_results_target, figures, join, read_json, read_metrics,
                                           write_json)
@@ -198,6 +199,33 @@ def default_rate() -> tuple[float, str]:
 # ----------------------------------------------------------------------------- the sweep
 
 
+def check_flops_per_s(flops_per_s: float | None) -> None:
+    """--flops-per-s, when given, must be a finite positive rate (it divides the plan's FLOPs)."""
+    if flops_per_s is None:
+        return
+    try:
+        ok = not isinstance(flops_per_s, bool) and math.isfinite(flops_per_s) and flops_per_s > 0
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ConfigError(f"--flops-per-s must be a finite number > 0 (sustained training FLOP/s), got {flops_per_s}")
+
+
+def check_distinct_runs(sweep: Sweep) -> None:
+    """Two runs of one sweep must train different things. Their names come from the values as
+    written (`1e-3` and `0.001` make two names); their configs hold the parsed values, so two
+    runs whose configs agree in everything but their folder are one run written twice."""
+    seen: dict[str, str] = {}
+    for run in sweep.runs:
+        planned = to_dict(run.config)
+        planned.pop("output_dir", None)
+        key = json.dumps(planned, sort_keys=True, default=repr)
+        if key in seen:
+            raise ConfigError(f"runs {seen[key]!r} and {run.name!r} of sweep {sweep.name!r} have the same config "
+                              f"(settings {run.settings}): the values are equal once parsed; make them differ")
+        seen[key] = run.name
+
+
 def _record(run: Run, sweep: Sweep, state: RunState) -> dict:
     """The results entry of a run that has not finished: its plan and where it stands."""
     return {"name": run.name, "group": run.group, "settings": run.settings, "folder": run.config.output_dir,
@@ -260,6 +288,8 @@ def run_sweep(sweep: Sweep, only: list[str] | tuple[str, ...] = (), *, dry_run: 
     the results. Returns the results document."""
     import jax
 
+    check_flops_per_s(flops_per_s)  # bad input before any work
+    check_distinct_runs(sweep)
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = out or (lambda msg: print(msg, flush=True))
     selected = sweep.select(only)

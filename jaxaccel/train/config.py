@@ -25,8 +25,17 @@ class OptimConfig:
     grad_clip: float = 1.0  # global-norm clipping; 0 = off
 
     def __post_init__(self):
-        if self.lr <= 0:
-            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        # `not (x > 0)` and not `x <= 0`: a NaN fails every comparison.
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"optim.lr must be a finite number > 0, got {self.lr}")
+        for name in ("b1", "b2"):  # Adam's moment decays: 1 never forgets, and the bias correction divides by 0
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"optim.{name} must be in [0, 1), got {value}")
+        for name in ("weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"optim.{name} must be a finite number >= 0, got {value}")
         if self.schedule not in ("cosine", "constant"):
             raise ConfigError(f"optim.schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if self.warmup_steps < 0 or self.grad_clip < 0 or not 0 <= self.min_lr_ratio <= 1:
@@ -99,6 +108,9 @@ class LoopConfig:
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"train.batch_size ({self.batch_size}) must be a multiple of train.grad_accum "
                               f"({self.grad_accum})")
+        if self.peak_flops is not None and not (math.isfinite(self.peak_flops) and self.peak_flops > 0):
+            raise ConfigError(f"train.peak_flops must be a finite number > 0 or null (null: measure a matmul), "
+                              f"got {self.peak_flops}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +165,12 @@ class RunConfig:
     mesh: MeshConfig = MeshConfig()
     output_dir: str = "runs/default"
     tensorboard: bool = True
+
+    def __post_init__(self):
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"train.seq_len ({self.train.seq_len}) is longer than model.max_seq_len "
+                              f"({self.model.max_seq_len}): raise model.max_seq_len to at least {self.train.seq_len} "
+                              f"or lower train.seq_len")
 
     def skip_schedule(self):
         """The SkipDecode schedule this run fine-tunes under, or None (a ConfigError when the
