@@ -25,6 +25,40 @@ def fail(message: str) -> None:
     raise SystemExit(EXIT_BAD_INPUT)
 
 
+def os_error_message(e: OSError) -> str:
+    """`[Errno 13] Permission denied: 'x'` -> `x: permission denied` (one line)."""
+    if e.filename is None or not e.strerror:
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    target = f" -> {e.filename2}" if e.filename2 else ""
+    return f"{e.filename}{target}: {e.strerror[0].lower()}{e.strerror[1:]}"
+
+
+def writable_output(path: str | os.PathLike, *, folder: bool = False, what: str = "output") -> None:
+    """Check before any work that `path` (a file, or with folder=True a directory) can be
+    written: its folder is created if missing and a probe file written and removed. Raises
+    InvalidArgumentError with one line otherwise, so a long run never ends in a failed write."""
+    import tempfile
+
+    from jaxaccel.errors import InvalidArgumentError
+
+    path = os.fspath(path)
+    if folder:
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise InvalidArgumentError(f"{what} {path!r} is a file, not a folder")
+        parent = path
+    else:
+        if os.path.isdir(path):
+            raise InvalidArgumentError(f"{what} {path!r} is a folder; give a file name")
+        parent = os.path.dirname(path) or "."
+    try:
+        os.makedirs(parent, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".jaxaccel-probe-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise InvalidArgumentError(f"cannot write the {what} {path!r}: {os_error_message(e)}") from None
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Run `main`, turning jaxaccel's typed errors into `error: <message>` + exit 2."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -34,6 +68,8 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
         return main(argv)
     except JaxaccelError as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except OSError as e:  # a path the user gave that cannot be read or written
+        fail(os_error_message(e))
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
@@ -61,6 +97,14 @@ def init_distributed(args: argparse.Namespace, p: argparse.ArgumentParser) -> No
             p.error("--coordinator needs --num-processes and --process-id")
         if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        _initialize(jax, args.coordinator, args.num_processes, args.process_id)
     elif args.distributed:
-        jax.distributed.initialize()
+        _initialize(jax)
+
+
+def _initialize(jax, *args) -> None:
+    """jax.distributed.initialize, its refusals (bad process ids, no coordinator found) one line."""
+    try:
+        jax.distributed.initialize(*args)
+    except (ValueError, RuntimeError) as e:
+        fail(f"multi-host setup failed: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")

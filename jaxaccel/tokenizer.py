@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol, Sequence
 
+from jaxaccel.errors import ModelLoadError
+
 
 class Tokenizer(Protocol):
     vocab_size: int
@@ -89,10 +91,17 @@ class SentencePieceTokenizer:
 def load_tokenizer(folder: str | Path, add_bos: bool = False) -> Tokenizer | None:
     """The tokenizer stored in a model folder, or None when it has none."""
     folder = _as_path(folder)
-    if (folder / HFTokenizer.filename).is_file():
-        return HFTokenizer(folder / HFTokenizer.filename)
-    if (folder / SentencePieceTokenizer.filename).is_file():
-        return SentencePieceTokenizer(folder / SentencePieceTokenizer.filename, add_bos=add_bos)
+    for cls, kwargs in ((HFTokenizer, {}), (SentencePieceTokenizer, {"add_bos": add_bos})):
+        path = folder / cls.filename
+        if path.is_file():
+            try:
+                tok = cls(path, **kwargs)
+            except Exception as e:  # sentencepiece / tokenizers raise their own types on a bad file
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ModelLoadError(f"{path}: not a valid tokenizer file ({first})") from None
+            if tok.vocab_size < 1:
+                raise ModelLoadError(f"{path}: the tokenizer has no pieces")
+            return tok
     return None
 
 

@@ -52,7 +52,8 @@ def test_decode_text_output_and_prompts_file(model_dir, capsys, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--model", "/nonexistent/model"], "model path '/nonexistent/model' does not exist"),
-    (["--prompt-ids", "1,2", "--temperature", "-1"], "temperature must be >= 0"),
+    (["--prompt-ids", "1,2", "--temperature", "-1"], "temperature must be a finite number >= 0"),
+    (["--prompt-ids", "1,2", "--temperature", "inf"], "temperature must be a finite number >= 0, got inf"),
     (["--prompt-ids", "1,2", "--top-p", "0"], "top_p must be in (0, 1]"),
     (["--prompt-ids", "1,2", "--top-k", "0"], "top_k must be an integer >= 1"),
     (["--prompt-ids", "1,2", "--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
@@ -81,6 +82,8 @@ def test_decode_bad_input_is_one_line(model_dir, capsys, args, message):
     (b'{"prompt_ids": "1,2"}\n', 'p.jsonl:1: "prompt_ids" must be a list of integers'),
     (b'\n{"text": 5}\n', 'p.jsonl:2: "text" must be a string'),
     (b"\x00\x01\x02\n", "p.jsonl:1: not valid JSON"),
+    (b"\n  \n", "holds no prompts"),
+    (b'{"prompt": "a\\ud800b"}\n', "prompt 0 is not valid Unicode text (a lone surrogate at character 1)"),
 ])
 def test_decode_bad_prompts_file_is_one_line(model_dir, capsys, tmp_path, monkeypatch, content, message):
     f = tmp_path / "p.jsonl"
@@ -209,3 +212,83 @@ def test_bench_dyspec_runs_and_reports(capsys, tmp_path):
     assert "| specinfer-chains | 8 (8) |" in out
     code, _, err = run(bench_main, ["dyspec", "--methods", "medusa"], capsys)
     assert code == 2 and "unknown method 'medusa'" in err
+
+
+# ----------------------------------------------------------------------------- bad input found by fuzzing the CLIs
+
+
+@pytest.fixture(scope="module")
+def jaxaccel_dir(tmp_path_factory, tiny_params):
+    from jaxaccel.model.checkpoint import save_model
+
+    return save_model(tmp_path_factory.mktemp("ja") / "m", TINY, tiny_params)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"jaxaccel.json": b"\xff\xfe"}, "jaxaccel.json is unreadable"),
+    ({"jaxaccel.json": b"[1, 2]"}, "not a jaxaccel model (not a JSON object)"),
+    ({"layout": "weird"}, "unknown parameter layout 'weird'"),
+    ({"eos_token_ids": "x"}, "eos_token_ids must be a list of token ids"),
+    ({"tokenizer.model": b"garbage"}, "tokenizer.model: not a valid tokenizer file"),
+    ({"tokenizer.model": b""}, "tokenizer.model: "),
+])
+def test_decode_corrupt_model_folder_is_one_line(jaxaccel_dir, tmp_path, capsys, change, message):
+    import shutil
+
+    folder = shutil.copytree(jaxaccel_dir, tmp_path / "m")
+    for name, value in change.items():
+        if isinstance(value, bytes):
+            (folder / name).write_bytes(value)
+        else:
+            meta = json.loads((folder / "jaxaccel.json").read_text())
+            (folder / "jaxaccel.json").write_text(json.dumps({**meta, name: value}))
+    code, _, err = run(decode_main, ["--model", str(folder), "--prompt-ids", "1,2", "--max-new-tokens", "2"], capsys)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_decode_hf_config_with_a_mistyped_value_is_one_line(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "vocab_size": 97,
+                                                      "hidden_size": "abc", "num_hidden_layers": 2,
+                                                      "num_attention_heads": 4, "intermediate_size": 48}))
+    code, _, err = run(decode_main, ["--model", str(tmp_path), "--prompt-ids", "1"], capsys)
+    assert code == 2 and "config.json: hidden_size must be an integer, got 'abc'" in err and err.count("\n") == 1
+
+
+def test_outputs_are_checked_before_any_work(tmp_path, capsys):
+    """Unwritable outputs are one line and exit 2 before anything runs; no command overwrites
+    its own input or a model."""
+    from jaxaccel.experiments.__main__ import main as experiments_main
+    from jaxaccel.train.__main__ import main as train_main
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep")
+    code, _, err = run(bench_main, ["acceptance", "--json", str(a_file / "x.json")], capsys)
+    assert code == 2 and "cannot write the --json file" in err and err.count("\n") == 1
+    code, _, err = run(experiments_main, ["tokenselect", "--out", str(a_file)], capsys)
+    assert code == 2 and "--out folder" in err and "is a file, not a folder" in err
+    code, _, err = run(experiments_main, ["report", str(a_file), "--out", str(a_file)], capsys)
+    assert code == 2 and "--out is the results file itself" in err
+    assert a_file.read_text() == "keep"
+    # An OSError that gets past the checks is one line too.
+    code, _, err = run(experiments_main, ["report", str(tmp_path)], capsys)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    # A run into a model folder would overwrite its tokenizer: refused.
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "jaxaccel.json").write_text("{}")
+    tiny = pathlib.Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+    code, _, err = run(train_main, [str(tiny), f"output_dir={model}"], capsys)
+    assert code == 2 and "holds a model (jaxaccel.json)" in err
+    assert sorted(p.name for p in model.iterdir()) == ["jaxaccel.json"]
+
+
+def test_bench_checks_its_arguments_before_running(capsys):
+    tiny = str(pathlib.Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
+    code, _, err = run(bench_main, ["startup", "--methods", "autoregressive,nope", "--runs", "1"], capsys)
+    assert code == 2 and "unknown method 'nope'" in err
+    code, _, err = run(bench_main, ["train", "--configs", tiny, "--override", "train.steps=5"], capsys)
+    assert code == 2 and "the bench sets train.steps itself" in err
+    code, _, err = run(bench_main, ["train", "--configs", tiny, "--override", "train.batch_size=abc"], capsys)
+    assert code == 2 and "batch_size" in err
+    code, _, err = run(bench_main, ["dyspec", "--prompt-tokens", "-5"], capsys)
+    assert code == 2 and "prompt tokens must be >= 1" in err

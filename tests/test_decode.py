@@ -140,7 +140,7 @@ def test_progress_display_runs(tiny_lm, capsys):
     (dict(prompts=[[1], [3, 97]]), InvalidPromptError, r"prompt 1: token id 97 is outside the vocabulary \(0..96\)"),
     (dict(prompts=[[-1]]), InvalidPromptError, "outside the vocabulary"),
     (dict(prompts=["hello"]), InvalidPromptError, "no tokenizer"),
-    (dict(temperature=-0.1), InvalidArgumentError, "temperature must be >= 0"),
+    (dict(temperature=-0.1), InvalidArgumentError, "temperature must be a finite number >= 0"),
     (dict(top_p=0.0), InvalidArgumentError, r"top_p must be in \(0, 1\]"),
     (dict(top_p=1.5), InvalidArgumentError, r"top_p must be in \(0, 1\]"),
     (dict(top_k=0), InvalidArgumentError, "top_k must be an integer >= 1"),

@@ -18,7 +18,7 @@ from jaxaccel.config import ModelConfig
 from jaxaccel.data import BATCH_KEYS, BOS_ID, EOS_ID
 from jaxaccel.data.config import DataConfig, RetrievalConfig
 from jaxaccel.data.longctx import ALL_TASKS, SPAN_ANSWER, SPAN_CUE, TASKS, RetrievalMixture, RetrievalTasks, task_rows_per_batch
-from jaxaccel.errors import ConfigError
+from jaxaccel.errors import ConfigError, InvalidArgumentError
 from jaxaccel.experiments.__main__ import main as experiments_main
 from jaxaccel.model.transformer import init_params
 from jaxaccel.train.synthetic import SyntheticData
@@ -288,6 +288,15 @@ def test_experiment_runs_every_cell_and_resumes(lm, tmp_path, monkeypatch):
     monkeypatch.setattr(exp, "run_cell", no_more)
     again = exp.evaluate(lm, small, **kwargs)
     assert again["cells"] == results["cells"]
+    # Another run's results, or another file, in the folder: refused, left as it was.
+    before = (tmp_path / "results.json").read_bytes()
+    with pytest.raises(InvalidArgumentError, match=r"other settings \(examples\)"):
+        exp.evaluate(lm, small, **{**kwargs, "examples": 3})
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "results.json").write_text('{"runs": []}')
+    with pytest.raises(InvalidArgumentError, match="not this experiment's results file"):
+        exp.evaluate(lm, small, **{**kwargs, "out": tmp_path / "other"})
+    assert (tmp_path / "results.json").read_bytes() == before
 
 
 def test_bench_runs_end_to_end(lm):

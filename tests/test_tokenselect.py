@@ -353,3 +353,11 @@ def test_cli_bad_option_exits_2(capsys):
         run_cli(decode_main, ["--prompt-ids", "1,2", "--method", "tokenselect", "--option", "pool=4"])
     assert exit_.value.code == 2
     assert "pool must be an odd integer" in capsys.readouterr().err
+
+
+def test_sliding_window_models_say_that_nothing_is_selected():
+    cfg = dataclasses.replace(CFG, sliding_window=16, architecture="mistral")
+    lm = jaxaccel.from_params(cfg, init_params(cfg, jax.random.key(0), "unrolled"), eos_token_ids=())
+    with pytest.warns(UserWarning, match="sliding window of 16 tokens, so no key is selected"):
+        out = lm.generate([[1, 2, 3]], max_new_tokens=4, method="tokenselect", **SMALL_BUDGET)
+    assert out.tokens == lm.generate([[1, 2, 3]], max_new_tokens=4).tokens

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from pathlib import Path
 
-from jaxaccel.cli import ArgumentParser, fail, run_cli
+from jaxaccel.cli import ArgumentParser, fail, run_cli, writable_output
 
 
 def argparse_suppress():
@@ -139,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     tk.add_argument("--cache-threshold", type=float, default=None, help="default: the method's (0.9)")
     tk.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if getattr(args, "json", None):  # before any work: a long run never ends in a failed write
+        writable_output(args.json, what="--json file")
 
     if args.which == "tokenselect":
         from jaxaccel.bench import tokenselect
@@ -205,8 +207,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         batches, budgets = _csv(args.batches, int), _csv(args.budgets, int)
         temperatures, methods = _csv(args.temperatures, float), _csv(args.methods)
-        if not batches or min(batches) < 1 or not budgets or min(budgets) < 1 or args.runs < 1 or args.files < 1:
-            fail("batches, budgets, runs and files must be >= 1")
+        if (not batches or min(batches) < 1 or not budgets or min(budgets) < 1 or args.runs < 1 or args.files < 1
+                or args.new_tokens < 1 or args.prompt_tokens < 1):
+            fail("batches, budgets, runs, files, new tokens and prompt tokens must be >= 1")
         if any(t < 0 for t in temperatures):
             fail("temperatures must be >= 0")
         unknown = [m for m in methods if m not in draft_bench.METHODS]
@@ -241,9 +244,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         from jaxaccel.bench import startup
         from jaxaccel.bench.common import write_json
 
+        from jaxaccel.decode.methods import get_method
+
         if args.runs < 1 or args.repeats < 1:
             fail("runs and repeats must be >= 1")
-        result = startup.run(args.model, args.runs, _csv(args.methods), args.repeats,
+        methods = _csv(args.methods)
+        if not methods:
+            fail("--methods must name at least one method")
+        for m in methods:
+            get_method(m)  # an unknown one: one line, exit 2, before any process starts
+        if not (args.model.startswith("builtin:") or Path(args.model).is_dir()):
+            fail(f"--model {args.model!r} is not a model folder")
+        result = startup.run(args.model, args.runs, methods, args.repeats,
                              progress=lambda s: print(s, file=sys.stderr))
         print(startup.markdown(result))
         if args.json:
@@ -284,6 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for c in configs:
             if not Path(c).is_file():
                 fail(f"config file {c!r} does not exist")
+        train_bench.check_overrides(configs, args.override)
         if args.devices_only:
             result = train_bench.run_devices_only(configs[0], args.peak, args.cpu_devices or 1, tuple(args.override))
         else:

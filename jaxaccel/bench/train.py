@@ -19,6 +19,24 @@ from typing import Any
 from jaxaccel.bench.common import machine
 
 TIMED_INTERVALS = 6  # log intervals timed after the first (which includes compilation)
+# What `measure` sets itself: an --override of one of these is refused, not silently replaced.
+BENCH_KEYS = ("output_dir", "train.steps", "train.eval_every", "train.log_every", "checkpoint.every_steps",
+              "train.progress", "tensorboard", "train.peak_flops", "mesh.data")
+
+
+def check_overrides(config_paths, overrides) -> None:
+    """Before any measurement: every override parses and applies to every config, and none is
+    one the bench sets itself (ConfigError otherwise)."""
+    from jaxaccel.config import build, parse_override
+    from jaxaccel.errors import ConfigError
+    from jaxaccel.train.config import RunConfig
+
+    for o in overrides:
+        key = ".".join(parse_override(o)[0])
+        if key in BENCH_KEYS:
+            raise ConfigError(f"--override {o}: the bench sets {key} itself ({', '.join(BENCH_KEYS)})")
+    for path in config_paths:
+        build(RunConfig, path, list(overrides))
 
 
 def measure(config_path: str, overrides: list[str], peak: float, log_every: int = 5) -> dict[str, Any]:

@@ -18,7 +18,10 @@ def parse_size(text: str) -> int:
     if not m:
         fail(f"--max-shard-size {text!r}: expected a size like 500MB or 2GB")
     scale = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9}[m.group(2)]
-    return int(float(m.group(1)) * scale)
+    size = int(float(m.group(1)) * scale)
+    if size < 1:
+        fail(f"--max-shard-size {text!r} must be at least 1 byte")
+    return size
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,7 +27,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxaccel.config import ModelConfig, RopeScaling
-from jaxaccel.errors import CheckpointError, ModelLoadError, UnsupportedArchitectureError
+from jaxaccel.errors import CheckpointError, ConfigError, JaxaccelError, ModelLoadError, UnsupportedArchitectureError
 
 SUPPORTED = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
 EXPORT_NAMES = {v: k for k, v in SUPPORTED.items()}
@@ -43,7 +43,25 @@ def is_hf_folder(folder: Path) -> bool:
 # ----------------------------------------------------------------------------- config
 
 
+_HF_INT_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
 def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
+    """A Hugging Face config.json (as a dict) -> ModelConfig; anything missing, mistyped or
+    unsupported is one ConfigError / UnsupportedArchitectureError naming `source`."""
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{source}: expected a JSON object")
+    try:
+        return _config_from_hf(hf, source)
+    except JaxaccelError:
+        raise
+    except KeyError as e:
+        raise ConfigError(f"{source}: {e.args[0]!r} is missing") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: a value has the wrong type or range ({str(e).splitlines()[0]})") from None
+
+
+def _config_from_hf(hf: dict, source: str) -> ModelConfig:
     archs = hf.get("architectures") or []
     arch = next((a for a in archs if a in SUPPORTED), None)
     if arch is None:
@@ -57,6 +75,12 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
         raise UnsupportedArchitectureError(f"{source}: attention_bias/mlp_bias on Llama is not supported")
     if family == "qwen2" and hf.get("use_sliding_window"):
         raise UnsupportedArchitectureError(f"{source}: Qwen2 with use_sliding_window=true is not supported")
+
+    for key in _HF_INT_KEYS:
+        if key not in hf:
+            raise ConfigError(f"{source}: {key!r} is missing")
+        if not isinstance(hf[key], int) or isinstance(hf[key], bool):
+            raise ConfigError(f"{source}: {key} must be an integer, got {hf[key]!r}")
 
     rope = dict(hf.get("rope_parameters") or {})
     scaling = hf.get("rope_scaling") or {}

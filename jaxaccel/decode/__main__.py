@@ -54,7 +54,10 @@ def read_prompts(args) -> list[Any]:
         path = Path(args.prompts_file)
         # JSONL separates records by "\n" only: str.splitlines would also split at U+2028 and
         # friends, which are legal unescaped inside a JSON string.
-        for n, line in enumerate(read_prompts_file(path).split("\n"), 1):
+        text = read_prompts_file(path)
+        if not text.strip():
+            fail(f"prompts file {str(path)!r} holds no prompts")
+        for n, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:

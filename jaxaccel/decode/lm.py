@@ -30,7 +30,7 @@ from jaxaccel.decode import compile_cache, tuning
 from jaxaccel.decode.engine import PREFILL_CHUNK, GenerateOutput, generate_loop, prefill_cache
 from jaxaccel.decode.methods import get_method
 from jaxaccel.decode.sampling import make_sampling
-from jaxaccel.errors import InvalidArgumentError, InvalidPromptError, ModelLoadError
+from jaxaccel.errors import CheckpointError, InvalidArgumentError, InvalidPromptError, ModelLoadError
 from jaxaccel.model.duo import parse_routes
 from jaxaccel.model.options import ExecutionPlan
 from jaxaccel.model.transformer import (LayerKV, ModelHandle, canonical_params, fuse_layers, init_cache, logical_axes,
@@ -117,6 +117,11 @@ class LanguageModel:
     def encode(self, prompt: str | Sequence[int], index: int = 0) -> list[int]:
         """A prompt (text or ids) -> checked token ids."""
         if isinstance(prompt, str):
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate (bytes that were not UTF-8 on the command line)
+                raise InvalidPromptError(f"prompt {index} is not valid Unicode text (a lone surrogate at character "
+                                         f"{e.start})") from None
             if self.tokenizer is None:
                 raise InvalidPromptError("this model has no tokenizer: pass prompts as lists of token ids")
             ids = self.tokenizer.encode(prompt)
@@ -454,8 +459,12 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh
         config, params, meta = ckpt.load_model(folder, dtype=dtype, shardings_fn=shardings_fn)
         params = decode_params(params, config, mesh, consume=True)
         tokenizer = load_tokenizer(folder, add_bos=bool(meta.get("add_bos", False)))
-        return LanguageModel(config, params, tokenizer=tokenizer, eos_token_ids=meta.get("eos_token_ids") or (),
-                             bos_token_id=meta.get("bos_token_id"), mesh=mesh, source=str(folder),
+        eos, bos = meta.get("eos_token_ids") or [], meta.get("bos_token_id")
+        if not (isinstance(eos, list) and all(_is_id(e) for e in eos)) or not (bos is None or _is_id(bos)):
+            raise CheckpointError(f"{folder}/{ckpt.MARKER}: eos_token_ids must be a list of token ids and "
+                                  f"bos_token_id a token id or null, got {eos!r} and {bos!r}")
+        return LanguageModel(config, params, tokenizer=tokenizer, eos_token_ids=eos,
+                             bos_token_id=bos, mesh=mesh, source=str(folder),
                              info=meta.get("info"))
     if hf_io.is_hf_folder(folder):
         hf = hf_io.read_hf_config(folder)
@@ -469,6 +478,10 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh
                              mesh=mesh, source=str(folder))
     raise ModelLoadError(f"{str(folder)!r} is neither a jaxaccel checkpoint (no jaxaccel.json) nor a Hugging Face "
                          f"model folder (no config.json)")
+
+
+def _is_id(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def from_params(config: ModelConfig, params: Any, **kwargs) -> LanguageModel:

@@ -33,8 +33,8 @@ class SamplingParams(NamedTuple):
 
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if not isinstance(temperature, (int, float)) or temperature != temperature or temperature < 0:
-        raise InvalidArgumentError(f"temperature must be >= 0, got {temperature}")
+    if not isinstance(temperature, (int, float)) or not 0 <= temperature < float("inf"):
+        raise InvalidArgumentError(f"temperature must be a finite number >= 0, got {temperature}")
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
         raise InvalidArgumentError(f"top_k must be an integer >= 1, got {top_k}")
     if top_p is not None and (not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):

@@ -32,6 +32,7 @@ is the standard GQA map h // (n_heads // n_kv_heads).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
@@ -107,6 +108,10 @@ class TokenSelect(DecodeMethod):
     def check(self, config: ModelConfig) -> None:
         if config.resolved_head_dim % 2:
             raise InvalidArgumentError(f"tokenselect needs an even head_dim (RoPE), got {config.resolved_head_dim}")
+        if config.sliding_window is not None:
+            warnings.warn(f"tokenselect: this model attends over a sliding window of {config.sliding_window} tokens, "
+                          f"so no key is selected: every step attends over the window at its true positions, as "
+                          f"autoregressive does", stacklevel=2)
 
     def init_state(self, ctx: StepContext, batch: int, method_input: Any, prompt_tokens=None,
                    prompt_lens=None) -> TokenSelectState:

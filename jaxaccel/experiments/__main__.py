@@ -112,6 +112,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    # Outputs are checked before any work: a long run never ends in a failed write.
+    from jaxaccel.cli import fail, writable_output
+
+    if args.command in ("skipdecode", "duo", "tokenselect", "plot") and args.out:
+        writable_output(args.out, folder=True, what="--out folder")
+    if args.command == "report" and args.out:
+        if Path(args.out).resolve() == Path(args.results).resolve():
+            fail("--out is the results file itself; give another file for the Markdown")
+        writable_output(args.out, what="--out file")
+    if args.command == "duo" and args.save_router:
+        writable_output(args.save_router, folder=True, what="--save-router folder")
 
     if args.command == "skipdecode":
         import json
@@ -124,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             batches = tuple(int(x) for x in args.batches.split(",") if x)
         except ValueError:
             fail("--speedups and --batches are comma-separated numbers")
+        if not speedups or not batches:
+            fail("--speedups and --batches must not be empty")
         for s in speedups:
             if not (Path(args.configs) / f"skipdecode-{s:g}x.yaml").is_file():
                 fail(f"no config {Path(args.configs) / f'skipdecode-{s:g}x.yaml'} for speedup {s:g}")

@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from jaxaccel.data.longctx import ALL_TASKS, TASKS, RetrievalTasks, example_rng
+from jaxaccel.errors import InvalidArgumentError
 
 LENGTHS = (256, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 
@@ -124,11 +125,20 @@ def evaluate(lm, tasks: RetrievalTasks, *, lengths: Sequence[int] = LENGTHS, tas
                                "labels": {m: METHODS[m][0] for m in methods}, "cells": []}
     done: dict[tuple, dict] = {}
     path = Path(out) / RESULT_FILE if out is not None else None
-    if path is not None and path.is_file():
-        old = json.loads(path.read_text())
-        if old.get("settings") == settings:
-            done = {(c["method"], c["task"], c["length"]): c for c in old.get("cells", [])}
-            log(f"{path}: {len(done)} finished cells kept")
+    if path is not None and path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            old = None
+        if not isinstance(old, dict) or old.get("experiment") != "tokenselect":
+            raise InvalidArgumentError(f"{path} is not this experiment's results file; choose another output folder")
+        if old.get("settings") != settings:  # never overwrite another run's cells
+            changed = sorted(k for k in {*settings, *(old.get("settings") or {})}
+                             if settings.get(k) != (old.get("settings") or {}).get(k))
+            raise InvalidArgumentError(f"{path} holds a run with other settings ({', '.join(changed)}); choose "
+                                       f"another output folder, or move that file away to start again")
+        done = {(c["method"], c["task"], c["length"]): c for c in old.get("cells", [])}
+        log(f"{path}: {len(done)} finished cells kept")
 
     def save() -> None:
         if path is not None:

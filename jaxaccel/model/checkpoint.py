@@ -172,8 +172,10 @@ def _write_meta(folder, config, params, tokenizer, eos_token_ids, bos_token_id, 
 def read_meta(folder) -> dict:
     try:
         meta = json.loads((as_path(folder) / MARKER).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{folder}/{MARKER} is unreadable: {e}") from None
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise CheckpointError(f"{folder}/{MARKER} is unreadable: {str(e).splitlines()[0]}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{folder}/{MARKER}: not a jaxaccel model (not a JSON object)")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{folder}/{MARKER}: not a jaxaccel model (format {meta.get('format')!r})")
     return meta
@@ -208,6 +210,10 @@ def load_model(folder: str | Path, dtype: str | None = None, shardings_fn=None) 
     if dtype is not None:
         config = from_dict(ModelConfig, {**to_dict(config), "param_dtype": dtype, "dtype": dtype})
     layout = meta.get("layout", "unrolled")
+    from jaxaccel.model.transformer import LAYOUTS
+
+    if layout not in LAYOUTS:
+        raise CheckpointError(f"{folder}/{MARKER}: unknown parameter layout {layout!r} (one of {', '.join(LAYOUTS)})")
     target = restore_target(config, layout, shardings_fn)
     if not (folder / "params").is_dir():
         raise CheckpointError(f"{folder}: jaxaccel.json is present but params/ is missing")

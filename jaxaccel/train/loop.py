@@ -94,9 +94,24 @@ def output_dir_lock(output_dir: str):
             lock.release()
 
 
+def check_output_dir(output_dir: str) -> None:
+    """Refuse an output_dir that is not a place for a run: a file, or a folder holding a model
+    (a jaxaccel or Hugging Face model folder, whose tokenizer and files a run would overwrite)."""
+    if "://" in output_dir:
+        return
+    folder = Path(output_dir)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"output_dir {output_dir!r} is a file, not a folder")
+    for marker in ("jaxaccel.json", "config.json"):
+        if (folder / marker).is_file():
+            raise ConfigError(f"output_dir {output_dir!r} holds a model ({marker}); a run there would overwrite its "
+                              f"files: choose another output_dir (train.init_from={output_dir} starts from it)")
+
+
 def train(cfg: RunConfig, data: Any = None, *, log=None) -> dict[str, Any]:
     mesh = build_mesh(cfg)  # config errors first, before the folder is touched
     cfg.skip_schedule()
+    check_output_dir(cfg.output_dir)
     with output_dir_lock(cfg.output_dir):
         return _train(cfg, mesh, data, log=log)
 
@@ -209,11 +224,11 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
         for (step, _), m in zip(pending, fetched):
             if not bool(m["finite"]):
                 good = ckpts.steps()
-                where = f"checkpoint step {good[-1]}" if good else "no checkpoint"
+                where = (f"the last good state is checkpoint step {good[-1]} in {ckpt_dir}" if good
+                         else f"no checkpoint was written yet (nothing in {ckpt_dir})")
                 if writer is not None:
                     writer.flush()
-                raise TrainingDiverged(f"loss became {float(m['loss'])} at step {step + 1}; training stopped, "
-                                       f"the last good state is {where} in {ckpt_dir}")
+                raise TrainingDiverged(f"loss became {float(m['loss'])} at step {step + 1}; training stopped, {where}")
             record = {"step": step + 1, "loss": float(m["loss"]), "accuracy": float(m["accuracy"]),
                       "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
                       "tokens_seen": (step + 1) * tokens_per_step, "unique_tokens": unique,
