@@ -292,3 +292,11 @@ def test_bench_checks_its_arguments_before_running(capsys):
     assert code == 2 and "batch_size" in err
     code, _, err = run(bench_main, ["dyspec", "--prompt-tokens", "-5"], capsys)
     assert code == 2 and "prompt tokens must be >= 1" in err
+
+
+@pytest.mark.parametrize("config", [b"\xff\xfe\x00bin", b"- 1\n- 2\n", b"model: [1]\n"])
+def test_decode_run_folder_with_a_bad_config_is_one_line(tmp_path, capsys, config):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "config.yaml").write_bytes(config)
+    code, _, err = run(decode_main, ["--model", str(tmp_path), "--prompt-ids", "1"], capsys)
+    assert code == 2 and "config.yaml: not a readable training config" in err and err.count("\n") == 1, err

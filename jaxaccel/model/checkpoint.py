@@ -99,9 +99,11 @@ def load_run_params(folder, dtype: str | None = None, shardings_fn=None) -> tupl
 
     folder = as_path(folder)
     try:
-        run = yaml.safe_load((folder / RUN_CONFIG).read_text())
-        config = from_dict(ModelConfig, (run or {}).get("model") or {})
-    except (OSError, yaml.YAMLError, ConfigError) as e:
+        run = yaml.safe_load((folder / RUN_CONFIG).read_bytes().decode("utf-8")) or {}
+        if not isinstance(run, dict) or not isinstance(run.get("model") or {}, dict):
+            raise ConfigError("not a mapping with a model section")
+        config = from_dict(ModelConfig, run.get("model") or {})
+    except (OSError, ValueError, yaml.YAMLError) as e:  # ValueError: not UTF-8, and ConfigError
         raise CheckpointError(f"{folder}/{RUN_CONFIG}: not a readable training config: "
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if dtype is not None:
