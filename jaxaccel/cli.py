@@ -35,28 +35,40 @@ def os_error_message(e: OSError) -> str:
 
 def writable_output(path: str | os.PathLike, *, folder: bool = False, what: str = "output") -> None:
     """Check before any work that `path` (a file, or with folder=True a directory) can be
-    written: its folder is created if missing and a probe file written and removed. Raises
-    InvalidArgumentError with one line otherwise, so a long run never ends in a failed write."""
+    written, creating nothing: an existing file must be writable; otherwise the nearest
+    existing folder above it must take a new file (a probe file is written there and
+    removed). Raises InvalidArgumentError with one line otherwise, so a long run never ends
+    in a failed write. Remote paths (gs://...) are left to the writer."""
     import tempfile
 
     from jaxaccel.errors import InvalidArgumentError
 
     path = os.fspath(path)
-    if folder:
-        if os.path.exists(path) and not os.path.isdir(path):
+    if "://" in path:
+        return
+    if os.path.isdir(path) and not folder:
+        raise InvalidArgumentError(f"{what} {path!r} is a folder; give a file name")
+    if os.path.exists(path) and not os.path.isdir(path):
+        if folder:
             raise InvalidArgumentError(f"{what} {path!r} is a file, not a folder")
-        parent = path
-    else:
-        if os.path.isdir(path):
-            raise InvalidArgumentError(f"{what} {path!r} is a folder; give a file name")
-        parent = os.path.dirname(path) or "."
+        if not os.access(path, os.W_OK):
+            raise InvalidArgumentError(f"cannot write the {what} {path!r}: it is read-only")
+        return
+    probe_in = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(probe_in):
+        probe_in = os.path.dirname(probe_in)
+    if not os.path.isdir(probe_in):
+        raise InvalidArgumentError(f"cannot write the {what} {path!r}: {probe_in} is a file, not a folder")
     try:
-        os.makedirs(parent, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=parent, prefix=".jaxaccel-probe-")
+        fd, probe = tempfile.mkstemp(dir=probe_in, prefix=".jaxaccel-probe-")
         os.close(fd)
         os.remove(probe)
     except OSError as e:
-        raise InvalidArgumentError(f"cannot write the {what} {path!r}: {os_error_message(e)}") from None
+        raise InvalidArgumentError(f"cannot write the {what} {path!r}: {probe_in} is not writable "
+                                   f"({(e.strerror or str(e)).lower()})") from None
+
+
+TRACEBACK_ENV = "JAXACCEL_TRACEBACK"  # set to 1: errors keep their traceback (debugging jaxaccel itself)
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
@@ -64,11 +76,13 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     # Warnings are one line too (`warning: ...`), not a source location and a code excerpt.
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
+    if os.environ.get(TRACEBACK_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+        return main(argv)
     try:
         return main(argv)
     except JaxaccelError as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    except OSError as e:  # a path the user gave that cannot be read or written
+    except OSError as e:  # a path the user gave that cannot be read or written, a full disk...
         fail(os_error_message(e))
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")

@@ -43,9 +43,9 @@ def pytest_configure(config):
 
     from jaxaccel.decode import acceptance, compile_cache
 
-    # DySpec's measured acceptance rates go to a folder of this run's, not the user's cache
-    # (every xdist worker and CLI subprocess inherits it).
-    if not hasattr(config, "workerinput") and acceptance.CACHE_ENV not in os.environ:
+    # DySpec's measured acceptance rates go to a folder of this run's, whatever the user's
+    # setting (every xdist worker and CLI subprocess inherits it).
+    if not hasattr(config, "workerinput"):
         os.environ[acceptance.CACHE_ENV] = tempfile.mkdtemp(prefix="jaxaccel-test-acceptance-")
         config._jaxaccel_test_acceptance = os.environ[acceptance.CACHE_ENV]
     if not hasattr(config, "workerinput") and _TEST_CACHE not in os.environ:

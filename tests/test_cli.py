@@ -263,7 +263,15 @@ def test_outputs_are_checked_before_any_work(tmp_path, capsys):
     a_file = tmp_path / "a_file"
     a_file.write_text("keep")
     code, _, err = run(bench_main, ["acceptance", "--json", str(a_file / "x.json")], capsys)
-    assert code == 2 and "cannot write the --json file" in err and err.count("\n") == 1
+    assert code == 2 and f"{a_file} is a file, not a folder" in err and err.count("\n") == 1
+    # A folder still to be made is checked without being made; a remote path is left to the writer.
+    from jaxaccel.cli import writable_output
+
+    writable_output(tmp_path / "new" / "deeper" / "r.json")
+    writable_output(tmp_path / "new_out", folder=True)
+    writable_output("gs://bucket/out", folder=True)
+    assert not (tmp_path / "new").exists() and not (tmp_path / "new_out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
     code, _, err = run(experiments_main, ["tokenselect", "--out", str(a_file)], capsys)
     assert code == 2 and "--out folder" in err and "is a file, not a folder" in err
     code, _, err = run(experiments_main, ["report", str(a_file), "--out", str(a_file)], capsys)
@@ -289,7 +297,7 @@ def test_bench_checks_its_arguments_before_running(capsys):
     code, _, err = run(bench_main, ["train", "--configs", tiny, "--override", "train.steps=5"], capsys)
     assert code == 2 and "the bench sets train.steps itself" in err
     code, _, err = run(bench_main, ["train", "--configs", tiny, "--override", "train.batch_size=abc"], capsys)
-    assert code == 2 and "batch_size" in err
+    assert code == 2 and "batch_size" in err and "matmul peak" not in err  # refused before measuring anything
     code, _, err = run(bench_main, ["dyspec", "--prompt-tokens", "-5"], capsys)
     assert code == 2 and "prompt tokens must be >= 1" in err
 

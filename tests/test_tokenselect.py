@@ -230,10 +230,20 @@ def test_selection_cache_state_of_a_decode_step():
     fresh = run_layer(dataclasses.replace(policy, cache_threshold=None), params, cache, x2, lengths, slots)[0]
     assert not np.allclose(out2[0], fresh[0], atol=1e-4)  # row 0 attended over the stale selection
     np.testing.assert_allclose(out2[1:], fresh[1:], rtol=1e-5, atol=1e-6)
-    # Threshold -1 reuses even the opposite query (a float32 cosine of q and -q can round
-    # below -1: it is clipped).
+    # Threshold -1 reuses even the opposite query.
     always = run_layer(dataclasses.replace(policy, cache_threshold=-1.0), params, cache, x2, lengths, slots, first)[2]
     np.testing.assert_array_equal(always.hits, [1, 1, 0])
+
+
+def test_query_cosine_stays_within_minus_one_and_one():
+    """float32 rounding puts cos(q, -q) below -1 for many 256-wide queries (about a quarter of
+    these); a threshold of -1 must still reuse, so the cosine is clipped."""
+    from jaxaccel.model.layers import query_cosine
+
+    q = jax.random.normal(jax.random.key(0), (2000, 256), jnp.float32)
+    cos = np.asarray(query_cosine(q, -q))
+    assert cos.min() >= -1.0 and np.all(cos <= -0.999)
+    assert np.all(np.asarray(query_cosine(q, q)) <= 1.0)
 
 
 # ----------------------------------------------------------------------------- baseline selections

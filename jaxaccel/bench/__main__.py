@@ -253,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             fail("--methods must name at least one method")
         for m in methods:
             get_method(m)  # an unknown one: one line, exit 2, before any process starts
-        if not (args.model.startswith("builtin:") or Path(args.model).is_dir()):
+        if not (args.model.startswith("builtin:") or "://" in args.model or Path(args.model).expanduser().is_dir()):
             fail(f"--model {args.model!r} is not a model folder")
         result = startup.run(args.model, args.runs, methods, args.repeats,
                              progress=lambda s: print(s, file=sys.stderr))

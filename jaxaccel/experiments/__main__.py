@@ -19,6 +19,7 @@ nothing is trained or overwritten.
 """
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -118,7 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("skipdecode", "duo", "tokenselect", "plot") and args.out:
         writable_output(args.out, folder=True, what="--out folder")
     if args.command == "report" and args.out:
-        if Path(args.out).resolve() == Path(args.results).resolve():
+        same = Path(args.out).resolve() == Path(args.results).resolve() or (
+            Path(args.out).exists() and Path(args.results).exists() and os.path.samefile(args.out, args.results))
+        if same:
             fail("--out is the results file itself; give another file for the Markdown")
         writable_output(args.out, what="--out file")
     if args.command == "duo" and args.save_router:

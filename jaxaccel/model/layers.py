@@ -252,6 +252,13 @@ def _fresh_top(policy: TokenSelectAttention, query, cache_k, lengths) -> jax.Arr
     return indices[:, policy.n_init:policy.n_init + policy.k]
 
 
+def query_cosine(a: jax.Array, b: jax.Array) -> jax.Array:
+    """cos(a, b) over the last axis, clipped to [-1, 1] (float32 rounding can put the cosine of
+    q and -q below -1, and a threshold of -1 must always reuse); 0 for a zero vector."""
+    norms = jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1)
+    return jnp.clip(jnp.sum(a * b, axis=-1) / jnp.where(norms > 0, norms, 1.0), -1.0, 1.0)
+
+
 def token_select_attention(policy: TokenSelectAttention, cfg: ModelConfig, q_raw, k_raw, v, q_rot, k_rot,
                            visibility: Visibility, cache_kv, write_slots, state: SelectionState | None):
     """Cached attention under `TokenSelectAttention` (see there for the rule).
@@ -281,8 +288,7 @@ def token_select_attention(policy: TokenSelectAttention, cfg: ModelConfig, q_raw
         if state is None or policy.cache_threshold is None:
             top = _fresh_top(policy, query, cache_k, lengths)
         else:
-            norms = jnp.linalg.norm(flat, axis=-1) * jnp.linalg.norm(state.query, axis=-1)
-            cos = jnp.clip(jnp.sum(flat * state.query, axis=-1) / jnp.where(norms > 0, norms, 1.0), -1.0, 1.0)
+            cos = query_cosine(flat, state.query)
             hit = state.filled & long & (cos >= policy.cache_threshold)
             # Score the keys only when some long row misses (batch 1: a hit skips the scoring).
             top = jax.lax.cond(jnp.all(hit | ~long), lambda: state.top, lambda: jnp.where(
