@@ -9,17 +9,155 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import math
+import os
 import types
 import typing
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TypeVar
 
+import numpy as np
 import yaml
 
 from jaxaccel.errors import ConfigError
 
 T = TypeVar("T")
+
+
+# ----------------------------------------------------------------------------- type checks
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, strict: bool = False) -> Any:
+    """Check (and minimally convert) `value` against the annotation `tp`: numpy scalars become
+    Python ones, an int a float where the annotation is float, a list a tuple.
+
+    `strict` is for values given to a dataclass constructor directly (`check_types`), not
+    read from YAML: a nested section must already be an instance of its dataclass (checked
+    in turn), and a string is never read as a number."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{key}: null is not allowed (expected {_type_name(tp)})")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, strict)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} does not match {_type_name(tp)}")
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        plain = value.item() if isinstance(value, np.generic) else value
+        for choice in choices:
+            if type(choice) is type(plain) and choice == plain:
+                return choice
+        raise ConfigError(f"{key}: expected one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return _checked(value, key) if strict else value
+        if strict:
+            hint = (f" (pass {tp.__name__}(...), or build the whole config from a dict with "
+                    f"jaxaccel.config.from_dict)" if isinstance(value, Mapping) else "")
+            raise ConfigError(f"{key}: expected a {tp.__name__}, got {value!r}{hint}")
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, prefix=key)
+    if origin in (tuple, list, Sequence, typing.Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        item_tp = args[0] if args else Any
+        items = tuple(_coerce(v, item_tp, f"{key}[{i}]", strict) for i, v in enumerate(value))
+        if isinstance(value, tuple) and all(a is b for a, b in zip(items, value)):
+            return value  # unchanged: keep the object (check_types then stores nothing)
+        return items
+    if origin in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        number = None
+        if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+            number = value
+        elif isinstance(value, str) and not strict:  # YAML 1.1 reads "1e11" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if number is not None:
+            try:
+                return float(number)
+            except OverflowError:  # an int beyond a float's range
+                raise ConfigError(f"{key}: {value!r} is too large for a number") from None
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return str(value)  # numpy.str_ -> str
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+@functools.cache
+def _field_types(cls: type) -> tuple[tuple[str, Any], ...]:
+    """(name, annotation) of each `__init__` field of dataclass `cls`."""
+    hints = typing.get_type_hints(cls)
+    return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls) if f.init)
+
+
+def _normalised(obj: Any, prefix: str) -> dict[str, Any]:
+    """The fields of dataclass instance `obj` whose checked value differs from the stored one."""
+    changes = {}
+    for name, tp in _field_types(type(obj)):
+        value = getattr(obj, name)
+        checked = _coerce(value, tp, f"{prefix}.{name}" if prefix else name, strict=True)
+        if checked is not value:
+            changes[name] = checked
+    return changes
+
+
+def _checked(obj: T, prefix: str) -> T:
+    """`obj` with every field (nested sections included) checked against its annotation: `obj`
+    itself when nothing needed converting, else a copy with the converted values."""
+    changes = _normalised(obj, prefix)
+    return dataclasses.replace(obj, **changes) if changes else obj
+
+
+def check_types(obj: Any, prefix: str = "") -> None:
+    """For a frozen config dataclass's `__post_init__`, before its range checks: every field
+    must match its annotation the way `from_dict` checks YAML values (ints are int or numpy
+    integers, never bool; floats any real number; a section an instance of its dataclass), else
+    a ConfigError naming `prefix.field`. Numpy scalars (and an int in a float field) are
+    replaced by the Python value in place."""
+    for name, value in _normalised(obj, prefix).items():
+        object.__setattr__(obj, name, value)
+
+
+def checked(obj: T, prefix: str = "") -> T:
+    """`check_types` for a config built elsewhere (e.g. a `RunConfig` handed to the trainer),
+    nested sections included: `obj`, or a checked copy of it. ConfigError on a wrong type."""
+    if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
+        raise ConfigError(f"{prefix or 'config'}: expected a config dataclass, got {obj!r}")
+    return _checked(obj, prefix)
 
 
 # ----------------------------------------------------------------------------- model
@@ -36,10 +174,16 @@ class RopeScaling:
     original_max_position: int = 8192
 
     def __post_init__(self):
+        check_types(self, "rope_scaling")
         if self.kind not in ("linear", "llama3"):
             raise ConfigError(f"rope_scaling.kind must be 'linear' or 'llama3', got {self.kind!r}")
-        if self.factor <= 0:
-            raise ConfigError(f"rope_scaling.factor must be > 0, got {self.factor}")
+        if not (math.isfinite(self.factor) and self.factor > 0):
+            raise ConfigError(f"rope_scaling.factor must be a finite number > 0, got {self.factor}")
+        if self.original_max_position < 1:
+            raise ConfigError(f"rope_scaling.original_max_position must be >= 1, got {self.original_max_position}")
+        if self.kind == "llama3" and not 0 < self.low_freq_factor < self.high_freq_factor < math.inf:
+            raise ConfigError(f"rope_scaling.low_freq_factor and high_freq_factor must satisfy 0 < low < high "
+                              f"(finite), got {self.low_freq_factor} and {self.high_freq_factor}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +196,7 @@ class DropoutConfig:
     path: float = 0.0  # DropPath (stochastic depth): a whole residual branch, per example
 
     def __post_init__(self):
+        check_types(self, "dropout")
         for site in ("embed", "attention", "mlp", "path"):
             rate = getattr(self, site)
             if not 0.0 <= rate < 1.0:
@@ -72,6 +217,7 @@ class MoeConfig:
     router_z_weight: float = 0.001  # ST-MoE router z-loss
 
     def __post_init__(self):
+        check_types(self, "moe")
         if self.n_experts < 0:
             raise ConfigError(f"moe.n_experts must be >= 0, got {self.n_experts}")
         if self.n_experts and not 1 <= self.top_k <= self.n_experts:
@@ -101,6 +247,7 @@ class DuoConfig:
     router: bool = False
 
     def __post_init__(self):
+        check_types(self, "duo")
         if self.small_ratio < 1:
             raise ConfigError(f"duo.small_ratio must be >= 1, got {self.small_ratio}")
         for name in ("p_big", "p_skip"):
@@ -141,6 +288,7 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self):
+        check_types(self, "model")  # wrong types first: the range checks below compare numbers
         positive = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len")
         for name in positive:
             if getattr(self, name) < 1:
@@ -225,72 +373,10 @@ class ModelConfig:
 # ----------------------------------------------------------------------------- generic machinery
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check (and minimally convert) `value` against the annotation `tp`."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(f"{key}: null is not allowed (expected {_type_name(tp)})")
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} does not match {_type_name(tp)}")
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
-        return from_dict(tp, value, prefix=key)
-    if origin in (tuple, list, Sequence, typing.Sequence):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        args = typing.get_args(tp)
-        item_tp = args[0] if args else Any
-        return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
-    if origin in (dict, Mapping):
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e11" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    return value
-
-
 def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     """Build dataclass `cls` from a (nested) mapping, rejecting unknown keys and wrong types."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix or cls.__name__}: expected a mapping of config keys to values, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
@@ -327,6 +413,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b.c=value` -> (["a", "b", "c"], value parsed as YAML)."""
+    if not isinstance(text, str):
+        raise ConfigError(f"an override must be a 'key.sub=value' string, got {text!r}")
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key.sub=value")
     key, raw = text.split("=", 1)
@@ -354,6 +442,8 @@ def _set_nested(data: dict, path: list[str], value: Any) -> None:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
+        raise ConfigError(f"a config file path must be a str or pathlib.Path, got {path!r}")
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"config file {str(path)!r} is a directory, not a YAML file")
@@ -373,22 +463,35 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def build(cls: type[T], yaml_path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Dataclass defaults <- YAML preset <- `key=value` overrides, all checked."""
+def build(cls: type[T], yaml_path: str | Path | None = None, overrides: Sequence[str] | str = ()) -> T:
+    """Dataclass defaults <- YAML preset <- `key=value` overrides, all checked. `overrides`:
+    a sequence of `key.sub=value` strings, or one such string."""
     data: dict[str, Any] = load_yaml(yaml_path) if yaml_path is not None else {}
     return from_dict(cls, with_overrides(data, overrides))
 
 
-def with_overrides(data: Mapping[str, Any], overrides: Sequence[str] = (),
+def with_overrides(data: Mapping[str, Any], overrides: Sequence[str] | str = (),
                    settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """A deep copy of the nested mapping `data` with `key.sub=value` texts, then `settings`
     ({"key.sub": value}, values already parsed), applied in that order. A value set on a
     section (a mapping) replaces the whole section."""
+    if overrides is None:
+        overrides = ()
+    elif isinstance(overrides, str):  # one override, not a sequence of one-character ones
+        overrides = (overrides,)
+    elif not isinstance(overrides, typing.Iterable):
+        raise ConfigError(f"overrides must be a list of 'key.sub=value' strings, got {overrides!r}")
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"expected a mapping of config keys to values, got {data!r}")
+    if settings is not None and not isinstance(settings, Mapping):
+        raise ConfigError(f"settings must be a mapping of 'key.sub' to values, got {settings!r}")
     out = copy.deepcopy(dict(data))
     for text in overrides:
         path, value = parse_override(text)
         _set_nested(out, path, value)
     for key, value in (settings or {}).items():
+        if not isinstance(key, str) or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"setting key {key!r} must look like 'key.sub'")
         _set_nested(out, key.split("."), copy.deepcopy(value))
     return out
 

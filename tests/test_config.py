@@ -203,3 +203,191 @@ def test_sweep_runs_with_the_same_parsed_config_are_duplicates(tmp_path, capsys)
         code, line = cli_error(experiments_main, ["sweep", path, *args], capsys)
         assert code == 2 and "'lr=1e-3' and 'lr=0.001'" in line and "same config" in line
     assert not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------- bad input: the Python API
+
+import dataclasses  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from jaxaccel.config import (DropoutConfig, DuoConfig, MoeConfig, RopeScaling, check_types,  # noqa: E402
+                             with_overrides)
+
+
+def one_line(err) -> str:
+    text = str(err.value)
+    assert "\n" not in text
+    return text
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"vocab_size": "256"}, r"^model\.vocab_size: expected an integer, got '256'$"),
+    ({"vocab_size": None}, r"^model\.vocab_size: expected an integer, got None$"),
+    ({"vocab_size": 256.5}, r"^model\.vocab_size: expected an integer, got 256\.5$"),
+    ({"vocab_size": True}, r"^model\.vocab_size: expected an integer, got True$"),
+    ({"max_seq_len": "x"}, r"^model\.max_seq_len: expected an integer, got 'x'$"),
+    ({"sliding_window": "x"}, r"^model\.sliding_window: expected an integer, got 'x'$"),
+    ({"head_dim": 8.0}, r"^model\.head_dim: expected an integer, got 8\.0$"),
+    ({"norm_eps": "x"}, r"^model\.norm_eps: expected a number, got 'x'$"),
+    ({"norm_eps": "1e-5"}, r"^model\.norm_eps: expected a number, got '1e-5'$"),  # YAML's leniency only
+    ({"rope_theta": True}, r"^model\.rope_theta: expected a number, got True$"),
+    ({"tie_embeddings": 1}, r"^model\.tie_embeddings: expected true/false, got 1$"),
+    ({"dtype": 32}, r"^model\.dtype: expected a string, got 32$"),
+    ({"architecture": None}, r"^model\.architecture: expected a string, got None$"),
+    ({"moe": {"n_experts": 2}}, r"^model\.moe: expected a MoeConfig, got \{'n_experts': 2\} \(pass MoeConfig"),
+    ({"moe": None}, r"^model\.moe: expected a MoeConfig, got None$"),
+    ({"rope_scaling": "x"}, r"^model\.rope_scaling: expected a RopeScaling, got 'x'$"),
+    ({"dropout": 0.1}, r"^model\.dropout: expected a DropoutConfig, got 0\.1$"),
+    ({"duo": True}, r"^model\.duo: expected a DuoConfig, got True$"),
+])
+def test_model_config_constructor_checks_types(kwargs, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        ModelConfig(**kwargs)
+    one_line(err)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: MoeConfig(n_experts="2"), r"^moe\.n_experts: expected an integer, got '2'$"),
+    (lambda: MoeConfig(eval_capacity_factor="x"), r"^moe\.eval_capacity_factor: expected a number, got 'x'$"),
+    (lambda: MoeConfig(normalize_top_k="no"), r"^moe\.normalize_top_k: expected true/false, got 'no'$"),
+    (lambda: DropoutConfig(mlp="0.1"), r"^dropout\.mlp: expected a number, got '0\.1'$"),
+    (lambda: DropoutConfig(path=None), r"^dropout\.path: expected a number, got None$"),
+    (lambda: DuoConfig(enabled="yes"), r"^duo\.enabled: expected true/false, got 'yes'$"),
+    (lambda: DuoConfig(small_ratio=2.0), r"^duo\.small_ratio: expected an integer, got 2\.0$"),
+    (lambda: RopeScaling(kind=1), r"^rope_scaling\.kind: expected a string, got 1$"),
+    (lambda: RopeScaling(factor=None), r"^rope_scaling\.factor: expected a number, got None$"),
+    (lambda: RopeScaling(factor=float("inf")), r"^rope_scaling\.factor must be a finite number > 0, got inf$"),
+    (lambda: RopeScaling(original_max_position=0), r"^rope_scaling\.original_max_position must be >= 1"),
+    (lambda: RopeScaling(low_freq_factor=4.0, high_freq_factor=4.0), r"^rope_scaling\.low_freq_factor and high"),
+    # a section built wrongly and slipped past its own constructor is still caught by its parent
+    (lambda: ModelConfig(dropout=_unchecked(DropoutConfig, mlp="0.1")), r"^model\.dropout\.mlp: expected a number"),
+])
+def test_nested_config_constructors_check_types(make, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        make()
+    one_line(err)
+
+
+def _unchecked(cls, **fields):
+    """An instance of `cls` whose __post_init__ never ran (as a dataclass without checks makes)."""
+    obj = object.__new__(cls)
+    for f in dataclasses.fields(cls):
+        object.__setattr__(obj, f.name, fields.get(f.name, f.default))
+    return obj
+
+
+def test_numpy_scalars_are_accepted_and_become_python_values():
+    cfg = ModelConfig(vocab_size=np.int64(256), d_model=np.int32(64), n_heads=np.int8(4), norm_eps=np.float32(1e-5),
+                      rope_theta=np.int64(500000), tie_embeddings=np.bool_(True), dtype=np.str_("bfloat16"),
+                      dropout=DropoutConfig(mlp=np.float64(0.1)), moe=MoeConfig(n_experts=np.uint8(0)))
+    assert (cfg.vocab_size, cfg.d_model, cfg.n_heads, cfg.tie_embeddings, cfg.dtype) == (256, 64, 4, True, "bfloat16")
+    for value, tp in [(cfg.vocab_size, int), (cfg.d_model, int), (cfg.n_heads, int), (cfg.norm_eps, float),
+                      (cfg.rope_theta, float), (cfg.tie_embeddings, bool), (cfg.dtype, str), (cfg.dropout.mlp, float),
+                      (cfg.moe.n_experts, int)]:
+        assert type(value) is tp, (value, tp)
+    assert cfg == ModelConfig(vocab_size=256, d_model=64, n_heads=4, norm_eps=float(np.float32(1e-5)),
+                              rope_theta=500000.0, tie_embeddings=True, dtype="bfloat16",
+                              dropout=DropoutConfig(mlp=0.1))
+    yaml.safe_dump(to_dict(cfg))  # plain Python values: a run's config.yaml stays readable
+    assert ModelConfig() == ModelConfig() and hash(ModelConfig()) == hash(ModelConfig())
+
+
+def test_from_dict_takes_numpy_scalars():
+    cfg = from_dict(RunConfig, {"train": {"steps": np.int64(2), "remat": np.bool_(True)},
+                                "optim": {"lr": np.float32(1e-3), "warmup_steps": np.int32(0)},
+                                "model": {"dropout": {"mlp": np.float16(0.25)}}})
+    assert cfg.train.steps == 2 and type(cfg.train.steps) is int and cfg.train.remat is True
+    assert type(cfg.optim.lr) is float and abs(cfg.optim.lr - 1e-3) < 1e-9 and type(cfg.optim.warmup_steps) is int
+    assert cfg.model.dropout.mlp == 0.25
+    with pytest.raises(ConfigError, match=r"train\.steps: expected an integer, got np\.float64\(2\.0\)"):
+        from_dict(RunConfig, {"train": {"steps": np.float64(2.0)}})
+    with pytest.raises(ConfigError, match=r"^model\.norm_eps: 10{400} is too large for a number$"):
+        from_dict(RunConfig, {"model": {"norm_eps": 10 ** 400}})
+
+
+@pytest.mark.parametrize("data", [None, [("train", {})], "train.steps=2", 5])
+def test_from_dict_needs_a_mapping(data):
+    with pytest.raises(ConfigError, match=r"^RunConfig: expected a mapping of config keys to values, got ") as err:
+        from_dict(RunConfig, data)
+    assert repr(data) in one_line(err)
+
+
+def test_build_checks_its_path_and_takes_one_override_string():
+    for path in (5, b"configs/tiny.yaml", ["configs/tiny.yaml"]):
+        with pytest.raises(ConfigError, match=r"^a config file path must be a str or pathlib\.Path, got ") as err:
+            build(RunConfig, path)
+        assert repr(path) in one_line(err)
+    tiny = ROOT / "configs" / "tiny.yaml"
+    one = build(RunConfig, str(tiny), "train.steps=2")  # one string: one override, not ten one-letter ones
+    assert one.train.steps == 2 and one == build(RunConfig, tiny, ["train.steps=2"])
+    assert build(RunConfig, tiny, None) == build(RunConfig, tiny)
+    with pytest.raises(ConfigError, match=r"^an override must be a 'key\.sub=value' string, got 5$"):
+        build(RunConfig, tiny, ["train.steps=2", 5])
+    with pytest.raises(ConfigError, match=r"^overrides must be a list of 'key\.sub=value' strings, got 5$"):
+        build(RunConfig, tiny, 5)
+    with pytest.raises(ConfigError, match=r"^setting key 3 must look like 'key\.sub'$"):
+        with_overrides({}, (), {3: 1})
+    with pytest.raises(ConfigError, match=r"^expected a mapping of config keys to values, got None$"):
+        with_overrides(None)
+
+
+def test_check_types_is_there_for_other_config_dataclasses():
+    @dataclasses.dataclass(frozen=True)
+    class Section:
+        n: int = 1
+        rate: float | None = None
+
+        def __post_init__(self):
+            check_types(self, "section")
+
+    assert type(Section(n=np.int64(3), rate=np.float32(0.5)).n) is int and Section(rate=2).rate == 2.0
+    with pytest.raises(ConfigError, match=r"^section\.rate: expected a number, got 'x'$"):
+        Section(rate="x")
+
+
+# ------------------------------------------------------------------ train() and RunConfig
+
+
+def _refused_by_train(cfg, match, tmp_path):
+    from jaxaccel.train.loop import train
+
+    with pytest.raises(ConfigError, match=match) as err:
+        train(cfg)
+    one_line(err)
+    assert not any(tmp_path.iterdir())  # refused before any work
+
+
+@pytest.mark.parametrize("bad, match", [
+    (None, r"^train\(\) takes a RunConfig, got NoneType None: build one with jaxaccel\.config\.build\(RunConfig, "),
+    ({"train": {"steps": 2}}, r"^train\(\) takes a RunConfig, not a dict: convert it with jaxaccel\.config\.from_dict"),
+    ("configs/tiny.yaml", (r"^train\(\) takes a RunConfig, not the path 'configs/tiny\.yaml': load it with "
+                           r"jaxaccel\.config\.build\(RunConfig, 'configs/tiny\.yaml'\)$")),
+    (Path("configs/tiny.yaml"), r"not the path 'configs/tiny\.yaml'"),
+    (ModelConfig(), r"^train\(\) takes a RunConfig, got ModelConfig"),
+])
+def test_train_says_what_to_pass(bad, match, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _refused_by_train(bad, match, tmp_path)
+
+
+def test_train_checks_a_hand_built_run_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"^output_dir: expected a string, got 5$"):
+        RunConfig(output_dir=5)  # the constructor checks its own fields
+    with pytest.raises(ConfigError, match=r"^tensorboard: expected true/false, got 'no'$"):
+        RunConfig(tensorboard="no")
+    _refused_by_train(RunConfig(output_dir=" "), r"^output_dir must not be empty$", tmp_path)
+    with pytest.raises(ConfigError, match=r"^train\.remat: expected true/false, got 'yes'$"):
+        RunConfig(train=LoopConfig(remat="yes"))
+    from jaxaccel.train.loop import _check_run_config
+
+    cfg = _check_run_config(RunConfig(output_dir=tmp_path / "run", train=LoopConfig(steps=np.int64(3))))
+    assert cfg.output_dir == str(tmp_path / "run") and type(cfg.train.steps) is int
+    good = RunConfig()
+    assert _check_run_config(good) is good  # nothing to convert: the same object
+
+
+def test_run_config_sections_given_as_dicts_are_config_errors():
+    with pytest.raises(ConfigError, match=r"^model: expected a ModelConfig, got \{'vocab_size': 10\}"):
+        RunConfig(model={"vocab_size": 10})

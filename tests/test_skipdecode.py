@@ -89,11 +89,49 @@ def test_speedup_picks_a_schedule_with_that_mean(speedup, expect):
     ({"speedup": 4}, "speedup 4 is unreachable"),
     ({"speedup": 2, "max_layers": 4}, "either speedup or min_layers"),
     ({"max_length": 1}, "max_length must be an integer >= 2"),
+    # max_layers alone: min_layers defaults to it, but the message names the option given
+    ({"max_layers": 7}, r"^max_layers must be an integer in .* = \[2, 6\], got 7$"),
+    ({"max_layers": 7, "min_layers": 3}, r"^max_layers must be an integer in .* = \[2, 6\], got 7$"),
+    ({"min_layers": 7}, r"^min_layers must be an integer in .* = \[2, 6\], got 7$"),
+    # no O(max_length) memory: a MemoryError before the bound
+    ({"max_length": 10 ** 12}, r"^max_length must be an integer >= 2 and <= 16777216, got 1000000000000$"),
+    ({"max_length": 2 ** 24 + 1}, r"^max_length must be an integer >= 2 and <= 16777216, got 16777217$"),
+    ({"max_length": True}, r"^max_length must be an integer >= 2 and <= 16777216, got True$"),
+    ({"max_length": 64.0}, r"^max_length must be an integer >= 2 and <= 16777216, got 64\.0$"),
 ])
 def test_bad_schedules_are_one_line_errors(lm, options, match):
     with pytest.raises(InvalidArgumentError, match=match) as err:
         lm.generate([[1, 2, 3]], max_new_tokens=4, method="skipdecode", **options)
     assert "\n" not in str(err.value)
+
+
+def test_max_length_bound_keeps_the_rule_exact_and_checks_cheaply():
+    """Up to its bound h(i) is exact in int32 (jnp and numpy alike); the bound shrinks for deep
+    models so (2 * max_layers + 1) * span never overflows; building never allocates O(span)."""
+    import time
+    import tracemalloc
+    from fractions import Fraction
+
+    from jaxaccel.model.skip import MAX_LENGTH, max_length_limit
+
+    assert max_length_limit(6) == MAX_LENGTH == 2 ** 24 and max_length_limit(200) == (2 ** 31 - 1) // 401
+    for n, hi, lo, span in [(6, 6, 2, MAX_LENGTH), (200, 200, 2, max_length_limit(200))]:
+        tracemalloc.start()
+        t0 = time.perf_counter()
+        s = SkipSchedule(n_layers=n, min_layers=lo, max_layers=hi, max_length=span)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 1 << 20 and time.perf_counter() - t0 < 1.0
+        i = np.array([0, 1, span // 3, span // 2, span - 1, span, span + 5])
+        exact = [int((Fraction(hi * (span - k) + lo * k, span) + Fraction(1, 2)) // 1) if k < span else lo
+                 for k in i.tolist()]
+        assert s.layers_np(i, span).tolist() == exact
+        assert np.asarray(s.layers(jnp.asarray(i), span)).tolist() == exact
+    with pytest.raises(InvalidArgumentError, match=rf"^max_length must be an integer >= 2 and <= {(2**31 - 1) // 401}"):
+        SkipSchedule(n_layers=200, min_layers=2, max_layers=200, max_length=max_length_limit(200) + 1)
+    # numpy scalars of valid values are fine
+    s = SkipSchedule.build(6, speedup=np.float32(2.0), max_length=np.int64(64))
+    assert s == SkipSchedule.for_speedup(6, 2, max_length=64)
 
 
 def test_max_length_must_exceed_the_prompt(lm):
@@ -253,6 +291,13 @@ def test_bad_fine_tune_configs(tmp_path):
         train(run_cfg(tmp_path / "b", max_layers=4, min_layers=2, max_length=10))
     with pytest.raises(ConfigError, match="init_from.*neither a jaxaccel model nor a training run"):
         train(run_cfg(tmp_path / "c", init_from=str(tmp_path)))
+    # far beyond any context: a one-line refusal, not a MemoryError from checking the schedule
+    with pytest.raises(ConfigError, match=r"^train\.skip_schedule: max_length must be an integer >= 2 and <= "
+                                          r"16777216, got 1000000000000$"):
+        train(run_cfg(tmp_path / "d", max_layers=4, min_layers=2, max_length=10 ** 12))
+    with pytest.raises(ConfigError, match=r"^train\.skip_schedule: max_layers must be an integer in .*, got 5$"):
+        train(run_cfg(tmp_path / "e", max_layers=5))
+    assert not any((tmp_path / d).exists() for d in "de")
 
 
 # ----------------------------------------------------------------------------- the experiment, at toy size

@@ -21,6 +21,15 @@ import numpy as np
 from jaxaccel.errors import InvalidArgumentError
 
 
+MAX_LENGTH = 2 ** 24  # tokens; far beyond any context, and h(i) stays exact in int32 below it
+
+
+def max_length_limit(max_layers: int) -> int:
+    """The largest max_length a schedule from `max_layers` takes: at most MAX_LENGTH, and small
+    enough that `_rule`'s int32 numerator, (2 * max_layers + 1) * span, cannot overflow."""
+    return min(MAX_LENGTH, (2 ** 31 - 1) // (2 * int(max_layers) + 1))
+
+
 @dataclasses.dataclass(frozen=True)
 class SkipSchedule:
     n_layers: int
@@ -33,17 +42,25 @@ class SkipSchedule:
         n, w = self.n_layers, self.warmup_layers
         if isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 0:
             raise InvalidArgumentError(f"warmup_layers must be an integer >= 0, got {w!r}")
-        for name in ("min_layers", "max_layers"):
+        # max_layers first: min_layers defaults to max_layers (`build`), so a bad max_layers
+        # alone must be named as itself.
+        for name in ("max_layers", "min_layers"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not w + 1 <= v <= n:
                 raise InvalidArgumentError(
                     f"{name} must be an integer in [warmup_layers + 1, n_layers] = [{w + 1}, {n}], got {v!r}")
         if self.min_layers > self.max_layers:
             raise InvalidArgumentError(f"min_layers ({self.min_layers}) > max_layers ({self.max_layers})")
-        if not isinstance(self.max_length, (int, np.integer)) or self.max_length < 2:
-            raise InvalidArgumentError(f"max_length must be an integer >= 2, got {self.max_length!r}")
-        for span in (1, 2, 3, 7, self.max_length):
-            h = self.layers_np(np.arange(2 * span + 2), span)
+        limit = max_length_limit(self.max_layers)
+        m = self.max_length
+        if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or not 2 <= m <= limit:
+            raise InvalidArgumentError(f"max_length must be an integer >= 2 and <= {limit}, got {m!r}")
+        # h(i) falls from max_layers (i = 0) to min_layers (i >= span) by construction (see
+        # `_rule`); check that on a bounded sample of i, never O(span) memory.
+        for span in (1, 2, 3, 7, int(m)):
+            i = np.unique(np.concatenate([np.arange(min(2 * span + 2, 64)),
+                                          np.linspace(0, 2 * span + 1, 65).round().astype(np.int64)]))
+            h = self.layers_np(i, span)
             if np.any(np.diff(h) > 0) or h[0] != self.max_layers or h[-1] != self.min_layers:
                 raise AssertionError("the SkipDecode schedule must fall from max_layers to min_layers")
 
@@ -70,7 +87,8 @@ class SkipSchedule:
         """The schedule whose mean layer count over a generation, (max + min) / 2, is closest
         to n_layers / speedup, preferring max_layers near 1.5x that mean (the top of the
         schedule keeps early tokens accurate; the paper's schedules decay by 2-3x)."""
-        if not isinstance(speedup, (int, float)) or isinstance(speedup, bool) or not speedup >= 1:
+        if not isinstance(speedup, (int, float, np.integer, np.floating)) or isinstance(speedup, bool) \
+                or not speedup >= 1:
             raise InvalidArgumentError(f"speedup must be a number >= 1, got {speedup!r}")
         target = n_layers / speedup
         lowest = warmup_layers + 1
