@@ -51,9 +51,15 @@ def parse_mesh_spec(text: str | Mapping[str, int] | None) -> dict[str, int]:
                 raise ConfigError(f"mesh {text!r}: expected axis=size pairs like tensor=4,data=2")
             name, size = part.split("=", 1)
             items.append((name.strip(), size.strip()))
+    seen = set()
     for name, size in items:
         if name not in sizes:
             raise ConfigError(f"mesh axis {name!r} is unknown; valid axes: {', '.join(MESH_AXES)}")
+        if name in seen:
+            raise ConfigError(f"mesh {text!r} names the axis {name!r} twice")
+        seen.add(name)
+        if isinstance(size, bool) or isinstance(size, float) and not size.is_integer():
+            raise ConfigError(f"mesh axis {name}: size must be an integer, got {size!r}")
         try:
             size = int(size)
         except (TypeError, ValueError):

@@ -261,8 +261,11 @@ def test_bad_drafts(lm, tmp_path):
         assert message in str(err.value), (opts, str(err.value))
 
 
-def test_budget_beyond_cache_headroom(lm, draft_lm):
-    with pytest.raises(InvalidArgumentError, match="cache slots"):
+def test_budget_past_the_drafts_maximum_length(lm, draft_lm):
+    """The target's cache is sized from the request (past its maximum length it only warns),
+    but the draft must cover every position the call needs, its tree included."""
+    with pytest.raises(InvalidArgumentError, match=r"the draft's maximum length \(256\) is shorter than the 305 "
+                                                   r"positions this call needs"):
         lm.generate([[1] * 200], max_new_tokens=40, method="dyspec", budget=64, draft=draft_lm)
 
 

@@ -1,4 +1,6 @@
 """Tree speculative decoding: tree structure, lossless greedy and sampling, drafters, bad input."""
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -395,7 +397,7 @@ def test_a_lossy_verifier_fails_the_check(small_lm, monkeypatch):
 
 
 @pytest.mark.parametrize("method,opts,message", [
-    ("recycling", {"width": 3}, "unknown option width for method 'recycling'; valid options: hot_start, k, template"),
+    ("recycling", {"width": 3}, "unknown option width for method 'recycling'; valid options: hot_start, k, template;"),
     ("recycling", {"k": 0}, "k must be an integer >= 1"),
     ("recycling", {"k": 500}, "larger than the vocabulary (97 tokens)"),
     ("recycling", {"template": "big"}, "template must be"),
@@ -410,11 +412,17 @@ def test_bad_method_options(lm, method, opts, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-def test_template_larger_than_cache_headroom(lm):
-    with pytest.raises(InvalidArgumentError) as e:
-        lm.generate([list(range(1, 90))], max_new_tokens=150, method="recycling", template="paper")
-    assert "its draft tree needs 81 cache slots but only 17 remain" in str(e.value)
-    lm.generate([list(range(1, 90))], max_new_tokens=150, method="recycling", template=[4, 4, 2])  # 11 nodes fit
+def test_a_tree_past_the_maximum_length_warns_as_autoregressive_does(lm):
+    """The cache is sized from the request, tree slots included: a tree that reaches past the
+    model's maximum length decodes (with the warning autoregressive gives past it), and one
+    that fits says nothing. Greedy output stays autoregressive's."""
+    prompt = [list(range(1, 90))]
+    with pytest.warns(UserWarning, match="the draft tree's 81 slots runs past the model's maximum length 256"):
+        out = lm.generate(prompt, max_new_tokens=150, method="recycling", template="paper")
+    assert out.tokens == lm.generate(prompt, max_new_tokens=150).tokens
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lm.generate(prompt, max_new_tokens=150, method="recycling", template=[4, 4, 2])  # 11 nodes fit
 
 
 
@@ -476,4 +484,5 @@ def test_decode_cli_methods_and_bad_options(capsys):
     assert a["results"][0]["tokens"] == b["results"][0]["tokens"]
     assert b["stats"]["method"] == "recycling" and b["stats"]["steps"] <= a["stats"]["steps"]
     code, _, err = run("--method", "pld", "--option", "depth=3")
-    assert code == 2 and err.strip() == "error: unknown option depth for method 'pld'; valid options: max_ngram, num_draft"
+    assert code == 2 and err.strip().startswith("error: unknown option depth for method 'pld'; valid options: "
+                                                "max_ngram, num_draft; generate's own arguments: max_new_tokens")

@@ -47,9 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     lm = jaxaccel.load(args.source, dtype=args.dtype)
     if args.direction == "import":
-        lm.save(dest)
+        lm.save(dest, overwrite=args.force)
     else:
-        lm.export_hf(dest, max_shard_bytes=parse_size(args.max_shard_size))
+        lm.export_hf(dest, overwrite=args.force, max_shard_bytes=parse_size(args.max_shard_size))
     print(f"wrote {dest} ({lm.num_params() / 1e6:.1f}M parameters, {lm.config.param_dtype})", file=sys.stderr)
     return 0
 

@@ -20,6 +20,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding
 
 from jaxaccel.config import ModelConfig
@@ -98,6 +99,11 @@ def split_row_keys(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
     return pairs[:, 0], pairs[:, 1]
 
 
+# `LanguageModel.generate`'s own keyword arguments (every other keyword is a method option).
+GENERATE_ARGUMENTS = ("max_new_tokens", "method", "temperature", "top_k", "top_p", "seed", "progress",
+                      "method_input", "routes")
+
+
 class DecodeMethod:
     """A decoding method: a step function for the engine's loop plus its options.
 
@@ -114,10 +120,19 @@ class DecodeMethod:
 
         unknown = sorted(set(opts) - set(self.options))
         if unknown:
+            import difflib
+
             valid = ", ".join(sorted(self.options)) or "none"
+            known = [*self.options, *GENERATE_ARGUMENTS]
+            close = difflib.get_close_matches(unknown[0], known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
             raise InvalidArgumentError(
                 f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} for method "
-                f"{self.name!r}; valid options: {valid}")
+                f"{self.name!r}{hint}; valid options: {valid}; generate's own arguments: "
+                f"{', '.join(GENERATE_ARGUMENTS)}")
+        # numpy scalars and arrays (np.float32(0.1), np.array([2, 2])) read as the Python values they hold
+        opts = {k: v.item() if isinstance(v, np.generic) else v.tolist() if isinstance(v, np.ndarray) else v
+                for k, v in opts.items()}
         self.opts = {**self.options, **opts}
 
     def key(self) -> tuple:
@@ -151,9 +166,6 @@ class DecodeMethod:
 
     def check(self, config: ModelConfig) -> None:
         """Raise InvalidArgumentError when the options do not fit this model."""
-
-    def check_headroom(self, headroom: int, context: str) -> None:
-        """Raise InvalidArgumentError when `cache_headroom()` exceeds the `headroom` slots left."""
 
     def check_request(self, prompt_lens: list[int], max_new_tokens: int) -> None:
         """Raise InvalidArgumentError when the options do not fit this request's prompts."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import sys
 import time
 import warnings
@@ -116,6 +117,9 @@ class LanguageModel:
 
     def encode(self, prompt: str | Sequence[int], index: int = 0) -> list[int]:
         """A prompt (text or ids) -> checked token ids."""
+        if isinstance(prompt, (bytes, bytearray)):
+            raise InvalidPromptError(f"prompt {index} is bytes: pass text as str (decode it first) or token ids "
+                                     f"as a list of integers")
         if isinstance(prompt, str):
             try:
                 prompt.encode("utf-8")
@@ -126,12 +130,17 @@ class LanguageModel:
                 raise InvalidPromptError("this model has no tokenizer: pass prompts as lists of token ids")
             ids = self.tokenizer.encode(prompt)
         else:
-            try:
-                ids = [int(t) for t in prompt]
-            except (TypeError, ValueError):
-                raise InvalidPromptError(f"prompt {index}: expected a string or a list of token ids") from None
-            if any(float(t) != int(t) for t in prompt if isinstance(t, float)):
-                raise InvalidPromptError(f"prompt {index}: token ids must be integers")
+            if isinstance(prompt, (np.ndarray, jax.Array)):
+                prompt = np.asarray(prompt).tolist()
+            if not isinstance(prompt, Sequence) or isinstance(prompt, (str, bytes)):
+                raise InvalidPromptError(f"prompt {index}: expected a string or a list of token ids, "
+                                         f"got {type(prompt).__name__}")
+            for t in prompt:
+                if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, float, np.integer, np.floating)):
+                    raise InvalidPromptError(f"prompt {index}: token ids must be integers, got {t!r}")
+                if isinstance(t, (float, np.floating)) and not (math.isfinite(t) and float(t).is_integer()):
+                    raise InvalidPromptError(f"prompt {index}: token ids must be integers, got {t!r}")
+            ids = [int(t) for t in prompt]
         if not ids:
             raise InvalidPromptError(f"prompt {index} is empty")
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
@@ -154,12 +163,17 @@ class LanguageModel:
         `routes` (Duo-LLM models, `duo_routes`): the FFN every token takes in each layer — "big",
         "small", a pattern such as "BSSB..." (B big, S small, - skip; one letter per layer) or
         a list of ints; None: the model's own (its router's, else all big)."""
-        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        if not isinstance(prompts, Sequence) or len(prompts) == 0:
-            raise InvalidPromptError("no prompts given")
+        prompts = _prompt_list(prompts)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-            raise InvalidArgumentError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
+            raise InvalidArgumentError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        max_new_tokens = int(max_new_tokens)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not -2**63 <= seed < 2**63:
+            raise InvalidArgumentError(f"seed must be an integer (64-bit), got {seed!r}")
+        seed = int(seed)
+        if not isinstance(method, str):
+            raise InvalidArgumentError(f"method must be a method name (a string), got {method!r}")
+        # numpy / jax scalars of valid values (np.float32(0.7), np.int64(5)) read as Python numbers
+        temperature, top_k, top_p = (_python_scalar(x) for x in (temperature, top_k, top_p))
         mode, sampling = make_sampling(temperature, top_k, top_p)
         route_plan = duo_routes(routes, self.config)
         decoder = get_method(method, **method_options)
@@ -169,21 +183,17 @@ class LanguageModel:
         draft_lm = None
         if getattr(decoder, "uses_draft", False):  # load + check the draft; methods may plan with both models
             draft_lm = self._draft_model(decoder)
+            longest = max(len(p) for p in ids)
+            if draft_lm.config.max_seq_len < longest + max_new_tokens:  # before any calibration the plan runs
+                raise InvalidArgumentError(
+                    f"the draft's maximum length ({draft_lm.config.max_seq_len}) is shorter than the "
+                    f"{longest + max_new_tokens} positions this call needs (longest prompt + max_new_tokens)")
             decoder.prepare(self, draft_lm, temperature, top_k, top_p, batch=len(ids))
         longest = max(len(p) for p in ids)
         decoder.check_request([len(p) for p in ids], max_new_tokens)
         # The cache is sized from the request, so the model's trained maximum length is no
         # limit: past it, positions are ones the model never saw (the extrapolation TokenSelect
         # is for), said once per call.
-        if longest + max_new_tokens > self.config.max_seq_len:
-            if not decoder.extrapolates:
-                warnings.warn(f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) runs past "
-                              f"the model's maximum length {self.config.max_seq_len}: method {decoder.name!r} uses "
-                              f"positions the model was not trained at", stacklevel=2)
-        else:
-            decoder.check_headroom(self.config.max_seq_len - longest - max_new_tokens,
-                                   f"after the longest prompt ({longest} tokens) and max_new_tokens ({max_new_tokens}) "
-                                   f"within the model's maximum length {self.config.max_seq_len}")
         draft_handle = None
         if draft_lm is not None:
             positions = longest + max_new_tokens + decoder.cache_headroom()
@@ -192,6 +202,12 @@ class LanguageModel:
                     f"the draft's maximum length ({draft_lm.config.max_seq_len}) is shorter than the {positions} "
                     f"positions this call needs (longest prompt + max_new_tokens + the tree)")
             draft_handle = draft_lm.handle
+        if method_input is not None:
+            for leaf in jax.tree.leaves(method_input):
+                arr = leaf if isinstance(leaf, jax.Array) else np.asarray(leaf)
+                if not (jnp.issubdtype(arr.dtype, jnp.integer) or jnp.issubdtype(arr.dtype, jnp.floating)):
+                    raise InvalidArgumentError(f"method_input for {decoder.name!r} must be numeric arrays, got "
+                                               f"{type(leaf).__name__}")
         if method_input is None and decoder.carries_memory:
             method_input = self._method_memory.get(decoder.key())  # hot start from the previous call
 
@@ -201,6 +217,14 @@ class LanguageModel:
         batch_bucket = math.ceil(batch_bucket / data_ways) * data_ways
         out_len = _pow2_at_least(max_new_tokens, MIN_BUCKET)
         cache_len = cache_bucket(longest + out_len + decoder.cache_headroom())
+        self._check_cache_fits(batch_bucket, cache_len)
+        # A tree method's scratch slots (its draft tree) are positions too.
+        scratch = decoder.cache_headroom()
+        if longest + max_new_tokens + scratch > self.config.max_seq_len and not decoder.extrapolates:
+            tree = f" + the draft tree's {scratch} slots" if scratch else ""
+            warnings.warn(f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}){tree} runs past "
+                          f"the model's maximum length {self.config.max_seq_len}: method {decoder.name!r} uses "
+                          f"positions the model was not trained at", stacklevel=2)
         # Prompts are padded to the cache length: both programs are keyed by it alone, so
         # prompts of every length up to it share them (prefill runs only the chunks it needs).
         chunk = min(cache_len, decoder.prefill_chunk() or self.prefill_chunk)
@@ -292,6 +316,28 @@ class LanguageModel:
         texts = None if self.tokenizer is None else [self.tokenizer.decode(g) for g in gen]
         return GenerationResult(tokens=gen, texts=texts, stats=stats, prompt_ids=ids, method_output=out.method_output)
 
+    def _check_cache_fits(self, batch: int, cache_len: int) -> None:
+        """Refuse a request whose KV cache cannot be allocated (max_new_tokens=10**9...) with
+        one line, before allocating: the cache's bytes per device against the device's memory
+        limit (accelerators) or the machine's RAM (CPU)."""
+        cfg = self.config
+        per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.resolved_head_dim * jnp.dtype(cfg.dtype).itemsize
+        need = per_token * batch * cache_len / (1 if self.mesh is None else self.mesh.size)
+        limit = None
+        try:
+            limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+        except Exception:  # not every backend reports memory
+            pass
+        if limit is None:
+            try:
+                limit = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            except (ValueError, OSError, AttributeError):
+                return
+        if need > limit:
+            raise InvalidArgumentError(
+                f"the KV cache for {cache_len} positions x batch {batch} needs {need / 1e9:.1f} GB per device, more "
+                f"than the {limit / 1e9:.1f} GB this device has: ask for fewer max_new_tokens or shorter prompts")
+
     def _draft_model(self, decoder) -> "LanguageModel":
         """The draft model a draft-model method names (`draft=`: a path, a builtin name or a
         loaded LanguageModel; default `builtin:draft` for `builtin:default`), loaded once and
@@ -346,17 +392,26 @@ class LanguageModel:
             self._compiled[("logits", tokens.shape)] = fn
         return np.asarray(fn(self.handle, jnp.asarray(tokens)))
 
-    def save(self, folder: str | Path) -> Path:
+    def save(self, folder: str | Path, *, overwrite: bool = False) -> Path:
+        """Write a jaxaccel checkpoint. A folder holding anything but an earlier checkpoint is
+        refused unless `overwrite` (its other files are then kept; `params/` is replaced)."""
         from jaxaccel.model.checkpoint import save_model
 
+        folder = _destination(folder, overwrite, SAVE_FILES)
         add_bos = bool(getattr(self.tokenizer, "add_bos", False))
         return save_model(folder, self.config, canonical_params(self.params, self.config), tokenizer=self.tokenizer,
                           eos_token_ids=self.eos_token_ids, bos_token_id=self.bos_token_id,
                           extra={"add_bos": add_bos, "info": self.info})
 
-    def export_hf(self, folder: str | Path, **kwargs) -> Path:
+    def export_hf(self, folder: str | Path, *, overwrite: bool = False, max_shard_bytes: int = 2 * 1024**3) -> Path:
+        """Write a Hugging Face folder (safetensors shards of at most `max_shard_bytes`). A
+        folder holding anything but an earlier export is refused unless `overwrite`."""
         from jaxaccel.convert.hf import export_hf
 
+        if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, (int, np.integer)) or max_shard_bytes < 1:
+            raise InvalidArgumentError(f"max_shard_bytes must be an integer >= 1, got {max_shard_bytes!r}")
+        folder = _destination(folder, overwrite, EXPORT_FILES)
+        kwargs = {"max_shard_bytes": int(max_shard_bytes)}
         return export_hf(folder, self.config, canonical_params(self.params, self.config), tokenizer=self.tokenizer,
                          eos_token_ids=self.eos_token_ids, bos_token_id=self.bos_token_id, **kwargs)
 
@@ -387,9 +442,46 @@ def _param_shardings(mesh: Mesh | None):
 
 
 def resolve_mesh(mesh: Mesh | str | dict | None) -> Mesh | None:
-    if mesh is None or isinstance(mesh, Mesh):
+    if mesh is None:
+        return None
+    if isinstance(mesh, Mesh):
+        missing = [a for a in shd.MESH_AXES if a not in mesh.axis_names]
+        if missing:
+            raise InvalidArgumentError(f"the mesh must have the axes {', '.join(shd.MESH_AXES)} (size 1 for unused "
+                                       f"ones; jaxaccel.sharding.make_mesh builds one), it lacks {', '.join(missing)}")
         return mesh
+    if not isinstance(mesh, (str, dict)):
+        raise InvalidArgumentError(f"mesh must be a jax Mesh, a string like 'tensor=2,data=4' or a dict, got {mesh!r}")
     return shd.make_mesh(mesh)
+
+
+# What `save` / `export_hf` write: a folder holding only these is replaced without `overwrite`.
+SAVE_FILES = ("jaxaccel.json", "jaxaccel.json.tmp", "params", "tokenizer.model", "tokenizer.json")
+EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.model",
+                "tokenizer.json")
+
+
+def _destination(folder, overwrite: bool, own: tuple[str, ...]):
+    """Check where `save` / `export_hf` write: a path, not a file, and (unless `overwrite`)
+    empty or holding only what they write themselves."""
+    from jaxaccel.model.checkpoint import as_path
+
+    if not isinstance(folder, (str, os.PathLike)) or not str(folder):
+        raise InvalidArgumentError(f"the destination must be a folder path, got {folder!r}")
+    if "://" in str(folder):
+        return as_path(folder)
+    path = Path(folder).expanduser()
+    if path.exists() and not path.is_dir():
+        raise InvalidArgumentError(f"destination {str(path)!r} is a file, not a folder")
+    if path.is_dir() and not overwrite:
+        other = sorted(p.name for p in path.iterdir()
+                       if p.name not in own and not (p.name.startswith("model") and p.name.endswith(".safetensors")
+                                                     and "model.safetensors.index.json" in own))
+        if other:
+            raise InvalidArgumentError(f"destination {str(path)!r} holds other files ({', '.join(other[:3])}"
+                                       f"{', ...' if len(other) > 3 else ''}); choose an empty folder, or pass "
+                                       f"overwrite=True to write into it")
+    return path
 
 
 def _same_tokenizer(a, b) -> bool:
@@ -428,6 +520,8 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh
         raise InvalidArgumentError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if path is None:
         path = "builtin:default"
+    if not isinstance(path, (str, os.PathLike)) or str(path) == "":
+        raise ModelLoadError(f"a model path (str or pathlib.Path) or a builtin name is needed, got {path!r}")
     if isinstance(path, str) and path.startswith("builtin:"):
         name = path.split(":", 1)[1]
         if name not in BUILTIN_MODELS:
@@ -480,12 +574,93 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh
                          f"model folder (no config.json)")
 
 
+def _prompt_list(prompts) -> list:
+    """`generate`'s prompts -> a list of prompts: a string or one id list (a list of ints, a
+    1-D integer array) is one prompt; a list of those, or a 2-D integer array, a batch."""
+    if isinstance(prompts, jax.Array):
+        prompts = np.asarray(prompts)
+    if isinstance(prompts, np.ndarray):
+        if prompts.ndim not in (1, 2) or prompts.size == 0:
+            raise InvalidPromptError(f"an array of prompts must be 1-D (one prompt) or 2-D (a batch) and non-empty, "
+                                     f"got shape {list(prompts.shape)}")
+        prompts = prompts.tolist()
+        return [prompts] if isinstance(prompts[0], (int, float)) else prompts
+    if isinstance(prompts, (bytes, bytearray)):
+        raise InvalidPromptError("prompts are bytes: pass text as str (decode it first) or token ids as lists of "
+                                 "integers")
+    if isinstance(prompts, str):
+        return [prompts]
+    if not isinstance(prompts, Sequence):
+        raise InvalidPromptError(f"prompts must be a string, a list of token ids, or a list of those; got "
+                                 f"{type(prompts).__name__}")
+    if len(prompts) == 0:
+        raise InvalidPromptError("no prompts given")
+    if isinstance(prompts[0], (int, np.integer)) and not isinstance(prompts[0], (bool, np.bool_)):
+        return [prompts]
+    return list(prompts)
+
+
+def _python_scalar(x):
+    """np.float32(0.7), np.int64(5), a 0-d array -> the Python number; anything else as it is."""
+    if isinstance(x, (np.generic, np.ndarray, jax.Array)) and np.ndim(x) == 0:
+        return np.asarray(x).item()
+    return x
+
+
 def _is_id(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
+@functools.lru_cache(maxsize=32)
+def _layout_shapes(config: ModelConfig, layout: str) -> dict[str, tuple[int, ...]]:
+    return {jax.tree_util.keystr(k): tuple(v.shape)
+            for k, v in jax.tree_util.tree_leaves_with_path(param_shapes(config, layout))}
+
+
+FROM_PARAMS_ARGUMENTS = ("tokenizer", "eos_token_ids", "bos_token_id", "mesh", "source", "info")
+
+
 def from_params(config: ModelConfig, params: Any, **kwargs) -> LanguageModel:
-    """Wrap in-memory parameters (either layout) as a LanguageModel."""
+    """Wrap in-memory parameters (any layout) as a LanguageModel, after checking them against
+    `config` (every array's shape, in one of the layouts), so a mismatch is one line here and
+    never a wrong model. kwargs: tokenizer, eos_token_ids, bos_token_id, mesh (a Mesh or a
+    string like "tensor=2"), source, info."""
+    from jaxaccel.model.transformer import LAYOUTS
+
+    if not isinstance(config, ModelConfig):
+        raise InvalidArgumentError(f"config must be a jaxaccel.config.ModelConfig, got {type(config).__name__}")
+    unknown = sorted(set(kwargs) - set(FROM_PARAMS_ARGUMENTS))
+    if unknown:
+        raise InvalidArgumentError(f"unknown argument {unknown[0]!r}; valid ones: {', '.join(FROM_PARAMS_ARGUMENTS)}")
+    if not isinstance(params, dict) or not params:
+        raise InvalidArgumentError(f"params must be the model's parameter tree (a dict of arrays), got "
+                                   f"{'an empty dict' if isinstance(params, dict) else type(params).__name__}")
+    got = {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in jax.tree_util.tree_leaves_with_path(params)}
+    likely = "scanned" if "layers" in params else "fused" if any("qkv" in k for k in got) else "unrolled"
+    best = None
+    for layout in (likely, *(x for x in LAYOUTS if x != likely)):
+        want = _layout_shapes(config, layout)
+        if want == got:
+            break
+        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])
+        score = len(missing) + len(extra) + len(wrong)
+        if best is None or score < best[0]:
+            first = (f"{missing[0]} is missing" if missing else f"{extra[0]} is not a parameter of this config"
+                     if extra else f"{wrong[0]} has shape {list(got[wrong[0]])}, the config gives {list(want[wrong[0]])}")
+            best = (score, layout, first)
+    else:
+        raise InvalidArgumentError(f"params do not match the config ({best[1]} layout: {best[2]})")
+    tokenizer = kwargs.get("tokenizer")
+    if tokenizer is not None and not (callable(getattr(tokenizer, "encode", None))
+                                      and callable(getattr(tokenizer, "decode", None))):
+        raise InvalidArgumentError(f"tokenizer must have encode and decode methods, got {type(tokenizer).__name__}")
+    eos = kwargs.get("eos_token_ids", ())
+    if isinstance(eos, (str, bytes)) or not all(_is_id(e) for e in np.asarray(eos).reshape(-1).tolist()):
+        raise InvalidArgumentError(f"eos_token_ids must be token ids, got {eos!r}")
+    if kwargs.get("bos_token_id") is not None and not _is_id(_python_scalar(kwargs["bos_token_id"])):
+        raise InvalidArgumentError(f"bos_token_id must be a token id or None, got {kwargs['bos_token_id']!r}")
+    kwargs["mesh"] = resolve_mesh(kwargs.get("mesh"))
     return LanguageModel(config, params, **kwargs)
 
 

@@ -28,6 +28,6 @@ METHODS: dict[str, type[DecodeMethod]] = {
 
 
 def get_method(name: str, **options: Any) -> DecodeMethod:
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:
         raise InvalidArgumentError(f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}")
     return METHODS[name](**options)

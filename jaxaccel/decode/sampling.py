@@ -34,11 +34,11 @@ class SamplingParams(NamedTuple):
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
     if not isinstance(temperature, (int, float)) or not 0 <= temperature < float("inf"):
-        raise InvalidArgumentError(f"temperature must be a finite number >= 0, got {temperature}")
+        raise InvalidArgumentError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
-        raise InvalidArgumentError(f"top_k must be an integer >= 1, got {top_k}")
+        raise InvalidArgumentError(f"top_k must be an integer >= 1, got {top_k!r}")
     if top_p is not None and (not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
-        raise InvalidArgumentError(f"top_p must be in (0, 1], got {top_p}")
+        raise InvalidArgumentError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
 def make_sampling(temperature: float, top_k: int | None, top_p: float | None) -> tuple[SamplingMode, SamplingParams]:
