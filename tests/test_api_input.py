@@ -23,12 +23,20 @@ def test_from_params_refuses_params_of_another_config(tiny_params, change, messa
     assert message in str(e.value)
 
 
+def test_from_params_takes_a_frozen_dict(tiny_params, tiny_lm):
+    import flax
+
+    lm = jaxaccel.from_params(TINY, flax.core.freeze(tiny_params), eos_token_ids=())
+    assert lm.generate([[1, 2]], max_new_tokens=3).tokens == tiny_lm.generate([[1, 2]], max_new_tokens=3).tokens
+
+
 @pytest.mark.parametrize("args,kwargs,message", [
     ((TINY, {}), {}, "got an empty dict"),
     ((TINY, None), {}, "got NoneType"),
     (({"vocab_size": 97}, "P"), {}, "config must be a jaxaccel.config.ModelConfig"),
     ((TINY, "P"), {"dtype": "float32"}, "unknown argument 'dtype'"),
     ((TINY, "P"), {"eos_token_ids": "x"}, "eos_token_ids must be token ids"),
+    ((TINY, "P"), {"eos_token_ids": 2}, "eos_token_ids must be token ids"),
     ((TINY, "P"), {"tokenizer": 5}, "tokenizer must have encode and decode methods"),
 ])
 def test_from_params_bad_arguments(tiny_params, args, kwargs, message):
@@ -62,6 +70,12 @@ def test_numpy_inputs_read_as_the_values_they_hold(tiny_lm):
         tiny_lm.generate(np.array([1, 2, 3]), max_new_tokens=3).tokens == \
         tiny_lm.generate([np.int64(1), np.int64(2), np.int64(3)], max_new_tokens=3).tokens == \
         tiny_lm.generate([1, 2, 3], max_new_tokens=3).tokens
+    torch = pytest.importorskip("torch")  # other array types with __array__ / __index__ read the same
+    assert tiny_lm.generate([torch.tensor([1, 2, 3])], max_new_tokens=3).tokens == \
+        tiny_lm.generate(list(jax.numpy.array([1, 2, 3])), max_new_tokens=3).tokens == \
+        tiny_lm.generate([1, 2, 3], max_new_tokens=3).tokens
+    assert tiny_lm.generate([1, 2], max_new_tokens=3, temperature=1.0, seed=jax.numpy.int32(5)).tokens == \
+        tiny_lm.generate([1, 2], max_new_tokens=3, temperature=1.0, seed=5).tokens
     same = [tiny_lm.generate([[1, 2]], max_new_tokens=4, method="recycling", template=t).tokens
             for t in ([2, 2], np.array([2, 2]))]
     assert same[0] == same[1]

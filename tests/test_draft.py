@@ -261,6 +261,15 @@ def test_bad_drafts(lm, tmp_path):
         assert message in str(err.value), (opts, str(err.value))
 
 
+def test_a_draft_too_short_for_the_request_is_refused_before_any_calibration(lm, draft_lm, monkeypatch):
+    from jaxaccel.decode import dyspec
+
+    monkeypatch.setattr(dyspec.DySpec, "prepare", lambda *a, **k: pytest.fail("calibrated first"))
+    with pytest.raises(InvalidArgumentError, match=r"the draft's maximum length \(256\) is shorter than the 300 "
+                                                   r"positions this call needs \(longest prompt \+ max_new_tokens\)"):
+        lm.generate([[1] * 200], max_new_tokens=100, method="dyspec", draft=draft_lm)
+
+
 def test_budget_past_the_drafts_maximum_length(lm, draft_lm):
     """The target's cache is sized from the request (past its maximum length it only warns),
     but the draft must cover every position the call needs, its tree included."""

@@ -18,7 +18,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -130,17 +130,12 @@ class LanguageModel:
                 raise InvalidPromptError("this model has no tokenizer: pass prompts as lists of token ids")
             ids = self.tokenizer.encode(prompt)
         else:
-            if isinstance(prompt, (np.ndarray, jax.Array)):
+            if hasattr(prompt, "__array__") and not isinstance(prompt, Sequence):  # numpy, jax, torch arrays
                 prompt = np.asarray(prompt).tolist()
             if not isinstance(prompt, Sequence) or isinstance(prompt, (str, bytes)):
                 raise InvalidPromptError(f"prompt {index}: expected a string or a list of token ids, "
                                          f"got {type(prompt).__name__}")
-            for t in prompt:
-                if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, float, np.integer, np.floating)):
-                    raise InvalidPromptError(f"prompt {index}: token ids must be integers, got {t!r}")
-                if isinstance(t, (float, np.floating)) and not (math.isfinite(t) and float(t).is_integer()):
-                    raise InvalidPromptError(f"prompt {index}: token ids must be integers, got {t!r}")
-            ids = [int(t) for t in prompt]
+            ids = [_token_id(t, index) for t in prompt]
         if not ids:
             raise InvalidPromptError(f"prompt {index} is empty")
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
@@ -167,6 +162,7 @@ class LanguageModel:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
             raise InvalidArgumentError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         max_new_tokens = int(max_new_tokens)
+        seed = _python_scalar(seed)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not -2**63 <= seed < 2**63:
             raise InvalidArgumentError(f"seed must be an integer (64-bit), got {seed!r}")
         seed = int(seed)
@@ -461,6 +457,11 @@ EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors.inde
                 "tokenizer.json")
 
 
+def check_save_destination(folder) -> None:
+    """Before a long job that ends in `LanguageModel.save(folder)`: the save would be refused."""
+    _destination(folder, False, SAVE_FILES)
+
+
 def _destination(folder, overwrite: bool, own: tuple[str, ...]):
     """Check where `save` / `export_hf` write: a path, not a file, and (unless `overwrite`)
     empty or holding only what they write themselves."""
@@ -577,7 +578,7 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh
 def _prompt_list(prompts) -> list:
     """`generate`'s prompts -> a list of prompts: a string or one id list (a list of ints, a
     1-D integer array) is one prompt; a list of those, or a 2-D integer array, a batch."""
-    if isinstance(prompts, jax.Array):
+    if hasattr(prompts, "__array__") and not isinstance(prompts, (Sequence, str, bytes)):  # numpy, jax, torch
         prompts = np.asarray(prompts)
     if isinstance(prompts, np.ndarray):
         if prompts.ndim not in (1, 2) or prompts.size == 0:
@@ -595,9 +596,22 @@ def _prompt_list(prompts) -> list:
                                  f"{type(prompts).__name__}")
     if len(prompts) == 0:
         raise InvalidPromptError("no prompts given")
-    if isinstance(prompts[0], (int, np.integer)) and not isinstance(prompts[0], (bool, np.bool_)):
-        return [prompts]
+    first = prompts[0]
+    if not isinstance(first, (bool, np.bool_, str, bytes)) and (
+            isinstance(first, (int, np.integer)) or (hasattr(first, "__array__") and np.ndim(first) == 0)):
+        return [prompts]  # one prompt of ids (ints, or 0-d numpy / jax / torch integers)
     return list(prompts)
+
+
+def _token_id(t, index: int) -> int:
+    """One token id: an int, a numpy / jax / torch integer scalar, or an integral float."""
+    if not isinstance(t, (bool, np.bool_)) and hasattr(t, "__array__") and np.ndim(t) == 0:
+        t = np.asarray(t).item()
+    if isinstance(t, (int, np.integer)) and not isinstance(t, (bool, np.bool_)):
+        return int(t)
+    if isinstance(t, (float, np.floating)) and math.isfinite(t) and float(t).is_integer():
+        return int(t)
+    raise InvalidPromptError(f"prompt {index}: token ids must be integers, got {t!r}")
 
 
 def _python_scalar(x):
@@ -632,7 +646,7 @@ def from_params(config: ModelConfig, params: Any, **kwargs) -> LanguageModel:
     unknown = sorted(set(kwargs) - set(FROM_PARAMS_ARGUMENTS))
     if unknown:
         raise InvalidArgumentError(f"unknown argument {unknown[0]!r}; valid ones: {', '.join(FROM_PARAMS_ARGUMENTS)}")
-    if not isinstance(params, dict) or not params:
+    if not isinstance(params, Mapping) or not params:
         raise InvalidArgumentError(f"params must be the model's parameter tree (a dict of arrays), got "
                                    f"{'an empty dict' if isinstance(params, dict) else type(params).__name__}")
     got = {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in jax.tree_util.tree_leaves_with_path(params)}
@@ -656,7 +670,7 @@ def from_params(config: ModelConfig, params: Any, **kwargs) -> LanguageModel:
                                       and callable(getattr(tokenizer, "decode", None))):
         raise InvalidArgumentError(f"tokenizer must have encode and decode methods, got {type(tokenizer).__name__}")
     eos = kwargs.get("eos_token_ids", ())
-    if isinstance(eos, (str, bytes)) or not all(_is_id(e) for e in np.asarray(eos).reshape(-1).tolist()):
+    if isinstance(eos, (str, bytes)) or np.ndim(eos) != 1 or not all(_is_id(_python_scalar(e)) for e in eos):
         raise InvalidArgumentError(f"eos_token_ids must be token ids, got {eos!r}")
     if kwargs.get("bos_token_id") is not None and not _is_id(_python_scalar(kwargs["bos_token_id"])):
         raise InvalidArgumentError(f"bos_token_id must be a token id or None, got {kwargs['bos_token_id']!r}")

@@ -125,7 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             fail("--out is the results file itself; give another file for the Markdown")
         writable_output(args.out, what="--out file")
     if args.command == "duo" and args.save_router:
+        from jaxaccel.decode.lm import check_save_destination
+
         writable_output(args.save_router, folder=True, what="--save-router folder")
+        check_save_destination(args.save_router)  # a folder holding other files: refused now, not after the run
 
     if args.command == "skipdecode":
         import json
