@@ -113,6 +113,8 @@ def _coerce(value: Any, tp: Any, key: str, strict: bool = False) -> Any:
     if tp is str:
         if isinstance(value, str):
             return str(value)  # numpy.str_ -> str
+        if isinstance(value, os.PathLike):  # a pathlib.Path for a path field
+            return os.fspath(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     return value
 

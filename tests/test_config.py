@@ -391,3 +391,13 @@ def test_train_checks_a_hand_built_run_config(tmp_path, monkeypatch):
 def test_run_config_sections_given_as_dicts_are_config_errors():
     with pytest.raises(ConfigError, match=r"^model: expected a ModelConfig, got \{'vocab_size': 10\}"):
         RunConfig(model={"vocab_size": 10})
+
+
+def test_path_fields_take_pathlib_paths(tmp_path):
+    from jaxaccel.data.config import DataConfig
+    from jaxaccel.train.config import LoopConfig
+
+    cfg = RunConfig(output_dir=tmp_path / "run", data=DataConfig(cache_dir=tmp_path / "cache"),
+                    train=LoopConfig(init_from=tmp_path / "base"))
+    assert (cfg.output_dir, cfg.data.cache_dir, cfg.train.init_from) == (
+        str(tmp_path / "run"), str(tmp_path / "cache"), str(tmp_path / "base"))
