@@ -367,8 +367,13 @@ def _refused_by_train(cfg, match, tmp_path):
     (ModelConfig(), r"^train\(\) takes a RunConfig, got ModelConfig"),
 ])
 def test_train_says_what_to_pass(bad, match, tmp_path, monkeypatch):
+    from jaxaccel.train.loop import train
+
     monkeypatch.chdir(tmp_path)
-    _refused_by_train(bad, match, tmp_path)
+    with pytest.raises(ConfigError, match=match) as err:
+        train(bad)
+    assert "\n" not in str(err.value)  # one line
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
 
 
 def test_train_checks_a_hand_built_run_config(tmp_path, monkeypatch):
