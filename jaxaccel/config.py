@@ -154,14 +154,6 @@ def check_types(obj: Any, prefix: str = "") -> None:
         object.__setattr__(obj, name, value)
 
 
-def checked(obj: T, prefix: str = "") -> T:
-    """`check_types` for a config built elsewhere (e.g. a `RunConfig` handed to the trainer),
-    nested sections included: `obj`, or a checked copy of it. ConfigError on a wrong type."""
-    if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
-        raise ConfigError(f"{prefix or 'config'}: expected a config dataclass, got {obj!r}")
-    return _checked(obj, prefix)
-
-
 # ----------------------------------------------------------------------------- model
 
 
@@ -451,18 +443,24 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r} is a directory, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
+    return parse_yaml(path.read_bytes(), str(path))
+
+
+def parse_yaml(data: bytes, where: str) -> dict[str, Any]:
+    """A config file's bytes -> its top-level mapping; ConfigError (naming `where`) when they
+    are not UTF-8, not YAML, or not a mapping."""
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+        raise ConfigError(f"{where}: not a UTF-8 text file") from None
     try:
-        data = yaml.safe_load(text) or {}
+        parsed = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0]
-        raise ConfigError(f"{path}: not valid YAML ({first})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
-    return data
+        raise ConfigError(f"{where}: not valid YAML ({first})") from None
+    if not isinstance(parsed, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of keys to values")
+    return parsed
 
 
 def build(cls: type[T], yaml_path: str | Path | None = None, overrides: Sequence[str] | str = ()) -> T:

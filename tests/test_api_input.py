@@ -35,8 +35,8 @@ def test_from_params_takes_a_frozen_dict(tiny_params, tiny_lm):
     ((TINY, None), {}, "got NoneType"),
     (({"vocab_size": 97}, "P"), {}, "config must be a jaxaccel.config.ModelConfig"),
     ((TINY, "P"), {"dtype": "float32"}, "unknown argument 'dtype'"),
-    ((TINY, "P"), {"eos_token_ids": "x"}, "eos_token_ids must be token ids"),
-    ((TINY, "P"), {"eos_token_ids": 2}, "eos_token_ids must be token ids"),
+    ((TINY, "P"), {"eos_token_ids": "x"}, "eos_token_ids must be a list of token ids"),
+    ((TINY, "P"), {"eos_token_ids": 2}, "eos_token_ids must be a list of token ids"),
     ((TINY, "P"), {"tokenizer": 5}, "tokenizer must have encode and decode methods"),
 ])
 def test_from_params_bad_arguments(tiny_params, args, kwargs, message):

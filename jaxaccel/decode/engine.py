@@ -99,6 +99,15 @@ def split_row_keys(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
     return pairs[:, 0], pairs[:, 1]
 
 
+def python_value(x: Any) -> Any:
+    """numpy / jax / torch values read as the Python values they hold: a 0-d array or scalar
+    (np.float32(0.7), jnp.int32(5)) -> its number, an array (np.array([2, 2])) -> a list;
+    anything else (str, list, a model...) as it is."""
+    if isinstance(x, (str, bytes, list, tuple, dict)) or not hasattr(x, "__array__"):
+        return x
+    return np.asarray(x).item() if np.ndim(x) == 0 else np.asarray(x).tolist()
+
+
 # `LanguageModel.generate`'s own keyword arguments (every other keyword is a method option).
 GENERATE_ARGUMENTS = ("max_new_tokens", "method", "temperature", "top_k", "top_p", "seed", "progress",
                       "method_input", "routes")
@@ -130,9 +139,7 @@ class DecodeMethod:
                 f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} for method "
                 f"{self.name!r}{hint}; valid options: {valid}; generate's own arguments: "
                 f"{', '.join(GENERATE_ARGUMENTS)}")
-        # numpy scalars and arrays (np.float32(0.1), np.array([2, 2])) read as the Python values they hold
-        opts = {k: v.item() if isinstance(v, np.generic) else v.tolist() if isinstance(v, np.ndarray) else v
-                for k, v in opts.items()}
+        opts = {k: python_value(v) for k, v in opts.items()}
         self.opts = {**self.options, **opts}
 
     def key(self) -> tuple:

@@ -11,6 +11,7 @@ JAX's persistent compilation cache — so a second call with similar shapes does
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import functools
 import math
 import os
@@ -28,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding
 from jaxaccel import sharding as shd
 from jaxaccel.config import ModelConfig
 from jaxaccel.decode import compile_cache, tuning
-from jaxaccel.decode.engine import PREFILL_CHUNK, GenerateOutput, generate_loop, prefill_cache
+from jaxaccel.decode.engine import PREFILL_CHUNK, GenerateOutput, generate_loop, prefill_cache, python_value
 from jaxaccel.decode.methods import get_method
 from jaxaccel.decode.sampling import make_sampling
 from jaxaccel.errors import CheckpointError, InvalidArgumentError, InvalidPromptError, ModelLoadError
@@ -162,14 +163,14 @@ class LanguageModel:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
             raise InvalidArgumentError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         max_new_tokens = int(max_new_tokens)
-        seed = _python_scalar(seed)
+        seed = python_value(seed)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not -2**63 <= seed < 2**63:
             raise InvalidArgumentError(f"seed must be an integer (64-bit), got {seed!r}")
         seed = int(seed)
         if not isinstance(method, str):
             raise InvalidArgumentError(f"method must be a method name (a string), got {method!r}")
         # numpy / jax scalars of valid values (np.float32(0.7), np.int64(5)) read as Python numbers
-        temperature, top_k, top_p = (_python_scalar(x) for x in (temperature, top_k, top_p))
+        temperature, top_k, top_p = (python_value(x) for x in (temperature, top_k, top_p))
         mode, sampling = make_sampling(temperature, top_k, top_p)
         route_plan = duo_routes(routes, self.config)
         decoder = get_method(method, **method_options)
@@ -319,17 +320,8 @@ class LanguageModel:
         cfg = self.config
         per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.resolved_head_dim * jnp.dtype(cfg.dtype).itemsize
         need = per_token * batch * cache_len / (1 if self.mesh is None else self.mesh.size)
-        limit = None
-        try:
-            limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
-        except Exception:  # not every backend reports memory
-            pass
-        if limit is None:
-            try:
-                limit = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-            except (ValueError, OSError, AttributeError):
-                return
-        if need > limit:
+        limit = _device_memory()
+        if limit is not None and need > limit:
             raise InvalidArgumentError(
                 f"the KV cache for {cache_len} positions x batch {batch} needs {need / 1e9:.1f} GB per device, more "
                 f"than the {limit / 1e9:.1f} GB this device has: ask for fewer max_new_tokens or shorter prompts")
@@ -451,10 +443,11 @@ def resolve_mesh(mesh: Mesh | str | dict | None) -> Mesh | None:
     return shd.make_mesh(mesh)
 
 
-# What `save` / `export_hf` write: a folder holding only these is replaced without `overwrite`.
+# What `save` / `export_hf` write (fnmatch patterns): a folder holding only these is replaced
+# without `overwrite`.
 SAVE_FILES = ("jaxaccel.json", "jaxaccel.json.tmp", "params", "tokenizer.model", "tokenizer.json")
-EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.model",
-                "tokenizer.json")
+EXPORT_FILES = ("config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
+                "tokenizer.model", "tokenizer.json")
 
 
 def check_save_destination(folder) -> None:
@@ -475,9 +468,7 @@ def _destination(folder, overwrite: bool, own: tuple[str, ...]):
     if path.exists() and not path.is_dir():
         raise InvalidArgumentError(f"destination {str(path)!r} is a file, not a folder")
     if path.is_dir() and not overwrite:
-        other = sorted(p.name for p in path.iterdir()
-                       if p.name not in own and not (p.name.startswith("model") and p.name.endswith(".safetensors")
-                                                     and "model.safetensors.index.json" in own))
+        other = sorted(p.name for p in path.iterdir() if not any(fnmatch.fnmatchcase(p.name, o) for o in own))
         if other:
             raise InvalidArgumentError(f"destination {str(path)!r} holds other files ({', '.join(other[:3])}"
                                        f"{', ...' if len(other) > 3 else ''}); choose an empty folder, or pass "
@@ -554,10 +545,8 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh
         config, params, meta = ckpt.load_model(folder, dtype=dtype, shardings_fn=shardings_fn)
         params = decode_params(params, config, mesh, consume=True)
         tokenizer = load_tokenizer(folder, add_bos=bool(meta.get("add_bos", False)))
-        eos, bos = meta.get("eos_token_ids") or [], meta.get("bos_token_id")
-        if not (isinstance(eos, list) and all(_is_id(e) for e in eos)) or not (bos is None or _is_id(bos)):
-            raise CheckpointError(f"{folder}/{ckpt.MARKER}: eos_token_ids must be a list of token ids and "
-                                  f"bos_token_id a token id or null, got {eos!r} and {bos!r}")
+        eos, bos = _special_ids(meta.get("eos_token_ids") or [], meta.get("bos_token_id"), CheckpointError,
+                                f"{folder}/{ckpt.MARKER}: ")
         return LanguageModel(config, params, tokenizer=tokenizer, eos_token_ids=eos,
                              bos_token_id=bos, mesh=mesh, source=str(folder),
                              info=meta.get("info"))
@@ -573,6 +562,22 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh
                              mesh=mesh, source=str(folder))
     raise ModelLoadError(f"{str(folder)!r} is neither a jaxaccel checkpoint (no jaxaccel.json) nor a Hugging Face "
                          f"model folder (no config.json)")
+
+
+@functools.cache
+def _device_memory() -> int | None:
+    """Bytes a device can hold: its allocator's limit (accelerators), else the machine's RAM
+    (CPU: jax reports no memory stats); None when neither is known."""
+    try:
+        limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    except Exception:  # not every backend reports memory
+        limit = None
+    if limit is None:
+        try:
+            limit = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return int(limit)
 
 
 def _prompt_list(prompts) -> list:
@@ -596,33 +601,30 @@ def _prompt_list(prompts) -> list:
                                  f"{type(prompts).__name__}")
     if len(prompts) == 0:
         raise InvalidPromptError("no prompts given")
-    first = prompts[0]
-    if not isinstance(first, (bool, np.bool_, str, bytes)) and (
-            isinstance(first, (int, np.integer)) or (hasattr(first, "__array__") and np.ndim(first) == 0)):
+    first = python_value(prompts[0])
+    if isinstance(first, int) and not isinstance(first, bool):
         return [prompts]  # one prompt of ids (ints, or 0-d numpy / jax / torch integers)
     return list(prompts)
 
 
 def _token_id(t, index: int) -> int:
     """One token id: an int, a numpy / jax / torch integer scalar, or an integral float."""
-    if not isinstance(t, (bool, np.bool_)) and hasattr(t, "__array__") and np.ndim(t) == 0:
-        t = np.asarray(t).item()
-    if isinstance(t, (int, np.integer)) and not isinstance(t, (bool, np.bool_)):
-        return int(t)
-    if isinstance(t, (float, np.floating)) and math.isfinite(t) and float(t).is_integer():
-        return int(t)
+    v = python_value(t)
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+        return int(v)
     raise InvalidPromptError(f"prompt {index}: token ids must be integers, got {t!r}")
 
 
-def _python_scalar(x):
-    """np.float32(0.7), np.int64(5), a 0-d array -> the Python number; anything else as it is."""
-    if isinstance(x, (np.generic, np.ndarray, jax.Array)) and np.ndim(x) == 0:
-        return np.asarray(x).item()
-    return x
-
-
-def _is_id(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+def _special_ids(eos: Any, bos: Any, error: type[Exception], where: str) -> tuple[tuple[int, ...], int | None]:
+    """(eos_token_ids, bos_token_id) checked: a list of ids and an id or None, else `error`."""
+    eos, bos = python_value(eos), python_value(bos)
+    is_id = lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0  # noqa: E731
+    if not (isinstance(eos, (list, tuple)) and all(is_id(e) for e in eos)) or not (bos is None or is_id(bos)):
+        raise error(f"{where}eos_token_ids must be a list of token ids and bos_token_id a token id or None, "
+                    f"got {eos!r} and {bos!r}")
+    return tuple(eos), bos
 
 
 @functools.lru_cache(maxsize=32)
@@ -669,11 +671,8 @@ def from_params(config: ModelConfig, params: Any, **kwargs) -> LanguageModel:
     if tokenizer is not None and not (callable(getattr(tokenizer, "encode", None))
                                       and callable(getattr(tokenizer, "decode", None))):
         raise InvalidArgumentError(f"tokenizer must have encode and decode methods, got {type(tokenizer).__name__}")
-    eos = kwargs.get("eos_token_ids", ())
-    if isinstance(eos, (str, bytes)) or np.ndim(eos) != 1 or not all(_is_id(_python_scalar(e)) for e in eos):
-        raise InvalidArgumentError(f"eos_token_ids must be token ids, got {eos!r}")
-    if kwargs.get("bos_token_id") is not None and not _is_id(_python_scalar(kwargs["bos_token_id"])):
-        raise InvalidArgumentError(f"bos_token_id must be a token id or None, got {kwargs['bos_token_id']!r}")
+    kwargs["eos_token_ids"], kwargs["bos_token_id"] = _special_ids(
+        kwargs.get("eos_token_ids", ()), kwargs.get("bos_token_id"), InvalidArgumentError, "")
     kwargs["mesh"] = resolve_mesh(kwargs.get("mesh"))
     return LanguageModel(config, params, **kwargs)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import jax
 
-from jaxaccel.config import ModelConfig, from_dict, to_dict
+from jaxaccel.config import ModelConfig, from_dict, parse_yaml, to_dict
 from jaxaccel.errors import CheckpointError, ConfigError
 
 MARKER = "jaxaccel.json"
@@ -95,15 +95,12 @@ def load_run_params(folder, dtype: str | None = None, shardings_fn=None) -> tupl
     moments — each straight into its target sharding (`shardings_fn(config, "scanned")`) and
     dtype; the run's files are only read (read-only manager: a live run is not disturbed)."""
     import orbax.checkpoint as ocp
-    import yaml
 
     folder = as_path(folder)
     try:
-        run = yaml.safe_load((folder / RUN_CONFIG).read_bytes().decode("utf-8")) or {}
-        if not isinstance(run, dict) or not isinstance(run.get("model") or {}, dict):
-            raise ConfigError("not a mapping with a model section")
-        config = from_dict(ModelConfig, run.get("model") or {})
-    except (OSError, ValueError, yaml.YAMLError) as e:  # ValueError: not UTF-8, and ConfigError
+        run = parse_yaml((folder / RUN_CONFIG).read_bytes(), RUN_CONFIG)
+        config = from_dict(ModelConfig, run.get("model") or {}, prefix="model")
+    except (OSError, ConfigError) as e:
         raise CheckpointError(f"{folder}/{RUN_CONFIG}: not a readable training config: "
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if dtype is not None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 from jaxaccel.config import ModelConfig, check_types
 from jaxaccel.data.config import DataConfig
@@ -168,8 +167,6 @@ class RunConfig:
     tensorboard: bool = True
 
     def __post_init__(self):
-        if isinstance(self.output_dir, os.PathLike):  # a pathlib.Path is fine
-            object.__setattr__(self, "output_dir", os.fspath(self.output_dir))
         check_types(self)  # sections given as dicts (RunConfig(model={...})) are ConfigErrors, not AttributeErrors
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(f"train.seq_len ({self.train.seq_len}) is longer than model.max_seq_len "

@@ -28,7 +28,7 @@ import numpy as np
 import yaml
 
 from jaxaccel import sharding as shd
-from jaxaccel.config import checked, to_dict
+from jaxaccel.config import to_dict
 from jaxaccel.errors import ConfigError, JaxaccelError
 from jaxaccel.model.checkpoint import RUN_CHECKPOINTS, RUN_CONFIG  # the names run readers look for
 from jaxaccel.train.checkpoint import Checkpoints
@@ -111,8 +111,7 @@ def check_output_dir(output_dir: str) -> None:
 
 
 def _check_run_config(cfg: Any) -> RunConfig:
-    """`cfg` as a RunConfig whose every field has its annotated type (numpy scalars converted,
-    a pathlib.Path output_dir made a str), else a one-line ConfigError saying what to pass."""
+    """`cfg` if it is a RunConfig fit to run, else a one-line ConfigError saying what to pass."""
     how = "build one with jaxaccel.config.build(RunConfig, 'configs/tiny.yaml', ['train.steps=100'])"
     if isinstance(cfg, (str, os.PathLike)):
         raise ConfigError(f"train() takes a RunConfig, not the path {os.fspath(cfg)!r}: load it with "
@@ -122,9 +121,7 @@ def _check_run_config(cfg: Any) -> RunConfig:
                           f"jaxaccel.config.from_dict(RunConfig, d), or {how}")
     if not isinstance(cfg, RunConfig):
         raise ConfigError(f"train() takes a RunConfig, got {type(cfg).__name__} {cfg!r:.80}: {how}")
-    if isinstance(cfg.output_dir, os.PathLike) and isinstance(os.fspath(cfg.output_dir), str):
-        cfg = dataclasses.replace(cfg, output_dir=os.fspath(cfg.output_dir))
-    cfg = checked(cfg)  # a RunConfig built field by field: its sections' types were never checked
+    # Field types (sections included) were checked when the RunConfig was made (check_types).
     if not cfg.output_dir.strip():
         raise ConfigError("output_dir must not be empty")
     return cfg
