@@ -302,6 +302,8 @@ def test_bench_checks_its_arguments_before_running(capsys):
     assert code == 2 and "batch_size" in err and "matmul peak" not in err  # refused before measuring anything
     code, _, err = run(bench_main, ["dyspec", "--prompt-tokens", "-5"], capsys)
     assert code == 2 and "prompt tokens must be >= 1" in err
+    code, out, err = run(bench_main, ["dyspec", "--budgets", "8,5000", "--batches", "1"], capsys)
+    assert code == 2 and "budget must be at most 512, got 5000" in err and "autoregressive" not in out + err
 
 
 @pytest.mark.parametrize("config", [b"\xff\xfe\x00bin", b"- 1\n- 2\n", b"model: [1]\n"])

@@ -203,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.which == "dyspec":
         from jaxaccel.bench import draft as draft_bench
         from jaxaccel.bench.common import write_json
-        from jaxaccel.decode.methods import METHODS
+        from jaxaccel.decode.methods import METHODS, get_method
 
         batches, budgets = _csv(args.batches, int), _csv(args.budgets, int)
         temperatures, methods = _csv(args.temperatures, float), _csv(args.methods)
@@ -216,6 +216,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown:
             fail(f"unknown method {unknown[0]!r}; choose from {', '.join(draft_bench.METHODS)}")
         assert all(m in METHODS for m in draft_bench.DEFAULT_METHODS)
+        for name in methods:  # bad budgets: one line before the first baseline is timed
+            for budget in budgets:
+                method, opts = draft_bench.method_options(name, budget, args.draft)
+                get_method(method, **opts)
         result = draft_bench.run(args.model, args.draft, batches, temperatures, budgets, methods, args.new_tokens,
                                  args.runs, args.files, args.prompt_tokens, args.figure,
                                  progress=lambda s: print(s, file=sys.stderr),
