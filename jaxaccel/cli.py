@@ -78,16 +78,34 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     if os.environ.get(TRACEBACK_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
         return main(argv)
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda u: None if _abandoned_async_work(u) else previous(u)
     try:
         return main(argv)
     except JaxaccelError as e:
+        _drop_unraisable()
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except OSError as e:  # a path the user gave that cannot be read or written, a full disk...
+        _drop_unraisable()
         fail(os_error_message(e))
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
     return 0
+
+
+def _abandoned_async_work(u) -> bool:
+    """An Orbax / TensorStore read that finishes after its asyncio loop was closed (a restore
+    that failed on another array): its callback raises 'Event loop is closed' in a
+    TensorStore thread, which Python would print as a traceback per pending read."""
+    return isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value)
+
+
+def _drop_unraisable() -> None:
+    """Once a command has failed with its one-line error, exceptions of work it abandoned
+    (pending restore coroutines collected at exit, each printing a multi-line TensorStore
+    spec) are not printed after it."""
+    sys.unraisablehook = lambda u: None
 
 
 def add_distributed_arguments(p: argparse.ArgumentParser) -> None:

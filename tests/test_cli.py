@@ -246,6 +246,22 @@ def test_decode_corrupt_model_folder_is_one_line(jaxaccel_dir, tmp_path, capsys,
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
 
 
+def test_decode_corrupt_params_is_one_line_in_a_process(jaxaccel_dir, tmp_path):
+    """Truncated OCDBT data files fail the restore on one array while others'
+    reads are pending: their callbacks ('Event loop is closed') and the abandoned coroutines
+    (each with a multi-line TensorStore spec) must not print after the one-line error."""
+    import shutil
+
+    folder = shutil.copytree(jaxaccel_dir, tmp_path / "m")
+    for f in (folder / "params").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(f.read_bytes()[:20])
+    proc = subprocess.run([sys.executable, "-m", "jaxaccel.decode", "--model", str(folder), "--prompt-ids", "1,2",
+                           "--max-new-tokens", "2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "could not be restored" in proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+
+
 def test_decode_hf_config_with_a_mistyped_value_is_one_line(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "vocab_size": 97,
                                                       "hidden_size": "abc", "num_hidden_layers": 2,
