@@ -4,9 +4,9 @@ Repetition budget ("To Repeat or Not To Repeat"): the training documents are shu
 `seed`, concatenated (each `<s> text </s>`), and the first `unique_tokens` tokens form the
 unique stream U (the last document is cut where the budget ends). U is split into
 S = ceil(|U| / R) rows of R tokens (R = seq_len, or the UL2 raw length); these S rows are
-one epoch. The run reads ceil(epochs * S) rows: epoch e is all S rows in the order of a
-permutation drawn from (seed, e), so every epoch holds the same multiset of rows in a
-different order, and a fractional last epoch takes the first rows of its permutation.
+one epoch. The run reads ceil(epochs * S) rows (at least one): epoch e is all S rows in the
+order of a permutation drawn from (seed, e), so every epoch holds the same multiset of rows
+in a different order, and a fractional last epoch takes the first rows of its permutation.
 Batches run straight across epoch boundaries (no padding or dropping at an epoch's end);
 only the very last global batch is padded with empty rows.
 
@@ -126,13 +126,39 @@ def corpus_token_count(cfg: DataConfig, *, build: bool = True) -> int | None:
 
 def budget(cfg: DataConfig, unique_tokens: int, *, seq_len: int, batch_size: int) -> dict[str, int | float]:
     """The schedule of a repetition budget over a unique stream of `unique_tokens` tokens: raw
-    row length R, rows per epoch S = ceil(U / R), rows read ceil(epochs * S), global batches."""
+    row length R, rows per epoch S = ceil(U / R), rows read ceil(epochs * S) (at least one),
+    global batches. Checks what `build_data` checks of seq_len, so a sweep's plan fails first."""
+    if seq_len < 2:
+        raise ConfigError(f"seq_len must be >= 2, got {seq_len}")
     raw_len = ul2_raw_length(seq_len, cfg.denoisers, cfg.num_sentinels) if cfg.objective == "ul2" else seq_len
     per_epoch = -(-unique_tokens // raw_len)
-    # round() first so that e.g. epochs=0.1 of 30 rows is 3 rows, not ceil(3.0000000000000004) = 4
-    total = math.ceil(round(cfg.epochs * per_epoch, 6))
+    # round() first so that e.g. epochs=0.1 of 30 rows is 3 rows, not ceil(3.0000000000000004) = 4;
+    # epochs > 0 always reads a row (a tiny fraction must not round to an empty run)
+    total = max(1, math.ceil(round(cfg.epochs * per_epoch, 6)))
     return {"raw_sequence_length": raw_len, "sequences_per_epoch": per_epoch, "total_sequences": total,
             "steps_per_epoch": per_epoch / batch_size, "total_steps": -(-total // batch_size)}
+
+
+def epoch_permutation(seed: int, epoch: int, sequences_per_epoch: int) -> np.ndarray:
+    """The order of epoch `epoch`'s rows (row r = stream tokens [r*R, (r+1)*R))."""
+    return np.random.default_rng([_EPOCH_SHUFFLE_TAG, seed, epoch]).permutation(sequences_per_epoch)
+
+
+def tokens_read(cfg: DataConfig, unique_tokens: int, *, seq_len: int, batch_size: int,
+                steps: int | None = None) -> tuple[int, int]:
+    """(stream tokens read, distinct stream tokens read) by the first `steps` global batches of
+    `batch_size` corpus rows (all of the budget's batches by default), repeats counted in the
+    first. Every row holds R stream tokens but the stream's last row, which holds the rest;
+    so a run stopped early (train.steps below the budget) is counted exactly, not as its budget."""
+    plan = budget(cfg, unique_tokens, seq_len=seq_len, batch_size=batch_size)
+    raw_len, per_epoch = plan["raw_sequence_length"], plan["sequences_per_epoch"]
+    rows = plan["total_sequences"] if steps is None else min(max(steps, 0) * batch_size, plan["total_sequences"])
+    full, rest = divmod(rows, per_epoch)
+    short = raw_len * per_epoch - unique_tokens  # tokens missing from the last row
+    partial = rest * raw_len
+    if rest and per_epoch - 1 in epoch_permutation(cfg.seed, full, per_epoch)[:rest]:
+        partial -= short
+    return full * unique_tokens + partial, unique_tokens if full else partial
 
 
 def build_data(cfg: DataConfig, *, seq_len: int, batch_size: int, shard_index: int = 0,
@@ -183,7 +209,11 @@ def build_data(cfg: DataConfig, *, seq_len: int, batch_size: int, shard_index: i
         return data
     from jaxaccel.data.longctx import RetrievalMixture, RetrievalTasks
 
-    tasks = RetrievalTasks.from_sentencepiece(vocab.path, tokenized.tokens("train"))
+    # The code of code_needle / span_recall rows is corpus text: under a budget it comes from the
+    # unique stream, so no corpus token beyond data.unique_tokens is trained on; without one,
+    # from the whole training split (the same tokens, in manifest order).
+    code = stream if cfg.unique_tokens is not None else tokenized.tokens("train")
+    tasks = RetrievalTasks.from_sentencepiece(vocab.path, code)
     return RetrievalMixture(data, tasks, cfg.retrieval, seq_len=seq_len, task_rows=task_rows, seed=cfg.seed,
                             shard_index=shard_index, num_shards=num_shards)
 
@@ -250,16 +280,11 @@ class TrainData:
     @functools.lru_cache(maxsize=4)
     def epoch_permutation(self, epoch: int) -> np.ndarray:
         """The order of the epoch's rows (row r = stream tokens [r*R, (r+1)*R))."""
-        return np.random.default_rng([_EPOCH_SHUFFLE_TAG, self.cfg.seed, epoch]).permutation(self.sequences_per_epoch)
-
-    def _row_tokens(self, rows: np.ndarray) -> np.ndarray:
-        return np.minimum(self.raw_len, len(self._stream) - rows * self.raw_len)
+        return epoch_permutation(self.cfg.seed, epoch, self.sequences_per_epoch)
 
     def _total_tokens(self) -> int:
         """Stream tokens in the run's ceil(epochs * S) rows (repeats counted)."""
-        full, rest = divmod(self.total_sequences, self.sequences_per_epoch)
-        partial = int(self._row_tokens(self.epoch_permutation(full)[:rest]).sum()) if rest else 0
-        return full * len(self._stream) + partial
+        return tokens_read(self.cfg, len(self._stream), seq_len=self.seq_len, batch_size=self.batch_size)[0]
 
     def sequence_ids(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(epoch, row) of each of this shard's rows at global step `step`; -1 for padding rows."""

@@ -117,6 +117,16 @@ def inspect_run(run: Run) -> RunState:
 # ----------------------------------------------------------------------------- budgets and cost
 
 
+def corpus_batch_size(cfg: RunConfig) -> int:
+    """Corpus rows per global batch: train.batch_size less the rows that data.retrieval's
+    synthetic tasks take from every batch (they read nothing of the budget)."""
+    if not cfg.data.retrieval.enabled:
+        return cfg.train.batch_size
+    from jaxaccel.data.longctx import task_rows_per_batch
+
+    return cfg.train.batch_size - task_rows_per_batch(cfg.data.retrieval, cfg.train.batch_size)
+
+
 def _data_key(d) -> tuple:
     return (d.corpus, d.text_field, d.cache_dir, d.vocab_size, d.num_sentinels, d.vocab_max_chars,
             d.validation_fraction)
@@ -149,7 +159,11 @@ def plan_steps(runs: list[Run], *, build: bool) -> tuple[dict[str, int | None], 
         unique = d.unique_tokens if d.unique_tokens is not None else corpus
         budget_steps = None
         if unique is not None:
-            budget_steps = budget(d, unique, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size)["total_steps"]
+            try:
+                plan = budget(d, unique, seq_len=cfg.train.seq_len, batch_size=corpus_batch_size(cfg))
+            except ConfigError as e:  # e.g. a seq_len the data cannot cut rows of: fail before any run trains
+                raise ConfigError(f"run {run.name!r}: {e}") from None
+            budget_steps = plan["total_steps"]
         if cfg.train.steps is not None and budget_steps is not None and cfg.train.steps > budget_steps:
             raise SweepError(f"run {run.name!r}: train.steps={cfg.train.steps} is more than its data budget of "
                              f"{budget_steps} steps ({unique} unique tokens x {d.epochs} epochs)")
@@ -232,19 +246,43 @@ def _record(run: Run, sweep: Sweep, state: RunState) -> dict:
             "status": state.status, "checkpoint_step": state.checkpoint_step, "config": to_dict(run.config)}
 
 
+def _tokens_trained(run: Run, stats: dict, steps: int | None) -> tuple[Any, Any, Any]:
+    """(total tokens, unique tokens, epochs) the run trained on. The data stats describe the whole
+    budget; a run that train.steps stops before the budget's last step read less (and, stopped
+    within its first epoch, fewer distinct tokens): count what its `steps` batches held."""
+    cfg = run.config
+    total, unique, epochs = stats.get("total_tokens"), stats.get("unique_tokens"), stats.get("epochs", cfg.data.epochs)
+    budget_steps = stats.get("total_steps")
+    if (cfg.data.corpus == "synthetic" or not isinstance(steps, int) or not isinstance(unique, int)
+            or not isinstance(budget_steps, int) or steps >= budget_steps):
+        return total, unique, epochs
+    from jaxaccel.data.pipeline import tokens_read
+
+    total, unique = tokens_read(cfg.data, unique, seq_len=cfg.train.seq_len, batch_size=corpus_batch_size(cfg),
+                                steps=steps)
+    return total, unique, (total / unique if unique else 0.0)
+
+
+def _evaluated(metrics: list[dict]) -> list[dict]:
+    """The metrics records less evaluations that scored no token (no validation split, or
+    data.max_eval_tokens 0): the trainer logs those as loss 0.0, which is no figure at all."""
+    return [m for m in metrics if not ("eval_loss" in m and m.get("eval_tokens") == 0)]
+
+
 def finished_record(run: Run, summary: dict | None, status: str, error: str | None, wall_s: float,
                     resumed_from: int) -> dict:
     cfg = run.config
     stats = (summary or {}).get("data") or {}
+    total_tokens, unique_tokens, epochs = _tokens_trained(run, stats, (summary or {}).get("steps"))
     record = {"name": run.name, "group": run.group, "settings": run.settings, "folder": cfg.output_dir,
               "status": status, "error": error, "config": to_dict(cfg),
               "steps": (summary or {}).get("steps"), "resumed_from": resumed_from, "wall_s": round(wall_s, 3),
               "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "tokens_per_step": cfg.train.batch_size * cfg.train.seq_len,
-              "total_tokens": stats.get("total_tokens"), "unique_tokens": stats.get("unique_tokens"),
-              "epochs": stats.get("epochs", cfg.data.epochs), "corpus_tokens": stats.get("corpus_tokens"),
+              "total_tokens": total_tokens, "unique_tokens": unique_tokens,
+              "epochs": epochs, "corpus_tokens": stats.get("corpus_tokens"),
               "params": cfg.model.num_params(), "active_params": cfg.model.active_params(),
-              **figures(read_metrics(cfg.output_dir)),
+              **figures(_evaluated(read_metrics(cfg.output_dir))),
               "data": {k: v for k, v in stats.items() if isinstance(v, (int, float, str)) or v is None}}
     if record["steps"] is not None:
         record["train_flops"] = run_flops(run, record["steps"])
