@@ -145,6 +145,22 @@ def test_an_imitating_router_learns_the_routes_it_is_shown(toy):
     np.testing.assert_allclose(aux["duo_p_big"], [1.0, 0.0, 1.0], atol=0.1)
 
 
+def test_oracle_plan_auto_falls_back_instead_of_refusing():
+    """--oracle auto at 10 layers with --skip-rows: 2^10 fits, 3^10 does not -> exhaustive
+    big/small oracle without the 3^L part (the docs' promise); exhaustive refuses it."""
+    assert exp.oracle_plan("auto", 10, skip_rows=2) == (True, False)
+    assert exp.oracle_plan("auto", 9, skip_rows=2) == (True, True)
+    assert exp.oracle_plan("auto", 9, skip_rows=0) == (True, False)
+    assert exp.oracle_plan("auto", 15, skip_rows=2) == (False, False)  # beam
+    assert exp.oracle_plan("beam", 4, skip_rows=2) == (False, False)
+    with pytest.raises(InvalidArgumentError, match=r"3\^10 = 59,049 patterns exceeds"):
+        exp.oracle_plan("exhaustive", 10, skip_rows=2)
+    with pytest.raises(InvalidArgumentError, match=r"2\^15"):
+        exp.oracle_plan("exhaustive", 15, skip_rows=0)
+    with pytest.raises(InvalidArgumentError, match="oracle must be auto, exhaustive or beam"):
+        exp.oracle_plan("greedy", 4, skip_rows=0)
+
+
 def test_bad_input_is_one_line(toy):
     params, rows = toy
     with pytest.raises(InvalidArgumentError, match=r"3\^11 = 177,147 patterns exceeds the limit of 20,000; use the beam"):

@@ -9,7 +9,7 @@
     python -m jaxaccel.experiments plot runs/experiments/repetition/results.json --out docs/token_crisis
     python -m jaxaccel.experiments report runs/experiments/repetition/results.json --out table.md
     python -m jaxaccel.experiments skipdecode [--base runs/deep] [--out runs/experiments/skipdecode]   # issue 9
-    python -m jaxaccel.experiments duo [--model runs/duo] [--out runs/experiments/duo]                 # issue 11
+    python -m jaxaccel.experiments duo [--model runs/duo] [--out runs/experiments/duo]
     python -m jaxaccel.experiments tokenselect [--model runs/longctx] [--lengths 1024,...,65536]   # issue 10
 
 `KEY=VALUE` after the sweep file override its base training config (as for the trainer).
@@ -86,8 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ts.add_argument("--seed", type=int, default=0)
     ts.add_argument("--out", default="runs/tokenselect",
                     help="results.json, results.md and the plot go here (docs/tokenselect holds the committed run)")
-    du = sub.add_parser("duo", help="Duo-LLM: exhaustive and beam oracles, fixed / random baselines, routers "
-                                    "(issue 11)")
+    du = sub.add_parser("duo", help="Duo-LLM: exhaustive and beam oracles, fixed / random baselines, routers")
     du.add_argument("--model", default="runs/duo", help="a random-routing Duo model (configs/duo.yaml's run folder)")
     du.add_argument("--config", default="configs/duo.yaml", help="its training config (the corpus to hold out)")
     du.add_argument("--eval-rows", type=int, default=32, help="held-out windows: half fit the routers, half test")

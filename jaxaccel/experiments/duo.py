@@ -1,4 +1,4 @@
-"""python -m jaxaccel.experiments duo — Duo-LLM's oracles, baselines and routers (issue 11).
+"""python -m jaxaccel.experiments duo — Duo-LLM's oracles, baselines and routers.
 
 On a random-routing Duo model (configs/duo.yaml: every token took the big FFN with p = 0.5 in
 every layer during training) and held-out (validation-split) windows of the corpus:
@@ -66,6 +66,21 @@ def all_patterns(n_layers: int, with_skip: bool = False, limit: int = MAX_PATTER
             f"an exhaustive oracle over {len(choices)}^{n_layers} = {count:,} patterns exceeds the limit of "
             f"{limit:,}; use the beam oracle (--oracle beam) for {n_layers} layers")
     return np.asarray(list(itertools.product(choices, repeat=n_layers)), np.int32).reshape(count, n_layers)
+
+
+def oracle_plan(oracle_mode: str, n_layers: int, skip_rows: int) -> tuple[bool, bool]:
+    """(exhaustive oracle?, with the 3^L big/small/skip part?) of `--oracle`, its limits
+    checked before any work: "exhaustive" refuses what does not fit, "auto" falls back to the
+    beam oracle past 2^L patterns and leaves out the 3^L part past 3^L."""
+    if oracle_mode not in ("auto", "exhaustive", "beam"):
+        raise InvalidArgumentError(f"oracle must be auto, exhaustive or beam, got {oracle_mode!r}")
+    fits = lambda k: k ** n_layers <= MAX_PATTERNS  # noqa: E731
+    exhaustive = oracle_mode == "exhaustive" or (oracle_mode == "auto" and fits(2))
+    if oracle_mode == "exhaustive":
+        all_patterns(n_layers)
+        if skip_rows:
+            all_patterns(n_layers, with_skip=True)
+    return exhaustive, skip_rows > 0 and exhaustive and fits(3)
 
 
 def n_big(patterns: np.ndarray) -> np.ndarray:
@@ -361,15 +376,7 @@ def run(model: str = "runs/duo", config: str = "configs/duo.yaml", eval_rows: in
     n_layers = cfg.n_layers
     for b in router_budgets:
         check_budget(b, n_layers)
-    if oracle_mode not in ("auto", "exhaustive", "beam"):
-        raise InvalidArgumentError(f"oracle must be auto, exhaustive or beam, got {oracle_mode!r}")
-    fits = lambda k: k ** n_layers <= MAX_PATTERNS  # noqa: E731
-    exhaustive = oracle_mode == "exhaustive" or (oracle_mode == "auto" and fits(2))
-    if exhaustive:  # the limits are checked before any work
-        all_patterns(n_layers)
-        if skip_rows:
-            all_patterns(n_layers, with_skip=True)
-    with_skip_part = skip_rows > 0 and exhaustive and fits(3)
+    exhaustive, with_skip_part = oracle_plan(oracle_mode, n_layers, skip_rows)
     params = canonical_params(lm.params, cfg)
     try:
         rows = heldout_rows(build(RunConfig, config).data, seq_len, eval_rows)
