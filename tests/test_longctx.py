@@ -302,15 +302,18 @@ def test_experiment_runs_every_cell_and_resumes(lm, tmp_path, monkeypatch):
 def test_bench_runs_end_to_end(lm):
     from jaxaccel.bench import tokenselect as bench
 
-    result = bench.run(lm, lengths=(160,), batches=(2,), new_tokens=4, runs=1, reps=2, budget=BUDGET,
+    # 24 cached tokens fit the budget (36 keys): TokenSelect is full attention there, never a hit
+    result = bench.run(lm, lengths=(24, 160), batches=(2,), new_tokens=4, runs=1, reps=2, budget=BUDGET,
                        prefill_length=160)
-    a, d, p = result["attention"][0], result["decode"][0], result["prefill"]
+    assert [a["fits_budget"] for a in result["attention"]] == [True, False]
+    a, d, p = result["attention"][1], result["decode"][1], result["prefill"]
     assert a["full_ms"] > 0 and a["select_ms"] > 0 and a["reuse_ms"] > 0 and "cache_on_ms" in a
     assert d["full_tokens_per_s"] > 0 and d["tokenselect_on_tokens_per_s"] > 0 and 0 <= d["hit_rate"] <= 1
     assert p["full_s"] > 0 and p["chunked_s"] > 0
     assert result["kv_bytes_per_token_per_layer"] == 2 * CFG.n_kv_heads * CFG.resolved_head_dim * 4
     text = bench.markdown(result)
     assert "Attention time per decode step" in text and "Prefill of one prompt" in text
+    assert "| 24 (fits the budget: full attention) | 2 |" in text
     json.dumps(result)
 
 

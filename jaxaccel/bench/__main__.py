@@ -8,7 +8,7 @@
     python -m jaxaccel.bench acceptance --target builtin:default --draft builtin:draft [--temperature 0]
     python -m jaxaccel.bench skipdecode [--model builtin:skipdecode] [--batches 1,8] [--speedups 2,3,5]
     python -m jaxaccel.bench duo [--model builtin:duo] [--batches 1,8]
-    python -m jaxaccel.bench tokenselect [--model runs/longctx] [--lengths 8192,32768,65536,131072] [--batches 1,4]
+    python -m jaxaccel.bench tokenselect [--model builtin:longctx] [--lengths 8192,32768,65536,131072] [--batches 1,4]
 """
 from __future__ import annotations
 
@@ -124,7 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     du.add_argument("--json", default=None)
     tk = sub.add_parser("tokenselect", help="TokenSelect: attention time per step, decode tokens/s and prefill time "
                                             "vs full attention at long contexts")
-    tk.add_argument("--model", default="runs/longctx")
+    tk.add_argument("--model", default="builtin:longctx",
+                    help="the shipped long-context model, or runs/longctx (configs/longctx.yaml's run, the docs' figures)")
     tk.add_argument("--lengths", default="8192,32768,65536,131072", help="cached tokens")
     tk.add_argument("--batches", default="1,4")
     tk.add_argument("--new-tokens", type=int, default=32)
