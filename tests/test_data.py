@@ -499,6 +499,7 @@ def test_bad_config_values_raise_one_line_config_errors():
         from_dict(DataConfig, {"objective": "mlm"})
     assert "data.objective" in _one_line(e) and "mlm" in str(e.value)
     cases = [({"epochs": 0}, "data.epochs"), ({"validation_fraction": 1.0}, "data.validation_fraction"),
+             ({"validation_fraction": 0.00001}, "rounds to no held-out documents"),
              ({"unique_tokens": 0}, "data.unique_tokens"), ({"vocab_size": 300}, "data.vocab_size"),
              ({"denoisers": [{"mode": "Q"}]}, "mode"), ({"objective": "ul2", "denoisers": []}, "data.denoisers"),
              ({"denoisers": [{"mode": "R", "noise_density": 1.5}]}, "noise_density"), ({"vocab": 3}, "vocab")]

@@ -170,6 +170,9 @@ class DataConfig:
             raise ConfigError(f"data.seed must be >= 0, got {self.seed}")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ConfigError(f"data.validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if self.validation_fraction > 0 and self.validation_buckets == 0:  # the split's resolution is 1/10,000
+            raise ConfigError(f"data.validation_fraction {self.validation_fraction} rounds to no held-out documents "
+                              "(the split works in steps of 0.0001); use 0 for no validation, or at least 0.0001")
         if self.max_eval_tokens < 0:
             raise ConfigError(f"data.max_eval_tokens must be >= 0, got {self.max_eval_tokens}")
         if self.objective not in OBJECTIVES:
