@@ -250,6 +250,8 @@ def test_dry_run_prints_the_plan_and_its_cost_and_writes_nothing(toy, tmp_path, 
     ("other run's folder", "belongs to a different run (optim.lr is 0.01 there, 0.02 in this sweep)"),
     ("other sweep's results", "holds the results of sweep 'other', not 'toy'; refusing to overwrite it"),
     ("not a results file", "is not a jaxaccel sweep results file"),
+    ("results not a path", "results must be a string, got 3"),
+    ("description a list", "description must be a string, got ['a']"),
 ])
 def test_bad_input_is_one_line_and_touches_nothing(toy, tmp_path, capsys, case, message):
     path, out, _ = toy
@@ -265,6 +267,10 @@ def test_bad_input_is_one_line_and_touches_nothing(toy, tmp_path, capsys, case, 
     elif case == "budget":
         sweep["config"]["data"]["unique_tokens"] = 10**9
         sweep["config"]["output_dir"] = str(tmp_path / "budget")
+    elif case == "results not a path":
+        sweep["results"] = 3
+    elif case == "description a list":
+        sweep["description"] = ["a"]
     elif case == "other run's folder":
         sweep["config"]["optim"]["lr"] = 0.02
     elif case == "other sweep's results":

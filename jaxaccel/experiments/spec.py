@@ -202,7 +202,16 @@ def _parse_group(name: str, raw: Any, top_zip: dict, top_axes: dict) -> Group:
     lengths = {len(v) for v in zipped.values()}
     if len(lengths) > 1:
         raise ConfigError(f"the zip lists of {where} differ in length ({', '.join(f'{k}: {len(v)}' for k, v in zipped.items())})")
-    return Group(name, str(spec.get("description") or ""), settings, zipped, axes)
+    return Group(name, _text(spec.get("description"), f"{where} description"), settings, zipped, axes)
+
+
+def _text(value: Any, what: str) -> str:
+    """An optional string field of the sweep file ('' when absent)."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ConfigError(f"{what} must be a string, got {value!r}")
+    return value
 
 
 def _expand(group: Group) -> list[dict[str, Any]]:
@@ -294,10 +303,10 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), re
     group_names = [g.name for g in groups if g.name]
     report = _mapping(raw.get("report"), "report")
     _check_keys(report, REPORT_KEYS, "in report")
-    results_path = results or str(raw.get("results") or "results.json")
+    results_path = results or _text(raw.get("results"), "results") or "results.json"
     if not results and not (results_path.startswith("/") or "://" in results_path):
         results_path = join(output_dir, results_path)  # relative to the runs: follows output_dir overrides
-    sweep = Sweep(name=name, description=str(raw.get("description") or "").strip(), source=str(path), base=base,
+    sweep = Sweep(name=name, description=_text(raw.get("description"), "description").strip(), source=str(path), base=base,
                   output_dir=output_dir, results_path=results_path,
                   groups=tuple(groups), runs=tuple(runs), plots=_parse_plots(raw.get("plots"), group_names),
                   report=report)
