@@ -396,7 +396,7 @@ def run(model: str = "runs/duo", config: str = "configs/duo.yaml", eval_rows: in
         flat = scorer.patterns(patterns, log=log)
     else:
         log(f"beam oracle (width {beam_width}) over {len(rows)} rows of {t} tokens"
-            + (f": 2^{n_layers} patterns exceed {MAX_PATTERNS:,}" if not fits(2) else ""))
+            + (f": 2^{n_layers} patterns exceed {MAX_PATTERNS:,}" if 2 ** n_layers > MAX_PATTERNS else ""))
         patterns, flat = beam_oracle(lambda ps: scorer.patterns(ps), n_layers, beam_width)
     losses_all = flat.reshape(len(patterns), len(rows), t)
     exhaustive_s = time.perf_counter() - start
