@@ -261,3 +261,58 @@ def test_the_duo_benchmark_rejects_bad_input_in_one_line(capsys, tmp_path):
         assert exit_.value.code == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_the_experiment_runs_end_to_end_at_toy_size(tmp_path, capsys):
+    """`python -m jaxaccel.experiments duo` on a 3-layer Duo model trained for 2 steps on a toy
+    corpus: the exhaustive run (with the 3^L part and a saved router that loads and decodes)
+    and the beam run both write their results, Markdown and plots."""
+    import json
+    import sysconfig
+    from pathlib import Path
+
+    import yaml
+
+    import jaxaccel
+    from jaxaccel.config import from_dict
+    from jaxaccel.cli import run_cli
+    from jaxaccel.experiments.__main__ import main as experiments_main
+    from jaxaccel.train.config import RunConfig
+    from jaxaccel.train.loop import train
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, f in enumerate(sorted(stdlib.glob("json/*.py")) + sorted(stdlib.glob("email/*.py"))[:12]):
+        (corpus / f"doc_{i:02d}.py").write_text(f.read_text())
+    model = {"vocab_size": 400, "d_model": 32, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 64,
+             "max_seq_len": 64, "duo": {"enabled": True, "small_ratio": 4, "p_big": 0.5}}
+    data = {"corpus": str(corpus / "*.py"), "vocab_size": 400, "num_sentinels": 8, "validation_fraction": 0.25,
+            "cache_dir": str(tmp_path / "cache")}
+    config = {"model": model, "data": data, "optim": {"lr": 1e-2, "warmup_steps": 1}, "tensorboard": False,
+              "checkpoint": {"every_steps": 2, "keep": 1}, "mesh": {"data": 1}, "output_dir": str(tmp_path / "duo"),
+              "train": {"steps": 2, "batch_size": 4, "seq_len": 32, "eval_every": 0, "log_every": 1,
+                        "peak_flops": 1e11, "progress": False}}
+    train(from_dict(RunConfig, config))
+    (tmp_path / "duo.yaml").write_text(yaml.safe_dump(config))
+    common = ["duo", "--model", str(tmp_path / "duo"), "--config", str(tmp_path / "duo.yaml"), "--eval-rows", "4",
+              "--seq-len", "16", "--router-budgets", "1", "--router-steps", "2", "--random-draws", "2",
+              "--batch", "4"]
+    for mode, extra in (("exhaustive", ["--skip-rows", "1", "--save-router", str(tmp_path / "router")]),
+                        ("beam", ["--oracle", "beam", "--beam-width", "2"])):
+        out = tmp_path / mode
+        assert run_cli(experiments_main, [*common, *extra, "--out", str(out)]) == 0, capsys.readouterr().err
+        res = json.loads((out / "results.json").read_text())
+        assert res["oracle_mode"] == mode and res["budgets"] == [0, 1, 2, 3]
+        assert all(np.isfinite(v) for v in res["curves"]["oracle"]) and len(res["routers"]) == 2
+        # exactly 3 of 3 big is all big; "at most b big" only gets better with b, and no fixed pattern
+        # beats the per-token oracle at its budget
+        curves = res["curves"]
+        assert curves["oracle_exact"][3] == pytest.approx(res["all_big"])
+        assert all(a >= b - 1e-6 for a, b in zip(curves["oracle"], curves["oracle"][1:]))
+        assert all(o <= f + 1e-6 for o, f in zip(curves["oracle"], curves["fixed"]))
+        assert (res["with_skip"] is not None) == (mode == "exhaustive")
+        assert (out / "results.md").read_text().strip() and list(out.glob("*.png"))
+    routed = jaxaccel.load(str(tmp_path / "router"))
+    assert routed.config.duo.router and routed.generate([[5, 6, 7]], max_new_tokens=3).stats["new_tokens"] == 3
