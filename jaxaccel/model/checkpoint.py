@@ -143,13 +143,47 @@ def save_model(folder: str | Path, config: ModelConfig, params: Any, *, tokenize
     multihost_utils.sync_global_devices("jaxaccel_save_model_start")
     use_array_handler()
     ckptr = ocp.StandardCheckpointer()
-    ckptr.save(folder / "params", params)
-    ckptr.wait_until_finished()
-    ckptr.close()
+    try:
+        ckptr.save(folder / "params", params)
+        ckptr.wait_until_finished()
+    except Exception as e:  # a full disk: TensorStore's ValueError or an OSError, from Orbax's threads
+        raise CheckpointError(f"saving the model to {folder} failed ({write_error_reason(e)}); the folder is left "
+                              f"without {MARKER}, so it is not taken for a model") from e
+    finally:
+        ckptr.close()
     if main:
         _write_meta(folder, config, params, tokenizer, eos_token_ids, bos_token_id, extra)
     multihost_utils.sync_global_devices("jaxaccel_save_model_end")
     return folder
+
+
+def write_atomically(path, data: bytes) -> None:
+    """Replace the file `path` with `data` so that a kill or a full disk leaves the old file or
+    the new one, never a part (a temporary file beside it, renamed; on gs:// an object is
+    written whole)."""
+    if str(path).startswith("gs://"):
+        path.write_bytes(data)
+        return
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_error_reason(e: Exception) -> str:
+    """The operating system's reason for a failed write (`No space left on device`), also
+    when TensorStore gives it inside a long message (`[os_error_code='28']`)."""
+    import os
+    import re
+
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    code = re.search(r"os_error_code='(\d+)'", str(e))
+    return os.strerror(int(code.group(1))) if code else (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def _write_meta(folder, config, params, tokenizer, eos_token_ids, bos_token_id, extra) -> None:

@@ -23,6 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import jax
 
+    _log_without_tracebacks()
     init_distributed(args, p)
 
     from jaxaccel.config import build
@@ -34,6 +35,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if jax.process_index() == 0:
         print(json.dumps(summary, default=str))
     return 0
+
+
+def _drop_traceback(record) -> bool:
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+    return True
+
+
+def _log_without_tracebacks() -> None:
+    """Orbax logs a failed background save (a full disk) with its traceback, through absl,
+    before the trainer reports it as a one-line error: keep those log lines, not their
+    tracebacks (JAXACCEL_TRACEBACK=1 keeps them)."""
+    import logging
+    import os
+
+    from jaxaccel.cli import TRACEBACK_ENV
+
+    logger = logging.getLogger("absl")
+    if os.environ.get(TRACEBACK_ENV, "").strip().lower() not in ("1", "true", "yes", "on") \
+            and _drop_traceback not in logger.filters:
+        logger.addFilter(_drop_traceback)
 
 
 def entry() -> None:

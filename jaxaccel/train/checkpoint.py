@@ -4,10 +4,12 @@ the data position, saved asynchronously every N steps, keeping the last K.
 Orbax writes each step into a temporary folder and renames it when complete, so a save that
 was killed is never listed. A listed step that cannot be read (corrupted files) is reported
 and skipped for the previous one; a step written by a different model shape is an error that
-names the first mismatching parameter.
+names the first mismatching parameter. A save that fails (a full disk) is a one-line
+CheckpointError; the steps committed before it stay as they were.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ import jax
 
 from jaxaccel.errors import CheckpointError
 from jaxaccel.model.checkpoint import RUN_META_ITEM as META, RUN_STATE_ITEM as STATE  # what run readers expect
+from jaxaccel.model.checkpoint import write_error_reason
 from jaxaccel.train.config import CheckpointConfig
 
 
@@ -56,8 +59,21 @@ class Checkpoints:
 
     def save(self, step: int, state: Any, meta: dict) -> None:
         ocp = self._ocp
-        self.manager.save(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
-                                                           META: ocp.args.JsonSave(meta)}), force=True)
+        with self._save_errors():  # also reports a failed previous save (asynchronous: it ends here)
+            self.manager.save(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
+                                                               META: ocp.args.JsonSave(meta)}), force=True)
+
+    @contextlib.contextmanager
+    def _save_errors(self):
+        """A save that failed (a full disk, a folder that became read-only) is a one-line
+        CheckpointError naming the folder. Orbax's half-written step stays a temporary folder,
+        never listed, and is cleaned up when the run is resumed."""
+        try:
+            yield
+        except Exception as e:
+            raise CheckpointError(f"saving a checkpoint in {self.directory} failed ({write_error_reason(e)}); the "
+                                  f"checkpoints saved before it are intact: once that is fixed, rerun the command to "
+                                  f"resume") from e
 
     def check_shapes(self, step: int, abstract_state: Any) -> None:
         """Raise CheckpointError naming the first parameter whose stored shape differs."""
@@ -65,6 +81,8 @@ class Checkpoints:
         stored = getattr(stored, "tree", stored)
         expected = dict(jax.tree_util.tree_flatten_with_path(abstract_state)[0])
         got = dict(jax.tree_util.tree_flatten_with_path(stored)[0])
+        if not got:  # the step's metadata file is missing or empty: a damaged step, not another model
+            raise _Unreadable(f"checkpoint step {step} has no readable state metadata")
         by_name_expected = {_path_str(p): v for p, v in expected.items()}
         by_name_got = {_path_str(p): v for p, v in got.items()}
         extra = sorted(set(by_name_got) - set(by_name_expected))
@@ -138,12 +156,19 @@ class Checkpoints:
         return moved
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._save_errors():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        if not self.read_only:
-            self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            if not self.read_only:
+                self.wait()
+        finally:
+            self.manager.close()
+
+
+class _Unreadable(Exception):
+    """A step whose files are damaged (restore_latest skips it for the previous one)."""
 
 
 def _first_line(e: Exception) -> str:

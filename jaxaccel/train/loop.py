@@ -6,7 +6,10 @@ Output folder: `config.yaml` (the resolved config), `metrics.jsonl`, `tensorboar
 `checkpoints/<step>/` (Orbax: state + data position), `tokenizer.model`, `train.lock`, and at
 the end `model/` — a jaxaccel model checkpoint that `jaxaccel.load` and `python -m jaxaccel.decode`
 take directly. Rerunning the same command on the same folder resumes from the latest
-readable checkpoint and reproduces the uninterrupted loss curve exactly (CPU, float32).
+readable checkpoint and reproduces the uninterrupted loss curve exactly (CPU, float32). A
+rerun may change how the run executes, logs and checkpoints, and how long it trains (see
+RESUME_MAY_CHANGE); any other changed setting, or a train.steps below the latest checkpoint,
+is refused with a one-line ConfigError before anything in the folder is rewritten.
 A second run on a folder that a live run is using is refused (`train.lock`, an OS lock that
 dies with its process, so a killed run's folder resumes at once).
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import math
 import os
 import sys
@@ -110,6 +114,65 @@ def check_output_dir(output_dir: str) -> None:
                               f"files: choose another output_dir (train.init_from={output_dir} starts from it)")
 
 
+# Settings a resumed run may change: where and how it runs (mesh, micro-batching, remat, the
+# attention implementation), what it logs and evaluates, how it checkpoints and how long it
+# trains. Anything else (model, data, batch, sequence length, optimizer, seed, dropout) would
+# continue the checkpoints as another run under the first one's name.
+RESUME_MAY_CHANGE = ("output_dir", "tensorboard", "mesh", "checkpoint", "data.cache_dir", "data.max_eval_tokens",
+                     "train.steps", "train.progress", "train.peak_flops", "train.log_every", "train.eval_every",
+                     "train.eval_batches", "train.init_from", "train.remat", "train.attention", "train.grad_accum")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, Mapping):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: tree}
+
+
+def resumed_config_differences(stored: Mapping, cfg: RunConfig) -> list[tuple[str, Any, Any]]:
+    """(key, stored value, this run's value) for each setting outside RESUME_MAY_CHANGE that
+    differs. A key the stored config lacks (a setting newer than that run) differs only when
+    this run gives it a value other than its default."""
+    a = _flatten(json.loads(json.dumps(dict(stored), default=str)))
+    b = _flatten(json.loads(json.dumps(to_dict(cfg))))
+    defaults = _flatten(json.loads(json.dumps(to_dict(RunConfig()))))
+    free = lambda key: any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)  # noqa: E731
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if not free(k) and a.get(k) != b.get(k) and not (k not in a and k in defaults and b.get(k) == defaults[k])]
+
+
+def check_resumed_config(cfg: RunConfig) -> None:
+    """Refuse to resume a run folder whose `config.yaml` names other settings than `cfg`
+    (see RESUME_MAY_CHANGE). A missing or unreadable config.yaml (a run killed while writing
+    it) is not checked. Process 0 reads the file; on a multi-host run every process learns
+    its verdict."""
+    error = None
+    if _is_main():
+        from jaxaccel.model.checkpoint import as_path
+
+        try:
+            stored = yaml.safe_load((as_path(cfg.output_dir) / RUN_CONFIG).read_text())
+        except Exception:  # missing, half-written, or an object store's error: nothing to compare with
+            stored = None
+        diff = resumed_config_differences(stored, cfg) if isinstance(stored, Mapping) else []
+        if diff:
+            key, have, want = diff[0]
+            more = f" and {len(diff) - 1} more" if len(diff) > 1 else ""
+            error = (f"output_dir {cfg.output_dir!r} holds a run with other settings ({key} is {have!r} there, "
+                     f"{want!r} now{more}): rerun with the settings in its {RUN_CONFIG} to resume it, or choose "
+                     f"another output_dir (train.init_from={cfg.output_dir} starts a new run from its weights)")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if not int(multihost_utils.broadcast_one_to_all(np.int32(error is None))) and error is None:
+            error = f"output_dir {cfg.output_dir!r} holds a run with other settings (process 0 refused to resume it)"
+    if error is not None:
+        raise ConfigError(error)
+
+
 def _check_run_config(cfg: Any) -> RunConfig:
     """`cfg` if it is a RunConfig fit to run, else a one-line ConfigError saying what to pass."""
     how = "build one with jaxaccel.config.build(RunConfig, 'configs/tiny.yaml', ['train.steps=100'])"
@@ -160,7 +223,17 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
 
     ckpt_dir = (out / RUN_CHECKPOINTS) if out is not None else cfg.output_dir.rstrip("/") + "/" + RUN_CHECKPOINTS
     ckpts = Checkpoints(ckpt_dir, cfg.checkpoint)
-    restored = ckpts.restore_latest(abstract)
+    try:
+        restored = ckpts.restore_latest(abstract)
+        if restored is not None:
+            check_resumed_config(cfg)
+            if restored.step > total_steps:
+                raise ConfigError(f"output_dir {cfg.output_dir!r} holds checkpoint step {restored.step}, past "
+                                  f"train.steps ({total_steps}): raise train.steps to continue that run, or choose "
+                                  f"another output_dir")
+    except BaseException:
+        ckpts.close()
+        raise
     if restored is not None:
         state, start = restored.state, restored.step
         log(f"resuming from checkpoint step {start} in {ckpt_dir}")
@@ -170,13 +243,14 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
             state = state._replace(params=initial_params(cfg, shardings.params))
             log(f"initialised from {cfg.train.init_from}")
     if _is_main():
-        from jaxaccel.model.checkpoint import as_path
+        from jaxaccel.model.checkpoint import as_path, write_atomically
 
         run_dir = as_path(cfg.output_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / RUN_CONFIG).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        # whole or not at all: a resume compares its settings with config.yaml
+        write_atomically(run_dir / RUN_CONFIG, yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
         if data.vocab_path is not None:
-            (run_dir / "tokenizer.model").write_bytes(Path(data.vocab_path).read_bytes())
+            write_atomically(run_dir / "tokenizer.model", Path(data.vocab_path).read_bytes())
 
     bsh = batch_sharding(mesh)
     # A causal objective has no bidirectional tokens: flash attention then skips the tiles

@@ -62,7 +62,11 @@ class MetricsWriter:
             try:
                 from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+                # A resumed run's new event file starts with a purge: TensorBoard drops the
+                # earlier files' points after the checkpoint, which this run writes again. (Its
+                # own name, too: files are named by the second, and one of that second is replaced.)
+                resumed = {"purge_step": resume_step + 1, "filename_suffix": f".resumed-{resume_step}"}
+                self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"), **(resumed if resume_step else {}))
             except ImportError:
                 self._tb = None
 
@@ -70,24 +74,23 @@ class MetricsWriter:
         """A resumed run rewrites the steps after its checkpoint: keep lines up to `step`."""
         if not self.path.exists():
             return
+        from jaxaccel.model.checkpoint import write_atomically
+
         kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
-        self.path.write_text("".join(k + "\n" for k in kept))
+        for line in self.path.read_text(errors="replace").splitlines():
+            record = _record(line)  # None for a line cut by a kill, or not a record
+            at = record.get("step", 0) if record is not None else None
+            if isinstance(at, (int, float)) and at <= step:
+                kept.append(line)
+        # whole or not at all: a kill or a full disk here must not lose the lines before the checkpoint
+        write_atomically(self.path, "".join(k + "\n" for k in kept).encode())
 
     def has(self, step: int, key: str) -> bool:
         """Whether a record of `step` with `key` is in the file (flushed)."""
         self._file.flush()
-        for line in self.path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("step") == step and key in record:
+        for line in self.path.read_text(errors="replace").splitlines():
+            record = _record(line)
+            if record is not None and record.get("step") == step and key in record:
                 return True
         return False
 
@@ -112,3 +115,12 @@ class MetricsWriter:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _record(line: str) -> dict | None:
+    """A metrics line as a dict; None for a line cut by a kill or otherwise not a record."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None

@@ -1,0 +1,262 @@
+"""The trainer under crashes and bad input: a damaged newest checkpoint or metrics file, a
+rerun with other settings or fewer steps than the folder holds, and writes that fail on a full
+disk (a checkpoint, the model, a resume's rewrite of config.yaml and metrics.jsonl). Each is a
+one-line error that loses nothing, or an exact resume whose metrics.jsonl and TensorBoard
+points are the uninterrupted run's. (SIGKILL at random moments: tests/test_train.py.)"""
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxaccel.cli import run_cli
+from jaxaccel.config import from_dict
+from jaxaccel.errors import CheckpointError, ConfigError
+from jaxaccel.train.config import CheckpointConfig, RunConfig
+from jaxaccel.train.loop import train
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = {"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 64}
+
+
+def run_cfg(folder, steps=8, model=None, train_kw=None, optim=None, data=None):
+    return from_dict(RunConfig, {
+        "model": {**MODEL, **(model or {})}, "data": {"corpus": "synthetic", **(data or {})},
+        "train": {"steps": steps, "batch_size": 8, "seq_len": 32, "log_every": 4, "eval_every": 4,
+                  "progress": False, "peak_flops": 1e11, **(train_kw or {})},
+        "optim": {"lr": 1e-2, "warmup_steps": 2, **(optim or {})}, "checkpoint": {"every_steps": 4, "keep": 5},
+        "mesh": {"data": 1}, "output_dir": str(folder), "tensorboard": True})
+
+
+def curve(folder):
+    """metrics.jsonl without the timing fields."""
+    return [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s", "mfu")}
+            for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+
+
+def tensorboard_steps(folder, tag):
+    """The steps of `tag` that TensorBoard shows: event files in order, each SessionLog START
+    (a resumed run's purge) dropping the points at and after its step."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    points = []
+    for file in sorted((Path(folder) / "tensorboard").glob("events.out.tfevents.*")):
+        data, i = file.read_bytes(), 0
+        while i < len(data):  # TFRecord framing: length, its CRC, the record, its CRC
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+                points = [p for p in points if p < event.step]
+            points += [event.step for v in event.summary.value if v.tag == tag]
+    return points
+
+
+def snapshot(folder):
+    names = ("config.yaml", "metrics.jsonl", "model/jaxaccel.json")
+    return {name: (Path(folder) / name).read_bytes() for name in names}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """An 8-step run: checkpoints 4 and 8, evaluations at 4 and 8, model/ exported."""
+    folder = tmp_path_factory.mktemp("finished")
+    train(run_cfg(folder))
+    return folder
+
+
+def copy_run(src, dst):
+    shutil.copytree(src, dst / "run")
+    return dst / "run"
+
+
+def test_fewer_steps_than_the_latest_checkpoint_are_refused_and_more_resume(finished, tmp_path):
+    """A rerun with train.steps below the folder's latest checkpoint used to export the step-8
+    weights as a 4-step model (no evaluation, final loss NaN); now it is refused, nothing
+    rewritten. More steps continue the run: every step once in metrics.jsonl."""
+    run = copy_run(finished, tmp_path)
+    before = snapshot(run)
+    with pytest.raises(ConfigError, match=r"holds checkpoint step 8, past train.steps \(4\): raise train.steps"):
+        train(run_cfg(run, steps=4))
+    assert snapshot(run) == before
+    assert json.loads(before["model/jaxaccel.json"])["info"]["trained_steps"] == 8
+
+    summary = train(run_cfg(run, steps=10, train_kw={"log_every": 1, "eval_every": 5}))
+    assert summary["resumed_from"] == 8 and summary["steps"] == 10
+    records = curve(run)
+    assert records[:len(curve(finished))] == curve(finished)
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 11))
+    assert [r["step"] for r in records if "eval_loss" in r] == [4, 8, 10]
+    assert json.loads((run / "model" / "jaxaccel.json").read_text())["info"]["trained_steps"] == 10
+
+
+@pytest.mark.parametrize("change,key", [
+    (dict(optim={"lr": 2e-2}), "optim.lr is 0.01 there, 0.02 now"),
+    (dict(train_kw={"batch_size": 16}), "train.batch_size is 8 there, 16 now"),
+    (dict(train_kw={"seq_len": 16}), "train.seq_len is 32 there, 16 now"),
+    (dict(data={"seed": 1}), "data.seed is 0 there, 1 now"),
+    (dict(model={"rope_theta": 500.0}), "model.rope_theta is 10000.0 there, 500.0 now"),  # same shapes
+])
+def test_resuming_with_other_settings_is_refused(finished, tmp_path, capsys, change, key):
+    """A rerun with another optimizer, batch, data or model used to continue the checkpoints
+    silently and overwrite config.yaml with settings they were not trained with."""
+    run = copy_run(finished, tmp_path)
+    before = snapshot(run)
+    cfg = run_cfg(run, steps=12, **change)
+    with pytest.raises(ConfigError, match=rf"holds a run with other settings \({key}\)"):
+        train(cfg)
+    assert snapshot(run) == before
+
+    code = None
+    try:
+        code = run_cli(lambda argv: train(cfg), [])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and key in errors[0] and "Traceback" not in err, err
+    assert f"train.init_from={run}" in errors[0]
+
+
+def test_damaged_newest_step_and_metrics_lines_resume_to_the_uninterrupted_curve(finished, tmp_path, capfd):
+    """A newest step whose state metadata is gone used to stop the run as "written by a
+    different model: it has no step"; it is now set aside like any unreadable step. Lines of
+    metrics.jsonl that are not records (not JSON objects, not UTF-8) no longer crash the resume,
+    and TensorBoard no longer shows the steps after the checkpoint twice."""
+    run = copy_run(finished, tmp_path)
+    (run / "checkpoints" / "8" / "state" / "_METADATA").unlink()
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b'[1, 2]\n"text"\n\xff\xfe\n{"step": 9, "lo')  # the last one cut by a kill
+    summary = train(run_cfg(run))
+    assert summary["resumed_from"] == 4
+    assert "checkpoint step 8 is unreadable" in capfd.readouterr().err
+    assert curve(run) == curve(finished)
+    # TensorBoard, too, shows each step once (the resumed run's event file purges 5..8)
+    assert tensorboard_steps(run, "loss") == list(range(1, 9)) and tensorboard_steps(run, "eval_loss") == [4, 8]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["4", "8"]
+    assert len(list((run / "unreadable-checkpoints").iterdir())) == 1
+
+
+def test_a_resumed_metrics_writer_keeps_each_step_once(tmp_path):
+    """What a run killed after its step-4 checkpoint leaves (steps to 6, a cut line, and lines
+    that are not records), resumed at step 4: the JSON lines and TensorBoard's points are the
+    uninterrupted run's."""
+    from jaxaccel.train.metrics import MetricsWriter
+
+    first = MetricsWriter(tmp_path, True, 0)
+    for step in range(1, 7):
+        first.write({"step": step, "loss": 1.0 / step})
+    first.close()
+    with open(tmp_path / "metrics.jsonl", "ab") as f:
+        f.write(b'[1, 2]\n7\n\xff\xfe\n{"step": 7, "lo')
+    resumed = MetricsWriter(tmp_path, True, 4)
+    for step in range(5, 9):
+        resumed.write({"step": step, "loss": 1.0 / step})
+    resumed.close()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [{"step": step, "loss": 1.0 / step} for step in range(1, 9)]
+    assert tensorboard_steps(tmp_path, "loss") == list(range(1, 9))
+
+
+@contextlib.contextmanager
+def file_size_limit(nbytes):
+    """Writes past `nbytes` fail with EFBIG (Python ignores SIGXFSZ), as on a full disk."""
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_a_full_disk_when_resuming_loses_nothing(finished, tmp_path):
+    """A resume rewrites config.yaml and cuts metrics.jsonl back to its checkpoint; both were
+    rewritten in place, so a write that failed half-way (or a kill) left a truncated file:
+    the run's record of its settings, or every metrics line before the checkpoint, lost."""
+    from jaxaccel.train.metrics import MetricsWriter
+
+    run = copy_run(finished, tmp_path)
+    before = snapshot(run)
+    with file_size_limit(1000), pytest.raises(OSError, match="File too large"):
+        train(run_cfg(run, steps=12))  # config.yaml is ~2 KB
+    assert snapshot(run) == before
+
+    lines = "".join(json.dumps({"step": step, "loss": 1.0 / step}) + "\n" for step in range(1, 3001))
+    (tmp_path / "metrics.jsonl").write_text(lines)
+    with file_size_limit(20_000), pytest.raises(OSError, match="File too large"):
+        MetricsWriter(tmp_path, False, 2000)
+    assert (tmp_path / "metrics.jsonl").read_text() == lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "run"]
+
+
+def test_a_failed_save_is_a_checkpoint_error_and_keeps_the_committed_steps(tmp_path):
+    """A write that fails inside TensorStore used to surface as a ValueError from Orbax's
+    background thread: a traceback from the CLI."""
+    import jax.numpy as jnp
+
+    from jaxaccel.train.checkpoint import Checkpoints
+
+    ckpts = Checkpoints(tmp_path / "checkpoints", CheckpointConfig(keep=5))
+    state = {"w": jnp.arange(256 * 256, dtype=jnp.float32).reshape(256, 256)}
+    ckpts.save(1, state, {"step": 1})
+    ckpts.wait()
+    with file_size_limit(50_000):
+        with pytest.raises(CheckpointError, match=r"saving a checkpoint in .*checkpoints failed \(File too large\); "
+                                                  r"the checkpoints saved before it are intact"):
+            ckpts.save(2, {"w": state["w"] + 1}, {"step": 2})
+            ckpts.wait()
+    try:
+        ckpts.close()
+    except CheckpointError:
+        pass  # Orbax may report the failed save again
+    again = Checkpoints(tmp_path / "checkpoints", CheckpointConfig(keep=5))
+    try:
+        assert again.steps() == [1]
+        restored = again.restore_latest({"w": jnp.zeros((256, 256), jnp.float32)})
+        assert restored.step == 1 and np.array_equal(np.asarray(restored.state["w"]), np.asarray(state["w"]))
+    finally:
+        again.close()
+
+
+def test_a_failed_model_export_is_a_checkpoint_error(tmp_path):
+    import jax.numpy as jnp
+
+    from jaxaccel.config import ModelConfig
+    from jaxaccel.model.checkpoint import is_jaxaccel_checkpoint, save_model
+
+    with file_size_limit(50_000):
+        with pytest.raises(CheckpointError, match=r"saving the model to .*model failed \(File too large\); the folder "
+                                                  r"is left without jaxaccel.json"):
+            save_model(tmp_path / "model", ModelConfig(**MODEL), {"w": jnp.arange(256 * 256, dtype=jnp.float32)})
+    assert not is_jaxaccel_checkpoint(tmp_path / "model")
+
+
+def test_the_cli_reports_a_full_disk_in_one_line(tmp_path):
+    """`python -m jaxaccel.train` whose first checkpoint cannot be written: one `error:` line,
+    exit 2, and no traceback (Orbax logs the failure with one; the trainer drops it)."""
+    pytest.importorskip("resource")
+    # the limit is set in the child (Python ignores SIGXFSZ there: writes past it fail with EFBIG)
+    limited = ("import resource, runpy, sys\n"
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"
+               "sys.argv[0] = 'jaxaccel.train'\n"
+               "runpy.run_module('jaxaccel.train', run_name='__main__', alter_sys=True)\n")
+    args = [sys.executable, "-c", limited, str(ROOT / "configs" / "tiny.yaml"), "data.corpus=synthetic",
+            *(f"model.{k}={v}" for k, v in MODEL.items()), "train.steps=4", "train.batch_size=8", "train.seq_len=32",
+            "train.eval_every=0", "train.peak_flops=1e11", "checkpoint.every_steps=2", "tensorboard=false",
+            f"output_dir={tmp_path / 'run'}"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("JAXACCEL_TRACEBACK", None)
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert "saving a checkpoint in" in errors[0] and "File too large" in errors[0], errors[0]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
