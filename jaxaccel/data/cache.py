@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from jaxaccel.files import write_atomically
 
 DEFAULT_CACHE_DIR = Path("~/.cache/jaxaccel/data")
 
@@ -28,20 +28,8 @@ def content_key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_bytes(path: Path, data: bytes) -> None:
-    _atomic(path, lambda f: f.write(data))
+    write_atomically(path, data)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -56,7 +44,7 @@ def read_json(path: Path) -> Any | None:
 
 
 def save_array(path: Path, array: np.ndarray) -> None:
-    _atomic(path, lambda f: np.save(f, array, allow_pickle=False))
+    write_atomically(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
 def load_array(path: Path) -> np.ndarray:

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from jaxaccel.errors import JaxaccelError
+from jaxaccel.files import write_atomically
 
 FORMAT = "jaxaccel.sweep-results"
 VERSION = 1
@@ -65,17 +64,7 @@ def join(folder: str, *parts: str) -> str:
 
 def write_json(path: str | Path, obj: Any) -> None:
     """Write atomically where the file system allows (rename), so a reader never sees half a file."""
-    text = json.dumps(obj, indent=1, allow_nan=True) + "\n"
-    target = as_path(path)
-    if isinstance(target, Path):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    else:  # object stores: a write is all-or-nothing already
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text)
+    write_atomically(as_path(path), json.dumps(obj, indent=1, allow_nan=True) + "\n")
 
 
 def read_json(path: str | Path) -> Any:

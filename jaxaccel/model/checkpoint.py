@@ -157,23 +157,6 @@ def save_model(folder: str | Path, config: ModelConfig, params: Any, *, tokenize
     return folder
 
 
-def write_atomically(path, data: bytes) -> None:
-    """Replace the file `path` with `data` so that a kill or a full disk leaves the old file or
-    the new one, never a part (a temporary file beside it, renamed; on gs:// an object is
-    written whole)."""
-    if str(path).startswith("gs://"):
-        path.write_bytes(data)
-        return
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_bytes(data)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_error_reason(e: Exception) -> str:
     """The operating system's reason for a failed write (`No space left on device`), also
     when TensorStore gives it inside a long message (`[os_error_code='28']`)."""

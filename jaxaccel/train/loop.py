@@ -243,7 +243,8 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
             state = state._replace(params=initial_params(cfg, shardings.params))
             log(f"initialised from {cfg.train.init_from}")
     if _is_main():
-        from jaxaccel.model.checkpoint import as_path, write_atomically
+        from jaxaccel.files import write_atomically
+        from jaxaccel.model.checkpoint import as_path
 
         run_dir = as_path(cfg.output_dir)
         run_dir.mkdir(parents=True, exist_ok=True)

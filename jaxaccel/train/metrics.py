@@ -74,7 +74,7 @@ class MetricsWriter:
         """A resumed run rewrites the steps after its checkpoint: keep lines up to `step`."""
         if not self.path.exists():
             return
-        from jaxaccel.model.checkpoint import write_atomically
+        from jaxaccel.files import write_atomically
 
         kept = []
         for line in self.path.read_text(errors="replace").splitlines():

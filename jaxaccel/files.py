@@ -1,0 +1,43 @@
+"""Whole-or-nothing file writes: the one helper every small file the project writes goes
+through (results and run configs, metrics rewrites, data-cache entries, calibration caches).
+
+A local file is written to a temporary file beside it, flushed to disk, and renamed over
+the target, so a kill, a full disk or a power cut leaves the old file or the new one, never
+a part. The temporary file gets the usual permissions (0666 less the umask, as `open`
+would), so a shared sweep or cache folder stays readable to the group. A remote path
+(gs://..., through etils' epath) is written with one call: an object store's write is
+whole already. A leaf module: it imports nothing from jaxaccel.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+
+
+def write_atomically(path: Any, data: bytes | str | Callable[[BinaryIO], Any]) -> None:
+    """Replace the file `path` (a str, Path or epath.Path) with `data`: bytes, a str (UTF-8),
+    or a function that writes the file's contents to the binary file it is given (for large
+    arrays: `lambda f: np.save(f, array)`)."""
+    if isinstance(data, str):
+        data = data.encode()
+    write = data if callable(data) else (lambda f: f.write(data))
+    if "://" in str(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as f:
+            write(f)
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,36 @@
+"""jaxaccel.files.write_atomically: whole or nothing, the usual permissions, no litter."""
+import os
+
+import numpy as np
+import pytest
+
+from jaxaccel.files import write_atomically
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "results.json"
+    write_atomically(target, "old\n")
+
+    def half_then_fail(f):
+        f.write(b"new, cut")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        write_atomically(target, half_then_fail)
+    assert target.read_text() == "old\n" and os.listdir(tmp_path) == ["results.json"]
+
+
+def test_files_get_the_umask_permissions_not_private_ones(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_atomically(tmp_path / "a" / "b.bin", b"\x00\x01")  # parents are created
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a" / "b.bin").read_bytes() == b"\x00\x01"
+    assert (tmp_path / "a" / "b.bin").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_streamed_array_round_trips(tmp_path):
+    array = np.arange(10, dtype=np.int32)
+    write_atomically(tmp_path / "x.npy", lambda f: np.save(f, array, allow_pickle=False))
+    np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), array)
