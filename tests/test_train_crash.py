@@ -144,6 +144,22 @@ def test_damaged_newest_step_and_metrics_lines_resume_to_the_uninterrupted_curve
     assert len(list((run / "unreadable-checkpoints").iterdir())) == 1
 
 
+def test_no_readable_checkpoint_is_refused_not_a_restart_from_scratch(finished, tmp_path):
+    """Every step unreadable (damaged, or a file system that is failing for a while) used to
+    set them all aside and start over from step 0, rewriting metrics.jsonl and config.yaml;
+    now nothing is touched and the error says what to do."""
+    run = copy_run(finished, tmp_path)
+    for step in ("4", "8"):
+        (run / "checkpoints" / step / "state" / "_METADATA").unlink()
+    before = snapshot(run)
+    with pytest.raises(CheckpointError, match=r"none of the 2 checkpoint\(s\) in .* can be read \(step 8: .*nothing "
+                                              r"was changed: rerun once they are reachable, or move that folder away"):
+        train(run_cfg(run))
+    assert snapshot(run) == before
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["4", "8"]
+    assert not (run / "unreadable-checkpoints").exists()
+
+
 def test_a_resumed_metrics_writer_keeps_each_step_once(tmp_path):
     """What a run killed after its step-4 checkpoint leaves (steps to 6, a cut line, and lines
     that are not records), resumed at step 4: the JSON lines and TensorBoard's points are the

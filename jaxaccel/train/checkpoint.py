@@ -3,8 +3,9 @@ the data position, saved asynchronously every N steps, keeping the last K.
 
 Orbax writes each step into a temporary folder and renames it when complete, so a save that
 was killed is never listed. A listed step that cannot be read (corrupted files) is reported
-and skipped for the previous one; a step written by a different model shape is an error that
-names the first mismatching parameter. A save that fails (a full disk) is a one-line
+and skipped for the previous one; when no listed step can be read, the run refuses to start
+over (one line) and changes nothing. A step written by a different model shape is an error
+that names the first mismatching parameter. A save that fails (a full disk) is a one-line
 CheckpointError; the steps committed before it stay as they were.
 """
 from __future__ import annotations
@@ -21,6 +22,9 @@ from jaxaccel.errors import CheckpointError
 from jaxaccel.model.checkpoint import RUN_META_ITEM as META, RUN_STATE_ITEM as STATE  # what run readers expect
 from jaxaccel.model.checkpoint import write_error_reason
 from jaxaccel.train.config import CheckpointConfig
+
+
+REMOTE_READ_ATTEMPTS = 3  # reads of a step on gs:// before it counts as unreadable
 
 
 @dataclass
@@ -100,21 +104,32 @@ class Checkpoints:
                     f"{tuple(have.shape)}, this config expects {tuple(want.shape)}")
 
     def restore_latest(self, abstract_state: Any) -> Restored | None:
+        """The newest readable step (None when there is none yet). An unreadable step is set
+        aside for the one before it; on gs:// a failed read is retried first (an object store's
+        error may be transient, and there a set-aside step is deleted). When steps exist but
+        none can be read, nothing is set aside and the run refuses to start over: its metrics
+        and config would be rewritten from step 0 over a problem that may be passing."""
         ocp = self._ocp
         skipped: list[tuple[int, str]] = []
+        attempts = REMOTE_READ_ATTEMPTS if isinstance(self.directory, str) else 1
         for step in reversed(self.steps()):
-            try:
-                self.check_shapes(step, abstract_state)
-            except CheckpointError:
-                raise
-            except Exception as e:  # unreadable metadata: a corrupted step
-                skipped.append((step, _first_line(e)))
-                continue
-            try:
-                out = self.manager.restore(step, args=ocp.args.Composite(
-                    **{STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}))
-            except Exception as e:
-                skipped.append((step, _first_line(e)))
+            for attempt in range(attempts):
+                try:
+                    self.check_shapes(step, abstract_state)
+                    out = self.manager.restore(step, args=ocp.args.Composite(
+                        **{STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}))
+                    error = None
+                    break
+                except CheckpointError:
+                    raise
+                except Exception as e:  # unreadable metadata or arrays: a corrupted (or unreachable) step
+                    error = _first_line(e)
+                    if attempt + 1 < attempts:
+                        import time as _time
+
+                        _time.sleep(2.0 * (attempt + 1))
+            if error is not None:
+                skipped.append((step, error))
                 continue
             for bad, reason in skipped:
                 moved = self._set_aside(bad)
@@ -122,11 +137,10 @@ class Checkpoints:
                       f"{f' (the bad one is kept in {moved})' if moved else ''}", file=sys.stderr)
             return Restored(step=step, state=out[STATE], meta=dict(out[META]), skipped=skipped)
         if skipped:
-            bad = ", ".join(str(s) for s, _ in skipped)
-            for step, _ in skipped:
-                self._set_aside(step)
-            print(f"warning: no readable checkpoint (unreadable steps: {bad}, set aside); starting from scratch",
-                  file=sys.stderr)
+            step, reason = skipped[0]
+            raise CheckpointError(
+                f"none of the {len(skipped)} checkpoint(s) in {self.directory} can be read (step {step}: {reason}); "
+                f"nothing was changed: rerun once they are reachable, or move that folder away to start the run over")
         return None
 
     def _set_aside(self, step: int) -> str | None:
