@@ -7,9 +7,10 @@ import sys
 import warnings
 from typing import Callable, Sequence
 
-from jaxaccel.errors import JaxaccelError
+from jaxaccel.errors import JaxaccelError, Preempted
 
 EXIT_BAD_INPUT = 2
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: stopped by a preemption notice, a checkpoint saved
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -88,6 +89,9 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     except OSError as e:  # a path the user gave that cannot be read or written, a full disk...
         _drop_unraisable()
         fail(os_error_message(e))
+    except Preempted as e:
+        sys.stderr.write(f"stopped: {e}\n")
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130

@@ -31,3 +31,9 @@ class InvalidPromptError(JaxaccelError, ValueError):
 
 class InvalidArgumentError(JaxaccelError, ValueError):
     """A generation argument out of range (temperature, top_p, top_k, max_new_tokens, method)."""
+
+
+class Preempted(Exception):
+    """A run stopped by a preemption notice (SIGTERM) after saving a checkpoint: not bad input.
+    The CLIs print `stopped: <message>` and exit 143 (128 + SIGTERM); rerunning the same
+    command resumes from that checkpoint."""

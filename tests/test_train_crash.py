@@ -276,3 +276,39 @@ def test_the_cli_reports_a_full_disk_in_one_line(tmp_path):
     assert "saving a checkpoint in" in errors[0] and "File too large" in errors[0], errors[0]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert not [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_of_that_step_and_the_rerun_resumes_from_it(tmp_path):
+    """A spot TPU slice gets SIGTERM before it is reclaimed: the run used to die at once,
+    losing every step since its last periodic checkpoint. Now it finishes the step, saves a
+    checkpoint of it, says so in one line and exits 143; the rerun resumes from that step and
+    metrics.jsonl holds each step once."""
+    import re
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "jaxaccel.train", str(ROOT / "configs" / "tiny.yaml"), "data.corpus=synthetic",
+            *(f"model.{k}={v}" for k, v in MODEL.items()), "train.steps=300", "train.batch_size=8",
+            "train.seq_len=32", "train.eval_every=0", "train.log_every=1", "train.peak_flops=1e11",
+            "checkpoint.every_steps=1000", "tensorboard=false", f"output_dir={run}"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 300
+    metrics = run / "metrics.jsonl"
+    while proc.poll() is None and time.time() < deadline and not (
+            metrics.exists() and metrics.read_text().count("\n") >= 5):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    (line,) = [x for x in err.splitlines() if x.startswith("stopped: ")]
+    step = int(re.search(r"after step (\d+) of 300; checkpoint (\d+) is saved", line).group(1))
+    assert 5 <= step < 300 and "rerun the same command to resume" in line
+    assert [p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()] == [str(step)]
+    assert not (run / "model").exists()
+
+    again = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0 and f"resuming from checkpoint step {step}" in again.stderr, again.stderr[-3000:]
+    assert [r["step"] for r in curve(run) if "loss" in r] == list(range(1, 301))

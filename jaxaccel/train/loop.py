@@ -33,7 +33,7 @@ import yaml
 
 from jaxaccel import sharding as shd
 from jaxaccel.config import to_dict
-from jaxaccel.errors import ConfigError, JaxaccelError
+from jaxaccel.errors import ConfigError, JaxaccelError, Preempted
 from jaxaccel.model.checkpoint import RUN_CHECKPOINTS, RUN_CONFIG  # the names run readers look for
 from jaxaccel.train.checkpoint import Checkpoints
 from jaxaccel.train.config import RunConfig
@@ -45,6 +45,36 @@ from jaxaccel.train.step import eval_step, lr_schedule, make_optimizer, train_st
 
 class TrainingDiverged(JaxaccelError):
     """The loss or the gradients became NaN/Inf."""
+
+
+@contextlib.contextmanager
+def preemption_notice():
+    """Yields `noticed(step) -> bool`: True once a preemption notice has come, at a step where
+    every process stops. A TPU pod's spot slice gets SIGTERM shortly before it is reclaimed:
+    on a multi-host run JAX's preemption service catches it and the processes agree on the
+    step (`multihost_utils.reached_preemption_sync_point`); on one process a SIGTERM handler
+    (installed for the run, the previous one restored after) sets a flag read after each step."""
+    import signal
+    import threading
+
+    from jax._src import distributed
+    from jax.experimental import multihost_utils
+
+    if distributed.global_state.client is not None:  # multi-host: JAX's service owns SIGTERM
+        if distributed.global_state.preemption_sync_manager is None:  # jax_enable_preemption_service off
+            yield lambda step: False
+        else:
+            yield lambda step: multihost_utils.reached_preemption_sync_point(step)
+        return
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda step: False
+        return
+    flag = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set())
+    try:
+        yield lambda step: flag.is_set()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def build_mesh(cfg: RunConfig):
@@ -345,7 +375,9 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
         last.update(time=now, step=pending[-1][0] + 1)
         pending.clear()
 
+    notice = contextlib.ExitStack()
     try:
+        noticed = notice.enter_context(preemption_notice())
         batches = data.train_batches(start)
         for step in range(start, total_steps):
             try:
@@ -365,9 +397,15 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
             # evaluation on record, so its resumed curve is the uninterrupted one.
             if due_eval:
                 last_eval = evaluate(done)
-            if due_ckpt:
+            stop = done < total_steps and noticed(done)
+            if due_ckpt or stop:
                 ckpts.save(done, state, {"step": done, "data_position": done, "tokens_seen": done * tokens_per_step,
                                          "unique_tokens": unique})
+            if stop:  # a preemption notice: the checkpoint of this step is the run's last act
+                flush_metrics()
+                ckpts.wait()
+                raise Preempted(f"a preemption notice (SIGTERM) stopped the run after step {done} of {total_steps}; "
+                                f"checkpoint {done} is saved in {ckpt_dir}: rerun the same command to resume")
         flush_metrics()
         if start == total_steps:  # resumed after the last step: evaluate, recording it only if it is not yet
             last_eval = evaluate(total_steps, write=writer is not None and not writer.has(total_steps, "eval_loss"))
@@ -376,6 +414,7 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
 
         export_model(cfg, state.params, as_path(cfg.output_dir) / "model", data, total_steps, last_eval)
     finally:
+        notice.close()
         if bar is not None:
             bar.close()
         ckpts.close()
