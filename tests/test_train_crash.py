@@ -312,3 +312,18 @@ def test_sigterm_saves_a_checkpoint_of_that_step_and_the_rerun_resumes_from_it(t
     again = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0 and f"resuming from checkpoint step {step}" in again.stderr, again.stderr[-3000:]
     assert [r["step"] for r in curve(run) if "loss" in r] == list(range(1, 301))
+
+
+def test_no_validation_data_is_no_figure_not_a_perfect_loss(tmp_path):
+    """With no held-out data (validation_fraction 0) the trainer used to log eval_loss 0.0 over
+    0 tokens and export it as the model's validation loss: a perfect model on paper."""
+    import json as json_
+
+    pkg = Path(json_.__file__).parent
+    data = {"corpus": f"{pkg}/*.py", "vocab_size": 400, "num_sentinels": 8, "validation_fraction": 0.0,
+            "unique_tokens": None, "cache_dir": str(tmp_path / "cache")}
+    summary = train(run_cfg(tmp_path / "run", steps=4, model={"vocab_size": 400}, data=data))
+    assert "eval_loss" not in summary
+    assert not [r for r in curve(tmp_path / "run") if "eval_loss" in r]
+    info = json.loads((tmp_path / "run" / "model" / "jaxaccel.json").read_text())["info"]
+    assert info["validation_loss"] is None and info["trained_steps"] == 4

@@ -317,8 +317,10 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
                 break
             m = jax.device_get(eval_fn(state.params, global_batch(batch, bsh)))
             ce, n, correct = ce + float(m["ce_sum"]), n + float(m["tokens"]), correct + float(m["correct"])
-        loss = ce / max(n, 1.0)
-        record = {"step": step, "eval_loss": loss, "eval_accuracy": correct / max(n, 1.0),
+        if n == 0:  # no validation split (validation_fraction 0, max_eval_tokens 0): no figure, not a 0.0
+            return {}
+        loss = ce / n
+        record = {"step": step, "eval_loss": loss, "eval_accuracy": correct / n,
                   "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": n}
         if writer is not None and write:
             writer.write(record)
