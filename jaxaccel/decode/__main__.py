@@ -20,8 +20,8 @@ SAMPLE_PROMPT = 'class Stack:\n    """A last-in, first-out stack."""\n\n    def 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m jaxaccel.decode", description=__doc__.split("\n")[0])
     p.add_argument("--model", help="jaxaccel checkpoint, training output folder, Hugging Face model folder, or "
-                                    "builtin:default / builtin:draft / builtin:skipdecode (default: "
-                                    "builtin:default, the shipped model)")
+                                    "builtin:NAME, NAME one of default, draft, skipdecode, duo, longctx "
+                                    "(default: builtin:default, the shipped code model)")
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     p.add_argument("--prompt-ids", action="append", default=[], help="prompt as comma-separated token ids (repeatable)")
     p.add_argument("--prompts-file", help='JSONL file: one {"prompt": "..."} or {"prompt_ids": [...]} per line')

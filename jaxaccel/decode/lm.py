@@ -496,7 +496,8 @@ def duo_routes(routes, config) -> ExecutionPlan | None:
 def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh | str | dict | None = None
          ) -> LanguageModel:
     """Load a jaxaccel checkpoint, a training output folder or a Hugging Face model folder.
-    None (or "builtin:default") is the shipped default model, "builtin:draft" its draft model.
+    None (or "builtin:default") is the shipped default model, "builtin:draft" its draft model;
+    "builtin:skipdecode", "builtin:duo" and "builtin:longctx" the methods' models (docs/MODELS.md).
 
     dtype: "float32" | "bfloat16" | "float16" sets parameter and compute dtype (default: the
     checkpoint's). mesh: a Mesh, or "tensor=4,data=2": parameters and the KV cache are then
