@@ -18,8 +18,11 @@ slice's state (`tpu-vm describe`); if it was preempted (PREEMPTED, TERMINATED, o
 deletes what is left, creates the slice again, sets it up and reruns the same command, up to
 `--max-restarts` times. A sweep resumes exactly: finished runs are skipped and the killed run
 restarts from its last checkpoint — provided its output_dir is in a bucket (gs://), since a
-recreated slice starts with empty disks. A failure on a healthy slice is the command's own
-and is returned, not retried.
+recreated slice starts with empty disks. jaxaccel's own commands catch the preemption
+notice (SIGTERM), save a checkpoint of the step in flight and exit 143 while the slice is
+still READY: the launcher then polls its state for up to 3 minutes and recovers as above once
+it is reclaimed, or reruns the command on the same slice if it never is. Any other failure
+on a healthy slice is the command's own and is returned, not retried.
 
 --dry-run prints the gcloud commands instead of running them (a dry-run `describe` reports
 READY); `--simulate-preemption N` makes the first N runs of the dry run fail on a PREEMPTED
@@ -31,11 +34,16 @@ import argparse
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 ARCHIVE = "/tmp/jaxaccel-src.tar.gz"
 PREEMPTED_STATES = ("PREEMPTED", "TERMINATED", "NOT_FOUND")  # the slice (or what is left of it) must be rebuilt
+# jaxaccel's trainer and sweep runner exit 143 after a preemption notice (SIGTERM), having saved
+# a checkpoint; the slice is then still READY for up to ~30 s before it is reclaimed.
+NOTICE_EXIT = 143
+NOTICE_WAIT_S, NOTICE_POLL_S = 180, 15
 
 
 def gcloud(args: argparse.Namespace, *words: str) -> list[str]:
@@ -102,6 +110,10 @@ class Executor:
             self.preempted = False
         return 0
 
+    def sleep(self, seconds: float) -> None:
+        if not self.dry_run:
+            time.sleep(seconds)
+
     def state(self, args: argparse.Namespace) -> str:
         """The slice's state: READY, PREEMPTED, ..., or NOT_FOUND when describe fails."""
         cmd = plan(args, "describe")[0]
@@ -122,7 +134,12 @@ def run_with_recovery(args: argparse.Namespace, ex: Executor) -> int:
         if code == 0 or not args.spot:
             return code
         state = ex.state(args)
-        if state not in PREEMPTED_STATES:
+        waited = 0
+        while code == NOTICE_EXIT and state not in PREEMPTED_STATES and waited < NOTICE_WAIT_S:
+            ex.sleep(NOTICE_POLL_S)  # stopped by a preemption notice: the reclaim is on its way
+            waited += NOTICE_POLL_S
+            state = ex.state(args)
+        if state not in PREEMPTED_STATES and code != NOTICE_EXIT:
             print(f"# the command failed (exit {code}) on a {state} slice: not a preemption, not retrying", flush=True)
             return code
         if restarts >= args.max_restarts:
@@ -130,6 +147,10 @@ def run_with_recovery(args: argparse.Namespace, ex: Executor) -> int:
                   flush=True)
             return code
         restarts += 1
+        if state not in PREEMPTED_STATES:  # a notice without a reclaim (e.g. maintenance): the slice is fine
+            print(f"# stopped by a preemption notice, and slice {args.name} is still {state}: rerunning the same "
+                  f"command (restart {restarts} of at most {args.max_restarts})", flush=True)
+            continue
         print(f"# slice {args.name} is {state}: recreating it and rerunning the same command "
               f"(restart {restarts} of at most {args.max_restarts})", flush=True)
         if state != "NOT_FOUND":

@@ -81,13 +81,14 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
         return main(argv)
     previous = sys.unraisablehook
     sys.unraisablehook = lambda u: None if _abandoned_async_work(u) else previous(u)
+    failed = False
     try:
         return main(argv)
     except JaxaccelError as e:
-        _drop_unraisable()
+        failed = True
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except OSError as e:  # a path the user gave that cannot be read or written, a full disk...
-        _drop_unraisable()
+        failed = True
         fail(os_error_message(e))
     except Preempted as e:
         sys.stderr.write(f"stopped: {e}\n")
@@ -95,6 +96,12 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
+    finally:
+        # A command-line process (argv None: sys.argv) that failed exits next: the exceptions
+        # of work it abandoned (pending restore coroutines collected at exit, each printing a
+        # multi-line TensorStore spec) must not follow its one-line error. Called with argv
+        # (tests, scripts) the process goes on, and so does its own hook.
+        sys.unraisablehook = (lambda u: None) if failed and argv is None else previous
     return 0
 
 
@@ -103,13 +110,6 @@ def _abandoned_async_work(u) -> bool:
     that failed on another array): its callback raises 'Event loop is closed' in a
     TensorStore thread, which Python would print as a traceback per pending read."""
     return isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value)
-
-
-def _drop_unraisable() -> None:
-    """Once a command has failed with its one-line error, exceptions of work it abandoned
-    (pending restore coroutines collected at exit, each printing a multi-line TensorStore
-    spec) are not printed after it."""
-    sys.unraisablehook = lambda u: None
 
 
 def add_distributed_arguments(p: argparse.ArgumentParser) -> None:

@@ -398,3 +398,43 @@ def test_a_run_written_before_a_setting_existed_still_matches():
     assert config_differences(old, planned) == []
     planned["train"]["init_from"] = "runs/deep"  # a new setting, set: a different run
     assert config_differences(old, planned) == [("train.init_from", None, "runs/deep")]
+
+
+def test_pod_launcher_waits_out_a_preemption_notice(monkeypatch):
+    """A run stopped by a preemption notice exits 143 on a slice still READY (the reclaim comes
+    ~30 s later): the launcher must wait for it and recover, not give up as "not a preemption";
+    a notice never followed by a reclaim reruns the command on the same slice."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tpu_pod", ROOT / "gcp" / "tpu_pod.py")
+    pod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pod)
+
+    class Fake:
+        def __init__(self, codes, states):
+            self.codes, self.states, self.log = list(codes), list(states), []
+
+        def execute(self, cmds):
+            step = "run" if any("--command=cd ~/jaxaccel && " in " ".join(c) for c in cmds) else "other"
+            self.log.append(step)
+            return self.codes.pop(0) if step == "run" else 0
+
+        def state(self, args):
+            return self.states.pop(0)
+
+        def sleep(self, seconds):
+            self.log.append("sleep")
+
+    args = pod.main.__globals__["argparse"].Namespace(
+        name="tc", zone="z", project=None, accelerator_type="v4-8", version="v", spot=True, max_restarts=3,
+        command="python -m jaxaccel.train configs/pod-1b.yaml --distributed", config=None, sweep_args="",
+        dry_run=True, simulate_preemption=0, step="run")
+    monkeypatch.setattr(pod, "plan", lambda a, what: [["gcloud", what] + (
+        ["--command=cd ~/jaxaccel && x"] if what == "run" else [])])
+    reclaimed = Fake([143, 0], ["READY", "READY", "PREEMPTED"])
+    assert pod.run_with_recovery(args, reclaimed) == 0
+    assert reclaimed.log[:4] == ["run", "sleep", "sleep", "other"] and reclaimed.log.count("run") == 2
+    kept = Fake([143, 0], ["READY"] * 20)
+    assert pod.run_with_recovery(args, kept) == 0 and kept.log.count("run") == 2 and "other" not in kept.log
+    failed = Fake([1], ["READY"])
+    assert pod.run_with_recovery(args, failed) == 1 and failed.log == ["run"]

@@ -327,3 +327,24 @@ def test_no_validation_data_is_no_figure_not_a_perfect_loss(tmp_path):
     assert not [r for r in curve(tmp_path / "run") if "eval_loss" in r]
     info = json.loads((tmp_path / "run" / "model" / "jaxaccel.json").read_text())["info"]
     assert info["validation_loss"] is None and info["trained_steps"] == 4
+
+
+def test_a_missing_init_from_is_refused_before_the_data_is_built(tmp_path, finished, monkeypatch):
+    """train.init_from naming nothing used to be reported only after the data was built (minutes
+    on a large corpus), and as "neither a model nor a run"; a run resuming from its own
+    checkpoints does not read it, so a source moved away since does not stop the resume."""
+    import jaxaccel.data
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was built before init_from was checked")
+
+    monkeypatch.setattr(jaxaccel.data, "build_data", no_data)
+    data = {"corpus": "/nonexistent/*.py"}  # a real corpus: build_data would run
+    with pytest.raises(ConfigError, match=r"train.init_from: '.*/nope' does not exist"):
+        train(run_cfg(tmp_path / "new", data=data, train_kw={"init_from": str(tmp_path / "nope")}))
+    with pytest.raises(ConfigError, match="neither a jaxaccel model nor a training run folder"):
+        train(run_cfg(tmp_path / "new", data=data, train_kw={"init_from": str(tmp_path)}))
+    assert not (tmp_path / "new").exists()
+    run = copy_run(finished, tmp_path)  # resuming: init_from is not read
+    summary = train(run_cfg(run, steps=10, train_kw={"init_from": str(tmp_path / "moved-away")}))
+    assert summary["resumed_from"] == 8

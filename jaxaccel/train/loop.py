@@ -74,7 +74,8 @@ def preemption_notice():
     try:
         yield lambda step: flag.is_set()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        # None: the previous handler was not installed from Python; the default is the nearest
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def build_mesh(cfg: RunConfig):
@@ -165,13 +166,15 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def resumed_config_differences(stored: Mapping, cfg: RunConfig) -> list[tuple[str, Any, Any]]:
     """(key, stored value, this run's value) for each setting outside RESUME_MAY_CHANGE that
     differs. A key the stored config lacks (a setting newer than that run) differs only when
-    this run gives it a value other than its default."""
+    this run gives it a value other than its default; a key only the stored config has (a
+    setting since removed) does not differ."""
     a = _flatten(json.loads(json.dumps(dict(stored), default=str)))
     b = _flatten(json.loads(json.dumps(to_dict(cfg))))
     defaults = _flatten(json.loads(json.dumps(to_dict(RunConfig()))))
     free = lambda key: any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)  # noqa: E731
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-            if not free(k) and a.get(k) != b.get(k) and not (k not in a and k in defaults and b.get(k) == defaults[k])]
+            if not free(k) and k in b and a.get(k) != b.get(k)
+            and not (k not in a and k in defaults and b.get(k) == defaults[k])]
 
 
 def check_resumed_config(cfg: RunConfig) -> None:
@@ -225,6 +228,7 @@ def train(cfg: RunConfig, data: Any = None, *, log=None) -> dict[str, Any]:
     mesh = build_mesh(cfg)  # config errors first, before the folder is touched
     cfg.skip_schedule()
     check_output_dir(cfg.output_dir)
+    check_init_from(cfg.train.init_from, cfg.output_dir)
     with output_dir_lock(cfg.output_dir):
         return _train(cfg, mesh, data, log=log)
 
@@ -254,13 +258,14 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
     ckpt_dir = (out / RUN_CHECKPOINTS) if out is not None else cfg.output_dir.rstrip("/") + "/" + RUN_CHECKPOINTS
     ckpts = Checkpoints(ckpt_dir, cfg.checkpoint)
     try:
-        restored = ckpts.restore_latest(abstract)
-        if restored is not None:
+        listed = ckpts.steps()
+        if listed:  # refused before the restore sets any unreadable step aside (on gs://: deletes it)
             check_resumed_config(cfg)
-            if restored.step > total_steps:
-                raise ConfigError(f"output_dir {cfg.output_dir!r} holds checkpoint step {restored.step}, past "
+            if listed[-1] > total_steps:
+                raise ConfigError(f"output_dir {cfg.output_dir!r} holds checkpoint step {listed[-1]}, past "
                                   f"train.steps ({total_steps}): raise train.steps to continue that run, or choose "
                                   f"another output_dir")
+        restored = ckpts.restore_latest(abstract)
     except BaseException:
         ckpts.close()
         raise
@@ -393,21 +398,23 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
             done = step + 1
             due_ckpt = done % cfg.checkpoint.every_steps == 0 or done == total_steps
             due_eval = (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == total_steps
-            if due_ckpt or due_eval or len(pending) >= cfg.train.log_every:
+            # every process asks at every step (the multi-host protocol's rule); a notice makes
+            # this step's checkpoint the run's last act, after its metrics (a NaN is never saved)
+            stop = done < total_steps and noticed(done)
+            if due_ckpt or due_eval or stop or len(pending) >= cfg.train.log_every:
                 flush_metrics()
             # Evaluate before checkpointing: a run killed after a checkpoint has that step's
             # evaluation on record, so its resumed curve is the uninterrupted one.
             if due_eval:
                 last_eval = evaluate(done)
-            stop = done < total_steps and noticed(done)
             if due_ckpt or stop:
                 ckpts.save(done, state, {"step": done, "data_position": done, "tokens_seen": done * tokens_per_step,
                                          "unique_tokens": unique})
-            if stop:  # a preemption notice: the checkpoint of this step is the run's last act
-                flush_metrics()
+            if stop:
                 ckpts.wait()
                 raise Preempted(f"a preemption notice (SIGTERM) stopped the run after step {done} of {total_steps}; "
                                 f"checkpoint {done} is saved in {ckpt_dir}: rerun the same command to resume")
+        notice.close()  # the last step is checkpointed: from here a SIGTERM may end the process as usual
         flush_metrics()
         if start == total_steps:  # resumed after the last step: evaluate, recording it only if it is not yet
             last_eval = evaluate(total_steps, write=writer is not None and not writer.has(total_steps, "eval_loss"))
@@ -424,6 +431,26 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
             writer.close()
     return {"steps": total_steps, "resumed_from": start, "final_loss": last_loss, **last_eval,
             "data": data.stats, "output_dir": cfg.output_dir}
+
+
+def check_init_from(init_from: str | None, output_dir: str) -> None:
+    """A train.init_from that names nothing loadable is a one-line error before the data is
+    built (minutes on a large corpus); whether its model fits is checked when it is read. A
+    run that will resume from its own checkpoints does not read it, so is not checked."""
+    if init_from is None or "://" in init_from or "://" in output_dir:
+        return
+    from jaxaccel.model import checkpoint as ckpt
+
+    steps = Path(output_dir) / ckpt.RUN_CHECKPOINTS
+    if steps.is_dir() and any(p.name.isdigit() for p in steps.iterdir()):
+        return
+
+    folder = Path(init_from)
+    if not folder.exists():
+        raise ConfigError(f"train.init_from: {init_from!r} does not exist")
+    if not (ckpt.is_jaxaccel_checkpoint(folder) or ckpt.is_jaxaccel_checkpoint(folder / "model")
+            or ckpt.is_run_dir(folder)):
+        raise ConfigError(f"train.init_from: {init_from!r} is neither a jaxaccel model nor a training run folder")
 
 
 def initial_params(cfg: RunConfig, shardings: Any) -> Any:
