@@ -52,10 +52,13 @@ def _log_without_tracebacks() -> None:
 
     from jaxaccel.cli import TRACEBACK_ENV
 
-    logger = logging.getLogger("absl")
-    if os.environ.get(TRACEBACK_ENV, "").strip().lower() not in ("1", "true", "yes", "on") \
-            and _drop_traceback not in logger.filters:
-        logger.addFilter(_drop_traceback)
+    if os.environ.get(TRACEBACK_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+        return
+    # absl: Orbax's own log lines; asyncio: its "exception was never retrieved" for the
+    # failed writes' futures, whenever they are collected
+    for logger in (logging.getLogger("absl"), logging.getLogger("asyncio")):
+        if _drop_traceback not in logger.filters:
+            logger.addFilter(_drop_traceback)
 
 
 def entry() -> None:

@@ -33,7 +33,7 @@ import yaml
 
 from jaxaccel import sharding as shd
 from jaxaccel.config import to_dict
-from jaxaccel.errors import ConfigError, JaxaccelError, Preempted
+from jaxaccel.errors import CheckpointError, ConfigError, JaxaccelError, Preempted
 from jaxaccel.model.checkpoint import RUN_CHECKPOINTS, RUN_CONFIG  # the names run readers look for
 from jaxaccel.train.checkpoint import Checkpoints
 from jaxaccel.train.config import RunConfig
@@ -260,6 +260,12 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
     try:
         listed = ckpts.steps()
         if listed:  # refused before the restore sets any unreadable step aside (on gs://: deletes it)
+            try:  # another model first: its error names the parameter
+                ckpts.check_shapes(listed[-1], abstract)
+            except CheckpointError:
+                raise
+            except Exception:  # unreadable metadata: restore_latest reports it and falls back
+                pass
             check_resumed_config(cfg)
             if listed[-1] > total_steps:
                 raise ConfigError(f"output_dir {cfg.output_dir!r} holds checkpoint step {listed[-1]}, past "
