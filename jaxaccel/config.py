@@ -540,3 +540,13 @@ def replace(cfg: T, **changes: Any) -> T:
     data = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     data.update(changes)
     return from_dict(type(cfg), data)
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping (a config as `to_dict` gives it) as {"dotted.key": value}."""
+    if isinstance(tree, Mapping):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: tree}

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import yaml
 
-from jaxaccel.config import to_dict
+from jaxaccel.config import flatten, to_dict
 from jaxaccel.errors import ConfigError
 from jaxaccel.experiments.results import (FINISHED, FORMAT, RESULT_FILE, VERSION, SweepError, as_path,
                                           check_results_target, figures, join, read_json, read_metrics,
@@ -51,15 +51,6 @@ class RunState:
     record: dict | None = None
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: tree}
-
-
 def _ignored(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in IGNORED_KEYS)
 
@@ -69,9 +60,9 @@ def config_differences(stored: dict, planned: dict) -> list[tuple[str, Any, Any]
     A key the stored config lacks (a setting added to jaxaccel after that run was written)
     differs only if the plan gives it a value other than its default: a run folder from an
     older version still resumes."""
-    a = _flatten(json.loads(json.dumps(stored)))
-    b = _flatten(json.loads(json.dumps(planned)))
-    defaults = _flatten(json.loads(json.dumps(to_dict(RunConfig()))))
+    a = flatten(json.loads(json.dumps(stored)))
+    b = flatten(json.loads(json.dumps(planned)))
+    defaults = flatten(json.loads(json.dumps(to_dict(RunConfig()))))
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
             if not _ignored(k) and a.get(k) != b.get(k) and not (k not in a and k in defaults and b.get(k) == defaults[k])]
 

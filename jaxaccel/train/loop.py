@@ -32,7 +32,7 @@ import numpy as np
 import yaml
 
 from jaxaccel import sharding as shd
-from jaxaccel.config import to_dict
+from jaxaccel.config import flatten, to_dict
 from jaxaccel.errors import CheckpointError, ConfigError, JaxaccelError, Preempted
 from jaxaccel.model.checkpoint import RUN_CHECKPOINTS, RUN_CONFIG  # the names run readers look for
 from jaxaccel.train.checkpoint import Checkpoints
@@ -154,23 +154,14 @@ RESUME_MAY_CHANGE = ("output_dir", "tensorboard", "mesh", "checkpoint", "data.ca
                      "train.eval_batches", "train.init_from", "train.remat", "train.attention", "train.grad_accum")
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, Mapping):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: tree}
-
-
 def resumed_config_differences(stored: Mapping, cfg: RunConfig) -> list[tuple[str, Any, Any]]:
     """(key, stored value, this run's value) for each setting outside RESUME_MAY_CHANGE that
     differs. A key the stored config lacks (a setting newer than that run) differs only when
     this run gives it a value other than its default; a key only the stored config has (a
     setting since removed) does not differ."""
-    a = _flatten(json.loads(json.dumps(dict(stored), default=str)))
-    b = _flatten(json.loads(json.dumps(to_dict(cfg))))
-    defaults = _flatten(json.loads(json.dumps(to_dict(RunConfig()))))
+    a = flatten(json.loads(json.dumps(dict(stored), default=str)))
+    b = flatten(json.loads(json.dumps(to_dict(cfg))))
+    defaults = flatten(json.loads(json.dumps(to_dict(RunConfig()))))
     free = lambda key: any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)  # noqa: E731
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
             if not free(k) and k in b and a.get(k) != b.get(k)
