@@ -126,13 +126,34 @@ SMALL = ModelConfig(vocab_size=6, d_model=16, n_layers=1, n_heads=2, n_kv_heads=
 ROWS = 3000
 
 
-def exact_pair_probs(lm, prompt, temperature, top_k=None):
+def perturbed(params, seed, scale):
+    """`params` plus Gaussian noise of std `scale` (a draft close to or far from its target)."""
+    import jax
+
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tree, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+
+
+def toy_corpus(folder):
+    """A small code corpus (the stdlib's json package and 12 email modules) as files in `folder`."""
+    import sysconfig
+    from pathlib import Path
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    folder.mkdir()
+    for i, f in enumerate(sorted(stdlib.glob("json/*.py")) + sorted(stdlib.glob("email/*.py"))[:12]):
+        (folder / f"doc_{i:02d}.py").write_text(f.read_text())
+    return folder
+
+
+def exact_pair_probs(lm, prompt, temperature, top_k=None, top_p=None):
     """P(first two generated tokens) from the model's own logits (the target distribution)."""
     import jax.numpy as jnp
 
     from jaxaccel.decode.sampling import make_sampling, target_probs
 
-    mode, sp = make_sampling(temperature, top_k, None)
+    mode, sp = make_sampling(temperature, top_k, top_p)
     seqs = np.array([prompt + [a] for a in range(lm.config.vocab_size)])
     logits = lm.logits(seqs)
     p1 = np.asarray(target_probs(jnp.asarray(logits[0, len(prompt) - 1]), mode, sp))

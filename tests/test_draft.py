@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jaxaccel
-from conftest import ROWS, SMALL, TINY, chi2_pvalue, exact_pair_probs, randomize
+from conftest import ROWS, SMALL, TINY, chi2_pvalue, exact_pair_probs, perturbed, randomize
 from jaxaccel.decode import methods
 from jaxaccel.decode.draft import SpS, draft_probs
 from jaxaccel.decode.dyspec import DySpec
@@ -27,11 +27,6 @@ METHODS = [
     ("sequoia", {"budget": 9, "acceptance": [0.6, 0.2, 0.1]}),
 ]
 
-
-def perturbed(params, seed, scale):
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(tree, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
 
 
 @pytest.fixture(scope="module")

@@ -269,8 +269,6 @@ def test_the_experiment_runs_end_to_end_at_toy_size(tmp_path, capsys):
     corpus: the exhaustive run (with the 3^L part and a saved router that loads and decodes)
     and the beam run both write their results, Markdown and plots."""
     import json
-    import sysconfig
-    from pathlib import Path
 
     import yaml
 
@@ -281,11 +279,9 @@ def test_the_experiment_runs_end_to_end_at_toy_size(tmp_path, capsys):
     from jaxaccel.train.config import RunConfig
     from jaxaccel.train.loop import train
 
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i, f in enumerate(sorted(stdlib.glob("json/*.py")) + sorted(stdlib.glob("email/*.py"))[:12]):
-        (corpus / f"doc_{i:02d}.py").write_text(f.read_text())
+    from conftest import toy_corpus
+
+    corpus = toy_corpus(tmp_path / "corpus")
     model = {"vocab_size": 400, "d_model": 32, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 64,
              "max_seq_len": 64, "duo": {"enabled": True, "small_ratio": 4, "p_big": 0.5}}
     data = {"corpus": str(corpus / "*.py"), "vocab_size": 400, "num_sentinels": 8, "validation_fraction": 0.25,

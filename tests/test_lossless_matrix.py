@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import jaxaccel
-from conftest import ROWS, SMALL, TINY, chi2_pvalue, randomize
+from conftest import ROWS, SMALL, TINY, chi2_pvalue, exact_pair_probs, perturbed, randomize
 from jaxaccel.config import DuoConfig, ModelConfig
 from jaxaccel.model.duo import ffn_config, init_router
 from jaxaccel.model.transformer import init_params
@@ -30,11 +30,6 @@ def rng(seed):
 PROMPTS = [[42], rng(1).integers(1, TINY.vocab_size, 29).tolist(), [5, 9, 3, 5, 9, 3, 5]]  # batch 3, ragged
 LONG = dataclasses.replace(TINY, max_seq_len=1024)  # drafts for prompts at the target's maximum length
 
-
-def perturbed(params, seed, scale):
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(tree, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
 
 
 @pytest.fixture(scope="module")
@@ -146,20 +141,6 @@ def small_pair():
     return target, jaxaccel.from_params(SMALL, perturbed(params, 8, 0.3))
 
 
-def exact_pair_probs_top_p(lm, prompt, temperature, top_p):
-    """P(first two generated tokens) under temperature + top_p (the existing helper covers top_k)."""
-    import jax.numpy as jnp
-
-    from jaxaccel.decode.sampling import make_sampling, target_probs
-
-    mode, sp = make_sampling(temperature, None, top_p)
-    seqs = np.array([prompt + [a] for a in range(lm.config.vocab_size)])
-    logits = lm.logits(seqs)
-    p1 = np.asarray(target_probs(jnp.asarray(logits[0, len(prompt) - 1]), mode, sp))
-    p2 = np.asarray(target_probs(jnp.asarray(logits[:, len(prompt)]), mode, sp))
-    return p1[:, None] * p2
-
-
 @pytest.mark.parametrize("method,opts", [("recycling", {"template": [3, 2], "k": 3}), ("specinfer", {"widths": [3, 2]})])
 def test_top_p_through_trees_keeps_the_target_distribution(small_pair, method, opts):
     """top_p (only top_k was checked through trees): deterministic drafts (a warm recycling
@@ -174,7 +155,7 @@ def test_top_p_through_trees_keeps_the_target_distribution(small_pair, method, o
                                        for _ in range(SMALL.vocab_size)]).astype(np.int32)
     else:
         kw["draft"] = draft
-    expected = exact_pair_probs_top_p(target, prompt, 1.0, 0.75)
+    expected = exact_pair_probs(target, prompt, 1.0, top_p=0.75)
     assert (expected == 0).any()  # the nucleus cuts tokens here
     out = target.generate([prompt] * ROWS, max_new_tokens=2, method=method, temperature=1.0, top_p=0.75, seed=13, **kw)
     assert chi2_pvalue([t[:2] for t in out.tokens], expected) > 1e-4

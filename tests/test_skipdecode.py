@@ -350,17 +350,14 @@ def test_experiment_scores_plots_and_reports(lm, tmp_path):
 def test_experiment_run_end_to_end_at_toy_size(tmp_path):
     """`experiments skipdecode`'s run(): the fine-tunes from its configs (and their reuse),
     the shallow baseline, quality, and speed end to end and of the decode loop alone."""
-    import sysconfig
 
     import yaml
 
     from jaxaccel.experiments import skipdecode as exp
 
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i, f in enumerate(sorted(stdlib.glob("json/*.py")) + sorted(stdlib.glob("email/*.py"))[:12]):
-        (corpus / f"doc_{i:02d}.py").write_text(f.read_text())
+    from conftest import toy_corpus
+
+    corpus = toy_corpus(tmp_path / "corpus")
     model = {"vocab_size": 400, "d_model": 32, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 64,
              "max_seq_len": 64}
     data = {"corpus": str(corpus / "*.py"), "vocab_size": 400, "num_sentinels": 8, "validation_fraction": 0.25,
