@@ -442,12 +442,24 @@ def check_init_from(init_from: str | None, output_dir: str) -> None:
     if steps.is_dir() and any(p.name.isdigit() for p in steps.iterdir()):
         return
 
-    folder = Path(init_from)
-    if not folder.exists():
+    if not Path(init_from).exists():
         raise ConfigError(f"train.init_from: {init_from!r} does not exist")
-    if not (ckpt.is_jaxaccel_checkpoint(folder) or ckpt.is_jaxaccel_checkpoint(folder / "model")
-            or ckpt.is_run_dir(folder)):
-        raise ConfigError(f"train.init_from: {init_from!r} is neither a jaxaccel model nor a training run folder")
+    init_source(init_from)
+
+
+def init_source(init_from: str) -> tuple[str, Any]:
+    """("model" | "run", folder) that train.init_from names: a model folder, a run whose model/
+    is exported, or a run's checkpoints; else a one-line ConfigError."""
+    from jaxaccel.model import checkpoint as ckpt
+
+    folder = ckpt.as_path(init_from)
+    if not ckpt.is_jaxaccel_checkpoint(folder) and ckpt.is_jaxaccel_checkpoint(folder / "model"):
+        folder = folder / "model"
+    if ckpt.is_jaxaccel_checkpoint(folder):
+        return "model", folder
+    if ckpt.is_run_dir(folder):
+        return "run", folder
+    raise ConfigError(f"train.init_from: {str(folder)!r} is neither a jaxaccel model nor a training run folder")
 
 
 def initial_params(cfg: RunConfig, shardings: Any) -> Any:
@@ -458,15 +470,8 @@ def initial_params(cfg: RunConfig, shardings: Any) -> Any:
     from jaxaccel.model.layers import jnp_dtype
     from jaxaccel.model.transformer import canonical_params, stack_layers
 
-    folder = ckpt.as_path(cfg.train.init_from)
-    if not ckpt.is_jaxaccel_checkpoint(folder) and ckpt.is_jaxaccel_checkpoint(folder / "model"):
-        folder = folder / "model"
-    if ckpt.is_jaxaccel_checkpoint(folder):
-        src_cfg, params, _ = ckpt.load_model(folder)
-    elif ckpt.is_run_dir(folder):
-        src_cfg, params, _ = ckpt.load_run_params(folder)
-    else:
-        raise ConfigError(f"train.init_from: {str(folder)!r} is neither a jaxaccel model nor a training run folder")
+    kind, folder = init_source(cfg.train.init_from)
+    src_cfg, params, _ = ckpt.load_model(folder) if kind == "model" else ckpt.load_run_params(folder)
     mine, theirs = to_dict(cfg.model), to_dict(src_cfg)
     differ = sorted(k for k in mine if k not in ("n_layers", "dropout", "max_seq_len", "dtype", "param_dtype") and mine[k] != theirs.get(k))
     if differ:
