@@ -3,8 +3,10 @@ through (results and run configs, metrics rewrites, data-cache entries, calibrat
 
 A local file is written to a temporary file beside it, flushed to disk, and renamed over
 the target, so a kill, a full disk or a power cut leaves the old file or the new one, never
-a part. The temporary file gets the usual permissions (0666 less the umask, as `open`
-would), so a shared sweep or cache folder stays readable to the group. A remote path
+a part; the folder is synced too, so the rename itself survives a power cut. A new file gets
+the usual permissions (0666 less the umask, as `open` would), so a shared sweep or cache
+folder stays readable to the group; a file that exists keeps its own. A symbolic link is
+followed: the file it points to is replaced, the link stays. A remote path
 (gs://..., through etils' epath) is written with one call: an object store's write is
 whole already. A leaf module: it imports nothing from jaxaccel.
 """
@@ -29,15 +31,38 @@ def write_atomically(path: Any, data: bytes | str | Callable[[BinaryIO], Any]) -
             write(f)
         return
     path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except OSError:
+        mode = None
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _sync_folder(path.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder (the entry a rename made); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -34,3 +34,15 @@ def test_a_streamed_array_round_trips(tmp_path):
     array = np.arange(10, dtype=np.int32)
     write_atomically(tmp_path / "x.npy", lambda f: np.save(f, array, allow_pickle=False))
     np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), array)
+
+
+def test_an_existing_file_keeps_its_mode_and_a_link_its_target(tmp_path):
+    real = tmp_path / "shared" / "results.json"
+    write_atomically(real, "one\n")
+    os.chmod(real, 0o640)
+    link = tmp_path / "results.json"
+    link.symlink_to(real)
+    write_atomically(link, "two\n")
+    assert link.is_symlink() and os.readlink(link) == str(real)  # the link is not replaced by a file
+    assert real.read_text() == "two\n" and real.stat().st_mode & 0o777 == 0o640
+    assert sorted(os.listdir(real.parent)) == ["results.json"]
