@@ -348,3 +348,20 @@ def test_a_missing_init_from_is_refused_before_the_data_is_built(tmp_path, finis
     run = copy_run(finished, tmp_path)  # resuming: init_from is not read
     summary = train(run_cfg(run, steps=10, train_kw={"init_from": str(tmp_path / "moved-away")}))
     assert summary["resumed_from"] == 8
+
+
+def test_a_preempted_train_benchmark_does_not_offer_a_resume(monkeypatch):
+    """`bench train` trains in a temporary folder: a SIGTERM there leaves nothing to resume,
+    so its `stopped:` line must not say "rerun the same command to resume"."""
+    from jaxaccel.bench import train as bench_train
+    from jaxaccel.errors import Preempted
+    import jaxaccel.train.loop as loop
+
+    def preempted(cfg, log=None):
+        raise Preempted(f"a preemption notice (SIGTERM) stopped the run after step 1 of 2; checkpoint 1 is saved in "
+                        f"{cfg.output_dir}: rerun the same command to resume")
+
+    monkeypatch.setattr(loop, "train", preempted)
+    with pytest.raises(Preempted) as e:
+        bench_train.measure(str(ROOT / "configs" / "tiny.yaml"), [], peak=1e11)
+    assert "resume" not in str(e.value) and "rerun it" in str(e.value)
