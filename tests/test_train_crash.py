@@ -365,3 +365,18 @@ def test_a_preempted_train_benchmark_does_not_offer_a_resume(monkeypatch):
     with pytest.raises(Preempted) as e:
         bench_train.measure(str(ROOT / "configs" / "tiny.yaml"), [], peak=1e11)
     assert "resume" not in str(e.value) and "rerun it" in str(e.value)
+
+
+def test_a_run_refused_after_its_checkpoints_opened_closes_them(finished, tmp_path, monkeypatch):
+    """train.init_from naming a model of another width fails after the checkpoint manager and
+    before the loop: the manager is closed all the same (a notebook that retries the call must
+    not pile up Orbax's threads)."""
+    from jaxaccel.train import checkpoint
+
+    closed = []
+    close = checkpoint.Checkpoints.close
+    monkeypatch.setattr(checkpoint.Checkpoints, "close", lambda self: (closed.append(self), close(self))[1])
+    wider = run_cfg(tmp_path / "wider", model={"d_model": 2 * MODEL["d_model"]}, train_kw={"init_from": str(finished)})
+    with pytest.raises(ConfigError, match="init_from"):
+        train(wider)
+    assert len(closed) == 1

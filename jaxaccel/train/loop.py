@@ -248,7 +248,12 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
 
     ckpt_dir = (out / RUN_CHECKPOINTS) if out is not None else cfg.output_dir.rstrip("/") + "/" + RUN_CHECKPOINTS
     ckpts = Checkpoints(ckpt_dir, cfg.checkpoint)
-    try:
+    # Until the training loop's own `finally` owns them, an error (a model that does not fit
+    # init_from, an unwritable folder...) still closes the checkpoint manager and metrics writer:
+    # a notebook that retries must not pile up Orbax's threads and open event files.
+    guard = contextlib.ExitStack()
+    guard.callback(ckpts.close)
+    with guard:
         listed = ckpts.steps()
         if listed:  # refused before the restore sets any unreadable step aside (on gs://: deletes it)
             try:  # another model first: its error names the parameter
@@ -263,121 +268,121 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
                                   f"train.steps ({total_steps}): raise train.steps to continue that run, or choose "
                                   f"another output_dir")
         restored = ckpts.restore_latest(abstract)
-    except BaseException:
-        ckpts.close()
-        raise
-    if restored is not None:
-        state, start = restored.state, restored.step
-        log(f"resuming from checkpoint step {start} in {ckpt_dir}")
-    else:
-        state, start = create_state(cfg.model, optimizer, shardings, cfg.train.seed), 0
-        if cfg.train.init_from is not None:
-            state = state._replace(params=initial_params(cfg, shardings.params))
-            log(f"initialised from {cfg.train.init_from}")
-    if _is_main():
-        from jaxaccel.files import write_atomically
-        from jaxaccel.model.checkpoint import as_path
+        if restored is not None:
+            state, start = restored.state, restored.step
+            log(f"resuming from checkpoint step {start} in {ckpt_dir}")
+        else:
+            state, start = create_state(cfg.model, optimizer, shardings, cfg.train.seed), 0
+            if cfg.train.init_from is not None:
+                state = state._replace(params=initial_params(cfg, shardings.params))
+                log(f"initialised from {cfg.train.init_from}")
+        if _is_main():
+            from jaxaccel.files import write_atomically
+            from jaxaccel.model.checkpoint import as_path
 
-        run_dir = as_path(cfg.output_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        # whole or not at all: a resume compares its settings with config.yaml
-        write_atomically(run_dir / RUN_CONFIG, yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
-        if data.vocab_path is not None:
-            write_atomically(run_dir / "tokenizer.model", Path(data.vocab_path).read_bytes())
+            run_dir = as_path(cfg.output_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            # whole or not at all: a resume compares its settings with config.yaml
+            write_atomically(run_dir / RUN_CONFIG, yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
+            if data.vocab_path is not None:
+                write_atomically(run_dir / "tokenizer.model", Path(data.vocab_path).read_bytes())
 
-    bsh = batch_sharding(mesh)
-    # A causal objective has no bidirectional tokens: flash attention then skips the tiles
-    # above the diagonal. Activations are pinned to the mesh by their logical axes.
-    attention = dict(attention=cfg.train.attention, bidirectional=cfg.data.objective != "causal", mesh=mesh,
-                     skip=cfg.skip_schedule())
-    step_fn = {}
-    for dropout in (False, True):
-        fn = functools.partial(train_step, model_cfg=cfg.model, optimizer=optimizer, schedule=schedule,
-                               grad_accum=cfg.train.grad_accum, dropout=dropout, remat=cfg.train.remat,
-                               label_smoothing=cfg.train.label_smoothing, **attention)
-        step_fn[dropout] = jax.jit(fn, in_shardings=(shardings, bsh), out_shardings=(shardings, None),
-                                   donate_argnums=(0,))
-    eval_fn = jax.jit(functools.partial(eval_step, model_cfg=cfg.model, **attention),
-                      in_shardings=(shardings.params, bsh))
-    has_dropout = any(getattr(cfg.model.dropout, f.name) > 0 for f in dataclasses.fields(cfg.model.dropout))
+        bsh = batch_sharding(mesh)
+        # A causal objective has no bidirectional tokens: flash attention then skips the tiles
+        # above the diagonal. Activations are pinned to the mesh by their logical axes.
+        attention = dict(attention=cfg.train.attention, bidirectional=cfg.data.objective != "causal", mesh=mesh,
+                         skip=cfg.skip_schedule())
+        step_fn = {}
+        for dropout in (False, True):
+            fn = functools.partial(train_step, model_cfg=cfg.model, optimizer=optimizer, schedule=schedule,
+                                   grad_accum=cfg.train.grad_accum, dropout=dropout, remat=cfg.train.remat,
+                                   label_smoothing=cfg.train.label_smoothing, **attention)
+            step_fn[dropout] = jax.jit(fn, in_shardings=(shardings, bsh), out_shardings=(shardings, None),
+                                       donate_argnums=(0,))
+        eval_fn = jax.jit(functools.partial(eval_step, model_cfg=cfg.model, **attention),
+                          in_shardings=(shardings.params, bsh))
+        has_dropout = any(getattr(cfg.model.dropout, f.name) > 0 for f in dataclasses.fields(cfg.model.dropout))
 
-    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
-    flops_step = flops_per_token(cfg.model, cfg.train.seq_len) * tokens_per_step
-    peak = cfg.train.peak_flops
-    if peak is None:
-        peak = measure_peak_flops()
-        peak = peak if jax.default_backend() == "cpu" else peak * jax.device_count()
-    else:
-        peak = peak * jax.device_count()
-    writer = MetricsWriter(out or cfg.output_dir, cfg.tensorboard and out is not None, start) if _is_main() else None
-    unique = data.stats.get("unique_tokens")
-
-    def evaluate(step: int, write: bool = True) -> dict[str, float]:
-        ce, n, correct = 0.0, 0.0, 0.0
-        for i, batch in enumerate(data.eval_batches()):
-            if cfg.train.eval_batches is not None and i >= cfg.train.eval_batches:
-                break
-            m = jax.device_get(eval_fn(state.params, global_batch(batch, bsh)))
-            ce, n, correct = ce + float(m["ce_sum"]), n + float(m["tokens"]), correct + float(m["correct"])
-        if n == 0:  # no validation split (validation_fraction 0, max_eval_tokens 0): no figure, not a 0.0
-            return {}
-        loss = ce / n
-        record = {"step": step, "eval_loss": loss, "eval_accuracy": correct / n,
-                  "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": n}
-        if writer is not None and write:
-            writer.write(record)
-            writer.flush()
-        log(f"step {step}: eval loss {loss:.4f}, accuracy {record['eval_accuracy']:.3f}, "
-            f"perplexity {record['eval_perplexity']:.2f}")
-        return record
-
-    bar = None
-    if cfg.train.progress and _is_main() and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(total=total_steps, initial=start, unit="step", file=sys.stderr, dynamic_ncols=True)
-
-    pending: list[tuple[int, Any]] = []
-    last = {"time": time.perf_counter(), "step": start}
-    last_eval: dict[str, float] = {}
-    last_loss = float("nan")
-
-    def flush_metrics() -> None:
-        nonlocal last_loss
-        if not pending:
-            return
-        fetched = jax.device_get([m for _, m in pending])
-        now = time.perf_counter()
-        steps_done = pending[-1][0] + 1 - last["step"]
-        tok_s = steps_done * tokens_per_step / max(now - last["time"], 1e-9)
-        for (step, _), m in zip(pending, fetched):
-            if not bool(m["finite"]):
-                good = ckpts.steps()
-                where = (f"the last good state is checkpoint step {good[-1]} in {ckpt_dir}" if good
-                         else f"no checkpoint was written yet (nothing in {ckpt_dir})")
-                if writer is not None:
-                    writer.flush()
-                raise TrainingDiverged(f"loss became {float(m['loss'])} at step {step + 1}; training stopped, {where}")
-            record = {"step": step + 1, "loss": float(m["loss"]), "accuracy": float(m["accuracy"]),
-                      "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
-                      "tokens_seen": (step + 1) * tokens_per_step, "unique_tokens": unique,
-                      "epoch": (step + 1) / data.steps_per_epoch}
-            if cfg.model.moe.n_experts:
-                record.update(aux_loss=float(m["aux_loss"]), moe_load_balance=float(m["moe_load_balance"]),
-                              moe_router_z=float(m["moe_router_z"]), moe_dropped=float(m["moe_dropped"]),
-                              moe_expert_load=np.asarray(m["moe_expert_load"]).round(4).tolist())
-            if step == pending[-1][0]:
-                record.update(tokens_per_s=tok_s, mfu=tok_s * flops_step / tokens_per_step / peak)
-            if writer is not None:
-                writer.write(record)
-            last_loss = record["loss"]
+        tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+        flops_step = flops_per_token(cfg.model, cfg.train.seq_len) * tokens_per_step
+        peak = cfg.train.peak_flops
+        if peak is None:
+            peak = measure_peak_flops()
+            peak = peak if jax.default_backend() == "cpu" else peak * jax.device_count()
+        else:
+            peak = peak * jax.device_count()
+        writer = MetricsWriter(out or cfg.output_dir, cfg.tensorboard and out is not None, start) if _is_main() else None
         if writer is not None:
-            writer.flush()
-        if bar is not None:
-            bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tok_s:.0f}")
-            bar.update(steps_done)
-        last.update(time=now, step=pending[-1][0] + 1)
-        pending.clear()
+            guard.callback(writer.close)
+        unique = data.stats.get("unique_tokens")
+
+        def evaluate(step: int, write: bool = True) -> dict[str, float]:
+            ce, n, correct = 0.0, 0.0, 0.0
+            for i, batch in enumerate(data.eval_batches()):
+                if cfg.train.eval_batches is not None and i >= cfg.train.eval_batches:
+                    break
+                m = jax.device_get(eval_fn(state.params, global_batch(batch, bsh)))
+                ce, n, correct = ce + float(m["ce_sum"]), n + float(m["tokens"]), correct + float(m["correct"])
+            if n == 0:  # no validation split (validation_fraction 0, max_eval_tokens 0): no figure, not a 0.0
+                return {}
+            loss = ce / n
+            record = {"step": step, "eval_loss": loss, "eval_accuracy": correct / n,
+                      "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": n}
+            if writer is not None and write:
+                writer.write(record)
+                writer.flush()
+            log(f"step {step}: eval loss {loss:.4f}, accuracy {record['eval_accuracy']:.3f}, "
+                f"perplexity {record['eval_perplexity']:.2f}")
+            return record
+
+        bar = None
+        if cfg.train.progress and _is_main() and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            bar = tqdm(total=total_steps, initial=start, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+        pending: list[tuple[int, Any]] = []
+        last = {"time": time.perf_counter(), "step": start}
+        last_eval: dict[str, float] = {}
+        last_loss = float("nan")
+
+        def flush_metrics() -> None:
+            nonlocal last_loss
+            if not pending:
+                return
+            fetched = jax.device_get([m for _, m in pending])
+            now = time.perf_counter()
+            steps_done = pending[-1][0] + 1 - last["step"]
+            tok_s = steps_done * tokens_per_step / max(now - last["time"], 1e-9)
+            for (step, _), m in zip(pending, fetched):
+                if not bool(m["finite"]):
+                    good = ckpts.steps()
+                    where = (f"the last good state is checkpoint step {good[-1]} in {ckpt_dir}" if good
+                             else f"no checkpoint was written yet (nothing in {ckpt_dir})")
+                    if writer is not None:
+                        writer.flush()
+                    raise TrainingDiverged(f"loss became {float(m['loss'])} at step {step + 1}; training stopped, {where}")
+                record = {"step": step + 1, "loss": float(m["loss"]), "accuracy": float(m["accuracy"]),
+                          "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+                          "tokens_seen": (step + 1) * tokens_per_step, "unique_tokens": unique,
+                          "epoch": (step + 1) / data.steps_per_epoch}
+                if cfg.model.moe.n_experts:
+                    record.update(aux_loss=float(m["aux_loss"]), moe_load_balance=float(m["moe_load_balance"]),
+                                  moe_router_z=float(m["moe_router_z"]), moe_dropped=float(m["moe_dropped"]),
+                                  moe_expert_load=np.asarray(m["moe_expert_load"]).round(4).tolist())
+                if step == pending[-1][0]:
+                    record.update(tokens_per_s=tok_s, mfu=tok_s * flops_step / tokens_per_step / peak)
+                if writer is not None:
+                    writer.write(record)
+                last_loss = record["loss"]
+            if writer is not None:
+                writer.flush()
+            if bar is not None:
+                bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tok_s:.0f}")
+                bar.update(steps_done)
+            last.update(time=now, step=pending[-1][0] + 1)
+            pending.clear()
+        guard.pop_all()  # the loop's `finally` closes them from here
 
     notice = contextlib.ExitStack()
     try:
