@@ -301,6 +301,54 @@ def test_sampled_acceptance_of_the_first_child_is_the_overlap():
     assert vec.sum() == pytest.approx(1.0, abs=1e-9)  # 6 draws without replacement cover the vocabulary
 
 
+def _dense_simulated_draws(p, q, max_rank, samples, seed):
+    """The verifier simulation written plainly (every row's residuals rewritten at every rank):
+    the reference `acceptance._simulated_draws` must reproduce draw for draw."""
+    rng = np.random.default_rng(seed)
+    p = np.repeat(p, samples, axis=0).astype(np.float64)
+    q = np.repeat(q, samples, axis=0).astype(np.float64)
+    rows = np.arange(len(p))
+    norm = lambda a: np.where(a.sum(-1, keepdims=True) > 0, a / np.maximum(a.sum(-1, keepdims=True), 1e-300), a)
+    with np.errstate(divide="ignore"):
+        scores = np.log(q) + rng.gumbel(size=q.shape)
+    drafted = np.argsort(-scores, axis=1, kind="stable")[:, :max_rank]
+    done = np.zeros(len(p), bool)
+    for k in range(min(max_rank, p.shape[1])):
+        x = drafted[:, k]
+        qx = q[rows, x]
+        live = ~done & (qx > 0)
+        accept = live & (rng.random(len(p)) * qx < p[rows, x])
+        yield k, qx, live, accept
+        done |= accept
+        rejected = live & ~accept
+        p = np.where(rejected[:, None], norm(np.maximum(p - q, 0.0)), p)
+        q_new = q.copy()
+        q_new[rows, x] = 0.0
+        q = np.where(rejected[:, None], norm(q_new), q)
+
+
+@pytest.mark.parametrize("vocab,max_rank", [(50, 8), (6, 8)])
+def test_the_verifier_simulation_equals_the_dense_reference(vocab, max_rank):
+    """Draw for draw (same seed): which rank is live, what it drew and whether it was
+    accepted, with drafts that have fewer tokens than ranks (top-k'd q: zeros)."""
+    from jaxaccel.decode.acceptance import _simulated_draws
+
+    rng = np.random.default_rng(3)
+    p = rng.dirichlet(np.ones(vocab) * 0.3, size=60)
+    q = rng.dirichlet(np.ones(vocab) * 0.3, size=60)
+    q[:20, 3:] = 0.0  # rows whose draft has only 3 tokens
+    q[:20] /= q[:20].sum(1, keepdims=True)
+    got = list(_simulated_draws(p, q, max_rank, samples=7, seed=5))
+    want = list(_dense_simulated_draws(p, q, max_rank, samples=7, seed=5))
+    assert len(got) == len(want) == min(max_rank, vocab)
+    for (k, qx, live, acc), (k2, qx2, live2, acc2) in zip(got, want):
+        assert k == k2
+        np.testing.assert_array_equal(live, live2)
+        np.testing.assert_array_equal(acc, acc2)
+        np.testing.assert_allclose(qx[live], qx2[live], rtol=1e-12)
+    assert sum(a.sum() for *_, a in got) > 0 and sum(a.sum() for *_, a in got[1:]) > 0  # later ranks accept too
+
+
 def test_greedy_temperature_fit_recovers_a_known_temperature():
     from jaxaccel.decode.acceptance import greedy_temperature_from
 

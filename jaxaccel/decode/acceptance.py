@@ -104,9 +104,11 @@ def teacher_forced(target, draft, prompts: Sequence[Sequence[int]], temperature:
     return np.concatenate(ps), np.concatenate(qs)
 
 
-def _normalise(a: np.ndarray) -> np.ndarray:
+def _normalise_in_place(a: np.ndarray) -> np.ndarray:
+    """Each row of `a` divided by its sum, in place (rows that sum to 0 stay 0)."""
     s = a.sum(-1, keepdims=True)
-    return np.where(s > 0, a / np.where(s > 0, s, 1), a)
+    np.divide(a, s, out=a, where=s > 0)
+    return a
 
 
 def _simulated_draws(p: np.ndarray, q: np.ndarray, max_rank: int, samples: int, seed: int):
@@ -115,27 +117,40 @@ def _simulated_draws(p: np.ndarray, q: np.ndarray, max_rank: int, samples: int, 
     probability min(1, p(x)/q(x)), p <- norm(max(p - q, 0)) and q loses x after a rejection.
     Yields, for ranks k = 0..max_rank-1: (k, qx: the drawn token's probability under the
     residual q it was drawn from, live: the draw happened (nothing accepted before, q not
-    exhausted), accept) — arrays over positions x samples."""
+    exhausted), accept) — arrays over positions x samples.
+
+    Only the rows rejected at a rank have their residuals updated (in place): most rows
+    accept at the first ranks, so the work shrinks rank by rank instead of rewriting every
+    row's [vocab] distributions max_rank times."""
     rng = np.random.default_rng(seed)
     p = np.repeat(p, samples, axis=0).astype(np.float64)
     q = np.repeat(q, samples, axis=0).astype(np.float64)
     rows = np.arange(len(p))
     with np.errstate(divide="ignore"):
         scores = np.log(q) + rng.gumbel(size=q.shape)
-    drafted = np.argsort(-scores, axis=1)[:, :max_rank]  # q without replacement, in order
+    ranks = min(max_rank, p.shape[1])  # a vocabulary smaller than max_rank: no more draws
+    if 0 < ranks < p.shape[1]:  # q without replacement, in order: the top `ranks` Gumbel scores
+        top = np.argpartition(-scores, ranks - 1, axis=1)[:, :ranks]
+        drafted = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable"), 1)
+    else:
+        drafted = np.argsort(-scores, axis=1, kind="stable")[:, :ranks]
+    del scores
     done = np.zeros(len(p), bool)
-    for k in range(min(max_rank, p.shape[1])):  # a vocabulary smaller than max_rank: no more draws
+    for k in range(ranks):
         x = drafted[:, k]
         qx = q[rows, x]
         live = ~done & (qx > 0)
         accept = live & (rng.random(len(p)) * qx < p[rows, x])
         yield k, qx, live, accept
         done |= accept
-        rejected = live & ~accept
-        p = np.where(rejected[:, None], _normalise(np.maximum(p - q, 0.0)), p)
-        q_new = q.copy()
-        q_new[rows, x] = 0.0
-        q = np.where(rejected[:, None], _normalise(q_new), q)
+        rejected = np.flatnonzero(live & ~accept)
+        if len(rejected) and k + 1 < ranks:
+            pr, qr = p[rejected], q[rejected]
+            pr -= qr
+            np.maximum(pr, 0.0, out=pr)
+            qr[np.arange(len(rejected)), x[rejected]] = 0.0
+            p[rejected] = _normalise_in_place(pr)
+            q[rejected] = _normalise_in_place(qr)
 
 
 def acceptance_from_probs(p: np.ndarray, q: np.ndarray, greedy: bool, max_rank: int, samples: int = 4,
