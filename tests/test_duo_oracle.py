@@ -2,6 +2,7 @@
 soft router tends to the hard one as the temperature falls, the budget loss moves P(big)
 toward the budget, the exhaustive oracle equals a brute force over separately computed
 patterns, the beam oracle matches it when wide enough, and bad input is one line."""
+import functools
 import itertools
 from dataclasses import replace
 
@@ -192,6 +193,22 @@ def test_the_experiment_cli_rejects_bad_input_before_loading(capsys, tmp_path):
         assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _uncached_logits(params, cfg, tokens, routes):
+    return forward(params, cfg, tokens, plan=None if routes is None else ExecutionPlan(routes=routes))[0]
+
+
+def uncached_greedy(params, cfg, prompt, n, routes=None):
+    """Greedy tokens by the full uncached forward at every step (the router's own routes, or
+    `routes` for every token), over one padded width: causal, so the right padding never
+    changes the logits read, and one compiled program serves every step."""
+    seq, width = list(prompt), len(prompt) + n
+    for _ in range(n):
+        logits = _uncached_logits(params, cfg, jnp.asarray([seq + [0] * (width - len(seq))]), routes)
+        seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
+    return seq[len(prompt):]
+
+
 def test_a_model_with_routers_saves_loads_fuses_and_decodes_with_its_routes(toy, tmp_path):
     import jaxaccel
 
@@ -204,21 +221,13 @@ def test_a_model_with_routers_saves_loads_fuses_and_decodes_with_its_routes(toy,
     out = back.generate(prompts, max_new_tokens=6)
     # greedy with the router's hard routes == recomputing the uncached forward (router routes) each step
     for prompt, got in zip(prompts, out.tokens):
-        seq = list(prompt)
-        for _ in range(6):
-            logits, _ = forward(rparams, rcfg, jnp.asarray([seq]))
-            seq.append(int(jnp.argmax(logits[0, -1])))
-        assert got == seq[len(prompt):]
+        assert got == uncached_greedy(rparams, rcfg, prompt, 6)
     # a fixed mixed pattern (static: each layer traces only its FFN; skip adds nothing) == the
     # uncached forward under the same routes as an array, recomputed each step
     for routes, as_array in (("BS-", [BIG, SMALL, 2]), ([1, 0, 1], [SMALL, BIG, SMALL])):
         fixed = back.generate(prompts, max_new_tokens=5, routes=routes)
         for prompt, got in zip(prompts, fixed.tokens):
-            seq = list(prompt)
-            for _ in range(5):
-                logits, _ = forward(rparams, rcfg, jnp.asarray([seq]), plan=ExecutionPlan(routes=jnp.asarray(as_array)))
-                seq.append(int(jnp.argmax(logits[0, -1])))
-            assert got == seq[len(prompt):], routes
+            assert got == uncached_greedy(rparams, rcfg, prompt, 5, jnp.asarray(as_array)), routes
     for bad, message in (("BB", r"one of B/S/- per layer \(3 letters\), got 'BB'"),
                          ([0, 1, 5], r"3 integers in 0 \(big\), 1 \(small\), 2 \(skip\)"),
                          ([0.5, 1, 1], "3 integers"), (7, "3 integers")):
