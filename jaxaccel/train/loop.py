@@ -248,12 +248,12 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
 
     ckpt_dir = (out / RUN_CHECKPOINTS) if out is not None else cfg.output_dir.rstrip("/") + "/" + RUN_CHECKPOINTS
     ckpts = Checkpoints(ckpt_dir, cfg.checkpoint)
-    # Until the training loop's own `finally` owns them, an error (a model that does not fit
-    # init_from, an unwritable folder...) still closes the checkpoint manager and metrics writer:
-    # a notebook that retries must not pile up Orbax's threads and open event files.
-    guard = contextlib.ExitStack()
-    guard.callback(ckpts.close)
-    with guard:
+    # One `finally` from here on: an error anywhere (a model that does not fit init_from, an
+    # unwritable folder, the loop itself) closes the checkpoint manager and the metrics writer,
+    # so a notebook that retries does not pile up Orbax's threads and open event files.
+    notice = contextlib.ExitStack()
+    writer = bar = None
+    try:
         listed = ckpts.steps()
         if listed:  # refused before the restore sets any unreadable step aside (on gs://: deletes it)
             try:  # another model first: its error names the parameter
@@ -312,8 +312,6 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
         else:
             peak = peak * jax.device_count()
         writer = MetricsWriter(out or cfg.output_dir, cfg.tensorboard and out is not None, start) if _is_main() else None
-        if writer is not None:
-            guard.callback(writer.close)
         unique = data.stats.get("unique_tokens")
 
         def evaluate(step: int, write: bool = True) -> dict[str, float]:
@@ -335,7 +333,6 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
                 f"perplexity {record['eval_perplexity']:.2f}")
             return record
 
-        bar = None
         if cfg.train.progress and _is_main() and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -382,10 +379,7 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
                 bar.update(steps_done)
             last.update(time=now, step=pending[-1][0] + 1)
             pending.clear()
-        guard.pop_all()  # the loop's `finally` closes them from here
 
-    notice = contextlib.ExitStack()
-    try:
         noticed = notice.enter_context(preemption_notice())
         batches = data.train_batches(start)
         for step in range(start, total_steps):
