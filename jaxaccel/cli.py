@@ -7,7 +7,7 @@ import sys
 import warnings
 from typing import Callable, Sequence
 
-from jaxaccel.errors import JaxaccelError, Preempted
+from jaxaccel.errors import JaxaccelError, Preempted, first_line
 
 EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: stopped by a preemption notice, a checkpoint saved
@@ -29,7 +29,7 @@ def fail(message: str) -> None:
 def os_error_message(e: OSError) -> str:
     """`[Errno 13] Permission denied: 'x'` -> `x: permission denied` (one line)."""
     if e.filename is None or not e.strerror:
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
+        return first_line(e)
     target = f" -> {e.filename2}" if e.filename2 else ""
     return f"{e.filename}{target}: {e.strerror[0].lower()}{e.strerror[1:]}"
 
@@ -86,7 +86,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
         return main(argv)
     except JaxaccelError as e:
         failed = True
-        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        fail(first_line(e))
     except OSError as e:  # a path the user gave that cannot be read or written, a full disk...
         failed = True
         fail(os_error_message(e))
@@ -143,4 +143,4 @@ def _initialize(jax, *args) -> None:
     try:
         jax.distributed.initialize(*args)
     except (ValueError, RuntimeError) as e:
-        fail(f"multi-host setup failed: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+        fail(f"multi-host setup failed: {first_line(e)}")

@@ -5,6 +5,16 @@ else escaping is a bug in jaxaccel, not bad input.
 """
 
 
+def first_line(e: BaseException, limit: int | None = None) -> str:
+    """The first non-empty line of an exception's message (its type's name when it has none),
+    at most `limit` characters, without TensorStore's "See full TensorStore details: <bound
+    method ...>" tail, for one-line reports of errors raised by the libraries underneath."""
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    line = line.split(" See full TensorStore details:")[0]
+    return line if limit is None else line[:limit]
+
+
 class JaxaccelError(Exception):
     """Base class: a problem with the user's input, stated in one line."""
 

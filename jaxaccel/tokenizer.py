@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol, Sequence
 
-from jaxaccel.errors import ModelLoadError
+from jaxaccel.errors import ModelLoadError, first_line
 
 
 class Tokenizer(Protocol):
@@ -97,8 +97,7 @@ def load_tokenizer(folder: str | Path, add_bos: bool = False) -> Tokenizer | Non
             try:
                 tok = cls(path, **kwargs)
             except Exception as e:  # sentencepiece / tokenizers raise their own types on a bad file
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise ModelLoadError(f"{path}: not a valid tokenizer file ({first})") from None
+                raise ModelLoadError(f"{path}: not a valid tokenizer file ({first_line(e)})") from None
             if tok.vocab_size < 1:
                 raise ModelLoadError(f"{path}: the tokenizer has no pieces")
             return tok

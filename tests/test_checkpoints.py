@@ -53,8 +53,20 @@ def test_corrupted_params_are_reported(tmp_path, tiny_lm):
     for f in (folder / "params").rglob("*"):
         if f.is_file() and f.stat().st_size > 1000:
             f.write_bytes(b"\0" * 100)
-    with pytest.raises(CheckpointError, match="could not be restored"):
+    with pytest.raises(CheckpointError, match="could not be restored") as raised:
         jaxaccel.load(folder)
+    assert "\n" not in str(raised.value) and "See full TensorStore details" not in str(raised.value)
+
+
+def test_first_line_of_a_library_error():
+    from jaxaccel.errors import first_line
+
+    tensorstore = ValueError("\nEncountered error while reading array index: (slice(0, 2, 1),). See full TensorStore "
+                             "details: <bound method pybind11_detail_function_record_v1_system_libstdcpp_gxx.details>\n"
+                             "Traceback ...")
+    assert first_line(tensorstore) == "Encountered error while reading array index: (slice(0, 2, 1),)."
+    assert first_line(tensorstore, 20) == "Encountered error wh"
+    assert first_line(KeyError()) == "KeyError" and first_line(OSError("  ")) == "OSError"
 
 
 def test_missing_path(tmp_path):

@@ -285,24 +285,46 @@ def test_a_live_run_keeps_its_output_dir_to_itself(tmp_path, capsys):
         pass
 
 
-def test_two_processes_match_one(tmp_path):
-    """2 processes x 4 CPU devices (jax.distributed on 127.0.0.1) == 1 process x 8 devices."""
+def test_two_processes_match_one_and_agree_on_the_step_to_resume(tmp_path):
+    """2 processes x 4 CPU devices (jax.distributed on 127.0.0.1) == 1 process x 8 devices,
+    with every array sharded across both processes (fsdp=8), so each writes its own part of a
+    checkpoint. Then process 1's part of the last step is lost: both processes go back to the
+    step before it together (before, process 0 restored the last step and waited forever in a
+    barrier for process 1, which had fallen back alone) and train to the same curve."""
     common = ["-m", "jaxaccel.train", str(ROOT / "configs" / "tiny.yaml"), "data.corpus=synthetic",
               "model.vocab_size=64", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
               "model.ffn_dim=64", "train.steps=6", "train.batch_size=8", "train.seq_len=32", "train.eval_every=0",
-              "train.peak_flops=1e11", "checkpoint.every_steps=3", "mesh.data=8", "tensorboard=false"]
+              "train.peak_flops=1e11", "checkpoint.every_steps=3", "mesh.data=1", "mesh.fsdp=8", "tensorboard=false"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     assert train_main([*common[2:], f"output_dir={tmp_path / 'one'}"]) == 0  # this process has the 8 devices
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, *common, f"output_dir={tmp_path / 'two'}", "--cpu-devices", "4",
-                               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
+    def two_processes():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        procs = [subprocess.Popen([sys.executable, *common, f"output_dir={tmp_path / 'two'}", "--cpu-devices", "4",
+                                   "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id",
+                                   str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                 for i in range(2)]
+        try:
+            outs = [p.communicate(timeout=240) for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
+        assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
+        return [err for _, err in outs]
+
+    two_processes()
+    np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
+    part = tmp_path / "two" / "checkpoints" / "6" / "state" / "ocdbt.process_1" / "d"
+    assert list(part.iterdir()), "process 1 wrote no part of the checkpoint: the test would not test anything"
+    for f in part.iterdir():
+        f.unlink()
+    errs = two_processes()
+    assert "process 1 could not read its part); resuming from step 3" in errs[0]
+    assert "warning: checkpoint step 6 is unreadable (" in errs[1] and "resuming from step 3" in errs[1]
+    assert "resuming from checkpoint step 3" in errs[0]  # the trainer's log is process 0's
     np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
 
 

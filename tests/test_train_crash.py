@@ -242,6 +242,43 @@ def test_a_failed_save_is_a_checkpoint_error_and_keeps_the_committed_steps(tmp_p
         again.close()
 
 
+def test_an_object_store_read_is_retried_before_its_step_is_skipped(tmp_path, monkeypatch, capsys):
+    """On gs:// (a str folder) a step whose read fails is tried REMOTE_READ_ATTEMPTS times
+    (an object store's error may pass); one that keeps failing is skipped for the step before."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxaccel.train import checkpoint as checkpoint_mod
+
+    ckpts = checkpoint_mod.Checkpoints(tmp_path / "checkpoints", CheckpointConfig(keep=5))
+    for step in (1, 2):
+        ckpts.save(step, {"w": jnp.full((4, 4), float(step))}, {"step": step})
+    ckpts.wait()
+    ckpts.directory = str(ckpts.directory)  # read as a remote folder
+    real, calls, failing = ckpts._state_handler.restore, [], {"left": 2}
+    monkeypatch.setattr(checkpoint_mod.time, "sleep", lambda seconds: None)
+
+    def flaky(folder, args):
+        calls.append(int(Path(str(folder)).parent.name))
+        if failing["left"]:
+            failing["left"] -= 1
+            raise OSError("503 Service Unavailable\nretry later")
+        return real(folder, args=args)
+
+    monkeypatch.setattr(ckpts._state_handler, "restore", flaky)
+    abstract = {"w": jax.ShapeDtypeStruct((4, 4), jnp.float32)}
+    try:
+        restored = ckpts.restore_latest(abstract)
+        assert restored.step == 2 and calls == [2, 2, 2] and not restored.skipped
+        failing["left"], calls[:] = checkpoint_mod.REMOTE_READ_ATTEMPTS, []
+        restored = ckpts.restore_latest(abstract)
+        assert calls == [2, 2, 2, 1] and restored.step == 1 and float(restored.state["w"][0, 0]) == 1.0
+        assert restored.skipped == [(2, "503 Service Unavailable")]
+        assert "checkpoint step 2 is unreadable (503 Service Unavailable); resuming from step 1" in capsys.readouterr().err
+    finally:
+        ckpts.close()
+
+
 def test_a_failed_model_export_is_a_checkpoint_error(tmp_path):
     import jax.numpy as jnp
 

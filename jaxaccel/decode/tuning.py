@@ -18,6 +18,7 @@ from typing import Callable, NamedTuple, Sequence
 import jax
 import numpy as np
 
+from jaxaccel.errors import first_line
 from jaxaccel.model.options import DENSE, AttentionPolicy, TreeKernelAttention
 
 # ----------------------------------------------------------------------------- XLA options
@@ -182,8 +183,7 @@ def _kernel_checked(backend: str, nodes: int, heads: int, kv_heads: int, head_di
         got = np.asarray(tree_attention_kernel(q, kn, vn, mask, kc, vc, plen, block_k=block_k, interpret=interpret),
                          np.float32)
     except Exception as e:  # a kernel that fails to lower/compile on this hardware
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        return f"the kernel failed to compile or run ({type(e).__name__}: {first[:200]})"
+        return f"the kernel failed to compile or run ({type(e).__name__}: {first_line(e, 200)})"
     want = np.asarray(tree_attention_reference(q, kn, vn, mask, kc, vc, plen), np.float32)
     tol = 1e-4 if dtype == "float32" else 3e-2
     err = float(np.max(np.abs(got - want)))

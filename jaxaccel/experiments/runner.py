@@ -27,7 +27,7 @@ from typing import Any, Callable
 import yaml
 
 from jaxaccel.config import flatten, to_dict
-from jaxaccel.errors import ConfigError
+from jaxaccel.errors import ConfigError, first_line
 from jaxaccel.experiments.results import (FINISHED, FORMAT, RESULT_FILE, VERSION, SweepError, as_path,
                                           check_results_target, figures, join, read_json, read_metrics,
                                           write_json)
@@ -331,7 +331,7 @@ def run_sweep(sweep: Sweep, only: list[str] | tuple[str, ...] = (), *, dry_run: 
         except SweepError:
             raise
         except Exception as e:  # noqa: BLE001 - gcsfs/tensorflow/OS errors of many types
-            reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            reason = first_line(e, 160)
             if not dry_run:
                 raise SweepError(f"cannot read {what}: {reason}") from None
             unreadable.append(f"{what}: {reason}")

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 
 from jaxaccel.config import ModelConfig, from_dict, parse_yaml, to_dict
-from jaxaccel.errors import CheckpointError, ConfigError
+from jaxaccel.errors import CheckpointError, ConfigError, first_line
 
 MARKER = "jaxaccel.json"
 FORMAT = "jaxaccel-model"
@@ -30,6 +30,29 @@ def as_path(folder):
 
         return epath.Path(str(folder))
     return Path(folder).absolute()
+
+
+def outcomes(outcome: int) -> list[int]:
+    """Every process's outcome of reading a checkpoint step (this one's `outcome` included;
+    0 = read). Every process calls it once per step it tried, so that all of them take the
+    same step: on a pod, one host that cannot read its shards of the newest step (a damaged
+    file, an object store that keeps failing) must send every host back to the step before,
+    not leave the others restored and waiting for it in the next collective. One process:
+    no collective."""
+    if jax.process_count() == 1:
+        return [int(outcome)]
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return [int(x) for x in np.asarray(multihost_utils.process_allgather(np.array(outcome, np.int32))).reshape(-1)]
+
+
+def unreadable_reason(local_error: str | None, got: list[int]) -> str:
+    """Why a step was skipped, as this process saw it: its own error, or which process failed."""
+    if local_error is not None:
+        return local_error
+    failed = [i for i, x in enumerate(got) if x]
+    return f"process {failed[0]} could not read its part" + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else "")
 
 
 # Orbax saves a replicated array by slicing it across its replicas so they write in
@@ -102,7 +125,7 @@ def load_run_params(folder, dtype: str | None = None, shardings_fn=None) -> tupl
         config = from_dict(ModelConfig, run.get("model") or {}, prefix="model")
     except (OSError, ConfigError) as e:
         raise CheckpointError(f"{folder}/{RUN_CONFIG}: not a readable training config: "
-                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                              f"{first_line(e)}") from None
     if dtype is not None:
         config = from_dict(ModelConfig, {**to_dict(config), "param_dtype": dtype, "dtype": dtype})
     target = restore_target(config, "scanned", shardings_fn)
@@ -110,17 +133,25 @@ def load_run_params(folder, dtype: str | None = None, shardings_fn=None) -> tupl
     options = ocp.CheckpointManagerOptions(create=False, read_only=True, cleanup_tmp_directories=False)
     manager = ocp.CheckpointManager(folder / RUN_CHECKPOINTS, options=options,
                                     item_handlers={RUN_STATE_ITEM: ocp.PyTreeCheckpointHandler()})
+    # The step is read through its handler, not manager.restore: that ends in a barrier of all
+    # processes, where the others would wait forever for one whose read failed.
+    handler = ocp.PyTreeCheckpointHandler()
     errors = []
     try:
         for step in sorted(manager.all_steps(), reverse=True):
+            error = None
             try:
-                out = manager.restore(step, args=ocp.args.Composite(**{RUN_STATE_ITEM: ocp.args.PyTreeRestore(
-                    item={"params": target}, restore_args={"params": restore_args}, partial_restore=True)}))
+                out = handler.restore(folder / RUN_CHECKPOINTS / str(step) / RUN_STATE_ITEM, args=ocp.args.PyTreeRestore(
+                    item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
             except Exception as e:  # a step being written or corrupted: try the previous one
-                errors.append(f"step {step}: {(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}")
+                error = first_line(e, 200)
+            got = outcomes(error is not None)
+            if any(got):
+                errors.append(f"step {step}: {unreadable_reason(error, got)}")
                 continue
-            return config, out[RUN_STATE_ITEM]["params"], {"step": int(step), "layout": "scanned"}
+            return config, out["params"], {"step": int(step), "layout": "scanned"}
     finally:
+        handler.close()
         manager.close()
     detail = f" ({'; '.join(errors)})" if errors else ""
     raise CheckpointError(f"training run {folder} has no readable checkpoint yet{detail}")
@@ -166,7 +197,7 @@ def write_error_reason(e: Exception) -> str:
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
     code = re.search(r"os_error_code='(\d+)'", str(e))
-    return os.strerror(int(code.group(1))) if code else (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return os.strerror(int(code.group(1))) if code else first_line(e, 200)
 
 
 def _write_meta(folder, config, params, tokenizer, eos_token_ids, bos_token_id, extra) -> None:
@@ -189,7 +220,7 @@ def read_meta(folder) -> dict:
     try:
         meta = json.loads((as_path(folder) / MARKER).read_text())
     except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
-        raise CheckpointError(f"{folder}/{MARKER} is unreadable: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"{folder}/{MARKER} is unreadable: {first_line(e)}") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{folder}/{MARKER}: not a jaxaccel model (not a JSON object)")
     if meta.get("format") != FORMAT:
@@ -237,8 +268,7 @@ def load_model(folder: str | Path, dtype: str | None = None, shardings_fn=None) 
     try:
         params = ckptr.restore(folder / "params", target)
     except Exception as e:  # Orbax raises many types; name the folder and the first line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{folder}/params could not be restored: {first}") from None
+        raise CheckpointError(f"{folder}/params could not be restored: {first_line(e)}") from None
     finally:
         ckptr.close()
     return config, params, meta

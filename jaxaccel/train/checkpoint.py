@@ -5,26 +5,30 @@ Orbax writes each step into a temporary folder and renames it when complete, so 
 was killed is never listed. A listed step that cannot be read (corrupted files) is reported
 and skipped for the previous one; when no listed step can be read, the run refuses to start
 over (one line) and changes nothing. A step written by a different model shape is an error
-that names the first mismatching parameter. A save that fails (a full disk) is a one-line
-CheckpointError; the steps committed before it stay as they were.
+that names the first mismatching parameter. Several processes (a pod) agree on each step
+they try, so one that cannot read its part sends every process back to the previous step. A
+save that fails (a full disk) is a one-line CheckpointError; the steps committed before it
+stay as they were.
 """
 from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jax
 
-from jaxaccel.errors import CheckpointError
-from jaxaccel.model.checkpoint import RUN_META_ITEM as META, RUN_STATE_ITEM as STATE  # what run readers expect
+from jaxaccel.errors import CheckpointError, first_line
+from jaxaccel.model.checkpoint import RUN_META_ITEM as META  # what run readers expect
+from jaxaccel.model.checkpoint import RUN_STATE_ITEM as STATE
 from jaxaccel.model.checkpoint import write_error_reason
 from jaxaccel.train.config import CheckpointConfig
 
-
 REMOTE_READ_ATTEMPTS = 3  # reads of a step on gs:// before it counts as unreadable
+_READ, _UNREADABLE, _MISMATCH = 0, 1, 2  # a process's outcome of reading a step (they agree on it)
 
 
 @dataclass
@@ -57,6 +61,7 @@ class Checkpoints:
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler()})
+        self._state_handler, self._meta_handler = ocp.StandardCheckpointHandler(), ocp.JsonCheckpointHandler()
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -104,32 +109,32 @@ class Checkpoints:
                     f"{tuple(have.shape)}, this config expects {tuple(want.shape)}")
 
     def restore_latest(self, abstract_state: Any) -> Restored | None:
-        """The newest readable step (None when there is none yet). An unreadable step is set
-        aside for the one before it; on gs:// a failed read is retried first (an object store's
-        error may be transient, and there a set-aside step is deleted). When steps exist but
-        none can be read, nothing is set aside and the run refuses to start over: its metrics
-        and config would be rewritten from step 0 over a problem that may be passing."""
-        ocp = self._ocp
-        skipped: list[tuple[int, str]] = []
-        attempts = REMOTE_READ_ATTEMPTS if isinstance(self.directory, str) else 1
-        for step in reversed(self.steps()):
-            for attempt in range(attempts):
-                try:
-                    self.check_shapes(step, abstract_state)
-                    out = self.manager.restore(step, args=ocp.args.Composite(
-                        **{STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}))
-                    error = None
-                    break
-                except CheckpointError:
-                    raise
-                except Exception as e:  # unreadable metadata or arrays: a corrupted (or unreachable) step
-                    error = _first_line(e)
-                    if attempt + 1 < attempts:
-                        import time as _time
+        """The newest step every process can read (None when there is none yet). An
+        unreadable step is set aside for the one before it; on gs:// a failed read is retried
+        first (an object store's error may be transient, and there a set-aside step is
+        deleted). With several processes they agree on each step (`outcomes`): one that
+        cannot read its part sends all of them back a step. When steps exist but none can be
+        read, nothing is set aside and the run refuses to start over: its metrics and config
+        would be rewritten from step 0 over a problem that may be passing."""
+        from jaxaccel.model.checkpoint import outcomes, unreadable_reason
 
-                        _time.sleep(2.0 * (attempt + 1))
-            if error is not None:
-                skipped.append((step, error))
+        skipped: list[tuple[int, str]] = []
+        for step in reversed(self.steps()):
+            out, error, mismatch = None, None, None
+            try:
+                out = self._read(step, abstract_state)
+            except CheckpointError as e:  # another model: the same on every process, but agreed on too
+                mismatch = e
+            except Exception as e:  # unreadable metadata or arrays: a corrupted (or unreachable) step
+                error = first_line(e, 200)
+            got = outcomes(_READ if out is not None else _MISMATCH if mismatch is not None else _UNREADABLE)
+            if mismatch is not None:
+                raise mismatch
+            if _MISMATCH in got:
+                raise CheckpointError(f"checkpoint step {step} in {self.directory} was written by a different model "
+                                      f"(process {got.index(_MISMATCH)} found the mismatch)")
+            if any(got):
+                skipped.append((step, unreadable_reason(error, got)))
                 continue
             for bad, reason in skipped:
                 moved = self._set_aside(bad)
@@ -142,6 +147,29 @@ class Checkpoints:
                 f"none of the {len(skipped)} checkpoint(s) in {self.directory} can be read (step {step}: {reason}); "
                 f"nothing was changed: rerun once they are reachable, or move that folder away to start the run over")
         return None
+
+    def _read(self, step: int, abstract_state: Any) -> dict:
+        """This process's part of `step`, through the item handlers: manager.restore ends in a
+        barrier of all processes, which the others would wait at forever for one whose read
+        failed. On gs:// a failed read is tried REMOTE_READ_ATTEMPTS times."""
+        from jaxaccel.model.checkpoint import as_path
+
+        ocp = self._ocp
+        folder = as_path(f"{self.directory}/{step}")
+
+        def read():
+            self.check_shapes(step, abstract_state)
+            return {STATE: self._state_handler.restore(folder / STATE, args=ocp.args.StandardRestore(abstract_state)),
+                    META: self._meta_handler.restore(folder / META, args=ocp.args.JsonRestore())}
+
+        for attempt in range(REMOTE_READ_ATTEMPTS - 1 if isinstance(self.directory, str) else 0):
+            try:
+                return read()
+            except CheckpointError:
+                raise
+            except Exception:
+                time.sleep(2.0 * (attempt + 1))
+        return read()
 
     def _set_aside(self, step: int) -> str | None:
         """Move an unreadable step out of the manager's folder (the run will write it anew).
@@ -159,9 +187,8 @@ class Checkpoints:
                 epath.Path(self.directory, str(step)).rmtree()
             else:
                 import shutil
-                import time as _time
 
-                dst = self.directory.parent / "unreadable-checkpoints" / f"{step}-{int(_time.time())}"
+                dst = self.directory.parent / "unreadable-checkpoints" / f"{step}-{int(time.time())}"
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(str(self.directory / str(step)), str(dst))
                 moved = str(dst)
@@ -178,13 +205,9 @@ class Checkpoints:
             if not self.read_only:
                 self.wait()
         finally:
+            self._state_handler.close()
             self.manager.close()
 
 
 class _Unreadable(Exception):
     """A step whose files are damaged (restore_latest skips it for the previous one)."""
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
