@@ -297,8 +297,8 @@ def test_the_experiment_runs_end_to_end_at_toy_size(tmp_path, capsys):
             "cache_dir": str(tmp_path / "cache")}
     config = {"model": model, "data": data, "optim": {"lr": 1e-2, "warmup_steps": 1}, "tensorboard": False,
               "checkpoint": {"every_steps": 2, "keep": 1}, "mesh": {"data": 1}, "output_dir": str(tmp_path / "duo"),
-              "train": {"steps": 2, "batch_size": 4, "seq_len": 32, "eval_every": 0, "log_every": 1,
-                        "peak_flops": 1e11, "progress": False}}
+              "train": {"steps": 2, "batch_size": 4, "seq_len": 32, "eval_every": 0, "eval_batches": 2,
+                        "log_every": 1, "peak_flops": 1e11, "progress": False}}
     train(from_dict(RunConfig, config))
     (tmp_path / "duo.yaml").write_text(yaml.safe_dump(config))
     common = ["duo", "--model", str(tmp_path / "duo"), "--config", str(tmp_path / "duo.yaml"), "--eval-rows", "4",
