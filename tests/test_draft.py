@@ -399,6 +399,19 @@ def test_a_draft_loaded_from_a_path_once_is_reused_without_recompiling(lm, draft
     assert list(target._drafts) == [str(folder)]
 
 
+def test_another_draft_object_of_the_same_shape_reuses_the_compiled_loop(lm, draft_lm, reference):
+    """The compile key holds a draft object's structure, not its identity: a draft loaded
+    again (here: another object, other params) reuses the program, and its own params are
+    what the program runs (a far draft is accepted less), still losslessly."""
+    target = jaxaccel.from_params(TINY, lm.params)
+    far = jaxaccel.from_params(TINY, perturbed(draft_lm.params, 11, 0.5))
+    near = target.generate(PROMPTS, max_new_tokens=24, method="sps", budget=3, draft=draft_lm)
+    again = target.generate(PROMPTS, max_new_tokens=24, method="sps", budget=3, draft=far)
+    assert near.tokens == again.tokens == reference
+    assert near.stats["compile_s"] > 0 and again.stats["compile_s"] == 0
+    assert again.stats["mean_accepted"] < near.stats["mean_accepted"]
+
+
 # ----------------------------------------------------------------------------- calibrated values
 
 

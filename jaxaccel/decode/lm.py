@@ -329,7 +329,10 @@ class LanguageModel:
     def _draft_model(self, decoder) -> "LanguageModel":
         """The draft model a draft-model method names (`draft=`: a path, a builtin name or a
         loaded LanguageModel; default `builtin:draft` for `builtin:default`), loaded once and
-        kept; checked against this model. Its identity goes into the method's compile key."""
+        kept; checked against this model. The method's compile key gets the path, or for a
+        model object the structure of its handle (config, shapes, dtypes, shardings): its
+        params are arguments of the compiled loop, so another draft of the same shape (one
+        loaded again, or fine-tuned) reuses the program."""
         spec = decoder.opts.get("draft")
         if spec is None:
             if self.source is None or Path(self.source) != Path(BUILTIN_MODELS["default"]):
@@ -348,7 +351,7 @@ class LanguageModel:
                 self._drafts[str(spec)] = draft
         else:
             raise InvalidArgumentError(f"draft must be a model path or name, got {spec!r}")
-        decoder.opts["draft"] = spec if isinstance(spec, LanguageModel) else str(spec)
+        decoder.opts["draft"] = _handle_signature(draft.handle) if isinstance(spec, LanguageModel) else str(spec)
         decoder.check_draft(draft.config, self.config)
         if (draft.tokenizer is None) != (self.tokenizer is None) or (
                 draft.tokenizer is not None and not _same_tokenizer(draft.tokenizer, self.tokenizer)):
@@ -606,6 +609,17 @@ def _prompt_list(prompts) -> list:
     if isinstance(first, int) and not isinstance(first, bool):
         return [prompts]  # one prompt of ids (ints, or 0-d numpy / jax / torch integers)
     return list(prompts)
+
+
+def _handle_signature(handle) -> str:
+    """What a compiled program needs to know of a model handle passed as its argument: the
+    tree (config and forward defaults are its static part), each leaf's shape, dtype and
+    sharding. Two handles with the same signature can share a compiled program."""
+    import hashlib
+
+    leaves, tree = jax.tree.flatten(handle)
+    parts = [str(tree)] + [f"{np.shape(x)}|{getattr(x, 'dtype', None)}|{getattr(x, 'sharding', None)}" for x in leaves]
+    return "model:" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def _token_id(t, index: int) -> int:
