@@ -6,12 +6,14 @@ the target, so a kill, a full disk or a power cut leaves the old file or the new
 a part; the folder is synced too, so the rename itself survives a power cut. A new file gets
 the usual permissions (0666 less the umask, as `open` would), so a shared sweep or cache
 folder stays readable to the group; a file that exists keeps its own. A symbolic link is
-followed: the file it points to is replaced, the link stays. A remote path
+followed as `open` follows it: the file it points to is replaced and the link stays; a
+dangling link's target is created (not its folders); a loop is an OSError. A remote path
 (gs://..., through etils' epath) is written with one call: an object store's write is
 whole already. A leaf module: it imports nothing from jaxaccel.
 """
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 from pathlib import Path
@@ -31,9 +33,16 @@ def write_atomically(path: Any, data: bytes | str | Callable[[BinaryIO], Any]) -
             write(f)
         return
     path = Path(path)
-    if path.is_symlink():
-        path = Path(os.path.realpath(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_symlink():  # as open() does: a loop is an error, a dangling link's target is created
+        try:
+            path = Path(os.path.realpath(path, strict=True))
+        except FileNotFoundError:
+            path = Path(os.path.realpath(path))
+            if not path.parent.is_dir():  # open() creates no folders for a link's target either
+                raise FileNotFoundError(errno.ENOENT, "the folder of the link's target does not exist",
+                                        str(path)) from None
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
     try:
         mode = path.stat().st_mode & 0o7777
     except OSError:

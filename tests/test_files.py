@@ -46,3 +46,24 @@ def test_an_existing_file_keeps_its_mode_and_a_link_its_target(tmp_path):
     assert link.is_symlink() and os.readlink(link) == str(real)  # the link is not replaced by a file
     assert real.read_text() == "two\n" and real.stat().st_mode & 0o777 == 0o640
     assert sorted(os.listdir(real.parent)) == ["results.json"]
+
+
+def test_a_dangling_link_is_written_through_and_a_loop_is_refused(tmp_path):
+    """As open() behaves: a dangling link's target is created in its existing folder (no
+    folders are made for it), and a link loop is an error, not replaced by a file."""
+    dangling = tmp_path / "out.json"
+    dangling.symlink_to(tmp_path / "real.json")
+    write_atomically(dangling, "x\n")
+    assert dangling.is_symlink() and (tmp_path / "real.json").read_text() == "x\n"
+    nowhere = tmp_path / "nowhere.json"
+    nowhere.symlink_to(tmp_path / "missing" / "deeper" / "real.json")
+    with pytest.raises(FileNotFoundError):
+        write_atomically(nowhere, "y\n")
+    assert not (tmp_path / "missing").exists() and nowhere.is_symlink()
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.symlink_to(b)
+    b.symlink_to(a)
+    with pytest.raises(OSError):
+        write_atomically(a, "z\n")
+    assert a.is_symlink() and b.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "nowhere.json", "out.json", "real.json"]
