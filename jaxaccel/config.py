@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence, TypeVar
 import numpy as np
 import yaml
 
-from jaxaccel.errors import ConfigError
+from jaxaccel.errors import ConfigError, first_line
 
 T = TypeVar("T")
 
@@ -456,8 +456,7 @@ def parse_yaml(data: bytes, where: str) -> dict[str, Any]:
     try:
         parsed = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        first = str(e).splitlines()[0]
-        raise ConfigError(f"{where}: not valid YAML ({first})") from None
+        raise ConfigError(f"{where}: not valid YAML ({first_line(e)})") from None
     if not isinstance(parsed, dict):
         raise ConfigError(f"{where}: the top level must be a mapping of keys to values")
     return parsed

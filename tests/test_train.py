@@ -286,8 +286,9 @@ def test_a_live_run_keeps_its_output_dir_to_itself(tmp_path, capsys):
 
 
 def test_two_processes_match_one_and_agree_on_the_step_to_resume(tmp_path):
-    """2 processes x 4 CPU devices (jax.distributed on 127.0.0.1) == 1 process x 8 devices,
-    with every array sharded across both processes (fsdp=8), so each writes its own part of a
+    """2 processes x 4 CPU devices (jax.distributed on 127.0.0.1) == 1 process x 8 devices.
+    fsdp=8: each host feeds its own rows and gradients are reduced across both processes, as
+    with data=8, and every array is also sharded across them, so each writes its own part of a
     checkpoint. Then process 1's part of the last step is lost: both processes go back to the
     step before it together (before, process 0 restored the last step and waited forever in a
     barrier for process 1, which had fallen back alone) and train to the same curve."""

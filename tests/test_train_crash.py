@@ -256,7 +256,7 @@ def test_an_object_store_read_is_retried_before_its_step_is_skipped(tmp_path, mo
     ckpts.wait()
     ckpts.directory = str(ckpts.directory)  # read as a remote folder
     real, calls, failing = ckpts._state_handler.restore, [], {"left": 2}
-    monkeypatch.setattr(checkpoint_mod.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(checkpoint_mod, "_sleep", lambda seconds: None)
 
     def flaky(folder, args):
         calls.append(int(Path(str(folder)).parent.name))
@@ -277,6 +277,30 @@ def test_an_object_store_read_is_retried_before_its_step_is_skipped(tmp_path, mo
         assert "checkpoint step 2 is unreadable (503 Service Unavailable); resuming from step 1" in capsys.readouterr().err
     finally:
         ckpts.close()
+
+
+def test_hosts_that_list_different_steps_are_one_error_on_every_host(monkeypatch):
+    """Several processes read a run's steps in lockstep (one all-gather per step tried), so
+    they first check that they list the same steps; here process 1's listing lacks step 9
+    (a folder that is not shared storage): a CheckpointError naming both, not a hang. The
+    all-gather is faked: what each process would contribute, stacked."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    from jaxaccel.model.checkpoint import agreed_steps, outcomes
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    other = {"row": None}
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.stack([x, other["row"](x)]))
+    other["row"] = lambda x: x  # the same listing everywhere: the steps come back as they are
+    assert agreed_steps([3, 6, 9], "gs://b/run/checkpoints") == [3, 6, 9]
+    assert outcomes(0) == [0, 0]
+    other["row"] = lambda x: np.array([2, 6, 123], np.int32)
+    with pytest.raises(CheckpointError, match=r"the processes list different checkpoint steps in gs://b/run/checkpoints "
+                                              r"\(process 0: 3 up to step 9; process 1: 2 up to step 6\)"):
+        agreed_steps([3, 6, 9], "gs://b/run/checkpoints")
+    other["row"] = lambda x: np.ones_like(x)
+    assert outcomes(0) == [0, 1]
 
 
 def test_a_failed_model_export_is_a_checkpoint_error(tmp_path):

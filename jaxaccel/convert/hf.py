@@ -27,7 +27,8 @@ import ml_dtypes
 import numpy as np
 
 from jaxaccel.config import ModelConfig, RopeScaling
-from jaxaccel.errors import CheckpointError, ConfigError, JaxaccelError, ModelLoadError, UnsupportedArchitectureError
+from jaxaccel.errors import (CheckpointError, ConfigError, JaxaccelError, ModelLoadError, UnsupportedArchitectureError,
+                             first_line)
 
 SUPPORTED = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
 EXPORT_NAMES = {v: k for k, v in SUPPORTED.items()}
@@ -58,7 +59,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     except KeyError as e:
         raise ConfigError(f"{source}: {e.args[0]!r} is missing") from None
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{source}: a value has the wrong type or range ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{source}: a value has the wrong type or range ({first_line(e)})") from None
 
 
 def _config_from_hf(hf: dict, source: str) -> ModelConfig:

@@ -49,6 +49,7 @@ from typing import Iterator
 from jaxaccel.data import cache
 from jaxaccel.data.errors import DataError
 from jaxaccel.data.tf_import import import_tfds
+from jaxaccel.errors import first_line
 
 MANIFEST_FORMAT = "jaxaccel-corpus-manifest/1"
 STDLIB_EXCLUDED_DIRS = ("site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test")
@@ -264,7 +265,7 @@ def _tfds_builder(name: str):
     try:
         return tfds.builder(name)
     except Exception as e:  # DatasetNotFoundError lists every dataset name: keep the first line
-        raise DataError(f"data.corpus: tfds dataset {name!r} not available: {str(e).splitlines()[0]}") from None
+        raise DataError(f"data.corpus: tfds dataset {name!r} not available: {first_line(e)}") from None
 
 
 def _tfds_corpus(spec: str, text_field: str) -> Corpus:

@@ -47,6 +47,31 @@ def outcomes(outcome: int) -> list[int]:
     return [int(x) for x in np.asarray(multihost_utils.process_allgather(np.array(outcome, np.int32))).reshape(-1)]
 
 
+def agreed_steps(steps: list[int], where) -> list[int]:
+    """`steps` (a folder's checkpoint steps, as this process lists them), checked to be the
+    same on every process before they try them one by one (`outcomes` pairs the processes'
+    reads by position): a host that sees another list (a folder that is not shared storage,
+    a stale listing) is a one-line CheckpointError on every host, not a hang."""
+    if jax.process_count() == 1:
+        return steps
+    import zlib
+
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    mine = np.array([len(steps), max(steps, default=-1), zlib.crc32(repr(sorted(steps)).encode()) & 0x7FFFFFFF],
+                    np.int32)
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 3)
+    differs = [i for i in range(len(every)) if not np.array_equal(every[i], every[0])]
+    if differs:
+        i = differs[0]
+        raise CheckpointError(
+            f"the processes list different checkpoint steps in {where} (process 0: {every[0][0]} up to step "
+            f"{every[0][1]}; process {i}: {every[i][0]} up to step {every[i][1]}): every host must see the same "
+            f"folder (shared storage)")
+    return steps
+
+
 def unreadable_reason(local_error: str | None, got: list[int]) -> str:
     """Why a step was skipped, as this process saw it: its own error, or which process failed."""
     if local_error is not None:
@@ -134,12 +159,13 @@ def load_run_params(folder, dtype: str | None = None, shardings_fn=None) -> tupl
     manager = ocp.CheckpointManager(folder / RUN_CHECKPOINTS, options=options,
                                     item_handlers={RUN_STATE_ITEM: ocp.PyTreeCheckpointHandler()})
     # The step is read through its handler, not manager.restore: that ends in a barrier of all
-    # processes, where the others would wait forever for one whose read failed.
+    # processes, where the others would wait forever for one whose read failed. (Its folder is
+    # the step number, the manager's default name format, which no run changes.)
     handler = ocp.PyTreeCheckpointHandler()
     errors = []
     try:
-        for step in sorted(manager.all_steps(), reverse=True):
-            error = None
+        for step in agreed_steps(sorted(manager.all_steps(), reverse=True), folder / RUN_CHECKPOINTS):
+            out, error = None, None  # a step another process could not read is dropped before the next
             try:
                 out = handler.restore(folder / RUN_CHECKPOINTS / str(step) / RUN_STATE_ITEM, args=ocp.args.PyTreeRestore(
                     item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))

@@ -28,6 +28,7 @@ from jaxaccel.model.checkpoint import write_error_reason
 from jaxaccel.train.config import CheckpointConfig
 
 REMOTE_READ_ATTEMPTS = 3  # reads of a step on gs:// before it counts as unreadable
+_sleep = time.sleep  # between those reads (tests replace it)
 _READ, _UNREADABLE, _MISMATCH = 0, 1, 2  # a process's outcome of reading a step (they agree on it)
 
 
@@ -65,6 +66,12 @@ class Checkpoints:
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
+
+    def agreed_steps(self) -> list[int]:
+        """`steps()`, checked to be the same list on every process (a collective: all call it)."""
+        from jaxaccel.model.checkpoint import agreed_steps
+
+        return agreed_steps(self.steps(), self.directory)
 
     def save(self, step: int, state: Any, meta: dict) -> None:
         ocp = self._ocp
@@ -108,18 +115,19 @@ class Checkpoints:
                     f"checkpoint step {step} in {self.directory} was written by a different model: {name} has shape "
                     f"{tuple(have.shape)}, this config expects {tuple(want.shape)}")
 
-    def restore_latest(self, abstract_state: Any) -> Restored | None:
+    def restore_latest(self, abstract_state: Any, steps: list[int] | None = None) -> Restored | None:
         """The newest step every process can read (None when there is none yet). An
         unreadable step is set aside for the one before it; on gs:// a failed read is retried
         first (an object store's error may be transient, and there a set-aside step is
         deleted). With several processes they agree on each step (`outcomes`): one that
         cannot read its part sends all of them back a step. When steps exist but none can be
         read, nothing is set aside and the run refuses to start over: its metrics and config
-        would be rewritten from step 0 over a problem that may be passing."""
+        would be rewritten from step 0 over a problem that may be passing. `steps`: the
+        `agreed_steps()` the caller already has (every process passes them, or none does)."""
         from jaxaccel.model.checkpoint import outcomes, unreadable_reason
 
         skipped: list[tuple[int, str]] = []
-        for step in reversed(self.steps()):
+        for step in reversed(self.agreed_steps() if steps is None else steps):
             out, error, mismatch = None, None, None
             try:
                 out = self._read(step, abstract_state)
@@ -155,7 +163,7 @@ class Checkpoints:
         from jaxaccel.model.checkpoint import as_path
 
         ocp = self._ocp
-        folder = as_path(f"{self.directory}/{step}")
+        folder = as_path(f"{self.directory}/{step}")  # the manager's default step name format
 
         def read():
             self.check_shapes(step, abstract_state)
@@ -168,7 +176,7 @@ class Checkpoints:
             except CheckpointError:
                 raise
             except Exception:
-                time.sleep(2.0 * (attempt + 1))
+                _sleep(2.0 * (attempt + 1))
         return read()
 
     def _set_aside(self, step: int) -> str | None:
@@ -205,8 +213,11 @@ class Checkpoints:
             if not self.read_only:
                 self.wait()
         finally:
-            self._state_handler.close()
-            self.manager.close()
+            try:
+                self._state_handler.close()
+                self._meta_handler.close()
+            finally:
+                self.manager.close()
 
 
 class _Unreadable(Exception):

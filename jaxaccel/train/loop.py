@@ -254,7 +254,7 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
     notice = contextlib.ExitStack()
     writer = bar = None
     try:
-        listed = ckpts.steps()
+        listed = ckpts.agreed_steps()  # the same on every process, or a one-line error on all
         if listed:  # refused before the restore sets any unreadable step aside (on gs://: deletes it)
             try:  # another model first: its error names the parameter
                 ckpts.check_shapes(listed[-1], abstract)
@@ -267,7 +267,7 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
                 raise ConfigError(f"output_dir {cfg.output_dir!r} holds checkpoint step {listed[-1]}, past "
                                   f"train.steps ({total_steps}): raise train.steps to continue that run, or choose "
                                   f"another output_dir")
-        restored = ckpts.restore_latest(abstract)
+        restored = ckpts.restore_latest(abstract, listed)
         if restored is not None:
             state, start = restored.state, restored.step
             log(f"resuming from checkpoint step {start} in {ckpt_dir}")
