@@ -232,7 +232,7 @@ def test_a_failed_save_is_a_checkpoint_error_and_keeps_the_committed_steps(tmp_p
     try:
         ckpts.close()
     except CheckpointError:
-        pass  # Orbax may report the failed save again
+        pass  # Orbax may report the failed save again (wrapped too: next test)
     again = Checkpoints(tmp_path / "checkpoints", CheckpointConfig(keep=5))
     try:
         assert again.steps() == [1]
@@ -240,6 +240,23 @@ def test_a_failed_save_is_a_checkpoint_error_and_keeps_the_committed_steps(tmp_p
         assert restored.step == 1 and np.array_equal(np.asarray(restored.state["w"]), np.asarray(state["w"]))
     finally:
         again.close()
+
+
+def test_a_failed_save_reported_again_when_closing_is_a_checkpoint_error(tmp_path, monkeypatch):
+    """Orbax's CheckpointManager.close waits for the pending save again and may raise its
+    error anew; that too is the one-line CheckpointError, not a raw error (a traceback)."""
+    from jaxaccel.train.checkpoint import Checkpoints
+
+    ckpts = Checkpoints(tmp_path / "checkpoints", CheckpointConfig(keep=5))
+    real_close = ckpts.manager.close
+
+    def close_again():
+        real_close()
+        raise ValueError("Error writing local file \"/x/ocdbt.process_0/d/1f\": [os_error_code='27']")
+
+    monkeypatch.setattr(ckpts.manager, "close", close_again)
+    with pytest.raises(CheckpointError, match=r"saving a checkpoint in .* failed \(File too large"):
+        ckpts.close()
 
 
 def test_an_object_store_read_is_retried_before_its_step_is_skipped(tmp_path, monkeypatch, capsys):

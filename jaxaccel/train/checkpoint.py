@@ -217,7 +217,8 @@ class Checkpoints:
                 self._state_handler.close()
                 self._meta_handler.close()
             finally:
-                self.manager.close()
+                with self._save_errors():  # Orbax's close waits again and may raise a failed save anew
+                    self.manager.close()
 
 
 class _Unreadable(Exception):
