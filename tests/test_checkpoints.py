@@ -58,6 +58,20 @@ def test_corrupted_params_are_reported(tmp_path, tiny_lm):
     assert "\n" not in str(raised.value) and "See full TensorStore details" not in str(raised.value)
 
 
+def test_a_model_another_process_cannot_read_fails_here_too(tmp_path, tiny_lm, monkeypatch):
+    """On several hosts the params are read through Orbax's handler (its Checkpointer ends in
+    a barrier the others would wait at) and the hosts agree: this one read its part, process 1
+    (faked: the all-gather's second row) could not, so this one raises the same one-line error."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    folder = tiny_lm.save(tmp_path / "ckpt")
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.stack([x, np.ones_like(x)]))
+    with pytest.raises(CheckpointError, match=r"ckpt/params could not be restored: process 1 could not read its part"):
+        jaxaccel.load(folder)
+
+
 def test_first_line_of_a_library_error():
     from jaxaccel.errors import first_line
 

@@ -291,7 +291,9 @@ def test_two_processes_match_one_and_agree_on_the_step_to_resume(tmp_path):
     with data=8, and every array is also sharded across them, so each writes its own part of a
     checkpoint. Then process 1's part of the last step is lost: both processes go back to the
     step before it together (before, process 0 restored the last step and waited forever in a
-    barrier for process 1, which had fallen back alone) and train to the same curve."""
+    barrier for process 1, which had fallen back alone) and train to the same curve. Last,
+    process 1's part of the exported model is lost and a new run starts from it
+    (`train.init_from`): both processes stop with a one-line error, exit 2."""
     common = ["-m", "jaxaccel.train", str(ROOT / "configs" / "tiny.yaml"), "data.corpus=synthetic",
               "model.vocab_size=64", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
               "model.ffn_dim=64", "train.steps=6", "train.batch_size=8", "train.seq_len=32", "train.eval_every=0",
@@ -300,12 +302,12 @@ def test_two_processes_match_one_and_agree_on_the_step_to_resume(tmp_path):
     assert train_main([*common[2:], f"output_dir={tmp_path / 'one'}"]) == 0  # this process has the 8 devices
     import socket
 
-    def two_processes():
+    def two_processes(*extra, output="two", status=0):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        procs = [subprocess.Popen([sys.executable, *common, f"output_dir={tmp_path / 'two'}", "--cpu-devices", "4",
-                                   "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id",
+        procs = [subprocess.Popen([sys.executable, *common, f"output_dir={tmp_path / output}", *extra, "--cpu-devices",
+                                   "4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id",
                                    str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
                  for i in range(2)]
         try:
@@ -313,7 +315,7 @@ def test_two_processes_match_one_and_agree_on_the_step_to_resume(tmp_path):
         finally:
             for p in procs:
                 p.kill()
-        assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
+        assert all(p.returncode == status for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
         return [err for _, err in outs]
 
     two_processes()
@@ -327,6 +329,17 @@ def test_two_processes_match_one_and_agree_on_the_step_to_resume(tmp_path):
     assert "warning: checkpoint step 6 is unreadable (" in errs[1] and "resuming from step 3" in errs[1]
     assert "resuming from checkpoint step 3" in errs[0]  # the trainer's log is process 0's
     np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
+    part = tmp_path / "two" / "model" / "params" / "ocdbt.process_1" / "d"
+    assert list(part.iterdir()), "process 1 wrote no part of the model"
+    for f in part.iterdir():
+        f.unlink()
+    errs = two_processes(f"train.init_from={tmp_path / 'two' / 'model'}", output="three", status=2)
+    # (the model is stored in another layout than the training sharding reads, so here both
+    # processes read some of process 1's files and fail on their own; the agreement that
+    # makes a healthy one fail with them is the checkpoint case above)
+    for err in errs:
+        (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert "/two/model/params could not be restored: " in line and "Traceback" not in err
 
 
 def small_corpus_args(tmp_path):

@@ -290,11 +290,16 @@ def load_model(folder: str | Path, dtype: str | None = None, shardings_fn=None) 
     target = restore_target(config, layout, shardings_fn)
     if not (folder / "params").is_dir():
         raise CheckpointError(f"{folder}: jaxaccel.json is present but params/ is missing")
-    ckptr = ocp.StandardCheckpointer()
+    # Through the handler, not StandardCheckpointer.restore (which ends in a barrier of all
+    # processes), and agreed on: a host that cannot read its shards makes every host raise.
+    handler, params, error = ocp.StandardCheckpointHandler(), None, None
     try:
-        params = ckptr.restore(folder / "params", target)
+        params = handler.restore(folder / "params", args=ocp.args.StandardRestore(target))
     except Exception as e:  # Orbax raises many types; name the folder and the first line
-        raise CheckpointError(f"{folder}/params could not be restored: {first_line(e)}") from None
+        error = first_line(e)
     finally:
-        ckptr.close()
+        handler.close()
+    got = outcomes(error is not None)
+    if any(got):
+        raise CheckpointError(f"{folder}/params could not be restored: {unreadable_reason(error, got)}")
     return config, params, meta
