@@ -72,12 +72,30 @@ def agreed_steps(steps: list[int], where) -> list[int]:
     return steps
 
 
-def unreadable_reason(local_error: str | None, got: list[int]) -> str:
-    """Why a step was skipped, as this process saw it: its own error, or which process failed."""
-    if local_error is not None:
-        return local_error
+def agreed_read(read, what: str) -> tuple[Any, str | None]:
+    """`read()` on this process, then agreed with every other (`outcomes`): (its value, None)
+    when every process read its part; (None, why, as this process saw it) when any could not.
+    A CheckpointError from `read` (another model: the same on every process) is raised on
+    every process after the agreement, `what` naming the step for those that did not see it."""
+    value = error = mismatch = None
+    try:
+        value = read()
+    except CheckpointError as e:
+        mismatch = e
+    except Exception as e:  # Orbax/TensorStore raise many types: a damaged or unreachable step
+        error = first_line(e, 200)
+    got = outcomes(0 if value is not None else 2 if mismatch is not None else 1)
+    if mismatch is not None:
+        raise mismatch
+    if 2 in got:
+        raise CheckpointError(f"{what} was written by a different model (process {got.index(2)} found the mismatch)")
+    if not any(got):
+        return value, None
+    if error is not None:
+        return None, error
     failed = [i for i, x in enumerate(got) if x]
-    return f"process {failed[0]} could not read its part" + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else "")
+    return None, f"process {failed[0]} could not read its part" + (
+        f" (and {len(failed) - 1} more)" if len(failed) > 1 else "")
 
 
 # Orbax saves a replicated array by slicing it across its replicas so they write in
@@ -165,15 +183,12 @@ def load_run_params(folder, dtype: str | None = None, shardings_fn=None) -> tupl
     errors = []
     try:
         for step in agreed_steps(sorted(manager.all_steps(), reverse=True), folder / RUN_CHECKPOINTS):
-            out, error = None, None  # a step another process could not read is dropped before the next
-            try:
-                out = handler.restore(folder / RUN_CHECKPOINTS / str(step) / RUN_STATE_ITEM, args=ocp.args.PyTreeRestore(
-                    item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
-            except Exception as e:  # a step being written or corrupted: try the previous one
-                error = first_line(e, 200)
-            got = outcomes(error is not None)
-            if any(got):
-                errors.append(f"step {step}: {unreadable_reason(error, got)}")
+            out, reason = agreed_read(lambda: handler.restore(  # a step being written or corrupted: the one before
+                folder / RUN_CHECKPOINTS / str(step) / RUN_STATE_ITEM, args=ocp.args.PyTreeRestore(
+                    item={"params": target}, restore_args={"params": restore_args}, partial_restore=True)),
+                f"checkpoint step {step} of {folder}")
+            if reason is not None:
+                errors.append(f"step {step}: {reason}")
                 continue
             return config, out["params"], {"step": int(step), "layout": "scanned"}
     finally:
@@ -292,14 +307,12 @@ def load_model(folder: str | Path, dtype: str | None = None, shardings_fn=None) 
         raise CheckpointError(f"{folder}: jaxaccel.json is present but params/ is missing")
     # Through the handler, not StandardCheckpointer.restore (which ends in a barrier of all
     # processes), and agreed on: a host that cannot read its shards makes every host raise.
-    handler, params, error = ocp.StandardCheckpointHandler(), None, None
+    handler = ocp.StandardCheckpointHandler()
     try:
-        params = handler.restore(folder / "params", args=ocp.args.StandardRestore(target))
-    except Exception as e:  # Orbax raises many types; name the folder and the first line
-        error = first_line(e)
+        params, reason = agreed_read(lambda: handler.restore(folder / "params", args=ocp.args.StandardRestore(target)),
+                                     f"{folder}/params")
     finally:
         handler.close()
-    got = outcomes(error is not None)
-    if any(got):
-        raise CheckpointError(f"{folder}/params could not be restored: {unreadable_reason(error, got)}")
+    if reason is not None:
+        raise CheckpointError(f"{folder}/params could not be restored: {reason}")
     return config, params, meta

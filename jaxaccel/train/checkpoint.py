@@ -21,7 +21,7 @@ from typing import Any
 
 import jax
 
-from jaxaccel.errors import CheckpointError, first_line
+from jaxaccel.errors import CheckpointError
 from jaxaccel.model.checkpoint import RUN_META_ITEM as META  # what run readers expect
 from jaxaccel.model.checkpoint import RUN_STATE_ITEM as STATE
 from jaxaccel.model.checkpoint import write_error_reason
@@ -29,7 +29,6 @@ from jaxaccel.train.config import CheckpointConfig
 
 REMOTE_READ_ATTEMPTS = 3  # reads of a step on gs:// before it counts as unreadable
 _sleep = time.sleep  # between those reads (tests replace it)
-_READ, _UNREADABLE, _MISMATCH = 0, 1, 2  # a process's outcome of reading a step (they agree on it)
 
 
 @dataclass
@@ -119,30 +118,19 @@ class Checkpoints:
         """The newest step every process can read (None when there is none yet). An
         unreadable step is set aside for the one before it; on gs:// a failed read is retried
         first (an object store's error may be transient, and there a set-aside step is
-        deleted). With several processes they agree on each step (`outcomes`): one that
+        deleted). With several processes they agree on each step (`agreed_read`): one that
         cannot read its part sends all of them back a step. When steps exist but none can be
         read, nothing is set aside and the run refuses to start over: its metrics and config
         would be rewritten from step 0 over a problem that may be passing. `steps`: the
         `agreed_steps()` the caller already has (every process passes them, or none does)."""
-        from jaxaccel.model.checkpoint import outcomes, unreadable_reason
+        from jaxaccel.model.checkpoint import agreed_read
 
         skipped: list[tuple[int, str]] = []
         for step in reversed(self.agreed_steps() if steps is None else steps):
-            out, error, mismatch = None, None, None
-            try:
-                out = self._read(step, abstract_state)
-            except CheckpointError as e:  # another model: the same on every process, but agreed on too
-                mismatch = e
-            except Exception as e:  # unreadable metadata or arrays: a corrupted (or unreachable) step
-                error = first_line(e, 200)
-            got = outcomes(_READ if out is not None else _MISMATCH if mismatch is not None else _UNREADABLE)
-            if mismatch is not None:
-                raise mismatch
-            if _MISMATCH in got:
-                raise CheckpointError(f"checkpoint step {step} in {self.directory} was written by a different model "
-                                      f"(process {got.index(_MISMATCH)} found the mismatch)")
-            if any(got):
-                skipped.append((step, unreadable_reason(error, got)))
+            out, reason = agreed_read(lambda: self._read(step, abstract_state),
+                                      f"checkpoint step {step} in {self.directory}")
+            if reason is not None:
+                skipped.append((step, reason))
                 continue
             for bad, reason in skipped:
                 moved = self._set_aside(bad)
