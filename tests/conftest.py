@@ -25,6 +25,7 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if not os.path.isfile(_flags):
     if "xla_backend_optimization_level" not in _flags:
         _flags += " --xla_backend_optimization_level=1"
+        os.environ["JAXACCEL_TEST_DECODE_O0"] = "1"  # (xdist workers inherit both)
     if "xla_cpu_use_fusion_emitters" not in _flags:
         _flags += " --xla_cpu_use_fusion_emitters=false"
     if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
@@ -34,6 +35,18 @@ if not os.path.isfile(_flags):
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+# The decode programs (prefill and the generate loop: the suite compiles a few hundred, each
+# run for a few dozen tokens) compile at LLVM -O0, through the decode engine's own XLA options
+# (`decode.tuning.compiler_options`); training steps, which the suite runs for hundreds of
+# steps, stay at -O1. Not when XLA_FLAGS sets a level of its own. Measured on the 2-core Intel
+# Xeon host (2026-12-01, full suite, one run each, JAXACCEL_TEST_TIME_REPORT below): generate-loop
+# compiles 1,088 -> 506 s and prefill compiles 245 -> 105 s of worker time; the suite 39:53 -> 34:09.
+if os.environ.get("JAXACCEL_TEST_DECODE_O0") == "1":
+    from jaxaccel.decode import tuning as _tuning
+
+    _library_options = _tuning.compiler_options
+    _tuning.compiler_options = lambda backend=None: {**_library_options(backend), "xla_backend_optimization_level": 0}
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -181,3 +194,37 @@ def chi2_pvalue(pairs, expected):
     keep = exp > 0
     assert counts.ravel()[~keep].sum() == 0  # nothing outside the support (top-k)
     return stats.chisquare(counts.ravel()[keep], exp[keep] / exp[keep].sum() * len(pairs)).pvalue
+
+
+# ----------------------------------------------------------------------------- time report
+# JAXACCEL_TEST_TIME_REPORT=<file>: every test appends one JSON line there: its wall time
+# (fixture setup included) and the seconds JAX spent tracing, lowering and compiling in this
+# process, with its slowest compiles by name. How the suite's time is found; it checks nothing.
+_REPORT = os.environ.get("JAXACCEL_TEST_TIME_REPORT")
+if _REPORT:
+    import collections
+    import json
+    import time
+
+    _spent: collections.Counter = collections.Counter()
+    _programs: list = []
+
+    def _listen(event, seconds, **kw):
+        name = event.rsplit("/", 1)[-1]
+        _spent[name] += seconds
+        if name == "backend_compile_duration":
+            _programs.append((round(seconds, 2), str(kw.get("fun_name", "?"))))
+
+    jax.monitoring.register_event_duration_secs_listener(_listen)
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(item, nextitem):
+        _spent.clear()
+        _programs.clear()
+        start = time.perf_counter()
+        yield
+        row = {"test": item.nodeid, "wall": round(time.perf_counter() - start, 2),
+               **{k: round(v, 2) for k, v in _spent.items()}, "n_compiles": len(_programs),
+               "slowest": sorted(_programs, reverse=True)[:8]}
+        with open(_REPORT, "a") as f:
+            f.write(json.dumps(row) + "\n")
