@@ -134,7 +134,9 @@ def reference_greedy(lm, prompt, n, eos=()):
 def _jit_forward():
     from jaxaccel.model.transformer import forward
 
-    return jax.jit(forward, static_argnums=(1,), static_argnames=("deterministic", "compute_logits"))
+    # (test models run it once or twice per shape: compiling is the cost, so LLVM -O0)
+    return jax.jit(forward, static_argnums=(1,), static_argnames=("deterministic", "compute_logits"),
+                   compiler_options={"xla_backend_optimization_level": 0})
 
 
 jit_forward = _jit_forward()
