@@ -7,7 +7,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # No persistent compilation cache in tests (test_compile_cache turns it on in subprocesses).
 os.environ.setdefault("JAXACCEL_COMPILE_CACHE", "off")
 # Most of the suite's time is XLA compiling small programs, not running them. Tests compile
-# with LLVM at -O1 (`--xla_backend_optimization_level=1`) and XLA's older elemental emitters
+# with LLVM at -O1 (`--xla_backend_optimization_level=1`; the decode programs at -O0, below) and
+# XLA's older elemental emitters
 # (`--xla_cpu_use_fusion_emitters=false`); the HLO passes and fusion decisions are unchanged.
 # Measured on the 2-core Intel Xeon CI host (2026-12-01, -n 0): test_decode + test_tree_attention
 # 108 s with -O0 and the fusion emitters, 70 s with -O0 without them, 82 s at -O1 without them;
@@ -22,10 +23,12 @@ os.environ.setdefault("JAXACCEL_COMPILE_CACHE", "off")
 # each would spread over all cores and they would oversubscribe them. One thread per worker
 # (the workers are the parallelism) measured ~6% faster on 2 cores, four test files.
 _flags = os.environ.get("XLA_FLAGS", "")
+_SETS_LEVELS = "JAXACCEL_TEST_SETS_LEVELS"  # decided once, by the controller; xdist workers inherit it
+if "PYTEST_XDIST_WORKER" not in os.environ:
+    os.environ[_SETS_LEVELS] = str(int(not os.path.isfile(_flags) and "xla_backend_optimization_level" not in _flags))
 if not os.path.isfile(_flags):
     if "xla_backend_optimization_level" not in _flags:
         _flags += " --xla_backend_optimization_level=1"
-        os.environ["JAXACCEL_TEST_DECODE_O0"] = "1"  # (xdist workers inherit both)
     if "xla_cpu_use_fusion_emitters" not in _flags:
         _flags += " --xla_cpu_use_fusion_emitters=false"
     if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
@@ -36,17 +39,19 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
-# The decode programs (prefill and the generate loop: the suite compiles a few hundred, each
-# run for a few dozen tokens) compile at LLVM -O0, through the decode engine's own XLA options
-# (`decode.tuning.compiler_options`); training steps, which the suite runs for hundreds of
-# steps, stay at -O1. Not when XLA_FLAGS sets a level of its own. Measured on the 2-core Intel
+# The decode programs (prefill, the generate loop and the benchmarks' loops: the suite compiles a
+# few hundred, each run for a few dozen tokens) compile at LLVM -O0, through the decode engine's
+# own XLA options (`decode.tuning.compiler_options`), and so does the tests' `jit_forward`;
+# training steps, which the suite runs for hundreds of steps, stay at -O1. Not when XLA_FLAGS
+# sets a level of its own or names a flags file. Measured on the 2-core Intel
 # Xeon host (2026-12-01, full suite, one run each, JAXACCEL_TEST_TIME_REPORT below): generate-loop
 # compiles 1,088 -> 506 s and prefill compiles 245 -> 105 s of worker time; the suite 39:53 -> 34:09.
-if os.environ.get("JAXACCEL_TEST_DECODE_O0") == "1":
+_DECODE_OPTIONS = {"xla_backend_optimization_level": 0} if os.environ.get(_SETS_LEVELS) == "1" else {}
+if _DECODE_OPTIONS:
     from jaxaccel.decode import tuning as _tuning
 
     _library_options = _tuning.compiler_options
-    _tuning.compiler_options = lambda backend=None: {**_library_options(backend), "xla_backend_optimization_level": 0}
+    _tuning.compiler_options = lambda backend=None: {**_library_options(backend), **_DECODE_OPTIONS}
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -134,9 +139,9 @@ def reference_greedy(lm, prompt, n, eos=()):
 def _jit_forward():
     from jaxaccel.model.transformer import forward
 
-    # (test models run it once or twice per shape: compiling is the cost, so LLVM -O0)
+    # (test models run it once or twice per shape: compiling is the cost, so -O0 as decoding)
     return jax.jit(forward, static_argnums=(1,), static_argnames=("deterministic", "compute_logits"),
-                   compiler_options={"xla_backend_optimization_level": 0})
+                   compiler_options=_DECODE_OPTIONS or None)
 
 
 jit_forward = _jit_forward()
@@ -204,6 +209,7 @@ def chi2_pvalue(pairs, expected):
 # process, with its slowest compiles by name. How the suite's time is found; it checks nothing.
 _REPORT = os.environ.get("JAXACCEL_TEST_TIME_REPORT")
 if _REPORT:
+    _REPORT = os.path.abspath(_REPORT)
     import collections
     import json
     import time
