@@ -8,8 +8,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAXACCEL_COMPILE_CACHE", "off")
 # Most of the suite's time is XLA compiling small programs, not running them. Tests compile
 # with LLVM at -O1 (`--xla_backend_optimization_level=1`; the decode programs at -O0, below) and
-# XLA's older elemental emitters
-# (`--xla_cpu_use_fusion_emitters=false`); the HLO passes and fusion decisions are unchanged.
+# XLA's older elemental emitters (`--xla_cpu_use_fusion_emitters=false`); the HLO passes and
+# fusion decisions are unchanged.
 # Measured on the 2-core Intel Xeon CI host (2026-12-01, -n 0): test_decode + test_tree_attention
 # 108 s with -O0 and the fusion emitters, 70 s with -O0 without them, 82 s at -O1 without them;
 # the token-crisis notebook, which trains more than it compiles, 190 s at -O0 and 90 s at -O1
@@ -23,12 +23,15 @@ os.environ.setdefault("JAXACCEL_COMPILE_CACHE", "off")
 # each would spread over all cores and they would oversubscribe them. One thread per worker
 # (the workers are the parallelism) measured ~6% faster on 2 cores, four test files.
 _flags = os.environ.get("XLA_FLAGS", "")
-_SETS_LEVELS = "JAXACCEL_TEST_SETS_LEVELS"  # decided once, by the controller; xdist workers inherit it
+# Whether the tests set the LLVM levels is decided once, by the controller: xdist workers inherit
+# its verdict (they also inherit its XLA_FLAGS, level included, so they could not tell).
+_SETS_LEVELS = "JAXACCEL_TEST_SETS_LEVELS"
+_own_levels = not os.path.isfile(_flags) and "xla_backend_optimization_level" not in _flags
 if "PYTEST_XDIST_WORKER" not in os.environ:
-    os.environ[_SETS_LEVELS] = str(int(not os.path.isfile(_flags) and "xla_backend_optimization_level" not in _flags))
+    os.environ[_SETS_LEVELS] = str(int(_own_levels))
+if _own_levels:
+    _flags += " --xla_backend_optimization_level=1"
 if not os.path.isfile(_flags):
-    if "xla_backend_optimization_level" not in _flags:
-        _flags += " --xla_backend_optimization_level=1"
     if "xla_cpu_use_fusion_emitters" not in _flags:
         _flags += " --xla_cpu_use_fusion_emitters=false"
     if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
