@@ -34,7 +34,7 @@ from jaxaccel.data import cache
 from jaxaccel.data.corpus import SPLITS, Corpus
 from jaxaccel.data.errors import DataError
 from jaxaccel.data.ids import BOS_ID
-from jaxaccel.data.tf_import import import_seqio, import_tensorflow, stderr_silenced
+from jaxaccel.data.tf_import import autograph_disabled, import_seqio, import_tensorflow, stderr_silenced
 
 TASK_PREFIX = "jaxaccel_"
 
@@ -127,7 +127,7 @@ def tokenize_corpus(corpus: Corpus, vocab_path: Path, validation_buckets: int) -
     for split in SPLITS:
         pieces, ids = [], []
         # tf_text's SentencePiece op logs on stderr when it loads a model with identity normalisation
-        with stderr_silenced() as stderr:
+        with stderr_silenced() as stderr, autograph_disabled():
             dataset = task.get_dataset(sequence_length=None, split=split, shuffle=False, use_cached=False, seed=0)
             for example in tqdm(dataset.as_numpy_iterator(), desc=f"tokenizing {split}", unit=" docs",
                                 file=stderr, disable=None, leave=False):
