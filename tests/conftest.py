@@ -7,18 +7,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # No persistent compilation cache in tests (test_compile_cache turns it on in subprocesses).
 os.environ.setdefault("JAXACCEL_COMPILE_CACHE", "off")
 # Most of the suite's time is XLA compiling small programs, not running them. Tests compile
-# with LLVM at -O1 (`--xla_backend_optimization_level=1`; the decode programs at -O0, below) and
-# XLA's older elemental emitters (`--xla_cpu_use_fusion_emitters=false`); the HLO passes and
-# fusion decisions are unchanged.
+# with LLVM at -O0 (`--xla_backend_optimization_level=0`), except the training step, which the
+# suite runs for hundreds of steps: it keeps -O1 through the trainer's own XLA options
+# (`train.step.compiler_options`, below). XLA's older elemental emitters
+# (`--xla_cpu_use_fusion_emitters=false`) compile faster too; the HLO passes and fusion
+# decisions are unchanged. (The library keeps XLA's defaults: its fusion emitters decode faster.)
 # Measured on the 2-core Intel Xeon CI host (2026-12-01, -n 0): test_decode + test_tree_attention
 # 108 s with -O0 and the fusion emitters, 70 s with -O0 without them, 82 s at -O1 without them;
-# the token-crisis notebook, which trains more than it compiles, 190 s at -O0 and 90 s at -O1
-# (the default -O2: 100 s and 93 s). Under the suite's two single-threaded workers the gain on
-# compile-bound files is small (test_draft + test_duo_oracle, -n 2, one run each: 480 -> 460 s);
-# in the full suite the training-heavy files gained most (token-crisis notebook 178 -> 92 s,
-# test_train 609 -> 535 s) and the total stayed at 38-39 min (that run shared the cores with
-# other work for a few minutes). An XLA_FLAGS that sets the level itself, or names a flags file,
-# is left as it is. (The library keeps XLA's defaults: its fusion emitters decode faster.)
+# the token-crisis notebook, which trains more than it compiles, 190 s with every program at -O0
+# and 90 s at -O1 (the default -O2: 100 s and 93 s), hence the training step's -O1.
+# An XLA_FLAGS that sets the level itself, or names a flags file, is left as it is.
 # Under pytest-xdist every worker is its own XLA process; with XLA's multithreaded CPU runtime
 # each would spread over all cores and they would oversubscribe them. One thread per worker
 # (the workers are the parallelism) measured ~6% faster on 2 cores, four test files.
@@ -30,7 +28,7 @@ _own_levels = not os.path.isfile(_flags) and "xla_backend_optimization_level" no
 if "PYTEST_XDIST_WORKER" not in os.environ:
     os.environ[_SETS_LEVELS] = str(int(_own_levels))
 if _own_levels:
-    _flags += " --xla_backend_optimization_level=1"
+    _flags += " --xla_backend_optimization_level=0"
 if not os.path.isfile(_flags):
     if "xla_cpu_use_fusion_emitters" not in _flags:
         _flags += " --xla_cpu_use_fusion_emitters=false"
@@ -42,19 +40,32 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
-# The decode programs (prefill, the generate loop and the benchmarks' loops: the suite compiles a
-# few hundred, each run for a few dozen tokens) compile at LLVM -O0, through the decode engine's
-# own XLA options (`decode.tuning.compiler_options`), and so does the tests' `jit_forward`;
-# training steps, which the suite runs for hundreds of steps, stay at -O1. Not when XLA_FLAGS
-# sets a level of its own or names a flags file. Measured on the 2-core Intel
-# Xeon host (2026-12-01, full suite, one run each, JAXACCEL_TEST_TIME_REPORT below): generate-loop
-# compiles 1,088 -> 506 s and prefill compiles 245 -> 105 s of worker time; the suite 39:53 -> 34:09.
-_DECODE_OPTIONS = {"xla_backend_optimization_level": 0} if os.environ.get(_SETS_LEVELS) == "1" else {}
-if _DECODE_OPTIONS:
-    from jaxaccel.decode import tuning as _tuning
+# The training step alone compiles at -O1, through the trainer's own XLA options. Not when
+# XLA_FLAGS sets a level of its own or names a flags file. Measured on the 2-core Intel Xeon host
+# (2026-12-01, full suite, one run each, JAXACCEL_TEST_TIME_REPORT below): with everything at -O1
+# but the decode programs at -O0, the suite took 34:09 (39:53 with everything at -O1).
+# A `python -c` subprocess that must train as this process does runs TRAIN_STEP_AT_O1 first (the
+# patch does not reach a subprocess, and the LLVM level changes float rounding: a run killed in
+# a subprocess at -O0 and resumed here at -O1 ended 5e-7 off the uninterrupted run).
+TRAIN_STEP_AT_O1 = ("from jaxaccel.train import step as _step\n"
+                    "_library_options = _step.compiler_options\n"
+                    "_step.compiler_options = lambda: {**_library_options(), 'xla_backend_optimization_level': 1}\n")
+if os.environ.get(_SETS_LEVELS) == "1":
+    exec(TRAIN_STEP_AT_O1)
+else:
+    TRAIN_STEP_AT_O1 = ""
 
-    _library_options = _tuning.compiler_options
-    _tuning.compiler_options = lambda backend=None: {**_library_options(backend), **_DECODE_OPTIONS}
+
+def trainer_env(**extra: str) -> dict:
+    """os.environ plus `extra`, for a `python -m jaxaccel.train` subprocess that trains for
+    hundreds of steps: every program of it at -O1 (it cannot take the training step's own
+    option, above), so its steps run at the speed this process's do."""
+    env = {**os.environ, **extra}
+    if os.environ.get(_SETS_LEVELS) == "1":
+        env["XLA_FLAGS"] = env["XLA_FLAGS"].replace("--xla_backend_optimization_level=0",
+                                                    "--xla_backend_optimization_level=1")
+    return env
+
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -142,9 +153,7 @@ def reference_greedy(lm, prompt, n, eos=()):
 def _jit_forward():
     from jaxaccel.model.transformer import forward
 
-    # (test models run it once or twice per shape: compiling is the cost, so -O0 as decoding)
-    return jax.jit(forward, static_argnums=(1,), static_argnames=("deterministic", "compute_logits"),
-                   compiler_options=_DECODE_OPTIONS or None)
+    return jax.jit(forward, static_argnums=(1,), static_argnames=("deterministic", "compute_logits"))
 
 
 jit_forward = _jit_forward()

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import TRAIN_STEP_AT_O1
 from jaxaccel.cli import run_cli
 from jaxaccel.config import to_dict
 from jaxaccel.experiments.__main__ import main as experiments_main
@@ -170,6 +171,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(toy, tmp_path, compile
         from jaxaccel.experiments.__main__ import main
         main(sys.argv[1:])
     """)
+    script = TRAIN_STEP_AT_O1 + script  # the resumed half runs in this process: compile as it does
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(compile_cache),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     args = ["sweep", str(path), f"output_dir={out}", "--only", KILLED]

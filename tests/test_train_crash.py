@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import trainer_env
 from jaxaccel.cli import run_cli
 from jaxaccel.config import from_dict
 from jaxaccel.errors import CheckpointError, ConfigError
@@ -371,7 +372,7 @@ def test_sigterm_saves_a_checkpoint_of_that_step_and_the_rerun_resumes_from_it(t
             *(f"model.{k}={v}" for k, v in MODEL.items()), "train.steps=300", "train.batch_size=8",
             "train.seq_len=32", "train.eval_every=0", "train.log_every=1", "train.peak_flops=1e11",
             "checkpoint.every_steps=1000", "tensorboard=false", f"output_dir={run}"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = trainer_env(JAX_PLATFORMS="cpu")  # 300 steps: the training step at the tests' -O1
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 300
     metrics = run / "metrics.jsonl"

@@ -160,6 +160,14 @@ def split_micro(batch: dict, n: int) -> dict:
     return jax.tree.map(lambda x: x.reshape((x.shape[0] // n, n) + x.shape[1:]).swapaxes(0, 1), batch)
 
 
+def compiler_options() -> dict:
+    """XLA options the trainer compiles `train_step` with: none, XLA's defaults. The one place
+    to change them (as `decode.tuning.compiler_options` is for the decode loop); the test
+    suite, which compiles everything else at LLVM -O0, keeps this program, the one it runs
+    hundreds of times, at -O1 here."""
+    return {}
+
+
 def train_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, optimizer: optax.GradientTransformation,
                schedule: optax.Schedule, grad_accum: int, dropout: bool, remat: bool, attention: str = "flash",
                bidirectional: bool = True, mesh=None, label_smoothing: float = 0.0, skip=None):
