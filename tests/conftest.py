@@ -107,9 +107,10 @@ def pytest_unconfigure(config):
 
 # The longest test files first (worker-seconds in the time report below, 2026-12-01: test_train
 # 507 s, test_launchers 487 s, ...; the rest under 100 s each, in collection order after these).
-# pytest-xdist's loadfile hands out whole files in this order (with --no-loadscope-reorder;
-# its default is most tests first, which started the 6-test, 487 s notebook file near the end and
-# left the other worker idle for minutes). Stale entries only cost balance, never a test.
+# pytest-xdist's loadfile hands out whole files in this order (with --no-loadscope-reorder, in
+# pytest-xdist >= 3.8; its default is most tests first, which started the 6-test, 487 s notebook
+# file near the end and left the other worker idle for minutes). Stale entries only cost
+# balance, never a test.
 _LONGEST_FILES_FIRST = ("test_train.py", "test_launchers.py", "test_draft.py", "test_skipdecode.py",
                         "test_lossless_matrix.py", "test_spec.py", "test_duo_oracle.py", "test_train_crash.py",
                         "test_cli.py", "test_token_crisis_notebook.py")

@@ -60,12 +60,14 @@ def autograph_disabled():
     dependent Python control flow. Inside this block `map` traces them as written, with the
     same results. TF has no public switch for this, so a private one is used when present
     and nothing changes when it is not."""
+    import_tensorflow()
     try:
         from tensorflow.python.autograph.core import ag_ctx
-    except ImportError:  # another TF layout: AutoGraph stays on
-        yield
-        return
-    with ag_ctx.ControlStatusCtx(status=ag_ctx.Status.DISABLED):
+
+        context = ag_ctx.ControlStatusCtx(status=ag_ctx.Status.DISABLED)
+    except (ImportError, AttributeError):  # another TF layout: AutoGraph stays on
+        context = contextlib.nullcontext()
+    with context:
         yield
 
 

@@ -40,7 +40,7 @@ from jaxaccel.train.config import RunConfig
 from jaxaccel.train.lock import OutputDirInUseError, OutputDirLock
 from jaxaccel.train.metrics import MetricsWriter, flops_per_token, measure_peak_flops
 from jaxaccel.train.state import batch_sharding, create_state, global_batch, state_shardings
-from jaxaccel.train import step as steps
+from jaxaccel.train import step as step_module
 from jaxaccel.train.step import eval_step, lr_schedule, make_optimizer, train_step
 
 
@@ -299,7 +299,7 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
                                    grad_accum=cfg.train.grad_accum, dropout=dropout, remat=cfg.train.remat,
                                    label_smoothing=cfg.train.label_smoothing, **attention)
             step_fn[dropout] = jax.jit(fn, in_shardings=(shardings, bsh), out_shardings=(shardings, None),
-                                       donate_argnums=(0,), compiler_options=steps.compiler_options() or None)
+                                       donate_argnums=(0,), compiler_options=step_module.compiler_options() or None)
         eval_fn = jax.jit(functools.partial(eval_step, model_cfg=cfg.model, **attention),
                           in_shardings=(shardings.params, bsh))
         has_dropout = any(getattr(cfg.model.dropout, f.name) > 0 for f in dataclasses.fields(cfg.model.dropout))

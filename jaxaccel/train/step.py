@@ -162,9 +162,9 @@ def split_micro(batch: dict, n: int) -> dict:
 
 def compiler_options() -> dict:
     """XLA options the trainer compiles `train_step` with: none, XLA's defaults. The one place
-    to change them (as `decode.tuning.compiler_options` is for the decode loop); the test
-    suite, which compiles everything else at LLVM -O0, keeps this program, the one it runs
-    hundreds of times, at -O1 here."""
+    to change them (as `decode.tuning.compiler_options` is for the decode loop): the test
+    suite compiles everything else at LLVM -O0 and patches this function to keep the program
+    it runs hundreds of times at -O1 (tests/conftest.py)."""
     return {}
 
 
