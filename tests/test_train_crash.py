@@ -182,6 +182,24 @@ def test_a_resumed_metrics_writer_keeps_each_step_once(tmp_path):
     assert tensorboard_steps(tmp_path, "loss") == list(range(1, 9))
 
 
+def test_tensorboard_logging_does_not_import_torch(tmp_path):
+    """tensorboardX imports PyTorch, when installed, at its own import (3-4 s of a run's start on
+    a 2-core CPU) only to accept torch tensors: the trainer hides torch from it, writes its
+    scalars, and leaves torch importable afterwards; a process that imported torch keeps it."""
+    pytest.importorskip("torch")
+    code = ("import sys\n"
+            "from jaxaccel.train.metrics import MetricsWriter, summary_writer_class\n"
+            "w = MetricsWriter(sys.argv[1], True, 0)\n"
+            "w.write({'step': 1, 'loss': 2.5}); w.close()\n"
+            "assert 'torch' not in sys.modules, 'tensorboardX imported torch'\n"
+            "import torch\n"
+            "assert summary_writer_class() is not None and sys.modules['torch'] is torch\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert tensorboard_steps(tmp_path, "loss") == [1]
+
+
 @contextlib.contextmanager
 def file_size_limit(nbytes):
     """Writes past `nbytes` fail with EFBIG (Python ignores SIGXFSZ), as on a full disk."""

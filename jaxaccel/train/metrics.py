@@ -4,6 +4,7 @@ accounting for MFU."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxaccel.config import ModelConfig
+
+
+def summary_writer_class():
+    """tensorboardX's `SummaryWriter`, imported without PyTorch. tensorboardX imports torch at
+    module import when it is installed (Colab has it; so does the `peers` extra), only to
+    accept torch tensors: 3.1-3.7 s of a training run's start on a 2-core CPU (docs/BENCHMARKS.md,
+    "Training start"). We log Python floats, so torch is hidden while tensorboardX imports and
+    made importable again right after; a process that already imported torch keeps it."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # `import torch` raises ImportError while this is set
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide and "torch" in sys.modules and sys.modules["torch"] is None:
+            del sys.modules["torch"]
+    return SummaryWriter
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -60,13 +78,13 @@ class MetricsWriter:
         self._tb = None
         if tensorboard:
             try:
-                from tensorboardX import SummaryWriter
+                writer = summary_writer_class()
 
                 # A resumed run's new event file starts with a purge: TensorBoard drops the
                 # earlier files' points after the checkpoint, which this run writes again. (Its
                 # own name, too: files are named by the second, and one of that second is replaced.)
                 resumed = {"purge_step": resume_step + 1, "filename_suffix": f".resumed-{resume_step}"}
-                self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"), **(resumed if resume_step else {}))
+                self._tb = writer(str(Path(output_dir) / "tensorboard"), **(resumed if resume_step else {}))
             except ImportError:
                 self._tb = None
 
