@@ -42,29 +42,21 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 # The training step alone compiles at -O1, through the trainer's own XLA options. Not when
 # XLA_FLAGS sets a level of its own or names a flags file. Measured on the 2-core Intel Xeon host
-# (2026-12-01, full suite, one run each, JAXACCEL_TEST_TIME_REPORT below): with everything at -O1
-# but the decode programs at -O0, the suite took 34:09 (39:53 with everything at -O1).
-# A `python -c` subprocess that must train as this process does runs TRAIN_STEP_AT_O1 first (the
-# patch does not reach a subprocess, and the LLVM level changes float rounding: a run killed in
-# a subprocess at -O0 and resumed here at -O1 ended 5e-7 off the uninterrupted run).
-TRAIN_STEP_AT_O1 = ("from jaxaccel.train import step as _step\n"
-                    "_library_options = _step.compiler_options\n"
-                    "_step.compiler_options = lambda: {**_library_options(), 'xla_backend_optimization_level': 1}\n")
+# (2026-12-01, full suite, one run each, JAXACCEL_TEST_TIME_REPORT below): 29:53 this way, 34:00
+# with everything at -O1 but the decode programs at -O0, 39:53 with everything at -O1.
+# A `python -c` subprocess that trains runs TRAIN_STEP_AT_O1 first (the patch does not reach a
+# subprocess, and the LLVM level changes float rounding: a run killed in a subprocess at -O0
+# and resumed here at -O1 ended 5e-7 off the uninterrupted run); TRAIN_CLI is the trainer's CLI
+# run that way.
+TRAIN_STEP_AT_O1 = ""
 if os.environ.get(_SETS_LEVELS) == "1":
+    TRAIN_STEP_AT_O1 = ("from jaxaccel.train import step as _step\n"
+                        "_library_options = _step.compiler_options\n"
+                        "_step.compiler_options = lambda: {**_library_options(), 'xla_backend_optimization_level': 1}\n")
     exec(TRAIN_STEP_AT_O1)
-else:
-    TRAIN_STEP_AT_O1 = ""
-
-
-def trainer_env(**extra: str) -> dict:
-    """os.environ plus `extra`, for a `python -m jaxaccel.train` subprocess that trains for
-    hundreds of steps: every program of it at -O1 (it cannot take the training step's own
-    option, above), so its steps run at the speed this process's do."""
-    env = {**os.environ, **extra}
-    if os.environ.get(_SETS_LEVELS) == "1":
-        env["XLA_FLAGS"] = env["XLA_FLAGS"].replace("--xla_backend_optimization_level=0",
-                                                    "--xla_backend_optimization_level=1")
-    return env
+TRAIN_CLI = TRAIN_STEP_AT_O1 + ("import runpy, sys\n"
+                                "sys.argv[0] = 'jaxaccel.train'\n"
+                                "runpy.run_module('jaxaccel.train', run_name='__main__', alter_sys=True)\n")
 
 
 import numpy as np  # noqa: E402

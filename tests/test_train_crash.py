@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import trainer_env
+from conftest import TRAIN_CLI
 from jaxaccel.cli import run_cli
 from jaxaccel.config import from_dict
 from jaxaccel.errors import CheckpointError, ConfigError
@@ -357,10 +357,9 @@ def test_the_cli_reports_a_full_disk_in_one_line(tmp_path):
     exit 2, and no traceback (Orbax logs the failure with one; the trainer drops it)."""
     pytest.importorskip("resource")
     # the limit is set in the child (Python ignores SIGXFSZ there: writes past it fail with EFBIG)
-    limited = ("import resource, runpy, sys\n"
+    limited = ("import resource\n"
                "resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"
-               "sys.argv[0] = 'jaxaccel.train'\n"
-               "runpy.run_module('jaxaccel.train', run_name='__main__', alter_sys=True)\n")
+               + TRAIN_CLI)
     args = [sys.executable, "-c", limited, str(ROOT / "configs" / "tiny.yaml"), "data.corpus=synthetic",
             *(f"model.{k}={v}" for k, v in MODEL.items()), "train.steps=4", "train.batch_size=8", "train.seq_len=32",
             "train.eval_every=0", "train.peak_flops=1e11", "checkpoint.every_steps=2", "tensorboard=false",
@@ -386,11 +385,12 @@ def test_sigterm_saves_a_checkpoint_of_that_step_and_the_rerun_resumes_from_it(t
     import time
 
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "jaxaccel.train", str(ROOT / "configs" / "tiny.yaml"), "data.corpus=synthetic",
+    # (300 steps: the trainer's CLI with the training step at the tests' -O1, as in this process)
+    args = [sys.executable, "-c", TRAIN_CLI, str(ROOT / "configs" / "tiny.yaml"), "data.corpus=synthetic",
             *(f"model.{k}={v}" for k, v in MODEL.items()), "train.steps=300", "train.batch_size=8",
             "train.seq_len=32", "train.eval_every=0", "train.log_every=1", "train.peak_flops=1e11",
             "checkpoint.every_steps=1000", "tensorboard=false", f"output_dir={run}"]
-    env = trainer_env(JAX_PLATFORMS="cpu")  # 300 steps: the training step at the tests' -O1
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 300
     metrics = run / "metrics.jsonl"

@@ -28,7 +28,7 @@ def summary_writer_class():
     try:
         from tensorboardX import SummaryWriter
     finally:
-        if hide and "torch" in sys.modules and sys.modules["torch"] is None:
+        if hide and sys.modules.get("torch", 0) is None:  # (not if tensorboardX imported it after all)
             del sys.modules["torch"]
     return SummaryWriter
 
