@@ -328,3 +328,10 @@ def test_decode_run_folder_with_a_bad_config_is_one_line(tmp_path, capsys, confi
     (tmp_path / "config.yaml").write_bytes(config)
     code, _, err = run(decode_main, ["--model", str(tmp_path), "--prompt-ids", "1"], capsys)
     assert code == 2 and "config.yaml: not a readable training config" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("values", ["0.7,1", "0.7,abc", "-0.1"])
+def test_bench_acceptance_what_if_values_are_checked_before_loading(values, capsys):
+    code, _, err = run(bench_main, ["acceptance", "--target", "/no/such/model", "--what-if-top1", values], capsys)
+    assert code == 2 and ("what-if-top1" in err or "comma-separated" in err)
+    assert err.count("\n") == 1

@@ -180,3 +180,30 @@ def test_specinfer_chains_baseline_is_k_chains_of_depth_8(budget, nodes):
     roots = max(1, budget // 8)
     assert children[0] == roots and len(opts["widths"]) == min(budget, 8)
     assert set(children[1:]) <= {0, 1} and (children[1:] == 0).sum() == roots  # roots chains, one leaf each
+
+
+def test_bench_acceptance_predictions_have_each_shapes_closed_form():
+    """`bench acceptance`'s predicted tokens per step: a chain is sum p1^d, the binary tree
+    sum (p1 + p2)^d, k chains of 8 are 1 + (p1 + ... + pk)(1 + p1 + ... + p1^7); Sequoia's optimum
+    is at least each shape of its depth; `with_top1` keeps the measured vector at its own top-1
+    and the other ranks' proportions elsewhere."""
+    from jaxaccel.bench.draft import predicted_mat, with_top1
+
+    p = np.array([0.55, 0.2, 0.1, 0.05, 0.03, 0.02, 0.01, 0.01, 0.005])
+    rows = {r["budget"]: r for r in predicted_mat(p, (6, 14, 16, 64))}
+    geo = lambda x, n: sum(x ** d for d in range(n + 1))  # noqa: E731
+    assert rows[16]["sps"] == pytest.approx(geo(p[0], 16)) and rows[16]["sps_nodes"] == 16
+    assert rows[14]["specinfer"] == pytest.approx(geo(p[0] + p[1], 3)) and rows[14]["specinfer_nodes"] == 14
+    assert rows[64]["specinfer"] == pytest.approx(geo(p[0] + p[1], 5)) and rows[64]["specinfer_nodes"] == 62
+    assert rows[64]["specinfer-chains"] == pytest.approx(1 + p[:8].sum() * geo(p[0], 7))
+    assert rows[6]["specinfer-chains"] == pytest.approx(geo(p[0], 6))  # below 8 nodes: one chain
+    for r in rows.values():
+        assert r["sequoia"] >= max(r["specinfer"], r["specinfer-chains"]) - 1e-12
+    np.testing.assert_allclose(with_top1(p, p[0]), p)
+    better = with_top1(p, 0.8)
+    assert better[0] == 0.8
+    np.testing.assert_allclose(better[1:] / better[1:].sum(), p[1:] / p[1:].sum())
+    np.testing.assert_allclose(better[1:].sum() / (1 - 0.8), p[1:].sum() / (1 - p[0]))
+    assert predicted_mat(better, (64,))[0]["sequoia"] > rows[64]["sequoia"]
+    with pytest.raises(ValueError, match="top1"):
+        with_top1(p, 1.0)

@@ -5,7 +5,7 @@
     python -m jaxaccel.bench spec [--model builtin:default] [--batches 1,4] [--temperatures 0,0.7] [--no-hf]
     python -m jaxaccel.bench startup [--model builtin:default] [--runs 5]
     python -m jaxaccel.bench dyspec [--model builtin:default] [--draft builtin:draft] [--budgets 8,16,32,64,128]
-    python -m jaxaccel.bench acceptance --target builtin:default --draft builtin:draft [--temperature 0]
+    python -m jaxaccel.bench acceptance --target builtin:default --draft builtin:draft [--temperature 0] [--what-if-top1 0.7,0.8]
     python -m jaxaccel.bench skipdecode [--model builtin:skipdecode] [--batches 1,8] [--speedups 2,3,5]
     python -m jaxaccel.bench duo [--model builtin:duo] [--batches 1,8]
     python -m jaxaccel.bench tokenselect [--model builtin:longctx] [--lengths 8192,32768,65536,131072] [--batches 1,4]
@@ -101,6 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ac.add_argument("--top-k", type=int, default=None)
     ac.add_argument("--top-p", type=float, default=None)
     ac.add_argument("--max-rank", type=int, default=16)
+    ac.add_argument("--what-if-top1", default="",
+                    help="also predict tokens per step for drafts whose top token is accepted this often, e.g. 0.7,0.8")
     ac.add_argument("--json", default=None, help="also write it here (method option acceptance=PATH reads it)")
     sk = sub.add_parser("skipdecode", help="SkipDecode: step cost at h layers (cond vs static), tokens/s vs "
                                            "autoregressive")
@@ -238,9 +240,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_sampling_args(args.temperature, args.top_k, args.top_p)
         if args.max_rank < 1:
             fail("max-rank must be >= 1")
+        what_if = _csv(args.what_if_top1, float)
+        if any(not 0.0 <= t < 1.0 for t in what_if):
+            fail(f"--what-if-top1: every value must be in [0, 1), got {args.what_if_top1!r}")
         result = draft_bench.acceptance(args.target, args.draft, args.temperature, args.top_k, args.top_p,
-                                        args.max_rank)
+                                        args.max_rank, what_if)
         print(" ".join(f"{x:.4f}" for x in result["acceptance"]), f"(sum {result['sum']:.3f})")
+        print(draft_bench.acceptance_markdown(result))
         if args.json:
             write_json(args.json, result)
         return 0

@@ -189,16 +189,95 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+PREDICTED_BUDGETS = (8, 16, 32, 64, 128)
+PREDICTED_SHAPES = ("sps", "specinfer", "specinfer-chains", "sequoia")
+
+
+def with_top1(acceptance: Sequence[float], top1: float):
+    """The acceptance vector of a hypothetical draft whose top token is accepted with
+    probability `top1`, in [0, 1), the other ranks behaving as measured once it is not: each
+    p_k (k > 1) scaled by (1 - top1) / (1 - p_1), so the conditional distribution of the
+    accepted rank given that the top token was rejected is unchanged."""
+    import numpy as np
+
+    vec = np.asarray(acceptance, np.float64)
+    if not 0.0 <= top1 < 1.0:
+        raise ValueError(f"top1 must be in [0, 1), got {top1}")
+    rest = vec[1:] * ((1.0 - top1) / (1.0 - vec[0]) if vec[0] < 1.0 else 0.0)
+    return np.concatenate([[top1], rest])
+
+
+def shape_parents(shape: str, budget: int, acceptance, max_depth: int = 8):
+    """parents of the static tree `shape` drafts with `budget` nodes: `sps` a chain,
+    `specinfer` its default (the deepest full binary tree within the budget),
+    `specinfer-chains` budget // 8 chains of depth 8, `sequoia` the optimal tree for
+    `acceptance` (the method's default max_depth 8)."""
+    from jaxaccel.decode.draft import SpecInfer, widths_template
+    from jaxaccel.decode.sequoia import optimal_tree, padded_acceptance
+
+    if shape == "sps":
+        return widths_template((1,) * budget).parents
+    if shape == "specinfer":
+        return SpecInfer(draft="x", budget=budget).template().parents
+    if shape == "specinfer-chains":
+        return widths_template(tuple(chains_widths(budget))).parents
+    if shape == "sequoia":
+        return optimal_tree(padded_acceptance(acceptance, budget, max_depth), budget, max_depth).parents
+    raise ValueError(f"unknown tree shape {shape!r}")
+
+
+def predicted_mat(acceptance, budgets: Sequence[int] = PREDICTED_BUDGETS) -> list[dict[str, Any]]:
+    """Sequoia's model of each static tree shape's tokens per target forward (bonus included:
+    the root counts 1): the sum over nodes of the product of p_rank along the path, ranks
+    treated as independent from one step to the next. A prediction: acceptance at
+    consecutive positions is correlated in real text, and the model overestimates the
+    measured MAT (see docs/BENCHMARKS.md)."""
+    import numpy as np
+
+    from jaxaccel.decode.sequoia import expected_tokens
+
+    rows = []
+    for budget in budgets:
+        row: dict[str, Any] = {"budget": int(budget)}
+        for shape in PREDICTED_SHAPES:
+            parents = np.asarray(shape_parents(shape, int(budget), acceptance))
+            fan_out = int(np.bincount(parents[1:], minlength=1).max()) if len(parents) > 1 else 1
+            vec = np.pad(np.asarray(acceptance, np.float64), (0, max(0, fan_out - len(acceptance))))
+            row[shape] = expected_tokens(vec, parents)
+            row[f"{shape}_nodes"] = len(parents) - 1
+        rows.append(row)
+    return rows
+
+
 def acceptance(target: str, draft: str, temperature: float, top_k: int | None, top_p: float | None,
-               max_rank: int) -> dict[str, Any]:
+               max_rank: int, what_if_top1: Sequence[float] = ()) -> dict[str, Any]:
     """`bench acceptance`: Sequoia's positional acceptance vector, also stored where
-    `method="sequoia"` looks for it (`decode.acceptance.cached_acceptance`)."""
+    `method="sequoia"` looks for it (`decode.acceptance.cached_acceptance`), and the tokens
+    per step Sequoia's model predicts from it for each static tree shape (`predicted_mat`),
+    also for hypothetical drafts with another top-1 acceptance (`with_top1`)."""
     import jaxaccel
     from jaxaccel.decode.acceptance import cache_path, cached_acceptance
 
     lm = jaxaccel.load(target)
     d = jaxaccel.load(draft)
     vec = cached_acceptance(lm, d, temperature=temperature, top_k=top_k, top_p=top_p, max_rank=max_rank)
+    predicted = [{"top1": float(vec[0]), "measured": True, "rows": predicted_mat(vec)}]
+    predicted += [{"top1": float(t), "measured": False, "rows": predicted_mat(with_top1(vec, t))} for t in what_if_top1]
     return {"acceptance": [float(x) for x in vec], "target": target, "draft": draft, "temperature": temperature,
-            "top_k": top_k, "top_p": top_p, "sum": float(vec.sum()), "machine": machine(),
+            "top_k": top_k, "top_p": top_p, "sum": float(vec.sum()), "predicted": predicted, "machine": machine(),
             "cached_at": str(cache_path(lm, d, {})).rsplit("/", 1)[0]}
+
+
+def acceptance_markdown(result: dict[str, Any]) -> str:
+    """The predicted tokens per step of `acceptance`'s result, one table per top-1 value."""
+    out = []
+    for block in result["predicted"]:
+        label = "measured" if block["measured"] else "hypothetical draft"
+        out += ["", f"Predicted tokens per step, top-1 acceptance {block['top1']:.3f} ({label}):", "",
+                "| budget | SpS | SpecInfer (binary) | SpecInfer (chains) | Sequoia | Sequoia / SpecInfer |",
+                "|---|---|---|---|---|---|"]
+        for r in block["rows"]:
+            out.append(f"| {r['budget']} | {r['sps']:.2f} | {r['specinfer']:.2f} ({r['specinfer_nodes']}) | "
+                       f"{r['specinfer-chains']:.2f} ({r['specinfer-chains_nodes']}) | {r['sequoia']:.2f} | "
+                       f"{r['sequoia'] / r['specinfer']:.2f}x |")
+    return "\n".join(out)
