@@ -323,6 +323,7 @@ def test_bench_runs_end_to_end(lm):
     (experiments_main, ["tokenselect", "--model", "/no/such/model"], "does not exist"),
     (experiments_main, ["tokenselect", "--n-local", "-1"], "n_local must be an integer >= 0"),
     (experiments_main, ["tokenselect", "--tasks", "span_recall", "--cache-threshold", "2"], "cache_threshold"),
+    (experiments_main, ["tokenselect", "--pool", "4"], "pool must be an odd integer"),
     (bench_main, ["tokenselect", "--batches", "0"], "must be >= 1"),
     (bench_main, ["tokenselect", "--k", "0"], "k must be an integer >= 1"),
 ])

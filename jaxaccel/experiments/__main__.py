@@ -81,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ts.add_argument("--n-local", type=int, default=None, help="last keys always kept (default: length / 16)")
     ts.add_argument("--chunk", type=int, default=None, help="prefill chunk (default: length / 16)")
     ts.add_argument("--cache-threshold", default="0.9", help="selection cache cosine, or 'none' (off)")
+    ts.add_argument("--pool", type=int, default=None,
+                    help="max-pool the scores over this odd width (selects the neighbours of high scorers too)")
     ts.add_argument("--full-max-length", type=int, default=None,
                     help="skip full attention above this length (its prefill is quadratic)")
     ts.add_argument("--seed", type=int, default=0)
@@ -216,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             fail(f"--cache-threshold must be a number or 'none', got {args.cache_threshold!r}")
         # what was given; evaluate() scales the rest to the model's trained length
         budget = {name: value for name, value in (("k", args.k), ("n_init", args.n_init), ("n_local", args.n_local),
-                                                   ("chunk", args.chunk)) if value is not None}
+                                                   ("chunk", args.chunk), ("pool", args.pool)) if value is not None}
         budget["cache_threshold"] = threshold
         from jaxaccel.decode.methods import get_method
 

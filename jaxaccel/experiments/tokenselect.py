@@ -220,7 +220,8 @@ def markdown(results: dict[str, Any]) -> str:
              f"{s['model'] or 'the model'} trained at {s['trained_length']} tokens; budget k={b['k']}, "
              f"n_init={b['n_init']}, n_local={b['n_local']}"
              f" ({b['k'] + b['n_init'] + b['n_local']} keys), chunk {b['chunk']}, selection cache "
-             f"{b['cache_threshold']} (TokenSelect only)."]
+             f"{b['cache_threshold']} (TokenSelect only)"
+             + (f", scores max-pooled over {b['pool']} keys." if b.get("pool") else ".")]
     for task in [*results["tasks"], "mean"]:
         lines += ["", f"**{task}**" if task != "mean" else "**mean over tasks**", "",
                   "| method | " + " | ".join(_length_label(n) for n in results["lengths"]) + " |",
