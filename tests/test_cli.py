@@ -231,6 +231,7 @@ def jaxaccel_dir(tmp_path_factory, tiny_params):
     ({"eos_token_ids": "x"}, "eos_token_ids must be a list of token ids"),
     ({"tokenizer.model": b"garbage"}, "tokenizer.model: not a valid tokenizer file"),
     ({"tokenizer.model": b""}, "tokenizer.model: "),
+    ({"info": [1, 2]}, "info must be a JSON object"),
 ])
 def test_decode_corrupt_model_folder_is_one_line(jaxaccel_dir, tmp_path, capsys, change, message):
     import shutil
@@ -244,6 +245,44 @@ def test_decode_corrupt_model_folder_is_one_line(jaxaccel_dir, tmp_path, capsys,
             (folder / "jaxaccel.json").write_text(json.dumps({**meta, name: value}))
     code, _, err = run(decode_main, ["--model", str(folder), "--prompt-ids", "1,2", "--max-new-tokens", "2"], capsys)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"config.json": b"\xff\xfe{}"}, "config.json is unreadable"),
+    ({"config.json": b"[1]"}, "config.json must hold a JSON object"),
+    ({"architectures": 5}, "architectures must be a list of names"),
+    ({"generation_config.json": None, "eos_token_id": "abc"}, "config.json: eos_token_id must be a token id"),
+    ({"generation_config.json": None, "eos_token_id": [None]}, "config.json: eos_token_id must be a token id"),
+    ({"generation_config.json": None, "bos_token_id": 1.5}, "config.json: bos_token_id must be a token id"),
+    ({"generation_config.json": b'{"eos_token_id": "abc"}'}, "generation_config.json: eos_token_id must be a token id"),
+    ({"model.safetensors.index.json": b"[1]"}, "model.safetensors.index.json is unreadable"),
+    ({"model.safetensors.index.json": b"\xff\xfe"}, "model.safetensors.index.json is unreadable"),
+    ({"model.safetensors.index.json": b'{"weight_map": [1]}'}, "weight_map must map tensor names"),
+    ({"model.safetensors.index.json": b'{"weight_map": {"lm_head.weight": 5}}'}, "weight_map must map tensor names"),
+])
+def test_decode_corrupt_hf_folder_is_one_line(model_dir, tmp_path, capsys, change, message):
+    import shutil
+
+    folder = shutil.copytree(model_dir, tmp_path / "m")
+    for name, value in change.items():
+        if value is None:  # generation_config.json's ids would win over config.json's
+            (folder / name).unlink()
+        elif isinstance(value, bytes):
+            (folder / name).write_bytes(value)
+        else:
+            hf = json.loads((folder / "config.json").read_text())
+            (folder / "config.json").write_text(json.dumps({**hf, name: value}))
+    code, _, err = run(decode_main, ["--model", str(folder), "--prompt-ids", "1,2", "--max-new-tokens", "2"], capsys)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_hf_architectures_given_as_one_name_loads(model_dir, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(model_dir, tmp_path / "m")
+    hf = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**hf, "architectures": hf["architectures"][0]}))
+    assert jaxaccel.load(folder).config == jaxaccel.load(model_dir).config
 
 
 def test_decode_corrupt_params_is_one_line_in_a_process(jaxaccel_dir, tmp_path):
@@ -306,6 +345,19 @@ def test_outputs_are_checked_before_any_work(tmp_path, capsys):
     code, _, err = run(train_main, [str(tiny), f"output_dir={model}"], capsys)
     assert code == 2 and "holds a model (jaxaccel.json)" in err
     assert sorted(p.name for p in model.iterdir()) == ["jaxaccel.json"]
+    code, _, err = run(train_main, [str(tiny), f"output_dir={model / 'params'}"], capsys)
+    assert code == 2 and "is inside a model folder" in err and not (model / "params").exists()
+    # ... and so is a folder whose config.yaml, tokenizer.model or metrics.jsonl no run wrote.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("hello: world\n")
+    code, _, err = run(train_main, [str(tiny), f"output_dir={mine}"], capsys)
+    assert code == 2 and "holds a config.yaml that no training run wrote" in err
+    assert [p.name for p in mine.iterdir()] == ["config.yaml"] and (mine / "config.yaml").read_text() == "hello: world\n"
+    # An empty path is not the current folder (convert --force would have emptied its params/).
+    for argv in (["import", str(model), ""], ["import", " ", str(tmp_path / "out"), "--force"]):
+        code, _, err = run(convert_main, argv, capsys)
+        assert code == 2 and "must be a path, got an empty string" in err and err.count("\n") == 1
 
 
 def test_bench_checks_its_arguments_before_running(capsys):

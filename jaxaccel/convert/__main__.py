@@ -37,6 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     exp.add_argument("--max-shard-size", default="2GB")
     args = p.parse_args(argv)
 
+    for name in ("source", "destination"):  # Path("") is ".": the current folder, not what was meant
+        if not getattr(args, name).strip():
+            fail(f"the {name} must be a path, got an empty string")
     dest = Path(args.destination)
     if Path(args.source).resolve() == dest.resolve():
         fail("destination must differ from the source")

@@ -64,6 +64,10 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
 
 def _config_from_hf(hf: dict, source: str) -> ModelConfig:
     archs = hf.get("architectures") or []
+    if isinstance(archs, str):
+        archs = [archs]
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ConfigError(f"{source}: architectures must be a list of names, got {archs!r}")
     arch = next((a for a in archs if a in SUPPORTED), None)
     if arch is None:
         named = ", ".join(archs) if archs else f"model_type {hf.get('model_type')!r}"
@@ -197,8 +201,11 @@ class _SafetensorsIndex:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index} is unreadable: {e}") from None
+            except (ValueError, KeyError, TypeError, OSError) as e:  # ValueError: bad JSON or not UTF-8
+                raise CheckpointError(f"{index} is unreadable: {first_line(e)}") from None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) and v for k, v in weight_map.items()):
+                raise CheckpointError(f"{index}: weight_map must map tensor names to safetensors file names")
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in folder.glob("*.safetensors"))
@@ -210,7 +217,8 @@ class _SafetensorsIndex:
         self.handles = {}
         for name in files:
             if not (folder / name).is_file():
-                raise CheckpointError(f"{folder}: safetensors file {name} listed in the index is missing")
+                where = "listed in the index is missing" if index.is_file() else "is not a file"
+                raise CheckpointError(f"{folder}: safetensors file {name} {where}")
             try:
                 self.handles[name] = safe_open(str(folder / name), framework="numpy")
             except Exception as e:
@@ -259,23 +267,39 @@ def load_hf_params(folder: Path, config: ModelConfig, shardings: Any | None = No
 
 def read_hf_config(folder: Path) -> dict:
     try:
-        return json.loads((Path(folder) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"{folder}/config.json is unreadable: {e}") from None
+        hf = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, or bytes that are not UTF-8
+        raise ModelLoadError(f"{folder}/config.json is unreadable: {first_line(e)}") from None
+    if not isinstance(hf, dict):
+        raise ModelLoadError(f"{folder}/config.json must hold a JSON object, got {type(hf).__name__}")
+    return hf
+
+
+def _token_id(value: Any, where: str, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ModelLoadError(f"{where}: {key} must be a token id (an integer >= 0) or a list of them, got {value!r}")
+    return value
 
 
 def hf_special_tokens(folder: Path, hf: dict) -> tuple[tuple[int, ...], int | None]:
-    """EOS ids (generation_config.json wins over config.json) and the BOS id."""
-    gen = {}
-    if (Path(folder) / "generation_config.json").is_file():
+    """EOS ids (generation_config.json wins over config.json) and the BOS id. An unreadable
+    generation_config.json is ignored (it only holds defaults); a token id that is not one
+    is a one-line ModelLoadError naming the file."""
+    gen, where = {}, f"{folder}/config.json"
+    path = Path(folder) / "generation_config.json"
+    if path.is_file():
         try:
-            gen = json.loads((Path(folder) / "generation_config.json").read_text())
-        except json.JSONDecodeError:
+            gen = json.loads(path.read_text())
+        except (OSError, ValueError):
             gen = {}
+        gen = gen if isinstance(gen, dict) else {}
+    eos_where = str(path) if "eos_token_id" in gen else where
     eos = gen.get("eos_token_id", hf.get("eos_token_id"))
-    eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [] if eos is None else [eos]))
+    eos_ids = tuple(_token_id(e, eos_where, "eos_token_id")
+                    for e in (eos if isinstance(eos, list) else [] if eos is None else [eos]))
+    bos_where = str(path) if "bos_token_id" in gen else where
     bos = gen.get("bos_token_id", hf.get("bos_token_id"))
-    return eos_ids, (int(bos) if bos is not None else None)
+    return eos_ids, (_token_id(bos, bos_where, "bos_token_id") if bos is not None else None)
 
 
 # ----------------------------------------------------------------------------- export

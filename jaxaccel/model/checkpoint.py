@@ -266,6 +266,8 @@ def read_meta(folder) -> dict:
         raise CheckpointError(f"{folder}/{MARKER}: not a jaxaccel model (not a JSON object)")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{folder}/{MARKER}: not a jaxaccel model (format {meta.get('format')!r})")
+    if not isinstance(meta.get("info") or {}, dict):
+        raise CheckpointError(f"{folder}/{MARKER}: info must be a JSON object, got {meta['info']!r:.60}")
     return meta
 
 

@@ -144,6 +144,24 @@ def check_output_dir(output_dir: str) -> None:
         if (folder / marker).is_file():
             raise ConfigError(f"output_dir {output_dir!r} holds a model ({marker}); a run there would overwrite its "
                               f"files: choose another output_dir (train.init_from={output_dir} starts from it)")
+    if (folder.parent / "jaxaccel.json").is_file():
+        raise ConfigError(f"output_dir {output_dir!r} is inside a model folder ({folder.parent}): choose another "
+                          f"output_dir")
+    # The run writes config.yaml, tokenizer.model and metrics.jsonl: in a folder that is not a
+    # run's (no config.yaml of a run beside them) they would be someone else's files.
+    own = [name for name in (RUN_CONFIG, "tokenizer.model", "metrics.jsonl") if (folder / name).exists()]
+    if own and not _is_run_config(folder / RUN_CONFIG):
+        raise ConfigError(f"output_dir {output_dir!r} holds a {own[0]} that no training run wrote (a run there "
+                          f"would overwrite it): choose another output_dir")
+
+
+def _is_run_config(path: Path) -> bool:
+    """Whether `path` is a training run's config.yaml (a mapping with its model and train sections)."""
+    try:
+        stored = yaml.safe_load(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(stored, Mapping) and isinstance(stored.get("model"), Mapping) and "train" in stored
 
 
 # Settings a resumed run may change: where and how it runs (mesh, micro-batching, remat, the
