@@ -61,6 +61,9 @@ def test_decode_text_output_and_prompts_file(model_dir, capsys, tmp_path):
     (["--prompt-ids", "1,x"], "expected comma-separated integers"),
     (["--prompt-ids", "1,500"], "token id 500 is outside the vocabulary (0..96)"),
     (["--prompt-ids", ""], "prompt 0 is empty"),
+    (["--prompt-ids", "1,,2"], "expected comma-separated integers"),
+    (["--prompt-ids", "1", "--prompts-file", ""], "--prompts-file must be a path"),
+    (["--prompt-ids", "1", "--mesh", " "], "--mesh must name axes"),
     (["--prompt", "hello"], "no tokenizer"),
     (["--prompt-ids", "1", "--temperature", "hot"], "invalid float value: 'hot'"),
     (["--prompts-file", "/nonexistent.jsonl"], "does not exist"),
@@ -370,6 +373,12 @@ def test_bench_checks_its_arguments_before_running(capsys):
     assert code == 2 and "batch_size" in err and "matmul peak" not in err  # refused before measuring anything
     code, _, err = run(bench_main, ["dyspec", "--prompt-tokens", "-5"], capsys)
     assert code == 2 and "prompt tokens must be >= 1" in err
+    for argv in (["dyspec", "--temperatures", ",,,"], ["dyspec", "--budgets", "8,,16"], ["train", "--configs", ","],
+                 ["decode", "--models", ",", "--no-hf"]):
+        code, out, err = run(bench_main, argv, capsys)
+        assert code == 2 and "without empty items" in err and err.count("\n") == 1 and not out
+    code, out, err = run(bench_main, ["dyspec", "--figure", "f.svg"], capsys)
+    assert code == 2 and "--figure must name a .png file" in err
     code, out, err = run(bench_main, ["dyspec", "--budgets", "8,5000", "--batches", "1"], capsys)
     assert code == 2 and "budget must be at most 512, got 5000" in err and "autoregressive" not in out + err
 

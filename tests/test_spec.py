@@ -402,6 +402,7 @@ def test_a_lossy_verifier_fails_the_check(small_lm, monkeypatch):
     ("recycling", {"k": 500}, "larger than the vocabulary (97 tokens)"),
     ("recycling", {"template": "big"}, "template must be"),
     ("recycling", {"template": [9]}, "template level 1 has width 9"),
+    ("recycling", {"template": [1] * 3000}, "template has 3000 nodes; at most 512 are allowed"),
     ("pld", {"num_draft": 0}, "num_draft must be an integer >= 1"),
     ("chain", {"k": 0}, "k must be an integer >= 1"),
     ("chain", {"draft": "model"}, 'draft must be "random" or "recycling"'),

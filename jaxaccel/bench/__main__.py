@@ -34,9 +34,16 @@ def require_peers() -> None:
         fail("the Hugging Face baseline needs the peers extra: pip install 'jaxaccel[peers]' (or pass --no-hf)")
 
 
-def _csv(text: str, cast=str) -> tuple:
+def _csv(text: str, cast=str, allow_empty: bool = False) -> tuple:
+    """A comma-separated list; an empty item ("8,,16", "", ",") is a one-line error, not skipped
+    (an empty list would run nothing and exit 0), unless allow_empty and the text is empty."""
+    if allow_empty and not text.strip():
+        return ()
+    items = [x.strip() for x in text.split(",")]
+    if not all(items):
+        fail(f"{text!r}: expected a comma-separated list without empty items")
     try:
-        return tuple(cast(x) for x in text.split(",") if x)
+        return tuple(cast(x) for x in items)
     except ValueError:
         fail(f"{text!r}: expected a comma-separated list")
 
@@ -144,6 +151,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if getattr(args, "json", None):  # before any work: a long run never ends in a failed write
         writable_output(args.json, what="--json file")
+    if getattr(args, "figure", None):
+        if not args.figure.endswith(".png"):
+            fail(f"--figure must name a .png file (one per temperature is written beside it), got {args.figure!r}")
+        writable_output(args.figure, what="--figure file")
 
     if args.which == "tokenselect":
         from jaxaccel.bench import tokenselect
@@ -240,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_sampling_args(args.temperature, args.top_k, args.top_p)
         if args.max_rank < 1:
             fail("max-rank must be >= 1")
-        what_if = _csv(args.what_if_top1, float)
+        what_if = _csv(args.what_if_top1, float, allow_empty=True)
         if any(not 0.0 <= t < 1.0 for t in what_if):
             fail(f"--what-if-top1: every value must be in [0, 1), got {args.what_if_top1!r}")
         result = draft_bench.acceptance(args.target, args.draft, args.temperature, args.top_k, args.top_p,

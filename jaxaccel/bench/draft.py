@@ -85,6 +85,9 @@ def figure2(lm, draft, temperature: float, path: str | None) -> dict[str, Any]:
         ax.set_title(f"draft vs acceptance, T={temperature} (r = {res['correlation']:.2f})")
         ax.legend(loc="lower right")
         fig.tight_layout()
+        from pathlib import Path
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)  # checked writable before the run
         fig.savefig(path, dpi=120)
         plt.close(fig)
     return {"temperature": temperature, "correlation": res["correlation"], "points": res["points"],

@@ -47,10 +47,13 @@ def read_prompts(args) -> list[Any]:
     prompts: list[Any] = list(args.prompt)
     for text in args.prompt_ids:
         try:
-            prompts.append([int(t) for t in text.replace(" ", "").split(",") if t != ""])
+            items = text.replace(" ", "").split(",")
+            prompts.append([] if items == [""] else [int(t) for t in items])  # "1,,2": an error, "": an empty prompt
         except ValueError:
             fail(f"--prompt-ids {text!r}: expected comma-separated integers")
-    if args.prompts_file:
+    if args.prompts_file is not None:
+        if not args.prompts_file.strip():
+            fail("--prompts-file must be a path, got an empty string")
         path = Path(args.prompts_file)
         # JSONL separates records by "\n" only: str.splitlines would also split at U+2028 and
         # friends, which are legal unescaped inside a JSON string.
@@ -126,6 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from jaxaccel.errors import InvalidArgumentError
 
     # Check cheap arguments before the (slow) model load.
+    if args.mesh is not None and not args.mesh.strip():
+        raise InvalidArgumentError("--mesh must name axes, e.g. tensor=4,data=2; got an empty string")
     check_sampling_args(args.temperature, args.top_k, args.top_p)
     if args.max_new_tokens < 1:
         raise InvalidArgumentError(f"max_new_tokens must be an integer >= 1, got {args.max_new_tokens}")

@@ -31,6 +31,9 @@ from jaxaccel.decode.tree import Tree, TreeMethod, TreeShape, check_k_fits_vocab
 from jaxaccel.errors import InvalidArgumentError
 
 
+MAX_TREE_NODES = 512  # drafted nodes per step, as the draft-model methods' budget
+
+
 def _rank_prior(rank: int) -> float:
     return 0.6 / (rank + 1) ** 1.5
 
@@ -73,6 +76,8 @@ def template_widths(template: Any, k: int) -> tuple[int, ...]:
         widths = tuple(int(w) for w in template)
     else:
         raise InvalidArgumentError(f'template must be "auto", "paper" or a list of per-level widths, got {template!r}')
+    if sum(widths) > MAX_TREE_NODES:  # the step's tables are [nodes, nodes] and more
+        raise InvalidArgumentError(f"template has {sum(widths)} nodes; at most {MAX_TREE_NODES} are allowed")
     prev = 1
     for i, w in enumerate(widths):
         if w < 1 or w > prev * k:
