@@ -440,3 +440,21 @@ def test_pod_launcher_waits_out_a_preemption_notice(monkeypatch):
     assert pod.run_with_recovery(args, kept) == 0 and kept.log.count("run") == 2 and "other" not in kept.log
     failed = Fake([1], ["READY"])
     assert pod.run_with_recovery(args, failed) == 1 and failed.log == ["run"]
+
+
+@pytest.mark.parametrize("body,message", [
+    ({}, "sweep (a name) is missing or malformed"),
+    ({"sweep": "s", "runs": "x"}, "runs (a list of run records)"),
+    ({"sweep": "s", "runs": [1, 2]}, "runs (a list of run records)"),
+    ({"sweep": "s", "runs": [], "groups": "x"}, "groups (a list of objects)"),
+    ({"sweep": "s", "runs": [], "report": [1]}, "report (an object)"),
+])
+@pytest.mark.parametrize("command", ["report", "plot"])
+def test_a_results_file_with_a_malformed_body_is_one_line(tmp_path, capsys, body, message, command):
+    """Right format and version, wrong body: one line before anything is written (plot's
+    --out folder included), not a KeyError from the middle of a table or figure."""
+    results = tmp_path / "r.json"
+    results.write_text(json.dumps({"format": FORMAT, "version": VERSION, **body}))
+    code, out, err = cli([command, results, "--out", tmp_path / "out"], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]

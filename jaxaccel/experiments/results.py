@@ -84,6 +84,18 @@ def read_results(path: str | Path) -> dict:
         raise SweepError(f"{path} is not a jaxaccel sweep results file (no \"format\": \"{FORMAT}\")")
     if doc.get("version") != VERSION:
         raise SweepError(f"{path}: results format version {doc.get('version')!r}; this jaxaccel reads {VERSION}")
+    # The shape report and plot read (a hand-edited or truncated-then-fixed file fails here,
+    # in one line, not in the middle of a figure).
+    problems = [name for name, ok in (
+        ("sweep (a name)", isinstance(doc.get("sweep"), str)),
+        ("runs (a list of run records)", isinstance(doc.get("runs"), list)
+         and all(isinstance(r, dict) and isinstance(r.get("name"), str) for r in doc["runs"])),
+        ("groups (a list of objects)", isinstance(doc.get("groups", []), list)
+         and all(isinstance(g, dict) and isinstance(g.get("name"), str) for g in doc.get("groups", []))),
+        ("plots (a list)", isinstance(doc.get("plots", []), list)),
+        ("report (an object)", isinstance(doc.get("report") or {}, dict))) if not ok]
+    if problems:
+        raise SweepError(f"{path}: not a readable sweep results file: {problems[0]} is missing or malformed")
     return doc
 
 
