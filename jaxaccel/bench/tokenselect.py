@@ -226,7 +226,7 @@ def run(model, lengths: Sequence[int] = LENGTHS, batches: Sequence[int] = (1, 4)
         prefill_runs: int | None = None, progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """model: a path (`jaxaccel.load`) or a LanguageModel. Prompts: held-out corpus code in the
     model's vocabulary, or random ids for a model without a tokenizer."""
-    from jaxaccel.decode.lm import cache_bucket
+    from jaxaccel.decode.lm import MIN_BUCKET as MIN_BUCKET_OUT, cache_bucket
     from jaxaccel.model.options import DENSE, TokenSelectAttention
 
     name = model if isinstance(model, str) else "(in memory)"
@@ -236,6 +236,8 @@ def run(model, lengths: Sequence[int] = LENGTHS, batches: Sequence[int] = (1, 4)
         lm = jaxaccel.load(model)
     else:
         lm = model
+    for context in lengths:  # the largest cache of the run must fit: one line now, not an OOM kill later
+        lm._check_cache_fits(max(batches), cache_bucket(context + max(MIN_BUCKET_OUT, new_tokens)))
     code = code_stream(lm)
     budget = {**BUDGET, **(budget or {})}
     policy = TokenSelectAttention(k=budget["k"], n_init=budget["n_init"], n_local=budget["n_local"],

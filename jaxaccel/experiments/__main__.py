@@ -212,6 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                  f"{', '.join(tokenselect.METHODS)}")
         if not lengths or not tasks or not methods or min(lengths) < 1 or args.examples < 1 or args.batch < 1:
             fail("lengths, tasks, methods, --examples and --batch must be non-empty and >= 1")
+        if args.full_max_length is not None and args.full_max_length < 1:
+            fail(f"--full-max-length must be >= 1, got {args.full_max_length}")
         try:
             threshold = None if args.cache_threshold.lower() in ("none", "off") else float(args.cache_threshold)
         except ValueError:
@@ -229,6 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         import jaxaccel
 
         lm = jaxaccel.load(args.model)
+        for n in lengths:  # the longest context's KV cache must fit: one line now, not an OOM kill later
+            lm._check_cache_fits(min(args.batch, args.examples), n + 64)
         generator = tokenselect.model_tasks(lm, args.model)
         too_short = [(t, n) for t in tasks for n in lengths if n < generator.min_length(t)]
         if too_short:
