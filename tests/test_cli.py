@@ -377,6 +377,9 @@ def test_bench_checks_its_arguments_before_running(capsys):
                  ["decode", "--models", ",", "--no-hf"]):
         code, out, err = run(bench_main, argv, capsys)
         assert code == 2 and "without empty items" in err and err.count("\n") == 1 and not out
+    for which in ("spec", "skipdecode"):
+        code, out, err = run(bench_main, [which, "--prompt-tokens", "0"], capsys)
+        assert code == 2 and "prompt tokens must be >= 1" in err
     code, out, err = run(bench_main, ["dyspec", "--figure", "f.svg"], capsys)
     assert code == 2 and "--figure must name a .png file" in err
     code, out, err = run(bench_main, ["dyspec", "--budgets", "8,5000", "--batches", "1"], capsys)

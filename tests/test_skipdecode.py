@@ -85,6 +85,7 @@ def test_speedup_picks_a_schedule_with_that_mean(speedup, expect):
     ({"min_layers": 2, "max_layers": 7}, r"max_layers must be an integer in .* = \[2, 6\], got 7"),
     ({"min_layers": 1, "max_layers": 4}, r"min_layers must be .* = \[2, 6\], got 1"),
     ({"warmup_layers": 3, "min_layers": 3, "max_layers": 5}, r"min_layers must be .* = \[4, 6\], got 3"),
+    ({"warmup_layers": 6}, r"^warmup_layers \(6\) must be below n_layers \(6\)"),
     ({"speedup": 0.5}, "speedup must be a number >= 1"),
     ({"speedup": 4}, "speedup 4 is unreachable"),
     ({"speedup": 2, "max_layers": 4}, "either speedup or min_layers"),
@@ -424,3 +425,14 @@ def test_generated_only_loss_is_the_mean_over_the_tokens_it_sums():
     mask = np.asarray(b["loss_mask"])
     assert 0 < mask.sum() < rows * t
     np.testing.assert_allclose(float(metrics["loss"]), float((ce * mask).sum() / mask.sum()), rtol=1e-5)
+
+
+def test_experiment_cli_checks_prompt_tokens_before_any_work(capsys, tmp_path):
+    from jaxaccel.experiments.__main__ import main as experiments_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(experiments_main, ["skipdecode", "--base", str(tmp_path), "--prompt-tokens", "0", "--out",
+                                   str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "prompt tokens and batches must be >= 1" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()

@@ -201,8 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from jaxaccel.bench.common import write_json
 
         batches, speedups = _csv(args.batches, int), _csv(args.speedups, float)
-        if not batches or min(batches) < 1 or args.runs < 1 or args.files < 1 or args.new_tokens < 1:
-            fail("batches, runs, files and new tokens must be >= 1")
+        if (not batches or min(batches) < 1 or args.runs < 1 or args.files < 1 or args.new_tokens < 1
+                or args.prompt_tokens < 1):
+            fail("batches, runs, files, new tokens and prompt tokens must be >= 1")
         if not speedups or min(speedups) < 1:
             fail("speedups must be >= 1")
         if args.max_length <= args.prompt_tokens:
@@ -290,8 +291,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         batches = _csv(args.batches, int)
         temperatures = _csv(args.temperatures, float)
-        if not batches or min(batches) < 1 or args.runs < 1 or args.new_tokens < 1 or args.files < 1:
-            fail("batches, runs, new tokens and files must be >= 1")
+        if (not batches or min(batches) < 1 or args.runs < 1 or args.new_tokens < 1 or args.files < 1
+                or args.prompt_tokens < 1):
+            fail("batches, runs, new tokens, files and prompt tokens must be >= 1")
         if any(t < 0 for t in temperatures):
             fail("temperatures must be >= 0")
         sweep = spec.SWEEP

@@ -149,8 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 fail(f"no config {Path(args.configs) / f'skipdecode-{s:g}x.yaml'} for speedup {s:g}")
         if not Path(args.base).exists():
             fail(f"--base {args.base!r} does not exist (train it: python -m jaxaccel.train configs/deep.yaml)")
-        if min(args.eval_rows, args.files, args.runs, *batches) < 1 or args.max_length <= args.prompt_tokens:
-            fail("eval rows, files, runs and batches must be >= 1, and --max-length > --prompt-tokens")
+        if (min(args.eval_rows, args.files, args.runs, args.prompt_tokens, *batches) < 1
+                or args.max_length <= args.prompt_tokens):
+            fail("eval rows, files, runs, prompt tokens and batches must be >= 1, and --max-length > --prompt-tokens")
         results = skipdecode.run(args.base, args.root, args.configs, speedups, args.prompt_tokens, args.max_length,
                                  args.eval_rows, args.files, batches, args.runs, args.dispatch)
         out = Path(args.out)

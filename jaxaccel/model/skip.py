@@ -42,6 +42,9 @@ class SkipSchedule:
         n, w = self.n_layers, self.warmup_layers
         if isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 0:
             raise InvalidArgumentError(f"warmup_layers must be an integer >= 0, got {w!r}")
+        if w >= n:
+            raise InvalidArgumentError(f"warmup_layers ({w}) must be below n_layers ({n}): the schedule needs at "
+                                       f"least one layer after the warm-up")
         # max_layers first: min_layers defaults to max_layers (`build`), so a bad max_layers
         # alone must be named as itself.
         for name in ("max_layers", "min_layers"):
