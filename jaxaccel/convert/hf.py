@@ -105,7 +105,18 @@ def _config_from_hf(hf: dict, source: str) -> ModelConfig:
         raise UnsupportedArchitectureError(
             f"{source}: rope type {rope_type!r} is not supported; supported: default, linear, llama3")
 
-    dtype = _HF_DTYPE_NAMES.get(str(hf.get("dtype") or hf.get("torch_dtype") or "float32"), "float32")
+    dtype_name = str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
+    if dtype_name not in _HF_DTYPE_NAMES:
+        raise ConfigError(f"{source}: dtype {dtype_name!r} is not supported; supported: "
+                          f"{', '.join(sorted(_HF_DTYPE_NAMES))}")
+    dtype = _HF_DTYPE_NAMES[dtype_name]
+    tie = hf.get("tie_word_embeddings", False)
+    if not isinstance(tie, bool):  # bool("false") is True: a silently different model
+        raise ConfigError(f"{source}: tie_word_embeddings must be true or false, got {tie!r}")
+    for key in ("max_position_embeddings", "num_key_value_heads", "head_dim", "sliding_window"):
+        value = hf.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
     n_heads = hf["num_attention_heads"]
     return ModelConfig(
         vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
@@ -113,7 +124,7 @@ def _config_from_hf(hf: dict, source: str) -> ModelConfig:
         head_dim=hf.get("head_dim") or None, ffn_dim=hf["intermediate_size"],
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=float(theta), rope_scaling=rope_scaling,
         max_seq_len=int(hf.get("max_position_embeddings", 2048)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=family == "qwen2",
+        tie_embeddings=tie, qkv_bias=family == "qwen2",
         sliding_window=hf.get("sliding_window") if family == "mistral" else None,
         param_dtype=dtype, dtype=dtype, architecture=family,
     )
