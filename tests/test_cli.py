@@ -336,7 +336,7 @@ def test_outputs_are_checked_before_any_work(tmp_path, capsys):
     code, _, err = run(experiments_main, ["tokenselect", "--out", str(a_file)], capsys)
     assert code == 2 and "--out folder" in err and "is a file, not a folder" in err
     code, _, err = run(experiments_main, ["duo", "--save-router", str(tmp_path)], capsys)  # holds a_file
-    assert code == 2 and "holds other files (a_file)" in err
+    assert code == 2 and "holds other files (a_file)" in err and "choose an empty or new --save-router folder" in err
     code, _, err = run(experiments_main, ["report", str(a_file), "--out", str(a_file)], capsys)
     assert code == 2 and "--out is the results file itself" in err
     assert a_file.read_text() == "keep"

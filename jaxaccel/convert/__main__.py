@@ -46,13 +46,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if dest.exists() and any(dest.iterdir()) and not args.force:
         fail(f"destination {str(dest)!r} is not empty (use --force to write into it)")
 
+    max_shard_bytes = parse_size(args.max_shard_size) if args.direction == "export" else None  # before the load
+
     import jaxaccel
 
     lm = jaxaccel.load(args.source, dtype=args.dtype)
     if args.direction == "import":
         lm.save(dest, overwrite=args.force)
     else:
-        lm.export_hf(dest, overwrite=args.force, max_shard_bytes=parse_size(args.max_shard_size))
+        lm.export_hf(dest, overwrite=args.force, max_shard_bytes=max_shard_bytes)
     print(f"wrote {dest} ({lm.num_params() / 1e6:.1f}M parameters, {lm.config.param_dtype})", file=sys.stderr)
     return 0
 

@@ -453,12 +453,15 @@ EXPORT_FILES = ("config.json", "generation_config.json", "model*.safetensors", "
                 "tokenizer.model", "tokenizer.json")
 
 
-def check_save_destination(folder) -> None:
-    """Before a long job that ends in `LanguageModel.save(folder)`: the save would be refused."""
-    _destination(folder, False, SAVE_FILES)
+def check_save_destination(folder, what_to_do: str = "choose an empty folder, or pass overwrite=True to write into it"
+                           ) -> None:
+    """Before a long job that ends in `LanguageModel.save(folder)`: the save would be refused.
+    `what_to_do` ends the message (a CLI has no overwrite=True)."""
+    _destination(folder, False, SAVE_FILES, what_to_do)
 
 
-def _destination(folder, overwrite: bool, own: tuple[str, ...]):
+def _destination(folder, overwrite: bool, own: tuple[str, ...],
+                 what_to_do: str = "choose an empty folder, or pass overwrite=True to write into it"):
     """Check where `save` / `export_hf` write: a path, not a file, and (unless `overwrite`)
     empty or holding only what they write themselves."""
     from jaxaccel.model.checkpoint import as_path
@@ -474,8 +477,7 @@ def _destination(folder, overwrite: bool, own: tuple[str, ...]):
         other = sorted(p.name for p in path.iterdir() if not any(fnmatch.fnmatchcase(p.name, o) for o in own))
         if other:
             raise InvalidArgumentError(f"destination {str(path)!r} holds other files ({', '.join(other[:3])}"
-                                       f"{', ...' if len(other) > 3 else ''}); choose an empty folder, or pass "
-                                       f"overwrite=True to write into it")
+                                       f"{', ...' if len(other) > 3 else ''}); {what_to_do}")
     return path
 
 

@@ -129,7 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from jaxaccel.decode.lm import check_save_destination
 
         writable_output(args.save_router, folder=True, what="--save-router folder")
-        check_save_destination(args.save_router)  # a folder holding other files: refused now, not after the run
+        # a folder holding other files: refused now, not after the run
+        check_save_destination(args.save_router, "choose an empty or new --save-router folder")
 
     if args.command == "skipdecode":
         import json

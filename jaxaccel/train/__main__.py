@@ -21,6 +21,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=100")
     add_distributed_arguments(p)
     args = p.parse_intermixed_args(argv)  # overrides may follow options: `CONFIG --distributed key=value`
+    if not args.config.strip():
+        p.error("the config must be a path to a YAML file, got an empty string")
 
     import jax
 
