@@ -12,6 +12,7 @@ from jaxaccel.bench.__main__ import main as bench_main
 from jaxaccel.cli import run_cli
 from jaxaccel.convert.__main__ import main as convert_main
 from jaxaccel.decode.__main__ import main as decode_main
+from jaxaccel.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +256,6 @@ def test_decode_corrupt_model_folder_is_one_line(jaxaccel_dir, tmp_path, capsys,
     ({"config.json": b"[1]"}, "config.json must hold a JSON object"),
     ({"architectures": 5}, "architectures must be a list of names"),
     ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false, got 'false'"),
-    ({"dtype": "float8", "torch_dtype": "float8"}, "dtype 'float8' is not supported"),
     ({"max_position_embeddings": 2048.7}, "max_position_embeddings must be an integer, got 2048.7"),
     ({"generation_config.json": None, "eos_token_id": "abc"}, "config.json: eos_token_id must be a token id"),
     ({"generation_config.json": None, "eos_token_id": [None]}, "config.json: eos_token_id must be a token id"),
@@ -358,8 +358,21 @@ def test_outputs_are_checked_before_any_work(tmp_path, capsys):
     mine.mkdir()
     (mine / "config.yaml").write_text("hello: world\n")
     code, _, err = run(train_main, [str(tiny), f"output_dir={mine}"], capsys)
-    assert code == 2 and "holds a config.yaml that no training run wrote" in err
+    assert code == 2 and "holds config.yaml but neither checkpoints/ nor a run's config.yaml" in err
     assert [p.name for p in mine.iterdir()] == ["config.yaml"] and (mine / "config.yaml").read_text() == "hello: world\n"
+    from jaxaccel.train.loop import check_output_dir
+
+    (mine / "config.yaml").unlink()
+    (mine / "tokenizer.model").write_bytes(b"mine")
+    with pytest.raises(ConfigError, match="holds tokenizer.model but neither"):
+        check_output_dir(str(mine))
+    # A run's folder whose config.yaml a kill cut short (older trainers rewrote it in place):
+    # its checkpoints say it is a run's, and it resumes (check_resumed_config skips the file).
+    (mine / "config.yaml").write_text("model:\n  vocab_size: 4")
+    (mine / "checkpoints").mkdir()
+    check_output_dir(str(mine))
+    code, _, err = run(train_main, [" "], capsys)
+    assert code == 2 and "the config must be a path to a YAML file" in err
     # An empty path is not the current folder (convert --force would have emptied its params/).
     for argv in (["import", str(model), ""], ["import", " ", str(tmp_path / "out"), "--force"]):
         code, _, err = run(convert_main, argv, capsys)

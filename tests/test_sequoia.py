@@ -205,5 +205,13 @@ def test_bench_acceptance_predictions_have_each_shapes_closed_form():
     np.testing.assert_allclose(better[1:] / better[1:].sum(), p[1:] / p[1:].sum())
     np.testing.assert_allclose(better[1:].sum() / (1 - 0.8), p[1:].sum() / (1 - p[0]))
     assert predicted_mat(better, (64,))[0]["sequoia"] > rows[64]["sequoia"]
+    from jaxaccel.bench.draft import acceptance_markdown
+
+    text = acceptance_markdown({"predicted": [{"top1": 0.55, "measured": True, "rows": predicted_mat(p, (64,))},
+                                              {"top1": 0.8, "measured": False, "rows": predicted_mat(better, (64,))}]})
+    r = rows[64]
+    assert "top-1 acceptance 0.550 (measured)" in text and "top-1 acceptance 0.800 (hypothetical draft)" in text
+    assert (f"| 64 | {r['sps']:.2f} | {r['specinfer']:.2f} (62) | {r['specinfer-chains']:.2f} (64) | "
+            f"{r['sequoia']:.2f} | {r['sequoia'] / r['specinfer']:.2f}x |") in text
     with pytest.raises(ValueError, match="top1"):
         with_top1(p, 1.0)

@@ -236,8 +236,9 @@ def run(model, lengths: Sequence[int] = LENGTHS, batches: Sequence[int] = (1, 4)
         lm = jaxaccel.load(model)
     else:
         lm = model
+    out_len = max(MIN_BUCKET_OUT, 1 << (new_tokens - 1).bit_length())  # as decode_speed allocates
     for context in lengths:  # the largest cache of the run must fit: one line now, not an OOM kill later
-        lm._check_cache_fits(max(batches), cache_bucket(context + max(MIN_BUCKET_OUT, new_tokens)))
+        lm._check_cache_fits(max(batches), cache_bucket(context + out_len), "use shorter --lengths or fewer --batches")
     code = code_stream(lm)
     budget = {**BUDGET, **(budget or {})}
     policy = TokenSelectAttention(k=budget["k"], n_init=budget["n_init"], n_local=budget["n_local"],

@@ -62,6 +62,21 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
         raise ConfigError(f"{source}: a value has the wrong type or range ({first_line(e)})") from None
 
 
+def _int_key(hf: dict, key: str, source: str, required: bool) -> int | None:
+    """An integer field of config.json (an integral float such as 4096.0 is accepted); None
+    when optional and absent or null; else a one-line ConfigError."""
+    value = hf.get(key)
+    if value is None:
+        if required:
+            raise ConfigError(f"{source}: {key!r} is missing")
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+    return value
+
+
 def _config_from_hf(hf: dict, source: str) -> ModelConfig:
     archs = hf.get("architectures") or []
     if isinstance(archs, str):
@@ -81,11 +96,9 @@ def _config_from_hf(hf: dict, source: str) -> ModelConfig:
     if family == "qwen2" and hf.get("use_sliding_window"):
         raise UnsupportedArchitectureError(f"{source}: Qwen2 with use_sliding_window=true is not supported")
 
-    for key in _HF_INT_KEYS:
-        if key not in hf:
-            raise ConfigError(f"{source}: {key!r} is missing")
-        if not isinstance(hf[key], int) or isinstance(hf[key], bool):
-            raise ConfigError(f"{source}: {key} must be an integer, got {hf[key]!r}")
+    ints = {key: _int_key(hf, key, source, required=True) for key in _HF_INT_KEYS}
+    ints.update({key: _int_key(hf, key, source, required=False)
+                 for key in ("max_position_embeddings", "num_key_value_heads", "head_dim", "sliding_window")})
 
     rope = dict(hf.get("rope_parameters") or {})
     scaling = hf.get("rope_scaling") or {}
@@ -105,27 +118,21 @@ def _config_from_hf(hf: dict, source: str) -> ModelConfig:
         raise UnsupportedArchitectureError(
             f"{source}: rope type {rope_type!r} is not supported; supported: default, linear, llama3")
 
-    dtype_name = str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
-    if dtype_name not in _HF_DTYPE_NAMES:
-        raise ConfigError(f"{source}: dtype {dtype_name!r} is not supported; supported: "
-                          f"{', '.join(sorted(_HF_DTYPE_NAMES))}")
-    dtype = _HF_DTYPE_NAMES[dtype_name]
-    tie = hf.get("tie_word_embeddings", False)
-    if not isinstance(tie, bool):  # bool("false") is True: a silently different model
+    # The stored weights' dtype; names transformers does not write ("auto", "float64") keep
+    # the full-precision default, as load(dtype=...) may override it anyway.
+    dtype = _HF_DTYPE_NAMES.get(str(hf.get("dtype") or hf.get("torch_dtype") or "float32"), "float32")
+    tie = hf.get("tie_word_embeddings")
+    if tie is not None and not isinstance(tie, bool):  # bool("false") is True: a silently different model
         raise ConfigError(f"{source}: tie_word_embeddings must be true or false, got {tie!r}")
-    for key in ("max_position_embeddings", "num_key_value_heads", "head_dim", "sliding_window"):
-        value = hf.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
-    n_heads = hf["num_attention_heads"]
+    n_heads = ints["num_attention_heads"]
     return ModelConfig(
-        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-        head_dim=hf.get("head_dim") or None, ffn_dim=hf["intermediate_size"],
+        vocab_size=ints["vocab_size"], d_model=ints["hidden_size"], n_layers=ints["num_hidden_layers"],
+        n_heads=n_heads, n_kv_heads=ints["num_key_value_heads"] or n_heads,
+        head_dim=ints["head_dim"] or None, ffn_dim=ints["intermediate_size"],
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=float(theta), rope_scaling=rope_scaling,
-        max_seq_len=int(hf.get("max_position_embeddings", 2048)),
-        tie_embeddings=tie, qkv_bias=family == "qwen2",
-        sliding_window=hf.get("sliding_window") if family == "mistral" else None,
+        max_seq_len=ints["max_position_embeddings"] or 2048,
+        tie_embeddings=bool(tie), qkv_bias=family == "qwen2",
+        sliding_window=ints["sliding_window"] if family == "mistral" else None,
         param_dtype=dtype, dtype=dtype, architecture=family,
     )
 

@@ -47,8 +47,8 @@ def read_prompts(args) -> list[Any]:
     prompts: list[Any] = list(args.prompt)
     for text in args.prompt_ids:
         try:
-            items = text.replace(" ", "").split(",")
-            prompts.append([] if items == [""] else [int(t) for t in items])  # "1,,2": an error, "": an empty prompt
+            items = text.replace(" ", "").removesuffix(",").split(",")  # "1,2," is [1, 2]; "1,,2" an error
+            prompts.append([] if items == [""] else [int(t) for t in items])  # "": an empty prompt
         except ValueError:
             fail(f"--prompt-ids {text!r}: expected comma-separated integers")
     if args.prompts_file is not None:

@@ -36,7 +36,7 @@ import numpy as np
 
 from jaxaccel.decode.engine import PREFILL_CHUNK, DecodeState, StepContext, commit, prefill, split_row_keys
 from jaxaccel.decode.sampling import target_probs
-from jaxaccel.decode.tree import Tree, TreeMethod, TreeShape, move_kv, positive_int
+from jaxaccel.decode.tree import MAX_TREE_NODES, Tree, TreeMethod, TreeShape, move_kv, positive_int
 from jaxaccel.errors import InvalidArgumentError
 
 
@@ -88,7 +88,7 @@ class DraftModelMethod(TreeMethod):
 
     options: dict[str, Any] = {"draft": None, "budget": 16}
     uses_draft = True
-    MAX_BUDGET = 512
+    MAX_BUDGET = MAX_TREE_NODES
     greedy_temperature = 1.0  # see draft_probs
     auto_budget = False  # accepts budget="auto" (chosen in prepare())
 

@@ -313,7 +313,8 @@ class LanguageModel:
         texts = None if self.tokenizer is None else [self.tokenizer.decode(g) for g in gen]
         return GenerationResult(tokens=gen, texts=texts, stats=stats, prompt_ids=ids, method_output=out.method_output)
 
-    def _check_cache_fits(self, batch: int, cache_len: int) -> None:
+    def _check_cache_fits(self, batch: int, cache_len: int,
+                          what_to_do: str = "ask for fewer max_new_tokens or shorter prompts") -> None:
         """Refuse a request whose KV cache cannot be allocated (max_new_tokens=10**9...) with
         one line, before allocating: the cache's bytes per device against the device's memory
         limit (accelerators) or the machine's RAM (CPU)."""
@@ -324,7 +325,7 @@ class LanguageModel:
         if limit is not None and need > limit:
             raise InvalidArgumentError(
                 f"the KV cache for {cache_len} positions x batch {batch} needs {need / 1e9:.1f} GB per device, more "
-                f"than the {limit / 1e9:.1f} GB this device has: ask for fewer max_new_tokens or shorter prompts")
+                f"than the {limit / 1e9:.1f} GB this device has: {what_to_do}")
 
     def _draft_model(self, decoder) -> "LanguageModel":
         """The draft model a draft-model method names (`draft=`: a path, a builtin name or a
@@ -453,15 +454,16 @@ EXPORT_FILES = ("config.json", "generation_config.json", "model*.safetensors", "
                 "tokenizer.model", "tokenizer.json")
 
 
-def check_save_destination(folder, what_to_do: str = "choose an empty folder, or pass overwrite=True to write into it"
-                           ) -> None:
+_CHOOSE_ANOTHER = "choose an empty folder, or pass overwrite=True to write into it"
+
+
+def check_save_destination(folder, what_to_do: str = _CHOOSE_ANOTHER) -> None:
     """Before a long job that ends in `LanguageModel.save(folder)`: the save would be refused.
     `what_to_do` ends the message (a CLI has no overwrite=True)."""
     _destination(folder, False, SAVE_FILES, what_to_do)
 
 
-def _destination(folder, overwrite: bool, own: tuple[str, ...],
-                 what_to_do: str = "choose an empty folder, or pass overwrite=True to write into it"):
+def _destination(folder, overwrite: bool, own: tuple[str, ...], what_to_do: str = _CHOOSE_ANOTHER):
     """Check where `save` / `export_hf` write: a path, not a file, and (unless `overwrite`)
     empty or holding only what they write themselves."""
     from jaxaccel.model.checkpoint import as_path

@@ -27,11 +27,9 @@ import numpy as np
 from jaxaccel.decode import tuning
 from jaxaccel.decode.engine import DecodeState, StepContext
 from jaxaccel.decode.tuning import PAPER_WIDTHS
-from jaxaccel.decode.tree import Tree, TreeMethod, TreeShape, check_k_fits_vocab, positive_int, static_tree
+from jaxaccel.decode.tree import (MAX_TREE_NODES, Tree, TreeMethod, TreeShape, check_k_fits_vocab, positive_int,
+                                  static_tree)
 from jaxaccel.errors import InvalidArgumentError
-
-
-MAX_TREE_NODES = 512  # drafted nodes per step, as the draft-model methods' budget
 
 
 def _rank_prior(rank: int) -> float:

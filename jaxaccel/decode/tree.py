@@ -38,6 +38,8 @@ from jaxaccel.decode.sampling import SamplingMode, SamplingParams, target_probs
 from jaxaccel.errors import InvalidArgumentError
 from jaxaccel.model.transformer import LayerKV
 
+MAX_TREE_NODES = 512  # drafted nodes per step, any tree method (its tables are [nodes, nodes] and more)
+
 
 class Tree(NamedTuple):
     """A padded token tree per row; N (node budget) is static."""

@@ -147,21 +147,25 @@ def check_output_dir(output_dir: str) -> None:
     if (folder.parent / "jaxaccel.json").is_file():
         raise ConfigError(f"output_dir {output_dir!r} is inside a model folder ({folder.parent}): choose another "
                           f"output_dir")
-    # The run writes config.yaml, tokenizer.model and metrics.jsonl: in a folder that is not a
-    # run's (no config.yaml of a run beside them) they would be someone else's files.
+    # The run writes config.yaml, tokenizer.model and metrics.jsonl. Beside checkpoints/ or a
+    # run's config.yaml they are a run's (older trainers could leave config.yaml cut short by a
+    # kill: its checkpoints still say whose it is); anywhere else, someone else's files.
     own = [name for name in (RUN_CONFIG, "tokenizer.model", "metrics.jsonl") if (folder / name).exists()]
-    if own and not _is_run_config(folder / RUN_CONFIG):
-        raise ConfigError(f"output_dir {output_dir!r} holds a {own[0]} that no training run wrote (a run there "
-                          f"would overwrite it): choose another output_dir")
+    if own and not (folder / RUN_CHECKPOINTS).is_dir() and not _is_run_config(folder / RUN_CONFIG):
+        raise ConfigError(f"output_dir {output_dir!r} holds {own[0]} but neither checkpoints/ nor a run's "
+                          f"{RUN_CONFIG}: not a training run's folder, and a run there would overwrite it; choose "
+                          f"another output_dir")
 
 
 def _is_run_config(path: Path) -> bool:
     """Whether `path` is a training run's config.yaml (a mapping with its model and train sections)."""
+    from jaxaccel.config import parse_yaml
+
     try:
-        stored = yaml.safe_load(path.read_text())
-    except (OSError, ValueError, yaml.YAMLError):
+        stored = parse_yaml(path.read_bytes(), str(path))
+    except (OSError, ConfigError):
         return False
-    return isinstance(stored, Mapping) and isinstance(stored.get("model"), Mapping) and "train" in stored
+    return isinstance(stored.get("model"), Mapping) and "train" in stored
 
 
 # Settings a resumed run may change: where and how it runs (mesh, micro-batching, remat, the
