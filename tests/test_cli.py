@@ -238,15 +238,27 @@ def jaxaccel_dir(tmp_path_factory, tiny_params):
     ({"info": [1, 2]}, "info must be a JSON object"),
 ])
 def test_decode_corrupt_model_folder_is_one_line(jaxaccel_dir, tmp_path, capsys, change, message):
+    assert_decode_refuses(corrupted_copy(jaxaccel_dir, tmp_path, "jaxaccel.json", change), message, capsys)
+
+
+def corrupted_copy(model, tmp_path, meta_file: str, change: dict):
+    """A copy of the model folder with `change` applied: name -> bytes (the file's new
+    contents), None (the file removed), or any other value (that key set in `meta_file`)."""
     import shutil
 
-    folder = shutil.copytree(jaxaccel_dir, tmp_path / "m")
+    folder = shutil.copytree(model, tmp_path / "m")
     for name, value in change.items():
-        if isinstance(value, bytes):
+        if value is None:
+            (folder / name).unlink()
+        elif isinstance(value, bytes):
             (folder / name).write_bytes(value)
         else:
-            meta = json.loads((folder / "jaxaccel.json").read_text())
-            (folder / "jaxaccel.json").write_text(json.dumps({**meta, name: value}))
+            meta = json.loads((folder / meta_file).read_text())
+            (folder / meta_file).write_text(json.dumps({**meta, name: value}))
+    return folder
+
+
+def assert_decode_refuses(folder, message, capsys):
     code, _, err = run(decode_main, ["--model", str(folder), "--prompt-ids", "1,2", "--max-new-tokens", "2"], capsys)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
 
@@ -267,19 +279,8 @@ def test_decode_corrupt_model_folder_is_one_line(jaxaccel_dir, tmp_path, capsys,
     ({"model.safetensors.index.json": b'{"weight_map": {"lm_head.weight": 5}}'}, "weight_map must map tensor names"),
 ])
 def test_decode_corrupt_hf_folder_is_one_line(model_dir, tmp_path, capsys, change, message):
-    import shutil
-
-    folder = shutil.copytree(model_dir, tmp_path / "m")
-    for name, value in change.items():
-        if value is None:  # generation_config.json's ids would win over config.json's
-            (folder / name).unlink()
-        elif isinstance(value, bytes):
-            (folder / name).write_bytes(value)
-        else:
-            hf = json.loads((folder / "config.json").read_text())
-            (folder / "config.json").write_text(json.dumps({**hf, name: value}))
-    code, _, err = run(decode_main, ["--model", str(folder), "--prompt-ids", "1,2", "--max-new-tokens", "2"], capsys)
-    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    # (generation_config.json removed where config.json's ids are tested: its ids would win)
+    assert_decode_refuses(corrupted_copy(model_dir, tmp_path, "config.json", change), message, capsys)
 
 
 def test_hf_architectures_given_as_one_name_loads(model_dir, tmp_path):
