@@ -215,13 +215,13 @@ def shape_parents(shape: str, budget: int, acceptance, max_depth: int = 8):
     `specinfer` its default (the deepest full binary tree within the budget),
     `specinfer-chains` budget // 8 chains of depth 8, `sequoia` the optimal tree for
     `acceptance` (the method's default max_depth 8)."""
-    from jaxaccel.decode.draft import SpecInfer, widths_template
+    from jaxaccel.decode.draft import binary_widths, widths_template
     from jaxaccel.decode.sequoia import optimal_tree, padded_acceptance
 
     if shape == "sps":
         return widths_template((1,) * budget).parents
     if shape == "specinfer":
-        return SpecInfer(draft="x", budget=budget).template().parents
+        return widths_template(binary_widths(budget)).parents
     if shape == "specinfer-chains":
         return widths_template(tuple(chains_widths(budget))).parents
     if shape == "sequoia":

@@ -183,7 +183,7 @@ def decode_speed(lm, method: str, options: dict[str, Any], prompts: np.ndarray, 
 
     from jaxaccel.decode import tuning
     from jaxaccel.decode.engine import generate_loop
-    from jaxaccel.decode.lm import MIN_BUCKET, cache_bucket
+    from jaxaccel.decode.lm import request_lengths
     from jaxaccel.decode.methods import get_method
     from jaxaccel.decode.sampling import make_sampling
 
@@ -191,8 +191,7 @@ def decode_speed(lm, method: str, options: dict[str, Any], prompts: np.ndarray, 
     decoder.check(lm.config)
     handle = _handle(lm, decoder)
     batch, context = prompts.shape
-    out_len = max(MIN_BUCKET, 1 << (new_tokens - 1).bit_length())
-    cache_len = cache_bucket(context + out_len)
+    out_len, cache_len = request_lengths(context, new_tokens)
     if cache is None:
         cache = handle.init_cache(batch, cache_len)
     tokens, lens = _padded(prompts, cache_len)
@@ -226,7 +225,7 @@ def run(model, lengths: Sequence[int] = LENGTHS, batches: Sequence[int] = (1, 4)
         prefill_runs: int | None = None, progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """model: a path (`jaxaccel.load`) or a LanguageModel. Prompts: held-out corpus code in the
     model's vocabulary, or random ids for a model without a tokenizer."""
-    from jaxaccel.decode.lm import MIN_BUCKET as MIN_BUCKET_OUT, cache_bucket
+    from jaxaccel.decode.lm import cache_bucket, request_lengths
     from jaxaccel.model.options import DENSE, TokenSelectAttention
 
     name = model if isinstance(model, str) else "(in memory)"
@@ -236,9 +235,9 @@ def run(model, lengths: Sequence[int] = LENGTHS, batches: Sequence[int] = (1, 4)
         lm = jaxaccel.load(model)
     else:
         lm = model
-    out_len = max(MIN_BUCKET_OUT, 1 << (new_tokens - 1).bit_length())  # as decode_speed allocates
     for context in lengths:  # the largest cache of the run must fit: one line now, not an OOM kill later
-        lm._check_cache_fits(max(batches), cache_bucket(context + out_len), "use shorter --lengths or fewer --batches")
+        lm._check_cache_fits(max(batches), request_lengths(context, new_tokens)[1],
+                             "use shorter --lengths or fewer --batches")
     code = code_stream(lm)
     budget = {**BUDGET, **(budget or {})}
     policy = TokenSelectAttention(k=budget["k"], n_init=budget["n_init"], n_local=budget["n_local"],
@@ -267,9 +266,8 @@ def run(model, lengths: Sequence[int] = LENGTHS, batches: Sequence[int] = (1, 4)
         for b in batches:
             progress(f"decode, {context} cached tokens, batch {b}")
             prompts = _prompts(lm, code, context, b)
-            out_len = max(16, 1 << (new_tokens - 1).bit_length())
-            ts_prefill, cache = prefill_s(lm, "tokenselect", ts_off, prompts, cache_bucket(context + out_len), 1,
-                                          keep=True, warmup=False)
+            ts_prefill, cache = prefill_s(lm, "tokenselect", ts_off, prompts, request_lengths(context, new_tokens)[1],
+                                          1, keep=True, warmup=False)
             full = decode_speed(lm, "autoregressive", {}, prompts, None, new_tokens, runs)
             off = decode_speed(lm, "tokenselect", ts_off, prompts, cache, new_tokens, runs)
             on = decode_speed(lm, "tokenselect", ts_on, prompts, cache, new_tokens, runs)

@@ -315,6 +315,15 @@ class SpS(StaticDraftMethod):
         return widths_template((1,) * self.budget)
 
 
+def binary_widths(budget: int) -> tuple[int, ...]:
+    """SpecInfer's default tree: the deepest full binary tree of at most `budget` drafted nodes
+    ([2] * depth; a single node below 2)."""
+    depth = 1
+    while 2 ** (depth + 2) - 2 <= budget:
+        depth += 1
+    return (2,) * depth if budget >= 2 else (1,)
+
+
 class SpecInfer(StaticDraftMethod):
     """SpecInfer (Miao et al. 2024): a static k-ary token tree, `widths=[w1, w2, ...]` children
     per node at each depth, drawn from the draft without replacement (greedy: its top-k).
@@ -327,10 +336,7 @@ class SpecInfer(StaticDraftMethod):
         super().__init__(**opts)
         w = self.opts["widths"]
         if w is None:
-            depth = 1
-            while 2 ** (depth + 2) - 2 <= self.budget:
-                depth += 1
-            self.widths = (2,) * depth if self.budget >= 2 else (1,)
+            self.widths = binary_widths(self.budget)
             self.budget = len(widths_template(self.widths).parents) - 1
         else:
             if isinstance(w, (str, bytes)) or not hasattr(w, "__len__") or not w or not all(

@@ -45,6 +45,13 @@ def _pow2_at_least(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
+def request_lengths(longest: int, max_new_tokens: int, headroom: int = 0) -> tuple[int, int]:
+    """(out_len, cache_len) of a `generate` call: the new-token bucket (a power of two >=
+    MIN_BUCKET) and the KV cache slots for the longest prompt, those and a method's headroom."""
+    out_len = _pow2_at_least(max_new_tokens, MIN_BUCKET)
+    return out_len, cache_bucket(longest + out_len + headroom)
+
+
 def cache_bucket(n: int) -> int:
     """KV cache slots for n tokens: the smallest of 128, 192, 256, 384, 512, 768, ... (two
     steps per octave, so at most a third unused) — few distinct programs per model, each
@@ -212,8 +219,7 @@ class LanguageModel:
         batch = len(ids)
         batch_bucket = _pow2_at_least(batch)
         batch_bucket = math.ceil(batch_bucket / data_ways) * data_ways
-        out_len = _pow2_at_least(max_new_tokens, MIN_BUCKET)
-        cache_len = cache_bucket(longest + out_len + decoder.cache_headroom())
+        out_len, cache_len = request_lengths(longest, max_new_tokens, decoder.cache_headroom())
         self._check_cache_fits(batch_bucket, cache_len)
         # A tree method's scratch slots (its draft tree) are positions too.
         scratch = decoder.cache_headroom()

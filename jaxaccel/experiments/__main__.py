@@ -233,10 +233,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         import jaxaccel
 
         lm = jaxaccel.load(args.model)
-        from jaxaccel.decode.lm import MIN_BUCKET, cache_bucket
+        from jaxaccel.decode.lm import request_lengths
 
         for n in lengths:  # the longest context's KV cache must fit: one line now, not an OOM kill later
-            lm._check_cache_fits(min(args.batch, args.examples), cache_bucket(n + MIN_BUCKET),
+            lm._check_cache_fits(min(args.batch, args.examples), request_lengths(n, 1)[1],
                                  "use shorter --lengths or a smaller --batch")
         generator = tokenselect.model_tasks(lm, args.model)
         too_short = [(t, n) for t in tasks for n in lengths if n < generator.min_length(t)]
