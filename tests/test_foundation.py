@@ -10,7 +10,7 @@ import jaxaccel
 from conftest import TINY
 from jaxaccel.decode import tuning
 from jaxaccel.errors import InvalidArgumentError
-from jaxaccel.model.options import DENSE, TreeKernelAttention
+from jaxaccel.model.options import DENSE, TokenSelectAttention, TreeKernelAttention
 from jaxaccel.model.transformer import ModelHandle, forward, init_cache, init_params
 
 PROMPTS = [[5, 9, 14, 3, 7] * 22, [11, 2, 8]]  # 110 and 3 tokens: a 128-slot cache with 12 new tokens
@@ -68,6 +68,65 @@ def test_tree_kernel_self_check_accepts_a_good_kernel_and_falls_back_from_a_bad_
     assert tuning.tree_attention_policy(TINY, 7, 64, sharded=False, interpret=True) == DENSE
     assert "failed to compile or run (RuntimeError: Mosaic lowering failed" in capsys.readouterr().err
     tuning._kernel_checked.cache_clear()
+
+
+def test_token_select_kernels_are_checked_on_first_use_and_fall_back(monkeypatch, capsys):
+    """TokenSelect's kernels get the tree kernel's treatment: on TPU/GPU (here: the Pallas
+    interpreter) they run once they matched their references on the request's shape; a
+    kernel that is wrong, fails to compile or cannot take the sizes falls back to the
+    references with a one-line warning; CPU and a device mesh use the references."""
+    from jaxaccel.pallas_kernels import token_select as ts
+
+    tuning._token_select_checked.cache_clear()
+    tuning._warn_once.cache_clear()
+    policy = TokenSelectAttention(k=8, n_init=2, n_local=4, interpret=True)  # budget 14
+    assert tuning.token_select_policy(policy, TINY, 64, sharded=False).use_kernel is True
+    assert tuning.token_select_policy(policy, TINY, 64, sharded=True).use_kernel is False  # Pallas under a mesh
+    assert tuning.token_select_policy(policy, TINY, 14, sharded=False).use_kernel is False  # never selects
+    on_cpu = TokenSelectAttention(k=8, n_init=2, n_local=4)
+    assert tuning.token_select_policy(on_cpu, TINY, 64, sharded=False, backend="cpu").use_kernel is False
+    forced = TokenSelectAttention(k=8, n_init=2, n_local=4, use_kernel=True)  # the caller's choice stands
+    assert tuning.token_select_policy(forced, TINY, 64, sharded=False, backend="cpu") is forced
+    assert capsys.readouterr().err == ""
+
+    real = ts.score_keys_kernel
+    monkeypatch.setattr(ts, "score_keys_kernel", lambda *a, **k: real(*a, **k) * 2.0)  # wrong votes
+    tuning._token_select_checked.cache_clear()
+    assert tuning.token_select_policy(policy, TINY, 96, sharded=False).use_kernel is False
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: tokenselect: score_keys: the kernel differs")
+    monkeypatch.setattr(ts, "score_keys_kernel", real)
+
+    def broken(*a, **k):
+        raise RuntimeError("Triton compilation failed\nlong details")
+
+    monkeypatch.setattr(ts, "sparse_attention_kernel", broken)
+    tuning._token_select_checked.cache_clear()
+    assert tuning.token_select_policy(policy, TINY, 128, sharded=False).use_kernel is False
+    assert "sparse_attention: the kernel failed to compile or run (RuntimeError: Triton compilation failed)" in \
+        capsys.readouterr().err
+    tuning._token_select_checked.cache_clear()
+    # a head_dim the GPU kernels cannot take (TINY's 8) is a reason, found before anything runs
+    assert "head_dim must be a power of two >= 16" in tuning._token_select_checked(
+        "gpu", 4, 2, 8, "float32", 64, 14, "compact", False)
+    tuning._token_select_checked.cache_clear()
+
+
+def test_generate_makes_tokenselects_kernel_choice_for_the_request(tiny_params, monkeypatch):
+    """The engine resolves the policy the method leaves open for the request's cache length
+    (prefill and steps alike), on the model's mesh."""
+    seen = []
+    real = tuning.token_select_policy
+
+    def spy(policy, config, cache_len, *, sharded, backend=None):
+        out = real(policy, config, cache_len, sharded=sharded, backend=backend)
+        seen.append((policy.use_kernel, cache_len, sharded, out.use_kernel))
+        return out
+
+    monkeypatch.setattr(tuning, "token_select_policy", spy)
+    lm = jaxaccel.from_params(TINY, tiny_params)
+    lm.generate(PROMPTS, max_new_tokens=12, method="tokenselect", k=8, n_init=2, n_local=4)
+    assert seen == [(None, 128, False, False)] * 2  # prefill's policy and the steps'
 
 
 def test_kernel_size_constraints_are_checked_up_front():

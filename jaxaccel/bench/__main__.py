@@ -9,6 +9,7 @@
     python -m jaxaccel.bench skipdecode [--model builtin:skipdecode] [--batches 1,8] [--speedups 2,3,5]
     python -m jaxaccel.bench duo [--model builtin:duo] [--batches 1,8]
     python -m jaxaccel.bench tokenselect [--model builtin:longctx] [--lengths 8192,32768,65536,131072] [--batches 1,4]
+    python -m jaxaccel.bench kernels [--runs 20] [--quick]     # Pallas kernels vs references; exit 1 on a mismatch
 """
 from __future__ import annotations
 
@@ -148,6 +149,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     tk.add_argument("--chunk", type=int, default=None, help="default: the method's (512)")
     tk.add_argument("--cache-threshold", type=float, default=None, help="default: the method's (0.9)")
     tk.add_argument("--json", default=None)
+    ke = sub.add_parser("kernels", help="every Pallas kernel against its jnp reference on this backend (agreement, "
+                                        "then time on TPU/GPU); exit 1 when one disagrees")
+    ke.add_argument("--runs", type=int, default=20, help="timed calls per kernel and reference (median)")
+    ke.add_argument("--quick", action="store_true", help="one case per kernel and dtype")
+    ke.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if getattr(args, "json", None):  # before any work: a long run never ends in a failed write
         writable_output(args.json, what="--json file")
@@ -155,6 +161,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.figure.endswith(".png"):
             fail(f"--figure must name a .png file (one per temperature is written beside it), got {args.figure!r}")
         writable_output(args.figure, what="--figure file")
+
+    if args.which == "kernels":
+        from jaxaccel.bench import kernels
+        from jaxaccel.bench.common import write_json
+
+        if args.runs < 1:
+            fail(f"--runs must be >= 1, got {args.runs}")
+        result = kernels.run(args.runs, args.quick, progress=lambda s: print(s, file=sys.stderr))
+        print(kernels.markdown(result))
+        if args.json:
+            write_json(args.json, result)
+        if result["failed"]:
+            print(f"error: {result['failed']} of {len(result['cases'])} kernel cases failed (see the table)",
+                  file=sys.stderr)
+            return 1
+        return 0
 
     if args.which == "tokenselect":
         from jaxaccel.bench import tokenselect

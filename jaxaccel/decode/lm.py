@@ -233,11 +233,16 @@ class LanguageModel:
         chunk = min(cache_len, decoder.prefill_chunk() or self.prefill_chunk)
         # A method's forward arguments for both programs (TokenSelect's attention policy: what
         # the cache holds), the prefill's narrowed to what it reads so they alone key it.
-        prefill_defaults = decoder.prefill_defaults()
+        # Backend choices a method leaves open (TokenSelect's kernels) are made for this cache.
+        sharded = self.mesh is not None
+        prefill_defaults = tuning.resolve_forward_defaults(decoder.prefill_defaults(), self.config, cache_len,
+                                                           sharded=sharded)
+        forward_defaults = tuning.resolve_forward_defaults(decoder.forward_defaults(), self.config, cache_len,
+                                                           sharded=sharded)
         if route_plan is not None:  # Duo-LLM routes: every forward of both programs takes them
             prefill_defaults = {**prefill_defaults, "plan": route_plan}
-        handle = self.handle.with_defaults(**decoder.forward_defaults(), **({} if route_plan is None else
-                                                                         {"plan": route_plan}))
+        handle = self.handle.with_defaults(**forward_defaults, **({} if route_plan is None else
+                                                                  {"plan": route_plan}))
         prefill_handle = self.handle.with_defaults(**prefill_defaults)
 
         tokens = np.zeros((batch_bucket, cache_len), np.int32)
@@ -275,7 +280,7 @@ class LanguageModel:
             tree_attention = tuning.DENSE
             if decoder.tree_nodes():
                 tree_attention = tuning.tree_attention_policy(self.config, decoder.tree_nodes(), cache_len,
-                                                              sharded=self.mesh is not None)
+                                                              sharded=sharded)
             static = dict(method=decoder, mode=mode, eos_ids=self.eos_token_ids, out_len=out_len,
                           cache_sharding=cache_sharding, tree_attention=tree_attention,
                           progress=self._report_progress if show_progress else None)

@@ -6,20 +6,22 @@ backend (the reference CPU: 2 cores, docs/BENCHMARKS.md) and is a lookup keyed b
 * forward defaults a `ModelHandle` carries (the tied-embedding logits layout);
 * Token Recycling's `"auto"` template and its fallback cost table;
 * the step-cost model draft-model methods pick `budget="auto"` from;
-* which tree-attention implementation verification runs: the Pallas kernel on TPU/GPU after
-  a self-check against the reference on first use per shape, the reference otherwise.
+* which tree-attention implementation verification runs, and whether TokenSelect runs its
+  Pallas kernels: on TPU/GPU the kernels after a self-check against their references on first
+  use per shape, the references otherwise (`kernel_checks` are those self-checks, also what
+  `python -m jaxaccel.bench kernels` runs).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
 
-from jaxaccel.errors import first_line
-from jaxaccel.model.options import DENSE, AttentionPolicy, TreeKernelAttention
+from jaxaccel.model.options import DENSE, AttentionPolicy, TokenSelectAttention, TreeKernelAttention
 
 # ----------------------------------------------------------------------------- XLA options
 
@@ -167,29 +169,14 @@ def kernel_constraints(head_dim: int, block_k: int, backend: str) -> str | None:
 @functools.lru_cache(maxsize=None)
 def _kernel_checked(backend: str, nodes: int, heads: int, kv_heads: int, head_dim: int, dtype: str,
                     block_k: int, interpret: bool, cache_len: int) -> str | None:
-    """Run the kernel once on random inputs of this shape (one batch row: the kernel's grid
-    runs rows independently) and compare it with the reference -> None when they agree,
-    else the reason (a failed compile included)."""
-    from jaxaccel.pallas_kernels.tree_attention import tree_attention_kernel, tree_attention_reference
+    """Run the tree kernel once on random inputs of this shape and compare it with the
+    reference (`pallas_kernels.checks`) -> None when they agree, else the reason (a failed
+    compile included). `backend` only keys the cache."""
+    from jaxaccel.pallas_kernels import checks
 
-    rng = np.random.default_rng(0)
-    np_dtype = jax.numpy.dtype(dtype)  # bfloat16 through ml_dtypes
-    q = rng.standard_normal((1, nodes, heads, head_dim)).astype(np_dtype) * head_dim ** -0.5
-    kn, vn = (rng.standard_normal((1, nodes, kv_heads, head_dim)).astype(np_dtype) for _ in range(2))
-    kc, vc = (rng.standard_normal((1, kv_heads, cache_len, head_dim)).astype(np_dtype) for _ in range(2))
-    mask = np.tril(np.ones((1, nodes, nodes), bool))
-    plen = np.asarray([max(0, cache_len - nodes - 3)], np.int32)  # a prefix ending inside a block
-    try:
-        got = np.asarray(tree_attention_kernel(q, kn, vn, mask, kc, vc, plen, block_k=block_k, interpret=interpret),
-                         np.float32)
-    except Exception as e:  # a kernel that fails to lower/compile on this hardware
-        return f"the kernel failed to compile or run ({type(e).__name__}: {first_line(e, 200)})"
-    want = np.asarray(tree_attention_reference(q, kn, vn, mask, kc, vc, plen), np.float32)
-    tol = 1e-4 if dtype == "float32" else 3e-2
-    err = float(np.max(np.abs(got - want)))
-    if not np.isfinite(err) or err > tol:
-        return f"the kernel differs from the reference by {err:.3g} (tolerance {tol})"
-    return None
+    case = checks.tree_attention_case(nodes=nodes, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                                      cache_len=cache_len, dtype=dtype, block_k=block_k, interpret=interpret)
+    return checks.compare(case).problem
 
 
 def tree_attention_policy(config, nodes: int, cache_len: int, *, sharded: bool, backend: str | None = None,
@@ -213,6 +200,60 @@ def tree_attention_policy(config, nodes: int, cache_len: int, *, sharded: bool, 
         _warn_once(f"tree attention: {reason}; using the jnp reference for {nodes}-node trees")
         return DENSE
     return TreeKernelAttention(interpret=interpret, block_k=block_k)
+
+
+@functools.lru_cache(maxsize=None)
+def _token_select_checked(backend: str, heads: int, kv_heads: int, head_dim: int, dtype: str, cache_len: int,
+                          selected: int, positions: str, interpret: bool) -> str | None:
+    """Run TokenSelect's two kernels (scoring, sparse attention) once on random inputs of this
+    shape and compare them with their references -> None when both agree, else the reason.
+    The block-size and head_dim constraints of the backend fail here too, as a reason."""
+    from jaxaccel.pallas_kernels import checks
+    from jaxaccel.pallas_kernels import token_select as ts
+
+    platform = "interpret" if interpret else backend
+    try:
+        ts._check_block("block_k", ts.default_block_k(cache_len, platform), platform, head_dim, 16)
+        ts._check_block("block_k", ts.default_block_k(selected, platform), platform, head_dim, 32)
+    except ValueError as e:
+        return str(e)
+    shape = dict(heads=heads, kv_heads=kv_heads, head_dim=head_dim, cache_len=cache_len, dtype=dtype,
+                 interpret=interpret)
+    for case in (checks.score_keys_case(**shape),
+                 checks.sparse_attention_case(selected=min(selected, cache_len), positions=positions, **shape)):
+        problem = checks.compare(case).problem
+        if problem is not None:
+            return f"{case.kernel_name}: {problem}"
+    return None
+
+
+def token_select_policy(policy: TokenSelectAttention, config, cache_len: int, *, sharded: bool,
+                        backend: str | None = None) -> TokenSelectAttention:
+    """`policy` with `use_kernel` decided when the caller left it None: TokenSelect's Pallas
+    kernels on TPU/GPU (or `interpret`) once they matched their references on this shape
+    (checked on first use; a mismatch, a failed compile or an unsupported size falls back to
+    the references with a one-line warning), the references on CPU or a device mesh (Pallas
+    calls are not auto-partitioned)."""
+    if policy.use_kernel is not None:
+        return policy
+    backend = backend or jax.default_backend()
+    if sharded or not (policy.interpret or backend in ("tpu", "gpu")) or cache_len <= policy.budget:
+        # (a cache within the budget is attended in full: the kernels would never run)
+        return dataclasses.replace(policy, use_kernel=False)
+    reason = _token_select_checked(backend, config.n_heads, config.n_kv_heads, config.resolved_head_dim, config.dtype,
+                                   cache_len, policy.budget, policy.positions, policy.interpret)
+    if reason is not None:
+        _warn_once(f"tokenselect: {reason}; using the jnp references")
+        return dataclasses.replace(policy, use_kernel=False)
+    return dataclasses.replace(policy, use_kernel=True)
+
+
+def resolve_forward_defaults(defaults: dict[str, Any], config, cache_len: int, *, sharded: bool) -> dict[str, Any]:
+    """A method's forward defaults with backend choices left open made (`token_select_policy`)."""
+    policy = defaults.get("attention")
+    if isinstance(policy, TokenSelectAttention):
+        return {**defaults, "attention": token_select_policy(policy, config, cache_len, sharded=sharded)}
+    return defaults
 
 
 @functools.lru_cache(maxsize=None)

@@ -76,8 +76,11 @@ class TokenSelectAttention:
     slots: the same result as the dense policy over a rotated cache.
     Selection cache: a step reuses the row's last top-k while the cosine between its query
     (flattened over heads) and the query that chose them is >= `cache_threshold` (None:
-    never). `use_kernel` None: the Pallas kernels on TPU/GPU, their jnp references on CPU;
-    `interpret` runs the kernels in the Pallas interpreter (tests).
+    never). `use_kernel` None: `generate` decides per request (`decode.tuning.
+    token_select_policy`: the Pallas kernels on TPU/GPU once they matched their jnp
+    references on that shape, the references on CPU or a mesh); a forward called directly
+    with None runs the kernels on TPU/GPU unchecked. `interpret` runs the kernels in the
+    Pallas interpreter (tests).
     `selection` picks the k candidates: "topk" (the soft votes above), or a baseline at the
     same budget that scores no key — "recent" (the k candidates right before the local
     window: StreamingLLM's init + local window) or "random" (k candidates uniformly at

@@ -1,0 +1,175 @@
+"""Self-checks of the Pallas kernels against their pure-jnp references, on random inputs of a
+given shape: what the decode engine runs on first use of a kernel per shape on TPU/GPU
+(`jaxaccel.decode.tuning`: a kernel that fails to compile or differs from its reference is
+not used), and what `python -m jaxaccel.bench kernels` runs and times over a grid of shapes.
+
+A `KernelCase` is one kernel call and its reference on the same arguments (both jitted, so
+they can also be timed); `compare` runs both and says whether they agree within the case's
+tolerance (float32: 1e-4, bfloat16: 3e-2, absolute, on outputs of order one).
+
+A leaf of the kernels package like the kernels themselves: no model or decode imports.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxaccel.errors import first_line
+
+TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2}
+
+
+class KernelCase(NamedTuple):
+    kernel_name: str  # "tree_attention", "score_keys", "sparse_attention", "splash_attention"
+    shape: dict[str, Any]  # what the report shows: the sizes that define the case
+    dtype: str
+    kernel: Callable  # jitted: kernel(*args)
+    reference: Callable  # jitted: reference(*args)
+    args: tuple
+    tolerance: float
+
+
+class Comparison(NamedTuple):
+    error: float | None  # max |kernel - reference| (None when the kernel did not run)
+    problem: str | None  # None when they agree, else one line saying why not
+
+
+def compare(case: KernelCase) -> Comparison:
+    """Run kernel and reference on the case's arguments -> the largest absolute difference and
+    None, or the reason they disagree (a kernel that fails to lower, compile or run
+    included: that is what an untested backend does first)."""
+    try:
+        got = np.asarray(jax.block_until_ready(case.kernel(*case.args)), np.float32)
+    except Exception as e:  # noqa: BLE001 - any failure of the kernel is the finding
+        return Comparison(None, f"the kernel failed to compile or run ({type(e).__name__}: {first_line(e, 200)})")
+    want = np.asarray(case.reference(*case.args), np.float32)
+    if got.shape != want.shape:
+        return Comparison(None, f"the kernel returned shape {got.shape}, the reference {want.shape}")
+    err = float(np.max(np.abs(got - want))) if got.size else 0.0
+    if not np.isfinite(err) or err > case.tolerance:
+        return Comparison(err, f"the kernel differs from the reference by {err:.3g} (tolerance {case.tolerance:g})")
+    return Comparison(err, None)
+
+
+class _Normals:
+    """Standard normal arrays drawn on the device (a 128K-slot cache is ~10^9 numbers: too
+    slow to draw on the host), a fresh key per array."""
+
+    def __init__(self, seed: int):
+        self._key = jax.random.key(seed)
+
+    def __call__(self, shape, dtype: str, scale: float = 1.0) -> jax.Array:
+        self._key, key = jax.random.split(self._key)
+        return (scale * jax.random.normal(key, shape, jnp.float32)).astype(jnp.dtype(dtype))
+
+
+def random_tree_mask(rng: np.random.Generator, nodes: int) -> np.ndarray:
+    """[nodes, nodes] ancestor-or-self mask of a random tree rooted at node 0 (parents precede
+    children, as the decode engine lays trees out)."""
+    mask = np.eye(nodes, dtype=bool)
+    for i in range(1, nodes):
+        parent = int(rng.integers(0, i))
+        mask[i] |= mask[parent]
+    return mask
+
+
+def tree_attention_case(*, nodes: int, heads: int, kv_heads: int, head_dim: int, cache_len: int, dtype: str,
+                        batch: int = 2, block_k: int | None = None, interpret: bool = False,
+                        seed: int = 0) -> KernelCase:
+    """Tree verification: `nodes` new tokens with a random ancestor mask per row over a cache
+    whose committed prefix ends inside a key block (row 0) and at a third of it (row 1...)."""
+    from jaxaccel.pallas_kernels.tree_attention import tree_attention_kernel, tree_attention_reference
+
+    rng, normal = np.random.default_rng(seed), _Normals(seed)
+    q = normal((batch, nodes, heads, head_dim), dtype, head_dim ** -0.5)
+    k_new, v_new = (normal((batch, nodes, kv_heads, head_dim), dtype) for _ in range(2))
+    k_cache, v_cache = (normal((batch, kv_heads, cache_len, head_dim), dtype) for _ in range(2))
+    mask = jnp.asarray(np.stack([random_tree_mask(rng, nodes) for _ in range(batch)]))
+    prefix = [max(0, cache_len - nodes - 3)] + [cache_len // (3 + i) + 1 for i in range(batch - 1)]
+    prefix_len = jnp.asarray(prefix[:batch], jnp.int32)
+    kernel = jax.jit(functools.partial(tree_attention_kernel, block_k=block_k, interpret=interpret))
+    return KernelCase("tree_attention", dict(batch=batch, nodes=nodes, heads=heads, kv_heads=kv_heads,
+                                             head_dim=head_dim, cache_len=cache_len, block_k=block_k),
+                      dtype, kernel, jax.jit(tree_attention_reference),
+                      (q, k_new, v_new, mask, k_cache, v_cache, prefix_len), TOLERANCE[dtype])
+
+
+def _select_lengths(batch: int, cache_len: int) -> jax.Array:
+    """Ragged decode lengths: a row ending inside the last key block, then shorter ones."""
+    return jnp.asarray([max(1, cache_len - 3)] + [max(1, cache_len // (2 + i) + 5) for i in range(batch - 1)],
+                       jnp.int32)
+
+
+def score_keys_case(*, heads: int, kv_heads: int, head_dim: int, cache_len: int, dtype: str, batch: int = 2,
+                    n_init: int = 4, n_local: int = 16, block_k: int | None = None, interpret: bool = False,
+                    seed: int = 0) -> KernelCase:
+    """TokenSelect's soft-vote scoring of every cached key for one query per row, candidates
+    between the init and local windows (as decoding calls it)."""
+    from jaxaccel.pallas_kernels import token_select as ts
+
+    normal = _Normals(seed)
+    q = normal((batch, heads, head_dim), dtype)
+    k = normal((batch, kv_heads, cache_len, head_dim), dtype)
+    lengths = _select_lengths(batch, cache_len)
+    candidates = ts.selection_candidates(lengths, cache_len, n_init=n_init, n_local=n_local)
+    kernel = jax.jit(lambda q, k, lengths, mask: ts.score_keys_kernel(q, k, lengths, candidate_mask=mask,
+                                                                       block_k=block_k, interpret=interpret))
+    reference = jax.jit(lambda q, k, lengths, mask: ts.score_keys_reference(q, k, lengths, candidate_mask=mask))
+    return KernelCase("score_keys", dict(batch=batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                                         cache_len=cache_len, block_k=block_k),
+                      dtype, kernel, reference, (q, k, lengths, candidates), TOLERANCE[dtype])
+
+
+def sparse_attention_case(*, heads: int, kv_heads: int, head_dim: int, cache_len: int, selected: int, dtype: str,
+                          positions: str = "compact", batch: int = 2, block_k: int | None = None,
+                          gather: str | None = None, interpret: bool = False, seed: int = 0) -> KernelCase:
+    """TokenSelect's attention of one query per row over `selected` cache slots (random,
+    ascending, the tail of a short row masked) plus its own key, RoPE in the kernel."""
+    from jaxaccel.pallas_kernels import token_select as ts
+
+    rng, normal = np.random.default_rng(seed), _Normals(seed)
+    q = normal((batch, heads, head_dim), dtype, head_dim ** -0.5)
+    k, v = (normal((batch, kv_heads, cache_len, head_dim), dtype) for _ in range(2))
+    k_new, v_new = (normal((batch, kv_heads, head_dim), dtype) for _ in range(2))
+    lengths = _select_lengths(batch, cache_len)
+    indices, valid = [], []
+    for length in np.asarray(lengths):
+        n = min(selected, int(length))
+        slots = np.sort(rng.choice(int(length), size=n, replace=False))
+        indices.append(np.concatenate([slots, np.full(selected - n, max(int(length) - 1, 0))]))
+        valid.append(np.arange(selected) < n)
+    indices, valid = jnp.asarray(np.stack(indices), jnp.int32), jnp.asarray(np.stack(valid))
+    options = dict(positions=positions)
+    kernel = jax.jit(lambda *a: ts.sparse_attention_kernel(*a[:6], k_new=a[6], v_new=a[7], block_k=block_k,
+                                                           gather=gather, interpret=interpret, **options))
+    reference = jax.jit(lambda *a: ts.sparse_attention_reference(*a[:6], k_new=a[6], v_new=a[7], **options))
+    return KernelCase("sparse_attention", dict(batch=batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                                               cache_len=cache_len, selected=selected, positions=positions,
+                                               block_k=block_k, gather=gather),
+                      dtype, kernel, reference, (q, k, v, indices, valid, lengths, k_new, v_new), TOLERANCE[dtype])
+
+
+def splash_attention_case(*, seq_len: int, heads: int, kv_heads: int, head_dim: int, dtype: str, batch: int = 2,
+                          block: int = 128, interpret: bool = False, seed: int = 0) -> KernelCase:
+    """Training attention over packed documents (two segments and trailing padding per row):
+    the splash kernel (TPU) against the jnp flash path, forward only."""
+    from jaxaccel.pallas_kernels.flash_attention import flash_attention
+
+    normal = _Normals(seed)
+    q = normal((batch, seq_len, heads, head_dim), dtype, head_dim ** -0.5)
+    k, v = (normal((batch, seq_len, kv_heads, head_dim), dtype) for _ in range(2))
+    cut, pad = seq_len // 3, seq_len - seq_len // 8
+    segments = np.where(np.arange(seq_len) < cut, 1, np.where(np.arange(seq_len) < pad, 2, 0))
+    segment_ids = jnp.asarray(np.broadcast_to(segments, (batch, seq_len)), jnp.int32)
+
+    def run(implementation):
+        return jax.jit(lambda q, k, v, s: flash_attention(q, k, v, s, None, block_q=block, block_k=block,
+                                                          implementation=implementation, interpret=interpret))
+
+    return KernelCase("splash_attention", dict(batch=batch, seq_len=seq_len, heads=heads, kv_heads=kv_heads,
+                                               head_dim=head_dim, block=block),
+                      dtype, run("splash"), run("jnp"), (q, k, v, segment_ids), TOLERANCE[dtype])

@@ -1,0 +1,97 @@
+"""The kernels' self-checks (`pallas_kernels.checks`) and `python -m jaxaccel.bench kernels`,
+the command to run first on a TPU or GPU: here in the Pallas interpreter."""
+import inspect
+import json
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxaccel.bench import kernels
+from jaxaccel.bench.__main__ import main as bench_main
+from jaxaccel.cli import run_cli
+from jaxaccel.pallas_kernels import checks
+
+
+def run(argv, capsys):
+    try:
+        code = run_cli(bench_main, argv)
+    except SystemExit as e:  # argument errors: exit 2 with one line
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_bench_kernels_checks_every_kernel_in_the_interpreter(capsys, tmp_path):
+    code, out, err = run(["kernels", "--quick", "--json", str(tmp_path / "k.json")], capsys)
+    assert code == 0, err
+    doc = json.loads((tmp_path / "k.json").read_text())
+    assert doc["interpreted"] and doc["backend"] == "cpu" and doc["failed"] == 0
+    assert [r["kernel"] for r in doc["cases"]] == ["tree_attention", "score_keys", "sparse_attention"]
+    for row in doc["cases"]:
+        assert row["ok"] and 0 <= row["max_abs_error"] <= row["tolerance"] == 1e-4
+        assert row["kernel_ms"] is None and row["speedup"] is None  # the interpreter is no speed figure
+    assert "Pallas interpreter" in out and "| score_keys | float32 |" in out
+
+
+def test_bench_kernels_exits_1_when_a_kernel_disagrees(capsys, tmp_path, monkeypatch):
+    from jaxaccel.pallas_kernels import token_select as ts
+
+    real = ts.sparse_attention_kernel
+    monkeypatch.setattr(ts, "sparse_attention_kernel", lambda *a, **k: real(*a, **k) + 0.01)
+    code, out, err = run(["kernels", "--quick", "--json", str(tmp_path / "k.json")], capsys)
+    assert code == 1
+    assert err.strip().splitlines()[-1] == "error: 1 of 3 kernel cases failed (see the table)"
+    bad = [r for r in json.loads((tmp_path / "k.json").read_text())["cases"] if not r["ok"]]
+    assert [r["kernel"] for r in bad] == ["sparse_attention"]
+    assert abs(bad[0]["max_abs_error"] - 0.01) < 1e-3 and "differs from the reference by 0.01" in bad[0]["problem"]
+    assert "**no**: the kernel differs" in out
+    code, _, err = run(["kernels", "--runs", "0"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--runs must be >= 1" in err
+
+
+def test_accelerator_grids_build_valid_cases(monkeypatch):
+    """The GPU/TPU grids cannot run here: each case's arguments are bound against its builder's
+    signature instead (a typo would otherwise surface only on the device, where time is short)."""
+    built = []
+    for name in ("tree_attention_case", "score_keys_case", "sparse_attention_case", "splash_attention_case"):
+        real = getattr(checks, name)
+
+        def record(real=real, name=name, **kwargs):
+            inspect.signature(real).bind(**kwargs)
+            built.append((name, kwargs))
+
+        monkeypatch.setattr(checks, name, record)
+    for backend, quick, want in (("gpu", False, 22), ("gpu", True, 6), ("tpu", False, 26), ("tpu", True, 8)):
+        built.clear()
+        for build in kernels._accelerator_cases(backend, quick):
+            build()
+        assert len(built) == want, (backend, quick)
+        assert {kwargs["dtype"] for _, kwargs in built} == {"bfloat16", "float32"}
+        assert ("splash_attention_case" in {name for name, _ in built}) == (backend == "tpu")
+        assert all(kwargs["head_dim"] == 128 for _, kwargs in built)
+
+
+def test_compare_reports_failures_in_one_line():
+    ok = checks.KernelCase("k", {}, "float32", lambda x: x + 1e-6, lambda x: x, (jnp.ones(3),), 1e-4)
+    assert checks.compare(ok).problem is None
+    nan = ok._replace(kernel=lambda x: x * jnp.nan)
+    assert "differs from the reference by nan" in checks.compare(nan).problem
+    shape = ok._replace(kernel=lambda x: x[:2])
+    assert checks.compare(shape) == checks.Comparison(None, "the kernel returned shape (2,), the reference (3,)")
+
+    def broken(x):
+        raise NotImplementedError("vector gather\nmore")
+
+    assert checks.compare(ok._replace(kernel=broken)).problem == \
+        "the kernel failed to compile or run (NotImplementedError: vector gather)"
+
+
+def test_random_tree_masks_are_ancestor_masks():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 9, 33):
+        mask = checks.random_tree_mask(rng, n)
+        assert mask.diagonal().all() and not np.triu(mask, 1).any()  # self, and only earlier nodes
+        for i in range(n):  # an ancestor's ancestors are ancestors
+            for a in np.flatnonzero(mask[i]):
+                assert (mask[i] | ~mask[a]).all()
+        assert (mask.sum(1)[1:] >= 2).all()  # every node but the root has its parent
