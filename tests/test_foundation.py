@@ -113,20 +113,38 @@ def test_token_select_kernels_are_checked_on_first_use_and_fall_back(monkeypatch
 
 
 def test_generate_makes_tokenselects_kernel_choice_for_the_request(tiny_params, monkeypatch):
-    """The engine resolves the policy the method leaves open for the request's cache length
-    (prefill and steps alike), on the model's mesh."""
-    seen = []
+    """The engine resolves the policy the method leaves open for the request's cache length,
+    on the model's mesh, and what it decides is what runs: a decision for the kernels (here
+    the interpreter, standing in for a GPU) runs them in the prefill and in the steps."""
+    import dataclasses
+
+    from jaxaccel.pallas_kernels import token_select as ts
+
+    seen, calls = [], {"score": 0, "sparse": 0}
     real = tuning.token_select_policy
 
     def spy(policy, config, cache_len, *, sharded, backend=None):
         out = real(policy, config, cache_len, sharded=sharded, backend=backend)
         seen.append((policy.use_kernel, cache_len, sharded, out.use_kernel))
-        return out
+        return dataclasses.replace(out, use_kernel=True, interpret=True)
+
+    def counting(name, fn):
+        def wrapped(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapped
 
     monkeypatch.setattr(tuning, "token_select_policy", spy)
+    monkeypatch.setattr(ts, "score_keys_kernel", counting("score", ts.score_keys_kernel))
+    monkeypatch.setattr(ts, "sparse_attention_kernel", counting("sparse", ts.sparse_attention_kernel))
     lm = jaxaccel.from_params(TINY, tiny_params)
-    lm.generate(PROMPTS, max_new_tokens=12, method="tokenselect", k=8, n_init=2, n_local=4)
-    assert seen == [(None, 128, False, False)] * 2  # prefill's policy and the steps'
+    options = dict(k=8, n_init=2, n_local=4, chunk=64, cache_threshold=None)
+    out = lm.generate(PROMPTS, max_new_tokens=12, method="tokenselect", **options)
+    assert seen == [(None, 128, False, False)] * 2  # prefill's policy and the steps', on CPU: the references
+    assert calls["score"] > 0 and calls["sparse"] > 0  # traced into the programs: the decision reached them
+    monkeypatch.setattr(tuning, "token_select_policy", real)
+    assert out.tokens == jaxaccel.from_params(TINY, tiny_params).generate(
+        PROMPTS, max_new_tokens=12, method="tokenselect", **options).tokens  # kernels == references
 
 
 def test_kernel_size_constraints_are_checked_up_front():

@@ -168,10 +168,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if args.runs < 1:
             fail(f"--runs must be >= 1, got {args.runs}")
-        result = kernels.run(args.runs, args.quick, progress=lambda s: print(s, file=sys.stderr))
+        # the JSON is rewritten after every case: a process that dies later (a compiler abort)
+        # keeps what it found
+        result = kernels.run(args.runs, args.quick, progress=lambda s: print(s, file=sys.stderr, flush=True),
+                             on_row=lambda partial: write_json(args.json, partial) if args.json else None)
         print(kernels.markdown(result))
-        if args.json:
-            write_json(args.json, result)
         if result["failed"]:
             print(f"error: {result['failed']} of {len(result['cases'])} kernel cases failed (see the table)",
                   file=sys.stderr)

@@ -75,6 +75,7 @@ def attention_ms(config, policy, context: int, batch: int, *, reuse: bool = Fals
         import dataclasses
 
         policy = dataclasses.replace(policy, cache_threshold=-1.0 if reuse else None)
+        policy = tuning.token_select_policy(policy, config, cache_len, sharded=False)  # as generate decides
     stateful = isinstance(policy, TokenSelectAttention) and policy.cache_threshold is not None
     layer = Attention(config, LayerOptions(fused=True, attention=policy))
 
@@ -135,8 +136,13 @@ def _prompts(lm, code: np.ndarray | None, context: int, batch: int, seed: int = 
     return np.asarray(code)[(starts[:, None] + np.arange(context)) % len(code)].astype(np.int32)
 
 
-def _handle(lm, decoder):
-    return lm.handle.with_defaults(**decoder.forward_defaults())
+def _handle(lm, decoder, cache_len: int):
+    """The model with the method's forward defaults, backend choices made as `generate` makes
+    them (TokenSelect's kernels: on TPU/GPU only once they matched their references)."""
+    from jaxaccel.decode import tuning
+
+    return lm.handle.with_defaults(**tuning.resolve_forward_defaults(decoder.forward_defaults(), lm.config, cache_len,
+                                                                     sharded=lm.mesh is not None))
 
 
 def _padded(prompts: np.ndarray, cache_len: int) -> tuple[jax.Array, jax.Array]:
@@ -155,7 +161,7 @@ def prefill_s(lm, method: str, options: dict[str, Any], prompts: np.ndarray, cac
 
     decoder = get_method(method, **options)
     decoder.check(lm.config)
-    handle = _handle(lm, decoder)
+    handle = _handle(lm, decoder, cache_len)
     tokens, lens = _padded(prompts, cache_len)
     chunk = min(cache_len, decoder.prefill_chunk() or PREFILL_CHUNK)
     import functools
@@ -189,9 +195,9 @@ def decode_speed(lm, method: str, options: dict[str, Any], prompts: np.ndarray, 
 
     decoder = get_method(method, **options)
     decoder.check(lm.config)
-    handle = _handle(lm, decoder)
     batch, context = prompts.shape
     out_len, cache_len = request_lengths(context, new_tokens)
+    handle = _handle(lm, decoder, cache_len)
     if cache is None:
         cache = handle.init_cache(batch, cache_len)
     tokens, lens = _padded(prompts, cache_len)

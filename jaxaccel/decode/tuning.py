@@ -204,10 +204,13 @@ def tree_attention_policy(config, nodes: int, cache_len: int, *, sharded: bool, 
 
 @functools.lru_cache(maxsize=None)
 def _token_select_checked(backend: str, heads: int, kv_heads: int, head_dim: int, dtype: str, cache_len: int,
-                          selected: int, positions: str, interpret: bool) -> str | None:
-    """Run TokenSelect's two kernels (scoring, sparse attention) once on random inputs of this
-    shape and compare them with their references -> None when both agree, else the reason.
-    The block-size and head_dim constraints of the backend fail here too, as a reason."""
+                          selected: int, positions: str, interpret: bool, rope_theta: float = 10000.0,
+                          rope_scaling=None) -> str | None:
+    """Run TokenSelect's two kernels (scoring, sparse attention with the model's RoPE) once on
+    random inputs of this shape and compare them with their references -> None when both
+    agree, else the reason. The backend's block-size and head_dim constraints fail here
+    too, as a reason."""
+    from jaxaccel.model.layers import rope_inv_freq
     from jaxaccel.pallas_kernels import checks
     from jaxaccel.pallas_kernels import token_select as ts
 
@@ -219,8 +222,10 @@ def _token_select_checked(backend: str, heads: int, kv_heads: int, head_dim: int
         return str(e)
     shape = dict(heads=heads, kv_heads=kv_heads, head_dim=head_dim, cache_len=cache_len, dtype=dtype,
                  interpret=interpret)
+    inv_freq = tuple(rope_inv_freq(head_dim, rope_theta, rope_scaling).tolist())
     for case in (checks.score_keys_case(**shape),
-                 checks.sparse_attention_case(selected=min(selected, cache_len), positions=positions, **shape)):
+                 checks.sparse_attention_case(selected=min(selected, cache_len), positions=positions,
+                                              rope_inv_freq=inv_freq, **shape)):
         problem = checks.compare(case).problem
         if problem is not None:
             return f"{case.kernel_name}: {problem}"
@@ -241,7 +246,8 @@ def token_select_policy(policy: TokenSelectAttention, config, cache_len: int, *,
         # (a cache within the budget is attended in full: the kernels would never run)
         return dataclasses.replace(policy, use_kernel=False)
     reason = _token_select_checked(backend, config.n_heads, config.n_kv_heads, config.resolved_head_dim, config.dtype,
-                                   cache_len, policy.budget, policy.positions, policy.interpret)
+                                   cache_len, policy.budget, policy.positions, policy.interpret, config.rope_theta,
+                                   config.rope_scaling)
     if reason is not None:
         _warn_once(f"tokenselect: {reason}; using the jnp references")
         return dataclasses.replace(policy, use_kernel=False)
