@@ -89,7 +89,14 @@ def test_numpy_inputs_read_as_the_values_they_hold(tiny_lm):
     (dict(temprature=0.7), "unknown option temprature for method 'autoregressive' (did you mean temperature?)"),
     (dict(top_k="5"), "top_k must be an integer >= 1, got '5'"),
     (dict(max_new_tokens=10**12), "the KV cache for "),
-    (dict(method="recycling", method_input="x"), "method_input for 'recycling' must be numeric arrays, got str"),
+    (dict(method="recycling", method_input="x"), "method_input for 'recycling' must be a numeric array, got str"),
+    (dict(method="recycling", method_input={"a": 1}), "method_input for 'recycling' must be a numeric array, got dict"),
+    (dict(method="recycling", method_input=[[1, 2], [3]]), "must be a numeric array, got list"),  # ragged
+    (dict(method_input=np.zeros((97, 8))), "method 'autoregressive' takes no method_input"),
+    (dict(temperature=True), "temperature must be a finite number >= 0, got True"),
+    (dict(temperature=1.0, top_p=True), "top_p must be in (0, 1], got True"),
+    (dict(progress="yes"), "progress must be True or False"),
+    (dict(max_new_tokens=10**7), "prefill's attention scores"),  # the cache alone would fit
 ])
 def test_bad_generate_arguments(tiny_lm, kwargs, message):
     with pytest.raises(InvalidArgumentError) as e:
@@ -138,3 +145,103 @@ def test_load_and_mesh_arguments():
         parse_mesh_spec({"tensor": 2.7})
     with pytest.raises(ConfigError, match="names the axis 'tensor' twice"):
         parse_mesh_spec("tensor=2,tensor=1")
+
+
+def test_save_keeps_what_is_not_its_own_and_an_earlier_model_when_it_fails(tiny_lm, tmp_path, monkeypatch):
+    """Found by an API audit: a `params/` folder of the user's was deleted (it has our name but
+    no jaxaccel.json beside it); a save that failed half-way (a full disk) had already deleted
+    the model it was replacing; a re-save of a model without a tokenizer kept the old one's."""
+    theirs = tmp_path / "theirs"
+    (theirs / "params").mkdir(parents=True)
+    (theirs / "params" / "mydata.bin").write_text("keep")
+    with pytest.raises(InvalidArgumentError, match=r"holds other files \(params\)"):
+        tiny_lm.save(theirs)
+    assert (theirs / "params" / "mydata.bin").read_text() == "keep"
+
+    import orbax.checkpoint as ocp
+
+    from jaxaccel.errors import CheckpointError
+
+    folder = tiny_lm.save(tmp_path / "ckpt")
+    want = tiny_lm.generate([[1, 2]], max_new_tokens=3).tokens
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(ocp.StandardCheckpointer, "save", full_disk)
+        with pytest.raises(CheckpointError, match="No space left on device.*left as it was") as e:
+            tiny_lm.save(folder)
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "theirs"]  # no staging folder left behind
+    assert jaxaccel.load(folder).generate([[1, 2]], max_new_tokens=3).tokens == want
+
+    # a re-save replaces every file of the old model: no stale tokenizer survives it
+    (folder / "tokenizer.model").write_bytes(b"an older model's tokenizer")
+    (folder / "notes.txt").write_text("mine")
+    tiny_lm.save(folder, overwrite=True)
+    assert not (folder / "tokenizer.model").exists() and (folder / "notes.txt").read_text() == "mine"
+    assert jaxaccel.load(folder).tokenizer is None
+
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(CheckpointError, match="cannot write the model to") as e:
+        tiny_lm.save(tmp_path / "a_file" / "below")
+    assert "\n" not in str(e.value)
+    with pytest.raises(CheckpointError, match="cannot write the Hugging Face export to"):
+        tiny_lm.export_hf(tmp_path / "a_file" / "below")
+
+
+def test_audit_findings_sampling_seeds_eos_logits_and_params(tiny_lm, tiny_params):
+    """An API audit's silent wrong results, each fixed: temperatures too small for float32
+    (logits / T overflowed to NaN and every token was 0) are greedy; seeds 2**32 apart sampled
+    the same tokens; a new `eos_token_ids` was ignored by the already-compiled loop; `logits`
+    read -1 as the last token and ids past the vocabulary as NaN rows; integer parameters and
+    out-of-vocabulary EOS ids made models that could not work."""
+    greedy = tiny_lm.generate([[1, 2]], max_new_tokens=6).tokens
+    assert tiny_lm.generate([[1, 2]], max_new_tokens=6, temperature=1e-39, seed=3).tokens == greedy
+    assert tiny_lm.generate([[1, 2]], max_new_tokens=6, temperature=1.0, top_k=2**40).tokens == \
+        tiny_lm.generate([[1, 2]], max_new_tokens=6, temperature=1.0).tokens  # top_k past the vocabulary: no filter
+    sampled = {s: tiny_lm.generate([[1, 2]], max_new_tokens=8, temperature=1.0, seed=s).tokens
+               for s in (0, 2**32, 1, 2**32 + 1, -1, 2**32 - 1)}
+    assert len({str(t) for t in sampled.values()}) == len(sampled)
+
+    lm = jaxaccel.from_params(TINY, tiny_params, eos_token_ids=())
+    free = lm.generate([[5, 6, 7]], max_new_tokens=12).tokens[0]
+    stop = next(t for t in free[2:] if t not in free[:2])
+    lm.eos_token_ids = (stop,)
+    assert lm.generate([[5, 6, 7]], max_new_tokens=12).tokens[0] == free[:free.index(stop) + 1]
+
+    with pytest.raises(InvalidPromptError, match="token id -1 is outside the vocabulary"):
+        tiny_lm.logits([[1, -1]])
+    with pytest.raises(InvalidPromptError, match="token id 97 is outside the vocabulary"):
+        tiny_lm.logits(np.array([[1, 97]]))
+    with pytest.raises(InvalidPromptError, match=r"rows of equal length, got lengths \[1, 2\]"):
+        tiny_lm.logits([[1, 2], [3]])
+    with pytest.raises(InvalidPromptError, match="token ids must be integers, got 1.7"):
+        tiny_lm.logits([[1.7]])
+    assert tiny_lm.logits(np.array([[1, 2, 3]])).shape == (1, 3, 97)
+
+    ints = jax.tree.map(lambda x: np.asarray(x).astype(np.int32), tiny_params)
+    with pytest.raises(InvalidArgumentError, match="params must be floating-point arrays"):
+        jaxaccel.from_params(TINY, ints)
+    with pytest.raises(InvalidArgumentError, match="special token id 500 is outside the model's vocabulary of 97"):
+        jaxaccel.from_params(TINY, tiny_params, eos_token_ids=[500])
+
+
+def test_a_checkpoint_with_another_models_tokenizer_or_a_newer_format_is_refused(tiny_lm, tmp_path):
+    import json
+
+    from jaxaccel.errors import CheckpointError
+
+    folder = tiny_lm.save(tmp_path / "ckpt")
+    jaxaccel.load("builtin:default").tokenizer.save(folder)  # 4096 pieces beside a 97-token model
+    with pytest.raises(CheckpointError, match="the tokenizer has 4096 pieces but the model's vocabulary is 97"):
+        jaxaccel.load(folder)
+    (folder / "tokenizer.model").unlink()
+    meta = json.loads((folder / "jaxaccel.json").read_text())
+    for change, message in (({"version": 999}, "format version 999 is not one this jaxaccel reads"),
+                            ({"add_bos": "false"}, "add_bos must be true or false"),
+                            ({"eos_token_ids": [500]}, "special token id 500 is outside")):
+        (folder / "jaxaccel.json").write_text(json.dumps({**meta, **change}))
+        with pytest.raises(CheckpointError, match=message):
+            jaxaccel.load(folder)

@@ -330,8 +330,6 @@ def export_hf(folder: str | Path, config: ModelConfig, params: Any, *, tokenizer
     Tensors keep the parameters' dtype; shards of at most `max_shard_bytes` are written with a
     `model.safetensors.index.json` when more than one is needed.
     """
-    from safetensors.numpy import save_file
-
     from jaxaccel.model.transformer import canonical_params
 
     if config.moe.n_experts:
@@ -340,9 +338,23 @@ def export_hf(folder: str | Path, config: ModelConfig, params: Any, *, tokenizer
     if config.duo.enabled:
         raise UnsupportedArchitectureError("Duo-LLM models cannot be exported to Hugging Face format: none of "
                                            f"{', '.join(SUPPORTED)} has a per-token big/small/skip FFN")
+    from safetensors import SafetensorError
+
+    from jaxaccel.model.checkpoint import write_error_reason
+
     folder = Path(folder)
+    try:
+        return _write_hf_folder(folder, config, canonical_params(params, config), tokenizer, eos_token_ids,
+                                bos_token_id, max_shard_bytes)
+    except (OSError, SafetensorError) as e:  # a read-only folder, a full disk
+        raise CheckpointError(f"cannot write the Hugging Face export to {folder} ({write_error_reason(e)})") from None
+
+
+def _write_hf_folder(folder: Path, config: ModelConfig, params: Any, tokenizer, eos_token_ids, bos_token_id,
+                     max_shard_bytes: int) -> Path:
+    from safetensors.numpy import save_file
+
     folder.mkdir(parents=True, exist_ok=True)
-    params = canonical_params(params, config)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for path, name, _, to_hf in tensor_plan(config):

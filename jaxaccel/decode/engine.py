@@ -181,6 +181,12 @@ class DecodeMethod:
         """Method-specific figures for `GenerationResult.stats`, from `final_state`'s output."""
         return {}
 
+    # True: `generate(method_input=...)` is an array this method starts from (recycling's matrix)
+    takes_input: bool = False
+    # False: the prefill never attends over the whole cache (TokenSelect selects): the memory
+    # pre-check then counts the KV cache alone
+    prefill_reads_whole_cache: bool = True
+
     @property
     def carries_memory(self) -> bool:
         """True: `final_state` is kept by the LanguageModel and fed back as `method_input`."""

@@ -45,6 +45,15 @@ def _pow2_at_least(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
+def seed_key(seed: int) -> jax.Array:
+    """A PRNG key for a 64-bit seed. jax.random.key keeps only the low 32 bits (without x64),
+    so seeds 2**32 apart would sample the same tokens: the high half is folded in. A seed in
+    [0, 2**32) gives jax.random.key(seed) itself; a negative seed is read modulo 2**64."""
+    seed %= 2**64
+    key = jax.random.key(seed & 0xFFFFFFFF)
+    return key if seed < 2**32 else jax.random.fold_in(key, seed >> 32)
+
+
 def request_lengths(longest: int, max_new_tokens: int, headroom: int = 0) -> tuple[int, int]:
     """(out_len, cache_len) of a `generate` call: the new-token bucket (a power of two >=
     MIN_BUCKET) and the KV cache slots for the longest prompt, those and a method's headroom."""
@@ -167,6 +176,9 @@ class LanguageModel:
         "small", a pattern such as "BSSB..." (B big, S small, - skip; one letter per layer) or
         a list of ints; None: the model's own (its router's, else all big)."""
         prompts = _prompt_list(prompts)
+        max_new_tokens = python_value(max_new_tokens)  # numpy / jax scalars, as every other argument
+        if not isinstance(progress, bool):
+            raise InvalidArgumentError(f"progress must be True or False, got {progress!r}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
             raise InvalidArgumentError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         max_new_tokens = int(max_new_tokens)
@@ -179,6 +191,8 @@ class LanguageModel:
         # numpy / jax scalars of valid values (np.float32(0.7), np.int64(5)) read as Python numbers
         temperature, top_k, top_p = (python_value(x) for x in (temperature, top_k, top_p))
         mode, sampling = make_sampling(temperature, top_k, top_p)
+        if mode.greedy:  # temperatures below sampling.GREEDY_BELOW are greedy for the methods too
+            temperature = 0.0
         route_plan = duo_routes(routes, self.config)
         decoder = get_method(method, **method_options)
         decoder.use_model_info(self.info)
@@ -207,11 +221,7 @@ class LanguageModel:
                     f"positions this call needs (longest prompt + max_new_tokens + the tree)")
             draft_handle = draft_lm.handle
         if method_input is not None:
-            for leaf in jax.tree.leaves(method_input):
-                arr = leaf if isinstance(leaf, jax.Array) else np.asarray(leaf)
-                if not (jnp.issubdtype(arr.dtype, jnp.integer) or jnp.issubdtype(arr.dtype, jnp.floating)):
-                    raise InvalidArgumentError(f"method_input for {decoder.name!r} must be numeric arrays, got "
-                                               f"{type(leaf).__name__}")
+            method_input = _method_input_array(method_input, decoder)
         if method_input is None and decoder.carries_memory:
             method_input = self._method_memory.get(decoder.key())  # hot start from the previous call
 
@@ -220,7 +230,9 @@ class LanguageModel:
         batch_bucket = _pow2_at_least(batch)
         batch_bucket = math.ceil(batch_bucket / data_ways) * data_ways
         out_len, cache_len = request_lengths(longest, max_new_tokens, decoder.cache_headroom())
-        self._check_cache_fits(batch_bucket, cache_len)
+        chunk = min(cache_len, decoder.prefill_chunk() or self.prefill_chunk)
+        self._check_cache_fits(batch_bucket, cache_len,
+                               prefill_chunk=chunk if decoder.prefill_reads_whole_cache else None)
         # A tree method's scratch slots (its draft tree) are positions too.
         scratch = decoder.cache_headroom()
         if longest + max_new_tokens + scratch > self.config.max_seq_len and not decoder.extrapolates:
@@ -230,7 +242,6 @@ class LanguageModel:
                           f"positions the model was not trained at", stacklevel=2)
         # Prompts are padded to the cache length: both programs are keyed by it alone, so
         # prompts of every length up to it share them (prefill runs only the chunks it needs).
-        chunk = min(cache_len, decoder.prefill_chunk() or self.prefill_chunk)
         # A method's forward arguments for both programs (TokenSelect's attention policy: what
         # the cache holds), the prefill's narrowed to what it reads so they alone key it.
         # Backend choices a method leaves open (TokenSelect's kernels) are made for this cache.
@@ -251,14 +262,15 @@ class LanguageModel:
             tokens[i, :len(p)] = p
             lens[i] = len(p)
         live = np.arange(batch_bucket) < batch
-        base = jax.random.key(seed)
+        base = seed_key(seed)
         rng = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(batch_bucket))
         prompt_args = (prefill_handle, jnp.asarray(tokens), jnp.asarray(lens))
         loop_args = (prompt_args[1], prompt_args[2], jnp.asarray(live), jnp.int32(max_new_tokens), sampling, rng,
                      method_input, draft_handle)
 
         show_progress = progress and max_new_tokens >= 64
-        input_sig = jax.tree.map(lambda a: (np.shape(a), str(getattr(a, "dtype", np.asarray(a).dtype))), method_input)
+        leaves, structure = jax.tree.flatten(method_input)  # hashable whatever the container (a nested list)
+        input_sig = (str(structure), tuple((np.shape(a), str(getattr(a, "dtype", np.asarray(a).dtype))) for a in leaves))
         cache_sharding = self._cache_sharding(batch_bucket)
         compile_s = 0.0
         prefill_key = ("prefill", batch_bucket, cache_len, chunk) + tuple(sorted(prefill_defaults.items()))
@@ -271,7 +283,8 @@ class LanguageModel:
             prefill_fn = prefill_jit.lower(*prompt_args).compile(compiler_options=tuning.compiler_options())
             self._compiled[prefill_key] = prefill_fn
             compile_s += time.perf_counter() - t0
-        loop_key = (decoder.key(), mode, batch_bucket, out_len, cache_len, show_progress, input_sig, route_plan)
+        loop_key = (decoder.key(), mode, batch_bucket, out_len, cache_len, show_progress, input_sig, route_plan,
+                    tuple(self.eos_token_ids))  # a constant of the loop, and a public attribute
         loop_fn = self._compiled.get(loop_key)
         if loop_fn is None:
             t0 = time.perf_counter()
@@ -325,18 +338,24 @@ class LanguageModel:
         return GenerationResult(tokens=gen, texts=texts, stats=stats, prompt_ids=ids, method_output=out.method_output)
 
     def _check_cache_fits(self, batch: int, cache_len: int,
-                          what_to_do: str = "ask for fewer max_new_tokens or shorter prompts") -> None:
+                          what_to_do: str = "ask for fewer max_new_tokens or shorter prompts", *,
+                          prefill_chunk: int | None = None) -> None:
         """Refuse a request whose KV cache cannot be allocated (max_new_tokens=10**9...) with
         one line, before allocating: the cache's bytes per device against the device's memory
-        limit (accelerators) or the machine's RAM (CPU)."""
+        limit (accelerators) or the machine's RAM (CPU). With `prefill_chunk`, also one
+        prefill chunk's attention over the whole cache (float32 scores and probabilities of
+        every head, [batch, heads, chunk, cache_len] each), which grows with the cache too."""
         cfg = self.config
         per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.resolved_head_dim * jnp.dtype(cfg.dtype).itemsize
-        need = per_token * batch * cache_len / (1 if self.mesh is None else self.mesh.size)
+        kv = per_token * batch * cache_len
+        scores = 2 * 4 * batch * cfg.n_heads * (prefill_chunk or 0) * cache_len
+        need = (kv + scores) / (1 if self.mesh is None else self.mesh.size)
         limit = _device_memory()
         if limit is not None and need > limit:
+            also = f" and its prefill's attention scores {scores / 1e9:.1f} GB" if scores else ""
             raise InvalidArgumentError(
-                f"the KV cache for {cache_len} positions x batch {batch} needs {need / 1e9:.1f} GB per device, more "
-                f"than the {limit / 1e9:.1f} GB this device has: {what_to_do}")
+                f"the KV cache for {cache_len} positions x batch {batch} ({kv / 1e9:.1f} GB{also}) needs "
+                f"{need / 1e9:.1f} GB per device, more than the {limit / 1e9:.1f} GB this device has: {what_to_do}")
 
     def _draft_model(self, decoder) -> "LanguageModel":
         """The draft model a draft-model method names (`draft=`: a path, a builtin name or a
@@ -387,8 +406,19 @@ class LanguageModel:
     # ------------------------------------------------------------------ scoring
 
     def logits(self, tokens: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
-        """Full-sequence logits [batch, T, vocab] (float32) of equal-length token rows."""
-        tokens = np.asarray(tokens, np.int32)
+        """Full-sequence logits [batch, T, vocab] (float32) of equal-length token rows (lists of
+        ids or a 2-D integer array), each id checked as `generate` checks prompt ids."""
+        rows = _prompt_list(tokens)
+        if any(isinstance(r, str) for r in rows):
+            raise InvalidPromptError("logits takes token ids, not text: encode it first (lm.encode)")
+        rows = [self.encode(r, i) for i, r in enumerate(rows)]
+        if len({len(r) for r in rows}) > 1:
+            raise InvalidPromptError(f"logits needs rows of equal length, got lengths "
+                                     f"{sorted({len(r) for r in rows})}")
+        if len(rows[0]) > self.config.max_seq_len:
+            warnings.warn(f"{len(rows[0])} tokens run past the model's maximum length {self.config.max_seq_len}: "
+                          f"positions the model was not trained at", stacklevel=2)
+        tokens = np.asarray(rows, np.int32)
         fn = self._compiled.get(("logits", tokens.shape))
         if fn is None:
             fn = jax.jit(lambda model, t: model.forward(t)[0])
@@ -413,7 +443,7 @@ class LanguageModel:
 
         if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, (int, np.integer)) or max_shard_bytes < 1:
             raise InvalidArgumentError(f"max_shard_bytes must be an integer >= 1, got {max_shard_bytes!r}")
-        folder = _destination(folder, overwrite, EXPORT_FILES)
+        folder = _destination(folder, overwrite, EXPORT_FILES, marker="config.json")
         kwargs = {"max_shard_bytes": int(max_shard_bytes)}
         return export_hf(folder, self.config, canonical_params(self.params, self.config), tokenizer=self.tokenizer,
                          eos_token_ids=self.eos_token_ids, bos_token_id=self.bos_token_id, **kwargs)
@@ -458,8 +488,9 @@ def resolve_mesh(mesh: Mesh | str | dict | None) -> Mesh | None:
     return shd.make_mesh(mesh)
 
 
-# What `save` / `export_hf` write (fnmatch patterns): a folder holding only these is replaced
-# without `overwrite`.
+# What `save` / `export_hf` write (fnmatch patterns): a folder holding only these, with the
+# marker of an earlier save or export (jaxaccel.json / config.json), is replaced without
+# `overwrite`.
 SAVE_FILES = ("jaxaccel.json", "jaxaccel.json.tmp", "params", "tokenizer.model", "tokenizer.json")
 EXPORT_FILES = ("config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
                 "tokenizer.model", "tokenizer.json")
@@ -474,9 +505,11 @@ def check_save_destination(folder, what_to_do: str = _CHOOSE_ANOTHER) -> None:
     _destination(folder, False, SAVE_FILES, what_to_do)
 
 
-def _destination(folder, overwrite: bool, own: tuple[str, ...], what_to_do: str = _CHOOSE_ANOTHER):
+def _destination(folder, overwrite: bool, own: tuple[str, ...], what_to_do: str = _CHOOSE_ANOTHER,
+                 marker: str = "jaxaccel.json"):
     """Check where `save` / `export_hf` write: a path, not a file, and (unless `overwrite`)
-    empty or holding only what they write themselves."""
+    empty or holding only what they write themselves — an earlier save, recognised by its
+    `marker` file: without it, a `params/` or `tokenizer.model` there is someone else's."""
     from jaxaccel.model.checkpoint import as_path
 
     if not isinstance(folder, (str, os.PathLike)) or not str(folder):
@@ -487,11 +520,31 @@ def _destination(folder, overwrite: bool, own: tuple[str, ...], what_to_do: str 
     if path.exists() and not path.is_dir():
         raise InvalidArgumentError(f"destination {str(path)!r} is a file, not a folder")
     if path.is_dir() and not overwrite:
-        other = sorted(p.name for p in path.iterdir() if not any(fnmatch.fnmatchcase(p.name, o) for o in own))
+        ours = own if (path / marker).is_file() else ()
+        other = sorted(p.name for p in path.iterdir() if not any(fnmatch.fnmatchcase(p.name, o) for o in ours))
         if other:
             raise InvalidArgumentError(f"destination {str(path)!r} holds other files ({', '.join(other[:3])}"
                                        f"{', ...' if len(other) > 3 else ''}); {what_to_do}")
     return path
+
+
+def _method_input_array(value: Any, decoder) -> Any:
+    """`method_input` as the one numeric array a method takes (recycling's matrix), or a
+    one-line error: for a method that takes none, for a dict or a ragged list."""
+    if not decoder.takes_input:
+        raise InvalidArgumentError(f"method {decoder.name!r} takes no method_input")
+    if isinstance(value, jax.Array):
+        arr = value
+    else:
+        try:
+            arr = np.asarray(value)
+        except (TypeError, ValueError):  # a ragged nested list
+            arr = None
+    if arr is None or not (jnp.issubdtype(arr.dtype, jnp.integer) or jnp.issubdtype(arr.dtype, jnp.floating)) \
+            or jnp.issubdtype(arr.dtype, jnp.bool_):
+        raise InvalidArgumentError(f"method_input for {decoder.name!r} must be a numeric array, got "
+                                   f"{type(value).__name__}")
+    return arr
 
 
 def _same_tokenizer(a, b) -> bool:
@@ -565,7 +618,8 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh
         params = decode_params(params, config, mesh, consume=True)
         tokenizer = load_tokenizer(folder, add_bos=bool(meta.get("add_bos", False)))
         eos, bos = _special_ids(meta.get("eos_token_ids") or [], meta.get("bos_token_id"), CheckpointError,
-                                f"{folder}/{ckpt.MARKER}: ")
+                                f"{folder}/{ckpt.MARKER}: ", config.vocab_size)
+        _check_tokenizer_fits(tokenizer, config, CheckpointError, f"{folder}: ")
         return LanguageModel(config, params, tokenizer=tokenizer, eos_token_ids=eos,
                              bos_token_id=bos, mesh=mesh, source=str(folder),
                              info=meta.get("info"))
@@ -647,14 +701,28 @@ def _token_id(t, index: int) -> int:
     raise InvalidPromptError(f"prompt {index}: token ids must be integers, got {t!r}")
 
 
-def _special_ids(eos: Any, bos: Any, error: type[Exception], where: str) -> tuple[tuple[int, ...], int | None]:
-    """(eos_token_ids, bos_token_id) checked: a list of ids and an id or None, else `error`."""
+def _special_ids(eos: Any, bos: Any, error: type[Exception], where: str, vocab_size: int
+                 ) -> tuple[tuple[int, ...], int | None]:
+    """(eos_token_ids, bos_token_id) checked: a list of ids and an id or None, each inside the
+    vocabulary (an EOS id past it would never fire), else `error`."""
     eos, bos = python_value(eos), python_value(bos)
     is_id = lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0  # noqa: E731
     if not (isinstance(eos, (list, tuple)) and all(is_id(e) for e in eos)) or not (bos is None or is_id(bos)):
         raise error(f"{where}eos_token_ids must be a list of token ids and bos_token_id a token id or None, "
                     f"got {eos!r} and {bos!r}")
+    outside = [t for t in (*eos, *([] if bos is None else [bos])) if t >= vocab_size]
+    if outside:
+        raise error(f"{where}special token id {outside[0]} is outside the model's vocabulary of {vocab_size}")
     return tuple(eos), bos
+
+
+def _check_tokenizer_fits(tokenizer, config: ModelConfig, error: type[Exception], where: str) -> None:
+    """A tokenizer with more pieces than the model has embeddings (another model's tokenizer)
+    would encode ids the model cannot read: `error`, naming both sizes."""
+    size = getattr(tokenizer, "vocab_size", None)
+    if isinstance(size, int) and size > config.vocab_size:
+        raise error(f"{where}the tokenizer has {size} pieces but the model's vocabulary is {config.vocab_size}: "
+                    f"it is another model's tokenizer")
 
 
 @functools.lru_cache(maxsize=32)
@@ -701,8 +769,13 @@ def from_params(config: ModelConfig, params: Any, **kwargs) -> LanguageModel:
     if tokenizer is not None and not (callable(getattr(tokenizer, "encode", None))
                                       and callable(getattr(tokenizer, "decode", None))):
         raise InvalidArgumentError(f"tokenizer must have encode and decode methods, got {type(tokenizer).__name__}")
+    _check_tokenizer_fits(tokenizer, config, InvalidArgumentError, "")
     kwargs["eos_token_ids"], kwargs["bos_token_id"] = _special_ids(
-        kwargs.get("eos_token_ids", ()), kwargs.get("bos_token_id"), InvalidArgumentError, "")
+        kwargs.get("eos_token_ids", ()), kwargs.get("bos_token_id"), InvalidArgumentError, "", config.vocab_size)
+    not_float = [jax.tree_util.keystr(k) for k, v in jax.tree_util.tree_leaves_with_path(params)
+              if not jnp.issubdtype(np.result_type(getattr(v, "dtype", np.asarray(v).dtype)), jnp.floating)]
+    if not_float:
+        raise InvalidArgumentError(f"params must be floating-point arrays, {not_float[0]} is not")
     kwargs["mesh"] = resolve_mesh(kwargs.get("mesh"))
     return LanguageModel(config, params, **kwargs)
 

@@ -113,6 +113,8 @@ class Recycling(TreeMethod):
     def static_structure(self):
         return self.parents, self.depth
 
+    takes_input = True  # the adjacency matrix to start from
+
     @property
     def carries_memory(self) -> bool:
         return self.opts["hot_start"]

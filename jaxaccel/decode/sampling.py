@@ -32,21 +32,27 @@ class SamplingParams(NamedTuple):
     top_p: jax.Array
 
 
+# Temperatures below this sample greedily (vLLM's rule): logits / T overflows float32 for T
+# below ~1e-37, and well before that the distribution is the argmax up to exact ties.
+GREEDY_BELOW = 1e-5
+
+
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if not isinstance(temperature, (int, float)) or not 0 <= temperature < float("inf"):
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < float("inf"):
         raise InvalidArgumentError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
         raise InvalidArgumentError(f"top_k must be an integer >= 1, got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
         raise InvalidArgumentError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
 def make_sampling(temperature: float, top_k: int | None, top_p: float | None) -> tuple[SamplingMode, SamplingParams]:
     check_sampling_args(temperature, top_k, top_p)
-    greedy = temperature == 0
+    greedy = temperature < GREEDY_BELOW  # 0, or so close to it that sampling is the argmax
     mode = SamplingMode(greedy=greedy, use_top_k=not greedy and top_k is not None,
                         use_top_p=not greedy and top_p is not None and top_p < 1.0)
-    params = SamplingParams(jnp.float32(temperature if not greedy else 1.0), jnp.int32(top_k or 0),
+    # top_k beyond the vocabulary keeps every token (the filter clips it); int32 must hold it
+    params = SamplingParams(jnp.float32(temperature if not greedy else 1.0), jnp.int32(min(top_k or 0, 2**31 - 1)),
                             jnp.float32(top_p if top_p is not None else 1.0))
     return mode, params
 

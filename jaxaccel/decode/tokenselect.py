@@ -64,6 +64,7 @@ class TokenSelect(DecodeMethod):
     options: dict = {"k": 2048, "n_init": 128, "n_local": 512, "chunk": 512, "pool": None, "cache_threshold": 0.9,
                      "positions": "compact", "selection": "topk"}
     extrapolates = True
+    prefill_reads_whole_cache = False  # each chunk attends over its selection (O(n k), not O(n^2))
     THRESHOLD_RANGE = (-1.0, 1.0)  # a cosine
 
     def __init__(self, **opts: Any):

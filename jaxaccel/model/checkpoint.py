@@ -198,35 +198,88 @@ def load_run_params(folder, dtype: str | None = None, shardings_fn=None) -> tupl
     raise CheckpointError(f"training run {folder} has no readable checkpoint yet{detail}")
 
 
+# What a model folder holds besides MARKER: replaced by a new save, together with the marker.
+MODEL_ENTRIES = ("params", "tokenizer.model", "tokenizer.json")
+
+
 def save_model(folder: str | Path, config: ModelConfig, params: Any, *, tokenizer=None,
                eos_token_ids: tuple[int, ...] = (), bos_token_id: int | None = None, extra: dict | None = None) -> Path:
     """Write a model folder. The marker file is written last, so a folder without it (a save
-    that was killed) is never taken for a checkpoint."""
+    that was killed) is never taken for a checkpoint.
+
+    A local save is written whole into a staging folder beside `folder` first and moved in by
+    renames only when complete: a save that fails (a full disk) leaves an earlier model in
+    `folder` as it was, and a new save replaces every file of the old model (a tokenizer the
+    new model does not have included); other files in `folder` are kept. gs:// (no renames
+    there) is written in place."""
     import orbax.checkpoint as ocp
     from jax.experimental import multihost_utils
 
     folder = as_path(folder)
+    local = not str(folder).startswith("gs://")
+    target = _staging(folder) if local else folder
     main = jax.process_index() == 0  # the array save is collective; plain files come from process 0
     if main:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / MARKER).unlink(missing_ok=True)
-        if (folder / "params").exists():
-            (folder / "params").rmtree() if hasattr(folder, "rmtree") else shutil.rmtree(folder / "params")
+        try:
+            if local and target.exists():  # a killed save's leftovers
+                shutil.rmtree(target)
+            target.mkdir(parents=True, exist_ok=True)
+            if not local:
+                (folder / MARKER).unlink(missing_ok=True)
+                if (folder / "params").exists():
+                    (folder / "params").rmtree()
+        except OSError as e:
+            raise CheckpointError(f"cannot write the model to {folder} ({write_error_reason(e)})") from None
     multihost_utils.sync_global_devices("jaxaccel_save_model_start")
     use_array_handler()
     ckptr = ocp.StandardCheckpointer()
     try:
-        ckptr.save(folder / "params", params)
+        ckptr.save(target / "params", params)
         ckptr.wait_until_finished()
     except Exception as e:  # a full disk: TensorStore's ValueError or an OSError, from Orbax's threads
-        raise CheckpointError(f"saving the model to {folder} failed ({write_error_reason(e)}); the folder is left "
-                              f"without {MARKER}, so it is not taken for a model") from e
+        if local and main:
+            shutil.rmtree(target, ignore_errors=True)
+        kept = "any model already there is left as it was" if local else \
+            f"the folder is left without {MARKER}, so it is not taken for a model"
+        raise CheckpointError(f"saving the model to {folder} failed ({write_error_reason(e)}); {kept}") from e
     finally:
         ckptr.close()
     if main:
-        _write_meta(folder, config, params, tokenizer, eos_token_ids, bos_token_id, extra)
+        try:
+            _write_meta(target, config, params, tokenizer, eos_token_ids, bos_token_id, extra)
+            if local:
+                _move_in(target, folder)
+        except OSError as e:
+            if local:
+                shutil.rmtree(target, ignore_errors=True)
+            raise CheckpointError(f"saving the model to {folder} failed ({write_error_reason(e)})") from None
     multihost_utils.sync_global_devices("jaxaccel_save_model_end")
     return folder
+
+
+def _staging(folder: Path) -> Path:
+    """Where a local save is written before it is moved in: a hidden sibling of `folder`, on
+    the same file system (so the move is a rename), the same name on every process."""
+    return folder.parent / f".{folder.name}.jaxaccel-saving"
+
+
+def _move_in(staging: Path, folder: Path) -> None:
+    """Replace the model in `folder` by the complete one in `staging`: the old marker goes
+    first (from then on the folder is no model), then the old model's entries, then the new
+    entries are renamed in, the marker last."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MARKER).unlink(missing_ok=True)
+    for name in MODEL_ENTRIES:
+        old = folder / name
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        elif old.exists() or old.is_symlink():
+            old.unlink()
+    for name in MODEL_ENTRIES:
+        if (staging / name).exists():
+            (staging / name).rename(folder / name)
+    (staging / MARKER).rename(folder / MARKER)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_error_reason(e: Exception) -> str:
@@ -268,6 +321,12 @@ def read_meta(folder) -> dict:
         raise CheckpointError(f"{folder}/{MARKER}: not a jaxaccel model (format {meta.get('format')!r})")
     if not isinstance(meta.get("info") or {}, dict):
         raise CheckpointError(f"{folder}/{MARKER}: info must be a JSON object, got {meta['info']!r:.60}")
+    version = meta.get("version", VERSION)
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= VERSION:
+        raise CheckpointError(f"{folder}/{MARKER}: format version {version!r} is not one this jaxaccel reads "
+                              f"(1 to {VERSION}): a newer jaxaccel wrote it")
+    if not isinstance(meta.get("add_bos", False), bool):
+        raise CheckpointError(f"{folder}/{MARKER}: add_bos must be true or false, got {meta['add_bos']!r:.60}")
     return meta
 
 
