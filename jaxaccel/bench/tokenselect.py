@@ -242,8 +242,8 @@ def run(model, lengths: Sequence[int] = LENGTHS, batches: Sequence[int] = (1, 4)
     else:
         lm = model
     for context in lengths:  # the largest cache of the run must fit: one line now, not an OOM kill later
-        lm._check_cache_fits(max(batches), request_lengths(context, new_tokens)[1],
-                             "use shorter --lengths or fewer --batches")
+        lm._check_cache_fits(max(batches), request_lengths(context, new_tokens)[1],  # full attention's prefill too
+                             "use shorter --lengths or fewer --batches", prefill_chunk=lm.prefill_chunk)
     code = code_stream(lm)
     budget = {**BUDGET, **(budget or {})}
     policy = TokenSelectAttention(k=budget["k"], n_init=budget["n_init"], n_local=budget["n_local"],

@@ -92,6 +92,10 @@ class Chain(TreeMethod):
     def static_structure(self):
         return chain_structure(self.k)
 
+    @property
+    def takes_input(self) -> bool:  # a recycling-drafted chain starts from recycling's matrix
+        return self.recycling is not None
+
     def init_state(self, ctx: StepContext, batch: int, method_input: Any, prompt_tokens=None, prompt_lens=None):
         if self.recycling is not None:
             return self.recycling.init_state(ctx, batch, method_input)

@@ -176,7 +176,7 @@ class LanguageModel:
         "small", a pattern such as "BSSB..." (B big, S small, - skip; one letter per layer) or
         a list of ints; None: the model's own (its router's, else all big)."""
         prompts = _prompt_list(prompts)
-        max_new_tokens = python_value(max_new_tokens)  # numpy / jax scalars, as every other argument
+        max_new_tokens, progress = python_value(max_new_tokens), python_value(progress)  # numpy / jax scalars
         if not isinstance(progress, bool):
             raise InvalidArgumentError(f"progress must be True or False, got {progress!r}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
@@ -491,7 +491,8 @@ def resolve_mesh(mesh: Mesh | str | dict | None) -> Mesh | None:
 # What `save` / `export_hf` write (fnmatch patterns): a folder holding only these, with the
 # marker of an earlier save or export (jaxaccel.json / config.json), is replaced without
 # `overwrite`.
-SAVE_FILES = ("jaxaccel.json", "jaxaccel.json.tmp", "params", "tokenizer.model", "tokenizer.json")
+SAVE_FILES = ("jaxaccel.json", "jaxaccel.json.tmp", "params", "tokenizer.model", "tokenizer.json",
+              ".jaxaccel-saving", ".jaxaccel-replaced")
 EXPORT_FILES = ("config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
                 "tokenizer.model", "tokenizer.json")
 
@@ -520,7 +521,9 @@ def _destination(folder, overwrite: bool, own: tuple[str, ...], what_to_do: str 
     if path.exists() and not path.is_dir():
         raise InvalidArgumentError(f"destination {str(path)!r} is a file, not a folder")
     if path.is_dir() and not overwrite:
-        ours = own if (path / marker).is_file() else ()
+        # an earlier save: its marker, or (a killed save) an Orbax checkpoint as params/
+        earlier = (path / marker).is_file() or (path / "params" / "_CHECKPOINT_METADATA").is_file()
+        ours = own if earlier else (".jaxaccel-saving", ".jaxaccel-replaced")
         other = sorted(p.name for p in path.iterdir() if not any(fnmatch.fnmatchcase(p.name, o) for o in ours))
         if other:
             raise InvalidArgumentError(f"destination {str(path)!r} holds other files ({', '.join(other[:3])}"
@@ -619,7 +622,7 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh
         tokenizer = load_tokenizer(folder, add_bos=bool(meta.get("add_bos", False)))
         eos, bos = _special_ids(meta.get("eos_token_ids") or [], meta.get("bos_token_id"), CheckpointError,
                                 f"{folder}/{ckpt.MARKER}: ", config.vocab_size)
-        _check_tokenizer_fits(tokenizer, config, CheckpointError, f"{folder}: ")
+        _check_tokenizer_fits(tokenizer, config, f"{folder}: ")
         return LanguageModel(config, params, tokenizer=tokenizer, eos_token_ids=eos,
                              bos_token_id=bos, mesh=mesh, source=str(folder),
                              info=meta.get("info"))
@@ -631,7 +634,15 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh
         shardings = shardings_fn(config, "unrolled") if shardings_fn else None
         params = decode_params(hf_io.load_hf_params(folder, config, shardings), config, mesh, consume=True)
         eos, bos = hf_io.hf_special_tokens(folder, hf)
-        return LanguageModel(config, params, tokenizer=load_tokenizer(folder), eos_token_ids=eos, bos_token_id=bos,
+        outside = [t for t in (*eos, *([] if bos is None else [bos])) if t >= config.vocab_size]
+        if outside:  # a config quirk, not a broken model: the ids are dropped, said once
+            warnings.warn(f"{folder}: special token id {outside[0]} is outside the model's vocabulary of "
+                          f"{config.vocab_size}; ignored", stacklevel=2)
+            eos = tuple(t for t in eos if t < config.vocab_size)
+            bos = bos if bos is None or bos < config.vocab_size else None
+        tokenizer = load_tokenizer(folder)
+        _check_tokenizer_fits(tokenizer, config, f"{folder}: ")
+        return LanguageModel(config, params, tokenizer=tokenizer, eos_token_ids=eos, bos_token_id=bos,
                              mesh=mesh, source=str(folder))
     raise ModelLoadError(f"{str(folder)!r} is neither a jaxaccel checkpoint (no jaxaccel.json) nor a Hugging Face "
                          f"model folder (no config.json)")
@@ -716,13 +727,16 @@ def _special_ids(eos: Any, bos: Any, error: type[Exception], where: str, vocab_s
     return tuple(eos), bos
 
 
-def _check_tokenizer_fits(tokenizer, config: ModelConfig, error: type[Exception], where: str) -> None:
-    """A tokenizer with more pieces than the model has embeddings (another model's tokenizer)
-    would encode ids the model cannot read: `error`, naming both sizes."""
+def _check_tokenizer_fits(tokenizer, config: ModelConfig, where: str) -> None:
+    """A tokenizer with more pieces than the model has embeddings: a warning naming both sizes.
+    Another model's tokenizer looks like this; so do Hugging Face models whose tokenizer adds a
+    token or two their embeddings never got, which work for every other id (a prompt holding
+    an id past the vocabulary is refused in one line), so it is not an error."""
     size = getattr(tokenizer, "vocab_size", None)
     if isinstance(size, int) and size > config.vocab_size:
-        raise error(f"{where}the tokenizer has {size} pieces but the model's vocabulary is {config.vocab_size}: "
-                    f"it is another model's tokenizer")
+        warnings.warn(f"{where}the tokenizer has {size} pieces but the model's vocabulary is {config.vocab_size} "
+                      f"(another model's tokenizer?): prompts holding ids past {config.vocab_size - 1} are refused",
+                      stacklevel=3)
 
 
 @functools.lru_cache(maxsize=32)
@@ -769,7 +783,7 @@ def from_params(config: ModelConfig, params: Any, **kwargs) -> LanguageModel:
     if tokenizer is not None and not (callable(getattr(tokenizer, "encode", None))
                                       and callable(getattr(tokenizer, "decode", None))):
         raise InvalidArgumentError(f"tokenizer must have encode and decode methods, got {type(tokenizer).__name__}")
-    _check_tokenizer_fits(tokenizer, config, InvalidArgumentError, "")
+    _check_tokenizer_fits(tokenizer, config, "")
     kwargs["eos_token_ids"], kwargs["bos_token_id"] = _special_ids(
         kwargs.get("eos_token_ids", ()), kwargs.get("bos_token_id"), InvalidArgumentError, "", config.vocab_size)
     not_float = [jax.tree_util.keystr(k) for k, v in jax.tree_util.tree_leaves_with_path(params)

@@ -236,8 +236,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from jaxaccel.decode.lm import request_lengths
 
         for n in lengths:  # the longest context's KV cache must fit: one line now, not an OOM kill later
+            full = "full" in methods and (args.full_max_length is None or n <= args.full_max_length)
             lm._check_cache_fits(min(args.batch, args.examples), request_lengths(n, 1)[1],
-                                 "use shorter --lengths or a smaller --batch")
+                                 "use shorter --lengths, a smaller --batch or --full-max-length",
+                                 prefill_chunk=lm.prefill_chunk if full else None)  # full attention's prefill
         generator = tokenselect.model_tasks(lm, args.model)
         too_short = [(t, n) for t in tasks for n in lengths if n < generator.min_length(t)]
         if too_short:

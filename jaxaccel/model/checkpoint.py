@@ -200,6 +200,9 @@ def load_run_params(folder, dtype: str | None = None, shardings_fn=None) -> tupl
 
 # What a model folder holds besides MARKER: replaced by a new save, together with the marker.
 MODEL_ENTRIES = ("params", "tokenizer.model", "tokenizer.json")
+# Inside a local model folder while a save is under way: the new model being written, then
+# the old one's entries set aside until the new ones are in.
+STAGING, SET_ASIDE = ".jaxaccel-saving", ".jaxaccel-replaced"
 
 
 def save_model(folder: str | Path, config: ModelConfig, params: Any, *, tokenizer=None,
@@ -207,27 +210,34 @@ def save_model(folder: str | Path, config: ModelConfig, params: Any, *, tokenize
     """Write a model folder. The marker file is written last, so a folder without it (a save
     that was killed) is never taken for a checkpoint.
 
-    A local save is written whole into a staging folder beside `folder` first and moved in by
-    renames only when complete: a save that fails (a full disk) leaves an earlier model in
-    `folder` as it was, and a new save replaces every file of the old model (a tokenizer the
-    new model does not have included); other files in `folder` are kept. gs:// (no renames
-    there) is written in place."""
+    A local save is written whole into a staging folder inside `folder` first (the same file
+    system, whatever links lead there) and moved in by renames only when complete: a save
+    that fails (a full disk) leaves an earlier model in `folder` as it was, and a new save
+    replaces every file of the old model (a tokenizer the new model does not have included);
+    other files in `folder` are kept. On gs:// (no renames) the old model's files are deleted
+    first and the new ones written in place."""
     import orbax.checkpoint as ocp
     from jax.experimental import multihost_utils
 
     folder = as_path(folder)
     local = not str(folder).startswith("gs://")
-    target = _staging(folder) if local else folder
+    target = folder / STAGING if local else folder
     main = jax.process_index() == 0  # the array save is collective; plain files come from process 0
     if main:
         try:
-            if local and target.exists():  # a killed save's leftovers
-                shutil.rmtree(target)
-            target.mkdir(parents=True, exist_ok=True)
-            if not local:
+            if local:
+                for leftover in (target, folder / SET_ASIDE):  # a killed save's
+                    if leftover.exists():
+                        shutil.rmtree(leftover)
+                target.mkdir(parents=True, exist_ok=True)
+            else:
+                folder.mkdir(parents=True, exist_ok=True)
                 (folder / MARKER).unlink(missing_ok=True)
-                if (folder / "params").exists():
-                    (folder / "params").rmtree()
+                for name in MODEL_ENTRIES:
+                    if (folder / name).is_dir():
+                        (folder / name).rmtree()
+                    elif (folder / name).exists():
+                        (folder / name).unlink()
         except OSError as e:
             raise CheckpointError(f"cannot write the model to {folder} ({write_error_reason(e)})") from None
     multihost_utils.sync_global_devices("jaxaccel_save_model_start")
@@ -247,38 +257,43 @@ def save_model(folder: str | Path, config: ModelConfig, params: Any, *, tokenize
     if main:
         try:
             _write_meta(target, config, params, tokenizer, eos_token_ids, bos_token_id, extra)
-            if local:
-                _move_in(target, folder)
         except OSError as e:
             if local:
                 shutil.rmtree(target, ignore_errors=True)
             raise CheckpointError(f"saving the model to {folder} failed ({write_error_reason(e)})") from None
+        if local:
+            _move_in(target, folder)
     multihost_utils.sync_global_devices("jaxaccel_save_model_end")
     return folder
 
 
-def _staging(folder: Path) -> Path:
-    """Where a local save is written before it is moved in: a hidden sibling of `folder`, on
-    the same file system (so the move is a rename), the same name on every process."""
-    return folder.parent / f".{folder.name}.jaxaccel-saving"
-
-
 def _move_in(staging: Path, folder: Path) -> None:
-    """Replace the model in `folder` by the complete one in `staging`: the old marker goes
-    first (from then on the folder is no model), then the old model's entries, then the new
-    entries are renamed in, the marker last."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / MARKER).unlink(missing_ok=True)
-    for name in MODEL_ENTRIES:
-        old = folder / name
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)
-        elif old.exists() or old.is_symlink():
-            old.unlink()
-    for name in MODEL_ENTRIES:
-        if (staging / name).exists():
-            (staging / name).rename(folder / name)
-    (staging / MARKER).rename(folder / MARKER)
+    """Replace the model in `folder` by the complete one in `staging` (both on one file
+    system): the old marker and entries are renamed aside, the new entries renamed in, the
+    marker last; then the old ones are deleted. If a rename fails, the old model is put back
+    (and the new one left in `staging`, named in the error)."""
+    aside = folder / SET_ASIDE
+    aside.mkdir()
+    moved_out, moved_in = [], []
+    try:
+        for name in (MARKER, *MODEL_ENTRIES):
+            if (folder / name).exists() or (folder / name).is_symlink():
+                (folder / name).rename(aside / name)
+                moved_out.append(name)
+        for name in MODEL_ENTRIES:
+            if (staging / name).exists():
+                (staging / name).rename(folder / name)
+                moved_in.append(name)
+        (staging / MARKER).rename(folder / MARKER)
+    except OSError as e:
+        for name in moved_in:
+            (folder / name).rename(staging / name)
+        for name in moved_out:
+            (aside / name).rename(folder / name)
+        shutil.rmtree(aside, ignore_errors=True)
+        raise CheckpointError(f"moving the saved model into {folder} failed ({write_error_reason(e)}); the earlier "
+                              f"model is back in place, the new one is in {staging}") from None
+    shutil.rmtree(aside, ignore_errors=True)
     shutil.rmtree(staging, ignore_errors=True)
 
 
