@@ -68,6 +68,20 @@ def test_loop_tiling_matches_reference():
     assert_close(got, tree_attention_reference(*args))
 
 
+def test_loop_tiling_blocks_the_rows_and_tree_keys_of_a_large_tree():
+    """A 65-node tree with 4 query heads per KV group is 260 query rows: the GPU body holds 64
+    at a time (5 row blocks, rows padded to 320, not 512) and folds the 128 padded tree keys in
+    blocks of 64, so registers and shared memory do not grow with the tree; ragged prefixes,
+    one row's mask shared and one not."""
+    for shared in (False, True):
+        args = make_inputs(23, 2, 8, 2, 16, 64, 65, [37, 64], shared_mask=shared)
+        eqn = _pallas_eqn(jax.make_jaxpr(lambda *a: _tree_attention_pallas(
+            *a, block_k=16, platform="interpret", tiling="loop"))(*args).jaxpr)
+        assert tuple(eqn.params["grid_mapping"].grid) == (2, 2, 5)
+        got = _tree_attention_pallas(*args, block_k=16, platform="interpret", tiling="loop")
+        assert_close(got, tree_attention_reference(*args))
+
+
 def test_kernel_shared_mask():
     """tree_mask with a leading dim of 1 is shared by every batch row."""
     args = make_inputs(7, 3, 2, 2, 16, 96, 17, [0, 96, 64], shared_mask=True)
@@ -171,8 +185,8 @@ def _pallas_eqn(jaxpr):
     return None
 
 
-def _long_cache_args(dtype=jnp.float32):
-    b, t, h, kvh, d, s = 2, 8, 4, 2, 64, 4096
+def _long_cache_args(dtype=jnp.float32, t: int = 8):
+    b, h, kvh, d, s = 2, 4, 2, 64, 4096
     return (jnp.zeros((b, t, h, d), dtype), jnp.zeros((b, t, kvh, d), dtype), jnp.zeros((b, t, kvh, d), dtype),
             jnp.ones((b, t, t), bool), jnp.zeros((b, kvh, s, d), dtype), jnp.zeros((b, kvh, s, d), dtype),
             jnp.array([10, 3000], jnp.int32))
@@ -191,11 +205,12 @@ def test_grid_tiles_the_cache():
 
 
 @pytest.mark.parametrize("platform,backend,marker", [("tpu", "tpu", "tpu_custom_call"), ("cuda", "gpu", "triton")])
-def test_kernel_lowers_for_accelerators(platform, backend, marker):
+@pytest.mark.parametrize("nodes", [8, 129])
+def test_kernel_lowers_for_accelerators(platform, backend, marker, nodes):
     """Lowering (no device needed) of a 4096-slot bf16 cache for TPU through Mosaic and for CUDA
-    through Triton, so an API drift breaks here and not first on a pod. Compiling and timing
-    need the hardware."""
-    args = _long_cache_args(jnp.bfloat16)
+    through Triton, a small tree and a DySpec budget-128 one, so an API drift breaks here and
+    not first on a pod. Compiling and timing need the hardware."""
+    args = _long_cache_args(jnp.bfloat16, nodes)
     with mock.patch("jax.default_backend", return_value=backend):
         text = jax.jit(lambda *a: tree_attention_kernel(*a, block_k=128)).trace(*args).lower(
             lowering_platforms=(platform,)).as_text()

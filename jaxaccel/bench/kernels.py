@@ -15,9 +15,8 @@ Cases per backend:
   modes, and 2,000, which pads a partial key block; a second row shorter than the budget),
   32 query / 8 KV heads of 128, bfloat16 and float32, batch 1 to 4; splash attention (TPU
   only: no GPU kernel, see `flash_attention`) at 2K and 4K tokens. `quick` keeps one case per
-  kernel and dtype. A failure is a finding, not a bug of the command: e.g. the 129-node
-  float32 tree holds 516 query rows x 128 in one GPU program, which may not fit Triton's
-  shared memory; decoding would then fall back to the reference for that shape.
+  kernel and dtype. A failure is a finding, not a bug of the command: decoding falls back to
+  the reference for the shapes that fail.
 * CPU: no compiled Pallas. The same kernels run in the Pallas interpreter at toy sizes — a
   check of the command itself, not a speed figure (no times are reported).
 """

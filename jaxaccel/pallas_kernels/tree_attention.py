@@ -23,11 +23,13 @@ cache is tiled depends on the backend:
   pipeline skips a copy whose block index did not change) nor computed on (`pl.when`).
 * "loop" tiling (GPU, Triton): Triton has no scratch buffers and runs grid programs in
   parallel (no sequential grid axis to carry a softmax state), so the grid is (batch,
-  kv_head) and the program loops (`lax.fori_loop`) over the visible key blocks, loading one
-  [block_k, d] tile of K and V per step straight from global memory (a Triton BlockSpec is a
-  pointer, not a staged copy): registers and shared memory are again independent of S.
-Per-program memory is therefore O(rows * d + block_k * d + T * d) on every backend; the cache
-is never copied or padded (block_k must divide S).
+  kv_head, row block) and the program loops (`lax.fori_loop`) over the visible key blocks,
+  loading one [block_k, d] tile of K and V per step straight from global memory (a Triton
+  BlockSpec is a pointer, not a staged copy), then over the tree's keys in blocks of 64: a
+  program holds at most 64 query rows, so registers and shared memory depend neither on S
+  nor on the tree (a 129-node tree with 4 query heads per KV group is 516 rows).
+Per-program memory is therefore O(rows * d + block_k * d + T * d) on TPU and O(64 * d +
+block_k * d + 64 * d) on GPU; the cache is never copied or padded (block_k must divide S).
 
 Masked scores are MASKED_SCORE (finite) and masked keys add nothing to the softmax, so a query
 row that sees nothing at all (an empty tree-mask row with prefix_len 0; a real tree node
@@ -74,6 +76,11 @@ from jaxaccel.pallas_kernels.ops import MASKED_SCORE, attend
 
 # Triton's tl.dot needs every dimension >= 16; q rows and T are padded to at least this.
 _MIN_ROWS = 16
+# The "loop" (GPU) tiling: query rows per program and tree keys per step. A 129-node tree with
+# 4 query heads per KV group is 516 rows: held whole, its float32 accumulator alone (1,024
+# padded rows x 128) is 512 KiB, more than a GPU core's registers and shared memory together.
+_LOOP_ROW_BLOCK = 64
+_LOOP_TREE_BLOCK = 64
 # Mosaic TPU: the second-to-last dim of a block must be a multiple of 8 (or the whole dim).
 _TPU_SUBLANES = 8
 
@@ -151,9 +158,11 @@ def _grid_kernel(plen_ref, q_ref, kc_ref, vc_ref, kn_ref, vn_ref, mask_ref, o_re
         _finish((m_sc[...], l_sc[...], acc_sc[...]), q_ref[...], kn_ref[...], vn_ref[...], mask_ref[...], o_ref)
 
 
-def _loop_kernel(plen_ref, q_ref, kc_ref, vc_ref, kn_ref, vn_ref, mask_ref, o_ref, *, block_k: int):
-    """Grid (batch, kv_head): a loop over the visible key blocks, one [block_k, d] tile loaded
-    per step (the Triton path: no scratch, no sequential grid axis there)."""
+def _loop_kernel(plen_ref, q_ref, kc_ref, vc_ref, kn_ref, vn_ref, mask_ref, o_ref, *, block_k: int, block_t: int):
+    """Grid (batch, kv_head, row block): a loop over the visible key blocks, one [block_k, d]
+    tile loaded per step, then one over the tree's keys in blocks of `block_t` (the Triton
+    path: no scratch, no sequential grid axis there; a program holds one block of query rows,
+    so a large tree does not outgrow a GPU core's registers and shared memory)."""
     q = q_ref[...]
     plen = plen_ref[pl.program_id(0)]
 
@@ -164,7 +173,15 @@ def _loop_kernel(plen_ref, q_ref, kc_ref, vc_ref, kn_ref, vn_ref, mask_ref, o_re
         return _cache_block(state, q, k, v, start, plen, block_k, o_ref.dtype)
 
     state = lax.fori_loop(0, lax.div(plen + (block_k - 1), block_k), body, _initial_state(*q.shape))  # plen >= 0
-    _finish(state, q, kn_ref[...], vn_ref[...], mask_ref[...], o_ref)
+
+    def tree_body(j, state):
+        start = pl.multiple_of(j * block_t, block_t)
+        visible = mask_ref[:, pl.ds(start, block_t)] != 0
+        return _online_update(state, q, kn_ref[pl.ds(start, block_t), :], vn_ref[pl.ds(start, block_t), :],
+                              visible, o_ref.dtype)
+
+    _, l, acc = lax.fori_loop(0, kn_ref.shape[0] // block_t, tree_body, state)
+    o_ref[...] = (acc / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
 
 
 # ----------------------------------------------------------------------------- sizes and checks
@@ -239,6 +256,10 @@ def _tree_attention_pallas(q, k_new, v_new, tree_mask, k_cache, v_cache, prefix_
     rows = g * t
     rows_p = _pow2_at_least(rows, _MIN_ROWS)
     t_p = _pow2_at_least(t, _MIN_ROWS)
+    block_rows = rows_p
+    if tiling == "loop" and rows_p > _LOOP_ROW_BLOCK:  # row blocks of a power of two; rows padded to a multiple
+        block_rows = _LOOP_ROW_BLOCK
+        rows_p = -(-rows // block_rows) * block_rows
     n_blocks = s // block_k
     bm = tree_mask.shape[0]
     interpret = platform == "interpret"
@@ -292,19 +313,20 @@ def _tree_attention_pallas(q, k_new, v_new, tree_mask, k_cache, v_cache, prefix_
             compiler_params = pltriton.CompilerParams()
 
         def per_group(n):
-            return pl.BlockSpec((None, None, n, d), lambda bi, hi: (bi, hi, 0, 0))
+            return pl.BlockSpec((None, None, n, d), lambda bi, hi, ri: (bi, hi, 0, 0))
 
-        mask_spec = pl.BlockSpec((None, rows_p, t_p),
-                                 (lambda bi, hi: (bi, 0, 0)) if bm > 1 else (lambda bi, hi: (0, 0, 0)))
+        row_block = pl.BlockSpec((None, None, block_rows, d), lambda bi, hi, ri: (bi, hi, ri, 0))
+        mask_spec = pl.BlockSpec((None, block_rows, t_p),
+                                 (lambda bi, hi, ri: (bi, ri, 0)) if bm > 1 else (lambda bi, hi, ri: (0, ri, 0)))
         out = pl.pallas_call(
-            functools.partial(_loop_kernel, block_k=block_k),
+            functools.partial(_loop_kernel, block_k=block_k, block_t=min(t_p, _LOOP_TREE_BLOCK)),
             out_shape=out_shape,
-            grid=(b, kvh),
+            grid=(b, kvh, rows_p // block_rows),
             # plen: the whole [b] vector, indexed by program_id(0); the cache row is a pointer
             # that the loop reads one [block_k, d] tile at a time.
-            in_specs=[pl.BlockSpec(), per_group(rows_p), per_group(s), per_group(s), per_group(t_p),
-                      per_group(t_p), mask_spec],
-            out_specs=per_group(rows_p),
+            in_specs=[pl.BlockSpec(), row_block, per_group(s), per_group(s), per_group(t_p), per_group(t_p),
+                      mask_spec],
+            out_specs=row_block,
             interpret=interpret,
             compiler_params=compiler_params,
             name="tree_attention",
