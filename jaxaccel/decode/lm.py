@@ -415,9 +415,6 @@ class LanguageModel:
         if len({len(r) for r in rows}) > 1:
             raise InvalidPromptError(f"logits needs rows of equal length, got lengths "
                                      f"{sorted({len(r) for r in rows})}")
-        if len(rows[0]) > self.config.max_seq_len:
-            warnings.warn(f"{len(rows[0])} tokens run past the model's maximum length {self.config.max_seq_len}: "
-                          f"positions the model was not trained at", stacklevel=2)
         tokens = np.asarray(rows, np.int32)
         fn = self._compiled.get(("logits", tokens.shape))
         if fn is None:
