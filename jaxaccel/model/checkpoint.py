@@ -72,11 +72,39 @@ def agreed_steps(steps: list[int], where) -> list[int]:
     return steps
 
 
+_ABANDONED_READS = "_read_array_index_and_device_put"  # Orbax's per-array read coroutine
+
+
+def quiet_abandoned_reads() -> None:
+    """When one array of an Orbax restore fails, Orbax abandons the reads of the others; Python
+    reports each abandoned coroutine's exception at garbage collection ("Exception ignored
+    in: <coroutine ...>" and a page of TensorStore spec per array) after the one-line
+    CheckpointError has been said. A `sys.unraisablehook` that drops exactly those (Orbax's
+    read coroutines), passing everything else on, installed once."""
+    import sys
+    import types
+
+    previous = sys.unraisablehook
+    if getattr(previous, "_jaxaccel_quiet", False):
+        return
+
+    def hook(unraisable):
+        obj = unraisable.object
+        if isinstance(obj, types.CoroutineType) and obj.cr_code.co_name == _ABANDONED_READS and \
+                "orbax" in obj.cr_code.co_filename:
+            return
+        previous(unraisable)
+
+    hook._jaxaccel_quiet = True
+    sys.unraisablehook = hook
+
+
 def agreed_read(read, what: str) -> tuple[Any, str | None]:
     """`read()` on this process, then agreed with every other (`outcomes`): (its value, None)
     when every process read its part; (None, why, as this process saw it) when any could not.
     A CheckpointError from `read` (another model: the same on every process) is raised on
     every process after the agreement, `what` naming the step for those that did not see it."""
+    quiet_abandoned_reads()
     value = error = mismatch = None
     try:
         value = read()
