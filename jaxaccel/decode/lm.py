@@ -269,8 +269,8 @@ class LanguageModel:
                      method_input, draft_handle)
 
         show_progress = progress and max_new_tokens >= 64
-        leaves, structure = jax.tree.flatten(method_input)  # hashable whatever the container (a nested list)
-        input_sig = (str(structure), tuple((np.shape(a), str(getattr(a, "dtype", np.asarray(a).dtype))) for a in leaves))
+        # one array (checked above, or the method's own memory from the previous call) or None
+        input_sig = None if method_input is None else (np.shape(method_input), str(method_input.dtype))
         cache_sharding = self._cache_sharding(batch_bucket)
         compile_s = 0.0
         prefill_key = ("prefill", batch_bucket, cache_len, chunk) + tuple(sorted(prefill_defaults.items()))
@@ -631,7 +631,7 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh
         shardings = shardings_fn(config, "unrolled") if shardings_fn else None
         params = decode_params(hf_io.load_hf_params(folder, config, shardings), config, mesh, consume=True)
         eos, bos = hf_io.hf_special_tokens(folder, hf)
-        outside = [t for t in (*eos, *([] if bos is None else [bos])) if t >= config.vocab_size]
+        outside = _outside_vocabulary(eos, bos, config.vocab_size)
         if outside:  # a config quirk, not a broken model: the ids are dropped, said once
             warnings.warn(f"{folder}: special token id {outside[0]} is outside the model's vocabulary of "
                           f"{config.vocab_size}; ignored", stacklevel=2)
@@ -718,10 +718,15 @@ def _special_ids(eos: Any, bos: Any, error: type[Exception], where: str, vocab_s
     if not (isinstance(eos, (list, tuple)) and all(is_id(e) for e in eos)) or not (bos is None or is_id(bos)):
         raise error(f"{where}eos_token_ids must be a list of token ids and bos_token_id a token id or None, "
                     f"got {eos!r} and {bos!r}")
-    outside = [t for t in (*eos, *([] if bos is None else [bos])) if t >= vocab_size]
+    outside = _outside_vocabulary(eos, bos, vocab_size)
     if outside:
         raise error(f"{where}special token id {outside[0]} is outside the model's vocabulary of {vocab_size}")
     return tuple(eos), bos
+
+
+def _outside_vocabulary(eos, bos, vocab_size: int) -> list[int]:
+    """The special token ids (EOS ids, then BOS) at or past `vocab_size`."""
+    return [t for t in (*eos, *([] if bos is None else [bos])) if t >= vocab_size]
 
 
 def _check_tokenizer_fits(tokenizer, config: ModelConfig, where: str) -> None:

@@ -8,7 +8,7 @@ backend (the reference CPU: 2 cores, docs/BENCHMARKS.md) and is a lookup keyed b
 * the step-cost model draft-model methods pick `budget="auto"` from;
 * which tree-attention implementation verification runs, and whether TokenSelect runs its
   Pallas kernels: on TPU/GPU the kernels after a self-check against their references on first
-  use per shape, the references otherwise (`kernel_checks` are those self-checks, also what
+  use per shape, the references otherwise (`pallas_kernels.checks` are those self-checks, also what
   `python -m jaxaccel.bench kernels` runs).
 """
 from __future__ import annotations

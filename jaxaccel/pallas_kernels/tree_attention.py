@@ -127,10 +127,15 @@ def _cache_block(state, q, k, v, start, plen, block_k: int, v_dtype):
     return _online_update(state, q, k, v, slot < plen, v_dtype)
 
 
-def _finish(state, q, kn, vn, mask, o_ref):
-    """Fold in the tree keys under the tree mask, normalise (0 for a row that saw nothing), write."""
-    _, l, acc = _online_update(state, q, kn, vn, mask != 0, o_ref.dtype)
+def _write(state, o_ref):
+    """Normalise the softmax state (0 for a row that saw nothing) and write the output."""
+    _, l, acc = state
     o_ref[...] = (acc / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
+
+
+def _finish(state, q, kn, vn, mask, o_ref):
+    """Fold in the tree keys under the tree mask, normalise, write."""
+    _write(_online_update(state, q, kn, vn, mask != 0, o_ref.dtype), o_ref)
 
 
 def _grid_kernel(plen_ref, q_ref, kc_ref, vc_ref, kn_ref, vn_ref, mask_ref, o_ref, m_sc, l_sc, acc_sc, *,
@@ -180,8 +185,7 @@ def _loop_kernel(plen_ref, q_ref, kc_ref, vc_ref, kn_ref, vn_ref, mask_ref, o_re
         return _online_update(state, q, kn_ref[pl.ds(start, block_t), :], vn_ref[pl.ds(start, block_t), :],
                               visible, o_ref.dtype)
 
-    _, l, acc = lax.fori_loop(0, kn_ref.shape[0] // block_t, tree_body, state)
-    o_ref[...] = (acc / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
+    _write(lax.fori_loop(0, kn_ref.shape[0] // block_t, tree_body, state), o_ref)
 
 
 # ----------------------------------------------------------------------------- sizes and checks
