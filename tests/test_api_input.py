@@ -242,10 +242,34 @@ def test_memory_pre_check_counts_the_prefill_scores(tiny_lm, monkeypatch):
     over it are ~100 GB; with 20 GB of memory the cache alone would pass, the request not."""
     from jaxaccel.decode import lm as lm_module
 
-    monkeypatch.setattr(lm_module, "_device_memory", lambda: 20e9)
+    monkeypatch.setattr(lm_module, "_device_memory", lambda: (20e9, None))
     with pytest.raises(InvalidArgumentError, match=r"\(6.4 GB and its prefill's attention scores 103.1 GB\)"):
         tiny_lm.generate([[1, 2]], max_new_tokens=10**7)
     tiny_lm._check_cache_fits(1, 25_165_824)  # the cache alone fits (TokenSelect's prefill reads no more)
+
+
+def test_memory_pre_check_counts_what_the_device_already_holds(tiny_lm, monkeypatch):
+    """The cache must fit next to the model: on CPU the parameters share the RAM (tiny: 30 KB),
+    on an accelerator everything its allocator has in use counts."""
+    from jaxaccel.decode import lm as lm_module
+
+    cache = 2 * TINY.n_layers * TINY.n_kv_heads * TINY.resolved_head_dim * 4 * 1000  # batch 1, 1000 slots
+    params = lm_module._bytes_per_device(tiny_lm.params)
+    assert params == 4 * sum(np.size(x) for x in jax.tree.leaves(tiny_lm.params))
+    monkeypatch.setattr(lm_module, "_device_memory", lambda: (cache + params, None))
+    tiny_lm._check_cache_fits(1, 1000)
+    monkeypatch.setattr(lm_module, "_device_memory", lambda: (cache + params - 1, None))
+    with pytest.raises(InvalidArgumentError, match=r"GB of it already in use"):
+        tiny_lm._check_cache_fits(1, 1000)
+    monkeypatch.setattr(lm_module, "_device_memory", lambda: (cache + 5000, 5000))  # accelerator: its own count
+    tiny_lm._check_cache_fits(1, 1000)
+    monkeypatch.setattr(lm_module, "_device_memory", lambda: (cache + 5000, 5001))
+    with pytest.raises(InvalidArgumentError, match=r"needs 0.0 GB per device, more than the 0.0 GB this device has left"):
+        tiny_lm._check_cache_fits(1, 1000)
+    # a draft model's cache and parameters count too
+    monkeypatch.setattr(lm_module, "_device_memory", lambda: (cache + params, None))
+    with pytest.raises(InvalidArgumentError, match=r"already in use"):
+        tiny_lm._check_cache_fits(1, 1000, draft=tiny_lm)
 
 
 def test_a_recycling_chain_takes_its_own_matrix_back(tiny_lm):

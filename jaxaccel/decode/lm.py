@@ -231,7 +231,7 @@ class LanguageModel:
         batch_bucket = math.ceil(batch_bucket / data_ways) * data_ways
         out_len, cache_len = request_lengths(longest, max_new_tokens, decoder.cache_headroom())
         chunk = min(cache_len, decoder.prefill_chunk() or self.prefill_chunk)
-        self._check_cache_fits(batch_bucket, cache_len,
+        self._check_cache_fits(batch_bucket, cache_len, draft=draft_lm,
                                prefill_chunk=chunk if decoder.prefill_reads_whole_cache else None)
         # A tree method's scratch slots (its draft tree) are positions too.
         scratch = decoder.cache_headroom()
@@ -339,23 +339,30 @@ class LanguageModel:
 
     def _check_cache_fits(self, batch: int, cache_len: int,
                           what_to_do: str = "ask for fewer max_new_tokens or shorter prompts", *,
-                          prefill_chunk: int | None = None) -> None:
+                          prefill_chunk: int | None = None, draft: "LanguageModel | None" = None) -> None:
         """Refuse a request whose KV cache cannot be allocated (max_new_tokens=10**9...) with
-        one line, before allocating: the cache's bytes per device against the device's memory
-        limit (accelerators) or the machine's RAM (CPU). With `prefill_chunk`, also one
-        prefill chunk's attention over the whole cache (float32 scores and probabilities of
-        every head, [batch, heads, chunk, cache_len] each), which grows with the cache too."""
+        one line, before allocating: the cache's bytes per device (and a draft model's cache)
+        against what the device has left once what it already holds is counted: its allocator's
+        limit less the bytes in use (accelerators), or the machine's RAM less the models'
+        parameters (CPU). With `prefill_chunk`, also one prefill chunk's attention over the
+        whole cache (float32 scores and probabilities of every head, [batch, heads, chunk,
+        cache_len] each), which grows with the cache too."""
         cfg = self.config
-        per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.resolved_head_dim * jnp.dtype(cfg.dtype).itemsize
-        kv = per_token * batch * cache_len
+        kv = sum(2 * c.n_layers * c.n_kv_heads * c.resolved_head_dim * jnp.dtype(c.dtype).itemsize
+                 for c in [cfg] + ([] if draft is None else [draft.config])) * batch * cache_len
         scores = 2 * 4 * batch * cfg.n_heads * (prefill_chunk or 0) * cache_len
         need = (kv + scores) / (1 if self.mesh is None else self.mesh.size)
-        limit = _device_memory()
-        if limit is not None and need > limit:
+        limit, in_use = _device_memory()
+        if limit is None:
+            return
+        if in_use is None:  # CPU: the parameters are in the same RAM
+            in_use = sum(_bytes_per_device(m.params) for m in [self] + ([] if draft is None else [draft]))
+        if need > limit - in_use:
             also = f" and its prefill's attention scores {scores / 1e9:.1f} GB" if scores else ""
             raise InvalidArgumentError(
                 f"the KV cache for {cache_len} positions x batch {batch} ({kv / 1e9:.1f} GB{also}) needs "
-                f"{need / 1e9:.1f} GB per device, more than the {limit / 1e9:.1f} GB this device has: {what_to_do}")
+                f"{need / 1e9:.1f} GB per device, more than the {max(limit - in_use, 0) / 1e9:.1f} GB this device has "
+                f"left ({limit / 1e9:.1f} GB, {in_use / 1e9:.1f} GB of it already in use): {what_to_do}")
 
     def _draft_model(self, decoder) -> "LanguageModel":
         """The draft model a draft-model method names (`draft=`: a path, a builtin name or a
@@ -646,19 +653,30 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh
 
 
 @functools.cache
-def _device_memory() -> int | None:
-    """Bytes a device can hold: its allocator's limit (accelerators), else the machine's RAM
-    (CPU: jax reports no memory stats); None when neither is known."""
+def _device_memory() -> tuple[int | None, int | None]:
+    """(bytes a device can hold, bytes it holds now): its allocator's limit and bytes in use
+    (accelerators), else (the machine's RAM, None) (CPU: jax reports no memory stats); a
+    limit of None when neither is known."""
     try:
-        limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+        stats = jax.local_devices()[0].memory_stats() or {}
     except Exception:  # not every backend reports memory
-        limit = None
-    if limit is None:
-        try:
-            limit = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            return None
-    return int(limit)
+        stats = {}
+    if stats.get("bytes_limit") is not None:
+        return int(stats["bytes_limit"]), int(stats.get("bytes_in_use") or 0)
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), None
+    except (ValueError, OSError, AttributeError):
+        return None, None
+
+
+def _bytes_per_device(tree) -> int:
+    """Bytes of a pytree of arrays on one device (its first shard of each: sharded arrays
+    count their share, replicated ones in full)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shards = getattr(leaf, "addressable_shards", None)
+        total += shards[0].data.nbytes if shards else np.asarray(leaf).nbytes
+    return int(total)
 
 
 def _prompt_list(prompts) -> list:
