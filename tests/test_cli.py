@@ -1,6 +1,7 @@
 """The command lines: output formats, and a one-line error + exit 2 for every bad input."""
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -359,7 +360,7 @@ def test_outputs_are_checked_before_any_work(tmp_path, capsys):
     mine.mkdir()
     (mine / "config.yaml").write_text("hello: world\n")
     code, _, err = run(train_main, [str(tiny), f"output_dir={mine}"], capsys)
-    assert code == 2 and "holds config.yaml but neither checkpoints/ nor a run's config.yaml" in err
+    assert code == 2 and "holds config.yaml but neither a run's checkpoints nor a run's config.yaml" in err
     assert [p.name for p in mine.iterdir()] == ["config.yaml"] and (mine / "config.yaml").read_text() == "hello: world\n"
     from jaxaccel.train.loop import check_output_dir
 
@@ -371,7 +372,25 @@ def test_outputs_are_checked_before_any_work(tmp_path, capsys):
     # its checkpoints say it is a run's, and it resumes (check_resumed_config skips the file).
     (mine / "config.yaml").write_text("model:\n  vocab_size: 4")
     (mine / "checkpoints").mkdir()
+    with pytest.raises(ConfigError, match="holds config.yaml but neither"):  # an empty checkpoints/ is no run's
+        check_output_dir(str(mine))
+    (mine / "checkpoints" / "40").mkdir()
     check_output_dir(str(mine))
+    # A model/ folder there is replaced by the run's export: only the run's own may be there.
+    (mine / "model" / "params").mkdir(parents=True)
+    (mine / "model" / "params" / "weights.bin").write_bytes(b"mine")
+    with pytest.raises(ConfigError, match="its model/ folder holds files that are not a jaxaccel model"):
+        check_output_dir(str(mine))
+    (mine / "model" / "jaxaccel.json").write_text("{}")
+    check_output_dir(str(mine))
+    shutil.rmtree(mine / "checkpoints")
+    (mine / "config.yaml").write_text("mine: 1\n")
+    (mine / "tokenizer.model").unlink()
+    with pytest.raises(ConfigError, match="holds config.yaml but neither"):
+        check_output_dir(str(mine))
+    (mine / "config.yaml").unlink()
+    with pytest.raises(ConfigError, match="holds a model that this folder's run did not write"):
+        check_output_dir(str(mine))
     code, _, err = run(train_main, [" "], capsys)
     assert code == 2 and "the config must be a path to a YAML file" in err
     # An empty path is not the current folder (convert --force would have emptied its params/).

@@ -134,6 +134,24 @@ def test_weight_decay_skips_norm_scales():
     assert float(jnp.abs(updates["layers"]["mlp"]["up"]["kernel"]).max()) > 0.0
 
 
+def test_learning_rate_schedules_without_warmup_start_at_the_full_rate():
+    """optim.warmup_steps=0: the first step trains at lr (it used to warm up over one step from
+    0, so train.steps=1 trained nothing, and crashed with the cosine schedule)."""
+    from jaxaccel.train.config import OptimConfig
+    from jaxaccel.train.step import lr_schedule
+
+    for schedule in ("cosine", "constant"):
+        one = lr_schedule(OptimConfig(lr=1e-3, warmup_steps=0, schedule=schedule), 1)
+        assert float(one(0)) == pytest.approx(1e-3)
+    cosine = lr_schedule(OptimConfig(lr=1e-3, warmup_steps=0, min_lr_ratio=0.1), 10)
+    rates = [float(cosine(i)) for i in range(11)]
+    assert rates[0] == pytest.approx(1e-3) and rates[10] == pytest.approx(1e-4)
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    warm = lr_schedule(OptimConfig(lr=1e-3, warmup_steps=4, min_lr_ratio=0.1), 20)  # unchanged with a warm-up
+    assert [float(warm(i)) for i in range(5)] == pytest.approx([0, 2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert float(warm(20)) == pytest.approx(1e-4)
+
+
 def test_dropout_switches_on_at_its_step(tmp_path, single_device):
     model = {**MODEL, "dropout": {"attention": 0.2, "mlp": 0.2}}
     train(run_cfg(tmp_path, model, dropout_start_step=4))

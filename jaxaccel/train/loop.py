@@ -147,14 +147,36 @@ def check_output_dir(output_dir: str) -> None:
     if (folder.parent / "jaxaccel.json").is_file():
         raise ConfigError(f"output_dir {output_dir!r} is inside a model folder ({folder.parent}): choose another "
                           f"output_dir")
-    # The run writes config.yaml, tokenizer.model and metrics.jsonl. Beside checkpoints/ or a
-    # run's config.yaml they are a run's (older trainers could leave config.yaml cut short by a
-    # kill: its checkpoints still say whose it is); anywhere else, someone else's files.
+    # The run writes config.yaml, tokenizer.model and metrics.jsonl. Beside a run's checkpoints
+    # or a run's config.yaml they are a run's (older trainers could leave config.yaml cut short
+    # by a kill: its checkpoints still say whose it is); anywhere else, someone else's files. An
+    # empty checkpoints/ folder says nothing: a project's own layout may have one.
+    run = _holds_checkpoints(folder) or _is_run_config(folder / RUN_CONFIG)
     own = [name for name in (RUN_CONFIG, "tokenizer.model", "metrics.jsonl") if (folder / name).exists()]
-    if own and not (folder / RUN_CHECKPOINTS).is_dir() and not _is_run_config(folder / RUN_CONFIG):
-        raise ConfigError(f"output_dir {output_dir!r} holds {own[0]} but neither checkpoints/ nor a run's "
+    if own and not run:
+        raise ConfigError(f"output_dir {output_dir!r} holds {own[0]} but neither a run's checkpoints nor a run's "
                           f"{RUN_CONFIG}: not a training run's folder, and a run there would overwrite it; choose "
                           f"another output_dir")
+    # The run exports its model to model/, replacing what a model there holds: only a run's own
+    # export (a jaxaccel model, or a save killed half-way) may be there.
+    model = folder / "model"
+    if model.is_dir() and any(model.iterdir()):
+        export = (model / "jaxaccel.json").is_file() or (model / "params" / "_CHECKPOINT_METADATA").is_file() or \
+            all(p.name in (".jaxaccel-saving", ".jaxaccel-replaced") for p in model.iterdir())
+        if not (run and export):
+            what = "files that are not a jaxaccel model" if not export else "a model that this folder's run did not write"
+            raise ConfigError(f"output_dir {output_dir!r}: its model/ folder holds {what}, and a run exports its model "
+                              f"there: choose another output_dir")
+    elif model.exists() and not model.is_dir():
+        raise ConfigError(f"output_dir {output_dir!r}: model is a file, and a run exports its model there: choose "
+                          f"another output_dir")
+
+
+def _holds_checkpoints(folder: Path) -> bool:
+    """Whether `folder` has a run's checkpoints: a checkpoints/ folder with a step in it (a
+    finished step, or one a kill left half-written)."""
+    steps = folder / RUN_CHECKPOINTS
+    return steps.is_dir() and any(p.name[:1].isdigit() for p in steps.iterdir())
 
 
 def _is_run_config(path: Path) -> bool:

@@ -30,11 +30,17 @@ class TrainState(NamedTuple):
 
 
 def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Linear warm-up from 0 over `warmup_steps` (optax's convention: the first step's rate is
+    0), then constant or cosine decay to `min_lr_ratio * lr` at `total_steps`. With no warm-up
+    the first step trains at the full rate."""
+    warmup = cfg.warmup_steps
     if cfg.schedule == "constant":
-        return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1)),
-                                     optax.constant_schedule(cfg.lr)], [max(cfg.warmup_steps, 1)])
-    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1),
-                                              max(total_steps, cfg.warmup_steps + 1), end_value=cfg.lr * cfg.min_lr_ratio)
+        after = optax.constant_schedule(cfg.lr)
+    else:
+        after = optax.cosine_decay_schedule(cfg.lr, max(total_steps - warmup, 1), alpha=cfg.min_lr_ratio)
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), after], [warmup])
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
