@@ -133,6 +133,12 @@ def test_non_string_keys_are_named(tmp_path):
     ("train.peak_flops=-5", r"train.peak_flops must be a finite number > 0 or null \(null: measure a matmul\), got -5"),
     ("train.peak_flops=.nan", r"train.peak_flops must be a finite number > 0 or null \(null: measure a matmul\), got nan"),
     ("train.seq_len=4096", r"train.seq_len \(4096\) is longer than model.max_seq_len \(2048\).*raise model.max_seq_len"),
+    ("train.eval_every=-1", "train.eval_every must be >= 0, got -1"),  # evaluated at every step
+    ("train.dropout_start_step=-5", "train.dropout_start_step must be >= 0, got -5"),
+    ("train.eval_batches=0", r"train.eval_batches must be >= 1 or null .*validation_fraction=0"),  # silently no eval
+    ("train.eval_batches=-2", r"train.eval_batches must be >= 1 or null"),
+    ("data.corpus=,", "data.corpus must not be empty"),  # a traceback from os.path.commonpath
+    ("data.corpus= , ,", "data.corpus must not be empty"),
 ])
 def test_out_of_range_values_are_config_errors(override, match):
     with pytest.raises(ConfigError, match=match):

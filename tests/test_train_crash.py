@@ -99,11 +99,11 @@ def test_fewer_steps_than_the_latest_checkpoint_are_refused_and_more_resume(fini
 
 
 @pytest.mark.parametrize("change,key", [
-    (dict(optim={"lr": 2e-2}), "optim.lr is 0.01 there, 0.02 now"),
-    (dict(train_kw={"batch_size": 16}), "train.batch_size is 8 there, 16 now"),
-    (dict(train_kw={"seq_len": 16}), "train.seq_len is 32 there, 16 now"),
-    (dict(data={"seed": 1}), "data.seed is 0 there, 1 now"),
-    (dict(model={"rope_theta": 500.0}), "model.rope_theta is 10000.0 there, 500.0 now"),  # same shapes
+    (dict(optim={"lr": 2e-2}), "optim.lr is 0.01 in its config.yaml, 0.02 now"),
+    (dict(train_kw={"batch_size": 16}), "train.batch_size is 8 in its config.yaml, 16 now"),
+    (dict(train_kw={"seq_len": 16}), "train.seq_len is 32 in its config.yaml, 16 now"),
+    (dict(data={"seed": 1}), "data.seed is 0 in its config.yaml, 1 now"),
+    (dict(model={"rope_theta": 500.0}), "model.rope_theta is 10000.0 in its config.yaml, 500.0 now"),  # same shapes
 ])
 def test_resuming_with_other_settings_is_refused(finished, tmp_path, capsys, change, key):
     """A rerun with another optimizer, batch, data or model used to continue the checkpoints
@@ -124,6 +124,21 @@ def test_resuming_with_other_settings_is_refused(finished, tmp_path, capsys, cha
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert code == 2 and len(errors) == 1 and key in errors[0] and "Traceback" not in err, err
     assert f"train.init_from={run}" in errors[0]
+
+
+def test_a_run_without_its_config_yaml_is_checked_against_its_checkpoints(finished, tmp_path, capsys):
+    """With config.yaml deleted, a resume with another batch used to continue (or fail deep in
+    the data pipeline) after rewriting config.yaml with the wrong settings, so that the right
+    command was then refused. Every checkpoint now holds a copy of the settings."""
+    run = copy_run(finished, tmp_path)
+    (run / "config.yaml").unlink()
+    with pytest.raises(ConfigError, match=r"other settings \(train.batch_size is 8 in its checkpoint 8, 16 now\)"):
+        train(run_cfg(run, steps=12, train_kw={"batch_size": 16}))
+    assert not (run / "config.yaml").exists()
+    logged = []
+    summary = train(run_cfg(run, steps=12), log=logged.append)  # the run's own settings still resume it
+    assert summary["resumed_from"] == 8 and (run / "config.yaml").is_file()
+    assert "train.steps is 12 now, 8 before: the learning rate decays over the new length from here" in logged[0]
 
 
 def test_damaged_newest_step_and_metrics_lines_resume_to_the_uninterrupted_curve(finished, tmp_path, capfd):
@@ -477,3 +492,52 @@ def test_a_run_refused_after_its_checkpoints_opened_closes_them(finished, tmp_pa
     with pytest.raises(ConfigError, match="init_from"):
         train(wider)
     assert len(closed) == 1
+
+
+def test_init_from_a_model_of_another_vocabulary_is_refused(finished, tmp_path):
+    """A source trained with another SentencePiece vocabulary than the run's data builds (a
+    fine-tune on another corpus) used to be accepted: its embedding rows were then read as
+    other tokens, and the export paired them with the new tokenizer."""
+    from jaxaccel.train.loop import initial_params
+
+    run = copy_run(finished, tmp_path)
+    (run / "model" / "tokenizer.model").write_bytes(b"the source's vocabulary")
+    mine = tmp_path / "mine.model"
+    mine.write_bytes(b"this run's vocabulary")
+    cfg = run_cfg(tmp_path / "new", train_kw={"init_from": str(run)})
+    with pytest.raises(ConfigError, match="was trained with another vocabulary than the one this run's data builds"):
+        initial_params(cfg, None, mine)
+    mine.write_bytes(b"the source's vocabulary")
+    params = initial_params(cfg, None, mine)
+    assert params["embed"]["embedding"].shape == (MODEL["vocab_size"], MODEL["d_model"])
+
+
+def test_more_steps_than_the_data_budget_are_refused_before_training(tmp_path):
+    """train.steps past the data budget used to train until the data ran out (checkpoints
+    written, no model exported), then stop with exit 2; now it is refused up front."""
+    from jaxaccel.train.synthetic import SyntheticData
+
+    data = SyntheticData(MODEL["vocab_size"], 32, 8, total_steps=5)
+    with pytest.raises(ConfigError, match=r"train.steps \(8\) exceeds the data budget: 5 steps of 8 sequences"):
+        train(run_cfg(tmp_path / "run"), data)
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_rerunning_a_finished_run_without_validation_keeps_the_exported_figures(finished, tmp_path):
+    """A finished run rerun with no validation data this time (data.max_eval_tokens=0, a
+    resume may change it) used to re-export its model with the validation figures set to
+    null."""
+    from jaxaccel.train.synthetic import SyntheticData
+
+    class NoValidation(SyntheticData):
+        def eval_batches(self):
+            return iter(())
+
+    run = copy_run(finished, tmp_path)
+    before = json.loads((run / "model" / "jaxaccel.json").read_text())["info"]
+    assert before["validation_loss"] is not None
+    summary = train(run_cfg(run), NoValidation(MODEL["vocab_size"], 32, 8, total_steps=8))
+    after = json.loads((run / "model" / "jaxaccel.json").read_text())["info"]
+    assert summary["resumed_from"] == 8 and summary["eval_loss"] == before["validation_loss"]
+    assert {k: after[k] for k in ("validation_loss", "validation_accuracy", "validation_tokens", "trained_steps")} == \
+        {k: before[k] for k in ("validation_loss", "validation_accuracy", "validation_tokens", "trained_steps")}

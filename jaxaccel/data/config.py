@@ -149,7 +149,7 @@ class DataConfig:
     retrieval: RetrievalConfig = RetrievalConfig()
 
     def __post_init__(self):
-        if not self.corpus.strip():
+        if not any(p.strip() for p in self.corpus.split(",")):
             raise ConfigError("data.corpus must not be empty (use 'stdlib', file paths/globs, or 'tfds:NAME')")
         if not self.text_field:
             raise ConfigError("data.text_field must not be empty")

@@ -101,6 +101,12 @@ class LoopConfig:
         for name in ("batch_size", "seq_len", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "dropout_start_step"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.eval_batches is not None and self.eval_batches < 1:
+            raise ConfigError(f"train.eval_batches must be >= 1 or null (every validation batch), got "
+                              f"{self.eval_batches} (no validation at all: data.validation_fraction=0)")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.attention not in ("flash", "dense"):

@@ -213,12 +213,26 @@ def resumed_config_differences(stored: Mapping, cfg: RunConfig) -> list[tuple[st
             and not (k not in a and k in defaults and b.get(k) == defaults[k])]
 
 
-def check_resumed_config(cfg: RunConfig) -> None:
+def _other_settings(cfg: RunConfig, stored: Mapping, where: str) -> str | None:
+    """The one-line refusal to resume a run whose settings (`stored`, read from `where`)
+    differ from `cfg` outside RESUME_MAY_CHANGE, or None."""
+    diff = resumed_config_differences(stored, cfg)
+    if not diff:
+        return None
+    key, have, want = diff[0]
+    more = f" and {len(diff) - 1} more" if len(diff) > 1 else ""
+    return (f"output_dir {cfg.output_dir!r} holds a run with other settings ({key} is {have!r} in its {where}, "
+            f"{want!r} now{more}): rerun with the run's settings to resume it, or choose another output_dir "
+            f"(train.init_from={cfg.output_dir} starts a new run from its weights)")
+
+
+def check_resumed_config(cfg: RunConfig) -> Mapping | None:
     """Refuse to resume a run folder whose `config.yaml` names other settings than `cfg`
-    (see RESUME_MAY_CHANGE). A missing or unreadable config.yaml (a run killed while writing
-    it) is not checked. Process 0 reads the file; on a multi-host run every process learns
-    its verdict."""
-    error = None
+    (see RESUME_MAY_CHANGE); return the settings read (None: the file is missing or
+    unreadable, a run killed while writing it, or not process 0). Process 0 reads the file; on
+    a multi-host run every process learns its verdict. (Each checkpoint also holds a copy of
+    the settings, which `_train` compares on every process after the restore.)"""
+    error = stored = None
     if _is_main():
         from jaxaccel.model.checkpoint import as_path
 
@@ -226,13 +240,8 @@ def check_resumed_config(cfg: RunConfig) -> None:
             stored = yaml.safe_load((as_path(cfg.output_dir) / RUN_CONFIG).read_text())
         except Exception:  # missing, half-written, or an object store's error: nothing to compare with
             stored = None
-        diff = resumed_config_differences(stored, cfg) if isinstance(stored, Mapping) else []
-        if diff:
-            key, have, want = diff[0]
-            more = f" and {len(diff) - 1} more" if len(diff) > 1 else ""
-            error = (f"output_dir {cfg.output_dir!r} holds a run with other settings ({key} is {have!r} there, "
-                     f"{want!r} now{more}): rerun with the settings in its {RUN_CONFIG} to resume it, or choose "
-                     f"another output_dir (train.init_from={cfg.output_dir} starts a new run from its weights)")
+        stored = stored if isinstance(stored, Mapping) else None
+        error = None if stored is None else _other_settings(cfg, stored, RUN_CONFIG)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -240,6 +249,7 @@ def check_resumed_config(cfg: RunConfig) -> None:
             error = f"output_dir {cfg.output_dir!r} holds a run with other settings (process 0 refused to resume it)"
     if error is not None:
         raise ConfigError(error)
+    return stored
 
 
 def _check_run_config(cfg: Any) -> RunConfig:
@@ -286,6 +296,11 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
     if data.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"the vocabulary has {data.vocab_size} tokens but model.vocab_size is "
                           f"{cfg.model.vocab_size}; set model.vocab_size >= {data.vocab_size}")
+    budget = getattr(data, "total_steps", None)
+    if cfg.train.steps is not None and budget is not None and cfg.train.steps > budget:
+        raise ConfigError(f"train.steps ({cfg.train.steps}) exceeds the data budget: {budget} steps of "
+                          f"{cfg.train.batch_size} sequences (data.epochs {cfg.data.epochs}); raise data.epochs, or "
+                          f"lower train.steps (null: the budget's steps)")
     total_steps = cfg.train.steps or data.total_steps
     optimizer = make_optimizer(cfg.optim, total_steps)
     schedule = lr_schedule(cfg.optim, total_steps)
@@ -300,6 +315,7 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
     writer = bar = None
     try:
         listed = ckpts.agreed_steps()  # the same on every process, or a one-line error on all
+        stored = None
         if listed:  # refused before the restore sets any unreadable step aside (on gs://: deletes it)
             try:  # another model first: its error names the parameter
                 ckpts.check_shapes(listed[-1], abstract)
@@ -307,19 +323,32 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
                 raise
             except Exception:  # unreadable metadata: restore_latest reports it and falls back
                 pass
-            check_resumed_config(cfg)
+            stored = check_resumed_config(cfg)
             if listed[-1] > total_steps:
                 raise ConfigError(f"output_dir {cfg.output_dir!r} holds checkpoint step {listed[-1]}, past "
                                   f"train.steps ({total_steps}): raise train.steps to continue that run, or choose "
                                   f"another output_dir")
         restored = ckpts.restore_latest(abstract, listed)
         if restored is not None:
+            # The checkpoint's own copy of the run's settings: compared even when config.yaml
+            # is gone (it is rewritten below), on every process alike.
+            saved = restored.meta.get("config")
+            error = _other_settings(cfg, saved, f"checkpoint {restored.step}") if isinstance(saved, Mapping) else None
+            if error is not None:
+                raise ConfigError(error)
+            if stored is None and saved is None:
+                log(f"warning: {RUN_CONFIG} is missing in {cfg.output_dir} and checkpoint {restored.step} predates "
+                    f"settings in checkpoints: this resume's settings are not checked against the run's")
+            before = (stored or saved or {}).get("train", {}).get("steps")
+            if before is not None and before != cfg.train.steps and cfg.optim.schedule == "cosine":
+                log(f"train.steps is {cfg.train.steps} now, {before} before: the learning rate decays over the new "
+                    f"length from here, so this run's curve is neither length's")
             state, start = restored.state, restored.step
             log(f"resuming from checkpoint step {start} in {ckpt_dir}")
         else:
             state, start = create_state(cfg.model, optimizer, shardings, cfg.train.seed), 0
             if cfg.train.init_from is not None:
-                state = state._replace(params=initial_params(cfg, shardings.params))
+                state = state._replace(params=initial_params(cfg, shardings.params, data.vocab_path))
                 log(f"initialised from {cfg.train.init_from}")
         if _is_main():
             from jaxaccel.files import write_atomically
@@ -425,6 +454,7 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
             last.update(time=now, step=pending[-1][0] + 1)
             pending.clear()
 
+        settings = json.loads(json.dumps(to_dict(cfg), default=str))  # a copy in every checkpoint
         noticed = notice.enter_context(preemption_notice())
         batches = data.train_batches(start)
         for step in range(start, total_steps):
@@ -450,7 +480,7 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
                 last_eval = evaluate(done)
             if due_ckpt or stop:
                 ckpts.save(done, state, {"step": done, "data_position": done, "tokens_seen": done * tokens_per_step,
-                                         "unique_tokens": unique})
+                                         "unique_tokens": unique, "config": settings})
             if stop:
                 ckpts.wait()
                 raise Preempted(f"a preemption notice (SIGTERM) stopped the run after step {done} of {total_steps}; "
@@ -459,6 +489,8 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
         flush_metrics()
         if start == total_steps:  # resumed after the last step: evaluate, recording it only if it is not yet
             last_eval = evaluate(total_steps, write=writer is not None and not writer.has(total_steps, "eval_loss"))
+            if not last_eval:  # no validation this time (data.max_eval_tokens=0): the export keeps its figures
+                last_eval = exported_evaluation(cfg.output_dir, total_steps)
         ckpts.wait()
         from jaxaccel.model.checkpoint import as_path
 
@@ -506,15 +538,22 @@ def init_source(init_from: str) -> tuple[str, Any]:
     raise ConfigError(f"train.init_from: {str(folder)!r} is neither a jaxaccel model nor a training run folder")
 
 
-def initial_params(cfg: RunConfig, shardings: Any) -> Any:
+def initial_params(cfg: RunConfig, shardings: Any, vocab_path: str | Path | None = None) -> Any:
     """`train.init_from`'s parameters in this run's (scanned) layout and shardings. The source
     must match the model config in everything but depth; a deeper source gives its first
-    model.n_layers layers."""
+    model.n_layers layers. With `vocab_path` (this run's SentencePiece model), a source with
+    a tokenizer must have that one: its embeddings are rows of its own vocabulary."""
     from jaxaccel.model import checkpoint as ckpt
     from jaxaccel.model.layers import jnp_dtype
     from jaxaccel.model.transformer import canonical_params, stack_layers
 
     kind, folder = init_source(cfg.train.init_from)
+    theirs_vocab = folder / "tokenizer.model"
+    if vocab_path is not None and theirs_vocab.is_file() and theirs_vocab.read_bytes() != Path(vocab_path).read_bytes():
+        raise ConfigError(f"train.init_from: {str(folder)!r} was trained with another vocabulary than the one this "
+                          f"run's data builds ({cfg.data.corpus!r}, data.vocab_size {cfg.data.vocab_size}): its "
+                          f"embeddings would be read as other tokens; train on the corpus and vocabulary settings "
+                          f"it was trained with")
     src_cfg, params, _ = ckpt.load_model(folder) if kind == "model" else ckpt.load_run_params(folder)
     mine, theirs = to_dict(cfg.model), to_dict(src_cfg)
     differ = sorted(k for k in mine if k not in ("n_layers", "dropout", "max_seq_len", "dtype", "param_dtype") and mine[k] != theirs.get(k))
@@ -540,6 +579,20 @@ def skip_info(cfg: RunConfig) -> dict:
     s = skip[0]
     return {"skip_schedule": {"warmup_layers": s.warmup_layers, "min_layers": s.min_layers,
                               "max_layers": s.max_layers, "max_length": s.max_length}}
+
+
+def exported_evaluation(output_dir: str, steps: int) -> dict[str, float]:
+    """The validation figures of the model a run exported after `steps` steps ({} if none)."""
+    from jaxaccel.model.checkpoint import as_path
+
+    try:
+        info = json.loads((as_path(output_dir) / "model" / "jaxaccel.json").read_text()).get("info") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if info.get("trained_steps") != steps or info.get("validation_loss") is None:
+        return {}
+    return {"eval_loss": info["validation_loss"], "eval_accuracy": info.get("validation_accuracy"),
+            "eval_tokens": info.get("validation_tokens")}
 
 
 def export_model(cfg: RunConfig, params: Any, folder: Path, data: Any, steps: int, evaluation: dict) -> Path:
