@@ -93,6 +93,12 @@ def test_numpy_inputs_read_as_the_values_they_hold(tiny_lm):
     (dict(method="recycling", method_input={"a": 1}), "method_input for 'recycling' must be a numeric array, got dict"),
     (dict(method="recycling", method_input=[[1, 2], [3]]), "must be a numeric array, got list"),  # ragged
     (dict(method_input=np.zeros((97, 8))), "method 'autoregressive' takes no method_input"),
+    # ids past the vocabulary used to give silent all-zero output (NaN logits from the tree)
+    (dict(method="recycling", method_input=np.full((97, 8), 97)), "holds entries that are not token ids: each must be "
+                                                                   "-1 (none) or an integer in [0, 97)"),
+    (dict(method="chain", draft="recycling", method_input=np.full((97, 1), -2)), "are not token ids"),
+    (dict(method="recycling", method_input=np.full((97, 8), 0.7)), "are not token ids"),  # was truncated to 0
+    (dict(method="recycling", method_input=np.full((97, 8), np.nan)), "are not token ids"),
     (dict(temperature=True), "temperature must be a finite number >= 0, got True"),
     (dict(temperature=1.0, top_p=True), "top_p must be in (0, 1], got True"),
     (dict(progress="yes"), "progress must be True or False"),

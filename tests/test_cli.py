@@ -87,6 +87,8 @@ def test_decode_bad_input_is_one_line(model_dir, capsys, args, message):
     (b'{"prompt_ids": "1,2"}\n', 'p.jsonl:1: "prompt_ids" must be a list of integers'),
     (b'\n{"text": 5}\n', 'p.jsonl:2: "text" must be a string'),
     (b"\x00\x01\x02\n", "p.jsonl:1: not valid JSON"),
+    (b'{"prompt": "x", "prompt_ids": [1]}\n', 'p.jsonl:1: give one of "prompt", "text" or "prompt_ids", not '
+                                             "['prompt', 'prompt_ids']"),  # prompt_ids used to win silently
     (b"\n  \n", "holds no prompts"),
     (b'{"prompt": "a\\ud800b"}\n', "prompt 0 is not valid Unicode text (a lone surrogate at character 1)"),
 ])

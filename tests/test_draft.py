@@ -267,10 +267,19 @@ def test_a_draft_too_short_for_the_request_is_refused_before_any_calibration(lm,
 
 def test_budget_past_the_drafts_maximum_length(lm, draft_lm):
     """The target's cache is sized from the request (past its maximum length it only warns),
-    but the draft must cover every position the call needs, its tree included."""
-    with pytest.raises(InvalidArgumentError, match=r"the draft's maximum length \(256\) is shorter than the 305 "
-                                                   r"positions this call needs"):
-        lm.generate([[1] * 200], max_new_tokens=40, method="dyspec", budget=64, draft=draft_lm)
+    but the draft must cover every position the call needs, its tree included: the tree's
+    depth (16 at most for DySpec), not its 65 node slots (200 + 40 tokens used to be refused
+    as 305 positions)."""
+    with pytest.raises(InvalidArgumentError, match=r"the draft's maximum length \(256\) is shorter than the 261 "
+                                                   r"positions this call needs \(longest prompt \+ max_new_tokens \+ "
+                                                   r"the tree's depth\)"):
+        lm.generate([[1] * 200], max_new_tokens=45, method="dyspec", budget=64, draft=draft_lm)
+    from jaxaccel.decode.methods import get_method
+
+    assert get_method("dyspec", budget=64).position_headroom() == 16
+    assert get_method("sequoia", budget=64).position_headroom() == 8  # its max_depth
+    assert get_method("sps", budget=5).position_headroom() == 5
+    assert get_method("autoregressive").position_headroom() == 0
 
 
 # ----------------------------------------------------------------------------- planning

@@ -416,14 +416,16 @@ def test_bad_method_options(lm, method, opts, message):
 def test_a_tree_past_the_maximum_length_warns_as_autoregressive_does(lm):
     """The cache is sized from the request, tree slots included: a tree that reaches past the
     model's maximum length decodes (with the warning autoregressive gives past it), and one
-    that fits says nothing. Greedy output stays autoregressive's."""
+    that fits says nothing. A tree's nodes sit at the root's position + their depth, so its
+    depth counts, not its node slots (the 81-node, 6-level paper tree used to warn here).
+    Greedy output stays autoregressive's."""
     prompt = [list(range(1, 90))]
-    with pytest.warns(UserWarning, match="the draft tree's 81 slots runs past the model's maximum length 256"):
-        out = lm.generate(prompt, max_new_tokens=150, method="recycling", template="paper")
+    with pytest.warns(UserWarning, match="the draft tree's depth 20 runs past the model's maximum length 256"):
+        out = lm.generate(prompt, max_new_tokens=150, method="recycling", template=[1] * 20)
     assert out.tokens == lm.generate(prompt, max_new_tokens=150).tokens
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        lm.generate(prompt, max_new_tokens=150, method="recycling", template=[4, 4, 2])  # 11 nodes fit
+        lm.generate(prompt, max_new_tokens=150, method="recycling", template="paper")  # 239 + depth 6 fit
 
 
 

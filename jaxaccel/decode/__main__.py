@@ -67,6 +67,8 @@ def read_prompts(args) -> list[Any]:
                 item = json.loads(line)
             except json.JSONDecodeError as e:
                 fail(f"{path}:{n}: not valid JSON ({e.msg})")
+            if isinstance(item, dict) and len({"prompt_ids", "prompt", "text"} & set(item)) > 1:
+                fail(f'{path}:{n}: give one of "prompt", "text" or "prompt_ids", not {sorted({"prompt_ids", "prompt", "text"} & set(item))}')
             if isinstance(item, dict) and "prompt_ids" in item:
                 ids = item["prompt_ids"]
                 if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):

@@ -409,6 +409,9 @@ class Sequoia(StaticDraftMethod):
     def cache_headroom(self) -> int:
         return self.budget + 1
 
+    def position_headroom(self) -> int:  # the tree is planned in `prepare`; its depth is bounded before
+        return min(self.max_depth, self.budget)
+
     def tree_nodes(self) -> int:
         return self.budget + 1
 

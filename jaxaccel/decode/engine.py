@@ -146,6 +146,12 @@ class DecodeMethod:
         return (self.name, tuple(sorted((k, repr(v)) for k, v in self.opts.items())))
 
     def cache_headroom(self) -> int:
+        """Cache slots a step needs past the committed tokens (a tree method's nodes)."""
+        return 0
+
+    def position_headroom(self) -> int:
+        """Positions a step reaches past the committed tokens (a tree's depth: its nodes sit at
+        the root's position + their depth), an upper bound; 0 for one token per step."""
         return 0
 
     # True: positions past the model's trained max_seq_len are what the method is for

@@ -213,15 +213,15 @@ class LanguageModel:
         # limit: past it, positions are ones the model never saw (the extrapolation TokenSelect
         # is for), said once per call.
         draft_handle = None
+        positions = longest + max_new_tokens + decoder.position_headroom()  # a tree's nodes: root + depth
         if draft_lm is not None:
-            positions = longest + max_new_tokens + decoder.cache_headroom()
             if draft_lm.config.max_seq_len < positions:
                 raise InvalidArgumentError(
                     f"the draft's maximum length ({draft_lm.config.max_seq_len}) is shorter than the {positions} "
-                    f"positions this call needs (longest prompt + max_new_tokens + the tree)")
+                    f"positions this call needs (longest prompt + max_new_tokens + the tree's depth)")
             draft_handle = draft_lm.handle
         if method_input is not None:
-            method_input = _method_input_array(method_input, decoder)
+            method_input = _method_input_array(method_input, decoder, self.config.vocab_size)
         if method_input is None and decoder.carries_memory:
             method_input = self._method_memory.get(decoder.key())  # hot start from the previous call
 
@@ -233,10 +233,10 @@ class LanguageModel:
         chunk = min(cache_len, decoder.prefill_chunk() or self.prefill_chunk)
         self._check_cache_fits(batch_bucket, cache_len, draft=draft_lm,
                                prefill_chunk=chunk if decoder.prefill_reads_whole_cache else None)
-        # A tree method's scratch slots (its draft tree) are positions too.
-        scratch = decoder.cache_headroom()
-        if longest + max_new_tokens + scratch > self.config.max_seq_len and not decoder.extrapolates:
-            tree = f" + the draft tree's {scratch} slots" if scratch else ""
+        # A tree method's nodes sit at positions past the committed tokens (the tree's depth).
+        if positions > self.config.max_seq_len and not decoder.extrapolates:
+            depth = decoder.position_headroom()
+            tree = f" + the draft tree's depth {depth}" if depth else ""
             warnings.warn(f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}){tree} runs past "
                           f"the model's maximum length {self.config.max_seq_len}: method {decoder.name!r} uses "
                           f"positions the model was not trained at", stacklevel=2)
@@ -535,9 +535,11 @@ def _destination(folder, overwrite: bool, own: tuple[str, ...], what_to_do: str 
     return path
 
 
-def _method_input_array(value: Any, decoder) -> Any:
-    """`method_input` as the one numeric array a method takes (recycling's matrix), or a
-    one-line error: for a method that takes none, for a dict or a ragged list."""
+def _method_input_array(value: Any, decoder, vocab_size: int) -> Any:
+    """`method_input` as the one numeric array a method takes (recycling's matrix of token
+    ids, -1 for none), or a one-line error: for a method that takes none, for a dict or a
+    ragged list, for entries that are not -1 or a token id of the vocabulary (an id past it
+    used to poison the tree's logits with NaN: every token came out 0)."""
     if not decoder.takes_input:
         raise InvalidArgumentError(f"method {decoder.name!r} takes no method_input")
     if isinstance(value, jax.Array):
@@ -551,6 +553,11 @@ def _method_input_array(value: Any, decoder) -> Any:
             or jnp.issubdtype(arr.dtype, jnp.bool_):
         raise InvalidArgumentError(f"method_input for {decoder.name!r} must be a numeric array, got "
                                    f"{type(value).__name__}")
+    values = np.asarray(arr)
+    if values.size and (not np.all(np.isfinite(values)) or np.any(values != np.round(values))
+                        or values.min() < -1 or values.max() >= vocab_size):
+        raise InvalidArgumentError(f"method_input for {decoder.name!r} holds entries that are not token ids: each "
+                                   f"must be -1 (none) or an integer in [0, {vocab_size})")
     return arr
 
 

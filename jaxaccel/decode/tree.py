@@ -315,6 +315,9 @@ class TreeMethod(DecodeMethod):
     def cache_headroom(self) -> int:
         return self.tree_shape().nodes
 
+    def position_headroom(self) -> int:
+        return self.tree_shape().max_depth if self.tree_nodes() else 0
+
     def tree_nodes(self) -> int:
         return self.tree_shape().nodes
 
