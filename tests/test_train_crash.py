@@ -539,5 +539,6 @@ def test_rerunning_a_finished_run_without_validation_keeps_the_exported_figures(
     summary = train(run_cfg(run), NoValidation(MODEL["vocab_size"], 32, 8, total_steps=8))
     after = json.loads((run / "model" / "jaxaccel.json").read_text())["info"]
     assert summary["resumed_from"] == 8 and summary["eval_loss"] == before["validation_loss"]
+    assert summary["final_loss"] is None  # no step trained (was NaN: not JSON)
     assert {k: after[k] for k in ("validation_loss", "validation_accuracy", "validation_tokens", "trained_steps")} == \
         {k: before[k] for k in ("validation_loss", "validation_accuracy", "validation_tokens", "trained_steps")}

@@ -101,6 +101,8 @@ class LoopConfig:
         for name in ("batch_size", "seq_len", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.init_from is not None and not str(self.init_from).strip():
+            raise ConfigError("train.init_from must be a model or run folder, or null; got an empty string")
         for name in ("eval_every", "dropout_start_step"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")

@@ -502,8 +502,9 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
         ckpts.close()
         if writer is not None:
             writer.close()
-    return {"steps": total_steps, "resumed_from": start, "final_loss": last_loss, **last_eval,
-            "data": data.stats, "output_dir": cfg.output_dir}
+    # final_loss: None when this call trained no step (a finished run rerun): NaN is no JSON
+    return {"steps": total_steps, "resumed_from": start, "final_loss": None if math.isnan(last_loss) else last_loss,
+            **last_eval, "data": data.stats, "output_dir": cfg.output_dir}
 
 
 def check_init_from(init_from: str | None, output_dir: str) -> None:
