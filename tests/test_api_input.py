@@ -256,26 +256,45 @@ def test_memory_pre_check_counts_the_prefill_scores(tiny_lm, monkeypatch):
 
 def test_memory_pre_check_counts_what_the_device_already_holds(tiny_lm, monkeypatch):
     """The cache must fit next to the model: on CPU the parameters share the RAM (tiny: 30 KB),
-    on an accelerator everything its allocator has in use counts."""
+    on an accelerator everything its allocator has in use counts, read at every call."""
     from jaxaccel.decode import lm as lm_module
 
     cache = 2 * TINY.n_layers * TINY.n_kv_heads * TINY.resolved_head_dim * 4 * 1000  # batch 1, 1000 slots
-    params = lm_module._bytes_per_device(tiny_lm.params)
+    params = lm_module._bytes_resident(tiny_lm.params)
     assert params == 4 * sum(np.size(x) for x in jax.tree.leaves(tiny_lm.params))
     monkeypatch.setattr(lm_module, "_device_memory", lambda: (cache + params, None))
     tiny_lm._check_cache_fits(1, 1000)
     monkeypatch.setattr(lm_module, "_device_memory", lambda: (cache + params - 1, None))
-    with pytest.raises(InvalidArgumentError, match=r"GB of it already in use"):
+    with pytest.raises(InvalidArgumentError, match=r"more than the 0.0 GB this machine has left .* already in use"):
         tiny_lm._check_cache_fits(1, 1000)
+    # a draft model's cache and parameters count too, both
+    monkeypatch.setattr(lm_module, "_device_memory", lambda: (2 * cache + 2 * params, None))
+    tiny_lm._check_cache_fits(1, 1000, draft=tiny_lm)
+    for short in (1, params):  # one byte short, or the draft's parameters not counted
+        monkeypatch.setattr(lm_module, "_device_memory", lambda: (2 * cache + 2 * params - short, None))
+        with pytest.raises(InvalidArgumentError, match=r"already in use"):
+            tiny_lm._check_cache_fits(1, 1000, draft=tiny_lm)
     monkeypatch.setattr(lm_module, "_device_memory", lambda: (cache + 5000, 5000))  # accelerator: its own count
     tiny_lm._check_cache_fits(1, 1000)
     monkeypatch.setattr(lm_module, "_device_memory", lambda: (cache + 5000, 5001))
-    with pytest.raises(InvalidArgumentError, match=r"needs 0.0 GB per device, more than the 0.0 GB this device has left"):
+    with pytest.raises(InvalidArgumentError, match=r"GB per device, more than the 0.0 GB this device has left"):
         tiny_lm._check_cache_fits(1, 1000)
-    # a draft model's cache and parameters count too
-    monkeypatch.setattr(lm_module, "_device_memory", lambda: (cache + params, None))
-    with pytest.raises(InvalidArgumentError, match=r"already in use"):
-        tiny_lm._check_cache_fits(1, 1000, draft=tiny_lm)
+
+
+def test_device_memory_in_use_is_read_at_every_call(monkeypatch):
+    """The allocator's bytes in use change as models are loaded and freed: a cached first
+    reading would pass requests that no longer fit and refuse ones that do."""
+    from jaxaccel.decode import lm as lm_module
+
+    readings = iter([{"bytes_limit": 100, "bytes_in_use": 10}, {"bytes_limit": 100, "bytes_in_use": 60}])
+
+    class Device:
+        def memory_stats(self):
+            return next(readings)
+
+    monkeypatch.setattr(jax, "local_devices", lambda: [Device()])
+    assert lm_module._device_memory() == (100, 10)
+    assert lm_module._device_memory() == (100, 60)
 
 
 def test_a_recycling_chain_takes_its_own_matrix_back(tiny_lm):

@@ -137,8 +137,8 @@ def test_non_string_keys_are_named(tmp_path):
     ("train.dropout_start_step=-5", "train.dropout_start_step must be >= 0, got -5"),
     ("train.eval_batches=0", r"train.eval_batches must be >= 1 or null .*validation_fraction=0"),  # silently no eval
     ("train.eval_batches=-2", r"train.eval_batches must be >= 1 or null"),
-    ("data.corpus=,", "data.corpus must not be empty"),
-    ("train.init_from=' '", "train.init_from must be a model or run folder, or null; got an empty string"),  # was cwd  # a traceback from os.path.commonpath
+    ("data.corpus=,", "data.corpus must not be empty"),  # was a traceback from os.path.commonpath
+    ("train.init_from=' '", "train.init_from must be a model or run folder, or null; got an empty string"),  # was cwd
     ("data.corpus= , ,", "data.corpus must not be empty"),
 ])
 def test_out_of_range_values_are_config_errors(override, match):

@@ -138,7 +138,11 @@ def test_a_run_without_its_config_yaml_is_checked_against_its_checkpoints(finish
     logged = []
     summary = train(run_cfg(run, steps=12), log=logged.append)  # the run's own settings still resume it
     assert summary["resumed_from"] == 8 and (run / "config.yaml").is_file()
-    assert "train.steps is 12 now, 8 before: the learning rate decays over the new length from here" in logged[0]
+    assert "the run now trains 12 steps, 8 before: the learning rate decays over the new length from here" in logged[0]
+    assert not any("steps, " in line for line in logged[1:])
+    logged.clear()
+    summary = train(run_cfg(run, steps=12), log=logged.append)  # finished: the same length, nothing said
+    assert summary["resumed_from"] == 12 and not any("before:" in line for line in logged)
 
 
 def test_damaged_newest_step_and_metrics_lines_resume_to_the_uninterrupted_curve(finished, tmp_path, capfd):
@@ -512,6 +516,29 @@ def test_init_from_a_model_of_another_vocabulary_is_refused(finished, tmp_path):
     assert params["embed"]["embedding"].shape == (MODEL["vocab_size"], MODEL["d_model"])
 
 
+def test_vocabularies_compare_by_their_pieces(tmp_path):
+    """The same pieces in files that differ only in SentencePiece's training record (another
+    version or thread count) are the same vocabulary; one piece changed is not."""
+    import sentencepiece.sentencepiece_model_pb2 as pb
+
+    from jaxaccel.train.loop import _same_pieces
+
+    shipped = ROOT / "jaxaccel" / "assets" / "default_model" / "tokenizer.model"
+    proto = pb.ModelProto()
+    proto.ParseFromString(shipped.read_bytes())
+    proto.trainer_spec.num_threads += 5
+    other_record = tmp_path / "record.model"
+    other_record.write_bytes(proto.SerializeToString())
+    proto.pieces[300].piece = "\u2581jaxaccel"
+    other_piece = tmp_path / "piece.model"
+    other_piece.write_bytes(proto.SerializeToString())
+    assert other_record.read_bytes() != shipped.read_bytes() and _same_pieces(shipped, other_record)
+    assert not _same_pieces(shipped, other_piece)
+    garbage = tmp_path / "garbage.model"
+    garbage.write_bytes(b"not a model")
+    assert not _same_pieces(shipped, garbage)
+
+
 def test_more_steps_than_the_data_budget_are_refused_before_training(tmp_path):
     """train.steps past the data budget used to train until the data ran out (checkpoints
     written, no model exported), then stop with exit 2; now it is refused up front."""
@@ -539,6 +566,7 @@ def test_rerunning_a_finished_run_without_validation_keeps_the_exported_figures(
     summary = train(run_cfg(run), NoValidation(MODEL["vocab_size"], 32, 8, total_steps=8))
     after = json.loads((run / "model" / "jaxaccel.json").read_text())["info"]
     assert summary["resumed_from"] == 8 and summary["eval_loss"] == before["validation_loss"]
+    assert summary["eval_perplexity"] == pytest.approx(np.exp(before["validation_loss"]))
     assert summary["final_loss"] is None  # no step trained (was NaN: not JSON)
     assert {k: after[k] for k in ("validation_loss", "validation_accuracy", "validation_tokens", "trained_steps")} == \
         {k: before[k] for k in ("validation_loss", "validation_accuracy", "validation_tokens", "trained_steps")}

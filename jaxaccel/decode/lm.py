@@ -351,18 +351,21 @@ class LanguageModel:
         kv = sum(2 * c.n_layers * c.n_kv_heads * c.resolved_head_dim * jnp.dtype(c.dtype).itemsize
                  for c in [cfg] + ([] if draft is None else [draft.config])) * batch * cache_len
         scores = 2 * 4 * batch * cfg.n_heads * (prefill_chunk or 0) * cache_len
-        need = (kv + scores) / (1 if self.mesh is None else self.mesh.size)
         limit, in_use = _device_memory()
         if limit is None:
             return
-        if in_use is None:  # CPU: the parameters are in the same RAM
-            in_use = sum(_bytes_per_device(m.params) for m in [self] + ([] if draft is None else [draft]))
+        if in_use is None:  # CPU: every device is the same RAM, which also holds the parameters (each copy)
+            need, where = kv + scores, "this machine has"
+            in_use = sum(_bytes_resident(m.params) for m in [self] + ([] if draft is None else [draft]))
+        else:  # an accelerator: its share of the sharded cache, against what its allocator has left
+            need, where = (kv + scores) / (1 if self.mesh is None else self.mesh.size), "this device has"
         if need > limit - in_use:
             also = f" and its prefill's attention scores {scores / 1e9:.1f} GB" if scores else ""
+            per = " per device" if where == "this device has" else ""
             raise InvalidArgumentError(
                 f"the KV cache for {cache_len} positions x batch {batch} ({kv / 1e9:.1f} GB{also}) needs "
-                f"{need / 1e9:.1f} GB per device, more than the {max(limit - in_use, 0) / 1e9:.1f} GB this device has "
-                f"left ({limit / 1e9:.1f} GB, {in_use / 1e9:.1f} GB of it already in use): {what_to_do}")
+                f"{need / 1e9:.1f} GB{per}, more than the {max(limit - in_use, 0) / 1e9:.1f} GB {where} left "
+                f"({limit / 1e9:.1f} GB, {in_use / 1e9:.1f} GB of it already in use): {what_to_do}")
 
     def _draft_model(self, decoder) -> "LanguageModel":
         """The draft model a draft-model method names (`draft=`: a path, a builtin name or a
@@ -659,30 +662,33 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh
                          f"model folder (no config.json)")
 
 
-@functools.cache
 def _device_memory() -> tuple[int | None, int | None]:
     """(bytes a device can hold, bytes it holds now): its allocator's limit and bytes in use
-    (accelerators), else (the machine's RAM, None) (CPU: jax reports no memory stats); a
-    limit of None when neither is known."""
+    (accelerators, read afresh at every call), else (the machine's RAM, None) (CPU: jax
+    reports no memory stats); a limit of None when neither is known."""
     try:
         stats = jax.local_devices()[0].memory_stats() or {}
     except Exception:  # not every backend reports memory
         stats = {}
     if stats.get("bytes_limit") is not None:
         return int(stats["bytes_limit"]), int(stats.get("bytes_in_use") or 0)
+    return _machine_memory(), None
+
+
+@functools.cache
+def _machine_memory() -> int | None:
     try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), None
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
-        return None, None
+        return None
 
 
-def _bytes_per_device(tree) -> int:
-    """Bytes of a pytree of arrays on one device (its first shard of each: sharded arrays
-    count their share, replicated ones in full)."""
+def _bytes_resident(tree) -> int:
+    """Bytes a pytree of arrays holds in this process, every device's copy or shard counted."""
     total = 0
     for leaf in jax.tree.leaves(tree):
         shards = getattr(leaf, "addressable_shards", None)
-        total += shards[0].data.nbytes if shards else np.asarray(leaf).nbytes
+        total += sum(s.data.nbytes for s in shards) if shards else np.asarray(leaf).nbytes
     return int(total)
 
 

@@ -114,6 +114,18 @@ class Checkpoints:
                     f"checkpoint step {step} in {self.directory} was written by a different model: {name} has shape "
                     f"{tuple(have.shape)}, this config expects {tuple(want.shape)}")
 
+    def settings(self, step: int) -> dict | None:
+        """The run's settings saved in `step`'s meta (None: unreadable, or a step older than
+        the copy). Reads only the small meta item."""
+        from jaxaccel.model.checkpoint import as_path
+
+        try:
+            meta = self._meta_handler.restore(as_path(f"{self.directory}/{step}") / META, args=self._ocp.args.JsonRestore())
+        except Exception:  # a damaged step: the restore sets it aside and compares the one it reads
+            return None
+        config = dict(meta or {}).get("config")
+        return config if isinstance(config, dict) else None
+
     def restore_latest(self, abstract_state: Any, steps: list[int] | None = None) -> Restored | None:
         """The newest step every process can read (None when there is none yet). An
         unreadable step is set aside for the one before it; on gs:// a failed read is retried

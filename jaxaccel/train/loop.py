@@ -34,7 +34,7 @@ import yaml
 from jaxaccel import sharding as shd
 from jaxaccel.config import flatten, to_dict
 from jaxaccel.errors import CheckpointError, ConfigError, JaxaccelError, Preempted
-from jaxaccel.model.checkpoint import RUN_CHECKPOINTS, RUN_CONFIG  # the names run readers look for
+from jaxaccel.model.checkpoint import MARKER, RUN_CHECKPOINTS, RUN_CONFIG, SET_ASIDE, STAGING  # run readers look for these
 from jaxaccel.train.checkpoint import Checkpoints
 from jaxaccel.train.config import RunConfig
 from jaxaccel.train.lock import OutputDirInUseError, OutputDirLock
@@ -161,8 +161,8 @@ def check_output_dir(output_dir: str) -> None:
     # export (a jaxaccel model, or a save killed half-way) may be there.
     model = folder / "model"
     if model.is_dir() and any(model.iterdir()):
-        export = (model / "jaxaccel.json").is_file() or (model / "params" / "_CHECKPOINT_METADATA").is_file() or \
-            all(p.name in (".jaxaccel-saving", ".jaxaccel-replaced") for p in model.iterdir())
+        export = (model / MARKER).is_file() or (model / "params" / "_CHECKPOINT_METADATA").is_file() or \
+            all(p.name in (STAGING, SET_ASIDE) for p in model.iterdir())  # a saved model, or a killed save's
         if not (run and export):
             what = "files that are not a jaxaccel model" if not export else "a model that this folder's run did not write"
             raise ConfigError(f"output_dir {output_dir!r}: its model/ folder holds {what}, and a run exports its model "
@@ -226,12 +226,12 @@ def _other_settings(cfg: RunConfig, stored: Mapping, where: str) -> str | None:
             f"(train.init_from={cfg.output_dir} starts a new run from its weights)")
 
 
-def check_resumed_config(cfg: RunConfig) -> Mapping | None:
-    """Refuse to resume a run folder whose `config.yaml` names other settings than `cfg`
-    (see RESUME_MAY_CHANGE); return the settings read (None: the file is missing or
-    unreadable, a run killed while writing it, or not process 0). Process 0 reads the file; on
-    a multi-host run every process learns its verdict. (Each checkpoint also holds a copy of
-    the settings, which `_train` compares on every process after the restore.)"""
+def check_resumed_config(cfg: RunConfig, ckpts: Checkpoints | None = None, step: int | None = None) -> Mapping | None:
+    """Refuse to resume a run folder whose settings differ from `cfg` (see RESUME_MAY_CHANGE),
+    before anything is read or rewritten: its `config.yaml`, or when that is missing or
+    unreadable (deleted; a run killed while writing it) the copy in checkpoint `step`'s meta.
+    Returns the settings read (None: neither could be read, or not process 0). Process 0
+    reads them; on a multi-host run every process learns its verdict."""
     error = stored = None
     if _is_main():
         from jaxaccel.model.checkpoint import as_path
@@ -240,8 +240,11 @@ def check_resumed_config(cfg: RunConfig) -> Mapping | None:
             stored = yaml.safe_load((as_path(cfg.output_dir) / RUN_CONFIG).read_text())
         except Exception:  # missing, half-written, or an object store's error: nothing to compare with
             stored = None
-        stored = stored if isinstance(stored, Mapping) else None
-        error = None if stored is None else _other_settings(cfg, stored, RUN_CONFIG)
+        where = RUN_CONFIG
+        if not isinstance(stored, Mapping):
+            stored = ckpts.settings(step) if ckpts is not None and step is not None else None
+            where = f"checkpoint {step}"
+        error = None if stored is None else _other_settings(cfg, stored, where)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -323,7 +326,7 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
                 raise
             except Exception:  # unreadable metadata: restore_latest reports it and falls back
                 pass
-            stored = check_resumed_config(cfg)
+            stored = check_resumed_config(cfg, ckpts, listed[-1])
             if listed[-1] > total_steps:
                 raise ConfigError(f"output_dir {cfg.output_dir!r} holds checkpoint step {listed[-1]}, past "
                                   f"train.steps ({total_steps}): raise train.steps to continue that run, or choose "
@@ -339,9 +342,12 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
             if stored is None and saved is None:
                 log(f"warning: {RUN_CONFIG} is missing in {cfg.output_dir} and checkpoint {restored.step} predates "
                     f"settings in checkpoints: this resume's settings are not checked against the run's")
-            before = (stored or saved or {}).get("train", {}).get("steps")
-            if before is not None and before != cfg.train.steps and cfg.optim.schedule == "cosine":
-                log(f"train.steps is {cfg.train.steps} now, {before} before: the learning rate decays over the new "
+            before = restored.meta.get("total_steps")  # the length its schedule decayed over (train.steps
+            if before is None:  # resolved); older checkpoints: an explicit train.steps of the run's settings
+                train_settings = (stored or saved or {}).get("train")
+                before = train_settings.get("steps") if isinstance(train_settings, Mapping) else None
+            if isinstance(before, int) and before != total_steps and cfg.optim.schedule == "cosine":
+                log(f"the run now trains {total_steps} steps, {before} before: the learning rate decays over the new "
                     f"length from here, so this run's curve is neither length's")
             state, start = restored.state, restored.step
             log(f"resuming from checkpoint step {start} in {ckpt_dir}")
@@ -480,7 +486,7 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
                 last_eval = evaluate(done)
             if due_ckpt or stop:
                 ckpts.save(done, state, {"step": done, "data_position": done, "tokens_seen": done * tokens_per_step,
-                                         "unique_tokens": unique, "config": settings})
+                                         "unique_tokens": unique, "total_steps": total_steps, "config": settings})
             if stop:
                 ckpts.wait()
                 raise Preempted(f"a preemption notice (SIGTERM) stopped the run after step {done} of {total_steps}; "
@@ -550,7 +556,7 @@ def initial_params(cfg: RunConfig, shardings: Any, vocab_path: str | Path | None
 
     kind, folder = init_source(cfg.train.init_from)
     theirs_vocab = folder / "tokenizer.model"
-    if vocab_path is not None and theirs_vocab.is_file() and theirs_vocab.read_bytes() != Path(vocab_path).read_bytes():
+    if vocab_path is not None and theirs_vocab.is_file() and not _same_pieces(theirs_vocab, Path(vocab_path)):
         raise ConfigError(f"train.init_from: {str(folder)!r} was trained with another vocabulary than the one this "
                           f"run's data builds ({cfg.data.corpus!r}, data.vocab_size {cfg.data.vocab_size}): its "
                           f"embeddings would be read as other tokens; train on the corpus and vocabulary settings "
@@ -571,6 +577,23 @@ def initial_params(cfg: RunConfig, shardings: Any, vocab_path: str | Path | None
     return jax.device_put(jax.tree.map(lambda x: x.astype(dtype), stack_layers(params, cfg.model)), shardings)
 
 
+def _same_pieces(a: Path, b: Path) -> bool:
+    """Two SentencePiece models with the same pieces, ids and types (the files may differ in
+    the training record SentencePiece keeps in them); unreadable ones are not the same."""
+    if a.read_bytes() == b.read_bytes():
+        return True
+    import sentencepiece as spm
+
+    def pieces(path: Path):
+        sp = spm.SentencePieceProcessor(model_proto=path.read_bytes())
+        return [(sp.id_to_piece(i), sp.is_control(i), sp.is_unknown(i), sp.is_byte(i)) for i in range(sp.get_piece_size())]
+
+    try:
+        return pieces(a) == pieces(b)
+    except Exception:  # not a SentencePiece model
+        return False
+
+
 def skip_info(cfg: RunConfig) -> dict:
     """The schedule a SkipDecode fine-tune trained under: `method="skipdecode"` decodes the
     exported model with it by default."""
@@ -587,13 +610,14 @@ def exported_evaluation(output_dir: str, steps: int) -> dict[str, float]:
     from jaxaccel.model.checkpoint import as_path
 
     try:
-        info = json.loads((as_path(output_dir) / "model" / "jaxaccel.json").read_text()).get("info") or {}
+        info = json.loads((as_path(output_dir) / "model" / MARKER).read_text()).get("info") or {}
     except (OSError, ValueError, AttributeError):
         return {}
     if info.get("trained_steps") != steps or info.get("validation_loss") is None:
         return {}
-    return {"eval_loss": info["validation_loss"], "eval_accuracy": info.get("validation_accuracy"),
-            "eval_tokens": info.get("validation_tokens")}
+    loss = info["validation_loss"]
+    return {"eval_loss": loss, "eval_accuracy": info.get("validation_accuracy"),
+            "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": info.get("validation_tokens")}
 
 
 def export_model(cfg: RunConfig, params: Any, folder: Path, data: Any, steps: int, evaluation: dict) -> Path:
