@@ -570,3 +570,18 @@ def test_rerunning_a_finished_run_without_validation_keeps_the_exported_figures(
     assert summary["final_loss"] is None  # no step trained (was NaN: not JSON)
     assert {k: after[k] for k in ("validation_loss", "validation_accuracy", "validation_tokens", "trained_steps")} == \
         {k: before[k] for k in ("validation_loss", "validation_accuracy", "validation_tokens", "trained_steps")}
+
+
+def test_folder_checks_run_on_process_0_alone(monkeypatch):
+    """Hosts with their own disks may see different folders: the output_dir and init_from
+    checks run on process 0, whose verdict every process takes (a process refusing alone
+    would leave the others waiting in their first collective)."""
+    import jaxaccel.train.loop as loop
+
+    def refuse():
+        raise ConfigError("refused here")
+
+    with pytest.raises(ConfigError, match="refused here"):
+        loop._decided_by_process_0(refuse, "out")
+    monkeypatch.setattr(loop, "_is_main", lambda: False)
+    loop._decided_by_process_0(refuse, "out")  # not process 0: it waits for the verdict (one process: none)

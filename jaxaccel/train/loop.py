@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -276,10 +276,30 @@ def train(cfg: RunConfig, data: Any = None, *, log=None) -> dict[str, Any]:
     cfg = _check_run_config(cfg)
     mesh = build_mesh(cfg)  # config errors first, before the folder is touched
     cfg.skip_schedule()
-    check_output_dir(cfg.output_dir)
-    check_init_from(cfg.train.init_from, cfg.output_dir)
+    _decided_by_process_0(lambda: (check_output_dir(cfg.output_dir),
+                                   check_init_from(cfg.train.init_from, cfg.output_dir)), cfg.output_dir)
     with output_dir_lock(cfg.output_dir):
         return _train(cfg, mesh, data, log=log)
+
+
+def _decided_by_process_0(check: Callable[[], Any], output_dir: str) -> None:
+    """Run a check of the folders on process 0 only and give every process its verdict: hosts
+    with their own disks may see different folders, and a process refusing alone would leave
+    the others waiting in their first collective."""
+    error = None
+    if _is_main():
+        try:
+            check()
+        except JaxaccelError as e:
+            error = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if not int(multihost_utils.broadcast_one_to_all(np.int32(error is None))) and error is None:
+            error = ConfigError(f"output_dir {output_dir!r} or train.init_from was refused by process 0 (its error "
+                                f"is in process 0's output)")
+    if error is not None:
+        raise error
 
 
 def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any]:
