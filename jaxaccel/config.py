@@ -454,12 +454,31 @@ def parse_yaml(data: bytes, where: str) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise ConfigError(f"{where}: not a UTF-8 text file") from None
     try:
-        parsed = yaml.safe_load(text) or {}
+        parsed = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: not valid YAML ({first_line(e)})") from None
     if not isinstance(parsed, dict):
         raise ConfigError(f"{where}: the top level must be a mapping of keys to values")
     return parsed
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error (PyYAML keeps
+    the last value silently: a setting written twice, the first one edited, did nothing)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges are allowed
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key!r} is given twice (line {key_node.start_mark.line + 1})",
+                        key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def build(cls: type[T], yaml_path: str | Path | None = None, overrides: Sequence[str] | str = ()) -> T:

@@ -38,6 +38,12 @@ def test_bad_yaml_is_one_line_error(tmp_path):
         build(ModelConfig, f)
     with pytest.raises(ConfigError, match="does not exist"):
         build(ModelConfig, tmp_path / "missing.yaml")
+    # a key given twice: PyYAML kept the last value silently (the first one, edited, did nothing)
+    f.write_text("n_layers: 2\nd_model: 64\nn_layers: 4\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML \(the key 'n_layers' is given twice \(line 3\)\)"):
+        build(ModelConfig, f)
+    f.write_text("base: &b {n_layers: 2}\nmodel:\n  <<: *b\n  d_model: 64\n")  # merge keys stay allowed
+    assert load_yaml(f)["model"] == {"n_layers": 2, "d_model": 64}
 
 
 # ----------------------------------------------------------------------------- bad input: files, keys, values
