@@ -585,3 +585,17 @@ def test_folder_checks_run_on_process_0_alone(monkeypatch):
         loop._decided_by_process_0(refuse, "out")
     monkeypatch.setattr(loop, "_is_main", lambda: False)
     loop._decided_by_process_0(refuse, "out")  # not process 0: it waits for the verdict (one process: none)
+
+
+def test_an_empty_step_folder_past_the_run_is_set_aside_not_taken_for_its_end(finished, tmp_path, capfd):
+    """An empty `checkpoints/12/` (never written) used to refuse the rerun of an 8-step run as
+    "holds checkpoint step 12, past train.steps"; it is a damaged step: set aside, and the run
+    resumes from step 8."""
+    run = copy_run(finished, tmp_path)
+    (run / "checkpoints" / "12").mkdir()
+    summary = train(run_cfg(run))
+    assert summary["resumed_from"] == 8
+    assert not (run / "checkpoints" / "12").exists() and "checkpoint step 12 is unreadable" in capfd.readouterr().err
+    readable = copy_run(finished, tmp_path / "b")  # a real step past train.steps is still refused
+    with pytest.raises(ConfigError, match=r"holds checkpoint step 8, past train.steps \(4\)"):
+        train(run_cfg(readable, steps=4))

@@ -340,14 +340,15 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
         listed = ckpts.agreed_steps()  # the same on every process, or a one-line error on all
         stored = None
         if listed:  # refused before the restore sets any unreadable step aside (on gs://: deletes it)
+            readable = True
             try:  # another model first: its error names the parameter
                 ckpts.check_shapes(listed[-1], abstract)
             except CheckpointError:
                 raise
             except Exception:  # unreadable metadata: restore_latest reports it and falls back
-                pass
+                readable = False
             stored = check_resumed_config(cfg, ckpts, listed[-1])
-            if listed[-1] > total_steps:
+            if listed[-1] > total_steps and readable:  # a damaged one (never written) is set aside instead
                 raise ConfigError(f"output_dir {cfg.output_dir!r} holds checkpoint step {listed[-1]}, past "
                                   f"train.steps ({total_steps}): raise train.steps to continue that run, or choose "
                                   f"another output_dir")
