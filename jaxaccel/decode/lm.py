@@ -355,13 +355,13 @@ class LanguageModel:
         if limit is None:
             return
         if in_use is None:  # CPU: every device is the same RAM, which also holds the parameters (each copy)
-            need, where = kv + scores, "this machine has"
+            need, per, where = kv + scores, "", "this machine has"
             in_use = sum(_bytes_resident(m.params) for m in [self] + ([] if draft is None else [draft]))
         else:  # an accelerator: its share of the sharded cache, against what its allocator has left
-            need, where = (kv + scores) / (1 if self.mesh is None else self.mesh.size), "this device has"
+            need = (kv + scores) / (1 if self.mesh is None else self.mesh.size)
+            per, where = " per device", "this device has"
         if need > limit - in_use:
             also = f" and its prefill's attention scores {scores / 1e9:.1f} GB" if scores else ""
-            per = " per device" if where == "this device has" else ""
             raise InvalidArgumentError(
                 f"the KV cache for {cache_len} positions x batch {batch} ({kv / 1e9:.1f} GB{also}) needs "
                 f"{need / 1e9:.1f} GB{per}, more than the {max(limit - in_use, 0) / 1e9:.1f} GB {where} left "
@@ -529,8 +529,9 @@ def _destination(folder, overwrite: bool, own: tuple[str, ...], what_to_do: str 
         raise InvalidArgumentError(f"destination {str(path)!r} is a file, not a folder")
     if path.is_dir() and not overwrite:
         # an earlier save: its marker, or (a killed save) an Orbax checkpoint as params/
-        earlier = (path / marker).is_file() or (path / "params" / "_CHECKPOINT_METADATA").is_file()
-        ours = own if earlier else (".jaxaccel-saving", ".jaxaccel-replaced")
+        from jaxaccel.model.checkpoint import SET_ASIDE, STAGING, holds_earlier_save
+
+        ours = own if holds_earlier_save(path, marker) else (STAGING, SET_ASIDE)
         other = sorted(p.name for p in path.iterdir() if not any(fnmatch.fnmatchcase(p.name, o) for o in ours))
         if other:
             raise InvalidArgumentError(f"destination {str(path)!r} holds other files ({', '.join(other[:3])}"

@@ -233,6 +233,12 @@ MODEL_ENTRIES = ("params", "tokenizer.model", "tokenizer.json")
 STAGING, SET_ASIDE = ".jaxaccel-saving", ".jaxaccel-replaced"
 
 
+def holds_earlier_save(folder: Path, marker: str = MARKER) -> bool:
+    """Whether a local folder holds what a save wrote: its `marker` file, or (a save killed
+    before the marker) an Orbax checkpoint as params/."""
+    return (folder / marker).is_file() or (folder / "params" / "_CHECKPOINT_METADATA").is_file()
+
+
 def save_model(folder: str | Path, config: ModelConfig, params: Any, *, tokenizer=None,
                eos_token_ids: tuple[int, ...] = (), bos_token_id: int | None = None, extra: dict | None = None) -> Path:
     """Write a model folder. The marker file is written last, so a folder without it (a save

@@ -34,7 +34,8 @@ import yaml
 from jaxaccel import sharding as shd
 from jaxaccel.config import flatten, to_dict
 from jaxaccel.errors import CheckpointError, ConfigError, JaxaccelError, Preempted
-from jaxaccel.model.checkpoint import MARKER, RUN_CHECKPOINTS, RUN_CONFIG, SET_ASIDE, STAGING  # run readers look for these
+from jaxaccel.model.checkpoint import (MARKER, RUN_CHECKPOINTS, RUN_CONFIG, SET_ASIDE, STAGING,  # run layout names
+                                       holds_earlier_save)
 from jaxaccel.train.checkpoint import Checkpoints
 from jaxaccel.train.config import RunConfig
 from jaxaccel.train.lock import OutputDirInUseError, OutputDirLock
@@ -161,8 +162,7 @@ def check_output_dir(output_dir: str) -> None:
     # export (a jaxaccel model, or a save killed half-way) may be there.
     model = folder / "model"
     if model.is_dir() and any(model.iterdir()):
-        export = (model / MARKER).is_file() or (model / "params" / "_CHECKPOINT_METADATA").is_file() or \
-            all(p.name in (STAGING, SET_ASIDE) for p in model.iterdir())  # a saved model, or a killed save's
+        export = holds_earlier_save(model) or all(p.name in (STAGING, SET_ASIDE) for p in model.iterdir())
         if not (run and export):
             what = "files that are not a jaxaccel model" if not export else "a model that this folder's run did not write"
             raise ConfigError(f"output_dir {output_dir!r}: its model/ folder holds {what}, and a run exports its model "
@@ -232,27 +232,23 @@ def check_resumed_config(cfg: RunConfig, ckpts: Checkpoints | None = None, step:
     unreadable (deleted; a run killed while writing it) the copy in checkpoint `step`'s meta.
     Returns the settings read (None: neither could be read, or not process 0). Process 0
     reads them; on a multi-host run every process learns its verdict."""
-    error = stored = None
-    if _is_main():
+
+    def check() -> Mapping | None:
+        from jaxaccel.config import parse_yaml
         from jaxaccel.model.checkpoint import as_path
 
         try:
-            stored = yaml.safe_load((as_path(cfg.output_dir) / RUN_CONFIG).read_text())
-        except Exception:  # missing, half-written, or an object store's error: nothing to compare with
-            stored = None
-        where = RUN_CONFIG
-        if not isinstance(stored, Mapping):
-            stored = ckpts.settings(step) if ckpts is not None and step is not None else None
-            where = f"checkpoint {step}"
+            stored, where = parse_yaml((as_path(cfg.output_dir) / RUN_CONFIG).read_bytes(), RUN_CONFIG), RUN_CONFIG
+        except Exception:  # missing, half-written, or an object store's error: the checkpoint's copy
+            stored, where = (ckpts.settings(step) if ckpts is not None and step is not None else None), \
+                f"checkpoint {step}"
         error = None if stored is None else _other_settings(cfg, stored, where)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+        if error is not None:
+            raise ConfigError(error)
+        return stored
 
-        if not int(multihost_utils.broadcast_one_to_all(np.int32(error is None))) and error is None:
-            error = f"output_dir {cfg.output_dir!r} holds a run with other settings (process 0 refused to resume it)"
-    if error is not None:
-        raise ConfigError(error)
-    return stored
+    return _decided_by_process_0(check, f"output_dir {cfg.output_dir!r} holds a run with other settings (process 0 "
+                                        f"refused to resume it)")
 
 
 def _check_run_config(cfg: Any) -> RunConfig:
@@ -276,30 +272,32 @@ def train(cfg: RunConfig, data: Any = None, *, log=None) -> dict[str, Any]:
     cfg = _check_run_config(cfg)
     mesh = build_mesh(cfg)  # config errors first, before the folder is touched
     cfg.skip_schedule()
-    _decided_by_process_0(lambda: (check_output_dir(cfg.output_dir),
-                                   check_init_from(cfg.train.init_from, cfg.output_dir)), cfg.output_dir)
+    _decided_by_process_0(lambda: (check_output_dir(cfg.output_dir), check_init_from(cfg.train.init_from, cfg.output_dir)),
+                          f"output_dir {cfg.output_dir!r} or train.init_from was refused by process 0 (its error is in "
+                          f"process 0's output)")
     with output_dir_lock(cfg.output_dir):
         return _train(cfg, mesh, data, log=log)
 
 
-def _decided_by_process_0(check: Callable[[], Any], output_dir: str) -> None:
-    """Run a check of the folders on process 0 only and give every process its verdict: hosts
-    with their own disks may see different folders, and a process refusing alone would leave
-    the others waiting in their first collective."""
-    error = None
+def _decided_by_process_0(check: Callable[[], Any], refusal: str) -> Any:
+    """Run a check of the run's folders on process 0 only and give every process its verdict
+    (the check's value on process 0, None elsewhere): hosts with their own disks may see
+    different folders, and a process refusing alone would leave the others waiting in their
+    first collective. `refusal`: the other processes' error when process 0 refused."""
+    error = value = None
     if _is_main():
         try:
-            check()
+            value = check()
         except JaxaccelError as e:
             error = e
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         if not int(multihost_utils.broadcast_one_to_all(np.int32(error is None))) and error is None:
-            error = ConfigError(f"output_dir {output_dir!r} or train.init_from was refused by process 0 (its error "
-                                f"is in process 0's output)")
+            error = ConfigError(refusal)
     if error is not None:
         raise error
+    return value
 
 
 def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any]:
@@ -354,18 +352,13 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
                                   f"another output_dir")
         restored = ckpts.restore_latest(abstract, listed)
         if restored is not None:
-            # The checkpoint's own copy of the run's settings: compared even when config.yaml
-            # is gone (it is rewritten below), on every process alike.
-            saved = restored.meta.get("config")
-            error = _other_settings(cfg, saved, f"checkpoint {restored.step}") if isinstance(saved, Mapping) else None
-            if error is not None:
-                raise ConfigError(error)
-            if stored is None and saved is None:
-                log(f"warning: {RUN_CONFIG} is missing in {cfg.output_dir} and checkpoint {restored.step} predates "
-                    f"settings in checkpoints: this resume's settings are not checked against the run's")
+            if stored is None:  # process 0 found neither config.yaml nor a copy in the latest step
+                log(f"warning: {RUN_CONFIG} is missing in {cfg.output_dir} and checkpoint {listed[-1]} holds no "
+                    f"readable copy of the run's settings (older ones do not): this resume's settings are not "
+                    f"checked against the run's")
             before = restored.meta.get("total_steps")  # the length its schedule decayed over (train.steps
             if before is None:  # resolved); older checkpoints: an explicit train.steps of the run's settings
-                train_settings = (stored or saved or {}).get("train")
+                train_settings = (stored or {}).get("train")
                 before = train_settings.get("steps") if isinstance(train_settings, Mapping) else None
             if isinstance(before, int) and before != total_steps and cfg.optim.schedule == "cosine":
                 log(f"the run now trains {total_steps} steps, {before} before: the learning rate decays over the new "
