@@ -146,6 +146,19 @@ def test_bad_dtype_argument():
         jaxaccel.load(".", dtype="int8")
 
 
+def test_a_model_folder_whose_arrays_differ_from_its_config_names_the_first_parameter(tmp_path, tiny_lm):
+    """Checked against the stored metadata before any read: the message names the same
+    parameter every time (Orbax's own error names whichever concurrent read failed first)."""
+    folder = tiny_lm.save(tmp_path / "ckpt")
+    meta = json.loads((folder / "jaxaccel.json").read_text())
+    meta["model"]["vocab_size"] = 50  # the stored embedding is [97, 32], the head [32, 97]
+    (folder / "jaxaccel.json").write_text(json.dumps(meta))
+    for _ in range(2):
+        with pytest.raises(CheckpointError, match=r"ckpt/params does not match the model in jaxaccel.json: "
+                                                  r"embed/embedding has shape \(97, 32\), this config expects \(50, 32\)$"):
+            jaxaccel.load(folder)
+
+
 def test_a_failed_restore_leaves_no_pages_of_abandoned_reads_on_stderr(tmp_path, tiny_lm, monkeypatch):
     """Orbax abandons the other arrays' reads when one fails; Python used to report each at
     garbage collection ("Exception ignored in: <coroutine ...>" and a TensorStore spec, ~60
@@ -157,8 +170,12 @@ def test_a_failed_restore_leaves_no_pages_of_abandoned_reads_on_stderr(tmp_path,
 
     from jaxaccel.model.checkpoint import quiet_abandoned_reads
 
+    import jaxaccel.model.checkpoint as model_checkpoint
+
     seen = []
     monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u))
+    # the shape check before the restore would refuse the folder without starting any read
+    monkeypatch.setattr(model_checkpoint, "shape_difference", lambda stored, expected: None)
     folder = tiny_lm.save(tmp_path / "ckpt")
     meta = json.loads((folder / "jaxaccel.json").read_text())
     meta["model"]["vocab_size"] = 50  # the stored embedding is [97, 32], the head [32, 97]

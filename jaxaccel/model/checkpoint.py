@@ -165,6 +165,30 @@ def use_array_handler() -> None:
         absl_logger.setLevel(level)
 
 
+def _name(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def shape_difference(stored: Any, expected: Any) -> str | None:
+    """How a stored parameter tree (Orbax metadata) differs from the expected one (a tree of
+    ShapeDtypeStructs), named by the first parameter in the tree's order — the same one on
+    every run, where Orbax's own error names whichever of its concurrent reads failed first.
+    None: the same names and shapes."""
+    stored = getattr(stored, "tree", stored)
+    got = {_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
+    want = {_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    extra = sorted(set(got) - set(want))
+    if extra:
+        return f"it has {extra[0]}, which this config does not"
+    for name in want:  # the tree's own order, the same on every run
+        if name not in got:
+            return f"it has no {name}"
+        have = tuple(getattr(got[name], "shape", ()))
+        if have != tuple(want[name].shape):
+            return f"{name} has shape {have}, this config expects {tuple(want[name].shape)}"
+    return None
+
+
 def is_jaxaccel_checkpoint(folder) -> bool:
     return (as_path(folder) / MARKER).is_file()
 
@@ -418,6 +442,14 @@ def load_model(folder: str | Path, dtype: str | None = None, shardings_fn=None) 
     # Through the handler, not StandardCheckpointer.restore (which ends in a barrier of all
     # processes), and agreed on: a host that cannot read its shards makes every host raise.
     handler = ocp.StandardCheckpointHandler()
+    try:
+        stored = handler.metadata(folder / "params")
+    except Exception:  # unreadable metadata: the restore below names what is wrong
+        stored = None
+    difference = shape_difference(stored, target) if stored else None
+    if difference is not None:
+        handler.close()
+        raise CheckpointError(f"{folder}/params does not match the model in {MARKER}: {difference}")
     try:
         params, reason = agreed_read(lambda: handler.restore(folder / "params", args=ocp.args.StandardRestore(target)),
                                      f"{folder}/params")

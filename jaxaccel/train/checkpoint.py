@@ -24,7 +24,7 @@ import jax
 from jaxaccel.errors import CheckpointError
 from jaxaccel.model.checkpoint import RUN_META_ITEM as META  # what run readers expect
 from jaxaccel.model.checkpoint import RUN_STATE_ITEM as STATE
-from jaxaccel.model.checkpoint import write_error_reason
+from jaxaccel.model.checkpoint import shape_difference, write_error_reason
 from jaxaccel.train.config import CheckpointConfig
 
 REMOTE_READ_ATTEMPTS = 3  # reads of a step on gs:// before it counts as unreadable
@@ -37,10 +37,6 @@ class Restored:
     state: Any
     meta: dict
     skipped: list[tuple[int, str]]
-
-
-def _path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 class Checkpoints:
@@ -93,26 +89,13 @@ class Checkpoints:
     def check_shapes(self, step: int, abstract_state: Any) -> None:
         """Raise CheckpointError naming the first parameter whose stored shape differs."""
         stored = self.manager.item_metadata(step)[STATE]
-        stored = getattr(stored, "tree", stored)
-        expected = dict(jax.tree_util.tree_flatten_with_path(abstract_state)[0])
-        got = dict(jax.tree_util.tree_flatten_with_path(stored)[0])
-        if not got:  # the step's metadata file is missing or empty: a damaged step, not another model
+        # the step's metadata file is missing or empty: a damaged step, not another model
+        if not jax.tree_util.tree_leaves(getattr(stored, "tree", stored)):
             raise _Unreadable(f"checkpoint step {step} has no readable state metadata")
-        by_name_expected = {_path_str(p): v for p, v in expected.items()}
-        by_name_got = {_path_str(p): v for p, v in got.items()}
-        extra = sorted(set(by_name_got) - set(by_name_expected))
-        if extra:
-            raise CheckpointError(f"checkpoint step {step} in {self.directory} was written by a different model: it has "
-                                  f"{extra[0]}, which this config does not")
-        for name, want in by_name_expected.items():
-            have = by_name_got.get(name)
-            if have is None:
-                raise CheckpointError(f"checkpoint step {step} in {self.directory} was written by a different model: "
-                                      f"it has no {name}")
-            if tuple(getattr(have, "shape", ())) != tuple(want.shape):
-                raise CheckpointError(
-                    f"checkpoint step {step} in {self.directory} was written by a different model: {name} has shape "
-                    f"{tuple(have.shape)}, this config expects {tuple(want.shape)}")
+        difference = shape_difference(stored, abstract_state)
+        if difference is not None:
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} was written by a different model: "
+                                  f"{difference}")
 
     def settings(self, step: int) -> dict | None:
         """The run's settings saved in `step`'s meta (None: unreadable, or a step older than
