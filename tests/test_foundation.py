@@ -259,3 +259,12 @@ def test_a_live_training_run_loads_its_parameters_only_into_the_decode_sharding(
     assert all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(local.params))
     assert all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(finished.params))
     assert not [w for w in recwarn if "donated" in str(w.message)]  # the loop updates the prefilled cache in place
+    # config.yaml edited after the run: named, not "no readable checkpoint" after every step failed
+    from jaxaccel.errors import CheckpointError
+
+    config_yaml = tmp_path / "run" / "config.yaml"
+    config_yaml.write_text(config_yaml.read_text().replace("ffn_dim: 64", "ffn_dim: 96"))
+    with pytest.raises(CheckpointError, match=r"checkpoint step 4 of .*run does not match the model in config.yaml: "
+                                              r"layers/mlp/down/kernel has shape \(2, 64, 32\), this config expects "
+                                              r"\(2, 96, 32\)$"):
+        jaxaccel.load(tmp_path / "run")

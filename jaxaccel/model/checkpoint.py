@@ -235,6 +235,15 @@ def load_run_params(folder, dtype: str | None = None, shardings_fn=None) -> tupl
     errors = []
     try:
         for step in agreed_steps(sorted(manager.all_steps(), reverse=True), folder / RUN_CHECKPOINTS):
+            try:
+                stored = handler.metadata(folder / RUN_CHECKPOINTS / str(step) / RUN_STATE_ITEM)
+                stored = getattr(stored, "tree", stored)["params"]
+            except Exception:  # unreadable metadata: a damaged step, which the read below sets aside
+                stored = None
+            difference = shape_difference(stored, target) if stored else None
+            if difference is not None:  # config.yaml edited after the run, or another run's checkpoints
+                raise CheckpointError(f"checkpoint step {step} of {folder} does not match the model in {RUN_CONFIG}: "
+                                      f"{difference}")
             out, reason = agreed_read(lambda: handler.restore(  # a step being written or corrupted: the one before
                 folder / RUN_CHECKPOINTS / str(step) / RUN_STATE_ITEM, args=ocp.args.PyTreeRestore(
                     item={"params": target}, restore_args={"params": restore_args}, partial_restore=True)),
