@@ -93,3 +93,17 @@ def test_activations_carry_their_logical_sharding_on_a_mesh():
     assert logits and all("fsdp" in line for line in logits)  # [batch, length, vocab]: batch split over fsdp
     heads = [line for line in sharded if "x4x8x" in line]  # q [batch, length, heads, head_dim]
     assert heads and all("tensor" in line for line in heads)
+
+
+def test_evaluation_accuracy_counts_argmax_hits_not_ties():
+    """A collapsed model's flat logits tie every token at the maximum: evaluation counts the
+    argmax (token 0) hitting the target, not every target reaching the maximum."""
+    from jaxaccel.train.step import eval_step
+
+    params = init_params(TINY, jax.random.key(0), "scanned")
+    params = {**params, "lm_head": jax.tree.map(jnp.zeros_like, params["lm_head"])}  # every logit 0
+    batch = _batch(24, prefix=False)
+    batch["targets"] = batch["targets"].at[0, :4].set(0)  # four targets that the argmax gets right
+    m = eval_step(params, batch, model_cfg=TINY, attention="dense", bidirectional=False)
+    expected = float(jnp.sum((batch["targets"] == 0) * batch["loss_mask"]))
+    assert expected >= 4 and float(m["correct"]) == expected < float(m["tokens"])
