@@ -458,3 +458,31 @@ def test_a_results_file_with_a_malformed_body_is_one_line(tmp_path, capsys, body
     code, out, err = cli([command, results, "--out", tmp_path / "out"], capsys)
     assert code == 2 and message in err and err.count("\n") == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+def test_a_diverged_run_is_marked_in_the_plots_not_drawn_as_a_result():
+    """Its final value is the last evaluation before the loss went non-finite: a red cross off
+    the line in `final`, a dashed '(diverged)' curve, a hatched '(diverged)' bar."""
+    from jaxaccel.experiments import plots
+
+    def run(name, lr, loss, status="done"):
+        return {"name": name, "group": "", "status": status, "config": {"optim": {"lr": lr}},
+                "final": {"eval_loss": loss}, "curve": {"eval_step": [4, 8], "eval_loss": [loss + 1, loss]}}
+
+    doc = {"sweep": "s", "runs": [run("a", 0.01, 3.0), run("b", 0.02, 2.5), run("c", 1e30, 4.2, "diverged")]}
+    plt = plots._pyplot()
+    fig, axes = plt.subplots(1, 3)
+    try:
+        assert plots._final(axes[0], doc, {"x": "optim.lr", "y": "final_eval_loss"})
+        (line,) = axes[0].lines
+        assert list(line.get_ydata()) == [3.0, 2.5]  # the good runs only
+        (cross,) = axes[0].collections
+        assert cross.get_offsets().tolist() == [[1e30, 4.2]] and "diverged" in cross.get_label()
+        assert plots._curves(axes[1], doc, {})
+        styles = {ln.get_label(): ln.get_linestyle() for ln in axes[1].lines}
+        assert styles == {"a": "-", "b": "-", "c (diverged)": "--"}
+        assert plots._bar(axes[2], doc, {})
+        assert [t.get_text() for t in axes[2].get_xticklabels()] == ["a", "b", "c (diverged)"]
+        assert [p.get_hatch() for p in axes[2].patches] == [None, None, "xx"]
+    finally:
+        plt.close(fig)

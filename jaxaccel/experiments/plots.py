@@ -115,27 +115,34 @@ def _final(ax, doc: dict, spec: dict) -> bool:
     lines = spec.get("lines") or []
     lines = [lines] if isinstance(lines, str) else list(lines)
     series: dict[str, list[tuple[Any, float]]] = {}
+    diverged: list[tuple[Any, float]] = []  # their last value before the loss became non-finite
     for run in _finished(doc, spec):
         x, y = metric(run, x_key), metric(run, y_key)
         if y is None or x is None:
+            continue
+        if run.get("status") != "done":
+            diverged.append((x, y))
             continue
         label = ", ".join(f"{k.rsplit('.', 1)[-1]}={metric(run, k)}" for k in lines)
         if not label and not spec.get("groups") and len({r.get("group") for r in doc["runs"]}) > 1:
             label = run.get("group") or ""
         series.setdefault(label, []).append((x, y))
-    categories = sorted({x for pts in series.values() for x, _ in pts if not _is_number(x)}, key=str)
+    categories = sorted({x for pts in [*series.values(), diverged] for x, _ in pts if not _is_number(x)}, key=str)
     for label, points in series.items():
         if categories:
             points = [(categories.index(x) if x in categories else x, y) for x, y in points]
         points.sort(key=lambda p: p[0])
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label or None)
+    if diverged:  # not joined to the lines: a marker at the last value before divergence
+        ax.scatter([categories.index(x) if categories else x for x, _ in diverged], [y for _, y in diverged],
+                   marker="x", color="red", zorder=3, label="diverged (last value before)")
     if categories:
         ax.set_xticks(range(len(categories)), [str(c) for c in categories])
     else:
         _log(ax, spec)
     ax.set_xlabel(_label(x_key))
     ax.set_ylabel(_label(y_key))
-    return bool(series)
+    return bool(series or diverged)
 
 
 def _curves(ax, doc: dict, spec: dict) -> bool:
@@ -152,8 +159,9 @@ def _curves(ax, doc: dict, spec: dict) -> bool:
         scale = 1.0
         if x_key == "tokens" and run.get("steps") and run.get("total_tokens"):
             scale = run["total_tokens"] / run["steps"]  # stream tokens per step (UL2 rows are shorter)
+        done = run.get("status") == "done"
         ax.plot([s * scale for s, _ in pairs], [v for _, v in pairs], marker="." if len(pairs) < 30 else None,
-                label=run["name"])
+                linestyle="-" if done else "--", label=run["name"] if done else f"{run['name']} ({run['status']})")
         drawn = True
     _log(ax, spec)
     ax.set_xlabel(_label(x_key))
@@ -163,9 +171,11 @@ def _curves(ax, doc: dict, spec: dict) -> bool:
 
 def _bar(ax, doc: dict, spec: dict) -> bool:
     y_key = spec.get("y") or "final_eval_loss"
-    runs = [(r["name"], metric(r, y_key)) for r in _finished(doc, spec)]
-    runs = [(n, v) for n, v in runs if v is not None]
-    ax.bar(range(len(runs)), [v for _, v in runs])
+    finished = [r for r in _finished(doc, spec) if metric(r, y_key) is not None]
+    runs = [(r["name"] if r.get("status") == "done" else f"{r['name']} ({r['status']})", metric(r, y_key))
+            for r in finished]
+    # a diverged run's bar (its last value before divergence) hatched, its name saying so
+    ax.bar(range(len(runs)), [v for _, v in runs], hatch=[None if r.get("status") == "done" else "xx" for r in finished])
     ax.set_xticks(range(len(runs)), [n for n, _ in runs], rotation=30, ha="right", fontsize=7)
     if runs:
         low, high = min(v for _, v in runs), max(v for _, v in runs)
