@@ -4,6 +4,7 @@ toward the budget, the exhaustive oracle equals a brute force over separately co
 patterns, the beam oracle matches it when wide enough, and bad input is one line."""
 import functools
 import itertools
+from pathlib import Path
 from dataclasses import replace
 
 import jax
@@ -185,6 +186,17 @@ def test_the_experiment_cli_rejects_bad_input_before_loading(capsys, tmp_path):
                                                             "configs/duo.yaml)"),
              (["duo", "--router-budgets", "1,x"], "--router-budgets is a comma-separated list of integers"),
              (["duo", "--eval-rows", "1"], "--eval-rows must be >= 2")]
+    # an output folder holding a sweep's results: this experiment would rewrite the file when it ends
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "results.json").write_text('{"format": "jaxaccel-sweep-results", "runs": []}')
+    for command in ("duo", "skipdecode"):
+        cases.append(([command, "--out", str(tmp_path / "sweep")],
+                      f"results.json is not a {command} experiment's results file; choose another --out folder"))
+    from jaxaccel.experiments.__main__ import _check_results_owner
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    for command in ("duo", "skipdecode"):  # the committed runs, written before the files named their experiment
+        _check_results_owner(docs / command / "results.json", command)
     for argv, message in cases:
         with pytest.raises(SystemExit) as exit_:
             run_cli(main, argv)

@@ -285,9 +285,19 @@ def test_experiment_runs_every_cell_and_resumes(lm, tmp_path, monkeypatch):
     def no_more(*args, **kw):
         raise AssertionError("a finished cell ran again")
 
+    real_run_cell = exp.run_cell
     monkeypatch.setattr(exp, "run_cell", no_more)
     again = exp.evaluate(lm, small, **kwargs)
     assert again["cells"] == results["cells"]
+    # The cells skipped for --full-max-length are not results: a rerun that allows them runs them
+    ran_again = []
+    monkeypatch.setattr(exp, "run_cell", lambda lm_, method, task, length, *a: ran_again.append(
+        (method, task, length)) or real_run_cell(lm_, method, task, length, *a))
+    wider = exp.evaluate(lm, small, **{**kwargs, "full_max_length": None})
+    assert sorted(ran_again) == sorted(("full", t, 176) for t in TASKS)
+    assert all(c["accuracy"] is not None for c in wider["cells"])
+    kwargs["full_max_length"] = None
+    monkeypatch.setattr(exp, "run_cell", no_more)
     # Another run's results, or another file, in the folder: refused, left as it was.
     before = (tmp_path / "results.json").read_bytes()
     with pytest.raises(InvalidArgumentError, match=r"other settings \(examples\)"):

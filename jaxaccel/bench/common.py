@@ -71,6 +71,6 @@ def machine() -> dict[str, Any]:
 
 
 def write_json(path: str | Path, data: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2))
+    from jaxaccel.files import write_atomically
+
+    write_atomically(Path(path), json.dumps(data, indent=2))

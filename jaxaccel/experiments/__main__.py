@@ -26,6 +26,30 @@ from pathlib import Path
 from typing import Sequence
 
 from jaxaccel.cli import ArgumentParser, add_distributed_arguments, init_distributed, run_cli
+from jaxaccel.files import write_atomically
+
+
+# Keys that mark a results file written before it named its experiment (docs/duo, docs/skipdecode).
+_EARLIER_RESULTS = {"duo": ("oracle_mode", "small_ffn_dim"), "skipdecode": ("base", "eval_tokens_per_row")}
+
+
+def _check_results_owner(path: Path, experiment: str) -> None:
+    """Refuse (one line, exit 2) a results.json in the output folder that another experiment or
+    sweep wrote: this experiment rewrites it when it ends."""
+    import json
+
+    from jaxaccel.cli import fail
+
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        old = None
+    ours = isinstance(old, dict) and (old.get("experiment") == experiment or (
+        "experiment" not in old and all(k in old for k in _EARLIER_RESULTS[experiment])))
+    if not ours:
+        fail(f"{path} is not a {experiment} experiment's results file; choose another --out folder")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -125,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if same:
             fail("--out is the results file itself; give another file for the Markdown")
         writable_output(args.out, what="--out file")
+    if args.command in ("skipdecode", "duo"):  # rewritten at the end: never another experiment's results
+        _check_results_owner(Path(args.out) / "results.json", args.command)
     if args.command == "duo" and args.save_router:
         from jaxaccel.decode.lm import check_save_destination
 
@@ -156,8 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = skipdecode.run(args.base, args.root, args.configs, speedups, args.prompt_tokens, args.max_length,
                                  args.eval_rows, args.files, batches, args.runs, args.dispatch)
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(results, indent=2))
+        write_atomically(out / "results.json", json.dumps({"experiment": "skipdecode", **results}, indent=2))
         for path in skipdecode.plot(results, out):
             print(path)
         print(skipdecode.markdown(results))
@@ -188,10 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["command"] = "python -m jaxaccel.experiments " + shlex.join(list(argv) if argv is not None
                                                                               else sys.argv[1:])
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(results, indent=2))
+        write_atomically(out / "results.json", json.dumps({"experiment": "duo", **results}, indent=2))
         text = duo.markdown(results) + "\n\n" + "\n".join(f"- {line}" for line in duo.summary(results)) + "\n"
-        (out / "results.md").write_text(text)
+        write_atomically(out / "results.md", text)
         for path in duo.plot(results, out):
             print(path)
         print(text)
@@ -291,8 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     text = render_report(doc)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        write_atomically(Path(args.out), text)
         print(args.out)
     else:
         print(text, end="")

@@ -34,6 +34,7 @@ import numpy as np
 
 from jaxaccel.data.longctx import ALL_TASKS, TASKS, RetrievalTasks, example_rng
 from jaxaccel.errors import InvalidArgumentError
+from jaxaccel.files import write_atomically
 
 LENGTHS = (256, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 
@@ -137,13 +138,13 @@ def evaluate(lm, tasks: RetrievalTasks, *, lengths: Sequence[int] = LENGTHS, tas
                              if settings.get(k) != (old.get("settings") or {}).get(k))
             raise InvalidArgumentError(f"{path} holds a run with other settings ({', '.join(changed)}); choose "
                                        f"another output folder, or move that file away to start again")
-        done = {(c["method"], c["task"], c["length"]): c for c in old.get("cells", [])}
+        # a cell skipped for --full-max-length is not a result: computed when the rerun allows it
+        done = {(c["method"], c["task"], c["length"]): c for c in old.get("cells", []) if "skipped" not in c}
         log(f"{path}: {len(done)} finished cells kept")
 
     def save() -> None:
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(results, indent=1))
+            write_atomically(path, json.dumps(results, indent=1))  # a kill mid-write keeps the cells before
 
     for length in lengths:
         for task in task_names:
@@ -297,7 +298,7 @@ def write_report(results: dict[str, Any], out: str | Path) -> list[Path]:
     """results.json, results.md and the plot in `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / RESULT_FILE).write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(markdown(results) + "\n\n" + "\n".join(f"- {s}" for s in results.get(
+    write_atomically(out / RESULT_FILE, json.dumps(results, indent=1))
+    write_atomically(out / "results.md", markdown(results) + "\n\n" + "\n".join(f"- {s}" for s in results.get(
         "summary", summary(results))) + "\n")
     return [out / RESULT_FILE, out / "results.md", *plot(results, out)]
