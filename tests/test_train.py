@@ -174,6 +174,16 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert saved and max(saved) == bad_step - 1
 
 
+def test_divergence_names_the_quantity_that_went_non_finite():
+    from jaxaccel.train.loop import divergence
+
+    inf, nan = float("inf"), float("nan")
+    assert divergence({"loss": nan, "objective": nan, "grad_norm": nan}) == "loss became nan"
+    assert divergence({"loss": 4.1589, "objective": inf, "grad_norm": 1.0}) == \
+        "training objective became inf (loss 4.159)"
+    assert divergence({"loss": 4.1589, "objective": 4.2, "grad_norm": inf}) == "gradient norm became inf (loss 4.159)"
+
+
 def test_wrong_model_shape_names_the_parameter(tmp_path):
     train(run_cfg(tmp_path, steps=4))
     other = {**MODEL, "ffn_dim": 96}

@@ -49,6 +49,17 @@ class TrainingDiverged(JaxaccelError):
     """The loss or the gradients became NaN/Inf."""
 
 
+def divergence(metrics: dict) -> str:
+    """What went non-finite in a step's metrics: the loss, else the objective (label smoothing,
+    MoE auxiliary losses), else the gradient norm (an overflow with a finite loss)."""
+    loss, objective, norm = float(metrics["loss"]), float(metrics["objective"]), float(metrics["grad_norm"])
+    if not math.isfinite(loss):
+        return f"loss became {loss}"
+    if not math.isfinite(objective):
+        return f"training objective became {objective} (loss {loss:.4g})"
+    return f"gradient norm became {norm} (loss {loss:.4g})"
+
+
 @contextlib.contextmanager
 def preemption_notice():
     """Yields `noticed(step) -> bool`: True once a preemption notice has come, at a step where
@@ -452,7 +463,7 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
                              else f"no checkpoint was written yet (nothing in {ckpt_dir})")
                     if writer is not None:
                         writer.flush()
-                    raise TrainingDiverged(f"loss became {float(m['loss'])} at step {step + 1}; training stopped, {where}")
+                    raise TrainingDiverged(f"{divergence(m)} at step {step + 1}; training stopped, {where}")
                 record = {"step": step + 1, "loss": float(m["loss"]), "accuracy": float(m["accuracy"]),
                           "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
                           "tokens_seen": (step + 1) * tokens_per_step, "unique_tokens": unique,
