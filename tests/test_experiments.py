@@ -254,6 +254,14 @@ def test_dry_run_prints_the_plan_and_its_cost_and_writes_nothing(toy, tmp_path, 
     ("not a results file", "is not a jaxaccel sweep results file"),
     ("results not a path", "results must be a string, got 3"),
     ("description a list", "description must be a string, got ['a']"),
+    ("override of an axis", "override 'data.epochs=3': data.epochs is set by the sweep's axes, which wins over "
+                            "the base config"),
+    ("plot lines not keys", "plots[0].lines must be a config key or a list of them, got [1]"),
+    ("plot x a list", "plots[0].x must be a string, got [1]"),
+    ("plot log base 1", "plots[0].logx must be true (base 2) or a log base > 1, got 1"),
+    ("plot y a section", "'model' in plots[0].y (nor is it one of final_eval_loss"),
+    ("curves of a final figure", "plots[0].y (kind curves) must be one of eval_loss, eval_accuracy, train_loss, "
+                                 "got 'final_eval_loss'"),
 ])
 def test_bad_input_is_one_line_and_touches_nothing(toy, tmp_path, capsys, case, message):
     path, out, _ = toy
@@ -273,6 +281,13 @@ def test_bad_input_is_one_line_and_touches_nothing(toy, tmp_path, capsys, case, 
         sweep["results"] = 3
     elif case == "description a list":
         sweep["description"] = ["a"]
+    elif case == "override of an axis":
+        args = ["sweep", "data.epochs=3"]
+    elif case.startswith("plot") or case.startswith("curves"):
+        plot = {"plot lines not keys": {"x": "optim.lr", "lines": [1]}, "plot x a list": {"x": [1]},
+                "plot log base 1": {"x": "optim.lr", "logx": 1}, "plot y a section": {"x": "optim.lr", "y": "model"},
+                "curves of a final figure": {"kind": "curves", "y": "final_eval_loss"}}[case]
+        sweep["plots"] = [{"name": "p", **plot}]
     elif case == "other run's folder":
         sweep["config"]["optim"]["lr"] = 0.02
     elif case == "other sweep's results":

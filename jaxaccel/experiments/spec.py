@@ -41,6 +41,7 @@ from typing import Any, Mapping
 
 from jaxaccel.config import check_dotted_key, dotted_keys, from_dict, load_yaml, with_overrides
 from jaxaccel.errors import ConfigError
+from jaxaccel.experiments.plots import CURVE_KEYS
 from jaxaccel.experiments.results import METRICS, SweepError, join
 from jaxaccel.train.config import RunConfig
 
@@ -235,13 +236,33 @@ def _parse_plots(raw: Any, groups: list[str]) -> tuple[dict, ...]:
         kind = spec.setdefault("kind", "final")
         if kind not in PLOT_KINDS:
             raise ConfigError(f"plots[{i}].kind must be one of {', '.join(PLOT_KINDS)}, got {kind!r}")
+        for field in ("x", "y", "title"):
+            if spec.get(field) is not None and not isinstance(spec[field], str):
+                raise ConfigError(f"plots[{i}].{field} must be a string, got {spec[field]!r}")
         lines = spec.get("lines")
-        keys = [(axis, spec.get(axis)) for axis in ("x", "y")] + [
-            ("lines", k) for k in ([lines] if isinstance(lines, str) else lines or [])] + [
-            ("where", k) for k in _mapping(spec.get("where"), f"plots[{i}].where")]
+        lines = [lines] if isinstance(lines, str) else lines or []
+        if not isinstance(lines, list) or not all(isinstance(k, str) for k in lines):
+            raise ConfigError(f"plots[{i}].lines must be a config key or a list of them, got {spec.get('lines')!r}")
+        if not isinstance(spec.get("groups") or [], list):
+            raise ConfigError(f"plots[{i}].groups must be a list of group names, got {spec['groups']!r}")
+        for field in ("logx", "logy"):
+            base = spec.get(field)
+            if not (base is None or isinstance(base, bool) or (isinstance(base, (int, float)) and base > 1)):
+                raise ConfigError(f"plots[{i}].{field} must be true (base 2) or a log base > 1, got {base!r}")
+        if kind == "curves":  # a curve of the run's log against its steps or tokens
+            if spec.get("y") is not None and spec["y"] not in CURVE_KEYS:
+                raise ConfigError(f"plots[{i}].y (kind curves) must be one of {', '.join(CURVE_KEYS)}, got "
+                                  f"{spec['y']!r}")
+            if spec.get("x") not in (None, "tokens", "step"):
+                raise ConfigError(f"plots[{i}].x (kind curves) must be tokens or step, got {spec['x']!r}")
+        keys = ([] if kind == "curves" else [(axis, spec.get(axis)) for axis in ("x", "y")]) + [
+            ("lines", k) for k in lines] + [("where", k) for k in _mapping(spec.get("where"), f"plots[{i}].where")]
         for axis, key in keys:
-            if key is not None and key not in METRICS and key not in ("step", "tokens"):
-                check_dotted_key(RunConfig, key, f"in plots[{i}].{axis} (nor is it one of {', '.join(METRICS)})")
+            if key is not None and key not in METRICS:
+                where = f"in plots[{i}].{axis} (nor is it one of {', '.join(METRICS)})"
+                check_dotted_key(RunConfig, key, where)
+                if any(k.startswith(key + ".") for k in dotted_keys(RunConfig)):
+                    raise ConfigError(f"{key!r} {where} is a config section; name one of its settings")
         if kind == "final" and not spec.get("x"):
             raise ConfigError(f"plots[{i}] (kind final) needs x: a config key or a figure")
         for g in spec.get("groups") or []:
@@ -281,6 +302,14 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), re
     groups = ([_parse_group(g, spec, top_zip, top_axes) for g, spec in raw_groups.items()] if raw_groups
               else [_parse_group("", {}, top_zip, top_axes)])
 
+    for override in overrides:  # the runs' own settings come after the base: such an override would do nothing
+        key = str(override).split("=", 1)[0].strip()
+        for g in groups:
+            part = next((p for p, keys in (("set", g.settings), ("zip", g.zip), ("axes", g.axes)) if key in keys), None)
+            if part is not None:
+                where = f"group {g.name!r}'s {part}" if g.name else f"the sweep's {part}"
+                raise ConfigError(f"override {override!r}: {key} is set by {where}, which wins over the base config; "
+                                  f"change it in the sweep file (or pick runs with --only)")
     expanded = [(g, settings) for g in groups for settings in _expand(g)]
     varied_keys = list(dict.fromkeys(k for g in groups for k in [*g.zip, *g.axes]))
     short = short_keys(varied_keys, dotted_keys(RunConfig))
