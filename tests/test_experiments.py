@@ -150,6 +150,28 @@ def test_rerunning_the_sweep_skips_finished_runs(toy, monkeypatch, capsys):
     assert again["runs"] == doc["runs"]
 
 
+def test_a_run_another_process_finished_meanwhile_is_not_trained_again(toy, monkeypatch, capsys):
+    """A second sweep process on the same run folders (`--only`, or a shipped sweep sharing runs)
+    finishes a run after this one planned it: looked at again before training, it is kept."""
+    from jaxaccel.experiments import runner
+
+    path, out, doc = toy
+    real, calls = runner.inspect_run, []
+
+    def stale_then_real(run):  # the start-up pass still sees every run unfinished
+        calls.append(run.name)
+        return runner.RunState("partial", 8) if len(calls) <= len(RUN_NAMES) else real(run)
+
+    monkeypatch.setattr(runner, "inspect_run", stale_then_real)
+    monkeypatch.setattr("jaxaccel.train.loop.train", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    before = {name: files_of(out / name) for name in RUN_NAMES}
+    code, _, err = cli(["sweep", path], capsys)
+    assert code == 0, err
+    assert "0 finished already, 4 to train" in err and err.count("finished meanwhile by another process; kept") == 4
+    assert {name: files_of(out / name) for name in RUN_NAMES} == before
+    assert json.loads((out / "results.json").read_text())["runs"] == doc["runs"]
+
+
 def test_a_killed_run_resumes_to_the_uninterrupted_result(toy, tmp_path, compile_cache, capsys):
     """The sweep process is SIGKILLed right after the step-16 checkpoint of a 32-step run; the
     same command resumes it from there and ends with exactly the uninterrupted run's numbers."""

@@ -371,7 +371,15 @@ def run_sweep(sweep: Sweep, only: list[str] | tuple[str, ...] = (), *, dry_run: 
     started = time.perf_counter()
     flops_done = 0.0
     for i, run in enumerate(todo, 1):
+        # Looked at again just before training: another sweep process sharing the run folders
+        # (a second --only, a shipped sweep that shares runs) may have finished it meanwhile.
+        states[run.name] = readable(run.config.output_dir, lambda run=run: inspect_run(run), states[run.name])
+        _agree(states, [run])
         state = states[run.name]
+        if state.status in FINISHED:
+            log(f"[{i}/{len(todo)}] {run.name}: finished meanwhile by another process; kept")
+            flops_done += remaining[run.name]
+            continue
         where = f"resuming from step {state.checkpoint_step}" if state.checkpoint_step else "starting"
         log(f"[{i}/{len(todo)}] {run.name}: {where} ({steps[run.name] or '?'} steps)")
         t0 = time.perf_counter()
@@ -384,7 +392,8 @@ def run_sweep(sweep: Sweep, only: list[str] | tuple[str, ...] = (), *, dry_run: 
             log(f"[{i}/{len(todo)}] {run.name}: skipped, another process is training it ({e})")
             continue
         wall = time.perf_counter() - t0
-        record = finished_record(run, summary, status, error, wall, state.checkpoint_step)
+        resumed_from = (summary or {}).get("resumed_from", state.checkpoint_step)  # the trainer's own word
+        record = finished_record(run, summary, status, error, wall, resumed_from)
         states[run.name] = RunState(status, record["steps"] or 0, record)
         if main:
             write_json(join(run.config.output_dir, RESULT_FILE), record)
