@@ -436,3 +436,27 @@ def test_experiment_cli_checks_prompt_tokens_before_any_work(capsys, tmp_path):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "prompt tokens and batches must be >= 1" in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_the_experiment_reuses_a_fine_tune_only_if_it_was_made_with_the_same_settings(tmp_path, monkeypatch):
+    import yaml
+
+    from jaxaccel.config import to_dict
+    from jaxaccel.experiments import skipdecode as exp
+    from jaxaccel.experiments.results import SweepError
+
+    config = tmp_path / "skipdecode-2x.yaml"
+    config.write_text(yaml.safe_dump(to_dict(run_cfg(tmp_path / "unused", speedup=2, max_length=32))))
+    out = tmp_path / "2x"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "jaxaccel.json").write_text("{}")  # a finished fine-tune, as far as the folder shows
+    planned = run_cfg(out, speedup=2, max_length=32, init_from="runs/deep")
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(planned)))
+    monkeypatch.setattr("jaxaccel.train.loop.train", lambda cfg: pytest.fail("a finished fine-tune was retrained"))
+    assert exp.fine_tune(config, out, "runs/deep", log=lambda s: None) == out / "model"
+    with pytest.raises(SweepError, match=r"2x holds a fine-tune made with other settings \(train.init_from is "
+                                         r"'runs/deep' there, 'runs/other' now\); move it away"):
+        exp.fine_tune(config, out, "runs/other", log=lambda s: None)
+    (out / "config.yaml").unlink()
+    with pytest.raises(SweepError, match="it has no readable config.yaml"):
+        exp.fine_tune(config, out, "runs/deep", log=lambda s: None)

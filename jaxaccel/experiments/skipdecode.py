@@ -111,10 +111,25 @@ def fine_tune(config_path: Path, output_dir: Path, base: str, overrides: Sequenc
     from jaxaccel.train.loop import train
 
     model_dir = output_dir / "model"
-    if (model_dir / "jaxaccel.json").is_file():
-        return model_dir
     cfg = build(RunConfig, config_path, [f"train.init_from={base}", f"output_dir={output_dir}",
                                          "train.progress=false", *overrides])
+    if (model_dir / "jaxaccel.json").is_file():  # reused only if it is this fine-tune (base, schedule, steps...)
+        from jaxaccel.config import parse_yaml, to_dict
+        from jaxaccel.experiments.results import SweepError
+        from jaxaccel.experiments.runner import config_differences
+
+        try:
+            saved = parse_yaml((output_dir / "config.yaml").read_bytes(), str(output_dir / "config.yaml"))
+        except (OSError, ConfigError):
+            saved = None
+        diff = config_differences(saved, to_dict(cfg)) if isinstance(saved, dict) else [("config.yaml", None, None)]
+        if diff:
+            key, have, want = diff[0]
+            what = (f"{key} is {have!r} there, {want!r} now" if key != "config.yaml"
+                    else "it has no readable config.yaml")
+            raise SweepError(f"{output_dir} holds a fine-tune made with other settings ({what}); move it away or "
+                             f"give --root another folder")
+        return model_dir
     log(f"fine-tuning {output_dir} ({config_path} {' '.join(overrides)})")
     train(cfg)
     return model_dir
