@@ -169,11 +169,27 @@ def _name(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
+def _stored_tree(item) -> Any:
+    """The stored tree of shapes of an Orbax item (None: unreadable, which the restore that
+    follows reports), through a handler of its own that is closed at once."""
+    import orbax.checkpoint as ocp
+
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        return handler.metadata(item)
+    except Exception:  # noqa: BLE001 - missing files, tensorstore errors of many types
+        return None
+    finally:
+        handler.close()
+
+
 def shape_difference(stored: Any, expected: Any) -> str | None:
     """How a stored parameter tree (Orbax metadata) differs from the expected one (a tree of
     ShapeDtypeStructs), named by the first parameter in the tree's order — the same one on
     every run, where Orbax's own error names whichever of its concurrent reads failed first.
     None: the same names and shapes."""
+    if stored is None:
+        return None
     stored = getattr(stored, "tree", stored)
     got = {_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
     want = {_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
@@ -235,12 +251,11 @@ def load_run_params(folder, dtype: str | None = None, shardings_fn=None) -> tupl
     errors = []
     try:
         for step in agreed_steps(sorted(manager.all_steps(), reverse=True), folder / RUN_CHECKPOINTS):
-            try:
-                stored = handler.metadata(folder / RUN_CHECKPOINTS / str(step) / RUN_STATE_ITEM)
-                stored = getattr(stored, "tree", stored)["params"]
-            except Exception:  # unreadable metadata: a damaged step, which the read below sets aside
-                stored = None
-            difference = shape_difference(stored, target) if stored else None
+            stored = _stored_tree(folder / RUN_CHECKPOINTS / str(step) / RUN_STATE_ITEM)
+            stored = getattr(stored, "tree", stored)
+            # unreadable metadata: a damaged step, which the read below sets aside
+            difference = shape_difference(stored["params"], target) if isinstance(stored, dict) and \
+                "params" in stored else None
             if difference is not None:  # config.yaml edited after the run, or another run's checkpoints
                 raise CheckpointError(f"checkpoint step {step} of {folder} does not match the model in {RUN_CONFIG}: "
                                       f"{difference}")
@@ -450,15 +465,10 @@ def load_model(folder: str | Path, dtype: str | None = None, shardings_fn=None) 
         raise CheckpointError(f"{folder}: jaxaccel.json is present but params/ is missing")
     # Through the handler, not StandardCheckpointer.restore (which ends in a barrier of all
     # processes), and agreed on: a host that cannot read its shards makes every host raise.
-    handler = ocp.StandardCheckpointHandler()
-    try:
-        stored = handler.metadata(folder / "params")
-    except Exception:  # unreadable metadata: the restore below names what is wrong
-        stored = None
-    difference = shape_difference(stored, target) if stored else None
+    difference = shape_difference(_stored_tree(folder / "params"), target)
     if difference is not None:
-        handler.close()
         raise CheckpointError(f"{folder}/params does not match the model in {MARKER}: {difference}")
+    handler = ocp.StandardCheckpointHandler()
     try:
         params, reason = agreed_read(lambda: handler.restore(folder / "params", args=ocp.args.StandardRestore(target)),
                                      f"{folder}/params")
