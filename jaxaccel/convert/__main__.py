@@ -48,6 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     max_shard_bytes = parse_size(args.max_shard_size) if args.direction == "export" else None  # before the load
 
+    if args.direction == "export":
+        _check_exportable_before_loading(args.source)
+
     import jaxaccel
 
     lm = jaxaccel.load(args.source, dtype=args.dtype)
@@ -57,6 +60,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         lm.export_hf(dest, overwrite=args.force, max_shard_bytes=max_shard_bytes)
     print(f"wrote {dest} ({lm.num_params() / 1e6:.1f}M parameters, {lm.config.param_dtype})", file=sys.stderr)
     return 0
+
+
+def _check_exportable_before_loading(source: str) -> None:
+    """A jaxaccel checkpoint (or finished run) with no Hugging Face counterpart (MoE, Duo-LLM,
+    biases or a window its architecture lacks) is refused from its jaxaccel.json, before the
+    parameters are read; an unreadable one is left to the load, which names what is wrong."""
+    from jaxaccel.config import ModelConfig, from_dict
+    from jaxaccel.convert.hf import check_exportable
+    from jaxaccel.errors import CheckpointError, ConfigError
+    from jaxaccel.model import checkpoint as ckpt
+
+    folder = Path(source).expanduser()
+    if not ckpt.is_jaxaccel_checkpoint(folder) and ckpt.is_jaxaccel_checkpoint(folder / "model"):
+        folder = folder / "model"  # a finished training run
+    if not ckpt.is_jaxaccel_checkpoint(folder):
+        return
+    try:
+        config = from_dict(ModelConfig, ckpt.read_meta(folder)["model"])
+    except (ConfigError, CheckpointError, KeyError, TypeError):
+        return
+    check_exportable(config)
 
 
 def entry() -> None:

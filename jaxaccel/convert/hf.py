@@ -19,6 +19,7 @@ Layout correspondence (HF Linear weights are [out, in]; ours are [in, ..., out])
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -45,6 +46,9 @@ def is_hf_folder(folder: Path) -> bool:
 
 
 _HF_INT_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+# transformers' defaults where config.json leaves a field out (LlamaConfig, Qwen2Config, MistralConfig)
+_HF_MAX_POSITIONS = {"llama": 2048, "qwen2": 32768, "mistral": 4096 * 32}
+_HF_MISTRAL_SLIDING_WINDOW = 4096
 
 
 def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
@@ -84,6 +88,8 @@ def _config_from_hf(hf: dict, source: str) -> ModelConfig:
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise ConfigError(f"{source}: architectures must be a list of names, got {archs!r}")
     arch = next((a for a in archs if a in SUPPORTED), None)
+    if arch is None and not archs and hf.get("model_type") in EXPORT_NAMES:  # transformers goes by model_type
+        arch = EXPORT_NAMES[hf["model_type"]]
     if arch is None:
         named = ", ".join(archs) if archs else f"model_type {hf.get('model_type')!r}"
         raise UnsupportedArchitectureError(
@@ -100,6 +106,10 @@ def _config_from_hf(hf: dict, source: str) -> ModelConfig:
     ints.update({key: _int_key(hf, key, source, required=False)
                  for key in ("max_position_embeddings", "num_key_value_heads", "head_dim", "sliding_window")})
 
+    for key in ("rope_parameters", "rope_scaling"):
+        if hf.get(key) is not None and not isinstance(hf[key], dict):
+            raise ConfigError(f"{source}: {key} must be an object such as {{\"rope_type\": \"linear\", "
+                              f"\"factor\": 2.0}} or null, got {hf[key]!r:.60}")
     rope = dict(hf.get("rope_parameters") or {})
     scaling = hf.get("rope_scaling") or {}
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
@@ -125,14 +135,22 @@ def _config_from_hf(hf: dict, source: str) -> ModelConfig:
     if tie is not None and not isinstance(tie, bool):  # bool("false") is True: a silently different model
         raise ConfigError(f"{source}: tie_word_embeddings must be true or false, got {tie!r}")
     n_heads = ints["num_attention_heads"]
+    max_positions = ints["max_position_embeddings"]
+    if max_positions is None:
+        max_positions = _HF_MAX_POSITIONS[family]
+    elif max_positions < 1:
+        raise ConfigError(f"{source}: max_position_embeddings must be >= 1, got {max_positions}")
+    sliding_window = None
+    if family == "mistral":  # absent: MistralConfig's default window; null: full attention
+        sliding_window = ints["sliding_window"] if "sliding_window" in hf else _HF_MISTRAL_SLIDING_WINDOW
     return ModelConfig(
         vocab_size=ints["vocab_size"], d_model=ints["hidden_size"], n_layers=ints["num_hidden_layers"],
         n_heads=n_heads, n_kv_heads=ints["num_key_value_heads"] or n_heads,
         head_dim=ints["head_dim"] or None, ffn_dim=ints["intermediate_size"],
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=float(theta), rope_scaling=rope_scaling,
-        max_seq_len=ints["max_position_embeddings"] or 2048,
+        max_seq_len=max_positions,
         tie_embeddings=bool(tie), qkv_bias=family == "qwen2",
-        sliding_window=ints["sliding_window"] if family == "mistral" else None,
+        sliding_window=sliding_window,
         param_dtype=dtype, dtype=dtype, architecture=family,
     )
 
@@ -170,30 +188,30 @@ def config_to_hf(config: ModelConfig, eos_token_ids=(), bos_token_id=None) -> di
 # ----------------------------------------------------------------------------- tensor mapping
 
 
-def tensor_plan(config: ModelConfig) -> Iterator[tuple[tuple[str, ...], str, Callable, Callable]]:
-    """(jaxaccel path, HF name, hf->ours, ours->hf) for every parameter (unrolled layout)."""
-    d, hd = config.d_model, config.resolved_head_dim
+def tensor_plan(config: ModelConfig) -> Iterator[tuple[tuple[str, ...], str, tuple[int, ...], Callable, Callable]]:
+    """(jaxaccel path, HF name, HF shape, hf->ours, ours->hf) for every parameter (unrolled layout)."""
+    d, hd, f, v = config.d_model, config.resolved_head_dim, config.ffn_dim, config.vocab_size
     h, k = config.n_heads, config.n_kv_heads
     same = (lambda x: x, lambda x: x)
     t = (lambda x: x.T, lambda x: x.T)
-    yield ("embed", "embedding"), "model.embed_tokens.weight", *same
+    yield ("embed", "embedding"), "model.embed_tokens.weight", (v, d), *same
     for i in range(config.n_layers):
         p, hp = f"layer_{i}", f"model.layers.{i}"
-        yield (p, "attn_norm", "scale"), f"{hp}.input_layernorm.weight", *same
-        yield (p, "mlp_norm", "scale"), f"{hp}.post_attention_layernorm.weight", *same
+        yield (p, "attn_norm", "scale"), f"{hp}.input_layernorm.weight", (d,), *same
+        yield (p, "mlp_norm", "scale"), f"{hp}.post_attention_layernorm.weight", (d,), *same
         for name, heads in (("q", h), ("k", k), ("v", k)):
-            yield ((p, "attn", name, "kernel"), f"{hp}.self_attn.{name}_proj.weight",
+            yield ((p, "attn", name, "kernel"), f"{hp}.self_attn.{name}_proj.weight", (heads * hd, d),
                    lambda x, n=heads: x.T.reshape(d, n, hd), lambda x, n=heads: x.reshape(d, n * hd).T)
             if config.qkv_bias:
-                yield ((p, "attn", name, "bias"), f"{hp}.self_attn.{name}_proj.bias",
+                yield ((p, "attn", name, "bias"), f"{hp}.self_attn.{name}_proj.bias", (heads * hd,),
                        lambda x, n=heads: x.reshape(n, hd), lambda x, n=heads: x.reshape(n * hd))
-        yield ((p, "attn", "o", "kernel"), f"{hp}.self_attn.o_proj.weight",
+        yield ((p, "attn", "o", "kernel"), f"{hp}.self_attn.o_proj.weight", (d, h * hd),
                lambda x: x.T.reshape(h, hd, d), lambda x: x.reshape(h * hd, d).T)
-        for name in ("gate", "up", "down"):
-            yield (p, "mlp", name, "kernel"), f"{hp}.mlp.{name}_proj.weight", *t
-    yield ("final_norm", "scale"), "model.norm.weight", *same
+        for name, shape in (("gate", (f, d)), ("up", (f, d)), ("down", (d, f))):
+            yield (p, "mlp", name, "kernel"), f"{hp}.mlp.{name}_proj.weight", shape, *t
+    yield ("final_norm", "scale"), "model.norm.weight", (d,), *same
     if not config.tie_embeddings:
-        yield ("lm_head", "kernel"), "lm_head.weight", *t
+        yield ("lm_head", "kernel"), "lm_head.weight", (v, d), *t
 
 
 def _get(tree, path):
@@ -209,7 +227,10 @@ def _set(tree, path, value):
 
 
 class _SafetensorsIndex:
-    """Name -> file over one or many safetensors files, opened lazily."""
+    """Name -> file over one or many safetensors files, opened lazily. Without an index, a
+    `model.safetensors` is the weights (as transformers reads them: other .safetensors files
+    beside it are not the model's); otherwise every .safetensors file, and a tensor name found
+    in two of them is refused rather than taken from whichever sorts last."""
 
     def __init__(self, folder: Path):
         from safetensors import safe_open
@@ -225,6 +246,8 @@ class _SafetensorsIndex:
                     isinstance(k, str) and isinstance(v, str) and v for k, v in weight_map.items()):
                 raise CheckpointError(f"{index}: weight_map must map tensor names to safetensors file names")
             files = sorted(set(weight_map.values()))
+        elif (folder / "model.safetensors").is_file():
+            files, weight_map = ["model.safetensors"], None
         else:
             files = sorted(p.name for p in folder.glob("*.safetensors"))
             if not files:
@@ -242,8 +265,22 @@ class _SafetensorsIndex:
             except Exception as e:
                 raise CheckpointError(f"{folder / name} is not a readable safetensors file: {e}") from None
         if weight_map is None:
-            weight_map = {key: name for name, f in self.handles.items() for key in f.keys()}
+            weight_map = {}
+            for name, f in self.handles.items():
+                for key in f.keys():
+                    if key in weight_map:
+                        raise CheckpointError(
+                            f"{folder}: tensor {key} is in both {weight_map[key]} and {name} (and there is no "
+                            f"model.safetensors.index.json saying which holds the model's)")
+                    weight_map[key] = name
         self.weight_map = weight_map
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        """The stored shape of a tensor, read from the file's header (no data); None: absent."""
+        file = self.weight_map.get(name)
+        if file is None or name not in self.handles[file].keys():
+            return None
+        return tuple(self.handles[file].get_slice(name).get_shape())
 
     def get(self, name: str) -> np.ndarray | None:
         file = self.weight_map.get(name)
@@ -253,33 +290,27 @@ class _SafetensorsIndex:
 
 
 def load_hf_params(folder: Path, config: ModelConfig, shardings: Any | None = None) -> Any:
-    """Read the weights of an HF folder into jaxaccel's unrolled layout, tensor by tensor."""
-    from jaxaccel.model.transformer import param_shapes
-
+    """Read the weights of an HF folder into jaxaccel's unrolled layout, tensor by tensor.
+    Each stored shape is compared with HF's own before any reshape: a transposed k/v weight
+    has the right number of elements and would otherwise load as a different model."""
     index = _SafetensorsIndex(folder)
-    shapes = param_shapes(config, "unrolled")
     np_dtype = _NP_DTYPES[config.param_dtype]
     params: dict = {}
-    for path, name, to_ours, _ in tensor_plan(config):
-        raw = index.get(name)
-        if raw is None:
+    for path, name, hf_shape, to_ours, _ in tensor_plan(config):
+        stored = index.shape(name)
+        if stored is None:
             raise CheckpointError(f"{folder}: tensor {name} is missing from the safetensors files")
-        expected = _get(shapes, path).shape
-        try:
-            value = to_ours(raw)
-        except ValueError:
-            value = None
-        if value is None or value.shape != expected:
-            raise CheckpointError(f"{folder}: tensor {name} has shape {list(raw.shape)}, expected a shape matching "
-                                  f"{list(expected)} for this config")
-        value = np.ascontiguousarray(value.astype(np_dtype, copy=False))
+        if stored != hf_shape:
+            raise CheckpointError(f"{folder}: tensor {name} has shape {list(stored)}, expected {list(hf_shape)} "
+                                  f"for this config")
+        value = np.ascontiguousarray(to_ours(index.get(name)).astype(np_dtype, copy=False))
         if shardings is None:
             arr = jax.device_put(value)
         else:
             sharding = _get(shardings, path)
             arr = jax.make_array_from_callback(value.shape, sharding, lambda idx, v=value: v[idx])
         _set(params, path, arr)
-        del raw, value
+        del value
     return params
 
 
@@ -322,50 +353,197 @@ def hf_special_tokens(folder: Path, hf: dict) -> tuple[tuple[int, ...], int | No
 
 # ----------------------------------------------------------------------------- export
 
+# The tokenizer's files in an HF folder: the vocabulary (one of the first two), then the files
+# transformers reads beside it, carried over unchanged from the folder the tokenizer came from.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+# What an export writes besides the shards of its index: a re-export replaces exactly these
+# (and the shards the earlier index names), never another file in the folder.
+EXPORT_ENTRIES = ("config.json", "generation_config.json", "model.safetensors.index.json", "model.safetensors",
+                  *TOKENIZER_FILES, *TOKENIZER_EXTRAS)
 
-def export_hf(folder: str | Path, config: ModelConfig, params: Any, *, tokenizer=None, eos_token_ids=(),
-              bos_token_id=None, max_shard_bytes: int = 2 * 1024**3) -> Path:
-    """Write an HF folder loadable by `transformers` and by `jaxaccel.load`.
 
-    Tensors keep the parameters' dtype; shards of at most `max_shard_bytes` are written with a
-    `model.safetensors.index.json` when more than one is needed.
-    """
-    from jaxaccel.model.transformer import canonical_params
+def export_mismatch(config: ModelConfig) -> str | None:
+    """Why `config` cannot be written as its HF family without changing the model (None: it
+    can). Each family's attention is fixed: Llama has neither q/k/v biases nor a window (its
+    attention_bias also adds an o_proj bias), Qwen2 always has the biases and (as jaxaccel
+    reads it) no window, Mistral has a window and no biases."""
+    family, name = config.architecture, EXPORT_NAMES[config.architecture]
+    bias, window = config.qkv_bias, config.sliding_window is not None
+    fits = ("qwen2" if bias and not window else "mistral" if window and not bias else
+            None if bias and window else "llama")
+    need = (f"set model.architecture to {fits}" if fits else
+            "none of the three families has both q/k/v biases and a sliding window")
+    if family == "llama" and bias:
+        return f"model.qkv_bias=true cannot be written as {name}, which has no q/k/v biases: {need}"
+    if family == "llama" and window:
+        return (f"model.sliding_window={config.sliding_window} cannot be written as {name}, which always attends "
+                f"to every earlier token: {need}")
+    if family == "qwen2" and not bias:
+        return (f"model.qkv_bias=false cannot be written as {name}, which always has q/k/v biases (and "
+                f"transformers would not load it without them): {need}")
+    if family == "qwen2" and window:
+        return (f"model.sliding_window={config.sliding_window} cannot be written as {name} (transformers applies "
+                f"Qwen2's window only to the layers from max_window_layers on, which jaxaccel does not read): {need}")
+    if family == "mistral" and bias:
+        return f"model.qkv_bias=true cannot be written as {name}, which has no q/k/v biases: {need}"
+    return None
 
+
+def check_exportable(config: ModelConfig) -> None:
+    """A one-line error when `config` has no exact Hugging Face counterpart."""
     if config.moe.n_experts:
         raise UnsupportedArchitectureError("MoE models cannot be exported to Hugging Face format: none of "
                                            f"{', '.join(SUPPORTED)} has routed experts")
     if config.duo.enabled:
         raise UnsupportedArchitectureError("Duo-LLM models cannot be exported to Hugging Face format: none of "
                                            f"{', '.join(SUPPORTED)} has a per-token big/small/skip FFN")
+    mismatch = export_mismatch(config)
+    if mismatch is not None:
+        raise ConfigError(f"cannot export to Hugging Face format: {mismatch}")
+
+
+def hf_add_bos(folder) -> bool:
+    """Whether the tokenizer of an HF folder prepends BOS: `add_bos_token` of its
+    tokenizer_config.json (an export writes it for a SentencePiece tokenizer); False when the
+    file or the key is absent or unreadable."""
+    try:
+        doc = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and doc.get("add_bos_token") is True
+
+
+def tokenizer_extras(tokenizer) -> dict[str, bytes]:
+    """The files besides the vocabulary that the tokenizer's folder holds (TOKENIZER_EXTRAS),
+    unchanged, with `add_bos_token` in tokenizer_config.json set to the BOS behaviour of a
+    SentencePiece tokenizer (whose vocabulary file does not say it; transformers reads it
+    there). A tokenizer.json carries its BOS in its own post-processor."""
+    extras: dict[str, bytes] = {}
+    source = getattr(tokenizer, "path", None)
+    if source is not None:
+        for name in TOKENIZER_EXTRAS:
+            try:
+                if (source.parent / name).is_file():
+                    extras[name] = (source.parent / name).read_bytes()
+            except OSError:  # gone since the load: the tokenizer itself is in memory
+                pass
+    add_bos = getattr(tokenizer, "add_bos", None)
+    if isinstance(add_bos, bool):
+        doc: Any = {}
+        if "tokenizer_config.json" in extras:
+            try:
+                doc = json.loads(extras["tokenizer_config.json"])
+            except ValueError:
+                doc = None
+        if isinstance(doc, dict) and doc.get("add_bos_token") is not add_bos:
+            doc["add_bos_token"] = add_bos
+            extras["tokenizer_config.json"] = (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode()
+    return extras
+
+
+def export_hf(folder: str | Path, config: ModelConfig, params: Any, *, tokenizer=None, eos_token_ids=(),
+              bos_token_id=None, max_shard_bytes: int = 2 * 1024**3) -> Path:
+    """Write an HF folder loadable by `transformers` and by `jaxaccel.load`.
+
+    Tensors keep the parameters' dtype; shards of at most `max_shard_bytes` are written with a
+    `model.safetensors.index.json` when more than one is needed. The export is written whole
+    into a staging folder inside `folder` and moved in by renames, config.json last, only when
+    complete (as `save_model` does): a failed or killed export leaves the earlier model (or no
+    config.json, so nothing that loads) in `folder`; a re-export replaces the earlier export's
+    files (EXPORT_ENTRIES and the shards its index names), tokenizer included, and no other.
+    """
+    from jaxaccel.model.transformer import canonical_params
+
+    check_exportable(config)
     from safetensors import SafetensorError
 
-    from jaxaccel.model.checkpoint import write_error_reason
+    from jaxaccel.model.checkpoint import SET_ASIDE, STAGING, write_error_reason
 
     folder = Path(folder)
+    staging = folder / STAGING
     try:
-        return _write_hf_folder(folder, config, canonical_params(params, config), tokenizer, eos_token_ids,
-                                bos_token_id, max_shard_bytes)
+        folder.mkdir(parents=True, exist_ok=True)
+        for leftover in (staging, folder / SET_ASIDE):  # a killed export's (or save's)
+            _remove(leftover)
+        staging.mkdir()
+        try:
+            names = _write_hf_files(staging, config, canonical_params(params, config), tokenizer, eos_token_ids,
+                                    bos_token_id, max_shard_bytes)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     except (OSError, SafetensorError) as e:  # a read-only folder, a full disk
-        raise CheckpointError(f"cannot write the Hugging Face export to {folder} ({write_error_reason(e)})") from None
+        raise CheckpointError(f"cannot write the Hugging Face export to {folder} ({write_error_reason(e)}); any "
+                              f"model already there is left as it was") from None
+    _move_in(staging, folder, names)
+    return folder
 
 
-def _write_hf_folder(folder: Path, config: ModelConfig, params: Any, tokenizer, eos_token_ids, bos_token_id,
-                     max_shard_bytes: int) -> Path:
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _earlier_export(folder: Path) -> list[str]:
+    """The files of the model in `folder` that a new export replaces, config.json first (from
+    its move on, the folder is not a model): EXPORT_ENTRIES, and the shards named by its index
+    (plain .safetensors names in the folder; never a glob, which would take other files)."""
+    names = list(EXPORT_ENTRIES)
+    try:
+        weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+        shards = weight_map.values() if isinstance(weight_map, dict) else ()
+    except (OSError, ValueError, KeyError, TypeError):
+        shards = ()
+    names += sorted({s for s in shards if isinstance(s, str) and s.endswith(".safetensors") and "/" not in s
+                     and "\\" not in s and not s.startswith(".")})
+    return [n for n in dict.fromkeys(names) if (folder / n).exists() or (folder / n).is_symlink()]
+
+
+def _move_in(staging: Path, folder: Path, names: list[str]) -> None:
+    """Replace the earlier export in `folder` by the complete one in `staging` (`names`,
+    config.json last): the old files are renamed aside, the new ones in, then the old ones
+    deleted. If a rename fails, the old model is put back and the new one left in `staging`."""
+    from jaxaccel.model.checkpoint import SET_ASIDE, write_error_reason
+
+    aside = folder / SET_ASIDE
+    moved_out, moved_in = [], []
+    try:
+        aside.mkdir()
+        for name in _earlier_export(folder):
+            (folder / name).rename(aside / name)
+            moved_out.append(name)
+        for name in names:
+            (staging / name).rename(folder / name)
+            moved_in.append(name)
+    except OSError as e:
+        for name in reversed(moved_in):
+            (folder / name).rename(staging / name)
+        for name in moved_out:
+            (aside / name).rename(folder / name)
+        shutil.rmtree(aside, ignore_errors=True)
+        raise CheckpointError(f"moving the export into {folder} failed ({write_error_reason(e)}); the earlier model "
+                              f"is back in place, the new one is in {staging}") from None
+    shutil.rmtree(aside, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_hf_files(folder: Path, config: ModelConfig, params: Any, tokenizer, eos_token_ids, bos_token_id,
+                    max_shard_bytes: int) -> list[str]:
+    """Write the whole export into `folder` (empty); the names written, config.json last."""
     from safetensors.numpy import save_file
 
-    folder.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
-    for path, name, _, to_hf in tensor_plan(config):
+    for path, name, _, _, to_hf in tensor_plan(config):
         value = np.ascontiguousarray(to_hf(np.asarray(jax.device_get(_get(params, path)))))
         if size and size + value.nbytes > max_shard_bytes:
             shards.append({})
             size = 0
         shards[-1][name] = value
         size += value.nbytes
-    for stale in list(folder.glob("model*.safetensors")) + [folder / "model.safetensors.index.json"]:
-        stale.unlink(missing_ok=True)
     if len(shards) == 1:
         save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
     else:
@@ -378,11 +556,14 @@ def _write_hf_folder(folder: Path, config: ModelConfig, params: Any, tokenizer, 
                 total += value.nbytes
         (folder / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-    hf = config_to_hf(config, eos_token_ids, bos_token_id)
-    (folder / "config.json").write_text(json.dumps(hf, indent=2))
-    gen = {"bos_token_id": bos_token_id,
-           "eos_token_id": list(eos_token_ids) if len(eos_token_ids) != 1 else eos_token_ids[0]}
+    eos = list(eos_token_ids)
+    # One id as a number, several as a list, none as null: transformers' generate() fails on [].
+    gen = {"bos_token_id": bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else (eos or None)}
     (folder / "generation_config.json").write_text(json.dumps(gen, indent=2))
     if tokenizer is not None:
         tokenizer.save(folder)
-    return folder
+        for name, data in tokenizer_extras(tokenizer).items():
+            (folder / name).write_bytes(data)
+    hf = config_to_hf(config, eos_token_ids, bos_token_id)
+    (folder / "config.json").write_text(json.dumps(hf, indent=2))
+    return sorted(p.name for p in folder.iterdir() if p.name != "config.json") + ["config.json"]

@@ -501,7 +501,8 @@ def resolve_mesh(mesh: Mesh | str | dict | None) -> Mesh | None:
 SAVE_FILES = ("jaxaccel.json", "jaxaccel.json.tmp", "params", "tokenizer.model", "tokenizer.json",
               ".jaxaccel-saving", ".jaxaccel-replaced")
 EXPORT_FILES = ("config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
-                "tokenizer.model", "tokenizer.json")
+                "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                "chat_template.jinja", ".jaxaccel-saving", ".jaxaccel-replaced")
 
 
 _CHOOSE_ANOTHER = "choose an empty folder, or pass overwrite=True to write into it"
@@ -655,7 +656,8 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh
                           f"{config.vocab_size}; ignored", stacklevel=2)
             eos = tuple(t for t in eos if t < config.vocab_size)
             bos = bos if bos is None or bos < config.vocab_size else None
-        tokenizer = load_tokenizer(folder)
+        # a SentencePiece vocabulary does not say whether BOS is prepended: tokenizer_config.json does
+        tokenizer = load_tokenizer(folder, add_bos=hf_io.hf_add_bos(folder))
         _check_tokenizer_fits(tokenizer, config, f"{folder}: ")
         return LanguageModel(config, params, tokenizer=tokenizer, eos_token_ids=eos, bos_token_id=bos,
                              mesh=mesh, source=str(folder))

@@ -1,0 +1,274 @@
+"""Hugging Face export/import: a config its family cannot hold is refused, a misshapen tensor is
+named, an export is never half-written or mixed with an earlier one, a re-export touches only
+the export's own files, and the tokenizer's side files (and its BOS behaviour) come along."""
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import jaxaccel
+from conftest import randomize
+from jaxaccel.cli import run_cli
+from jaxaccel.config import ModelConfig
+from jaxaccel.convert.__main__ import main as convert_main
+from jaxaccel.convert.hf import config_from_hf, config_to_hf
+from jaxaccel.errors import CheckpointError, ConfigError
+from jaxaccel.model.transformer import init_params
+
+CFG = ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=24, max_seq_len=64)
+SP_MODEL = Path(jaxaccel.__file__).resolve().parent / "assets" / "default_model" / "tokenizer.model"
+
+
+def tiny(seed=0, config=CFG, **kwargs):
+    params = randomize(init_params(config, jax.random.key(seed), "unrolled"), seed=seed)
+    return jaxaccel.from_params(config, params, **{"eos_token_ids": (), **kwargs})
+
+
+def embedding(lm):
+    return np.asarray(lm.params["embed"]["embedding"])
+
+
+def word_level_tokenizer(folder: Path):
+    """A 64-piece tokenizer.json (the tokenizers library, no training)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from jaxaccel.tokenizer import HFTokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 64)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    return HFTokenizer(folder / "tokenizer.json")
+
+
+class KilledTokenizer:
+    """A tokenizer whose save is where the export process dies."""
+    vocab_size = 64
+
+    def encode(self, text):
+        return [5]
+
+    def decode(self, ids):
+        return ""
+
+    def save(self, folder):
+        raise KeyboardInterrupt
+
+
+def run(argv, capsys):
+    try:
+        code = run_cli(convert_main, argv)
+    except SystemExit as e:  # `error: ...` and exit 2
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- 1: refusals
+
+
+@pytest.mark.parametrize("changes, setting, hint", [
+    (dict(qkv_bias=True), "model.qkv_bias=true", "set model.architecture to qwen2"),
+    (dict(sliding_window=8), "model.sliding_window=8", "set model.architecture to mistral"),
+    (dict(architecture="qwen2"), "model.qkv_bias=false", "set model.architecture to llama"),
+    (dict(architecture="qwen2", qkv_bias=True, sliding_window=8), "model.sliding_window=8", "none of the three"),
+    (dict(architecture="mistral", qkv_bias=True), "model.qkv_bias=true", "set model.architecture to qwen2"),
+])
+def test_export_refuses_a_config_its_hf_family_cannot_hold(tmp_path, changes, setting, hint):
+    lm = tiny(config=dataclasses.replace(CFG, **changes))
+    with pytest.raises(ConfigError) as raised:
+        lm.export_hf(tmp_path / "out")
+    message = str(raised.value)
+    assert setting in message and hint in message and "\n" not in message
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_cli_export_of_a_biased_llama_is_one_error_line(tmp_path, capsys):
+    ckpt = tiny(config=dataclasses.replace(CFG, qkv_bias=True)).save(tmp_path / "ckpt")
+    code, err = run(["export", str(ckpt), str(tmp_path / "hf")], capsys)
+    assert code == 2 and err.startswith("error: cannot export") and "qkv_bias" in err and err.count("\n") == 1
+    assert not (tmp_path / "hf" / "config.json").exists()
+
+
+# ----------------------------------------------------------------------------- 2: transposed tensors
+
+
+@pytest.mark.parametrize("name", ["k_proj", "v_proj"])
+def test_transposed_kv_weight_is_refused_with_both_shapes(tmp_path, name):
+    folder = tiny().export_hf(tmp_path / "hf")
+    tensors = load_file(str(folder / "model.safetensors"))
+    key = f"model.layers.0.self_attn.{name}.weight"
+    assert tensors[key].shape == (8, 16)
+    tensors[key] = np.ascontiguousarray(tensors[key].T)  # same element count, wrong layout
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"tensor {key} has shape \[16, 8\], expected \[8, 16\]"):
+        jaxaccel.load(folder)
+
+
+# ----------------------------------------------------------------------------- 3: no EOS
+
+
+def test_export_without_eos_generates_in_transformers(tmp_path):
+    folder = tiny().export_hf(tmp_path / "hf")
+    assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] is None
+    assert jaxaccel.load(folder).eos_token_ids == ()
+    torch = pytest.importorskip("torch", reason="needs the peers extra (torch + transformers)")
+    transformers = pytest.importorskip("transformers", reason="needs the peers extra (torch + transformers)")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    out = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 7)
+
+
+# ----------------------------------------------------------------------------- 4, 5, 7: re-exports
+
+
+@pytest.mark.parametrize("killed_at", ["second shard", "tokenizer"])
+def test_killed_reexport_leaves_the_earlier_model(tmp_path, monkeypatch, killed_at):
+    import safetensors.numpy
+
+    first = tiny(0)
+    folder = first.export_hf(tmp_path / "hf", max_shard_bytes=2_000)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    second = tiny(1, tokenizer=KilledTokenizer() if killed_at == "tokenizer" else None)
+    if killed_at == "second shard":
+        writes = []
+        real = safetensors.numpy.save_file
+
+        def dies_on_second(*args, **kwargs):
+            writes.append(1)
+            if len(writes) == 2:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(safetensors.numpy, "save_file", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        second.export_hf(folder, max_shard_bytes=2_000)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+    np.testing.assert_array_equal(embedding(jaxaccel.load(folder)), embedding(first))
+
+
+def test_reexport_replaces_the_earlier_tokenizer(tmp_path):
+    tok = word_level_tokenizer(tmp_path / "tok")
+    (tmp_path / "tok" / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    folder = tiny(0, tokenizer=tok).export_hf(tmp_path / "hf")
+    assert (folder / "tokenizer.json").is_file() and (folder / "tokenizer_config.json").is_file()
+    tiny(1).export_hf(folder, overwrite=True)
+    assert not (folder / "tokenizer.json").exists() and not (folder / "tokenizer_config.json").exists()
+    again = jaxaccel.load(folder)
+    assert again.tokenizer is None
+    np.testing.assert_array_equal(embedding(again), embedding(tiny(1)))
+
+
+def test_force_export_deletes_only_the_earlier_exports_files(tmp_path, capsys):
+    folder = tiny(0).export_hf(tmp_path / "hf", max_shard_bytes=2_000)
+    old_shards = sorted(p.name for p in folder.glob("model-*.safetensors"))
+    assert len(old_shards) > 1
+    (folder / "model_backup.safetensors").write_bytes(b"someone else's")
+    (folder / "notes.txt").write_text("keep")
+    source = tiny(1).export_hf(tmp_path / "source")
+    code, err = run(["export", str(source), str(folder), "--force"], capsys)
+    assert code == 0, err
+    assert (folder / "model_backup.safetensors").read_bytes() == b"someone else's"
+    assert (folder / "notes.txt").read_text() == "keep"
+    assert not any((folder / name).exists() for name in old_shards)
+    assert not (folder / "model.safetensors.index.json").exists()
+    assert not any(p.name.startswith(".jaxaccel") for p in folder.iterdir())
+    np.testing.assert_array_equal(embedding(jaxaccel.load(folder)), embedding(tiny(1)))
+
+
+# ----------------------------------------------------------------------------- 8: files without an index
+
+
+def test_model_safetensors_wins_without_an_index(tmp_path):
+    folder = tiny(0).export_hf(tmp_path / "hf")
+    other = load_file(str(tiny(1).export_hf(tmp_path / "other") / "model.safetensors"))
+    save_file(other, str(folder / "zz_other.safetensors"))  # sorts after model.safetensors
+    np.testing.assert_array_equal(embedding(jaxaccel.load(folder)), embedding(tiny(0)))
+
+
+def test_a_tensor_in_two_files_without_an_index_is_refused(tmp_path):
+    folder = tiny(0).export_hf(tmp_path / "hf")
+    (folder / "model.safetensors").rename(folder / "a.safetensors")
+    shutil.copy(folder / "a.safetensors", folder / "b.safetensors")
+    with pytest.raises(CheckpointError, match=r"tensor \S+ is in both a.safetensors and b.safetensors") as raised:
+        jaxaccel.load(folder)
+    assert "\n" not in str(raised.value)
+
+
+# ----------------------------------------------------------------------------- 9: config.json readings
+
+
+def hf_config(architecture="llama", **changes):
+    config = dataclasses.replace(CFG, architecture=architecture, qkv_bias=architecture == "qwen2",
+                                 sliding_window=16 if architecture == "mistral" else None)
+    hf = config_to_hf(config)
+    for key, value in changes.items():
+        if value is ...:
+            hf.pop(key, None)
+        else:
+            hf[key] = value
+    return hf
+
+
+def test_rope_scaling_that_is_not_an_object_is_one_config_error():
+    with pytest.raises(ConfigError, match="rope_scaling must be an object") as raised:
+        config_from_hf(hf_config(rope_parameters=None, rope_scaling="linear"))
+    assert "\n" not in str(raised.value)
+
+
+def test_missing_fields_take_transformers_defaults():
+    assert config_from_hf(hf_config("mistral", sliding_window=...)).sliding_window == 4096
+    assert config_from_hf(hf_config("mistral", sliding_window=None)).sliding_window is None
+    assert config_from_hf(hf_config("mistral")).sliding_window == 16
+    for arch, default in (("llama", 2048), ("qwen2", 32768), ("mistral", 131072)):
+        assert config_from_hf(hf_config(arch, max_position_embeddings=...)).max_seq_len == default
+    with pytest.raises(ConfigError, match="max_position_embeddings must be >= 1, got 0"):
+        config_from_hf(hf_config(max_position_embeddings=0))
+
+
+def test_null_architectures_go_by_model_type():
+    for arch in ("llama", "qwen2", "mistral"):
+        assert config_from_hf(hf_config(arch, architectures=None)).architecture == arch
+
+
+# ----------------------------------------------------------------------------- 6: tokenizer side files
+
+
+def test_tokenizer_side_files_survive_import_and_export(tmp_path):
+    folder = tiny(0, tokenizer=word_level_tokenizer(tmp_path / "tok")).export_hf(tmp_path / "hf")
+    extras = {"tokenizer_config.json": b'{"model_max_length": 64, "chat_template_note": "x"}\n',
+              "special_tokens_map.json": b'{"bos_token": "<s>", "eos_token": "</s>"}\n',
+              "chat_template.jinja": b"{% for m in messages %}{{ m['content'] }}{% endfor %}"}
+    for name, data in extras.items():
+        (folder / name).write_bytes(data)
+    again = jaxaccel.load(folder).export_hf(tmp_path / "again")
+    for name, data in extras.items():
+        assert (again / name).read_bytes() == data, name
+
+
+def test_sentencepiece_bos_behaviour_is_written_for_transformers(tmp_path):
+    from jaxaccel.convert.hf import hf_add_bos
+    from jaxaccel.tokenizer import SentencePieceTokenizer, load_tokenizer
+
+    tok = SentencePieceTokenizer(SP_MODEL, add_bos=True)
+    folder = tiny(0, config=dataclasses.replace(CFG, vocab_size=tok.vocab_size), tokenizer=tok).export_hf(
+        tmp_path / "hf")
+    text = "def f(x):\n    return x + 1"
+    assert tok.encode(text)[0] == 3
+    assert json.loads((folder / "tokenizer_config.json").read_text())["add_bos_token"] is True
+    assert hf_add_bos(folder) is True
+    assert load_tokenizer(folder, add_bos=hf_add_bos(folder)).encode(text) == tok.encode(text)
+    transformers = pytest.importorskip("transformers", reason="needs the peers extra (torch + transformers)")
+    assert transformers.AutoTokenizer.from_pretrained(folder)(text).input_ids == tok.encode(text)
+    # Without BOS the file says so (transformers' own default would be taken otherwise).
+    plain = SentencePieceTokenizer(SP_MODEL, add_bos=False)
+    folder = tiny(0, config=dataclasses.replace(CFG, vocab_size=tok.vocab_size), tokenizer=plain).export_hf(
+        tmp_path / "plain")
+    assert hf_add_bos(folder) is False
+    assert transformers.AutoTokenizer.from_pretrained(folder)(text).input_ids == plain.encode(text)
