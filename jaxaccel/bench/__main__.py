@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import math
 import sys
 from typing import Sequence
 
@@ -47,6 +48,22 @@ def _csv(text: str, cast=str, allow_empty: bool = False) -> tuple:
         return tuple(cast(x) for x in items)
     except ValueError:
         fail(f"{text!r}: expected a comma-separated list")
+
+
+def _check_temperatures(temperatures: Sequence[float]) -> None:
+    bad = [t for t in temperatures if not (math.isfinite(t) and t >= 0)]
+    if bad:
+        fail(f"temperatures must be finite numbers >= 0, got {bad[0]}")
+
+
+def _check_batches(batches: Sequence[int], files: int, extra: int = 0) -> None:
+    """Every batch size needs at least one full group of prompts: --files held-out files
+    (+ `extra` natural-language prompts). Fewer files may turn out long enough: the run
+    checks again once it has read them."""
+    if max(batches) > files + extra:
+        also = f" + {extra} natural-language prompts" if extra else ""
+        fail(f"batch {max(batches)} needs at least {max(batches)} prompts, but --files {files}{also} gives at most "
+             f"{files + extra}: use smaller --batches or more --files")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -205,13 +222,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.which == "duo":
         from jaxaccel.bench import duo
-        from jaxaccel.bench.common import write_json
+        from jaxaccel.bench.common import model_config, write_json
 
         batches = _csv(args.batches, int)
         if not batches or min(batches) < 1 or min(args.runs, args.files, args.new_tokens, args.prompt_tokens) < 1:
             fail("batches, runs, files, new tokens and prompt tokens must be >= 1")
-        if not (args.model.startswith("builtin:") or Path(args.model).exists()):
-            fail(f"--model {args.model!r} does not exist")
+        _check_batches(batches, args.files)
+        config = model_config(args.model)  # the pattern is checked before anything is loaded
+        if config is not None:
+            duo.check_pattern(config, args.pattern)
         result = duo.run(args.model, batches, args.new_tokens, args.runs, args.files, args.prompt_tokens,
                          args.pattern, progress=lambda s: print(s, file=sys.stderr))
         print(duo.markdown(result))
@@ -231,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             fail("speedups must be >= 1")
         if args.max_length <= args.prompt_tokens:
             fail(f"--max-length ({args.max_length}) must exceed --prompt-tokens ({args.prompt_tokens})")
+        _check_batches(batches, args.files)
         result = skipdecode.run(args.model, batches, speedups, args.new_tokens, args.runs, args.files,
                                 args.prompt_tokens, args.max_length, progress=lambda s: print(s, file=sys.stderr))
         print(skipdecode.markdown(result))
@@ -240,7 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.which == "dyspec":
         from jaxaccel.bench import draft as draft_bench
-        from jaxaccel.bench.common import write_json
+        from jaxaccel.bench.common import model_config, write_json
+        from jaxaccel.bench.spec import NATURAL_PROMPTS
         from jaxaccel.decode.methods import METHODS, get_method
 
         batches, budgets = _csv(args.batches, int), _csv(args.budgets, int)
@@ -248,8 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if (not batches or min(batches) < 1 or not budgets or min(budgets) < 1 or args.runs < 1 or args.files < 1
                 or args.new_tokens < 1 or args.prompt_tokens < 1):
             fail("batches, budgets, runs, files, new tokens and prompt tokens must be >= 1")
-        if any(t < 0 for t in temperatures):
-            fail("temperatures must be >= 0")
+        _check_temperatures(temperatures)
+        _check_batches(batches, args.files, len(NATURAL_PROMPTS))
         unknown = [m for m in methods if m not in draft_bench.METHODS]
         if unknown:
             fail(f"unknown method {unknown[0]!r}; choose from {', '.join(draft_bench.METHODS)}")
@@ -258,6 +279,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             for budget in budgets:
                 method, opts = draft_bench.method_options(name, budget, args.draft)
                 get_method(method, **opts)
+        target_config, draft_config = model_config(args.model), model_config(args.draft)
+        if target_config is not None and draft_config is not None:  # before the first baseline is timed
+            draft_bench.check_draft_config(draft_config, target_config)
         result = draft_bench.run(args.model, args.draft, batches, temperatures, budgets, methods, args.new_tokens,
                                  args.runs, args.files, args.prompt_tokens, args.figure,
                                  progress=lambda s: print(s, file=sys.stderr),
@@ -269,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.which == "acceptance":
         from jaxaccel.bench import draft as draft_bench
-        from jaxaccel.bench.common import write_json
+        from jaxaccel.bench.common import model_config, write_json
         from jaxaccel.decode.sampling import check_sampling_args
 
         check_sampling_args(args.temperature, args.top_k, args.top_p)
@@ -278,6 +302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         what_if = _csv(args.what_if_top1, float, allow_empty=True)
         if any(not 0.0 <= t < 1.0 for t in what_if):
             fail(f"--what-if-top1: every value must be in [0, 1), got {args.what_if_top1!r}")
+        target_config, draft_config = model_config(args.target), model_config(args.draft)
+        if target_config is not None and draft_config is not None:  # else a meaningless vector would be cached
+            draft_bench.check_draft_config(draft_config, target_config)
         result = draft_bench.acceptance(args.target, args.draft, args.temperature, args.top_k, args.top_p,
                                         args.max_rank, what_if)
         print(" ".join(f"{x:.4f}" for x in result["acceptance"]), f"(sum {result['sum']:.3f})")
@@ -288,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.which == "startup":
         from jaxaccel.bench import startup
-        from jaxaccel.bench.common import write_json
+        from jaxaccel.bench.common import model_config, write_json
 
         from jaxaccel.decode.methods import get_method
 
@@ -299,8 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             fail("--methods must name at least one method")
         for m in methods:
             get_method(m)  # an unknown one: one line, exit 2, before any process starts
-        if not (args.model.startswith("builtin:") or "://" in args.model or Path(args.model).expanduser().is_dir()):
-            fail(f"--model {args.model!r} is not a model folder")
+        model_config(args.model)  # a path that is no model: one line before any process starts
         result = startup.run(args.model, args.runs, methods, args.repeats,
                              progress=lambda s: print(s, file=sys.stderr))
         print(startup.markdown(result))
@@ -317,15 +343,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if (not batches or min(batches) < 1 or args.runs < 1 or args.new_tokens < 1 or args.files < 1
                 or args.prompt_tokens < 1):
             fail("batches, runs, new tokens, files and prompt tokens must be >= 1")
-        if any(t < 0 for t in temperatures):
-            fail("temperatures must be >= 0")
+        _check_temperatures(temperatures)
+        _check_batches(batches, args.files, len(spec.NATURAL_PROMPTS))
         sweep = spec.SWEEP
         if args.sweep:
             sweep = tuple(t if t == "paper" else tuple(_csv(t.replace("-", ","), int)) for t in _csv(args.sweep))
         if not args.no_hf:
             require_peers()
         result = spec.run(args.model, batches, temperatures, args.new_tokens, args.runs, args.files, args.prompt_tokens,
-                          sweep, hf=not args.no_hf, progress=lambda s: print(s, file=sys.stderr))
+                          sweep, hf=not args.no_hf, progress=lambda s: print(s, file=sys.stderr),
+                          partial=(lambda r: write_json(args.json, r)) if args.json else None)
         print(spec.markdown(result))
         if args.json:
             write_json(args.json, result)
@@ -343,7 +370,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for c in configs:
             if not Path(c).is_file():
                 fail(f"config file {c!r} does not exist")
-        train_bench.check_overrides(configs, args.override)
+        if args.compare_devices < 1:
+            fail(f"--compare-devices must be >= 1 (1: skip the multi-device row), got {args.compare_devices}")
+        # the multi-device row's config must split its batch over the devices: checked before the 1-device rows
+        train_bench.check_overrides(configs, args.override,
+                                    (args.cpu_devices or 1) if args.devices_only else args.compare_devices)
         if args.devices_only:
             result = train_bench.run_devices_only(configs[0], args.peak, args.cpu_devices or 1, tuple(args.override))
         else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -49,7 +50,10 @@ def weight_bytes(config: ModelConfig) -> tuple[int, int]:
 
 def bench_jaxaccel(lm, prompts: list[list[int]], new_tokens: int, runs: int, probe: BandwidthProbe) -> dict[str, Any]:
     """Median tokens/s of whole generate calls (prefill included, as for HF), and of the
-    decode phase alone: the same calls minus a prefill-plus-one-token call timed alongside.
+    decode phase alone: each call minus the prefill-plus-one-token call timed right after it
+    (paired, so both see the same machine state), the median of those differences. When a
+    whole call took no longer than its prefill in some run (a few new tokens: the loop is
+    within the noise), the decode phase is not measured: None, with a warning.
     A bandwidth sample is taken between runs, so the roofline sees the same machine state."""
     first = lm.generate(prompts, max_new_tokens=new_tokens)
     assert first.stats["new_tokens"] == len(prompts) * new_tokens, "a row stopped early: EOS must be disabled"
@@ -61,17 +65,36 @@ def bench_jaxaccel(lm, prompts: list[list[int]], new_tokens: int, runs: int, pro
         prefills.append(lm.generate(prompts, max_new_tokens=1).stats["decode_s"])
         probe.sample()
     batch = len(prompts)
-    total, prefill = statistics.median(totals), statistics.median(prefills)
-    return {"tokens_per_s": batch * new_tokens / total, "runs": [batch * new_tokens / t for t in totals],
-            "prefill_s": prefill, "decode_phase_tokens_per_s": batch * (new_tokens - 1) / max(total - prefill, 1e-9),
+    loops = [t - p for t, p in zip(totals, prefills)]
+    decode_phase = None
+    if new_tokens < 2:
+        warnings.warn("decode phase not measured: with --new-tokens 1 every token comes from the prefill call",
+                      stacklevel=2)
+    elif min(loops) <= 0:
+        warnings.warn(f"decode phase not measured at batch {batch}: in {sum(x <= 0 for x in loops)} of {runs} runs "
+                      f"the whole call took no longer than its prefill ({new_tokens} new tokens are within the "
+                      f"timing noise): use more --new-tokens", stacklevel=2)
+    else:
+        decode_phase = batch * (new_tokens - 1) / statistics.median(loops)
+    return {"tokens_per_s": batch * new_tokens / statistics.median(totals),
+            "runs": [batch * new_tokens / t for t in totals], "prefill_s": statistics.median(prefills), "decode_phase_tokens_per_s": decode_phase,
             "compile_s": first.stats["compile_s"], "bandwidth": probe.median()}
 
 
-def bench_hf(folder: str, prompts: list[list[int]], new_tokens: int, runs: int) -> dict[str, Any]:
+def torch_dtype(dtype: str):
+    """The torch dtype of a bench dtype name ("float32", "bfloat16"): the HF baseline runs in
+    the dtype jaxaccel runs in."""
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+
+
+def bench_hf(folder: str, prompts: list[list[int]], new_tokens: int, runs: int,
+             dtype: str = "float32") -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype)).eval()
     ids = torch.tensor(prompts)
     mask = torch.ones_like(ids)
     kwargs = dict(attention_mask=mask, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -84,7 +107,8 @@ def bench_hf(folder: str, prompts: list[list[int]], new_tokens: int, runs: int) 
             out = model.generate(ids, **kwargs)
             rates.append(ids.shape[0] * new_tokens / (time.perf_counter() - t0))
         assert out.shape[1] == ids.shape[1] + new_tokens
-    return {"tokens_per_s": statistics.median(rates), "runs": rates, "torch_threads": torch.get_num_threads()}
+    return {"tokens_per_s": statistics.median(rates), "runs": rates, "torch_threads": torch.get_num_threads(),
+            "dtype": dtype}
 
 
 def run(models=(("7m", PRESETS["7m"]), ("40m", PRESETS["40m"])), batches=(1, 8), prompt_len: int = 64, new_tokens: int = 128, runs: int = 5,
@@ -116,42 +140,53 @@ def run(models=(("7m", PRESETS["7m"]), ("40m", PRESETS["40m"])), batches=(1, 8),
                    "roofline_all_tok_s": batch * bandwidth / total_bytes,
                    "roofline_streamed_tok_s": batch * bandwidth / streamed_bytes}
             # The roofline bounds a decode step, so it is compared with the decode phase.
-            row["roofline_all_frac"] = row["decode_phase_tok_s"] / row["roofline_all_tok_s"]
-            row["roofline_streamed_frac"] = row["decode_phase_tok_s"] / row["roofline_streamed_tok_s"]
+            phase = row["decode_phase_tok_s"]
+            row["roofline_all_frac"] = None if phase is None else phase / row["roofline_all_tok_s"]
+            row["roofline_streamed_frac"] = None if phase is None else phase / row["roofline_streamed_tok_s"]
             if hf:
-                theirs = bench_hf(hf_dir.name, prompts, new_tokens, runs)
+                theirs = bench_hf(hf_dir.name, prompts, new_tokens, runs, dtype)
                 row.update(hf_tok_s=theirs["tokens_per_s"], hf_runs=theirs["runs"],
                            speedup_vs_hf=ours["tokens_per_s"] / theirs["tokens_per_s"])
             rows.append(row)
             progress(format_row(row))
         if hf_dir is not None:
             hf_dir.cleanup()
-    return {"benchmark": "decode", "machine": machine(),
+    return {"benchmark": "decode", "machine": machine(), "dtype": dtype,
             "prompt_len": prompt_len, "new_tokens": new_tokens, "runs": runs, "rows": rows}
+
+
+def _figure(value: float | None, fmt: str, scale: float = 1.0, unit: str = "") -> str:
+    """A figure, or "—" where it was not measured (None)."""
+    return "—" if value is None else format(scale * value, fmt) + unit
 
 
 def format_row(row: dict[str, Any]) -> str:
     hf = f", HF {row['hf_tok_s']:.0f} tok/s ({row['speedup_vs_hf']:.2f}x)" if "hf_tok_s" in row else ""
-    return (f"{row['model']} batch {row['batch']}: jaxaccel {row['jaxaccel_tok_s']:.0f} tok/s{hf}, "
-            f"decode phase {row['decode_phase_tok_s']:.0f} tok/s = {100 * row['roofline_all_frac']:.0f}% of roofline (all weights) "
+    return (f"{row['model']} {row.get('dtype', 'float32')} batch {row['batch']}: jaxaccel {row['jaxaccel_tok_s']:.0f} "
+            f"tok/s{hf}, decode phase {_figure(row['decode_phase_tok_s'], '.0f')} tok/s = "
+            f"{_figure(row['roofline_all_frac'], '.0f', 100, '%')} of roofline (all weights) "
             f"at {row['bandwidth_gb_s']:.1f} GB/s, "
-            f"{100 * row['roofline_streamed_frac']:.0f}% (streamed bytes), compile {row['compile_s']:.1f} s")
+            f"{_figure(row['roofline_streamed_frac'], '.0f', 100, '%')} (streamed bytes), "
+            f"compile {row['compile_s']:.1f} s")
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = ["| model | params | batch | jaxaccel tok/s | HF tok/s | speedup | decode-phase tok/s "
+    lines = ["| model | params | dtype | batch | jaxaccel tok/s | HF tok/s | speedup | decode-phase tok/s "
              "| read GB/s | roofline tok/s (all / streamed) | decode phase, % of roofline (all / streamed) "
              "| prefill ms | compile s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         hf = f"{r['hf_tok_s']:.0f} | {r['speedup_vs_hf']:.2f}x" if "hf_tok_s" in r else "– | –"
-        lines.append(f"| {r['model']} | {r['params_m']}M | {r['batch']} | {r['jaxaccel_tok_s']:.0f} | {hf} | "
-                     f"{r['decode_phase_tok_s']:.0f} | {r['bandwidth_gb_s']:.1f} | {r['roofline_all_tok_s']:.0f} / {r['roofline_streamed_tok_s']:.0f} | "
-                     f"{100 * r['roofline_all_frac']:.0f}% / {100 * r['roofline_streamed_frac']:.0f}% | "
+        lines.append(f"| {r['model']} | {r['params_m']}M | {r.get('dtype', 'float32')} | {r['batch']} | "
+                     f"{r['jaxaccel_tok_s']:.0f} | {hf} | {_figure(r['decode_phase_tok_s'], '.0f')} | "
+                     f"{r['bandwidth_gb_s']:.1f} | {r['roofline_all_tok_s']:.0f} / "
+                     f"{r['roofline_streamed_tok_s']:.0f} | {_figure(r['roofline_all_frac'], '.0f', 100, '%')} / "
+                     f"{_figure(r['roofline_streamed_frac'], '.0f', 100, '%')} | "
                      f"{1e3 * r['prefill_s']:.0f} | {r['compile_s']:.1f} |")
     m = result["machine"]
     lines.append("")
     lines.append(f"Machine: {m['cpu']}, {m['cores']} cores, JAX {m['jax']} ({m['backend']}); read bandwidth "
                  f"sampled between the runs of each row; {result['prompt_len']}-token prompts, "
-                 f"{result['new_tokens']} new tokens, median of {result['runs']} runs; {m['date']}.")
+                 f"{result['new_tokens']} new tokens, median of {result['runs']} runs; "
+                 f"{result.get('dtype', 'float32')} weights and compute (HF baseline in the same dtype); {m['date']}.")
     return "\n".join(lines)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 from jaxaccel.bench.common import machine
-from jaxaccel.bench.spec import NATURAL_PROMPTS, heldout_prompts, run_method
+from jaxaccel.bench.spec import NATURAL_PROMPTS, check_prompts, decoded_note, heldout_prompts, run_method
 
 DEFAULT_METHODS = ("sps", "specinfer", "sequoia", "dyspec")  # decode methods, as registered
 METHODS = DEFAULT_METHODS + ("specinfer-chains",)  # + bench-only configurations (`method_options`)
@@ -94,6 +94,27 @@ def figure2(lm, draft, temperature: float, path: str | None) -> dict[str, Any]:
             "curve": res["curve"], "png": path}
 
 
+def check_draft_config(draft_config, target_config) -> None:
+    """The check every draft-model method makes (`DraftMethod.check_draft`: the same
+    vocabulary), on configs alone: before any model is loaded or anything timed."""
+    from jaxaccel.decode.methods import get_method
+
+    get_method("sequoia").check_draft(draft_config, target_config)  # every draft method makes the same check
+
+
+def check_pair(lm, draft_lm) -> None:
+    """What `generate` checks of a draft when a draft method first runs (the vocabulary, then
+    the tokenizer), on two loaded models: InvalidArgumentError before anything is timed."""
+    from jaxaccel.decode.lm import _same_tokenizer
+    from jaxaccel.errors import InvalidArgumentError
+
+    check_draft_config(draft_lm.config, lm.config)
+    if (draft_lm.tokenizer is None) != (lm.tokenizer is None) or (
+            lm.tokenizer is not None and not _same_tokenizer(draft_lm.tokenizer, lm.tokenizer)):
+        raise InvalidArgumentError("the draft's tokenizer differs from the target's; a draft must share the "
+                                   "target's tokenizer")
+
+
 def _release(lm) -> None:
     """Drop the programs of a finished row: a sweep of ~90 configurations otherwise exhausts
     the CPU backend's code memory (LLVM "Cannot allocate memory")."""
@@ -114,11 +135,15 @@ def run(model: str = "builtin:default", draft: str = "builtin:draft", batches: S
     lm = jaxaccel.load(model, dtype="float32")
     lm.eos_token_ids = ()  # every row decodes exactly new_tokens
     draft_lm = jaxaccel.load(draft, dtype="float32")
-    prompts = heldout_prompts(lm, n_files, prompt_tokens) + [lm.encode(p) for p in NATURAL_PROMPTS]
+    check_pair(lm, draft_lm)
+    code = heldout_prompts(lm, n_files, prompt_tokens)
+    prompts = code + [lm.encode(p) for p in NATURAL_PROMPTS]
+    check_prompts(prompts, len(code), prompt_tokens, batches)
     result: dict[str, Any] = {
         "benchmark": "draft", "machine": machine(), "model": model, "draft": draft,
         "params_m": round(lm.num_params() / 1e6, 2), "draft_params_m": round(draft_lm.num_params() / 1e6, 2),
-        "new_tokens": new_tokens, "runs": runs, "prompts": len(prompts), "accelerator_ratio": ACCELERATOR_RATIO}
+        "new_tokens": new_tokens, "runs": runs, "prompts": len(prompts), "heldout_files": len(code),
+        "accelerator_ratio": ACCELERATOR_RATIO}
     rows = []
     for batch in batches:
         for temperature in temperatures:
@@ -171,6 +196,7 @@ def markdown(result: dict[str, Any]) -> str:
            f"{m['date']}; {result['prompts']} prompts, {result['new_tokens']} new tokens each, median of "
            f"{result['runs']} runs. *Predicted 1:50* = measured MAT / modelled step cost with a draft 50x cheaper "
            f"than the target and flat verification cost (an accelerator-like setting): a prediction.", "",
+           *([note, ""] if (note := decoded_note(result["rows"], result.get("heldout_files"))) else []),
            "| batch | T | method | budget (nodes) | MAT | tok/s | vs autoregressive | predicted 1:50 |",
            "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -263,6 +289,7 @@ def acceptance(target: str, draft: str, temperature: float, top_k: int | None, t
 
     lm = jaxaccel.load(target)
     d = jaxaccel.load(draft)
+    check_pair(lm, d)  # else an all-zero vector (or a token-id error) would be measured and cached
     vec = cached_acceptance(lm, d, temperature=temperature, top_k=top_k, top_p=top_p, max_rank=max_rank)
     predicted = [{"top1": float(vec[0]), "measured": True, "rows": predicted_mat(vec)}]
     predicted += [{"top1": float(t), "measured": False, "rows": predicted_mat(with_top1(vec, t))} for t in what_if_top1]

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from jaxaccel.bench.common import machine, machine_line
-from jaxaccel.bench.spec import heldout_prompts, run_method
+from jaxaccel.bench.spec import check_prompts, decoded_note, heldout_prompts, run_method
 from jaxaccel.errors import InvalidArgumentError
 
 
@@ -48,6 +48,17 @@ def big_layers(lm, prompts: list[list[int]], outputs: list[list[int]], routes: s
     return float(big_layer_counts(lm.params, lm.config, tokens)[counted].mean())
 
 
+def check_pattern(config, pattern: str | None) -> None:
+    """Before anything is loaded or timed: the model is a Duo-LLM model and `pattern` (None:
+    the default) is one of B/S/- per layer (or big / small / skip); InvalidArgumentError."""
+    from jaxaccel.decode.lm import duo_routes
+
+    if not config.duo.enabled:
+        raise InvalidArgumentError("the model is not a Duo-LLM model (model.duo.enabled is off)")
+    if pattern is not None:
+        duo_routes(pattern, config)
+
+
 def run(model: str, batches: Sequence[int], new_tokens: int, runs: int, files: int, prompt_tokens: int,
         pattern: str | None = None, progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     import jaxaccel
@@ -55,6 +66,7 @@ def run(model: str, batches: Sequence[int], new_tokens: int, runs: int, files: i
     lm = jaxaccel.load(model)
     if not lm.config.duo.enabled:
         raise InvalidArgumentError(f"{model} is not a Duo-LLM model (model.duo.enabled is off)")
+    check_pattern(lm.config, pattern)
     n = lm.config.n_layers
     pattern = pattern or half_pattern(n)
     rows_spec = [("all big", "big"), (f"fixed {pattern}", pattern)]
@@ -62,6 +74,7 @@ def run(model: str, batches: Sequence[int], new_tokens: int, runs: int, files: i
         rows_spec.append(("router", None))
     rows_spec.append(("all small", "small"))
     prompts = heldout_prompts(lm, files, prompt_tokens)
+    check_prompts(prompts, len(prompts), prompt_tokens, batches)
     result: dict[str, Any] = {"machine": machine(), "model": model, "n_layers": n, "d_model": lm.config.d_model,
                               "ffn_dim": lm.config.ffn_dim, "small_ffn_dim": lm.config.small_ffn_dim,
                               "new_tokens": new_tokens, "runs": runs, "files": len(prompts),
@@ -70,27 +83,32 @@ def run(model: str, batches: Sequence[int], new_tokens: int, runs: int, files: i
         # Rounds interleave the rows (one pass of each per round), so a slow spell of this noisy
         # machine hits every row alike; "vs all big" is the median of the per-round ratios.
         speeds: dict[str, list[float]] = {name: [] for name, _ in rows_spec}
+        decoded = len(prompts)
         for r in range(runs):
             progress(f"batch {b}: round {r + 1} of {runs}")
             for name, routes in rows_spec:
-                speeds[name].append(run_method(lm, prompts, b, new_tokens, 1, "autoregressive", 0.0,
-                                               routes=routes)["tokens_per_s"])
+                timed = run_method(lm, prompts, b, new_tokens, 1, "autoregressive", 0.0, routes=routes)
+                speeds[name].append(timed["tokens_per_s"])
+                decoded = timed["prompts_decoded"]
         base = speeds[rows_spec[0][0]]
         for name, routes in rows_spec:
             out = lm.generate(prompts[:b], max_new_tokens=new_tokens, routes=routes)
             result["rows"].append({
                 "batch": b, "routes": name, "big_layers": big_layers(lm, out.prompt_ids, out.tokens, routes),
                 "tokens_per_s": statistics.median(speeds[name]), "runs_tokens_per_s": speeds[name],
+                "prompts_decoded": decoded, "prompts_total": len(prompts),
                 "vs_all_big": statistics.median(x / y for x, y in zip(speeds[name], base))})
     return result
 
 
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
+    note = decoded_note(result["rows"])
     lines = [f"Duo-LLM decode on {result['model']} ({result['n_layers']} layers, d {result['d_model']}, big FFN "
              f"{result['ffn_dim']}, small {result['small_ffn_dim']}); {result['files']} held-out prompts of "
              f"{result['prompt_tokens']} tokens, {result['new_tokens']} new tokens, median of {result['runs']}; "
              f"{machine_line(m)}", "",
+             *([note, ""] if note else []),
              "| batch | routes | big layers / token | tokens/s | vs all big |", "|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['batch']} | {r['routes']} | {r['big_layers']:.2f} of {result['n_layers']} | "

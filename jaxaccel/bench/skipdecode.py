@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxaccel.bench.common import machine, machine_line
-from jaxaccel.bench.spec import heldout_prompts, run_method
+from jaxaccel.bench.spec import check_prompts, decoded_note, heldout_prompts, run_method
 from jaxaccel.model.options import ExecutionPlan
 from jaxaccel.model.skip import SkipSchedule
 
@@ -77,9 +77,11 @@ def step_cost(lm, depths: Sequence[int], batch: int, cache_len: int = 512, reps:
 def end_to_end(lm, prompts: list[list[int]], batch: int, speedups: Sequence[float], new_tokens: int, runs: int,
                max_length: int, dispatches: Sequence[str] = ("cond", "switch")) -> list[dict[str, Any]]:
     base = run_method(lm, prompts, batch, new_tokens, runs, "autoregressive", 0.0)
+    decoded = {"prompts_decoded": base["prompts_decoded"], "prompts_total": base["prompts_total"]}
+    base_loop = base["decode_phase_tokens_per_s"]
     rows = [{"batch": batch, "method": "autoregressive", "speedup_nominal": 1.0, "mean_layers": lm.config.n_layers,
              "tokens_per_s": base["tokens_per_s"], "runs_tokens_per_s": base["runs_tokens_per_s"], "vs_ar": 1.0,
-             "decode_phase_tokens_per_s": base["decode_phase_tokens_per_s"], "decode_phase_vs_ar": 1.0}]
+             "decode_phase_tokens_per_s": base_loop, "decode_phase_vs_ar": 1.0 if base_loop else None, **decoded}]
     for s in speedups:
         schedule = SkipSchedule.for_speedup(lm.config.n_layers, s, max_length=max_length)
         for dispatch in dispatches:
@@ -91,7 +93,8 @@ def end_to_end(lm, prompts: list[list[int]], batch: int, speedups: Sequence[floa
                          "tokens_per_s": r["tokens_per_s"], "runs_tokens_per_s": r["runs_tokens_per_s"],
                          "vs_ar": r["tokens_per_s"] / base["tokens_per_s"],
                          "decode_phase_tokens_per_s": r["decode_phase_tokens_per_s"],
-                         "decode_phase_vs_ar": r["decode_phase_tokens_per_s"] / base["decode_phase_tokens_per_s"]})
+                         "decode_phase_vs_ar": (r["decode_phase_tokens_per_s"] / base_loop
+                                                if r["decode_phase_tokens_per_s"] and base_loop else None), **decoded})
     return rows
 
 
@@ -107,10 +110,11 @@ def run(model: str, batches: Sequence[int], speedups: Sequence[float], new_token
     result: dict[str, Any] = {"machine": machine(), "model": model, "n_layers": n, "new_tokens": new_tokens,
                               "runs": runs, "prompt_tokens": prompt_tokens, "max_length": max_length,
                               "step_cost": [], "end_to_end": []}
+    prompts = heldout_prompts(lm, files, prompt_tokens)
+    check_prompts(prompts, len(prompts), prompt_tokens, batches)  # before the step costs are timed
     for b in batches:
         progress(f"step cost, batch {b}")
         result["step_cost"] += step_cost(lm, depths, b, cache_len=max(512, max_length))
-    prompts = heldout_prompts(lm, files, prompt_tokens)
     for b in batches:
         progress(f"end to end, batch {b}")
         result["end_to_end"] += end_to_end(lm, prompts, b, speedups, new_tokens, runs, max_length)
@@ -131,7 +135,11 @@ def markdown(result: dict[str, Any]) -> str:
               "| batch | method | nominal speedup | mean layers | tok/s | vs autoregressive | decode loop tok/s "
               "(prefill excluded) | vs autoregressive |", "|---|---|---|---|---|---|---|---|"]
     for r in result["end_to_end"]:
+        loop = "—" if r["decode_phase_tokens_per_s"] is None else f"{r['decode_phase_tokens_per_s']:.0f}"
+        loop_vs = "—" if r["decode_phase_vs_ar"] is None else f"{r['decode_phase_vs_ar']:.2f}x"
         lines.append(f"| {r['batch']} | {r['method']} | {r['speedup_nominal']:g} | {r['mean_layers']:.2f} | "
-                     f"{r['tokens_per_s']:.0f} | {r['vs_ar']:.2f}x | {r['decode_phase_tokens_per_s']:.0f} | "
-                     f"{r['decode_phase_vs_ar']:.2f}x |")
+                     f"{r['tokens_per_s']:.0f} | {r['vs_ar']:.2f}x | {loop} | {loop_vs} |")
+    note = decoded_note([r for r in result["end_to_end"] if r["method"] == "autoregressive"])
+    if note:
+        lines += ["", note]
     return "\n".join(lines)

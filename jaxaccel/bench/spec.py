@@ -61,12 +61,33 @@ def heldout_prompts(lm, n_files: int, prompt_tokens: int) -> list[list[int]]:
     return prompts
 
 
+def check_prompts(prompts: list[list[int]], heldout: int, prompt_tokens: int, batches: Sequence[int]) -> None:
+    """Before any timing: at least one held-out file long enough for a prompt, and at least
+    one full group of prompts at every batch size (InvalidArgumentError otherwise)."""
+    from jaxaccel.errors import InvalidArgumentError
+
+    if heldout == 0:
+        raise InvalidArgumentError(f"no held-out file of the default corpus is at least {2 * prompt_tokens} tokens "
+                                   f"long (twice --prompt-tokens {prompt_tokens}): use fewer --prompt-tokens")
+    if max(batches) > len(prompts):
+        raise InvalidArgumentError(f"batch {max(batches)} needs at least {max(batches)} prompts, but there are "
+                                   f"{len(prompts)} ({heldout} held-out files at least {2 * prompt_tokens} tokens long"
+                                   f"{' + natural-language prompts' if len(prompts) > heldout else ''}): use smaller "
+                                   f"--batches or more --files")
+
+
 def run_method(lm, prompts: list[list[int]], batch: int, new_tokens: int, runs: int, method: str,
                temperature: float, **opts) -> dict[str, Any]:
-    """Decode all prompts in groups of `batch` (compiled once per group shape); the median of
-    `runs` passes over the prompt set."""
-    groups = [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
-    groups = [g for g in groups if len(g) == batch]
+    """Decode the prompts in groups of `batch` (compiled once per group shape); the median of
+    `runs` passes over the prompt set. Only full groups run: a last partial group (fewer
+    than `batch` prompts) is not decoded at this batch size; `prompts_decoded` says how many
+    (the first ones) were."""
+    from jaxaccel.errors import InvalidArgumentError
+
+    full = len(prompts) // batch
+    if full == 0:
+        raise InvalidArgumentError(f"batch {batch} needs at least {batch} prompts, got {len(prompts)}")
+    groups = [prompts[i * batch:(i + 1) * batch] for i in range(full)]
     for g in groups[:1]:
         lm.generate(g, max_new_tokens=new_tokens, method=method, temperature=temperature, **opts)  # compile
     rates, loop_rates, total_tokens, total_forwards = [], [], 0, 0
@@ -84,10 +105,36 @@ def run_method(lm, prompts: list[list[int]], batch: int, new_tokens: int, runs: 
             total_forwards += out.stats["row_forwards"]
         total_tokens += tokens
         rates.append(tokens / elapsed)  # each pass's own count: with EOS (sampling) passes differ
-        loop_rates.append(tokens / (elapsed - prefill))
+        if elapsed > prefill:  # a pass whose clock saw no decode loop has no loop rate
+            loop_rates.append(tokens / (elapsed - prefill))
     return {"tokens_per_s": statistics.median(rates), "runs_tokens_per_s": rates,
-            "mat": total_tokens / total_forwards, "decode_phase_tokens_per_s": statistics.median(loop_rates),
-            "new_tokens": total_tokens // runs, "recompiled_s": compile_s}
+            "mat": total_tokens / total_forwards,
+            "decode_phase_tokens_per_s": statistics.median(loop_rates) if loop_rates else None,
+            "new_tokens": total_tokens // runs, "recompiled_s": compile_s,
+            "prompts_decoded": full * batch, "prompts_total": len(prompts)}
+
+
+def decoded_note(rows: Sequence[dict[str, Any]], heldout: int | None = None) -> str:
+    """One sentence per batch size at which a pass decodes fewer than all prompts (the last,
+    partial group is not run), naming which were left out; "" when every row ran them all.
+    heldout: how many of the prompts (the first ones) are held-out files, the rest natural."""
+    out = []
+    for batch in sorted({r["batch"] for r in rows}):
+        r = next(r for r in rows if r["batch"] == batch)
+        done, total = r.get("prompts_decoded"), r.get("prompts_total")
+        if done is None or done >= total:
+            continue
+        left = total - done
+        if heldout is None:
+            which = f"the last {left}"
+        else:  # prompts are the held-out files, then the natural-language prompts
+            natural_left, files_left = min(left, total - heldout), max(0, heldout - done)
+            kinds = [(files_left, "held-out file"), (natural_left, "natural-language prompt")]
+            which = " and ".join(f"{n} {kind}{'s' * (n != 1)}" for n, kind in kinds if n)
+        out.append(f"At batch {batch} a pass decodes the first {done} of the {total} prompts ({done // batch} "
+                   f"group{'s' * (done // batch != 1)} of {batch}); the last partial group ({which}) is not run at "
+                   f"that batch size.")
+    return " ".join(out)
 
 
 def verification_cost(lm, sizes: Sequence[int], prefix: int = 512, reps: int = 16, runs: int = 5) -> list[dict]:
@@ -160,7 +207,10 @@ def bench_hf_prompt_lookup(lm, prompts: list[list[int]], new_tokens: int, runs: 
 
 def run(model: str = "builtin:default", batches: Sequence[int] = (1, 4), temperatures: Sequence[float] = (0.0, 0.7),
         new_tokens: int = 128, runs: int = 3, n_files: int = 8, prompt_tokens: int = 256, sweep: Sequence = SWEEP,
-        hf: bool = True, progress: Callable[[str], None] = print) -> dict[str, Any]:
+        hf: bool = True, progress: Callable[[str], None] = print,
+        partial: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """partial: called with the results so far after the table and after the sweep, so a
+    failure later (the transformers baseline) keeps them."""
     import jaxaccel
     from jaxaccel.decode import tuning
     from jaxaccel.decode.recycling import build_template, template_widths
@@ -170,6 +220,7 @@ def run(model: str = "builtin:default", batches: Sequence[int] = (1, 4), tempera
     code = heldout_prompts(lm, n_files, prompt_tokens)
     natural = [lm.encode(p) for p in NATURAL_PROMPTS]
     prompts = code + natural
+    check_prompts(prompts, len(code), prompt_tokens, batches)
     auto = tuning.recycling_widths()
     result: dict[str, Any] = {
         "benchmark": "spec", "machine": machine(), "model": model, "params_m": round(lm.num_params() / 1e6, 2),
@@ -198,6 +249,8 @@ def run(model: str = "builtin:default", batches: Sequence[int] = (1, 4), tempera
                 rows.append(row)
                 progress(format_row(row))
     result["rows"] = rows
+    if partial is not None:
+        partial(result)
 
     sweep_rows = []
     base = run_method(lm, prompts, 1, new_tokens, runs, "autoregressive", 0.0)
@@ -211,15 +264,32 @@ def run(model: str = "builtin:default", batches: Sequence[int] = (1, 4), tempera
                  f"{row['speedup']:.2f}x autoregressive")
     result["sweep"] = sweep_rows
     result["fastest_template"] = max(sweep_rows, key=lambda r: r["tokens_per_s"])["template"]
+    result["sweep_autoregressive_tokens_per_s"] = base["tokens_per_s"]
+    if partial is not None:
+        partial(result)
 
     if hf:
-        ours = {r["method"]: r for r in rows if r["batch"] == 1 and r["temperature"] == 0.0
-                and r["template"] in (None, "auto")}
         result["hf"] = bench_hf_prompt_lookup(lm, prompts, new_tokens, runs)
+        result["hf_ours"], note = hf_comparison(rows, base["tokens_per_s"])
+        ours = ", ".join(f"{label} {value:.0f}" for label, value in result["hf_ours"].items())
         for label, res in result["hf"].items():
-            progress(f"transformers {label}: {res['tokens_per_s']:.0f} tok/s (ours: recycling "
-                     f"{ours['recycling']['tokens_per_s']:.0f}, pld {ours['pld']['tokens_per_s']:.0f})")
+            progress(f"transformers {label}: {res['tokens_per_s']:.0f} tok/s (ours: {ours}){note}")
     return result
+
+
+def hf_comparison(rows: Sequence[dict[str, Any]], autoregressive: float) -> tuple[dict[str, float], str]:
+    """What of ours compares with transformers' batch-1 greedy rows: the autoregressive
+    baseline of the template sweep (always batch 1, greedy), and prompt lookup and Token
+    Recycling (template auto) from the table when it has a batch-1, T=0 row; (tok/s by
+    label, a note when the table has none)."""
+    ours = {"autoregressive": autoregressive}
+    measured = {r["method"]: r for r in rows if r["batch"] == 1 and r["temperature"] == 0.0
+                and r["template"] in (None, "auto") and not r.get("hot_start")}
+    for method in ("pld", "recycling"):
+        if method in measured:
+            ours[method] = measured[method]["tokens_per_s"]
+    note = "" if len(ours) == 3 else " (no batch-1, T=0 row in this run: only autoregressive compared)"
+    return ours, note
 
 
 def _label(row: dict[str, Any], fmt: str = " ({})") -> str:
@@ -244,10 +314,15 @@ def markdown(result: dict[str, Any]) -> str:
         label = _label(r, " `{}`")
         out.append(f"| {r['batch']} | {r['temperature']} | {label} | {r['mat']:.2f} | {r['tokens_per_s']:.0f} | "
                    f"{r['speedup']:.2f}x |")
+    note = decoded_note(result["rows"], result["prompts"]["heldout_files"])
+    if note:
+        out += ["", note]
     if "hf" in result:
         out += ["", "| transformers (batch 1, greedy, same weights) | tok/s |", "|---|---|"]
         for label, r in result["hf"].items():
             out.append(f"| {label} | {r['tokens_per_s']:.0f} |")
+        for label, value in result.get("hf_ours", {}).items():
+            out.append(f"| jaxaccel {label} (same prompts) | {value:.0f} |")
     out += ["", "Template sweep (batch 1, greedy):", "", "| template | nodes | MAT | tok/s | vs autoregressive |",
             "|---|---|---|---|---|"]
     for r in result["sweep"]:

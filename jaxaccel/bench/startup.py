@@ -43,7 +43,9 @@ def decode_wall(model: str, runs: int, cache_dir: str) -> dict[str, Any]:
         t0 = time.perf_counter()
         out = subprocess.run(cmd, capture_output=True, text=True, env=_env(cache_dir))
         if out.returncode:
-            raise RuntimeError(out.stderr.strip().splitlines()[-1])
+            from jaxaccel.bench.common import subprocess_failure
+
+            raise subprocess_failure(out, "python -m jaxaccel.decode")
         return time.perf_counter() - t0
 
     cold = once()
@@ -57,7 +59,9 @@ def first_calls(model: str, methods: Sequence[str], lengths: Sequence[int] = PRO
         proc = subprocess.run([sys.executable, "-c", _FIRST_CALLS, model, method, json.dumps(list(lengths))],
                               capture_output=True, text=True, env=_env("off"))
         if proc.returncode:
-            raise RuntimeError(proc.stderr.strip().splitlines()[-1])
+            from jaxaccel.bench.common import subprocess_failure
+
+            raise subprocess_failure(proc, f"the first-calls process of method {method!r}")
         out[method] = json.loads(proc.stdout.strip().splitlines()[-1])
     return out
 

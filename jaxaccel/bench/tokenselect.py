@@ -13,6 +13,8 @@
   depends on real keys and queries). Full attention decodes over a zero cache of the same
   size: a dense prefill of 128K tokens takes hours on a CPU, and what a dense step costs does
   not depend on the values in the cache.
+* `tokenselect_prefill_s` (decode table): seconds of TokenSelect's chunked prefill of the
+  decode prompts, whose cache the TokenSelect rows decode over.
 * `prefill_s`: seconds to prefill one `prefill_length`-token prompt: full attention (chunks of
   128 tokens against the whole cache: quadratic) vs TokenSelect's chunked selection (each
   chunk of `chunk` tokens attends over the keys its mean query selects: O(n·k)).
@@ -244,6 +246,9 @@ def run(model, lengths: Sequence[int] = LENGTHS, batches: Sequence[int] = (1, 4)
     for context in lengths:  # the largest cache of the run must fit: one line now, not an OOM kill later
         lm._check_cache_fits(max(batches), request_lengths(context, new_tokens)[1],  # full attention's prefill too
                              "use shorter --lengths or fewer --batches", prefill_chunk=lm.prefill_chunk)
+    if prefill_length:  # so must the prefill timing's, run last
+        lm._check_cache_fits(1, cache_bucket(prefill_length + 16), "use a shorter --prefill-length (0: skip it)",
+                             prefill_chunk=lm.prefill_chunk)
     code = code_stream(lm)
     budget = {**BUDGET, **(budget or {})}
     policy = TokenSelectAttention(k=budget["k"], n_init=budget["n_init"], n_local=budget["n_local"],
@@ -273,7 +278,7 @@ def run(model, lengths: Sequence[int] = LENGTHS, batches: Sequence[int] = (1, 4)
             progress(f"decode, {context} cached tokens, batch {b}")
             prompts = _prompts(lm, code, context, b)
             ts_prefill, cache = prefill_s(lm, "tokenselect", ts_off, prompts, request_lengths(context, new_tokens)[1],
-                                          1, keep=True, warmup=False)
+                                          runs, keep=True)
             full = decode_speed(lm, "autoregressive", {}, prompts, None, new_tokens, runs)
             off = decode_speed(lm, "tokenselect", ts_off, prompts, cache, new_tokens, runs)
             on = decode_speed(lm, "tokenselect", ts_on, prompts, cache, new_tokens, runs)

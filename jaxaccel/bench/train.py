@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from jaxaccel.bench.common import machine
+from jaxaccel.bench.common import machine, subprocess_failure
 
 TIMED_INTERVALS = 6  # log intervals timed after the first (which includes compilation)
 # What `measure` sets itself: an --override of one of these is refused, not silently replaced.
@@ -24,19 +24,29 @@ BENCH_KEYS = ("output_dir", "train.steps", "train.eval_every", "train.log_every"
               "train.progress", "tensorboard", "train.peak_flops", "mesh.data")
 
 
-def check_overrides(config_paths, overrides) -> None:
+def check_overrides(config_paths, overrides, compare_devices: int = 1) -> None:
     """Before any measurement: every override parses and applies to every config, and none is
-    one the bench sets itself (ConfigError otherwise)."""
+    one the bench sets itself; with compare_devices > 1, the last config (the one the
+    multi-device row runs) fits a mesh of data=compare_devices (its batch splits over it).
+    ConfigError otherwise."""
     from jaxaccel.config import build, parse_override
     from jaxaccel.errors import ConfigError
     from jaxaccel.train.config import RunConfig
 
+    if compare_devices < 1:
+        raise ConfigError(f"--compare-devices must be >= 1 (1: skip the multi-device row), got {compare_devices}")
     for o in overrides:
         key = ".".join(parse_override(o)[0])
         if key in BENCH_KEYS:
             raise ConfigError(f"--override {o}: the bench sets {key} itself ({', '.join(BENCH_KEYS)})")
     for path in config_paths:
         build(RunConfig, path, list(overrides))
+    if compare_devices > 1 and config_paths:
+        cfg = build(RunConfig, config_paths[-1], [*overrides, f"mesh.data={compare_devices}"])
+        try:
+            cfg.check_mesh(cfg.mesh.sizes(compare_devices))
+        except ConfigError as e:
+            raise ConfigError(f"--compare-devices {compare_devices} with {config_paths[-1]}: {e}") from None
 
 
 def measure(config_path: str, overrides: list[str], peak: float, log_every: int = 5) -> dict[str, Any]:
@@ -84,7 +94,7 @@ def run(configs=("configs/tiny.yaml", "configs/default.yaml"), compare_devices: 
                    *[f"--override={o}" for o in overrides]]
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
             if proc.returncode != 0:
-                raise RuntimeError(f"the {compare_devices}-device run failed: {proc.stderr[-2000:]}")
+                raise subprocess_failure(proc, f"the {compare_devices}-device run of {configs[-1]}")
             multi = json.loads(Path(f.name).read_text())["rows"][0]
         multi["devices"] = compare_devices
         multi["relative_to_1_device"] = multi["tokens_per_s"] / rows[-1]["tokens_per_s"]

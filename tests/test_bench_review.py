@@ -1,0 +1,295 @@
+"""`python -m jaxaccel.bench`: bad input is one line and exit 2 before the expensive work, and
+the figures it reports are ones it measured (from a review of jaxaccel/bench)."""
+import json
+import math
+import pathlib
+import subprocess
+import types
+import warnings
+
+import pytest
+
+from jaxaccel.bench.__main__ import main as bench_main
+from jaxaccel.cli import run_cli
+from jaxaccel.errors import InvalidArgumentError
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TINY_YAML = str(ROOT / "configs" / "tiny.yaml")
+
+
+def run(argv, capsys):
+    try:
+        code = run_cli(bench_main, argv)
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def refused(code, out, err, *needles):
+    assert code == 2, (code, out, err)
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    for needle in needles:
+        assert needle in err, err
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Fail the test if anything loads a model's parameters."""
+    import jaxaccel
+
+    def load(*args, **kwargs):
+        raise AssertionError(f"a model was loaded: {args}")
+
+    monkeypatch.setattr(jaxaccel, "load", load)
+
+
+@pytest.fixture(scope="module")
+def other_vocab_model(tmp_path_factory):
+    """A model folder whose jaxaccel.json describes a model with another vocabulary than the
+    shipped ones (4096 tokens): enough for every check that reads configs only."""
+    from jaxaccel.decode.lm import DRAFT_MODEL_DIR
+
+    meta = json.loads((DRAFT_MODEL_DIR / "jaxaccel.json").read_text())
+    meta["model"]["vocab_size"] = 97
+    folder = tmp_path_factory.mktemp("vocab97")
+    (folder / "jaxaccel.json").write_text(json.dumps(meta))
+    return folder
+
+
+class FakeLM:
+    """Just what `spec.run_method` and `decode.bench_jaxaccel` call: generate() with stats."""
+
+    def __init__(self, decode_s=None):
+        self.calls = []
+        self._method_memory = {}
+        self.decode_s = decode_s or {}  # max_new_tokens -> list of decode_s, consumed in order
+
+    def generate(self, prompts, max_new_tokens, **kwargs):
+        self.calls.append([list(p) for p in prompts])
+        seconds = self.decode_s[max_new_tokens].pop(0) if self.decode_s.get(max_new_tokens) else 1.0
+        stats = {"compile_s": 0.0, "decode_s": seconds, "prefill_s": 0.1, "new_tokens": len(prompts) * max_new_tokens,
+                 "row_forwards": len(prompts) * max_new_tokens}
+        return types.SimpleNamespace(stats=stats)
+
+
+# ----------------------------------------------------------------------------- 1. spec's HF comparison
+
+
+def test_spec_hf_comparison_needs_no_batch1_greedy_row():
+    from jaxaccel.bench.spec import hf_comparison
+
+    rows = [{"batch": 2, "temperature": 0.5, "method": m, "template": t, "hot_start": False, "tokens_per_s": 50.0}
+            for m, t in (("autoregressive", None), ("pld", None), ("recycling", "auto"))]
+    ours, note = hf_comparison(rows, autoregressive=40.0)
+    assert ours == {"autoregressive": 40.0} and "no batch-1, T=0 row" in note
+    rows += [{"batch": 1, "temperature": 0.0, "method": m, "template": t, "hot_start": hot, "tokens_per_s": v}
+             for m, t, hot, v in (("pld", None, False, 70.0), ("recycling", "auto", False, 90.0),
+                                  ("recycling", "paper", False, 1.0), ("recycling", "auto", True, 2.0))]
+    ours, note = hf_comparison(rows, autoregressive=40.0)
+    assert ours == {"autoregressive": 40.0, "pld": 70.0, "recycling": 90.0} and note == ""
+
+
+# ----------------------------------------------------------------------------- 2, 10. prompts and groups
+
+
+def test_run_method_refuses_a_batch_without_a_full_group():
+    from jaxaccel.bench.spec import run_method
+
+    lm = FakeLM()
+    with pytest.raises(InvalidArgumentError, match="batch 2 needs at least 2 prompts, got 1"):
+        run_method(lm, [[1, 2, 3]], 2, 4, 1, "autoregressive", 0.0)
+    assert lm.calls == []
+
+
+def test_run_method_reports_which_prompts_it_decoded():
+    from jaxaccel.bench.spec import decoded_note, run_method
+
+    prompts = [[i + 1] for i in range(11)]  # 8 held-out files + 3 natural-language prompts, as `bench spec`
+    lm = FakeLM()
+    res = run_method(lm, prompts, 4, 2, 1, "autoregressive", 0.0)
+    assert res["prompts_decoded"] == 8 and res["prompts_total"] == 11
+    assert {p[0] for call in lm.calls for p in call} == set(range(1, 9))  # the partial group never ran
+    note = decoded_note([{"batch": 1, "prompts_decoded": 11, "prompts_total": 11},
+                         {"batch": 4, **{k: res[k] for k in ("prompts_decoded", "prompts_total")}}], heldout=8)
+    assert "At batch 4 a pass decodes the first 8 of the 11 prompts (2 groups of 4)" in note
+    assert "(3 natural-language prompts) is not run" in note and "batch 1" not in note
+    assert decoded_note([{"batch": 1, "prompts_decoded": 11, "prompts_total": 11}], heldout=8) == ""
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["duo", "--batches", "2", "--files", "1", "--runs", "1", "--new-tokens", "2", "--prompt-tokens", "8"],
+     "batch 2 needs at least 2 prompts, but --files 1 gives at most 1"),
+    (["skipdecode", "--batches", "1,8", "--files", "4"], "batch 8 needs at least 8 prompts"),
+    (["spec", "--batches", "5", "--files", "1", "--no-hf"], "--files 1 + 3 natural-language prompts gives at most 4"),
+    (["dyspec", "--batches", "12"], "batch 12 needs at least 12 prompts"),
+])
+def test_batches_larger_than_the_prompt_set_are_refused_up_front(argv, needle, capsys, no_model_loads):
+    refused(*run(argv, capsys), needle)
+
+
+def test_no_heldout_file_long_enough_is_refused_before_timing(capsys):
+    code, out, err = run(["duo", "--batches", "1", "--files", "1", "--runs", "1", "--new-tokens", "2",
+                          "--prompt-tokens", "100000"], capsys)
+    refused(code, out, err, "no held-out file of the default corpus is at least 200000 tokens long")
+    assert "round" not in err
+    from jaxaccel.bench.spec import check_prompts
+
+    with pytest.raises(InvalidArgumentError, match="batch 4 needs at least 4 prompts, but there are 3"):
+        check_prompts([[1]] * 3, 0 + 1, 8, [1, 4])
+
+
+# ----------------------------------------------------------------------------- 3, 12. train --compare-devices
+
+
+@pytest.mark.parametrize("devices,needle", [
+    ("3", "--compare-devices 3 with"), ("0", "--compare-devices must be >= 1"), ("-2", "--compare-devices must be >= 1"),
+])
+def test_train_compare_devices_is_checked_before_measuring(devices, needle, capsys):
+    code, out, err = run(["train", "--configs", TINY_YAML, "--compare-devices", devices], capsys)
+    refused(code, out, err, needle)
+    assert "matmul peak" not in err
+    if devices == "3":
+        assert "must be a multiple of mesh data*fsdp (3)" in err
+
+
+def test_a_failed_child_process_is_one_project_error():
+    from jaxaccel.bench.common import SubprocessFailed, subprocess_failure
+
+    e = subprocess_failure(subprocess.CompletedProcess([], 1, "", ""), "the 8-device run")
+    assert isinstance(e, SubprocessFailed) and str(e) == "the 8-device run failed: exit status 1, nothing on stderr"
+    tb = "Traceback (most recent call last):\n  File x\nValueError: boom\n\n"
+    assert str(subprocess_failure(subprocess.CompletedProcess([], 1, "", tb), "x")) == "x failed: ValueError: boom"
+    assert str(subprocess_failure(subprocess.CompletedProcess([], 2, "", "error: bad\n"), "x")) == "x failed: bad"
+
+
+# ----------------------------------------------------------------------------- 4. startup
+
+
+def test_startup_refuses_a_folder_that_is_no_model(tmp_path, capsys):
+    refused(*run(["startup", "--model", str(tmp_path), "--runs", "1"], capsys),
+            "is neither a jaxaccel checkpoint", str(tmp_path))
+    refused(*run(["startup", "--model", "builtin:nope"], capsys), "unknown built-in model 'nope'")
+
+
+def test_startup_child_failure_without_stderr_is_one_line(monkeypatch):
+    from jaxaccel.bench import startup
+    from jaxaccel.bench.common import SubprocessFailed
+
+    monkeypatch.setattr(startup.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", ""))
+    with pytest.raises(SubprocessFailed, match="python -m jaxaccel.decode failed: exit status 1"):
+        startup.decode_wall("builtin:default", 1, "off")
+    with pytest.raises(SubprocessFailed, match="method 'pld' failed: exit status 1"):
+        startup.first_calls("builtin:default", ["pld"])
+
+
+# ----------------------------------------------------------------------------- 5, 9. drafts, patterns, temperatures
+
+
+def test_acceptance_refuses_a_draft_with_another_vocabulary(other_vocab_model, capsys, no_model_loads):
+    refused(*run(["acceptance", "--draft", str(other_vocab_model)], capsys),
+            "the draft's vocabulary (97 tokens) differs from the target's (4096)")
+
+
+def test_dyspec_refuses_a_draft_with_another_vocabulary_before_timing(other_vocab_model, capsys, no_model_loads):
+    code, out, err = run(["dyspec", "--draft", str(other_vocab_model), "--batches", "1"], capsys)
+    refused(code, out, err, "the draft's vocabulary (97 tokens) differs")
+    assert "autoregressive" not in out + err
+
+
+def test_draft_pair_check_on_loaded_models(tiny_lm):
+    import dataclasses
+
+    from jaxaccel.bench.draft import check_pair
+
+    check_pair(tiny_lm, tiny_lm)
+    other = types.SimpleNamespace(config=dataclasses.replace(tiny_lm.config, vocab_size=96), tokenizer=None)
+    with pytest.raises(InvalidArgumentError, match="vocabulary"):
+        check_pair(tiny_lm, other)
+
+
+@pytest.mark.parametrize("pattern,needle", [("BXBSBSBS", "routes must be"), ("BSB", "(8 letters)")])
+def test_duo_pattern_is_checked_before_loading(pattern, needle, capsys, no_model_loads):
+    refused(*run(["duo", "--pattern", pattern, "--batches", "1"], capsys), needle)
+
+
+def test_duo_refuses_a_model_that_is_not_duo(capsys, no_model_loads):
+    refused(*run(["duo", "--model", "builtin:draft", "--batches", "1"], capsys), "not a Duo-LLM model")
+
+
+@pytest.mark.parametrize("which,values", [("spec", "0,nan"), ("spec", "inf"), ("dyspec", "nan"), ("spec", "-1")])
+def test_temperatures_must_be_finite(which, values, capsys, no_model_loads):
+    refused(*run([which, "--temperatures", values, "--no-hf"] if which == "spec" else [which, "--temperatures", values],
+                 capsys), "temperatures must be finite numbers >= 0")
+
+
+# ----------------------------------------------------------------------------- 6, 11. tokenselect
+
+
+def test_tokenselect_refuses_a_prefill_that_cannot_fit_before_any_timing(capsys):
+    code, out, err = run(["tokenselect", "--lengths", "64", "--batches", "1", "--prefill-length", "10000000"], capsys)
+    refused(code, out, err, "KV cache", "use a shorter --prefill-length")
+    assert "attention," not in err
+
+
+def test_tokenselect_prefill_of_the_decode_rows_is_a_warm_median(tiny_lm, monkeypatch):
+    from jaxaccel.bench import tokenselect
+
+    calls = []
+
+    def prefill_s(lm, method, options, prompts, cache_len, runs, keep=False, warmup=True):
+        calls.append({"runs": runs, "warmup": warmup})
+        return (0.5, None) if keep else 0.5
+
+    monkeypatch.setattr(tokenselect, "prefill_s", prefill_s)
+    monkeypatch.setattr(tokenselect, "attention_ms", lambda *a, **k: 1.0)
+    monkeypatch.setattr(tokenselect, "decode_speed", lambda *a, **k: {"tokens_per_s": 10.0,
+                                                                      "selection_cache_hit_rate": None})
+    result = tokenselect.run(tiny_lm, (16,), (1,), new_tokens=2, runs=3, prefill_length=0)
+    assert calls == [{"runs": 3, "warmup": True}]
+    assert result["decode"][0]["tokenselect_prefill_s"] == 0.5
+
+
+# ----------------------------------------------------------------------------- 7, 8. decode
+
+
+class FakeProbe:
+    def __init__(self):
+        self.samples = []
+
+    def sample(self):
+        self.samples.append(1e9)
+
+    def median(self):
+        return 1e9
+
+
+def test_decode_phase_pairs_each_run_and_reports_nothing_within_the_noise():
+    from jaxaccel.bench.decode import bench_jaxaccel, format_row, markdown
+
+    # paired differences 0.01, 0.01, 0.005 -> median 0.01 (medians of each: 0.03 - 0.025 = 0.005)
+    lm = FakeLM({8: [1.0, 0.05, 0.02, 0.03], 1: [1.0, 0.04, 0.01, 0.025]})
+    res = bench_jaxaccel(lm, [[1, 2]], 8, 3, FakeProbe())
+    assert math.isclose(res["decode_phase_tokens_per_s"], 7 / 0.01)
+    lm = FakeLM({2: [1.0, 0.010, 0.012], 1: [1.0, 0.011, 0.010]})  # a whole call faster than its prefill
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = bench_jaxaccel(lm, [[1, 2]], 2, 2, FakeProbe())
+    assert res["decode_phase_tokens_per_s"] is None
+    assert any("decode phase not measured" in str(w.message) for w in caught)
+    row = {"model": "7m", "params_m": 7.0, "dtype": "bfloat16", "batch": 1, "jaxaccel_tok_s": 100.0,
+           "jaxaccel_runs": [100.0], "compile_s": 1.0, "prefill_s": 0.01, "bandwidth_gb_s": 10.0,
+           "decode_phase_tok_s": None, "roofline_all_tok_s": 1000.0, "roofline_streamed_tok_s": 1100.0,
+           "roofline_all_frac": None, "roofline_streamed_frac": None}
+    machine = {"cpu": "cpu", "cores": 2, "jax": "0", "backend": "cpu", "date": "today"}
+    table = markdown({"rows": [row], "machine": machine, "prompt_len": 8, "new_tokens": 2, "runs": 2,
+                      "dtype": "bfloat16"})
+    assert "| 7m | 7.0M | bfloat16 | 1 | 100 | – | – | — |" in table and "— / —" in table
+    assert "decode phase — tok/s" in format_row(row) and "bfloat16" in format_row(row)
+
+
+def test_hf_baseline_runs_in_the_bench_dtype():
+    torch = pytest.importorskip("torch")
+    from jaxaccel.bench.decode import torch_dtype
+
+    assert torch_dtype("bfloat16") is torch.bfloat16 and torch_dtype("float32") is torch.float32
