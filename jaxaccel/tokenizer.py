@@ -11,6 +11,27 @@ from typing import Protocol, Sequence
 
 from jaxaccel.errors import ModelLoadError, first_line
 
+# The files transformers reads beside a vocabulary (special tokens, BOS behaviour, chat
+# template): read with the tokenizer when its folder has them and written by its `save`
+# unchanged, so a model carried HF -> jaxaccel -> HF keeps them.
+SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def _side_files(path) -> dict[str, bytes]:
+    found = {}
+    for name in SIDE_FILES:
+        try:
+            if (path.parent / name).is_file():
+                found[name] = (path.parent / name).read_bytes()
+        except OSError:  # unreadable: the vocabulary is what decoding needs
+            pass
+    return found
+
+
+def _save_side_files(tokenizer, folder) -> None:
+    for name, data in tokenizer.side_files.items():
+        (folder / name).write_bytes(data)
+
 
 class Tokenizer(Protocol):
     vocab_size: int
@@ -34,6 +55,7 @@ class HFTokenizer:
 
         self.path = _as_path(path)
         self._tok = _Tok.from_str(self.path.read_text())
+        self.side_files = _side_files(self.path)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
@@ -51,6 +73,7 @@ class HFTokenizer:
 
     def save(self, folder: Path) -> None:
         (folder / self.filename).write_text(self._tok.to_str())
+        _save_side_files(self, folder)
 
 
 class SentencePieceTokenizer:
@@ -63,6 +86,7 @@ class SentencePieceTokenizer:
 
         self.path = _as_path(path)
         self._proto = self.path.read_bytes()
+        self.side_files = _side_files(self.path)
         self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
         self.vocab_size = self._sp.get_piece_size()
         self.add_bos = add_bos
@@ -86,6 +110,7 @@ class SentencePieceTokenizer:
 
     def save(self, folder: Path) -> None:
         (folder / self.filename).write_bytes(self._proto)
+        _save_side_files(self, folder)
 
 
 def load_tokenizer(folder: str | Path, add_bos: bool = False) -> Tokenizer | None:

@@ -154,8 +154,11 @@ def test_killed_reexport_leaves_the_earlier_model(tmp_path, monkeypatch, killed_
 
 
 def test_reexport_replaces_the_earlier_tokenizer(tmp_path):
-    tok = word_level_tokenizer(tmp_path / "tok")
+    from jaxaccel.tokenizer import HFTokenizer
+
+    word_level_tokenizer(tmp_path / "tok")
     (tmp_path / "tok" / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    tok = HFTokenizer(tmp_path / "tok" / "tokenizer.json")  # read with its side file
     folder = tiny(0, tokenizer=tok).export_hf(tmp_path / "hf")
     assert (folder / "tokenizer.json").is_file() and (folder / "tokenizer_config.json").is_file()
     tiny(1).export_hf(folder, overwrite=True)
@@ -250,6 +253,14 @@ def test_tokenizer_side_files_survive_import_and_export(tmp_path):
     again = jaxaccel.load(folder).export_hf(tmp_path / "again")
     for name, data in extras.items():
         assert (again / name).read_bytes() == data, name
+    # through a jaxaccel checkpoint too (HF -> jaxaccel -> HF), the source folder gone meanwhile
+    saved = jaxaccel.load(folder).save(tmp_path / "ckpt")
+    import shutil
+
+    shutil.rmtree(folder)
+    back = jaxaccel.load(saved).export_hf(tmp_path / "back")
+    for name, data in extras.items():
+        assert (saved / name).read_bytes() == data and (back / name).read_bytes() == data, name
 
 
 def test_sentencepiece_bos_behaviour_is_written_for_transformers(tmp_path):

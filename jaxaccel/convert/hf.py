@@ -28,6 +28,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxaccel.config import ModelConfig, RopeScaling
+from jaxaccel.tokenizer import SIDE_FILES
 from jaxaccel.errors import (CheckpointError, ConfigError, JaxaccelError, ModelLoadError, UnsupportedArchitectureError,
                              first_line)
 
@@ -356,7 +357,7 @@ def hf_special_tokens(folder: Path, hf: dict) -> tuple[tuple[int, ...], int | No
 # The tokenizer's files in an HF folder: the vocabulary (one of the first two), then the files
 # transformers reads beside it, carried over unchanged from the folder the tokenizer came from.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
-TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+TOKENIZER_EXTRAS = SIDE_FILES
 # What an export writes besides the shards of its index: a re-export replaces exactly these
 # (and the shards the earlier index names), never another file in the folder.
 EXPORT_ENTRIES = ("config.json", "generation_config.json", "model.safetensors.index.json", "model.safetensors",
@@ -415,19 +416,11 @@ def hf_add_bos(folder) -> bool:
 
 
 def tokenizer_extras(tokenizer) -> dict[str, bytes]:
-    """The files besides the vocabulary that the tokenizer's folder holds (TOKENIZER_EXTRAS),
-    unchanged, with `add_bos_token` in tokenizer_config.json set to the BOS behaviour of a
-    SentencePiece tokenizer (whose vocabulary file does not say it; transformers reads it
-    there). A tokenizer.json carries its BOS in its own post-processor."""
-    extras: dict[str, bytes] = {}
-    source = getattr(tokenizer, "path", None)
-    if source is not None:
-        for name in TOKENIZER_EXTRAS:
-            try:
-                if (source.parent / name).is_file():
-                    extras[name] = (source.parent / name).read_bytes()
-            except OSError:  # gone since the load: the tokenizer itself is in memory
-                pass
+    """The side files the tokenizer was read with (`tokenizer.SIDE_FILES`, unchanged), with
+    `add_bos_token` in tokenizer_config.json set to the BOS behaviour of a SentencePiece
+    tokenizer (whose vocabulary file does not say it; transformers reads it there). A
+    tokenizer.json carries its BOS in its own post-processor."""
+    extras: dict[str, bytes] = dict(getattr(tokenizer, "side_files", {}))
     add_bos = getattr(tokenizer, "add_bos", None)
     if isinstance(add_bos, bool):
         doc: Any = {}

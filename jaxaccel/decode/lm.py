@@ -37,6 +37,7 @@ from jaxaccel.model.duo import parse_routes
 from jaxaccel.model.options import ExecutionPlan
 from jaxaccel.model.transformer import (LayerKV, ModelHandle, canonical_params, fuse_layers, init_cache, logical_axes,
                                         param_shapes, stack_layers, unstack_layers)
+from jaxaccel.tokenizer import SIDE_FILES
 
 MIN_BUCKET = 16
 
@@ -498,11 +499,10 @@ def resolve_mesh(mesh: Mesh | str | dict | None) -> Mesh | None:
 # What `save` / `export_hf` write (fnmatch patterns): a folder holding only these, with the
 # marker of an earlier save or export (jaxaccel.json / config.json), is replaced without
 # `overwrite`.
-SAVE_FILES = ("jaxaccel.json", "jaxaccel.json.tmp", "params", "tokenizer.model", "tokenizer.json",
+SAVE_FILES = ("jaxaccel.json", "jaxaccel.json.tmp", "params", "tokenizer.model", "tokenizer.json", *SIDE_FILES,
               ".jaxaccel-saving", ".jaxaccel-replaced")
 EXPORT_FILES = ("config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
-                "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                "chat_template.jinja", ".jaxaccel-saving", ".jaxaccel-replaced")
+                "tokenizer.model", "tokenizer.json", *SIDE_FILES, ".jaxaccel-saving", ".jaxaccel-replaced")
 
 
 _CHOOSE_ANOTHER = "choose an empty folder, or pass overwrite=True to write into it"

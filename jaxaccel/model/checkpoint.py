@@ -17,6 +17,7 @@ import jax
 
 from jaxaccel.config import ModelConfig, from_dict, parse_yaml, to_dict
 from jaxaccel.errors import CheckpointError, ConfigError, first_line
+from jaxaccel.tokenizer import SIDE_FILES
 
 MARKER = "jaxaccel.json"
 FORMAT = "jaxaccel-model"
@@ -275,7 +276,7 @@ def load_run_params(folder, dtype: str | None = None, shardings_fn=None) -> tupl
 
 
 # What a model folder holds besides MARKER: replaced by a new save, together with the marker.
-MODEL_ENTRIES = ("params", "tokenizer.model", "tokenizer.json")
+MODEL_ENTRIES = ("params", "tokenizer.model", "tokenizer.json", *SIDE_FILES)
 # Inside a local model folder while a save is under way: the new model being written, then
 # the old one's entries set aside until the new ones are in.
 STAGING, SET_ASIDE = ".jaxaccel-saving", ".jaxaccel-replaced"
