@@ -196,6 +196,7 @@ def test_the_experiment_cli_rejects_bad_input_before_loading(capsys, tmp_path):
 
     docs = Path(__file__).resolve().parents[1] / "docs"
     for command in ("duo", "skipdecode"):  # the committed runs, written before the files named their experiment
+        assert (docs / command / "results.json").is_file()
         _check_results_owner(docs / command / "results.json", command)
     for argv, message in cases:
         with pytest.raises(SystemExit) as exit_:

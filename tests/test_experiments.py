@@ -278,6 +278,7 @@ def test_dry_run_prints_the_plan_and_its_cost_and_writes_nothing(toy, tmp_path, 
     ("description a list", "description must be a string, got ['a']"),
     ("override of an axis", "override 'data.epochs=3': data.epochs is set by the sweep's axes, which wins over "
                             "the base config"),
+    ("override of a section holding an axis", "override 'model={}': model.d_model is set by the sweep's axes"),
     ("plot lines not keys", "plots[0].lines must be a config key or a list of them, got [1]"),
     ("plot x a list", "plots[0].x must be a string, got [1]"),
     ("plot log base 1", "plots[0].logx must be true (base 2) or a log base > 1, got 1"),
@@ -305,6 +306,8 @@ def test_bad_input_is_one_line_and_touches_nothing(toy, tmp_path, capsys, case, 
         sweep["description"] = ["a"]
     elif case == "override of an axis":
         args = ["sweep", "data.epochs=3"]
+    elif case == "override of a section holding an axis":
+        args = ["sweep", "model={}"]
     elif case.startswith("plot") or case.startswith("curves"):
         plot = {"plot lines not keys": {"x": "optim.lr", "lines": [1]}, "plot x a list": {"x": [1]},
                 "plot log base 1": {"x": "optim.lr", "logx": 1}, "plot y a section": {"x": "optim.lr", "y": "model"},

@@ -451,7 +451,7 @@ def export_hf(folder: str | Path, config: ModelConfig, params: Any, *, tokenizer
     check_exportable(config)
     from safetensors import SafetensorError
 
-    from jaxaccel.model.checkpoint import SET_ASIDE, STAGING, write_error_reason
+    from jaxaccel.model.checkpoint import SET_ASIDE, STAGING, move_in, write_error_reason
 
     folder = Path(folder)
     staging = folder / STAGING
@@ -469,7 +469,7 @@ def export_hf(folder: str | Path, config: ModelConfig, params: Any, *, tokenizer
     except (OSError, SafetensorError) as e:  # a read-only folder, a full disk
         raise CheckpointError(f"cannot write the Hugging Face export to {folder} ({write_error_reason(e)}); any "
                               f"model already there is left as it was") from None
-    _move_in(staging, folder, names)
+    move_in(staging, folder, _earlier_export(folder), names, "the export")
     return folder
 
 
@@ -493,34 +493,6 @@ def _earlier_export(folder: Path) -> list[str]:
     names += sorted({s for s in shards if isinstance(s, str) and s.endswith(".safetensors") and "/" not in s
                      and "\\" not in s and not s.startswith(".")})
     return [n for n in dict.fromkeys(names) if (folder / n).exists() or (folder / n).is_symlink()]
-
-
-def _move_in(staging: Path, folder: Path, names: list[str]) -> None:
-    """Replace the earlier export in `folder` by the complete one in `staging` (`names`,
-    config.json last): the old files are renamed aside, the new ones in, then the old ones
-    deleted. If a rename fails, the old model is put back and the new one left in `staging`."""
-    from jaxaccel.model.checkpoint import SET_ASIDE, write_error_reason
-
-    aside = folder / SET_ASIDE
-    moved_out, moved_in = [], []
-    try:
-        aside.mkdir()
-        for name in _earlier_export(folder):
-            (folder / name).rename(aside / name)
-            moved_out.append(name)
-        for name in names:
-            (staging / name).rename(folder / name)
-            moved_in.append(name)
-    except OSError as e:
-        for name in reversed(moved_in):
-            (folder / name).rename(staging / name)
-        for name in moved_out:
-            (aside / name).rename(folder / name)
-        shutil.rmtree(aside, ignore_errors=True)
-        raise CheckpointError(f"moving the export into {folder} failed ({write_error_reason(e)}); the earlier model "
-                              f"is back in place, the new one is in {staging}") from None
-    shutil.rmtree(aside, ignore_errors=True)
-    shutil.rmtree(staging, ignore_errors=True)
 
 
 def _write_hf_files(folder: Path, config: ModelConfig, params: Any, tokenizer, eos_token_ids, bos_token_id,

@@ -37,6 +37,7 @@ from jaxaccel.model.duo import parse_routes
 from jaxaccel.model.options import ExecutionPlan
 from jaxaccel.model.transformer import (LayerKV, ModelHandle, canonical_params, fuse_layers, init_cache, logical_axes,
                                         param_shapes, stack_layers, unstack_layers)
+from jaxaccel.convert.hf import EXPORT_ENTRIES
 from jaxaccel.tokenizer import SIDE_FILES
 
 MIN_BUCKET = 16
@@ -501,8 +502,7 @@ def resolve_mesh(mesh: Mesh | str | dict | None) -> Mesh | None:
 # `overwrite`.
 SAVE_FILES = ("jaxaccel.json", "jaxaccel.json.tmp", "params", "tokenizer.model", "tokenizer.json", *SIDE_FILES,
               ".jaxaccel-saving", ".jaxaccel-replaced")
-EXPORT_FILES = ("config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
-                "tokenizer.model", "tokenizer.json", *SIDE_FILES, ".jaxaccel-saving", ".jaxaccel-replaced")
+EXPORT_FILES = (*EXPORT_ENTRIES, "model*.safetensors", ".jaxaccel-saving", ".jaxaccel-replaced")
 
 
 _CHOOSE_ANOTHER = "choose an empty folder, or pass overwrite=True to write into it"

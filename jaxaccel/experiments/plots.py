@@ -134,7 +134,7 @@ def _final(ax, doc: dict, spec: dict) -> bool:
         points.sort(key=lambda p: p[0])
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label or None)
     if diverged:  # not joined to the lines: a marker at the last value before divergence
-        ax.scatter([categories.index(x) if categories else x for x, _ in diverged], [y for _, y in diverged],
+        ax.scatter([categories.index(x) if x in categories else x for x, _ in diverged], [y for _, y in diverged],
                    marker="x", color="red", zorder=3, label="diverged (last value before)")
     if categories:
         ax.set_xticks(range(len(categories)), [str(c) for c in categories])

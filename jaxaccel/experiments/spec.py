@@ -304,11 +304,13 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), re
 
     for override in overrides:  # the runs' own settings come after the base: such an override would do nothing
         key = str(override).split("=", 1)[0].strip()
-        for g in groups:
-            part = next((p for p, keys in (("set", g.settings), ("zip", g.zip), ("axes", g.axes)) if key in keys), None)
-            if part is not None:
+        for g in groups:  # the same key, a setting inside a section a run sets, or a section holding one
+            clash = next(((p, k) for p, keys in (("set", g.settings), ("zip", g.zip), ("axes", g.axes)) for k in keys
+                          if k == key or key.startswith(k + ".") or k.startswith(key + ".")), None)
+            if clash is not None:
+                part, k = clash
                 where = f"group {g.name!r}'s {part}" if g.name else f"the sweep's {part}"
-                raise ConfigError(f"override {override!r}: {key} is set by {where}, which wins over the base config; "
+                raise ConfigError(f"override {override!r}: {k} is set by {where}, which wins over the base config; "
                                   f"change it in the sweep file (or pick runs with --only)")
     expanded = [(g, settings) for g in groups for settings in _expand(g)]
     varied_keys = list(dict.fromkeys(k for g in groups for k in [*g.zip, *g.axes]))

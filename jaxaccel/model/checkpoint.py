@@ -252,18 +252,19 @@ def load_run_params(folder, dtype: str | None = None, shardings_fn=None) -> tupl
     errors = []
     try:
         for step in agreed_steps(sorted(manager.all_steps(), reverse=True), folder / RUN_CHECKPOINTS):
-            stored = _stored_tree(folder / RUN_CHECKPOINTS / str(step) / RUN_STATE_ITEM)
-            stored = getattr(stored, "tree", stored)
-            # unreadable metadata: a damaged step, which the read below sets aside
-            difference = shape_difference(stored["params"], target) if isinstance(stored, dict) and \
-                "params" in stored else None
-            if difference is not None:  # config.yaml edited after the run, or another run's checkpoints
-                raise CheckpointError(f"checkpoint step {step} of {folder} does not match the model in {RUN_CONFIG}: "
-                                      f"{difference}")
-            out, reason = agreed_read(lambda: handler.restore(  # a step being written or corrupted: the one before
-                folder / RUN_CHECKPOINTS / str(step) / RUN_STATE_ITEM, args=ocp.args.PyTreeRestore(
-                    item={"params": target}, restore_args={"params": restore_args}, partial_restore=True)),
-                f"checkpoint step {step} of {folder}")
+            def read(step=step):  # a step being written or corrupted: the one before
+                item = folder / RUN_CHECKPOINTS / str(step) / RUN_STATE_ITEM
+                stored = _stored_tree(item)  # unreadable metadata: a damaged step, which the restore sets aside
+                stored = getattr(stored, "tree", stored)
+                difference = shape_difference(stored["params"], target) if isinstance(stored, dict) and \
+                    "params" in stored else None
+                if difference is not None:  # config.yaml edited after the run, or another run's checkpoints
+                    raise CheckpointError(f"checkpoint step {step} of {folder} does not match the model in "
+                                          f"{RUN_CONFIG}: {difference}")
+                return handler.restore(item, args=ocp.args.PyTreeRestore(
+                    item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
+
+            out, reason = agreed_read(read, f"checkpoint step {step} of {folder}")
             if reason is not None:
                 errors.append(f"step {step}: {reason}")
                 continue
@@ -351,30 +352,37 @@ def save_model(folder: str | Path, config: ModelConfig, params: Any, *, tokenize
 
 
 def _move_in(staging: Path, folder: Path) -> None:
-    """Replace the model in `folder` by the complete one in `staging` (both on one file
-    system): the old marker and entries are renamed aside, the new entries renamed in, the
-    marker last; then the old ones are deleted. If a rename fails, the old model is put back
-    (and the new one left in `staging`, named in the error)."""
+    """Replace the model in `folder` by the complete one in `staging`, the marker out first
+    and in last (`move_in`)."""
+    old = [n for n in (MARKER, *MODEL_ENTRIES) if (folder / n).exists() or (folder / n).is_symlink()]
+    new = [n for n in MODEL_ENTRIES if (staging / n).exists()] + [MARKER]
+    move_in(staging, folder, old, new, "the saved model")
+
+
+def move_in(staging: Path, folder: Path, old: list[str], new: list[str], what: str) -> None:
+    """Replace the files `old` of `folder` by the files `new` of `staging` (both on one file
+    system; a model's marker first in `old` and last in `new`, so the folder is never taken
+    for a model in between): the old ones are renamed aside, the new ones in, then the old
+    ones deleted. If a rename fails, the old model is put back (and the new one left in
+    `staging`, named in the error). Also the Hugging Face export's move (config.json its
+    marker)."""
     aside = folder / SET_ASIDE
     aside.mkdir()
     moved_out, moved_in = [], []
     try:
-        for name in (MARKER, *MODEL_ENTRIES):
-            if (folder / name).exists() or (folder / name).is_symlink():
-                (folder / name).rename(aside / name)
-                moved_out.append(name)
-        for name in MODEL_ENTRIES:
-            if (staging / name).exists():
-                (staging / name).rename(folder / name)
-                moved_in.append(name)
-        (staging / MARKER).rename(folder / MARKER)
+        for name in old:
+            (folder / name).rename(aside / name)
+            moved_out.append(name)
+        for name in new:
+            (staging / name).rename(folder / name)
+            moved_in.append(name)
     except OSError as e:
-        for name in moved_in:
+        for name in reversed(moved_in):
             (folder / name).rename(staging / name)
         for name in moved_out:
             (aside / name).rename(folder / name)
         shutil.rmtree(aside, ignore_errors=True)
-        raise CheckpointError(f"moving the saved model into {folder} failed ({write_error_reason(e)}); the earlier "
+        raise CheckpointError(f"moving {what} into {folder} failed ({write_error_reason(e)}); the earlier "
                               f"model is back in place, the new one is in {staging}") from None
     shutil.rmtree(aside, ignore_errors=True)
     shutil.rmtree(staging, ignore_errors=True)
@@ -466,13 +474,16 @@ def load_model(folder: str | Path, dtype: str | None = None, shardings_fn=None) 
         raise CheckpointError(f"{folder}: jaxaccel.json is present but params/ is missing")
     # Through the handler, not StandardCheckpointer.restore (which ends in a barrier of all
     # processes), and agreed on: a host that cannot read its shards makes every host raise.
-    difference = shape_difference(_stored_tree(folder / "params"), target)
-    if difference is not None:
-        raise CheckpointError(f"{folder}/params does not match the model in {MARKER}: {difference}")
     handler = ocp.StandardCheckpointHandler()
+
+    def read():  # the shapes first, inside the agreed read: a host that cannot check them must not wait alone
+        difference = shape_difference(_stored_tree(folder / "params"), target)
+        if difference is not None:
+            raise CheckpointError(f"{folder}/params does not match the model in {MARKER}: {difference}")
+        return handler.restore(folder / "params", args=ocp.args.StandardRestore(target))
+
     try:
-        params, reason = agreed_read(lambda: handler.restore(folder / "params", args=ocp.args.StandardRestore(target)),
-                                     f"{folder}/params")
+        params, reason = agreed_read(read, f"{folder}/params")
     finally:
         handler.close()
     if reason is not None:

@@ -117,7 +117,8 @@ def loss_and_metrics(params, model_cfg: ModelConfig, batch: dict, rng, *, dropou
         # a CPU step); a tie counts, which only a collapsed model's flat logits make common
         target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
         hit = target_logit >= jnp.max(logits, axis=-1)
-    else:  # evaluation, the figure reports quote: exact (flat logits score 1 / vocab, not 1)
+    else:  # evaluation, the figure reports quote: the argmax (first index on a tie), so flat logits
+        # score the share of targets that are token 0, not 1
         hit = jnp.argmax(logits, axis=-1) == batch["targets"]
     correct = jnp.sum(hit * weights)
     moe = model_cfg.moe
