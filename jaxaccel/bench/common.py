@@ -96,47 +96,8 @@ def subprocess_failure(proc: subprocess.CompletedProcess, what: str) -> Subproce
 
 
 def model_config(path: str) -> ModelConfig | None:
-    """The config of the model `path` names (as `jaxaccel.load` resolves it: a builtin name, a
-    jaxaccel model folder, a finished or running training run, a Hugging Face folder) without
-    reading its parameters, for checks before any work; None for a remote path (left to the
-    load). A path that is no model: ModelLoadError, one line."""
-    from jaxaccel.config import from_dict, parse_yaml
-    from jaxaccel.convert import hf as hf_io
-    from jaxaccel.decode.lm import BUILTIN_MODELS
-    from jaxaccel.errors import CheckpointError, ConfigError, ModelLoadError, first_line
-    from jaxaccel.model import checkpoint as ckpt
+    """The config of the model `path` names, without its parameters (`decode.lm.model_config`),
+    for checks before any work; None for a remote path (left to the load)."""
+    from jaxaccel.decode.lm import model_config as config_of
 
-    if "://" in path:
-        return None
-    if path.startswith("builtin:"):
-        name = path.split(":", 1)[1]
-        if name not in BUILTIN_MODELS:
-            raise ModelLoadError(f"unknown built-in model {name!r}; built-in models: "
-                                 f"{', '.join('builtin:' + n for n in BUILTIN_MODELS)}")
-        folder = Path(BUILTIN_MODELS[name])
-        if not ckpt.is_jaxaccel_checkpoint(folder):
-            raise ModelLoadError(f"the built-in {name} model is not installed in {folder}")
-    else:
-        folder = Path(path).expanduser()
-    if not folder.exists():
-        raise ModelLoadError(f"model path {str(folder)!r} does not exist")
-    if not folder.is_dir():
-        raise ModelLoadError(f"model path {str(folder)!r} is a file; expected a model folder")
-    if not ckpt.is_jaxaccel_checkpoint(folder) and ckpt.is_jaxaccel_checkpoint(folder / "model"):
-        folder = folder / "model"  # a finished training run
-    elif ckpt.is_run_dir(folder):
-        try:
-            run = parse_yaml((folder / ckpt.RUN_CONFIG).read_bytes(), ckpt.RUN_CONFIG)
-            return from_dict(ModelConfig, run.get("model") or {}, prefix="model")
-        except (OSError, ConfigError, AttributeError) as e:
-            raise CheckpointError(f"{folder}/{ckpt.RUN_CONFIG}: not a readable training config: "
-                                  f"{first_line(e)}") from None
-    if ckpt.is_jaxaccel_checkpoint(folder):
-        try:
-            return from_dict(ModelConfig, ckpt.read_meta(folder)["model"])
-        except (ConfigError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{folder}/{ckpt.MARKER}: bad model config: {first_line(e)}") from None
-    if hf_io.is_hf_folder(folder):
-        return hf_io.config_from_hf(hf_io.read_hf_config(folder), source=str(folder / "config.json"))
-    raise ModelLoadError(f"{str(folder)!r} is neither a jaxaccel checkpoint (no jaxaccel.json) nor a Hugging Face "
-                         f"model folder (no config.json)")
+    return None if "://" in path else config_of(path)

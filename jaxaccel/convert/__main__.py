@@ -63,24 +63,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _check_exportable_before_loading(source: str) -> None:
-    """A jaxaccel checkpoint (or finished run) with no Hugging Face counterpart (MoE, Duo-LLM,
-    biases or a window its architecture lacks) is refused from its jaxaccel.json, before the
-    parameters are read; an unreadable one is left to the load, which names what is wrong."""
-    from jaxaccel.config import ModelConfig, from_dict
+    """A model with no Hugging Face counterpart (MoE, Duo-LLM, biases or a window its
+    architecture lacks) is refused from its config, before the parameters are read; a path
+    that is no model is the load's one-line error, said here."""
     from jaxaccel.convert.hf import check_exportable
-    from jaxaccel.errors import CheckpointError, ConfigError
-    from jaxaccel.model import checkpoint as ckpt
+    from jaxaccel.decode.lm import model_config
 
-    folder = Path(source).expanduser()
-    if not ckpt.is_jaxaccel_checkpoint(folder) and ckpt.is_jaxaccel_checkpoint(folder / "model"):
-        folder = folder / "model"  # a finished training run
-    if not ckpt.is_jaxaccel_checkpoint(folder):
-        return
-    try:
-        config = from_dict(ModelConfig, ckpt.read_meta(folder)["model"])
-    except (ConfigError, CheckpointError, KeyError, TypeError):
-        return
-    check_exportable(config)
+    if "://" not in source:
+        check_exportable(model_config(source))
 
 
 def entry() -> None:

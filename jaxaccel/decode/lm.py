@@ -32,7 +32,8 @@ from jaxaccel.decode import compile_cache, tuning
 from jaxaccel.decode.engine import PREFILL_CHUNK, GenerateOutput, generate_loop, prefill_cache, python_value
 from jaxaccel.decode.methods import get_method
 from jaxaccel.decode.sampling import make_sampling
-from jaxaccel.errors import CheckpointError, InvalidArgumentError, InvalidPromptError, ModelLoadError
+from jaxaccel.errors import (CheckpointError, ConfigError, InvalidArgumentError, InvalidPromptError, ModelLoadError,
+                             first_line)
 from jaxaccel.model.duo import parse_routes
 from jaxaccel.model.options import ExecutionPlan
 from jaxaccel.model.transformer import (LayerKV, ModelHandle, canonical_params, fuse_layers, init_cache, logical_axes,
@@ -583,24 +584,14 @@ def duo_routes(routes, config) -> ExecutionPlan | None:
     return ExecutionPlan(routes=parse_routes(routes, config.n_layers))
 
 
-def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh | str | dict | None = None
-         ) -> LanguageModel:
-    """Load a jaxaccel checkpoint, a training output folder or a Hugging Face model folder.
-    None (or "builtin:default") is the shipped default model, "builtin:draft" its draft model;
-    "builtin:skipdecode", "builtin:duo" and "builtin:longctx" the methods' models (docs/MODELS.md).
-
-    dtype: "float32" | "bfloat16" | "float16" sets parameter and compute dtype (default: the
-    checkpoint's). mesh: a Mesh, or "tensor=4,data=2": parameters and the KV cache are then
-    sharded over it by the logical-axis rules in `jaxaccel.sharding`.
-    """
-    from jaxaccel.config import DTYPES
+def locate(path: str | Path | None) -> tuple[str, Any]:
+    """(kind, folder) of a model path, as `load` reads it: kind "model" (a jaxaccel model
+    folder, a builtin name, a finished training run's model/), "run" (a training run still
+    going or killed: its latest checkpoint) or "hf" (a Hugging Face folder). Reads no
+    parameters; a path that is no model is a one-line ModelLoadError."""
     from jaxaccel.convert import hf as hf_io
     from jaxaccel.model import checkpoint as ckpt
-    from jaxaccel.tokenizer import load_tokenizer
 
-    compile_cache.enable()  # before the first jitted op of the load
-    if dtype is not None and dtype not in DTYPES:
-        raise InvalidArgumentError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if path is None:
         path = "builtin:default"
     if not isinstance(path, (str, os.PathLike)) or str(path) == "":
@@ -620,19 +611,71 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh
         raise ModelLoadError(f"model path {str(folder)!r} does not exist")
     if not folder.is_dir():
         raise ModelLoadError(f"model path {str(folder)!r} is a file; expected a model folder")
+    if not ckpt.is_jaxaccel_checkpoint(folder) and ckpt.is_jaxaccel_checkpoint(folder / "model"):
+        return "model", folder / "model"  # a finished training run
+    if ckpt.is_run_dir(folder):
+        return "run", folder
+    if ckpt.is_jaxaccel_checkpoint(folder):
+        return "model", folder
+    if hf_io.is_hf_folder(folder):
+        return "hf", folder
+    raise ModelLoadError(f"{str(folder)!r} is neither a jaxaccel checkpoint (no jaxaccel.json) nor a Hugging Face "
+                         f"model folder (no config.json)")
+
+
+def model_config(path: str | Path | None) -> ModelConfig:
+    """The config of the model `path` names (`locate`), read without its parameters: for
+    checks before any work (a benchmark's draft vocabulary, an export's HF family)."""
+    from jaxaccel.config import from_dict, parse_yaml
+    from jaxaccel.convert import hf as hf_io
+    from jaxaccel.model import checkpoint as ckpt
+
+    kind, folder = locate(path)
+    if kind == "run":
+        try:
+            run = parse_yaml((folder / ckpt.RUN_CONFIG).read_bytes(), ckpt.RUN_CONFIG)
+            return from_dict(ModelConfig, run.get("model") or {}, prefix="model")
+        except (OSError, ConfigError, AttributeError) as e:
+            raise CheckpointError(f"{folder}/{ckpt.RUN_CONFIG}: not a readable training config: "
+                                  f"{first_line(e)}") from None
+    if kind == "model":
+        try:
+            return from_dict(ModelConfig, ckpt.read_meta(folder)["model"])
+        except (ConfigError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{folder}/{ckpt.MARKER}: bad model config: {first_line(e)}") from None
+    return hf_io.config_from_hf(hf_io.read_hf_config(folder), source=str(folder / "config.json"))
+
+
+def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh | str | dict | None = None
+         ) -> LanguageModel:
+    """Load a jaxaccel checkpoint, a training output folder or a Hugging Face model folder.
+    None (or "builtin:default") is the shipped default model, "builtin:draft" its draft model;
+    "builtin:skipdecode", "builtin:duo" and "builtin:longctx" the methods' models (docs/MODELS.md).
+
+    dtype: "float32" | "bfloat16" | "float16" sets parameter and compute dtype (default: the
+    checkpoint's). mesh: a Mesh, or "tensor=4,data=2": parameters and the KV cache are then
+    sharded over it by the logical-axis rules in `jaxaccel.sharding`.
+    """
+    from jaxaccel.config import DTYPES
+    from jaxaccel.convert import hf as hf_io
+    from jaxaccel.model import checkpoint as ckpt
+    from jaxaccel.tokenizer import load_tokenizer
+
+    compile_cache.enable()  # before the first jitted op of the load
+    if dtype is not None and dtype not in DTYPES:
+        raise InvalidArgumentError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    kind, folder = locate(path)
     mesh = resolve_mesh(mesh)
     shardings_fn = _param_shardings(mesh)
 
-    if not ckpt.is_jaxaccel_checkpoint(folder) and ckpt.is_jaxaccel_checkpoint(folder / "model"):
-        folder = folder / "model"  # a finished training run
-    elif ckpt.is_run_dir(folder):  # a run still going (or killed): its latest checkpoint's parameters
+    if kind == "run":  # a run still going (or killed): its latest checkpoint's parameters
         from jaxaccel.data.ids import BOS_ID, EOS_ID
 
         config, params, meta = ckpt.load_run_params(folder, dtype, shardings_fn)
         params = decode_params(params, config, mesh, consume=True)
         return LanguageModel(config, params, tokenizer=load_tokenizer(folder, add_bos=True), eos_token_ids=[EOS_ID],
                              bos_token_id=BOS_ID, mesh=mesh, source=str(folder), info={"trained_steps": meta["step"]})
-    if ckpt.is_jaxaccel_checkpoint(folder):
+    if kind == "model":
         config, params, meta = ckpt.load_model(folder, dtype=dtype, shardings_fn=shardings_fn)
         params = decode_params(params, config, mesh, consume=True)
         tokenizer = load_tokenizer(folder, add_bos=bool(meta.get("add_bos", False)))
@@ -642,27 +685,24 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh
         return LanguageModel(config, params, tokenizer=tokenizer, eos_token_ids=eos,
                              bos_token_id=bos, mesh=mesh, source=str(folder),
                              info=meta.get("info"))
-    if hf_io.is_hf_folder(folder):
-        hf = hf_io.read_hf_config(folder)
-        config = hf_io.config_from_hf(hf, source=str(folder / "config.json"))
-        if dtype is not None:
-            config = dataclasses.replace(config, param_dtype=dtype, dtype=dtype)
-        shardings = shardings_fn(config, "unrolled") if shardings_fn else None
-        params = decode_params(hf_io.load_hf_params(folder, config, shardings), config, mesh, consume=True)
-        eos, bos = hf_io.hf_special_tokens(folder, hf)
-        outside = _outside_vocabulary(eos, bos, config.vocab_size)
-        if outside:  # a config quirk, not a broken model: the ids are dropped, said once
-            warnings.warn(f"{folder}: special token id {outside[0]} is outside the model's vocabulary of "
-                          f"{config.vocab_size}; ignored", stacklevel=2)
-            eos = tuple(t for t in eos if t < config.vocab_size)
-            bos = bos if bos is None or bos < config.vocab_size else None
-        # a SentencePiece vocabulary does not say whether BOS is prepended: tokenizer_config.json does
-        tokenizer = load_tokenizer(folder, add_bos=hf_io.hf_add_bos(folder))
-        _check_tokenizer_fits(tokenizer, config, f"{folder}: ")
-        return LanguageModel(config, params, tokenizer=tokenizer, eos_token_ids=eos, bos_token_id=bos,
-                             mesh=mesh, source=str(folder))
-    raise ModelLoadError(f"{str(folder)!r} is neither a jaxaccel checkpoint (no jaxaccel.json) nor a Hugging Face "
-                         f"model folder (no config.json)")
+    hf = hf_io.read_hf_config(folder)
+    config = hf_io.config_from_hf(hf, source=str(folder / "config.json"))
+    if dtype is not None:
+        config = dataclasses.replace(config, param_dtype=dtype, dtype=dtype)
+    shardings = shardings_fn(config, "unrolled") if shardings_fn else None
+    params = decode_params(hf_io.load_hf_params(folder, config, shardings), config, mesh, consume=True)
+    eos, bos = hf_io.hf_special_tokens(folder, hf)
+    outside = _outside_vocabulary(eos, bos, config.vocab_size)
+    if outside:  # a config quirk, not a broken model: the ids are dropped, said once
+        warnings.warn(f"{folder}: special token id {outside[0]} is outside the model's vocabulary of "
+                      f"{config.vocab_size}; ignored", stacklevel=2)
+        eos = tuple(t for t in eos if t < config.vocab_size)
+        bos = bos if bos is None or bos < config.vocab_size else None
+    # a SentencePiece vocabulary does not say whether BOS is prepended: tokenizer_config.json does
+    tokenizer = load_tokenizer(folder, add_bos=hf_io.hf_add_bos(folder))
+    _check_tokenizer_fits(tokenizer, config, f"{folder}: ")
+    return LanguageModel(config, params, tokenizer=tokenizer, eos_token_ids=eos, bos_token_id=bos,
+                         mesh=mesh, source=str(folder))
 
 
 def _device_memory() -> tuple[int | None, int | None]:
