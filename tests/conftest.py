@@ -256,3 +256,16 @@ if _REPORT:
                "slowest": sorted(_programs, reverse=True)[:8]}
         with open(_REPORT, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def run_main(main, argv, capsys):
+    """A CLI's `main` run in this process as its console script runs it: (exit status,
+    stdout, stderr)."""
+    from jaxaccel.cli import run_cli
+
+    try:
+        code = run_cli(main, [str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -10,7 +10,7 @@ import warnings
 import pytest
 
 from jaxaccel.bench.__main__ import main as bench_main
-from jaxaccel.cli import run_cli
+from conftest import run_main
 from jaxaccel.errors import InvalidArgumentError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -18,12 +18,7 @@ TINY_YAML = str(ROOT / "configs" / "tiny.yaml")
 
 
 def run(argv, capsys):
-    try:
-        code = run_cli(bench_main, argv)
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_main(bench_main, argv, capsys)
 
 
 def refused(code, out, err, *needles):

@@ -8,9 +8,8 @@ import sys
 import pytest
 
 import jaxaccel
-from conftest import TINY
+from conftest import TINY, run_main
 from jaxaccel.bench.__main__ import main as bench_main
-from jaxaccel.cli import run_cli
 from jaxaccel.convert.__main__ import main as convert_main
 from jaxaccel.decode.__main__ import main as decode_main
 from jaxaccel.errors import ConfigError
@@ -21,13 +20,7 @@ def model_dir(tmp_path_factory, tiny_params):
     return jaxaccel.from_params(TINY, tiny_params, eos_token_ids=()).export_hf(tmp_path_factory.mktemp("m"))
 
 
-def run(main, argv, capsys):
-    try:
-        code = run_cli(main, argv)
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+run = run_main
 
 
 def test_decode_json_output(model_dir, capsys, tiny_lm):

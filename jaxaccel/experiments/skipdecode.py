@@ -19,6 +19,7 @@ Fine-tunes already finished are reused, killed ones resume (the trainer's own ch
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -111,6 +112,8 @@ def fine_tune(config_path: Path, output_dir: Path, base: str, overrides: Sequenc
     from jaxaccel.train.loop import train
 
     model_dir = output_dir / "model"
+    if "://" not in base:  # runs/deep/ and runs/deep are one base (a reused fine-tune compares it)
+        base = os.path.normpath(base)
     cfg = build(RunConfig, config_path, [f"train.init_from={base}", f"output_dir={output_dir}",
                                          "train.progress=false", *overrides])
     if (model_dir / "jaxaccel.json").is_file():  # reused only if it is this fine-tune (base, schedule, steps...)
