@@ -599,3 +599,23 @@ def test_an_empty_step_folder_past_the_run_is_set_aside_not_taken_for_its_end(fi
     readable = copy_run(finished, tmp_path / "b")  # a real step past train.steps is still refused
     with pytest.raises(ConfigError, match=r"holds checkpoint step 8, past train.steps \(4\)"):
         train(run_cfg(readable, steps=4))
+
+
+def test_resuming_after_the_corpus_changed_is_refused(tmp_path):
+    """The checkpoints keep the data's fingerprint (corpus files, vocabulary, unique stream): a
+    file added to the corpus retrains the vocabulary, whose ids the restored model would then
+    go on training on. Refused before anything of the run is rewritten."""
+    from conftest import toy_corpus
+
+    corpus = toy_corpus(tmp_path / "corpus")
+    data = {"corpus": str(corpus / "*.py"), "vocab_size": 400, "num_sentinels": 8, "validation_fraction": 0.25,
+            "cache_dir": str(tmp_path / "cache")}
+    model = {**MODEL, "vocab_size": 400}
+    train(run_cfg(tmp_path / "run", steps=2, model=model, data=data))
+    vocab = (tmp_path / "run" / "tokenizer.model").read_bytes()
+    train(run_cfg(tmp_path / "run", steps=4, model=model, data=data))  # the same data: resumes
+    (corpus / "added.py").write_text("def added(x):\n    return [x] * 3\n" * 40)
+    with pytest.raises(ConfigError, match=r"was trained up to step 4 on other data: the corpus files and the "
+                                          r"vocabulary and the unique-token stream changed since"):
+        train(run_cfg(tmp_path / "run", steps=6, model=model, data=data))
+    assert (tmp_path / "run" / "tokenizer.model").read_bytes() == vocab

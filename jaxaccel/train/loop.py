@@ -262,6 +262,38 @@ def check_resumed_config(cfg: RunConfig, ckpts: Checkpoints | None = None, step:
                                         f"refused to resume it)")
 
 
+# What the run's token ids and data order rest on, kept in every checkpoint: a resume after
+# any of them changed (files added to the corpus, `corpus: stdlib` under another Python, a
+# relative glob from another folder) would go on training the model on other ids.
+_DATA_FINGERPRINT = {"manifest_sha256": "the corpus files", "vocab_sha256": "the vocabulary",
+                     "unique_stream_sha256": "the unique-token stream"}
+
+
+def data_fingerprint(data: Any) -> dict[str, str]:
+    """The run data's fingerprint (`_DATA_FINGERPRINT`; empty for synthetic data)."""
+    import hashlib
+
+    stats = getattr(data, "stats", None) or {}
+    out = {k: stats[k] for k in ("manifest_sha256", "unique_stream_sha256") if isinstance(stats.get(k), str)}
+    if getattr(data, "vocab_path", None) is not None:
+        out["vocab_sha256"] = hashlib.sha256(Path(data.vocab_path).read_bytes()).hexdigest()
+    return out
+
+
+def check_same_data(saved: Any, now: Mapping[str, str], cfg: RunConfig, step: int) -> None:
+    """A one-line ConfigError when checkpoint `step` was trained on other data than `now`
+    (checkpoints older than the fingerprint carry none: not checked)."""
+    if not isinstance(saved, Mapping):
+        return
+    changed = [k for k in _DATA_FINGERPRINT if isinstance(saved.get(k), str) and k in now and saved[k] != now[k]]
+    if changed:
+        what = " and ".join(_DATA_FINGERPRINT[k] for k in changed)
+        raise ConfigError(f"output_dir {cfg.output_dir!r} was trained up to step {step} on other data: {what} "
+                          f"changed since (data.corpus {cfg.data.corpus!r}; {changed[0]} {saved[changed[0]][:12]} then, "
+                          f"{now[changed[0]][:12]} now) — resuming would train the model on other token ids or "
+                          f"another data order; restore the corpus, or choose another output_dir")
+
+
 def _check_run_config(cfg: Any) -> RunConfig:
     """`cfg` if it is a RunConfig fit to run, else a one-line ConfigError saying what to pass."""
     how = "build one with jaxaccel.config.build(RunConfig, 'configs/tiny.yaml', ['train.steps=100'])"
@@ -338,6 +370,7 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
     schedule = lr_schedule(cfg.optim, total_steps)
     abstract, shardings = state_shardings(cfg.model, optimizer, mesh, cfg.train.seed)
 
+    fingerprint = data_fingerprint(data)
     ckpt_dir = (out / RUN_CHECKPOINTS) if out is not None else cfg.output_dir.rstrip("/") + "/" + RUN_CHECKPOINTS
     ckpts = Checkpoints(ckpt_dir, cfg.checkpoint)
     # One `finally` from here on: an error anywhere (a model that does not fit init_from, an
@@ -374,6 +407,7 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
             if isinstance(before, int) and before != total_steps and cfg.optim.schedule == "cosine":
                 log(f"the run now trains {total_steps} steps, {before} before: the learning rate decays over the new "
                     f"length from here, so this run's curve is neither length's")
+            check_same_data(restored.meta.get("data"), fingerprint, cfg, restored.step)
             state, start = restored.state, restored.step
             log(f"resuming from checkpoint step {start} in {ckpt_dir}")
         else:
@@ -511,7 +545,8 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
                 last_eval = evaluate(done)
             if due_ckpt or stop:
                 ckpts.save(done, state, {"step": done, "data_position": done, "tokens_seen": done * tokens_per_step,
-                                         "unique_tokens": unique, "total_steps": total_steps, "config": settings})
+                                         "unique_tokens": unique, "total_steps": total_steps, "config": settings,
+                                         "data": fingerprint})
             if stop:
                 ckpts.wait()
                 raise Preempted(f"a preemption notice (SIGTERM) stopped the run after step {done} of {total_steps}; "
