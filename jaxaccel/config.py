@@ -159,16 +159,21 @@ def check_types(obj: Any, prefix: str = "") -> None:
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling. `kind`: "linear" (position interpolation) or "llama3"."""
+    """RoPE frequency scaling. `kind`: "linear" (position interpolation) or "llama3"; `kind` and
+    `factor` are required (a mapping without them was Llama 3's x8 scaling, silently); the
+    llama3 fields default to Llama 3.1's."""
 
-    kind: str = "llama3"
-    factor: float = 8.0
+    kind: str = ""
+    factor: float | None = None
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position: int = 8192
 
     def __post_init__(self):
         check_types(self, "rope_scaling")
+        for name, what in (("kind", "'linear' or 'llama3'"), ("factor", "a finite number > 0, e.g. 8.0")):
+            if getattr(self, name) in ("", None):
+                raise ConfigError(f"rope_scaling.{name} is required: {what}")
         if self.kind not in ("linear", "llama3"):
             raise ConfigError(f"rope_scaling.kind must be 'linear' or 'llama3', got {self.kind!r}")
         if not (math.isfinite(self.factor) and self.factor > 0):
@@ -219,9 +224,14 @@ class MoeConfig:
         if self.every < 1:
             raise ConfigError(f"moe.every must be >= 1, got {self.every}")
         for name in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, name)  # bounded: a capacity is an integer number of token slots
+            if value is not None and not (math.isfinite(value) and 0 < value <= 1e6):
+                raise ConfigError(f"moe.{name} must be a finite number in (0, 1e6] (eval: or null, dropless), "
+                                  f"got {value}")
+        for name in ("load_balance_weight", "router_z_weight"):
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ConfigError(f"moe.{name} must be > 0, got {value}")
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"moe.{name} must be a finite number >= 0, got {value}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,13 +301,15 @@ class ModelConfig:
             raise ConfigError(
                 f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.n_kv_heads})"
             )
+        if self.head_dim is not None and self.head_dim < 1:
+            raise ConfigError(f"model.head_dim must be >= 1 or null (d_model / n_heads), got {self.head_dim}")
         if self.head_dim is None and self.d_model % self.n_heads:
             raise ConfigError(
                 f"model.d_model ({self.d_model}) is not divisible by n_heads ({self.n_heads}); set model.head_dim"
             )
         if self.resolved_head_dim % 2:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.resolved_head_dim}")
-        for name in ("norm_eps", "rope_theta"):
+        for name in ("norm_eps", "rope_theta", "init_std"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"model.{name} must be a finite number > 0, got {value}")
@@ -348,8 +360,8 @@ class ModelConfig:
         dense_mlp = 3 * d * self.ffn_dim
         moe_mlp = self.moe.n_experts * dense_mlp + d * self.moe.n_experts
         mlps = sum(moe_mlp if self.is_moe_layer(i) else dense_mlp for i in range(self.n_layers))
-        if self.duo.enabled:  # each layer's small FFN beside the big one
-            mlps += self.n_layers * 3 * d * self.small_ffn_dim
+        if self.duo.enabled:  # each layer's small FFN beside the big one, and its router (d -> 2, bias)
+            mlps += self.n_layers * (3 * d * self.small_ffn_dim + (2 * d + 2 if self.duo.router else 0))
         head = 0 if self.tie_embeddings else self.vocab_size * d
         return self.n_layers * (attn + 2 * d) + mlps + self.vocab_size * d + head + d
 

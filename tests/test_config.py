@@ -7,10 +7,16 @@ from jaxaccel.errors import ConfigError
 def test_defaults_yaml_and_overrides(tmp_path):
     f = tmp_path / "m.yaml"
     f.write_text("d_model: 64\nn_heads: 4\ndropout:\n  mlp: 0.1\n")
-    cfg = build(ModelConfig, f, ["n_layers=3", "dropout.embed=0.05", "rope_scaling.factor=4.0"])
+    cfg = build(ModelConfig, f, ["n_layers=3", "dropout.embed=0.05", "rope_scaling.kind=llama3",
+                                 "rope_scaling.factor=4.0"])
     assert (cfg.d_model, cfg.n_layers, cfg.dropout.mlp, cfg.dropout.embed) == (64, 3, 0.1, 0.05)
     assert cfg.rope_scaling.factor == 4.0 and cfg.rope_scaling.kind == "llama3"
     assert from_dict(ModelConfig, to_dict(cfg)) == cfg
+    # a scaling without its kind (or factor) is not Llama 3's x8 by default
+    with pytest.raises(ConfigError, match=r"rope_scaling\.kind is required"):
+        build(ModelConfig, f, ["rope_scaling.factor=4.0"])
+    with pytest.raises(ConfigError, match=r"rope_scaling\.factor is required"):
+        build(ModelConfig, f, ["rope_scaling.kind=linear"])
 
 
 def test_unknown_key_lists_valid_ones():
@@ -268,11 +274,23 @@ def test_model_config_constructor_checks_types(kwargs, match):
     (lambda: DropoutConfig(path=None), r"^dropout\.path: expected a number, got None$"),
     (lambda: DuoConfig(enabled="yes"), r"^duo\.enabled: expected true/false, got 'yes'$"),
     (lambda: DuoConfig(small_ratio=2.0), r"^duo\.small_ratio: expected an integer, got 2\.0$"),
-    (lambda: RopeScaling(kind=1), r"^rope_scaling\.kind: expected a string, got 1$"),
-    (lambda: RopeScaling(factor=None), r"^rope_scaling\.factor: expected a number, got None$"),
-    (lambda: RopeScaling(factor=float("inf")), r"^rope_scaling\.factor must be a finite number > 0, got inf$"),
-    (lambda: RopeScaling(original_max_position=0), r"^rope_scaling\.original_max_position must be >= 1"),
-    (lambda: RopeScaling(low_freq_factor=4.0, high_freq_factor=4.0), r"^rope_scaling\.low_freq_factor and high"),
+    (lambda: RopeScaling(kind=1, factor=2.0), r"^rope_scaling\.kind: expected a string, got 1$"),
+    (lambda: RopeScaling(kind="linear", factor="2"), r"^rope_scaling\.factor: expected a number, got '2'$"),
+    (lambda: RopeScaling(kind="linear"), r"^rope_scaling\.factor is required: a finite number > 0"),
+    (lambda: RopeScaling(factor=8.0), r"^rope_scaling\.kind is required: 'linear' or 'llama3'$"),
+    (lambda: RopeScaling(kind="llama3", factor=float("inf")),
+     r"^rope_scaling\.factor must be a finite number > 0, got inf$"),
+    (lambda: RopeScaling(kind="llama3", factor=8.0, original_max_position=0),
+     r"^rope_scaling\.original_max_position must be >= 1"),
+    (lambda: RopeScaling(kind="llama3", factor=8.0, low_freq_factor=4.0, high_freq_factor=4.0),
+     r"^rope_scaling\.low_freq_factor and high"),
+    (lambda: ModelConfig(head_dim=0), r"^model\.head_dim must be >= 1 or null"),
+    (lambda: ModelConfig(init_std=float("nan")), r"^model\.init_std must be a finite number > 0, got nan$"),
+    (lambda: MoeConfig(n_experts=4, capacity_factor=float("nan")), r"^moe\.capacity_factor must be a finite number"),
+    (lambda: MoeConfig(n_experts=4, eval_capacity_factor=float("inf")),
+     r"^moe\.eval_capacity_factor must be a finite number in \(0, 1e6\]"),
+    (lambda: MoeConfig(n_experts=4, load_balance_weight=-1.0), r"^moe\.load_balance_weight must be a finite number >= 0"),
+    (lambda: MoeConfig(n_experts=4, router_z_weight=float("nan")), r"^moe\.router_z_weight must be a finite number >= 0"),
     # a section built wrongly and slipped past its own constructor is still caught by its parent
     (lambda: ModelConfig(dropout=_unchecked(DropoutConfig, mlp="0.1")), r"^model\.dropout\.mlp: expected a number"),
 ])

@@ -233,6 +233,10 @@ def test_missing_fields_take_transformers_defaults():
         assert config_from_hf(hf_config(arch, max_position_embeddings=...)).max_seq_len == default
     with pytest.raises(ConfigError, match="max_position_embeddings must be >= 1, got 0"):
         config_from_hf(hf_config(max_position_embeddings=0))
+    # llama3 RoPE without original_max_position_embeddings: transformers uses max_position_embeddings
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    scaled = config_from_hf(hf_config("llama", rope_parameters={"rope_theta": 1e4, **llama3}, max_position_embeddings=1024))
+    assert (scaled.rope_scaling.kind, scaled.rope_scaling.original_max_position) == ("llama3", 1024)
 
 
 def test_null_architectures_go_by_model_type():

@@ -150,6 +150,8 @@ def test_both_ffns_are_counted_and_shard_like_the_mlp():
     from jaxaccel.model.transformer import count_params, param_shapes
 
     assert count_params(param_shapes(DUO)) == DUO.num_params()
+    routed = replace(DUO, duo=DuoConfig(enabled=True, router=True))  # each layer's router counted too
+    assert count_params(param_shapes(routed)) == routed.num_params() == DUO.num_params() + 2 * (2 * 32 + 2)
     scanned, fused = logical_axes(DUO, "scanned"), logical_axes(DUO, "fused")
     for which in ("big", "small"):
         assert tuple(scanned["layers"]["duo"][which]["up"]["kernel"]) == ("layers", "embed", "mlp")

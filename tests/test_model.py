@@ -17,7 +17,7 @@ VARIANTS = {
     "mha": replace(TINY, n_kv_heads=4),
     "mqa_bias_tied": replace(TINY, n_kv_heads=1, qkv_bias=True, tie_embeddings=True),
     "window_llama3": replace(TINY, sliding_window=5, rope_theta=500000.0,
-                             rope_scaling=RopeScaling(factor=8.0, original_max_position=16)),
+                             rope_scaling=RopeScaling(kind="llama3", factor=8.0, original_max_position=16)),
 }
 
 
@@ -165,7 +165,7 @@ def test_bfloat16_params_run_and_stay_close(tiny_params):
 def test_llama3_rope_scaling_matches_the_published_rule():
     # Llama 3.1: wavelengths below orig/high_freq_factor keep their frequency, above
     # orig/low_freq_factor are divided by `factor`, and the band between is interpolated.
-    s = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=8192)
+    s = RopeScaling(kind="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=8192)
     base = rope_inv_freq(128, 500000.0, None)
     scaled = rope_inv_freq(128, 500000.0, s)
     wavelen = 2 * np.pi / base

@@ -124,7 +124,9 @@ def _config_from_hf(hf: dict, source: str) -> ModelConfig:
         rope_scaling = RopeScaling(kind="llama3", factor=float(params["factor"]),
                                    low_freq_factor=float(params["low_freq_factor"]),
                                    high_freq_factor=float(params["high_freq_factor"]),
-                                   original_max_position=int(params["original_max_position_embeddings"]))
+                                   # absent: transformers takes max_position_embeddings
+                                   original_max_position=int(params.get("original_max_position_embeddings")
+                                                             or hf["max_position_embeddings"]))
     else:
         raise UnsupportedArchitectureError(
             f"{source}: rope type {rope_type!r} is not supported; supported: default, linear, llama3")
