@@ -93,11 +93,15 @@ def test_draft_cache_holds_the_committed_sequence(lm, draft_lm, monkeypatch, tem
             np.testing.assert_allclose(np.asarray(layer.v[row, :, :n]), np.asarray(ref.v[0, :, :n]), atol=2e-5)
 
 
-@pytest.mark.parametrize("expand", ["heap", "threshold"])
-def test_tree_node_distributions_equal_full_sequence_forwards(draft_lm, expand):
+@pytest.mark.parametrize("expand,window", [("heap", None), ("threshold", None), ("heap", 2)])
+def test_tree_node_distributions_equal_full_sequence_forwards(draft_lm, tiny_params, expand, window):
     """Each node the draft ran holds the draft distribution a plain forward over prompt +
     the node's root-to-node path gives: the ancestor mask over a tree grown in several
-    forwards is right."""
+    forwards is right, also for a draft with a sliding window shorter than the tree (a cached
+    node's distance is its depth, not its slot)."""
+    if window is not None:
+        draft_lm = jaxaccel.from_params(dataclasses.replace(TINY, sliding_window=window),
+                                        perturbed(tiny_params, 7, 0.01))
     h = draft_lm.handle
     prompt = PROMPTS[0]
     slots = 64

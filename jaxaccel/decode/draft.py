@@ -76,7 +76,14 @@ def forward_nodes(ctx: StepContext, cache, cache_len: jax.Array, tokens: jax.Arr
     rows = jnp.take_along_axis(jnp.broadcast_to(ancestors, (b, n, n)), i[:, :, None], axis=1)  # [b, W, N]
     j = jnp.arange(ctx.cache_slots, dtype=jnp.int32)[None, None, :] - cache_len[:, None, None]  # slot -> node
     in_tree = (j >= 0) & (j < n) & (j != i[:, :, None])  # its own slot is written by this call
-    seen = jnp.take_along_axis(rows, jnp.broadcast_to(jnp.clip(j, 0, n - 1), (b, w, ctx.cache_slots)), axis=2)
+    node_of_slot = jnp.broadcast_to(jnp.clip(j, 0, n - 1), (b, w, ctx.cache_slots))
+    seen = jnp.take_along_axis(rows, node_of_slot, axis=2)
+    window = ctx.draft.config.sliding_window
+    if window is not None:  # the forward measures a cached key's distance by its slot, which for a tree
+        # node (slot cache_len + i, position cache_len + depth <= slot) understates it: the true rule here
+        key_pos = cache_len[:, None, None] + jnp.take_along_axis(jnp.broadcast_to(depth[:, None, :], (b, w, n)),
+                                                                 node_of_slot, axis=2)
+        seen = seen & (positions[:, :, None] - key_pos < window)
     logits, cache = ctx.draft.forward(node_tokens, positions, cache=cache, write_slots=slots, prefix_len=cache_len,
                                       new_mask=jnp.eye(w, dtype=bool)[None], cache_mask=in_tree & seen)
     return logits, cache
