@@ -215,17 +215,17 @@ def test_build_data_mixes_task_rows_into_the_corpus_batches(tmp_path):
     cfg = DataConfig(corpus=str(tmp_path / "*.py"), cache_dir=str(tmp_path / "cache"), vocab_size=400,
                      num_sentinels=8, validation_fraction=0.2,
                      retrieval=RetrievalConfig(rate=0.5, min_length=32, answer_weight=2.0))
-    data = build_data(cfg, seq_len=128, batch_size=4)
-    plain = build_data(dataclasses.replace(cfg, retrieval=RetrievalConfig()), seq_len=128, batch_size=2)
+    data = build_data(cfg, seq_len=256, batch_size=4)
+    plain = build_data(dataclasses.replace(cfg, retrieval=RetrievalConfig()), seq_len=256, batch_size=2)
     assert isinstance(data, RetrievalMixture) and data.total_steps == plain.total_steps
     batches = list(data.train_batches(0))[:3]
     for step, (mixed, corpus) in enumerate(zip(batches, plain.train_batches(0))):
         for k in BATCH_KEYS:
             np.testing.assert_array_equal(mixed[k][:2], corpus[k])  # the corpus rows, as without tasks
-        assert mixed["inputs"].shape == (4, 128) and mixed["inputs"].max() < data.vocab_size
+        assert mixed["inputs"].shape == (4, 256) and mixed["inputs"].max() < data.vocab_size
         assert set(np.unique(mixed["loss_mask"][2:])) == {0.0, 2.0}
     np.testing.assert_array_equal(next(data.train_batches(2))["inputs"], batches[2]["inputs"])
-    assert next(data.eval_batches())["inputs"].shape[1] == 128 and data.vocab_path.is_file()
+    assert next(data.eval_batches())["inputs"].shape[1] == 256 and data.vocab_path.is_file()
 
 
 def test_retrieval_config_errors_are_one_line():

@@ -14,7 +14,8 @@ Sources (`DataConfig.corpus`):
   manifest could not name. CPython 3.11 gives 734 files, 12.1 MB, ~3.3 M tokens at 8192.
 * Text files and globs, comma-separated (`glob` with `recursive=True`, so `**` works): one
   document per file; `.jsonl` files give one document per non-blank line, the line's
-  `text_field` string. Files must be UTF-8.
+  `text_field` string. Files, their names (relative to the common folder) and JSONL texts
+  must be UTF-8 (a JSON `\ud800` escape, a lone surrogate, is refused).
 * `"tfds:NAME[:SPLIT]"`: a TFDS dataset already prepared on this machine (`download=False`);
   one document per example, its `text_field`.
 
@@ -156,7 +157,11 @@ class Corpus:
                 raise DataError(f"tfds:{builder.name} example {index} has no {self.text_field!r} field"
                                 f" (fields: {', '.join(sorted(example))})")
             value = example[self.text_field]
-            text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+            try:
+                text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+            except UnicodeDecodeError as e:
+                raise DataError(f"tfds:{builder.name} example {index}: field {self.text_field!r} is not UTF-8 text"
+                                f" (byte {e.start})") from None
             if text:
                 yield Document(f"{self._tfds_split}:{index}", text)
 
@@ -178,6 +183,10 @@ def _jsonl_documents(path: Path, rel: str, data: bytes, text_field: str) -> Iter
         text = record[text_field]
         if not isinstance(text, str):
             raise DataError(f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, not a string")
+        try:  # JSON's \ud800 escapes decode to lone surrogates, which no UTF-8 tokenizer can take
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"{path}:{lineno}: text is not valid Unicode (a lone surrogate)") from None
         if text:
             yield Document(f"{rel}:{lineno}", text)
 
@@ -198,8 +207,14 @@ def open_corpus(spec: str, text_field: str = "text") -> Corpus:
 def _file_manifest(kind: str, spec: str, selection: str, root: Path, files: list[Path], text_field: str) -> dict:
     entries = []
     for path in files:
+        rel = path.relative_to(root).as_posix()
+        try:  # the relative path is the document id, hashed as UTF-8 by the split rule
+            rel.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = os.fsencode(path).decode("utf-8", "backslashreplace")  # printable in the error line
+            raise DataError(f"{shown}: file name is not UTF-8") from None
         size, digest = _sha256_file(path)
-        entry = {"path": path.relative_to(root).as_posix(), "bytes": size, "sha256": digest}
+        entry = {"path": rel, "bytes": size, "sha256": digest}
         if path.suffix == ".jsonl":
             entry["format"] = "jsonl"
         entries.append(entry)

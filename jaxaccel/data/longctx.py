@@ -33,9 +33,11 @@ Training mixture (`RetrievalMixture`, `data.retrieval` in the config): every glo
 `batch_size - task_rows` corpus rows (the corpus pipeline's own batches at that batch size:
 its budget, epochs and resume rule unchanged) followed by `task_rows` rows of task examples
 packed back to back as segments (lengths log-uniform in [min_length, what is left of the
-row]; the last one takes the rest when another would not fit). A task example is scored on
-its answer and the EOS after it with weight `answer_weight`, and on its other tokens with
-`context_weight` (0: not at all); `loss_mask` carries the weights.
+row]; the last one takes the rest when another would not fit). A task whose shortest example
+is longer than seq_len is a ConfigError when the data is built, not a task silently never
+drawn. A task example is scored on its answer and the EOS after it with weight
+`answer_weight`, and on its other tokens with `context_weight` (0: not at all); `loss_mask`
+carries the weights.
 Task row r of step s is a pure function of (seed, s, r), so `train_batches(start)` resumes
 exactly; across hosts, the global batch holds the same rows whatever the number of shards
 (each shard's corpus rows, then its task rows). Evaluation batches are the corpus's (causal
@@ -372,6 +374,23 @@ def task_rows_per_batch(cfg: RetrievalConfig, batch_size: int, num_shards: int =
     return rows
 
 
+def check_tasks_fit(tasks: RetrievalTasks, names: Sequence[str], min_length: int, seq_len: int) -> None:
+    """Raise a ConfigError unless every task in `names` has an example that fits a row of
+    `seq_len` tokens (`packed_row` never draws a task whose shortest example is longer than
+    the row: it would be left out silently, and with none fitting every task row would be
+    padding)."""
+    own = {t: tasks.min_length(t) for t in names}
+    too_long = [t for t in names if own[t] > seq_len]
+    if too_long:
+        listed = ", ".join(f"{t} (at least {own[t]} tokens)" for t in too_long)
+        also = f", nor can data.retrieval.min_length={min_length}" if min_length > seq_len else ""
+        raise ConfigError(f"data.retrieval.tasks: {listed} cannot fit seq_len={seq_len} in this vocabulary{also};"
+                          " raise train.seq_len or remove them from data.retrieval.tasks")
+    if min_length > seq_len:
+        raise ConfigError(f"data.retrieval.min_length={min_length} is longer than seq_len={seq_len}: no task "
+                          "example fits a row; lower it or raise train.seq_len")
+
+
 class RetrievalMixture:
     """The `TrainData` interface over a corpus source plus task rows (module docstring).
 
@@ -385,6 +404,7 @@ class RetrievalMixture:
 
     def __init__(self, base, tasks: RetrievalTasks, cfg: RetrievalConfig, *, seq_len: int, task_rows: int,
                  seed: int, shard_index: int = 0, num_shards: int = 1):
+        check_tasks_fit(tasks, cfg.tasks, cfg.min_length, seq_len)
         self.base, self.tasks, self.cfg = base, tasks, cfg
         self.seq_len, self.seed = seq_len, seed
         self.task_rows = task_rows
@@ -431,6 +451,7 @@ class RetrievalData:
                  num_shards: int = 1):
         if batch_size % num_shards:
             raise ConfigError(f"batch_size ({batch_size}) must be a multiple of num_shards ({num_shards})")
+        check_tasks_fit(tasks, task_names, min_length, seq_len)
         self.tasks, self.task_names, self.min_length = tasks, tuple(task_names), min_length
         self.vocab_size, self.vocab_path = vocab_size, None if vocab_path is None else Path(vocab_path)
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed

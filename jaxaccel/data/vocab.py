@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Iterator
 
 from jaxaccel.data import cache
+from jaxaccel.data.corpus import split_of
 from jaxaccel.data.errors import DataError
 from jaxaccel.data.ids import (BOS_ID, EOS_ID, FIRST_SENTINEL_ID, MODE_IDS, MODE_PIECES, NUM_BYTE_PIECES, PAD_ID,
                                UNK_ID, min_vocab_size, sentinel_id)
@@ -139,6 +140,28 @@ def train_sentencepiece(documents, vocab_size: int, num_sentinels: int, keep_fra
     return model.getvalue()
 
 
+def _check_training_text(corpus, validation_buckets: int) -> int:
+    """The training split's character count; a DataError that says why when it has no text
+    SentencePiece can train on (documents with empty text are skipped, whitespace-only chunks
+    are not training sentences)."""
+    documents = train_documents = train_chars = 0
+    has_text = False
+    for doc in corpus.documents():
+        documents += 1
+        if split_of(doc.id, validation_buckets) == "train":
+            train_documents += 1
+            train_chars += len(doc.text)
+            has_text = has_text or not doc.text.isspace()
+    if documents == 0:
+        raise DataError(f"corpus {corpus.spec!r} has no text: every document is empty")
+    if train_documents == 0:
+        raise DataError(f"corpus {corpus.spec!r}: the training split is empty (validation takes every document)")
+    if not has_text:
+        raise DataError(f"corpus {corpus.spec!r}: no text to train a vocabulary on (the training split's"
+                        f" {train_documents} document(s) are whitespace only)")
+    return train_chars
+
+
 def ensure_vocab(corpus, directory: Path, *, validation_buckets: int, vocab_size: int, num_sentinels: int,
                  vocab_max_chars: int) -> VocabFile:
     """The cached model for these settings, training it first if it is not there yet."""
@@ -147,9 +170,7 @@ def ensure_vocab(corpus, directory: Path, *, validation_buckets: int, vocab_size
     info = cache.read_json(directory / "vocab.json")
     if path.is_file() and info is not None:
         return VocabFile(path, info["pieces"], trained=False, seconds=info["train_seconds"])
-    train_chars = sum(len(d.text) for d in corpus.documents("train", validation_buckets))
-    if train_chars == 0:
-        raise DataError(f"corpus {corpus.spec!r}: the training split is empty (validation takes every document)")
+    train_chars = _check_training_text(corpus, validation_buckets)
     keep_fraction = min(1.0, vocab_max_chars / train_chars)
     start = time.perf_counter()
     model = train_sentencepiece(corpus.documents("train", validation_buckets), vocab_size, num_sentinels,

@@ -1,0 +1,185 @@
+"""Bad input to the data package gives one clear line, not a traceback or a silent default.
+
+Each test is the reproduction of one defect the data audit found: retrieval tasks too long for
+the row, a corpus file name or a JSONL text that is not valid Unicode, and corpora with no text
+to train a vocabulary on. Nothing here imports TensorFlow: `build_data` runs on a tokenized
+corpus made here with a SentencePiece model trained on a few documents (as in
+test_data_review.py), TFDS on a stand-in builder.
+"""
+import os
+import re
+import sysconfig
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from jaxaccel.config import from_dict
+from jaxaccel.data import BOS_ID, EOS_ID, DataConfig, build_data, corpus as corpus_module, longctx, pipeline
+from jaxaccel.data.corpus import Document, open_corpus
+from jaxaccel.data.errors import DataError
+from jaxaccel.data.vocab import ensure_vocab, train_sentencepiece
+from jaxaccel.errors import ConfigError
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+def _one_line(e: pytest.ExceptionInfo) -> str:
+    message = str(e.value)
+    assert "\n" not in message and message
+    message.encode("utf-8")  # the CLI prints it: it must be printable whatever the locale's codec
+    return message
+
+
+# ----------------------------------------------------------------------------- retrieval rows that cannot fit
+
+
+@pytest.fixture(scope="module")
+def tokenized(tmp_path_factory):
+    """What `pipeline._tokenized` returns: json/decoder.py in 1500-character documents, all
+    training, under a 400-piece SentencePiece model trained on them (no seqio / TensorFlow)."""
+    import sentencepiece as spm
+
+    folder = tmp_path_factory.mktemp("tokenized")
+    text = (STDLIB / "json" / "decoder.py").read_text()
+    docs = [text[i:i + 1500] for i in range(0, len(text), 1500)]
+    model = folder / "spm.model"
+    model.write_bytes(train_sentencepiece([Document(f"d{i}", t) for i, t in enumerate(docs)], 400, 8))
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    pieces = [np.array([BOS_ID, *sp.encode(t), EOS_ID], np.int32) for t in docs]
+    tokens = {"train": np.concatenate(pieces), "validation": np.zeros(0, np.int32)}
+    offsets = {"train": np.concatenate([[0], np.cumsum([len(p) for p in pieces])]),
+               "validation": np.zeros(1, np.int64)}
+
+    class Tokenized:
+        directory, task_name = folder / "vocab" / "tokens", "fake"
+
+        def tokens(self, split):
+            return tokens[split]
+
+        def offsets(self, split):
+            return offsets[split]
+
+        def num_documents(self, split):
+            return len(offsets[split]) - 1
+
+        def num_tokens(self, split):
+            return int(offsets[split][-1])
+
+        def doc_ids(self, split):
+            return [f"d{i}" for i in range(self.num_documents(split))]
+
+    corpus = SimpleNamespace(sha256="0" * 64, manifest={"num_files": len(docs), "total_bytes": 1})
+    vocab = SimpleNamespace(path=model, vocab_size=sp.get_piece_size(), seconds=0.0)
+    return corpus, folder, vocab, Tokenized()
+
+
+def _retrieval_cfg(**retrieval) -> DataConfig:
+    return from_dict(DataConfig, {"validation_fraction": 0.0, "num_sentinels": 8, "vocab_size": 400,
+                                  "retrieval": {"rate": 0.5, **retrieval}})
+
+
+def test_retrieval_tasks_longer_than_seq_len_are_refused_when_the_data_is_built(tokenized, monkeypatch):
+    # before: the tasks that could not fit were never drawn, silently, and with none fitting every
+    # task row was padding (loss_mask 0) while the run exited 0
+    monkeypatch.setattr(pipeline, "_tokenized", lambda cfg: tokenized)
+    tasks = longctx.RetrievalTasks.from_sentencepiece(tokenized[2].path, tokenized[3].tokens("train"))
+    need = {t: tasks.min_length(t) for t in longctx.TASKS}
+    seq_len = 128
+    too_long = [t for t in longctx.TASKS if need[t] > seq_len]
+    assert too_long == ["passkey", "kv_lookup"] and 64 <= need["code_needle"] <= seq_len  # in this vocabulary
+    with pytest.raises(ConfigError) as e:
+        build_data(_retrieval_cfg(), seq_len=seq_len, batch_size=4)
+    message = _one_line(e)
+    assert f"passkey (at least {need['passkey']} tokens)" in message
+    assert f"kv_lookup (at least {need['kv_lookup']} tokens)" in message
+    assert "code_needle" not in message and "seq_len=128" in message
+    with pytest.raises(ConfigError) as e:  # not one task fits a row of 32, nor does the default floor of 64
+        build_data(_retrieval_cfg(tasks=["code_needle"]), seq_len=32, batch_size=4)
+    assert f"code_needle (at least {need['code_needle']} tokens)" in _one_line(e) and "min_length=64" in _one_line(e)
+    with pytest.raises(ConfigError) as e:  # the configured floor itself is longer than the row
+        build_data(_retrieval_cfg(tasks=["code_needle"], min_length=200), seq_len=seq_len, batch_size=4)
+    assert "data.retrieval.min_length=200" in _one_line(e)
+    # the tasks that fit are built, and every task row scores its answers
+    data = build_data(_retrieval_cfg(tasks=["code_needle"]), seq_len=seq_len, batch_size=4)
+    assert next(data.train_batches())["loss_mask"][2:].sum(axis=1).min() > 0
+
+
+def test_retrieval_data_refuses_tasks_longer_than_seq_len(tokenized):
+    tasks = longctx.RetrievalTasks.from_sentencepiece(tokenized[2].path, tokenized[3].tokens("train"))
+    with pytest.raises(ConfigError, match="passkey"):
+        longctx.RetrievalData(tasks, vocab_size=400, seq_len=128, batch_size=2, total_steps=1)
+    longctx.RetrievalData(tasks, vocab_size=400, seq_len=128, batch_size=2, total_steps=1,
+                          task_names=("code_needle",))
+
+
+# ----------------------------------------------------------------------------- text that is not valid Unicode
+
+
+def test_a_corpus_file_name_that_is_not_utf8_is_a_one_line_data_error(tmp_path):
+    # before: UnicodeEncodeError in corpus.is_validation (the document id is the file's path)
+    (tmp_path / "good.txt").write_text("fine text\n")
+    name = os.path.join(os.fsencode(tmp_path), b"caf\xe9.txt")
+    try:
+        with open(name, "wb") as f:
+            f.write(b"more text\n")
+    except OSError:
+        pytest.skip("this file system refuses a non-UTF-8 file name")
+    with pytest.raises(DataError) as e:
+        list(open_corpus(str(tmp_path / "*.txt")).documents("train", 1000))
+    message = _one_line(e)
+    assert message.endswith(": file name is not UTF-8") and "caf\\xe9.txt" in message
+
+
+def test_a_jsonl_text_with_a_lone_surrogate_is_a_one_line_data_error(tmp_path):
+    # before: a TensorFlow InternalError traceback (validation) or "Unable to cast Python instance" (training)
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"text": "fine"}\n\n{"text": "abc \\ud800"}\n')  # valid JSON, not valid Unicode
+    with pytest.raises(DataError) as e:
+        list(open_corpus(str(path)).documents())
+    assert _one_line(e) == f"{path}:3: text is not valid Unicode (a lone surrogate)"
+
+
+def test_a_tfds_text_that_is_not_utf8_is_a_one_line_data_error(monkeypatch):
+    examples = [{"text": b"fine"}, {"text": b"caf\xe9"}]
+    builder = SimpleNamespace(name="fake", as_dataset=lambda split, shuffle_files: examples)
+    monkeypatch.setattr(corpus_module, "_tfds_builder", lambda name: builder)
+    monkeypatch.setattr(corpus_module, "import_tfds", lambda: SimpleNamespace(as_numpy=lambda dataset: dataset))
+    corpus = corpus_module.Corpus("tfds:fake", "tfds", "tfds-fake", {"tfds": {"name": "fake"}}, None, "text",
+                                  tfds_split="train")
+    with pytest.raises(DataError) as e:
+        list(corpus.documents())
+    assert _one_line(e) == "tfds:fake example 1: field 'text' is not UTF-8 text (byte 3)"
+
+
+# ----------------------------------------------------------------------------- no text to train a vocabulary on
+
+
+def _vocab(corpus_spec: str, directory: Path, validation_buckets: int = 0):
+    return ensure_vocab(open_corpus(corpus_spec), directory, validation_buckets=validation_buckets, vocab_size=400,
+                        num_sentinels=8, vocab_max_chars=10 ** 7)
+
+
+def test_a_corpus_of_whitespace_says_there_is_no_text_to_train_a_vocabulary_on(tmp_path):
+    # before: "SentencePiece training failed: INTERNAL: ... [!sentences_.empty()]"
+    for i in range(2):
+        (tmp_path / f"blank{i}.txt").write_text("   \n\n \t\n" * 10)
+    with pytest.raises(DataError) as e:
+        _vocab(str(tmp_path / "*.txt"), tmp_path / "vocab")
+    message = _one_line(e)
+    assert "no text to train a vocabulary on" in message and "whitespace" in message
+    assert "SentencePiece" not in message
+
+
+def test_a_corpus_of_empty_documents_does_not_blame_validation(tmp_path):
+    # before: "the training split is empty (validation takes every document)" with validation_fraction 0
+    (tmp_path / "a.jsonl").write_text('{"text": ""}\n{"text": ""}\n')
+    with pytest.raises(DataError) as e:
+        _vocab(str(tmp_path / "a.jsonl"), tmp_path / "vocab")
+    message = _one_line(e)
+    assert "every document is empty" in message and "validation" not in message
+    # where validation does take every document, the message still says so
+    (tmp_path / "b.txt").write_text("some text\n")
+    with pytest.raises(DataError, match=re.escape("validation takes every document")):
+        _vocab(str(tmp_path / "b.txt"), tmp_path / "vocab2", validation_buckets=10_000)
