@@ -62,6 +62,10 @@ def test_decode_text_output_and_prompts_file(model_dir, capsys, tmp_path):
     (["--prompt", "hello"], "no tokenizer"),
     (["--prompt-ids", "1", "--temperature", "hot"], "invalid float value: 'hot'"),
     (["--prompts-file", "/nonexistent.jsonl"], "does not exist"),
+    (["--prompt-ids", "1", "--method", "recycling", "--option", "k=3", "--option", "k=8"],
+     "--option k is given twice (3 and 8); give it once"),
+    (["--prompt-ids", "1", "--method", "recycling", "--option", "hot_start=true"],
+     "--option hot_start needs the Token Recycling matrix of an earlier generate call in the same process"),
 ])
 def test_decode_bad_input_is_one_line(model_dir, capsys, args, message):
     if "--model" not in args:
@@ -430,3 +434,38 @@ def test_bench_acceptance_what_if_values_are_checked_before_loading(values, caps
     code, _, err = run(bench_main, ["acceptance", "--target", "/no/such/model", "--what-if-top1", values], capsys)
     assert code == 2 and ("what-if-top1" in err or "comma-separated" in err)
     assert err.count("\n") == 1
+
+
+def test_decode_prints_prompt_and_continuation_decoded_together(tmp_path, capsys, tiny_params, monkeypatch):
+    """A SentencePiece tokenizer with a word-start marker (Llama's) decodes a continuation's
+    first word without its space when decoded apart from the prompt: the CLI decodes the two
+    together. (The continuation is fixed: a random tiny model rarely starts a word.)"""
+    import sysconfig
+
+    import sentencepiece as spm
+
+    from jaxaccel.decode.lm import LanguageModel
+    from jaxaccel.tokenizer import SentencePieceTokenizer
+
+    stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    (tmp_path / "corpus.txt").write_text("".join(p.read_text() for p in sorted(stdlib.glob("json/*.py"))))
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "sp"),
+                                   vocab_size=TINY.vocab_size, model_type="bpe", add_dummy_prefix=True,
+                                   bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+    tok = SentencePieceTokenizer(tmp_path / "sp.model")
+    folder = jaxaccel.from_params(TINY, tiny_params, tokenizer=tok, eos_token_ids=()).save(tmp_path / "model")
+    ids, new = tok.encode("import json as"), tok.encode("value")  # "\u2581value...": a word start
+    together, apart = tok.decode(ids + new), tok.decode(ids) + tok.decode(new)
+    assert together == "import json as value" and apart == "import json asvalue"
+    generate = LanguageModel.generate
+
+    def continuing_with_a_word(self, *args, **kwargs):
+        out = generate(self, *args, **kwargs)
+        out.tokens, out.texts = [list(new)], [tok.decode(new)]
+        return out
+
+    monkeypatch.setattr(LanguageModel, "generate", continuing_with_a_word)
+    code, out, err = run(decode_main, ["--model", str(folder), "--prompt", "import json as", "--max-new-tokens", "2"],
+                         capsys)
+    assert code == 0, err
+    assert out.splitlines()[0] == together

@@ -116,7 +116,13 @@ def parse_options(items: Sequence[str]) -> dict[str, Any]:
             path, value = parse_override(item)
         except ConfigError as e:
             fail(f"--option: {e}")
-        options[".".join(path)] = value
+        key = ".".join(path)
+        if key in options:  # as a YAML key given twice: refused, not the last one silently
+            fail(f"--option {key} is given twice ({options[key]!r} and {value!r}); give it once")
+        options[key] = value
+    if options.get("hot_start") is True:
+        fail("--option hot_start needs the Token Recycling matrix of an earlier generate call in the same process "
+             "(the Python API: generate(..., method_input=earlier.method_output)); one command has none to start from")
     return options
 
 
@@ -157,7 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(prompts) > 1:
             print(f"--- prompt {i} ---")
         if lm.tokenizer is not None:
-            print(lm.tokenizer.decode(ids) + result.texts[i])
+            # decoded together: a tokenizer that marks word starts (SentencePiece's "\u2581", HF
+            # Metaspace) drops the space before the first new word when the two are decoded apart
+            print(lm.tokenizer.decode(list(ids) + list(toks)))
         else:
             print("prompt ids:", ",".join(map(str, ids)))
             print("new ids:   ", ",".join(map(str, toks)))

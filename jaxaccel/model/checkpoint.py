@@ -74,6 +74,7 @@ def agreed_steps(steps: list[int], where) -> list[int]:
 
 
 _ABANDONED_READS = "_read_array_index_and_device_put"  # Orbax's per-array read coroutine
+_ABANDONED_TASKS = ("async_deserialize", _ABANDONED_READS)  # the tasks asyncio reports, by coroutine name
 
 
 def quiet_abandoned_reads() -> None:
@@ -98,6 +99,22 @@ def quiet_abandoned_reads() -> None:
 
     hook._jaxaccel_quiet = True
     sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_QUIET_ASYNCIO)  # one instance: added once
+
+
+class _AbandonedMetadataReads(logging.Filter):
+    """Reading a folder's array metadata (the shape check) from a damaged OCDBT store fails
+    one array's read and abandons the others' tasks, which asyncio reports at garbage
+    collection ("Task exception was never retrieved" and a page of TensorStore spec) after the
+    one-line error: exactly those records (TensorStore's async reads) are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Task exception was never retrieved") and
+                    any(f"coro=<{name}()" in message for name in _ABANDONED_TASKS))
+
+
+_QUIET_ASYNCIO = _AbandonedMetadataReads()
 
 
 def agreed_read(read, what: str) -> tuple[Any, str | None]:
