@@ -269,3 +269,44 @@ def run_main(main, argv, capsys):
         code = e.code
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def fake_tokenized(tmp_path, docs: list[str]):
+    """What `pipeline._tokenized` returns, for `docs` as the training split (no validation), with
+    a real SentencePiece model trained on them and no seqio/TensorFlow."""
+    from types import SimpleNamespace
+
+    import sentencepiece as spm
+
+    from jaxaccel.data import BOS_ID, EOS_ID
+    from jaxaccel.data.corpus import Document
+    from jaxaccel.data.vocab import train_sentencepiece
+
+    model = tmp_path / "spm.model"
+    model.write_bytes(train_sentencepiece([Document(f"d{i}", t) for i, t in enumerate(docs)], 400, 8))
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    pieces = [np.array([BOS_ID, *sp.encode(t), EOS_ID], np.int32) for t in docs]
+    tokens = {"train": np.concatenate(pieces), "validation": np.zeros(0, np.int32)}
+    offsets = {"train": np.concatenate([[0], np.cumsum([len(p) for p in pieces])]), "validation": np.zeros(1, np.int64)}
+
+    class Tokenized:
+        directory, task_name = tmp_path / "vocab" / "tokens", "fake"
+
+        def tokens(self, split):
+            return tokens[split]
+
+        def offsets(self, split):
+            return offsets[split]
+
+        def num_documents(self, split):
+            return len(offsets[split]) - 1
+
+        def num_tokens(self, split):
+            return int(offsets[split][-1])
+
+        def doc_ids(self, split):
+            return [f"d{i}" for i in range(self.num_documents(split))]
+
+    corpus = SimpleNamespace(sha256="0" * 64, manifest={"num_files": len(docs), "total_bytes": 1})
+    vocab = SimpleNamespace(path=model, vocab_size=sp.get_piece_size(), seconds=0.0)
+    return corpus, tmp_path, vocab, Tokenized()

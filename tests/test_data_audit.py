@@ -12,14 +12,15 @@ import sysconfig
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
+from conftest import fake_tokenized
+
 from jaxaccel.config import from_dict
-from jaxaccel.data import BOS_ID, EOS_ID, DataConfig, build_data, corpus as corpus_module, longctx, pipeline
-from jaxaccel.data.corpus import Document, open_corpus
+from jaxaccel.data import DataConfig, build_data, corpus as corpus_module, longctx, pipeline
+from jaxaccel.data.corpus import open_corpus
 from jaxaccel.data.errors import DataError
-from jaxaccel.data.vocab import ensure_vocab, train_sentencepiece
+from jaxaccel.data.vocab import ensure_vocab
 from jaxaccel.errors import ConfigError
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -39,40 +40,9 @@ def _one_line(e: pytest.ExceptionInfo) -> str:
 def tokenized(tmp_path_factory):
     """What `pipeline._tokenized` returns: json/decoder.py in 1500-character documents, all
     training, under a 400-piece SentencePiece model trained on them (no seqio / TensorFlow)."""
-    import sentencepiece as spm
-
-    folder = tmp_path_factory.mktemp("tokenized")
     text = (STDLIB / "json" / "decoder.py").read_text()
-    docs = [text[i:i + 1500] for i in range(0, len(text), 1500)]
-    model = folder / "spm.model"
-    model.write_bytes(train_sentencepiece([Document(f"d{i}", t) for i, t in enumerate(docs)], 400, 8))
-    sp = spm.SentencePieceProcessor(model_file=str(model))
-    pieces = [np.array([BOS_ID, *sp.encode(t), EOS_ID], np.int32) for t in docs]
-    tokens = {"train": np.concatenate(pieces), "validation": np.zeros(0, np.int32)}
-    offsets = {"train": np.concatenate([[0], np.cumsum([len(p) for p in pieces])]),
-               "validation": np.zeros(1, np.int64)}
-
-    class Tokenized:
-        directory, task_name = folder / "vocab" / "tokens", "fake"
-
-        def tokens(self, split):
-            return tokens[split]
-
-        def offsets(self, split):
-            return offsets[split]
-
-        def num_documents(self, split):
-            return len(offsets[split]) - 1
-
-        def num_tokens(self, split):
-            return int(offsets[split][-1])
-
-        def doc_ids(self, split):
-            return [f"d{i}" for i in range(self.num_documents(split))]
-
-    corpus = SimpleNamespace(sha256="0" * 64, manifest={"num_files": len(docs), "total_bytes": 1})
-    vocab = SimpleNamespace(path=model, vocab_size=sp.get_piece_size(), seconds=0.0)
-    return corpus, folder, vocab, Tokenized()
+    folder = tmp_path_factory.mktemp("tokenized")
+    return fake_tokenized(folder, [text[i:i + 1500] for i in range(0, len(text), 1500)])
 
 
 def _retrieval_cfg(**retrieval) -> DataConfig:

@@ -10,18 +10,16 @@ a number, and its records from hand-written metrics files, so nothing is trained
 import json
 import sysconfig
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import yaml
 
 import jaxaccel.data
+from conftest import fake_tokenized
 from jaxaccel.config import from_dict, to_dict
 from jaxaccel.data import BOS_ID, EOS_ID, DataConfig, budget, build_data, longctx, pipeline
-from jaxaccel.data.corpus import Document
 from jaxaccel.data.pipeline import TrainData, tokens_read
-from jaxaccel.data.vocab import train_sentencepiece
 from jaxaccel.errors import ConfigError
 from jaxaccel.experiments.results import SweepError
 from jaxaccel.experiments.runner import finished_record, plan_steps
@@ -108,48 +106,13 @@ def test_tokens_read_counts_any_prefix_of_the_run_exactly(objective):
         assert tokens_read(cfg, unique, seq_len=32, batch_size=batch_size)[0] == data.stats["total_tokens"]
 
 
-def _fake_tokenized(tmp_path, docs: list[str]):
-    """What `pipeline._tokenized` returns, for `docs` as the training split (no validation), with
-    a real SentencePiece model trained on them and no seqio/TensorFlow."""
-    import sentencepiece as spm
-
-    model = tmp_path / "spm.model"
-    model.write_bytes(train_sentencepiece([Document(f"d{i}", t) for i, t in enumerate(docs)], 400, 8))
-    sp = spm.SentencePieceProcessor(model_file=str(model))
-    pieces = [np.array([BOS_ID, *sp.encode(t), EOS_ID], np.int32) for t in docs]
-    tokens = {"train": np.concatenate(pieces), "validation": np.zeros(0, np.int32)}
-    offsets = {"train": np.concatenate([[0], np.cumsum([len(p) for p in pieces])]), "validation": np.zeros(1, np.int64)}
-
-    class Tokenized:
-        directory, task_name = tmp_path / "vocab" / "tokens", "fake"
-
-        def tokens(self, split):
-            return tokens[split]
-
-        def offsets(self, split):
-            return offsets[split]
-
-        def num_documents(self, split):
-            return len(offsets[split]) - 1
-
-        def num_tokens(self, split):
-            return int(offsets[split][-1])
-
-        def doc_ids(self, split):
-            return [f"d{i}" for i in range(self.num_documents(split))]
-
-    corpus = SimpleNamespace(sha256="0" * 64, manifest={"num_files": len(docs), "total_bytes": 1})
-    vocab = SimpleNamespace(path=model, vocab_size=sp.get_piece_size(), seconds=0.0)
-    return corpus, tmp_path, vocab, Tokenized()
-
-
 def test_retrieval_rows_take_their_code_from_the_budget_not_the_whole_split(tmp_path, monkeypatch):
     # code_needle / span_recall rows are windows of corpus code: under data.unique_tokens they must be
     # windows of the unique stream, or a token-crisis run with retrieval rows trains on corpus tokens
     # outside its budget
     text = (Path(sysconfig.get_paths()["stdlib"]) / "json" / "decoder.py").read_text()
     docs = [text[i:i + 1500] for i in range(0, len(text), 1500)]
-    fake = _fake_tokenized(tmp_path, docs)
+    fake = fake_tokenized(tmp_path, docs)
     monkeypatch.setattr(pipeline, "_tokenized", lambda cfg: fake)
     code_streams = []
     real = longctx.RetrievalTasks.from_sentencepiece.__func__

@@ -481,7 +481,7 @@ def test_decode_cli_methods_and_bad_options(capsys):
         return code, out.out, out.err
 
     (code_a, out_a, err_a), (code_b, out_b, err_b) = run(), run("--method", "recycling", "--option",
-                                                                   "template=[2,1]", "--option", "hot_start=true")
+                                                                   "template=[2,1]", "--option", "k=4")
     assert code_a == 0 and code_b == 0, err_a + err_b
     a, b = json.loads(out_a), json.loads(out_b)
     assert a["results"][0]["tokens"] == b["results"][0]["tokens"]
