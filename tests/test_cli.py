@@ -469,3 +469,9 @@ def test_decode_prints_prompt_and_continuation_decoded_together(tmp_path, capsys
                          capsys)
     assert code == 0, err
     assert out.splitlines()[0] == together
+
+
+def test_decode_option_hot_start_false_is_accepted():
+    from jaxaccel.decode.__main__ import parse_options
+
+    assert parse_options(["hot_start=false", "k=4"]) == {"hot_start": False, "k": 4}

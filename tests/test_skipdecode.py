@@ -455,6 +455,10 @@ def test_the_experiment_reuses_a_fine_tune_only_if_it_was_made_with_the_same_set
     monkeypatch.setattr("jaxaccel.train.loop.train", lambda cfg: pytest.fail("a finished fine-tune was retrained"))
     assert exp.fine_tune(config, out, "runs/deep", log=lambda s: None) == out / "model"
     assert exp.fine_tune(config, out, "runs/deep/", log=lambda s: None) == out / "model"  # the same folder
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(run_cfg(out, speedup=2, max_length=32,
+                                                                     init_from="runs/deep/"))))
+    assert exp.fine_tune(config, out, "runs/deep", log=lambda s: None) == out / "model"  # saved before normalising
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(planned)))
     with pytest.raises(SweepError, match=r"2x holds a fine-tune made with other settings \(train.init_from is "
                                          r"'runs/deep' there, 'runs/other' now\); move it away"):
         exp.fine_tune(config, out, "runs/other", log=lambda s: None)

@@ -619,3 +619,34 @@ def test_resuming_after_the_corpus_changed_is_refused(tmp_path):
                                           r"vocabulary and the unique-token stream changed since"):
         train(run_cfg(tmp_path / "run", steps=6, model=model, data=data))
     assert (tmp_path / "run" / "tokenizer.model").read_bytes() == vocab
+
+
+def test_the_data_fingerprint_checks_only_what_both_sides_have(tmp_path):
+    """Checkpoints written before the fingerprint (no "data") and synthetic data (an empty one)
+    resume; the vocabulary counts by its pieces, not the file's training record."""
+    from types import SimpleNamespace
+
+    from jaxaccel.train.loop import check_same_data, data_fingerprint
+
+    cfg = run_cfg(tmp_path)
+    now = {"manifest_sha256": "a" * 64, "vocab_sha256": "b" * 64}
+    check_same_data(None, now, cfg, 4)  # an older checkpoint
+    check_same_data({"manifest_sha256": "a" * 64}, now, cfg, 4)
+    check_same_data({"manifest_sha256": "c" * 64}, {}, cfg, 4)  # synthetic data: nothing to compare
+    with pytest.raises(ConfigError, match="the corpus files changed since"):
+        check_same_data({"manifest_sha256": "c" * 64}, now, cfg, 4)
+    model = Path(jaxaccel_assets()) / "default_model" / "tokenizer.model"
+    import sentencepiece.sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto.FromString(model.read_bytes())
+    proto.trainer_spec.input_sentence_size += 1  # another training record, the same pieces
+    (tmp_path / "other.model").write_bytes(proto.SerializeToString())
+    first = data_fingerprint(SimpleNamespace(stats={}, vocab_path=model))
+    assert first == data_fingerprint(SimpleNamespace(stats={}, vocab_path=tmp_path / "other.model"))
+    assert model.read_bytes() != (tmp_path / "other.model").read_bytes() and set(first) == {"vocab_sha256"}
+
+
+def jaxaccel_assets() -> Path:
+    import jaxaccel
+
+    return Path(jaxaccel.__file__).resolve().parent / "assets"

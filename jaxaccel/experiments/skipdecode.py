@@ -125,6 +125,10 @@ def fine_tune(config_path: Path, output_dir: Path, base: str, overrides: Sequenc
             saved = parse_yaml((output_dir / "config.yaml").read_bytes(), str(output_dir / "config.yaml"))
         except (OSError, ConfigError):
             saved = None
+        train_saved = saved.get("train") if isinstance(saved, dict) else None
+        if isinstance(train_saved, dict) and isinstance(train_saved.get("init_from"), str) and \
+                "://" not in train_saved["init_from"]:  # written before bases were normalised
+            saved = {**saved, "train": {**train_saved, "init_from": os.path.normpath(train_saved["init_from"])}}
         diff = config_differences(saved, to_dict(cfg)) if isinstance(saved, dict) else [("config.yaml", None, None)]
         if diff:
             key, have, want = diff[0]

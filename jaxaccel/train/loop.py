@@ -275,8 +275,11 @@ def data_fingerprint(data: Any) -> dict[str, str]:
 
     stats = getattr(data, "stats", None) or {}
     out = {k: stats[k] for k in ("manifest_sha256", "unique_stream_sha256") if isinstance(stats.get(k), str)}
-    if getattr(data, "vocab_path", None) is not None:
-        out["vocab_sha256"] = hashlib.sha256(Path(data.vocab_path).read_bytes()).hexdigest()
+    if getattr(data, "vocab_path", None) is not None:  # its pieces, not the file: SentencePiece also
+        # keeps its training record there, which a retrain under another version may change
+        pieces = _pieces(Path(data.vocab_path))
+        out["vocab_sha256"] = hashlib.sha256(repr(pieces if pieces is not None else
+                                                  Path(data.vocab_path).read_bytes()).encode()).hexdigest()
     return out
 
 
@@ -407,7 +410,10 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
             if isinstance(before, int) and before != total_steps and cfg.optim.schedule == "cosine":
                 log(f"the run now trains {total_steps} steps, {before} before: the learning rate decays over the new "
                     f"length from here, so this run's curve is neither length's")
-            check_same_data(restored.meta.get("data"), fingerprint, cfg, restored.step)
+            # process 0's verdict for all (its data is the run's reference; one host refusing alone would hang)
+            _decided_by_process_0(lambda: check_same_data(restored.meta.get("data"), fingerprint, cfg, restored.step),
+                                  f"output_dir {cfg.output_dir!r} was trained on other data (process 0 refused to "
+                                  f"resume it)")
             state, start = restored.state, restored.step
             log(f"resuming from checkpoint step {start} in {ckpt_dir}")
         else:
@@ -642,16 +648,19 @@ def _same_pieces(a: Path, b: Path) -> bool:
     the training record SentencePiece keeps in them); unreadable ones are not the same."""
     if a.read_bytes() == b.read_bytes():
         return True
+    pieces = _pieces(a)
+    return pieces is not None and pieces == _pieces(b)
+
+
+def _pieces(path: Path) -> list | None:
+    """A SentencePiece model's (piece, control, unknown, byte) per id; None: not one."""
     import sentencepiece as spm
 
-    def pieces(path: Path):
-        sp = spm.SentencePieceProcessor(model_proto=path.read_bytes())
-        return [(sp.id_to_piece(i), sp.is_control(i), sp.is_unknown(i), sp.is_byte(i)) for i in range(sp.get_piece_size())]
-
     try:
-        return pieces(a) == pieces(b)
+        sp = spm.SentencePieceProcessor(model_proto=path.read_bytes())
     except Exception:  # not a SentencePiece model
-        return False
+        return None
+    return [(sp.id_to_piece(i), sp.is_control(i), sp.is_unknown(i), sp.is_byte(i)) for i in range(sp.get_piece_size())]
 
 
 def skip_info(cfg: RunConfig) -> dict:
