@@ -370,9 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for c in configs:
             if not Path(c).is_file():
                 fail(f"config file {c!r} does not exist")
-        if args.compare_devices < 1:
-            fail(f"--compare-devices must be >= 1 (1: skip the multi-device row), got {args.compare_devices}")
-        # the multi-device row's config must split its batch over the devices: checked before the 1-device rows
+        # --compare-devices >= 1, and the multi-device row's config must split its batch over the devices: checked before the 1-device rows
         train_bench.check_overrides(configs[:1] if args.devices_only else configs, args.override,
                                     (args.cpu_devices or 1) if args.devices_only else args.compare_devices)
         if args.devices_only:

@@ -80,6 +80,11 @@ def write_json(path: str | Path, data: Any) -> None:
     write_atomically(Path(path), json.dumps(data, indent=2))
 
 
+def figure(value: float | None, fmt: str, scale: float = 1.0, unit: str = "") -> str:
+    """A figure for a table, or "—" where it was not measured (None)."""
+    return "—" if value is None else format(scale * value, fmt) + unit
+
+
 class SubprocessFailed(JaxaccelError):
     """A benchmark's child process (a fresh interpreter it times, or the multi-device run)
     exited non-zero: reported in one line with the child's last error line."""

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxaccel.bench.common import BandwidthProbe, machine
+from jaxaccel.bench.common import figure, BandwidthProbe, machine
 from jaxaccel.config import ModelConfig
 
 PRESETS: dict[str, ModelConfig] = {
@@ -155,18 +155,13 @@ def run(models=(("7m", PRESETS["7m"]), ("40m", PRESETS["40m"])), batches=(1, 8),
             "prompt_len": prompt_len, "new_tokens": new_tokens, "runs": runs, "rows": rows}
 
 
-def _figure(value: float | None, fmt: str, scale: float = 1.0, unit: str = "") -> str:
-    """A figure, or "—" where it was not measured (None)."""
-    return "—" if value is None else format(scale * value, fmt) + unit
-
-
 def format_row(row: dict[str, Any]) -> str:
     hf = f", HF {row['hf_tok_s']:.0f} tok/s ({row['speedup_vs_hf']:.2f}x)" if "hf_tok_s" in row else ""
     return (f"{row['model']} {row.get('dtype', 'float32')} batch {row['batch']}: jaxaccel {row['jaxaccel_tok_s']:.0f} "
-            f"tok/s{hf}, decode phase {_figure(row['decode_phase_tok_s'], '.0f')} tok/s = "
-            f"{_figure(row['roofline_all_frac'], '.0f', 100, '%')} of roofline (all weights) "
+            f"tok/s{hf}, decode phase {figure(row['decode_phase_tok_s'], '.0f')} tok/s = "
+            f"{figure(row['roofline_all_frac'], '.0f', 100, '%')} of roofline (all weights) "
             f"at {row['bandwidth_gb_s']:.1f} GB/s, "
-            f"{_figure(row['roofline_streamed_frac'], '.0f', 100, '%')} (streamed bytes), "
+            f"{figure(row['roofline_streamed_frac'], '.0f', 100, '%')} (streamed bytes), "
             f"compile {row['compile_s']:.1f} s")
 
 
@@ -178,10 +173,10 @@ def markdown(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         hf = f"{r['hf_tok_s']:.0f} | {r['speedup_vs_hf']:.2f}x" if "hf_tok_s" in r else "– | –"
         lines.append(f"| {r['model']} | {r['params_m']}M | {r.get('dtype', 'float32')} | {r['batch']} | "
-                     f"{r['jaxaccel_tok_s']:.0f} | {hf} | {_figure(r['decode_phase_tok_s'], '.0f')} | "
+                     f"{r['jaxaccel_tok_s']:.0f} | {hf} | {figure(r['decode_phase_tok_s'], '.0f')} | "
                      f"{r['bandwidth_gb_s']:.1f} | {r['roofline_all_tok_s']:.0f} / "
-                     f"{r['roofline_streamed_tok_s']:.0f} | {_figure(r['roofline_all_frac'], '.0f', 100, '%')} / "
-                     f"{_figure(r['roofline_streamed_frac'], '.0f', 100, '%')} | "
+                     f"{r['roofline_streamed_tok_s']:.0f} | {figure(r['roofline_all_frac'], '.0f', 100, '%')} / "
+                     f"{figure(r['roofline_streamed_frac'], '.0f', 100, '%')} | "
                      f"{1e3 * r['prefill_s']:.0f} | {r['compile_s']:.1f} |")
     m = result["machine"]
     lines.append("")

@@ -103,16 +103,12 @@ def check_draft_config(draft_config, target_config) -> None:
 
 
 def check_pair(lm, draft_lm) -> None:
-    """What `generate` checks of a draft when a draft method first runs (the vocabulary, then
-    the tokenizer), on two loaded models: InvalidArgumentError before anything is timed."""
-    from jaxaccel.decode.lm import _same_tokenizer
-    from jaxaccel.errors import InvalidArgumentError
+    """What `generate` checks of a draft when a draft method first runs (`lm.check_draft_model`),
+    on two loaded models: InvalidArgumentError before anything is timed."""
+    from jaxaccel.decode.lm import check_draft_model
+    from jaxaccel.decode.methods import get_method
 
-    check_draft_config(draft_lm.config, lm.config)
-    if (draft_lm.tokenizer is None) != (lm.tokenizer is None) or (
-            lm.tokenizer is not None and not _same_tokenizer(draft_lm.tokenizer, lm.tokenizer)):
-        raise InvalidArgumentError("the draft's tokenizer differs from the target's; a draft must share the "
-                                   "target's tokenizer")
+    check_draft_model(lm, draft_lm, get_method("sequoia"))  # every draft method makes the same check
 
 
 def _release(lm) -> None:

@@ -64,8 +64,6 @@ def run(model: str, batches: Sequence[int], new_tokens: int, runs: int, files: i
     import jaxaccel
 
     lm = jaxaccel.load(model)
-    if not lm.config.duo.enabled:
-        raise InvalidArgumentError(f"{model} is not a Duo-LLM model (model.duo.enabled is off)")
     check_pattern(lm.config, pattern)
     n = lm.config.n_layers
     pattern = pattern or half_pattern(n)

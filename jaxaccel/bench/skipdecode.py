@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxaccel.bench.common import machine, machine_line
+from jaxaccel.bench.common import figure, machine, machine_line
 from jaxaccel.bench.spec import check_prompts, decoded_note, heldout_prompts, run_method
 from jaxaccel.model.options import ExecutionPlan
 from jaxaccel.model.skip import SkipSchedule
@@ -135,10 +135,9 @@ def markdown(result: dict[str, Any]) -> str:
               "| batch | method | nominal speedup | mean layers | tok/s | vs autoregressive | decode loop tok/s "
               "(prefill excluded) | vs autoregressive |", "|---|---|---|---|---|---|---|---|"]
     for r in result["end_to_end"]:
-        loop = "—" if r["decode_phase_tokens_per_s"] is None else f"{r['decode_phase_tokens_per_s']:.0f}"
-        loop_vs = "—" if r["decode_phase_vs_ar"] is None else f"{r['decode_phase_vs_ar']:.2f}x"
         lines.append(f"| {r['batch']} | {r['method']} | {r['speedup_nominal']:g} | {r['mean_layers']:.2f} | "
-                     f"{r['tokens_per_s']:.0f} | {r['vs_ar']:.2f}x | {loop} | {loop_vs} |")
+                     f"{r['tokens_per_s']:.0f} | {r['vs_ar']:.2f}x | {figure(r['decode_phase_tokens_per_s'], '.0f')} | "
+                     f"{figure(r['decode_phase_vs_ar'], '.2f', unit='x')} |")
     note = decoded_note([r for r in result["end_to_end"] if r["method"] == "autoregressive"])
     if note:
         lines += ["", note]

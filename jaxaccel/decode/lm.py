@@ -396,11 +396,7 @@ class LanguageModel:
         else:
             raise InvalidArgumentError(f"draft must be a model path or name, got {spec!r}")
         decoder.opts["draft"] = _handle_signature(draft.handle) if isinstance(spec, LanguageModel) else str(spec)
-        decoder.check_draft(draft.config, self.config)
-        if (draft.tokenizer is None) != (self.tokenizer is None) or (
-                draft.tokenizer is not None and not _same_tokenizer(draft.tokenizer, self.tokenizer)):
-            raise InvalidArgumentError("the draft's tokenizer differs from the target's; a draft must share the "
-                                       "target's tokenizer")
+        check_draft_model(self, draft, decoder)
         if draft.mesh is not self.mesh and not (draft.mesh is None and self.mesh is None):
             raise InvalidArgumentError("the draft model must be loaded on the target's mesh")
         return draft
@@ -565,6 +561,16 @@ def _method_input_array(value: Any, decoder, vocab_size: int) -> Any:
         raise InvalidArgumentError(f"method_input for {decoder.name!r} holds entries that are not token ids: each "
                                    f"must be -1 (none) or an integer in [0, {vocab_size})")
     return arr
+
+
+def check_draft_model(target: LanguageModel, draft: LanguageModel, decoder) -> None:
+    """What a draft-model method (`decoder`) needs of a loaded draft: its own config check (the
+    vocabulary), then the target's tokenizer; InvalidArgumentError otherwise."""
+    decoder.check_draft(draft.config, target.config)
+    if (draft.tokenizer is None) != (target.tokenizer is None) or (
+            draft.tokenizer is not None and not _same_tokenizer(draft.tokenizer, target.tokenizer)):
+        raise InvalidArgumentError("the draft's tokenizer differs from the target's; a draft must share the "
+                                   "target's tokenizer")
 
 
 def _same_tokenizer(a, b) -> bool:
