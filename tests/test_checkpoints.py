@@ -189,3 +189,85 @@ def test_a_failed_restore_leaves_no_pages_of_abandoned_reads_on_stderr(tmp_path,
     other = types.SimpleNamespace(object=object(), exc_value=ValueError("x"))
     sys.unraisablehook(other)
     assert seen[-1] is other
+
+
+class Killed(BaseException):
+    """A kill: no `except OSError` sees it."""
+
+
+@pytest.mark.parametrize("kind", ["save", "export_hf"])
+def test_a_save_killed_while_moving_in_never_loses_the_earlier_model(tmp_path, tiny_params, monkeypatch, kind):
+    """A kill at each rename of the move-in: the folder is then either the new model (the move
+    was complete) or, once the next save or export starts, the earlier model again. Before the
+    journal, the next save deleted the set-aside earlier model, and a next save that failed
+    (a full disk) left no model at all."""
+    import shutil
+    from pathlib import Path
+
+    import jax
+    import orbax.checkpoint as ocp
+
+    from jaxaccel.model import checkpoint
+
+    earlier = jaxaccel.from_params(TINY, tiny_params, eos_token_ids=())
+    newer = jaxaccel.from_params(TINY, jax.tree.map(lambda x: -x, tiny_params), eos_token_ids=())
+    write = (lambda lm, folder: lm.save(folder, overwrite=True)) if kind == "save" else \
+        (lambda lm, folder: lm.export_hf(folder, overwrite=True))
+    embed = lambda lm: np.asarray(lm.params["embed"]["embedding"])  # noqa: E731
+    real_move_in, real_rename = checkpoint.move_in, Path.rename
+
+    def kill_at(k):
+        def move_in(*args, **kwargs):
+            count = [0]
+
+            def step(real):
+                def run(*a, **kw):
+                    count[0] += 1
+                    if count[0] == k:
+                        raise Killed
+                    return real(*a, **kw)
+                return run
+            with monkeypatch.context() as m:  # each rename, and the deletions after them
+                m.setattr(Path, "rename", step(real_rename))
+                m.setattr(shutil, "rmtree", step(shutil.rmtree))
+                return real_move_in(*args, **kwargs)
+        return move_in
+
+    outcomes = set()
+    for k in range(1, 30):
+        folder = tmp_path / f"{kind}-{k}"
+        write(earlier, folder)
+        monkeypatch.setattr(checkpoint, "move_in", kill_at(k))
+        try:
+            write(newer, folder)
+        except Killed:
+            killed = True
+        else:
+            killed = False
+        monkeypatch.setattr(checkpoint, "move_in", real_move_in)
+        if not killed:
+            break  # past the last step
+        try:
+            loaded = jaxaccel.load(folder)
+        except ModelLoadError as e:
+            assert "killed while it moved the new model in" in str(e) and "\n" not in str(e)
+            loaded = None
+        if loaded is not None:  # the new model's marker was in (or the kill came before any move)
+            now = embed(loaded)
+            assert np.array_equal(now, embed(newer)) or np.array_equal(now, embed(earlier))
+        # the next save fails on a full disk: the earlier model (or the complete new one) is there
+        with monkeypatch.context() as m:
+            m.setattr(ocp.StandardCheckpointer, "save", lambda *a, **kw: (_ for _ in ()).throw(OSError(28, "full")))
+            if kind == "export_hf":
+                import safetensors.numpy
+                m.setattr(safetensors.numpy, "save_file", lambda *a, **kw: (_ for _ in ()).throw(OSError(28, "full")))
+            with pytest.raises(CheckpointError):
+                write(newer, folder)
+        now = embed(jaxaccel.load(folder))
+        if np.array_equal(now, embed(earlier)):
+            outcomes.add("earlier")
+        else:
+            assert np.array_equal(now, embed(newer))
+            outcomes.add("newer")
+        assert not (folder / checkpoint.SET_ASIDE).exists() and not (folder / checkpoint.STAGING).exists()
+    assert k > 3 and outcomes == {"earlier", "newer"}  # kills before and after the marker's move

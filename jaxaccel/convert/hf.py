@@ -453,14 +453,14 @@ def export_hf(folder: str | Path, config: ModelConfig, params: Any, *, tokenizer
     check_exportable(config)
     from safetensors import SafetensorError
 
-    from jaxaccel.model.checkpoint import SET_ASIDE, STAGING, move_in, write_error_reason
+    from jaxaccel.model.checkpoint import STAGING, move_in, recover_move, write_error_reason
 
     folder = Path(folder)
     staging = folder / STAGING
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        for leftover in (staging, folder / SET_ASIDE):  # a killed export's (or save's)
-            _remove(leftover)
+        recover_move(folder)  # an export (or save) killed while moving in: the earlier model back first
+        _remove(staging)  # a killed export's
         staging.mkdir()
         try:
             names = _write_hf_files(staging, config, canonical_params(params, config), tokenizer, eos_token_ids,

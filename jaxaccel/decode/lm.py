@@ -527,9 +527,11 @@ def _destination(folder, overwrite: bool, own: tuple[str, ...], what_to_do: str 
         raise InvalidArgumentError(f"destination {str(path)!r} is a file, not a folder")
     if path.is_dir() and not overwrite:
         # an earlier save: its marker, or (a killed save) an Orbax checkpoint as params/
-        from jaxaccel.model.checkpoint import SET_ASIDE, STAGING, holds_earlier_save
+        from jaxaccel.model.checkpoint import JOURNAL, SET_ASIDE, STAGING, holds_earlier_save
 
-        ours = own if holds_earlier_save(path, marker) else (STAGING, SET_ASIDE)
+        # (a save or export killed while moving in: its journal; the next one puts the old model back)
+        earlier = holds_earlier_save(path, marker) or (path / SET_ASIDE / JOURNAL).is_file()
+        ours = own if earlier else (STAGING, SET_ASIDE)
         other = sorted(p.name for p in path.iterdir() if not any(fnmatch.fnmatchcase(p.name, o) for o in ours))
         if other:
             raise InvalidArgumentError(f"destination {str(path)!r} holds other files ({', '.join(other[:3])}"
@@ -625,6 +627,10 @@ def locate(path: str | Path | None) -> tuple[str, Any]:
         return "model", folder
     if hf_io.is_hf_folder(folder):
         return "hf", folder
+    if (folder / ckpt.SET_ASIDE / ckpt.JOURNAL).is_file():
+        raise ModelLoadError(f"a save into {str(folder)!r} was killed while it moved the new model in; the earlier "
+                             f"model is set aside in {ckpt.SET_ASIDE}/ there: save or export into the folder again "
+                             f"(the earlier model is put back first), or move those files back")
     raise ModelLoadError(f"{str(folder)!r} is neither a jaxaccel checkpoint (no jaxaccel.json) nor a Hugging Face "
                          f"model folder (no config.json)")
 

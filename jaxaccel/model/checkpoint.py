@@ -327,9 +327,9 @@ def save_model(folder: str | Path, config: ModelConfig, params: Any, *, tokenize
     if main:
         try:
             if local:
-                for leftover in (target, folder / SET_ASIDE):  # a killed save's
-                    if leftover.exists():
-                        shutil.rmtree(leftover)
+                recover_move(folder)  # a save killed while moving in: the earlier model back first
+                if target.exists():  # a killed save's
+                    shutil.rmtree(target)
                 target.mkdir(parents=True, exist_ok=True)
             else:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -385,6 +385,10 @@ def move_in(staging: Path, folder: Path, old: list[str], new: list[str], what: s
     marker)."""
     aside = folder / SET_ASIDE
     aside.mkdir()
+    # What is about to move, for `recover_move` after a kill part-way (written before any rename).
+    journal = aside / (JOURNAL + ".tmp")
+    journal.write_text(json.dumps({"old": old, "new": new, "staging": staging.name}))
+    journal.rename(aside / JOURNAL)
     moved_out, moved_in = [], []
     try:
         for name in old:
@@ -403,6 +407,41 @@ def move_in(staging: Path, folder: Path, old: list[str], new: list[str], what: s
                               f"model is back in place, the new one is in {staging}") from None
     shutil.rmtree(aside, ignore_errors=True)
     shutil.rmtree(staging, ignore_errors=True)
+
+
+JOURNAL = ".moves.json"  # in SET_ASIDE: the names `move_in` is moving
+
+
+def recover_move(folder: Path) -> str | None:
+    """Finish what a `move_in` killed part-way left in a local `folder` (SET_ASIDE is there):
+    if every new file was moved in, the set-aside old files are deleted; otherwise the moved-in
+    new ones go back to the staging folder (deleted with it) and the old model is put back, so
+    the earlier model is never lost to a kill. Returns "restored", "finished" or None (nothing
+    to recover). A SET_ASIDE without its journal was made by a kill before any rename: empty."""
+    aside = folder / SET_ASIDE
+    if not aside.is_dir():
+        return None
+    try:
+        journal = json.loads((aside / JOURNAL).read_text())
+        old, new, staging = list(journal["old"]), list(journal["new"]), folder / str(journal["staging"])
+    except (OSError, ValueError, KeyError, TypeError):
+        shutil.rmtree(aside)
+        return None
+    if not any((staging / n).exists() or (staging / n).is_symlink() for n in new):
+        shutil.rmtree(aside)  # the move was complete: the kill came while the old files were deleted
+        shutil.rmtree(staging, ignore_errors=True)
+        return "finished"
+    staging.mkdir(exist_ok=True)
+    for name in new:  # the new files moved in so far (the marker, moved last, is not among them)
+        here = folder / name
+        if not ((staging / name).exists() or (staging / name).is_symlink()) and (here.exists() or here.is_symlink()):
+            here.rename(staging / name)
+    for name in old:
+        if (aside / name).exists() or (aside / name).is_symlink():
+            (aside / name).rename(folder / name)
+    shutil.rmtree(aside)
+    shutil.rmtree(staging, ignore_errors=True)
+    return "restored"
 
 
 def write_error_reason(e: Exception) -> str:
