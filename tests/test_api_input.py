@@ -30,6 +30,14 @@ def test_from_params_takes_a_frozen_dict(tiny_params, tiny_lm):
     assert lm.generate([[1, 2]], max_new_tokens=3).tokens == tiny_lm.generate([[1, 2]], max_new_tokens=3).tokens
 
 
+def test_from_params_puts_host_arrays_on_the_device_once(tiny_params, tiny_lm):
+    """numpy parameters become device arrays at wrapping: kept as numpy, every call copied
+    them to the accelerator again."""
+    lm = jaxaccel.from_params(TINY, jax.tree.map(np.asarray, tiny_params), eos_token_ids=())
+    assert all(isinstance(v, jax.Array) for v in jax.tree.leaves(lm.params))
+    assert lm.generate([[1, 2]], max_new_tokens=3).tokens == tiny_lm.generate([[1, 2]], max_new_tokens=3).tokens
+
+
 @pytest.mark.parametrize("args,kwargs,message", [
     ((TINY, {}), {}, "got an empty dict"),
     ((TINY, None), {}, "got NoneType"),

@@ -879,6 +879,8 @@ def from_params(config: ModelConfig, params: Any, **kwargs) -> LanguageModel:
     if not_float:
         raise InvalidArgumentError(f"params must be floating-point arrays, {not_float[0]} is not")
     kwargs["mesh"] = resolve_mesh(kwargs.get("mesh"))
+    if kwargs["mesh"] is None:  # host (numpy) arrays onto the device once, not at every call
+        params = jax.tree.map(lambda v: v if isinstance(v, jax.Array) else jnp.asarray(v), params)
     return LanguageModel(config, params, **kwargs)
 
 
