@@ -140,13 +140,13 @@ def test_retrieval_rows_take_their_code_from_the_budget_not_the_whole_split(tmp_
 # ----------------------------------------------------------------------------- what the runner plans and records
 
 
-def _sweep(tmp_path, *, data=None, train=None, axes=None):
+def _sweep(tmp_path, *, data=None, train=None, axes=None, model=None):
     spec = {
         "name": "review",
         "config": {
             "output_dir": str(tmp_path / "runs"), "tensorboard": False,
             "model": {"vocab_size": 512, "d_model": 16, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "ffn_dim": 32,
-                      "max_seq_len": 64},
+                      "max_seq_len": 64, **(model or {})},
             "data": {"corpus": str(tmp_path / "corpus.txt"), "vocab_size": 400, "num_sentinels": 8,
                      "unique_tokens": 1000, "epochs": 2.0, **(data or {})},
             "train": {"batch_size": 8, "seq_len": 32, "progress": False, **(train or {})},
@@ -173,10 +173,11 @@ def test_the_plan_refuses_seq_len_1_before_any_run_trains(tmp_path, corpus_of):
         plan_steps(list(sweep.runs), build=True)
 
 
-def test_the_plan_counts_only_the_corpus_rows_of_a_batch_with_retrieval_rows(tmp_path, corpus_of):
+def test_the_plan_counts_only_the_corpus_rows_of_a_batch_with_retrieval_rows(tmp_path, corpus_of, monkeypatch):
     # rate 0.25 of 8 rows: 2 task rows, so the budget is read 6 corpus rows a step (as the trainer
     # reads it: build_data gives TrainData batch_size - task_rows)
     corpus_of(5000)
+    monkeypatch.setattr(pipeline, "check_retrieval_fits", lambda *a, **kw: None)  # no corpus here (next test)
     retrieval = {"retrieval": {"rate": 0.25, "min_length": 16}}
     expected = budget(DataConfig(unique_tokens=1000, epochs=2.0), 1000, seq_len=32, batch_size=6)["total_steps"]
     assert expected > budget(DataConfig(unique_tokens=1000, epochs=2.0), 1000, seq_len=32, batch_size=8)["total_steps"]
@@ -186,6 +187,25 @@ def test_the_plan_counts_only_the_corpus_rows_of_a_batch_with_retrieval_rows(tmp
     assert plan_steps([run], build=True)[0] == {run.name: expected}
     with pytest.raises(SweepError, match="more than its data budget"):
         plan_steps([_sweep(tmp_path, data=retrieval, train={"steps": expected + 1}).runs[0]], build=True)
+
+
+def test_the_plan_refuses_retrieval_tasks_that_cannot_fit_before_any_run_trains(tmp_path, corpus_of, monkeypatch):
+    # build_data refused them only when that run started: the sweep's earlier runs had trained
+    corpus_of(5000)
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "json" / "decoder.py").read_text()
+    fake = fake_tokenized(tmp_path, [text[i:i + 1500] for i in range(0, len(text), 1500)])
+    monkeypatch.setattr(pipeline, "_tokenized", lambda cfg: fake)
+    retrieval = {"retrieval": {"rate": 0.25, "min_length": 16, "tasks": ["passkey"]}}
+    sweep = _sweep(tmp_path, data=retrieval, axes={"train.seq_len": [256, 24]}, model={"max_seq_len": 256})
+    with pytest.raises(ConfigError, match=r"run 'seq_len=24': data.retrieval.tasks: passkey \(at least \d+ tokens\) "
+                                          r"cannot fit seq_len=24"):
+        plan_steps(list(sweep.runs), build=True)
+    assert plan_steps(list(sweep.runs)[:1], build=True)[0]
+    # min_length needs no vocabulary: refused by a dry run too
+    sweep = _sweep(tmp_path, data={"retrieval": {"rate": 0.25, "min_length": 300}}, train={"seq_len": 256},
+                   model={"max_seq_len": 256})
+    with pytest.raises(ConfigError, match="min_length=300 is longer than seq_len=256"):
+        plan_steps(list(sweep.runs), build=False)
 
 
 def test_a_run_stopped_by_train_steps_records_the_tokens_it_read_not_its_budget(tmp_path):

@@ -124,6 +124,25 @@ def corpus_token_count(cfg: DataConfig, *, build: bool = True) -> int | None:
     return None if info is None else int(info["splits"]["train"]["tokens"])
 
 
+def check_retrieval_fits(cfg: DataConfig, seq_len: int, *, build: bool = True) -> None:
+    """What `build_data` checks of `data.retrieval` against `seq_len`, for a sweep's plan to
+    fail before any run trains: min_length, and (with the corpus's vocabulary, built when
+    `build`, else only if cached) that every task has an example fitting a row."""
+    if not cfg.retrieval.enabled:
+        return
+    from jaxaccel.data.longctx import RetrievalTasks, check_tasks_fit
+
+    r = cfg.retrieval
+    if r.min_length > seq_len:
+        check_tasks_fit(None, (), r.min_length, seq_len)
+    if not build and (cfg.corpus.strip().startswith("tfds:") or corpus_token_count(cfg, build=False) is None):
+        return
+    vocab = _tokenized(cfg)[2]
+    # (the lengths need no code: a one-token stream stands in for it)
+    check_tasks_fit(RetrievalTasks.from_sentencepiece(vocab.path, np.full(1, 10, np.int32)), r.tasks, r.min_length,
+                    seq_len)
+
+
 def budget(cfg: DataConfig, unique_tokens: int, *, seq_len: int, batch_size: int) -> dict[str, int | float]:
     """The schedule of a repetition budget over a unique stream of `unique_tokens` tokens: raw
     row length R, rows per epoch S = ceil(U / R), rows read ceil(epochs * S) (at least one),

@@ -128,6 +128,7 @@ def plan_steps(runs: list[Run], *, build: bool) -> tuple[dict[str, int | None], 
     corpora that could not be checked. build=False (dry run): corpora not tokenized yet are
     not built; their runs' budgets are unchecked and their steps may be unknown."""
     from jaxaccel.data import budget, corpus_token_count
+    from jaxaccel.data.pipeline import check_retrieval_fits
 
     counts: dict[tuple, int | None] = {}
     steps: dict[str, int | None] = {}
@@ -149,12 +150,13 @@ def plan_steps(runs: list[Run], *, build: bool) -> tuple[dict[str, int | None], 
                              f"of corpus {d.corpus!r}'s training split: the budget cannot be met")
         unique = d.unique_tokens if d.unique_tokens is not None else corpus
         budget_steps = None
-        if unique is not None:
-            try:
-                plan = budget(d, unique, seq_len=cfg.train.seq_len, batch_size=corpus_batch_size(cfg))
-            except ConfigError as e:  # e.g. a seq_len the data cannot cut rows of: fail before any run trains
-                raise ConfigError(f"run {run.name!r}: {e}") from None
-            budget_steps = plan["total_steps"]
+        try:  # e.g. a seq_len the data cannot cut rows of, or retrieval tasks cannot fit: fail before any run trains
+            check_retrieval_fits(d, cfg.train.seq_len, build=build)
+            if unique is not None:
+                budget_steps = budget(d, unique, seq_len=cfg.train.seq_len,
+                                      batch_size=corpus_batch_size(cfg))["total_steps"]
+        except ConfigError as e:
+            raise ConfigError(f"run {run.name!r}: {e}") from None
         if cfg.train.steps is not None and budget_steps is not None and cfg.train.steps > budget_steps:
             raise SweepError(f"run {run.name!r}: train.steps={cfg.train.steps} is more than its data budget of "
                              f"{budget_steps} steps ({unique} unique tokens x {d.epochs} epochs)")
