@@ -243,6 +243,8 @@ def test_audit_findings_sampling_seeds_eos_logits_and_params(tiny_lm, tiny_param
     with pytest.raises(InvalidPromptError, match="token ids must be integers, got 1.7"):
         tiny_lm.logits([[1.7]])
     assert tiny_lm.logits(np.array([[1, 2, 3]])).shape == (1, 3, 97)
+    with pytest.warns(UserWarning, match="rows of 257 tokens run past the model's maximum length 256"):
+        assert tiny_lm.logits(np.ones((1, 257), np.int32)).shape == (1, 257, 97)  # as generate warns
 
     ints = jax.tree.map(lambda x: np.asarray(x).astype(np.int32), tiny_params)
     with pytest.raises(InvalidArgumentError, match="params must be floating-point arrays"):

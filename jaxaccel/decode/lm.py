@@ -425,6 +425,9 @@ class LanguageModel:
             raise InvalidPromptError(f"logits needs rows of equal length, got lengths "
                                      f"{sorted({len(r) for r in rows})}")
         tokens = np.asarray(rows, np.int32)
+        if tokens.shape[1] > self.config.max_seq_len:  # as generate warns
+            warnings.warn(f"rows of {tokens.shape[1]} tokens run past the model's maximum length "
+                          f"{self.config.max_seq_len}: positions the model was not trained at", stacklevel=2)
         fn = self._compiled.get(("logits", tokens.shape))
         if fn is None:
             fn = jax.jit(lambda model, t: model.forward(t)[0])
