@@ -55,7 +55,8 @@ def test_decode_text_output_and_prompts_file(model_dir, capsys, tmp_path):
     (["--prompt-ids", "1,2", "--method", "nope"], "unknown method 'nope'; valid methods: autoregressive"),
     (["--prompt-ids", "1,x"], "expected comma-separated integers"),
     (["--prompt-ids", "1,500"], "token id 500 is outside the vocabulary (0..96)"),
-    (["--prompt-ids", ""], "prompt 0 is empty"),
+    (["--prompt-ids", ""], "prompt 0 (--prompt-ids '') is empty"),
+    (["--prompt-ids", "1", "--prompt-ids", "1,500"], "prompt 1 (--prompt-ids '1,500'): token id 500 is outside"),
     (["--prompt-ids", "1,,2"], "expected comma-separated integers"),
     (["--prompt-ids", "1", "--prompts-file", ""], "--prompts-file must be a path"),
     (["--prompt-ids", "1", "--mesh", " "], "--mesh must name axes"),
@@ -87,7 +88,9 @@ def test_decode_bad_input_is_one_line(model_dir, capsys, args, message):
     (b'{"prompt": "x", "prompt_ids": [1]}\n', 'p.jsonl:1: give one of "prompt", "text" or "prompt_ids", not '
                                              "['prompt', 'prompt_ids']"),  # prompt_ids used to win silently
     (b"\n  \n", "holds no prompts"),
-    (b'{"prompt": "a\\ud800b"}\n', "prompt 0 is not valid Unicode text (a lone surrogate at character 1)"),
+    (b'{"prompt": "a\\ud800b"}\n', "p.jsonl:1) is not valid Unicode text (a lone surrogate at character 1)"),
+    (b'{"prompt_ids": [1]}\n\n{"prompt_ids": [1, 500]}\n', "prompt 1 ("),
+    (b'{"prompt_ids": [1]}\n\n{"prompt_ids": [1, 500]}\n', "p.jsonl:3): token id 500 is outside the vocabulary"),
 ])
 def test_decode_bad_prompts_file_is_one_line(model_dir, capsys, tmp_path, monkeypatch, content, message):
     f = tmp_path / "p.jsonl"
@@ -109,6 +112,21 @@ def test_decode_bad_prompts_file_is_one_line(model_dir, capsys, tmp_path, monkey
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
     assert "Traceback" not in err
+
+
+def test_decode_keeps_the_command_line_order_of_prompts(model_dir, capsys, tiny_lm):
+    """--prompt-ids and --prompt interleaved: decoded and numbered in the order given (all
+    --prompt first, then all --prompt-ids, used to renumber them)."""
+    from jaxaccel.decode.__main__ import build_parser, read_prompts
+
+    args = build_parser().parse_args(["--prompt-ids", "1,2", "--prompt", "a", "--prompt-ids", "3"])
+    where = []
+    assert read_prompts(args, where) == [[1, 2], "a", [3]]
+    assert where == ["--prompt-ids '1,2'", "--prompt 'a'", "--prompt-ids '3'"]
+    code, out, err = run(decode_main, ["--model", str(model_dir), "--prompt-ids", "4,5", "--prompt-ids", "1,2,3",
+                                       "--max-new-tokens", "3", "--output", "json"], capsys)
+    assert code == 0, err
+    assert [r["prompt_ids"] for r in json.loads(out)["results"]] == [[4, 5], [1, 2, 3]]
 
 
 def test_prompts_file_lines_split_on_newlines_only(tmp_path):

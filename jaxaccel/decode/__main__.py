@@ -8,6 +8,7 @@ Examples:
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,8 +23,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--model", help="jaxaccel checkpoint, training output folder, Hugging Face model folder, or "
                                     "builtin:NAME, NAME one of default, draft, skipdecode, duo, longctx "
                                     "(default: builtin:default, the shipped code model)")
-    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
-    p.add_argument("--prompt-ids", action="append", default=[], help="prompt as comma-separated token ids (repeatable)")
+    # one list in command-line order: prompts are decoded (and numbered) in the order given
+    p.add_argument("--prompt", action="append", dest="prompts", default=[], type=lambda s: ("--prompt", s),
+                   help="prompt text (repeatable)")
+    p.add_argument("--prompt-ids", action="append", dest="prompts", type=lambda s: ("--prompt-ids", s),
+                   help="prompt as comma-separated token ids (repeatable)")
     p.add_argument("--prompts-file", help='JSONL file: one {"prompt": "..."} or {"prompt_ids": [...]} per line')
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--method", default="autoregressive", help="decoding method (autoregressive, ...)")
@@ -43,9 +47,16 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def read_prompts(args) -> list[Any]:
-    prompts: list[Any] = list(args.prompt)
-    for text in args.prompt_ids:
+def read_prompts(args, where: list[str] | None = None) -> list[Any]:
+    """The prompts of --prompt / --prompt-ids (in their order), then of --prompts-file.
+    `where`, if given, gets each prompt's source (`--prompt-ids '1,2'`, `p.jsonl:3`)."""
+    prompts: list[Any] = []
+    where = [] if where is None else where
+    for flag, text in args.prompts:
+        where.append(f"{flag} {text!r:.40}")
+        if flag == "--prompt":
+            prompts.append(text)
+            continue
         try:
             items = text.replace(" ", "").removesuffix(",").split(",")  # "1,2," is [1, 2]; "1,,2" an error
             prompts.append([] if items == [""] else [int(t) for t in items])  # "": an empty prompt
@@ -69,6 +80,7 @@ def read_prompts(args) -> list[Any]:
                 fail(f"{path}:{n}: not valid JSON ({e.msg})")
             if isinstance(item, dict) and len({"prompt_ids", "prompt", "text"} & set(item)) > 1:
                 fail(f'{path}:{n}: give one of "prompt", "text" or "prompt_ids", not {sorted({"prompt_ids", "prompt", "text"} & set(item))}')
+            where.append(f"{path}:{n}")
             if isinstance(item, dict) and "prompt_ids" in item:
                 ids = item["prompt_ids"]
                 if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
@@ -128,13 +140,14 @@ def parse_options(items: Sequence[str]) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    prompts = read_prompts(args)
+    where: list[str] = []
+    prompts = read_prompts(args, where)
     options = parse_options(args.option)
 
     import jaxaccel
     from jaxaccel.decode.methods import get_method
     from jaxaccel.decode.sampling import check_sampling_args
-    from jaxaccel.errors import InvalidArgumentError
+    from jaxaccel.errors import InvalidArgumentError, InvalidPromptError
 
     # Check cheap arguments before the (slow) model load.
     if args.mesh is not None and not args.mesh.strip():
@@ -149,9 +162,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if lm.tokenizer is None:
             fail("this model has no tokenizer: give prompts with --prompt-ids")
         prompts = [SAMPLE_PROMPT]
-    result = lm.generate(prompts, max_new_tokens=args.max_new_tokens, method=args.method,
-                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                         progress=args.output == "text" and sys.stderr.isatty(), routes=args.routes, **options)
+    try:
+        result = lm.generate(prompts, max_new_tokens=args.max_new_tokens, method=args.method,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                             progress=args.output == "text" and sys.stderr.isatty(), routes=args.routes, **options)
+    except InvalidPromptError as e:  # "prompt 3 ...": say where prompt 3 came from
+        index = re.match(r"prompt (\d+)\b", str(e))
+        if index is None or int(index.group(1)) >= len(where):
+            raise
+        raise InvalidPromptError(f"prompt {index.group(1)} ({where[int(index.group(1))]})"
+                                 f"{str(e)[index.end():]}") from None
     if args.output == "json":
         out = {"results": [{"prompt_ids": ids, "tokens": toks, "text": (result.texts[i] if result.texts else None)}
                            for i, (ids, toks) in enumerate(zip(result.prompt_ids, result.tokens))],
