@@ -601,11 +601,13 @@ def test_an_empty_step_folder_past_the_run_is_set_aside_not_taken_for_its_end(fi
         train(run_cfg(readable, steps=4))
 
 
-def test_resuming_after_the_corpus_changed_is_refused(tmp_path):
+def test_resuming_after_the_corpus_changed_is_refused(tmp_path, monkeypatch):
     """The checkpoints keep the data's fingerprint (corpus files, vocabulary, unique stream): a
     file added to the corpus retrains the vocabulary, whose ids the restored model would then
-    go on training on. Refused before anything of the run is rewritten."""
+    go on training on. Refused before anything of the run is rewritten, and before the
+    state is read (from the step's meta alone: a large model's restore takes minutes)."""
     from conftest import toy_corpus
+    from jaxaccel.train.checkpoint import Checkpoints
 
     corpus = toy_corpus(tmp_path / "corpus")
     data = {"corpus": str(corpus / "*.py"), "vocab_size": 400, "num_sentinels": 8, "validation_fraction": 0.25,
@@ -615,6 +617,7 @@ def test_resuming_after_the_corpus_changed_is_refused(tmp_path):
     vocab = (tmp_path / "run" / "tokenizer.model").read_bytes()
     train(run_cfg(tmp_path / "run", steps=4, model=model, data=data))  # the same data: resumes
     (corpus / "added.py").write_text("def added(x):\n    return [x] * 3\n" * 40)
+    monkeypatch.setattr(Checkpoints, "restore_latest", lambda *a, **kw: pytest.fail("the state was read"))
     with pytest.raises(ConfigError, match=r"was trained up to step 4 on other data: the corpus files and the "
                                           r"vocabulary and the unique-token stream changed since"):
         train(run_cfg(tmp_path / "run", steps=6, model=model, data=data))

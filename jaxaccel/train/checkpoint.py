@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 
@@ -97,16 +97,21 @@ class Checkpoints:
             raise CheckpointError(f"checkpoint step {step} in {self.directory} was written by a different model: "
                                   f"{difference}")
 
-    def settings(self, step: int) -> dict | None:
-        """The run's settings saved in `step`'s meta (None: unreadable, or a step older than
-        the copy). Reads only the small meta item."""
+    def meta(self, step: int) -> dict | None:
+        """`step`'s meta item alone (small: no arrays are read); None when unreadable (a
+        damaged step: the restore sets it aside and the caller checks the one it reads)."""
         from jaxaccel.model.checkpoint import as_path
 
         try:
             meta = self._meta_handler.restore(as_path(f"{self.directory}/{step}") / META, args=self._ocp.args.JsonRestore())
-        except Exception:  # a damaged step: the restore sets it aside and compares the one it reads
+        except Exception:
             return None
-        config = dict(meta or {}).get("config")
+        return dict(meta) if isinstance(meta, Mapping) else None
+
+    def settings(self, step: int) -> dict | None:
+        """The run's settings saved in `step`'s meta (None: unreadable, or a step older than
+        the copy)."""
+        config = (self.meta(step) or {}).get("config")
         return config if isinstance(config, dict) else None
 
     def restore_latest(self, abstract_state: Any, steps: list[int] | None = None) -> Restored | None:

@@ -283,6 +283,9 @@ def data_fingerprint(data: Any) -> dict[str, str]:
     return out
 
 
+_OTHER_DATA = "output_dir {!r} was trained on other data (process 0 refused to resume it)"
+
+
 def check_same_data(saved: Any, now: Mapping[str, str], cfg: RunConfig, step: int) -> None:
     """A one-line ConfigError when checkpoint `step` was trained on other data than `now`
     (checkpoints older than the fingerprint carry none: not checked)."""
@@ -393,6 +396,10 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
             except Exception:  # unreadable metadata: restore_latest reports it and falls back
                 readable = False
             stored = check_resumed_config(cfg, ckpts, listed[-1])
+            # other data: refused before the state is read (minutes for a large model), from the
+            # step's small meta; checked again below on the step the restore reads
+            _decided_by_process_0(lambda: check_same_data((ckpts.meta(listed[-1]) or {}).get("data"), fingerprint,
+                                                          cfg, listed[-1]), _OTHER_DATA.format(cfg.output_dir))
             if listed[-1] > total_steps and readable:  # a damaged one (never written) is set aside instead
                 raise ConfigError(f"output_dir {cfg.output_dir!r} holds checkpoint step {listed[-1]}, past "
                                   f"train.steps ({total_steps}): raise train.steps to continue that run, or choose "
@@ -412,8 +419,7 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
                     f"length from here, so this run's curve is neither length's")
             # process 0's verdict for all (its data is the run's reference; one host refusing alone would hang)
             _decided_by_process_0(lambda: check_same_data(restored.meta.get("data"), fingerprint, cfg, restored.step),
-                                  f"output_dir {cfg.output_dir!r} was trained on other data (process 0 refused to "
-                                  f"resume it)")
+                                  _OTHER_DATA.format(cfg.output_dir))
             state, start = restored.state, restored.step
             log(f"resuming from checkpoint step {start} in {ckpt_dir}")
         else:
