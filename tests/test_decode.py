@@ -128,10 +128,24 @@ def test_contexts_past_max_seq_len_run_with_one_warning(tiny_lm):
     assert len(record) == 1 and len(out.tokens[0]) == 100
 
 
-def test_progress_display_runs(tiny_lm, capsys):
-    out = tiny_lm.generate(PROMPTS[:1], max_new_tokens=64, progress=True)
-    assert len(out.tokens[0]) == 64
+@pytest.mark.parametrize("method,kwargs", [("autoregressive", {}), ("autoregressive", dict(temperature=0.8, seed=3)),
+                                           ("recycling", {})])
+def test_progress_display_decodes_in_parts_the_same_tokens(tiny_params, capsys, method, kwargs):
+    """With a progress bar the loop runs in parts (no host callback inside it, which kept the
+    program out of the persistent compilation cache): the same tokens as one call, early EOS
+    rows and a method's carried state included."""
+    lm = jaxaccel.from_params(TINY, tiny_params, eos_token_ids=())
+    whole = lm.generate(PROMPTS[:2], max_new_tokens=100, method=method, **kwargs)
+    lm.eos_token_ids = (whole.tokens[0][40],)  # row 0 ends early, row 1 (most likely) later
+    whole = lm.generate(PROMPTS[:2], max_new_tokens=100, method=method, **kwargs)
+    capsys.readouterr()
+    parts = lm.generate(PROMPTS[:2], max_new_tokens=100, method=method, progress=True, **kwargs)
+    assert parts.tokens == whole.tokens and len(parts.tokens[0]) <= 41
+    assert parts.stats["steps"] == whole.stats["steps"]
     assert "tok" in capsys.readouterr().err
+    assert any(key[-1] == "carry" for key in lm._compiled)  # it did go on from a carry
+    for key, program in lm._compiled.items():
+        assert "callback" not in program.as_text(), key
 
 
 @pytest.mark.parametrize("kwargs,error,match", [

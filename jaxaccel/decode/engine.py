@@ -16,7 +16,7 @@ ever shifted or recomputed.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -221,6 +221,7 @@ class GenerateOutput(NamedTuple):
     forwards: jax.Array  # [batch]
     method_output: Any
     cache: Any = None  # the final cache: returned so the donated input cache is updated in place
+    carry: Any = None  # the final DecodeState less its cache: to go on (`generate_loop`'s carry)
 
 
 def prefill(model: ModelHandle, cache, prompt_tokens, prompt_lens, chunk: int):
@@ -260,9 +261,10 @@ def prefill_cache(model: ModelHandle, prompt_tokens, prompt_lens, *, cache_len: 
 
 
 def generate_loop(model: ModelHandle, cache, prompt_tokens, prompt_lens, live, max_new, sampling: SamplingParams,
-                  rng, method_input, draft: ModelHandle | None = None, *, method: DecodeMethod, mode: SamplingMode, eos_ids: tuple[int, ...],
-                  out_len: int, cache_sharding: NamedSharding | None = None, tree_attention: AttentionPolicy = DENSE,
-                  progress: Callable[[Any], None] | None = None) -> GenerateOutput:
+                  rng, method_input, draft: ModelHandle | None = None, carry: DecodeState | None = None,
+                  stop_at=None, *, method: DecodeMethod, mode: SamplingMode, eos_ids: tuple[int, ...],
+                  out_len: int, cache_sharding: NamedSharding | None = None,
+                  tree_attention: AttentionPolicy = DENSE) -> GenerateOutput:
     """The decode loop over a prefilled cache (`prefill_cache`), meant to be jitted with
     everything after `*` static and the cache donated. Its shapes do not depend on the
     prompt bucket — only on the cache length — so prompts of many lengths share one program.
@@ -272,6 +274,11 @@ def generate_loop(model: ModelHandle, cache, prompt_tokens, prompt_lens, live, m
     [batch] (>= 1), live [batch] bool (False for bucket padding rows), max_new () int32,
     rng: one key per row [batch]; draft: a draft model's handle (its params traced arguments
     too, so reusing a loaded draft never recompiles), for the methods that use one.
+
+    In parts (a progress display): `stop_at` () int32 ends the loop after that many steps,
+    and a call with the output's `carry` (and `cache`) goes on where it stopped — the same
+    steps as one call, so the same tokens. (A host callback in the loop would keep the
+    program out of the persistent compilation cache.)
     """
     batch = prompt_tokens.shape[0]
     if cache_sharding is not None:
@@ -279,26 +286,27 @@ def generate_loop(model: ModelHandle, cache, prompt_tokens, prompt_lens, live, m
     ctx = StepContext(model=model, mode=mode, sampling=sampling, eos_ids=jnp.asarray(eos_ids, jnp.int32).reshape(-1),
                       max_new=max_new, tree_attention=tree_attention, draft=draft,
                       cache_slots=jax.tree.leaves(cache)[0].shape[2])
-    last = jnp.take_along_axis(prompt_tokens, (prompt_lens - 1)[:, None], axis=1)[:, 0]
-    state = DecodeState(
-        cache=cache, cache_len=(prompt_lens - 1).astype(jnp.int32), last_token=last.astype(jnp.int32),
-        out_tokens=jnp.zeros((batch, out_len), jnp.int32), num_new=jnp.zeros((batch,), jnp.int32),
-        done=~live, rng=rng, step=jnp.int32(0), forwards=jnp.zeros((batch,), jnp.int32),
-        method_state=method.init_state(ctx, batch, method_input, prompt_tokens, prompt_lens),
-    )
+    if carry is not None:
+        state = carry._replace(cache=cache)
+    else:
+        last = jnp.take_along_axis(prompt_tokens, (prompt_lens - 1)[:, None], axis=1)[:, 0]
+        state = DecodeState(
+            cache=cache, cache_len=(prompt_lens - 1).astype(jnp.int32), last_token=last.astype(jnp.int32),
+            out_tokens=jnp.zeros((batch, out_len), jnp.int32), num_new=jnp.zeros((batch,), jnp.int32),
+            done=~live, rng=rng, step=jnp.int32(0), forwards=jnp.zeros((batch,), jnp.int32),
+            method_state=method.init_state(ctx, batch, method_input, prompt_tokens, prompt_lens),
+        )
+    limit = max_new if stop_at is None else jnp.minimum(max_new, stop_at)
 
     def cond(s: DecodeState):
-        return (~jnp.all(s.done)) & (s.step < max_new)
+        return (~jnp.all(s.done)) & (s.step < limit)
 
     def body(s: DecodeState):
         live_before = ~s.done
         s = method.step(s, ctx)
-        s = s._replace(step=s.step + 1, forwards=s.forwards + live_before.astype(jnp.int32))
-        if progress is not None:
-            jax.lax.cond(s.step % 8 == 0, lambda n: jax.debug.callback(progress, n), lambda n: None,
-                         jnp.sum(s.num_new))
-        return s
+        return s._replace(step=s.step + 1, forwards=s.forwards + live_before.astype(jnp.int32))
 
     state = jax.lax.while_loop(cond, body, state)
     return GenerateOutput(state.out_tokens, state.num_new, state.step, state.forwards,
-                          method_output=method.final_state(state.method_state), cache=state.cache)
+                          method_output=method.final_state(state.method_state), cache=state.cache,
+                          carry=state._replace(cache=None))

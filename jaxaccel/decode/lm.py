@@ -120,6 +120,7 @@ class LanguageModel:
         self.info = dict(info or {})  # provenance carried through save(): training steps, validation loss...
         self.prefill_chunk = PREFILL_CHUNK  # prompt tokens per prefill forward
         self._compiled: dict[tuple, Any] = {}
+        self._loop_jits: dict[tuple, Any] = {}  # the jitted decode loop of each compiled one
         self._method_memory: dict[str, Any] = {}  # hot-start state of methods that carry one
         self._drafts: dict[str, LanguageModel] = {}  # draft models loaded by draft-model methods
         compile_cache.enable()  # compiled programs persist across processes (DESIGN decision 14)
@@ -286,7 +287,7 @@ class LanguageModel:
             prefill_fn = prefill_jit.lower(*prompt_args).compile(compiler_options=tuning.compiler_options())
             self._compiled[prefill_key] = prefill_fn
             compile_s += time.perf_counter() - t0
-        loop_key = (decoder.key(), mode, batch_bucket, out_len, cache_len, show_progress, input_sig, route_plan,
+        loop_key = (decoder.key(), mode, batch_bucket, out_len, cache_len, input_sig, route_plan,
                     tuple(self.eos_token_ids))  # a constant of the loop, and a public attribute
         loop_fn = self._compiled.get(loop_key)
         if loop_fn is None:
@@ -298,27 +299,25 @@ class LanguageModel:
                 tree_attention = tuning.tree_attention_policy(self.config, decoder.tree_nodes(), cache_len,
                                                               sharded=sharded)
             static = dict(method=decoder, mode=mode, eos_ids=self.eos_token_ids, out_len=out_len,
-                          cache_sharding=cache_sharding, tree_attention=tree_attention,
-                          progress=self._report_progress if show_progress else None)
-            fn = jax.jit(functools.partial(generate_loop, **static), donate_argnums=(1,))
-            loop_fn = fn.lower(handle, cache_spec, *loop_args).compile(compiler_options=tuning.compiler_options())
+                          cache_sharding=cache_sharding, tree_attention=tree_attention)
+            # the cache and (going on in parts) the carry are donated: updated in place
+            fn = jax.jit(functools.partial(generate_loop, **static), donate_argnums=(1, 10))
+            loop_fn = fn.lower(handle, cache_spec, *loop_args, None, jnp.int32(0)).compile(
+                compiler_options=tuning.compiler_options())
             self._compiled[loop_key] = loop_fn
+            self._loop_jits[loop_key] = fn  # lowered again for a carry when a progress display needs it
             compile_s += time.perf_counter() - t0
-        bar = None
-        if show_progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=batch * max_new_tokens, unit="tok", file=sys.stderr, leave=False)
-            self._progress_bar = bar
         t0 = time.perf_counter()
         cache = jax.block_until_ready(prefill_fn(*prompt_args))
         prefill_s = time.perf_counter() - t0
-        out: GenerateOutput = loop_fn(handle, cache, *loop_args)
-        out = jax.block_until_ready(out._replace(cache=None))  # the final cache is not kept
-        decode_s = time.perf_counter() - t0
-        if bar is not None:
-            bar.close()
-            self._progress_bar = None
+        if show_progress:  # the loop in parts, the display updated between them
+            out, more_compile_s = self._decode_in_parts(loop_key, loop_fn, handle, cache, loop_args, batch,
+                                                        max_new_tokens)
+            compile_s += more_compile_s
+        else:
+            out, more_compile_s = loop_fn(handle, cache, *loop_args, None, jnp.int32(max_new_tokens)), 0.0
+        out = jax.block_until_ready(out._replace(cache=None, carry=None))  # the final cache is not kept
+        decode_s = time.perf_counter() - t0 - more_compile_s
 
         if decoder.carries_memory and out.method_output is not None:
             self._method_memory[decoder.key()] = out.method_output[0]  # row 0's state seeds the next call
@@ -401,10 +400,35 @@ class LanguageModel:
             raise InvalidArgumentError("the draft model must be loaded on the target's mesh")
         return draft
 
-    def _report_progress(self, total_new) -> None:
-        bar = getattr(self, "_progress_bar", None)
-        if bar is not None:
-            bar.update(int(total_new) - bar.n)
+    def _decode_in_parts(self, loop_key, loop_fn, handle, cache, loop_args, batch: int,
+                         max_new_tokens: int) -> tuple[GenerateOutput, float]:
+        """The decode loop run in parts of ~0.25 s (the first 8 steps), a progress bar on stderr
+        updated between them: the same steps as one call. Not a callback inside the loop,
+        which would keep the program out of the persistent compilation cache (a warm CLI at a
+        terminal recompiled its loop every time). Returns the output and the seconds spent
+        compiling the program that goes on (once per loop program)."""
+        from tqdm import tqdm
+
+        compile_s, stop = 0.0, 8
+        with tqdm(total=batch * max_new_tokens, unit="tok", file=sys.stderr, leave=False) as bar:
+            t0 = time.perf_counter()
+            out = loop_fn(handle, cache, *loop_args, None, jnp.int32(stop))
+            while True:
+                steps, num_new = int(out.steps), np.asarray(out.num_new)[:batch]
+                bar.update(int(num_new.sum()) - bar.n)
+                if steps >= max_new_tokens or steps < stop:  # the end, or every row done
+                    return out, compile_s
+                go_on = self._compiled.get(loop_key + ("carry",))
+                if go_on is None:
+                    c0 = time.perf_counter()
+                    go_on = self._loop_jits[loop_key].lower(
+                        handle, out.cache, *loop_args, out.carry, jnp.int32(0)).compile(
+                        compiler_options=tuning.compiler_options())
+                    self._compiled[loop_key + ("carry",)] = go_on
+                    compile_s += time.perf_counter() - c0
+                per_step = max(time.perf_counter() - t0 - compile_s, 1e-6) / steps
+                stop = steps + max(8, int(0.25 / per_step))
+                out = go_on(handle, out.cache, *loop_args, out.carry, jnp.int32(stop))
 
     def _cache_sharding(self, batch: int) -> NamedSharding | None:
         if self.mesh is None:
