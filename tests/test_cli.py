@@ -156,8 +156,15 @@ def test_convert_round_trip(model_dir, tmp_path, capsys, tiny_lm):
     code, _, err = run(convert_main, ["export", str(tmp_path / "ja"), str(tmp_path / "hf")], capsys)
     assert code == 0, err
     assert (tmp_path / "hf" / "model.safetensors").read_bytes() == (model_dir / "model.safetensors").read_bytes()
+    # an earlier export is replaced, as export_hf does (the CLI used to want --force for its own output);
+    # other files there need --force, checked before the load
     code, _, err = run(convert_main, ["export", str(tmp_path / "ja"), str(tmp_path / "hf")], capsys)
-    assert code == 2 and "is not empty" in err and err.count("\n") == 1
+    assert code == 0, err
+    (tmp_path / "hf" / "notes.txt").write_text("mine")
+    code, _, err = run(convert_main, ["export", str(tmp_path / "ja"), str(tmp_path / "hf")], capsys)
+    assert code == 2 and "holds other files (notes.txt); use --force to write into it" in err and err.count("\n") == 1
+    code, _, err = run(convert_main, ["import", str(model_dir), str(tmp_path / "hf")], capsys)
+    assert code == 2 and "holds other files" in err  # an HF export is not an earlier import
 
 
 def test_bench_decode_runs_and_reports(capsys, tmp_path):

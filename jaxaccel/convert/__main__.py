@@ -33,7 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         q.add_argument("source")
         q.add_argument("destination")
         q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-        q.add_argument("--force", action="store_true", help="write into a non-empty destination")
+        q.add_argument("--force", action="store_true",
+                       help="write into a destination holding other files (an earlier model written there by the "
+                            "same direction is replaced without it)")
     exp.add_argument("--max-shard-size", default="2GB")
     args = p.parse_args(argv)
 
@@ -43,8 +45,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     dest = Path(args.destination)
     if Path(args.source).resolve() == dest.resolve():
         fail("destination must differ from the source")
-    if dest.exists() and any(dest.iterdir()) and not args.force:
-        fail(f"destination {str(dest)!r} is not empty (use --force to write into it)")
+    # as save / export_hf decide, before the load: an earlier import (export) there is replaced,
+    # other files need --force (they are then kept beside the model)
+    from jaxaccel.decode.lm import EXPORT_FILES, SAVE_FILES, destination
+
+    if args.direction == "import":
+        destination(dest, args.force, SAVE_FILES, "use --force to write into it")
+    else:
+        destination(dest, args.force, EXPORT_FILES, "use --force to write into it", marker="config.json")
 
     max_shard_bytes = parse_size(args.max_shard_size) if args.direction == "export" else None  # before the load
 

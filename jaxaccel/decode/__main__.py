@@ -19,27 +19,31 @@ SAMPLE_PROMPT = 'class Stack:\n    """A last-in, first-out stack."""\n\n    def 
 
 
 def build_parser() -> ArgumentParser:
+    from jaxaccel.decode.methods import METHODS  # names only: no model code is built
+
     p = ArgumentParser(prog="python -m jaxaccel.decode", description=__doc__.split("\n")[0])
     p.add_argument("--model", help="jaxaccel checkpoint, training output folder, Hugging Face model folder, or "
                                     "builtin:NAME, NAME one of default, draft, skipdecode, duo, longctx "
                                     "(default: builtin:default, the shipped code model)")
     # one list in command-line order: prompts are decoded (and numbered) in the order given
     p.add_argument("--prompt", action="append", dest="prompts", default=[], type=lambda s: ("--prompt", s),
-                   help="prompt text (repeatable)")
+                   metavar="TEXT", help="prompt text (repeatable)")
     p.add_argument("--prompt-ids", action="append", dest="prompts", type=lambda s: ("--prompt-ids", s),
-                   help="prompt as comma-separated token ids (repeatable)")
-    p.add_argument("--prompts-file", help='JSONL file: one {"prompt": "..."} or {"prompt_ids": [...]} per line')
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--method", default="autoregressive", help="decoding method (autoregressive, ...)")
+                   metavar="IDS", help="prompt as comma-separated token ids (repeatable)")
+    p.add_argument("--prompts-file", help='JSONL file: one {"prompt": "..."} (or {"text": "..."}, or a JSON '
+                                          'string) or {"prompt_ids": [...]} per line')
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt (default: 128)")
+    p.add_argument("--method", default="autoregressive",
+                   help=f"decoding method: {', '.join(sorted(METHODS))} (default: autoregressive)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="method option, e.g. --option template=paper (repeatable)")
     p.add_argument("--routes", default=None,
                    help="Duo-LLM models: big, small, or one of B/S/- per layer (e.g. BSBSSBSB); default: the "
                         "model's router, else all big")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: all)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default: off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="parameter and compute dtype (default: the checkpoint's)")
     p.add_argument("--mesh", default=None, help="shard over a device mesh, e.g. tensor=4,data=2")

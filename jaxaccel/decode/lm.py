@@ -463,7 +463,7 @@ class LanguageModel:
         refused unless `overwrite` (its other files are then kept; `params/` is replaced)."""
         from jaxaccel.model.checkpoint import save_model
 
-        folder = _destination(folder, overwrite, SAVE_FILES)
+        folder = destination(folder, overwrite, SAVE_FILES)
         add_bos = bool(getattr(self.tokenizer, "add_bos", False))
         return save_model(folder, self.config, canonical_params(self.params, self.config), tokenizer=self.tokenizer,
                           eos_token_ids=self.eos_token_ids, bos_token_id=self.bos_token_id,
@@ -476,7 +476,7 @@ class LanguageModel:
 
         if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, (int, np.integer)) or max_shard_bytes < 1:
             raise InvalidArgumentError(f"max_shard_bytes must be an integer >= 1, got {max_shard_bytes!r}")
-        folder = _destination(folder, overwrite, EXPORT_FILES, marker="config.json")
+        folder = destination(folder, overwrite, EXPORT_FILES, marker="config.json")
         kwargs = {"max_shard_bytes": int(max_shard_bytes)}
         return export_hf(folder, self.config, canonical_params(self.params, self.config), tokenizer=self.tokenizer,
                          eos_token_ids=self.eos_token_ids, bos_token_id=self.bos_token_id, **kwargs)
@@ -535,10 +535,10 @@ _CHOOSE_ANOTHER = "choose an empty folder, or pass overwrite=True to write into 
 def check_save_destination(folder, what_to_do: str = _CHOOSE_ANOTHER) -> None:
     """Before a long job that ends in `LanguageModel.save(folder)`: the save would be refused.
     `what_to_do` ends the message (a CLI has no overwrite=True)."""
-    _destination(folder, False, SAVE_FILES, what_to_do)
+    destination(folder, False, SAVE_FILES, what_to_do)
 
 
-def _destination(folder, overwrite: bool, own: tuple[str, ...], what_to_do: str = _CHOOSE_ANOTHER,
+def destination(folder, overwrite: bool, own: tuple[str, ...], what_to_do: str = _CHOOSE_ANOTHER,
                  marker: str = "jaxaccel.json"):
     """Check where `save` / `export_hf` write: a path, not a file, and (unless `overwrite`)
     empty or holding only what they write themselves — an earlier save, recognised by its

@@ -1,4 +1,4 @@
-"""python -m jaxaccel.experiments sweep|collect|plot|report — run and read experiment sweeps.
+"""python -m jaxaccel.experiments sweep|collect|plot|report|skipdecode|tokenselect|duo — run and read experiment sweeps, and the methods' evaluations.
 
     python -m jaxaccel.experiments sweep configs/experiments/repetition.yaml --dry-run
     python -m jaxaccel.experiments sweep configs/experiments/repetition.yaml            # rerun to resume
@@ -101,9 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ts.add_argument("--batch", type=int, default=4, help="examples decoded together")
     ts.add_argument("--k", type=int, default=None,
                     help="top-k selected keys (default: the trained length / 4; the issue's 2048 at 8K)")
-    ts.add_argument("--n-init", type=int, default=None, help="first keys always kept (default: length / 64)")
-    ts.add_argument("--n-local", type=int, default=None, help="last keys always kept (default: length / 16)")
-    ts.add_argument("--chunk", type=int, default=None, help="prefill chunk (default: length / 16)")
+    ts.add_argument("--n-init", type=int, default=None, help="first keys always kept (default: the trained length / 64)")
+    ts.add_argument("--n-local", type=int, default=None, help="last keys always kept (default: the trained length / 16)")
+    ts.add_argument("--chunk", type=int, default=None, help="prefill chunk (default: the trained length / 16)")
     ts.add_argument("--cache-threshold", default="0.9", help="selection cache cosine, or 'none' (off)")
     ts.add_argument("--pool", type=int, default=None,
                     help="max-pool the scores over this odd width (selects the neighbours of high scorers too)")
