@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import warnings
 from typing import Callable, Sequence
@@ -131,6 +132,8 @@ def init_distributed(args: argparse.Namespace, p: argparse.ArgumentParser) -> No
     if args.coordinator:
         if args.num_processes is None or args.process_id is None:
             p.error("--coordinator needs --num-processes and --process-id")
+        if not re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):\d{1,5}", args.coordinator):
+            p.error(f"--coordinator must be HOST:PORT (e.g. 10.0.0.2:1234), got {args.coordinator!r}")
         if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         _initialize(jax, args.coordinator, args.num_processes, args.process_id)

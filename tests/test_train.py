@@ -233,7 +233,10 @@ def test_cli_one_line_errors(tmp_path, capsys):
     for args, message in [((cfg, "train.stepz=3"), "unknown config key 'train.stepz'"),
                           ((cfg, "train.steps=many"), "train.steps: expected an integer"),
                           (("missing.yaml",), "config file 'missing.yaml' does not exist"),
-                          ((cfg, "data.corpus=/nonexistent/*.txt", f"output_dir={tmp_path}"), "/nonexistent/*.txt")]:
+                          ((cfg, "data.corpus=/nonexistent/*.txt", f"output_dir={tmp_path}"), "/nonexistent/*.txt"),
+                          # jax.distributed.initialize raised IndexError (a traceback) on a port-less address
+                          ((cfg, "--coordinator", "127.0.0.1", "--num-processes", "2", "--process-id", "1"),
+                           "--coordinator must be HOST:PORT (e.g. 10.0.0.2:1234), got '127.0.0.1'")]:
         code, err = run_train_cli(args, capsys)
         assert code == 2, err
         lines = [line for line in err.splitlines() if line.startswith("error: ")]

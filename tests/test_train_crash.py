@@ -587,6 +587,40 @@ def test_folder_checks_run_on_process_0_alone(monkeypatch):
     loop._decided_by_process_0(refuse, "out")  # not process 0: it waits for the verdict (one process: none)
 
 
+def test_an_os_error_on_process_0_is_told_to_every_host(monkeypatch, tmp_path):
+    """An OSError in process 0's folder checks or lock (an unwritable mount) used to skip the
+    broadcast: the other hosts waited in it and the distributed service aborted them all
+    after 5 minutes. Process 0 now reaches the broadcast with its refusal, then raises."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    import jaxaccel.train.loop as loop
+
+    told = []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: told.append(int(x)) or x)
+
+    def unwritable():
+        raise PermissionError(13, "Permission denied", "/mnt/run")
+
+    with pytest.raises(PermissionError):
+        loop._decided_by_process_0(unwritable, "out")
+    assert told == [0]
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(OSError):
+        with loop.output_dir_lock(str(tmp_path / "a-file" / "run")):
+            pass
+    assert told == [0, 0]
+    # another host learns of it (process 0's 0) as a one-line refusal
+    monkeypatch.setattr(loop, "_is_main", lambda: False)
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: 0)
+    with pytest.raises(ConfigError, match="refused by process 0"):
+        loop._decided_by_process_0(unwritable, "output_dir was refused by process 0")
+    with pytest.raises(loop.OutputDirInUseError, match="could not be locked by process 0"):
+        with loop.output_dir_lock(str(tmp_path / "run")):
+            pass
+
+
 def test_an_empty_step_folder_past_the_run_is_set_aside_not_taken_for_its_end(finished, tmp_path, capfd):
     """An empty `checkpoints/12/` (never written) used to refuse the rerun of an 8-step run as
     "holds checkpoint step 12, past train.steps"; it is a damaged step: set aside, and the run

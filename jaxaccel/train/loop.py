@@ -119,22 +119,23 @@ def output_dir_lock(output_dir: str):
     every process learns process 0's outcome, so a refused run stops on all hosts at once
     instead of leaving the others waiting in their first collective."""
     lock = None
-    refused: OutputDirInUseError | None = None
+    refused: Exception | None = None
     # gs:// and other object stores have no flock (nor any atomic lock primitive this
     # could use without a separate service), so those runs are unguarded: give every run
     # its own bucket prefix.
     if _is_main() and "://" not in output_dir:
         try:
             lock = OutputDirLock(output_dir).acquire()
-        except OutputDirInUseError as e:
+        except Exception as e:  # in use, or an OSError (a read-only mount): told to every host first
             refused = e
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         ok = int(multihost_utils.broadcast_one_to_all(np.int32(refused is None)))
         if not ok and refused is None:
-            refused = OutputDirInUseError(f"output_dir {output_dir!r} is in use by another training run "
-                                          f"(process 0 could not lock it)")
+            refused = OutputDirInUseError(f"output_dir {output_dir!r} could not be locked by process 0 (another "
+                                          f"training run holds it, or it is not writable: its error is in process "
+                                          f"0's output)")
     if refused is not None:
         raise refused
     try:
@@ -337,7 +338,7 @@ def _decided_by_process_0(check: Callable[[], Any], refusal: str) -> Any:
     if _is_main():
         try:
             value = check()
-        except JaxaccelError as e:
+        except Exception as e:  # a refusal, or an OSError (an unwritable mount): told to every host first
             error = e
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
