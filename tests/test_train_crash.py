@@ -329,7 +329,35 @@ def test_an_object_store_read_is_retried_before_its_step_is_skipped(tmp_path, mo
         restored = ckpts.restore_latest(abstract)
         assert calls == [2, 2, 2, 1] and restored.step == 1 and float(restored.state["w"][0, 0]) == 1.0
         assert restored.skipped == [(2, "503 Service Unavailable")]
-        assert "checkpoint step 2 is unreadable (503 Service Unavailable); resuming from step 1" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "checkpoint step 2 is unreadable (503 Service Unavailable); resuming from step 1" in err
+        # kept, not deleted (it was deleted on gs://): a read that failed for a passing reason loses nothing
+        kept = next((tmp_path / "unreadable-checkpoints").iterdir())
+        assert kept.name.startswith("2-") and f"(the bad one is kept in {kept})" in err
+        assert not (tmp_path / "checkpoints" / "2").exists() and ckpts.steps() == [1]
+        import orbax.checkpoint as ocp
+
+        assert float(real(kept / checkpoint_mod.STATE, args=ocp.args.StandardRestore(abstract))["w"][0, 0]) == 2.0
+    finally:
+        ckpts.close()
+
+
+def test_an_unreadable_remote_step_that_cannot_be_copied_aside_is_not_deleted(tmp_path, monkeypatch):
+    import jax.numpy as jnp
+    from etils import epath
+
+    from jaxaccel.train import checkpoint as checkpoint_mod
+
+    ckpts = checkpoint_mod.Checkpoints(tmp_path / "checkpoints", CheckpointConfig(keep=5))
+    try:
+        ckpts.save(1, {"w": jnp.ones((2,))}, {"step": 1})
+        ckpts.wait()
+        ckpts.directory = str(ckpts.directory)
+        monkeypatch.setattr(type(epath.Path(str(tmp_path))), "copy",
+                            lambda *a, **kw: (_ for _ in ()).throw(OSError("403 Forbidden")))
+        with pytest.raises(CheckpointError, match=r"could not be copied aside .*403 Forbidden.*nothing was deleted"):
+            ckpts._set_aside(1)
+        assert (tmp_path / "checkpoints" / "1").is_dir()
     finally:
         ckpts.close()
 

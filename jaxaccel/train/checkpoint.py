@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import jax
+import numpy as np
 
-from jaxaccel.errors import CheckpointError
+from jaxaccel.errors import CheckpointError, first_line
 from jaxaccel.model.checkpoint import RUN_META_ITEM as META  # what run readers expect
 from jaxaccel.model.checkpoint import RUN_STATE_ITEM as STATE
 from jaxaccel.model.checkpoint import shape_difference, write_error_reason
@@ -117,8 +118,7 @@ class Checkpoints:
     def restore_latest(self, abstract_state: Any, steps: list[int] | None = None) -> Restored | None:
         """The newest step every process can read (None when there is none yet). An
         unreadable step is set aside for the one before it; on gs:// a failed read is retried
-        first (an object store's error may be transient, and there a set-aside step is
-        deleted). With several processes they agree on each step (`agreed_read`): one that
+        first (an object store's error may be transient). With several processes they agree on each step (`agreed_read`): one that
         cannot read its part sends all of them back a step. When steps exist but none can be
         read, nothing is set aside and the run refuses to start over: its metrics and config
         would be rewritten from step 0 over a problem that may be passing. `steps`: the
@@ -168,19 +168,33 @@ class Checkpoints:
         return read()
 
     def _set_aside(self, step: int) -> str | None:
-        """Move an unreadable step out of the manager's folder (the run will write it anew).
-        Process 0 moves it (on gs://, where there is no rename, it is deleted); every process
-        then waits for that and re-reads the step list."""
+        """Move an unreadable step out of the manager's folder (the run will write it anew) to
+        `unreadable-checkpoints/` beside it. Process 0 moves it (on gs://, where there is no
+        rename, each object is copied — a server-side copy — and the step then deleted; a copy
+        that fails is a CheckpointError and nothing is deleted); every process then waits for
+        that and re-reads the step list."""
         from jax.experimental import multihost_utils
 
         if self.read_only:
             return None
-        moved = None
+        moved = error = None
         if jax.process_index() == 0:
             if isinstance(self.directory, str):
                 from etils import epath
 
-                epath.Path(self.directory, str(step)).rmtree()
+                src = epath.Path(self.directory, str(step))
+                dst = epath.Path(self.directory).parent / "unreadable-checkpoints" / f"{step}-{int(time.time())}"
+                try:
+                    for folder, _, files in src.walk():  # (epath refuses rglob on GCS)
+                        for name in files:
+                            target = dst / (epath.Path(folder) / name).relative_to(src)
+                            target.parent.mkdir(parents=True, exist_ok=True)
+                            (epath.Path(folder) / name).copy(target)
+                    src.rmtree()
+                    moved = str(dst)
+                except Exception as e:
+                    error = (f"checkpoint step {step} in {self.directory} is unreadable and could not be copied aside "
+                             f"to {dst} ({first_line(e)}); nothing was deleted: rerun once the bucket is reachable")
             else:
                 import shutil
 
@@ -188,7 +202,12 @@ class Checkpoints:
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(str(self.directory / str(step)), str(dst))
                 moved = str(dst)
+        if jax.process_count() > 1:  # every process learns whether process 0 could set it aside
+            if not int(multihost_utils.broadcast_one_to_all(np.int32(error is None))) and error is None:
+                error = f"checkpoint step {step} could not be set aside by process 0 (its error is in its output)"
         multihost_utils.sync_global_devices(f"jaxaccel_set_aside_{step}")
+        if error is not None:
+            raise CheckpointError(error)
         self.manager.reload()
         return moved
 
