@@ -78,8 +78,16 @@ def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Sequence[Any
     if need > len(devices):
         shape = ",".join(f"{k}={v}" for k, v in sizes.items() if v > 1)
         raise ConfigError(f"mesh {shape} needs {need} devices but only {len(devices)} are available")
-    grid = np.array(devices[:need], dtype=object).reshape(tuple(sizes[a] for a in MESH_AXES))
-    return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+    shape, types = tuple(sizes[a] for a in MESH_AXES), (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    if need == len(devices) and devices[0].platform == "tpu":
+        # every chip: laid out along the physical torus (jax.make_mesh), so that neighbours on a
+        # mesh axis are ICI neighbours; a shape it cannot map falls back to the listed order
+        try:
+            return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
+        except (ValueError, NotImplementedError, AssertionError):
+            pass
+    grid = np.array(devices[:need], dtype=object).reshape(shape)
+    return Mesh(grid, MESH_AXES, axis_types=types)
 
 
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:

@@ -56,3 +56,21 @@ def test_rules_replicate_what_does_not_divide():
 def test_bad_mesh_specs(spec, match):
     with pytest.raises(ConfigError, match=match):
         shd.make_mesh(spec)
+
+
+def test_a_tpu_mesh_of_every_chip_follows_the_physical_layout(monkeypatch):
+    """All of a TPU's chips: jax.make_mesh (mesh_utils: ICI neighbours adjacent on an axis),
+    not the listed order; a shape it cannot lay out falls back to the listed order. CPU and
+    GPU meshes keep the listed order."""
+    tpus = [type("FakeTpu", (), {"platform": "tpu", "id": i})() for i in range(8)]
+    asked = []
+
+    def physical(shape, names, axis_types=None, *, devices=None):
+        asked.append((tuple(shape), tuple(names), devices))
+        return "physical mesh"
+
+    monkeypatch.setattr(jax, "make_mesh", physical)
+    assert shd.make_mesh("fsdp=4,tensor=2", devices=tpus) == "physical mesh"
+    assert asked == [((1, 4, 2, 1), shd.MESH_AXES, tpus)]
+    assert shd.make_mesh("tensor=2").devices.ravel().tolist() == jax.devices()[:2]  # CPU: not asked
+    assert len(asked) == 1
