@@ -16,6 +16,7 @@ import pytest
 
 from conftest import TRAIN_CLI
 from jaxaccel.cli import run_cli
+from jaxaccel.data.errors import DataError
 from jaxaccel.config import from_dict
 from jaxaccel.errors import CheckpointError, ConfigError
 from jaxaccel.train.config import CheckpointConfig, RunConfig
@@ -715,3 +716,16 @@ def jaxaccel_assets() -> Path:
     import jaxaccel
 
     return Path(jaxaccel.__file__).resolve().parent / "assets"
+
+
+def test_a_new_run_refused_before_it_writes_leaves_no_folder_behind(tmp_path):
+    """A new run refused after it locked its folder (the corpus matches nothing) used to leave
+    that folder holding only train.lock; a folder that existed before is left as it was."""
+    data = {"corpus": str(tmp_path / "nothing" / "*.py"), "vocab_size": 400, "num_sentinels": 8}
+    with pytest.raises(DataError, match="no files match"):
+        train(run_cfg(tmp_path / "new" / "run", data=data))
+    assert not (tmp_path / "new" / "run").exists()
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(DataError, match="no files match"):
+        train(run_cfg(tmp_path / "mine", data=data))
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["train.lock"]

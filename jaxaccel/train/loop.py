@@ -38,7 +38,7 @@ from jaxaccel.model.checkpoint import (MARKER, RUN_CHECKPOINTS, RUN_CONFIG, SET_
                                        holds_earlier_save)
 from jaxaccel.train.checkpoint import Checkpoints
 from jaxaccel.train.config import RunConfig
-from jaxaccel.train.lock import OutputDirInUseError, OutputDirLock
+from jaxaccel.train.lock import LOCK_FILE, OutputDirInUseError, OutputDirLock
 from jaxaccel.train.metrics import MetricsWriter, flops_per_token, measure_peak_flops
 from jaxaccel.train.state import batch_sharding, create_state, global_batch, state_shardings
 from jaxaccel.train import step as step_module
@@ -120,11 +120,13 @@ def output_dir_lock(output_dir: str):
     instead of leaving the others waiting in their first collective."""
     lock = None
     refused: Exception | None = None
+    new_folder = False
     # gs:// and other object stores have no flock (nor any atomic lock primitive this
     # could use without a separate service), so those runs are unguarded: give every run
     # its own bucket prefix.
     if _is_main() and "://" not in output_dir:
         try:
+            new_folder = not Path(output_dir).exists()
             lock = OutputDirLock(output_dir).acquire()
         except Exception as e:  # in use, or an OSError (a read-only mount): told to every host first
             refused = e
@@ -140,6 +142,15 @@ def output_dir_lock(output_dir: str):
         raise refused
     try:
         yield
+    except BaseException:
+        # a new run refused before it wrote anything (its data, a budget): no folder holding
+        # only train.lock is left behind
+        if lock is not None and new_folder and [p.name for p in Path(output_dir).iterdir()] == [LOCK_FILE]:
+            (Path(output_dir) / LOCK_FILE).unlink()
+            lock.release()
+            lock = None
+            Path(output_dir).rmdir()
+        raise
     finally:
         if lock is not None:
             lock.release()
