@@ -629,3 +629,23 @@ def test_default_stdlib_corpus_and_vocab(tmp_path, monkeypatch):
     assert data.stats["validation_documents"] > 0 and data.stats["eval_tokens"] == 65536
     batch = next(data.train_batches())
     assert batch["inputs"].shape == (8, 512) and batch["loss_mask"].sum() > 0
+
+
+def test_without_the_train_extra_tokenizing_says_what_to_install(monkeypatch):
+    """seqio (and TensorFlow) are the `train` extra: decoding never needs them, and without
+    them a corpus run is one line naming the extra, not a ModuleNotFoundError traceback."""
+    import sys
+
+    from jaxaccel.data import tf_import
+    from jaxaccel.data.errors import DataError
+
+    for missing in ("tensorflow", "seqio"):
+        tf_import.import_tensorflow.cache_clear()
+        tf_import.import_seqio.cache_clear()
+        with monkeypatch.context() as m:
+            m.setitem(sys.modules, missing, None)  # an import of it raises ImportError
+            with pytest.raises(DataError, match=r"needs .*seqio, which the train extra installs: "
+                                                r"pip install 'jaxaccel\[train\]'"):
+                tf_import.import_seqio()
+    tf_import.import_tensorflow.cache_clear()
+    tf_import.import_seqio.cache_clear()

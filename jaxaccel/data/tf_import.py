@@ -4,7 +4,8 @@ The data package's only door to TensorFlow: every use goes through these functio
 only inside the function that needs it, so importing `jaxaccel.data` never imports TF.
 TF's C++ logging is silenced (TF_CPP_MIN_LOG_LEVEL=3) before the import, and TF is kept off
 every GPU/TPU (`set_visible_devices([], ...)`) so it never allocates accelerator memory
-that JAX owns. A leaf module: it imports nothing from jaxaccel.
+that JAX owns. A leaf module: it imports nothing from jaxaccel (but its error, when they are
+not installed).
 """
 from __future__ import annotations
 
@@ -36,13 +37,22 @@ def stderr_silenced():
         os.close(saved)
 
 
+# seqio (and with it TensorFlow, ~600 MB) is the `train` extra: decoding never needs it
+TRAIN_EXTRA = "the train extra installs: pip install 'jaxaccel[train]' (from a checkout: pip install -e '.[train]')"
+
+
 @functools.cache
 def import_tensorflow():
     """The `tensorflow` module, imported (once) quietly and with no GPU/TPU visible to it."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     with stderr_silenced():
-        import tensorflow as tf
+        try:
+            import tensorflow as tf
+        except ImportError:
+            from jaxaccel.data.errors import DataError
+
+            raise DataError(f"tokenizing a corpus needs TensorFlow and seqio, which {TRAIN_EXTRA}") from None
     with stderr_silenced():  # probing for devices logs driver errors on machines without them
         for kind in ("GPU", "TPU"):  # JAX owns the accelerators; TF only tokenizes, on the CPU
             try:
@@ -76,7 +86,12 @@ def import_seqio():
     """The `seqio` module, imported after `import_tensorflow`."""
     import_tensorflow()
     with stderr_silenced():
-        import seqio
+        try:
+            import seqio
+        except ImportError:
+            from jaxaccel.data.errors import DataError
+
+            raise DataError(f"tokenizing a corpus needs seqio, which {TRAIN_EXTRA}") from None
     return seqio
 
 
