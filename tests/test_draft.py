@@ -400,6 +400,7 @@ def test_auto_budget_is_lossless_and_planned(lm, draft_lm, reference, monkeypatc
     out = lm.generate(PROMPTS, max_new_tokens=24, method="dyspec", budget="auto", draft=draft_lm)
     assert out.tokens == reference
     assert (out.stats["mean_accepted"] > 1.1) if cheap else (out.stats["mean_accepted"] == 1.0)
+    assert (out.stats["budget"] >= 1) if cheap else (out.stats["budget"] == out.stats["pops_per_round"] == 0)
 
 
 def test_a_draft_loaded_from_a_path_once_is_reused_without_recompiling(lm, draft_lm, reference, tmp_path):

@@ -119,6 +119,12 @@ class DySpec(DraftModelMethod):
             self.value_table = cached_conditional_acceptance(target, draft, temperature=temperature, top_k=top_k,
                                                              top_p=top_p, max_rank=self.max_children)[0]
 
+    def stats(self, method_output: Any, batch: int) -> dict[str, Any]:
+        """The tree budget this call ran (budget="auto": the one its cost model chose; 0 = plain
+        steps, no tree) and the candidates popped per draft forward."""
+        return {**super().stats(method_output, batch), "budget": self.budget,
+                "pops_per_round": self.pops if self.budget else 0}
+
     # Budget 0 (only from budget="auto", when no tree is predicted to pay): plain
     # autoregressive steps; the draft is not run at all.
 
