@@ -7,16 +7,28 @@
         --config configs/experiments/repetition-pod.yaml --sweep-args "output_dir=gs://BUCKET/sweeps/repetition"
     python gcp/tpu_pod.py create|setup|run|delete ... [--dry-run]
 
-`setup` copies this checkout (git archive of HEAD) to every worker and installs it; `run`
-starts the same command on all workers at once (`--worker=all`), which is what JAX's
-multi-host runtime expects; `all` = create, setup, run, and delete (unless --keep), deleting
-even when the run fails. `sweep` is `all` with the command
-`python -m jaxaccel.experiments sweep CONFIG --distributed SWEEP_ARGS`.
+`create` takes the runtime image (--version) from the accelerator type unless given: v2/v3/v4
+tpu-ubuntu2204-base, v5litepod (v5e) v2-alpha-tpuv5-lite, v5p v2-alpha-tpuv5, v6e
+v2-alpha-tpuv6e. `setup` ships this checkout's HEAD commit (git archive; uncommitted changes
+are not shipped, and a warning says so) to every worker, makes a Python 3.11 virtual
+environment there (~/jaxaccel-venv: the images' own python3 is Ubuntu 22.04's 3.10, older than
+jaxaccel needs) and installs jaxaccel and jax[tpu] into it; `run` starts the command in that
+environment (`python` is its interpreter) on all workers at once (`--worker=all`), which is
+what JAX's multi-host runtime expects; `all` = create, setup, run, and delete (unless --keep),
+deleting even when the run fails or the launcher is interrupted (Ctrl-C or SIGTERM: it says
+`interrupted` and exits 130). `sweep` is `all` with the command
+`python -m jaxaccel.experiments sweep CONFIG --distributed SWEEP_ARGS`; CONFIG must be
+committed at HEAD (checked before anything is created).
 
 Spot / preemptible slices (`--spot`): when the command fails, the launcher asks for the
 slice's state (`tpu-vm describe`); if it was preempted (PREEMPTED, TERMINATED, or gone) it
-deletes what is left, creates the slice again, sets it up and reruns the same command, up to
-`--max-restarts` times. A sweep resumes exactly: finished runs are skipped and the killed run
+deletes what is left, creates the slice again (`run --spot` first reads the slice's accelerator
+type and runtime version with `tpu-vm describe`, unless given, so it recreates the same slice),
+sets it up and reruns the same command, up to `--max-restarts` times. A recreation that fails
+(e.g. no spot capacity, or preempted again during setup) is retried after a wait that doubles
+from 1 to 16 minutes, each try counting as a restart; a setup failing on a READY slice is not
+retried. A setup of `all`/`sweep` that fails on a preempted slice is recovered the same way.
+A sweep resumes exactly: finished runs are skipped and the killed run
 restarts from its last checkpoint — provided its output_dir is in a bucket (gs://), since a
 recreated slice starts with empty disks. jaxaccel's own commands catch the preemption
 notice (SIGTERM), save a checkpoint of the step in flight and exit 143 while the slice is
@@ -25,25 +37,64 @@ it is reclaimed, or reruns the command on the same slice if it never is. Any oth
 on a healthy slice is the command's own and is returned, not retried.
 
 --dry-run prints the gcloud commands instead of running them (a dry-run `describe` reports
-READY); `--simulate-preemption N` makes the first N runs of the dry run fail on a PREEMPTED
-slice, to show the recovery. Needs the gcloud CLI, authenticated, with TPU quota in the zone.
+READY; the git checks still run); `--simulate-preemption N` makes the first N runs of the dry
+run fail on a PREEMPTED slice, and `--simulate-stockout N` the first N creates after a
+preemption fail for want of capacity, to show the recovery. Needs the gcloud CLI,
+authenticated, with TPU quota in the zone.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-ARCHIVE = "/tmp/jaxaccel-src.tar.gz"
+REMOTE_ARCHIVE = "jaxaccel-src.tar.gz"  # on each worker, in the home folder (scp takes relative paths from there)
+# Every remote command runs this environment's interpreter. It is made by uv (pip-installed for
+# the user with the image's own python3) with a uv-managed CPython 3.11 when the image has none:
+# the same on every image and accelerator, no sudo, no apt (a fresh TPU VM's unattended-upgrades
+# holds the dpkg lock) and no PPA (deadsnakes) to reach; only PyPI and uv's Python download.
+PYTHON_VERSION = "3.11"
+VENV = "~/jaxaccel-venv"
+VENV_PYTHON = f"{VENV}/bin/python"
+DEFAULT_ACCELERATOR = "v4-8"
+# Cloud TPU runtime images by accelerator-type prefix (v5litepod-* is v5e).
+RUNTIME_VERSIONS = {"v2": "tpu-ubuntu2204-base", "v3": "tpu-ubuntu2204-base", "v4": "tpu-ubuntu2204-base",
+                    "v5litepod": "v2-alpha-tpuv5-lite", "v5p": "v2-alpha-tpuv5", "v6e": "v2-alpha-tpuv6e"}
 PREEMPTED_STATES = ("PREEMPTED", "TERMINATED", "NOT_FOUND")  # the slice (or what is left of it) must be rebuilt
 # jaxaccel's trainer and sweep runner exit 143 after a preemption notice (SIGTERM), having saved
 # a checkpoint; the slice is then still READY for up to ~30 s before it is reclaimed.
 NOTICE_EXIT = 143
 NOTICE_WAIT_S, NOTICE_POLL_S = 180, 15
+RETRY_WAIT_S, RETRY_WAIT_MAX_S = 60, 960  # between failed recreations (spot stock-outs last minutes to hours)
+EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
+MISSING_TOOL = {"gcloud": "install the Google Cloud CLI (https://cloud.google.com/sdk/docs/install)",
+                "git": "install git"}
+
+
+class LauncherError(Exception):
+    """A one-line `error: ...` and exit status 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse API: one line, exit 2, no usage dump
+        sys.stderr.write(f"error: {message} (see --help)\n")
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def _terminated(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM is handled as Ctrl-C: delete the slice, exit 130
+
+
+def default_version(accelerator_type: str) -> str | None:
+    return RUNTIME_VERSIONS.get(accelerator_type.lower().split("-")[0])
 
 
 def gcloud(args: argparse.Namespace, *words: str) -> list[str]:
@@ -53,8 +104,7 @@ def gcloud(args: argparse.Namespace, *words: str) -> list[str]:
     return cmd
 
 
-def sweep_command(args: argparse.Namespace) -> str:
-    extra = shlex.split(args.sweep_args or "")
+def sweep_command(args: argparse.Namespace, extra: list[str]) -> str:
     return shlex.join(["python", "-m", "jaxaccel.experiments", "sweep", args.config, "--distributed", *extra])
 
 
@@ -66,28 +116,50 @@ def plan(args: argparse.Namespace, step: str) -> list[list[str]]:
             cmd.append("--spot")
         return [cmd]
     if step == "setup":
-        install = (f"mkdir -p ~/jaxaccel && tar -xzf {ARCHIVE} -C ~/jaxaccel && cd ~/jaxaccel && "
-                   f"python3 -m pip install -q -U pip && python3 -m pip install -q -e . 'jax[tpu]'")
-        return [["git", "-C", str(REPO), "archive", "--format=tar.gz", "-o", ARCHIVE, "HEAD"],
-                gcloud(args, "scp", ARCHIVE, f"{name}:{ARCHIVE}") + ["--worker=all"],
+        install = (f"python3 -m pip install -q --user -U uv && "
+                   f"python3 -m uv venv -q --seed --allow-existing --python {PYTHON_VERSION} {VENV} && "
+                   f"mkdir -p ~/jaxaccel && tar -xzf ~/{REMOTE_ARCHIVE} -C ~/jaxaccel && rm -f ~/{REMOTE_ARCHIVE} && "
+                   f"cd ~/jaxaccel && {VENV_PYTHON} -m pip install -q -U pip && "
+                   f"{VENV_PYTHON} -m pip install -q -e '.[train]' 'jax[tpu]'")  # train: seqio, for corpora
+        # The commit is pinned when the launcher starts, so every (re)created slice gets the same code;
+        # the archive (in this invocation's temporary folder) is rebuilt from it for each setup rather
+        # than kept, as a weeks-long sweep may outlive a file in /tmp.
+        return [["git", "-C", str(REPO), "archive", "--format=tar.gz", "-o", args.archive, args.commit],
+                gcloud(args, "scp", args.archive, f"{name}:{REMOTE_ARCHIVE}") + ["--worker=all"],
                 gcloud(args, "ssh", name) + ["--worker=all", f"--command={install}"]]
     if step == "run":
-        return [gcloud(args, "ssh", name) + ["--worker=all", f"--command=cd ~/jaxaccel && {args.command}"]]
+        return [gcloud(args, "ssh", name) + ["--worker=all",
+                                             f"--command=cd ~/jaxaccel && . {VENV}/bin/activate && {args.command}"]]
     if step == "delete":
         return [gcloud(args, "delete", name) + ["--quiet"]]
     if step == "describe":
         return [gcloud(args, "describe", name) + ["--format=value(state)"]]
+    if step == "spec":
+        return [gcloud(args, "describe", name) + ["--format=value(acceleratorType,runtimeVersion)"]]
     raise ValueError(step)
+
+
+def _call(cmd: list[str], **kwargs):
+    """subprocess.run, with a missing program as a LauncherError instead of a traceback."""
+    try:
+        return subprocess.run(cmd, check=False, **kwargs)
+    except OSError as e:
+        if isinstance(e, FileNotFoundError) and cmd[0] in MISSING_TOOL:
+            raise LauncherError(f"{cmd[0]} not found: {MISSING_TOOL[cmd[0]]}") from None
+        raise LauncherError(f"cannot run {cmd[0]}: {e.strerror or e}") from None
 
 
 class Executor:
     """Runs (or, in a dry run, prints) commands. A dry run's slice is READY, except that the
-    first `simulate_preemptions` runs fail and leave it PREEMPTED."""
+    first `simulate_preemptions` runs fail and leave it PREEMPTED, and the first
+    `simulate_stockouts` creates after that fail and leave nothing."""
 
-    def __init__(self, dry_run: bool, simulate_preemptions: int = 0):
+    def __init__(self, dry_run: bool, simulate_preemptions: int = 0, simulate_stockouts: int = 0):
         self.dry_run = dry_run
         self.preemptions_left = simulate_preemptions
-        self.preempted = False
+        self.stockouts_left = simulate_stockouts
+        self.slice_state = "READY"
+        self.restarts = 0  # recreations and reruns after preemptions, all together (--max-restarts)
 
     def execute(self, cmds: list[list[str]]) -> int:
         for cmd in cmds:
@@ -95,7 +167,7 @@ class Executor:
             if self.dry_run:
                 code = self._simulated(cmd)
             else:
-                code = subprocess.call(cmd)
+                code = _call(cmd).returncode
             if code:
                 return code
         return 0
@@ -103,11 +175,18 @@ class Executor:
     def _simulated(self, cmd: list[str]) -> int:
         if "ssh" in cmd and any(c.startswith("--command=cd ~/jaxaccel && ") for c in cmd) and self.preemptions_left:
             self.preemptions_left -= 1
-            self.preempted = True
+            self.slice_state = "PREEMPTED"
             print("# (dry run) simulated preemption: the slice went away during the run", flush=True)
             return 255  # what gcloud ssh returns when the connection drops
         if "create" in cmd:
-            self.preempted = False
+            if self.slice_state != "READY" and self.stockouts_left:
+                self.stockouts_left -= 1
+                self.slice_state = "NOT_FOUND"
+                print("# (dry run) simulated stock-out: no spot capacity in the zone", flush=True)
+                return 1
+            self.slice_state = "READY"
+        elif "delete" in cmd:
+            self.slice_state = "NOT_FOUND"
         return 0
 
     def sleep(self, seconds: float) -> None:
@@ -119,16 +198,104 @@ class Executor:
         cmd = plan(args, "describe")[0]
         print("+ " + shlex.join(cmd), flush=True)
         if self.dry_run:
-            return "PREEMPTED" if self.preempted else "READY"
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+            return self.slice_state
+        proc = _call(cmd, capture_output=True, text=True)
         if proc.returncode:
             return "NOT_FOUND"
         return proc.stdout.strip().upper() or "UNKNOWN"
 
 
+def read_slice_spec(args: argparse.Namespace, ex: Executor) -> None:
+    """For `run --spot`: the accelerator type and runtime version a preempted slice is recreated
+    with are the slice's own (tpu-vm describe), unless given."""
+    if args.accelerator_type and args.version:
+        return
+    cmd = plan(args, "spec")[0]
+    if ex.dry_run:  # parse() made sure of --accelerator-type, and of --version or a default for it
+        print("+ " + shlex.join(cmd), flush=True)
+        args.version = args.version or default_version(args.accelerator_type)
+        print(f"# (dry run) taking the slice to be a {args.accelerator_type} with runtime {args.version}", flush=True)
+        return
+    print("+ " + shlex.join(cmd), flush=True)
+    proc = _call(cmd, capture_output=True, text=True)
+    fields = proc.stdout.split()
+    if proc.returncode or len(fields) != 2:
+        why = (proc.stderr.strip().splitlines() or ["no output"])[-1] if proc.returncode else \
+            f"unexpected output {proc.stdout.strip()!r}"
+        raise LauncherError(f"cannot read slice {args.name}'s accelerator type and runtime version to recreate it "
+                            f"after a preemption ({why}): pass --accelerator-type and --version")
+    args.accelerator_type = args.accelerator_type or fields[0]
+    args.version = args.version or fields[1]
+    print(f"# slice {args.name}: {args.accelerator_type}, runtime {args.version} (how a preempted slice is "
+          f"recreated)", flush=True)
+
+
+def git(*words: str) -> subprocess.CompletedProcess:
+    return _call(["git", "-C", str(REPO), *words], capture_output=True, text=True)
+
+
+def check_source(args: argparse.Namespace) -> None:
+    """Before anything is created (also in a dry run): pin the commit that setup ships, check that
+    a sweep's config is in it (as a path from the repository root), and warn about uncommitted
+    changes, which are not shipped."""
+    proc = git("rev-parse", "--verify", "HEAD^{commit}")
+    if proc.returncode:
+        raise LauncherError(f"{REPO} is not a git checkout with a commit: setup ships its HEAD (git archive)")
+    args.commit = proc.stdout.strip()
+    short = args.commit[:12]
+    if args.step == "sweep":
+        given = Path(args.config)
+        if not given.is_absolute() and not given.exists():
+            given = REPO / given  # the remote command runs in the repository root
+        local = Path(os.path.realpath(given.parent)) / given.name
+        try:
+            rel = local.relative_to(REPO).as_posix()
+        except ValueError:
+            raise LauncherError(f"--config {args.config}: not in the repository {REPO}, so not shipped") from None
+        if git("cat-file", "-e", f"{args.commit}:{rel}").returncode:
+            if not local.is_file():
+                raise LauncherError(f"--config {args.config}: no such file")
+            raise LauncherError(f"--config {rel} is not committed: setup ships HEAD ({short}); commit it first")
+        args.config = rel
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    if dirty.returncode == 0 and dirty.stdout.strip():
+        sys.stderr.write(f"warning: {REPO} has uncommitted changes; setup ships HEAD ({short}) without them\n")
+        sys.stderr.flush()
+
+
+def recover(args: argparse.Namespace, ex: Executor, state: str, code: int) -> int:
+    """Recreate and set up a preempted slice (`state` is one of PREEMPTED_STATES). A recreation that
+    fails on a slice that is not READY (no spot capacity, preempted again) is retried after a
+    doubling wait; every try counts against --max-restarts. Returns 0 once the slice is ready."""
+    wait, stage = RETRY_WAIT_S, ""
+    while True:
+        if ex.restarts >= args.max_restarts:
+            print(f"# slice {args.name} is {state} and --max-restarts={args.max_restarts} is used up", flush=True)
+            return code
+        ex.restarts += 1
+        if not stage:
+            print(f"# slice {args.name} is {state}: recreating it and rerunning the same command "
+                  f"(restart {ex.restarts} of at most {args.max_restarts})", flush=True)
+        else:
+            print(f"# the {stage} of the recreated slice failed (exit {code}; slice {args.name} is {state}): "
+                  f"recreating it again in {wait} s (restart {ex.restarts} of at most {args.max_restarts})", flush=True)
+            ex.sleep(wait)
+            wait = min(2 * wait, RETRY_WAIT_MAX_S)
+        if state != "NOT_FOUND":
+            ex.execute(plan(args, "delete"))  # a preempted TPU VM still holds its name until deleted
+        stage, code = "create", ex.execute(plan(args, "create"))
+        if code == 0:
+            stage, code = "setup", ex.execute(plan(args, "setup"))
+            if code == 0:
+                return 0
+        state = ex.state(args)
+        if stage == "setup" and state not in PREEMPTED_STATES:
+            print(f"# setup failed (exit {code}) on a {state} slice: not a preemption, not retrying", flush=True)
+            return code
+
+
 def run_with_recovery(args: argparse.Namespace, ex: Executor) -> int:
     """Run the command; on a preempted slice recreate it and run the same command again."""
-    restarts = 0
     while True:
         code = ex.execute(plan(args, "run"))
         if code == 0 or not args.spot:
@@ -142,61 +309,146 @@ def run_with_recovery(args: argparse.Namespace, ex: Executor) -> int:
         if state not in PREEMPTED_STATES and code != NOTICE_EXIT:
             print(f"# the command failed (exit {code}) on a {state} slice: not a preemption, not retrying", flush=True)
             return code
-        if restarts >= args.max_restarts:
-            print(f"# the slice was preempted again ({state}) and --max-restarts={args.max_restarts} is used up",
-                  flush=True)
-            return code
-        restarts += 1
         if state not in PREEMPTED_STATES:  # a notice without a reclaim (e.g. maintenance): the slice is fine
+            if ex.restarts >= args.max_restarts:
+                print(f"# stopped by a preemption notice again and --max-restarts={args.max_restarts} is used up",
+                      flush=True)
+                return code
+            ex.restarts += 1
             print(f"# stopped by a preemption notice, and slice {args.name} is still {state}: rerunning the same "
-                  f"command (restart {restarts} of at most {args.max_restarts})", flush=True)
+                  f"command (restart {ex.restarts} of at most {args.max_restarts})", flush=True)
             continue
-        print(f"# slice {args.name} is {state}: recreating it and rerunning the same command "
-              f"(restart {restarts} of at most {args.max_restarts})", flush=True)
-        if state != "NOT_FOUND":
-            ex.execute(plan(args, "delete"))  # a preempted TPU VM still holds its name until deleted
-        code = ex.execute(plan(args, "create")) or ex.execute(plan(args, "setup"))
+        code = recover(args, ex, state, code)
         if code:
             return code
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def delete_slice(args: argparse.Namespace, ex: Executor) -> int:
+    cmd = plan(args, "delete")
+    left = (f"slice {args.name} may still be running (and billing): delete it with: {shlex.join(cmd[0])}")
+    try:
+        code = ex.execute(cmd)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"warning: interrupted while deleting: {left}\n")
+        raise
+    except LauncherError as e:
+        sys.stderr.write(f"error: {e}\n")
+        code = 1
+    if code:
+        sys.stderr.write(f"warning: the delete failed (exit {code}): {left}\n")
+    return code
+
+
+def create_run_delete(args: argparse.Namespace, ex: Executor) -> int:
+    """`all` and `sweep`: from the create on, the slice is deleted however the launcher ends
+    (a failure, an error, Ctrl-C or SIGTERM), unless --keep."""
+    owned = True  # an interrupted create goes on server-side: the slice may exist from here on
+    try:
+        try:
+            code = ex.execute(plan(args, "create"))
+        except LauncherError:  # gcloud could not be started: nothing was created
+            owned = False
+            raise
+        if code:
+            owned = False  # a failed create made nothing of ours (the name may be someone else's slice)
+        else:
+            code = ex.execute(plan(args, "setup"))
+            if code and args.spot:
+                state = ex.state(args)
+                if state in PREEMPTED_STATES:
+                    code = recover(args, ex, state, code)
+            if code == 0:
+                code = run_with_recovery(args, ex)
+    except BaseException:
+        if owned and not args.keep:
+            print(f"# deleting slice {args.name} before exiting", flush=True)
+            delete_slice(args, ex)
+        raise
+    if owned and not args.keep:
+        code = delete_slice(args, ex) or code
+    return code
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("step", choices=["create", "setup", "run", "delete", "all", "sweep"])
     p.add_argument("--name", required=True)
     p.add_argument("--zone", required=True)
     p.add_argument("--project", default=None)
-    p.add_argument("--accelerator-type", default="v4-8", help="e.g. v4-8, v4-32, v5litepod-16, v5p-64")
-    p.add_argument("--version", default="tpu-ubuntu2204-base", help="TPU VM runtime image")
+    p.add_argument("--accelerator-type", default=None,
+                   help=f"e.g. v4-8, v4-32, v5litepod-16, v5p-64, v6e-8 (create: default {DEFAULT_ACCELERATOR}; "
+                        f"run --spot: default the slice's own)")
+    p.add_argument("--version", default=None, help="TPU VM runtime image (default: the accelerator type's: "
+                   + ", ".join(f"{k} {v}" for k, v in RUNTIME_VERSIONS.items()) + ")")
     p.add_argument("--spot", action="store_true", help="spot capacity; a preempted slice is recreated and the "
                                                        "command rerun")
     p.add_argument("--max-restarts", type=int, default=20, help="with --spot: most recreations after preemption")
-    p.add_argument("--command", default="python -m jaxaccel.bench decode --no-hf")
-    p.add_argument("--config", help="with 'sweep': the sweep file (configs/experiments/*-pod.yaml)")
+    p.add_argument("--command", default="python -m jaxaccel.bench decode --no-hf",
+                   help="run in the repository root, with the slice's jaxaccel environment active")
+    p.add_argument("--config", help="with 'sweep': the sweep file (configs/experiments/*-pod.yaml), committed")
     p.add_argument("--sweep-args", default="", help="with 'sweep': more arguments, e.g. output_dir=gs://B/x --only G")
     p.add_argument("--keep", action="store_true", help="with 'all'/'sweep': do not delete the TPU VM afterwards")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--simulate-preemption", type=int, default=0, metavar="N",
                    help="with --dry-run: the first N runs fail on a preempted slice")
+    p.add_argument("--simulate-stockout", type=int, default=0, metavar="N",
+                   help="with --dry-run: the first N creates after a preemption fail (no capacity)")
     args = p.parse_args(argv)
-    if args.simulate_preemption and not args.dry_run:
-        p.error("--simulate-preemption needs --dry-run")
+    if (args.simulate_preemption or args.simulate_stockout) and not args.dry_run:
+        p.error("--simulate-preemption and --simulate-stockout need --dry-run")
+    if min(args.max_restarts, args.simulate_preemption, args.simulate_stockout) < 0:
+        p.error("--max-restarts, --simulate-preemption and --simulate-stockout must be >= 0")
     if args.step == "sweep":
         if not args.config:
             p.error("sweep needs --config (a sweep file)")
-        args.command = sweep_command(args)
-    ex = Executor(args.dry_run, args.simulate_preemption)
-    if args.step == "run":
-        return run_with_recovery(args, ex)
-    if args.step not in ("all", "sweep"):
+        try:
+            args.sweep_extra = shlex.split(args.sweep_args)
+        except ValueError as e:
+            p.error(f"--sweep-args {args.sweep_args!r}: {str(e).lower()}")
+    creates = args.step in ("create", "all", "sweep")
+    spot_dry_run = args.step == "run" and args.spot and args.dry_run
+    if creates:
+        args.accelerator_type = args.accelerator_type or DEFAULT_ACCELERATOR
+    elif spot_dry_run and not args.accelerator_type:
+        p.error("run --spot --dry-run needs --accelerator-type (a real run reads it from `tpu-vm describe`, "
+                "to recreate the same slice after a preemption)")
+    if (creates or spot_dry_run) and not (args.version or default_version(args.accelerator_type)):
+        p.error(f"no default --version for accelerator type {args.accelerator_type!r} (known: "
+                f"{', '.join(RUNTIME_VERSIONS)}): pass --version")
+    if creates:
+        args.version = args.version or default_version(args.accelerator_type)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    ex = Executor(args.dry_run, args.simulate_preemption, args.simulate_stockout)
+    workdir = None
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        if args.step in ("setup", "all", "sweep") or (args.step == "run" and args.spot):  # these may set up
+            check_source(args)
+            if args.step == "sweep":
+                args.command = sweep_command(args, args.sweep_extra)
+            workdir = tempfile.mkdtemp(prefix="jaxaccel-tpu-pod-")  # this invocation's archive, removed at exit
+            args.archive = os.path.join(workdir, REMOTE_ARCHIVE)
+        if args.step == "run":
+            if args.spot:
+                read_slice_spec(args, ex)
+            return run_with_recovery(args, ex)
+        if args.step in ("all", "sweep"):
+            return create_run_delete(args, ex)
         return ex.execute(plan(args, args.step))
-    code = ex.execute(plan(args, "create"))
-    if code:
-        return code
-    code = ex.execute(plan(args, "setup")) or run_with_recovery(args, ex)
-    if not args.keep:
-        code = ex.execute(plan(args, "delete")) or code
-    return code
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return EXIT_INTERRUPTED
+    except LauncherError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return EXIT_BAD_INPUT
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -455,6 +455,7 @@ def test_pod_launcher_waits_out_a_preemption_notice(monkeypatch):
     class Fake:
         def __init__(self, codes, states):
             self.codes, self.states, self.log = list(codes), list(states), []
+            self.restarts = 0  # the launcher's count against --max-restarts
 
         def execute(self, cmds):
             step = "run" if any("--command=cd ~/jaxaccel && " in " ".join(c) for c in cmds) else "other"

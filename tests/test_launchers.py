@@ -1,6 +1,9 @@
 """gcp/ and colab/ are shipped, so they are tested: the pod launcher's dry run, and the
 notebook's code cells (minus shell lines) executed top to bottom."""
 import json
+import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +11,43 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+LAUNCHER = ROOT / "gcp" / "tpu_pod.py"
+
+
+def launch(*argv, env=None, cwd=None, launcher=LAUNCHER) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(launcher), *map(str, argv)], check=False, capture_output=True,
+                          text=True, env=env, cwd=cwd, timeout=120)
+
+
+def fake_gcloud(tmp_path: Path, cases: str = "") -> dict:
+    """An environment whose `gcloud` logs each call (a line of tmp_path/gcloud.log) and does what
+    the bash `case "$*"` branches in `cases` say (else exits 0); `$(nth KIND)` counts calls."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "gcloud"
+    script.write_text(f"""#!/bin/bash
+echo "$*" >> "{tmp_path}/gcloud.log"
+nth() {{ n=$(( $(cat "{tmp_path}/$1.count" 2>/dev/null || echo 0) + 1 )); echo $n > "{tmp_path}/$1.count"; echo $n; }}
+case "$*" in
+{cases}
+esac
+exit 0
+""")
+    script.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
+def gcloud_calls(tmp_path: Path) -> list[str]:
+    """The fake gcloud's calls as steps: create, scp, install, run, describe, spec, delete."""
+    steps = []
+    for line in (tmp_path / "gcloud.log").read_text().splitlines():
+        verb = line.split()[3]  # compute tpus tpu-vm VERB
+        if verb == "ssh":
+            verb = "run" if "--command=cd ~/jaxaccel" in line else "install"
+        elif verb == "describe" and "acceleratorType" in line:
+            verb = "spec"
+        steps.append(verb)
+    return steps
 
 
 def test_tpu_pod_dry_run_creates_runs_everywhere_and_deletes():
@@ -18,11 +58,154 @@ def test_tpu_pod_dry_run_creates_runs_everywhere_and_deletes():
     assert "tpu-vm create pod" in lines[0] and "--accelerator-type=v4-32" in lines[0]
     assert lines[1].startswith("+ git -C") and "archive" in lines[1]
     assert all("--worker=all" in line for line in lines[2:5])
-    assert "cd ~/jaxaccel && python -m jaxaccel.decode" in lines[4]
+    assert "cd ~/jaxaccel && . ~/jaxaccel-venv/bin/activate && python -m jaxaccel.decode" in lines[4]
     assert "tpu-vm delete pod" in lines[-1] and "--quiet" in lines[-1]
     keep = subprocess.run([sys.executable, str(ROOT / "gcp" / "tpu_pod.py"), "all", "--name", "pod", "--zone", "z",
                            "--keep", "--dry-run"], capture_output=True, text=True, check=True)
     assert "delete" not in keep.stdout
+
+
+def test_tpu_pod_setup_and_run_use_the_same_python_3_11_venv():
+    """TPU images are Ubuntu 22.04 (python3 is 3.10, no `python`): setup makes a 3.11 venv, installs
+    into it with its interpreter, and the run activates that venv."""
+    proc = launch("all", "--name", "pod", "--zone", "z", "--command", "python -m jaxaccel.decode", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    install = next(line for line in proc.stdout.splitlines() if "pip install" in line)
+    run = next(line for line in proc.stdout.splitlines() if "--command=cd ~/jaxaccel" in line)
+    python = re.search(r"(\S+)/bin/python -m pip install -q -e \S*\.\[train\]", install)  # train: pods train
+    assert python, install
+    venv = python.group(1)
+    assert f"uv venv -q --seed --allow-existing --python 3.11 {venv} " in install
+    assert "python3 -m pip install -q -e" not in install and "python3 -m pip install -q -U pip" not in install
+    assert f"--command=cd ~/jaxaccel && . {venv}/bin/activate && python -m jaxaccel.decode" in run
+
+
+def test_tpu_pod_default_runtime_version_follows_the_accelerator_type():
+    for accelerator, version in [("v4-32", "tpu-ubuntu2204-base"), ("v3-8", "tpu-ubuntu2204-base"),
+                                 ("v5litepod-16", "v2-alpha-tpuv5-lite"), ("v5p-64", "v2-alpha-tpuv5"),
+                                 ("v6e-8", "v2-alpha-tpuv6e")]:
+        proc = launch("create", "--name", "p", "--zone", "z", "--accelerator-type", accelerator, "--dry-run")
+        assert proc.returncode == 0, proc.stderr
+        assert f"--accelerator-type={accelerator} --version={version}" in proc.stdout
+    given = launch("create", "--name", "p", "--zone", "z", "--accelerator-type", "v6e-8", "--version", "my-image",
+                   "--dry-run")
+    assert given.returncode == 0 and "--version=my-image" in given.stdout
+    unknown = launch("create", "--name", "p", "--zone", "z", "--accelerator-type", "v9x-8", "--dry-run")
+    assert unknown.returncode == 2 and unknown.stdout == ""
+    assert unknown.stderr.startswith("error: no default --version for accelerator type 'v9x-8'")
+    assert len(unknown.stderr.splitlines()) == 1
+
+
+def test_tpu_pod_spot_run_recreates_the_slice_with_its_own_type_and_version(tmp_path):
+    """`run` takes no --accelerator-type: a preempted slice is recreated as `tpu-vm describe` reports it,
+    not as the default v4-8."""
+    env = fake_gcloud(tmp_path, """
+*"describe"*"acceleratorType"*) printf 'v5litepod-16\tv2-alpha-tpuv5-lite\n' ;;
+*"describe"*) [ "$(nth describe)" = 1 ] && echo PREEMPTED || echo READY ;;
+*"--command=cd ~/jaxaccel"*) [ "$(nth run)" = 1 ] && exit 255 ;;
+""")
+    proc = launch("run", "--name", "pod", "--zone", "z", "--spot", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert gcloud_calls(tmp_path) == ["spec", "run", "describe", "delete", "create", "scp", "install", "run"]
+    create = next(line for line in (tmp_path / "gcloud.log").read_text().splitlines() if " create " in line)
+    assert "--accelerator-type=v5litepod-16" in create and "--version=v2-alpha-tpuv5-lite" in create
+    assert "--spot" in create
+    dry = launch("run", "--name", "pod", "--zone", "z", "--spot", "--dry-run", "--simulate-preemption", "1")
+    assert dry.returncode == 2 and "+ gcloud" not in dry.stdout
+    assert dry.stderr.startswith("error: run --spot --dry-run needs --accelerator-type")
+    given = launch("run", "--name", "pod", "--zone", "z", "--spot", "--accelerator-type", "v6e-8", "--dry-run",
+                   "--simulate-preemption", "1")
+    assert given.returncode == 0, given.stderr
+    assert "tpu-vm create pod --zone=z --accelerator-type=v6e-8 --version=v2-alpha-tpuv6e --spot" in given.stdout
+
+
+def test_tpu_pod_sigterm_deletes_the_slice_and_exits_130(tmp_path):
+    env = fake_gcloud(tmp_path, """*"--command=cd ~/jaxaccel"*) kill -TERM $PPID; exec sleep 30 ;;""")
+    proc = launch("all", "--name", "pod", "--zone", "z", env=env)
+    assert proc.returncode == 130, proc.stdout + proc.stderr
+    assert proc.stderr.splitlines()[-1] == "interrupted" and "Traceback" not in proc.stderr
+    assert gcloud_calls(tmp_path) == ["create", "scp", "install", "run", "delete"]
+    (tmp_path / "gcloud.log").unlink()
+    keep = launch("all", "--name", "pod", "--zone", "z", "--keep", env=env)
+    assert keep.returncode == 130 and "Traceback" not in keep.stderr
+    assert gcloud_calls(tmp_path) == ["create", "scp", "install", "run"]
+
+
+def test_tpu_pod_missing_tools_and_bad_sweep_args_are_one_line_errors(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = launch("run", "--name", "p", "--zone", "z", env={**os.environ, "PATH": str(empty)})
+    assert proc.returncode == 2
+    assert proc.stderr == ("error: gcloud not found: install the Google Cloud CLI "
+                           "(https://cloud.google.com/sdk/docs/install)\n")
+    env = fake_gcloud(tmp_path)
+    env["PATH"] = str(tmp_path / "bin")  # gcloud only: no git
+    proc = launch("setup", "--name", "p", "--zone", "z", env=env)
+    assert proc.returncode == 2 and proc.stderr == "error: git not found: install git\n"
+    assert not (tmp_path / "gcloud.log").exists()
+    proc = launch("sweep", "--name", "p", "--zone", "z", "--config", "configs/experiments/repetition-pod.yaml",
+                  "--sweep-args", "output_dir='gs://b/x", "--dry-run")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("error: --sweep-args") and len(proc.stderr.splitlines()) == 1
+
+
+def test_tpu_pod_sweep_config_must_be_committed_before_anything_is_created(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "gcp").mkdir(parents=True)
+    (repo / "configs").mkdir()
+    launcher = repo / "gcp" / "tpu_pod.py"
+    shutil.copy(LAUNCHER, launcher)
+    (repo / "configs" / "a.yaml").write_text("name: a\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run(git + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "a"], check=True)
+    (repo / "configs" / "b.yaml").write_text("name: b\n")  # not committed: setup would not ship it
+    sweep = ["sweep", "--name", "p", "--zone", "z", "--dry-run", "--config"]
+    proc = launch(*sweep, "configs/b.yaml", launcher=launcher, cwd=repo)
+    assert proc.returncode == 2 and "+ " not in proc.stdout
+    assert proc.stderr.startswith("error: --config configs/b.yaml is not committed")
+    proc = launch(*sweep, "configs/missing.yaml", launcher=launcher, cwd=repo)
+    assert proc.returncode == 2 and proc.stderr == "error: --config configs/missing.yaml: no such file\n"
+    (repo / "configs" / "a.yaml").write_text("name: changed\n")  # committed, then changed: a warning
+    proc = launch(*sweep, repo / "configs" / "a.yaml", launcher=launcher, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith("warning: ") and "uncommitted changes" in proc.stderr
+    assert len(proc.stderr.splitlines()) == 1
+    assert "python -m jaxaccel.experiments sweep configs/a.yaml --distributed" in proc.stdout
+
+
+def test_tpu_pod_spot_recovery_retries_a_failed_recreate_with_backoff():
+    base = ["all", "--name", "pod", "--zone", "z", "--spot", "--dry-run", "--simulate-preemption", "1"]
+    proc = launch(*base, "--simulate-stockout", "2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    creates = [line for line in proc.stdout.splitlines() if "tpu-vm create" in line]
+    assert len(creates) == 4
+    assert "recreating it again in 60 s (restart 2 of at most 20)" in proc.stdout
+    assert "recreating it again in 120 s (restart 3 of at most 20)" in proc.stdout
+    runs = [line for line in proc.stdout.splitlines() if "--command=cd ~/jaxaccel" in line]
+    assert len(runs) == 2 and proc.stdout.splitlines()[-1].startswith("+ gcloud compute tpus tpu-vm delete pod")
+    archives = {line.split(" -o ")[1].split()[0] for line in proc.stdout.splitlines() if " archive " in line}
+    assert len(archives) == 1  # one archive of this invocation, removed at exit
+    archive = archives.pop()
+    assert archive != "/tmp/jaxaccel-src.tar.gz" and not os.path.exists(os.path.dirname(archive))
+    limited = launch(*base, "--simulate-stockout", "5", "--max-restarts", "2")
+    assert limited.returncode != 0
+    assert "--max-restarts=2 is used up" in limited.stdout
+    assert len([line for line in limited.stdout.splitlines() if "tpu-vm create" in line]) == 3
+
+
+def test_tpu_pod_first_setup_on_a_preempted_spot_slice_is_recovered(tmp_path):
+    env = fake_gcloud(tmp_path, """
+*"--command=python3"*) [ "$(nth install)" = 1 ] && exit 255 ;;
+*"describe"*) echo PREEMPTED ;;
+""")
+    proc = launch("all", "--name", "pod", "--zone", "z", "--spot", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert gcloud_calls(tmp_path) == ["create", "scp", "install", "describe", "delete", "create", "scp", "install",
+                                      "run", "delete"]
+    scps = [line.split()[4] for line in (tmp_path / "gcloud.log").read_text().splitlines() if " scp " in line]
+    assert scps[0] == scps[1] and not os.path.exists(scps[0])  # the same archive, removed at exit
 
 
 def run_notebook(name: str) -> dict:
