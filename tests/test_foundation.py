@@ -152,6 +152,10 @@ def test_kernel_size_constraints_are_checked_up_front():
     assert "head_dim=48" in tuning.kernel_constraints(48, 128, "gpu")
     assert "block_k=24" in tuning.kernel_constraints(64, 24, "gpu")
     assert tuning.kernel_constraints(48, 128, "tpu") is None
+    # the whole cache as one block (no multiple of 8 divides 100), as the kernel itself allows; not below 8 slots
+    assert tuning.kernel_constraints(64, 100, "tpu", cache_len=100) is None
+    assert "nor the whole cache" in tuning.kernel_constraints(64, 4, "tpu", cache_len=4)
+    assert "block_k=100" in tuning.kernel_constraints(64, 100, "tpu")
 
 
 def test_recycling_matrix_fed_back_with_another_batch_size_is_a_typed_error(tiny_params):

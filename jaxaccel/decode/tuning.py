@@ -153,11 +153,13 @@ def plan_draft_budget(value: Callable[[int, int], float], batch: int, draft_rati
 # ----------------------------------------------------------------------------- tree attention
 
 
-def kernel_constraints(head_dim: int, block_k: int, backend: str) -> str | None:
-    """Why the tree kernel cannot run with these sizes on `backend`, or None."""
+def kernel_constraints(head_dim: int, block_k: int, backend: str, cache_len: int | None = None) -> str | None:
+    """Why the tree kernel cannot run with these sizes on `backend`, or None (as the kernel's
+    own checks: block_k a multiple of 8, or the whole cache of at least 8 slots)."""
     pow2 = lambda n: n > 0 and n & (n - 1) == 0  # noqa: E731
-    if block_k % 8:
-        return f"block_k={block_k} is not a multiple of 8"
+    if block_k % 8 and (block_k != cache_len or block_k < 8):
+        return f"block_k={block_k} is not a multiple of 8" + (" nor the whole cache of >= 8 slots"
+                                                             if cache_len is not None else "")
     if backend == "gpu":  # Triton: power-of-two sizes, >= 16 for tl.dot
         if not pow2(head_dim) or head_dim < 16:
             return f"head_dim={head_dim} is not a power of two >= 16 (Triton)"
@@ -192,7 +194,7 @@ def tree_attention_policy(config, nodes: int, cache_len: int, *, sharded: bool, 
     from jaxaccel.pallas_kernels.tree_attention import default_block_k
 
     block_k = default_block_k(cache_len)
-    reason = kernel_constraints(config.resolved_head_dim, block_k, "interpret" if interpret else backend)
+    reason = kernel_constraints(config.resolved_head_dim, block_k, "interpret" if interpret else backend, cache_len)
     if reason is None:
         reason = _kernel_checked(backend, nodes, config.n_heads, config.n_kv_heads, config.resolved_head_dim,
                                  config.dtype, block_k, interpret, cache_len)

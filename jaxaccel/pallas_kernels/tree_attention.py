@@ -238,6 +238,10 @@ def _check_args(q, k_new, v_new, tree_mask, k_cache, v_cache, prefix_len, block_
     if block_k % _TPU_SUBLANES and block_k != s:
         raise InvalidArgumentError(f"tree attention: block_k={block_k} must be a multiple of {_TPU_SUBLANES} or the "
                                    f"whole cache length {s} (the Pallas TPU (8, 128) block rule)")
+    if platform == "tpu" and block_k < _TPU_SUBLANES:  # bf16 dots over fewer rows fail Mosaic's verifier
+        raise InvalidArgumentError(f"tree attention: block_k={block_k} (a cache of {s} slots) is below "
+                                   f"{_TPU_SUBLANES} on TPU: use the reference (tree_attention does below "
+                                   f"{_TPU_SUBLANES} slots)")
     if platform == "gpu":
         if not _is_pow2(d) or d < 16:
             raise InvalidArgumentError(f"tree attention: head_dim={d} must be a power of two >= 16 on GPU (Triton)")
@@ -363,8 +367,8 @@ def tree_attention(q, k_new, v_new, tree_mask, k_cache, v_cache, prefix_len, *, 
     use_kernel None -> kernel on TPU/GPU, reference on CPU; interpret=True runs the Pallas kernel
     in interpret mode (any backend, used by tests on CPU). block_k: see `tree_attention_kernel`
     (None = `default_block_k(S)`; unused by the reference)."""
-    if use_kernel is None:
-        use_kernel = interpret or jax.default_backend() in ("tpu", "gpu")
+    if use_kernel is None:  # (a cache shorter than one TPU sublane block is not worth a kernel)
+        use_kernel = interpret or (jax.default_backend() in ("tpu", "gpu") and k_cache.shape[2] >= _TPU_SUBLANES)
     if not use_kernel:
         return tree_attention_reference(q, k_new, v_new, tree_mask, k_cache, v_cache, prefix_len)
     return tree_attention_kernel(q, k_new, v_new, tree_mask, k_cache, v_cache, prefix_len, block_k=block_k,
