@@ -172,6 +172,33 @@ def test_a_run_another_process_finished_meanwhile_is_not_trained_again(toy, monk
     assert json.loads((out / "results.json").read_text())["runs"] == doc["runs"]
 
 
+def test_a_run_finished_between_the_look_and_the_lock_keeps_the_finishing_record(toy, monkeypatch, capsys):
+    """The other process finishes the run after this one's last look but before its lock: this
+    train() finds nothing left to train. The record the other process writes (its wall time,
+    where it resumed from) is kept, not overwritten by this call's seconds of nothing."""
+    from jaxaccel.experiments import runner
+
+    path, out, doc = toy
+    real, trained = runner.inspect_run, set()
+
+    def stale_until_trained(run):  # the start-up pass and the look before training see it unfinished
+        return real(run) if run.config.output_dir in trained else runner.RunState("partial", 8)
+
+    def nothing_left(cfg, **kwargs):
+        trained.add(cfg.output_dir)
+        return {"steps": 8, "resumed_from": 8, "final_loss": 0.0}
+
+    monkeypatch.setattr(runner, "inspect_run", stale_until_trained)
+    monkeypatch.setattr("jaxaccel.train.loop.train", nothing_left)
+    done = {r["name"]: r for r in doc["runs"]}
+    before = {name: files_of(out / name) for name in RUN_NAMES}
+    code, _, err = cli(["sweep", path], capsys)
+    assert code == 0, err
+    assert err.count("finished meanwhile by another process; kept") == len(RUN_NAMES)
+    assert {name: files_of(out / name) for name in RUN_NAMES} == before
+    assert {r["name"]: r for r in json.loads((out / "results.json").read_text())["runs"]} == done
+
+
 def test_a_killed_run_resumes_to_the_uninterrupted_result(toy, tmp_path, compile_cache, capsys):
     """The sweep process is SIGKILLed right after the step-16 checkpoint of a 32-step run; the
     same command resumes it from there and ends with exactly the uninterrupted run's numbers."""

@@ -395,6 +395,17 @@ def run_sweep(sweep: Sweep, only: list[str] | tuple[str, ...] = (), *, dry_run: 
             continue
         wall = time.perf_counter() - t0
         resumed_from = (summary or {}).get("resumed_from", state.checkpoint_step)  # the trainer's own word
+        if summary is not None and resumed_from == summary.get("steps"):
+            # Nothing left to train: another process finished the run between our look and our
+            # lock, and writes its record as its lock is released. Its record (wall time, where
+            # it resumed from) is the run's, not this call's.
+            view = {run.name: readable(run.config.output_dir, lambda run=run: inspect_run(run), state)}
+            _agree(view, [run])
+            if view[run.name].status in FINISHED:
+                states[run.name] = view[run.name]
+                log(f"[{i}/{len(todo)}] {run.name}: finished meanwhile by another process; kept")
+                flops_done += remaining[run.name]
+                continue
         record = finished_record(run, summary, status, error, wall, resumed_from)
         states[run.name] = RunState(status, record["steps"] or 0, record)
         if main:
