@@ -649,3 +649,15 @@ def test_without_the_train_extra_tokenizing_says_what_to_install(monkeypatch):
                 tf_import.import_seqio()
     tf_import.import_tensorflow.cache_clear()
     tf_import.import_seqio.cache_clear()
+
+
+def test_the_data_cache_follows_xdg_cache_home(monkeypatch, tmp_path):
+    """Beside the compilation cache: $XDG_CACHE_HOME isolated every cache but this one."""
+    from jaxaccel.data.cache import cache_root
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root(None) == tmp_path / "xdg" / "jaxaccel" / "data"
+    assert cache_root(str(tmp_path / "mine")) == tmp_path / "mine"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_root(None) == tmp_path / "home" / ".cache" / "jaxaccel" / "data"

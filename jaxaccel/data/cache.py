@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,12 @@ import numpy as np
 
 from jaxaccel.files import write_atomically
 
-DEFAULT_CACHE_DIR = Path("~/.cache/jaxaccel/data")
-
-
 def cache_root(cache_dir: str | None) -> Path:
-    return Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
+    """`data.cache_dir`, else `$XDG_CACHE_HOME/jaxaccel/data` (default `~/.cache/jaxaccel/data`),
+    beside the compilation cache."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "jaxaccel" / "data"
 
 
 def content_key(*parts: Any) -> str:

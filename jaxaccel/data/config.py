@@ -115,7 +115,8 @@ class DataConfig:
         comma-separated list of text files / globs (`**` recurses), where `.jsonl` files give
         one document per line from `text_field`; or "tfds:NAME[:SPLIT]" for a TFDS dataset
         already prepared on this machine (never downloaded).
-    cache_dir: manifests, vocabularies and token arrays; default ~/.cache/jaxaccel/data.
+    cache_dir: manifests, vocabularies and token arrays; default $XDG_CACHE_HOME/jaxaccel/data
+        (~/.cache/jaxaccel/data).
     vocab_size: SentencePiece pieces, including the reserved ids (pad, eos, unk, bos, the
         three UL2 mode tokens, `num_sentinels` sentinels) and the 256 byte-fallback pieces.
     num_sentinels: span-corruption sentinels reserved in every vocabulary (also for causal
