@@ -365,7 +365,10 @@ def create_run_delete(args: argparse.Namespace, ex: Executor) -> int:
             delete_slice(args, ex)
         raise
     if owned and not args.keep:
-        code = delete_slice(args, ex) or code
+        if code and ex.state(args) == "NOT_FOUND":  # a recreation that gave up: there is nothing to delete
+            print(f"# slice {args.name} is gone: nothing to delete", flush=True)
+        else:
+            code = code or delete_slice(args, ex)  # the command's own exit code first
     return code
 
 

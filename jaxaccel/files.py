@@ -75,3 +75,9 @@ def _sync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def user_cache_home() -> Path:
+    """Where jaxaccel's caches live (the data cache, compiled programs, acceptance tables):
+    `$XDG_CACHE_HOME/jaxaccel`, default `~/.cache/jaxaccel`."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "jaxaccel"

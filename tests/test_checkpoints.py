@@ -271,3 +271,57 @@ def test_a_save_killed_while_moving_in_never_loses_the_earlier_model(tmp_path, t
             outcomes.add("newer")
         assert not (folder / checkpoint.SET_ASIDE).exists() and not (folder / checkpoint.STAGING).exists()
     assert k > 3 and outcomes == {"earlier", "newer"}  # kills before and after the marker's move
+
+
+def test_a_move_in_that_cannot_write_its_journal_or_lost_its_staging_keeps_the_earlier_model(
+        tmp_path, tiny_params, monkeypatch):
+    """A full disk at the journal is a CheckpointError with the earlier model in place (it was
+    an OSError traceback); a kill while the old files are set aside, then the staging folder
+    deleted by hand, still gets the earlier model back (the 'finished' test used to be that
+    no new file was left in staging, and deleted the set-aside model)."""
+    import shutil
+    from pathlib import Path
+
+    import jax
+    import orbax.checkpoint as ocp
+
+    from jaxaccel.model import checkpoint
+
+    earlier = jaxaccel.from_params(TINY, tiny_params, eos_token_ids=())
+    newer = jaxaccel.from_params(TINY, jax.tree.map(lambda x: -x, tiny_params), eos_token_ids=())
+    embed = lambda lm: np.asarray(lm.params["embed"]["embedding"])  # noqa: E731
+    folder = earlier.save(tmp_path / "m")
+    real_write = Path.write_text
+
+    def full_at_the_journal(self, *args, **kwargs):
+        if self.name.startswith(checkpoint.JOURNAL):
+            raise OSError(28, "No space left on device")
+        return real_write(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "write_text", full_at_the_journal)
+        with pytest.raises(CheckpointError, match="No space left on device.*earlier model is back in place"):
+            newer.save(folder)
+    assert np.array_equal(embed(jaxaccel.load(folder)), embed(earlier))
+    assert not (folder / checkpoint.SET_ASIDE).exists()
+
+    real_rename, renames = Path.rename, [0]
+
+    def killed_after_one_set_aside(self, target):
+        if Path(target).parent.name == checkpoint.SET_ASIDE and not Path(target).name.startswith(checkpoint.JOURNAL):
+            renames[0] += 1
+            if renames[0] == 2:  # the marker is aside, params (old) not yet
+                raise Killed
+        return real_rename(self, target)
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "rename", killed_after_one_set_aside)
+        with pytest.raises(Killed):
+            newer.save(folder)
+    assert (folder / checkpoint.SET_ASIDE / "jaxaccel.json").exists() and not (folder / "jaxaccel.json").exists()
+    shutil.rmtree(folder / checkpoint.STAGING)  # "leftover junk", deleted by hand
+    with monkeypatch.context() as m:
+        m.setattr(ocp.StandardCheckpointer, "save", lambda *a, **kw: (_ for _ in ()).throw(OSError(28, "full")))
+        with pytest.raises(CheckpointError):
+            newer.save(folder)
+    assert np.array_equal(embed(jaxaccel.load(folder)), embed(earlier))

@@ -165,6 +165,14 @@ def test_convert_round_trip(model_dir, tmp_path, capsys, tiny_lm):
     assert code == 2 and "holds other files (notes.txt); use --force to write into it" in err and err.count("\n") == 1
     code, _, err = run(convert_main, ["import", str(model_dir), str(tmp_path / "hf")], capsys)
     assert code == 2 and "holds other files" in err  # an HF export is not an earlier import
+    # a Hugging Face model jaxaccel did not export (any HF folder has a config.json) is not replaced without --force
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    del config["exported_by"]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "hf" / "notes.txt").unlink()
+    code, _, err = run(convert_main, ["export", str(tmp_path / "ja"), str(tmp_path / "hf")], capsys)
+    assert code == 2 and "holds a Hugging Face model that jaxaccel did not export" in err, err
+    assert "exported_by" not in (tmp_path / "hf" / "config.json").read_text()
 
 
 def test_bench_decode_runs_and_reports(capsys, tmp_path):

@@ -193,6 +193,9 @@ def test_tpu_pod_spot_recovery_retries_a_failed_recreate_with_backoff():
     assert limited.returncode != 0
     assert "--max-restarts=2 is used up" in limited.stdout
     assert len([line for line in limited.stdout.splitlines() if "tpu-vm create" in line]) == 3
+    # given up with no slice left: nothing to delete (no "may still be running" warning), the failure's code kept
+    assert "slice pod is gone: nothing to delete" in limited.stdout and "may still be running" not in limited.stderr
+    assert limited.returncode == 1 and "tpu-vm delete" not in limited.stdout.splitlines()[-1]
 
 
 def test_tpu_pod_first_setup_on_a_preempted_spot_slice_is_recovered(tmp_path):

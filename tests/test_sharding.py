@@ -74,3 +74,13 @@ def test_a_tpu_mesh_of_every_chip_follows_the_physical_layout(monkeypatch):
     assert asked == [((1, 4, 2, 1), shd.MESH_AXES, tpus)]
     assert shd.make_mesh("tensor=2").devices.ravel().tolist() == jax.devices()[:2]  # CPU: not asked
     assert len(asked) == 1
+
+    def cannot(shape, names, axis_types=None, *, devices=None):
+        asked.append("cannot")
+        raise ValueError("cannot lay out this shape on the torus")
+
+    monkeypatch.setattr(jax, "make_mesh", cannot)  # falls back to the listed order (real devices, as if TPUs)
+    cpus = jax.devices()
+    monkeypatch.setattr(type(cpus[0]), "platform", "tpu", raising=False)
+    assert shd.make_mesh("fsdp=4,tensor=2", devices=cpus).devices.ravel().tolist() == cpus
+    assert asked[-1] == "cannot"  # it was asked, and its refusal fell back

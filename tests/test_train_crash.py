@@ -359,6 +359,13 @@ def test_an_unreadable_remote_step_that_cannot_be_copied_aside_is_not_deleted(tm
         with pytest.raises(CheckpointError, match=r"could not be copied aside .*403 Forbidden.*nothing was deleted"):
             ckpts._set_aside(1)
         assert (tmp_path / "checkpoints" / "1").is_dir()
+        # copied, but the delete fails part-way: said so (not "nothing was deleted"), the copy kept
+        monkeypatch.undo()
+        monkeypatch.setattr(type(epath.Path(str(tmp_path))), "rmtree",
+                            lambda *a, **kw: (_ for _ in ()).throw(OSError("503 Service Unavailable")))
+        with pytest.raises(CheckpointError, match=r"was copied to .* but deleting it failed part-way .*copy is kept"):
+            ckpts._set_aside(1)
+        assert any((tmp_path / "unreadable-checkpoints").iterdir())
     finally:
         ckpts.close()
 

@@ -178,6 +178,7 @@ def config_to_hf(config: ModelConfig, eos_token_ids=(), bos_token_id=None) -> di
         "tie_word_embeddings": config.tie_embeddings, "dtype": config.param_dtype, "torch_dtype": config.param_dtype,
         "bos_token_id": bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
         "attention_dropout": 0.0, "initializer_range": config.init_std, "use_cache": True,
+        "exported_by": "jaxaccel",  # a re-export may replace this folder (`is_own_export`); transformers ignores it
     }
     if config.architecture == "llama":
         hf.update(attention_bias=False, mlp_bias=False)
@@ -473,6 +474,15 @@ def export_hf(folder: str | Path, config: ModelConfig, params: Any, *, tokenizer
                               f"model already there is left as it was") from None
     move_in(staging, folder, _earlier_export(folder), names, "the export")
     return folder
+
+
+def is_own_export(folder: Path) -> bool:
+    """Whether `folder` holds a jaxaccel export (its config.json says so), which a new export may
+    replace without being told to; any other HF model folder is someone else's."""
+    try:
+        return json.loads((Path(folder) / "config.json").read_text()).get("exported_by") == "jaxaccel"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _remove(path: Path) -> None:

@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jaxaccel.files import write_atomically
+from jaxaccel.files import user_cache_home, write_atomically
 
 def cache_root(cache_dir: str | None) -> Path:
-    """`data.cache_dir`, else `$XDG_CACHE_HOME/jaxaccel/data` (default `~/.cache/jaxaccel/data`),
-    beside the compilation cache."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "jaxaccel" / "data"
+    """`data.cache_dir`, else `files.user_cache_home() / "data"` (beside the compilation cache)."""
+    return Path(cache_dir).expanduser() if cache_dir is not None else user_cache_home() / "data"
 
 
 def content_key(*parts: Any) -> str:

@@ -127,7 +127,8 @@ def corpus_token_count(cfg: DataConfig, *, build: bool = True) -> int | None:
 def check_retrieval_fits(cfg: DataConfig, seq_len: int, *, build: bool = True) -> None:
     """What `build_data` checks of `data.retrieval` against `seq_len`, for a sweep's plan to
     fail before any run trains: min_length, and (with the corpus's vocabulary, built when
-    `build`, else only if cached) that every task has an example fitting a row."""
+    `build`; a dry run writes nothing, so checks min_length alone) that every task has an
+    example fitting a row."""
     if not cfg.retrieval.enabled:
         return
     from jaxaccel.data.longctx import RetrievalTasks, check_tasks_fit
@@ -135,7 +136,7 @@ def check_retrieval_fits(cfg: DataConfig, seq_len: int, *, build: bool = True) -
     r = cfg.retrieval
     if r.min_length > seq_len:
         check_tasks_fit(None, (), r.min_length, seq_len)
-    if not build and (cfg.corpus.strip().startswith("tfds:") or corpus_token_count(cfg, build=False) is None):
+    if not build:
         return
     vocab = _tokenized(cfg)[2]
     # (the lengths need no code: a one-token stream stands in for it)

@@ -25,12 +25,13 @@ MIN_COMPILE_SECONDS = 0.0
 
 def user_cache_folder(env: str, name: str) -> Path | None:
     """A jaxaccel cache folder: `$env` if set (a directory, or one of OFF_VALUES -> None),
-    else `$XDG_CACHE_HOME/jaxaccel/<name>` (default `~/.cache/jaxaccel/<name>`)."""
+    else `files.user_cache_home() / name`."""
+    from jaxaccel.files import user_cache_home
+
     value = os.environ.get(env)
     if value is not None:
         return None if value.strip().lower() in OFF_VALUES else Path(value).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "jaxaccel" / name
+    return user_cache_home() / name
 
 
 def cache_dir() -> Path | None:

@@ -38,7 +38,7 @@ from jaxaccel.model.duo import parse_routes
 from jaxaccel.model.options import ExecutionPlan
 from jaxaccel.model.transformer import (LayerKV, ModelHandle, canonical_params, fuse_layers, init_cache, logical_axes,
                                         param_shapes, stack_layers, unstack_layers)
-from jaxaccel.convert.hf import EXPORT_ENTRIES
+from jaxaccel.convert.hf import EXPORT_ENTRIES, is_own_export
 from jaxaccel.tokenizer import SIDE_FILES
 
 MIN_BUCKET = 16
@@ -526,6 +526,7 @@ def resolve_mesh(mesh: Mesh | str | dict | None) -> Mesh | None:
 # `overwrite`.
 SAVE_FILES = ("jaxaccel.json", "jaxaccel.json.tmp", "params", "tokenizer.model", "tokenizer.json", *SIDE_FILES,
               ".jaxaccel-saving", ".jaxaccel-replaced")
+EXPORT_MARK = "exported_by"  # the key of an export's config.json that says jaxaccel wrote it
 EXPORT_FILES = (*EXPORT_ENTRIES, "model*.safetensors", ".jaxaccel-saving", ".jaxaccel-replaced")
 
 
@@ -556,8 +557,15 @@ def destination(folder, overwrite: bool, own: tuple[str, ...], what_to_do: str =
         # an earlier save: its marker, or (a killed save) an Orbax checkpoint as params/
         from jaxaccel.model.checkpoint import JOURNAL, SET_ASIDE, STAGING, holds_earlier_save
 
+        if marker == "config.json":  # an export's own mark: any HF model folder has a config.json
+            earlier = is_own_export(path)
+            if not earlier and (path / marker).exists():
+                raise InvalidArgumentError(f"destination {str(path)!r} holds a Hugging Face model that jaxaccel did "
+                                           f"not export (its config.json has no \"{EXPORT_MARK}\"); {what_to_do}")
+        else:
+            earlier = holds_earlier_save(path, marker)
         # (a save or export killed while moving in: its journal; the next one puts the old model back)
-        earlier = holds_earlier_save(path, marker) or (path / SET_ASIDE / JOURNAL).is_file()
+        earlier = earlier or (path / SET_ASIDE / JOURNAL).is_file()
         ours = own if earlier else (STAGING, SET_ASIDE)
         other = sorted(p.name for p in path.iterdir() if not any(fnmatch.fnmatchcase(p.name, o) for o in ours))
         if other:

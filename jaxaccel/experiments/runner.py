@@ -131,6 +131,7 @@ def plan_steps(runs: list[Run], *, build: bool) -> tuple[dict[str, int | None], 
     from jaxaccel.data.pipeline import check_retrieval_fits
 
     counts: dict[tuple, int | None] = {}
+    fits: set[tuple] = set()  # (corpus, retrieval, seq_len) checked: once per corpus, not per run
     steps: dict[str, int | None] = {}
     unchecked: list[str] = []
     for run in runs:
@@ -151,7 +152,9 @@ def plan_steps(runs: list[Run], *, build: bool) -> tuple[dict[str, int | None], 
         unique = d.unique_tokens if d.unique_tokens is not None else corpus
         budget_steps = None
         try:  # e.g. a seq_len the data cannot cut rows of, or retrieval tasks cannot fit: fail before any run trains
-            check_retrieval_fits(d, cfg.train.seq_len, build=build)
+            if (key, d.retrieval, cfg.train.seq_len) not in fits:
+                check_retrieval_fits(d, cfg.train.seq_len, build=build)
+                fits.add((key, d.retrieval, cfg.train.seq_len))
             if unique is not None:
                 budget_steps = budget(d, unique, seq_len=cfg.train.seq_len,
                                       batch_size=corpus_batch_size(cfg))["total_steps"]

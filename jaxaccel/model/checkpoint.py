@@ -384,13 +384,13 @@ def move_in(staging: Path, folder: Path, old: list[str], new: list[str], what: s
     `staging`, named in the error). Also the Hugging Face export's move (config.json its
     marker)."""
     aside = folder / SET_ASIDE
-    aside.mkdir()
-    # What is about to move, for `recover_move` after a kill part-way (written before any rename).
-    journal = aside / (JOURNAL + ".tmp")
-    journal.write_text(json.dumps({"old": old, "new": new, "staging": staging.name}))
-    journal.rename(aside / JOURNAL)
     moved_out, moved_in = [], []
     try:
+        aside.mkdir()
+        # What is about to move, for `recover_move` after a kill part-way (written before any rename).
+        journal = aside / (JOURNAL + ".tmp")
+        journal.write_text(json.dumps({"old": old, "new": new, "staging": staging.name}))
+        journal.rename(aside / JOURNAL)
         for name in old:
             (folder / name).rename(aside / name)
             moved_out.append(name)
@@ -398,26 +398,39 @@ def move_in(staging: Path, folder: Path, old: list[str], new: list[str], what: s
             (staging / name).rename(folder / name)
             moved_in.append(name)
     except OSError as e:
-        for name in reversed(moved_in):
-            (folder / name).rename(staging / name)
-        for name in moved_out:
-            (aside / name).rename(folder / name)
-        shutil.rmtree(aside, ignore_errors=True)
+        _put_back(folder, staging, moved_in, moved_out)
         raise CheckpointError(f"moving {what} into {folder} failed ({write_error_reason(e)}); the earlier "
                               f"model is back in place, the new one is in {staging}") from None
     shutil.rmtree(aside, ignore_errors=True)
     shutil.rmtree(staging, ignore_errors=True)
 
 
+def _put_back(folder: Path, staging: Path, moved_in: list[str], moved_out: list[str]) -> None:
+    """Undo part of a `move_in`: the new files moved in go back to `staging`, the old ones set
+    aside come back; SET_ASIDE is removed."""
+    for name in reversed(moved_in):
+        (folder / name).rename(staging / name)
+    for name in moved_out:
+        (folder / SET_ASIDE / name).rename(folder / name)
+    shutil.rmtree(folder / SET_ASIDE, ignore_errors=True)
+
+
 JOURNAL = ".moves.json"  # in SET_ASIDE: the names `move_in` is moving
 
 
+def _there(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
 def recover_move(folder: Path) -> str | None:
-    """Finish what a `move_in` killed part-way left in a local `folder` (SET_ASIDE is there):
-    if every new file was moved in, the set-aside old files are deleted; otherwise the moved-in
-    new ones go back to the staging folder (deleted with it) and the old model is put back, so
-    the earlier model is never lost to a kill. Returns "restored", "finished" or None (nothing
-    to recover). A SET_ASIDE without its journal was made by a kill before any rename: empty."""
+    """Finish what a `move_in` killed part-way left in a local `folder` (SET_ASIDE is there).
+    The new marker is moved in last: if it is in the folder, the move was complete (or had not
+    begun: the old marker is still there) and the set-aside files are deleted; otherwise the
+    new files moved in so far go back to the staging folder (deleted with it) and the old
+    model is put back — the earlier model is never lost to a kill. The old files are all set
+    aside before the first new one moves, so a new name in the folder is a moved-in file only
+    once every old one is aside. Returns "restored", "finished" or None (nothing to recover).
+    A SET_ASIDE without its journal was made by a kill before any rename: nothing in it."""
     aside = folder / SET_ASIDE
     if not aside.is_dir():
         return None
@@ -427,19 +440,16 @@ def recover_move(folder: Path) -> str | None:
     except (OSError, ValueError, KeyError, TypeError):
         shutil.rmtree(aside)
         return None
-    if not any((staging / n).exists() or (staging / n).is_symlink() for n in new):
-        shutil.rmtree(aside)  # the move was complete: the kill came while the old files were deleted
+    if new and _there(folder / new[-1]):
+        shutil.rmtree(aside)
         shutil.rmtree(staging, ignore_errors=True)
         return "finished"
-    staging.mkdir(exist_ok=True)
-    for name in new:  # the new files moved in so far (the marker, moved last, is not among them)
-        here = folder / name
-        if not ((staging / name).exists() or (staging / name).is_symlink()) and (here.exists() or here.is_symlink()):
-            here.rename(staging / name)
-    for name in old:
-        if (aside / name).exists() or (aside / name).is_symlink():
-            (aside / name).rename(folder / name)
-    shutil.rmtree(aside)
+    moved_out = [n for n in old if _there(aside / n)]
+    moved_in = []
+    if len(moved_out) == len(old):
+        staging.mkdir(exist_ok=True)
+        moved_in = [n for n in new if _there(folder / n) and not _there(staging / n)]
+    _put_back(folder, staging, moved_in, moved_out)
     shutil.rmtree(staging, ignore_errors=True)
     return "restored"
 

@@ -171,37 +171,20 @@ class Checkpoints:
         """Move an unreadable step out of the manager's folder (the run will write it anew) to
         `unreadable-checkpoints/` beside it. Process 0 moves it (on gs://, where there is no
         rename, each object is copied — a server-side copy — and the step then deleted; a copy
-        that fails is a CheckpointError and nothing is deleted); every process then waits for
-        that and re-reads the step list."""
+        that fails is a CheckpointError and nothing is deleted); every process learns process
+        0's outcome, then re-reads the step list."""
         from jax.experimental import multihost_utils
 
         if self.read_only:
             return None
         moved = error = None
         if jax.process_index() == 0:
-            if isinstance(self.directory, str):
-                from etils import epath
-
-                src = epath.Path(self.directory, str(step))
-                dst = epath.Path(self.directory).parent / "unreadable-checkpoints" / f"{step}-{int(time.time())}"
-                try:
-                    for folder, _, files in src.walk():  # (epath refuses rglob on GCS)
-                        for name in files:
-                            target = dst / (epath.Path(folder) / name).relative_to(src)
-                            target.parent.mkdir(parents=True, exist_ok=True)
-                            (epath.Path(folder) / name).copy(target)
-                    src.rmtree()
-                    moved = str(dst)
-                except Exception as e:
-                    error = (f"checkpoint step {step} in {self.directory} is unreadable and could not be copied aside "
-                             f"to {dst} ({first_line(e)}); nothing was deleted: rerun once the bucket is reachable")
-            else:
-                import shutil
-
-                dst = self.directory.parent / "unreadable-checkpoints" / f"{step}-{int(time.time())}"
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(str(self.directory / str(step)), str(dst))
-                moved = str(dst)
+            try:
+                moved = self._move_aside(step)
+            except CheckpointError as e:
+                error = str(e)
+            except OSError as e:  # a local move (a full or read-only disk)
+                error = f"checkpoint step {step} in {self.directory} is unreadable and could not be moved aside ({e})"
         if jax.process_count() > 1:  # every process learns whether process 0 could set it aside
             if not int(multihost_utils.broadcast_one_to_all(np.int32(error is None))) and error is None:
                 error = f"checkpoint step {step} could not be set aside by process 0 (its error is in its output)"
@@ -210,6 +193,39 @@ class Checkpoints:
             raise CheckpointError(error)
         self.manager.reload()
         return moved
+
+    def _move_aside(self, step: int) -> str:
+        """Process 0's part of `_set_aside`: the step moved (copied, then deleted, on gs://) to
+        unreadable-checkpoints/; returns where it is now."""
+        stamp = f"{step}-{int(time.time())}"
+        if not isinstance(self.directory, str):
+            import shutil
+
+            dst = self.directory.parent / "unreadable-checkpoints" / stamp
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(step)), str(dst))
+            return str(dst)
+        from etils import epath
+
+        src = epath.Path(self.directory, str(step))
+        dst = epath.Path(self.directory).parent / "unreadable-checkpoints" / stamp
+        try:
+            for folder, _, files in src.walk():  # (epath refuses rglob on GCS)
+                for name in files:
+                    target = dst / (epath.Path(folder) / name).relative_to(src)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    (epath.Path(folder) / name).copy(target)
+        except Exception as e:
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} is unreadable and could not be copied "
+                                  f"aside to {dst} ({first_line(e)}); nothing was deleted: rerun once the bucket is "
+                                  f"reachable") from None
+        try:
+            src.rmtree()
+        except Exception as e:
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} is unreadable; it was copied to {dst} "
+                                  f"but deleting it failed part-way ({first_line(e)}): rerun once the bucket is "
+                                  f"reachable (the copy is kept)") from None
+        return str(dst)
 
     def wait(self) -> None:
         with self._save_errors():

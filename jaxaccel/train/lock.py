@@ -10,7 +10,8 @@ crashes included, so a killed run never leaves a stale lock: rerunning the comma
 The file itself stays (it only records the last holder); deleting it while a run holds it
 would let a second run lock a fresh file, so it is never removed — except by a new run that
 made the folder and is refused before it writes anything else there (its data, a budget):
-it removes the folder rather than leave one holding only this file.
+it removes that folder (not any parent folders made with it) rather than leave one holding
+only this file.
 
 flock is per open file description, not per process: a second `train()` in the same
 process (a thread, a notebook cell) is refused too. The descriptor is not inheritable,

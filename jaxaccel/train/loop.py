@@ -145,11 +145,15 @@ def output_dir_lock(output_dir: str):
     except BaseException:
         # a new run refused before it wrote anything (its data, a budget): no folder holding
         # only train.lock is left behind
-        if lock is not None and new_folder and [p.name for p in Path(output_dir).iterdir()] == [LOCK_FILE]:
-            (Path(output_dir) / LOCK_FILE).unlink()
-            lock.release()
-            lock = None
-            Path(output_dir).rmdir()
+        if lock is not None and new_folder:
+            try:  # (never in the way of the run's own error)
+                if [p.name for p in Path(output_dir).iterdir()] == [LOCK_FILE]:
+                    (Path(output_dir) / LOCK_FILE).unlink()
+                    lock.release()
+                    lock = None
+                    Path(output_dir).rmdir()
+            except OSError:
+                pass
         raise
     finally:
         if lock is not None:
