@@ -22,6 +22,27 @@ class ArgumentParser(argparse.ArgumentParser):
         raise SystemExit(EXIT_BAD_INPUT)
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help with each option's default, unless it is None/False or the help already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.option_strings and action.default not in (None, False, argparse.SUPPRESS, [])
+                and "default" not in text.lower()):
+            text += " (default: %(default)s)"
+        return text
+
+
+def explain_options(parser: argparse.ArgumentParser, common: dict[str, str]) -> None:
+    """Every subcommand of `parser` shows its defaults, and options without help take the
+    `common` text of their dest (the --json, --runs, --batches every benchmark has)."""
+    for choice in parser._subparsers._group_actions[0].choices.values() if parser._subparsers else ():
+        choice.formatter_class = DefaultsHelpFormatter
+        for action in choice._actions:
+            if action.help is None and action.dest in common:
+                action.help = common[action.dest]
+
+
 def fail(message: str) -> None:
     sys.stderr.write(f"error: {message}\n")
     raise SystemExit(EXIT_BAD_INPUT)

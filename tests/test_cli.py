@@ -508,3 +508,12 @@ def test_decode_option_hot_start_false_is_accepted():
     from jaxaccel.decode.__main__ import parse_options
 
     assert parse_options(["hot_start=false", "k=4"]) == {"hot_start": False, "k": 4}
+
+
+def test_bench_help_says_what_each_option_is_and_its_default(capsys):
+    """Most benchmark options had neither help text nor a visible default."""
+    for command in ("decode", "spec", "dyspec", "skipdecode", "duo", "tokenselect", "startup", "train", "kernels"):
+        code, out, _ = run(bench_main, [command, "--help"], capsys)
+        assert code == 0 and "--json JSON" in out and "also write the" in out, command
+    code, out, _ = run(bench_main, ["spec", "--help"], capsys)
+    assert "timed runs per case (the median is reported) (default:" in out and "(default: 1,4)" in out

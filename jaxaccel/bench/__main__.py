@@ -19,7 +19,7 @@ from typing import Sequence
 
 from pathlib import Path
 
-from jaxaccel.cli import ArgumentParser, fail, run_cli, writable_output
+from jaxaccel.cli import ArgumentParser, explain_options, fail, run_cli, writable_output
 
 
 def argparse_suppress():
@@ -171,6 +171,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ke.add_argument("--runs", type=int, default=20, help="timed calls per kernel and reference (median)")
     ke.add_argument("--quick", action="store_true", help="one case per kernel and dtype")
     ke.add_argument("--json", default=None)
+    explain_options(p, {
+        "json": "also write the raw figures to this JSON file", "runs": "timed runs per case (the median is reported)",
+        "batches": "comma-separated batch sizes", "new_tokens": "tokens generated per prompt",
+        "prompt_tokens": "tokens of each held-out prompt", "prompt_len": "prompt tokens",
+        "model": "model path or builtin:NAME", "target": "target model path or builtin:NAME",
+        "draft": "draft model path or builtin:NAME", "temperatures": "comma-separated temperatures (0 = greedy)",
+        "temperature": "sampling temperature (0 = greedy)", "top_k": "top-k filter", "top_p": "nucleus mass",
+        "budgets": "comma-separated tree budgets", "speedups": "comma-separated mean speedups of the schedule",
+        "configs": "comma-separated training configs", "override": "a config KEY=VALUE for every config (repeatable)",
+        "methods": "comma-separated decoding methods", "dtype": "parameter and compute dtype",
+        "max_rank": "children ranks measured per node"})
     args = p.parse_args(argv)
     if getattr(args, "json", None):  # before any work: a long run never ends in a failed write
         writable_output(args.json, what="--json file")
