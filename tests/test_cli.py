@@ -517,3 +517,7 @@ def test_bench_help_says_what_each_option_is_and_its_default(capsys):
         assert code == 0 and "--json JSON" in out and "also write the" in out, command
     code, out, _ = run(bench_main, ["spec", "--help"], capsys)
     assert "timed runs per case (the median is reported) (default:" in out and "(default: 1,4)" in out
+    from jaxaccel.experiments.__main__ import main as experiments_main
+
+    code, out, _ = run(experiments_main, ["skipdecode", "--help"], capsys)
+    assert code == 0 and "comma-separated mean speedups of the schedule (default: 1,2,3,5)" in " ".join(out.split())

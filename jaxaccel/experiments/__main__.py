@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from jaxaccel.cli import ArgumentParser, add_distributed_arguments, init_distributed, run_cli
+from jaxaccel.cli import ArgumentParser, add_distributed_arguments, explain_options, init_distributed, run_cli
 from jaxaccel.files import write_atomically
 
 
@@ -131,6 +131,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="results.json, results.md and the plots go here (docs/duo holds the committed run)")
     du.add_argument("--save-router", default=None, metavar="DIR",
                     help="save the model with its router for half the layers big here (decoding uses its routes)")
+    explain_options(p, {
+        "speedups": "comma-separated mean speedups of the schedule", "prompt_tokens": "tokens of each held-out prompt",
+        "max_length": "the schedule's length: prompt + generated tokens per evaluation window",
+        "batches": "comma-separated batch sizes", "runs": "timed runs per case (the median is reported)",
+        "dispatch": "skipped layers: a lax.cond per layer (cond) or a lax.switch over one program per depth "
+                    "(switch)", "tasks": "comma-separated retrieval tasks",
+        "methods": "comma-separated methods to evaluate", "seed": "random seed", "seq_len": "tokens per window",
+        "beam_width": "patterns kept per layer by the beam oracle", "router_steps": "router training steps",
+        "random_draws": "random routes drawn per budget (the random baseline)"})
     # KEY=VALUE overrides may come after options too (`sweep CONFIG --dry-run output_dir=...`).
     args, extra = p.parse_known_args(argv)
     stray = [e for e in extra if e.startswith("-") or "=" not in e or args.command not in ("sweep", "collect")]
