@@ -139,8 +139,8 @@ def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distributed", action="store_true",
                    help="multi-host: jax.distributed.initialize() with the platform's auto-detection (TPU pods)")
     p.add_argument("--coordinator", help="multi-host on other platforms: HOST:PORT of process 0")
-    p.add_argument("--num-processes", type=int, default=None)
-    p.add_argument("--process-id", type=int, default=None)
+    p.add_argument("--num-processes", type=int, default=None, help="with --coordinator: how many processes")
+    p.add_argument("--process-id", type=int, default=None, help="with --coordinator: this process's index, from 0")
     p.add_argument("--cpu-devices", type=int, default=None, help="local CPU devices to emulate (testing sharding)")
 
 

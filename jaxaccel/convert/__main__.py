@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from jaxaccel.cli import ArgumentParser, fail, run_cli
+from jaxaccel.cli import ArgumentParser, explain_options, fail, run_cli
 
 
 def parse_size(text: str) -> int:
@@ -36,7 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         q.add_argument("--force", action="store_true",
                        help="write into a destination holding other files (an earlier model written there by the "
                             "same direction is replaced without it)")
-    exp.add_argument("--max-shard-size", default="2GB")
+    exp.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (e.g. 500MB, 2GB)")
+    explain_options(p, {"dtype": "parameter dtype of the written model (default: the source's)"})
     args = p.parse_args(argv)
 
     for name in ("source", "destination"):  # Path("") is ".": the current folder, not what was meant

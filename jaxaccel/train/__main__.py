@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 from typing import Sequence
 
-from jaxaccel.cli import ArgumentParser, add_distributed_arguments, init_distributed, run_cli
+from jaxaccel.cli import ArgumentParser, DefaultsHelpFormatter, add_distributed_arguments, init_distributed, run_cli
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = ArgumentParser(prog="python -m jaxaccel.train", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m jaxaccel.train", description=__doc__.split("\n")[0],
+                       formatter_class=DefaultsHelpFormatter)
     p.add_argument("config", help="YAML preset (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=100")
     add_distributed_arguments(p)
