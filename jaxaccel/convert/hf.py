@@ -158,6 +158,9 @@ def _config_from_hf(hf: dict, source: str) -> ModelConfig:
     )
 
 
+EXPORT_MARK = "exported_by"  # the key of an export's config.json that says jaxaccel wrote it
+
+
 def config_to_hf(config: ModelConfig, eos_token_ids=(), bos_token_id=None) -> dict:
     rope: dict[str, Any] = {"rope_theta": config.rope_theta, "rope_type": "default"}
     if config.rope_scaling is not None:
@@ -178,7 +181,7 @@ def config_to_hf(config: ModelConfig, eos_token_ids=(), bos_token_id=None) -> di
         "tie_word_embeddings": config.tie_embeddings, "dtype": config.param_dtype, "torch_dtype": config.param_dtype,
         "bos_token_id": bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
         "attention_dropout": 0.0, "initializer_range": config.init_std, "use_cache": True,
-        "exported_by": "jaxaccel",  # a re-export may replace this folder (`is_own_export`); transformers ignores it
+        EXPORT_MARK: "jaxaccel",  # a re-export may replace this folder (`is_own_export`); transformers ignores it
     }
     if config.architecture == "llama":
         hf.update(attention_bias=False, mlp_bias=False)
@@ -480,7 +483,7 @@ def is_own_export(folder: Path) -> bool:
     """Whether `folder` holds a jaxaccel export (its config.json says so), which a new export may
     replace without being told to; any other HF model folder is someone else's."""
     try:
-        return json.loads((Path(folder) / "config.json").read_text()).get("exported_by") == "jaxaccel"
+        return json.loads((Path(folder) / "config.json").read_text()).get(EXPORT_MARK) == "jaxaccel"
     except (OSError, ValueError, AttributeError):
         return False
 

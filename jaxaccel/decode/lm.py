@@ -38,7 +38,7 @@ from jaxaccel.model.duo import parse_routes
 from jaxaccel.model.options import ExecutionPlan
 from jaxaccel.model.transformer import (LayerKV, ModelHandle, canonical_params, fuse_layers, init_cache, logical_axes,
                                         param_shapes, stack_layers, unstack_layers)
-from jaxaccel.convert.hf import EXPORT_ENTRIES, is_own_export
+from jaxaccel.convert.hf import EXPORT_ENTRIES, EXPORT_MARK, is_own_export
 from jaxaccel.tokenizer import SIDE_FILES
 
 MIN_BUCKET = 16
@@ -526,7 +526,6 @@ def resolve_mesh(mesh: Mesh | str | dict | None) -> Mesh | None:
 # `overwrite`.
 SAVE_FILES = ("jaxaccel.json", "jaxaccel.json.tmp", "params", "tokenizer.model", "tokenizer.json", *SIDE_FILES,
               ".jaxaccel-saving", ".jaxaccel-replaced")
-EXPORT_MARK = "exported_by"  # the key of an export's config.json that says jaxaccel wrote it
 EXPORT_FILES = (*EXPORT_ENTRIES, "model*.safetensors", ".jaxaccel-saving", ".jaxaccel-replaced")
 
 
