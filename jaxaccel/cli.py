@@ -8,10 +8,11 @@ import sys
 import warnings
 from typing import Callable, Sequence
 
-from jaxaccel.errors import JaxaccelError, Preempted, first_line
+from jaxaccel.errors import Interrupted, JaxaccelError, Preempted, first_line
 
 EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: stopped by a preemption notice, a checkpoint saved
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C (a training run saved a checkpoint first)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -114,10 +115,10 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
         fail(os_error_message(e))
     except Preempted as e:
         sys.stderr.write(f"stopped: {e}\n")
-        return EXIT_PREEMPTED
+        return EXIT_INTERRUPTED if isinstance(e, Interrupted) else EXIT_PREEMPTED
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
-        return 130
+        return EXIT_INTERRUPTED
     finally:
         # A command-line process (argv None: sys.argv) that failed exits next: the exceptions
         # of work it abandoned (pending restore coroutines collected at exit, each printing a

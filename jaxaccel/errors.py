@@ -47,3 +47,8 @@ class Preempted(Exception):
     """A run stopped by a preemption notice (SIGTERM) after saving a checkpoint: not bad input.
     The CLIs print `stopped: <message>` and exit 143 (128 + SIGTERM); rerunning the same
     command resumes from that checkpoint."""
+
+
+class Interrupted(Preempted):
+    """A run stopped by Ctrl-C after saving a checkpoint of its current step. The CLIs print
+    `stopped: <message>` and exit 130 (128 + SIGINT), as for any Ctrl-C."""

@@ -466,6 +466,51 @@ def test_sigterm_saves_a_checkpoint_of_that_step_and_the_rerun_resumes_from_it(t
     assert [r["step"] for r in curve(run) if "loss" in r] == list(range(1, 301))
 
 
+def test_ctrl_c_checkpoints_the_step_then_a_second_stops_at_once(finished, tmp_path, monkeypatch, capsys):
+    """Ctrl-C used to end a training run at once (KeyboardInterrupt), losing every step since
+    its last periodic checkpoint. A first Ctrl-C now ends the step, checkpoints it and stops
+    (`stopped:`, exit 130); the rerun resumes to the uninterrupted curve. A second Ctrl-C stops
+    at once with the checkpoints already saved. The previous SIGINT handler is back after."""
+    import signal
+
+    import jaxaccel.train.loop as loop
+
+    real, calls = loop.global_batch, []
+
+    def pressing_ctrl_c(call, times):
+        def batch(*args):  # a step's (or an evaluation's) batch: the first evaluation is at step 4
+            calls.append(1)
+            if len(calls) == call:
+                for _ in range(times):
+                    signal.raise_signal(signal.SIGINT)
+            return real(*args)
+        return batch
+
+    before = signal.getsignal(signal.SIGINT)
+    run = tmp_path / "run"
+    monkeypatch.setattr(loop, "global_batch", pressing_ctrl_c(3, 1))
+    code = run_cli(lambda argv: train(run_cfg(run)), [])
+    err = capsys.readouterr().err
+    assert code == 130, err
+    assert "interrupt: the run stops after this step and saves a checkpoint of it" in err
+    (line,) = [x for x in err.splitlines() if x.startswith("stopped: ")]
+    assert "Ctrl-C stopped the run after step 3 of 8; checkpoint 3 is saved" in line, line
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["3"]
+    assert not (run / "model").exists() and signal.getsignal(signal.SIGINT) is before
+
+    calls.clear()
+    monkeypatch.setattr(loop, "global_batch", pressing_ctrl_c(1, 2))  # twice, in the resumed run's first step
+    with pytest.raises(KeyboardInterrupt):
+        train(run_cfg(run))
+    assert "interrupt: the run stops after this step" in capsys.readouterr().err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["3"]
+    assert signal.getsignal(signal.SIGINT) is before
+
+    monkeypatch.setattr(loop, "global_batch", real)
+    assert train(run_cfg(run))["resumed_from"] == 3
+    assert curve(run) == curve(finished)
+
+
 def test_no_validation_data_is_no_figure_not_a_perfect_loss(tmp_path):
     """With no held-out data (validation_fraction 0) the trainer used to log eval_loss 0.0 over
     0 tokens and export it as the model's validation loss: a perfect model on paper."""

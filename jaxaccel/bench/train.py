@@ -51,7 +51,7 @@ def check_overrides(config_paths, overrides, compare_devices: int = 1) -> None:
 
 def measure(config_path: str, overrides: list[str], peak: float, log_every: int = 5) -> dict[str, Any]:
     from jaxaccel.config import build
-    from jaxaccel.errors import Preempted
+    from jaxaccel.errors import Interrupted, Preempted
     from jaxaccel.train.config import RunConfig
     from jaxaccel.train.loop import train
     from jaxaccel.train.metrics import flops_per_token
@@ -64,8 +64,9 @@ def measure(config_path: str, overrides: list[str], peak: float, log_every: int 
                                              "tensorboard=false", f"train.peak_flops={peak}"])
         try:
             train(cfg, log=lambda msg: None)
-        except Preempted:  # its checkpoint was in the temporary folder: there is nothing to resume
-            raise Preempted("a SIGTERM stopped the benchmark; it keeps no checkpoint: rerun it to measure") from None
+        except Preempted as e:  # its checkpoint was in the temporary folder: there is nothing to resume
+            cause = "Ctrl-C" if isinstance(e, Interrupted) else "a SIGTERM"
+            raise type(e)(f"{cause} stopped the benchmark; it keeps no checkpoint: rerun it to measure") from None
         records = [json.loads(line) for line in open(Path(out) / "metrics.jsonl") if "tokens_per_s" in line]
     rates = [r["tokens_per_s"] for r in records[1:]]
     tok_s = statistics.median(rates)

@@ -4,7 +4,8 @@
     python -m jaxaccel.train configs/pod-1b.yaml --distributed     # on every host of a TPU pod
 
 Rerunning the same command on the same output_dir resumes from its latest checkpoint. A
-SIGTERM (a spot slice's preemption notice) saves a checkpoint of the current step and exits 143.
+SIGTERM (a spot slice's preemption notice) saves a checkpoint of the current step and exits 143;
+so does a first Ctrl-C, exiting 130 (a second Ctrl-C stops at once, without).
 Metrics: OUTPUT_DIR/metrics.jsonl (one JSON object per line), OUTPUT_DIR/tensorboard/.
 """
 from __future__ import annotations

@@ -33,7 +33,7 @@ import yaml
 
 from jaxaccel import sharding as shd
 from jaxaccel.config import flatten, to_dict
-from jaxaccel.errors import CheckpointError, ConfigError, JaxaccelError, Preempted
+from jaxaccel.errors import CheckpointError, ConfigError, Interrupted, JaxaccelError, Preempted
 from jaxaccel.model.checkpoint import (MARKER, RUN_CHECKPOINTS, RUN_CONFIG, SET_ASIDE, STAGING,  # run layout names
                                        holds_earlier_save)
 from jaxaccel.train.checkpoint import Checkpoints
@@ -62,11 +62,14 @@ def divergence(metrics: dict) -> str:
 
 @contextlib.contextmanager
 def preemption_notice():
-    """Yields `noticed(step) -> bool`: True once a preemption notice has come, at a step where
-    every process stops. A TPU pod's spot slice gets SIGTERM shortly before it is reclaimed:
-    on a multi-host run JAX's preemption service catches it and the processes agree on the
-    step (`multihost_utils.reached_preemption_sync_point`); on one process a SIGTERM handler
-    (installed for the run, the previous one restored after) sets a flag read after each step."""
+    """Yields `noticed(step) -> str | None`: why the run must stop ("SIGTERM" or "Ctrl-C"), once
+    that is known at a step where every process stops; None otherwise. A TPU pod's spot slice
+    gets SIGTERM shortly before it is reclaimed: on a multi-host run JAX's preemption service
+    catches it and the processes agree on the step
+    (`multihost_utils.reached_preemption_sync_point`). On one process, handlers installed for
+    the run (the previous ones restored after) note SIGTERM and a first Ctrl-C (SIGINT), read
+    after each step: the step is checkpointed and the run stops. A second Ctrl-C stops at
+    once (KeyboardInterrupt), keeping only the checkpoints already saved."""
     import signal
     import threading
 
@@ -75,20 +78,33 @@ def preemption_notice():
 
     if distributed.global_state.client is not None:  # multi-host: JAX's service owns SIGTERM
         if distributed.global_state.preemption_sync_manager is None:  # jax_enable_preemption_service off
-            yield lambda step: False
+            yield lambda step: None
         else:
-            yield lambda step: multihost_utils.reached_preemption_sync_point(step)
+            yield lambda step: "SIGTERM" if multihost_utils.reached_preemption_sync_point(step) else None
         return
     if threading.current_thread() is not threading.main_thread():
-        yield lambda step: False
+        yield lambda step: None
         return
-    flag = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set())
+    reason: list[str] = []
+
+    def on_term(signum, frame):
+        reason.append("SIGTERM")
+
+    def on_int(signum, frame):
+        if "Ctrl-C" in reason:
+            raise KeyboardInterrupt
+        reason.append("Ctrl-C")
+        sys.stderr.write("\ninterrupt: the run stops after this step and saves a checkpoint of it "
+                         "(Ctrl-C again stops at once, without)\n")
+
+    previous = {sig: signal.signal(sig, handler) for sig, handler in ((signal.SIGTERM, on_term),
+                                                                       (signal.SIGINT, on_int))}
     try:
-        yield lambda step: flag.is_set()
+        yield lambda step: reason[0] if reason else None
     finally:
-        # None: the previous handler was not installed from Python; the default is the nearest
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for sig, handler in previous.items():
+            # None: the previous handler was not installed from Python; the default is the nearest
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def build_mesh(cfg: RunConfig):
@@ -577,9 +593,11 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
                                          "data": fingerprint})
             if stop:
                 ckpts.wait()
-                raise Preempted(f"a preemption notice (SIGTERM) stopped the run after step {done} of {total_steps}; "
-                                f"checkpoint {done} is saved in {ckpt_dir}: rerun the same command to resume")
-        notice.close()  # the last step is checkpointed: from here a SIGTERM may end the process as usual
+                error = Interrupted if stop == "Ctrl-C" else Preempted
+                cause = "Ctrl-C" if stop == "Ctrl-C" else "a preemption notice (SIGTERM)"
+                raise error(f"{cause} stopped the run after step {done} of {total_steps}; "
+                            f"checkpoint {done} is saved in {ckpt_dir}: rerun the same command to resume")
+        notice.close()  # the last step is checkpointed: from here a SIGTERM or Ctrl-C ends the process as usual
         flush_metrics()
         if start == total_steps:  # resumed after the last step: evaluate, recording it only if it is not yet
             last_eval = evaluate(total_steps, write=writer is not None and not writer.has(total_steps, "eval_loss"))
