@@ -426,6 +426,23 @@ def test_another_draft_object_of_the_same_shape_reuses_the_compiled_loop(lm, dra
     assert again.stats["mean_accepted"] < near.stats["mean_accepted"]
 
 
+def test_a_first_call_that_measures_the_draft_says_so_once(lm, draft_lm, reference, capsys):
+    """A first Sequoia/DySpec call on a new model pair measures the draft's acceptance first
+    (~10 s on a CPU for the shipped pair), which the decode CLI used to do in silence. With
+    `progress` (the CLI at a terminal) one line says so; a call that measures nothing, or one
+    without progress, prints nothing."""
+    draft = jaxaccel.from_params(TINY, draft_lm.params)  # a new object: nothing measured for it yet
+    kw = dict(max_new_tokens=24, method="sequoia", budget=6, draft=draft)
+    first = lm.generate(PROMPTS[:2], progress=True, **kw)
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("measuring ")]
+    assert lines == ["measuring how the draft's tokens are accepted on 16 calibration prompts (once per model "
+                     "pair and sampling settings; kept for this process)"]
+    again = lm.generate(PROMPTS[:2], progress=True, **kw)  # measured: nothing to say
+    quiet = lm.generate(PROMPTS[:2], **{**kw, "draft": jaxaccel.from_params(TINY, draft_lm.params)})
+    assert "measuring" not in capsys.readouterr().err
+    assert first.tokens == again.tokens == quiet.tokens == reference[:2]
+
+
 # ----------------------------------------------------------------------------- calibrated values
 
 

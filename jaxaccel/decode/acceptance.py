@@ -16,10 +16,13 @@ files (`cached_acceptance`), next to the persistent compile cache.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -73,12 +76,40 @@ def calibration_prompts(lm, n: int = CALIBRATION_PROMPTS, prompt_tokens: int = 3
     return [rng.integers(0, lm.config.vocab_size, prompt_tokens).tolist() for _ in range(n)]
 
 
+# Whether a measurement says so on stderr before it starts (the decode CLI's first call on a
+# new model pair is otherwise silent for ~10 s on a CPU): a list, so one message per call.
+_ANNOUNCE: contextvars.ContextVar[list | None] = contextvars.ContextVar("jaxaccel_acceptance_announce", default=None)
+
+
+@contextlib.contextmanager
+def announcing(on: bool):
+    """Within this block, the first measurement prints one line on stderr (when `on`)."""
+    token = _ANNOUNCE.set([] if on else None)
+    try:
+        yield
+    finally:
+        _ANNOUNCE.reset(token)
+
+
+def _announce(target, draft) -> None:
+    said = _ANNOUNCE.get()
+    if said is None or said:
+        return
+    said.append(True)
+    folder = compile_cache.user_cache_folder(CACHE_ENV, "acceptance")
+    kept = (f"kept in {folder}" if folder is not None and target.source is not None and draft.source is not None
+            else "kept for this process")
+    print(f"measuring how the draft's tokens are accepted on {CALIBRATION_PROMPTS} calibration prompts "
+          f"(once per model pair and sampling settings; {kept})", file=sys.stderr, flush=True)
+
+
 def teacher_forced(target, draft, prompts: Sequence[Sequence[int]], temperature: float, top_k: int | None,
                    top_p: float | None, new_tokens: int, seed: int, draft_logits: bool = False):
     """The target continues each prompt (autoregressive, these sampling settings); both models
     then score prompt + continuation -> (p, q) [positions, vocab]: the target's sampling
     distribution and the draft's (`draft.draft_probs`' rule) at every generated position;
     with draft_logits=True also the draft's raw logits there."""
+    _announce(target, draft)
     out = target.generate([list(p) for p in prompts], max_new_tokens=new_tokens, temperature=temperature,
                           top_k=top_k, top_p=top_p, seed=seed)
     seqs = [list(p) + g for p, g in zip(prompts, out.tokens)]

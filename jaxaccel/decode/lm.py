@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxaccel import sharding as shd
 from jaxaccel.config import ModelConfig
-from jaxaccel.decode import compile_cache, tuning
+from jaxaccel.decode import acceptance, compile_cache, tuning
 from jaxaccel.decode.engine import PREFILL_CHUNK, GenerateOutput, generate_loop, prefill_cache, python_value
 from jaxaccel.decode.methods import get_method
 from jaxaccel.decode.sampling import make_sampling
@@ -210,7 +210,8 @@ class LanguageModel:
                 raise InvalidArgumentError(
                     f"the draft's maximum length ({draft_lm.config.max_seq_len}) is shorter than the "
                     f"{longest + max_new_tokens} positions this call needs (longest prompt + max_new_tokens)")
-            decoder.prepare(self, draft_lm, temperature, top_k, top_p, batch=len(ids))
+            with acceptance.announcing(progress):  # a first call on a new pair measures the draft first
+                decoder.prepare(self, draft_lm, temperature, top_k, top_p, batch=len(ids))
         longest = max(len(p) for p in ids)
         decoder.check_request([len(p) for p in ids], max_new_tokens)
         # The cache is sized from the request, so the model's trained maximum length is no
