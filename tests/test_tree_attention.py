@@ -104,9 +104,9 @@ def test_default_block_k():
 
 
 def test_row_with_no_visible_key_is_zero():
-    """An empty mask row with prefix 0 sees nothing: the kernel returns 0 there (masked keys add
-    nothing to the softmax; the reference instead averages all S + T values). Every other row
-    still matches the reference."""
+    """An empty mask row with prefix 0 sees nothing: the kernel and the reference return 0 there
+    (the reference used to average all S + T values: a kernel-vs-reference check on such an
+    input would have failed a correct kernel). Every other row still matches the reference."""
     q, k_new, v_new, mask, k_cache, v_cache, _ = make_inputs(5, 2, 2, 1, 16, 64, 4, [0, 0])
     mask = np.array(mask)
     mask[0, 3] = False
@@ -115,6 +115,7 @@ def test_row_with_no_visible_key_is_zero():
     got = np.asarray(tree_attention_kernel(*args, block_k=16, interpret=True))
     want = np.asarray(tree_attention_reference(*args))
     np.testing.assert_array_equal(got[0, 3], 0.0)
+    np.testing.assert_array_equal(want[0, 3], 0.0)
     assert_close(got[0, :3], want[0, :3])
     assert_close(got[1], want[1])
 

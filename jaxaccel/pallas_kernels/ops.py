@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Masked attention scores: a large finite number, so a query with no visible key (a padded
-# tree node) yields a uniform, finite distribution rather than NaN.
+# Masked attention scores: a large finite number, not -inf, so no softmax ever computes
+# inf - inf = NaN. A query row with no visible key at all (a padded tree node) attends to
+# nothing: its output is 0, in `attend` as in every kernel.
 MASKED_SCORE = -1e30
 
 
@@ -62,7 +63,7 @@ def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, new_visible: jax.Ar
     q: [batch, T, heads, head_dim], already scaled by 1/sqrt(head_dim).
     k_new, v_new: [batch, T, kv_heads, head_dim]; new_visible: [batch, T, T] bool.
     k_cache, v_cache: [batch, kv_heads, S, head_dim]; cache_visible: [batch, T, S] bool.
-    Returns [batch, T, heads, head_dim] in v_new's dtype.
+    Returns [batch, T, heads, head_dim] in v_new's dtype; 0 for a query row that sees no key.
     """
     b, t, h, d = q.shape
     kvh = k_new.shape[2]
@@ -87,5 +88,6 @@ def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, new_visible: jax.Ar
         denom = denom + jnp.sum(p_cache, axis=-1, keepdims=True)
         out = out + jnp.einsum("bkqs,bksd->bkqd", p_cache.astype(vn.dtype).reshape(b, kvh, g * t, -1),
                                v_cache.astype(vn.dtype), preferred_element_type=jnp.float32)
-    out = out.reshape(b, kvh, g, t, d) / denom
+    # A row that sees no key has m == MASKED_SCORE and every weight exp(0) = 1: 0, not their mean
+    out = jnp.where(m > MASKED_SCORE, out.reshape(b, kvh, g, t, d) / denom, 0.0)
     return out.astype(v_new.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)

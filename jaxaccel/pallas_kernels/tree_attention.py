@@ -33,8 +33,7 @@ block_k * d + 64 * d) on GPU; the cache is never copied or padded (block_k must 
 
 Masked scores are MASKED_SCORE (finite) and masked keys add nothing to the softmax, so a query
 row that sees nothing at all (an empty tree-mask row with prefix_len 0; a real tree node
-always sees itself) gets 0. The reference gives such a row the uniform average of all S + T
-values instead; every other row agrees with the reference.
+always sees itself) gets 0, as in the reference (`ops.attend`).
 
 Constraints, checked up front (`jaxaccel.errors.InvalidArgumentError`, one line naming the
 value and the rule): S >= 1; heads a multiple of kv_heads; 1 <= block_k, S % block_k == 0 and
