@@ -658,13 +658,14 @@ def test_folder_checks_run_on_process_0_alone(monkeypatch):
     checks run on process 0, whose verdict every process takes (a process refusing alone
     would leave the others waiting in their first collective)."""
     import jaxaccel.train.loop as loop
+    from jaxaccel.train import hosts
 
     def refuse():
         raise ConfigError("refused here")
 
     with pytest.raises(ConfigError, match="refused here"):
         loop._decided_by_process_0(refuse, "out")
-    monkeypatch.setattr(loop, "_is_main", lambda: False)
+    monkeypatch.setattr(hosts, "is_main", lambda: False)
     loop._decided_by_process_0(refuse, "out")  # not process 0: it waits for the verdict (one process: none)
 
 
@@ -676,6 +677,7 @@ def test_an_os_error_on_process_0_is_told_to_every_host(monkeypatch, tmp_path):
     from jax.experimental import multihost_utils
 
     import jaxaccel.train.loop as loop
+    from jaxaccel.train import hosts
 
     told = []
     monkeypatch.setattr(jax, "process_count", lambda: 2)
@@ -693,7 +695,7 @@ def test_an_os_error_on_process_0_is_told_to_every_host(monkeypatch, tmp_path):
             pass
     assert told == [0, 0]
     # another host learns of it (process 0's 0) as a one-line refusal
-    monkeypatch.setattr(loop, "_is_main", lambda: False)
+    monkeypatch.setattr(hosts, "is_main", lambda: False)
     monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: 0)
     with pytest.raises(ConfigError, match="refused by process 0"):
         loop._decided_by_process_0(unwritable, "output_dir was refused by process 0")

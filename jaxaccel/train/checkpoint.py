@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import jax
-import numpy as np
 
 from jaxaccel.errors import CheckpointError, first_line
 from jaxaccel.model.checkpoint import RUN_META_ITEM as META  # what run readers expect
 from jaxaccel.model.checkpoint import RUN_STATE_ITEM as STATE
 from jaxaccel.model.checkpoint import shape_difference, write_error_reason
 from jaxaccel.train.config import CheckpointConfig
+from jaxaccel.train.hosts import decided_by_process_0
 
 REMOTE_READ_ATTEMPTS = 3  # reads of a step on gs:// before it counts as unreadable
 _sleep = time.sleep  # between those reads (tests replace it)
@@ -177,20 +177,19 @@ class Checkpoints:
 
         if self.read_only:
             return None
-        moved = error = None
-        if jax.process_index() == 0:
+
+        def move():
             try:
-                moved = self._move_aside(step)
-            except CheckpointError as e:
-                error = str(e)
+                return self._move_aside(step)
+            except CheckpointError:
+                raise
             except OSError as e:  # a local move (a full or read-only disk)
-                error = f"checkpoint step {step} in {self.directory} is unreadable and could not be moved aside ({e})"
-        if jax.process_count() > 1:  # every process learns whether process 0 could set it aside
-            if not int(multihost_utils.broadcast_one_to_all(np.int32(error is None))) and error is None:
-                error = f"checkpoint step {step} could not be set aside by process 0 (its error is in its output)"
+                raise CheckpointError(f"checkpoint step {step} in {self.directory} is unreadable and could not be "
+                                      f"moved aside ({e})") from None
+
+        moved = decided_by_process_0(move, lambda: CheckpointError(
+            f"checkpoint step {step} could not be set aside by process 0 (its error is in its output)"))
         multihost_utils.sync_global_devices(f"jaxaccel_set_aside_{step}")
-        if error is not None:
-            raise CheckpointError(error)
         self.manager.reload()
         return moved
 

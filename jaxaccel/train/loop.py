@@ -38,6 +38,7 @@ from jaxaccel.model.checkpoint import (MARKER, RUN_CHECKPOINTS, RUN_CONFIG, SET_
                                        holds_earlier_save)
 from jaxaccel.train.checkpoint import Checkpoints
 from jaxaccel.train.config import RunConfig
+from jaxaccel.train.hosts import decided_by_process_0, is_main
 from jaxaccel.train.lock import LOCK_FILE, OutputDirInUseError, OutputDirLock
 from jaxaccel.train.metrics import MetricsWriter, flops_per_token, measure_peak_flops
 from jaxaccel.train.state import batch_sharding, create_state, global_batch, state_shardings
@@ -122,10 +123,6 @@ def build_mesh(cfg: RunConfig):
     return shd.make_mesh(sizes)
 
 
-def _is_main() -> bool:
-    return jax.process_index() == 0
-
-
 @contextlib.contextmanager
 def output_dir_lock(output_dir: str):
     """Hold the output folder for the run: a second live run on it is refused with
@@ -134,28 +131,18 @@ def output_dir_lock(output_dir: str):
     Only process 0 locks: it is the one that writes the run's files. On a multi-host run
     every process learns process 0's outcome, so a refused run stops on all hosts at once
     instead of leaving the others waiting in their first collective."""
-    lock = None
-    refused: Exception | None = None
-    new_folder = False
-    # gs:// and other object stores have no flock (nor any atomic lock primitive this
-    # could use without a separate service), so those runs are unguarded: give every run
-    # its own bucket prefix.
-    if _is_main() and "://" not in output_dir:
-        try:
-            new_folder = not Path(output_dir).exists()
-            lock = OutputDirLock(output_dir).acquire()
-        except Exception as e:  # in use, or an OSError (a read-only mount): told to every host first
-            refused = e
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+    def acquire():
+        # gs:// and other object stores have no flock (nor any atomic lock primitive this
+        # could use without a separate service), so those runs are unguarded: give every run
+        # its own bucket prefix.
+        if "://" in output_dir:
+            return None, False
+        new = not Path(output_dir).exists()
+        return OutputDirLock(output_dir).acquire(), new
 
-        ok = int(multihost_utils.broadcast_one_to_all(np.int32(refused is None)))
-        if not ok and refused is None:
-            refused = OutputDirInUseError(f"output_dir {output_dir!r} could not be locked by process 0 (another "
-                                          f"training run holds it, or it is not writable: its error is in process "
-                                          f"0's output)")
-    if refused is not None:
-        raise refused
+    lock, new_folder = decided_by_process_0(acquire, lambda: OutputDirInUseError(
+        f"output_dir {output_dir!r} could not be locked by process 0 (another training run holds it, or it is not "
+        f"writable: its error is in process 0's output)")) or (None, False)
     try:
         yield
     except BaseException:
@@ -361,28 +348,13 @@ def train(cfg: RunConfig, data: Any = None, *, log=None) -> dict[str, Any]:
 
 
 def _decided_by_process_0(check: Callable[[], Any], refusal: str) -> Any:
-    """Run a check of the run's folders on process 0 only and give every process its verdict
-    (the check's value on process 0, None elsewhere): hosts with their own disks may see
-    different folders, and a process refusing alone would leave the others waiting in their
-    first collective. `refusal`: the other processes' error when process 0 refused."""
-    error = value = None
-    if _is_main():
-        try:
-            value = check()
-        except Exception as e:  # a refusal, or an OSError (an unwritable mount): told to every host first
-            error = e
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        if not int(multihost_utils.broadcast_one_to_all(np.int32(error is None))) and error is None:
-            error = ConfigError(refusal)
-    if error is not None:
-        raise error
-    return value
+    """`hosts.decided_by_process_0` for the run's folder checks: another process's error is a
+    ConfigError saying `refusal`."""
+    return decided_by_process_0(check, lambda: ConfigError(refusal))
 
 
 def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any]:
-    log = log or (lambda msg: print(msg, file=sys.stderr) if _is_main() else None)
+    log = log or (lambda msg: print(msg, file=sys.stderr) if is_main() else None)
     out = Path(cfg.output_dir) if not cfg.output_dir.startswith("gs://") else None
     if data is None and cfg.data.corpus == "synthetic":
         from jaxaccel.train.synthetic import SyntheticData
@@ -459,7 +431,7 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
             if cfg.train.init_from is not None:
                 state = state._replace(params=initial_params(cfg, shardings.params, data.vocab_path))
                 log(f"initialised from {cfg.train.init_from}")
-        if _is_main():
+        if is_main():
             from jaxaccel.files import write_atomically
             from jaxaccel.model.checkpoint import as_path
 
@@ -494,7 +466,7 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
             peak = peak if jax.default_backend() == "cpu" else peak * jax.device_count()
         else:
             peak = peak * jax.device_count()
-        writer = MetricsWriter(out or cfg.output_dir, cfg.tensorboard and out is not None, start) if _is_main() else None
+        writer = MetricsWriter(out or cfg.output_dir, cfg.tensorboard and out is not None, start) if is_main() else None
         unique = data.stats.get("unique_tokens")
 
         def evaluate(step: int, write: bool = True) -> dict[str, float]:
@@ -516,7 +488,7 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
                 f"perplexity {record['eval_perplexity']:.2f}")
             return record
 
-        if cfg.train.progress and _is_main() and sys.stderr.isatty():
+        if cfg.train.progress and is_main() and sys.stderr.isatty():
             from tqdm import tqdm
 
             bar = tqdm(total=total_steps, initial=start, unit="step", file=sys.stderr, dynamic_ncols=True)
