@@ -48,12 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         fail("destination must differ from the source")
     # as save / export_hf decide, before the load: an earlier import (export) there is replaced,
     # other files need --force (they are then kept beside the model)
-    from jaxaccel.decode.lm import EXPORT_FILES, SAVE_FILES, destination
+    from jaxaccel.decode.lm import destination
 
-    if args.direction == "import":
-        destination(dest, args.force, SAVE_FILES, "use --force to write into it")
-    else:
-        destination(dest, args.force, EXPORT_FILES, "use --force to write into it", marker="config.json")
+    destination(dest, args.force, "save" if args.direction == "import" else "export", "use --force to write into it")
 
     max_shard_bytes = parse_size(args.max_shard_size) if args.direction == "export" else None  # before the load
 

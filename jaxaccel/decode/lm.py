@@ -464,7 +464,7 @@ class LanguageModel:
         refused unless `overwrite` (its other files are then kept; `params/` is replaced)."""
         from jaxaccel.model.checkpoint import save_model
 
-        folder = destination(folder, overwrite, SAVE_FILES)
+        folder = destination(folder, overwrite, "save")
         add_bos = bool(getattr(self.tokenizer, "add_bos", False))
         return save_model(folder, self.config, canonical_params(self.params, self.config), tokenizer=self.tokenizer,
                           eos_token_ids=self.eos_token_ids, bos_token_id=self.bos_token_id,
@@ -477,7 +477,7 @@ class LanguageModel:
 
         if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, (int, np.integer)) or max_shard_bytes < 1:
             raise InvalidArgumentError(f"max_shard_bytes must be an integer >= 1, got {max_shard_bytes!r}")
-        folder = destination(folder, overwrite, EXPORT_FILES, marker="config.json")
+        folder = destination(folder, overwrite, "export")
         kwargs = {"max_shard_bytes": int(max_shard_bytes)}
         return export_hf(folder, self.config, canonical_params(self.params, self.config), tokenizer=self.tokenizer,
                          eos_token_ids=self.eos_token_ids, bos_token_id=self.bos_token_id, **kwargs)
@@ -522,9 +522,8 @@ def resolve_mesh(mesh: Mesh | str | dict | None) -> Mesh | None:
     return shd.make_mesh(mesh)
 
 
-# What `save` / `export_hf` write (fnmatch patterns): a folder holding only these, with the
-# marker of an earlier save or export (jaxaccel.json / config.json), is replaced without
-# `overwrite`.
+# What `save` / `export_hf` write (fnmatch patterns): a folder holding only these and an
+# earlier save or export (`_DESTINATIONS`' predicates) is replaced without `overwrite`.
 SAVE_FILES = ("jaxaccel.json", "jaxaccel.json.tmp", "params", "tokenizer.model", "tokenizer.json", *SIDE_FILES,
               ".jaxaccel-saving", ".jaxaccel-replaced")
 EXPORT_FILES = (*EXPORT_ENTRIES, "model*.safetensors", ".jaxaccel-saving", ".jaxaccel-replaced")
@@ -536,15 +535,36 @@ _CHOOSE_ANOTHER = "choose an empty folder, or pass overwrite=True to write into 
 def check_save_destination(folder, what_to_do: str = _CHOOSE_ANOTHER) -> None:
     """Before a long job that ends in `LanguageModel.save(folder)`: the save would be refused.
     `what_to_do` ends the message (a CLI has no overwrite=True)."""
-    destination(folder, False, SAVE_FILES, what_to_do)
+    destination(folder, False, "save", what_to_do)
 
 
-def destination(folder, overwrite: bool, own: tuple[str, ...], what_to_do: str = _CHOOSE_ANOTHER,
-                 marker: str = "jaxaccel.json"):
-    """Check where `save` / `export_hf` write: a path, not a file, and (unless `overwrite`)
-    empty or holding only what they write themselves — an earlier save, recognised by its
-    `marker` file: without it, a `params/` or `tokenizer.model` there is someone else's."""
-    from jaxaccel.model.checkpoint import as_path
+def _holds_earlier_save(path: Path, what_to_do: str) -> bool:
+    """Its marker, or (a killed save) an Orbax checkpoint as params/."""
+    from jaxaccel.model.checkpoint import holds_earlier_save
+
+    return holds_earlier_save(path, "jaxaccel.json")
+
+
+def _holds_earlier_export(path: Path, what_to_do: str) -> bool:
+    """Its config.json carries jaxaccel's export mark; any other Hugging Face model there is
+    someone else's (refused, whatever else the folder holds)."""
+    if is_own_export(path):
+        return True
+    if (path / "config.json").exists():
+        raise InvalidArgumentError(f"destination {str(path)!r} holds a Hugging Face model that jaxaccel did "
+                                   f"not export (its config.json has no \"{EXPORT_MARK}\"); {what_to_do}")
+    return False
+
+
+# kind -> (the files it writes, whether a folder holds an earlier write of that kind)
+_DESTINATIONS = {"save": (SAVE_FILES, _holds_earlier_save), "export": (EXPORT_FILES, _holds_earlier_export)}
+
+
+def destination(folder, overwrite: bool, kind: str, what_to_do: str = _CHOOSE_ANOTHER):
+    """Check where `save` (kind "save") / `export_hf` ("export") write: a path, not a file, and
+    (unless `overwrite`) empty or holding only what they write themselves over an earlier
+    write of theirs — without one, a `params/` or `tokenizer.model` there is someone else's."""
+    from jaxaccel.model.checkpoint import JOURNAL, SET_ASIDE, STAGING, as_path
 
     if not isinstance(folder, (str, os.PathLike)) or not str(folder):
         raise InvalidArgumentError(f"the destination must be a folder path, got {folder!r}")
@@ -554,18 +574,9 @@ def destination(folder, overwrite: bool, own: tuple[str, ...], what_to_do: str =
     if path.exists() and not path.is_dir():
         raise InvalidArgumentError(f"destination {str(path)!r} is a file, not a folder")
     if path.is_dir() and not overwrite:
-        # an earlier save: its marker, or (a killed save) an Orbax checkpoint as params/
-        from jaxaccel.model.checkpoint import JOURNAL, SET_ASIDE, STAGING, holds_earlier_save
-
-        if marker == "config.json":  # an export's own mark: any HF model folder has a config.json
-            earlier = is_own_export(path)
-            if not earlier and (path / marker).exists():
-                raise InvalidArgumentError(f"destination {str(path)!r} holds a Hugging Face model that jaxaccel did "
-                                           f"not export (its config.json has no \"{EXPORT_MARK}\"); {what_to_do}")
-        else:
-            earlier = holds_earlier_save(path, marker)
+        own, holds_earlier = _DESTINATIONS[kind]
         # (a save or export killed while moving in: its journal; the next one puts the old model back)
-        earlier = earlier or (path / SET_ASIDE / JOURNAL).is_file()
+        earlier = holds_earlier(path, what_to_do) or (path / SET_ASIDE / JOURNAL).is_file()
         ours = own if earlier else (STAGING, SET_ASIDE)
         other = sorted(p.name for p in path.iterdir() if not any(fnmatch.fnmatchcase(p.name, o) for o in ours))
         if other:
