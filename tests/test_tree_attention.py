@@ -210,6 +210,16 @@ def test_grid_tiles_the_cache():
     assert grid_mapping.num_scratch_operands == 3
 
 
+def test_grid_pads_query_rows_to_a_multiple_of_16_not_a_power_of_two():
+    """A budget-128 DySpec tree (129 nodes) with 2 query heads per KV head is 258 query rows per
+    program: padded to 272 (to 512 before, doubling the VMEM of q, the output and the softmax
+    state: 1,032 rows became 2,048 at 8 heads per KV head)."""
+    args = _long_cache_args(jnp.bfloat16, 129)
+    eqn = _pallas_eqn(jax.make_jaxpr(lambda *a: tree_attention_kernel(*a, block_k=128, interpret=True))(*args).jaxpr)
+    q_block = eqn.params["grid_mapping"].block_mappings[0].block_shape
+    assert [getattr(dim, "block_size", None) for dim in q_block][2:] == [272, 64]
+
+
 @pytest.mark.parametrize("platform,backend,marker", [("tpu", "tpu", "tpu_custom_call"), ("cuda", "gpu", "triton")])
 @pytest.mark.parametrize("nodes", [8, 129])
 def test_kernel_lowers_for_accelerators(platform, backend, marker, nodes):

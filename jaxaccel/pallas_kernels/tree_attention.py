@@ -42,7 +42,7 @@ the interpreter checks what TPU runs). Per backend:
 * TPU (Mosaic): the last two dims of every block must be multiples of (8, 128) or equal to the
   array's. Every block spans the whole head_dim, so any head_dim is legal (a multiple of 128
   fills the lanes; a smaller one pads them); the K/V blocks are [block_k, head_dim], hence the
-  block_k rule; q rows and T are padded to powers of two >= 16 here.
+  block_k rule; q rows are padded to a multiple of 16 and T to a power of two >= 16 here.
 * GPU (Triton): array sizes must be powers of two and `tl.dot` needs every dim >= 16, so
   head_dim and block_k must be powers of two >= 16 (rows and T are padded here).
 
@@ -261,11 +261,14 @@ def _tree_attention_pallas(q, k_new, v_new, tree_mask, k_cache, v_cache, prefix_
     g = h // kvh
     s = k_cache.shape[2]
     rows = g * t
-    rows_p = _pow2_at_least(rows, _MIN_ROWS)
     t_p = _pow2_at_least(t, _MIN_ROWS)
-    block_rows = rows_p
-    if tiling == "loop" and rows_p > _LOOP_ROW_BLOCK:  # row blocks of a power of two; rows padded to a multiple
-        block_rows = _LOOP_ROW_BLOCK
+    if tiling == "grid":
+        # Mosaic: a whole [rows, d] block per program, any size; a multiple of 16 fills bf16's
+        # packed sublanes. (Powers of two doubled a 129-node tree's 1,032 rows at 8 query heads
+        # per KV head, and with them the VMEM of q, the output, the accumulator and the mask.)
+        rows_p = block_rows = -(-rows // _MIN_ROWS) * _MIN_ROWS
+    else:  # Triton: power-of-two blocks of at most _LOOP_ROW_BLOCK rows; rows padded to a multiple
+        block_rows = min(_pow2_at_least(rows, _MIN_ROWS), _LOOP_ROW_BLOCK)
         rows_p = -(-rows // block_rows) * block_rows
     n_blocks = s // block_k
     bm = tree_mask.shape[0]
