@@ -547,21 +547,26 @@ def test_a_missing_init_from_is_refused_before_the_data_is_built(tmp_path, finis
     assert summary["resumed_from"] == 8
 
 
-def test_a_preempted_train_benchmark_does_not_offer_a_resume(monkeypatch):
-    """`bench train` trains in a temporary folder: a SIGTERM there leaves nothing to resume,
-    so its `stopped:` line must not say "rerun the same command to resume"."""
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "Ctrl-C"])
+def test_a_preempted_train_benchmark_does_not_offer_a_resume(monkeypatch, signal_name):
+    """`bench train` trains in a temporary folder: a SIGTERM (or Ctrl-C) there leaves nothing
+    to resume, so its `stopped:` line must not say "rerun the same command to resume"; a
+    Ctrl-C still exits 130 (the error keeps its type)."""
     from jaxaccel.bench import train as bench_train
-    from jaxaccel.errors import Preempted
+    from jaxaccel.errors import Interrupted, Preempted
     import jaxaccel.train.loop as loop
 
+    error = Interrupted if signal_name == "Ctrl-C" else Preempted
+
     def preempted(cfg, log=None):
-        raise Preempted(f"a preemption notice (SIGTERM) stopped the run after step 1 of 2; checkpoint 1 is saved in "
-                        f"{cfg.output_dir}: rerun the same command to resume")
+        raise error(f"{signal_name} stopped the run after step 1 of 2; checkpoint 1 is saved in "
+                    f"{cfg.output_dir}: rerun the same command to resume")
 
     monkeypatch.setattr(loop, "train", preempted)
     with pytest.raises(Preempted) as e:
         bench_train.measure(str(ROOT / "configs" / "tiny.yaml"), [], peak=1e11)
     assert "resume" not in str(e.value) and "rerun it" in str(e.value)
+    assert type(e.value) is error and signal_name.replace("SIGTERM", "a SIGTERM") in str(e.value)
 
 
 def test_a_run_refused_after_its_checkpoints_opened_closes_them(finished, tmp_path, monkeypatch):
