@@ -17,8 +17,8 @@ environment (`python` is its interpreter) on all workers at once (`--worker=all`
 what JAX's multi-host runtime expects; `all` = create, setup, run, and delete (unless --keep),
 deleting even when the run fails or the launcher is interrupted (Ctrl-C or SIGTERM: it says
 `interrupted` and exits 130). `sweep` is `all` with the command
-`python -m jaxaccel.experiments sweep CONFIG --distributed SWEEP_ARGS`; CONFIG must be
-committed at HEAD (checked before anything is created).
+`python -m jaxaccel.experiments sweep CONFIG --distributed SWEEP_ARGS`; CONFIG and its base
+config must be committed at HEAD (checked before anything is created).
 
 Spot / preemptible slices (`--spot`): when the command fails, the launcher asks for the
 slice's state (`tpu-vm describe`); if it was preempted (PREEMPTED, TERMINATED, or gone) it
@@ -46,6 +46,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import posixpath
+import re
 import shlex
 import shutil
 import signal
@@ -234,6 +236,13 @@ def git(*words: str) -> subprocess.CompletedProcess:
     return _call(["git", "-C", str(REPO), *words], capture_output=True, text=True)
 
 
+def sweep_base(text: str) -> str | None:
+    """A sweep file's `base:` (a path beside the file, else from the repository root, as the
+    sweep runner reads it), from its top-level line; None when it has none."""
+    match = re.search(r"""^base:[ \t]*(?:"([^"]*)"|'([^']*)'|([^\s#]+))""", text, re.MULTILINE)
+    return None if match is None else next(g for g in match.groups() if g is not None)
+
+
 def check_source(args: argparse.Namespace) -> None:
     """Before anything is created (also in a dry run): pin the commit that setup ships, check that
     a sweep's config is in it (as a path from the repository root), and warn about uncommitted
@@ -256,6 +265,12 @@ def check_source(args: argparse.Namespace) -> None:
             if not local.is_file():
                 raise LauncherError(f"--config {args.config}: no such file")
             raise LauncherError(f"--config {rel} is not committed: setup ships HEAD ({short}); commit it first")
+        base = sweep_base(git("show", f"{args.commit}:{rel}").stdout)
+        if base is not None:  # the sweep's base config must be shipped too
+            beside = posixpath.normpath(posixpath.join(posixpath.dirname(rel), base))
+            if not any(git("cat-file", "-e", f"{args.commit}:{p}").returncode == 0 for p in (beside, base)):
+                raise LauncherError(f"--config {rel}: its base config {base} ({beside}) is not committed: setup "
+                                    f"ships HEAD ({short}); commit it first")
         args.config = rel
     dirty = git("status", "--porcelain", "--untracked-files=no")
     if dirty.returncode == 0 and dirty.stdout.strip():

@@ -173,6 +173,23 @@ def test_tpu_pod_sweep_config_must_be_committed_before_anything_is_created(tmp_p
     assert proc.stderr.startswith("warning: ") and "uncommitted changes" in proc.stderr
     assert len(proc.stderr.splitlines()) == 1
     assert "python -m jaxaccel.experiments sweep configs/a.yaml --distributed" in proc.stdout
+    # its base config is shipped too: beside it (as the sweep runner reads it first) or from the root
+    (repo / "configs" / "experiments").mkdir()
+    (repo / "configs" / "experiments" / "c.yaml").write_text("name: c\nbase: ../base.yaml  # the runs' base\n")
+    (repo / "configs" / "experiments" / "d.yaml").write_text("name: d\nbase: 'configs/base.yaml'\n")
+    (repo / "configs" / "base.yaml").write_text("output_dir: runs\n")
+    subprocess.run(git + ["add", "configs/experiments"], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "c"], check=True)
+    for name in ("c", "d"):
+        proc = launch(*sweep, f"configs/experiments/{name}.yaml", launcher=launcher, cwd=repo)
+        assert proc.returncode == 2 and "+ " not in proc.stdout, proc.stdout + proc.stderr
+        assert proc.stderr.startswith(f"error: --config configs/experiments/{name}.yaml: its base config ")
+        assert "configs/base.yaml) is not committed" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    subprocess.run(git + ["add", "configs/base.yaml"], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "base"], check=True)
+    for name in ("c", "d"):
+        proc = launch(*sweep, f"configs/experiments/{name}.yaml", launcher=launcher, cwd=repo)
+        assert proc.returncode == 0 and "is not committed" not in proc.stderr, proc.stderr
 
 
 def test_tpu_pod_spot_recovery_retries_a_failed_recreate_with_backoff():
