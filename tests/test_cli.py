@@ -228,6 +228,21 @@ def test_bench_startup_runs_and_reports(capsys):
 
 
 @pytest.mark.slow
+def test_bench_spec_can_skip_its_sweep_and_cost_table(capsys, tmp_path):
+    """`bench spec --runs 1` took ~80 s at any size: the template sweep and the verification-cost
+    table always ran. `--sweep none --no-cost` leaves out both (results and report)."""
+    code, out, err = run(bench_main, ["spec", "--batches", "1", "--temperatures", "0", "--runs", "1", "--new-tokens",
+                                      "8", "--files", "1", "--prompt-tokens", "16", "--sweep", "none", "--no-cost",
+                                      "--no-hf", "--json", str(tmp_path / "s.json")], capsys)
+    assert code == 0, err
+    doc = json.loads((tmp_path / "s.json").read_text())
+    assert "sweep" not in doc and "cost" not in doc and "verification forward" not in err
+    assert [r["method"] for r in doc["rows"]] == ["autoregressive", "pld", "recycling", "recycling", "recycling"]
+    assert all(r["mat"] >= 1.0 and r["tokens_per_s"] > 0 for r in doc["rows"])
+    assert "| 1 | 0.0 | autoregressive |" in out and "Template sweep" not in out and "forward cost" not in out
+
+
+@pytest.mark.slow
 def test_bench_dyspec_runs_and_reports(capsys, tmp_path):
     """`bench dyspec` at toy size on the shipped pair: every method's row with its MAT, the
     `auto` row against its own autoregressive baseline, the 1:50 prediction and Figure 2."""

@@ -2,7 +2,7 @@
 
     python -m jaxaccel.bench decode [--models 7m,40m] [--batches 1,8] [--runs 5] [--no-hf]
     python -m jaxaccel.bench train [--configs configs/tiny.yaml,configs/default.yaml] [--compare-devices 8]
-    python -m jaxaccel.bench spec [--model builtin:default] [--batches 1,4] [--temperatures 0,0.7] [--no-hf]
+    python -m jaxaccel.bench spec [--model builtin:default] [--batches 1,4] [--temperatures 0,0.7] [--no-hf] [--sweep none] [--no-cost]
     python -m jaxaccel.bench startup [--model builtin:default] [--runs 5]
     python -m jaxaccel.bench dyspec [--model builtin:default] [--draft builtin:draft] [--budgets 8,16,32,64,128]
     python -m jaxaccel.bench acceptance --target builtin:default --draft builtin:draft [--temperature 0] [--what-if-top1 0.7,0.8]
@@ -95,7 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sp.add_argument("--runs", type=int, default=3)
     sp.add_argument("--files", type=int, default=8, help="held-out corpus files used as prompts")
     sp.add_argument("--prompt-tokens", type=int, default=256)
-    sp.add_argument("--sweep", default=None, help='templates to sweep, e.g. "4-4-2,paper" (default: a built-in list)')
+    sp.add_argument("--sweep", default=None, help='templates to sweep, e.g. "4-4-2,paper" (default: a built-in '
+                                                  'list; "none": no sweep)')
+    sp.add_argument("--no-cost", action="store_true", help="skip the verification-cost table (forward time per tree "
+                                                           "size)")
     sp.add_argument("--no-hf", action="store_true", help="skip transformers' prompt-lookup baseline")
     sp.add_argument("--json", default=None)
     st = sub.add_parser("startup", help="whole-process decode CLI wall time (cold/warm compile cache) and "
@@ -357,12 +360,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_temperatures(temperatures)
         _check_batches(batches, args.files, len(spec.NATURAL_PROMPTS))
         sweep = spec.SWEEP
-        if args.sweep:
+        if args.sweep is not None and args.sweep.strip().lower() == "none":
+            sweep = ()
+        elif args.sweep:
             sweep = tuple(t if t == "paper" else tuple(_csv(t.replace("-", ","), int)) for t in _csv(args.sweep))
         if not args.no_hf:
             require_peers()
         result = spec.run(args.model, batches, temperatures, args.new_tokens, args.runs, args.files, args.prompt_tokens,
-                          sweep, hf=not args.no_hf, progress=lambda s: print(s, file=sys.stderr),
+                          sweep, hf=not args.no_hf, cost=not args.no_cost, progress=lambda s: print(s, file=sys.stderr),
                           partial=(lambda r: write_json(args.json, r)) if args.json else None)
         print(spec.markdown(result))
         if args.json:

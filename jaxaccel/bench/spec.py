@@ -207,10 +207,12 @@ def bench_hf_prompt_lookup(lm, prompts: list[list[int]], new_tokens: int, runs: 
 
 def run(model: str = "builtin:default", batches: Sequence[int] = (1, 4), temperatures: Sequence[float] = (0.0, 0.7),
         new_tokens: int = 128, runs: int = 3, n_files: int = 8, prompt_tokens: int = 256, sweep: Sequence = SWEEP,
-        hf: bool = True, progress: Callable[[str], None] = print,
+        hf: bool = True, cost: bool = True, progress: Callable[[str], None] = print,
         partial: Callable[[dict], None] | None = None) -> dict[str, Any]:
-    """partial: called with the results so far after the table and after the sweep, so a
-    failure later (the transformers baseline) keeps them."""
+    """sweep: the templates of the batch-1 greedy template sweep (empty: none); cost: measure
+    the verification forward's cost per tree size. partial: called with the results so far
+    after the table and after the sweep, so a failure later (the transformers baseline)
+    keeps them."""
     import jaxaccel
     from jaxaccel.decode import tuning
     from jaxaccel.decode.recycling import build_template, template_widths
@@ -228,11 +230,13 @@ def run(model: str = "builtin:default", batches: Sequence[int] = (1, 4), tempera
                                                             "prompt_tokens": [len(p) for p in prompts]},
         "auto_template": list(auto)}
 
-    sizes = sorted({1, 2, 4, 8, 11, 16, 24, 32, 48, 64, 81} | {len(build_template(template_widths(t, 8), 8)[0])
-                                                                 for t in sweep})
-    result["cost"] = verification_cost(lm, sizes)
-    for row in result["cost"]:
-        progress(f"verification forward, {row['nodes']:3d} nodes: {row['ms']:.2f} ms ({row['relative']:.2f}x one token)")
+    if cost:
+        sizes = sorted({1, 2, 4, 8, 11, 16, 24, 32, 48, 64, 81} | {len(build_template(template_widths(t, 8), 8)[0])
+                                                                     for t in sweep})
+        result["cost"] = verification_cost(lm, sizes)
+        for row in result["cost"]:
+            progress(f"verification forward, {row['nodes']:3d} nodes: {row['ms']:.2f} ms "
+                     f"({row['relative']:.2f}x one token)")
 
     rows = []
     for batch in batches:
@@ -253,7 +257,9 @@ def run(model: str = "builtin:default", batches: Sequence[int] = (1, 4), tempera
         partial(result)
 
     sweep_rows = []
-    base = run_method(lm, prompts, 1, new_tokens, runs, "autoregressive", 0.0)
+    base = next((r for r in rows if r["batch"] == 1 and r["temperature"] == 0.0 and r["method"] == "autoregressive"),
+                None) if not sweep else None  # (the sweep measures its own baseline, right before it)
+    base = base or run_method(lm, prompts, 1, new_tokens, runs, "autoregressive", 0.0)
     for t in sweep:
         widths = template_widths(t, 8)
         res = run_method(lm, prompts, 1, new_tokens, runs, "recycling", 0.0, template=list(widths) if t != "paper" else t)
@@ -262,11 +268,12 @@ def run(model: str = "builtin:default", batches: Sequence[int] = (1, 4), tempera
         sweep_rows.append(row)
         progress(f"sweep {row['template']} ({row['nodes']} nodes): MAT {row['mat']:.2f}, {row['tokens_per_s']:.0f} tok/s, "
                  f"{row['speedup']:.2f}x autoregressive")
-    result["sweep"] = sweep_rows
-    result["fastest_template"] = max(sweep_rows, key=lambda r: r["tokens_per_s"])["template"]
-    result["sweep_autoregressive_tokens_per_s"] = base["tokens_per_s"]
-    if partial is not None:
-        partial(result)
+    if sweep_rows:
+        result["sweep"] = sweep_rows
+        result["fastest_template"] = max(sweep_rows, key=lambda r: r["tokens_per_s"])["template"]
+        result["sweep_autoregressive_tokens_per_s"] = base["tokens_per_s"]
+        if partial is not None:
+            partial(result)
 
     if hf:
         result["hf"] = bench_hf_prompt_lookup(lm, prompts, new_tokens, runs)
@@ -323,12 +330,15 @@ def markdown(result: dict[str, Any]) -> str:
             out.append(f"| {label} | {r['tokens_per_s']:.0f} |")
         for label, value in result.get("hf_ours", {}).items():
             out.append(f"| jaxaccel {label} (same prompts) | {value:.0f} |")
-    out += ["", "Template sweep (batch 1, greedy):", "", "| template | nodes | MAT | tok/s | vs autoregressive |",
-            "|---|---|---|---|---|"]
-    for r in result["sweep"]:
-        out.append(f"| {r['template']} | {r['nodes']} | {r['mat']:.2f} | {r['tokens_per_s']:.0f} | {r['speedup']:.2f}x |")
-    out += ["", "Verification forward cost (batch 1, 512-token prefix):", "", "| nodes | ms | vs 1 token |",
-            "|---|---|---|"]
-    for r in result["cost"]:
-        out.append(f"| {r['nodes']} | {r['ms']:.2f} | {r['relative']:.2f}x |")
+    if "sweep" in result:
+        out += ["", "Template sweep (batch 1, greedy):", "", "| template | nodes | MAT | tok/s | vs autoregressive |",
+                "|---|---|---|---|---|"]
+        for r in result["sweep"]:
+            out.append(f"| {r['template']} | {r['nodes']} | {r['mat']:.2f} | {r['tokens_per_s']:.0f} | "
+                       f"{r['speedup']:.2f}x |")
+    if "cost" in result:
+        out += ["", "Verification forward cost (batch 1, 512-token prefix):", "", "| nodes | ms | vs 1 token |",
+                "|---|---|---|"]
+        for r in result["cost"]:
+            out.append(f"| {r['nodes']} | {r['ms']:.2f} | {r['relative']:.2f}x |")
     return "\n".join(out)
