@@ -446,6 +446,25 @@ def test_a_first_call_that_measures_the_draft_says_so_once(lm, draft_lm, referen
 # ----------------------------------------------------------------------------- calibrated values
 
 
+def test_calibration_fits_the_models_maximum_length(small_pair):
+    """The calibration ran 32 prompt + 48 new tokens whatever the models' maximum length: for a
+    64-position pair it measured at positions neither model was trained at (and warned three
+    times). It now splits the shorter maximum length 2:3; 80 positions and more keep 32 + 48."""
+    import warnings
+
+    from jaxaccel.decode.acceptance import calibration_lengths, positional_acceptance
+
+    target, draft = small_pair
+    assert calibration_lengths(target, draft) == (25, 39)
+    long = jaxaccel.from_params(dataclasses.replace(SMALL, max_seq_len=80), target.params)
+    assert calibration_lengths(long, long) == (32, 48)
+    assert calibration_lengths(long, draft) == (25, 39)  # the shorter of the two
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a "past the model's maximum length" warning fails the test
+        vec = positional_acceptance(target, draft, temperature=1.0, max_rank=3, samples=1)
+    assert vec.shape == (3,) and 0 < vec[0] <= 1
+
+
 def test_conditional_acceptance_against_closed_forms():
     """The first child is accepted with probability sum_x min(p(x), q(x)) (averaged over
     positions); a perfect draft (q == p) has every first child accepted and draws no second."""

@@ -33,6 +33,7 @@ from jaxaccel.decode import compile_cache
 from jaxaccel.decode.sampling import make_sampling, target_probs
 
 CALIBRATION_PROMPTS = 16
+CALIBRATION_PROMPT_TOKENS = 32
 CALIBRATION_NEW_TOKENS = 48
 
 
@@ -54,7 +55,19 @@ def _remembered(measure):
     return wrapper
 
 
-def calibration_prompts(lm, n: int = CALIBRATION_PROMPTS, prompt_tokens: int = 32, seed: int = 0) -> list[list[int]]:
+def calibration_lengths(target, draft) -> tuple[int, int]:
+    """The default calibration's (prompt tokens, new tokens): 32 + 48, or the same 2:3 split of
+    the two models' shorter maximum length when 80 positions do not fit it (past it, the
+    measurement would be of positions the models were never trained at)."""
+    limit = min(target.config.max_seq_len, draft.config.max_seq_len)
+    if limit >= CALIBRATION_PROMPT_TOKENS + CALIBRATION_NEW_TOKENS:
+        return CALIBRATION_PROMPT_TOKENS, CALIBRATION_NEW_TOKENS
+    prompt_tokens = max(1, limit * 2 // 5)
+    return prompt_tokens, max(1, limit - prompt_tokens)
+
+
+def calibration_prompts(lm, n: int = CALIBRATION_PROMPTS, prompt_tokens: int = CALIBRATION_PROMPT_TOKENS,
+                        seed: int = 0) -> list[list[int]]:
     """Prompts to measure on: the first `prompt_tokens` tokens of held-out (validation-split)
     documents of the default corpus when the model has a tokenizer, else random token ids."""
     if lm.tokenizer is not None:
@@ -236,9 +249,10 @@ def cached_conditional_acceptance(target, draft, *, temperature: float, top_k: i
                                   max_rank: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """`conditional_acceptance` on the default calibration (temperature > 0), measured once
     per (target, draft, settings) and kept on disk like `cached_acceptance`."""
+    prompt_tokens, new_tokens = calibration_lengths(target, draft)
     settings = {"kind": "conditional_acceptance", "temperature": float(temperature), "top_k": top_k,
                 "top_p": top_p, "max_rank": max_rank, "bins": list(VALUE_BINS), "prompts": CALIBRATION_PROMPTS,
-                "new_tokens": CALIBRATION_NEW_TOKENS}
+                "new_tokens": new_tokens}
     path = cache_path(target, draft, settings)
     shape = (max_rank, len(VALUE_BINS) - 1)
     if path is not None and path.exists():
@@ -249,8 +263,8 @@ def cached_conditional_acceptance(target, draft, *, temperature: float, top_k: i
                 return table, rank_mean
         except (OSError, ValueError, KeyError, TypeError):
             pass  # unreadable: measure again
-    p, q = teacher_forced(target, draft, calibration_prompts(target), temperature, top_k, top_p,
-                          CALIBRATION_NEW_TOKENS, 0)
+    p, q = teacher_forced(target, draft, calibration_prompts(target, prompt_tokens=prompt_tokens), temperature,
+                          top_k, top_p, new_tokens, 0)
     table, rank_mean = conditional_acceptance(p, q, max_rank)
     _write(path, {"table": table.tolist(), "rank_mean": rank_mean.tolist(), **settings,
                   "target": str(target.source), "draft": str(draft.source)})
@@ -259,10 +273,13 @@ def cached_conditional_acceptance(target, draft, *, temperature: float, top_k: i
 
 def positional_acceptance(target, draft, *, temperature: float = 0.0, top_k: int | None = None,
                           top_p: float | None = None, prompts: Sequence[Sequence[int]] | None = None,
-                          max_rank: int = 16, new_tokens: int = CALIBRATION_NEW_TOKENS, samples: int = 4,
+                          max_rank: int = 16, new_tokens: int | None = None, samples: int = 4,
                           seed: int = 0) -> np.ndarray:
-    """Sequoia's acceptance vector for `draft` drafting for `target` (see the module docstring)."""
-    prompts = calibration_prompts(target) if prompts is None else prompts
+    """Sequoia's acceptance vector for `draft` drafting for `target` (see the module docstring);
+    prompts and new_tokens default to the calibration's (`calibration_lengths`)."""
+    prompt_tokens, default_new = calibration_lengths(target, draft)
+    prompts = calibration_prompts(target, prompt_tokens=prompt_tokens) if prompts is None else prompts
+    new_tokens = default_new if new_tokens is None else new_tokens
     p, q = teacher_forced(target, draft, prompts, temperature, top_k, top_p, new_tokens, seed)
     return acceptance_from_probs(p, q, temperature == 0, max_rank, samples, seed)
 
@@ -348,7 +365,7 @@ def cached_acceptance(target, draft, *, temperature: float, top_k: int | None, t
     """`positional_acceptance` with its default calibration, measured once per (target, draft,
     settings) and kept on disk (`cache_path`); written atomically."""
     settings = {"temperature": float(temperature), "top_k": top_k, "top_p": top_p, "max_rank": max_rank,
-                "prompts": CALIBRATION_PROMPTS, "new_tokens": CALIBRATION_NEW_TOKENS}
+                "prompts": CALIBRATION_PROMPTS, "new_tokens": calibration_lengths(target, draft)[1]}
     path = cache_path(target, draft, settings)
     if path is not None and path.exists():
         try:
@@ -366,15 +383,16 @@ def cached_acceptance(target, draft, *, temperature: float, top_k: int | None, t
 def cached_greedy_temperature(target, draft) -> float:
     """`greedy_temperature_from` on the default calibration (greedy continuations), measured
     once per (target, draft) and kept on disk like `cached_acceptance`."""
-    settings = {"kind": "greedy_temperature", "prompts": CALIBRATION_PROMPTS, "new_tokens": CALIBRATION_NEW_TOKENS}
+    prompt_tokens, new_tokens = calibration_lengths(target, draft)
+    settings = {"kind": "greedy_temperature", "prompts": CALIBRATION_PROMPTS, "new_tokens": new_tokens}
     path = cache_path(target, draft, settings)
     if path is not None and path.exists():
         try:
             return float(json.loads(path.read_text())["greedy_temperature"])
         except (OSError, ValueError, KeyError, TypeError):
             pass
-    p, _, logits = teacher_forced(target, draft, calibration_prompts(target), 0.0, None, None,
-                                  CALIBRATION_NEW_TOKENS, 0, draft_logits=True)
+    p, _, logits = teacher_forced(target, draft, calibration_prompts(target, prompt_tokens=prompt_tokens), 0.0, None,
+                                  None, new_tokens, 0, draft_logits=True)
     tau = greedy_temperature_from(logits, p.argmax(axis=1))
     _write(path, {"greedy_temperature": tau, **settings, "target": str(target.source), "draft": str(draft.source)})
     return tau
