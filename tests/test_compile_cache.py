@@ -2,17 +2,23 @@
 compilation cache instead of compiling them again; the cache is configurable and can be off."""
 import json
 import os
+import shutil
 import subprocess
 import sys
+
+import jax
+import pytest
 
 from jaxaccel.decode import compile_cache
 
 
-def _decode(cache: str) -> dict:
+def _decode(cache: str, stderr: list | None = None) -> dict:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", compile_cache.ENV: cache}
     out = subprocess.run([sys.executable, "-m", "jaxaccel.decode", "--prompt-ids", "3,17,40,9", "--max-new-tokens",
                           "16", "--output", "json"], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
+    if stderr is not None:
+        stderr.append(out.stderr)
     return json.loads(out.stdout)
 
 
@@ -26,6 +32,45 @@ def test_second_process_reads_the_compiled_program_back(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in entries)  # no new program compiled
     assert second["stats"]["compile_s"] < first["stats"]["compile_s"]
 
+    # Moved (here: copied) elsewhere, the cache still hits: no key holds the folder's path (on
+    # CPU, XLA's GPU autotuning cache under the folder is off). An entry truncated by a
+    # process killed mid-write used to be read, warned about and compiled again on every run
+    # (JAX never replaces an entry): it is now rewritten whole by the next run.
+    moved = tmp_path / "moved"
+    shutil.copytree(folder, moved)
+    loop = max(moved.glob("jit_generate_loop*"), key=lambda p: p.stat().st_size)
+    size = loop.stat().st_size
+    with open(loop, "r+b") as f:
+        f.truncate(size // 3)
+    err: list = []
+    third = _decode(str(moved), err)
+    assert third["results"] == first["results"]
+    assert sorted(p.name for p in moved.iterdir()) == sorted(p.name for p in entries)
+    assert loop.stat().st_size > size // 2 and err[0].count("warning: ") <= 1, err[0]
+    fourth = _decode(str(moved), err)  # the rewritten entry is read back: nothing to say
+    assert fourth["results"] == first["results"] and "warning" not in err[1], err[1]
+
+
+def test_entries_are_written_whole_and_an_unwritable_folder_says_so_once(tmp_path, capsys):
+    """The cache JAX builds for jaxaccel's folder (this test process's: conftest's) writes through
+    `_WholeEntries`: a temporary file renamed into place, replacing a damaged entry; a folder
+    that cannot be written warns once, not once per program."""
+    from jax._src import compilation_cache as cc
+    from jax._src.lru_cache import LRUCache
+
+    jax.jit(lambda x: x * 3 + 1).lower(jax.numpy.ones(7)).compile()  # the cache exists from the first compile
+    assert isinstance(cc._cache, compile_cache._WholeEntries)
+    cache = compile_cache._WholeEntries(LRUCache(str(tmp_path / "c"), max_size=-1))
+    (tmp_path / "c" / "k-cache").write_bytes(b"trunc")
+    cache.put("k", b"the whole entry")
+    assert cache.get("k") == b"the whole entry" and sorted(p.name for p in (tmp_path / "c").iterdir()) == ["k-cache"]
+    (tmp_path / "c" / "k2-cache").mkdir()  # a write that fails (as in a read-only folder)
+    cache.put("k2", b"x")
+    cache.put("k2", b"y")
+    err = capsys.readouterr().err
+    assert err.count("warning: cannot write to the compile cache") == 1 and "not kept" in err
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["k-cache", "k2-cache"]  # no temporary left
+
 
 def test_cache_location_and_switch(monkeypatch, tmp_path):
     monkeypatch.setenv(compile_cache.ENV, "off")
@@ -35,3 +80,9 @@ def test_cache_location_and_switch(monkeypatch, tmp_path):
     monkeypatch.delenv(compile_cache.ENV)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert compile_cache.cache_dir() == tmp_path / "xdg" / "jaxaccel" / "xla"
+    for on in ("1", "true", " ON "):  # the default folder, not a folder named "true" here
+        monkeypatch.setenv(compile_cache.ENV, on)
+        assert compile_cache.cache_dir() == tmp_path / "xdg" / "jaxaccel" / "xla"
+    monkeypatch.setenv(compile_cache.ENV, "gs://bucket/xla")  # was a local folder "gs:/bucket/xla"
+    with pytest.warns(UserWarning, match="must be a local path; this cache is off"):
+        assert compile_cache.cache_dir() is None

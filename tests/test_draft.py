@@ -512,6 +512,56 @@ def test_acceptance_cache_is_keyed_by_the_model_files(tmp_path, tiny_params):
     assert cache_path(target, SimpleNamespace(source=None), settings) is None
 
 
+def test_a_damaged_acceptance_cache_entry_is_measured_again(tmp_path, monkeypatch, tiny_params):
+    """An entry of the wrong JSON type crashed every Sequoia call with a TypeError traceback;
+    values no measurement gives (NaN, > 1, negative; a temperature of 0) either failed every
+    call, blaming the user's input, or silently shrank every tree (DySpec's MAT 4.00 -> 1.00).
+    Each is now a miss: measured again and rewritten. A write that fails leaves no
+    temporary file behind."""
+    import json as json_
+
+    from jaxaccel.decode import acceptance
+    from jaxaccel.model.checkpoint import save_model
+
+    monkeypatch.setenv(acceptance.CACHE_ENV, str(tmp_path / "cache"))
+    save_model(tmp_path / "target", TINY, tiny_params)
+    save_model(tmp_path / "draft", TINY, perturbed(tiny_params, 1, 0.01))
+    target, draft = jaxaccel.load(str(tmp_path / "target")), jaxaccel.load(str(tmp_path / "draft"))
+    measured = []
+    vector = np.array([0.5, 0.25, 0.125, 0.0625])
+    monkeypatch.setattr(acceptance, "positional_acceptance", lambda *a, **k: measured.append(1) or vector)
+    monkeypatch.setattr(acceptance, "teacher_forced", lambda *a, **k: (np.ones((2, 3)), None, np.zeros((2, 3))))
+    monkeypatch.setattr(acceptance, "greedy_temperature_from", lambda *a: measured.append(1) or 0.7)
+    kw = dict(temperature=0.0, top_k=None, top_p=None, max_rank=4)
+    read = acceptance.cached_acceptance.__wrapped__  # past the per-process memo: the disk entry each time
+    np.testing.assert_array_equal(read(target, draft, **kw), vector)
+    (path,) = (tmp_path / "cache").iterdir()
+    good = path.read_text()
+    for damaged in ("[1, 2, 3]", '{"acceptance": {"a": 1}}', "null", '{"acceptance": [NaN, 0, 0, 0]}',
+                    '{"acceptance": [0.9, 0.9, 0, 0]}', '{"acceptance": [-1, 0, 0, 0]}', '{"acceptance": [0.5]}',
+                    good[:len(good) // 2]):
+        path.write_text(damaged)
+        measured.clear()
+        np.testing.assert_array_equal(read(target, draft, **kw), vector)
+        assert measured == [1], damaged
+        assert json_.loads(path.read_text())["acceptance"] == vector.tolist()
+    measured.clear()
+    read(target, draft, **kw)
+    assert measured == []  # a sound entry is read
+    tau = acceptance.cached_greedy_temperature.__wrapped__
+    assert tau(target, draft) == 0.7
+    (entry,) = [p for p in (tmp_path / "cache").iterdir() if p != path]
+    for damaged in ('{"greedy_temperature": NaN}', '{"greedy_temperature": 0}', '{"greedy_temperature": -1}',
+                    '{"greedy_temperature": "inf"}', '{"greedy_temperature": true}'):
+        entry.write_text(damaged)
+        measured.clear()
+        assert tau(target, draft) == 0.7 and measured == [1], damaged
+    entry.unlink()
+    entry.mkdir()  # the entry cannot be written
+    assert tau(target, draft) == 0.7
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([path.name, entry.name])
+
+
 def test_acceptance_cache_folder_follows_its_environment_variable(tmp_path, monkeypatch):
     from types import SimpleNamespace
 

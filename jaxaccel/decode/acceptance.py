@@ -21,10 +21,11 @@ import contextvars
 import functools
 import hashlib
 import json
+import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -255,14 +256,9 @@ def cached_conditional_acceptance(target, draft, *, temperature: float, top_k: i
                 "new_tokens": new_tokens}
     path = cache_path(target, draft, settings)
     shape = (max_rank, len(VALUE_BINS) - 1)
-    if path is not None and path.exists():
-        try:
-            data = json.loads(path.read_text())
-            table, rank_mean = np.asarray(data["table"], np.float64), np.asarray(data["rank_mean"], np.float64)
-            if table.shape == shape and rank_mean.shape == (max_rank,):
-                return table, rank_mean
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # unreadable: measure again
+    hit = _read(path, lambda d: (_probabilities(d["table"], shape), _probabilities(d["rank_mean"], (max_rank,))))
+    if hit is not None:
+        return hit
     p, q = teacher_forced(target, draft, calibration_prompts(target, prompt_tokens=prompt_tokens), temperature,
                           top_k, top_p, new_tokens, 0)
     table, rank_mean = conditional_acceptance(p, q, max_rank)
@@ -367,13 +363,16 @@ def cached_acceptance(target, draft, *, temperature: float, top_k: int | None, t
     settings = {"temperature": float(temperature), "top_k": top_k, "top_p": top_p, "max_rank": max_rank,
                 "prompts": CALIBRATION_PROMPTS, "new_tokens": calibration_lengths(target, draft)[1]}
     path = cache_path(target, draft, settings)
-    if path is not None and path.exists():
-        try:
-            vec = np.asarray(json.loads(path.read_text())["acceptance"], np.float64)
-            if vec.shape == (max_rank,):
-                return vec
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable: measure again
+
+    def acceptance_vector(d):
+        vec = _probabilities(d["acceptance"], (max_rank,))
+        if vec.sum() > 1 + 1e-6:  # p_k: the k-th child is the first accepted (disjoint events)
+            raise ValueError("sums past 1")
+        return vec
+
+    hit = _read(path, acceptance_vector)
+    if hit is not None:
+        return hit
     vec = positional_acceptance(target, draft, temperature=temperature, top_k=top_k, top_p=top_p, max_rank=max_rank)
     _write(path, {"acceptance": vec.tolist(), **settings, "target": str(target.source), "draft": str(draft.source)})
     return vec
@@ -386,11 +385,16 @@ def cached_greedy_temperature(target, draft) -> float:
     prompt_tokens, new_tokens = calibration_lengths(target, draft)
     settings = {"kind": "greedy_temperature", "prompts": CALIBRATION_PROMPTS, "new_tokens": new_tokens}
     path = cache_path(target, draft, settings)
-    if path is not None and path.exists():
-        try:
-            return float(json.loads(path.read_text())["greedy_temperature"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
+
+    def temperature(d):
+        tau = d["greedy_temperature"]
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (math.isfinite(tau) and tau > 0):
+            raise ValueError("not a temperature")
+        return float(tau)
+
+    hit = _read(path, temperature)
+    if hit is not None:
+        return hit
     p, _, logits = teacher_forced(target, draft, calibration_prompts(target, prompt_tokens=prompt_tokens), 0.0, None,
                                   None, new_tokens, 0, draft_logits=True)
     tau = greedy_temperature_from(logits, p.argmax(axis=1))
@@ -402,10 +406,32 @@ def _write(path: Path | None, data: dict[str, Any]) -> None:
     """Atomically write a cache entry; a read-only cache is measured again next time."""
     if path is None:
         return
+    from jaxaccel.files import write_atomically
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, path)
+        write_atomically(path, json.dumps(data))  # (removes its temporary file when it fails)
     except OSError:
         pass
+
+
+def _read(path: Path | None, parse: Callable[[dict], Any]) -> Any:
+    """A cache entry's value (`parse` of its JSON object), or None when there is none or it is
+    not one `parse` accepts: damaged, of another shape, or holding values no measurement gives
+    (a NaN acceptance would fail every run; a negative one shrink every tree). None: measure
+    again, and the entry is rewritten."""
+    if path is None or not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        return parse(data) if isinstance(data, dict) else None
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
+def _probabilities(values: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """`values` as a float64 array of `shape` holding probabilities, or a ValueError."""
+    arr = np.asarray(values, np.float64)
+    if arr.shape != shape or not np.all(np.isfinite(arr)) or np.any(arr < 0) or np.any(arr > 1):
+        raise ValueError("not probabilities of the expected shape")
+    return arr

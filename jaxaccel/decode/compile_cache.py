@@ -3,21 +3,31 @@
 `python -m jaxaccel.decode` is run again and again with the same shapes; with the cache on,
 a second process loads the compiled program from disk instead of compiling it again.
 
-Where: `$JAXACCEL_COMPILE_CACHE` if set — a directory, or `0` / `off` / `false` / `none` to
-disable — else `$XDG_CACHE_HOME/jaxaccel/xla` (default `~/.cache/jaxaccel/xla`). A cache
-directory the user configured for JAX itself (`jax_compilation_cache_dir`, e.g. through
-`JAX_COMPILATION_CACHE_DIR`) is left as it is. Entries are keyed by JAX on the program, the
-compiler options, the backend and the jax/jaxlib versions, so a stale entry is never used.
+Where: `$JAXACCEL_COMPILE_CACHE` if set — a local directory, `0` / `off` / `false` / `none`
+to disable, `1` / `on` / `true` / `yes` for the default — else `$XDG_CACHE_HOME/jaxaccel/xla`
+(default `~/.cache/jaxaccel/xla`). A cache directory the user configured for JAX itself
+(`jax_compilation_cache_dir`, e.g. through `JAX_COMPILATION_CACHE_DIR`) is left as it is.
+Entries are keyed by JAX on the program, the compiler options, the backend and the jax/jaxlib
+versions, so a stale entry is never used.
+
+In the folder jaxaccel sets, entries are written whole (`_WholeEntries`): JAX writes an entry
+in place and never replaces one, so a process killed mid-write left a truncated entry that
+every later process failed to read (a warning each) and compiled again, for good. A folder
+that cannot be written (read-only, full) is still read, and says so once. On CPU, XLA's GPU
+autotuning cache (whose path under the folder JAX puts in every key) is off, so a cache
+reached through a link, moved or copied still hits.
 """
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import jax
 
 ENV = "JAXACCEL_COMPILE_CACHE"
 OFF_VALUES = {"0", "off", "false", "none", "no", ""}
+ON_VALUES = {"1", "on", "true", "yes"}  # the default folder
 # Every program is kept: besides the decode programs, a run compiles a dozen tiny eager ops
 # (PRNG keys, casts), ~10 ms each to compile and ~1 ms to read back (JAX skips < 1 s by default).
 MIN_COMPILE_SECONDS = 0.0
@@ -29,8 +39,15 @@ def user_cache_folder(env: str, name: str) -> Path | None:
     from jaxaccel.files import user_cache_home
 
     value = os.environ.get(env)
-    if value is not None:
-        return None if value.strip().lower() in OFF_VALUES else Path(value).expanduser()
+    if value is not None and value.strip().lower() not in ON_VALUES:
+        if value.strip().lower() in OFF_VALUES:
+            return None
+        if "://" in value:  # a bucket would become a local folder named "gs:"
+            import warnings
+
+            warnings.warn(f"{env}={value}: a cache folder must be a local path; this cache is off", stacklevel=2)
+            return None
+        return Path(value).expanduser()
     return user_cache_home() / name
 
 
@@ -67,7 +84,72 @@ def enable() -> bool:
 
 def use_folder(folder: str | Path, min_compile_seconds: float = MIN_COMPILE_SECONDS) -> None:
     """Point JAX's persistent cache at `folder`: programs that took at least
-    `min_compile_seconds` to compile are written there and read back by later processes."""
-    jax.config.update("jax_compilation_cache_dir", str(folder))
+    `min_compile_seconds` to compile are written there (whole) and read back by later processes."""
+    folder = str(Path(folder).resolve())
+    jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    if jax.default_backend() == "cpu":  # (a GPU keeps its autotuning cache, path and all)
+        jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
+    _write_entries_whole(folder)
+
+
+def _write_entries_whole(folder: str) -> None:
+    """Have JAX's file cache for `folder` write through `_WholeEntries`. JAX builds that cache
+    on the first compile (`compilation_cache.get_file_cache`); the hook wraps what it returns
+    for this folder only. Internals of jax: another version without them keeps its own
+    behaviour."""
+    try:
+        from jax._src import compilation_cache as cc
+        from jax._src.lru_cache import LRUCache
+    except ImportError:
+        return
+    build = getattr(cc, "get_file_cache", None)
+    if build is None or getattr(build, "_jaxaccel_folders", None) is not None:
+        if build is not None:
+            build._jaxaccel_folders.add(folder)
+        return
+
+    def get_file_cache(path):
+        made = build(path)
+        if made is not None and str(path) in get_file_cache._jaxaccel_folders and isinstance(made[0], LRUCache) \
+                and not made[0].eviction_enabled:
+            return _WholeEntries(made[0]), made[1]
+        return made
+
+    get_file_cache._jaxaccel_folders = {folder}
+    cc.get_file_cache = get_file_cache
+
+
+class _WholeEntries:
+    """JAX's LRUCache (no eviction) with `put` writing a temporary file renamed into place, and
+    replacing an entry that exists: JAX writes only after compiling, so an entry it writes over
+    is one it could not use (truncated by a killed process, or damaged). A write that fails
+    (a read-only or full folder) says so once and the program is not kept."""
+
+    def __init__(self, base):
+        self._base = base
+        self._path = base._path
+        self.path = base.path
+        self._write_failed = False
+
+    def get(self, key: str):
+        return self._base.get(key)
+
+    def put(self, key: str, value: bytes) -> None:
+        from jax._src.lru_cache import _CACHE_SUFFIX
+
+        target = Path(self.path) / f"{key}{_CACHE_SUFFIX}"
+        temporary = target.with_name(f".{target.name}.tmp{os.getpid()}")
+        try:
+            temporary.write_bytes(value)
+            os.replace(temporary, target)
+        except OSError as e:
+            try:
+                temporary.unlink(missing_ok=True)
+            except OSError:
+                pass
+            if not self._write_failed:
+                self._write_failed = True
+                sys.stderr.write(f"warning: cannot write to the compile cache {self.path} ({e.strerror or e}): "
+                                 f"programs compiled now are not kept for the next run\n")
