@@ -153,3 +153,19 @@ def test_a_corpus_of_empty_documents_does_not_blame_validation(tmp_path):
     (tmp_path / "b.txt").write_text("some text\n")
     with pytest.raises(DataError, match=re.escape("validation takes every document")):
         _vocab(str(tmp_path / "b.txt"), tmp_path / "vocab2", validation_buckets=10_000)
+
+
+def test_a_damaged_cache_file_is_built_again_not_a_traceback(tmp_path):
+    """Cache files are written atomically, so only damage from outside makes a bad one: a file
+    that is not UTF-8 was a UnicodeDecodeError traceback and valid JSON of another type a
+    TypeError deep in the build; each now reads as missing (the build makes it again)."""
+    from jaxaccel.data import cache
+
+    (tmp_path / "bytes.json").write_bytes(b"\xff\xfe{}")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "folder.json").mkdir()
+    (tmp_path / "good.json").write_text('{"pieces": 400}')
+    assert cache.read_json(tmp_path / "bytes.json") is None
+    assert cache.read_json(tmp_path / "list.json", dict) is None and cache.read_json(tmp_path / "list.json") == [1, 2]
+    assert cache.read_json(tmp_path / "folder.json") is None and cache.read_json(tmp_path / "missing.json") is None
+    assert cache.read_json(tmp_path / "good.json", dict) == {"pieces": 400}

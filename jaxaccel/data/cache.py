@@ -34,11 +34,15 @@ def write_json(path: Path, obj: Any) -> None:
     write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
-def read_json(path: Path) -> Any | None:
+def read_json(path: Path, kind: type = object) -> Any | None:
+    """The JSON value in `path`, or None when there is none to take: no file, or one that is
+    not UTF-8 JSON of `kind` (every cache file is written atomically, so only damage from
+    outside makes one; its contents are then built again)."""
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        value = json.loads(path.read_text())
+    except (FileNotFoundError, IsADirectoryError, ValueError):  # ValueError: bad JSON, not UTF-8
         return None
+    return value if isinstance(value, kind) else None
 
 
 def save_array(path: Path, array: np.ndarray) -> None:

@@ -73,7 +73,7 @@ def _unique_stream(tokenized, cfg: DataConfig) -> tuple[np.ndarray, dict]:
         )
     key = cache.content_key("stream", _STREAM_FORMAT, unique, cfg.seed)
     directory = tokenized.directory.parent / f"stream-{key[:16]}"
-    info = cache.read_json(directory / "info.json")
+    info = cache.read_json(directory / "info.json", dict)
     if info is None:
         order = np.random.default_rng([_DOC_SHUFFLE_TAG, cfg.seed]).permutation(len(offsets) - 1)
         stream = _gather_documents(tokenized.tokens("train"), offsets, order, unique)
@@ -120,7 +120,7 @@ def corpus_token_count(cfg: DataConfig, *, build: bool = True) -> int | None:
     if cfg.corpus.strip().startswith("tfds:"):
         return None
     corpus = open_corpus(cfg.corpus, cfg.text_field)
-    info = cache.read_json(_vocab_dir(corpus, cfg)[1] / "tokens" / "info.json")
+    info = cache.read_json(_vocab_dir(corpus, cfg)[1] / "tokens" / "info.json", dict)
     return None if info is None else int(info["splits"]["train"]["tokens"])
 
 

@@ -117,7 +117,7 @@ class TokenizedCorpus:
 def tokenize_corpus(corpus: Corpus, vocab_path: Path, validation_buckets: int) -> TokenizedCorpus:
     """The cached token arrays of both splits; runs the seqio Task once when they are missing."""
     directory = vocab_path.parent / "tokens"
-    info = cache.read_json(directory / "info.json")
+    info = cache.read_json(directory / "info.json", dict)
     if info is not None:
         return TokenizedCorpus(directory, info)
     seqio = import_seqio()

@@ -167,7 +167,7 @@ def ensure_vocab(corpus, directory: Path, *, validation_buckets: int, vocab_size
     """The cached model for these settings, training it first if it is not there yet."""
     global TRAINS
     path = directory / "spm.model"
-    info = cache.read_json(directory / "vocab.json")
+    info = cache.read_json(directory / "vocab.json", dict)
     if path.is_file() and info is not None:
         return VocabFile(path, info["pieces"], trained=False, seconds=info["train_seconds"])
     train_chars = _check_training_text(corpus, validation_buckets)
