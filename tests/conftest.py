@@ -97,15 +97,15 @@ def pytest_unconfigure(config):
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
 
-# The longest test files first (worker-seconds in the time report below, 2026-12-01: test_train
-# 507 s, test_launchers 487 s, ...; the rest under 100 s each, in collection order after these).
-# pytest-xdist's loadfile hands out whole files in this order (with --no-loadscope-reorder, in
-# pytest-xdist >= 3.8; its default is most tests first, which started the 6-test, 487 s notebook
-# file near the end and left the other worker idle for minutes). Stale entries only cost
-# balance, never a test.
-_LONGEST_FILES_FIRST = ("test_train.py", "test_launchers.py", "test_draft.py", "test_skipdecode.py",
-                        "test_lossless_matrix.py", "test_spec.py", "test_duo_oracle.py", "test_train_crash.py",
-                        "test_cli.py", "test_token_crisis_notebook.py")
+# The longest test files first (worker-seconds in the time report below, 2026-12-02: test_launchers
+# 253 s, test_train 245 s, test_cli 151 s, ...; the rest under 125 s each, in collection order
+# after these). pytest-xdist's loadfile hands out whole files in this order (with
+# --no-loadscope-reorder, in pytest-xdist >= 3.8; its default is most tests first, which started
+# the 6-test, 487 s notebook file near the end and left the other worker idle for minutes).
+# Stale entries only cost balance, never a test.
+_LONGEST_FILES_FIRST = ("test_launchers.py", "test_train.py", "test_cli.py", "test_draft.py", "test_train_crash.py",
+                        "test_skipdecode.py", "test_decode.py", "test_foundation.py", "test_default_model.py",
+                        "test_model.py", "test_experiments.py", "test_duo.py", "test_hf_parity.py")
 
 
 def pytest_collection_modifyitems(config, items):
