@@ -4,8 +4,13 @@
     lm = jaxaccel.load("path/to/model")    # jaxaccel checkpoint or Hugging Face folder
     out = lm.generate(["def fib(n):"], max_new_tokens=64)
 """
-from jaxaccel.config import ModelConfig
-from jaxaccel.decode.lm import GenerationResult, LanguageModel, from_params, load
+from jaxaccel import cli as _cli
+
+if _cli.is_command_process():  # before jax is imported: Ctrl-C while a command starts is one line too
+    _cli.stop_at_once_on_ctrl_c()
+
+from jaxaccel.config import ModelConfig  # noqa: E402
+from jaxaccel.decode.lm import GenerationResult, LanguageModel, from_params, load  # noqa: E402
 from jaxaccel.errors import (CheckpointError, ConfigError, InvalidArgumentError, InvalidPromptError, JaxaccelError,
                              ModelLoadError, UnsupportedArchitectureError)
 

@@ -1,5 +1,6 @@
 """The command lines: output formats, and a one-line error + exit 2 for every bad input."""
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -225,6 +226,41 @@ def test_bench_startup_runs_and_reports(capsys):
     assert "| pld |" in startup.markdown(result)
     code, _, err = run(bench_main, ["startup", "--runs", "0"], capsys)
     assert code == 2 and "runs and repeats must be >= 1" in err
+
+
+@pytest.mark.parametrize("started_as", ["-c", "-m"])
+def test_ctrl_c_ends_a_command_at_once_even_with_background_work_left(tmp_path, started_as):
+    """Ctrl-C in a command used to print `interrupted` and return through Python's shutdown,
+    which waits for every non-daemon thread: one cut off mid-way (Orbax's save threads) hung
+    the process forever. A command now stops at once, exit 130, one line. Started as `python
+    -m jaxaccel.X` the handler is there from jaxaccel's first import (a Ctrl-C while jax was
+    importing was a traceback, or swallowed by a garbage-collector callback)."""
+    import signal
+    import time
+
+    (tmp_path / "hang.py").write_text(
+        "import sys, threading, time\n"
+        "from jaxaccel.cli import run_cli\n"
+        "def main(argv):\n"
+        "    threading.Thread(target=time.sleep, args=(600,)).start()  # never finishes\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(600)\n"
+        "    return 0\n"
+        "raise SystemExit(run_cli(main))\n")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    if started_as == "-c":
+        cmd = [sys.executable, str(tmp_path / "hang.py")]
+    else:  # the import of jaxaccel itself (jax, the model code) is where the first second goes
+        cmd = [sys.executable, "-m", "jaxaccel.decode", "--max-new-tokens", "2000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    if started_as == "-c":
+        assert proc.stdout.readline() == "ready\n"
+    else:
+        time.sleep(0.6)  # importing jax
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
 
 
 @pytest.mark.slow

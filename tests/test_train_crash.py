@@ -511,6 +511,69 @@ def test_ctrl_c_checkpoints_the_step_then_a_second_stops_at_once(finished, tmp_p
     assert curve(run) == curve(finished)
 
 
+def test_ctrl_c_at_the_last_step_stops_before_the_evaluation_and_export(tmp_path, monkeypatch, capsys, finished):
+    """A first Ctrl-C during the last step was noted, then ignored: the run evaluated, exported
+    and exited 0 (a long evaluation or a large export kept the user waiting). It now stops with
+    that step's checkpoint; the rerun evaluates and exports, to the uninterrupted run's curve."""
+    import signal
+
+    import jaxaccel.train.loop as loop
+
+    real, calls = loop.global_batch, []
+
+    def batch(*args):
+        calls.append(1)
+        if len(calls) == 8 + 2:  # steps 1..8 and the evaluation at 4 (2 batches): step 8's batch is the 10th
+            signal.raise_signal(signal.SIGINT)
+        return real(*args)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(loop, "global_batch", batch)
+    with pytest.raises(loop.Interrupted, match="after step 8 of 8; checkpoint 8 is saved"):
+        train(run_cfg(run))
+    assert not (run / "model").exists()
+    monkeypatch.setattr(loop, "global_batch", real)
+    summary = train(run_cfg(run))
+    assert summary["resumed_from"] == 8 and (run / "model" / "jaxaccel.json").is_file()
+    assert curve(run) == curve(finished)
+
+
+@pytest.mark.slow
+def test_two_quick_ctrl_c_end_the_trainer_at_once_without_a_hang(tmp_path):
+    """A second Ctrl-C while the stop's checkpoint was being written raised KeyboardInterrupt
+    inside Orbax's save; the process printed `interrupted`, then waited forever in Python's
+    shutdown behind Orbax's threads. A command now stops at once (exit 130, one line); the
+    rerun resumes from a complete checkpoint and the curve has every step once."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    args = [sys.executable, "-c", TRAIN_CLI, str(ROOT / "configs" / "tiny.yaml"), "data.corpus=synthetic",
+            *(f"model.{k}={v}" for k, v in MODEL.items()), "train.steps=200", "train.batch_size=8",
+            "train.seq_len=32", "train.eval_every=0", "train.log_every=1", "train.peak_flops=1e11",
+            "checkpoint.every_steps=4", "tensorboard=false", f"output_dir={run}"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 300
+    metrics = run / "metrics.jsonl"
+    while proc.poll() is None and time.time() < deadline and not (
+            metrics.exists() and metrics.read_text().count("\n") >= 6):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # the step ends, then its checkpoint is written: press again then
+    saving = lambda: any(".orbax-checkpoint-tmp" in p.name for p in (run / "checkpoints").iterdir())  # noqa: E731
+    until = time.time() + 20
+    while proc.poll() is None and time.time() < until and not saving():
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)  # a hang fails here
+    assert proc.returncode == 130, err[-3000:]
+    last = err.rstrip().splitlines()[-1]  # (a save quicker than the second Ctrl-C: the first's stop)
+    assert (last == "interrupted" or last.startswith("stopped: Ctrl-C")) and "Traceback" not in err, err[-3000:]
+    again = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0 and "resuming from checkpoint step" in again.stderr, again.stderr[-3000:]
+    assert [r["step"] for r in curve(run) if "loss" in r] == list(range(1, 201))
+
+
 def test_no_validation_data_is_no_figure_not_a_perfect_loss(tmp_path):
     """With no held-out data (validation_fraction 0) the trainer used to log eval_loss 0.0 over
     0 tokens and export it as the model's validation loss: a perfect model on paper."""

@@ -92,7 +92,10 @@ def preemption_notice():
         reason.append("SIGTERM")
 
     def on_int(signum, frame):
-        if "Ctrl-C" in reason:
+        if "Ctrl-C" in reason:  # the second: what Ctrl-C did before the run (a command stops at once)
+            before = previous.get(signal.SIGINT)
+            if callable(before) and before is not signal.default_int_handler:
+                before(signum, frame)
             raise KeyboardInterrupt
         reason.append("Ctrl-C")
         sys.stderr.write("\ninterrupt: the run stops after this step and saves a checkpoint of it "
@@ -551,8 +554,10 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
             due_ckpt = done % cfg.checkpoint.every_steps == 0 or done == total_steps
             due_eval = (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == total_steps
             # every process asks at every step (the multi-host protocol's rule); a notice makes
-            # this step's checkpoint the run's last act, after its metrics (a NaN is never saved)
-            stop = done < total_steps and noticed(done)
+            # this step's checkpoint the run's last act, after its metrics (a NaN is never saved),
+            # also at the last step (the rerun evaluates and exports: they may take longer than
+            # a preemption's grace period, or than the user who pressed Ctrl-C wants to wait)
+            stop = noticed(done)
             if due_ckpt or due_eval or stop or len(pending) >= cfg.train.log_every:
                 flush_metrics()
             # Evaluate before checkpointing: a run killed after a checkpoint has that step's
