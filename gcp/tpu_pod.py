@@ -238,9 +238,20 @@ def git(*words: str) -> subprocess.CompletedProcess:
 
 def sweep_base(text: str) -> str | None:
     """A sweep file's `base:` (a path beside the file, else from the repository root, as the
-    sweep runner reads it), from its top-level line; None when it has none."""
-    match = re.search(r"""^base:[ \t]*(?:"([^"]*)"|'([^']*)'|([^\s#]+))""", text, re.MULTILINE)
-    return None if match is None else next(g for g in match.groups() if g is not None)
+    sweep runner reads it); None when it has none. Read with PyYAML (jaxaccel's dependency);
+    without it, from the top-level `base:` line."""
+    try:
+        import yaml
+    except ImportError:
+        match = re.search(r"""^base:[ \t]*(?:"([^"]*)"|'([^']*)'|([^\s#]+))""", text, re.MULTILINE)
+        value = None if match is None else next(g for g in match.groups() if g is not None)
+        return None if value in (None, "null", "~", "Null", "NULL") else value
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None  # the sweep runner reports a broken file in one line on the hosts
+    base = doc.get("base") if isinstance(doc, dict) else None
+    return None if base is None else str(base)
 
 
 def check_source(args: argparse.Namespace) -> None:

@@ -95,16 +95,17 @@ def writable_output(path: str | os.PathLike, *, folder: bool = False, what: str 
 TRACEBACK_ENV = "JAXACCEL_TRACEBACK"  # set to 1: errors keep their traceback (debugging jaxaccel itself)
 
 
+# After a Ctrl-C, the seconds the command has to unwind (its `finally` blocks and `with`
+# exits remove temporary folders) before it is ended anyway.
+UNWIND_S = 10.0
+
+
 def _stop_now(signum=None, frame=None) -> None:
-    """Ctrl-C in a jaxaccel command: `interrupted` and exit 130 at once. Every file jaxaccel
-    writes survives a kill at any moment (atomic writes, journaled moves, checkpoints committed
-    last), so stopping here loses nothing. Unwinding instead ran Python's shutdown under
-    background work cut off mid-way: Orbax's save threads (a hang), an XLA compile (a
-    segmentation fault), abandoned reads (pages of tracebacks); and a KeyboardInterrupt raised
-    inside a garbage-collector callback was swallowed (the command went on)."""
+    """`interrupted` and exit 130 at once. Every file jaxaccel writes survives a kill at any
+    moment (atomic writes, journaled moves, checkpoints committed last), so this loses nothing
+    but temporary folders that are not yet removed."""
     try:
-        sys.stderr.write("\ninterrupted\n")
-        sys.stderr.flush()
+        os.write(2, b"\ninterrupted\n")
         sys.stdout.flush()
     except (OSError, ValueError):  # a closed pipe
         pass
@@ -112,26 +113,68 @@ def _stop_now(signum=None, frame=None) -> None:
         os._exit(EXIT_INTERRUPTED)
 
 
-def stop_at_once_on_ctrl_c() -> None:
-    """Make Ctrl-C (SIGINT) end this process at once (`_stop_now`): for command processes only
-    (run_cli with argv None, and `jaxaccel/__init__` while a command imports). A training run
-    installs its own handler for the loop: a first Ctrl-C checkpoints the step, a second one
-    comes back here."""
+_ctrl_c_pressed = False
+
+
+def _on_ctrl_c(signum, frame) -> None:
+    """A command's Ctrl-C: KeyboardInterrupt, so the command unwinds and cleans up, then
+    `run_cli` ends the process with `_stop_now` — returning through Python's shutdown instead
+    waited forever behind background work cut off mid-way (Orbax's save threads) or crashed in
+    it (an XLA compile). A KeyboardInterrupt raised inside a garbage-collector callback is
+    swallowed and the command goes on: after UNWIND_S seconds, or at a second Ctrl-C, it ends
+    at once."""
+    global _ctrl_c_pressed
+    if _ctrl_c_pressed:
+        _stop_now()
+    _ctrl_c_pressed = True
+    import threading
+
+    timer = threading.Timer(UNWIND_S, _stop_now)
+    timer.daemon = True
+    timer.start()
+    raise KeyboardInterrupt
+
+
+def stop_at_once_on_ctrl_c(unwind: bool = True) -> None:
+    """Install this command process's Ctrl-C handling: `_on_ctrl_c` (unwind, then end), or
+    with unwind=False `_stop_now` (while jaxaccel itself imports: nothing to clean up yet).
+    Left alone: a process that ignores SIGINT (a background job of a shell script), one not in
+    its main thread, and $JAXACCEL_TRACEBACK (Ctrl-C shows where the command was). A training
+    run installs its own handler for its loop: a first Ctrl-C checkpoints the step, a second
+    one comes back here."""
     import signal
     import threading
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _stop_now)
+    if threading.current_thread() is not threading.main_thread() or _traceback_wanted():
+        return
+    if signal.getsignal(signal.SIGINT) in (signal.default_int_handler, _stop_now, _on_ctrl_c):
+        signal.signal(signal.SIGINT, _on_ctrl_c if unwind else _stop_now)
+
+
+def _traceback_wanted() -> bool:
+    return os.environ.get(TRACEBACK_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def is_command_process() -> bool:
     """Whether this process was started as a jaxaccel command: `python -m jaxaccel.X` or a
     `jaxaccel-X` console script (not a program or notebook that imports jaxaccel)."""
     argv = list(getattr(sys, "orig_argv", ()))
-    if "-m" in argv[1:]:
-        i = argv.index("-m", 1)
-        return i + 1 < len(argv) and argv[i + 1].split(".")[0] == "jaxaccel"
-    return len(argv) > 1 and os.path.basename(argv[1]).startswith("jaxaccel-")
+    i = 1
+    while i < len(argv):  # the interpreter's own options, up to the program
+        word = argv[i]
+        if word == "-m":
+            return i + 1 < len(argv) and argv[i + 1].split(".")[0] == "jaxaccel"
+        if word == "-c":
+            return False
+        if word in ("-X", "-W"):  # an option with its value in the next word
+            i += 2
+            continue
+        if word.startswith("-"):
+            i += 1
+            continue
+        name = os.path.basename(word)  # a script: a console script of ours, not any jaxaccel-*.py
+        return name.startswith("jaxaccel-") and not name.endswith(".py")
+    return False
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
@@ -139,7 +182,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     # Warnings are one line too (`warning: ...`), not a source location and a code excerpt.
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
-    if os.environ.get(TRACEBACK_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+    if _traceback_wanted():
         return main(argv)
     if argv is None:  # the command's own process
         stop_at_once_on_ctrl_c()

@@ -85,6 +85,11 @@ def test_spec_hf_comparison_needs_no_batch1_greedy_row():
                                   ("recycling", "paper", False, 1.0), ("recycling", "auto", True, 2.0))]
     ours, note = hf_comparison(rows, autoregressive=40.0)
     assert ours == {"autoregressive": 40.0, "pld": 70.0, "recycling": 90.0} and note == ""
+    ours, note = hf_comparison(rows, autoregressive=None)  # no sweep (--sweep none): the table's, if any
+    assert ours == {"pld": 70.0, "recycling": 90.0} and "autoregressive not compared" in note
+    rows.append({"batch": 1, "temperature": 0.0, "method": "autoregressive", "template": None, "hot_start": False,
+                 "tokens_per_s": 45.0})
+    assert hf_comparison(rows, autoregressive=None) == ({"autoregressive": 45.0, "pld": 70.0, "recycling": 90.0}, "")
 
 
 # ----------------------------------------------------------------------------- 2, 10. prompts and groups

@@ -228,7 +228,7 @@ def test_bench_startup_runs_and_reports(capsys):
     assert code == 2 and "runs and repeats must be >= 1" in err
 
 
-@pytest.mark.parametrize("started_as", ["-c", "-m"])
+@pytest.mark.parametrize("started_as", ["script", "-m"])
 def test_ctrl_c_ends_a_command_at_once_even_with_background_work_left(tmp_path, started_as):
     """Ctrl-C in a command used to print `interrupted` and return through Python's shutdown,
     which waits for every non-daemon thread: one cut off mid-way (Orbax's save threads) hung
@@ -248,19 +248,64 @@ def test_ctrl_c_ends_a_command_at_once_even_with_background_work_left(tmp_path, 
         "    return 0\n"
         "raise SystemExit(run_cli(main))\n")
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    if started_as == "-c":
+    if started_as == "script":
         cmd = [sys.executable, str(tmp_path / "hang.py")]
     else:  # the import of jaxaccel itself (jax, the model code) is where the first second goes
         cmd = [sys.executable, "-m", "jaxaccel.decode", "--max-new-tokens", "2000"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    if started_as == "-c":
+    if started_as == "script":
         assert proc.stdout.readline() == "ready\n"
-    else:
-        time.sleep(0.6)  # importing jax
+    else:  # jaxaccel's first import has run (and installed its handler) once jax is importing
+        maps, until = pathlib.Path(f"/proc/{proc.pid}/maps"), time.time() + 60
+        while proc.poll() is None and time.time() < until and "jaxlib" not in maps.read_text():
+            time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", err[-2000:]
     assert "Traceback" not in err, err[-2000:]
+
+
+@pytest.mark.parametrize("argv,command", [
+    (["python", "-m", "jaxaccel.decode", "--prompt", "x"], True),
+    (["python", "-X", "utf8", "-W", "ignore", "-m", "jaxaccel.train", "c.yaml"], True),
+    (["/venv/bin/python", "/venv/bin/jaxaccel-decode"], True),
+    (["python", "-m", "pytest", "-m", "jaxaccel"], False),
+    (["python", "my_script.py", "-m", "jaxaccel.decode"], False),
+    (["python", "jaxaccel-notes.py"], False),
+    (["python", "-c", "import jaxaccel"], False),
+    (["python"], False),
+])
+def test_which_processes_are_jaxaccel_commands(monkeypatch, argv, command):
+    from jaxaccel import cli
+
+    monkeypatch.setattr(sys, "orig_argv", argv)
+    assert cli.is_command_process() is command
+
+
+def test_ctrl_c_handling_leaves_an_ignored_sigint_and_traceback_mode_alone(monkeypatch):
+    """A shell script's background job starts with SIGINT ignored, and a Ctrl-C meant for the
+    script must not stop it: neither a command nor a training loop takes SIGINT then. With
+    JAXACCEL_TRACEBACK=1 Ctrl-C keeps Python's KeyboardInterrupt (where was it stuck?)."""
+    import signal
+
+    from jaxaccel import cli
+    from jaxaccel.train.loop import preemption_notice
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        cli.stop_at_once_on_ctrl_c()
+        with preemption_notice():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        monkeypatch.setenv(cli.TRACEBACK_ENV, "1")
+        cli.stop_at_once_on_ctrl_c()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        monkeypatch.delenv(cli.TRACEBACK_ENV)
+        cli.stop_at_once_on_ctrl_c()
+        assert signal.getsignal(signal.SIGINT) is cli._on_ctrl_c
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 @pytest.mark.slow

@@ -459,6 +459,11 @@ def test_calibration_fits_the_models_maximum_length(small_pair):
     long = jaxaccel.from_params(dataclasses.replace(SMALL, max_seq_len=80), target.params)
     assert calibration_lengths(long, long) == (32, 48)
     assert calibration_lengths(long, draft) == (25, 39)  # the shorter of the two
+    from jaxaccel.decode.acceptance import _calibration_settings
+
+    short = jaxaccel.from_params(dataclasses.replace(SMALL, max_seq_len=79), target.params)
+    assert calibration_lengths(short, short) == (31, 48)  # same new tokens as 80 positions: the key must differ
+    assert _calibration_settings(short, short) != _calibration_settings(long, long)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a "past the model's maximum length" warning fails the test
         vec = positional_acceptance(target, draft, temperature=1.0, max_rank=3, samples=1)

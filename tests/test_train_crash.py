@@ -466,7 +466,7 @@ def test_sigterm_saves_a_checkpoint_of_that_step_and_the_rerun_resumes_from_it(t
     assert [r["step"] for r in curve(run) if "loss" in r] == list(range(1, 301))
 
 
-def test_ctrl_c_checkpoints_the_step_then_a_second_stops_at_once(finished, tmp_path, monkeypatch, capsys):
+def test_ctrl_c_checkpoints_the_step_then_a_second_stops_at_once(finished, tmp_path, monkeypatch, capfd):
     """Ctrl-C used to end a training run at once (KeyboardInterrupt), losing every step since
     its last periodic checkpoint. A first Ctrl-C now ends the step, checkpoints it and stops
     (`stopped:`, exit 130); the rerun resumes to the uninterrupted curve. A second Ctrl-C stops
@@ -490,7 +490,7 @@ def test_ctrl_c_checkpoints_the_step_then_a_second_stops_at_once(finished, tmp_p
     run = tmp_path / "run"
     monkeypatch.setattr(loop, "global_batch", pressing_ctrl_c(3, 1))
     code = run_cli(lambda argv: train(run_cfg(run)), [])
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert code == 130, err
     assert "interrupt: the run stops after this step and saves a checkpoint of it" in err
     (line,) = [x for x in err.splitlines() if x.startswith("stopped: ")]
@@ -502,7 +502,7 @@ def test_ctrl_c_checkpoints_the_step_then_a_second_stops_at_once(finished, tmp_p
     monkeypatch.setattr(loop, "global_batch", pressing_ctrl_c(1, 2))  # twice, in the resumed run's first step
     with pytest.raises(KeyboardInterrupt):
         train(run_cfg(run))
-    assert "interrupt: the run stops after this step" in capsys.readouterr().err
+    assert "interrupt: the run stops after this step" in capfd.readouterr().err
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["3"]
     assert signal.getsignal(signal.SIGINT) is before
 
@@ -511,19 +511,23 @@ def test_ctrl_c_checkpoints_the_step_then_a_second_stops_at_once(finished, tmp_p
     assert curve(run) == curve(finished)
 
 
-def test_ctrl_c_at_the_last_step_stops_before_the_evaluation_and_export(tmp_path, monkeypatch, capsys, finished):
-    """A first Ctrl-C during the last step was noted, then ignored: the run evaluated, exported
-    and exited 0 (a long evaluation or a large export kept the user waiting). It now stops with
-    that step's checkpoint; the rerun evaluates and exports, to the uninterrupted run's curve."""
+@pytest.mark.parametrize("during", ["step", "evaluation"])
+def test_ctrl_c_at_the_last_step_stops_before_the_export(tmp_path, monkeypatch, finished, during):
+    """A first Ctrl-C during the last step (or its evaluation) was noted, then ignored: the run
+    evaluated, exported and exited 0 (a long evaluation or a large export kept the user
+    waiting). It now stops with that step's checkpoint — during the step, before evaluating —
+    and the rerun evaluates and exports, to the uninterrupted run's curve."""
     import signal
 
     import jaxaccel.train.loop as loop
 
     real, calls = loop.global_batch, []
+    # the batches: steps 1-4, the evaluation at 4 (2 batches), steps 5-8, the evaluation at 8
+    press_at = {"step": 10, "evaluation": 11}[during]
 
     def batch(*args):
         calls.append(1)
-        if len(calls) == 8 + 2:  # steps 1..8 and the evaluation at 4 (2 batches): step 8's batch is the 10th
+        if len(calls) == press_at:
             signal.raise_signal(signal.SIGINT)
         return real(*args)
 
@@ -532,6 +536,8 @@ def test_ctrl_c_at_the_last_step_stops_before_the_evaluation_and_export(tmp_path
     with pytest.raises(loop.Interrupted, match="after step 8 of 8; checkpoint 8 is saved"):
         train(run_cfg(run))
     assert not (run / "model").exists()
+    evaluated = [r["step"] for r in curve(run) if "eval_loss" in r]
+    assert evaluated == ([4] if during == "step" else [4, 8]) and len(calls) == press_at + (during != "step")
     monkeypatch.setattr(loop, "global_batch", real)
     summary = train(run_cfg(run))
     assert summary["resumed_from"] == 8 and (run / "model" / "jaxaccel.json").is_file()

@@ -64,12 +64,10 @@ def predicted_speedup(method, mat: float, batch: int, ratio: float = ACCELERATOR
 
 
 def figure2(lm, draft, temperature: float, path: str | None) -> dict[str, Any]:
-    from jaxaccel.decode.acceptance import (calibration_lengths, calibration_prompts, probability_vs_acceptance,
-                                            teacher_forced)
+    from jaxaccel.decode.acceptance import calibration, probability_vs_acceptance, teacher_forced
 
-    prompt_tokens, new_tokens = calibration_lengths(lm, draft)
-    p, q = teacher_forced(lm, draft, calibration_prompts(lm, prompt_tokens=prompt_tokens), temperature, None, None,
-                          new_tokens, 0)
+    prompts, new_tokens = calibration(lm, draft)
+    p, q = teacher_forced(lm, draft, prompts, temperature, None, None, new_tokens, 0)
     res = probability_vs_acceptance(p, q)
     if path:
         import matplotlib

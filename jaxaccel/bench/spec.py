@@ -257,9 +257,7 @@ def run(model: str = "builtin:default", batches: Sequence[int] = (1, 4), tempera
         partial(result)
 
     sweep_rows = []
-    base = next((r for r in rows if r["batch"] == 1 and r["temperature"] == 0.0 and r["method"] == "autoregressive"),
-                None) if not sweep else None  # (the sweep measures its own baseline, right before it)
-    base = base or run_method(lm, prompts, 1, new_tokens, runs, "autoregressive", 0.0)
+    base = run_method(lm, prompts, 1, new_tokens, runs, "autoregressive", 0.0) if sweep else None
     for t in sweep:
         widths = template_widths(t, 8)
         res = run_method(lm, prompts, 1, new_tokens, runs, "recycling", 0.0, template=list(widths) if t != "paper" else t)
@@ -277,25 +275,26 @@ def run(model: str = "builtin:default", batches: Sequence[int] = (1, 4), tempera
 
     if hf:
         result["hf"] = bench_hf_prompt_lookup(lm, prompts, new_tokens, runs)
-        result["hf_ours"], note = hf_comparison(rows, base["tokens_per_s"])
+        result["hf_ours"], note = hf_comparison(rows, base["tokens_per_s"] if base else None)
         ours = ", ".join(f"{label} {value:.0f}" for label, value in result["hf_ours"].items())
         for label, res in result["hf"].items():
             progress(f"transformers {label}: {res['tokens_per_s']:.0f} tok/s (ours: {ours}){note}")
     return result
 
 
-def hf_comparison(rows: Sequence[dict[str, Any]], autoregressive: float) -> tuple[dict[str, float], str]:
+def hf_comparison(rows: Sequence[dict[str, Any]], autoregressive: float | None) -> tuple[dict[str, float], str]:
     """What of ours compares with transformers' batch-1 greedy rows: the autoregressive
-    baseline of the template sweep (always batch 1, greedy), and prompt lookup and Token
-    Recycling (template auto) from the table when it has a batch-1, T=0 row; (tok/s by
-    label, a note when the table has none)."""
-    ours = {"autoregressive": autoregressive}
+    baseline of the template sweep (always batch 1, greedy; None without a sweep: the
+    table's), and prompt lookup and Token Recycling (template auto) from the table when it
+    has a batch-1, T=0 row; (tok/s by label, a note naming what the table lacks)."""
     measured = {r["method"]: r for r in rows if r["batch"] == 1 and r["temperature"] == 0.0
                 and r["template"] in (None, "auto") and not r.get("hot_start")}
-    for method in ("pld", "recycling"):
-        if method in measured:
+    ours = {} if autoregressive is None else {"autoregressive": autoregressive}
+    for method in ("autoregressive", "pld", "recycling"):
+        if method in measured and method not in ours:
             ours[method] = measured[method]["tokens_per_s"]
-    note = "" if len(ours) == 3 else " (no batch-1, T=0 row in this run: only autoregressive compared)"
+    missing = [m for m in ("autoregressive", "pld", "recycling") if m not in ours]
+    note = f" (no batch-1, T=0 row in this run: {', '.join(missing)} not compared)" if missing else ""
     return ours, note
 
 

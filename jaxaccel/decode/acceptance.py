@@ -67,6 +67,18 @@ def calibration_lengths(target, draft) -> tuple[int, int]:
     return prompt_tokens, max(1, limit - prompt_tokens)
 
 
+def calibration(target, draft) -> tuple[list[list[int]], int]:
+    """The default calibration: its prompts and how many tokens the target adds to each."""
+    prompt_tokens, new_tokens = calibration_lengths(target, draft)
+    return calibration_prompts(target, prompt_tokens=prompt_tokens), new_tokens
+
+
+def _calibration_settings(target, draft) -> dict[str, int]:
+    """What identifies the default calibration in a cache entry's key."""
+    prompt_tokens, new_tokens = calibration_lengths(target, draft)
+    return {"prompts": CALIBRATION_PROMPTS, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens}
+
+
 def calibration_prompts(lm, n: int = CALIBRATION_PROMPTS, prompt_tokens: int = CALIBRATION_PROMPT_TOKENS,
                         seed: int = 0) -> list[list[int]]:
     """Prompts to measure on: the first `prompt_tokens` tokens of held-out (validation-split)
@@ -250,17 +262,15 @@ def cached_conditional_acceptance(target, draft, *, temperature: float, top_k: i
                                   max_rank: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """`conditional_acceptance` on the default calibration (temperature > 0), measured once
     per (target, draft, settings) and kept on disk like `cached_acceptance`."""
-    prompt_tokens, new_tokens = calibration_lengths(target, draft)
     settings = {"kind": "conditional_acceptance", "temperature": float(temperature), "top_k": top_k,
-                "top_p": top_p, "max_rank": max_rank, "bins": list(VALUE_BINS), "prompts": CALIBRATION_PROMPTS,
-                "new_tokens": new_tokens}
+                "top_p": top_p, "max_rank": max_rank, "bins": list(VALUE_BINS), **_calibration_settings(target, draft)}
     path = cache_path(target, draft, settings)
     shape = (max_rank, len(VALUE_BINS) - 1)
     hit = _read(path, lambda d: (_probabilities(d["table"], shape), _probabilities(d["rank_mean"], (max_rank,))))
     if hit is not None:
         return hit
-    p, q = teacher_forced(target, draft, calibration_prompts(target, prompt_tokens=prompt_tokens), temperature,
-                          top_k, top_p, new_tokens, 0)
+    prompts, new_tokens = calibration(target, draft)
+    p, q = teacher_forced(target, draft, prompts, temperature, top_k, top_p, new_tokens, 0)
     table, rank_mean = conditional_acceptance(p, q, max_rank)
     _write(path, {"table": table.tolist(), "rank_mean": rank_mean.tolist(), **settings,
                   "target": str(target.source), "draft": str(draft.source)})
@@ -272,9 +282,11 @@ def positional_acceptance(target, draft, *, temperature: float = 0.0, top_k: int
                           max_rank: int = 16, new_tokens: int | None = None, samples: int = 4,
                           seed: int = 0) -> np.ndarray:
     """Sequoia's acceptance vector for `draft` drafting for `target` (see the module docstring);
-    prompts and new_tokens default to the calibration's (`calibration_lengths`)."""
-    prompt_tokens, default_new = calibration_lengths(target, draft)
-    prompts = calibration_prompts(target, prompt_tokens=prompt_tokens) if prompts is None else prompts
+    prompts and new_tokens default to the calibration's (`calibration`)."""
+    if prompts is None:
+        prompts, default_new = calibration(target, draft)
+    else:
+        default_new = calibration_lengths(target, draft)[1]
     new_tokens = default_new if new_tokens is None else new_tokens
     p, q = teacher_forced(target, draft, prompts, temperature, top_k, top_p, new_tokens, seed)
     return acceptance_from_probs(p, q, temperature == 0, max_rank, samples, seed)
@@ -361,7 +373,7 @@ def cached_acceptance(target, draft, *, temperature: float, top_k: int | None, t
     """`positional_acceptance` with its default calibration, measured once per (target, draft,
     settings) and kept on disk (`cache_path`); written atomically."""
     settings = {"temperature": float(temperature), "top_k": top_k, "top_p": top_p, "max_rank": max_rank,
-                "prompts": CALIBRATION_PROMPTS, "new_tokens": calibration_lengths(target, draft)[1]}
+                **_calibration_settings(target, draft)}
     path = cache_path(target, draft, settings)
 
     def acceptance_vector(d):
@@ -382,8 +394,7 @@ def cached_acceptance(target, draft, *, temperature: float, top_k: int | None, t
 def cached_greedy_temperature(target, draft) -> float:
     """`greedy_temperature_from` on the default calibration (greedy continuations), measured
     once per (target, draft) and kept on disk like `cached_acceptance`."""
-    prompt_tokens, new_tokens = calibration_lengths(target, draft)
-    settings = {"kind": "greedy_temperature", "prompts": CALIBRATION_PROMPTS, "new_tokens": new_tokens}
+    settings = {"kind": "greedy_temperature", **_calibration_settings(target, draft)}
     path = cache_path(target, draft, settings)
 
     def temperature(d):
@@ -395,8 +406,8 @@ def cached_greedy_temperature(target, draft) -> float:
     hit = _read(path, temperature)
     if hit is not None:
         return hit
-    p, _, logits = teacher_forced(target, draft, calibration_prompts(target, prompt_tokens=prompt_tokens), 0.0, None,
-                                  None, new_tokens, 0, draft_logits=True)
+    prompts, new_tokens = calibration(target, draft)
+    p, _, logits = teacher_forced(target, draft, prompts, 0.0, None, None, new_tokens, 0, draft_logits=True)
     tau = greedy_temperature_from(logits, p.argmax(axis=1))
     _write(path, {"greedy_temperature": tau, **settings, "target": str(target.source), "draft": str(draft.source)})
     return tau

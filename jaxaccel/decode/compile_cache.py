@@ -89,9 +89,42 @@ def use_folder(folder: str | Path, min_compile_seconds: float = MIN_COMPILE_SECO
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    if jax.default_backend() == "cpu":  # (a GPU keeps its autotuning cache, path and all)
+    if _cpu_only():  # (a GPU keeps its autotuning cache, path and all)
         jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
     _write_entries_whole(folder)
+    _remove_stale_temporaries(Path(folder))
+
+
+def _cpu_only() -> bool:
+    """Whether this process computes on the CPU, decided without starting a backend (a load
+    of a path that does not exist must not set up a TPU first): the backend when one is up,
+    else $JAX_PLATFORMS, else whether a GPU or TPU plugin is installed."""
+    try:
+        from jax._src import xla_bridge
+
+        if xla_bridge.backends_are_initialized():
+            return jax.default_backend() == "cpu"
+    except (ImportError, AttributeError):
+        return False
+    platforms = (jax.config.jax_platforms or "").strip().lower()
+    if platforms:
+        return platforms.split(",")[0] == "cpu"
+    import importlib.util
+
+    plugins = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm6_plugin", "jax_rocm7_plugin")
+    return not any(importlib.util.find_spec(name) is not None for name in plugins)
+
+
+def _remove_stale_temporaries(folder: Path, older_than_s: float = 3600.0) -> None:
+    """Temporary files of entries whose writer was killed (`_WholeEntries.put`), an hour on."""
+    import time
+
+    try:
+        for path in folder.glob(".*.tmp*"):
+            if time.time() - path.stat().st_mtime > older_than_s:
+                path.unlink()
+    except OSError:
+        pass
 
 
 def _write_entries_whole(folder: str) -> None:
@@ -139,14 +172,19 @@ class _WholeEntries:
     def put(self, key: str, value: bytes) -> None:
         from jax._src.lru_cache import _CACHE_SUFFIX
 
+        import tempfile
+
         target = Path(self.path) / f"{key}{_CACHE_SUFFIX}"
-        temporary = target.with_name(f".{target.name}.tmp{os.getpid()}")
+        temporary = None
         try:
-            temporary.write_bytes(value)
+            fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(value)
             os.replace(temporary, target)
         except OSError as e:
             try:
-                temporary.unlink(missing_ok=True)
+                if temporary is not None:
+                    os.unlink(temporary)
             except OSError:
                 pass
             if not self._write_failed:

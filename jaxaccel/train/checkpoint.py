@@ -181,7 +181,7 @@ class Checkpoints:
         def move():
             try:
                 return self._move_aside(step)
-            except CheckpointError:
+            except CheckpointError:  # (an OSError too: ModelLoadError is a FileNotFoundError) already says it all
                 raise
             except OSError as e:  # a local move (a full or read-only disk)
                 raise CheckpointError(f"checkpoint step {step} in {self.directory} is unreadable and could not be "

@@ -92,17 +92,19 @@ def preemption_notice():
         reason.append("SIGTERM")
 
     def on_int(signum, frame):
-        if "Ctrl-C" in reason:  # the second: what Ctrl-C did before the run (a command stops at once)
+        if "Ctrl-C" in reason:  # the second: what Ctrl-C did before the run (a command ends soon)
             before = previous.get(signal.SIGINT)
             if callable(before) and before is not signal.default_int_handler:
                 before(signum, frame)
             raise KeyboardInterrupt
         reason.append("Ctrl-C")
-        sys.stderr.write("\ninterrupt: the run stops after this step and saves a checkpoint of it "
-                         "(Ctrl-C again stops at once, without)\n")
+        os.write(2, b"\ninterrupt: the run stops after this step and saves a checkpoint of it "
+                    b"(Ctrl-C again stops at once, without)\n")  # (not sys.stderr: no reentrant write)
 
-    previous = {sig: signal.signal(sig, handler) for sig, handler in ((signal.SIGTERM, on_term),
-                                                                       (signal.SIGINT, on_int))}
+    handlers = [(signal.SIGTERM, on_term)]
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a background job of a script ignores it
+        handlers.append((signal.SIGINT, on_int))
+    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers}
     try:
         yield lambda step: reason[0] if reason else None
     finally:
@@ -540,6 +542,14 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
 
         settings = json.loads(json.dumps(to_dict(cfg), default=str))  # a copy in every checkpoint
         noticed = notice.enter_context(preemption_notice())
+
+        def stopped(reason: str, done: int) -> Preempted:
+            """The error that ends a run stopped by `reason` once checkpoint `done` is written."""
+            ckpts.wait()
+            error, cause = (Interrupted, "Ctrl-C") if reason == "Ctrl-C" else (Preempted, "a preemption notice (SIGTERM)")
+            return error(f"{cause} stopped the run after step {done} of {total_steps}; checkpoint {done} is saved in "
+                         f"{ckpt_dir}: rerun the same command to resume")
+
         batches = data.train_batches(start)
         for step in range(start, total_steps):
             try:
@@ -558,6 +568,7 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
             # also at the last step (the rerun evaluates and exports: they may take longer than
             # a preemption's grace period, or than the user who pressed Ctrl-C wants to wait)
             stop = noticed(done)
+            due_eval = due_eval and not (stop and done == total_steps)  # the rerun evaluates, then exports
             if due_ckpt or due_eval or stop or len(pending) >= cfg.train.log_every:
                 flush_metrics()
             # Evaluate before checkpointing: a run killed after a checkpoint has that step's
@@ -569,11 +580,11 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
                                          "unique_tokens": unique, "total_steps": total_steps, "config": settings,
                                          "data": fingerprint})
             if stop:
-                ckpts.wait()
-                error = Interrupted if stop == "Ctrl-C" else Preempted
-                cause = "Ctrl-C" if stop == "Ctrl-C" else "a preemption notice (SIGTERM)"
-                raise error(f"{cause} stopped the run after step {done} of {total_steps}; "
-                            f"checkpoint {done} is saved in {ckpt_dir}: rerun the same command to resume")
+                raise stopped(stop, done)
+        if start < total_steps and jax.process_count() == 1:  # a notice during the last step's evaluation
+            late = noticed(total_steps)
+            if late:
+                raise stopped(late, total_steps)
         notice.close()  # the last step is checkpointed: from here a SIGTERM or Ctrl-C ends the process as usual
         flush_metrics()
         if start == total_steps:  # resumed after the last step: evaluate, recording it only if it is not yet
