@@ -239,12 +239,13 @@ def test_ctrl_c_ends_a_command_at_once_even_with_background_work_left(tmp_path, 
     import time
 
     (tmp_path / "hang.py").write_text(
-        "import sys, threading, time\n"
+        "import sys, tempfile, threading, time\n"
         "from jaxaccel.cli import run_cli\n"
         "def main(argv):\n"
         "    threading.Thread(target=time.sleep, args=(600,)).start()  # never finishes\n"
-        "    print('ready', flush=True)\n"
-        "    time.sleep(600)\n"
+        "    with tempfile.TemporaryDirectory() as scratch:  # removed as the command unwinds\n"
+        "        print(scratch, flush=True)\n"
+        "        time.sleep(600)\n"
         "    return 0\n"
         "raise SystemExit(run_cli(main))\n")
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -253,8 +254,10 @@ def test_ctrl_c_ends_a_command_at_once_even_with_background_work_left(tmp_path, 
     else:  # the import of jaxaccel itself (jax, the model code) is where the first second goes
         cmd = [sys.executable, "-m", "jaxaccel.decode", "--max-new-tokens", "2000"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    scratch = None
     if started_as == "script":
-        assert proc.stdout.readline() == "ready\n"
+        scratch = proc.stdout.readline().strip()
+        assert os.path.isdir(scratch)
     else:  # jaxaccel's first import has run (and installed its handler) once jax is importing
         maps, until = pathlib.Path(f"/proc/{proc.pid}/maps"), time.time() + 60
         while proc.poll() is None and time.time() < until and "jaxlib" not in maps.read_text():
@@ -263,6 +266,7 @@ def test_ctrl_c_ends_a_command_at_once_even_with_background_work_left(tmp_path, 
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", err[-2000:]
     assert "Traceback" not in err, err[-2000:]
+    assert scratch is None or not os.path.exists(scratch)  # os._exit at the first Ctrl-C left it behind
 
 
 @pytest.mark.parametrize("argv,command", [
