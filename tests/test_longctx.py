@@ -297,6 +297,18 @@ def test_experiment_runs_every_cell_and_resumes(lm, tmp_path, monkeypatch):
     assert sorted(ran_again) == sorted(("full", t, 176) for t in TASKS)
     assert all(c["accuracy"] is not None for c in wider["cells"])
     kwargs["full_max_length"] = None
+    # A rerun with other lengths (and fewer methods) keeps the cells it does not select: it
+    # used to rewrite the file with its own selection alone.
+    ran_again.clear()
+    monkeypatch.setattr(exp, "run_cell", lambda lm_, method, task, length, *a: ran_again.append(
+        (method, task, length)) or real_run_cell(lm_, method, task, length, *a))
+    more = exp.evaluate(lm, small, **{**kwargs, "lengths": (144,), "methods": ("tokenselect",)})
+    assert sorted(ran_again) == sorted(("tokenselect", t, 144) for t in TASKS)
+    assert more["lengths"] == [128, 144, 176] and more["methods"] == list(exp.METHODS)
+    assert {k: c for k, c in ((tuple(c[f] for f in ("method", "task", "length")), c) for c in more["cells"])
+            if k[2] != 144} == {(c["method"], c["task"], c["length"]): c for c in wider["cells"]}
+    assert len(more["cells"]) == len(wider["cells"]) + len(TASKS)
+    exp.markdown(more)  # (the lengths other methods lack are "—")
     monkeypatch.setattr(exp, "run_cell", no_more)
     # Another run's results, or another file, in the folder: refused, left as it was.
     before = (tmp_path / "results.json").read_bytes()

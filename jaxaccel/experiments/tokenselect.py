@@ -140,7 +140,16 @@ def evaluate(lm, tasks: RetrievalTasks, *, lengths: Sequence[int] = LENGTHS, tas
                                        f"another output folder, or move that file away to start again")
         # a cell skipped for --full-max-length is not a result: computed when the rerun allows it
         done = {(c["method"], c["task"], c["length"]): c for c in old.get("cells", []) if "skipped" not in c}
-        log(f"{path}: {len(done)} finished cells kept")
+        # Cells of lengths, tasks or methods this run does not select stay in the file (a rerun
+        # with other --lengths used to drop them); the file's lists become the union.
+        selected = {(m, t, n) for n in lengths for t in task_names for m in methods}
+        results["cells"] = [c for c in old.get("cells", []) if (c["method"], c["task"], c["length"]) not in selected]
+        results["lengths"] = sorted({*old.get("lengths", []), *lengths})
+        results["tasks"] = list(dict.fromkeys([*old.get("tasks", []), *task_names]))
+        results["methods"] = list(dict.fromkeys([*old.get("methods", []), *methods]))
+        results["labels"] = {m: METHODS[m][0] if m in METHODS else m for m in results["methods"]}
+        log(f"{path}: {len(done)} finished cells kept"
+            + (f", and {len(results['cells'])} of other lengths, tasks or methods" if results["cells"] else ""))
 
     def save() -> None:
         if path is not None:
