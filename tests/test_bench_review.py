@@ -296,3 +296,39 @@ def test_hf_baseline_runs_in_the_bench_dtype():
     from jaxaccel.bench.decode import torch_dtype
 
     assert torch_dtype("bfloat16") is torch.bfloat16 and torch_dtype("float32") is torch.float32
+
+
+def test_a_benchmark_that_dies_keeps_its_partial_results_beside_an_earlier_complete_file(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """`bench kernels --json F` rewrote F after every case: killed after the first, an earlier
+    complete F was replaced by one case, with nothing marking it incomplete. The results so far
+    now go to F.partial ("complete": false); F is written whole at the end, and the sidecar
+    removed."""
+    from jaxaccel.bench import kernels
+    from jaxaccel.bench.__main__ import main as bench_main
+    from jaxaccel.errors import JaxaccelError
+
+    out = tmp_path / "kernels.json"
+    out.write_text('{"cases": ["an earlier complete run"]}')
+
+    def dies_after_one_case(runs, quick, progress, on_row):
+        on_row({"cases": [{"name": "first"}], "failed": 0})
+        raise JaxaccelError("the compiler aborted")
+
+    monkeypatch.setattr(kernels, "run", dies_after_one_case)
+    code, _, err = run_main(bench_main, ["kernels", "--json", out], capsys)
+    assert code == 2 and "the compiler aborted" in err
+    assert json.loads(out.read_text()) == {"cases": ["an earlier complete run"]}
+    assert json.loads((tmp_path / "kernels.json.partial").read_text()) == {
+        "cases": [{"name": "first"}], "failed": 0, "complete": False}
+
+    def finishes(runs, quick, progress, on_row):
+        on_row({"cases": [{"name": "first"}], "failed": 0})
+        return {"cases": [{"name": "first"}, {"name": "second"}], "failed": 0}
+
+    monkeypatch.setattr(kernels, "run", finishes)
+    monkeypatch.setattr(kernels, "markdown", lambda result: "table")
+    code, out_text, _ = run_main(bench_main, ["kernels", "--json", out], capsys)
+    assert code == 0 and out_text.strip() == "table"
+    assert json.loads(out.read_text())["cases"] == [{"name": "first"}, {"name": "second"}]
+    assert not (tmp_path / "kernels.json.partial").exists()

@@ -195,14 +195,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.which == "kernels":
         from jaxaccel.bench import kernels
-        from jaxaccel.bench.common import write_json
+        from jaxaccel.bench.common import write_json, write_partial
 
         if args.runs < 1:
             fail(f"--runs must be >= 1, got {args.runs}")
-        # the JSON is rewritten after every case: a process that dies later (a compiler abort)
-        # keeps what it found
+        # the results so far go to JSON.partial after every case: a process that dies later (a
+        # compiler abort) keeps what it found, and an earlier complete JSON is replaced at the end
         result = kernels.run(args.runs, args.quick, progress=lambda s: print(s, file=sys.stderr, flush=True),
-                             on_row=lambda partial: write_json(args.json, partial) if args.json else None)
+                             on_row=lambda partial: write_partial(args.json, partial) if args.json else None)
+        if args.json:
+            write_json(args.json, result)
         print(kernels.markdown(result))
         if result["failed"]:
             print(f"error: {result['failed']} of {len(result['cases'])} kernel cases failed (see the table)",
@@ -274,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.which == "dyspec":
         from jaxaccel.bench import draft as draft_bench
-        from jaxaccel.bench.common import model_config, write_json
+        from jaxaccel.bench.common import model_config, write_json, write_partial
         from jaxaccel.bench.spec import NATURAL_PROMPTS
         from jaxaccel.decode.methods import METHODS, get_method
 
@@ -299,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = draft_bench.run(args.model, args.draft, batches, temperatures, budgets, methods, args.new_tokens,
                                  args.runs, args.files, args.prompt_tokens, args.figure,
                                  progress=lambda s: print(s, file=sys.stderr),
-                                 partial=(lambda r: write_json(args.json, r)) if args.json else None)
+                                 partial=(lambda r: write_partial(args.json, r)) if args.json else None)
         print(draft_bench.markdown(result))
         if args.json:
             write_json(args.json, result)
@@ -350,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.which == "spec":
         from jaxaccel.bench import spec
-        from jaxaccel.bench.common import write_json
+        from jaxaccel.bench.common import write_json, write_partial
 
         batches = _csv(args.batches, int)
         temperatures = _csv(args.temperatures, float)
@@ -368,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             require_peers()
         result = spec.run(args.model, batches, temperatures, args.new_tokens, args.runs, args.files, args.prompt_tokens,
                           sweep, hf=not args.no_hf, cost=not args.no_cost, progress=lambda s: print(s, file=sys.stderr),
-                          partial=(lambda r: write_json(args.json, r)) if args.json else None)
+                          partial=(lambda r: write_partial(args.json, r)) if args.json else None)
         print(spec.markdown(result))
         if args.json:
             write_json(args.json, result)

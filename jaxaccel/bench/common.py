@@ -75,9 +75,24 @@ def machine() -> dict[str, Any]:
 
 
 def write_json(path: str | Path, data: Any) -> None:
+    """A benchmark's results, whole (and its `write_partial` sidecar removed)."""
     from jaxaccel.files import write_atomically
 
     write_atomically(Path(path), json.dumps(data, indent=2))
+    partial_path(path).unlink(missing_ok=True)
+
+
+def partial_path(path: str | Path) -> Path:
+    return Path(f"{path}.partial")
+
+
+def write_partial(path: str | Path, data: Any) -> None:
+    """The results so far of a benchmark still running, beside `path` (PATH.partial, marked
+    "complete": false), so that a failure or a kill later keeps them without replacing an
+    earlier complete file at `path` with a part of one."""
+    from jaxaccel.files import write_atomically
+
+    write_atomically(partial_path(path), json.dumps({**data, "complete": False}, indent=2))
 
 
 def figure(value: float | None, fmt: str, scale: float = 1.0, unit: str = "") -> str:
