@@ -516,6 +516,16 @@ def test_pod_launcher_waits_out_a_preemption_notice(monkeypatch):
     ({"sweep": "s", "runs": [1, 2]}, "runs (a list of run records)"),
     ({"sweep": "s", "runs": [], "groups": "x"}, "groups (a list of objects)"),
     ({"sweep": "s", "runs": [], "report": [1]}, "report (an object)"),
+    # the records and plot specs inside (a traceback from report's table or plot's figure before)
+    ({"sweep": "s", "runs": [{"name": "a", "final": "x"}]}, "runs[0] (a): final is not an object"),
+    ({"sweep": "s", "runs": [{"name": "a", "wall_s": "5"}]}, "runs[0] (a): wall_s is not a number"),
+    ({"sweep": "s", "runs": [{"name": "a", "unique_tokens": "x"}]}, "unique_tokens is not a number"),
+    ({"sweep": "s", "runs": [{"name": "a", "final": {"eval_loss": "low"}}]}, "final.eval_loss is not a number"),
+    ({"sweep": "s", "runs": [], "groups": [{"name": "g", "set": [1, 2]}]}, "group 'g': set is not an object"),
+    ({"sweep": "s", "runs": [], "plots": [{"name": "p", "kind": "final"}]}, "needs x"),
+    ({"sweep": "s", "runs": [], "plots": ["p"]}, "plots[0]"),
+    ({"sweep": "s", "runs": [], "plots": [{"name": "p", "kind": "pie", "x": "data.epochs"}]}, "kind must be one of"),
+    ({"sweep": "s", "runs": [], "plots": [{"name": "../../escape", "x": "data.epochs"}]}, "file-name-safe"),
 ])
 @pytest.mark.parametrize("command", ["report", "plot"])
 def test_a_results_file_with_a_malformed_body_is_one_line(tmp_path, capsys, body, message, command):

@@ -96,7 +96,50 @@ def read_results(path: str | Path) -> dict:
         ("report (an object)", isinstance(doc.get("report") or {}, dict))) if not ok]
     if problems:
         raise SweepError(f"{path}: not a readable sweep results file: {problems[0]} is missing or malformed")
+    for i, run in enumerate(doc["runs"]):
+        problem = _malformed_record(run)
+        if problem:
+            raise SweepError(f"{path}: not a readable sweep results file: runs[{i}] ({run['name']}): {problem}")
+    for g in doc.get("groups", []):
+        for field in ("set", "zip", "axes"):
+            if not isinstance(g.get(field) or {}, dict):
+                raise SweepError(f"{path}: not a readable sweep results file: group {g['name']!r}: {field} is not an "
+                                 f"object")
+    from jaxaccel.errors import ConfigError
+    from jaxaccel.experiments.spec import _parse_plots
+
+    try:  # the sweep file's own rules: kinds, axes, file-safe names (a plot is written as NAME.png)
+        doc["plots"] = list(_parse_plots(json.loads(json.dumps(doc.get("plots", []))),
+                                         [g["name"] for g in doc.get("groups", [])]))
+    except ConfigError as e:
+        raise SweepError(f"{path}: not a readable sweep results file: {e}") from None
     return doc
+
+
+# Figures of a run record that are numbers (or null) when present.
+_RECORD_NUMBERS = ("steps", "resumed_from", "wall_s", "tokens_per_step", "total_tokens", "unique_tokens", "epochs",
+                   "corpus_tokens", "params", "active_params", "train_flops")
+
+
+def _malformed_record(run: dict) -> str | None:
+    """What is wrong with a run record's shape, or None."""
+    def number(v):
+        return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+    for field in _RECORD_NUMBERS:
+        if not number(run.get(field)):
+            return f"{field} is not a number"
+    for section in ("final", "best", "settings", "data", "config"):
+        if not isinstance(run.get(section) or {}, dict):
+            return f"{section} is not an object"
+    for section in ("final", "best"):
+        bad = [k for k, v in (run.get(section) or {}).items() if not number(v)]
+        if bad:
+            return f"{section}.{bad[0]} is not a number"
+    if not isinstance(run.get("curve") or {}, dict) or not all(
+            isinstance(v, list) and all(number(x) for x in v) for v in (run.get("curve") or {}).values()):
+        return "curve is not an object of number lists"
+    return None
 
 
 def check_results_target(path: str | Path, sweep_name: str) -> None:
