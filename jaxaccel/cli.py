@@ -28,10 +28,31 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if (action.option_strings and action.default not in (None, False, argparse.SUPPRESS, [])
-                and "default" not in text.lower()):
+        default = action.default  # (by identity: 0 == False, and a default of 0 is worth showing)
+        if (action.option_strings and default is not None and default is not False and default != []
+                and default != "" and default is not argparse.SUPPRESS and "default" not in text.lower()):
             text += " (default: %(default)s)"
         return text
+
+
+def csv_list(text: str, cast: Callable = str, what: str = "", allow_empty: bool = False) -> tuple:
+    """A comma-separated option value as a tuple: an empty item ("8,,16", "", ","), an item
+    `cast` refuses, or one given twice (the work would run twice) is a one-line error, exit 2;
+    an empty text is () when `allow_empty`."""
+    where = f"{what} " if what else ""
+    if allow_empty and not text.strip():
+        return ()
+    items = [x.strip() for x in text.split(",")]
+    if not all(items):
+        fail(f"{where}{text!r}: expected a comma-separated list without empty items")
+    try:
+        values = tuple(cast(x) for x in items)
+    except ValueError:
+        fail(f"{where}{text!r}: expected a comma-separated list of {getattr(cast, '__name__', 'values')}s")
+    twice = next((items[i] for i, v in enumerate(values) if v in values[:i]), None)
+    if twice is not None:
+        fail(f"{where}{text!r}: {twice} is given twice")
+    return values
 
 
 def explain_options(parser: argparse.ArgumentParser, common: dict[str, str]) -> None:

@@ -564,3 +564,45 @@ def test_a_diverged_run_is_marked_in_the_plots_not_drawn_as_a_result():
         assert [p.get_hatch() for p in axes[2].patches] == [None, None, "xx"]
     finally:
         plt.close(fig)
+
+
+@pytest.mark.parametrize("command,args,message", [
+    ("experiments", ["tokenselect", "--lengths", "256,256"], "--lengths '256,256': 256 is given twice"),
+    ("experiments", ["tokenselect", "--tasks", "passkey,,kv"], "without empty items"),
+    ("experiments", ["skipdecode", "--speedups", "2,2"], "--speedups '2,2': 2 is given twice"),
+    ("experiments", ["duo", "--router-budgets", "", "--save-router", "ROUTER"], "--save-router needs --router-budgets"),
+    ("experiments", ["duo", "--model", "builtin:duo", "--config", "configs/experiments/repetition.yaml", "--out",
+                     "OUT"], "--config "),
+    ("bench", ["tokenselect", "--lengths", "64,64"], "64 is given twice"),
+    ("bench", ["acceptance", "--max-rank", "100000000"], "is more than the vocabulary's"),
+])
+def test_lists_given_twice_and_impossible_options_are_refused(tmp_path, capsys, command, args, message):
+    """From an audit: a length given twice ran (and reported) twice; --save-router with no
+    router budgets exited 0 and saved nothing; --max-rank 10^8 printed 700 MB and cached 500
+    MB; a broken duo --config blamed --seq-len."""
+    from jaxaccel.bench.__main__ import main as bench_main
+
+    args = [a.replace("ROUTER", str(tmp_path / "router")).replace("OUT", str(tmp_path / "out")) for a in args]
+    main = experiments_main if command == "experiments" else bench_main
+    try:
+        code = run_cli(main, args)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(lines) == 1 and message in lines[0], err[-2000:]
+    assert "--seq-len" not in lines[0] and "Traceback" not in err
+    assert not (tmp_path / "router").exists() and not (tmp_path / "out").exists()
+
+
+def test_help_shows_defaults_of_zero():
+    """0 == False: the help formatter hid every default of 0 (--seed, --temperature)."""
+    from jaxaccel.cli import DefaultsHelpFormatter
+
+    import argparse
+    p = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--flag", action="store_true", help="a switch")
+    p.add_argument("--empty", default="", help="nothing")
+    text = p.format_help()
+    assert "random seed (default: 0)" in text and "a switch\n" in text and "(default: )" not in text

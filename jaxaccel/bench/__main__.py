@@ -19,7 +19,7 @@ from typing import Sequence
 
 from pathlib import Path
 
-from jaxaccel.cli import ArgumentParser, explain_options, fail, run_cli, writable_output
+from jaxaccel.cli import ArgumentParser, csv_list, explain_options, fail, run_cli, writable_output
 
 
 def argparse_suppress():
@@ -37,17 +37,7 @@ def require_peers() -> None:
 
 
 def _csv(text: str, cast=str, allow_empty: bool = False) -> tuple:
-    """A comma-separated list; an empty item ("8,,16", "", ",") is a one-line error, not skipped
-    (an empty list would run nothing and exit 0), unless allow_empty and the text is empty."""
-    if allow_empty and not text.strip():
-        return ()
-    items = [x.strip() for x in text.split(",")]
-    if not all(items):
-        fail(f"{text!r}: expected a comma-separated list without empty items")
-    try:
-        return tuple(cast(x) for x in items)
-    except ValueError:
-        fail(f"{text!r}: expected a comma-separated list")
+    return csv_list(text, cast, allow_empty=allow_empty)
 
 
 def _check_temperatures(temperatures: Sequence[float]) -> None:
@@ -321,6 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         target_config, draft_config = model_config(args.target), model_config(args.draft)
         if target_config is not None and draft_config is not None:  # else a meaningless vector would be cached
             draft_bench.check_draft_config(draft_config, target_config)
+        if target_config is not None and args.max_rank > target_config.vocab_size:  # (ranks past it are 0)
+            fail(f"--max-rank {args.max_rank} is more than the vocabulary's {target_config.vocab_size} tokens")
         result = draft_bench.acceptance(args.target, args.draft, args.temperature, args.top_k, args.top_p,
                                         args.max_rank, what_if)
         print(" ".join(f"{x:.4f}" for x in result["acceptance"]), f"(sum {result['sum']:.3f})")

@@ -10,7 +10,7 @@
     python -m jaxaccel.experiments report runs/experiments/repetition/results.json --out table.md
     python -m jaxaccel.experiments skipdecode [--base runs/deep] [--out runs/experiments/skipdecode]   # issue 9
     python -m jaxaccel.experiments duo [--model runs/duo] [--out runs/experiments/duo]
-    python -m jaxaccel.experiments tokenselect [--model runs/longctx] [--lengths 1024,...,65536]   # issue 10
+    python -m jaxaccel.experiments tokenselect [--model runs/longctx] [--lengths 256,1024,...,65536]   # issue 10
 
 `KEY=VALUE` after the sweep file override its base training config (as for the trainer).
 Bad input (unknown keys, empty axes, duplicate run names, a budget the corpus cannot meet, a
@@ -25,7 +25,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from jaxaccel.cli import ArgumentParser, add_distributed_arguments, explain_options, init_distributed, run_cli
+from jaxaccel.cli import (ArgumentParser, add_distributed_arguments, csv_list, explain_options, init_distributed,
+                          run_cli)
 from jaxaccel.files import write_atomically
 
 
@@ -83,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sd.add_argument("--speedups", default="1,2,3,5")
     sd.add_argument("--prompt-tokens", type=int, default=64)
     sd.add_argument("--max-length", type=int, default=256)
-    sd.add_argument("--eval-rows", type=int, default=64, help="held-out files scored teacher forced")
+    sd.add_argument("--eval-rows", type=int, default=64, help="held-out windows scored teacher forced")
     sd.add_argument("--files", type=int, default=8, help="held-out files used as prompts (greedy agreement, speed)")
     sd.add_argument("--batches", default="1,8")
     sd.add_argument("--runs", type=int, default=3)
@@ -130,7 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     du.add_argument("--out", default="runs/experiments/duo",
                     help="results.json, results.md and the plots go here (docs/duo holds the committed run)")
     du.add_argument("--save-router", default=None, metavar="DIR",
-                    help="save the model with its router for half the layers big here (decoding uses its routes)")
+                    help="save the model here with its router of the --router-budgets value nearest half the "
+                         "layers (decoding uses its routes)")
     explain_options(p, {
         "speedups": "comma-separated mean speedups of the schedule", "prompt_tokens": "tokens of each held-out prompt",
         "max_length": "the schedule's length: prompt + generated tokens per evaluation window",
@@ -173,13 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from jaxaccel.cli import fail
         from jaxaccel.experiments import skipdecode
 
-        try:
-            speedups = tuple(float(x) for x in args.speedups.split(",") if x)
-            batches = tuple(int(x) for x in args.batches.split(",") if x)
-        except ValueError:
-            fail("--speedups and --batches are comma-separated numbers")
-        if not speedups or not batches:
-            fail("--speedups and --batches must not be empty")
+        speedups = csv_list(args.speedups, float, "--speedups")
+        batches = csv_list(args.batches, int, "--batches")
         for s in speedups:
             if not (Path(args.configs) / f"skipdecode-{s:g}x.yaml").is_file():
                 fail(f"no config {Path(args.configs) / f'skipdecode-{s:g}x.yaml'} for speedup {s:g}")
@@ -204,10 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from jaxaccel.cli import fail
         from jaxaccel.experiments import duo
 
-        try:
-            budgets = tuple(int(x) for x in args.router_budgets.split(",") if x)
-        except ValueError:
-            fail("--router-budgets is a comma-separated list of integers")
+        budgets = csv_list(args.router_budgets, int, "--router-budgets", allow_empty=True)  # none: no routers
+        if args.save_router and not budgets:
+            fail("--save-router needs --router-budgets: the router it saves is one of them")
         if min(args.eval_rows - 1, args.seq_len, args.beam_width, args.router_steps, args.random_draws,
                args.batch) < 1 or args.skip_rows < 0:
             fail("--eval-rows must be >= 2, --skip-rows >= 0, and --seq-len, --beam-width, --router-steps, "
@@ -235,12 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from jaxaccel.data.longctx import ALL_TASKS
         from jaxaccel.experiments import tokenselect
 
-        try:
-            lengths = tuple(int(x) for x in args.lengths.split(",") if x)
-        except ValueError:
-            fail("--lengths is a comma-separated list of integers")
-        tasks = tuple(t for t in args.tasks.split(",") if t)
-        methods = tuple(m for m in args.methods.split(",") if m)
+        lengths = csv_list(args.lengths, int, "--lengths")
+        tasks = csv_list(args.tasks, str, "--tasks")
+        methods = csv_list(args.methods, str, "--methods")
         bad = [t for t in tasks if t not in ALL_TASKS] + [m for m in methods if m not in tokenselect.METHODS]
         if bad:
             fail(f"unknown task or method {bad[0]!r}; tasks: {', '.join(ALL_TASKS)}; methods: "

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaccel.errors import InvalidArgumentError
+from jaxaccel.errors import ConfigError, InvalidArgumentError
 from jaxaccel.model.duo import (BIG, SKIP, SMALL, hard_routes, init_router, pattern_string, scale_router,
                                 shift_router)
 from jaxaccel.model.options import ExecutionPlan
@@ -379,7 +379,13 @@ def run(model: str = "runs/duo", config: str = "configs/duo.yaml", eval_rows: in
     exhaustive, with_skip_part = oracle_plan(oracle_mode, n_layers, skip_rows)
     params = canonical_params(lm.params, cfg)
     try:
-        rows = heldout_rows(build(RunConfig, config).data, seq_len, eval_rows)
+        data = build(RunConfig, config).data
+    except ConfigError as e:  # (its message, not one that blames --seq-len)
+        raise e if str(config) in str(e) else ConfigError(f"--config {config}: {e}") from None
+    try:
+        rows = heldout_rows(data, seq_len, eval_rows)
+    except ConfigError:
+        raise
     except ValueError as e:  # no held-out document that long
         raise InvalidArgumentError(f"{e} (--seq-len {seq_len})") from None
     half = len(rows) // 2
