@@ -130,6 +130,13 @@ def test_batches_larger_than_the_prompt_set_are_refused_up_front(argv, needle, c
     assert needle in refusal(*run(argv, capsys))
 
 
+def test_skipdecode_bench_refuses_a_generation_length_that_is_not_its_schedules(capsys, no_model_loads):
+    """64 + 300 new tokens over a 256-position schedule ran 108 steps at its minimum depth and
+    labelled the row with its nominal speedup (3.28 mean layers measured as "2x")."""
+    needle = "--prompt-tokens + --new-tokens (364) must equal --max-length (256)"
+    assert needle in refusal(*run(["skipdecode", "--new-tokens", "300"], capsys))
+
+
 def test_no_heldout_file_long_enough_is_refused_before_timing(capsys):
     code, out, err = run(["duo", "--batches", "1", "--files", "1", "--runs", "1", "--new-tokens", "2",
                           "--prompt-tokens", "100000"], capsys)

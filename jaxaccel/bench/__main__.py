@@ -256,6 +256,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             fail("speedups must be >= 1")
         if args.max_length <= args.prompt_tokens:
             fail(f"--max-length ({args.max_length}) must exceed --prompt-tokens ({args.prompt_tokens})")
+        if args.prompt_tokens + args.new_tokens != args.max_length:  # the speedups are means over max_length
+            fail(f"--prompt-tokens + --new-tokens ({args.prompt_tokens + args.new_tokens}) must equal --max-length "
+                 f"({args.max_length}): a schedule's speedup is its mean over the positions up to max_length, so "
+                 f"another generation length would run another mean than the row's nominal speedup")
         _check_batches(batches, args.files)
         result = skipdecode.run(args.model, batches, speedups, args.new_tokens, args.runs, args.files,
                                 args.prompt_tokens, args.max_length, progress=lambda s: print(s, file=sys.stderr))
