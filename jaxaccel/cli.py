@@ -48,7 +48,8 @@ def csv_list(text: str, cast: Callable = str, what: str = "", allow_empty: bool 
     try:
         values = tuple(cast(x) for x in items)
     except ValueError:
-        fail(f"{where}{text!r}: expected a comma-separated list of {getattr(cast, '__name__', 'values')}s")
+        kind = {int: "integers", float: "numbers"}.get(cast, "values")
+        fail(f"{where}{text!r}: expected a comma-separated list of {kind}")
     twice = next((items[i] for i, v in enumerate(values) if v in values[:i]), None)
     if twice is not None:
         fail(f"{where}{text!r}: {twice} is given twice")

@@ -14,12 +14,12 @@ PROMPTS = [[5, 17, 33], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 
 
 
 def test_greedy_equals_full_recompute_batch1_and_ragged_batch(tiny_lm):
-    tiny_lm.prefill_chunk = 8  # the 21-token prompt then takes 3 prefill chunks
+    before, tiny_lm.prefill_chunk = tiny_lm.prefill_chunk, 8  # the 21-token prompt then takes 3 prefill chunks
     try:
         batched = tiny_lm.generate(PROMPTS, max_new_tokens=24)
         single = tiny_lm.generate([PROMPTS[1]], max_new_tokens=24)
     finally:
-        tiny_lm.prefill_chunk = 256
+        tiny_lm.prefill_chunk = before  # (256 was restored: a session fixture other files share)
     for prompt, got in zip(PROMPTS, batched.tokens):
         assert got == reference_greedy(tiny_lm, prompt, 24)
     assert single.tokens[0] == batched.tokens[1]

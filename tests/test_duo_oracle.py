@@ -184,7 +184,7 @@ def test_the_experiment_cli_rejects_bad_input_before_loading(capsys, tmp_path):
 
     cases = [(["duo", "--model", str(tmp_path / "none")], "does not exist (train it: python -m jaxaccel.train "
                                                             "configs/duo.yaml)"),
-             (["duo", "--router-budgets", "1,x"], "--router-budgets is a comma-separated list of integers"),
+             (["duo", "--router-budgets", "1,x"], "--router-budgets '1,x': expected a comma-separated list of integers"),
              (["duo", "--eval-rows", "1"], "--eval-rows must be >= 2")]
     # an output folder holding a sweep's results: this experiment would rewrite the file when it ends
     (tmp_path / "sweep").mkdir()

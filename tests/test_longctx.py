@@ -341,7 +341,7 @@ def test_bench_runs_end_to_end(lm):
 
 @pytest.mark.parametrize("main,argv,message", [
     (experiments_main, ["tokenselect", "--tasks", "haystack"], "unknown task or method 'haystack'"),
-    (experiments_main, ["tokenselect", "--lengths", "1024,x"], "--lengths is a comma-separated list"),
+    (experiments_main, ["tokenselect", "--lengths", "1024,x"], "--lengths '1024,x': expected a comma-separated list of integers"),
     (experiments_main, ["tokenselect", "--model", "/no/such/model"], "does not exist"),
     (experiments_main, ["tokenselect", "--n-local", "-1"], "n_local must be an integer >= 0"),
     (experiments_main, ["tokenselect", "--tasks", "span_recall", "--cache-threshold", "2"], "cache_threshold"),

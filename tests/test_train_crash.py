@@ -429,6 +429,25 @@ def test_the_cli_reports_a_full_disk_in_one_line(tmp_path):
     assert not [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
 
 
+def _training_cli(run: Path, steps: int, every_steps: int, until_lines: int):
+    """The trainer's CLI on a tiny synthetic run in a child process (its training step at the
+    tests' -O1, as in this process), once metrics.jsonl holds `until_lines` records: (process,
+    its argv, its environment) — to signal it, then rerun it."""
+    import time
+
+    args = [sys.executable, "-c", TRAIN_CLI, str(ROOT / "configs" / "tiny.yaml"), "data.corpus=synthetic",
+            *(f"model.{k}={v}" for k, v in MODEL.items()), f"train.steps={steps}", "train.batch_size=8",
+            "train.seq_len=32", "train.eval_every=0", "train.log_every=1", "train.peak_flops=1e11",
+            f"checkpoint.every_steps={every_steps}", "tensorboard=false", f"output_dir={run}"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline, metrics = time.time() + 300, run / "metrics.jsonl"
+    while proc.poll() is None and time.time() < deadline and not (
+            metrics.exists() and metrics.read_text().count("\n") >= until_lines):
+        time.sleep(0.05)
+    return proc, args, env
+
+
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_of_that_step_and_the_rerun_resumes_from_it(tmp_path):
     """A spot TPU slice gets SIGTERM before it is reclaimed: the run used to die at once,
@@ -437,21 +456,9 @@ def test_sigterm_saves_a_checkpoint_of_that_step_and_the_rerun_resumes_from_it(t
     metrics.jsonl holds each step once."""
     import re
     import signal
-    import time
 
     run = tmp_path / "run"
-    # (300 steps: the trainer's CLI with the training step at the tests' -O1, as in this process)
-    args = [sys.executable, "-c", TRAIN_CLI, str(ROOT / "configs" / "tiny.yaml"), "data.corpus=synthetic",
-            *(f"model.{k}={v}" for k, v in MODEL.items()), "train.steps=300", "train.batch_size=8",
-            "train.seq_len=32", "train.eval_every=0", "train.log_every=1", "train.peak_flops=1e11",
-            "checkpoint.every_steps=1000", "tensorboard=false", f"output_dir={run}"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 300
-    metrics = run / "metrics.jsonl"
-    while proc.poll() is None and time.time() < deadline and not (
-            metrics.exists() and metrics.read_text().count("\n") >= 5):
-        time.sleep(0.05)
+    proc, args, env = _training_cli(run, steps=300, every_steps=1000, until_lines=5)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 143, err[-3000:]
@@ -554,17 +561,7 @@ def test_two_quick_ctrl_c_end_the_trainer_at_once_without_a_hang(tmp_path):
     import time
 
     run = tmp_path / "run"
-    args = [sys.executable, "-c", TRAIN_CLI, str(ROOT / "configs" / "tiny.yaml"), "data.corpus=synthetic",
-            *(f"model.{k}={v}" for k, v in MODEL.items()), "train.steps=200", "train.batch_size=8",
-            "train.seq_len=32", "train.eval_every=0", "train.log_every=1", "train.peak_flops=1e11",
-            "checkpoint.every_steps=4", "tensorboard=false", f"output_dir={run}"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 300
-    metrics = run / "metrics.jsonl"
-    while proc.poll() is None and time.time() < deadline and not (
-            metrics.exists() and metrics.read_text().count("\n") >= 6):
-        time.sleep(0.05)
+    proc, args, env = _training_cli(run, steps=200, every_steps=4, until_lines=6)
     proc.send_signal(signal.SIGINT)  # the step ends, then its checkpoint is written: press again then
     saving = lambda: any(".orbax-checkpoint-tmp" in p.name for p in (run / "checkpoints").iterdir())  # noqa: E731
     until = time.time() + 20
