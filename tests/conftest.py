@@ -1,6 +1,7 @@
 """Test setup: CPU only, 8 fake devices (multi-device tests use them; single-device code
 just uses device 0), float32 everywhere, and shared tiny models."""
 import os
+import sys
 
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -256,6 +257,29 @@ if _REPORT:
                "slowest": sorted(_programs, reverse=True)[:8]}
         with open(_REPORT, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+@pytest.fixture
+def default_sigint():
+    """SIGINT as a terminal's foreground process gets it (Python's KeyboardInterrupt handler),
+    for tests that press Ctrl-C: a suite started as a background job of a script inherits
+    SIGINT ignored, and jaxaccel rightly leaves an ignored SIGINT alone. Children: `with_default_sigint`."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def with_default_sigint(cmd: list) -> list:
+    """`cmd` (a Python command line) started through an interpreter that sets SIGINT back to its
+    default first and then execs it (see `default_sigint`; a preexec_fn would fork this
+    multithreaded process)."""
+    reset = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+             "os.execv(sys.argv[1], sys.argv[1:])")
+    return [sys.executable, "-c", reset, *map(str, cmd)]
 
 
 def run_main(main, argv, capsys):

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import jaxaccel
-from conftest import TINY, run_main
+from conftest import TINY, run_main, with_default_sigint
 from jaxaccel.bench.__main__ import main as bench_main
 from jaxaccel.convert.__main__ import main as convert_main
 from jaxaccel.decode.__main__ import main as decode_main
@@ -253,7 +253,8 @@ def test_ctrl_c_ends_a_command_at_once_even_with_background_work_left(tmp_path, 
         cmd = [sys.executable, str(tmp_path / "hang.py")]
     else:  # the import of jaxaccel itself (jax, the model code) is where the first second goes
         cmd = [sys.executable, "-m", "jaxaccel.decode", "--max-new-tokens", "2000"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(with_default_sigint(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
     scratch = None
     if started_as == "script":
         scratch = proc.stdout.readline().strip()

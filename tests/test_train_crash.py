@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TRAIN_CLI
+from conftest import TRAIN_CLI, with_default_sigint
 from jaxaccel.cli import run_cli
 from jaxaccel.data.errors import DataError
 from jaxaccel.config import from_dict
@@ -440,7 +440,8 @@ def _training_cli(run: Path, steps: int, every_steps: int, until_lines: int):
             "train.seq_len=32", "train.eval_every=0", "train.log_every=1", "train.peak_flops=1e11",
             f"checkpoint.every_steps={every_steps}", "tensorboard=false", f"output_dir={run}"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(with_default_sigint(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
     deadline, metrics = time.time() + 300, run / "metrics.jsonl"
     while proc.poll() is None and time.time() < deadline and not (
             metrics.exists() and metrics.read_text().count("\n") >= until_lines):
@@ -473,7 +474,8 @@ def test_sigterm_saves_a_checkpoint_of_that_step_and_the_rerun_resumes_from_it(t
     assert [r["step"] for r in curve(run) if "loss" in r] == list(range(1, 301))
 
 
-def test_ctrl_c_checkpoints_the_step_then_a_second_stops_at_once(finished, tmp_path, monkeypatch, capfd):
+def test_ctrl_c_checkpoints_the_step_then_a_second_stops_at_once(finished, tmp_path, monkeypatch, capfd,
+                                                                default_sigint):
     """Ctrl-C used to end a training run at once (KeyboardInterrupt), losing every step since
     its last periodic checkpoint. A first Ctrl-C now ends the step, checkpoints it and stops
     (`stopped:`, exit 130); the rerun resumes to the uninterrupted curve. A second Ctrl-C stops
@@ -519,7 +521,8 @@ def test_ctrl_c_checkpoints_the_step_then_a_second_stops_at_once(finished, tmp_p
 
 
 @pytest.mark.parametrize("during", ["step", "evaluation"])
-def test_ctrl_c_at_the_last_step_stops_before_the_export(tmp_path, monkeypatch, finished, during):
+def test_ctrl_c_at_the_last_step_stops_before_the_export(tmp_path, monkeypatch, finished, during,
+                                                         default_sigint):
     """A first Ctrl-C during the last step (or its evaluation) was noted, then ignored: the run
     evaluated, exported and exited 0 (a long evaluation or a large export kept the user
     waiting). It now stops with that step's checkpoint — during the step, before evaluating —
