@@ -7,7 +7,7 @@
 from jaxaccel import cli as _cli
 
 if _cli.is_command_process():  # before jax is imported: Ctrl-C while a command starts is one line too
-    _cli.stop_at_once_on_ctrl_c(unwind=False)
+    _cli.install_ctrl_c_handler(unwind=False)
 
 from jaxaccel.config import ModelConfig  # noqa: E402
 from jaxaccel.decode.lm import GenerationResult, LanguageModel, from_params, load  # noqa: E402

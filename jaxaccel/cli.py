@@ -157,7 +157,7 @@ def _on_ctrl_c(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def stop_at_once_on_ctrl_c(unwind: bool = True) -> None:
+def install_ctrl_c_handler(unwind: bool = True) -> None:
     """Install this command process's Ctrl-C handling: `_on_ctrl_c` (unwind, then end), or
     with unwind=False `_stop_now` (while jaxaccel itself imports: nothing to clean up yet).
     Left alone: a process that ignores SIGINT (a background job of a shell script), one not in
@@ -207,7 +207,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     if _traceback_wanted():
         return main(argv)
     if argv is None:  # the command's own process
-        stop_at_once_on_ctrl_c()
+        install_ctrl_c_handler()
     previous = sys.unraisablehook
     sys.unraisablehook = lambda u: None if _abandoned_async_work(u) else previous(u)
     failed = False

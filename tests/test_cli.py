@@ -299,15 +299,15 @@ def test_ctrl_c_handling_leaves_an_ignored_sigint_and_traceback_mode_alone(monke
     before = signal.getsignal(signal.SIGINT)
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        cli.stop_at_once_on_ctrl_c()
+        cli.install_ctrl_c_handler()
         with preemption_notice():
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
         signal.signal(signal.SIGINT, signal.default_int_handler)
         monkeypatch.setenv(cli.TRACEBACK_ENV, "1")
-        cli.stop_at_once_on_ctrl_c()
+        cli.install_ctrl_c_handler()
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
         monkeypatch.delenv(cli.TRACEBACK_ENV)
-        cli.stop_at_once_on_ctrl_c()
+        cli.install_ctrl_c_handler()
         assert signal.getsignal(signal.SIGINT) is cli._on_ctrl_c
     finally:
         signal.signal(signal.SIGINT, before)
