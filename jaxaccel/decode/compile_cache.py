@@ -39,16 +39,17 @@ def user_cache_folder(env: str, name: str) -> Path | None:
     from jaxaccel.files import user_cache_home
 
     value = os.environ.get(env)
-    if value is not None and value.strip().lower() not in ON_VALUES:
-        if value.strip().lower() in OFF_VALUES:
-            return None
-        if "://" in value:  # a bucket would become a local folder named "gs:"
-            import warnings
+    word = None if value is None else value.strip().lower()
+    if word is None or word in ON_VALUES:
+        return user_cache_home() / name
+    if word in OFF_VALUES:
+        return None
+    if "://" in value:  # a bucket would become a local folder named "gs:"
+        import warnings
 
-            warnings.warn(f"{env}={value}: a cache folder must be a local path; this cache is off", stacklevel=2)
-            return None
-        return Path(value).expanduser()
-    return user_cache_home() / name
+        warnings.warn(f"{env}={value}: a cache folder must be a local path; this cache is off", stacklevel=2)
+        return None
+    return Path(value).expanduser()
 
 
 def cache_dir() -> Path | None:
@@ -127,31 +128,30 @@ def _remove_stale_temporaries(folder: Path, older_than_s: float = 3600.0) -> Non
         pass
 
 
+_WHOLE_FOLDERS: set[str] = set()  # the folders whose JAX file cache writes through _WholeEntries
+
+
 def _write_entries_whole(folder: str) -> None:
     """Have JAX's file cache for `folder` write through `_WholeEntries`. JAX builds that cache
-    on the first compile (`compilation_cache.get_file_cache`); the hook wraps what it returns
-    for this folder only. Internals of jax: another version without them keeps its own
-    behaviour."""
+    on the first compile (`compilation_cache.get_file_cache`); a hook, installed once, wraps
+    what it returns for these folders only. Internals of jax: another version without them
+    keeps its own behaviour."""
     try:
         from jax._src import compilation_cache as cc
         from jax._src.lru_cache import LRUCache
     except ImportError:
         return
     build = getattr(cc, "get_file_cache", None)
-    if build is None or getattr(build, "_jaxaccel_folders", None) is not None:
-        if build is not None:
-            build._jaxaccel_folders.add(folder)
-        return
+    if build is not None and not _WHOLE_FOLDERS:
+        def get_file_cache(path):
+            made = build(path)
+            if (made is not None and str(path) in _WHOLE_FOLDERS and isinstance(made[0], LRUCache)
+                    and not made[0].eviction_enabled):
+                return _WholeEntries(made[0]), made[1]
+            return made
 
-    def get_file_cache(path):
-        made = build(path)
-        if made is not None and str(path) in get_file_cache._jaxaccel_folders and isinstance(made[0], LRUCache) \
-                and not made[0].eviction_enabled:
-            return _WholeEntries(made[0]), made[1]
-        return made
-
-    get_file_cache._jaxaccel_folders = {folder}
-    cc.get_file_cache = get_file_cache
+        cc.get_file_cache = get_file_cache
+    _WHOLE_FOLDERS.add(folder)
 
 
 class _WholeEntries:
