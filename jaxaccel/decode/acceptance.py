@@ -264,17 +264,16 @@ def cached_conditional_acceptance(target, draft, *, temperature: float, top_k: i
     per (target, draft, settings) and kept on disk like `cached_acceptance`."""
     settings = {"kind": "conditional_acceptance", "temperature": float(temperature), "top_k": top_k,
                 "top_p": top_p, "max_rank": max_rank, "bins": list(VALUE_BINS), **_calibration_settings(target, draft)}
-    path = cache_path(target, draft, settings)
     shape = (max_rank, len(VALUE_BINS) - 1)
-    hit = _read(path, lambda d: (_probabilities(d["table"], shape), _probabilities(d["rank_mean"], (max_rank,))))
-    if hit is not None:
-        return hit
-    prompts, new_tokens = calibration(target, draft)
-    p, q = teacher_forced(target, draft, prompts, temperature, top_k, top_p, new_tokens, 0)
-    table, rank_mean = conditional_acceptance(p, q, max_rank)
-    _write(path, {"table": table.tolist(), "rank_mean": rank_mean.tolist(), **settings,
-                  "target": str(target.source), "draft": str(draft.source)})
-    return table, rank_mean
+
+    def measure():
+        prompts, new_tokens = calibration(target, draft)
+        p, q = teacher_forced(target, draft, prompts, temperature, top_k, top_p, new_tokens, 0)
+        return conditional_acceptance(p, q, max_rank)
+
+    return _kept(target, draft, settings, measure,
+                 parse=lambda d: (_probabilities(d["table"], shape), _probabilities(d["rank_mean"], (max_rank,))),
+                 entry=lambda v: {"table": v[0].tolist(), "rank_mean": v[1].tolist()})
 
 
 def positional_acceptance(target, draft, *, temperature: float = 0.0, top_k: int | None = None,
@@ -374,7 +373,6 @@ def cached_acceptance(target, draft, *, temperature: float, top_k: int | None, t
     settings) and kept on disk (`cache_path`); written atomically."""
     settings = {"temperature": float(temperature), "top_k": top_k, "top_p": top_p, "max_rank": max_rank,
                 **_calibration_settings(target, draft)}
-    path = cache_path(target, draft, settings)
 
     def acceptance_vector(d):
         vec = _probabilities(d["acceptance"], (max_rank,))
@@ -382,12 +380,10 @@ def cached_acceptance(target, draft, *, temperature: float, top_k: int | None, t
             raise ValueError("sums past 1")
         return vec
 
-    hit = _read(path, acceptance_vector)
-    if hit is not None:
-        return hit
-    vec = positional_acceptance(target, draft, temperature=temperature, top_k=top_k, top_p=top_p, max_rank=max_rank)
-    _write(path, {"acceptance": vec.tolist(), **settings, "target": str(target.source), "draft": str(draft.source)})
-    return vec
+    return _kept(target, draft, settings,
+                 lambda: positional_acceptance(target, draft, temperature=temperature, top_k=top_k, top_p=top_p,
+                                               max_rank=max_rank),
+                 parse=acceptance_vector, entry=lambda vec: {"acceptance": vec.tolist()})
 
 
 @_remembered
@@ -395,7 +391,6 @@ def cached_greedy_temperature(target, draft) -> float:
     """`greedy_temperature_from` on the default calibration (greedy continuations), measured
     once per (target, draft) and kept on disk like `cached_acceptance`."""
     settings = {"kind": "greedy_temperature", **_calibration_settings(target, draft)}
-    path = cache_path(target, draft, settings)
 
     def temperature(d):
         tau = d["greedy_temperature"]
@@ -403,14 +398,26 @@ def cached_greedy_temperature(target, draft) -> float:
             raise ValueError("not a temperature")
         return float(tau)
 
-    hit = _read(path, temperature)
+    def measure():
+        prompts, new_tokens = calibration(target, draft)
+        p, _, logits = teacher_forced(target, draft, prompts, 0.0, None, None, new_tokens, 0, draft_logits=True)
+        return greedy_temperature_from(logits, p.argmax(axis=1))
+
+    return _kept(target, draft, settings, measure, parse=temperature, entry=lambda tau: {"greedy_temperature": tau})
+
+
+def _kept(target, draft, settings: dict[str, Any], measure: Callable[[], Any], *, parse: Callable[[dict], Any],
+          entry: Callable[[Any], dict]) -> Any:
+    """The measurement of (target, draft, settings): read from its cache entry (`parse` of the
+    entry's JSON object) when one holds a value `parse` accepts, else `measure()`d and written
+    there (`entry` of the value, with the settings and both models' folders)."""
+    path = cache_path(target, draft, settings)
+    hit = _read(path, parse)
     if hit is not None:
         return hit
-    prompts, new_tokens = calibration(target, draft)
-    p, _, logits = teacher_forced(target, draft, prompts, 0.0, None, None, new_tokens, 0, draft_logits=True)
-    tau = greedy_temperature_from(logits, p.argmax(axis=1))
-    _write(path, {"greedy_temperature": tau, **settings, "target": str(target.source), "draft": str(draft.source)})
-    return tau
+    value = measure()
+    _write(path, {**entry(value), **settings, "target": str(target.source), "draft": str(draft.source)})
+    return value
 
 
 def _write(path: Path | None, data: dict[str, Any]) -> None:
