@@ -20,6 +20,11 @@ deleting even when the run fails or the launcher is interrupted (Ctrl-C or SIGTE
 `python -m jaxaccel.experiments sweep CONFIG --distributed SWEEP_ARGS`; CONFIG and its base
 config must be committed at HEAD (checked before anything is created).
 
+A create that fails because the zone has no capacity (gcloud's "There is no more capacity in
+the zone", ZONE_RESOURCE_POOL_EXHAUSTED, STOCKOUT) is tried again after a wait that doubles
+from 1 to 16 minutes, up to --capacity-retries times (default 6, about 47 minutes in all;
+0 turns it off); any other failure of a create (quota, permissions, a name in use) is not.
+
 Spot / preemptible slices (`--spot`): when the command fails, the launcher asks for the
 slice's state (`tpu-vm describe`); if it was preempted (PREEMPTED, TERMINATED, or gone) it
 deletes what is left, creates the slice again (`run --spot` first reads the slice's accelerator
@@ -76,6 +81,12 @@ PREEMPTED_STATES = ("PREEMPTED", "TERMINATED", "NOT_FOUND")  # the slice (or wha
 NOTICE_EXIT = 143
 NOTICE_WAIT_S, NOTICE_POLL_S = 180, 15
 RETRY_WAIT_S, RETRY_WAIT_MAX_S = 60, 960  # between failed recreations (spot stock-outs last minutes to hours)
+CAPACITY_RETRIES = 6  # a first create's stock-out is retried after waits of 1, 2, 4, 8, 16, 16 minutes
+# What gcloud says when the zone has no TPUs to give: the TPU API's "There is no more capacity in
+# the zone ..." (error code 8) or Compute's ZONE_RESOURCE_POOL_EXHAUSTED / STOCKOUT. A wait may
+# cure that; a quota, permission, name or reservation error would not, and is not retried.
+STOCKOUT = re.compile(r"no more capacity in the zone|resource_pool_exhausted|stockout|"
+                      r"does not have enough resources available", re.IGNORECASE)
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 MISSING_TOOL = {"gcloud": "install the Google Cloud CLI (https://cloud.google.com/sdk/docs/install)",
                 "git": "install git"}
@@ -141,14 +152,32 @@ def plan(args: argparse.Namespace, step: str) -> list[list[str]]:
     raise ValueError(step)
 
 
+def _not_started(cmd: list[str], e: OSError) -> LauncherError:
+    if isinstance(e, FileNotFoundError) and cmd[0] in MISSING_TOOL:
+        return LauncherError(f"{cmd[0]} not found: {MISSING_TOOL[cmd[0]]}")
+    return LauncherError(f"cannot run {cmd[0]}: {e.strerror or e}")
+
+
 def _call(cmd: list[str], **kwargs):
     """subprocess.run, with a missing program as a LauncherError instead of a traceback."""
     try:
         return subprocess.run(cmd, check=False, **kwargs)
     except OSError as e:
-        if isinstance(e, FileNotFoundError) and cmd[0] in MISSING_TOOL:
-            raise LauncherError(f"{cmd[0]} not found: {MISSING_TOOL[cmd[0]]}") from None
-        raise LauncherError(f"cannot run {cmd[0]}: {e.strerror or e}") from None
+        raise _not_started(cmd, e) from None
+
+
+def _call_keeping_stderr(cmd: list[str]) -> tuple[int, str]:
+    """Run `cmd` with its stderr shown as it comes, and kept (to tell a stock-out from other failures)."""
+    try:
+        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, errors="replace")
+    except OSError as e:
+        raise _not_started(cmd, e) from None
+    kept = []
+    for line in proc.stderr:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+        kept.append(line)
+    return proc.wait(), "".join(kept)
 
 
 class Executor:
@@ -162,12 +191,17 @@ class Executor:
         self.stockouts_left = simulate_stockouts
         self.slice_state = "READY"
         self.restarts = 0  # recreations and reruns after preemptions, all together (--max-restarts)
+        self.stockout = False  # whether the last failed create said the zone had no capacity
 
     def execute(self, cmds: list[list[str]]) -> int:
         for cmd in cmds:
             print("+ " + shlex.join(cmd), flush=True)
+            self.stockout = False
             if self.dry_run:
                 code = self._simulated(cmd)
+            elif cmd[4:5] == ["create"]:  # gcloud compute tpus tpu-vm create
+                code, err = _call_keeping_stderr(cmd)
+                self.stockout = code != 0 and bool(STOCKOUT.search(err))
             else:
                 code = _call(cmd).returncode
             if code:
@@ -184,6 +218,7 @@ class Executor:
             if self.slice_state != "READY" and self.stockouts_left:
                 self.stockouts_left -= 1
                 self.slice_state = "NOT_FOUND"
+                self.stockout = True
                 print("# (dry run) simulated stock-out: no spot capacity in the zone", flush=True)
                 return 1
             self.slice_state = "READY"
@@ -349,6 +384,26 @@ def run_with_recovery(args: argparse.Namespace, ex: Executor) -> int:
             return code
 
 
+def create_slice(args: argparse.Namespace, ex: Executor) -> int:
+    """The first create of the slice. A stock-out (the zone has no capacity now) is tried again
+    after a doubling wait, up to --capacity-retries times; any other failure is returned."""
+    wait = RETRY_WAIT_S
+    for retry in range(args.capacity_retries + 1):
+        if retry:
+            print(f"# no {args.accelerator_type} capacity in zone {args.zone} (a stock-out): creating slice "
+                  f"{args.name} again in {wait} s (retry {retry} of at most {args.capacity_retries})", flush=True)
+            ex.sleep(wait)
+            wait = min(2 * wait, RETRY_WAIT_MAX_S)
+            if ex.state(args) != "NOT_FOUND":  # what the failed create left holds the name until deleted
+                ex.execute(plan(args, "delete"))
+        code = ex.execute(plan(args, "create"))
+        if code == 0 or not ex.stockout:
+            return code
+    print(f"# still no capacity in zone {args.zone} and --capacity-retries={args.capacity_retries} is used up",
+          flush=True)
+    return code
+
+
 def delete_slice(args: argparse.Namespace, ex: Executor) -> int:
     cmd = plan(args, "delete")
     left = (f"slice {args.name} may still be running (and billing): delete it with: {shlex.join(cmd[0])}")
@@ -371,7 +426,7 @@ def create_run_delete(args: argparse.Namespace, ex: Executor) -> int:
     owned = True  # an interrupted create goes on server-side: the slice may exist from here on
     try:
         try:
-            code = ex.execute(plan(args, "create"))
+            code = create_slice(args, ex)
         except LauncherError:  # gcloud could not be started: nothing was created
             owned = False
             raise
@@ -412,6 +467,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--spot", action="store_true", help="spot capacity; a preempted slice is recreated and the "
                                                        "command rerun")
     p.add_argument("--max-restarts", type=int, default=20, help="with --spot: most recreations after preemption")
+    p.add_argument("--capacity-retries", type=int, default=CAPACITY_RETRIES, metavar="N",
+                   help="a first create that fails for want of capacity in the zone (a stock-out) is tried again "
+                        "up to N times, after waits doubling from 1 to 16 minutes")
     p.add_argument("--command", default="python -m jaxaccel.bench decode --no-hf",
                    help="run in the repository root, with the slice's jaxaccel environment active")
     p.add_argument("--config", help="with 'sweep': the sweep file (configs/experiments/*-pod.yaml), committed")
@@ -425,8 +483,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if (args.simulate_preemption or args.simulate_stockout) and not args.dry_run:
         p.error("--simulate-preemption and --simulate-stockout need --dry-run")
-    if min(args.max_restarts, args.simulate_preemption, args.simulate_stockout) < 0:
-        p.error("--max-restarts, --simulate-preemption and --simulate-stockout must be >= 0")
+    if min(args.max_restarts, args.capacity_retries, args.simulate_preemption, args.simulate_stockout) < 0:
+        p.error("--max-restarts, --capacity-retries, --simulate-preemption and --simulate-stockout must be >= 0")
     if args.step == "sweep":
         if not args.config:
             p.error("sweep needs --config (a sweep file)")
@@ -467,6 +525,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_with_recovery(args, ex)
         if args.step in ("all", "sweep"):
             return create_run_delete(args, ex)
+        if args.step == "create":
+            return create_slice(args, ex)
         return ex.execute(plan(args, args.step))
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")

@@ -215,6 +215,62 @@ def test_tpu_pod_spot_recovery_retries_a_failed_recreate_with_backoff():
     assert limited.returncode == 1 and "tpu-vm delete" not in limited.stdout.splitlines()[-1]
 
 
+STOCKOUT_ERROR = ('ERROR: (gcloud.compute.tpus.tpu-vm.create) There is no more capacity in the zone "z"; you can '
+                  'try in another zone where Cloud TPU Nodes are offered (see https://cloud.google.com/tpu/docs/regions) '
+                  '[EID: 0x9f48947a7d57c8d]')
+
+
+@pytest.fixture
+def launcher_module(monkeypatch):
+    """gcp/tpu_pod.py imported, its waits recorded instead of slept."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("tpu_pod_under_test", LAUNCHER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.slept = []
+    monkeypatch.setattr(module.Executor, "sleep", lambda self, seconds: module.slept.append(seconds))
+    return module
+
+
+def test_tpu_pod_first_create_waits_out_a_stockout_and_nothing_else(tmp_path, launcher_module, monkeypatch, capfd):
+    # gcloud's own stock-out text (the TPU API's error code 8): the first two creates fail, the
+    # third makes the slice; each retry asks whether the failed create left a slice to delete
+    env = fake_gcloud(tmp_path, f"""
+*" create "*) [ "$(nth create)" -le 2 ] && {{ echo '{STOCKOUT_ERROR}' >&2; exit 1; }} ;;
+*" describe "*) [ "$(nth describe)" = 1 ] && {{ echo READY; exit 0; }}; exit 1 ;;
+""")
+    monkeypatch.setenv("PATH", env["PATH"])
+    code = launcher_module.main(["all", "--name", "pod", "--zone", "z", "--command", "true"])
+    out, err = capfd.readouterr()
+    assert code == 0, out + err
+    assert gcloud_calls(tmp_path) == ["create", "describe", "delete", "create", "describe", "create", "scp",
+                                      "install", "run", "delete"]
+    assert launcher_module.slept == [60, 120]
+    assert "no v4-8 capacity in zone z (a stock-out): creating slice pod again in 60 s (retry 1 of at most 6)" in out
+    assert err.count("There is no more capacity") == 2  # gcloud's own message still reaches the user
+    # --capacity-retries bounds the waiting; the slice was never made, so nothing is deleted
+    (tmp_path / "gcloud.log").unlink()
+    (tmp_path / "create.count").unlink()
+    launcher_module.slept.clear()
+    code = launcher_module.main(["create", "--name", "pod", "--zone", "z", "--capacity-retries", "1"])
+    out, err = capfd.readouterr()
+    assert code == 1 and launcher_module.slept == [60]
+    assert gcloud_calls(tmp_path) == ["create", "describe", "create"]
+    assert "--capacity-retries=1 is used up" in out
+    # a quota error is not a stock-out: returned at once, not waited out
+    (tmp_path / "quota").mkdir()
+    env = fake_gcloud(tmp_path / "quota", """
+*" create "*) echo "ERROR: (gcloud.compute.tpus.tpu-vm.create) Quota limit 'TPUV4PodPerProjectPerZone' has been \
+exceeded" >&2; exit 1 ;;
+""")
+    monkeypatch.setenv("PATH", env["PATH"])
+    launcher_module.slept.clear()
+    code = launcher_module.main(["all", "--name", "pod", "--zone", "z", "--command", "true"])
+    out, err = capfd.readouterr()
+    assert code == 1 and launcher_module.slept == [] and "Quota limit" in err
+    assert gcloud_calls(tmp_path / "quota") == ["create"]
+
+
 def test_tpu_pod_first_setup_on_a_preempted_spot_slice_is_recovered(tmp_path):
     env = fake_gcloud(tmp_path, """
 *"--command=python3"*) [ "$(nth install)" = 1 ] && exit 255 ;;
