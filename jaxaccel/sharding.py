@@ -6,7 +6,8 @@ whose size the mesh axis does not divide is replicated instead (e.g. 2 KV heads 
 4-way `tensor` axis), so one rule table serves every model size.
 
 Mesh axes: `data` (batch), `fsdp` (batch + parameter sharding), `tensor` (heads / MLP /
-vocab), `expert` (MoE experts).
+vocab), `expert` (MoE experts). A mesh over several TPU slices (multi-slice) or GPU hosts puts
+the slices on `data` (else `fsdp`), so only data parallelism crosses the data-center network.
 """
 from __future__ import annotations
 
@@ -71,7 +72,11 @@ def parse_mesh_spec(text: str | Mapping[str, int] | None) -> dict[str, int]:
 
 
 def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Sequence[Any] | None = None) -> Mesh:
-    """A mesh with all four axes (unnamed ones have size 1) over the first devices needed."""
+    """A mesh with all four axes (unnamed ones have size 1) over the first devices needed.
+
+    Devices of several TPU slices (or GPU hosts) are laid out slice by slice along `data` (or
+    `fsdp` when `data` is not a multiple of the slice count; neither is a ConfigError on TPU),
+    each slice along its torus; the chips of one TPU slice follow its torus (jax.make_mesh)."""
     sizes = parse_mesh_spec(spec)
     devices = list(jax.devices() if devices is None else devices)
     need = math.prod(sizes.values())
@@ -79,6 +84,9 @@ def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Sequence[Any
         shape = ",".join(f"{k}={v}" for k, v in sizes.items() if v > 1)
         raise ConfigError(f"mesh {shape} needs {need} devices but only {len(devices)} are available")
     shape, types = tuple(sizes[a] for a in MESH_AXES), (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    hybrid = _hybrid_grid(devices[:need], shape)
+    if hybrid is not None:
+        return Mesh(hybrid, MESH_AXES, axis_types=types)
     if need == len(devices) and devices[0].platform == "tpu":
         # every chip: laid out along the physical torus (jax.make_mesh), so that neighbours on a
         # mesh axis are ICI neighbours; a shape it cannot map falls back to the listed order
@@ -88,6 +96,63 @@ def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Sequence[Any
             pass
     grid = np.array(devices[:need], dtype=object).reshape(shape)
     return Mesh(grid, MESH_AXES, axis_types=types)
+
+
+# Mesh axes that may cross the slow network between TPU slices (DCN) or GPU hosts, best first:
+# `data` crosses it once per step (the gradient all-reduce), `fsdp` at every layer.
+_DCN_AXES = ("data", "fsdp")
+
+
+def _granules(devices: Sequence[Any]) -> tuple[str, list[list[Any]]] | None:
+    """The devices grouped by what the slow network joins: TPU slices (a multi-slice job) or,
+    on GPUs, hosts (NVLink inside one, InfiniBand/Ethernet between). None when they are one
+    group, or on CPU (no fast network to keep together: the listed order is process-major)."""
+    platform = getattr(devices[0], "platform", None)
+    attr = {"tpu": "slice_index", "gpu": "process_index"}.get(platform)
+    if attr is None or not all(hasattr(d, attr) for d in devices):
+        return None
+    groups: dict[int, list[Any]] = {}
+    for d in devices:
+        groups.setdefault(getattr(d, attr), []).append(d)
+    return (attr, [groups[k] for k in sorted(groups)]) if len(groups) > 1 else None
+
+
+def _hybrid_grid(devices: Sequence[Any], shape: tuple[int, ...]) -> np.ndarray | None:
+    """The device grid of a mesh whose devices span several TPU slices or GPU hosts: the slices
+    are laid out along `data` (else `fsdp`), and each slice's share of the mesh is laid out
+    inside it (mesh_utils.create_hybrid_device_mesh: along the torus on TPU), so that only data
+    parallelism crosses the slow network. None when the devices are one slice/host, or (GPU
+    hosts) when neither axis can be split over them: the listed order then."""
+    found = _granules(devices)
+    if found is None:
+        return None
+    attr, groups = found
+    n = len(groups)
+    axis = next((MESH_AXES.index(a) for a in _DCN_AXES if shape[MESH_AXES.index(a)] % n == 0), None)
+    even = len({len(g) for g in groups}) == 1
+    if axis is None or not even:
+        if attr == "process_index":
+            return None
+        what = (f"data or fsdp must be a multiple of {n}" if even else
+                f"the mesh takes {', '.join(str(len(g)) for g in groups)} chips from them: use whole slices")
+        raise ConfigError(f"the mesh's {len(devices)} devices span {n} TPU slices, which only the data-center "
+                          f"network joins: {what}, so that only data parallelism crosses it")
+    ici, dcn = list(shape), [1] * len(shape)
+    ici[axis], dcn[axis] = shape[axis] // n, n
+    from jax.experimental import mesh_utils
+    for split in (False, True):  # split a physical axis of the torus only if the shape needs it
+        try:
+            grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, list(devices), allow_split_physical_axes=split,
+                                                        process_is_granule=attr == "process_index")
+        except (ValueError, NotImplementedError, AssertionError, TypeError, AttributeError):
+            continue  # no physical layout for this shape (or these devices)
+        if grid.shape == tuple(shape):
+            return grid
+    # each slice's devices in their listed order
+    blocks = np.empty(dcn, dtype=object)
+    for i, group in enumerate(groups):
+        blocks.flat[i] = np.array(group, dtype=object).reshape(ici)
+    return np.block(blocks.tolist())
 
 
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:

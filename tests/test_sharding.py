@@ -1,5 +1,6 @@
 """Sharded inference on 8 fake CPU devices gives the same tokens as one device."""
 import jax
+import numpy as np
 import pytest
 
 import jaxaccel
@@ -84,3 +85,47 @@ def test_a_tpu_mesh_of_every_chip_follows_the_physical_layout(monkeypatch):
     monkeypatch.setattr(type(cpus[0]), "platform", "tpu", raising=False)
     assert shd.make_mesh("fsdp=4,tensor=2", devices=cpus).devices.ravel().tolist() == cpus
     assert asked[-1] == "cannot"  # it was asked, and its refusal fell back
+
+
+def fake_devices(platform, n, per_group, attr):
+    kind = type(f"Fake{platform}", (), {"platform": platform, "device_kind": f"fake {platform}",
+                                        "__repr__": lambda self: f"d{self.id}"})
+    devices = []
+    for i in range(n):
+        d = kind()
+        d.id, d.process_index, d.coords, d.core_on_chip = i, i // 4, (i, 0, 0), 0
+        setattr(d, attr, i // per_group)
+        devices.append(d)
+    return devices
+
+
+def test_a_multislice_mesh_puts_the_slices_on_data_parallel_axes():
+    """Two TPU slices of four chips: the slices along `data` (else `fsdp`), each slice's share of
+    the mesh inside one slice, so that tensor/fsdp collectives never cross the data-center
+    network; a mesh that cannot be split so is refused."""
+    tpus = fake_devices("tpu", 8, 4, "slice_index")
+    slice_of = np.vectorize(lambda d: d.slice_index)
+    grid = shd._hybrid_grid(tpus, (2, 1, 4, 1))  # data=2, tensor=4
+    assert grid.shape == (2, 1, 4, 1)
+    assert (slice_of(grid[0]) == 0).all() and (slice_of(grid[1]) == 1).all()
+    grid = shd._hybrid_grid(tpus, (1, 4, 2, 1))  # fsdp=4 over two slices of fsdp=2 x tensor=2
+    assert (slice_of(grid[0, :2]) == 0).all() and (slice_of(grid[0, 2:]) == 1).all()
+    assert sorted(d.id for d in grid.ravel()) == list(range(8))
+    interleaved = fake_devices("tpu", 8, 4, "slice_index")
+    for d in interleaved:  # no torus to lay out along, slices listed interleaved: each slice's chips in order
+        del d.coords
+        d.slice_index = d.id % 2
+    assert [d.id for d in shd._hybrid_grid(interleaved, (2, 1, 2, 2)).ravel()] == [0, 2, 4, 6, 1, 3, 5, 7]
+    assert [d.id for d in shd._hybrid_grid(interleaved, (1, 4, 2, 1)).ravel()] == [0, 2, 4, 6, 1, 3, 5, 7]
+    assert [d.id for d in shd._hybrid_grid(interleaved, (2, 2, 2, 1))[:, 0].ravel()] == [0, 2, 1, 3]
+    with pytest.raises(ConfigError, match="span 2 TPU slices.*data or fsdp must be a multiple of 2"):
+        shd.make_mesh("tensor=8", devices=tpus)
+    assert shd._hybrid_grid(tpus[:4], (2, 1, 2, 1)) is None  # one slice: the usual torus layout
+    with pytest.raises(ConfigError, match="takes 4, 2 chips from them: use whole slices"):
+        shd._hybrid_grid(tpus[:6], (2, 3, 1, 1))
+    # GPU hosts: the same layout by process; a mesh that cannot split keeps the listed order
+    gpus = fake_devices("gpu", 8, 4, "process_index")
+    grid = shd._hybrid_grid(gpus, (2, 1, 4, 1))
+    assert [d.process_index for d in grid[0].ravel()] == [0] * 4
+    assert shd._hybrid_grid(gpus, (1, 1, 8, 1)) is None
+    assert shd._hybrid_grid(jax.devices(), (2, 1, 4, 1)) is None  # CPU: the listed order
