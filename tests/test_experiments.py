@@ -606,3 +606,24 @@ def test_help_shows_defaults_of_zero():
     p.add_argument("--empty", default="", help="nothing")
     text = p.format_help()
     assert "random seed (default: 0)" in text and "a switch\n" in text and "(default: )" not in text
+
+
+def test_plot_replaces_no_file_when_one_figure_fails_and_report_shows_no_nan_wall(tmp_path, monkeypatch):
+    from jaxaccel.experiments import plots
+    from jaxaccel.experiments.report import render_report
+
+    run = {"name": "a", "group": "", "status": "done", "config": {"optim": {"lr": 0.1}}, "wall_s": float("nan"),
+           "final": {"eval_loss": 3.0}, "curve": {"eval_step": [4, 8], "eval_loss": [4.0, 3.0]}}
+    doc = {"sweep": "s", "runs": [run], "plots": [{"name": "first", "kind": "curves"},
+                                                  {"name": "second", "kind": "bar", "y": "final_eval_loss"}]}
+    (tmp_path / "first.png").write_bytes(b"earlier")
+    monkeypatch.setattr(plots, "_bar", lambda ax, doc, spec: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        plots.plot_results(doc, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first.png"]
+    assert (tmp_path / "first.png").read_bytes() == b"earlier"  # the earlier set of plots stays whole
+    monkeypatch.undo()
+    assert [p.name for p in plots.plot_results(doc, tmp_path)] == ["first.png", "second.png"]
+    assert (tmp_path / "first.png").read_bytes()[:4] == b"\x89PNG"
+    row = next(line for line in render_report(doc).splitlines() if line.startswith("| `a`"))
+    assert "nan" not in row and row.rstrip(" |").endswith("–")

@@ -14,10 +14,12 @@ Without `plots:`, each group gets `<group>-curves.png` and, when it varies somet
 """
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Any
 
+from jaxaccel import files
 from jaxaccel.experiments.results import FINISHED, metric
 
 CURVE_KEYS = {"eval_loss": ("eval_step", "eval_loss"), "eval_accuracy": ("eval_step", "eval_accuracy"),
@@ -82,7 +84,7 @@ def plot_results(doc: dict, out_dir: str | Path) -> list[Path]:
     plt = _pyplot()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = []
+    rendered = []  # every figure is drawn before any file is written: a failing one replaces none
     for spec in doc.get("plots") or default_specs(doc):
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
         try:
@@ -95,12 +97,14 @@ def plot_results(doc: dict, out_dir: str | Path) -> list[Path]:
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
             fig.tight_layout()
-            path = out / f"{spec['name']}.png"
-            fig.savefig(path, dpi=110)
-            written.append(path)
+            png = io.BytesIO()
+            fig.savefig(png, format="png", dpi=110)
+            rendered.append((out / f"{spec['name']}.png", png.getvalue()))
         finally:
             plt.close(fig)
-    return written
+    for path, data in rendered:
+        files.write_atomically(path, data)
+    return [path for path, _ in rendered]
 
 
 def _log(ax, spec: dict) -> None:

@@ -32,7 +32,7 @@ def _count(value: Any) -> str:
 
 
 def _wall(seconds: Any) -> str:
-    if seconds is None:
+    if seconds is None or not math.isfinite(seconds):
         return "–"
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
