@@ -166,3 +166,16 @@ def test_bad_generate_arguments_raise_typed_errors(tiny_lm, kwargs, error, match
     kwargs = {"prompts": [[1, 2]], **kwargs}
     with pytest.raises(error, match=match):
         tiny_lm.generate(**kwargs)
+
+
+def test_cache_buckets_are_few_below_8k_and_tight_above_it():
+    from jaxaccel.decode.lm import FINE_BUCKETS_FROM, cache_bucket
+
+    sizes = sorted({cache_bucket(n) for n in range(1, 300_000, 7)})
+    assert sizes[:8] == [128, 192, 256, 384, 512, 768, 1024, 1536]
+    for n in range(128, 300_000, 13):
+        size = cache_bucket(n)
+        assert size >= n and (size - n) / size < (1 / 3 if size <= FINE_BUCKETS_FROM else 1 / 8)
+        assert size % (64 if size < FINE_BUCKETS_FROM else 1024) == 0  # kernel key blocks divide it
+    assert cache_bucket(65_536 + 32) == 73_728 and cache_bucket(131_072 + 32) == 147_456  # were 96K and 192K
+    assert len([s for s in sizes if s <= 8192]) == 13  # 2 per octave up to 8K: few programs for short prompts
