@@ -158,9 +158,9 @@ def test_a_run_another_process_finished_meanwhile_is_not_trained_again(toy, monk
     path, out, doc = toy
     real, calls = runner.inspect_run, []
 
-    def stale_then_real(run):  # the start-up pass still sees every run unfinished
+    def stale_then_real(run):  # the start-up pass and the first results write still see every run unfinished
         calls.append(run.name)
-        return runner.RunState("partial", 8) if len(calls) <= len(RUN_NAMES) else real(run)
+        return runner.RunState("partial", 8) if len(calls) <= 2 * len(RUN_NAMES) else real(run)
 
     monkeypatch.setattr(runner, "inspect_run", stale_then_real)
     monkeypatch.setattr("jaxaccel.train.loop.train", lambda *a, **k: pytest.fail("a finished run was trained again"))
@@ -170,6 +170,62 @@ def test_a_run_another_process_finished_meanwhile_is_not_trained_again(toy, monk
     assert "0 finished already, 4 to train" in err and err.count("finished meanwhile by another process; kept") == 4
     assert {name: files_of(out / name) for name in RUN_NAMES} == before
     assert json.loads((out / "results.json").read_text())["runs"] == doc["runs"]
+
+
+def test_the_results_file_keeps_runs_another_process_finished_and_its_owner(toy, tmp_path, monkeypatch, capsys):
+    """Two processes on one sweep's folders (`--only A` and `--only B`): each wrote the whole
+    results file from what it saw at its start, so the last one dropped the other's run. And
+    a second sweep on the same file (none there yet at its start) overwrote the first's."""
+    import shutil
+
+    import jaxaccel.train.loop as loop
+
+    path, out, _ = toy
+    mine, theirs = RUN_NAMES[0], RUN_NAMES[1]
+    work = tmp_path / "runs"
+    shutil.copytree(out, work)
+    (work / "results.json").unlink()
+    shutil.rmtree(work / mine)
+    aside = tmp_path / "theirs"
+    shutil.move(work / theirs, aside)
+    sweep = write_sweep(tmp_path / "toy.yaml", {**yaml.safe_load(path.read_text())})
+    real_train = loop.train
+
+    def train_while_the_other_process_finishes_theirs(cfg, **kwargs):
+        assert json.loads((work / "results.json").read_text())["sweep"] == "toy"  # claimed before training
+        shutil.move(aside, work / theirs)
+        return real_train(cfg, **kwargs)
+
+    monkeypatch.setattr(loop, "train", train_while_the_other_process_finishes_theirs)
+    code, _, err = cli(["sweep", sweep, f"output_dir={work}", "--only", mine], capsys)
+    assert code == 0, err
+    status = {r["name"]: r["status"] for r in json.loads((work / "results.json").read_text())["runs"]}
+    assert status[mine] == "done" and status[theirs] == "done"  # 'new' before: the start-up view
+
+    # another sweep takes the file while this one trains: refused at its next write, the file kept
+    shutil.rmtree(work / mine)
+    other = {**yaml.safe_load(path.read_text()), "name": "other"}
+    taken = {"format": FORMAT, "version": VERSION, "sweep": "toy", "runs": []}
+
+    def train_while_another_sweep_takes_the_file(cfg, **kwargs):
+        (work / "results.json").write_text(json.dumps(taken))
+        return real_train(cfg, **kwargs)
+
+    (work / "results.json").unlink()
+    monkeypatch.setattr(loop, "train", train_while_another_sweep_takes_the_file)
+    code, _, err = cli(["sweep", write_sweep(tmp_path / "other.yaml", other), f"output_dir={work}", "--only", mine],
+                       capsys)
+    assert code == 2 and "holds the results of sweep 'toy', not 'other'" in err, err
+    assert json.loads((work / "results.json").read_text()) == taken
+    assert (work / mine / RESULT_FILE).exists()  # the run's own record is kept
+
+    # a results path that cannot be written fails before any training
+    monkeypatch.setattr(loop, "train", lambda *a, **k: pytest.fail("trained before the results file was checked"))
+    code, _, err = cli(["sweep", sweep, f"output_dir={tmp_path / 'fresh'}", "--results", f"{path}/results.json"],
+                       capsys)
+    assert code == 2 and err.startswith(f"error: cannot write the results file {path}/results.json"), err
+    code, _, err = cli(["sweep", sweep, "--results", " "], capsys)
+    assert code == 2 and "--results is empty" in err
 
 
 def test_a_run_finished_between_the_look_and_the_lock_keeps_the_finishing_record(toy, monkeypatch, capsys):
@@ -521,6 +577,8 @@ def test_pod_launcher_waits_out_a_preemption_notice(monkeypatch):
     ({"sweep": "s", "runs": [{"name": "a", "wall_s": "5"}]}, "runs[0] (a): wall_s is not a number"),
     ({"sweep": "s", "runs": [{"name": "a", "unique_tokens": "x"}]}, "unique_tokens is not a number"),
     ({"sweep": "s", "runs": [{"name": "a", "final": {"eval_loss": "low"}}]}, "final.eval_loss is not a number"),
+    ({"sweep": "s", "runs": [{"name": "a", "curve": {"eval_step": [8, None], "eval_loss": [3.0, 2.0]}}]},
+     "curve.eval_step holds a null step"),
     ({"sweep": "s", "runs": [], "groups": [{"name": "g", "set": [1, 2]}]}, "group 'g': set is not an object"),
     ({"sweep": "s", "runs": [], "plots": [{"name": "p", "kind": "final"}]}, "needs x"),
     ({"sweep": "s", "runs": [], "plots": ["p"]}, "plots[0]"),
@@ -543,9 +601,10 @@ def test_a_diverged_run_is_marked_in_the_plots_not_drawn_as_a_result():
     the line in `final`, a dashed '(diverged)' curve, a hatched '(diverged)' bar."""
     from jaxaccel.experiments import plots
 
-    def run(name, lr, loss, status="done"):
-        return {"name": name, "group": "", "status": status, "config": {"optim": {"lr": lr}},
-                "final": {"eval_loss": loss}, "curve": {"eval_step": [4, 8], "eval_loss": [loss + 1, loss]}}
+    def run(name, lr, loss, status="done"):  # a diverged record has no steps or total_tokens
+        done = {"steps": 8, "total_tokens": 2048} if status == "done" else {}
+        return {"name": name, "group": "", "status": status, "config": {"optim": {"lr": lr}}, "tokens_per_step": 256,
+                "final": {"eval_loss": loss}, "curve": {"eval_step": [4, 8], "eval_loss": [loss + 1, loss]}, **done}
 
     doc = {"sweep": "s", "runs": [run("a", 0.01, 3.0), run("b", 0.02, 2.5), run("c", 1e30, 4.2, "diverged")]}
     plt = plots._pyplot()
@@ -559,6 +618,8 @@ def test_a_diverged_run_is_marked_in_the_plots_not_drawn_as_a_result():
         assert plots._curves(axes[1], doc, {})
         styles = {ln.get_label(): ln.get_linestyle() for ln in axes[1].lines}
         assert styles == {"a": "-", "b": "-", "c (diverged)": "--"}
+        # in tokens, as the others (it was drawn in steps: x = 4, 8 among 1024, 2048)
+        assert [list(ln.get_xdata()) for ln in axes[1].lines] == [[1024, 2048]] * 3
         assert plots._bar(axes[2], doc, {})
         assert [t.get_text() for t in axes[2].get_xticklabels()] == ["a", "b", "c (diverged)"]
         assert [p.get_hatch() for p in axes[2].patches] == [None, None, "xx"]
@@ -627,3 +688,33 @@ def test_plot_replaces_no_file_when_one_figure_fails_and_report_shows_no_nan_wal
     assert (tmp_path / "first.png").read_bytes()[:4] == b"\x89PNG"
     row = next(line for line in render_report(doc).splitlines() if line.startswith("| `a`"))
     assert "nan" not in row and row.rstrip(" |").endswith("–")
+
+
+def test_null_sections_of_a_results_file_read_as_empty_and_zipped_keys_share_a_line(tmp_path, capsys):
+    """`final`: null, no `settings`, a group's `zip`: null passed the shape check and then were
+    tracebacks in report and plot; and without `plots:` a zipped group's final plot split its
+    lines by the key zipped with x, one point per line."""
+    from jaxaccel.experiments.plots import default_specs
+
+    runs = [{"name": f"r{i}", "group": "g", "status": "done", "final": None, "curve": {"eval_step": [8],
+             "eval_loss": [None]}} for i in range(2)]
+    doc = {"format": FORMAT, "version": VERSION, "sweep": "s", "runs": runs,
+           "groups": [{"name": "g", "set": None, "zip": None, "axes": {"model.d_model": [16, 32]}}]}
+    results = tmp_path / "r.json"
+    results.write_text(json.dumps(doc))
+    for command in ("report", "plot"):
+        code, out, err = cli([command, results, "--out", tmp_path / command], capsys)
+        assert code == 0, err
+
+    def run(epochs, unique, d_model):
+        return {"name": f"{epochs},{d_model}", "group": "g", "settings": {
+            "data.epochs": epochs, "data.unique_tokens": unique, "model.d_model": d_model}}
+
+    zipped = {"data.epochs": [1, 2, 4], "data.unique_tokens": [400, 200, 100]}
+    doc = {"runs": [run(e, u, d) for e, u in zip(*zipped.values()) for d in (16, 32)],
+           "groups": [{"name": "g", "zip": zipped, "axes": {"model.d_model": [16, 32]}}]}
+    final = next(s for s in default_specs(doc) if s["kind"] == "final")
+    assert final["x"] == "data.epochs" and final["lines"] == ["model.d_model"]  # not data.unique_tokens
+    doc["groups"][0]["axes"] = {}
+    doc["runs"] = [r for r in doc["runs"] if r["settings"]["model.d_model"] == 16]
+    assert next(s for s in default_specs(doc) if s["kind"] == "final")["lines"] is None  # one line of 3 points

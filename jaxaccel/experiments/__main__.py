@@ -286,6 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from jaxaccel.experiments.runner import run_sweep
         from jaxaccel.experiments.spec import load_sweep
 
+        if args.results is not None and not args.results.strip():
+            fail("--results is empty: give a file, or leave it out for the sweep's own")
         sweep = load_sweep(args.config, args.overrides, results=args.results)
         # The command that reproduces the whole sweep (not this call's --only selection).
         command = shlex.join(["python", "-m", "jaxaccel.experiments", "sweep", args.config, *args.overrides,

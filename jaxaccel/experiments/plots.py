@@ -65,8 +65,10 @@ def default_specs(doc: dict) -> list[dict]:
         only = [group["name"]] if group["name"] else None
         if numeric:
             x = numeric[0]
+            # keys zipped with x change with it: a line per value of one would hold one point
+            together = group.get("zip", {}) if x in group.get("zip", {}) else {x: None}
             specs.append({"name": f"{name}-final", "kind": "final", "x": x, "y": "final_eval_loss",
-                          "lines": [k for k in varied if k != x] or None, "groups": only,
+                          "lines": [k for k in varied if k not in together] or None, "groups": only,
                           "logx": 2 if _spans_octaves([r["settings"][x] for r in runs]) else None})
         specs.append({"name": f"{name}-curves", "kind": "curves", "groups": only})
     if all(not [*g.get("zip", {}), *g.get("axes", {})] for g in doc.get("groups", [])) and len(doc["runs"]) > 1:
@@ -161,8 +163,13 @@ def _curves(ax, doc: dict, spec: dict) -> bool:
         if not pairs:
             continue
         scale = 1.0
-        if x_key == "tokens" and run.get("steps") and run.get("total_tokens"):
-            scale = run["total_tokens"] / run["steps"]  # stream tokens per step (UL2 rows are shorter)
+        if x_key == "tokens":
+            if run.get("steps") and run.get("total_tokens"):
+                scale = run["total_tokens"] / run["steps"]  # stream tokens per step (UL2 rows are shorter)
+            elif run.get("tokens_per_step"):  # a diverged run has neither: its batches' tokens
+                scale = run["tokens_per_step"]
+            else:
+                continue  # nothing says how many tokens its steps were
         done = run.get("status") == "done"
         ax.plot([s * scale for s, _ in pairs], [v for _, v in pairs], marker="." if len(pairs) < 30 else None,
                 linestyle="-" if done else "--", label=run["name"] if done else f"{run['name']} ({run['status']})")

@@ -100,11 +100,14 @@ def read_results(path: str | Path) -> dict:
         problem = _malformed_record(run)
         if problem:
             raise SweepError(f"{path}: not a readable sweep results file: runs[{i}] ({run['name']}): {problem}")
+        for section in _RECORD_SECTIONS:  # null or missing: empty, as report and plot read them
+            run[section] = run.get(section) or {}
     for g in doc.get("groups", []):
         for field in ("set", "zip", "axes"):
             if not isinstance(g.get(field) or {}, dict):
                 raise SweepError(f"{path}: not a readable sweep results file: group {g['name']!r}: {field} is not an "
                                  f"object")
+            g[field] = g.get(field) or {}
     from jaxaccel.errors import ConfigError
     from jaxaccel.experiments.spec import _parse_plots
 
@@ -121,6 +124,10 @@ _RECORD_NUMBERS = ("steps", "resumed_from", "wall_s", "tokens_per_step", "total_
                    "corpus_tokens", "params", "active_params", "train_flops")
 
 
+# The object-valued sections of a record ("curve" last: an object of lists).
+_RECORD_SECTIONS = ("final", "best", "settings", "data", "config", "curve")
+
+
 def _malformed_record(run: dict) -> str | None:
     """What is wrong with a run record's shape, or None."""
     def number(v):
@@ -129,16 +136,20 @@ def _malformed_record(run: dict) -> str | None:
     for field in _RECORD_NUMBERS:
         if not number(run.get(field)):
             return f"{field} is not a number"
-    for section in ("final", "best", "settings", "data", "config"):
+    for section in _RECORD_SECTIONS[:-1]:
         if not isinstance(run.get(section) or {}, dict):
             return f"{section} is not an object"
     for section in ("final", "best"):
         bad = [k for k, v in (run.get(section) or {}).items() if not number(v)]
         if bad:
             return f"{section}.{bad[0]} is not a number"
-    if not isinstance(run.get("curve") or {}, dict) or not all(
-            isinstance(v, list) and all(number(x) for x in v) for v in (run.get("curve") or {}).values()):
+    curve = run.get("curve") or {}
+    if not isinstance(curve, dict) or not all(
+            isinstance(v, list) and all(number(x) for x in v) for v in curve.values()):
         return "curve is not an object of number lists"
+    for key, values in curve.items():  # a figure may be missing at a step (null); the step itself may not
+        if key.endswith("_step") and None in values:
+            return f"curve.{key} holds a null step"
     return None
 
 

@@ -355,13 +355,37 @@ def run_sweep(sweep: Sweep, only: list[str] | tuple[str, ...] = (), *, dry_run: 
             out(f"could not read {len(unreadable)} location(s), status unknown; first: {unreadable[0]}")
         return None
     main = jax.process_index() == 0
+
+    def write_results() -> dict:
+        """Process 0 writes the results file; first it looks at every unfinished run's folder
+        again (another process sharing the folders, a second --only or a sweep that shares
+        runs, may have finished some since) and at the file's owner (another sweep may have
+        taken the same file since: both would otherwise write it, the last one winning)."""
+        def on_process_0() -> None:
+            for r in sweep.runs:
+                if states[r.name].status not in FINISHED:
+                    states[r.name] = readable(r.config.output_dir, lambda r=r: inspect_run(r), states[r.name])
+            readable(sweep.results_path, lambda: check_results_target(sweep.results_path, sweep.name), None)
+            try:
+                write_json(sweep.results_path, results_document(sweep, states, command))
+            except OSError as e:
+                raise SweepError(f"cannot write the results file {sweep.results_path} (`results:` in the sweep "
+                                 f"file, or --results): {first_line(e, 160)}") from None
+
+        decided_by_process_0(on_process_0, lambda: SweepError(f"process 0 could not write {sweep.results_path}"))
+        return results_document(sweep, states, command)
+
+    from jaxaccel.train.hosts import decided_by_process_0
+
     if collect:
-        doc = results_document(sweep, states, command)
-        if main:
-            write_json(sweep.results_path, doc)
+        doc = write_results()
         out(f"{sum(s.status in FINISHED for s in states.values())} of {len(states)} runs finished; results in "
             f"{sweep.results_path}")
         return doc
+    # Written before any training: it claims the file for this sweep (another sweep started
+    # later on the same file is refused at its start) and an unwritable path fails now, not
+    # after the first run has trained.
+    write_results()
     _agree(states, list(sweep.runs))
     todo = [r for r in selected if states[r.name].status not in FINISHED]
 
@@ -413,7 +437,7 @@ def run_sweep(sweep: Sweep, only: list[str] | tuple[str, ...] = (), *, dry_run: 
         states[run.name] = RunState(status, record["steps"] or 0, record)
         if main:
             write_json(join(run.config.output_dir, RESULT_FILE), record)
-            write_json(sweep.results_path, results_document(sweep, states, command))
+        write_results()
         flops_done += remaining[run.name]
         elapsed = time.perf_counter() - started
         left = total_flops - flops_done
@@ -426,9 +450,7 @@ def run_sweep(sweep: Sweep, only: list[str] | tuple[str, ...] = (), *, dry_run: 
             + (f" | sweep {100 * flops_done / max(total_flops, 1.0):.0f}% done, ~{_duration(eta)} left"
                if i < len(todo) else "")
             + (f" | {error}" if error else ""))
-    doc = results_document(sweep, states, command)
-    if main:
-        write_json(sweep.results_path, doc)
+    doc = write_results()
     finished = sum(s.status in FINISHED for s in states.values())
     log(f"sweep {sweep.name}: {finished} of {len(states)} runs finished; results in {sweep.results_path}")
     return doc
