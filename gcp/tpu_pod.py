@@ -85,7 +85,8 @@ CAPACITY_RETRIES = 6  # a first create's stock-out is retried after waits of 1, 
 # What gcloud says when the zone has no TPUs to give: the TPU API's "There is no more capacity in
 # the zone ..." (error code 8) or Compute's ZONE_RESOURCE_POOL_EXHAUSTED / STOCKOUT. A wait may
 # cure that; a quota, permission, name or reservation error would not, and is not retried.
-STOCKOUT = re.compile(r"no more capacity in the zone|resource_pool_exhausted|stockout|"
+# Matched in gcloud's error text with the slice's name taken out (a name is free text).
+STOCKOUT = re.compile(r"no more capacity in the zone|ZONE_RESOURCE_POOL_EXHAUSTED|state:\s*STOCKOUT|"
                       r"does not have enough resources available", re.IGNORECASE)
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 MISSING_TOOL = {"gcloud": "install the Google Cloud CLI (https://cloud.google.com/sdk/docs/install)",
@@ -167,17 +168,34 @@ def _call(cmd: list[str], **kwargs):
 
 
 def _call_keeping_stderr(cmd: list[str]) -> tuple[int, str]:
-    """Run `cmd` with its stderr shown as it comes, and kept (to tell a stock-out from other failures)."""
+    """Run `cmd` with its stderr shown as it comes — in whatever pieces it is written, so a
+    question without a newline (gcloud's "enable the API? (y/N)") is seen before it is
+    answered — and kept, to tell a stock-out from other failures. Interrupted, the command
+    is stopped too (as subprocess.run does)."""
+    import codecs
+
     try:
-        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, errors="replace")
+        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
     except OSError as e:
         raise _not_started(cmd, e) from None
-    kept = []
-    for line in proc.stderr:
-        sys.stderr.write(line)
-        sys.stderr.flush()
-        kept.append(line)
-    return proc.wait(), "".join(kept)
+    decoder, kept = codecs.getincrementaldecoder("utf-8")(errors="replace"), []
+    try:
+        while True:
+            chunk = os.read(proc.stderr.fileno(), 4096)
+            text = decoder.decode(chunk, final=not chunk)
+            if text:
+                sys.stderr.write(text)
+                sys.stderr.flush()
+                kept.append(text)
+            if not chunk:
+                break
+        return proc.wait(), "".join(kept)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        proc.stderr.close()
 
 
 class Executor:
@@ -201,7 +219,7 @@ class Executor:
                 code = self._simulated(cmd)
             elif cmd[4:5] == ["create"]:  # gcloud compute tpus tpu-vm create
                 code, err = _call_keeping_stderr(cmd)
-                self.stockout = code != 0 and bool(STOCKOUT.search(err))
+                self.stockout = code != 0 and bool(STOCKOUT.search(err.replace(cmd[5], "")))  # cmd[5]: the name
             else:
                 code = _call(cmd).returncode
             if code:
@@ -324,11 +342,19 @@ def check_source(args: argparse.Namespace) -> None:
         sys.stderr.flush()
 
 
+def retry_waits():
+    """Seconds to wait before each retry of a create: doubling from RETRY_WAIT_S, capped."""
+    wait = RETRY_WAIT_S
+    while True:
+        yield wait
+        wait = min(2 * wait, RETRY_WAIT_MAX_S)
+
+
 def recover(args: argparse.Namespace, ex: Executor, state: str, code: int) -> int:
     """Recreate and set up a preempted slice (`state` is one of PREEMPTED_STATES). A recreation that
     fails on a slice that is not READY (no spot capacity, preempted again) is retried after a
     doubling wait; every try counts against --max-restarts. Returns 0 once the slice is ready."""
-    wait, stage = RETRY_WAIT_S, ""
+    waits, stage = retry_waits(), ""
     while True:
         if ex.restarts >= args.max_restarts:
             print(f"# slice {args.name} is {state} and --max-restarts={args.max_restarts} is used up", flush=True)
@@ -338,10 +364,10 @@ def recover(args: argparse.Namespace, ex: Executor, state: str, code: int) -> in
             print(f"# slice {args.name} is {state}: recreating it and rerunning the same command "
                   f"(restart {ex.restarts} of at most {args.max_restarts})", flush=True)
         else:
+            wait = next(waits)
             print(f"# the {stage} of the recreated slice failed (exit {code}; slice {args.name} is {state}): "
                   f"recreating it again in {wait} s (restart {ex.restarts} of at most {args.max_restarts})", flush=True)
             ex.sleep(wait)
-            wait = min(2 * wait, RETRY_WAIT_MAX_S)
         if state != "NOT_FOUND":
             ex.execute(plan(args, "delete"))  # a preempted TPU VM still holds its name until deleted
         stage, code = "create", ex.execute(plan(args, "create"))
@@ -387,18 +413,22 @@ def run_with_recovery(args: argparse.Namespace, ex: Executor) -> int:
 def create_slice(args: argparse.Namespace, ex: Executor) -> int:
     """The first create of the slice. A stock-out (the zone has no capacity now) is tried again
     after a doubling wait, up to --capacity-retries times; any other failure is returned."""
-    wait = RETRY_WAIT_S
+    waits = retry_waits()
     for retry in range(args.capacity_retries + 1):
         if retry:
+            wait = next(waits)
             print(f"# no {args.accelerator_type} capacity in zone {args.zone} (a stock-out): creating slice "
                   f"{args.name} again in {wait} s (retry {retry} of at most {args.capacity_retries})", flush=True)
             ex.sleep(wait)
-            wait = min(2 * wait, RETRY_WAIT_MAX_S)
-            if ex.state(args) != "NOT_FOUND":  # what the failed create left holds the name until deleted
-                ex.execute(plan(args, "delete"))
         code = ex.execute(plan(args, "create"))
         if code == 0 or not ex.stockout:
             return code
+        state = ex.state(args)
+        if state == "READY":  # a slice of this name works: not a leftover of ours, never deleted
+            print(f"# slice {args.name} exists and is READY: not creating it again", flush=True)
+            return code
+        if state != "NOT_FOUND":  # what the failed create left holds the name until deleted
+            ex.execute(plan(args, "delete"))
     print(f"# still no capacity in zone {args.zone} and --capacity-retries={args.capacity_retries} is used up",
           flush=True)
     return code

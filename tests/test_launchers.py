@@ -237,7 +237,7 @@ def test_tpu_pod_first_create_waits_out_a_stockout_and_nothing_else(tmp_path, la
     # third makes the slice; each retry asks whether the failed create left a slice to delete
     env = fake_gcloud(tmp_path, f"""
 *" create "*) [ "$(nth create)" -le 2 ] && {{ echo '{STOCKOUT_ERROR}' >&2; exit 1; }} ;;
-*" describe "*) [ "$(nth describe)" = 1 ] && {{ echo READY; exit 0; }}; exit 1 ;;
+*" describe "*) [ "$(nth describe)" = 1 ] && {{ echo CREATING; exit 0; }}; exit 1 ;;
 """)
     monkeypatch.setenv("PATH", env["PATH"])
     code = launcher_module.main(["all", "--name", "pod", "--zone", "z", "--command", "true"])
@@ -255,7 +255,7 @@ def test_tpu_pod_first_create_waits_out_a_stockout_and_nothing_else(tmp_path, la
     code = launcher_module.main(["create", "--name", "pod", "--zone", "z", "--capacity-retries", "1"])
     out, err = capfd.readouterr()
     assert code == 1 and launcher_module.slept == [60]
-    assert gcloud_calls(tmp_path) == ["create", "describe", "create"]
+    assert gcloud_calls(tmp_path) == ["create", "describe", "create", "describe"]
     assert "--capacity-retries=1 is used up" in out
     # a quota error is not a stock-out: returned at once, not waited out
     (tmp_path / "quota").mkdir()
@@ -269,6 +269,41 @@ exceeded" >&2; exit 1 ;;
     out, err = capfd.readouterr()
     assert code == 1 and launcher_module.slept == [] and "Quota limit" in err
     assert gcloud_calls(tmp_path / "quota") == ["create"]
+    # a slice named like a stock-out whose name is taken: not a stock-out (it was waited out, and
+    # the READY slice of that name deleted); a stock-out whose slice turns out READY is left alone
+    for case, error, state in (("taken", "ALREADY_EXISTS: Resource 'projects/p/locations/z/nodes/stockout-repro' "
+                                         "already exists", "READY"), ("ready", STOCKOUT_ERROR, "READY")):
+        (tmp_path / case).mkdir()
+        env = fake_gcloud(tmp_path / case, f"""
+*" create "*) echo "{error}" >&2; exit 1 ;;
+*" describe "*) echo {state} ;;
+""")
+        monkeypatch.setenv("PATH", env["PATH"])
+        launcher_module.slept.clear()
+        code = launcher_module.main(["all", "--name", "stockout-repro", "--zone", "z", "--command", "true"])
+        out, err = capfd.readouterr()
+        assert code == 1 and launcher_module.slept == []
+        assert gcloud_calls(tmp_path / case) == (["create"] if case == "taken" else ["create", "describe"])
+
+
+def test_tpu_pod_create_shows_a_question_before_it_is_answered(launcher_module, capfd):
+    """gcloud asks without a newline ("... enable and retry? (y/N)?"): shown as it comes, not
+    held back until the line ends, which only comes after the answer."""
+    import threading
+    import time
+
+    result = []
+    cmd = ["bash", "-c", "printf 'enable and retry? (y/N)? ' >&2; sleep 3; echo done >&2"]
+    thread = threading.Thread(target=lambda: result.append(launcher_module._call_keeping_stderr(cmd)))
+    thread.start()
+    deadline = time.monotonic() + 2.5
+    seen = ""
+    while "(y/N)? " not in seen and time.monotonic() < deadline:
+        time.sleep(0.1)
+        seen += capfd.readouterr().err
+    assert "(y/N)? " in seen and thread.is_alive()  # shown while the command still waits
+    thread.join()
+    assert result == [(0, "enable and retry? (y/N)? done\n")]
 
 
 def test_tpu_pod_first_setup_on_a_preempted_spot_slice_is_recovered(tmp_path):
