@@ -7,7 +7,7 @@ whose size the mesh axis does not divide is replicated instead (e.g. 2 KV heads 
 
 Mesh axes: `data` (batch), `fsdp` (batch + parameter sharding), `tensor` (heads / MLP /
 vocab), `expert` (MoE experts). A mesh over several TPU slices (multi-slice) or GPU hosts puts
-the slices on `data` (else `fsdp`), so only data parallelism crosses the data-center network.
+the slices on `data` (the rest on `fsdp`), so only data parallelism crosses the data-center network.
 """
 from __future__ import annotations
 
@@ -74,8 +74,8 @@ def parse_mesh_spec(text: str | Mapping[str, int] | None) -> dict[str, int]:
 def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Sequence[Any] | None = None) -> Mesh:
     """A mesh with all four axes (unnamed ones have size 1) over the first devices needed.
 
-    Devices of several TPU slices (or GPU hosts) are laid out slice by slice along `data` (or
-    `fsdp` when `data` is not a multiple of the slice count; neither is a ConfigError on TPU),
+    Devices of several TPU slices (or GPU hosts) are laid out slice by slice along `data` (what
+    `data` cannot take, along `fsdp`; data x fsdp that cannot take them is a ConfigError on TPU),
     each slice along its torus; the chips of one TPU slice follow its torus (jax.make_mesh)."""
     sizes = parse_mesh_spec(spec)
     devices = list(jax.devices() if devices is None else devices)
@@ -119,7 +119,7 @@ def _granules(devices: Sequence[Any]) -> tuple[str, list[list[Any]]] | None:
 
 def _hybrid_grid(devices: Sequence[Any], shape: tuple[int, ...]) -> np.ndarray | None:
     """The device grid of a mesh whose devices span several TPU slices or GPU hosts: the slices
-    are laid out along `data` (else `fsdp`), and each slice's share of the mesh is laid out
+    are laid out along `data` (what `data` cannot take, along `fsdp`), each slice's share laid out
     inside it (mesh_utils.create_hybrid_device_mesh: along the torus on TPU), so that only data
     parallelism crosses the slow network. None when the devices are one slice/host, or (GPU
     hosts) when neither axis can be split over them: the listed order then."""
@@ -128,17 +128,21 @@ def _hybrid_grid(devices: Sequence[Any], shape: tuple[int, ...]) -> np.ndarray |
         return None
     attr, groups = found
     n = len(groups)
-    axis = next((MESH_AXES.index(a) for a in _DCN_AXES if shape[MESH_AXES.index(a)] % n == 0), None)
+    ici, dcn, left = list(shape), [1] * len(shape), n
+    for name in _DCN_AXES:  # as many slices along data as it takes, the rest along fsdp
+        axis = MESH_AXES.index(name)
+        dcn[axis] = math.gcd(shape[axis], left)
+        ici[axis] //= dcn[axis]
+        left //= dcn[axis]
     even = len({len(g) for g in groups}) == 1
-    if axis is None or not even:
+    if left > 1 or not even:
         if attr == "process_index":
             return None
-        what = (f"data or fsdp must be a multiple of {n}" if even else
+        what = (f"data x fsdp must split into the {n} slices (data or fsdp a multiple of {n}, or data x fsdp "
+                f"one, e.g. data=2,fsdp=2 over 4)" if even else
                 f"the mesh takes {', '.join(str(len(g)) for g in groups)} chips from them: use whole slices")
         raise ConfigError(f"the mesh's {len(devices)} devices span {n} TPU slices, which only the data-center "
                           f"network joins: {what}, so that only data parallelism crosses it")
-    ici, dcn = list(shape), [1] * len(shape)
-    ici[axis], dcn[axis] = shape[axis] // n, n
     from jax.experimental import mesh_utils
     for split in (False, True):  # split a physical axis of the torus only if the shape needs it
         try:

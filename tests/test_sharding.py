@@ -118,8 +118,12 @@ def test_a_multislice_mesh_puts_the_slices_on_data_parallel_axes():
     assert [d.id for d in shd._hybrid_grid(interleaved, (2, 1, 2, 2)).ravel()] == [0, 2, 4, 6, 1, 3, 5, 7]
     assert [d.id for d in shd._hybrid_grid(interleaved, (1, 4, 2, 1)).ravel()] == [0, 2, 4, 6, 1, 3, 5, 7]
     assert [d.id for d in shd._hybrid_grid(interleaved, (2, 2, 2, 1))[:, 0].ravel()] == [0, 2, 1, 3]
-    with pytest.raises(ConfigError, match="span 2 TPU slices.*data or fsdp must be a multiple of 2"):
+    with pytest.raises(ConfigError, match="span 2 TPU slices.*data x fsdp must split into the 2 slices"):
         shd.make_mesh("tensor=8", devices=tpus)
+    sixteen = fake_devices("tpu", 16, 4, "slice_index")  # 4 slices: data=2 x fsdp=2 across them, tensor inside
+    grid = shd._hybrid_grid(sixteen, (2, 2, 4, 1))
+    assert all(len({d.slice_index for d in grid[i, j].ravel()}) == 1 for i in range(2) for j in range(2))
+    assert len({grid[i, j, 0, 0].slice_index for i in range(2) for j in range(2)}) == 4
     assert shd._hybrid_grid(tpus[:4], (2, 1, 2, 1)) is None  # one slice: the usual torus layout
     with pytest.raises(ConfigError, match="takes 4, 2 chips from them: use whole slices"):
         shd._hybrid_grid(tpus[:6], (2, 3, 1, 1))
