@@ -602,8 +602,8 @@ def test_a_diverged_run_is_marked_in_the_plots_not_drawn_as_a_result():
     from jaxaccel.experiments import plots
 
     def run(name, lr, loss, status="done"):  # a diverged record has no steps or total_tokens
-        done = {"steps": 8, "total_tokens": 2048} if status == "done" else {}
-        return {"name": name, "group": "", "status": status, "config": {"optim": {"lr": lr}}, "tokens_per_step": 256,
+        done = {"steps": 8, "total_tokens": 2048} if status == "done" else {"stream_tokens_per_step": 256}
+        return {"name": name, "group": "", "status": status, "config": {"optim": {"lr": lr}}, "tokens_per_step": 512,
                 "final": {"eval_loss": loss}, "curve": {"eval_step": [4, 8], "eval_loss": [loss + 1, loss]}, **done}
 
     doc = {"sweep": "s", "runs": [run("a", 0.01, 3.0), run("b", 0.02, 2.5), run("c", 1e30, 4.2, "diverged")]}
@@ -618,7 +618,8 @@ def test_a_diverged_run_is_marked_in_the_plots_not_drawn_as_a_result():
         assert plots._curves(axes[1], doc, {})
         styles = {ln.get_label(): ln.get_linestyle() for ln in axes[1].lines}
         assert styles == {"a": "-", "b": "-", "c (diverged)": "--"}
-        # in tokens, as the others (it was drawn in steps: x = 4, 8 among 1024, 2048)
+        # in stream tokens, as the others (it was drawn in steps: x = 4, 8 among 1024, 2048; a
+        # batch's 512 tokens per step, UL2's longer model rows, would stretch it)
         assert [list(ln.get_xdata()) for ln in axes[1].lines] == [[1024, 2048]] * 3
         assert plots._bar(axes[2], doc, {})
         assert [t.get_text() for t in axes[2].get_xticklabels()] == ["a", "b", "c (diverged)"]
@@ -718,3 +719,15 @@ def test_null_sections_of_a_results_file_read_as_empty_and_zipped_keys_share_a_l
     doc["groups"][0]["axes"] = {}
     doc["runs"] = [r for r in doc["runs"] if r["settings"]["model.d_model"] == 16]
     assert next(s for s in default_specs(doc) if s["kind"] == "final")["lines"] is None  # one line of 3 points
+
+
+def test_a_diverged_run_records_the_stream_tokens_of_its_steps(toy):
+    """A diverged run has no data stats (the trainer raised): its curve's token scale comes from
+    the plan, and equals what a finished run of the same data read per step."""
+    from jaxaccel.experiments.runner import _stream_tokens_per_step
+
+    path, _, doc = toy
+    sweep = load_sweep(path)
+    for record in doc["runs"]:
+        planned = _stream_tokens_per_step(sweep.run(record["name"]), {})
+        assert planned == record["total_tokens"] / record["steps"] == record["stream_tokens_per_step"] == 256

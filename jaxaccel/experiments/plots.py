@@ -164,10 +164,12 @@ def _curves(ax, doc: dict, spec: dict) -> bool:
             continue
         scale = 1.0
         if x_key == "tokens":
+            # stream tokens per step (UL2 rows are shorter; retrieval task rows read none): of
+            # the steps trained, else (a diverged run) of the plan, else (older records) of a batch
             if run.get("steps") and run.get("total_tokens"):
-                scale = run["total_tokens"] / run["steps"]  # stream tokens per step (UL2 rows are shorter)
-            elif run.get("tokens_per_step"):  # a diverged run has neither: its batches' tokens
-                scale = run["tokens_per_step"]
+                scale = run["total_tokens"] / run["steps"]
+            elif run.get("stream_tokens_per_step") or run.get("tokens_per_step"):
+                scale = run.get("stream_tokens_per_step") or run["tokens_per_step"]
             else:
                 continue  # nothing says how many tokens its steps were
         done = run.get("status") == "done"

@@ -8,7 +8,7 @@ figures, curves, wall time), and the per-run record each finished run leaves in 
 A RECORD (also `<run folder>/sweep_result.json` once the run has finished) is
     name, group, settings {dotted key: value}, folder, status ("done" | "diverged" |
     "partial" | "new"), error, config (the full training config), steps, resumed_from,
-    wall_s, finished_at, tokens_per_step, total_tokens, unique_tokens, epochs,
+    wall_s, finished_at, tokens_per_step, stream_tokens_per_step, total_tokens, unique_tokens, epochs,
     corpus_tokens, params, active_params, train_flops,
     final {step, eval_loss, eval_accuracy, train_loss},
     best {eval_loss, eval_loss_step, eval_accuracy, eval_accuracy_step},
@@ -120,8 +120,8 @@ def read_results(path: str | Path) -> dict:
 
 
 # Figures of a run record that are numbers (or null) when present.
-_RECORD_NUMBERS = ("steps", "resumed_from", "wall_s", "tokens_per_step", "total_tokens", "unique_tokens", "epochs",
-                   "corpus_tokens", "params", "active_params", "train_flops")
+_RECORD_NUMBERS = ("steps", "resumed_from", "wall_s", "tokens_per_step", "stream_tokens_per_step", "total_tokens",
+                   "unique_tokens", "epochs", "corpus_tokens", "params", "active_params", "train_flops")
 
 
 # The object-valued sections of a record ("curve" last: an object of lists).

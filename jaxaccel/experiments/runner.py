@@ -259,6 +259,29 @@ def _tokens_trained(run: Run, stats: dict, steps: int | None) -> tuple[Any, Any,
     return total, unique, (total / unique if unique else 0.0)
 
 
+def _stream_tokens_per_step(run: Run, stats: dict) -> float | None:
+    """Stream tokens one step reads (a curve's x in tokens): the data stats' total over their
+    steps, or — a diverged run has no stats — a row's stream tokens (shorter under UL2) times
+    the corpus rows of a batch (retrieval task rows read none). None when it cannot be told."""
+    total, steps = stats.get("total_tokens"), stats.get("total_steps")
+    if isinstance(total, (int, float)) and isinstance(steps, int) and steps > 0:
+        return total / steps
+    cfg = run.config
+    if cfg.data.corpus == "synthetic":
+        return None
+    try:
+        from jaxaccel.data import budget, corpus_token_count
+
+        unique = cfg.data.unique_tokens
+        unique = unique if unique is not None else corpus_token_count(cfg.data, build=False)
+        if unique is None:
+            return None
+        row = budget(cfg.data, unique, seq_len=cfg.train.seq_len, batch_size=corpus_batch_size(cfg))
+        return float(row["raw_sequence_length"] * corpus_batch_size(cfg))
+    except Exception:  # noqa: BLE001 - a figure for the plots only: never fails the record
+        return None
+
+
 def _evaluated(metrics: list[dict]) -> list[dict]:
     """The metrics records less evaluations that scored no token (no validation split, or
     data.max_eval_tokens 0): the trainer logs those as loss 0.0, which is no figure at all."""
@@ -275,6 +298,7 @@ def finished_record(run: Run, summary: dict | None, status: str, error: str | No
               "steps": (summary or {}).get("steps"), "resumed_from": resumed_from, "wall_s": round(wall_s, 3),
               "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "tokens_per_step": cfg.train.batch_size * cfg.train.seq_len,
+              "stream_tokens_per_step": _stream_tokens_per_step(run, stats),
               "total_tokens": total_tokens, "unique_tokens": unique_tokens,
               "epochs": epochs, "corpus_tokens": stats.get("corpus_tokens"),
               "params": cfg.model.num_params(), "active_params": cfg.model.active_params(),
@@ -320,8 +344,6 @@ def run_sweep(sweep: Sweep, only: list[str] | tuple[str, ...] = (), *, dry_run: 
     results file; `dry_run` prints the plan and its estimated cost instead; `collect` only
     rebuilds the results file from the run folders. `command` (the command line) is kept in
     the results. Returns the results document."""
-    import jax
-
     check_flops_per_s(flops_per_s)  # bad input before any work
     check_distinct_runs(sweep)
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -354,17 +376,24 @@ def run_sweep(sweep: Sweep, only: list[str] | tuple[str, ...] = (), *, dry_run: 
         if unreadable:
             out(f"could not read {len(unreadable)} location(s), status unknown; first: {unreadable[0]}")
         return None
-    main = jax.process_index() == 0
 
-    def write_results() -> dict:
-        """Process 0 writes the results file; first it looks at every unfinished run's folder
-        again (another process sharing the folders, a second --only or a sweep that shares
-        runs, may have finished some since) and at the file's owner (another sweep may have
-        taken the same file since: both would otherwise write it, the last one winning)."""
+    def write_results(finished: Run | None = None) -> dict:
+        """Process 0 writes the record of the run just `finished` (if any) and the results file;
+        first it looks at every unfinished run's folder again (another process sharing the
+        folders, a second --only or a sweep that shares runs, may have finished some since; a
+        folder it cannot read now keeps its state) and at the file's owner (another sweep may
+        have taken the same file since: both would otherwise write it, the last one winning).
+        Every process learns whether that worked (one failing alone would leave the others
+        waiting in their next collective)."""
         def on_process_0() -> None:
+            if finished is not None:
+                write_json(join(finished.config.output_dir, RESULT_FILE), states[finished.name].record)
             for r in sweep.runs:
                 if states[r.name].status not in FINISHED:
-                    states[r.name] = readable(r.config.output_dir, lambda r=r: inspect_run(r), states[r.name])
+                    try:
+                        states[r.name] = inspect_run(r)
+                    except Exception:  # noqa: BLE001 - a passing storage error: looked at again next time
+                        pass
             readable(sweep.results_path, lambda: check_results_target(sweep.results_path, sweep.name), None)
             try:
                 write_json(sweep.results_path, results_document(sweep, states, command))
@@ -435,9 +464,7 @@ def run_sweep(sweep: Sweep, only: list[str] | tuple[str, ...] = (), *, dry_run: 
                 continue
         record = finished_record(run, summary, status, error, wall, resumed_from)
         states[run.name] = RunState(status, record["steps"] or 0, record)
-        if main:
-            write_json(join(run.config.output_dir, RESULT_FILE), record)
-        write_results()
+        write_results(finished=run)
         flops_done += remaining[run.name]
         elapsed = time.perf_counter() - started
         left = total_flops - flops_done
