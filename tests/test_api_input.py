@@ -254,14 +254,16 @@ def test_audit_findings_sampling_seeds_eos_logits_and_params(tiny_lm, tiny_param
 
 
 def test_memory_pre_check_counts_the_prefill_scores(tiny_lm, monkeypatch):
-    """max_new_tokens=10**7 on the tiny model: a 6.4 GB cache, but one prefill chunk's scores
-    over it are ~100 GB; with 20 GB of memory the cache alone would pass, the request not."""
+    """max_new_tokens=10**7 on the tiny model: a 4.8 GB cache (18,874,368 slots), but one
+    prefill chunk's scores over it are ~77 GB; with 20 GB of memory the cache alone would
+    pass, the request not."""
     from jaxaccel.decode import lm as lm_module
 
     monkeypatch.setattr(lm_module, "_device_memory", lambda: (20e9, None))
-    with pytest.raises(InvalidArgumentError, match=r"\(6.4 GB and its prefill's attention scores 103.1 GB\)"):
+    with pytest.raises(InvalidArgumentError, match=r"18874368 positions x batch 1 \(4.8 GB and its prefill's "
+                                                   r"attention scores 77.3 GB\)"):
         tiny_lm.generate([[1, 2]], max_new_tokens=10**7)
-    tiny_lm._check_cache_fits(1, 25_165_824)  # the cache alone fits (TokenSelect's prefill reads no more)
+    tiny_lm._check_cache_fits(1, 18_874_368)  # the cache alone fits (TokenSelect's prefill reads no more)
 
 
 def test_memory_pre_check_counts_what_the_device_already_holds(tiny_lm, monkeypatch):
