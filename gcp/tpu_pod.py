@@ -20,6 +20,14 @@ deleting even when the run fails or the launcher is interrupted (Ctrl-C or SIGTE
 `python -m jaxaccel.experiments sweep CONFIG --distributed SWEEP_ARGS`; CONFIG and its base
 config must be committed at HEAD (checked before anything is created).
 
+Multislice (`--num-slices N`, N > 1): N slices of --accelerator-type, joined by the data-center
+network, made as one queued resource (`gcloud compute tpus queued-resources create --node-count N`;
+nodes NAME-0 ... NAME-(N-1)): the launcher waits until it is ACTIVE (polling every minute, up to
+--queue-hours), ships and runs on every worker of every slice (`--node=all --worker=all`), and
+deletes it with its slices (`--force`). jaxaccel lays a mesh over the slices along data/fsdp
+(jaxaccel.sharding). A spot queued resource that is SUSPENDED or FAILED is rebuilt like a
+preempted slice. (Written from the gcloud reference; not yet run on a Multislice job.)
+
 A create that fails because the zone has no capacity (gcloud's "There is no more capacity in
 the zone", ZONE_RESOURCE_POOL_EXHAUSTED, STOCKOUT) is tried again after a wait that doubles
 from 1 to 16 minutes, up to --capacity-retries times (default 6, about 47 minutes in all;
@@ -76,6 +84,13 @@ DEFAULT_ACCELERATOR = "v4-8"
 RUNTIME_VERSIONS = {"v2": "tpu-ubuntu2204-base", "v3": "tpu-ubuntu2204-base", "v4": "tpu-ubuntu2204-base",
                     "v5litepod": "v2-alpha-tpuv5-lite", "v5p": "v2-alpha-tpuv5", "v6e": "v2-alpha-tpuv6e"}
 PREEMPTED_STATES = ("PREEMPTED", "TERMINATED", "NOT_FOUND")  # the slice (or what is left of it) must be rebuilt
+# A queued resource's states in those terms: ACTIVE is a ready one; SUSPENDED (its spot slices
+# were reclaimed) and FAILED must be rebuilt; ACCEPTED, WAITING_FOR_RESOURCES, PROVISIONING,
+# CREATING are on their way (QUEUED).
+QUEUED_STATES = {"ACTIVE": "READY", "SUSPENDING": "PREEMPTED", "SUSPENDED": "PREEMPTED", "FAILED": "TERMINATED",
+                 "ACCEPTED": "QUEUED", "WAITING_FOR_RESOURCES": "QUEUED", "PROVISIONING": "QUEUED",
+                 "CREATING": "QUEUED"}
+QUEUE_POLL_S = 60
 # jaxaccel's trainer and sweep runner exit 143 after a preemption notice (SIGTERM), having saved
 # a checkpoint; the slice is then still READY for up to ~30 s before it is reclaimed.
 NOTICE_EXIT = 143
@@ -111,8 +126,15 @@ def default_version(accelerator_type: str) -> str | None:
     return RUNTIME_VERSIONS.get(accelerator_type.lower().split("-")[0])
 
 
+def multislice(args: argparse.Namespace) -> bool:
+    return getattr(args, "num_slices", 1) > 1
+
+
 def gcloud(args: argparse.Namespace, *words: str) -> list[str]:
-    cmd = ["gcloud", "compute", "tpus", "tpu-vm", *words, f"--zone={args.zone}"]
+    """A gcloud TPU command: `tpu-vm` for one slice, `queued-resources` for several (Multislice
+    needs a queued resource: its slices are provisioned together, on one data-center network)."""
+    group = "queued-resources" if multislice(args) else "tpu-vm"
+    cmd = ["gcloud", "compute", "tpus", group, *words, f"--zone={args.zone}"]
     if args.project:
         cmd.append(f"--project={args.project}")
     return cmd
@@ -124,8 +146,15 @@ def sweep_command(args: argparse.Namespace, extra: list[str]) -> str:
 
 def plan(args: argparse.Namespace, step: str) -> list[list[str]]:
     name = args.name
+    every = ["--worker=all", "--node=all"] if multislice(args) else ["--worker=all"]
     if step == "create":
-        cmd = gcloud(args, "create", name) + [f"--accelerator-type={args.accelerator_type}", f"--version={args.version}"]
+        if multislice(args):  # nodes NAME-0 ... NAME-(N-1), one slice each
+            cmd = gcloud(args, "create", name) + [f"--node-count={args.num_slices}", f"--node-prefix={name}",
+                                                  f"--accelerator-type={args.accelerator_type}",
+                                                  f"--runtime-version={args.version}"]
+        else:
+            cmd = gcloud(args, "create", name) + [f"--accelerator-type={args.accelerator_type}",
+                                                  f"--version={args.version}"]
         if args.spot:
             cmd.append("--spot")
         return [cmd]
@@ -139,15 +168,15 @@ def plan(args: argparse.Namespace, step: str) -> list[list[str]]:
         # the archive (in this invocation's temporary folder) is rebuilt from it for each setup rather
         # than kept, as a weeks-long sweep may outlive a file in /tmp.
         return [["git", "-C", str(REPO), "archive", "--format=tar.gz", "-o", args.archive, args.commit],
-                gcloud(args, "scp", args.archive, f"{name}:{REMOTE_ARCHIVE}") + ["--worker=all"],
-                gcloud(args, "ssh", name) + ["--worker=all", f"--command={install}"]]
+                gcloud(args, "scp", args.archive, f"{name}:{REMOTE_ARCHIVE}") + every,
+                gcloud(args, "ssh", name) + [*every, f"--command={install}"]]
     if step == "run":
-        return [gcloud(args, "ssh", name) + ["--worker=all",
+        return [gcloud(args, "ssh", name) + [*every,
                                              f"--command=cd ~/jaxaccel && . {VENV}/bin/activate && {args.command}"]]
-    if step == "delete":
-        return [gcloud(args, "delete", name) + ["--quiet"]]
+    if step == "delete":  # a queued resource's --force deletes its slices with it
+        return [gcloud(args, "delete", name) + (["--force", "--quiet"] if multislice(args) else ["--quiet"])]
     if step == "describe":
-        return [gcloud(args, "describe", name) + ["--format=value(state)"]]
+        return [gcloud(args, "describe", name) + [f"--format=value({'state.state' if multislice(args) else 'state'})"]]
     if step == "spec":
         return [gcloud(args, "describe", name) + ["--format=value(acceleratorType,runtimeVersion)"]]
     raise ValueError(step)
@@ -210,6 +239,7 @@ class Executor:
         self.slice_state = "READY"
         self.restarts = 0  # recreations and reruns after preemptions, all together (--max-restarts)
         self.stockout = False  # whether the last failed create said the zone had no capacity
+        self.queued = False  # whether a queued resource was requested (it exists even if it never became ACTIVE)
 
     def execute(self, cmds: list[list[str]]) -> int:
         for cmd in cmds:
@@ -257,7 +287,8 @@ class Executor:
         proc = _call(cmd, capture_output=True, text=True)
         if proc.returncode:
             return "NOT_FOUND"
-        return proc.stdout.strip().upper() or "UNKNOWN"
+        state = proc.stdout.strip().upper() or "UNKNOWN"
+        return QUEUED_STATES.get(state, state) if multislice(args) else state
 
 
 def read_slice_spec(args: argparse.Namespace, ex: Executor) -> None:
@@ -370,7 +401,7 @@ def recover(args: argparse.Namespace, ex: Executor, state: str, code: int) -> in
             ex.sleep(wait)
         if state != "NOT_FOUND":
             ex.execute(plan(args, "delete"))  # a preempted TPU VM still holds its name until deleted
-        stage, code = "create", ex.execute(plan(args, "create"))
+        stage, code = "create", create_once(args, ex)
         if code == 0:
             stage, code = "setup", ex.execute(plan(args, "setup"))
             if code == 0:
@@ -410,6 +441,25 @@ def run_with_recovery(args: argparse.Namespace, ex: Executor) -> int:
             return code
 
 
+def create_once(args: argparse.Namespace, ex: Executor) -> int:
+    """One create. A queued resource (--num-slices > 1) is a request that waits in Cloud TPU's
+    queue for capacity: wait until it is ACTIVE, up to --queue-hours; one that fails is 1."""
+    code = ex.execute(plan(args, "create"))
+    if code or not multislice(args):
+        return code
+    ex.queued = True  # the request exists from here on, ACTIVE or not: ours to delete
+    waited, state = 0, ex.state(args)
+    while state == "QUEUED" and waited < args.queue_hours * 3600:
+        ex.sleep(QUEUE_POLL_S)
+        waited += QUEUE_POLL_S
+        state = ex.state(args)
+    if state == "READY":
+        return 0
+    print(f"# queued resource {args.name} is {state} after {waited // 60} min, not ACTIVE"
+          + (f" (--queue-hours={args.queue_hours} is up)" if state == "QUEUED" else ""), flush=True)
+    return 1
+
+
 def create_slice(args: argparse.Namespace, ex: Executor) -> int:
     """The first create of the slice. A stock-out (the zone has no capacity now) is tried again
     after a doubling wait, up to --capacity-retries times; any other failure is returned."""
@@ -420,7 +470,7 @@ def create_slice(args: argparse.Namespace, ex: Executor) -> int:
             print(f"# no {args.accelerator_type} capacity in zone {args.zone} (a stock-out): creating slice "
                   f"{args.name} again in {wait} s (retry {retry} of at most {args.capacity_retries})", flush=True)
             ex.sleep(wait)
-        code = ex.execute(plan(args, "create"))
+        code = create_once(args, ex)
         if code == 0 or not ex.stockout:
             return code
         state = ex.state(args)
@@ -460,8 +510,8 @@ def create_run_delete(args: argparse.Namespace, ex: Executor) -> int:
         except LauncherError:  # gcloud could not be started: nothing was created
             owned = False
             raise
-        if code:
-            owned = False  # a failed create made nothing of ours (the name may be someone else's slice)
+        if code:  # a failed create made nothing of ours (the name may be someone else's slice), unless
+            owned = ex.queued  # it was a queued request that never became ACTIVE: deleted, not left queued
         else:
             code = ex.execute(plan(args, "setup"))
             if code and args.spot:
@@ -479,7 +529,8 @@ def create_run_delete(args: argparse.Namespace, ex: Executor) -> int:
         if code and ex.state(args) == "NOT_FOUND":  # a recreation that gave up: there is nothing to delete
             print(f"# slice {args.name} is gone: nothing to delete", flush=True)
         else:
-            code = code or delete_slice(args, ex)  # the command's own exit code first
+            deleted = delete_slice(args, ex)  # also (above all) after a failure: a kept slice bills on
+            code = code or deleted  # the command's own exit code first
     return code
 
 
@@ -497,6 +548,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--spot", action="store_true", help="spot capacity; a preempted slice is recreated and the "
                                                        "command rerun")
     p.add_argument("--max-restarts", type=int, default=20, help="with --spot: most recreations after preemption")
+    p.add_argument("--num-slices", type=int, default=1, metavar="N",
+                   help="N > 1: a Multislice job, N slices of --accelerator-type joined by the data-center network, "
+                        "made as one queued resource (nodes NAME-0 ... NAME-(N-1)); every command runs on every "
+                        "worker of every slice")
+    p.add_argument("--queue-hours", type=float, default=24.0,
+                   help="with --num-slices > 1: how long to wait for the queued resource to become ACTIVE")
     p.add_argument("--capacity-retries", type=int, default=CAPACITY_RETRIES, metavar="N",
                    help="a first create that fails for want of capacity in the zone (a stock-out) is tried again "
                         "up to N times, after waits doubling from 1 to 16 minutes")
@@ -515,6 +572,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         p.error("--simulate-preemption and --simulate-stockout need --dry-run")
     if min(args.max_restarts, args.capacity_retries, args.simulate_preemption, args.simulate_stockout) < 0:
         p.error("--max-restarts, --capacity-retries, --simulate-preemption and --simulate-stockout must be >= 0")
+    if args.num_slices < 1:
+        p.error(f"--num-slices must be >= 1, got {args.num_slices}")
+    if not args.queue_hours > 0:
+        p.error(f"--queue-hours must be > 0, got {args.queue_hours}")
+    if args.num_slices > 1 and args.step == "run" and args.spot and not (args.accelerator_type and args.version):
+        p.error("run --spot --num-slices needs --accelerator-type and --version (to recreate the queued resource "
+                "after a preemption)")
     if args.step == "sweep":
         if not args.config:
             p.error("sweep needs --config (a sweep file)")

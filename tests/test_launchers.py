@@ -373,3 +373,46 @@ def test_long_context_notebook_runs(tmp_path, monkeypatch):
     assert lengths[-1] == 16 * namespace["TRAINED"] == 4096
     assert accuracy["TokenSelect"][-1] >= 0.75 and accuracy["full attention"][-1] <= 0.25
     assert accuracy["full attention"][0] >= 0.75  # at the trained length the model itself retrieves
+
+
+def test_tpu_pod_multislice_is_one_queued_resource_waited_for_and_run_on_every_node(tmp_path, launcher_module,
+                                                                                   monkeypatch, capfd):
+    """--num-slices 2: a queued resource of two slices (Multislice needs one), waited for until
+    ACTIVE, every command on every worker of every node, deleted with its slices; one that
+    fails in the queue is deleted, not left queued."""
+    env = fake_gcloud(tmp_path, """
+*" describe "*) case "$(nth describe)" in 1|2) echo WAITING_FOR_RESOURCES ;; *) echo ACTIVE ;; esac ;;
+""")
+    monkeypatch.setenv("PATH", env["PATH"])
+    code = launcher_module.main(["all", "--name", "ms", "--zone", "z", "--accelerator-type", "v5litepod-16",
+                                 "--num-slices", "2", "--command", "true"])
+    out, err = capfd.readouterr()
+    assert code == 0, out + err
+    assert gcloud_calls(tmp_path) == ["create", "describe", "describe", "describe", "scp", "install", "run", "delete"]
+    assert launcher_module.slept == [60, 60]
+    log = (tmp_path / "gcloud.log").read_text().splitlines()
+    assert all(line.startswith("compute tpus queued-resources ") for line in log)
+    assert "--node-count=2 --node-prefix=ms --accelerator-type=v5litepod-16 --runtime-version=v2-alpha-tpuv5-lite" \
+        in log[0]
+    assert all("--worker=all --node=all" in line for line in log[4:7]) and log[7].endswith("--force --quiet")
+    (tmp_path / "failed").mkdir()
+    env = fake_gcloud(tmp_path / "failed", """*" describe "*) echo FAILED ;;""")
+    monkeypatch.setenv("PATH", env["PATH"])
+    code = launcher_module.main(["all", "--name", "ms", "--zone", "z", "--num-slices", "2", "--command", "true"])
+    out, err = capfd.readouterr()
+    assert code == 1 and "queued resource ms is TERMINATED after 0 min, not ACTIVE" in out
+    assert gcloud_calls(tmp_path / "failed")[:2] == ["create", "describe"]
+    assert "delete" in gcloud_calls(tmp_path / "failed") and "run" not in gcloud_calls(tmp_path / "failed")
+    for bad, message in ((["--num-slices", "0"], "--num-slices must be >= 1"),
+                         (["--num-slices", "2", "--queue-hours", "0"], "--queue-hours must be > 0")):
+        proc = launch("create", "--name", "ms", "--zone", "z", *bad, "--dry-run")
+        assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_tpu_pod_all_deletes_the_slice_after_a_failed_command(tmp_path):
+    """The command fails on a healthy slice: its exit code is returned and the slice deleted
+    (it was left running, and billing: `code or delete` never called the delete)."""
+    env = fake_gcloud(tmp_path, """*"--command=cd ~/jaxaccel"*) exit 3 ;;""")
+    proc = launch("all", "--name", "pod", "--zone", "z", "--command", "false", env=env)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert gcloud_calls(tmp_path) == ["create", "scp", "install", "run", "describe", "delete"]
