@@ -87,12 +87,22 @@ def test_numpy_inputs_read_as_the_values_they_hold(tiny_lm):
     same = [tiny_lm.generate([[1, 2]], max_new_tokens=4, method="recycling", template=t).tokens
             for t in ([2, 2], np.array([2, 2]))]
     assert same[0] == same[1]
+    # integral floats are ids in a list as in an array (the list was refused: "got float");
+    # the unsigned half of the 64-bit seeds is accepted too
+    assert tiny_lm.generate([1.0, 2.0], max_new_tokens=3).tokens == \
+        tiny_lm.generate(np.array([1.0, 2.0]), max_new_tokens=3).tokens == tiny_lm.generate([1, 2], max_new_tokens=3).tokens
+    with pytest.raises(InvalidPromptError, match="token ids must be integers, got 1.5"):
+        tiny_lm.generate([1.5, 2.0], max_new_tokens=3)
+    top = tiny_lm.generate([1, 2], max_new_tokens=3, temperature=1.0, seed=2**64 - 1).tokens
+    assert top == tiny_lm.generate([1, 2], max_new_tokens=3, temperature=1.0, seed=-1).tokens  # modulo 2**64
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(seed=None), "seed must be an integer"),
-    (dict(seed=1.5), "seed must be an integer"),
-    (dict(seed=2**70), "seed must be an integer"),
+    (dict(seed=None), "seed must be a 64-bit integer"),
+    (dict(seed=1.5), "seed must be a 64-bit integer"),
+    (dict(seed=2**70), "seed must be a 64-bit integer"),
+    (dict(seed=2**64), "seed must be a 64-bit integer"),
+    (dict(seed=-2**63 - 1), "seed must be a 64-bit integer"),
     (dict(method=["a"]), "method must be a method name"),
     (dict(temprature=0.7), "unknown option temprature for method 'autoregressive' (did you mean temperature?)"),
     (dict(top_k="5"), "top_k must be an integer >= 1, got '5'"),

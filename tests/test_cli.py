@@ -68,6 +68,8 @@ def test_decode_text_output_and_prompts_file(model_dir, capsys, tmp_path):
      "--option k is given twice (3 and 8); give it once"),
     (["--prompt-ids", "1", "--method", "recycling", "--option", "hot_start=true"],
      "--option hot_start needs the Token Recycling matrix of an earlier generate call in the same process"),
+    (["--prompt-ids", "1", "--method", "pld", "--option", "max_ngram"],  # was "must look like key.sub=value"
+     "--option 'max_ngram' must look like KEY=VALUE (e.g. --option budget=64)"),
 ])
 def test_decode_bad_input_is_one_line(model_dir, capsys, args, message):
     if "--model" not in args:

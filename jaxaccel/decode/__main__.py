@@ -128,6 +128,8 @@ def parse_options(items: Sequence[str]) -> dict[str, Any]:
 
     options = {}
     for item in items:
+        if "=" not in str(item):
+            fail(f"--option {item!r} must look like KEY=VALUE (e.g. --option budget=64)")
         try:
             path, value = parse_override(item)
         except ConfigError as e:

@@ -194,8 +194,8 @@ class LanguageModel:
             raise InvalidArgumentError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         max_new_tokens = int(max_new_tokens)
         seed = python_value(seed)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not -2**63 <= seed < 2**63:
-            raise InvalidArgumentError(f"seed must be an integer (64-bit), got {seed!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not -2**63 <= seed < 2**64:
+            raise InvalidArgumentError(f"seed must be a 64-bit integer (signed or unsigned), got {seed!r}")
         seed = int(seed)
         if not isinstance(method, str):
             raise InvalidArgumentError(f"method must be a method name (a string), got {method!r}")
@@ -822,8 +822,10 @@ def _prompt_list(prompts) -> list:
     if len(prompts) == 0:
         raise InvalidPromptError("no prompts given")
     first = python_value(prompts[0])
-    if isinstance(first, int) and not isinstance(first, bool):
-        return [prompts]  # one prompt of ids (ints, or 0-d numpy / jax / torch integers)
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        # one prompt of ids (ints, 0-d numpy / jax / torch integers; integral floats, as an
+        # array of them is read: each id is checked by _token_id)
+        return [prompts]
     return list(prompts)
 
 
