@@ -624,3 +624,21 @@ def test_bench_help_says_what_each_option_is_and_its_default(capsys):
 
     code, out, _ = run(experiments_main, ["skipdecode", "--help"], capsys)
     assert code == 0 and "comma-separated mean speedups of the schedule (default: 1,2,3,5)" in " ".join(out.split())
+
+
+def test_abandoned_tensorstore_reads_are_quiet_as_tasks_and_as_bare_futures():
+    """A damaged store's abandoned metadata reads reach asyncio's log as a Task or, when the read
+    fails before its task is awaited, as a bare Future (a flaky second line in the test above):
+    both dropped; any other never-retrieved exception still logged."""
+    import logging
+
+    from jaxaccel.model import checkpoint
+
+    def record(message):
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, message, None, None)
+
+    spec = "ValueError('OUT_OF_RANGE: Error opening \"zarr\" driver ... [tensorstore_spec=\\'{}\\']')"
+    assert not checkpoint._QUIET_ASYNCIO.filter(record(f"Future exception was never retrieved\nfuture: <Future "
+                                                      f"finished exception={spec}>"))
+    assert checkpoint._QUIET_ASYNCIO.filter(record("Future exception was never retrieved\nfuture: <Future finished "
+                                                   "exception=ValueError('something of ours')>"))

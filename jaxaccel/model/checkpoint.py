@@ -110,8 +110,12 @@ class _AbandonedMetadataReads(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not (message.startswith("Task exception was never retrieved") and
-                    any(f"coro=<{name}()" in message for name in _ABANDONED_TASKS))
+        task = (message.startswith("Task exception was never retrieved") and
+                any(f"coro=<{name}()" in message for name in _ABANDONED_TASKS))
+        # the same abandoned read surfacing as its bare future (when it fails before its task is
+        # awaited): TensorStore's own error, naming its spec
+        future = message.startswith("Future exception was never retrieved") and "tensorstore_spec" in message
+        return not (task or future)
 
 
 _QUIET_ASYNCIO = _AbandonedMetadataReads()
