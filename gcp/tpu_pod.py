@@ -247,7 +247,7 @@ class Executor:
             self.stockout = False
             if self.dry_run:
                 code = self._simulated(cmd)
-            elif cmd[4:5] == ["create"]:  # gcloud compute tpus tpu-vm create
+            elif cmd[4:5] == ["create"]:  # gcloud compute tpus tpu-vm|queued-resources create NAME
                 code, err = _call_keeping_stderr(cmd)
                 self.stockout = code != 0 and bool(STOCKOUT.search(err.replace(cmd[5], "")))  # cmd[5]: the name
             else:

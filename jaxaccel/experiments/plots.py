@@ -168,10 +168,10 @@ def _curves(ax, doc: dict, spec: dict) -> bool:
             # the steps trained, else (a diverged run) of the plan, else (older records) of a batch
             if run.get("steps") and run.get("total_tokens"):
                 scale = run["total_tokens"] / run["steps"]
-            elif run.get("stream_tokens_per_step") or run.get("tokens_per_step"):
-                scale = run.get("stream_tokens_per_step") or run["tokens_per_step"]
             else:
-                continue  # nothing says how many tokens its steps were
+                scale = run.get("stream_tokens_per_step") or run.get("tokens_per_step")
+                if not scale:
+                    continue  # nothing says how many tokens its steps were
         done = run.get("status") == "done"
         ax.plot([s * scale for s, _ in pairs], [v for _, v in pairs], marker="." if len(pairs) < 30 else None,
                 linestyle="-" if done else "--", label=run["name"] if done else f"{run['name']} ({run['status']})")

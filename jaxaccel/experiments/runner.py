@@ -376,6 +376,7 @@ def run_sweep(sweep: Sweep, only: list[str] | tuple[str, ...] = (), *, dry_run: 
         if unreadable:
             out(f"could not read {len(unreadable)} location(s), status unknown; first: {unreadable[0]}")
         return None
+    from jaxaccel.train.hosts import decided_by_process_0
 
     def write_results(finished: Run | None = None) -> dict:
         """Process 0 writes the record of the run just `finished` (if any) and the results file;
@@ -385,7 +386,7 @@ def run_sweep(sweep: Sweep, only: list[str] | tuple[str, ...] = (), *, dry_run: 
         have taken the same file since: both would otherwise write it, the last one winning).
         Every process learns whether that worked (one failing alone would leave the others
         waiting in their next collective)."""
-        def on_process_0() -> None:
+        def on_process_0() -> dict:
             if finished is not None:
                 write_json(join(finished.config.output_dir, RESULT_FILE), states[finished.name].record)
             for r in sweep.runs:
@@ -395,16 +396,16 @@ def run_sweep(sweep: Sweep, only: list[str] | tuple[str, ...] = (), *, dry_run: 
                     except Exception:  # noqa: BLE001 - a passing storage error: looked at again next time
                         pass
             readable(sweep.results_path, lambda: check_results_target(sweep.results_path, sweep.name), None)
+            doc = results_document(sweep, states, command)
             try:
-                write_json(sweep.results_path, results_document(sweep, states, command))
+                write_json(sweep.results_path, doc)
             except OSError as e:
                 raise SweepError(f"cannot write the results file {sweep.results_path} (`results:` in the sweep "
                                  f"file, or --results): {first_line(e, 160)}") from None
+            return doc
 
-        decided_by_process_0(on_process_0, lambda: SweepError(f"process 0 could not write {sweep.results_path}"))
-        return results_document(sweep, states, command)
-
-    from jaxaccel.train.hosts import decided_by_process_0
+        doc = decided_by_process_0(on_process_0, lambda: SweepError(f"process 0 could not write {sweep.results_path}"))
+        return doc if doc is not None else results_document(sweep, states, command)  # None: not process 0
 
     if collect:
         doc = write_results()
