@@ -137,7 +137,33 @@ def test_max_length_bound_keeps_the_rule_exact_and_checks_cheaply():
 
 def test_max_length_must_exceed_the_prompt(lm):
     with pytest.raises(InvalidArgumentError, match=r"max_length \(8\) must exceed the longest prompt \(9 tokens\)"):
-        lm.generate([[1] * 4, [2] * 9], max_new_tokens=4, method="skipdecode", max_length=8)
+        lm.generate([[1] * 4, [2] * 9], max_new_tokens=4, method="skipdecode", max_length=8, speedup=2)
+
+
+def test_a_constant_depth_takes_any_prompt_length(lm):
+    """Every layer (no options, no trained schedule) or a constant depth has no span to check:
+    a prompt at or past max_length (here the model's max_seq_len, 128) decodes like
+    autoregressive / at that depth."""
+    long = prompts(1, seed=5, lo=130, hi=131)
+    with pytest.warns(UserWarning, match="maximum length 128"):
+        ref = lm.generate(long, max_new_tokens=4)
+    with pytest.warns(UserWarning, match="maximum length 128"):
+        got = lm.generate(long, max_new_tokens=4, method="skipdecode")
+    assert got.tokens == ref.tokens and got.stats["mean_layers_per_step"] == CFG.n_layers
+    with pytest.warns(UserWarning, match="maximum length 128"):
+        fixed = lm.generate(long, max_new_tokens=4, method="skipdecode", min_layers=3, max_layers=3)
+    assert fixed.stats["mean_layers_per_step"] == (CFG.n_layers + 3 * 3) / 4  # step 0 runs every layer
+
+
+def test_a_one_layer_model_decodes_with_the_defaults():
+    cfg = dataclasses.replace(CFG, n_layers=1, init_std=0.2)
+    one = jaxaccel.from_params(cfg, init_params(cfg, jax.random.key(1)))
+    ps = prompts(2, seed=6)
+    got = one.generate(ps, max_new_tokens=6, method="skipdecode")
+    assert got.tokens == one.generate(ps, max_new_tokens=6).tokens and got.stats["mean_layers_per_step"] == 1
+    # an explicit schedule is still checked as given
+    with pytest.raises(InvalidArgumentError, match=r"^warmup_layers \(1\) must be below n_layers \(1\)"):
+        one.generate(ps, max_new_tokens=6, method="skipdecode", warmup_layers=1)
 
 
 def test_cli_bad_schedule_exits_2(capsys):

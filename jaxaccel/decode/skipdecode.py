@@ -47,11 +47,13 @@ class SkipDecode(DecodeMethod):
     # lax.switch over one program per depth the schedule reaches (the skipped layers are not
     # even traced). `python -m jaxaccel.bench skipdecode` times both (docs/ARCHITECTURE.md).
     options: dict = {"warmup_layers": None, "min_layers": None, "max_layers": None, "max_length": None,
-                     "speedup": None, "dispatch": "cond"}  # warmup_layers None: the model's, else 1
+                     "speedup": None, "dispatch": "cond"}  # warmup_layers None: the model's, else 1 (0 for 1 layer)
 
     def schedule(self, config: ModelConfig) -> SkipSchedule:
         o = self.opts
-        warmup = 1 if o["warmup_layers"] is None else o["warmup_layers"]
+        # The default warm-up is one layer, or none on a 1-layer model (which then just runs
+        # its one layer); an explicit warmup_layers is checked as given.
+        warmup = min(1, config.n_layers - 1) if o["warmup_layers"] is None else o["warmup_layers"]
         return SkipSchedule.build(config.n_layers, warmup_layers=warmup, min_layers=o["min_layers"],
                                   max_layers=o["max_layers"], max_length=o["max_length"], speedup=o["speedup"],
                                   default_max_length=config.max_seq_len)
@@ -73,7 +75,10 @@ class SkipDecode(DecodeMethod):
         self._schedule = self.schedule(config)
 
     def check_request(self, prompt_lens: list[int], max_new_tokens: int) -> None:
-        check_span(self._schedule, max(prompt_lens))
+        # A constant depth (min_layers == max_layers, e.g. every layer when neither options
+        # nor a trained schedule are given) does not depend on the span: any prompt decodes.
+        if self._schedule.min_layers < self._schedule.max_layers:
+            check_span(self._schedule, max(prompt_lens))
 
     def init_state(self, ctx: StepContext, batch: int, method_input: Any, prompt_tokens=None,
                    prompt_lens=None) -> SkipState:
