@@ -336,6 +336,20 @@ def test_contexts_past_the_trained_length(lm):
     assert len(record) == 1 and len(plain.tokens[0]) == 8
 
 
+@pytest.mark.parametrize("options,match", [
+    # A prefill chunk's tokens sit after the <= 20 keys they select: 20 + 112 positions > 128
+    # (the second 112-token chunk of the 224-token prompt reaches position 131).
+    (dict(chunk=112), r"maximum length 128: .*reaches position 131\)$"),
+    # True positions run to the end of the context: no extrapolation at all.
+    (dict(chunk=32, positions="original"), r"maximum length 128: method 'tokenselect' uses positions the model "
+                                           r"was not trained at$"),
+])
+def test_positions_past_the_trained_length_are_warned_about(lm, options, match):
+    with pytest.warns(UserWarning, match=match) as record:
+        out = lm.generate(prompts([224], seed=4), max_new_tokens=4, method="tokenselect", **SMALL_BUDGET, **options)
+    assert len(record) == 1 and len(out.tokens[0]) == 4
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -154,9 +154,12 @@ class DecodeMethod:
         the root's position + their depth), an upper bound; 0 for one token per step."""
         return 0
 
-    # True: positions past the model's trained max_seq_len are what the method is for
-    # (TokenSelect's compact positions); generate then does not warn about them.
-    extrapolates: bool = False
+    def positions_seen(self, positions: int, config: ModelConfig) -> int:
+        """How many RoPE positions (0 .. n - 1) the model sees in a generation that spans
+        `positions` sequence positions; `generate` warns when it is past the model's trained
+        max_seq_len. A method that re-positions keys (TokenSelect's compact positions: the
+        selection's ranks) sees fewer."""
+        return positions
 
     def forward_defaults(self) -> dict[str, Any]:
         """Forward keyword arguments for every call of the target in a generation with this

@@ -246,12 +246,14 @@ class LanguageModel:
         self._check_cache_fits(batch_bucket, cache_len, draft=draft_lm,
                                prefill_chunk=chunk if decoder.prefill_reads_whole_cache else None)
         # A tree method's nodes sit at positions past the committed tokens (the tree's depth).
-        if positions > self.config.max_seq_len and not decoder.extrapolates:
+        seen = decoder.positions_seen(positions, self.config)
+        if seen > self.config.max_seq_len:
             depth = decoder.position_headroom()
             tree = f" + the draft tree's depth {depth}" if depth else ""
+            reach = f" (it re-positions keys, but still reaches position {seen - 1})" if seen < positions else ""
             warnings.warn(f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}){tree} runs past "
                           f"the model's maximum length {self.config.max_seq_len}: method {decoder.name!r} uses "
-                          f"positions the model was not trained at", stacklevel=2)
+                          f"positions the model was not trained at{reach}", stacklevel=2)
         # Prompts are padded to the cache length: both programs are keyed by it alone, so
         # prompts of every length up to it share them (prefill runs only the chunks it needs).
         # A method's forward arguments for both programs (TokenSelect's attention policy: what

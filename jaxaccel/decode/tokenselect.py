@@ -4,9 +4,10 @@ of the KV cache.
 Each decode step and layer scores every cached key with the current query, lets the heads
 vote (sum over heads of each head's softmax over the candidate keys), keeps the top `k` plus
 the first `n_init` and the last `n_local` keys, and attends over only those; RoPE is applied
-to the selected keys at their rank in the selection ("compact", the default: the model never
-sees a position past n_init + k + n_local + 1, which is why it extrapolates past its trained
-length) or at their true positions ("original"). The model does the work: this method puts
+to the selected keys at their rank in the selection ("compact", the default: a decode step
+never sees a position past n_init + k + n_local, a prefill chunk none past that + chunk - 1,
+which is why it extrapolates past its trained length when that covers budget + chunk) or at
+their true positions ("original"). The model does the work: this method puts
 the attention policy `TokenSelectAttention` on the handle, so every forward of the
 generation — the chunked prefill (each chunk of `chunk` prompt tokens selects with its mean
 query, so a prompt of n tokens costs O(n·k), not O(n²)) and the steps — caches keys before
@@ -63,7 +64,6 @@ class TokenSelect(DecodeMethod):
     name = "tokenselect"
     options: dict = {"k": 2048, "n_init": 128, "n_local": 512, "chunk": 512, "pool": None, "cache_threshold": 0.9,
                      "positions": "compact", "selection": "topk"}
-    extrapolates = True
     prefill_reads_whole_cache = False  # each chunk attends over its selection (O(n k), not O(n^2))
     THRESHOLD_RANGE = (-1.0, 1.0)  # a cosine
 
@@ -102,6 +102,17 @@ class TokenSelect(DecodeMethod):
     def prefill_defaults(self) -> dict[str, Any]:
         # Prefill carries no selection state, so it never reads the cache threshold.
         return {"attention": dataclasses.replace(self.policy(), cache_threshold=None)}
+
+    def positions_seen(self, positions: int, config: ModelConfig) -> int:
+        """Compact positions reach at most the budget + a prefill chunk: a decode step's query
+        sits right after its <= n_init + k + n_local selected keys, a prefill chunk's tokens
+        after the keys they select (so the model's trained length must cover budget + chunk
+        for the method to stay within it). Original positions, and a sliding-window model
+        (nothing is selected), see every position."""
+        o = self.opts
+        if o["positions"] == "original" or config.sliding_window is not None:
+            return positions
+        return min(positions, int(o["n_init"]) + int(o["k"]) + int(o["n_local"]) + int(o["chunk"]))
 
     def prefill_chunk(self) -> int:
         return int(self.opts["chunk"])
