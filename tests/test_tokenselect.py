@@ -353,6 +353,14 @@ def test_positions_past_the_trained_length_are_warned_about(lm, options, match):
 # ----------------------------------------------------------------------------- bad input
 
 
+def test_a_k_past_the_cache_allocates_nothing_for_it(lm):
+    """k = 10**12 is a valid budget that covers any cache: the whole cache is attended (as
+    dense) and no [batch, k] selection state is allocated (it was: out of memory)."""
+    ps = prompts([60, 20], seed=7)
+    out = lm.generate(ps, max_new_tokens=4, method="tokenselect", k=10 ** 12, n_init=4, n_local=8)
+    assert out.tokens == lm.generate(ps, max_new_tokens=4).tokens
+
+
 @pytest.mark.parametrize("options,message", [
     (dict(k=0), "k must be an integer >= 1, got 0"),
     (dict(n_init=-1), "n_init must be an integer >= 0, got -1"),

@@ -128,7 +128,10 @@ class TokenSelect(DecodeMethod):
     def init_state(self, ctx: StepContext, batch: int, method_input: Any, prompt_tokens=None,
                    prompt_lens=None) -> TokenSelectState:
         cfg = ctx.config
-        layer = SelectionState.empty(batch, int(self.opts["k"]), cfg.n_heads * cfg.resolved_head_dim)
+        # A k past the cache's slots selects nothing (the whole cache fits the budget, and the
+        # forward attends over all of it, passing the state through): no [batch, k] state then.
+        k = min(int(self.opts["k"]), max(ctx.cache_slots, 1))
+        layer = SelectionState.empty(batch, k, cfg.n_heads * cfg.resolved_head_dim)
         return TokenSelectState(layers=(layer,) * cfg.n_layers)
 
     def step(self, state: DecodeState, ctx: StepContext) -> DecodeState:
