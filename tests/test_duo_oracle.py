@@ -137,6 +137,16 @@ def test_the_budget_loss_moves_p_big_toward_the_budget(toy, budget):
     assert curve[-1] < curve[0]
 
 
+def test_router_training_starts_from_zero_even_on_a_model_with_routers(toy):
+    """As documented (P(big) = 1/2 at the start), not from the router a model ships with
+    (builtin:duo has one): with lr 0 the trained routers are the start."""
+    params, rows = toy
+    rparams, rcfg = with_random_router(params, TOY, seed=1, scale=2.0)
+    out, _, _ = exp.train_router(rparams, rcfg, rows, 1.5, steps=1, batch=2, lr=0.0)
+    routers = [out[f"layer_{i}"]["duo"]["router"] for i in range(TOY.n_layers)]
+    assert all(float(jnp.max(jnp.abs(leaf))) == 0.0 for leaf in jax.tree.leaves(routers))
+
+
 def test_an_imitating_router_learns_the_routes_it_is_shown(toy):
     params, rows = toy
     target = np.broadcast_to(np.asarray([BIG, SMALL, BIG], np.int32), (rows.shape[0], rows.shape[1] - 1, 3)).copy()
@@ -241,11 +251,49 @@ def test_a_model_with_routers_saves_loads_fuses_and_decodes_with_its_routes(toy,
         fixed = back.generate(prompts, max_new_tokens=5, routes=routes)
         for prompt, got in zip(prompts, fixed.tokens):
             assert got == uncached_greedy(rparams, rcfg, prompt, 5, jnp.asarray(as_array)), routes
-    for bad, message in (("BB", r"one of B/S/- per layer \(3 letters\), got 'BB'"),
+    # "_" is skip too (a command-line pattern may start with it); numpy and jax arrays are patterns
+    for same in ("_SB", "-sb", np.asarray([2, 1, 0]), jnp.asarray([2, 1, 0])):
+        assert back.generate(prompts, max_new_tokens=3, routes=same).tokens == \
+            back.generate(prompts, max_new_tokens=3, routes="-SB").tokens, same
+    for bad, message in (("BB", r"one of B/S/- \(or _ for skip\) per layer \(3 letters\), got 'BB'"),
                          ([0, 1, 5], r"3 integers in 0 \(big\), 1 \(small\), 2 \(skip\)"),
-                         ([0.5, 1, 1], "3 integers"), (7, "3 integers")):
-        with pytest.raises(InvalidArgumentError, match=message):
+                         ([0.5, 1, 1], "3 integers"), (7, "3 integers"),
+                         (np.zeros((2, 3), np.int32), r"got an array of shape \[2, 3\] and dtype int32$")):
+        with pytest.raises(InvalidArgumentError, match=message) as err:
             back.generate(prompts, max_new_tokens=2, routes=bad)
+        assert "\n" not in str(err.value)
+
+
+def test_a_static_route_tuple_works_under_jit(toy):
+    """An ExecutionPlan is a pytree: under jit a tuple of ints arrives as tracers, which the
+    value check must leave alone (it raised TracerArrayConversionError)."""
+    params, rows = toy
+    x = jnp.asarray(rows[:2, :-1])
+    jitted = jax.jit(lambda p, r: forward(p, TOY, x, plan=ExecutionPlan(routes=r))[0])
+    got = jitted(params, (SMALL, 2, BIG))
+    want, _ = forward(params, TOY, x, plan=ExecutionPlan(routes=jnp.asarray([SMALL, 2, BIG])))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+def test_the_benchmark_counts_the_routers_big_layers_over_every_prompt_it_times(toy, monkeypatch):
+    """`bench duo`'s router row: big layers per token over all the prompts timed (it counted
+    the first batch only: batch 1 described one prompt), so batch sizes agree."""
+    import jaxaccel
+    from jaxaccel.bench import duo as bench_duo
+
+    params, rows = toy
+    rparams, rcfg = with_random_router(params, TOY, seed=5, scale=3.0)
+    lm = jaxaccel.from_params(rcfg, rparams, eos_token_ids=())
+    prompts = [rows[i, :5].tolist() for i in range(4)]
+    monkeypatch.setattr(jaxaccel, "load", lambda model: lm)
+    monkeypatch.setattr(bench_duo, "heldout_prompts", lambda lm, files, n: prompts)
+    result = bench_duo.run("toy", [1, 4], new_tokens=4, runs=1, files=4, prompt_tokens=5)
+    router = {r["batch"]: r["big_layers"] for r in result["rows"] if r["routes"] == "router"}
+    whole = lm.generate(prompts, max_new_tokens=4)
+    expect = bench_duo.big_layers(lm, whole.prompt_ids, whole.tokens, None)
+    first = lm.generate(prompts[:1], max_new_tokens=4)
+    assert bench_duo.big_layers(lm, first.prompt_ids, first.tokens, None) != pytest.approx(expect)  # it matters
+    assert router[1] == pytest.approx(expect) and router[4] == pytest.approx(expect)
 
 
 def test_calibration_puts_a_hard_router_on_its_budget(toy):
@@ -317,7 +365,8 @@ def test_the_experiment_runs_end_to_end_at_toy_size(tmp_path, capsys):
     common = ["duo", "--model", str(tmp_path / "duo"), "--config", str(tmp_path / "duo.yaml"), "--eval-rows", "4",
               "--seq-len", "16", "--router-budgets", "1", "--router-steps", "2", "--random-draws", "2",
               "--batch", "4"]
-    for mode, extra in (("exhaustive", ["--skip-rows", "1", "--save-router", str(tmp_path / "router")]),
+    # --skip-rows 5 asks more windows than the test half's 2: the results say how many were scored
+    for mode, extra in (("exhaustive", ["--skip-rows", "5", "--save-router", str(tmp_path / "router")]),
                         ("beam", ["--oracle", "beam", "--beam-width", "2"])):
         out = tmp_path / mode
         assert run_cli(experiments_main, [*common, *extra, "--out", str(out)]) == 0, capsys.readouterr().err
@@ -331,6 +380,8 @@ def test_the_experiment_runs_end_to_end_at_toy_size(tmp_path, capsys):
         assert all(a >= b - 1e-6 for a, b in zip(curves["oracle"], curves["oracle"][1:]))
         assert all(o <= f + 1e-6 for o, f in zip(curves["oracle"], curves["fixed"]))
         assert (res["with_skip"] is not None) == (mode == "exhaustive")
+        if res["with_skip"] is not None:
+            assert res["with_skip"]["rows"] == 2 and res["with_skip"]["tokens"] == 2 * 16
         assert (out / "results.md").read_text().strip() and list(out.glob("*.png"))
     routed = jaxaccel.load(str(tmp_path / "router"))
     assert routed.config.duo.router and routed.generate([[5, 6, 7]], max_new_tokens=3).stats["new_tokens"] == 3

@@ -22,7 +22,7 @@ from jaxaccel.errors import InvalidArgumentError
 
 def half_pattern(n_layers: int) -> str:
     """Half the layers big, alternating from a big first layer (BSBSBSBS for 8): a neutral
-    default; pass the best fixed pattern of `experiments duo` (BSSBSBSB for builtin:duo) to
+    default; pass the best fixed pattern of `experiments duo` (BSSSBSBB for builtin:duo) to
     time the one whose quality docs/DUO.md reports."""
     return "".join("BS"[i % 2] for i in range(n_layers - n_layers % 2)) + "S" * (n_layers % 2)
 
@@ -90,9 +90,15 @@ def run(model: str, batches: Sequence[int], new_tokens: int, runs: int, files: i
                 decoded = timed["prompts_decoded"]
         base = speeds[rows_spec[0][0]]
         for name, routes in rows_spec:
-            out = lm.generate(prompts[:b], max_new_tokens=new_tokens, routes=routes)
+            # Over the prompts timed, in the groups they were timed in (a router's count
+            # depends on the text: a subset would describe other prompts).
+            ids, outputs = [], []
+            for i in range(0, decoded, b):
+                out = lm.generate(prompts[i:i + b], max_new_tokens=new_tokens, routes=routes)
+                ids += out.prompt_ids
+                outputs += out.tokens
             result["rows"].append({
-                "batch": b, "routes": name, "big_layers": big_layers(lm, out.prompt_ids, out.tokens, routes),
+                "batch": b, "routes": name, "big_layers": big_layers(lm, ids, outputs, routes),
                 "tokens_per_s": statistics.median(speeds[name]), "runs_tokens_per_s": speeds[name],
                 "prompts_decoded": decoded, "prompts_total": len(prompts),
                 "vs_all_big": statistics.median(x / y for x, y in zip(speeds[name], base))})

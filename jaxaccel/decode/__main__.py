@@ -38,8 +38,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="method option, e.g. --option template=paper (repeatable)")
     p.add_argument("--routes", default=None,
-                   help="Duo-LLM models: big, small, or one of B/S/- per layer (e.g. BSBSSBSB); default: the "
-                        "model's router, else all big")
+                   help="Duo-LLM models: big, small, or one of B/S/- per layer (e.g. BSBSSBSB; _ also skips, "
+                        "so a pattern may start with it: _SBB...); default: the model's router, else all big")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: all)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default: off)")

@@ -95,11 +95,15 @@ def check_routes(routes, tokens_shape: tuple[int, int], n_layers: int) -> jax.Ar
     are not value-checked: the masked and dispatch paths treat other values as skip, the switch
     clamps them into range."""
     batch, t = tokens_shape
+    # Under jit a plan's routes (a pytree: a tuple of ints too) arrive as tracers.
+    traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(routes))
+    if traced and isinstance(routes, (list, tuple)):
+        routes = jnp.asarray(routes, jnp.int32)
     shape = tuple(np.shape(routes))
     if shape not in ((batch, t, n_layers), (batch, n_layers), (n_layers,)):
         raise InvalidArgumentError(f"plan.routes has shape {list(shape)}; expected [batch, T, n_layers] = "
                                    f"[{batch}, {t}, {n_layers}] (or [{batch}, {n_layers}] or [{n_layers}])")
-    if not isinstance(routes, jax.core.Tracer):
+    if not traced:
         values = np.asarray(routes)
         if not np.issubdtype(values.dtype, np.integer):
             raise InvalidArgumentError(f"plan.routes must hold integers (0 big, 1 small, 2 skip), got {values.dtype}")
@@ -123,6 +127,8 @@ def random_routes(duo: DuoConfig, key: jax.Array, shape: tuple[int, ...]) -> jax
 
 
 LETTERS = "BS-"  # a route pattern as text: B big, S small, - skip, one letter per layer
+# "_" reads as skip too: on a command line a pattern that starts with "-" looks like an option.
+SKIP_ALIAS = "_"
 
 
 def pattern_string(pattern) -> str:
@@ -132,21 +138,28 @@ def pattern_string(pattern) -> str:
 
 def parse_routes(routes, n_layers: int) -> tuple[int, ...]:
     """A route pattern for every token -> n_layers Python ints (static `ExecutionPlan.routes`):
-    "big" / "small" / "skip", a string of B/S/- (one letter per layer), or a sequence of ints
-    in {0, 1, 2}. Anything else is a one-line `InvalidArgumentError`."""
+    "big" / "small" / "skip", a string of B/S/- (one letter per layer; _ also means skip), or a
+    sequence of ints in {0, 1, 2} (a list, tuple, numpy or jax array). Anything else is a
+    one-line `InvalidArgumentError`."""
     if isinstance(routes, str):
         named = {"big": "B" * n_layers, "small": "S" * n_layers, "skip": "-" * n_layers}
-        text = named.get(routes.lower(), routes.upper())
+        text = named.get(routes.lower(), routes.upper().replace(SKIP_ALIAS, "-"))
         if len(text) != n_layers or set(text) - set(LETTERS):
-            raise InvalidArgumentError(f"routes must be big, small, skip or one of B/S/- per layer ({n_layers} "
+            raise InvalidArgumentError(f"routes must be big, small, skip or one of B/S/- (or _ for skip) per layer ({n_layers} "
                                        f"letters), got {routes!r}")
         return tuple(LETTERS.index(c) for c in text)
-    values = list(routes) if isinstance(routes, (list, tuple, np.ndarray)) else None
+    if isinstance(routes, jax.Array) and not isinstance(routes, jax.core.Tracer):
+        routes = np.asarray(routes)
+    values = None
+    if isinstance(routes, (list, tuple)) or (isinstance(routes, np.ndarray) and routes.ndim == 1):
+        values = list(routes)
     if (values is None or len(values) != n_layers
             or not all(isinstance(r, (int, np.integer)) and not isinstance(r, bool) and r in (BIG, SMALL, SKIP)
                        for r in values)):
+        got = (f"an array of shape {list(routes.shape)} and dtype {routes.dtype}"
+               if isinstance(routes, (np.ndarray, jax.Array)) else " ".join(repr(routes).split()))
         raise InvalidArgumentError(f"routes must be {n_layers} integers in 0 (big), 1 (small), 2 (skip), or a "
-                                   f"B/S/- string, got {routes!r}")
+                                   f"B/S/- string, got {got}")
     return tuple(int(r) for r in values)
 
 
