@@ -214,9 +214,17 @@ class MoeConfig:
     normalize_top_k: bool = True  # renormalise the top-k gates to sum to 1
     load_balance_weight: float = 0.01  # Switch Transformer auxiliary loss
     router_z_weight: float = 0.001  # ST-MoE router z-loss
+    # Who gets an expert's slots when capacity binds: "token" — in token order, all k choices
+    # of a token before the next token (causal: a token's routing never depends on later
+    # tokens); "rank" — GShard's order, every token's first choice before any second choice
+    # (a later token's first choice can take an earlier token's slot: not causal; the token
+    # crisis MoE runs in docs/ used it, before 2026-12-03).
+    priority: str = "token"
 
     def __post_init__(self):
         check_types(self, "moe")
+        if self.priority not in ("token", "rank"):
+            raise ConfigError(f"moe.priority must be 'token' or 'rank', got {self.priority!r}")
         if self.n_experts < 0:
             raise ConfigError(f"moe.n_experts must be >= 0, got {self.n_experts}")
         if self.n_experts and not 1 <= self.top_k <= self.n_experts:

@@ -270,6 +270,7 @@ def test_model_config_constructor_checks_types(kwargs, match):
     (lambda: MoeConfig(n_experts="2"), r"^moe\.n_experts: expected an integer, got '2'$"),
     (lambda: MoeConfig(eval_capacity_factor="x"), r"^moe\.eval_capacity_factor: expected a number, got 'x'$"),
     (lambda: MoeConfig(normalize_top_k="no"), r"^moe\.normalize_top_k: expected true/false, got 'no'$"),
+    (lambda: MoeConfig(priority="first"), r"^moe\.priority must be 'token' or 'rank', got 'first'$"),
     (lambda: DropoutConfig(mlp="0.1"), r"^dropout\.mlp: expected a number, got '0\.1'$"),
     (lambda: DropoutConfig(path=None), r"^dropout\.path: expected a number, got None$"),
     (lambda: DuoConfig(enabled="yes"), r"^duo\.enabled: expected true/false, got 'yes'$"),

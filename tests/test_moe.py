@@ -44,15 +44,37 @@ def test_capacity_and_priority():
     served = np.asarray(dispatch.sum(axis=(2, 3)))[0]
     np.testing.assert_array_equal(served, [1, 1, 0, 0, 0, 0])
     assert float(stats["dropped"]) == pytest.approx(4 / 6)
-    # top-2: every token's first choice is served before any second choice.
+    # top-2, priority "rank" (GShard): every token's first choice is served before any second choice.
     logits = jnp.array([[[3.0, 2.0, 0.0], [3.0, 2.0, 0.0], [2.0, 3.0, 0.0]]])
-    dispatch, combine, _ = route(logits, 2, 2, normalize=True)
+    dispatch, combine, _ = route(logits, 2, 2, normalize=True, priority="rank")
     d = np.asarray(dispatch)[0]  # [token, expert, slot]
     assert d[:, 0].sum() == 2 and d[:, 1].sum() == 2  # capacity 2 each
     assert d[2, 1].sum() == 1  # token 2's first choice (expert 1) beats tokens 0/1's second choices
     # Expert 1's remaining slot goes to token 0 (earlier), so token 1 loses its second choice.
     first_gate = float(jax.nn.softmax(jnp.array([3.0, 2.0]))[0])
     np.testing.assert_allclose(np.asarray(combine).sum(axis=(2, 3))[0][:2], [1.0, first_gate], rtol=1e-6)
+    # top-2, priority "token" (the default, causal): tokens 0 and 1 take both experts' slots,
+    # token 2 (the latest) loses both of its choices.
+    dispatch, combine, _ = route(logits, 2, 2, normalize=True)
+    d = np.asarray(dispatch)[0]
+    np.testing.assert_array_equal(d.sum(axis=(1, 2)), [2, 2, 0])
+    np.testing.assert_allclose(np.asarray(combine).sum(axis=(2, 3))[0], [1.0, 1.0, 0.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("priority,causal", [("token", True), ("rank", False)])
+def test_token_priority_keeps_a_capacity_bound_forward_causal(priority, causal):
+    """With capacity binding (training's 1.25), a token's output under "token" priority
+    depends on earlier tokens only: changing later tokens leaves earlier logits alone;
+    under "rank" a later token's first choice can take an earlier token's slot."""
+    from jaxaccel.model.transformer import forward as raw_forward
+
+    cfg = replace(MOE, init_std=0.3, moe=replace(MOE.moe, every=1, priority=priority))
+    params = init_params(cfg, jax.random.key(0), "unrolled")
+    x = tokens(16, 16, seed=1)
+    y = x.at[:, 10:].set((x[:, 10:] + 7) % cfg.vocab_size)
+    run = jax.jit(lambda t: raw_forward(params, cfg, t, moe_training=True)[0])
+    same = np.allclose(np.asarray(run(x))[:, :10], np.asarray(run(y))[:, :10], atol=1e-6)
+    assert same == causal
 
 
 def test_padding_takes_no_expert_slot():

@@ -2,8 +2,12 @@
 
 Per group of tokens (one batch row), a float32 router picks `top_k` experts per token; each
 expert takes at most `capacity = ceil(capacity_factor * tokens * top_k / n_experts)` tokens
-(first come, first served: all first choices, in token order, before any second choice) and
-drops the rest — a dropped assignment contributes nothing and the token keeps its residual.
+and drops the rest — a dropped assignment contributes nothing and the token keeps its
+residual. First come, first served, in `moe.priority` order: "token" (the default) serves a
+token's k choices before the next token's, so a token's output depends on earlier tokens
+only (causal, as a language model's forward must be); "rank" (GShard) serves every token's
+first choice before any second choice, so a later token's first choice can take an earlier
+token's slot (the output of a causal LM then depends on the future when capacity binds).
 Decoding (a forward with a KV cache) is dropless: capacity = tokens per group, so a row's
 output never depends on what else is in the batch.
 
@@ -38,12 +42,14 @@ def expert_capacity(tokens: int, n_experts: int, top_k: int, capacity_factor: fl
     return max(1, min(tokens, math.ceil(capacity_factor * tokens * top_k / n_experts)))
 
 
-def route(logits: jax.Array, top_k: int, capacity: int, normalize: bool, token_mask: jax.Array | None = None):
+def route(logits: jax.Array, top_k: int, capacity: int, normalize: bool, token_mask: jax.Array | None = None,
+          priority: str = "token"):
     """logits [g, s, e] float32 -> (dispatch [g, s, e, c] bool, combine [g, s, e, c] float32, stats).
 
-    Priority: choice rank first, then token position — every token's first choice is served
-    before any token's second choice (GShard). Tokens with token_mask False (padding) get no
-    assignment and are left out of every statistic."""
+    Priority "token": token position first, then choice rank (causal). "rank": choice rank
+    first, then token position — every token's first choice is served before any token's
+    second choice (GShard). Tokens with token_mask False (padding) get no assignment and are
+    left out of every statistic."""
     g, s, e = logits.shape
     valid = jnp.ones((g, s), bool) if token_mask is None else token_mask.astype(bool)
     probs = jax.nn.softmax(logits, axis=-1)
@@ -51,9 +57,14 @@ def route(logits: jax.Array, top_k: int, capacity: int, normalize: bool, token_m
     if normalize and top_k > 1:
         gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
     onehot = jax.nn.one_hot(experts, e, dtype=jnp.int32) * valid[:, :, None, None]  # [g, s, k, e]
-    # Position of each assignment in its expert's queue, rank-major order.
-    rank_major = onehot.transpose(0, 2, 1, 3).reshape(g, top_k * s, e)
-    position = (jnp.cumsum(rank_major, axis=1) - 1).reshape(g, top_k, s, e).transpose(0, 2, 1, 3)
+    # Position of each assignment in its expert's queue, in priority order.
+    if priority == "token":
+        position = (jnp.cumsum(onehot.reshape(g, s * top_k, e), axis=1) - 1).reshape(g, s, top_k, e)
+    elif priority == "rank":
+        rank_major = onehot.transpose(0, 2, 1, 3).reshape(g, top_k * s, e)
+        position = (jnp.cumsum(rank_major, axis=1) - 1).reshape(g, top_k, s, e).transpose(0, 2, 1, 3)
+    else:
+        raise ValueError(f"priority must be 'token' or 'rank', got {priority!r}")
     position = jnp.sum(position * onehot, axis=-1)  # [g, s, k]
     kept = (position < capacity) & valid[:, :, None]
     slot = jax.nn.one_hot(jnp.where(kept, position, capacity), capacity, dtype=jnp.float32)  # [g, s, k, c]
@@ -88,7 +99,7 @@ class MoE(nn.Module):
         logits = jnp.einsum("gsd,de->gse", x.astype(jnp.float32), router.astype(jnp.float32))
         factor = None if self.dropless else (moe.capacity_factor if self.training else moe.eval_capacity_factor)
         capacity = expert_capacity(x.shape[1], e, moe.top_k, factor)
-        dispatch, combine, stats = route(logits, moe.top_k, capacity, moe.normalize_top_k, token_mask)
+        dispatch, combine, stats = route(logits, moe.top_k, capacity, moe.normalize_top_k, token_mask, moe.priority)
         for name, value in stats.items():
             self.sow("intermediates", f"moe_{name}", value, reduce_fn=lambda a, b: a + b,
                      init_fn=lambda: 0.0 if name != "expert_load" else jnp.zeros((e,), jnp.float32))
