@@ -523,6 +523,15 @@ def test_a_run_written_before_a_setting_existed_still_matches():
     assert config_differences(old, planned) == []
     planned["train"]["init_from"] = "runs/deep"  # a new setting, set: a different run
     assert config_differences(old, planned) == [("train.init_from", None, "runs/deep")]
+    # moe.priority: a dense run from before it matches; an MoE run from before it was trained
+    # in rank order, so it matches a plan of rank and differs from today's default, token
+    del old["model"]["moe"]["priority"]
+    planned["train"]["init_from"] = None
+    assert config_differences(old, planned) == []
+    old["model"]["moe"]["n_experts"] = planned["model"]["moe"]["n_experts"] = 8
+    assert config_differences(old, planned) == [("model.moe.priority", "rank", "token")]
+    planned["model"]["moe"]["priority"] = "rank"
+    assert config_differences(old, planned) == []
 
 
 def test_pod_launcher_waits_out_a_preemption_notice(monkeypatch):

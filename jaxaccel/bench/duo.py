@@ -62,6 +62,7 @@ def check_pattern(config, pattern: str | None) -> None:
 def run(model: str, batches: Sequence[int], new_tokens: int, runs: int, files: int, prompt_tokens: int,
         pattern: str | None = None, progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     import jaxaccel
+    from jaxaccel.decode.lm import duo_routes
 
     lm = jaxaccel.load(model)
     check_pattern(lm.config, pattern)
@@ -93,7 +94,8 @@ def run(model: str, batches: Sequence[int], new_tokens: int, runs: int, files: i
             # Over the prompts timed, in the groups they were timed in (a router's count
             # depends on the text: a subset would describe other prompts).
             ids, outputs = [], []
-            for i in range(0, decoded, b):
+            routed = duo_routes(routes, lm.config) is None  # a fixed pattern's count needs no decoding
+            for i in range(0, decoded if routed else 0, b):
                 out = lm.generate(prompts[i:i + b], max_new_tokens=new_tokens, routes=routes)
                 ids += out.prompt_ids
                 outputs += out.tokens

@@ -250,7 +250,7 @@ class LanguageModel:
         if seen > self.config.max_seq_len:
             depth = decoder.position_headroom()
             tree = f" + the draft tree's depth {depth}" if depth else ""
-            reach = f" (it re-positions keys, but still reaches position {seen - 1})" if seen < positions else ""
+            reach = f" (it re-positions keys, but may reach position {seen - 1})" if seen < positions else ""
             warnings.warn(f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}){tree} runs past "
                           f"the model's maximum length {self.config.max_seq_len}: method {decoder.name!r} uses "
                           f"positions the model was not trained at{reach}", stacklevel=2)

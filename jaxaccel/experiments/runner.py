@@ -62,6 +62,10 @@ def config_differences(stored: dict, planned: dict) -> list[tuple[str, Any, Any]
     older version still resumes."""
     a = flatten(json.loads(json.dumps(stored)))
     b = flatten(json.loads(json.dumps(planned)))
+    # An MoE run written before moe.priority existed was trained in GShard's rank order, not
+    # today's default (token order): it is that run only for a plan that says rank.
+    if "model.moe.priority" not in a and (a.get("model.moe.n_experts") or 0) > 0:
+        a["model.moe.priority"] = "rank"
     defaults = flatten(json.loads(json.dumps(to_dict(RunConfig()))))
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
             if not _ignored(k) and a.get(k) != b.get(k) and not (k not in a and k in defaults and b.get(k) == defaults[k])]
