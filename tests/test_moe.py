@@ -63,9 +63,9 @@ def test_capacity_and_priority():
 
 @pytest.mark.parametrize("priority,causal", [("token", True), ("rank", False)])
 def test_token_priority_keeps_a_capacity_bound_forward_causal(priority, causal):
-    """With capacity binding (this config's training factor 1.0), a token's output under "token" priority
-    depends on earlier tokens only: changing later tokens leaves earlier logits alone;
-    under "rank" a later token's first choice can take an earlier token's slot."""
+    """With capacity binding (this config's training factor 1.0), a token's output under
+    "token" priority depends on earlier tokens only: changing later tokens leaves earlier
+    logits alone; under "rank" a later token's first choice can take an earlier token's slot."""
     from jaxaccel.model.transformer import forward as raw_forward
 
     cfg = replace(MOE, init_std=0.3, moe=replace(MOE.moe, every=1, priority=priority))

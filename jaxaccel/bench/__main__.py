@@ -136,7 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     du = sub.add_parser("duo", help="Duo-LLM: decode tokens/s at a 50%% big budget (fixed pattern, router) vs all big")
     du.add_argument("--model", default="builtin:duo")
     du.add_argument("--batches", default="1,8")
-    du.add_argument("--pattern", default=None, help="the fixed pattern (B/S/- per layer; _ also skips); default: half big, alternating")
+    du.add_argument("--pattern", default=None,
+                    help="the fixed pattern (B/S/- per layer; _ also skips); default: half big, alternating")
     du.add_argument("--new-tokens", type=int, default=128)
     du.add_argument("--runs", type=int, default=7, help="rounds (each times every row once, interleaved)")
     du.add_argument("--files", type=int, default=8, help="held-out corpus files used as prompts")

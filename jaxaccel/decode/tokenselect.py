@@ -109,10 +109,9 @@ class TokenSelect(DecodeMethod):
         after the keys they select (so the model's trained length must cover budget + chunk
         for the method to stay within it). Original positions, and a sliding-window model
         (nothing is selected), see every position."""
-        o = self.opts
-        if o["positions"] == "original" or config.sliding_window is not None:
+        if self.opts["positions"] == "original" or config.sliding_window is not None:
             return positions
-        return min(positions, int(o["n_init"]) + int(o["k"]) + int(o["n_local"]) + int(o["chunk"]))
+        return min(positions, self.policy().budget + int(self.opts["chunk"]))
 
     def prefill_chunk(self) -> int:
         return int(self.opts["chunk"])

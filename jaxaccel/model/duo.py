@@ -145,8 +145,8 @@ def parse_routes(routes, n_layers: int) -> tuple[int, ...]:
         named = {"big": "B" * n_layers, "small": "S" * n_layers, "skip": "-" * n_layers}
         text = named.get(routes.lower(), routes.upper().replace(SKIP_ALIAS, "-"))
         if len(text) != n_layers or set(text) - set(LETTERS):
-            raise InvalidArgumentError(f"routes must be big, small, skip or one of B/S/- (or _ for skip) per layer ({n_layers} "
-                                       f"letters), got {routes!r}")
+            raise InvalidArgumentError(f"routes must be big, small, skip or one of B/S/- (or _ for skip) per layer "
+                                       f"({n_layers} letters), got {routes!r}")
         return tuple(LETTERS.index(c) for c in text)
     if isinstance(routes, jax.Array) and not isinstance(routes, jax.core.Tracer):
         routes = np.asarray(routes)
