@@ -223,6 +223,73 @@ def test_seqio_task_tokens_are_the_sentencepiece_tokens(small, sp):
     assert small.stats["seqio_task"] in seqio.TaskRegistry.names()
 
 
+def test_a_corpus_is_tokenized_and_its_stream_written_a_chunk_at_a_time(small, sp, tmp_path, monkeypatch):
+    """Pod-scale corpora are never whole in host memory: the split's tokens and the unique stream
+    are written in pieces. With pieces of a few dozen tokens the files are what one piece gives."""
+    import shutil
+
+    from jaxaccel.data import pipeline, tasks
+
+    monkeypatch.setattr(tasks, "_CHUNK_TOKENS", 50)
+    monkeypatch.setattr(pipeline, "_CHUNK_TOKENS", 37)
+    vocab = tmp_path / small.vocab_path.parent.name / small.vocab_path.name
+    vocab.parent.mkdir()
+    shutil.copy(small.vocab_path, vocab)
+    corpus = open_corpus(small.cfg.corpus)
+    whole = tasks.tokenize_corpus(corpus, small.vocab_path, small.cfg.validation_buckets)
+    pieces = tasks.tokenize_corpus(corpus, vocab, small.cfg.validation_buckets)
+    assert pieces.directory != whole.directory and pieces.info["splits"] == whole.info["splits"]
+    for split in ("train", "validation"):
+        np.testing.assert_array_equal(pieces.tokens(split), whole.tokens(split))
+        np.testing.assert_array_equal(pieces.offsets(split), whole.offsets(split))
+        assert pieces.doc_ids(split) == whole.doc_ids(split) == list(_doc_tokens(small, sp, split))
+    stream, info = pipeline._unique_stream(pieces, small.cfg)
+    np.testing.assert_array_equal(stream, small._stream)
+    assert info["sha256"] == small.stats["unique_stream_sha256"] == hashlib.sha256(stream.tobytes()).hexdigest()
+    assert info["documents"] == small.stats["unique_documents"] == int((stream == BOS_ID).sum())
+
+
+@pytest.mark.parametrize("limit", [None, 0, 1, 29, 30, 31, 200, 10**9])
+def test_document_chunks_are_whole_documents_back_to_back(limit):
+    from jaxaccel.data.pipeline import _document_chunks
+
+    rng = np.random.default_rng(limit or 0)
+    lengths = rng.integers(0, 12, 40)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    tokens = rng.integers(0, 1000, int(offsets[-1])).astype(np.int32)
+    order = rng.permutation(40)
+    want = np.concatenate([tokens[offsets[d]:offsets[d + 1]] for d in order])[:limit]
+    ends = set(np.cumsum(lengths[order]).tolist())
+    for chunk_tokens in (1, 5, 16, 1 << 22):
+        chunks = list(_document_chunks(tokens, offsets, order, limit, chunk_tokens))
+        np.testing.assert_array_equal(np.concatenate([np.zeros(0, np.int32), *chunks]), want)
+        assert all(len(c) > 0 and c.dtype == np.int32 for c in chunks)
+        cuts = np.cumsum([len(c) for c in chunks]).tolist()
+        assert all(cut in ends for cut in cuts[:-1])  # a piece ends where a document does
+        assert all(len(c) < chunk_tokens + 12 for c in chunks)
+
+
+def test_an_array_streamed_to_the_cache_is_the_array_and_its_hash(tmp_path):
+    from jaxaccel.data import cache
+
+    parts = [np.arange(5), np.zeros(0, np.int64), np.arange(7) * -3]
+    count, sha256 = cache.save_array_stream(tmp_path / "a.npy", iter(parts), np.int32)
+    whole = np.concatenate(parts).astype(np.int32)
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), whole)
+    assert (count, sha256) == (12, hashlib.sha256(whole.tobytes()).hexdigest())
+    assert cache.save_array_stream(tmp_path / "empty.npy", iter([]), np.int64)[0] == 0
+    assert np.load(tmp_path / "empty.npy").shape == (0,)
+
+    def interrupted():
+        yield np.arange(3)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cache.save_array_stream(tmp_path / "a.npy", interrupted(), np.int32)
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), whole)  # the old file stands, no temp file is left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "empty.npy"]
+
+
 # ----------------------------------------------------------------------------- repetition budget
 
 

@@ -128,6 +128,12 @@ def test_too_short_or_unknown_is_a_clear_error(tasks):
         tasks.example("passkey", tasks.min_length("passkey") - 1, 0)
     with pytest.raises(ValueError, match="unknown task 'haystack'"):
         tasks.example("haystack", 500, 0)
+    encode = word_tokenizer(1000)
+    special = np.tile([BOS_ID, EOS_ID, 0], (1 << 20) // 3 + 5)  # spans more than one scanned piece
+    with pytest.raises(ValueError, match="only BOS / EOS / padding"):
+        RetrievalTasks(encode, special, [9])
+    special[-1] = 9  # one real token, in the last piece, is enough
+    assert len(RetrievalTasks(encode, special, [9]).code_tokens) == len(special)
 
 
 def test_sentencepiece_tasks_copy_ids(tmp_path):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Iterable
 
 import numpy as np
 
@@ -47,6 +47,38 @@ def read_json(path: Path, kind: type = object) -> Any | None:
 
 def save_array(path: Path, array: np.ndarray) -> None:
     write_atomically(path, lambda f: np.save(f, array, allow_pickle=False))
+
+
+def save_array_stream(path: Path, chunks: Iterable[np.ndarray], dtype) -> tuple[int, str]:
+    """Write the 1-D concatenation of `chunks` as the .npy file `path` (atomically, like
+    `save_array`) holding one chunk in memory at a time: a pod-scale token stream never is
+    whole in host memory. Returns (its length, the sha256 of its data bytes: the same as
+    `hashlib.sha256(np.concatenate(chunks).astype(dtype).tobytes())`)."""
+    dtype = np.dtype(dtype).newbyteorder("<")
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False}
+    digest, count = hashlib.sha256(), 0
+
+    def write(f: BinaryIO) -> None:
+        nonlocal count
+        start = f.tell()
+        # The header is padded to 64 bytes, so a placeholder length takes exactly the room of any
+        # real one (checked below); it is rewritten in place once the length is known.
+        np.lib.format.write_array_header_1_0(f, {**header, "shape": (2 ** 62,)})
+        room = f.tell() - start
+        for chunk in chunks:
+            data = np.ascontiguousarray(chunk, dtype).reshape(-1)
+            digest.update(memoryview(data).cast("B"))
+            f.write(memoryview(data).cast("B"))
+            count += data.size
+        end = f.tell()
+        f.seek(start)
+        np.lib.format.write_array_header_1_0(f, {**header, "shape": (count,)})
+        if f.tell() - start != room:
+            raise AssertionError(f"the .npy header of {count} elements is not {room} bytes")
+        f.seek(end)
+
+    write_atomically(path, write)
+    return count, digest.hexdigest()
 
 
 def load_array(path: Path) -> np.ndarray:

@@ -121,7 +121,8 @@ class RetrievalTasks:
         self.line_ends = np.asarray(sorted(set(int(i) for i in line_ends)), np.int64)
         self.bos_id, self.eos_id = bos_id, eos_id
         self._drop = np.asarray([bos_id, eos_id, PAD_ID], np.int64)
-        if np.isin(self.code_tokens, self._drop).all():
+        scan = 1 << 20  # in pieces: a pod-scale memory-mapped stream is not read whole to check it
+        if all(np.isin(self.code_tokens[i:i + scan], self._drop).all() for i in range(0, len(self.code_tokens), scan)):
             raise ValueError("code_tokens holds only BOS / EOS / padding ids")
         self._cache: dict[str, tuple[int, ...]] = {}
 

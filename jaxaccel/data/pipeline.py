@@ -22,7 +22,9 @@ the seed), capped at `max_eval_tokens`, rows of seq_len.
 
 Cache: the unique stream is materialized once per (vocabulary, unique_tokens, seed) in
 `<vocab folder>/stream-<key[:16]>/tokens.npy` and memory-mapped; rows of any sequence
-length are slices of it, so one cache serves every seq_len and objective.
+length are slices of it, so one cache serves every seq_len and objective. It is written a
+piece of whole documents at a time (`_document_chunks`), so a pod-scale stream (2^35 tokens:
+128 GiB) is never whole in host memory.
 """
 from __future__ import annotations
 
@@ -49,17 +51,34 @@ _EPOCH_SHUFFLE_TAG = 0xE90C
 _STREAM_FORMAT = 1  # bump when the document shuffle or the stream layout changes (part of the cache key)
 
 
-def _gather_documents(tokens: np.ndarray, offsets: np.ndarray, order: np.ndarray, limit: int | None) -> np.ndarray:
-    """Documents `order` back to back, cut after `limit` tokens."""
+_CHUNK_TOKENS = 1 << 22  # tokens gathered at a time when the unique stream is written
+
+
+def _document_chunks(tokens: np.ndarray, offsets: np.ndarray, order: np.ndarray, limit: int | None,
+                     chunk_tokens: int = _CHUNK_TOKENS) -> Iterator[np.ndarray]:
+    """Documents `order` back to back, cut after `limit` tokens, in pieces of whole documents
+    (but the last) of about `chunk_tokens`: a pod-scale stream is never whole in host memory."""
     lengths = (offsets[1:] - offsets[:-1])[order]
     ends = np.cumsum(lengths)
     total = int(ends[-1]) if len(ends) else 0
-    if limit is not None and limit < total:
-        needed = int(np.searchsorted(ends, limit, side="left")) + 1
-        order, lengths, ends, total = order[:needed], lengths[:needed], ends[:needed], limit
-    starts = offsets[:-1][order]
-    index = np.repeat(starts - (ends - lengths), lengths) + np.arange(int(lengths.sum()))
-    return np.asarray(tokens[index[:total]], np.int32)
+    if limit is not None:
+        total = min(total, limit)
+    first, done = 0, 0
+    while done < total:
+        last = int(np.searchsorted(ends, min(done + chunk_tokens, total), side="left")) + 1
+        stop = min(int(ends[last - 1]), total)
+        lens = lengths[first:last]
+        starts = offsets[:-1][order[first:last]]
+        # stream position done + q of document j (which fills [ends_j - lens_j, ends_j)) is its
+        # token starts_j + done + q - (ends_j - lens_j)
+        index = np.repeat(starts - (ends[first:last] - lens - done), lens) + np.arange(int(lens.sum()))
+        yield np.asarray(tokens[index[:stop - done]], np.int32)
+        first, done = last, stop
+
+
+def _gather_documents(tokens: np.ndarray, offsets: np.ndarray, order: np.ndarray, limit: int | None) -> np.ndarray:
+    """Documents `order` back to back, cut after `limit` tokens, as one array."""
+    return np.concatenate([np.zeros(0, np.int32), *_document_chunks(tokens, offsets, order, limit)])
 
 
 def _unique_stream(tokenized, cfg: DataConfig) -> tuple[np.ndarray, dict]:
@@ -76,11 +95,20 @@ def _unique_stream(tokenized, cfg: DataConfig) -> tuple[np.ndarray, dict]:
     info = cache.read_json(directory / "info.json", dict)
     if info is None:
         order = np.random.default_rng([_DOC_SHUFFLE_TAG, cfg.seed]).permutation(len(offsets) - 1)
-        stream = _gather_documents(tokenized.tokens("train"), offsets, order, unique)
-        documents = int((stream == BOS_ID).sum())
-        cache.save_array(directory / "tokens.npy", stream)
+        documents = 0
+
+        def counted(chunks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+            nonlocal documents
+            for chunk in chunks:
+                documents += int((chunk == BOS_ID).sum())
+                yield chunk
+
+        written, sha256 = cache.save_array_stream(
+            directory / "tokens.npy", counted(_document_chunks(tokenized.tokens("train"), offsets, order, unique)),
+            np.int32)
+        assert written == unique, (written, unique)
         info = {"unique_tokens": unique, "seed": cfg.seed, "documents": documents, "corpus_tokens": corpus_tokens,
-                "sha256": hashlib.sha256(stream.tobytes()).hexdigest()}
+                "sha256": sha256}
         cache.write_json(directory / "info.json", info)
     return cache.load_array(directory / "tokens.npy"), info
 

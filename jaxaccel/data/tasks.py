@@ -24,8 +24,11 @@ document's `<s> ... </s>` back to back), `<split>.offsets.npy` (int64, document 
 """
 from __future__ import annotations
 
+import array
 import functools
+import json
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -35,8 +38,10 @@ from jaxaccel.data.corpus import SPLITS, Corpus
 from jaxaccel.data.errors import DataError
 from jaxaccel.data.ids import BOS_ID
 from jaxaccel.data.tf_import import autograph_disabled, import_seqio, import_tensorflow, stderr_silenced
+from jaxaccel.files import write_atomically
 
 TASK_PREFIX = "jaxaccel_"
+_CHUNK_TOKENS = 1 << 22  # tokens held in memory at a time while a split is written
 
 
 def task_name(corpus: Corpus, vocab_dir: Path) -> str:
@@ -114,6 +119,44 @@ class TokenizedCorpus:
         return cache.read_json(self.directory / f"{split}.ids.json")
 
 
+def _write_split(task, split: str, directory: Path) -> dict[str, int]:
+    """Run the Task over one split, streaming its tokens, ids and offsets to the cache files as
+    they come: host memory holds one chunk of tokens and 8 bytes a document, so a pod-scale
+    corpus is tokenized without being held whole."""
+    lengths = array.array("q")
+
+    def write_ids(ids_file) -> None:  # the JSON list `cache.write_json` would write, one id at a time
+        def chunks() -> Iterator[np.ndarray]:
+            pieces, size = [], 0
+            # tf_text's SentencePiece op logs on stderr when it loads a model with identity normalisation
+            with stderr_silenced() as stderr, autograph_disabled():
+                dataset = task.get_dataset(sequence_length=None, split=split, shuffle=False, use_cached=False,
+                                           seed=0)
+                for example in tqdm(dataset.as_numpy_iterator(), desc=f"tokenizing {split}", unit=" docs",
+                                    file=stderr, disable=None, leave=False):
+                    piece = example["targets"].astype(np.int32, copy=False)
+                    ids_file.write((",\n " if lengths else "\n ").encode()
+                                   + json.dumps(example["doc_id"].decode()).encode())
+                    lengths.append(len(piece))
+                    pieces.append(piece)
+                    size += len(piece)
+                    if size >= _CHUNK_TOKENS:
+                        yield np.concatenate(pieces)
+                        pieces, size = [], 0
+            if pieces:
+                yield np.concatenate(pieces)
+
+        ids_file.write(b"[")
+        cache.save_array_stream(directory / f"{split}.tokens.npy", chunks(), np.int32)
+        ids_file.write(b"\n]\n" if lengths else b"]\n")
+
+    write_atomically(directory / f"{split}.ids.json", write_ids)
+    offsets = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(np.frombuffer(lengths, np.int64), out=offsets[1:])
+    cache.save_array(directory / f"{split}.offsets.npy", offsets)
+    return {"documents": len(lengths), "tokens": int(offsets[-1])}
+
+
 def tokenize_corpus(corpus: Corpus, vocab_path: Path, validation_buckets: int) -> TokenizedCorpus:
     """The cached token arrays of both splits; runs the seqio Task once when they are missing."""
     directory = vocab_path.parent / "tokens"
@@ -125,21 +168,7 @@ def tokenize_corpus(corpus: Corpus, vocab_path: Path, validation_buckets: int) -
     task = seqio.get_mixture_or_task(name)
     counts = {}
     for split in SPLITS:
-        pieces, ids = [], []
-        # tf_text's SentencePiece op logs on stderr when it loads a model with identity normalisation
-        with stderr_silenced() as stderr, autograph_disabled():
-            dataset = task.get_dataset(sequence_length=None, split=split, shuffle=False, use_cached=False, seed=0)
-            for example in tqdm(dataset.as_numpy_iterator(), desc=f"tokenizing {split}", unit=" docs",
-                                file=stderr, disable=None, leave=False):
-                pieces.append(example["targets"].astype(np.int32, copy=False))
-                ids.append(example["doc_id"].decode())
-        lengths = np.array([len(p) for p in pieces], np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        tokens = np.concatenate(pieces).astype(np.int32) if pieces else np.zeros(0, np.int32)
-        cache.save_array(directory / f"{split}.tokens.npy", tokens)
-        cache.save_array(directory / f"{split}.offsets.npy", offsets)
-        cache.write_json(directory / f"{split}.ids.json", ids)
-        counts[split] = {"documents": len(ids), "tokens": int(offsets[-1])}
+        counts[split] = _write_split(task, split, directory)
     if counts["train"]["documents"] == 0:
         raise DataError(f"corpus {corpus.spec!r}: the training split is empty")
     info = {"task": name, "corpus_sha256": corpus.sha256, "validation_buckets": validation_buckets,
