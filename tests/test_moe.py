@@ -135,12 +135,27 @@ def test_moe_decoding_is_dropless_and_matches_full_recompute(moe_params):
     lm = jaxaccel.from_params(MOE, moe_params, eos_token_ids=())
     prompts = [[5, 17, 33, 2, 9], [1, 2, 3], [40] * 11]
     out = lm.generate(prompts, max_new_tokens=10)
-    # The reference recomputes full sequences without a cache: use a dropless config there too.
-    dropless = jaxaccel.from_params(replace(MOE, moe=replace(MOE.moe, eval_capacity_factor=None)), moe_params,
-                                    eos_token_ids=())
+    # The reference recomputes full sequences without a cache through lm.logits, dropless too.
     for p, got in zip(prompts, out.tokens):
-        assert got == reference_greedy(dropless, p, 10)
+        assert got == reference_greedy(lm, p, 10)
     assert lm.generate([prompts[0]], max_new_tokens=10).tokens[0] == out.tokens[0]
+
+
+def test_lm_logits_of_an_moe_model_drop_nothing_as_decoding_does(moe_params):
+    """A capacity that binds in uncached forwards (eval factor 0.5: 4 slots per expert for 16
+    tokens, top-2 of 4 experts) drops assignments there; `lm.logits` serves them all."""
+    bound = replace(MOE, moe=replace(MOE.moe, eval_capacity_factor=0.5))
+    dropless = replace(MOE, moe=replace(MOE.moe, eval_capacity_factor=None))
+    x = np.asarray(tokens(2, 16, seed=3))
+    from jaxaccel.model.transformer import forward as eager_forward
+
+    want = jax.jit(lambda p: eager_forward(p, dropless, x)[0])(moe_params)
+    capped, _, aux = jax.jit(lambda p: eager_forward(p, bound, x, return_aux=True))(moe_params)
+    assert float(aux["dropped"]) > 0.1 and not np.allclose(capped, want, atol=1e-3)
+    lm = jaxaccel.from_params(bound, moe_params, eos_token_ids=())
+    np.testing.assert_allclose(lm.logits(x), want, atol=1e-5)
+    first = lm.generate([list(r) for r in x], max_new_tokens=1).tokens
+    assert [f[0] for f in first] == np.argmax(want[:, -1], -1).tolist()
 
 
 def test_moe_cannot_be_exported_to_hf(moe_params, tmp_path):

@@ -450,7 +450,9 @@ class LanguageModel:
 
     def logits(self, tokens: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
         """Full-sequence logits [batch, T, vocab] (float32) of equal-length token rows (lists of
-        ids or a 2-D integer array), each id checked as `generate` checks prompt ids."""
+        ids or a 2-D integer array), each id checked as `generate` checks prompt ids. An MoE
+        model serves every routing assignment here, as it does when decoding (no capacity
+        drops), so these are the logits `generate` computes for the same tokens."""
         rows = _prompt_list(tokens)
         if any(isinstance(r, str) for r in rows):
             raise InvalidPromptError("logits takes token ids, not text: encode it first (lm.encode)")
@@ -464,7 +466,7 @@ class LanguageModel:
                           f"{self.config.max_seq_len}: positions the model was not trained at", stacklevel=2)
         fn = self._compiled.get(("logits", tokens.shape))
         if fn is None:
-            fn = jax.jit(lambda model, t: model.forward(t)[0])
+            fn = jax.jit(lambda model, t: model.forward(t, dropless=True)[0])
             self._compiled[("logits", tokens.shape)] = fn
         return np.asarray(fn(self.handle, jnp.asarray(tokens)))
 

@@ -314,7 +314,7 @@ def forward(params: Params, config: ModelConfig, tokens, positions=None, *, cach
             plan: ExecutionPlan | None = None,
             attention: AttentionPolicy = DENSE, deterministic=True, dropout_rng=None, compute_logits=True,
             return_aux=False, remat=False, moe_training=False, token_mask=None, mesh=None,
-            vocab_major_logits=False, attention_state=None):
+            vocab_major_logits=False, attention_state=None, dropless=None):
     """Run the decoder. Returns (logits [batch, T, vocab] float32 — or the final hidden
     states [batch, T, d_model] when compute_logits=False — and the updated cache or None);
     with return_aux=True a third element: the MoE statistics summed over layers (`moe_aux`).
@@ -323,6 +323,9 @@ def forward(params: Params, config: ModelConfig, tokens, positions=None, *, cach
     (per-layer execution; Duo-LLM routes, default all big), `segments` (packed training rows: the visibility rule flash
     attention applies tile by tile; dense attention builds the mask from it).
     moe_training selects the MoE training capacity factor (independently of dropout);
+    `dropless` serves every MoE routing assignment (default: a cached call is dropless, an
+    uncached one uses the capacity factor; `LanguageModel.logits` asks for it so its logits are
+    what decoding computes);
     token_mask [batch, T] (False on padding) keeps padding out of MoE routing; `mesh`
     pins activations to their logical-axis layout on it; `vocab_major_logits` computes
     tied-embedding logits of T > 1 cached calls as table @ x.T (a layout some backends run
@@ -371,7 +374,8 @@ def forward(params: Params, config: ModelConfig, tokens, positions=None, *, cach
         raise ValueError("plan.soft_routes must be a Python bool: build the plan inside the jitted function")
     if soft_routes and not (config.duo.enabled and config.duo.router):
         raise InvalidArgumentError("plan.soft_routes needs a Duo-LLM model with a router (model.duo.router)")
-    options = LayerOptions(deterministic=deterministic, fused=is_fused(params), dropless=cache is not None,
+    dropless = cache is not None if dropless is None else bool(dropless)
+    options = LayerOptions(deterministic=deterministic, fused=is_fused(params), dropless=dropless,
                            moe_training=moe_training, attention=attention, mesh=mesh, soft_routes=bool(soft_routes))
     model = Transformer(config, options, scanned=is_scanned(params), remat=remat,
                         vocab_major_logits=vocab_major_logits and cache is not None)
