@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import difflib
 import functools
+import json
 import math
 import os
 import types
@@ -588,3 +589,15 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
             out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
         return out
     return {prefix: tree}
+
+
+def flatten_stored(stored: Mapping) -> dict[str, Any]:
+    """A run's stored settings (its config.yaml, or a checkpoint's copy) flattened, with the
+    value each setting added since had in the version that wrote them, where that is not
+    today's default: an MoE run written before `moe.priority` existed was trained in GShard's
+    rank order, so it reads as `priority: rank` (resuming it as today's token order would
+    continue it as another run)."""
+    flat = flatten(json.loads(json.dumps(dict(stored), default=str)))
+    if "model.moe.priority" not in flat and (flat.get("model.moe.n_experts") or 0) > 0:
+        flat["model.moe.priority"] = "rank"
+    return flat

@@ -127,6 +127,24 @@ def test_resuming_with_other_settings_is_refused(finished, tmp_path, capsys, cha
     assert f"train.init_from={run}" in errors[0]
 
 
+def test_an_moe_run_from_before_moe_priority_resumes_only_as_rank():
+    """Its stored settings lack moe.priority and it was trained in rank order: resuming it under
+    today's default (token order) continued it silently as another run."""
+    from jaxaccel.config import to_dict
+    from jaxaccel.train.loop import resumed_config_differences
+
+    def cfg(priority):
+        return from_dict(RunConfig, {"model": {"moe": {"n_experts": 4, "top_k": 2, "priority": priority}}})
+
+    old = to_dict(cfg("rank"))
+    del old["model"]["moe"]["priority"]
+    assert resumed_config_differences(old, cfg("token")) == [("model.moe.priority", "rank", "token")]
+    assert resumed_config_differences(old, cfg("rank")) == []
+    dense = to_dict(RunConfig())
+    del dense["model"]["moe"]["priority"]  # a dense run from before it resumes as it is
+    assert resumed_config_differences(dense, RunConfig()) == []
+
+
 def test_a_run_without_its_config_yaml_is_checked_against_its_checkpoints(finished, tmp_path, capsys):
     """With config.yaml deleted, a resume with another batch used to continue (or fail deep in
     the data pipeline) after rewriting config.yaml with the wrong settings, so that the right

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import yaml
 
-from jaxaccel.config import flatten, to_dict
+from jaxaccel.config import flatten, flatten_stored, to_dict
 from jaxaccel.errors import ConfigError, first_line
 from jaxaccel.experiments.results import (FINISHED, FORMAT, RESULT_FILE, VERSION, SweepError, as_path,
                                           check_results_target, figures, join, read_json, read_metrics,
@@ -60,12 +60,8 @@ def config_differences(stored: dict, planned: dict) -> list[tuple[str, Any, Any]
     A key the stored config lacks (a setting added to jaxaccel after that run was written)
     differs only if the plan gives it a value other than its default: a run folder from an
     older version still resumes."""
-    a = flatten(json.loads(json.dumps(stored)))
+    a = flatten_stored(stored)  # an MoE run from before moe.priority reads as rank: it is that run only for rank
     b = flatten(json.loads(json.dumps(planned)))
-    # An MoE run written before moe.priority existed was trained in GShard's rank order, not
-    # today's default (token order): it is that run only for a plan that says rank.
-    if "model.moe.priority" not in a and (a.get("model.moe.n_experts") or 0) > 0:
-        a["model.moe.priority"] = "rank"
     defaults = flatten(json.loads(json.dumps(to_dict(RunConfig()))))
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
             if not _ignored(k) and a.get(k) != b.get(k) and not (k not in a and k in defaults and b.get(k) == defaults[k])]

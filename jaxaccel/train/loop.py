@@ -32,7 +32,7 @@ import numpy as np
 import yaml
 
 from jaxaccel import sharding as shd
-from jaxaccel.config import flatten, to_dict
+from jaxaccel.config import flatten, flatten_stored, to_dict
 from jaxaccel.errors import CheckpointError, ConfigError, Interrupted, JaxaccelError, Preempted
 from jaxaccel.model.checkpoint import (MARKER, RUN_CHECKPOINTS, RUN_CONFIG, SET_ASIDE, STAGING,  # run layout names
                                        holds_earlier_save)
@@ -239,7 +239,7 @@ def resumed_config_differences(stored: Mapping, cfg: RunConfig) -> list[tuple[st
     differs. A key the stored config lacks (a setting newer than that run) differs only when
     this run gives it a value other than its default; a key only the stored config has (a
     setting since removed) does not differ."""
-    a = flatten(json.loads(json.dumps(dict(stored), default=str)))
+    a = flatten_stored(stored)  # e.g. an MoE run from before moe.priority reads as rank, not today's token
     b = flatten(json.loads(json.dumps(to_dict(cfg))))
     defaults = flatten(json.loads(json.dumps(to_dict(RunConfig()))))
     free = lambda key: any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)  # noqa: E731
