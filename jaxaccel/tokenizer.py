@@ -98,11 +98,14 @@ class SentencePieceTokenizer:
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._sp.decode([int(i) for i in ids])
+        """The text of `ids`; ids past the model's pieces (a model whose embedding table is
+        padded beyond its tokenizer can sample them) decode to nothing, as HFTokenizer's do."""
+        return self._sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
 
     def piece(self, token_id: int) -> str:
-        """The vocabulary entry of one id, as stored ("\u2581" marks a word start)."""
-        return self._sp.id_to_piece(int(token_id))
+        """The vocabulary entry of one id, as stored ("\u2581" marks a word start); "" for an
+        id past the pieces."""
+        return self._sp.id_to_piece(int(token_id)) if 0 <= int(token_id) < self.vocab_size else ""
 
     @property
     def eos_id(self) -> int | None:

@@ -287,3 +287,16 @@ def test_sentencepiece_bos_behaviour_is_written_for_transformers(tmp_path):
         tmp_path / "plain")
     assert hf_add_bos(folder) is False
     assert transformers.AutoTokenizer.from_pretrained(folder)(text).input_ids == plain.encode(text)
+
+
+def test_ids_past_the_sentencepiece_pieces_decode_to_nothing():
+    """A model whose embedding table is padded past its tokenizer (HF checkpoints often are) can
+    generate such ids; decoding them raised IndexError at the end of generate, losing the tokens."""
+    from jaxaccel.tokenizer import SentencePieceTokenizer
+
+    tok = jaxaccel.load("builtin:default").tokenizer
+    assert isinstance(tok, SentencePieceTokenizer)
+    ids = tok.encode("def f(x):\n    return x")
+    n = tok.vocab_size
+    assert tok.decode(ids + [n, n + 7]) == tok.decode(ids) and tok.decode([n]) == ""
+    assert tok.piece(n) == "" and tok.piece(ids[-1]) != ""
