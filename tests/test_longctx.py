@@ -207,6 +207,29 @@ def test_mixture_resumes_exactly_and_shards_split_the_batch(tasks):
     assert set(np.unique(weighted[4:])) == {0.0, 8.0} and set(np.unique(weighted[:4])) <= {0.0, 1.0}
 
 
+def test_a_mixture_evaluates_on_a_mesh_wider_than_its_corpus_rows(tmp_path):
+    """Eval batches have a training batch's shape: 4 corpus rows of a batch of 8 cannot split over
+    a data axis of 8 (the run failed at its first evaluation), and the padding changes no figure."""
+    import json
+
+    from jaxaccel.config import from_dict
+    from jaxaccel.train.config import RunConfig
+    from jaxaccel.train.loop import train
+
+    data = mixture(make_tasks(512), steps=2)
+    for ev, tr in zip(data.eval_batches(), data.train_batches(0)):
+        assert ev["inputs"].shape == tr["inputs"].shape and not ev["loss_mask"][4:].any()
+    cfg = from_dict(RunConfig, {
+        "model": {"vocab_size": 512, "d_model": 32, "n_layers": 1, "n_heads": 2, "ffn_dim": 64, "max_seq_len": 256},
+        "data": {"corpus": "synthetic"}, "mesh": {"data": 8}, "output_dir": str(tmp_path), "tensorboard": False,
+        "train": {"steps": 2, "batch_size": 8, "seq_len": 256, "eval_every": 1, "progress": False,
+                  "peak_flops": 1e11}, "checkpoint": {"every_steps": 2}})
+    train(cfg, data)
+    evals = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"eval_loss"' in line]
+    corpus_tokens = sum(float(b["loss_mask"].sum()) for b in data.base.eval_batches())
+    assert evals and all(e["eval_tokens"] == corpus_tokens for e in evals)
+
+
 def test_build_data_mixes_task_rows_into_the_corpus_batches(tmp_path):
     """The trainer's path (`data.retrieval` in the config): corpus rows from the pipeline at
     the smaller batch size, then task rows in the corpus vocabulary; resumable."""
