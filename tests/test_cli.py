@@ -25,7 +25,7 @@ run = run_main
 
 
 def test_decode_json_output(model_dir, capsys, tiny_lm):
-    code, out, err = run(decode_main, ["--model", str(model_dir), "--prompt-ids", "1,2,3", "--prompt-ids", "4,5",
+    code, out, err = run(decode_main, ["--model", str(model_dir), "--prompt-ids", "1, 2,3", "--prompt-ids", " 4,5,",
                                        "--max-new-tokens", "6", "--output", "json"], capsys)
     assert code == 0, err
     doc = json.loads(out)
@@ -59,6 +59,8 @@ def test_decode_text_output_and_prompts_file(model_dir, capsys, tmp_path):
     (["--prompt-ids", ""], "prompt 0 (--prompt-ids '') is empty"),
     (["--prompt-ids", "1", "--prompt-ids", "1,500"], "prompt 1 (--prompt-ids '1,500'): token id 500 is outside"),
     (["--prompt-ids", "1,,2"], "expected comma-separated integers"),
+    (["--prompt-ids", "1 2 3"], "--prompt-ids '1 2 3': expected comma-separated integers"),  # was [123]
+    (["--prompt-ids", "1,+2"], "expected comma-separated integers"),
     (["--prompt-ids", "1", "--prompts-file", ""], "--prompts-file must be a path"),
     (["--prompt-ids", "1", "--mesh", " "], "--mesh must name axes"),
     (["--prompt", "hello"], "no tokenizer"),

@@ -62,8 +62,11 @@ def read_prompts(args, where: list[str] | None = None) -> list[Any]:
             prompts.append(text)
             continue
         try:
-            items = text.replace(" ", "").removesuffix(",").split(",")  # "1,2," is [1, 2]; "1,,2" an error
-            prompts.append([] if items == [""] else [int(t) for t in items])  # "": an empty prompt
+            # "1, 2," is [1, 2]; "1,,2" an error; "1 2" too (it is not 12); "": an empty prompt
+            items = [t.strip() for t in text.strip().removesuffix(",").split(",")]
+            if any(not t.isascii() or not t.lstrip("-").isdigit() for t in items if items != [""]):
+                raise ValueError(text)
+            prompts.append([] if items == [""] else [int(t) for t in items])
         except ValueError:
             fail(f"--prompt-ids {text!r}: expected comma-separated integers")
     if args.prompts_file is not None:
