@@ -17,7 +17,7 @@ from jaxaccel.cli import run_cli
 from jaxaccel.config import ModelConfig
 from jaxaccel.convert.__main__ import main as convert_main
 from jaxaccel.convert.hf import config_from_hf, config_to_hf
-from jaxaccel.errors import CheckpointError, ConfigError
+from jaxaccel.errors import CheckpointError, ConfigError, UnsupportedArchitectureError
 from jaxaccel.model.transformer import init_params
 
 CFG = ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=24, max_seq_len=64)
@@ -202,6 +202,42 @@ def test_a_tensor_in_two_files_without_an_index_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"tensor \S+ is in both a.safetensors and b.safetensors") as raised:
         jaxaccel.load(folder)
     assert "\n" not in str(raised.value)
+
+
+def _restore_as(path: Path, name: str, dtype: str, data: bytes) -> None:
+    """Rewrite safetensors file `path` with tensor `name` stored as `dtype` (safetensors' name,
+    e.g. F8_E4M3, which numpy cannot write) holding `data`, the other tensors unchanged."""
+    tensors = load_file(str(path))
+    shape = list(tensors.pop(name).shape)
+    header, blobs, offset = {}, [], 0
+    names = {"F32": "<f4", "F16": "<f2", "I8": "i1"}
+    for key, value in [(name, None)] + sorted(tensors.items()):
+        blob = data if value is None else np.ascontiguousarray(value).tobytes()
+        kind = dtype if value is None else {np.dtype(v): k for k, v in names.items()}[value.dtype]
+        header[key] = {"dtype": kind, "shape": shape if value is None else list(value.shape),
+                       "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+
+
+@pytest.mark.parametrize("dtype,itemsize", [("F8_E4M3", 1), ("I8", 1)])
+def test_quantized_weights_are_refused_not_misread(tmp_path, dtype, itemsize):
+    # FP8 was a numpy traceback; int8 loaded silently as a different model
+    folder = tiny().export_hf(tmp_path / "hf")
+    key = "model.layers.0.mlp.up_proj.weight"
+    _restore_as(folder / "model.safetensors", key, dtype, bytes(24 * 16 * itemsize))
+    with pytest.raises(CheckpointError, match=rf"tensor {key} is stored as {dtype}; only F32, BF16, F16, F64") as e:
+        jaxaccel.load(folder)
+    assert "\n" not in str(e.value)
+    hf = json.loads((folder / "config.json").read_text())
+    hf["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3"}
+    (folder / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(UnsupportedArchitectureError, match="quantized checkpoints .quantization_config, quant_method "
+                                                            "'fp8'. are not supported"):
+        jaxaccel.load(folder)
 
 
 # ----------------------------------------------------------------------------- 9: config.json readings

@@ -100,6 +100,11 @@ def _config_from_hf(hf: dict, source: str) -> ModelConfig:
         raise UnsupportedArchitectureError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
     if hf.get("mlp_bias") or (family == "llama" and hf.get("attention_bias")):
         raise UnsupportedArchitectureError(f"{source}: attention_bias/mlp_bias on Llama is not supported")
+    if hf.get("quantization_config") is not None:
+        method = hf["quantization_config"].get("quant_method") if isinstance(hf["quantization_config"], dict) else None
+        raise UnsupportedArchitectureError(
+            f"{source}: quantized checkpoints (quantization_config{f', quant_method {method!r}' if method else ''}) "
+            "are not supported; load the unquantized model")
     if family == "qwen2" and hf.get("use_sliding_window"):
         raise UnsupportedArchitectureError(f"{source}: Qwen2 with use_sliding_window=true is not supported")
 
@@ -289,11 +294,18 @@ class _SafetensorsIndex:
             return None
         return tuple(self.handles[file].get_slice(name).get_shape())
 
+    def dtype(self, name: str) -> str:
+        """The stored dtype of a present tensor as safetensors names it ("BF16", "F8_E4M3", "I8")."""
+        return self.handles[self.weight_map[name]].get_slice(name).get_dtype()
+
     def get(self, name: str) -> np.ndarray | None:
         file = self.weight_map.get(name)
         if file is None or name not in self.handles[file].keys():
             return None
         return self.handles[file].get_tensor(name)
+
+
+_STORED_FLOATS = ("F32", "BF16", "F16", "F64")  # safetensors' names of the dtypes weights may be stored in
 
 
 def load_hf_params(folder: Path, config: ModelConfig, shardings: Any | None = None) -> Any:
@@ -310,6 +322,9 @@ def load_hf_params(folder: Path, config: ModelConfig, shardings: Any | None = No
         if stored != hf_shape:
             raise CheckpointError(f"{folder}: tensor {name} has shape {list(stored)}, expected {list(hf_shape)} "
                                   f"for this config")
+        if (kind := index.dtype(name)) not in _STORED_FLOATS:  # int8 would load as other numbers; FP8 not at all
+            raise CheckpointError(f"{folder}: tensor {name} is stored as {kind}; only {', '.join(_STORED_FLOATS)} "
+                                  "weights load (dequantize a quantized checkpoint first)")
         value = np.ascontiguousarray(to_ours(index.get(name)).astype(np_dtype, copy=False))
         if shardings is None:
             arr = jax.device_put(value)
