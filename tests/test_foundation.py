@@ -233,6 +233,26 @@ def test_gs_model_paths_are_never_turned_into_local_paths(tmp_path, tiny_lm, mon
     assert lm.generate([[1, 2, 3]], max_new_tokens=5).tokens == tiny_lm.generate([[1, 2, 3]], max_new_tokens=5).tokens
 
 
+def test_an_unreachable_gs_model_path_is_one_line(monkeypatch):
+    """The object store's own exception (a TensorFlow/gcsfs traceback) becomes one line."""
+    from jaxaccel.errors import ModelLoadError
+    from jaxaccel.model import checkpoint as ckpt
+
+    class Unreachable:
+        def __str__(self):
+            return "gs://no-such-bucket/model"
+
+        def exists(self):
+            raise RuntimeError("Could not resolve host: storage.googleapis.com\n  (and a long traceback)")
+
+    real = ckpt.as_path
+    monkeypatch.setattr(ckpt, "as_path", lambda f: Unreachable() if str(f).startswith("gs://") else real(f))
+    with pytest.raises(ModelLoadError, match=r"model path 'gs://no-such-bucket/model' cannot be read "
+                                             r"\(RuntimeError: Could not resolve host: storage.googleapis.com\)") as e:
+        jaxaccel.load("gs://no-such-bucket/model")
+    assert "\n" not in str(e.value)
+
+
 def test_a_live_training_run_loads_its_parameters_only_into_the_decode_sharding(tmp_path, recwarn):
     import shutil
 

@@ -32,8 +32,8 @@ from jaxaccel.decode import acceptance, compile_cache, tuning
 from jaxaccel.decode.engine import PREFILL_CHUNK, GenerateOutput, generate_loop, prefill_cache, python_value
 from jaxaccel.decode.methods import get_method
 from jaxaccel.decode.sampling import make_sampling
-from jaxaccel.errors import (CheckpointError, ConfigError, InvalidArgumentError, InvalidPromptError, ModelLoadError,
-                             first_line)
+from jaxaccel.errors import (CheckpointError, ConfigError, InvalidArgumentError, InvalidPromptError, JaxaccelError,
+                             ModelLoadError, first_line)
 from jaxaccel.model.duo import parse_routes
 from jaxaccel.model.options import ExecutionPlan
 from jaxaccel.model.transformer import (LayerKV, ModelHandle, canonical_params, fuse_layers, init_cache, logical_axes,
@@ -672,6 +672,22 @@ def locate(path: str | Path | None) -> tuple[str, Any]:
     if not str(path).startswith("gs://"):
         path = Path(path).expanduser()
     folder = ckpt.as_path(path)
+    try:
+        return _classify(folder)
+    except JaxaccelError:
+        raise
+    except Exception as e:  # an object store's client: no network, no credentials, no such bucket
+        if not str(folder).startswith("gs://"):
+            raise
+        raise ModelLoadError(f"model path {str(folder)!r} cannot be read ({type(e).__name__}: {first_line(e)}); "
+                             "check the bucket, the network and the credentials") from None
+
+
+def _classify(folder) -> tuple[str, Any]:
+    """`locate` for a folder that exists or not."""
+    from jaxaccel.convert import hf as hf_io
+    from jaxaccel.model import checkpoint as ckpt
+
     if not folder.exists():
         raise ModelLoadError(f"model path {str(folder)!r} does not exist")
     if not folder.is_dir():
