@@ -654,7 +654,6 @@ def locate(path: str | Path | None) -> tuple[str, Any]:
     folder, a builtin name, a finished training run's model/), "run" (a training run still
     going or killed: its latest checkpoint) or "hf" (a Hugging Face folder). Reads no
     parameters; a path that is no model is a one-line ModelLoadError."""
-    from jaxaccel.convert import hf as hf_io
     from jaxaccel.model import checkpoint as ckpt
 
     if path is None:
