@@ -249,6 +249,38 @@ def test_a_corpus_is_tokenized_and_its_stream_written_a_chunk_at_a_time(small, s
     assert info["documents"] == small.stats["unique_documents"] == int((stream == BOS_ID).sum())
 
 
+def test_a_damaged_cache_is_built_again_not_read(small, spec, cache_dir, tmp_path):
+    """A truncated array (a full disk, a copy cut short) was a memory-map traceback on every run
+    and never rebuilt; a missing ids file silently meant no evaluation."""
+    import shutil
+
+    copy = tmp_path / "cache"
+    shutil.copytree(cache_dir, copy)
+    cfg = _cfg(spec, str(copy), unique_tokens=6000, epochs=3.0)
+
+    def same_as_small(data):
+        for a, b in zip(_all_batches(data)[:3] + list(data.eval_batches()), _all_batches(small)[:3] +
+                        list(small.eval_batches())):
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k])
+        assert data.stats["unique_stream_sha256"] == small.stats["unique_stream_sha256"]
+
+    def truncate(path):
+        path.write_bytes(path.read_bytes()[:-40])
+
+    [stream] = copy.glob("**/stream-*/tokens.npy")
+    truncate(stream)
+    with pytest.warns(UserWarning, match=r"data cache \S+stream-\w+ is damaged .* building it again"):
+        same_as_small(build_data(cfg, seq_len=SEQ, batch_size=BATCH))
+    assert stream.stat().st_size == (small._stream.nbytes + 128)
+    [tokens] = copy.glob("**/tokens/train.tokens.npy")
+    truncate(tokens)
+    (tokens.parent / "validation.ids.json").unlink()
+    with pytest.warns(UserWarning, match=r"data cache \S+tokens is damaged"):
+        same_as_small(build_data(cfg, seq_len=SEQ, batch_size=BATCH))
+    assert (tokens.parent / "validation.ids.json").is_file()
+
+
 @pytest.mark.parametrize("limit", [None, 0, 1, 29, 30, 31, 200, 10**9])
 def test_document_chunks_are_whole_documents_back_to_back(limit):
     from jaxaccel.data.pipeline import _document_chunks

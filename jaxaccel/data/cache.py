@@ -3,7 +3,9 @@
 Every cached artefact is written to a temporary name and renamed into place, and a folder
 of several files counts as complete only once its `info.json` exists (written last). So a
 killed run, or several hosts filling a shared cache at once, never leave a half-written
-file that a later run would trust.
+file that a later run would trust. A file damaged from outside afterwards (truncated by a full
+disk or a cut-short copy, deleted) is found when the folder is opened, against the lengths its
+info.json records, and built again with a warning.
 """
 from __future__ import annotations
 
@@ -84,3 +86,21 @@ def save_array_stream(path: Path, chunks: Iterable[np.ndarray], dtype) -> tuple[
 def load_array(path: Path) -> np.ndarray:
     """Memory-mapped, read-only: training reads these arrays without loading them whole."""
     return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def intact_array(path: Path, length: int) -> np.ndarray | None:
+    """`load_array(path)` if it is there whole (one dimension of `length` items, as the folder's
+    info.json says it was written); None when it is missing, truncated or not an array, so
+    that its contents are built again (the file was damaged from outside, as in `read_json`)."""
+    try:
+        array = load_array(path)
+    except (OSError, ValueError, EOFError):  # ValueError: "mmap length is greater than file size", bad header
+        return None
+    return array if array.ndim == 1 and len(array) == length else None
+
+
+def rebuilding(path: Path) -> None:
+    """Say that a damaged cache entry is made again (one line, once per entry)."""
+    import warnings
+
+    warnings.warn(f"data cache {path} is damaged (missing or truncated files): building it again", stacklevel=3)

@@ -93,23 +93,27 @@ def _unique_stream(tokenized, cfg: DataConfig) -> tuple[np.ndarray, dict]:
     key = cache.content_key("stream", _STREAM_FORMAT, unique, cfg.seed)
     directory = tokenized.directory.parent / f"stream-{key[:16]}"
     info = cache.read_json(directory / "info.json", dict)
-    if info is None:
-        order = np.random.default_rng([_DOC_SHUFFLE_TAG, cfg.seed]).permutation(len(offsets) - 1)
-        documents = 0
+    if info is not None:
+        stream = cache.intact_array(directory / "tokens.npy", unique)
+        if stream is not None and info.get("unique_tokens") == unique:
+            return stream, info
+        cache.rebuilding(directory)
+    order = np.random.default_rng([_DOC_SHUFFLE_TAG, cfg.seed]).permutation(len(offsets) - 1)
+    documents = 0
 
-        def counted(chunks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
-            nonlocal documents
-            for chunk in chunks:
-                documents += int((chunk == BOS_ID).sum())
-                yield chunk
+    def counted(chunks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        nonlocal documents
+        for chunk in chunks:
+            documents += int((chunk == BOS_ID).sum())
+            yield chunk
 
-        written, sha256 = cache.save_array_stream(
-            directory / "tokens.npy", counted(_document_chunks(tokenized.tokens("train"), offsets, order, unique)),
-            np.int32)
-        assert written == unique, (written, unique)
-        info = {"unique_tokens": unique, "seed": cfg.seed, "documents": documents, "corpus_tokens": corpus_tokens,
-                "sha256": sha256}
-        cache.write_json(directory / "info.json", info)
+    written, sha256 = cache.save_array_stream(
+        directory / "tokens.npy", counted(_document_chunks(tokenized.tokens("train"), offsets, order, unique)),
+        np.int32)
+    assert written == unique, (written, unique)
+    info = {"unique_tokens": unique, "seed": cfg.seed, "documents": documents, "corpus_tokens": corpus_tokens,
+            "sha256": sha256}
+    cache.write_json(directory / "info.json", info)
     return cache.load_array(directory / "tokens.npy"), info
 
 

@@ -157,12 +157,32 @@ def _write_split(task, split: str, directory: Path) -> dict[str, int]:
     return {"documents": len(lengths), "tokens": int(offsets[-1])}
 
 
+def _intact(directory: Path, info: dict) -> bool:
+    """Whether both splits' arrays (and the validation ids, which evaluation reads) are there
+    whole, as info.json counted them."""
+    try:
+        counts = {split: (int(info["splits"][split]["tokens"]), int(info["splits"][split]["documents"]))
+                  for split in SPLITS}
+    except (KeyError, TypeError, ValueError):
+        return False
+    for split, (tokens, documents) in counts.items():
+        offsets = cache.intact_array(directory / f"{split}.offsets.npy", documents + 1)
+        if (offsets is None or cache.intact_array(directory / f"{split}.tokens.npy", tokens) is None
+                or int(offsets[-1]) != tokens):
+            return False
+    ids = cache.read_json(directory / "validation.ids.json", list)
+    return ids is not None and len(ids) == counts["validation"][1]
+
+
 def tokenize_corpus(corpus: Corpus, vocab_path: Path, validation_buckets: int) -> TokenizedCorpus:
     """The cached token arrays of both splits; runs the seqio Task once when they are missing."""
     directory = vocab_path.parent / "tokens"
     info = cache.read_json(directory / "info.json", dict)
     if info is not None:
-        return TokenizedCorpus(directory, info)
+        if _intact(directory, info):
+            return TokenizedCorpus(directory, info)
+        cache.rebuilding(directory)
+        _loaded.cache_clear()
     seqio = import_seqio()
     name = register_task(corpus, vocab_path, validation_buckets)
     task = seqio.get_mixture_or_task(name)
