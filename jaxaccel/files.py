@@ -77,6 +77,20 @@ def _sync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def unsupported_location(path: Any, *, remote: bool = True) -> str | None:
+    """Why `path` cannot be a place the project reads or writes, or None. Local paths and (where
+    `remote`) gs:// are; any other URL (s3://, http://, or gs:// where only a local folder will
+    do) is not: pathlib would turn "s3://b/x" into a local folder named "s3:"."""
+    text = str(path)
+    scheme, sep, _ = text.partition("://")
+    if not sep or not scheme or not all(c.isalnum() or c in "+.-" for c in scheme):
+        return None
+    if scheme == "gs" and remote:
+        return None
+    where = "a local folder or gs://" if remote else "a local folder"
+    return f"{text!r}: {scheme}:// is not supported here; it must be {where}"
+
+
 def user_cache_home() -> Path:
     """Where jaxaccel's caches live (the data cache, compiled programs, acceptance tables):
     `$XDG_CACHE_HOME/jaxaccel`, default `~/.cache/jaxaccel`."""

@@ -253,6 +253,19 @@ def test_an_unreachable_gs_model_path_is_one_line(monkeypatch):
     assert "\n" not in str(e.value)
 
 
+def test_model_urls_other_than_gs_are_refused_not_made_local_folders(tmp_path, tiny_lm, monkeypatch):
+    from jaxaccel.errors import CheckpointError, ModelLoadError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError, match=r"model path 's3://bucket/model': s3:// is not supported here; it must "
+                                             r"be a local folder or gs://"):
+        jaxaccel.load("s3://bucket/model")
+    for write in (tiny_lm.save, tiny_lm.export_hf):
+        with pytest.raises(CheckpointError, match=r"'s3://bucket/model': s3:// is not supported"):
+            write("s3://bucket/model")
+    assert not any(tmp_path.iterdir())  # no local "s3:" folder
+
+
 def test_a_live_training_run_loads_its_parameters_only_into_the_decode_sharding(tmp_path, recwarn):
     import shutil
 

@@ -236,7 +236,13 @@ def test_cli_one_line_errors(tmp_path, capsys):
                           ((cfg, "data.corpus=/nonexistent/*.txt", f"output_dir={tmp_path}"), "/nonexistent/*.txt"),
                           # jax.distributed.initialize raised IndexError (a traceback) on a port-less address
                           ((cfg, "--coordinator", "127.0.0.1", "--num-processes", "2", "--process-id", "1"),
-                           "--coordinator must be HOST:PORT (e.g. 10.0.0.2:1234), got '127.0.0.1'")]:
+                           "--coordinator must be HOST:PORT (e.g. 10.0.0.2:1234), got '127.0.0.1'"),
+                          # both were written locally, into folders named "s3:" and "gs:"
+                          ((cfg, "output_dir=s3://bucket/run"),
+                           "output_dir 's3://bucket/run': s3:// is not supported here; it must be a local folder or gs://"),
+                          ((cfg, "data.cache_dir=gs://bucket/cache"),
+                           "data.cache_dir 'gs://bucket/cache': gs:// is not supported here; it must be a local folder"),
+                          ((cfg, "train.init_from=http://host/model"), "train.init_from 'http://host/model': http://")]:
         code, err = run_train_cli(args, capsys)
         assert code == 2, err
         lines = [line for line in err.splitlines() if line.startswith("error: ")]

@@ -12,6 +12,7 @@ import math
 
 from jaxaccel.data.ids import min_vocab_size
 from jaxaccel.errors import ConfigError
+from jaxaccel.files import unsupported_location
 
 OBJECTIVES = ("causal", "prefix_lm", "ul2")
 DENOISER_MODES = ("R", "X", "S")
@@ -154,6 +155,8 @@ class DataConfig:
             raise ConfigError("data.corpus must not be empty (use 'stdlib', file paths/globs, or 'tfds:NAME')")
         if not self.text_field:
             raise ConfigError("data.text_field must not be empty")
+        if self.cache_dir is not None and (problem := unsupported_location(self.cache_dir, remote=False)):
+            raise ConfigError(f"data.cache_dir {problem} (each host keeps its own cache)")
         if self.num_sentinels < 1:
             raise ConfigError(f"data.num_sentinels must be >= 1, got {self.num_sentinels}")
         if self.vocab_size < min_vocab_size(self.num_sentinels):

@@ -34,6 +34,7 @@ from jaxaccel.decode.methods import get_method
 from jaxaccel.decode.sampling import make_sampling
 from jaxaccel.errors import (CheckpointError, ConfigError, InvalidArgumentError, InvalidPromptError, JaxaccelError,
                              ModelLoadError, first_line)
+from jaxaccel.files import unsupported_location
 from jaxaccel.model.duo import parse_routes
 from jaxaccel.model.options import ExecutionPlan
 from jaxaccel.model.transformer import (LayerKV, ModelHandle, canonical_params, fuse_layers, init_cache, logical_axes,
@@ -668,6 +669,8 @@ def locate(path: str | Path | None) -> tuple[str, Any]:
         if not ckpt.is_jaxaccel_checkpoint(BUILTIN_MODELS[name]):
             raise ModelLoadError(f"the built-in {name} model is not installed in {BUILTIN_MODELS[name]}")
         path = BUILTIN_MODELS[name]
+    if problem := unsupported_location(path):
+        raise ModelLoadError(f"model path {problem}")
     if not str(path).startswith("gs://"):
         path = Path(path).expanduser()
     folder = ckpt.as_path(path)

@@ -17,6 +17,7 @@ import jax
 
 from jaxaccel.config import ModelConfig, from_dict, parse_yaml, to_dict
 from jaxaccel.errors import CheckpointError, ConfigError, first_line
+from jaxaccel.files import unsupported_location
 from jaxaccel.tokenizer import SIDE_FILES
 
 MARKER = "jaxaccel.json"
@@ -25,7 +26,10 @@ VERSION = 1
 
 
 def as_path(folder):
-    """A local Path (absolute), or an etils epath for gs:// (Orbax and tensorstore take both)."""
+    """A local Path (absolute), or an etils epath for gs:// (Orbax and tensorstore take both);
+    any other URL is a CheckpointError (pathlib would make "s3://b" a local folder "s3:/b")."""
+    if problem := unsupported_location(folder):
+        raise CheckpointError(f"model folder {problem}")
     if str(folder).startswith("gs://"):
         from etils import epath
 

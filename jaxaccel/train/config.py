@@ -8,6 +8,7 @@ import math
 from jaxaccel.config import ModelConfig, check_types
 from jaxaccel.data.config import DataConfig
 from jaxaccel.errors import ConfigError
+from jaxaccel.files import unsupported_location
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +177,9 @@ class RunConfig:
 
     def __post_init__(self):
         check_types(self)  # sections given as dicts (RunConfig(model={...})) are ConfigErrors, not AttributeErrors
+        for key, path in (("output_dir", self.output_dir), ("train.init_from", self.train.init_from)):
+            if path is not None and (problem := unsupported_location(path)):
+                raise ConfigError(f"{key} {problem}")
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(f"train.seq_len ({self.train.seq_len}) is longer than model.max_seq_len "
                               f"({self.model.max_seq_len}): raise model.max_seq_len to at least {self.train.seq_len} "
