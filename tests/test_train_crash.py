@@ -145,6 +145,21 @@ def test_an_moe_run_from_before_moe_priority_resumes_only_as_rank():
     assert resumed_config_differences(dense, RunConfig()) == []
 
 
+def test_micro_batching_may_change_on_resume_only_where_it_changes_nothing_but_rounding():
+    """With dropout, MoE or Duo-LLM each micro-batch draws its own masks/routes and has its own
+    capacity and balance loss: another train.grad_accum continued the run as another run."""
+    from jaxaccel.config import to_dict
+    from jaxaccel.train.loop import resumed_config_differences
+
+    def cfg(accum, **model):
+        return from_dict(RunConfig, {"model": model, "train": {"batch_size": 8, "grad_accum": accum}})
+
+    for model in ({"dropout": {"mlp": 0.1}}, {"dropout": {"path": 0.1}}, {"moe": {"n_experts": 4}},
+                  {"duo": {"enabled": True}}):
+        assert resumed_config_differences(to_dict(cfg(1, **model)), cfg(2, **model)) == [("train.grad_accum", 1, 2)]
+    assert resumed_config_differences(to_dict(cfg(1)), cfg(4)) == []  # dense, no dropout: rounding only
+
+
 def test_a_run_without_its_config_yaml_is_checked_against_its_checkpoints(finished, tmp_path, capsys):
     """With config.yaml deleted, a resume with another batch used to continue (or fail deep in
     the data pipeline) after rewriting config.yaml with the wrong settings, so that the right

@@ -225,13 +225,23 @@ def _is_run_config(path: Path) -> bool:
     return isinstance(stored.get("model"), Mapping) and "train" in stored
 
 
-# Settings a resumed run may change: where and how it runs (mesh, micro-batching, remat, the
-# attention implementation), what it logs and evaluates, how it checkpoints and how long it
-# trains. Anything else (model, data, batch, sequence length, optimizer, seed, dropout) would
-# continue the checkpoints as another run under the first one's name.
+# Settings a resumed run may change: where and how it runs (mesh, remat, the attention
+# implementation), what it logs and evaluates, how it checkpoints and how long it trains.
+# Anything else (model, data, batch, sequence length, optimizer, seed, dropout) would continue
+# the checkpoints as another run under the first one's name. The micro-batching
+# (train.grad_accum) too, unless it changes only float rounding (`micro_batching_is_exact`).
 RESUME_MAY_CHANGE = ("output_dir", "tensorboard", "mesh", "checkpoint", "data.cache_dir", "data.max_eval_tokens",
                      "train.steps", "train.progress", "train.peak_flops", "train.log_every", "train.eval_every",
-                     "train.eval_batches", "train.init_from", "train.remat", "train.attention", "train.grad_accum")
+                     "train.eval_batches", "train.init_from", "train.remat", "train.attention")
+
+
+def micro_batching_is_exact(cfg: RunConfig) -> bool:
+    """Whether `train.grad_accum` changes nothing but float rounding. Not with dropout (each
+    micro-batch draws its masks from its own key), MoE (capacity and the balance loss are per
+    micro-batch) or Duo-LLM (routes drawn per micro-batch)."""
+    m = cfg.model
+    rates = (m.dropout.embed, m.dropout.attention, m.dropout.mlp, m.dropout.path)
+    return not any(rates) and not m.moe.n_experts and not m.duo.enabled
 
 
 def resumed_config_differences(stored: Mapping, cfg: RunConfig) -> list[tuple[str, Any, Any]]:
@@ -242,7 +252,8 @@ def resumed_config_differences(stored: Mapping, cfg: RunConfig) -> list[tuple[st
     a = flatten_stored(stored)  # e.g. an MoE run from before moe.priority reads as rank, not today's token
     b = flatten(json.loads(json.dumps(to_dict(cfg))))
     defaults = flatten(json.loads(json.dumps(to_dict(RunConfig()))))
-    free = lambda key: any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)  # noqa: E731
+    may_change = RESUME_MAY_CHANGE + (("train.grad_accum",) if micro_batching_is_exact(cfg) else ())
+    free = lambda key: any(key == k or key.startswith(k + ".") for k in may_change)  # noqa: E731
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
             if not free(k) and k in b and a.get(k) != b.get(k)
             and not (k not in a and k in defaults and b.get(k) == defaults[k])]
