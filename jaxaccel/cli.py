@@ -257,8 +257,13 @@ def init_distributed(args: argparse.Namespace, p: argparse.ArgumentParser) -> No
     """Apply `add_distributed_arguments`' flags: before anything else touches a JAX backend."""
     import jax
 
-    if args.cpu_devices:
+    if args.cpu_devices is not None:
+        if args.cpu_devices < 1:
+            p.error(f"--cpu-devices must be >= 1, got {args.cpu_devices}")
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    if not args.coordinator and (args.num_processes is not None or args.process_id is not None):
+        p.error("--num-processes and --process-id go with --coordinator HOST:PORT (on a TPU pod: --distributed "
+                "alone); without it the run would train as one process")
     if args.coordinator:
         if args.num_processes is None or args.process_id is None:
             p.error("--coordinator needs --num-processes and --process-id")

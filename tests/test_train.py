@@ -242,7 +242,11 @@ def test_cli_one_line_errors(tmp_path, capsys):
                            "output_dir 's3://bucket/run': s3:// is not supported here; it must be a local folder or gs://"),
                           ((cfg, "data.cache_dir=gs://bucket/cache"),
                            "data.cache_dir 'gs://bucket/cache': gs:// is not supported here; it must be a local folder"),
-                          ((cfg, "train.init_from=http://host/model"), "train.init_from 'http://host/model': http://")]:
+                          ((cfg, "train.init_from=http://host/model"), "train.init_from 'http://host/model': http://"),
+                          ((cfg, "train.seed=9223372036854775808"), "train.seed must be in [0, 2**63)"),  # OverflowError
+                          ((cfg, "--cpu-devices", "-1"), "--cpu-devices must be >= 1, got -1"),  # was ignored
+                          ((cfg, "--num-processes", "2", "--process-id", "1"),  # trained as one process
+                           "--num-processes and --process-id go with --coordinator")]:
         code, err = run_train_cli(args, capsys)
         assert code == 2, err
         lines = [line for line in err.splitlines() if line.startswith("error: ")]

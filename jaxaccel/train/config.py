@@ -102,6 +102,8 @@ class LoopConfig:
         for name in ("batch_size", "seq_len", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**63:  # jax.random.key takes a signed 64-bit seed
+            raise ConfigError(f"train.seed must be in [0, 2**63), got {self.seed}")
         if self.init_from is not None and not str(self.init_from).strip():
             raise ConfigError("train.init_from must be a model or run folder, or null; got an empty string")
         for name in ("eval_every", "dropout_start_step"):
