@@ -490,8 +490,9 @@ def test_outputs_are_checked_before_any_work(tmp_path, capsys):
     code, _, err = run(train_main, [str(tiny), f"output_dir={model}"], capsys)
     assert code == 2 and "holds a model (jaxaccel.json)" in err
     assert sorted(p.name for p in model.iterdir()) == ["jaxaccel.json"]
-    code, _, err = run(train_main, [str(tiny), f"output_dir={model / 'params'}"], capsys)
-    assert code == 2 and "is inside a model folder" in err and not (model / "params").exists()
+    for inside in (model / "params", model / "params" / "deeper" / "run"):
+        code, _, err = run(train_main, [str(tiny), f"output_dir={inside}"], capsys)
+        assert code == 2 and "is inside a model folder" in err and not (model / "params").exists()
     # ... and so is a folder whose config.yaml, tokenizer.model or metrics.jsonl no run wrote.
     mine = tmp_path / "mine"
     mine.mkdir()

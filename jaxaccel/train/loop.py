@@ -180,8 +180,9 @@ def check_output_dir(output_dir: str) -> None:
         if (folder / marker).is_file():
             raise ConfigError(f"output_dir {output_dir!r} holds a model ({marker}); a run there would overwrite its "
                               f"files: choose another output_dir (train.init_from={output_dir} starts from it)")
-    if (folder.parent / "jaxaccel.json").is_file():
-        raise ConfigError(f"output_dir {output_dir!r} is inside a model folder ({folder.parent}): choose another "
+    inside = next((p for p in folder.absolute().parents if (p / "jaxaccel.json").is_file()), None)
+    if inside is not None:  # e.g. MODEL/params/run: checkpoints written among a model's parameters
+        raise ConfigError(f"output_dir {output_dir!r} is inside a model folder ({inside}): choose another "
                           f"output_dir")
     # The run writes config.yaml, tokenizer.model and metrics.jsonl. Beside a run's checkpoints
     # or a run's config.yaml they are a run's (older trainers could leave config.yaml cut short
