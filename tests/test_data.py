@@ -19,7 +19,7 @@ import pytest
 
 from jaxaccel.config import from_dict, to_dict
 from jaxaccel.data import (BATCH_KEYS, BOS_ID, EOS_ID, MODE_IDS, PAD_ID, DataConfig, DataError, attention_mask,
-                           build_data, sentinel_id)
+                           budget, build_data, sentinel_id)
 from jaxaccel.data import vocab as vocab_module
 from jaxaccel.data.corpus import is_validation, manifest_sha256, open_corpus
 from jaxaccel.errors import ConfigError, JaxaccelError
@@ -386,6 +386,9 @@ def test_fractional_epochs_take_the_first_rows_of_the_next_epoch(spec, cache_dir
     assert 2 * 6000 < data.stats["total_tokens"] < 3 * 6000
     pad = ~live
     assert not _rows(batches, "segment_ids")[pad].any() and not _rows(batches, "loss_mask")[pad].any()
+    # the logged epoch counts rows read, not the last batch's padding rows
+    assert (~live).sum() > 0 and data.epochs_read(data.total_steps) == data.total_sequences / S
+    assert data.epochs_read(1) == BATCH / S and data.total_steps / data.steps_per_epoch > data.total_sequences / S
 
 
 def test_train_batches_resume_bit_identically(small, spec, cache_dir):
@@ -608,6 +611,12 @@ def test_bad_config_values_raise_one_line_config_errors():
         assert key in _one_line(e), data
     parsed = from_dict(DataConfig, {"objective": "ul2", "denoisers": [{"mode": "X", "mean_span": 8, "rate": 2}]})
     assert parsed.denoisers[0].mode == "X" and parsed.denoisers[0].mean_span == 8.0
+
+
+def test_a_budget_of_one_token_is_refused():
+    # one token predicts nothing: the run logged a loss of 0.0 at every step
+    with pytest.raises(ConfigError, match=r"data.unique_tokens must be >= 2 .*, got 1"):
+        budget(DataConfig(corpus="stdlib", unique_tokens=1), 1, seq_len=SEQ, batch_size=BATCH)
 
 
 def test_unique_tokens_beyond_the_corpus_names_the_corpus_size(spec, cache_dir, small):

@@ -418,6 +418,11 @@ class RetrievalMixture:
                       "retrieval_answer_weight": cfg.answer_weight, "retrieval_context_weight": cfg.context_weight,
                       "batch_size": getattr(base, "batch_size", 0) + task_rows}
 
+    def epochs_read(self, steps: int) -> float:
+        """The corpus's epochs read by the first `steps` batches."""
+        reader = getattr(self.base, "epochs_read", None)
+        return reader(steps) if reader is not None else steps / self.steps_per_epoch
+
     def task_batch(self, step: int) -> dict[str, np.ndarray]:
         """This shard's task rows of global batch `step`."""
         rows = [self.tasks.packed_row(example_rng(self.seed, step, self.first_task_row + r), self.seq_len,

@@ -182,6 +182,8 @@ def budget(cfg: DataConfig, unique_tokens: int, *, seq_len: int, batch_size: int
     global batches. Checks what `build_data` checks of seq_len, so a sweep's plan fails first."""
     if seq_len < 2:
         raise ConfigError(f"seq_len must be >= 2, got {seq_len}")
+    if unique_tokens < 2:  # one token predicts nothing: every step would log a loss of 0.0
+        raise ConfigError(f"data.unique_tokens must be >= 2 (a token and the next one to predict), got {unique_tokens}")
     raw_len = ul2_raw_length(seq_len, cfg.denoisers, cfg.num_sentinels) if cfg.objective == "ul2" else seq_len
     per_epoch = -(-unique_tokens // raw_len)
     # round() first so that e.g. epochs=0.1 of 30 rows is 3 rows, not ceil(3.0000000000000004) = 4;
@@ -337,6 +339,11 @@ class TrainData:
     def _total_tokens(self) -> int:
         """Stream tokens in the run's ceil(epochs * S) rows (repeats counted)."""
         return tokens_read(self.cfg, len(self._stream), seq_len=self.seq_len, batch_size=self.batch_size)[0]
+
+    def epochs_read(self, steps: int) -> float:
+        """Epochs of the stream read by the first `steps` global batches: the last batch's padding
+        rows (past the budget's ceil(epochs * S) rows) are not rows read."""
+        return min(steps * self.batch_size, self.total_sequences) / self.sequences_per_epoch
 
     def sequence_ids(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(epoch, row) of each of this shard's rows at global step `step`; -1 for padding rows."""

@@ -510,6 +510,7 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
 
             bar = tqdm(total=total_steps, initial=start, unit="step", file=sys.stderr, dynamic_ncols=True)
 
+        epoch_of = getattr(data, "epochs_read", lambda steps: steps / data.steps_per_epoch)
         pending: list[tuple[int, Any]] = []
         last = {"time": time.perf_counter(), "step": start}
         last_eval: dict[str, float] = {}
@@ -534,7 +535,7 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
                 record = {"step": step + 1, "loss": float(m["loss"]), "accuracy": float(m["accuracy"]),
                           "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
                           "tokens_seen": (step + 1) * tokens_per_step, "unique_tokens": unique,
-                          "epoch": (step + 1) / data.steps_per_epoch}
+                          "epoch": epoch_of(step + 1)}
                 if cfg.model.moe.n_experts:
                     record.update(aux_loss=float(m["aux_loss"]), moe_load_balance=float(m["moe_load_balance"]),
                                   moe_router_z=float(m["moe_router_z"]), moe_dropped=float(m["moe_dropped"]),
