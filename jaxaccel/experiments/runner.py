@@ -284,7 +284,8 @@ def _stream_tokens_per_step(run: Run, stats: dict) -> float | None:
 
 def _evaluated(metrics: list[dict]) -> list[dict]:
     """The metrics records less evaluations that scored no token (no validation split, or
-    data.max_eval_tokens 0): the trainer logs those as loss 0.0, which is no figure at all."""
+    data.max_eval_tokens 0): older trainers (before 901401a) logged those as loss 0.0, no
+    figure at all (today's log no record), and their run folders are still read."""
     return [m for m in metrics if not ("eval_loss" in m and m.get("eval_tokens") == 0)]
 
 
