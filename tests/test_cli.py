@@ -5,6 +5,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -452,6 +453,24 @@ def test_decode_hf_config_with_a_mistyped_value_is_one_line(tmp_path, capsys):
                                                       "num_attention_heads": 4, "intermediate_size": 48}))
     code, _, err = run(decode_main, ["--model", str(tmp_path), "--prompt-ids", "1"], capsys)
     assert code == 2 and "config.json: hidden_size must be an integer, got 'abc'" in err and err.count("\n") == 1
+
+
+def test_sampling_flags_without_a_temperature_say_decoding_is_greedy(model_dir, capsys, tiny_lm):
+    # they were ignored silently: a user asking for top-k sampling got greedy output unaware
+    with pytest.warns(UserWarning) as caught:
+        code, out, err = run(decode_main, ["--model", str(model_dir), "--prompt-ids", "1,2,3", "--max-new-tokens",
+                                           "4", "--top-k", "5", "--top-p", "0.9", "--seed", "3", "--output", "json"],
+                             capsys)
+    assert code == 0, err
+    assert [str(w.message) for w in caught] == [
+        "--seed applies only when sampling (--temperature > 0): this run decodes greedily",
+        "top_k and top_p apply only when sampling (temperature > 0): with temperature 0 this call decodes greedily"]
+    assert json.loads(out)["results"][0]["tokens"] == tiny_lm.generate([[1, 2, 3]], max_new_tokens=4).tokens[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        code, out, err = run(decode_main, ["--model", str(model_dir), "--prompt-ids", "1,2,3", "--max-new-tokens",
+                                           "4", "--temperature", "0.7", "--top-k", "5", "--seed", "3"], capsys)
+    assert code == 0, err
 
 
 def test_outputs_are_checked_before_any_work(tmp_path, capsys):

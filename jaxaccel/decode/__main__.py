@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -43,7 +44,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: all)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default: off)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: 0)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="parameter and compute dtype (default: the checkpoint's)")
     p.add_argument("--mesh", default=None, help="shard over a device mesh, e.g. tensor=4,data=2")
@@ -155,13 +156,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import jaxaccel
     from jaxaccel.decode.methods import get_method
-    from jaxaccel.decode.sampling import check_sampling_args
+    from jaxaccel.decode.sampling import GREEDY_BELOW, check_sampling_args
     from jaxaccel.errors import InvalidArgumentError, InvalidPromptError
 
     # Check cheap arguments before the (slow) model load.
     if args.mesh is not None and not args.mesh.strip():
         raise InvalidArgumentError("--mesh must name axes, e.g. tensor=4,data=2; got an empty string")
     check_sampling_args(args.temperature, args.top_k, args.top_p)
+    if args.seed is not None and args.temperature < GREEDY_BELOW:
+        warnings.warn("--seed applies only when sampling (--temperature > 0): this run decodes greedily")
     if args.max_new_tokens < 1:
         raise InvalidArgumentError(f"max_new_tokens must be an integer >= 1, got {args.max_new_tokens}")
     get_method(args.method, **options)
@@ -173,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prompts = [SAMPLE_PROMPT]
     try:
         result = lm.generate(prompts, max_new_tokens=args.max_new_tokens, method=args.method,
-                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed or 0,
                              progress=args.output == "text" and sys.stderr.isatty(), routes=args.routes, **options)
     except InvalidPromptError as e:  # "prompt 3 ...": say where prompt 3 came from
         index = re.match(r"prompt (\d+)\b", str(e))

@@ -204,7 +204,11 @@ class LanguageModel:
         temperature, top_k, top_p = (python_value(x) for x in (temperature, top_k, top_p))
         mode, sampling = make_sampling(temperature, top_k, top_p)
         if mode.greedy:  # temperatures below sampling.GREEDY_BELOW are greedy for the methods too
-            temperature = 0.0
+            given = [name for name, v in (("top_k", top_k), ("top_p", top_p)) if v is not None]
+            if given:  # transformers warns too: the filters shape a distribution greedy never samples
+                warnings.warn(f"{' and '.join(given)} apply only when sampling (temperature > 0): with temperature "
+                              f"{float(temperature):g} this call decodes greedily", stacklevel=2)
+            temperature, top_k, top_p = 0.0, None, None  # nor do they key what greedy measures (draft acceptance)
         route_plan = duo_routes(routes, self.config)
         decoder = get_method(method, **method_options)
         decoder.use_model_info(self.info)
