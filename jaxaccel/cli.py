@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -13,6 +14,7 @@ from jaxaccel.errors import Interrupted, JaxaccelError, Preempted, first_line
 EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: stopped by a preemption notice, a checkpoint saved
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C (a training run saved a checkpoint first)
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: stdout's reader closed it (`| head`)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -216,6 +218,11 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     except JaxaccelError as e:
         failed = True
         fail(first_line(e))
+    except BrokenPipeError:  # the reader went away (`... | head`): stop quietly, as a SIGPIPE'd tool does
+        if argv is None:  # the interpreter's flush of stdout at exit would raise it again
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except OSError as e:  # a path the user gave that cannot be read or written, a full disk...
         failed = True
         fail(os_error_message(e))

@@ -292,6 +292,18 @@ def test_which_processes_are_jaxaccel_commands(monkeypatch, argv, command):
     assert cli.is_command_process() is command
 
 
+def test_a_closed_stdout_ends_a_command_quietly():
+    """`python -m jaxaccel.decode ... | head`: the reader leaving was "error: [Errno 32] Broken
+    pipe", exit 2 (and Python's own complaint at exit); now exit 141 as a SIGPIPE'd tool, silent."""
+    code = ("import sys\nfrom jaxaccel.cli import run_cli\n"
+            "def main(argv):\n    for _ in range(1000):\n        print('x' * 1000, flush=True)\n    return 0\n"
+            "sys.exit(run_cli(main))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(60) == 141 and err == "", err
+
+
 def test_ctrl_c_handling_leaves_an_ignored_sigint_and_traceback_mode_alone(monkeypatch):
     """A shell script's background job starts with SIGINT ignored, and a Ctrl-C meant for the
     script must not stop it: neither a command nor a training loop takes SIGINT then. With
