@@ -162,6 +162,9 @@ def test_load_and_mesh_arguments():
 
     with pytest.raises(InvalidArgumentError, match="it lacks fsdp, tensor, expert"):
         jaxaccel.load("builtin:draft", mesh=Mesh(np.array(jax.devices()[:1]), ("data",)))
+    for blank in ("", " "):  # accepted as one device, where the CLI's --mesh refused it
+        with pytest.raises(InvalidArgumentError, match="mesh must name axes, e.g. 'tensor=4,data=2'"):
+            jaxaccel.load("builtin:draft", mesh=blank)
     from jaxaccel.sharding import parse_mesh_spec
 
     with pytest.raises(ConfigError, match="size must be an integer, got 2.7"):

@@ -531,6 +531,9 @@ def resolve_mesh(mesh: Mesh | str | dict | None) -> Mesh | None:
         return mesh
     if not isinstance(mesh, (str, dict)):
         raise InvalidArgumentError(f"mesh must be a jax Mesh, a string like 'tensor=2,data=4' or a dict, got {mesh!r}")
+    if isinstance(mesh, str) and not mesh.strip():  # as the CLI's --mesh: "" is no spelling of "one device"
+        raise InvalidArgumentError("mesh must name axes, e.g. 'tensor=4,data=2' (None: one device); got an empty "
+                                   "string")
     return shd.make_mesh(mesh)
 
 
