@@ -249,6 +249,9 @@ def test_bad_drafts(lm, tmp_path):
         (dict(draft=str(tmp_path / "missing")), "does not exist"),
         (dict(draft=str(tmp_path)), "neither a jaxaccel checkpoint"),
         (dict(draft=jaxaccel.from_params(SMALL, init_params(SMALL, jax.random.key(0), "unrolled"))), "vocabulary"),
+        (dict(draft=jaxaccel.from_params(
+            dataclasses.replace(TINY, max_seq_len=12), init_params(TINY, jax.random.key(0), "unrolled"))),
+         "maximum length"),
         (dict(draft=3), "draft must be a model path or name"),
     ]
     for opts, message in cases:
@@ -257,20 +260,24 @@ def test_bad_drafts(lm, tmp_path):
         assert message in str(err.value), (opts, str(err.value))
 
 
-def test_a_draft_shorter_than_the_request_warns_and_stays_lossless(lm, draft_lm, reference):
-    """Like the target, a draft runs past its maximum length (its cache is sized from the
-    request), with one warning; it was refused, where ARCHITECTURE says any method runs on."""
-    short = jaxaccel.from_params(dataclasses.replace(TINY, max_seq_len=20), draft_lm.params)
-    with pytest.warns(UserWarning) as caught:
-        out = lm.generate([PROMPTS[1]], max_new_tokens=24, method="dyspec", budget=8, draft=short)
-    messages = [str(w.message) for w in caught if "draft's maximum length" in str(w.message)]
-    assert messages == ["the longest prompt (5 tokens) + max_new_tokens (24) + the tree's depth (8) runs past the "
-                        "draft's maximum length 20: the draft uses positions it was not trained at (fewer drafts may "
-                        "be accepted; the output is the target's all the same)"]
-    assert out.tokens[0] == reference[1]
+def test_a_draft_too_short_for_the_request_is_refused_before_any_calibration(lm, draft_lm, monkeypatch):
+    from jaxaccel.decode import dyspec
+
+    monkeypatch.setattr(dyspec.DySpec, "prepare", lambda *a, **k: pytest.fail("calibrated first"))
+    with pytest.raises(InvalidArgumentError, match=r"the draft's maximum length \(256\) is shorter than the 300 "
+                                                   r"positions this call needs \(longest prompt \+ max_new_tokens\)"):
+        lm.generate([[1] * 200], max_new_tokens=100, method="dyspec", draft=draft_lm)
 
 
-def test_tree_depths_bound_the_positions_a_call_needs():
+def test_budget_past_the_drafts_maximum_length(lm, draft_lm):
+    """The target's cache is sized from the request (past its maximum length it only warns),
+    but the draft must cover every position the call needs, its tree included: the tree's
+    depth (16 at most for DySpec), not its 65 node slots (200 + 40 tokens used to be refused
+    as 305 positions)."""
+    with pytest.raises(InvalidArgumentError, match=r"the draft's maximum length \(256\) is shorter than the 261 "
+                                                   r"positions this call needs \(longest prompt \+ max_new_tokens \+ "
+                                                   r"the tree's depth\)"):
+        lm.generate([[1] * 200], max_new_tokens=45, method="dyspec", budget=64, draft=draft_lm)
     from jaxaccel.decode.methods import get_method
 
     assert get_method("dyspec", budget=64).position_headroom() == 16

@@ -217,6 +217,11 @@ class LanguageModel:
         draft_lm = None
         if getattr(decoder, "uses_draft", False):  # load + check the draft; methods may plan with both models
             draft_lm = self._draft_model(decoder)
+            longest = max(len(p) for p in ids)
+            if draft_lm.config.max_seq_len < longest + max_new_tokens:  # before any calibration the plan runs
+                raise InvalidArgumentError(
+                    f"the draft's maximum length ({draft_lm.config.max_seq_len}) is shorter than the "
+                    f"{longest + max_new_tokens} positions this call needs (longest prompt + max_new_tokens)")
             with acceptance.announcing(progress):  # a first call on a new pair measures the draft first
                 decoder.prepare(self, draft_lm, temperature, top_k, top_p, batch=len(ids))
         longest = max(len(p) for p in ids)
@@ -227,11 +232,10 @@ class LanguageModel:
         draft_handle = None
         positions = longest + max_new_tokens + decoder.position_headroom()  # a tree's nodes: root + depth
         if draft_lm is not None:
-            if draft_lm.config.max_seq_len < positions:  # its cache is the target's size: it runs on, drafting worse
-                warnings.warn(f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) + the tree's "
-                              f"depth ({decoder.position_headroom()}) runs past the draft's maximum length "
-                              f"{draft_lm.config.max_seq_len}: the draft uses positions it was not trained at (fewer "
-                              f"drafts may be accepted; the output is the target's all the same)", stacklevel=2)
+            if draft_lm.config.max_seq_len < positions:
+                raise InvalidArgumentError(
+                    f"the draft's maximum length ({draft_lm.config.max_seq_len}) is shorter than the {positions} "
+                    f"positions this call needs (longest prompt + max_new_tokens + the tree's depth)")
             draft_handle = draft_lm.handle
         if method_input is not None:
             method_input = _method_input_array(method_input, decoder, self.config.vocab_size)
