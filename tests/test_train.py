@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxaccel.config import from_dict
+from jaxaccel.config import from_dict, to_dict
 from jaxaccel.errors import CheckpointError, ConfigError
 from jaxaccel.train.config import RunConfig
 from jaxaccel.cli import run_cli
@@ -252,6 +252,28 @@ def test_cli_one_line_errors(tmp_path, capsys):
         lines = [line for line in err.splitlines() if line.startswith("error: ")]
         assert len(lines) == 1 and message in lines[0], err
         assert "Traceback" not in err
+
+
+def test_init_from_takes_a_builtin_model_name(tmp_path):
+    """`train.init_from=builtin:draft` fine-tunes a shipped model, as every command takes
+    builtin names for a model path (it was "does not exist")."""
+    import jax
+
+    from jaxaccel.model.checkpoint import BUILTIN_MODELS, load_model
+    from jaxaccel.model.transformer import canonical_params
+    from jaxaccel.train.loop import check_init_from, init_source, initial_params
+
+    check_init_from("builtin:draft", str(tmp_path / "run"))
+    assert init_source("builtin:draft") == ("model", BUILTIN_MODELS["draft"])
+    with pytest.raises(ConfigError, match=r"train.init_from: unknown built-in model 'nope'; built-in models: "
+                                          r"builtin:default, builtin:draft"):
+        check_init_from("builtin:nope", str(tmp_path / "run"))
+    draft_cfg, draft_params, _ = load_model(BUILTIN_MODELS["draft"])
+    model = {**json.loads(json.dumps(to_dict(draft_cfg))), "param_dtype": "float32", "dtype": "float32"}
+    cfg = from_dict(RunConfig, {"model": model, "train": {"init_from": "builtin:draft"}})
+    got = initial_params(cfg, None)
+    want = canonical_params(draft_params, draft_cfg)
+    assert float(jax.numpy.abs(got["embed"]["embedding"] - want["embed"]["embedding"].astype("float32")).max()) == 0
 
 
 class GatedData:

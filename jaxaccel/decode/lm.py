@@ -35,6 +35,7 @@ from jaxaccel.decode.sampling import make_sampling
 from jaxaccel.errors import (CheckpointError, ConfigError, InvalidArgumentError, InvalidPromptError, JaxaccelError,
                              ModelLoadError, first_line)
 from jaxaccel.files import unsupported_location
+from jaxaccel.model.checkpoint import BUILTIN_MODELS
 from jaxaccel.model.duo import parse_routes
 from jaxaccel.model.options import ExecutionPlan
 from jaxaccel.model.transformer import (LayerKV, ModelHandle, canonical_params, fuse_layers, init_cache, logical_axes,
@@ -504,14 +505,9 @@ class LanguageModel:
 
 # ----------------------------------------------------------------------------- loading
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-DEFAULT_MODEL_DIR = ASSETS / "default_model"  # configs/default.yaml, trained ~30 min on a 2-core CPU
-DRAFT_MODEL_DIR = ASSETS / "draft_model"  # configs/draft.yaml: same vocabulary, ~9x smaller
-SKIPDECODE_MODEL_DIR = ASSETS / "skipdecode_model"  # configs/deep.yaml + configs/skipdecode-2x.yaml: 12 layers
-DUO_MODEL_DIR = ASSETS / "duo_model"  # configs/duo.yaml (random routes) + a router for 4 of 8 big layers
-LONGCTX_MODEL_DIR = ASSETS / "longctx_model"  # configs/longctx.yaml: trained at 256 tokens to retrieve (TokenSelect)
-BUILTIN_MODELS = {"default": DEFAULT_MODEL_DIR, "draft": DRAFT_MODEL_DIR, "skipdecode": SKIPDECODE_MODEL_DIR,
-                  "duo": DUO_MODEL_DIR, "longctx": LONGCTX_MODEL_DIR}
+# `builtin:NAME` models: their folders (model/checkpoint.py names them)
+DEFAULT_MODEL_DIR, DRAFT_MODEL_DIR, SKIPDECODE_MODEL_DIR, DUO_MODEL_DIR, LONGCTX_MODEL_DIR = (
+    BUILTIN_MODELS[n] for n in ("default", "draft", "skipdecode", "duo", "longctx"))
 
 
 def _param_shardings(mesh: Mesh | None):
@@ -668,14 +664,10 @@ def locate(path: str | Path | None) -> tuple[str, Any]:
         path = "builtin:default"
     if not isinstance(path, (str, os.PathLike)) or str(path) == "":
         raise ModelLoadError(f"a model path (str or pathlib.Path) or a builtin name is needed, got {path!r}")
-    if isinstance(path, str) and path.startswith("builtin:"):
-        name = path.split(":", 1)[1]
-        if name not in BUILTIN_MODELS:
-            raise ModelLoadError(f"unknown built-in model {name!r}; built-in models: "
-                                 f"{', '.join('builtin:' + n for n in BUILTIN_MODELS)}")
-        if not ckpt.is_jaxaccel_checkpoint(BUILTIN_MODELS[name]):
-            raise ModelLoadError(f"the built-in {name} model is not installed in {BUILTIN_MODELS[name]}")
-        path = BUILTIN_MODELS[name]
+    try:
+        path = ckpt.builtin_folder(path) or path
+    except CheckpointError as e:
+        raise ModelLoadError(str(e)) from None
     if problem := unsupported_location(path):
         raise ModelLoadError(f"model path {problem}")
     if not str(path).startswith("gs://"):

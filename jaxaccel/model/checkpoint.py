@@ -24,6 +24,30 @@ MARKER = "jaxaccel.json"
 FORMAT = "jaxaccel-model"
 VERSION = 1
 
+# The shipped models, by the names `builtin:NAME` that every command takes for a model path.
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+BUILTIN_MODELS = {
+    "default": ASSETS / "default_model",  # configs/default.yaml, trained ~30 min on a 2-core CPU
+    "draft": ASSETS / "draft_model",  # configs/draft.yaml: same vocabulary, ~9x smaller
+    "skipdecode": ASSETS / "skipdecode_model",  # configs/deep.yaml + configs/skipdecode-2x.yaml: 12 layers
+    "duo": ASSETS / "duo_model",  # configs/duo.yaml (random routes) + a router for 4 of 8 big layers
+    "longctx": ASSETS / "longctx_model",  # configs/longctx.yaml: trained at 256 tokens to retrieve (TokenSelect)
+}
+
+
+def builtin_folder(path: Any) -> Path | None:
+    """The folder of a `builtin:NAME` model path (None for any other path); an unknown or
+    uninstalled name is a one-line CheckpointError listing the names."""
+    if not isinstance(path, str) or not path.startswith("builtin:"):
+        return None
+    name = path.split(":", 1)[1]
+    if name not in BUILTIN_MODELS:
+        raise CheckpointError(f"unknown built-in model {name!r}; built-in models: "
+                              f"{', '.join('builtin:' + n for n in BUILTIN_MODELS)}")
+    if not (BUILTIN_MODELS[name] / MARKER).is_file():
+        raise CheckpointError(f"the built-in {name} model is not installed in {BUILTIN_MODELS[name]}")
+    return BUILTIN_MODELS[name]
+
 
 def as_path(folder):
     """A local Path (absolute), or an etils epath for gs:// (Orbax and tensorstore take both);

@@ -90,7 +90,7 @@ class LoopConfig:
     attention: str = "flash"
     peak_flops: float | None = None  # per-device FLOP/s for MFU; None: measure a matmul
     progress: bool = True
-    # A model folder (jaxaccel checkpoint, or a run's output folder) whose parameters start
+    # A model folder (jaxaccel checkpoint, a run's output folder, or builtin:NAME) whose parameters start
     # this run instead of a random init (ignored when resuming). A deeper source gives its
     # first model.n_layers layers (a shallower baseline: the top layers dropped).
     init_from: str | None = None

@@ -632,7 +632,7 @@ def check_init_from(init_from: str | None, output_dir: str) -> None:
     if steps.is_dir() and any(p.name.isdigit() for p in steps.iterdir()):
         return
 
-    if not Path(init_from).exists():
+    if not init_from.startswith("builtin:") and not Path(init_from).exists():
         raise ConfigError(f"train.init_from: {init_from!r} does not exist")
     init_source(init_from)
 
@@ -642,7 +642,10 @@ def init_source(init_from: str) -> tuple[str, Any]:
     is exported, or a run's checkpoints; else a one-line ConfigError."""
     from jaxaccel.model import checkpoint as ckpt
 
-    folder = ckpt.as_path(init_from)
+    try:
+        folder = ckpt.as_path(ckpt.builtin_folder(init_from) or init_from)  # builtin:NAME, a shipped model
+    except CheckpointError as e:
+        raise ConfigError(f"train.init_from: {e}") from None
     if not ckpt.is_jaxaccel_checkpoint(folder) and ckpt.is_jaxaccel_checkpoint(folder / "model"):
         folder = folder / "model"
     if ckpt.is_jaxaccel_checkpoint(folder):
