@@ -109,7 +109,7 @@ def test_tree_node_distributions_equal_full_sequence_forwards(draft_lm, tiny_par
     toks[0, :len(prompt)] = prompt
     lens = jnp.asarray([len(prompt)])
     mode, sp = make_sampling(0.3, None, None)  # peaked: children outvalue the root's residual
-    method = DySpec(budget=9, pops_per_round=2, expand=expand, threshold=0.01)
+    method = DySpec(budget=9, pops_per_round=2, expand=expand, **({"threshold": 0.01} if expand == "threshold" else {}))
 
     def grow(h, toks, lens):
         ctx = StepContext(model=h, mode=mode, sampling=sp, eos_ids=jnp.zeros((0,), jnp.int32), max_new=jnp.int32(8),
@@ -234,6 +234,8 @@ def test_a_drafter_with_a_slightly_wrong_q_fails_the_check(small_pair, monkeypat
     ("sequoia", {"acceptance": [0.7, 0.6]}, "summing to at most 1"),
     ("sequoia", {"acceptance": "/nonexistent.json"}, "cannot read an acceptance vector"),
     ("dyspec", {"budget": "auto", "expand": "threshold"}, 'budget="auto" plans a heap-grown tree'),
+    ("dyspec", {"budget": "auto", "pops_per_round": 200}, 'the largest budget budget="auto" plans (128)'),
+    ("dyspec", {"budget": 8, "threshold": 0.1}, 'threshold applies to expand="threshold" only'),
     ("dyspec", {"greedy_temperature": -1}, "greedy_temperature must be"),
     ("dyspec", {"values": "exact"}, 'values must be "calibrated" or "draft"'),
 ])

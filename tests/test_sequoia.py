@@ -166,6 +166,33 @@ def test_errors_are_one_line():
         assert "\n" not in str(info.value)
 
 
+def test_specinfer_default_tree_has_exactly_its_budget_in_binary_levels():
+    """SpecInfer without `widths` drafts exactly `budget` nodes (and says so in its stats):
+    full binary levels, then a partial last level that gives each parent its first-ranked
+    child before any its second; breadth-first with each parent's children contiguous."""
+    from jaxaccel.decode.draft import SpecInfer, binary_parents, make_template
+
+    for budget in range(1, 131):
+        parents = binary_parents(budget)
+        t = make_template(parents)  # validates breadth-first order and contiguous children
+        assert t.nodes - 1 == budget == SpecInfer(budget=budget).budget
+        assert SpecInfer(budget=budget).template().nodes == budget + 1
+        assert t.max_children <= 2 and t.max_depth == int(np.log2(budget + 1))  # full levels first: the shallowest
+        full = 2 ** (t.max_depth + 1) - 2  # nodes in full levels up to the deepest, were it full
+        last = t.depth == t.max_depth
+        if budget < full:  # partial last level: first-ranked children before second-ranked ones
+            assert (t.rank[last] == 1).sum() == max(0, last.sum() - (1 << (t.max_depth - 1)))
+        assert (parents[1:] >= 0).all() and (np.diff(parents[1:]) >= 0).all()
+    assert SpecInfer(budget=64).stats(None, 1)["budget"] == 64
+
+
+def test_bench_figure_names_one_file_per_temperature_beside_the_given_one():
+    from jaxaccel.bench.draft import figure_path
+
+    assert figure_path("docs/figures/dyspec.png", 0.6) == "docs/figures/dyspec-T0.6.png"
+    assert figure_path("runs.png/fig.png", 0.0) == "runs.png/fig-T0.0.png"  # a folder's name is left alone
+
+
 @pytest.mark.parametrize("budget,nodes", [(3, 3), (8, 8), (12, 8), (16, 16), (64, 64), (128, 128)])
 def test_specinfer_chains_baseline_is_k_chains_of_depth_8(budget, nodes):
     """`bench dyspec --methods specinfer-chains`: the papers' k×8 SpecInfer trees, the
@@ -183,7 +210,7 @@ def test_specinfer_chains_baseline_is_k_chains_of_depth_8(budget, nodes):
 
 
 def test_bench_acceptance_predictions_have_each_shapes_closed_form():
-    """`bench acceptance`'s predicted tokens per step: a chain is sum p1^d, the binary tree
+    """`bench acceptance`'s predicted tokens per step: a chain is sum p1^d, a full binary tree
     sum (p1 + p2)^d, k chains of 8 are 1 + (p1 + ... + pk)(1 + p1 + ... + p1^7); Sequoia's optimum
     is at least each shape of its depth; `with_top1` keeps the measured vector at its own top-1
     and the other ranks' proportions elsewhere."""
@@ -194,7 +221,10 @@ def test_bench_acceptance_predictions_have_each_shapes_closed_form():
     geo = lambda x, n: sum(x ** d for d in range(n + 1))  # noqa: E731
     assert rows[16]["sps"] == pytest.approx(geo(p[0], 16)) and rows[16]["sps_nodes"] == 16
     assert rows[14]["specinfer"] == pytest.approx(geo(p[0] + p[1], 3)) and rows[14]["specinfer_nodes"] == 14
-    assert rows[64]["specinfer"] == pytest.approx(geo(p[0] + p[1], 5)) and rows[64]["specinfer_nodes"] == 62
+    # 16 and 64 nodes: full levels, then first-ranked children under the first two nodes of the last one
+    assert rows[16]["specinfer"] == pytest.approx(geo(p[0] + p[1], 3) + p[0] ** 4 + p[0] ** 3 * p[1])
+    assert rows[64]["specinfer"] == pytest.approx(geo(p[0] + p[1], 5) + p[0] ** 6 + p[0] ** 5 * p[1])
+    assert rows[16]["specinfer_nodes"] == 16 and rows[64]["specinfer_nodes"] == 64
     assert rows[64]["specinfer-chains"] == pytest.approx(1 + p[:8].sum() * geo(p[0], 7))
     assert rows[6]["specinfer-chains"] == pytest.approx(geo(p[0], 6))  # below 8 nodes: one chain
     for r in rows.values():
@@ -211,7 +241,7 @@ def test_bench_acceptance_predictions_have_each_shapes_closed_form():
                                               {"top1": 0.8, "measured": False, "rows": predicted_mat(better, (64,))}]})
     r = rows[64]
     assert "top-1 acceptance 0.550 (measured)" in text and "top-1 acceptance 0.800 (hypothetical draft)" in text
-    assert (f"| 64 | {r['sps']:.2f} | {r['specinfer']:.2f} (62) | {r['specinfer-chains']:.2f} (64) | "
+    assert (f"| 64 | {r['sps']:.2f} | {r['specinfer']:.2f} (64) | {r['specinfer-chains']:.2f} (64) | "
             f"{r['sequoia']:.2f} | {r['sequoia'] / r['specinfer']:.2f}x |") in text
     with pytest.raises(ValueError, match="top1"):
         with_top1(p, 1.0)

@@ -63,6 +63,14 @@ def predicted_speedup(method, mat: float, batch: int, ratio: float = ACCELERATOR
     return mat / step
 
 
+def figure_path(figure: str, temperature: float) -> str:
+    """`--figure` for one temperature: NAME-T0.6.png beside it (a PNG unless it names a suffix)."""
+    from pathlib import Path
+
+    p = Path(figure)
+    return str(p.with_name(f"{p.stem}-T{temperature}{p.suffix or '.png'}"))
+
+
 def figure2(lm, draft, temperature: float, path: str | None) -> dict[str, Any]:
     from jaxaccel.decode.acceptance import calibration, probability_vs_acceptance, teacher_forced
 
@@ -148,7 +156,7 @@ def run(model: str = "builtin:default", draft: str = "builtin:draft", batches: S
             rows.append({"batch": batch, "temperature": temperature, "method": "autoregressive", "budget": None,
                          **base, "speedup": 1.0, "predicted_accelerator_speedup": 1.0})
             progress(f"batch {batch}, T={temperature}: autoregressive {base['tokens_per_s']:.0f} tok/s")
-            configs = [(m, b) for b in budgets for m in methods] + [("dyspec", "auto")]
+            configs = [(m, b) for b in budgets for m in methods] + [("dyspec", "auto")] * ("dyspec" in methods)
             for name, budget in configs:
                 method, opts = method_options(name, budget, draft)
                 baseline = base
@@ -179,8 +187,7 @@ def run(model: str = "builtin:default", draft: str = "builtin:draft", batches: S
                          f"{row['mat']:.2f}, {row['tokens_per_s']:.0f} tok/s, {row['speedup']:.2f}x autoregressive, "
                          f"predicted 1:50 {row['predicted_accelerator_speedup']:.2f}x")
     result["rows"] = rows
-    result["figure2"] = [figure2(lm, lm._drafts[draft], t, figure and figure.replace(".png", f"-T{t}.png"))
-                         for t in temperatures]
+    result["figure2"] = [figure2(lm, lm._drafts[draft], t, figure and figure_path(figure, t)) for t in temperatures]
     for f in result["figure2"]:
         progress(f"figure 2, T={f['temperature']}: correlation {f['correlation']:.3f} over {f['points']} drafted tokens")
     return result
@@ -235,16 +242,16 @@ def with_top1(acceptance: Sequence[float], top1: float):
 
 def shape_parents(shape: str, budget: int, acceptance, max_depth: int = 8):
     """parents of the static tree `shape` drafts with `budget` nodes: `sps` a chain,
-    `specinfer` its default (the deepest full binary tree within the budget),
+    `specinfer` its default (a binary tree of exactly `budget` nodes),
     `specinfer-chains` budget // 8 chains of depth 8, `sequoia` the optimal tree for
     `acceptance` (the method's default max_depth 8)."""
-    from jaxaccel.decode.draft import binary_widths, widths_template
+    from jaxaccel.decode.draft import binary_parents, widths_template
     from jaxaccel.decode.sequoia import optimal_tree, padded_acceptance
 
     if shape == "sps":
         return widths_template((1,) * budget).parents
     if shape == "specinfer":
-        return widths_template(binary_widths(budget)).parents
+        return binary_parents(budget)
     if shape == "specinfer-chains":
         return widths_template(tuple(chains_widths(budget))).parents
     if shape == "sequoia":

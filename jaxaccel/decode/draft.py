@@ -107,6 +107,10 @@ class DraftModelMethod(TreeMethod):
         if self.opts["budget"] != "auto" or not self.auto_budget:
             self.budget = positive_int("budget", self.opts["budget"], self.MAX_BUDGET)
 
+    def stats(self, method_output: Any, batch: int) -> dict[str, Any]:
+        """The draft nodes of each step's tree (root excluded)."""
+        return {**super().stats(method_output, batch), "budget": self.budget}
+
     def init_state(self, ctx: StepContext, batch: int, method_input: Any, prompt_tokens=None, prompt_lens=None):
         if ctx.draft is None:
             raise ValueError(f"method {self.name!r} needs a draft model handle (StepContext.draft)")
@@ -322,19 +326,26 @@ class SpS(StaticDraftMethod):
         return widths_template((1,) * self.budget)
 
 
-def binary_widths(budget: int) -> tuple[int, ...]:
-    """SpecInfer's default tree: the deepest full binary tree of at most `budget` drafted nodes
-    ([2] * depth; a single node below 2)."""
-    depth = 1
-    while 2 ** (depth + 2) - 2 <= budget:
-        depth += 1
-    return (2,) * depth if budget >= 2 else (1,)
+def binary_parents(budget: int) -> np.ndarray:
+    """SpecInfer's default tree: exactly `budget` drafted nodes, binary, filled level by level
+    (full levels of 2, 4, 8, ... nodes, then a partial last level). A partial level gives
+    every parent its first-ranked child before any parent its second, parents taken in
+    breadth-first order (the likelier paths first): parents [N = budget + 1], root -1."""
+    parents, level, left = [-1], [0], budget
+    while left > 0:
+        slots = [(i, r) for r in (0, 1) for i in range(len(level))][:left]
+        nxt = []
+        for i, _ in sorted(slots):  # breadth-first, each parent's children contiguous in rank order
+            nxt.append(len(parents))
+            parents.append(level[i])
+        level, left = nxt, left - len(slots)
+    return np.asarray(parents, np.int32)
 
 
 class SpecInfer(StaticDraftMethod):
     """SpecInfer (Miao et al. 2024): a static k-ary token tree, `widths=[w1, w2, ...]` children
     per node at each depth, drawn from the draft without replacement (greedy: its top-k).
-    Without `widths`: the deepest full binary tree of at most `budget` nodes ([2] * d)."""
+    Without `widths`: a binary tree of exactly `budget` nodes (`binary_parents`)."""
 
     name = "specinfer"
     options = {"draft": None, "budget": 16, "widths": None}
@@ -342,10 +353,8 @@ class SpecInfer(StaticDraftMethod):
     def __init__(self, **opts: Any):
         super().__init__(**opts)
         w = self.opts["widths"]
-        if w is None:
-            self.widths = binary_widths(self.budget)
-            self.budget = len(widths_template(self.widths).parents) - 1
-        else:
+        self.widths = None
+        if w is not None:
             if isinstance(w, (str, bytes)) or not hasattr(w, "__len__") or not w or not all(
                     isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= 1 for x in w):
                 raise InvalidArgumentError(f"widths must be a non-empty list of integers >= 1, got {w!r}")
@@ -360,7 +369,7 @@ class SpecInfer(StaticDraftMethod):
             self.budget = nodes
 
     def template(self) -> StaticTemplate:
-        return widths_template(self.widths)
+        return widths_template(self.widths) if self.widths is not None else make_template(binary_parents(self.budget))
 
 
 class Sequoia(StaticDraftMethod):

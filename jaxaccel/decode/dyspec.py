@@ -62,6 +62,9 @@ from jaxaccel.decode.tree import Tree, TreeShape, positive_int
 from jaxaccel.errors import InvalidArgumentError
 
 
+AUTO_MAX_BUDGET = 128  # budget="auto" plans trees of at most this many nodes
+
+
 class DySpec(DraftModelMethod):
     name = "dyspec"
     auto_budget = True
@@ -78,6 +81,9 @@ class DySpec(DraftModelMethod):
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t < 1.0:
             raise InvalidArgumentError(f"threshold must be in (0, 1), got {t!r}")
         self.threshold = float(t)
+        if "threshold" in opts and o["expand"] != "threshold":
+            raise InvalidArgumentError(f'threshold applies to expand="threshold" only; this tree is grown with '
+                                       f'expand={o["expand"]!r}')
         self.max_depth = positive_int("max_depth", o["max_depth"], 64)
         self.max_children = positive_int("max_children", o["max_children"], 64)
         g = o["greedy_temperature"]
@@ -92,6 +98,9 @@ class DySpec(DraftModelMethod):
         if o["budget"] == "auto":
             if o["expand"] != "heap":
                 raise InvalidArgumentError('budget="auto" plans a heap-grown tree; give a budget with expand="threshold"')
+            if o["pops_per_round"] is not None and self.pops > AUTO_MAX_BUDGET:
+                raise InvalidArgumentError(f'pops_per_round ({self.pops}) must not exceed the largest budget '
+                                           f'budget="auto" plans ({AUTO_MAX_BUDGET})')
             return  # set by prepare()
         if o["pops_per_round"] is None:  # the heap: 4 candidates per draft forward; threshold: a whole layer
             self.pops = min(4, self.budget) if o["expand"] == "heap" else self.budget
@@ -303,8 +312,10 @@ def _plan(acceptance: tuple[float, ...], batch: int, draft_ratio: float, curve, 
     def value(n: int, depth: int) -> float:
         depth = min(depth, 16)
         if depth not in curves:
-            curves[depth] = tree_value_curve(padded_acceptance(acceptance, 128, depth), 128, depth)
+            curves[depth] = tree_value_curve(padded_acceptance(acceptance, AUTO_MAX_BUDGET, depth), AUTO_MAX_BUDGET,
+                                             depth)
         return float(curves[depth][n])
 
     return tuning.plan_draft_budget(value, batch, draft_ratio, curve=None if curve is None else dict(curve),
+                                    max_budget=AUTO_MAX_BUDGET,
                                     pops_choices=None if pops_choices is None else list(pops_choices))
