@@ -156,7 +156,7 @@ def run(model: str = "builtin:default", draft: str = "builtin:draft", batches: S
             rows.append({"batch": batch, "temperature": temperature, "method": "autoregressive", "budget": None,
                          **base, "speedup": 1.0, "predicted_accelerator_speedup": 1.0})
             progress(f"batch {batch}, T={temperature}: autoregressive {base['tokens_per_s']:.0f} tok/s")
-            configs = [(m, b) for b in budgets for m in methods] + [("dyspec", "auto")] * ("dyspec" in methods)
+            configs = [(m, b) for b in budgets for m in methods] + ([("dyspec", "auto")] if "dyspec" in methods else [])
             for name, budget in configs:
                 method, opts = method_options(name, budget, draft)
                 baseline = base

@@ -131,8 +131,7 @@ class DySpec(DraftModelMethod):
     def stats(self, method_output: Any, batch: int) -> dict[str, Any]:
         """The tree budget this call ran (budget="auto": the one its cost model chose; 0 = plain
         steps, no tree) and the candidates popped per draft forward."""
-        return {**super().stats(method_output, batch), "budget": self.budget,
-                "pops_per_round": self.pops if self.budget else 0}
+        return {**super().stats(method_output, batch), "pops_per_round": self.pops if self.budget else 0}
 
     # Budget 0 (only from budget="auto", when no tree is predicted to pay): plain
     # autoregressive steps; the draft is not run at all.
