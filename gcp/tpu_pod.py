@@ -58,6 +58,7 @@ authenticated, with TPU quota in the zone.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import posixpath
 import re
@@ -118,7 +119,16 @@ class ArgumentParser(argparse.ArgumentParser):
         raise SystemExit(EXIT_BAD_INPUT)
 
 
+# Whether a command is being started, and whether a SIGTERM came meanwhile. A signal raised
+# inside subprocess.Popen() after the child exists leaves no Popen object to stop it with: the
+# child (the remote run, say) would outlive the launcher. So it is raised once Popen returns.
+_STARTING = {"now": False, "terminated": False}
+
+
 def _terminated(signum, frame):
+    if _STARTING["now"]:
+        _STARTING["terminated"] = True
+        return
     raise KeyboardInterrupt  # SIGTERM is handled as Ctrl-C: delete the slice, exit 130
 
 
@@ -188,27 +198,48 @@ def _not_started(cmd: list[str], e: OSError) -> LauncherError:
     return LauncherError(f"cannot run {cmd[0]}: {e.strerror or e}")
 
 
-def _call(cmd: list[str], **kwargs):
-    """subprocess.run, with a missing program as a LauncherError instead of a traceback."""
+@contextlib.contextmanager
+def _child(cmd: list[str], **kwargs):
+    """subprocess.Popen for a with block: a missing program is a LauncherError instead of a
+    traceback, and the child is killed when the block is left by an exception (Ctrl-C, or a
+    SIGTERM, even one that came while the child was starting)."""
+    _STARTING.update(now=True, terminated=False)
     try:
-        return subprocess.run(cmd, check=False, **kwargs)
+        proc = subprocess.Popen(cmd, **kwargs)
     except OSError as e:
         raise _not_started(cmd, e) from None
+    finally:
+        _STARTING["now"] = False
+    try:
+        if _STARTING["terminated"]:
+            raise KeyboardInterrupt
+        yield proc
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def _call(cmd: list[str], capture_output: bool = False, text: bool = False) -> subprocess.CompletedProcess:
+    """subprocess.run(check=False), through `_child`."""
+    pipe = subprocess.PIPE if capture_output else None
+    with _child(cmd, stdout=pipe, stderr=pipe, text=text) as proc:
+        out, err = proc.communicate()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _call_keeping_stderr(cmd: list[str]) -> tuple[int, str]:
     """Run `cmd` with its stderr shown as it comes — in whatever pieces it is written, so a
     question without a newline (gcloud's "enable the API? (y/N)") is seen before it is
-    answered — and kept, to tell a stock-out from other failures. Interrupted, the command
-    is stopped too (as subprocess.run does)."""
+    answered — and kept, to tell a stock-out from other failures."""
     import codecs
 
-    try:
-        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
-    except OSError as e:
-        raise _not_started(cmd, e) from None
     decoder, kept = codecs.getincrementaldecoder("utf-8")(errors="replace"), []
-    try:
+    with _child(cmd, stderr=subprocess.PIPE) as proc:
         while True:
             chunk = os.read(proc.stderr.fileno(), 4096)
             text = decoder.decode(chunk, final=not chunk)
@@ -219,12 +250,6 @@ def _call_keeping_stderr(cmd: list[str]) -> tuple[int, str]:
             if not chunk:
                 break
         return proc.wait(), "".join(kept)
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    finally:
-        proc.stderr.close()
 
 
 class Executor:

@@ -131,6 +131,31 @@ def test_tpu_pod_sigterm_deletes_the_slice_and_exits_130(tmp_path):
     assert gcloud_calls(tmp_path) == ["create", "scp", "install", "run"]
 
 
+@pytest.mark.parametrize("call", ["_call", "_call_keeping_stderr"])
+def test_tpu_pod_a_sigterm_while_a_command_starts_stops_that_command(launcher_module, monkeypatch, call):
+    """A SIGTERM that lands inside subprocess.Popen, after the child exists (the fake gcloud of
+    the test above signals right as it starts, so it did about one run in three on a loaded
+    machine), left that child running after the launcher exited."""
+    import signal
+
+    started, real_popen = [], subprocess.Popen
+
+    def popen_then_sigterm(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        launcher_module._terminated(signal.SIGTERM, None)  # before Popen has returned
+        return started[-1]
+
+    monkeypatch.setattr(subprocess, "Popen", popen_then_sigterm)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            getattr(launcher_module, call)(["sleep", "30"])
+        assert started[0].poll() == -signal.SIGKILL  # stopped, not left running
+    finally:
+        if started[0].poll() is None:
+            started[0].kill()
+            started[0].wait()
+
+
 def test_tpu_pod_missing_tools_and_bad_sweep_args_are_one_line_errors(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
