@@ -235,6 +235,25 @@ def test_selection_cache_state_of_a_decode_step():
     np.testing.assert_array_equal(always.hits, [1, 1, 0])
 
 
+def test_threshold_one_reuses_an_identical_query_and_just_above_one_never_does():
+    """cos(q, q) in float32 is 1 - 6e-8 for about a quarter of queries, so "1 reuses only an
+    identical query" missed on those rows; just above 1, not even an identical query hits."""
+    from jaxaccel.model.layers import query_cosine
+
+    lengths = [100] * 16
+    params, cache, x = layer_case(4, lengths, 1)
+    slots = np.array(lengths)[:, None]
+    empty = SelectionState.empty(16, 8, CFG.n_heads * HD)
+    policy = TokenSelectAttention(**SMALL_BUDGET, cache_threshold=1.0)
+    first = run_layer(policy, params, cache, x, lengths, slots, empty)[2]
+    assert np.any(np.asarray(query_cosine(first.query, first.query)) < 1.0)  # rows the rounding hits
+    again = run_layer(policy, params, cache, x, lengths, slots, first)[2]
+    np.testing.assert_array_equal(again.hits, [1] * 16)
+    above = run_layer(dataclasses.replace(policy, cache_threshold=1.0 + 1e-6), params, cache, x, lengths, slots,
+                      first)[2]
+    np.testing.assert_array_equal(above.hits, [0] * 16)
+
+
 def test_query_cosine_stays_within_minus_one_and_one():
     """float32 rounding puts cos(q, -q) below -1 for many 256-wide queries (about a quarter of
     these); a threshold of -1 must still reuse, so the cosine is clipped."""
@@ -288,12 +307,16 @@ def test_random_selection_draws_k_distinct_candidates_per_length():
     assert not np.array_equal(top[0], scored[0])
 
 
-def test_baseline_selections_decode_past_the_budget(lm):
+def test_baseline_selections_decode_past_the_budget_and_select_afresh_at_every_step(lm):
+    """The baselines never reuse a selection, at the default cache_threshold too (with 0.9 a
+    "recent" block chosen steps earlier was reused while the local window moved on, leaving a
+    gap StreamingLLM does not have)."""
     ps = prompts([60, 45], seed=3)
-    outs = {sel: lm.generate(ps, max_new_tokens=6, method="tokenselect", **SMALL_BUDGET, chunk=16,
-                             cache_threshold=None, selection=sel) for sel in ("topk", "recent", "random")}
-    assert all([len(t) for t in o.tokens] == [6, 6] for o in outs.values())
-    assert outs["recent"].stats["selection_lookups"] == 2 * 2 * 6
+    outs = {sel: lm.generate(ps, max_new_tokens=20, method="tokenselect", **SMALL_BUDGET, chunk=16,
+                             selection=sel) for sel in ("topk", "recent", "random")}
+    assert all([len(t) for t in o.tokens] == [20, 20] for o in outs.values())
+    for sel in ("recent", "random"):
+        assert outs[sel].stats["selection_lookups"] == 2 * 2 * 20 and outs[sel].stats["selection_cache_hits"] == 0
 
 
 # ----------------------------------------------------------------------------- the selection cache in decoding
@@ -372,12 +395,23 @@ def test_a_k_past_the_cache_allocates_nothing_for_it(lm):
     (dict(cache_threshold=-1.01), "cache_threshold must be a number in [-1, 1] or None, got -1.01"),
     (dict(positions="rank"), "positions must be 'compact' or 'original', got 'rank'"),
     (dict(selection="none"), "selection must be 'topk', 'recent' or 'random', got 'none'"),
+    (dict(selection="recent", cache_threshold=0.9), "cache_threshold is for selection='topk' only"),
     (dict(budget=3), "unknown option budget for method 'tokenselect'"),
 ])
 def test_bad_options_are_one_line_errors(lm, options, message):
     with pytest.raises(InvalidArgumentError) as err:
         lm.generate([[1, 2, 3]], max_new_tokens=4, method="tokenselect", **options)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cli_option_none_means_no_value(capsys):
+    """`--option cache_threshold=None` is Python's spelling of YAML's null, not the string 'None'."""
+    from jaxaccel.decode.__main__ import parse_options
+
+    assert parse_options(["cache_threshold=None", "pool=none", "k=null"]) == {"cache_threshold": None, "pool": None,
+                                                                              "k": None}
+    assert run_cli(decode_main, ["--prompt-ids", "1,2", "--method", "tokenselect", "--max-new-tokens", "2",
+                                 "--option", "cache_threshold=None", "--option", "pool=None"]) in (0, None)
 
 
 def test_cli_bad_option_exits_2(capsys):

@@ -37,7 +37,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--method", default="autoregressive",
                    help=f"decoding method: {', '.join(sorted(METHODS))} (default: autoregressive)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="method option, e.g. --option template=paper (repeatable)")
+                   help="method option, e.g. --option template=paper (repeatable; a value is read as YAML, "
+                        "and None or null means no value)")
     p.add_argument("--routes", default=None,
                    help="Duo-LLM models: big, small, or one of B/S/- per layer (e.g. BSBSSBSB; _ also skips, "
                         "so a pattern may start with it: _SBB...); default: the model's router, else all big")
@@ -139,6 +140,8 @@ def parse_options(items: Sequence[str]) -> dict[str, Any]:
         except ConfigError as e:
             fail(f"--option: {e}")
         key = ".".join(path)
+        if value in ("None", "none"):  # Python's spelling of YAML's null (pool=None, cache_threshold=None)
+            value = None
         if key in options:  # as a YAML key given twice: refused, not the last one silently
             fail(f"--option {key} is given twice ({options[key]!r} and {value!r}); give it once")
         options[key] = value

@@ -25,7 +25,8 @@ selection (rows longer than the budget).
 
 Baselines at the same budget (`selection`): "recent" spends the k slots on the keys right
 before the local window (StreamingLLM: init + a local window of k + n_local), "random" on k
-candidates drawn uniformly; the default "topk" is TokenSelect's soft vote.
+candidates drawn uniformly; the default "topk" is TokenSelect's soft vote. The baselines have
+no selection cache (they select afresh at every step; a `cache_threshold` with them is refused).
 
 The official code (an SGLang patch) pairs query head h with KV head h % n_kv_heads; here it
 is the standard GQA map h // (n_heads // n_kv_heads).
@@ -88,6 +89,11 @@ class TokenSelect(DecodeMethod):
             raise InvalidArgumentError(f"positions must be 'compact' or 'original', got {o['positions']!r}")
         if o["selection"] not in SELECTIONS:
             raise InvalidArgumentError(f"selection must be 'topk', 'recent' or 'random', got {o['selection']!r}")
+        if o["selection"] != "topk":  # a baseline selects afresh at every step, as its method does
+            if opts.get("cache_threshold") is not None:
+                raise InvalidArgumentError(f"cache_threshold is for selection='topk' only; selection="
+                                           f"{o['selection']!r} selects afresh at every step (leave it unset)")
+            o["cache_threshold"] = None
 
     def policy(self) -> TokenSelectAttention:
         o = self.opts

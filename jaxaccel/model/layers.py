@@ -288,8 +288,10 @@ def token_select_attention(policy: TokenSelectAttention, cfg: ModelConfig, q_raw
         if state is None or policy.cache_threshold is None:
             top = _fresh_top(policy, query, cache_k, lengths)
         else:
-            cos = query_cosine(flat, state.query)
-            hit = state.filled & long & (cos >= policy.cache_threshold)
+            hit = query_cosine(flat, state.query) >= policy.cache_threshold
+            if policy.cache_threshold <= 1.0:  # float32 puts cos(q, q) at 1 - 6e-8 about one time in
+                hit |= jnp.all(flat == state.query, axis=-1)  # four: an identical query is a hit
+            hit = state.filled & long & hit
             # Score the keys only when some long row misses (batch 1: a hit skips the scoring).
             top = jax.lax.cond(jnp.all(hit | ~long), lambda: state.top, lambda: jnp.where(
                 hit[:, None], state.top, _fresh_top(policy, query, cache_k, lengths)))
