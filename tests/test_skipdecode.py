@@ -89,6 +89,10 @@ def test_speedup_picks_a_schedule_with_that_mean(speedup, expect):
     ({"speedup": 0.5}, "speedup must be a number >= 1"),
     ({"speedup": 4}, "speedup 4 is unreachable"),
     ({"speedup": 2, "max_layers": 4}, "either speedup or min_layers"),
+    # warmup_layers is checked before `speedup` uses it (was a TypeError, or "unreachable")
+    ({"speedup": 2, "warmup_layers": "abc"}, r"^warmup_layers must be an integer >= 0, got 'abc'$"),
+    ({"speedup": 2, "warmup_layers": 1.5}, r"^warmup_layers must be an integer >= 0, got 1\.5$"),
+    ({"speedup": 1, "warmup_layers": 6}, r"^warmup_layers \(6\) must be below n_layers \(6\)"),
     ({"max_length": 1}, "max_length must be an integer >= 2"),
     # max_layers alone: min_layers defaults to it, but the message names the option given
     ({"max_layers": 7}, r"^max_layers must be an integer in .* = \[2, 6\], got 7$"),
@@ -185,6 +189,18 @@ def test_full_schedule_equals_autoregressive(lm, batch, dispatch):
     got = lm.generate(ps, max_new_tokens=24, method="skipdecode", max_length=64, dispatch=dispatch)
     assert got.tokens == ref.tokens
     assert got.stats["mean_layers_per_step"] == CFG.n_layers
+
+
+def test_full_schedule_equals_autoregressive_in_bfloat16():
+    """A constant depth takes the static programs: at every layer, the very forward of
+    autoregressive. Under lax.cond a bfloat16 layer rounded differently, and the shipped
+    bfloat16 model's greedy tokens drifted from autoregressive's after about 20."""
+    cfg = dataclasses.replace(CFG, init_std=0.2, dtype="bfloat16", param_dtype="bfloat16")
+    lm16 = jaxaccel.from_params(cfg, init_params(cfg, jax.random.key(5)))
+    ps = prompts(4, seed=11)
+    ref = lm16.generate(ps, max_new_tokens=40)
+    for opts in (dict(), dict(min_layers=CFG.n_layers, max_layers=CFG.n_layers, max_length=64)):
+        assert lm16.generate(ps, max_new_tokens=40, method="skipdecode", **opts).tokens == ref.tokens
 
 
 def test_switch_dispatch_equals_cond(lm):
@@ -325,6 +341,10 @@ def test_bad_fine_tune_configs(tmp_path):
     with pytest.raises(ConfigError, match=r"^train\.skip_schedule: max_layers must be an integer in .*, got 5$"):
         train(run_cfg(tmp_path / "e", max_layers=5))
     assert not any((tmp_path / d).exists() for d in "de")
+    prefix = run_cfg(tmp_path / "f", max_layers=4, min_layers=2, max_length=32)
+    prefix = dataclasses.replace(prefix, data=dataclasses.replace(prefix.data, objective="prefix_lm"))
+    with pytest.raises(ConfigError, match=r"^train\.skip_schedule needs data\.objective: causal .*'prefix_lm'$"):
+        train(prefix)
 
 
 # ----------------------------------------------------------------------------- the experiment, at toy size

@@ -99,7 +99,10 @@ class SkipDecode(DecodeMethod):
         schedule = self._require(ctx)
         ms: SkipState = state.method_state
         h = self.layers_at_step(state.step, ms.span, schedule)
-        if self.opts["dispatch"] == "cond":
+        # A constant depth takes the static programs whatever `dispatch` says: every layer is
+        # then exactly autoregressive's forward (in bfloat16 a layer inside lax.cond rounds
+        # differently, and the greedy tokens drifted from autoregressive's after ~20).
+        if self.opts["dispatch"] == "cond" and schedule.min_layers < schedule.max_layers:
             state, _, token = next_token(state, ctx, ExecutionPlan(layer_on=schedule.active(h)))
         else:
             depths = sorted(set(range(schedule.min_layers, schedule.max_layers + 1)) | {schedule.n_layers})

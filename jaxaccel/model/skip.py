@@ -14,6 +14,7 @@ the step index (not a row's position) drives h, with the batch's longest prompt 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -38,13 +39,17 @@ class SkipSchedule:
     max_length: int
     warmup_layers: int = 1
 
-    def __post_init__(self):
-        n, w = self.n_layers, self.warmup_layers
+    @staticmethod
+    def _check_warmup(n: int, w: Any) -> None:
         if isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 0:
             raise InvalidArgumentError(f"warmup_layers must be an integer >= 0, got {w!r}")
         if w >= n:
             raise InvalidArgumentError(f"warmup_layers ({w}) must be below n_layers ({n}): the schedule needs at "
                                        f"least one layer after the warm-up")
+
+    def __post_init__(self):
+        n, w = self.n_layers, self.warmup_layers
+        self._check_warmup(n, w)
         # max_layers first: min_layers defaults to max_layers (`build`), so a bad max_layers
         # alone must be named as itself.
         for name in ("max_layers", "min_layers"):
@@ -93,6 +98,7 @@ class SkipSchedule:
         if not isinstance(speedup, (int, float, np.integer, np.floating)) or isinstance(speedup, bool) \
                 or not speedup >= 1:
             raise InvalidArgumentError(f"speedup must be a number >= 1, got {speedup!r}")
+        cls._check_warmup(n_layers, warmup_layers)  # before it is used below
         target = n_layers / speedup
         lowest = warmup_layers + 1
         if target < lowest - 1e-9:

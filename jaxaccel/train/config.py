@@ -196,6 +196,10 @@ class RunConfig:
         from jaxaccel.errors import InvalidArgumentError
         from jaxaccel.model.skip import SkipSchedule
 
+        if self.data.objective != "causal":  # a prefix's bidirectional attention would read, from tokens
+            # that run every layer, the K/V of later prefix tokens the schedule skips
+            raise ConfigError(f"train.skip_schedule needs data.objective: causal (decoding is causal), got "
+                              f"{self.data.objective!r}")
         prompt_max = self.train.seq_len // 2 if sk.prompt_max is None else sk.prompt_max
         if prompt_max >= self.train.seq_len or sk.prompt_min > prompt_max:
             raise ConfigError(f"train.skip_schedule prompt lengths [{sk.prompt_min}, {prompt_max}] must lie below "
