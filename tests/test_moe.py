@@ -77,6 +77,22 @@ def test_token_priority_keeps_a_capacity_bound_forward_causal(priority, causal):
     assert same == causal
 
 
+def test_tokens_a_plan_leaves_inactive_take_no_expert_slot():
+    """A token that passes through a layer (ExecutionPlan.active off: SkipDecode's fine-tune)
+    is routed like padding: under binding capacity and "rank" priority its choices would
+    otherwise take active tokens' slots (and count in the load-balancing loss)."""
+    from jaxaccel.model.options import ExecutionPlan
+    from jaxaccel.model.transformer import forward as raw_forward
+
+    cfg = replace(MOE, init_std=0.3, moe=replace(MOE.moe, every=1, priority="rank"))
+    params = init_params(cfg, jax.random.key(0), "unrolled")
+    x = tokens(16, 16, seed=1)
+    y = x.at[:, 10:].set((x[:, 10:] + 7) % cfg.vocab_size)
+    active = jnp.broadcast_to((jnp.arange(16) < 10)[None, :, None], (16, 16, cfg.n_layers))
+    run = jax.jit(lambda t: raw_forward(params, cfg, t, moe_training=True, plan=ExecutionPlan(active=active))[0])
+    np.testing.assert_allclose(np.asarray(run(x))[:, :10], np.asarray(run(y))[:, :10], atol=1e-6)
+
+
 def test_padding_takes_no_expert_slot():
     logits = jnp.array([[[5.0, 0.0]] * 4])
     mask = jnp.array([[False, False, True, True]])

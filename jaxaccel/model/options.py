@@ -134,7 +134,8 @@ class ExecutionPlan(NamedTuple):
 
     * `active` [batch, n_layers] or [batch, T, n_layers] bool: a row (token) whose flag is off
       for a layer passes its hidden state through that layer unchanged. The layer is still
-      computed for the batch (teacher-forced SkipDecode training, per-row masks).
+      computed for the batch (teacher-forced SkipDecode training, per-row masks); in an MoE
+      layer such a token is routed like padding: it takes no expert slot.
     * `layer_on` [n_layers] bool, the same for the whole batch: a layer whose flag is off is
       not computed at all (`lax.cond`: it costs nothing and writes no K/V) — SkipDecode's
       decode steps. A tuple of Python bools is static instead: the skipped layers are not

@@ -144,7 +144,11 @@ class DecoderLayer(nn.Module):
             mode = dispatch_mode(h.shape[0] * h.shape[1], cached=cache_kv is not None)
             m = DuoFFN(cfg, opts, mode, name="duo")(h, route)
         elif cfg.is_moe_layer(self.index):
-            m = MoE(cfg, opts.dropless, opts.moe_training, name="moe")(h, visibility.token_mask)
+            routed = visibility.token_mask  # padding, and tokens the plan passes through, take no slot
+            if active is not None:
+                on = jnp.broadcast_to(active, h.shape[:2])
+                routed = on if routed is None else routed.astype(bool) & on
+            m = MoE(cfg, opts.dropless, opts.moe_training, name="moe")(h, routed)
         else:
             m = MLP(cfg, opts, name="mlp")(h)
         m = nn.Dropout(cfg.dropout.mlp)(m, deterministic=opts.deterministic)
