@@ -157,6 +157,10 @@ def test_a_constant_depth_takes_any_prompt_length(lm):
     with pytest.warns(UserWarning, match="maximum length 128"):
         fixed = lm.generate(long, max_new_tokens=4, method="skipdecode", min_layers=3, max_layers=3)
     assert fixed.stats["mean_layers_per_step"] == (CFG.n_layers + 3 * 3) / 4  # step 0 runs every layer
+    # ... unless the caller gives a max_length the prompt already reaches
+    for constant in (dict(min_layers=3, max_layers=3), dict()):
+        with pytest.raises(InvalidArgumentError, match=r"^max_length \(100\) must exceed the longest prompt"):
+            lm.generate(long, max_new_tokens=4, method="skipdecode", max_length=100, **constant)
 
 
 def test_a_one_layer_model_decodes_with_the_defaults():
@@ -341,6 +345,9 @@ def test_bad_fine_tune_configs(tmp_path):
     with pytest.raises(ConfigError, match=r"^train\.skip_schedule: max_layers must be an integer in .*, got 5$"):
         train(run_cfg(tmp_path / "e", max_layers=5))
     assert not any((tmp_path / d).exists() for d in "de")
+    with pytest.raises(ConfigError, match=r"not both \(over a config that sets speedup, add "
+                                          r"train\.skip_schedule\.speedup=null\)$"):
+        train(run_cfg(tmp_path / "g", speedup=2, min_layers=2))
     prefix = run_cfg(tmp_path / "f", max_layers=4, min_layers=2, max_length=32)
     prefix = dataclasses.replace(prefix, data=dataclasses.replace(prefix.data, objective="prefix_lm"))
     with pytest.raises(ConfigError, match=r"^train\.skip_schedule needs data\.objective: causal .*'prefix_lm'$"):

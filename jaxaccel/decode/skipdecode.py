@@ -74,10 +74,15 @@ class SkipDecode(DecodeMethod):
             raise InvalidArgumentError(f"dispatch must be 'cond' or 'switch', got {self.opts['dispatch']!r}")
         self._schedule = self.schedule(config)
 
+    def __init__(self, **opts: Any):
+        super().__init__(**opts)
+        self._max_length_given = opts.get("max_length") is not None
+
     def check_request(self, prompt_lens: list[int], max_new_tokens: int) -> None:
         # A constant depth (min_layers == max_layers, e.g. every layer when neither options
-        # nor a trained schedule are given) does not depend on the span: any prompt decodes.
-        if self._schedule.min_layers < self._schedule.max_layers:
+        # nor a trained schedule are given) does not depend on the span: any prompt decodes,
+        # unless the caller gave a max_length the prompt already reaches.
+        if self._schedule.min_layers < self._schedule.max_layers or self._max_length_given:
             check_span(self._schedule, max(prompt_lens))
 
     def init_state(self, ctx: StepContext, batch: int, method_input: Any, prompt_tokens=None,

@@ -200,6 +200,9 @@ class RunConfig:
             # that run every layer, the K/V of later prefix tokens the schedule skips
             raise ConfigError(f"train.skip_schedule needs data.objective: causal (decoding is causal), got "
                               f"{self.data.objective!r}")
+        if sk.speedup is not None and (sk.min_layers is not None or sk.max_layers is not None):
+            raise ConfigError("train.skip_schedule: give either speedup or min_layers/max_layers, not both (over a "
+                              "config that sets speedup, add train.skip_schedule.speedup=null)")
         prompt_max = self.train.seq_len // 2 if sk.prompt_max is None else sk.prompt_max
         if prompt_max >= self.train.seq_len or sk.prompt_min > prompt_max:
             raise ConfigError(f"train.skip_schedule prompt lengths [{sk.prompt_min}, {prompt_max}] must lie below "
