@@ -106,6 +106,29 @@ def test_tokens_read_counts_any_prefix_of_the_run_exactly(objective):
         assert tokens_read(cfg, unique, seq_len=32, batch_size=batch_size)[0] == data.stats["total_tokens"]
 
 
+def test_a_run_within_its_first_epoch_records_the_tokens_it_read_not_its_budget():
+    """data.epochs < 1 (or train.steps) stops a run inside its first epoch: the sweep record
+    counts the distinct tokens its batches held; the budget's count credited it (and the
+    scaling fit) with data it never saw."""
+    from types import SimpleNamespace
+
+    from jaxaccel.experiments.runner import _tokens_trained
+    from jaxaccel.train.config import LoopConfig, RunConfig
+
+    unique, seq_len, batch_size = 997, 32, 3
+    for epochs, steps in ((0.4, None), (2.5, 2)):
+        cfg = DataConfig(unique_tokens=unique, epochs=epochs, seed=3)
+        data = _data(cfg, unique, seq_len=seq_len, batch_size=batch_size)
+        run_steps = data.total_steps if steps is None else steps
+        positions = _positions_read(data, run_steps)
+        stats = {"total_tokens": tokens_read(cfg, unique, seq_len=seq_len, batch_size=batch_size)[0],
+                 "unique_tokens": unique, "epochs": epochs, "total_steps": data.total_steps}
+        run = SimpleNamespace(config=RunConfig(data=cfg, train=LoopConfig(seq_len=seq_len, batch_size=batch_size)))
+        total, seen, repeats = _tokens_trained(run, stats, run_steps)
+        assert (total, seen) == (len(positions), len(np.unique(positions))) and seen < unique, (epochs, steps)
+        assert repeats == pytest.approx(total / seen)
+
+
 def test_retrieval_rows_take_their_code_from_the_budget_not_the_whole_split(tmp_path, monkeypatch):
     # code_needle / span_recall rows are windows of corpus code: under data.unique_tokens they must be
     # windows of the unique stream, or a token-crisis run with retrieval rows trains on corpus tokens

@@ -424,6 +424,9 @@ def test_published_data_constrained_scaling_law_value():
     assert effective_data(1e9, 1e9, 15.39) == 1e9  # one epoch: every token counts
     assert effective_data(1e9, 1e15, 15.39) == pytest.approx(16.39e9)  # saturates at (1 + R_D*) U
     assert 1e9 < effective_data(1e9, 4e9, 15.39) < 4e9  # repeats count, but less than new tokens
+    # a run that read only part of its budget (data.epochs < 1) saw only what it read
+    assert effective_data(8192, 4096, 15.39) == 4096
+    assert PUBLISHED.loss(1e8, 4096, 8192) == PUBLISHED.loss(1e8, 4096, 4096) != PUBLISHED.loss(1e8, 8192, 8192)
 
 
 def test_rd_star_fit_recovers_the_constant_of_synthetic_runs():

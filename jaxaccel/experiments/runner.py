@@ -244,18 +244,23 @@ def _record(run: Run, sweep: Sweep, state: RunState) -> dict:
 
 def _tokens_trained(run: Run, stats: dict, steps: int | None) -> tuple[Any, Any, Any]:
     """(total tokens, unique tokens, epochs) the run trained on. The data stats describe the whole
-    budget; a run that train.steps stops before the budget's last step read less (and, stopped
-    within its first epoch, fewer distinct tokens): count what its `steps` batches held."""
+    budget; a run that train.steps stops before the budget's last step read less, and one
+    stopped within its first epoch (by train.steps, or by data.epochs < 1) fewer distinct
+    tokens than the budget's: count what its batches held (a scaling fit given the budget
+    would credit the run with data it never saw)."""
     cfg = run.config
     total, unique, epochs = stats.get("total_tokens"), stats.get("unique_tokens"), stats.get("epochs", cfg.data.epochs)
     budget_steps = stats.get("total_steps")
-    if (cfg.data.corpus == "synthetic" or not isinstance(steps, int) or not isinstance(unique, int)
-            or not isinstance(budget_steps, int) or steps >= budget_steps):
+    if cfg.data.corpus == "synthetic" or not isinstance(unique, int):
+        return total, unique, epochs
+    stopped = isinstance(steps, int) and isinstance(budget_steps, int) and steps < budget_steps
+    within_first_epoch = isinstance(total, (int, float)) and total < unique
+    if not (stopped or within_first_epoch):
         return total, unique, epochs
     from jaxaccel.data.pipeline import tokens_read
 
     total, unique = tokens_read(cfg.data, unique, seq_len=cfg.train.seq_len, batch_size=corpus_batch_size(cfg),
-                                steps=steps)
+                                steps=steps if stopped else None)
     return total, unique, (total / unique if unique else 0.0)
 
 

@@ -61,7 +61,9 @@ class DataConstrainedLaw:
         return _discounted(u_n, np.asarray(params, np.float64), self.rn_star)
 
     def loss(self, params, tokens, unique_tokens):
-        """Predicted final loss of an N-parameter model trained on D tokens with U unique."""
+        """Predicted final loss of an N-parameter model trained on D tokens with U unique (a run
+        that read fewer than U tokens saw only D of them)."""
+        unique_tokens = np.minimum(np.asarray(unique_tokens, np.float64), np.asarray(tokens, np.float64))
         n_eff = self.effective_params(params, unique_tokens)
         d_eff = self.effective_data(unique_tokens, tokens)
         out = self.E + self.A / n_eff ** self.alpha + self.B / d_eff ** self.beta
@@ -69,13 +71,16 @@ class DataConstrainedLaw:
 
 
 def _discounted(unique, total, star: float):
-    """unique + unique * star * (1 - exp(-R / star)), R = total / unique - 1 clipped at 0."""
+    """unique + unique * star * (1 - exp(-R / star)), R = total / unique - 1 clipped at 0; a
+    run that read less than its unique tokens (total < unique) saw only `total` of them."""
+    unique = np.minimum(unique, total)
     repeats = np.maximum(total / unique - 1.0, 0.0)
     return unique + unique * star * (1.0 - np.exp(-repeats / star))
 
 
 def effective_data(unique_tokens, tokens, rd_star: float):
-    """D' = U + U R_D* (1 - exp(-R_D / R_D*)), R_D = D / U - 1 (0 when D <= U)."""
+    """D' = U + U R_D* (1 - exp(-R_D / R_D*)), R_D = D / U - 1 (D' = D when D <= U: U is then
+    what was read, D)."""
     unique = np.asarray(unique_tokens, np.float64)
     out = _discounted(unique, np.asarray(tokens, np.float64), rd_star)
     return float(out) if np.ndim(out) == 0 else out
