@@ -102,6 +102,17 @@ def test_dispatch_at_batch_8_equals_per_token_routing(duo_params, case):
                 np.testing.assert_allclose(got[0, 0], reference[b, t], atol=1e-6)
 
 
+def test_out_of_range_traced_routes_are_a_skip_on_every_path(duo_params):
+    """Traced routes are not value-checked; a route of -1 was a skip in the masked and dispatch
+    paths but the big FFN in the switch (which clamps its index)."""
+    h = jax.random.normal(jax.random.key(6), (1, 1, 32))
+    p = {"params": duo_params["layer_1"]["duo"]}
+    for bad in (-1, 3):
+        routes = jnp.full((1, 1), bad, jnp.int32)
+        for mode in ("masked", "dispatch", "switch"):
+            np.testing.assert_array_equal(FFN[mode](p, h, routes), np.zeros((1, 1, DUO.d_model)), err_msg=mode)
+
+
 def test_dispatch_runs_each_ffn_on_a_buffer_from_the_capacity_ladder():
     assert capacity_ladder(8) == tuple(range(9))  # decode at batch 8: exactly the routed count
     assert capacity_ladder(2) == (0, 1, 2)

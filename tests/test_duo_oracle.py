@@ -157,6 +157,14 @@ def test_an_imitating_router_learns_the_routes_it_is_shown(toy):
     np.testing.assert_allclose(aux["duo_p_big"], [1.0, 0.0, 1.0], atol=0.1)
 
 
+def test_counting_router_big_layers_without_a_router_is_a_clear_error(toy):
+    from jaxaccel.errors import InvalidArgumentError
+
+    params, rows = toy
+    with pytest.raises(InvalidArgumentError, match="needs a Duo model with a router"):
+        exp.router_big_layers(params, TOY, rows)
+
+
 def test_oracle_plan_auto_falls_back_instead_of_refusing():
     """--oracle auto at 10 layers with --skip-rows: 2^10 fits, 3^10 does not -> exhaustive
     big/small oracle without the 3^L part (the docs' promise); exhaustive refuses it."""

@@ -309,6 +309,10 @@ def _router_step(rconfig, lr: float, alpha: float):
 def _count_big(params, config, x):
     from jaxaccel.model.transformer import forward
 
+    if not config.duo.router:
+        raise InvalidArgumentError("counting a router's big layers needs a Duo model with a router "
+                                   "(model.duo.router); this one has none")
+
     _, _, aux = forward(params, config, x, return_aux=True)
     return jnp.sum(hard_routes(aux["duo_router_logits"]) == BIG, axis=0)  # logits [L, B, T, 2]
 

@@ -92,8 +92,7 @@ def check_routes(routes, tokens_shape: tuple[int, int], n_layers: int) -> jax.Ar
     """Routes as the forward takes them -> [batch, T, n_layers] int32. Accepts [batch, T,
     n_layers], [batch, n_layers] (one route per row and layer) or [n_layers]; a wrong shape or
     (for concrete arrays) a value outside {0, 1, 2} is an `InvalidArgumentError`. Traced routes
-    are not value-checked: the masked and dispatch paths treat other values as skip, the switch
-    clamps them into range."""
+    are not value-checked: every path (masked, switch, dispatch) treats other values as skip."""
     batch, t = tokens_shape
     # Under jit a plan's routes (a pytree: a tuple of ints too) arrive as tracers.
     traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(routes))
@@ -259,6 +258,8 @@ class DuoFFN(nn.Module):
                 self.small(x)  # both FFNs exist from init on, whatever the first call routes
             self.sow("intermediates", "duo_p_big", jnp.ones((), jnp.float32))
             return self.big(x)
+        # Traced routes are not value-checked: a value outside {0, 1, 2} is a skip on every path.
+        routes = jnp.where((routes >= BIG) & (routes <= SKIP), routes, SKIP)
         self.sow("intermediates", "duo_p_big", jnp.mean((routes == BIG).astype(jnp.float32)))
         if self.mode == "masked" or self.is_initializing():
             big, small = self.big(x), self.small(x)
