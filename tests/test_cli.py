@@ -182,7 +182,7 @@ def test_convert_round_trip(model_dir, tmp_path, capsys, tiny_lm):
 
 
 def test_bench_decode_runs_and_reports(capsys, tmp_path):
-    code, out, err = run(bench_main, ["decode", "--models", "7m", "--batches", "1", "--runs", "1", "--new-tokens", "8",
+    code, out, err = run(bench_main, ["decode", "--models", "7m", "--batches", "1", "--runs", "1", "--new-tokens", "48",
                                       "--prompt-len", "8", "--no-hf", "--json", str(tmp_path / "r.json")], capsys)
     assert code == 0, err
     doc = json.loads((tmp_path / "r.json").read_text())
