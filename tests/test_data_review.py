@@ -88,6 +88,14 @@ def test_budget_checks_seq_len_as_build_data_does():
     assert budget(DataConfig(unique_tokens=100), 100, seq_len=2, batch_size=4)["total_sequences"] == 50
 
 
+@pytest.mark.parametrize("epochs", [0.0, -1.0, float("nan"), float("inf"), 1e300])
+def test_epochs_out_of_range_are_one_line_errors(epochs):
+    """1e300 epochs was accepted: a 300-digit step count in the dry run, a sweep that trains forever."""
+    with pytest.raises(ConfigError, match=r"^data\.epochs must be > 0 and <= 1e\+06, got "):
+        DataConfig(unique_tokens=1000, epochs=epochs)
+    assert DataConfig(unique_tokens=1000, epochs=1e6).epochs == 1e6
+
+
 def test_a_tiny_fraction_of_an_epoch_still_reads_a_row():
     # epochs > 0 is valid config; rounding epochs * S to 6 places must not make it an empty (0-step) run
     plan = budget(DataConfig(unique_tokens=1000, epochs=1e-9), 1000, seq_len=64, batch_size=8)

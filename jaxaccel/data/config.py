@@ -18,6 +18,9 @@ OBJECTIVES = ("causal", "prefix_lm", "ul2")
 DENOISER_MODES = ("R", "X", "S")
 
 
+MAX_EPOCHS = 1e6  # far past any repetition study (the paper's go to a few hundred); 1e300 was a 300-digit step count
+
+
 @dataclasses.dataclass(frozen=True)
 class Denoiser:
     """One UL2 denoiser (Tay et al. 2022, "UL2: Unifying Language Learning Paradigms").
@@ -168,8 +171,8 @@ class DataConfig:
             raise ConfigError(f"data.vocab_max_chars must be >= 1, got {self.vocab_max_chars}")
         if self.unique_tokens is not None and self.unique_tokens < 1:
             raise ConfigError(f"data.unique_tokens must be >= 1 or null, got {self.unique_tokens}")
-        if not (self.epochs > 0 and math.isfinite(self.epochs)):
-            raise ConfigError(f"data.epochs must be > 0, got {self.epochs}")
+        if not (0 < self.epochs <= MAX_EPOCHS):  # also refuses nan and inf
+            raise ConfigError(f"data.epochs must be > 0 and <= {MAX_EPOCHS:g}, got {self.epochs}")
         if self.seed < 0:
             raise ConfigError(f"data.seed must be >= 0, got {self.seed}")
         if not 0.0 <= self.validation_fraction < 1.0:
