@@ -49,6 +49,12 @@ class SkipDecode(DecodeMethod):
     options: dict = {"warmup_layers": None, "min_layers": None, "max_layers": None, "max_length": None,
                      "speedup": None, "dispatch": "cond"}  # warmup_layers None: the model's, else 1 (0 for 1 layer)
 
+    def __init__(self, **opts: Any):
+        super().__init__(**opts)
+        # Before use_model_info fills it from a trained schedule: the caller's own max_length
+        # is checked against the prompt even for a constant depth (check_request).
+        self._max_length_given = opts.get("max_length") is not None
+
     def schedule(self, config: ModelConfig) -> SkipSchedule:
         o = self.opts
         # The default warm-up is one layer, or none on a 1-layer model (which then just runs
@@ -73,10 +79,6 @@ class SkipDecode(DecodeMethod):
         if self.opts["dispatch"] not in ("cond", "switch"):
             raise InvalidArgumentError(f"dispatch must be 'cond' or 'switch', got {self.opts['dispatch']!r}")
         self._schedule = self.schedule(config)
-
-    def __init__(self, **opts: Any):
-        super().__init__(**opts)
-        self._max_length_given = opts.get("max_length") is not None
 
     def check_request(self, prompt_lens: list[int], max_new_tokens: int) -> None:
         # A constant depth (min_layers == max_layers, e.g. every layer when neither options

@@ -62,18 +62,15 @@ class DataConstrainedLaw:
 
     def loss(self, params, tokens, unique_tokens):
         """Predicted final loss of an N-parameter model trained on D tokens with U unique (a run
-        that read fewer than U tokens saw only D of them)."""
-        unique_tokens = np.minimum(np.asarray(unique_tokens, np.float64), np.asarray(tokens, np.float64))
-        n_eff = self.effective_params(params, unique_tokens)
+        that read fewer than U tokens saw only D of them: U_N comes from min(U, D))."""
+        n_eff = self.effective_params(params, np.minimum(np.asarray(unique_tokens, np.float64), tokens))
         d_eff = self.effective_data(unique_tokens, tokens)
         out = self.E + self.A / n_eff ** self.alpha + self.B / d_eff ** self.beta
         return float(out) if np.ndim(out) == 0 else out
 
 
 def _discounted(unique, total, star: float):
-    """unique + unique * star * (1 - exp(-R / star)), R = total / unique - 1 clipped at 0; a
-    run that read less than its unique tokens (total < unique) saw only `total` of them."""
-    unique = np.minimum(unique, total)
+    """unique + unique * star * (1 - exp(-R / star)), R = total / unique - 1 clipped at 0."""
     repeats = np.maximum(total / unique - 1.0, 0.0)
     return unique + unique * star * (1.0 - np.exp(-repeats / star))
 
@@ -81,8 +78,9 @@ def _discounted(unique, total, star: float):
 def effective_data(unique_tokens, tokens, rd_star: float):
     """D' = U + U R_D* (1 - exp(-R_D / R_D*)), R_D = D / U - 1 (D' = D when D <= U: U is then
     what was read, D)."""
-    unique = np.asarray(unique_tokens, np.float64)
-    out = _discounted(unique, np.asarray(tokens, np.float64), rd_star)
+    tokens = np.asarray(tokens, np.float64)
+    unique = np.minimum(np.asarray(unique_tokens, np.float64), tokens)  # a run that read less saw only D
+    out = _discounted(unique, tokens, rd_star)
     return float(out) if np.ndim(out) == 0 else out
 
 
