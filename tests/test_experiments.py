@@ -743,3 +743,27 @@ def test_a_diverged_run_records_the_stream_tokens_of_its_steps(toy):
     for record in doc["runs"]:
         planned = _stream_tokens_per_step(sweep.run(record["name"]), {})
         assert planned == record["total_tokens"] / record["steps"] == record["stream_tokens_per_step"] == 256
+
+
+def test_report_says_why_the_gap_column_or_a_run_of_the_fit_is_left_out():
+    """A reference or baseline run without a final validation loss (diverged, no eval) dropped the
+    gap column without a word, and the scaling fit dropped such runs silently."""
+    from jaxaccel.experiments.report import render_report
+
+    def run(name, status="done", loss=3.0, **extra):
+        return {"name": name, "group": "", "status": status, "params": 1000, "unique_tokens": 100,
+                "total_tokens": 400, "final": {} if loss is None else {"eval_loss": loss}, **extra}
+
+    doc = {"sweep": "s", "runs": [run("unique", loss=None), run("repeated", loss=3.5), run("dropout"),
+                                  run("blown", status="diverged", loss=9.0)],
+           "report": {"reference": "unique", "baseline": "repeated", "scaling_fit": True}}
+    text = render_report(doc)
+    assert "gap recovered" not in text
+    assert "(gap column left out: no final validation loss for unique)" in text
+    assert "Left out of the fit: `unique` (no final validation loss); `blown` (diverged)." in text
+    doc["runs"][0]["final"] = {"eval_loss": 3.5}
+    assert "have the same final validation loss, 3.5000" in render_report(doc)
+    doc["runs"][0]["final"] = {"eval_loss": 2.5}
+    text = render_report(doc)
+    assert "gap recovered" in text and "gap column left out" not in text
+    assert "`unique` (no" not in text and "`blown` (diverged)" in text

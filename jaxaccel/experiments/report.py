@@ -70,6 +70,11 @@ def render_report(doc: dict) -> str:
     ref_loss = (reference or {}).get("final", {}).get("eval_loss")
     base_loss = (baseline or {}).get("final", {}).get("eval_loss")
     with_gap = ref_loss is not None and base_loss is not None and base_loss != ref_loss
+    if reference is not None and baseline is not None and not with_gap:
+        missing = [r["name"] for r, loss in ((reference, ref_loss), (baseline, base_loss)) if loss is None]
+        gap_note = (f"(gap column left out: no final validation loss for {', '.join(missing)})" if missing else
+                    f"(gap column left out: {baseline['name']} and {reference['name']} have the same final "
+                    f"validation loss, {ref_loss:.4f})")
 
     header = ["run", "final val loss", "best val loss (step)", "final val acc", "final train loss", "steps",
               "unique tokens", "epochs", "tokens", "params", "wall"]
@@ -119,10 +124,15 @@ def _fit_section(doc: dict) -> list[str]:
     from jaxaccel.experiments.scaling import PUBLISHED
 
     runs, fit, why = repetition_fit(doc)
+    used = {id(r) for r in runs}
+    left_out = [r for r in doc["runs"] if r.get("status") in FINISHED and id(r) not in used]
     lines = ["## Data-constrained scaling law (Muennighoff et al. 2023)", "",
              "D' = U + U·R_D*·(1 − exp(−R_D/R_D*)), R_D = D/U − 1; each run's final validation loss fitted as "
              "E_N + B / D'^β (one E per model size). The paper's fit on C4: "
              f"R_D* = {PUBLISHED.rd_star:.2f}, β = {PUBLISHED.beta:.3f}.", ""]
+    if left_out:
+        lines += ["Left out of the fit: " + "; ".join(f"`{r['name']}` ({_fit_exclusion(r)})" for r in left_out)
+                  + ".", ""]
     if fit is None:
         return lines + [f"No fit: {why}.", ""]
     bound = " (at the end of the search range: only a bound)" if fit.rd_star_at_bound else ""
@@ -137,3 +147,12 @@ def _fit_section(doc: dict) -> list[str]:
                      f"{_count(r['total_tokens'])} | {r['total_tokens'] / r['unique_tokens']:.3g} | "
                      f"{r['final']['eval_loss']:.4f} | {fitted:.4f} |")
     return lines + [""]
+
+
+def _fit_exclusion(run: dict) -> str:
+    """Why a finished run is not a point of the scaling fit (repetition_fit's filter, in words)."""
+    if run.get("status") != "done":
+        return run.get("status") or "not done"
+    if (run.get("final") or {}).get("eval_loss") is None:
+        return "no final validation loss"
+    return "no token counts"
