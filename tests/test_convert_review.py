@@ -16,7 +16,7 @@ from conftest import randomize
 from jaxaccel.cli import run_cli
 from jaxaccel.config import ModelConfig
 from jaxaccel.convert.__main__ import main as convert_main
-from jaxaccel.convert.hf import config_from_hf, config_to_hf
+from jaxaccel.convert.hf import EXPORT_MANIFEST, config_from_hf, config_to_hf
 from jaxaccel.errors import CheckpointError, ConfigError, UnsupportedArchitectureError
 from jaxaccel.model.transformer import init_params
 
@@ -181,7 +181,7 @@ def test_force_export_deletes_only_the_earlier_exports_files(tmp_path, capsys):
     assert (folder / "notes.txt").read_text() == "keep"
     assert not any((folder / name).exists() for name in old_shards)
     assert not (folder / "model.safetensors.index.json").exists()
-    assert not any(p.name.startswith(".jaxaccel") for p in folder.iterdir())
+    assert not any(p.name.startswith(".jaxaccel") and p.name != EXPORT_MANIFEST for p in folder.iterdir())
     np.testing.assert_array_equal(embedding(jaxaccel.load(folder)), embedding(tiny(1)))
 
 
@@ -336,3 +336,54 @@ def test_ids_past_the_sentencepiece_pieces_decode_to_nothing():
     n = tok.vocab_size
     assert tok.decode(ids + [n, n + 7]) == tok.decode(ids) and tok.decode([n]) == ""
     assert tok.piece(n) == "" and tok.piece(ids[-1]) != ""
+
+
+# ----------------------------------------------------------------------------- review of 2026-12-04
+
+
+def test_a_model_transformers_resaved_is_not_taken_for_an_own_export(tmp_path, capsys):
+    """transformers keeps unknown config keys: a jaxaccel export it loaded and saved again (after a
+    fine-tune, say) kept the export mark, and a later export replaced it without --force."""
+    folder = tiny(0).export_hf(tmp_path / "hf")
+    copied = Path(shutil.copytree(folder, tmp_path / "copy"))  # a plain copy is still the export
+    source = tiny(1).export_hf(tmp_path / "source")
+    code, err = run(["export", str(source), str(copied)], capsys)
+    assert code == 0, err
+    config = json.loads((folder / "config.json").read_text())
+    config["transformers_version"] = "5.25.0"  # what save_pretrained writes, the mark kept
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    code, err = run(["export", str(source), str(folder)], capsys)
+    assert code == 2 and "holds a Hugging Face model that jaxaccel did not export, or changed since" in err, err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    # re-saved weights (other shards, same config): refused too
+    (folder / "config.json").write_text(json.dumps(config_to_hf(CFG) | {"exported_by": "jaxaccel"}, indent=2))
+    (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes() + b" ")
+    with pytest.raises(jaxaccel.errors.InvalidArgumentError, match="did not export, or changed since"):
+        tiny(1).export_hf(folder)
+
+
+@pytest.mark.filterwarnings("ignore:.*pieces but the model")
+def test_force_writes_beside_another_models_tokenizer_unless_it_brings_its_own(tmp_path, capsys):
+    """`import --force` / save(overwrite=True) into an HF folder deleted its tokenizer files even
+    when the new model had no tokenizer; export --force into a jaxaccel checkpoint's folder
+    deleted its tokenizer.model. A folder's tokenizer is replaced only by a write that has one."""
+    hf = tiny(0).export_hf(tmp_path / "hf")
+    word_level_tokenizer(hf)
+    (hf / "tokenizer_config.json").write_text('{"add_bos_token": true}')
+    tiny(1).save(hf, overwrite=True)
+    assert (hf / "tokenizer.json").is_file() and (hf / "tokenizer_config.json").is_file()
+    assert jaxaccel.load(hf).tokenizer is None  # the saved model has none, whatever the folder holds
+    np.testing.assert_array_equal(embedding(jaxaccel.load(hf)), embedding(tiny(1)))
+    with_sp = tiny(2, tokenizer=jaxaccel.tokenizer.SentencePieceTokenizer(SP_MODEL))
+    with_sp.save(hf, overwrite=True)  # an earlier save is there now: its entries all go
+    assert sorted(p.name for p in hf.glob("tokenizer*")) == ["tokenizer.model"]
+    assert isinstance(jaxaccel.load(hf).tokenizer, jaxaccel.tokenizer.SentencePieceTokenizer)
+
+    ckpt = with_sp.save(tmp_path / "ckpt")
+    code, err = run(["export", str(tmp_path / "hf"), str(ckpt), "--force"], capsys)  # it has no tokenizer.json
+    assert code == 0, err
+    assert (ckpt / "tokenizer.model").read_bytes() == SP_MODEL.read_bytes() and (ckpt / "jaxaccel.json").is_file()
+    word_level_tokenizer(tmp_path / "tok")
+    tiny(3, tokenizer=jaxaccel.tokenizer.HFTokenizer(tmp_path / "tok" / "tokenizer.json")).export_hf(ckpt, overwrite=True)
+    assert sorted(p.name for p in ckpt.glob("tokenizer*")) == ["tokenizer.json"]  # one tokenizer, the export's

@@ -18,6 +18,7 @@ Layout correspondence (HF Linear weights are [out, in]; ours are [in, ..., out])
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -164,6 +165,9 @@ def _config_from_hf(hf: dict, source: str) -> ModelConfig:
 
 
 EXPORT_MARK = "exported_by"  # the key of an export's config.json that says jaxaccel wrote it
+# What an export wrote: config.json's sha256 and every file's size. The mark alone is not proof:
+# transformers keeps unknown config keys, so a model it re-saves (fine-tuned, say) carries it on.
+EXPORT_MANIFEST = ".jaxaccel-export.json"
 
 
 def config_to_hf(config: ModelConfig, eos_token_ids=(), bos_token_id=None) -> dict:
@@ -381,8 +385,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 TOKENIZER_EXTRAS = SIDE_FILES
 # What an export writes besides the shards of its index: a re-export replaces exactly these
 # (and the shards the earlier index names), never another file in the folder.
-EXPORT_ENTRIES = ("config.json", "generation_config.json", "model.safetensors.index.json", "model.safetensors",
-                  *TOKENIZER_FILES, *TOKENIZER_EXTRAS)
+EXPORT_ENTRIES = ("config.json", EXPORT_MANIFEST, "generation_config.json", "model.safetensors.index.json",
+                  "model.safetensors", *TOKENIZER_FILES, *TOKENIZER_EXTRAS)
 
 
 def export_mismatch(config: ModelConfig) -> str | None:
@@ -490,16 +494,27 @@ def export_hf(folder: str | Path, config: ModelConfig, params: Any, *, tokenizer
     except (OSError, SafetensorError) as e:  # a read-only folder, a full disk
         raise CheckpointError(f"cannot write the Hugging Face export to {folder} ({write_error_reason(e)}); any "
                               f"model already there is left as it was") from None
-    move_in(staging, folder, _earlier_export(folder), names, "the export")
+    move_in(staging, folder, _earlier_export(folder, names), names, "the export")
     return folder
 
 
 def is_own_export(folder: Path) -> bool:
-    """Whether `folder` holds a jaxaccel export (its config.json says so), which a new export may
-    replace without being told to; any other HF model folder is someone else's."""
+    """Whether `folder` holds a jaxaccel export as jaxaccel wrote it, which a new export may
+    replace without being told to: its config.json carries the mark and is the one the export's
+    manifest names (sha256), and every file the manifest lists is there at its size. A model
+    re-saved by transformers (which keeps the mark), or any other HF model folder, is someone
+    else's."""
+    folder = Path(folder)
     try:
-        return json.loads((Path(folder) / "config.json").read_text()).get(EXPORT_MARK) == "jaxaccel"
-    except (OSError, ValueError, AttributeError):
+        config = (folder / "config.json").read_bytes()
+        if json.loads(config).get(EXPORT_MARK) != "jaxaccel":
+            return False
+        manifest = json.loads((folder / EXPORT_MANIFEST).read_text())
+        files = manifest["files"]
+        return manifest["config_sha256"] == hashlib.sha256(config).hexdigest() and isinstance(files, dict) and \
+            all(isinstance(n, str) and "/" not in n and (folder / n).is_file() and (folder / n).stat().st_size == size
+                for n, size in files.items())
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return False
 
 
@@ -510,10 +525,17 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _earlier_export(folder: Path) -> list[str]:
-    """The files of the model in `folder` that a new export replaces, config.json first (from
-    its move on, the folder is not a model): EXPORT_ENTRIES, and the shards named by its index
-    (plain .safetensors names in the folder; never a glob, which would take other files)."""
+def _earlier_export(folder: Path, new: list[str]) -> list[str]:
+    """The files of the model in `folder` that a new export (writing `new`) replaces, config.json
+    first (from its move on, the folder is not a model): with an HF model there (a config.json),
+    EXPORT_ENTRIES and the shards named by its index (plain .safetensors names in the folder;
+    never a glob, which would take other files); without one (a jaxaccel checkpoint's folder,
+    say), only what the export writes (with a tokenizer: every tokenizer file) — its
+    tokenizer.model stays when the export has none."""
+    if not (folder / "config.json").exists():
+        unit = (*TOKENIZER_FILES, *TOKENIZER_EXTRAS)  # a folder has one tokenizer: all of it or none
+        names = [*new, *(unit if set(new) & set(unit) else ())]
+        return [n for n in dict.fromkeys(names) if (folder / n).exists() or (folder / n).is_symlink()]
     names = list(EXPORT_ENTRIES)
     try:
         weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
@@ -560,5 +582,9 @@ def _write_hf_files(folder: Path, config: ModelConfig, params: Any, tokenizer, e
         for name, data in tokenizer_extras(tokenizer).items():
             (folder / name).write_bytes(data)
     hf = config_to_hf(config, eos_token_ids, bos_token_id)
-    (folder / "config.json").write_text(json.dumps(hf, indent=2))
+    config_bytes = json.dumps(hf, indent=2).encode()
+    (folder / "config.json").write_bytes(config_bytes)
+    manifest = {"config_sha256": hashlib.sha256(config_bytes).hexdigest(),
+                "files": {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}}
+    (folder / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2))
     return sorted(p.name for p in folder.iterdir() if p.name != "config.json") + ["config.json"]

@@ -40,7 +40,7 @@ from jaxaccel.model.duo import parse_routes
 from jaxaccel.model.options import ExecutionPlan
 from jaxaccel.model.transformer import (LayerKV, ModelHandle, canonical_params, fuse_layers, init_cache, logical_axes,
                                         param_shapes, stack_layers, unstack_layers)
-from jaxaccel.convert.hf import EXPORT_ENTRIES, EXPORT_MARK, is_own_export
+from jaxaccel.convert.hf import EXPORT_ENTRIES, EXPORT_MANIFEST, is_own_export
 from jaxaccel.tokenizer import SIDE_FILES
 
 MIN_BUCKET = 16
@@ -561,13 +561,15 @@ def _holds_earlier_save(path: Path, what_to_do: str) -> bool:
 
 
 def _holds_earlier_export(path: Path, what_to_do: str) -> bool:
-    """Its config.json carries jaxaccel's export mark; any other Hugging Face model there is
-    someone else's (refused, whatever else the folder holds)."""
+    """It holds a jaxaccel export as written (`is_own_export`); any other Hugging Face model
+    there — one re-saved by transformers included — is someone else's (refused, whatever else
+    the folder holds)."""
     if is_own_export(path):
         return True
     if (path / "config.json").exists():
         raise InvalidArgumentError(f"destination {str(path)!r} holds a Hugging Face model that jaxaccel did "
-                                   f"not export (its config.json has no \"{EXPORT_MARK}\"); {what_to_do}")
+                                   f"not export, or changed since (its config.json or files differ from "
+                                   f"{EXPORT_MANIFEST}); {what_to_do}")
     return False
 
 
@@ -764,7 +766,8 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh
     if kind == "model":
         config, params, meta = ckpt.load_model(folder, dtype=dtype, shardings_fn=shardings_fn)
         params = decode_params(params, config, mesh, consume=True)
-        tokenizer = load_tokenizer(folder, add_bos=bool(meta.get("add_bos", False)))
+        tokenizer = load_tokenizer(folder, add_bos=bool(meta.get("add_bos", False))) \
+            if meta.get("tokenizer", True) is not False else None  # (saves before it was recorded: True)
         eos, bos = _special_ids(meta.get("eos_token_ids") or [], meta.get("bos_token_id"), CheckpointError,
                                 f"{folder}/{ckpt.MARKER}: ", config.vocab_size)
         _check_tokenizer_fits(tokenizer, config, f"{folder}: ")

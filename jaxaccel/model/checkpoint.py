@@ -326,7 +326,10 @@ def load_run_params(folder, dtype: str | None = None, shardings_fn=None) -> tupl
 
 
 # What a model folder holds besides MARKER: replaced by a new save, together with the marker.
-MODEL_ENTRIES = ("params", "tokenizer.model", "tokenizer.json", *SIDE_FILES)
+# A folder's tokenizer is one unit: a write that has a tokenizer replaces all of these, one that
+# has none leaves them (the model's meta then says it has none).
+TOKENIZER_ENTRIES = ("tokenizer.model", "tokenizer.json", *SIDE_FILES)
+MODEL_ENTRIES = ("params", *TOKENIZER_ENTRIES)
 # Inside a local model folder while a save is under way: the new model being written, then
 # the old one's entries set aside until the new ones are in.
 STAGING, SET_ASIDE = ".jaxaccel-saving", ".jaxaccel-replaced"
@@ -365,8 +368,9 @@ def save_model(folder: str | Path, config: ModelConfig, params: Any, *, tokenize
                 target.mkdir(parents=True, exist_ok=True)
             else:
                 folder.mkdir(parents=True, exist_ok=True)
+                earlier = (folder / MARKER).is_file()  # else other files (an HF model's tokenizer) stay
                 (folder / MARKER).unlink(missing_ok=True)
-                for name in MODEL_ENTRIES:
+                for name in MODEL_ENTRIES if earlier or tokenizer is not None else ("params",):
                     if (folder / name).is_dir():
                         (folder / name).rmtree()
                     elif (folder / name).exists():
@@ -402,9 +406,16 @@ def save_model(folder: str | Path, config: ModelConfig, params: Any, *, tokenize
 
 def _move_in(staging: Path, folder: Path) -> None:
     """Replace the model in `folder` by the complete one in `staging`, the marker out first
-    and in last (`move_in`)."""
-    old = [n for n in (MARKER, *MODEL_ENTRIES) if (folder / n).exists() or (folder / n).is_symlink()]
+    and in last (`move_in`). Over an earlier save every entry of that model goes (a tokenizer
+    the new model lacks included); in any other folder (an HF model's, with overwrite) only what
+    the new save writes is replaced (with a tokenizer: every tokenizer file) — a tokenizer there
+    stays when the new model has none."""
     new = [n for n in MODEL_ENTRIES if (staging / n).exists()] + [MARKER]
+    if holds_earlier_save(folder):
+        replaced = [MARKER, *MODEL_ENTRIES]
+    else:
+        replaced = new + (list(TOKENIZER_ENTRIES) if set(new) & set(TOKENIZER_ENTRIES) else [])
+    old = [n for n in replaced if (folder / n).exists() or (folder / n).is_symlink()]
     move_in(staging, folder, old, new, "the saved model")
 
 
@@ -505,7 +516,9 @@ def _write_meta(folder, config, params, tokenizer, eos_token_ids, bos_token_id, 
         tokenizer.save(folder)
     meta = {"format": FORMAT, "version": VERSION, "model": to_dict(config),
             "layout": "scanned" if is_scanned(params) else "unrolled",
-            "eos_token_ids": list(eos_token_ids), "bos_token_id": bos_token_id, **(extra or {})}
+            "eos_token_ids": list(eos_token_ids), "bos_token_id": bos_token_id,
+            # (a saved model without one is read without one, whatever tokenizer files share the folder)
+            "tokenizer": tokenizer is not None, **(extra or {})}
     if str(folder).startswith("gs://"):  # object writes are atomic; there is no rename
         (folder / MARKER).write_text(json.dumps(meta, indent=2))
         return
