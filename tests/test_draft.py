@@ -231,6 +231,9 @@ def test_a_drafter_with_a_slightly_wrong_q_fails_the_check(small_pair, monkeypat
     ("dyspec", {"expand": "bfs"}, 'expand must be "heap" or "threshold"'),
     ("specinfer", {"widths": [2, 0]}, "widths must be a non-empty list"),
     ("specinfer", {"widths": [2, 2], "budget": 5}, "give one or the other"),
+    # counted before a template is built (a MemoryError traceback, or a hang for [2] * 30, before)
+    ("specinfer", {"widths": [100, 100, 100]}, "make more than 512 nodes, the most allowed"),
+    ("specinfer", {"widths": [2] * 30}, "make more than 512 nodes"),
     ("sequoia", {"acceptance": [0.7, 0.6]}, "summing to at most 1"),
     ("sequoia", {"acceptance": "/nonexistent.json"}, "cannot read an acceptance vector"),
     ("dyspec", {"budget": "auto", "expand": "threshold"}, 'budget="auto" plans a heap-grown tree'),

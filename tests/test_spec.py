@@ -400,6 +400,7 @@ def test_a_lossy_verifier_fails_the_check(small_lm, monkeypatch):
     ("recycling", {"width": 3}, "unknown option width for method 'recycling'; valid options: hot_start, k, template;"),
     ("recycling", {"k": 0}, "k must be an integer >= 1"),
     ("recycling", {"k": 500}, "larger than the vocabulary (97 tokens)"),
+    ("recycling", {"k": 10**9}, "larger than the vocabulary (97 tokens)"),  # at once (k tuples per node before)
     ("recycling", {"template": "big"}, "template must be"),
     ("recycling", {"template": [9]}, "template level 1 has width 9"),
     ("recycling", {"template": [1] * 3000}, "template has 3000 nodes; at most 512 are allowed"),
@@ -489,3 +490,33 @@ def test_decode_cli_methods_and_bad_options(capsys):
     code, _, err = run("--method", "pld", "--option", "depth=3")
     assert code == 2 and err.strip().startswith("error: unknown option depth for method 'pld'; valid options: "
                                                 "max_ngram, num_draft; generate's own arguments: max_new_tokens")
+
+
+def test_recycling_template_does_not_depend_on_ks_past_the_widths():
+    """build_template ranks only r < width per parent: the template is the one k alone would give."""
+    from jaxaccel.decode.recycling import build_template
+    from jaxaccel.decode.tuning import PAPER_WIDTHS
+
+    for widths in (PAPER_WIDTHS, (1, 1, 1), (3, 5, 2), (4, 16, 9, 1)):
+        for k in (max(widths), 8, 64):
+            brute = _template_all_ranks(widths, k)
+            got = build_template(widths, k)
+            assert all(np.array_equal(a, b) for a, b in zip(got, brute)), (widths, k)
+
+
+def _template_all_ranks(widths, k):
+    """The template with every rank < k a candidate (the code before the r < width bound)."""
+    from jaxaccel.decode.recycling import _rank_prior
+
+    parents, ranks, depth, score, level = [-1], [-1], [0], [1.0], [0]
+    for d, width in enumerate(widths, start=1):
+        candidates = sorted([(score[p] * _rank_prior(r), p, r) for p in level for r in range(k)],
+                            key=lambda c: (-c[0], c[1], c[2]))
+        level = []
+        for s, p, r in sorted(candidates[:width], key=lambda c: (c[1], c[2])):
+            level.append(len(parents))
+            parents.append(p)
+            ranks.append(r)
+            depth.append(d)
+            score.append(s)
+    return np.asarray(parents, np.int32), np.asarray(ranks, np.int32), np.asarray(depth, np.int32)

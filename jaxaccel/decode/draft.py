@@ -359,13 +359,18 @@ class SpecInfer(StaticDraftMethod):
                     isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= 1 for x in w):
                 raise InvalidArgumentError(f"widths must be a non-empty list of integers >= 1, got {w!r}")
             self.widths = tuple(int(x) for x in w)
-            nodes = len(widths_template(self.widths).parents) - 1
+            nodes, level = 0, 1  # counted before any template is built: [100, 100, 100] would be 1e6 nodes
+            for width in self.widths:
+                level *= width
+                nodes += level
+                if nodes > self.MAX_BUDGET:
+                    break
+            if nodes > self.MAX_BUDGET:
+                raise InvalidArgumentError(f"widths {list(self.widths)} make more than {self.MAX_BUDGET} nodes, the "
+                                           f"most allowed")
             if "budget" in opts and nodes != self.budget:
                 raise InvalidArgumentError(f"widths {list(self.widths)} make {nodes} nodes but budget is {self.budget}; "
                                            f"give one or the other")
-            if nodes > self.MAX_BUDGET:
-                raise InvalidArgumentError(f"widths {list(self.widths)} make {nodes} nodes; at most "
-                                           f"{self.MAX_BUDGET} are allowed")
             self.budget = nodes
 
     def template(self) -> StaticTemplate:

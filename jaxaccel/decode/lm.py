@@ -391,7 +391,9 @@ class LanguageModel:
         kept; checked against this model. The method's compile key gets the path, or for a
         model object the structure of its handle (config, shapes, dtypes, shardings): its
         params are arguments of the compiled loop, so another draft of the same shape (one
-        loaded again, or fine-tuned) reuses the program."""
+        loaded again, or fine-tuned) reuses the program — unless the method bakes what it
+        measured of the draft into it (DySpec's greedy_temperature="auto", value table and
+        budget="auto"; Sequoia's tree): a draft that measures differently compiles again."""
         spec = decoder.opts.get("draft")
         if spec is None:
             if self.source is None or Path(self.source) != Path(BUILTIN_MODELS["default"]):

@@ -43,7 +43,9 @@ def build_template(widths: tuple[int, ...], k: int) -> tuple[np.ndarray, np.ndar
     parents, ranks, depth, score = [-1], [-1], [0], [1.0]
     level = [0]
     for d, width in enumerate(widths, start=1):
-        candidates = [(score[p] * _rank_prior(r), p, r) for p in level for r in range(k)]
+        # A parent's rank r scores below its ranks < r, so only r < width can be chosen (and a
+        # huge k costs nothing before `check` compares it with the vocabulary).
+        candidates = [(score[p] * _rank_prior(r), p, r) for p in level for r in range(min(k, width))]
         candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
         chosen = sorted(candidates[:width], key=lambda c: (c[1], c[2]))
         level = []
