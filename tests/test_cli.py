@@ -424,13 +424,14 @@ def assert_decode_refuses(folder, message, capsys):
     ({"generation_config.json": None, "eos_token_id": [None]}, "config.json: eos_token_id must be a token id"),
     ({"generation_config.json": None, "bos_token_id": 1.5}, "config.json: bos_token_id must be a token id"),
     ({"generation_config.json": b'{"eos_token_id": "abc"}'}, "generation_config.json: eos_token_id must be a token id"),
-    ({"model.safetensors.index.json": b"[1]"}, "model.safetensors.index.json is unreadable"),
-    ({"model.safetensors.index.json": b"\xff\xfe"}, "model.safetensors.index.json is unreadable"),
-    ({"model.safetensors.index.json": b'{"weight_map": [1]}'}, "weight_map must map tensor names"),
-    ({"model.safetensors.index.json": b'{"weight_map": {"lm_head.weight": 5}}'}, "weight_map must map tensor names"),
+    ({"model.safetensors": None, "model.safetensors.index.json": b"[1]"}, "model.safetensors.index.json is unreadable"),
+    ({"model.safetensors": None, "model.safetensors.index.json": b"\xff\xfe"}, "model.safetensors.index.json is unreadable"),
+    ({"model.safetensors": None, "model.safetensors.index.json": b'{"weight_map": [1]}'}, "weight_map must map tensor names"),
+    ({"model.safetensors": None, "model.safetensors.index.json": b'{"weight_map": {"lm_head.weight": 5}}'}, "weight_map must map tensor names"),
 ])
 def test_decode_corrupt_hf_folder_is_one_line(model_dir, tmp_path, capsys, change, message):
-    # (generation_config.json removed where config.json's ids are tested: its ids would win)
+    # (generation_config.json removed where config.json's ids are tested: its ids would win; and
+    # model.safetensors where the index is: it would win, as in transformers)
     assert_decode_refuses(corrupted_copy(model_dir, tmp_path, "config.json", change), message, capsys)
 
 

@@ -387,3 +387,74 @@ def test_force_writes_beside_another_models_tokenizer_unless_it_brings_its_own(t
     word_level_tokenizer(tmp_path / "tok")
     tiny(3, tokenizer=jaxaccel.tokenizer.HFTokenizer(tmp_path / "tok" / "tokenizer.json")).export_hf(ckpt, overwrite=True)
     assert sorted(p.name for p in ckpt.glob("tokenizer*")) == ["tokenizer.json"]  # one tokenizer, the export's
+
+
+def test_import_keeps_the_weights_dtype_when_config_json_says_another(tmp_path):
+    """config.json's dtype was taken for the stored one: float32 weights under "dtype":
+    "bfloat16" were rounded on import (convert promises the source's dtype, losslessly)."""
+    folder = tiny(0).export_hf(tmp_path / "hf")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["dtype"] == "float32"
+    (folder / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    with pytest.warns(UserWarning, match="config.json says bfloat16 but the weights are stored as float32"):
+        lm = jaxaccel.load(folder)
+    assert lm.config.param_dtype == "float32"
+    np.testing.assert_array_equal(embedding(lm), embedding(tiny(0)))
+    assert jaxaccel.load(folder, dtype="bfloat16").config.param_dtype == "bfloat16"  # asked for: as asked
+
+
+def test_model_safetensors_wins_over_an_index_beside_it_as_in_transformers(tmp_path):
+    folder = tiny(0).export_hf(tmp_path / "hf", max_shard_bytes=2_000)
+    assert (folder / "model.safetensors.index.json").is_file()
+    shutil.copy(tiny(1).export_hf(tmp_path / "one") / "model.safetensors", folder)
+    np.testing.assert_array_equal(embedding(jaxaccel.load(folder)), embedding(tiny(1)))
+
+
+def test_a_llama_whose_width_is_not_a_multiple_of_its_heads_exports_as_mistral():
+    from jaxaccel.convert.hf import check_exportable
+
+    odd = dataclasses.replace(CFG, d_model=20, n_heads=2, head_dim=8)
+    with pytest.raises(ConfigError, match="d_model 21 is not a multiple of n_heads 2.*architecture to mistral"):
+        check_exportable(dataclasses.replace(odd, d_model=21, n_heads=2))
+    check_exportable(dataclasses.replace(odd, d_model=21, architecture="mistral", sliding_window=None))
+    check_exportable(odd)
+
+
+def test_export_writes_back_what_the_import_kept(tmp_path):
+    """HF -> jaxaccel -> HF dropped generation_config.json's defaults and pad_token_id, and an
+    exported SkipDecode model lost its trained schedule (its info): another decode."""
+    folder = tiny(0).export_hf(tmp_path / "hf")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "pad_token_id": 3}))
+    gen = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": 3, "do_sample": True, "temperature": 0.6,
+           "top_p": 0.9}
+    (folder / "generation_config.json").write_text(json.dumps(gen))
+    saved = jaxaccel.load(folder).save(tmp_path / "ja")
+    out = jaxaccel.load(saved).export_hf(tmp_path / "back")
+    assert json.loads((out / "generation_config.json").read_text()) == gen
+    assert json.loads((out / "config.json").read_text())["pad_token_id"] == 3
+    assert "jaxaccel_info" not in json.loads((out / "config.json").read_text())  # nothing else to carry
+
+    schedule = {"warmup_layers": 1, "min_layers": 1, "max_layers": 1, "max_length": 40}
+    lm = tiny(0, info={"skip_schedule": schedule, "trained_steps": 7})
+    again = jaxaccel.load(lm.export_hf(tmp_path / "skip"))
+    assert again.info == {"skip_schedule": schedule, "trained_steps": 7}
+    from jaxaccel.decode.skipdecode import SkipDecode
+
+    method = SkipDecode()
+    method.use_model_info(again.info)
+    assert method.opts["max_length"] == 40
+
+
+def test_rope_parameters_and_rope_scaling_that_disagree_are_refused():
+    hf = config_to_hf(CFG)
+    both = {**hf, "rope_parameters": {"rope_type": "default", "rope_theta": 500.0},
+            "rope_scaling": {"type": "linear", "factor": 4.0}}
+    with pytest.raises(ConfigError, match="rope_parameters and rope_scaling disagree \\(rope type 'default' vs "
+                                          "'linear'\\)"):
+        config_from_hf(both)
+    agree = {**hf, "rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 500.0},
+             "rope_scaling": {"type": "linear", "factor": 4.0}}
+    assert config_from_hf(agree).rope_scaling.factor == 4.0
+    with pytest.raises(ConfigError, match="disagree \\(factor\\)"):
+        config_from_hf({**agree, "rope_scaling": {"type": "linear", "factor": 2.0}})

@@ -119,6 +119,12 @@ def _config_from_hf(hf: dict, source: str) -> ModelConfig:
                               f"\"factor\": 2.0}} or null, got {hf[key]!r:.60}")
     rope = dict(hf.get("rope_parameters") or {})
     scaling = hf.get("rope_scaling") or {}
+    if rope and scaling:  # transformers lets rope_scaling replace rope_parameters; we refuse a disagreement
+        kinds = [d.get("rope_type") or d.get("type") or "default" for d in (rope, scaling)]
+        clash = [k for k in set(rope) & set(scaling) if k not in ("rope_type", "type") and rope[k] != scaling[k]]
+        if kinds[0] != kinds[1] or clash:
+            what = f"rope type {kinds[0]!r} vs {kinds[1]!r}" if kinds[0] != kinds[1] else f"{clash[0]}"
+            raise ConfigError(f"{source}: rope_parameters and rope_scaling disagree ({what}); keep one of them")
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     rope_type = rope.get("rope_type") or rope.get("type") or scaling.get("rope_type") or scaling.get("type") or "default"
     params = {**scaling, **rope}
@@ -243,17 +249,19 @@ def _set(tree, path, value):
 
 
 class _SafetensorsIndex:
-    """Name -> file over one or many safetensors files, opened lazily. Without an index, a
-    `model.safetensors` is the weights (as transformers reads them: other .safetensors files
-    beside it are not the model's); otherwise every .safetensors file, and a tensor name found
-    in two of them is refused rather than taken from whichever sorts last."""
+    """Name -> file over one or many safetensors files, opened lazily. A `model.safetensors` is
+    the weights (as transformers reads them: an index or other .safetensors files beside it are
+    not the model's); else the index's files; else every .safetensors file, and a tensor name
+    found in two of them is refused rather than taken from whichever sorts last."""
 
     def __init__(self, folder: Path):
         from safetensors import safe_open
 
         self.folder = folder
         index = folder / "model.safetensors.index.json"
-        if index.is_file():
+        if (folder / "model.safetensors").is_file():  # transformers' order: it wins over an index beside it
+            files, weight_map = ["model.safetensors"], None
+        elif index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (ValueError, KeyError, TypeError, OSError) as e:  # ValueError: bad JSON or not UTF-8
@@ -262,8 +270,6 @@ class _SafetensorsIndex:
                     isinstance(k, str) and isinstance(v, str) and v for k, v in weight_map.items()):
                 raise CheckpointError(f"{index}: weight_map must map tensor names to safetensors file names")
             files = sorted(set(weight_map.values()))
-        elif (folder / "model.safetensors").is_file():
-            files, weight_map = ["model.safetensors"], None
         else:
             files = sorted(p.name for p in folder.glob("*.safetensors"))
             if not files:
@@ -310,6 +316,24 @@ class _SafetensorsIndex:
 
 
 _STORED_FLOATS = ("F32", "BF16", "F16", "F64")  # safetensors' names of the dtypes weights may be stored in
+_STORED_AS = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float32"}
+
+
+def names_dtype(hf: dict) -> bool:
+    """Whether an HF config names one of the dtypes weights load in (not "auto", not absent)."""
+    return str(hf.get("dtype") or hf.get("torch_dtype")) in _HF_DTYPE_NAMES
+
+
+def stored_dtype(folder: Path, config: ModelConfig) -> str | None:
+    """The dtype the weights are stored in (the token embedding's: "float32", "bfloat16",
+    "float16"; F64 reads as float32), or None when it cannot be told (a missing tensor: the
+    load then says what is wrong)."""
+    name = next(iter(tensor_plan(config)))[1]
+    index = _SafetensorsIndex(folder)
+    try:
+        return _STORED_AS.get(index.dtype(name)) if index.shape(name) is not None else None
+    except Exception:  # noqa: BLE001 - an unreadable header: the load names it
+        return None
 
 
 def load_hf_params(folder: Path, config: ModelConfig, shardings: Any | None = None) -> Any:
@@ -356,18 +380,42 @@ def _token_id(value: Any, where: str, key: str) -> int:
     return value
 
 
+def read_generation_config(folder: Path) -> dict:
+    """generation_config.json as a dict; {} when absent or unreadable (it only holds defaults)."""
+    path = Path(folder) / "generation_config.json"
+    try:
+        gen = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return gen if isinstance(gen, dict) else {}
+
+
+# What an HF folder holds that jaxaccel's model does not use, kept in the model's `info` through
+# import and save so an export writes it back: generation_config.json's defaults (sampling,
+# pad id; its bos/eos are the model's own ids) and config.json's pad_token_id. Any other `info`
+# (a SkipDecode model's trained schedule, provenance) travels in config.json under INFO_KEY,
+# which transformers keeps and ignores.
+HF_GENERATION, HF_PAD = "hf_generation_config", "hf_pad_token_id"
+INFO_KEY = "jaxaccel_info"
+
+
+def hf_info(folder: Path, hf: dict) -> dict:
+    """The `info` of a model read from an HF folder (see INFO_KEY)."""
+    info = dict(hf[INFO_KEY]) if isinstance(hf.get(INFO_KEY), dict) else {}
+    gen = {k: v for k, v in read_generation_config(folder).items() if k not in ("bos_token_id", "eos_token_id")}
+    if gen:
+        info[HF_GENERATION] = gen
+    if isinstance(hf.get("pad_token_id"), int) and not isinstance(hf["pad_token_id"], bool):
+        info[HF_PAD] = hf["pad_token_id"]
+    return info
+
+
 def hf_special_tokens(folder: Path, hf: dict) -> tuple[tuple[int, ...], int | None]:
     """EOS ids (generation_config.json wins over config.json) and the BOS id. An unreadable
     generation_config.json is ignored (it only holds defaults); a token id that is not one
     is a one-line ModelLoadError naming the file."""
-    gen, where = {}, f"{folder}/config.json"
+    gen, where = read_generation_config(folder), f"{folder}/config.json"
     path = Path(folder) / "generation_config.json"
-    if path.is_file():
-        try:
-            gen = json.loads(path.read_text())
-        except (OSError, ValueError):
-            gen = {}
-        gen = gen if isinstance(gen, dict) else {}
     eos_where = str(path) if "eos_token_id" in gen else where
     eos = gen.get("eos_token_id", hf.get("eos_token_id"))
     eos_ids = tuple(_token_id(e, eos_where, "eos_token_id")
@@ -405,6 +453,10 @@ def export_mismatch(config: ModelConfig) -> str | None:
     if family == "llama" and window:
         return (f"model.sliding_window={config.sliding_window} cannot be written as {name}, which always attends "
                 f"to every earlier token: {need}")
+    if family == "llama" and config.d_model % config.n_heads:
+        return (f"d_model {config.d_model} is not a multiple of n_heads {config.n_heads}, which transformers' "
+                f"LlamaConfig refuses to load: set model.architecture to mistral (with no sliding window, the "
+                f"same model)")
     if family == "qwen2" and not bias:
         return (f"model.qkv_bias=false cannot be written as {name}, which always has q/k/v biases (and "
                 f"transformers would not load it without them): {need}")
@@ -461,7 +513,7 @@ def tokenizer_extras(tokenizer) -> dict[str, bytes]:
 
 
 def export_hf(folder: str | Path, config: ModelConfig, params: Any, *, tokenizer=None, eos_token_ids=(),
-              bos_token_id=None, max_shard_bytes: int = 2 * 1024**3) -> Path:
+              bos_token_id=None, max_shard_bytes: int = 2 * 1024**3, info: dict | None = None) -> Path:
     """Write an HF folder loadable by `transformers` and by `jaxaccel.load`.
 
     Tensors keep the parameters' dtype; shards of at most `max_shard_bytes` are written with a
@@ -470,6 +522,7 @@ def export_hf(folder: str | Path, config: ModelConfig, params: Any, *, tokenizer
     complete (as `save_model` does): a failed or killed export leaves the earlier model (or no
     config.json, so nothing that loads) in `folder`; a re-export replaces the earlier export's
     files (EXPORT_ENTRIES and the shards its index names), tokenizer included, and no other.
+    `info` (the model's): what an import kept of its HF folder goes back (INFO_KEY).
     """
     from jaxaccel.model.transformer import canonical_params
 
@@ -487,7 +540,7 @@ def export_hf(folder: str | Path, config: ModelConfig, params: Any, *, tokenizer
         staging.mkdir()
         try:
             names = _write_hf_files(staging, config, canonical_params(params, config), tokenizer, eos_token_ids,
-                                    bos_token_id, max_shard_bytes)
+                                    bos_token_id, max_shard_bytes, dict(info or {}))
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -548,7 +601,7 @@ def _earlier_export(folder: Path, new: list[str]) -> list[str]:
 
 
 def _write_hf_files(folder: Path, config: ModelConfig, params: Any, tokenizer, eos_token_ids, bos_token_id,
-                    max_shard_bytes: int) -> list[str]:
+                    max_shard_bytes: int, info: dict) -> list[str]:
     """Write the whole export into `folder` (empty); the names written, config.json last."""
     from safetensors.numpy import save_file
 
@@ -575,13 +628,20 @@ def _write_hf_files(folder: Path, config: ModelConfig, params: Any, tokenizer, e
             {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
     eos = list(eos_token_ids)
     # One id as a number, several as a list, none as null: transformers' generate() fails on [].
-    gen = {"bos_token_id": bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else (eos or None)}
+    gen = info.pop(HF_GENERATION, None)
+    gen = {**(gen if isinstance(gen, dict) else {}), "bos_token_id": bos_token_id,
+           "eos_token_id": eos[0] if len(eos) == 1 else (eos or None)}
     (folder / "generation_config.json").write_text(json.dumps(gen, indent=2))
     if tokenizer is not None:
         tokenizer.save(folder)
         for name, data in tokenizer_extras(tokenizer).items():
             (folder / name).write_bytes(data)
     hf = config_to_hf(config, eos_token_ids, bos_token_id)
+    pad = info.pop(HF_PAD, None)
+    if isinstance(pad, int) and not isinstance(pad, bool):
+        hf["pad_token_id"] = pad
+    if info:
+        hf[INFO_KEY] = info
     config_bytes = json.dumps(hf, indent=2).encode()
     (folder / "config.json").write_bytes(config_bytes)
     manifest = {"config_sha256": hashlib.sha256(config_bytes).hexdigest(),

@@ -499,7 +499,7 @@ class LanguageModel:
         folder = destination(folder, overwrite, "export")
         kwargs = {"max_shard_bytes": int(max_shard_bytes)}
         return export_hf(folder, self.config, canonical_params(self.params, self.config), tokenizer=self.tokenizer,
-                         eos_token_ids=self.eos_token_ids, bos_token_id=self.bos_token_id, **kwargs)
+                         eos_token_ids=self.eos_token_ids, bos_token_id=self.bos_token_id, info=self.info, **kwargs)
 
     def num_params(self) -> int:
         return int(sum(np.prod(x.shape) for x in jax.tree.leaves(self.params)))
@@ -778,6 +778,13 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh
                              info=meta.get("info"))
     hf = hf_io.read_hf_config(folder)
     config = hf_io.config_from_hf(hf, source=str(folder / "config.json"))
+    if dtype is None:  # the source's: the weights as stored, whatever config.json's dtype says
+        stored = hf_io.stored_dtype(folder, config)
+        if stored is not None and stored != config.param_dtype:
+            if hf_io.names_dtype(hf):  # (a config without one says nothing to warn about)
+                warnings.warn(f"{folder}: config.json says {config.param_dtype} but the weights are stored as "
+                              f"{stored}; loading them as stored (pass dtype= to choose)", stacklevel=2)
+            dtype = stored
     if dtype is not None:
         config = dataclasses.replace(config, param_dtype=dtype, dtype=dtype)
     shardings = shardings_fn(config, "unrolled") if shardings_fn else None
@@ -793,7 +800,7 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh
     tokenizer = load_tokenizer(folder, add_bos=hf_io.hf_add_bos(folder))
     _check_tokenizer_fits(tokenizer, config, f"{folder}: ")
     return LanguageModel(config, params, tokenizer=tokenizer, eos_token_ids=eos, bos_token_id=bos,
-                         mesh=mesh, source=str(folder))
+                         mesh=mesh, source=str(folder), info=hf_io.hf_info(folder, hf))
 
 
 def _device_memory() -> tuple[int | None, int | None]:

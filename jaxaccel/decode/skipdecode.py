@@ -70,6 +70,7 @@ class SkipDecode(DecodeMethod):
         `--method skipdecode` alone decodes as trained, and `speedup=3` keeps the trained
         max_length and warm-up (min/max then come from the speedup)."""
         trained = info.get("skip_schedule") or {}
+        trained = trained if isinstance(trained, dict) else {}  # (info read from a foreign file)
         keys = ("warmup_layers", "max_length") + (("min_layers", "max_layers") if self.opts["speedup"] is None else ())
         for k in keys:
             if self.opts[k] is None and k in trained:
