@@ -6,6 +6,7 @@ points are the uninterrupted run's. (SIGKILL at random moments: tests/test_train
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -893,3 +894,59 @@ def test_a_new_run_refused_before_it_writes_leaves_no_folder_behind(tmp_path):
     with pytest.raises(DataError, match="no files match"):
         train(run_cfg(tmp_path / "mine", data=data))
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["train.lock"]
+
+
+# ----------------------------------------------------------------------------- review of 2026-12-04
+
+
+def test_a_finished_run_whose_checkpoints_are_gone_is_not_started_over(finished, tmp_path):
+    """With checkpoints/ deleted (model/, config.yaml, metrics.jsonl kept), a rerun with other
+    settings used to train from step 0 and replace the finished model and metrics. A rerun of
+    a run killed before its first checkpoint is checked against its config.yaml too."""
+    run = copy_run(finished, tmp_path)
+    shutil.rmtree(run / "checkpoints")
+    before = snapshot(run)
+    with pytest.raises(ConfigError, match=r"other settings \(optim.lr is 0.01 in its config.yaml, 0.001 now"):
+        train(run_cfg(run, steps=2, optim={"lr": 1e-3}))
+    with pytest.raises(ConfigError, match="holds a finished run's model/ but no checkpoint to resume from"):
+        train(run_cfg(run, steps=2))  # the same settings, fewer steps: it would still replace the model
+    assert snapshot(run) == before
+
+
+def test_a_run_resumed_past_its_export_loads_its_newest_checkpoint(finished, tmp_path):
+    """A finished run extended (more steps) and killed part-way kept the first finish's model/,
+    which jaxaccel.load and train.init_from took over the newer checkpoints."""
+    import jaxaccel
+    from jaxaccel.train.loop import init_source
+
+    run = copy_run(finished, tmp_path)
+    shutil.copytree(run / "checkpoints" / "8", run / "checkpoints" / "12")  # as if resumed to step 12
+    assert jaxaccel.load(run).info == {"trained_steps": 12}
+    assert init_source(str(run)) == ("run", run)
+    shutil.rmtree(run / "checkpoints" / "12")
+    assert jaxaccel.load(run).info["trained_steps"] == 8 and init_source(str(run)) == ("model", run / "model")
+
+
+def test_a_resume_that_falls_back_past_a_damaged_step_checks_that_steps_settings(finished, tmp_path):
+    run = copy_run(finished, tmp_path)
+    (run / "config.yaml").unlink()
+    shutil.rmtree(run / "model")
+    meta = next((run / "checkpoints" / "8" / "meta").glob("metadata"))
+    meta.write_bytes(meta.read_bytes()[:10])
+    with pytest.raises(ConfigError, match=r"other settings \(optim.lr is 0.01 in its checkpoint 4, 0.02 now"):
+        train(run_cfg(run, optim={"lr": 2e-2}))
+
+
+@pytest.mark.parametrize("section,key,value,message", [
+    ("optim", "eps", -1.0, "optim.eps must be a finite number > 0, got -1.0"),
+    ("optim", "eps", float("nan"), "optim.eps must be a finite number > 0"),
+    ("optim", "warmup_steps", 2**31, "optim.warmup_steps must be < 2**31"),
+    ("train", "steps", 2**31, "train.steps must be in [1, 2**31) or null"),
+    ("train", "batch_size", 10**23, "train.batch_size must be in [1, 2**31)"),
+])
+def test_optimizer_and_loop_settings_out_of_range_are_refused(tmp_path, section, key, value, message):
+    """optim.eps=-1 trained a broken model with exit 0; a warm-up past int32 was a traceback
+    from optax; an absurd batch a traceback from numpy."""
+    kwargs = {"optim": {key: value}} if section == "optim" else {"train_kw": {key: value}}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run_cfg(tmp_path, **kwargs)

@@ -697,8 +697,8 @@ def _classify(folder) -> tuple[str, Any]:
         raise ModelLoadError(f"model path {str(folder)!r} does not exist")
     if not folder.is_dir():
         raise ModelLoadError(f"model path {str(folder)!r} is a file; expected a model folder")
-    if not ckpt.is_jaxaccel_checkpoint(folder) and ckpt.is_jaxaccel_checkpoint(folder / "model"):
-        return "model", folder / "model"  # a finished training run
+    if ckpt.run_export(folder) is not None:
+        return "model", folder / "model"  # a finished training run (not one resumed past its export)
     if ckpt.is_run_dir(folder):
         return "run", folder
     if ckpt.is_jaxaccel_checkpoint(folder):

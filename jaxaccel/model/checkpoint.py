@@ -273,6 +273,26 @@ def is_run_dir(folder) -> bool:
     return (folder / RUN_CONFIG).is_file() and (folder / RUN_CHECKPOINTS).is_dir()
 
 
+def run_export(folder) -> Path | None:
+    """A training run's model/ when it is the run's latest state, else None: a run folder whose
+    model/ holds a model, unless the run holds a checkpoint newer than that model's trained
+    steps (the run was resumed past its export, and still goes or was killed: its checkpoints
+    are the newer model)."""
+    folder = as_path(folder)
+    model = folder / "model"
+    if is_jaxaccel_checkpoint(folder) or not is_jaxaccel_checkpoint(model):
+        return None
+    try:
+        trained = (read_meta(model).get("info") or {}).get("trained_steps")
+        steps = [int(p.name) for p in (folder / RUN_CHECKPOINTS).iterdir() if p.name.isdigit()] \
+            if (folder / RUN_CHECKPOINTS).is_dir() else []
+    except (CheckpointError, OSError, AttributeError):
+        return model  # (an unreadable model says so when it is loaded)
+    if isinstance(trained, int) and steps and max(steps) > trained and is_run_dir(folder):
+        return None
+    return model
+
+
 def load_run_params(folder, dtype: str | None = None, shardings_fn=None) -> tuple[ModelConfig, Any, dict]:
     """(model config, scanned params, meta) from the latest readable checkpoint of a training
     run (still going, killed or finished). Only the parameters are read — never the optimizer

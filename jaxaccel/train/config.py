@@ -11,6 +11,9 @@ from jaxaccel.errors import ConfigError
 from jaxaccel.files import unsupported_location
 
 
+MAX_STEPS = 2**31  # optax's step counter is an int32
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     """AdamW with linear warmup and cosine decay to `min_lr_ratio * lr`."""
@@ -37,6 +40,11 @@ class OptimConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"optim.{name} must be a finite number >= 0, got {value}")
+        if not (math.isfinite(self.eps) and self.eps > 0):  # Adam divides by sqrt(v) + eps: v is 0 for an unseen token
+            raise ConfigError(f"optim.eps must be a finite number > 0, got {self.eps}")
+        if self.warmup_steps >= MAX_STEPS:
+            raise ConfigError(f"optim.warmup_steps must be < 2**31 (optax counts steps in int32), got "
+                              f"{self.warmup_steps}")
         if self.schedule not in ("cosine", "constant"):
             raise ConfigError(f"optim.schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if self.warmup_steps < 0 or self.grad_clip < 0 or not 0 <= self.min_lr_ratio <= 1:
@@ -97,11 +105,11 @@ class LoopConfig:
     skip_schedule: SkipScheduleConfig = SkipScheduleConfig()
 
     def __post_init__(self):
-        if self.steps is not None and self.steps < 1:
-            raise ConfigError(f"train.steps must be >= 1 or null, got {self.steps}")
+        if self.steps is not None and not 1 <= self.steps < MAX_STEPS:
+            raise ConfigError(f"train.steps must be in [1, 2**31) or null, got {self.steps}")
         for name in ("batch_size", "seq_len", "grad_accum", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+            if not 1 <= getattr(self, name) < 2**31:  # array dimensions
+                raise ConfigError(f"train.{name} must be in [1, 2**31), got {getattr(self, name)}")
         if not 0 <= self.seed < 2**63:  # jax.random.key takes a signed 64-bit seed
             raise ConfigError(f"train.seed must be in [0, 2**63), got {self.seed}")
         if self.init_from is not None and not str(self.init_from).strip():

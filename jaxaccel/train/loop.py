@@ -37,7 +37,7 @@ from jaxaccel.errors import CheckpointError, ConfigError, Interrupted, JaxaccelE
 from jaxaccel.model.checkpoint import (MARKER, RUN_CHECKPOINTS, RUN_CONFIG, SET_ASIDE, STAGING,  # run layout names
                                        holds_earlier_save)
 from jaxaccel.train.checkpoint import Checkpoints
-from jaxaccel.train.config import RunConfig
+from jaxaccel.train.config import MAX_STEPS, RunConfig
 from jaxaccel.train.hosts import decided_by_process_0, is_main
 from jaxaccel.train.lock import LOCK_FILE, OutputDirInUseError, OutputDirLock
 from jaxaccel.train.metrics import MetricsWriter, flops_per_token, measure_peak_flops
@@ -370,6 +370,22 @@ def _decided_by_process_0(check: Callable[[], Any], refusal: str) -> Any:
     return decided_by_process_0(check, lambda: ConfigError(refusal))
 
 
+def _raise_if(error: str | None) -> None:
+    if error is not None:
+        raise ConfigError(error)
+
+
+def _no_export_without_checkpoints(output_dir: str) -> None:
+    """A run with no checkpoint to resume starts over, and at its end replaces model/: refused
+    when model/ holds a model (a finished run whose checkpoints were deleted)."""
+    from jaxaccel.model.checkpoint import as_path, is_jaxaccel_checkpoint
+
+    if is_jaxaccel_checkpoint(as_path(output_dir) / "model"):
+        raise ConfigError(f"output_dir {output_dir!r} holds a finished run's model/ but no checkpoint to resume from: "
+                          f"a run there would start over and replace that model; choose another output_dir "
+                          f"(train.init_from={output_dir} starts from the model)")
+
+
 def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any]:
     log = log or (lambda msg: print(msg, file=sys.stderr) if is_main() else None)
     out = Path(cfg.output_dir) if not cfg.output_dir.startswith("gs://") else None
@@ -393,6 +409,9 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
                           f"{cfg.train.batch_size} sequences (data.epochs {cfg.data.epochs}); raise data.epochs, or "
                           f"lower train.steps (null: the budget's steps)")
     total_steps = cfg.train.steps or data.total_steps
+    if total_steps >= MAX_STEPS:
+        raise ConfigError(f"the data budget makes {total_steps:,} steps, more than optax's int32 step counter holds "
+                          f"(2**31): fewer data.epochs or unique tokens, or a larger train.batch_size")
     optimizer = make_optimizer(cfg.optim, total_steps)
     schedule = lr_schedule(cfg.optim, total_steps)
     abstract, shardings = state_shardings(cfg.model, optimizer, mesh, cfg.train.seed)
@@ -425,12 +444,25 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
                 raise ConfigError(f"output_dir {cfg.output_dir!r} holds checkpoint step {listed[-1]}, past "
                                   f"train.steps ({total_steps}): raise train.steps to continue that run, or choose "
                                   f"another output_dir")
+        else:  # a run that starts over: not over another run's settings, nor over a finished run's model
+            stored = check_resumed_config(cfg)  # (killed before its first checkpoint: its config.yaml)
+            _decided_by_process_0(lambda: _no_export_without_checkpoints(cfg.output_dir),
+                                  f"output_dir {cfg.output_dir!r} holds a finished run's model/ (process 0 refused)")
         restored = ckpts.restore_latest(abstract, listed)
         if restored is not None:
-            if stored is None:  # process 0 found neither config.yaml nor a copy in the latest step
-                log(f"warning: {RUN_CONFIG} is missing in {cfg.output_dir} and checkpoint {listed[-1]} holds no "
-                    f"readable copy of the run's settings (older ones do not): this resume's settings are not "
-                    f"checked against the run's")
+            if stored is None and restored.step != listed[-1]:
+                # the restore fell back past a damaged step: the settings of the step it read
+                def fallback_settings() -> Mapping | None:
+                    settings = restored.meta.get("config")
+                    settings = settings if isinstance(settings, dict) else None
+                    _raise_if(None if settings is None else _other_settings(cfg, settings, f"checkpoint {restored.step}"))
+                    return settings
+
+                stored = _decided_by_process_0(fallback_settings, f"output_dir {cfg.output_dir!r} holds a run with "
+                                               f"other settings (process 0 refused to resume it)")
+            if stored is None:  # process 0 found neither config.yaml nor a copy in the step it resumes
+                log(f"warning: {RUN_CONFIG} is missing in {cfg.output_dir} and checkpoint {restored.step} holds no "
+                    f"readable copy of the run's settings: this resume's settings are not checked against the run's")
             before = restored.meta.get("total_steps")  # the length its schedule decayed over (train.steps
             if before is None:  # resolved); older checkpoints: an explicit train.steps of the run's settings
                 train_settings = (stored or {}).get("train")
@@ -646,7 +678,7 @@ def init_source(init_from: str) -> tuple[str, Any]:
         folder = ckpt.as_path(ckpt.builtin_folder(init_from) or init_from)  # builtin:NAME, a shipped model
     except CheckpointError as e:
         raise ConfigError(f"train.init_from: {e}") from None
-    if not ckpt.is_jaxaccel_checkpoint(folder) and ckpt.is_jaxaccel_checkpoint(folder / "model"):
+    if ckpt.run_export(folder) is not None:  # a finished run (not one resumed past its export)
         folder = folder / "model"
     if ckpt.is_jaxaccel_checkpoint(folder):
         return "model", folder
