@@ -767,3 +767,33 @@ def test_report_says_why_the_gap_column_or_a_run_of_the_fit_is_left_out():
     text = render_report(doc)
     assert "gap recovered" in text and "gap column left out" not in text
     assert "`unique` (no" not in text and "`blown` (diverged)" in text
+
+
+def test_a_sweep_does_not_train_beside_runs_of_another_corpus_version(tmp_path):
+    """A corpus file edited (or `corpus: stdlib` under another Python) after some runs finished:
+    the sweep trained the rest on the new corpus and vocabulary, and one results file and
+    report mixed them without a word."""
+    from jaxaccel.data.corpus import open_corpus
+    from jaxaccel.experiments.report import render_report
+    from jaxaccel.experiments.results import SweepError
+    from jaxaccel.experiments.runner import RunState, check_same_corpora
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"f{i}.py").write_text(f"x = {i}\n" * 20)
+    sweep = toy_sweep(tmp_path / "cache", tmp_path / "runs")
+    sweep["config"]["data"]["corpus"] = f"{corpus}/*.py"
+    runs = load_sweep(write_sweep(tmp_path / "s.yaml", sweep)).runs
+    sha = open_corpus(f"{corpus}/*.py").sha256
+    done = {"name": runs[0].name, "status": "done", "data": {"manifest_sha256": sha}}
+    states = {runs[0].name: RunState("done", 8, done), **{r.name: RunState("new") for r in runs[1:]}}
+    check_same_corpora(runs, states)  # the same corpus: fine
+    (corpus / "f1.py").write_text("y = 2\n")
+    with pytest.raises(SweepError, match=rf"run '{runs[0].name}' was trained on another version of corpus .* "
+                                         rf"\(manifest {sha[:12]}, now"):
+        check_same_corpora(runs, states)
+    other = {**done, "name": runs[1].name, "data": {"manifest_sha256": "f" * 64}}
+    text = render_report({"sweep": "toy", "runs": [done, other]})
+    assert "trained on 2 different versions of their corpora" in text
+    assert "different versions" not in render_report({"sweep": "toy", "runs": [done]})

@@ -59,6 +59,11 @@ def render_report(doc: dict) -> str:
     lines += [f"Sweep `{doc['sweep']}` from `{doc.get('source')}`; runs in `{doc.get('output_dir')}`; results "
               f"updated {doc.get('updated')}.", "",
               f"Command: `{doc.get('command') or 'python -m jaxaccel.experiments sweep ' + str(doc.get('source'))}`", ""]
+    corpora = {(r.get("data") or {}).get("manifest_sha256") for r in doc["runs"]
+               if r.get("status") in FINISHED and isinstance(r.get("data"), dict)} - {None}
+    if len(corpora) > 1:
+        lines += [f"**Warning: the finished runs were trained on {len(corpora)} different versions of their corpora "
+                  f"(manifests {', '.join(sorted(c[:12] for c in corpora))}): their losses do not compare.**", ""]
     reference = baseline = None
     gap_note = ""
     try:

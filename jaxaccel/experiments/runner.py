@@ -123,6 +123,32 @@ def _data_key(d) -> tuple:
             d.validation_fraction)
 
 
+def check_same_corpora(runs: list[Run], states: dict) -> None:
+    """Refuse to train beside finished runs whose corpus has changed since (a file edited,
+    `corpus: stdlib` under another Python): their losses were measured with another
+    vocabulary and validation set, and one results file and report would mix them without a
+    word. Compared by the manifest sha256 each record keeps."""
+    from jaxaccel.data.corpus import open_corpus
+
+    current: dict[tuple, str | None] = {}
+    for run in runs:
+        state = states.get(run.name)
+        d = run.config.data
+        record = (state.record or {}) if state is not None and state.status in FINISHED else {}
+        had = (record.get("data") or {}).get("manifest_sha256") if isinstance(record.get("data"), dict) else None
+        if d.corpus == "synthetic" or not isinstance(had, str):
+            continue
+        key = (d.corpus, d.text_field)
+        if key not in current:
+            current[key] = None if d.corpus.strip().startswith("tfds:") else open_corpus(d.corpus, d.text_field).sha256
+        now = current[key]
+        if now is not None and now != had:
+            raise SweepError(f"run {run.name!r} was trained on another version of corpus {d.corpus!r} (manifest "
+                             f"{had[:12]}, now {now[:12]}): its results would not compare with the runs still to "
+                             f"train; restore that corpus, or move the run's folder away to retrain it — nothing was "
+                             f"changed")
+
+
 def plan_steps(runs: list[Run], *, build: bool) -> tuple[dict[str, int | None], list[str]]:
     """Training steps of each run, checking its budget against the corpus first, and the
     corpora that could not be checked. build=False (dry run): corpora not tokenized yet are
@@ -421,6 +447,8 @@ def run_sweep(sweep: Sweep, only: list[str] | tuple[str, ...] = (), *, dry_run: 
     # Written before any training: it claims the file for this sweep (another sweep started
     # later on the same file is refused at its start) and an unwritable path fails now, not
     # after the first run has trained.
+    if any(states[r.name].status not in FINISHED for r in selected):  # new results beside the finished ones
+        check_same_corpora(sweep.runs, states)
     write_results()
     _agree(states, list(sweep.runs))
     todo = [r for r in selected if states[r.name].status not in FINISHED]
