@@ -93,3 +93,14 @@ def test_cache_location_and_switch(monkeypatch, tmp_path):
     monkeypatch.setenv(compile_cache.ENV, "gs://bucket/xla")  # was a local folder "gs:/bucket/xla"
     with pytest.warns(UserWarning, match="must be a local path; this cache is off"):
         assert compile_cache.cache_dir() is None
+
+
+def test_a_cache_folder_that_cannot_be_created_is_said_once(tmp_path):
+    """JAXACCEL_COMPILE_CACHE naming a path that cannot be a folder (a file there) turned the
+    cache off without a word; the user asked for that folder."""
+    (tmp_path / "file").write_text("x")
+    code = "from jaxaccel.decode import compile_cache; print(compile_cache.enable())"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", compile_cache.ENV: str(tmp_path / "file" / "xla")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+    assert out.stderr.count("cannot be created") == 1 and "the cache is off" in out.stderr

@@ -1,6 +1,7 @@
 """The decode engine: exact greedy, per-row EOS and lengths, sampling distributed as the
 model's own distribution, compile caching, and a typed error for every bad argument."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats as sps
@@ -158,7 +159,8 @@ def test_progress_display_decodes_in_parts_the_same_tokens(tiny_params, capsys, 
     (dict(top_p=0.0), InvalidArgumentError, r"top_p must be in \(0, 1\]"),
     (dict(top_p=1.5), InvalidArgumentError, r"top_p must be in \(0, 1\]"),
     (dict(top_k=0), InvalidArgumentError, "top_k must be an integer >= 1"),
-    (dict(max_new_tokens=0), InvalidArgumentError, "max_new_tokens must be an integer >= 1"),
+    (dict(max_new_tokens=0), InvalidArgumentError, "max_new_tokens must be an integer in \\[1, 2\\*\\*30\\]"),
+    (dict(max_new_tokens=10**320), InvalidArgumentError, "max_new_tokens must be an integer in"),  # OverflowError before
     (dict(method="beam"), InvalidArgumentError, "unknown method 'beam'; valid methods: autoregressive"),
     (dict(tree_size=3), InvalidArgumentError, "unknown option tree_size for method 'autoregressive'"),
 ])
@@ -179,3 +181,40 @@ def test_cache_buckets_are_few_below_8k_and_tight_above_it():
         assert size % (64 if size < FINE_BUCKETS_FROM else 1024) == 0  # kernel key blocks divide it
     assert cache_bucket(65_536 + 32) == 73_728 and cache_bucket(131_072 + 32) == 147_456  # were 96K and 192K
     assert len([s for s in sizes if s <= 8192]) == 13  # 2 per octave up to 8K: few programs for short prompts
+
+
+def test_a_top_p_below_float32s_normal_range_keeps_the_top_token():
+    """top_p = 1e-44 rounds to 0 in float32: every token was filtered, the probabilities NaN and
+    every sampled token 0. At least one token is always kept."""
+    from jaxaccel.decode.sampling import make_sampling, target_probs
+
+    logits = jnp.asarray([[0.1, 2.0, -1.0, 0.5]])
+    for top_p in (1e-44, 1e-30, 0.01):
+        mode, params = make_sampling(1.0, None, top_p)
+        np.testing.assert_array_equal(np.asarray(target_probs(logits, mode, params)), [[0.0, 1.0, 0.0, 0.0]])
+
+
+def test_a_tokenizer_that_encodes_to_an_array_is_read_as_ids(tiny_lm):
+    import jaxaccel
+
+    class ArrayTokenizer:
+        vocab_size = 97
+
+        def encode(self, text):
+            return np.asarray([1, 2, 3], np.int64)
+
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    lm = jaxaccel.from_params(tiny_lm.config, tiny_lm.params, tokenizer=ArrayTokenizer())
+    out = lm.generate(["hello"], max_new_tokens=2)
+    assert out.prompt_ids == [[1, 2, 3]] and all(type(t) is int for t in out.prompt_ids[0])
+    assert out.tokens == tiny_lm.generate([[1, 2, 3]], max_new_tokens=2).tokens
+
+
+def test_method_input_is_checked_before_a_draft_is_loaded(tiny_lm, monkeypatch):
+    """A method_input the method does not take was refused only after the draft model was
+    loaded and its acceptance measured (seconds)."""
+    monkeypatch.setattr(type(tiny_lm), "_draft_model", lambda self, decoder: pytest.fail("the draft was loaded"))
+    with pytest.raises(InvalidArgumentError, match="method 'sequoia' takes no method_input"):
+        tiny_lm.generate([[1, 2]], max_new_tokens=2, method="sequoia", method_input=[1])

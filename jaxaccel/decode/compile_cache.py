@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import jax
@@ -75,7 +76,10 @@ def enable() -> bool:
         return False
     try:
         folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
+    except OSError as e:
+        if os.environ.get(ENV, "").strip():  # a folder the user named: say why it is not used
+            warnings.warn(f"the compile cache folder {folder} ({ENV}) cannot be created ({e.strerror or e}): the "
+                          f"cache is off", stacklevel=2)
         _enabled = False
         return False
     use_folder(folder)

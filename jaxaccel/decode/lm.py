@@ -158,7 +158,7 @@ class LanguageModel:
                                          f"{e.start})") from None
             if self.tokenizer is None:
                 raise InvalidPromptError("this model has no tokenizer: pass prompts as lists of token ids")
-            ids = self.tokenizer.encode(prompt)
+            ids = [_token_id(t, index) for t in self.tokenizer.encode(prompt)]  # (a tokenizer may give an array)
         else:
             if hasattr(prompt, "__array__") and not isinstance(prompt, Sequence):  # numpy, jax, torch arrays
                 prompt = np.asarray(prompt).tolist()
@@ -192,8 +192,9 @@ class LanguageModel:
         max_new_tokens, progress = python_value(max_new_tokens), python_value(progress)  # numpy / jax scalars
         if not isinstance(progress, bool):
             raise InvalidArgumentError(f"progress must be True or False, got {progress!r}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-            raise InvalidArgumentError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or \
+                not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+            raise InvalidArgumentError(f"max_new_tokens must be an integer in [1, 2**30], got {max_new_tokens!r}")
         max_new_tokens = int(max_new_tokens)
         seed = python_value(seed)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not -2**63 <= seed < 2**64:
@@ -215,6 +216,9 @@ class LanguageModel:
         decoder.use_model_info(self.info)
         decoder.check(self.config)
         ids = [self.encode(p, i) for i, p in enumerate(prompts)]
+        if method_input is not None:  # cheap checks before a draft is loaded and measured
+            method_input = _method_input_array(method_input, decoder, self.config.vocab_size)
+        decoder.check_request([len(p) for p in ids], max_new_tokens)
         draft_lm = None
         if getattr(decoder, "uses_draft", False):  # load + check the draft; methods may plan with both models
             draft_lm = self._draft_model(decoder)
@@ -226,7 +230,6 @@ class LanguageModel:
             with acceptance.announcing(progress):  # a first call on a new pair measures the draft first
                 decoder.prepare(self, draft_lm, temperature, top_k, top_p, batch=len(ids))
         longest = max(len(p) for p in ids)
-        decoder.check_request([len(p) for p in ids], max_new_tokens)
         # The cache is sized from the request, so the model's trained maximum length is no
         # limit: past it, positions are ones the model never saw (the extrapolation TokenSelect
         # is for), said once per call.
@@ -238,8 +241,6 @@ class LanguageModel:
                     f"the draft's maximum length ({draft_lm.config.max_seq_len}) is shorter than the {positions} "
                     f"positions this call needs (longest prompt + max_new_tokens + the tree's depth)")
             draft_handle = draft_lm.handle
-        if method_input is not None:
-            method_input = _method_input_array(method_input, decoder, self.config.vocab_size)
         if method_input is None and decoder.carries_memory:
             method_input = self._method_memory.get(decoder.key())  # hot start from the previous call
 
@@ -768,8 +769,7 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh
     if kind == "model":
         config, params, meta = ckpt.load_model(folder, dtype=dtype, shardings_fn=shardings_fn)
         params = decode_params(params, config, mesh, consume=True)
-        tokenizer = load_tokenizer(folder, add_bos=bool(meta.get("add_bos", False))) \
-            if meta.get("tokenizer", True) is not False else None  # (saves before it was recorded: True)
+        tokenizer = load_tokenizer(folder, add_bos=bool(meta.get("add_bos", False)))
         eos, bos = _special_ids(meta.get("eos_token_ids") or [], meta.get("bos_token_id"), CheckpointError,
                                 f"{folder}/{ckpt.MARKER}: ", config.vocab_size)
         _check_tokenizer_fits(tokenizer, config, f"{folder}: ")
@@ -871,6 +871,9 @@ def _handle_signature(handle) -> str:
     leaves, tree = jax.tree.flatten(handle)
     parts = [str(tree)] + [f"{np.shape(x)}|{getattr(x, 'dtype', None)}|{getattr(x, 'sharding', None)}" for x in leaves]
     return "model:" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+MAX_NEW_TOKENS = 2**30  # positions are int32: a prompt plus this always fits
 
 
 def _token_id(t, index: int) -> int:

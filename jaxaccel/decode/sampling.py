@@ -73,7 +73,8 @@ def filtered_logits(logits: jax.Array, mode: SamplingMode, params: SamplingParam
         # (the token that crosses the threshold is kept; at least one token always is).
         probs = jax.nn.softmax(sorted_desc, axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep_sorted = mass_before < params.top_p
+        # (the first token explicitly: a top_p below float32's normal range is 0 here)
+        keep_sorted = (mass_before < params.top_p) | (jnp.arange(logits.shape[-1]) == 0)
         threshold = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < threshold, -jnp.inf, logits)
     return logits

@@ -347,7 +347,8 @@ def load_run_params(folder, dtype: str | None = None, shardings_fn=None) -> tupl
 
 # What a model folder holds besides MARKER: replaced by a new save, together with the marker.
 # A folder's tokenizer is one unit: a write that has a tokenizer replaces all of these, one that
-# has none leaves them (the model's meta then says it has none).
+# has none leaves them (a model loaded from the folder then reads that tokenizer, as it reads
+# one copied beside it; a vocabulary that does not fit is warned about).
 TOKENIZER_ENTRIES = ("tokenizer.model", "tokenizer.json", *SIDE_FILES)
 MODEL_ENTRIES = ("params", *TOKENIZER_ENTRIES)
 # Inside a local model folder while a save is under way: the new model being written, then
@@ -536,9 +537,7 @@ def _write_meta(folder, config, params, tokenizer, eos_token_ids, bos_token_id, 
         tokenizer.save(folder)
     meta = {"format": FORMAT, "version": VERSION, "model": to_dict(config),
             "layout": "scanned" if is_scanned(params) else "unrolled",
-            "eos_token_ids": list(eos_token_ids), "bos_token_id": bos_token_id,
-            # (a saved model without one is read without one, whatever tokenizer files share the folder)
-            "tokenizer": tokenizer is not None, **(extra or {})}
+            "eos_token_ids": list(eos_token_ids), "bos_token_id": bos_token_id, **(extra or {})}
     if str(folder).startswith("gs://"):  # object writes are atomic; there is no rename
         (folder / MARKER).write_text(json.dumps(meta, indent=2))
         return
