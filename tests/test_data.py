@@ -769,3 +769,14 @@ def test_the_data_cache_follows_xdg_cache_home(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert cache_root(None) == tmp_path / "home" / ".cache" / "jaxaccel" / "data"
+
+
+@pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux /proc")
+def test_a_read_error_names_the_corpus_file():
+    """An OSError from read() has no file name: with a glob over many files the one line did
+    not say which one failed."""
+    from jaxaccel.data.corpus import _sha256_file
+    from jaxaccel.data.errors import DataError
+
+    with pytest.raises(DataError, match=r"^/proc/self/mem: input/output error$"):
+        _sha256_file(Path("/proc/self/mem"))

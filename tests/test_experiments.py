@@ -20,6 +20,7 @@ import yaml
 from conftest import TRAIN_STEP_AT_O1
 from jaxaccel.cli import run_cli
 from jaxaccel.config import to_dict
+from jaxaccel.errors import ConfigError
 from jaxaccel.experiments.__main__ import main as experiments_main
 from jaxaccel.experiments.results import FORMAT, RESULT_FILE, VERSION
 from jaxaccel.experiments.scaling import PUBLISHED, effective_data, fit_rd_star
@@ -797,3 +798,19 @@ def test_a_sweep_does_not_train_beside_runs_of_another_corpus_version(tmp_path):
     text = render_report({"sweep": "toy", "runs": [done, other]})
     assert "trained on 2 different versions of their corpora" in text
     assert "different versions" not in render_report({"sweep": "toy", "runs": [done]})
+
+
+@pytest.mark.parametrize("part", ["set", "axes", "zip"])
+def test_a_section_given_whole_in_a_sweep_is_refused(tmp_path, part):
+    """`set: {data: {epochs: 2}}` replaced the whole data section: the run trained on the
+    default corpus and vocabulary, the base file's budget dropped, without a word."""
+    sweep = toy_sweep(tmp_path / "cache", tmp_path / "runs")
+    value = {"epochs": 2}
+    group = {"set": {"data": value}} if part == "set" else {part: {"data": [value]}}
+    sweep.update(axes=None, groups={"g": group})
+    with pytest.raises(ConfigError, match=r"'data' in group 'g' .*is given a whole section, which would drop the "
+                                          r"base config's other data\.\* settings: set its keys one by one, e\.g\. "
+                                          r"'data\.\w+'"):
+        load_sweep(write_sweep(tmp_path / "s.yaml", sweep))
+    sweep["groups"]["g"] = {"set": {"model.rope_scaling": None}}  # a section set to null is a value, not a merge
+    load_sweep(write_sweep(tmp_path / "s.yaml", sweep))

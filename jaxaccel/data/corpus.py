@@ -77,9 +77,12 @@ def _sha256_file(path: Path) -> tuple[int, str]:
     digest = hashlib.sha256()
     size = 0
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-            size += len(block)
+        try:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+                size += len(block)
+        except OSError as e:  # a read error carries no file name: say which file of a glob it was
+            raise DataError(f"{path}: {(e.strerror or str(e)).lower()}") from None
     return size, digest.hexdigest()
 
 
@@ -134,7 +137,10 @@ class Corpus:
 
     def _file_documents(self) -> Iterator[Document]:
         for path, entry in zip(self._files, self.manifest["files"]):
-            data = path.read_bytes()
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                raise DataError(f"{path}: {(e.strerror or str(e)).lower()}") from None
             if hashlib.sha256(data).hexdigest() != entry["sha256"]:
                 raise DataError(f"{path} changed while the corpus was being read; run again")
             rel = entry["path"]

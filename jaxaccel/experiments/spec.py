@@ -175,6 +175,15 @@ def _check_setting_key(key: Any, where: str) -> str:
     return key
 
 
+def _no_section_value(key: str, values: list, where: str) -> None:
+    """A mapping given for a section (`set: {data: {epochs: 2}}`) replaced the whole section:
+    the base file's other settings of it (corpus, vocabulary, budget) were silently dropped."""
+    subkeys = [k for k in dotted_keys(RunConfig) if k.startswith(key + ".")]
+    if subkeys and any(isinstance(v, Mapping) for v in values):
+        raise ConfigError(f"{key!r} {where} is given a whole section, which would drop the base config's other "
+                          f"{key}.* settings: set its keys one by one, e.g. {subkeys[0]!r}")
+
+
 def _axes(raw: Any, where: str) -> dict[str, list]:
     axes = {}
     for key, values in _mapping(raw, where).items():
@@ -183,6 +192,7 @@ def _axes(raw: Any, where: str) -> dict[str, list]:
             raise ConfigError(f"axis {key!r} in {where} must be a list of values, got {values!r}")
         if not values:
             raise ConfigError(f"axis {key!r} in {where} is empty: give it at least one value")
+        _no_section_value(key, values, f"in {where}")
         axes[key] = values
     return axes
 
@@ -192,6 +202,8 @@ def _parse_group(name: str, raw: Any, top_zip: dict, top_axes: dict) -> Group:
     spec = _mapping(raw, where)
     _check_keys(spec, GROUP_KEYS, f"in {where}")
     settings = {_check_setting_key(k, f"in {where} set"): v for k, v in _mapping(spec.get("set"), f"{where} set").items()}
+    for key, value in settings.items():
+        _no_section_value(key, [value], f"in {where} set")
     zipped = {**top_zip, **_axes(spec.get("zip"), f"{where} zip")} if name else dict(top_zip)
     axes = {**top_axes, **_axes(spec.get("axes"), f"{where} axes")} if name else dict(top_axes)
     seen: dict[str, str] = {}
