@@ -59,7 +59,7 @@ def parse_mesh_spec(text: str | Mapping[str, int] | None) -> dict[str, int]:
         if name in seen:
             raise ConfigError(f"mesh {text!r} names the axis {name!r} twice")
         seen.add(name)
-        if isinstance(size, bool) or isinstance(size, float) and not size.is_integer():
+        if isinstance(size, bool) or isinstance(size, (float, np.floating)) and not float(size).is_integer():
             raise ConfigError(f"mesh axis {name}: size must be an integer, got {size!r}")
         try:
             size = int(size)

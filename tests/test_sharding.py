@@ -53,6 +53,8 @@ def test_rules_replicate_what_does_not_divide():
     ("tensor=two", "size must be an integer"),
     ("tensor", "expected axis=size pairs"),
     ("data=0", "size must be >= 1"),
+    ({"tensor": np.float32(2.5)}, "size must be an integer"),  # truncated to 2 before
+    ({"tensor": np.float16(1.5)}, "size must be an integer"),
 ])
 def test_bad_mesh_specs(spec, match):
     with pytest.raises(ConfigError, match=match):
@@ -133,3 +135,41 @@ def test_a_multislice_mesh_puts_the_slices_on_data_parallel_axes():
     assert [d.process_index for d in grid[0].ravel()] == [0] * 4
     assert shd._hybrid_grid(gpus, (1, 1, 8, 1)) is None
     assert shd._hybrid_grid(jax.devices(), (2, 1, 4, 1)) is None  # CPU: the listed order
+
+
+def test_a_mesh_from_jax_make_mesh_decodes():
+    """jax.make_mesh gives Explicit axes (JAX 0.10): it was accepted, then generate failed with a
+    raw ValueError from with_sharding_constraint. The same devices and names are used as Auto."""
+    params = randomize(init_params(TINY, jax.random.key(2), "unrolled"))
+    mesh = jax.make_mesh((4, 1, 2, 1), ("data", "fsdp", "tensor", "expert"))
+    sharded = jaxaccel.from_params(TINY, params, mesh=mesh)
+    assert sharded.generate(PROMPTS, max_new_tokens=6).tokens == \
+        jaxaccel.from_params(TINY, params).generate(PROMPTS, max_new_tokens=6).tokens
+
+
+@pytest.mark.parametrize("mesh,shards", [("tensor=8", 1), ("expert=8", 1), ("data=2,tensor=4", 2), ("data=4", 4)])
+def test_the_cache_check_counts_what_one_device_really_holds(monkeypatch, mesh, shards):
+    """The check divided the cache by the mesh size, but the cache is split over the batch axes
+    and over tensor only where it divides the KV heads (TINY: 2): a device with half the real
+    need free passed, and XLA then ran out of memory with a traceback."""
+    import jaxaccel.decode.lm as lm_module
+    from jaxaccel.errors import InvalidArgumentError
+
+    params = randomize(init_params(TINY, jax.random.key(2), "unrolled"))
+    lm = jaxaccel.from_params(TINY, params, mesh=mesh)
+    batch, cache_len = 4, 128
+    whole = 2 * TINY.n_layers * batch * TINY.n_kv_heads * cache_len * TINY.resolved_head_dim * 4
+    per_device = whole // shards
+    monkeypatch.setattr(lm_module, "_device_memory", lambda: (per_device - 1, 0))  # an accelerator, 1 byte short
+    with pytest.raises(InvalidArgumentError, match="needs .* GB per device"):
+        lm._check_cache_fits(batch, cache_len)
+    monkeypatch.setattr(lm_module, "_device_memory", lambda: (per_device, 0))
+    lm._check_cache_fits(batch, cache_len)
+    # CPU: every device's copy lives in the one RAM (a replicated cache: one whole copy per replica)
+    need = whole * (lm.mesh.size // shards)
+    monkeypatch.setattr(lm_module, "_bytes_resident", lambda params: 0)
+    monkeypatch.setattr(lm_module, "_device_memory", lambda: (need - 1, None))
+    with pytest.raises(InvalidArgumentError, match="this machine has"):
+        lm._check_cache_fits(batch, cache_len)
+    monkeypatch.setattr(lm_module, "_device_memory", lambda: (need, None))
+    lm._check_cache_fits(batch, cache_len)

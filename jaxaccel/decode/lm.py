@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 
 from jaxaccel import sharding as shd
 from jaxaccel.config import ModelConfig
@@ -367,18 +367,26 @@ class LanguageModel:
         whole cache (float32 scores and probabilities of every head, [batch, heads, chunk,
         cache_len] each), which grows with the cache too."""
         cfg = self.config
-        kv = sum(2 * c.n_layers * c.n_kv_heads * c.resolved_head_dim * jnp.dtype(c.dtype).itemsize
-                 for c in [cfg] + ([] if draft is None else [draft.config])) * batch * cache_len
+        models = [self] + ([] if draft is None else [draft])
+        kv = sum(2 * m.config.n_layers * m.config.n_kv_heads * m.config.resolved_head_dim
+                 * jnp.dtype(m.config.dtype).itemsize for m in models) * batch * cache_len
         scores = 2 * 4 * batch * cfg.n_heads * (prefill_chunk or 0) * cache_len
         limit, in_use = _device_memory()
         if limit is None:
             return
+        # One device's share, by the layout the cache really takes: split over the batch axes,
+        # and over tensor only where it divides the KV heads (else every device holds them all)
+        share = sum(2 * m.config.n_layers * jnp.dtype(m.config.dtype).itemsize * m._device_share(
+            ("batch", "kv_heads", "cache_len", "head_dim"),
+            (batch, m.config.n_kv_heads, cache_len, m.config.resolved_head_dim)) for m in models)
+        if prefill_chunk:
+            share += 2 * 4 * self._device_share(("batch", "heads", None, None),
+                                                (batch, cfg.n_heads, prefill_chunk, cache_len))
         if in_use is None:  # CPU: every device is the same RAM, which also holds the parameters (each copy)
-            need, per, where = kv + scores, "", "this machine has"
-            in_use = sum(_bytes_resident(m.params) for m in [self] + ([] if draft is None else [draft]))
-        else:  # an accelerator: its share of the sharded cache, against what its allocator has left
-            need = (kv + scores) / (1 if self.mesh is None else self.mesh.size)
-            per, where = " per device", "this device has"
+            need, per, where = share * (1 if self.mesh is None else self.mesh.size), "", "this machine has"
+            in_use = sum(_bytes_resident(m.params) for m in models)
+        else:  # an accelerator: its share of the cache, against what its allocator has left
+            need, per, where = share, " per device", "this device has"
         if need > limit - in_use:
             also = f" and its prefill's attention scores {scores / 1e9:.1f} GB" if scores else ""
             raise InvalidArgumentError(
@@ -448,6 +456,12 @@ class LanguageModel:
                 per_step = max(time.perf_counter() - t0 - compile_s, 1e-6) / steps
                 stop = steps + max(8, int(0.25 / per_step))
                 out = go_on(handle, out.cache, *loop_args, out.carry, jnp.int32(stop))
+
+    def _device_share(self, axes: tuple, shape: tuple) -> int:
+        """Elements of an array of `shape` with logical `axes` that one device holds."""
+        if self.mesh is None:
+            return math.prod(shape)
+        return math.prod(shd.named_sharding(axes, shape, self.mesh).shard_shape(shape))
 
     def _cache_sharding(self, batch: int) -> NamedSharding | None:
         if self.mesh is None:
@@ -531,6 +545,10 @@ def resolve_mesh(mesh: Mesh | str | dict | None) -> Mesh | None:
         if missing:
             raise InvalidArgumentError(f"the mesh must have the axes {', '.join(shd.MESH_AXES)} (size 1 for unused "
                                        f"ones; jaxaccel.sharding.make_mesh builds one), it lacks {', '.join(missing)}")
+        if any(t != AxisType.Auto for t in getattr(mesh, "axis_types", ())):
+            # jax.make_mesh's default (Explicit axes): the engine pins layouts by sharding
+            # constraints, which only Auto axes take; the same devices and names, Auto
+            mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
         return mesh
     if not isinstance(mesh, (str, dict)):
         raise InvalidArgumentError(f"mesh must be a jax Mesh, a string like 'tensor=2,data=4' or a dict, got {mesh!r}")
