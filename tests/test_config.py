@@ -438,3 +438,12 @@ def test_path_fields_take_pathlib_paths(tmp_path):
                     train=LoopConfig(init_from=tmp_path / "base"))
     assert (cfg.output_dir, cfg.data.cache_dir, cfg.train.init_from) == (
         str(tmp_path / "run"), str(tmp_path / "cache"), str(tmp_path / "base"))
+
+
+def test_the_synthetic_data_refuses_an_objective_it_does_not_have():
+    """data.objective: prefix_lm with corpus: synthetic trained a causal model: the same losses."""
+    from jaxaccel.data.config import DataConfig
+
+    with pytest.raises(ConfigError, match="data.objective 'prefix_lm' needs a text corpus: the synthetic data"):
+        DataConfig(corpus="synthetic", objective="prefix_lm")
+    DataConfig(corpus="synthetic")

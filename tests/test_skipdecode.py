@@ -349,7 +349,7 @@ def test_bad_fine_tune_configs(tmp_path):
                                           r"train\.skip_schedule\.speedup=null\)$"):
         train(run_cfg(tmp_path / "g", speedup=2, min_layers=2))
     prefix = run_cfg(tmp_path / "f", max_layers=4, min_layers=2, max_length=32)
-    prefix = dataclasses.replace(prefix, data=dataclasses.replace(prefix.data, objective="prefix_lm"))
+    prefix = dataclasses.replace(prefix, data=dataclasses.replace(prefix.data, corpus="stdlib", objective="prefix_lm"))
     with pytest.raises(ConfigError, match=r"^train\.skip_schedule needs data\.objective: causal .*'prefix_lm'$"):
         train(prefix)
 

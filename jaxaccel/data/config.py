@@ -189,6 +189,9 @@ class DataConfig:
                 raise ConfigError("data.denoisers must not be empty when data.objective is 'ul2'")
             if sum(d.rate for d in self.denoisers) <= 0:
                 raise ConfigError("data.denoisers: the rates must not all be 0")
+        if self.corpus.strip() == "synthetic" and self.objective != "causal":  # it was silently causal
+            raise ConfigError(f"data.objective {self.objective!r} needs a text corpus: the synthetic data (tests, "
+                              f"throughput) is causal only")
         if self.retrieval.enabled and self.objective != "causal":
             raise ConfigError(f"data.retrieval needs data.objective 'causal', got {self.objective!r}")
 
