@@ -339,3 +339,47 @@ def test_a_benchmark_that_dies_keeps_its_partial_results_beside_an_earlier_compl
     assert code == 0 and out_text.strip() == "table"
     assert json.loads(out.read_text())["cases"] == [{"name": "first"}, {"name": "second"}]
     assert not (tmp_path / "kernels.json.partial").exists()
+
+
+# ----------------------------------------------------------------------------- review of 2026-12-04
+
+
+def test_spec_sweep_templates_repeat_widths_and_bad_ones_fail_before_timing(capsys, no_model_loads, monkeypatch):
+    """--sweep 4-4-2 (the --help example) was refused as "4 is given twice"; a bad width was
+    found only after the main table had been timed (and that table lost)."""
+    from jaxaccel.bench import spec
+
+    seen = {}
+    monkeypatch.setattr(spec, "run", lambda *a, **k: seen.setdefault("sweep", a[7]) and {})
+    monkeypatch.setattr(spec, "markdown", lambda result: "")
+    code, out, err = run(["spec", "--no-hf", "--sweep", "4-4-2,1-1-1,paper"], capsys)
+    assert code == 0, err
+    assert seen["sweep"] == ((4, 4, 2), (1, 1, 1), "paper")
+    assert "width 0" in refusal(*run(["spec", "--no-hf", "--sweep", "0-1"], capsys))
+    assert "is not a template" in refusal(*run(["spec", "--no-hf", "--sweep", "4-x"], capsys))
+
+
+def test_an_empty_json_name_is_refused(capsys, no_model_loads):
+    assert refusal(*run(["decode", "--models", "7m", "--no-hf", "--json", ""], capsys)) == "--json needs a file name"
+
+
+def test_decode_refuses_a_model_the_hf_baseline_cannot_export_before_timing_any(tmp_path, capsys, monkeypatch):
+    import yaml
+
+    from jaxaccel.bench import decode
+
+    monkeypatch.setattr(decode, "run", lambda *a, **k: pytest.fail("timing started"))
+    monkeypatch.setattr("jaxaccel.bench.__main__.require_peers", lambda: None)
+    moe = yaml.safe_load(open(TINY_YAML))["model"] | {"moe": {"n_experts": 4, "top_k": 2}}
+    (tmp_path / "moe.yaml").write_text(yaml.safe_dump(moe))
+    message = refusal(*run(["decode", "--models", f"7m,{tmp_path / 'moe.yaml'}"], capsys))
+    assert "model moe: MoE models cannot be exported" in message and "--no-hf" in message
+
+
+def test_dyspec_checks_the_drafts_length_before_the_first_baseline(tiny_lm):
+    from jaxaccel.bench.draft import check_draft_length
+
+    n = tiny_lm.config.max_seq_len
+    check_draft_length(tiny_lm, n - 16, [8, 16], ["sps", "dyspec"], "d")  # dyspec: at most max_depth 16 deep
+    with pytest.raises(InvalidArgumentError, match=rf"draft's maximum length \({n}\) is shorter than the {n + 1} "):
+        check_draft_length(tiny_lm, n - 15, [8, 16], ["sps", "dyspec"], "d")

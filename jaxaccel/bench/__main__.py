@@ -56,6 +56,14 @@ def _check_batches(batches: Sequence[int], files: int, extra: int = 0) -> None:
              f"{files + extra}: use smaller --batches or more --files")
 
 
+def _template(text: str) -> tuple[int, ...]:
+    """A --sweep template such as 4-4-2 (widths per level: repeats are the point, unlike a list of runs)."""
+    try:
+        return tuple(int(x) for x in text.split("-"))
+    except ValueError:
+        fail(f"--sweep: {text!r} is not a template (widths joined by '-', e.g. 4-4-2, or 'paper')")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m jaxaccel.bench", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="which", required=True)
@@ -177,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "methods": "comma-separated decoding methods", "dtype": "parameter and compute dtype",
         "max_rank": "children ranks measured per node"})
     args = p.parse_args(argv)
+    if getattr(args, "json", None) == "":  # (an empty name wrote no file, without a word)
+        fail("--json needs a file name")
     if getattr(args, "json", None):  # before any work: a long run never ends in a failed write
         writable_output(args.json, what="--json file")
     if getattr(args, "figure", None):
@@ -362,7 +372,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.sweep is not None and args.sweep.strip().lower() == "none":
             sweep = ()
         elif args.sweep:
-            sweep = tuple(t if t == "paper" else tuple(_csv(t.replace("-", ","), int)) for t in _csv(args.sweep))
+            sweep = tuple(t if t == "paper" else _template(t) for t in _csv(args.sweep))
+        from jaxaccel.decode.recycling import template_widths
+        from jaxaccel.errors import JaxaccelError
+
+        for t in sweep:  # before anything is timed (a bad width used to fail after the main table)
+            try:
+                template_widths(t if t == "paper" else list(t), 8)
+            except JaxaccelError as e:
+                fail(f"--sweep {'-'.join(map(str, t)) if t != 'paper' else t}: {e}")
         if not args.no_hf:
             require_peers()
         result = spec.run(args.model, batches, temperatures, args.new_tokens, args.runs, args.files, args.prompt_tokens,
@@ -408,6 +426,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         hf = not args.no_hf
         if hf:
             require_peers()
+            from jaxaccel.convert.hf import check_exportable
+            from jaxaccel.errors import JaxaccelError
+
+            for label, config in models:  # the HF baseline exports each model: refused before any is timed
+                try:
+                    check_exportable(config)
+                except JaxaccelError as e:
+                    fail(f"model {label}: {e} (pass --no-hf to time jaxaccel alone)")
         result = decode.run(models, batches, args.prompt_len, args.new_tokens, args.runs, hf=hf, dtype=args.dtype,
                             progress=lambda s: print(s, file=sys.stderr))
         print(decode.markdown(result))

@@ -120,6 +120,26 @@ def check_pair(lm, draft_lm) -> None:
     check_draft_model(lm, draft_lm, get_method("sequoia"))  # every draft method makes the same check
 
 
+def check_draft_length(draft_lm, positions: int, budgets: Sequence[int], methods: Sequence[str], draft: str) -> None:
+    """What `generate` checks of the draft's maximum length, for the deepest tree any row of the
+    run may grow (a tree of n nodes is at most n deep; DySpec's also at most max_depth), before
+    the first baseline is timed (it used to fail after it, losing the figures)."""
+    from jaxaccel.decode.dyspec import AUTO_MAX_BUDGET
+    from jaxaccel.decode.methods import get_method
+    from jaxaccel.errors import InvalidArgumentError
+
+    depth = 0
+    configs = [(m, b) for b in budgets for m in methods] + ([("dyspec", "auto")] if "dyspec" in methods else [])
+    for name, budget in configs:
+        method, opts = method_options(name, budget, draft)
+        bound = AUTO_MAX_BUDGET if budget == "auto" else int(budget)
+        depth = max(depth, min(bound, getattr(get_method(method, **opts), "max_depth", bound)))
+    if draft_lm.config.max_seq_len < positions + depth:
+        raise InvalidArgumentError(f"the draft's maximum length ({draft_lm.config.max_seq_len}) is shorter than the "
+                                   f"{positions + depth} positions a row may need (longest prompt + --new-tokens + the "
+                                   f"deepest tree, {depth})")
+
+
 def _release(lm) -> None:
     """Drop the programs of a finished row: a sweep of ~90 configurations otherwise exhausts
     the CPU backend's code memory (LLVM "Cannot allocate memory")."""
@@ -144,6 +164,7 @@ def run(model: str = "builtin:default", draft: str = "builtin:draft", batches: S
     code = heldout_prompts(lm, n_files, prompt_tokens)
     prompts = code + [lm.encode(p) for p in NATURAL_PROMPTS]
     check_prompts(prompts, len(code), prompt_tokens, batches)
+    check_draft_length(draft_lm, max(len(p) for p in prompts) + new_tokens, budgets, methods, draft)
     result: dict[str, Any] = {
         "benchmark": "draft", "machine": machine(), "model": model, "draft": draft,
         "params_m": round(lm.num_params() / 1e6, 2), "draft_params_m": round(draft_lm.num_params() / 1e6, 2),
@@ -206,8 +227,11 @@ def markdown(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         auto = f"auto → {r['nodes']}" if r.get("nodes", 0) > 0 else "auto → plain steps"
         budget = "" if r["budget"] is None else (auto if r["budget"] == "auto" else f"{r['budget']} ({r['nodes']})")
+        vs = f"{r['speedup']:.2f}x"
+        if r["budget"] == "auto":  # timed against its own baseline, run right before it
+            vs += f" (vs {r['baseline_tokens_per_s']:.0f} tok/s timed just before)"
         out.append(f"| {r['batch']} | {r['temperature']} | {r['method']} | {budget} | {r['mat']:.2f} | "
-                   f"{r['tokens_per_s']:.0f} | {r['speedup']:.2f}x | {r['predicted_accelerator_speedup']:.2f}x |")
+                   f"{r['tokens_per_s']:.0f} | {vs} | {r['predicted_accelerator_speedup']:.2f}x |")
     out += ["", "`budget=\"auto\"`: the plan of this backend's cost model, and the plan (predicted) at 1:50:", "",
             "| batch | T | plan here: budget, pops, predicted | plan at 1:50: budget, pops, predicted |",
             "|---|---|---|---|"]

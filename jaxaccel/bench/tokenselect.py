@@ -363,7 +363,7 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{d['off_vs_full']:.2f}x | {d['on_vs_full']:.2f}x | {d['tokenselect_prefill_s']:.3g} |")
     p = result["prefill"]
     if p is not None:
-        lines += ["", "Prefill of one prompt (s):", "", "| prompt | full attention | chunked selection | speedup |",
+        lines += ["", f"Prefill of one prompt (s, median of {p.get('runs', '?')} runs):", "", "| prompt | full attention | chunked selection | speedup |",
                   "|---|---|---|---|", f"| {_k(p['length'])} | {p['full_s']:.3g} | {p['chunked_s']:.3g} | "
                   f"{p['speedup']:.1f}x |"]
     lines += ["", *[f"- {s}" for s in result["summary"]]]
