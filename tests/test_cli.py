@@ -65,7 +65,7 @@ def test_decode_text_output_and_prompts_file(model_dir, capsys, tmp_path):
     (["--prompt-ids", "1,+2"], "expected comma-separated integers"),
     (["--prompt-ids", "1", "--prompts-file", ""], "--prompts-file must be a path"),
     (["--prompt-ids", "1", "--mesh", " "], "--mesh must name axes"),
-    (["--prompt", "hello"], "no tokenizer"),
+    (["--prompt", "hello"], "prompt 0 (--prompt 'hello') is text, but this model has no tokenizer: pass prompts as lists of token ids (CLI: --prompt-ids)"),
     (["--prompt-ids", "1", "--temperature", "hot"], "invalid float value: 'hot'"),
     (["--prompts-file", "/nonexistent.jsonl"], "does not exist"),
     (["--prompt-ids", "1", "--method", "recycling", "--option", "k=3", "--option", "k=8"],

@@ -157,7 +157,8 @@ class LanguageModel:
                 raise InvalidPromptError(f"prompt {index} is not valid Unicode text (a lone surrogate at character "
                                          f"{e.start})") from None
             if self.tokenizer is None:
-                raise InvalidPromptError("this model has no tokenizer: pass prompts as lists of token ids")
+                raise InvalidPromptError(f"prompt {index} is text, but this model has no tokenizer: pass prompts as "
+                                         f"lists of token ids (CLI: --prompt-ids)")
             ids = [_token_id(t, index) for t in self.tokenizer.encode(prompt)]  # (a tokenizer may give an array)
         else:
             if hasattr(prompt, "__array__") and not isinstance(prompt, Sequence):  # numpy, jax, torch arrays
