@@ -450,9 +450,13 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
                                   f"output_dir {cfg.output_dir!r} holds a finished run's model/ (process 0 refused)")
         restored = ckpts.restore_latest(abstract, listed)
         if restored is not None:
-            if stored is None and restored.step != listed[-1]:
-                # the restore fell back past a damaged step: the settings of the step it read
-                def fallback_settings() -> Mapping | None:
+            if restored.step != listed[-1]:
+                # The restore fell back past a damaged step: without config.yaml, the settings
+                # of the step it read. (Every process takes this branch, the restore's step
+                # being agreed; `stored` is process 0's alone, so process 0 decides.)
+                def fallback_settings(stored=stored) -> Mapping | None:
+                    if stored is not None:  # config.yaml was read and checked
+                        return stored
                     settings = restored.meta.get("config")
                     settings = settings if isinstance(settings, dict) else None
                     _raise_if(None if settings is None else _other_settings(cfg, settings, f"checkpoint {restored.step}"))
