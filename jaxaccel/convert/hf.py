@@ -324,23 +324,28 @@ def names_dtype(hf: dict) -> bool:
     return str(hf.get("dtype") or hf.get("torch_dtype")) in _HF_DTYPE_NAMES
 
 
-def stored_dtype(folder: Path, config: ModelConfig) -> str | None:
+def open_weights(folder: Path) -> "_SafetensorsIndex":
+    """The safetensors files of an HF folder, opened once for `stored_dtype` and `load_hf_params`."""
+    return _SafetensorsIndex(Path(folder))
+
+
+def stored_dtype(index: "_SafetensorsIndex", config: ModelConfig) -> str | None:
     """The dtype the weights are stored in (the token embedding's: "float32", "bfloat16",
     "float16"; F64 reads as float32), or None when it cannot be told (a missing tensor: the
     load then says what is wrong)."""
     name = next(iter(tensor_plan(config)))[1]
-    index = _SafetensorsIndex(folder)
     try:
         return _STORED_AS.get(index.dtype(name)) if index.shape(name) is not None else None
     except Exception:  # noqa: BLE001 - an unreadable header: the load names it
         return None
 
 
-def load_hf_params(folder: Path, config: ModelConfig, shardings: Any | None = None) -> Any:
+def load_hf_params(folder: Path, config: ModelConfig, shardings: Any | None = None,
+                   index: "_SafetensorsIndex | None" = None) -> Any:
     """Read the weights of an HF folder into jaxaccel's unrolled layout, tensor by tensor.
     Each stored shape is compared with HF's own before any reshape: a transposed k/v weight
     has the right number of elements and would otherwise load as a different model."""
-    index = _SafetensorsIndex(folder)
+    index = _SafetensorsIndex(folder) if index is None else index
     np_dtype = _NP_DTYPES[config.param_dtype]
     params: dict = {}
     for path, name, hf_shape, to_ours, _ in tensor_plan(config):
@@ -585,10 +590,10 @@ def _earlier_export(folder: Path, new: list[str]) -> list[str]:
     never a glob, which would take other files); without one (a jaxaccel checkpoint's folder,
     say), only what the export writes (with a tokenizer: every tokenizer file) — its
     tokenizer.model stays when the export has none."""
+    from jaxaccel.model.checkpoint import replaced_names
+
     if not (folder / "config.json").exists():
-        unit = (*TOKENIZER_FILES, *TOKENIZER_EXTRAS)  # a folder has one tokenizer: all of it or none
-        names = [*new, *(unit if set(new) & set(unit) else ())]
-        return [n for n in dict.fromkeys(names) if (folder / n).exists() or (folder / n).is_symlink()]
+        return replaced_names(folder, new, None)
     names = list(EXPORT_ENTRIES)
     try:
         weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
@@ -597,7 +602,7 @@ def _earlier_export(folder: Path, new: list[str]) -> list[str]:
         shards = ()
     names += sorted({s for s in shards if isinstance(s, str) and s.endswith(".safetensors") and "/" not in s
                      and "\\" not in s and not s.startswith(".")})
-    return [n for n in dict.fromkeys(names) if (folder / n).exists() or (folder / n).is_symlink()]
+    return replaced_names(folder, new, names)
 
 
 def _write_hf_files(folder: Path, config: ModelConfig, params: Any, tokenizer, eos_token_ids, bos_token_id,

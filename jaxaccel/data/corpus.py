@@ -81,9 +81,14 @@ def _sha256_file(path: Path) -> tuple[int, str]:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
                 size += len(block)
-        except OSError as e:  # a read error carries no file name: say which file of a glob it was
-            raise DataError(f"{path}: {(e.strerror or str(e)).lower()}") from None
+        except OSError as e:
+            raise _unreadable(path, e) from None
     return size, digest.hexdigest()
+
+
+def _unreadable(path: Path, e: OSError) -> DataError:
+    """A read error carries no file name: say which file of a glob it was."""
+    return DataError(f"{path}: {(e.strerror or str(e)).lower()}")
 
 
 # Informational manifest fields, not hashed: where the files live and how they were named
@@ -140,7 +145,7 @@ class Corpus:
             try:
                 data = path.read_bytes()
             except OSError as e:
-                raise DataError(f"{path}: {(e.strerror or str(e)).lower()}") from None
+                raise _unreadable(path, e) from None
             if hashlib.sha256(data).hexdigest() != entry["sha256"]:
                 raise DataError(f"{path} changed while the corpus was being read; run again")
             rel = entry["path"]

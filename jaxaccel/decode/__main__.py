@@ -158,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parse_options(args.option)
 
     import jaxaccel
-    from jaxaccel.decode.lm import MAX_NEW_TOKENS
+    from jaxaccel.decode.lm import check_max_new_tokens
     from jaxaccel.decode.methods import get_method
     from jaxaccel.decode.sampling import GREEDY_BELOW, check_sampling_args
     from jaxaccel.errors import InvalidArgumentError, InvalidPromptError
@@ -169,8 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_sampling_args(args.temperature, args.top_k, args.top_p)
     if args.seed is not None and args.temperature < GREEDY_BELOW:
         warnings.warn("--seed applies only when sampling (--temperature > 0): this run decodes greedily")
-    if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
-        raise InvalidArgumentError(f"max_new_tokens must be an integer in [1, 2**30], got {args.max_new_tokens}")
+    check_max_new_tokens(args.max_new_tokens)
     get_method(args.method, **options)
 
     lm = jaxaccel.load(args.model, dtype=args.dtype, mesh=args.mesh)

@@ -190,13 +190,10 @@ class LanguageModel:
         "small", a pattern such as "BSSB..." (B big, S small, - skip; one letter per layer) or
         a list of ints; None: the model's own (its router's, else all big)."""
         prompts = _prompt_list(prompts)
-        max_new_tokens, progress = python_value(max_new_tokens), python_value(progress)  # numpy / jax scalars
+        progress = python_value(progress)  # numpy / jax scalars
         if not isinstance(progress, bool):
             raise InvalidArgumentError(f"progress must be True or False, got {progress!r}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or \
-                not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
-            raise InvalidArgumentError(f"max_new_tokens must be an integer in [1, 2**30], got {max_new_tokens!r}")
-        max_new_tokens = int(max_new_tokens)
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
         seed = python_value(seed)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not -2**63 <= seed < 2**64:
             raise InvalidArgumentError(f"seed must be a 64-bit integer (signed or unsigned), got {seed!r}")
@@ -369,20 +366,24 @@ class LanguageModel:
         cache_len] each), which grows with the cache too."""
         cfg = self.config
         models = [self] + ([] if draft is None else [draft])
-        kv = sum(2 * m.config.n_layers * m.config.n_kv_heads * m.config.resolved_head_dim
-                 * jnp.dtype(m.config.dtype).itemsize for m in models) * batch * cache_len
-        scores = 2 * 4 * batch * cfg.n_heads * (prefill_chunk or 0) * cache_len
         limit, in_use = _device_memory()
         if limit is None:
             return
-        # One device's share, by the layout the cache really takes: split over the batch axes,
-        # and over tensor only where it divides the KV heads (else every device holds them all)
-        share = sum(2 * m.config.n_layers * jnp.dtype(m.config.dtype).itemsize * m._device_share(
-            ("batch", "kv_heads", "cache_len", "head_dim"),
-            (batch, m.config.n_kv_heads, cache_len, m.config.resolved_head_dim)) for m in models)
+        # The whole cache, and one device's share of it by the layout it really takes
+        # (`_cache_sharding`: split over the batch axes, over tensor only where that divides
+        # the KV heads, else every device holds them all)
+        kv = share = 0
+        for m in models:
+            shape = (batch, m.config.n_kv_heads, cache_len, m.config.resolved_head_dim)
+            per_element = 2 * m.config.n_layers * jnp.dtype(m.config.dtype).itemsize  # K and V of every layer
+            kv += per_element * math.prod(shape)
+            share += per_element * _per_device(m._cache_sharding(batch), shape)
+        scores = 0
         if prefill_chunk:
-            share += 2 * 4 * self._device_share(("batch", "heads", None, None),
-                                                (batch, cfg.n_heads, prefill_chunk, cache_len))
+            shape = (batch, cfg.n_heads, prefill_chunk, cache_len)
+            scores = 2 * 4 * math.prod(shape)
+            share += 2 * 4 * _per_device(None if self.mesh is None else
+                                         shd.named_sharding(("batch", "heads", None, None), shape, self.mesh), shape)
         if in_use is None:  # CPU: every device is the same RAM, which also holds the parameters (each copy)
             need, per, where = share * (1 if self.mesh is None else self.mesh.size), "", "this machine has"
             in_use = sum(_bytes_resident(m.params) for m in models)
@@ -457,12 +458,6 @@ class LanguageModel:
                 per_step = max(time.perf_counter() - t0 - compile_s, 1e-6) / steps
                 stop = steps + max(8, int(0.25 / per_step))
                 out = go_on(handle, out.cache, *loop_args, out.carry, jnp.int32(stop))
-
-    def _device_share(self, axes: tuple, shape: tuple) -> int:
-        """Elements of an array of `shape` with logical `axes` that one device holds."""
-        if self.mesh is None:
-            return math.prod(shape)
-        return math.prod(shd.named_sharding(axes, shape, self.mesh).shard_shape(shape))
 
     def _cache_sharding(self, batch: int) -> NamedSharding | None:
         if self.mesh is None:
@@ -797,8 +792,9 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh
                              info=meta.get("info"))
     hf = hf_io.read_hf_config(folder)
     config = hf_io.config_from_hf(hf, source=str(folder / "config.json"))
+    weights = hf_io.open_weights(folder)
     if dtype is None:  # the source's: the weights as stored, whatever config.json's dtype says
-        stored = hf_io.stored_dtype(folder, config)
+        stored = hf_io.stored_dtype(weights, config)
         if stored is not None and stored != config.param_dtype:
             if hf_io.names_dtype(hf):  # (a config without one says nothing to warn about)
                 warnings.warn(f"{folder}: config.json says {config.param_dtype} but the weights are stored as "
@@ -807,7 +803,7 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh
     if dtype is not None:
         config = dataclasses.replace(config, param_dtype=dtype, dtype=dtype)
     shardings = shardings_fn(config, "unrolled") if shardings_fn else None
-    params = decode_params(hf_io.load_hf_params(folder, config, shardings), config, mesh, consume=True)
+    params = decode_params(hf_io.load_hf_params(folder, config, shardings, weights), config, mesh, consume=True)
     eos, bos = hf_io.hf_special_tokens(folder, hf)
     outside = _outside_vocabulary(eos, bos, config.vocab_size)
     if outside:  # a config quirk, not a broken model: the ids are dropped, said once
@@ -893,6 +889,20 @@ def _handle_signature(handle) -> str:
 
 
 MAX_NEW_TOKENS = 2**30  # positions are int32: a prompt plus this always fits
+
+
+def check_max_new_tokens(value: Any) -> int:
+    """max_new_tokens as an int in [1, MAX_NEW_TOKENS], else InvalidArgumentError (the API and,
+    before the model load, the CLI)."""
+    value = python_value(value)  # numpy / jax scalars
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= MAX_NEW_TOKENS:
+        raise InvalidArgumentError(f"max_new_tokens must be an integer in [1, 2**30], got {value!r}")
+    return int(value)
+
+
+def _per_device(sharding: NamedSharding | None, shape: tuple) -> int:
+    """Elements of an array of `shape` that one device holds under `sharding` (None: all)."""
+    return math.prod(shape if sharding is None else sharding.shard_shape(shape))
 
 
 def _token_id(t, index: int) -> int:

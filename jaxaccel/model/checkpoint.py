@@ -11,7 +11,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 
@@ -425,6 +425,16 @@ def save_model(folder: str | Path, config: ModelConfig, params: Any, *, tokenize
     return folder
 
 
+def replaced_names(folder: Path, new: Sequence[str], earlier: Sequence[str] | None) -> list[str]:
+    """The names in `folder` that a save or export writing `new` replaces (those present, in
+    order): all of `earlier` (the entries of a model of its kind there, replaced whole), or
+    with none there only what it writes — and with a tokenizer among that every tokenizer
+    file, a folder holding one tokenizer (another model's tokenizer stays when it brings none)."""
+    if earlier is None:
+        earlier = [*new, *(TOKENIZER_ENTRIES if set(new) & set(TOKENIZER_ENTRIES) else ())]
+    return [n for n in dict.fromkeys(earlier) if (folder / n).exists() or (folder / n).is_symlink()]
+
+
 def _move_in(staging: Path, folder: Path) -> None:
     """Replace the model in `folder` by the complete one in `staging`, the marker out first
     and in last (`move_in`). Over an earlier save every entry of that model goes (a tokenizer
@@ -432,11 +442,7 @@ def _move_in(staging: Path, folder: Path) -> None:
     the new save writes is replaced (with a tokenizer: every tokenizer file) — a tokenizer there
     stays when the new model has none."""
     new = [n for n in MODEL_ENTRIES if (staging / n).exists()] + [MARKER]
-    if holds_earlier_save(folder):
-        replaced = [MARKER, *MODEL_ENTRIES]
-    else:
-        replaced = new + (list(TOKENIZER_ENTRIES) if set(new) & set(TOKENIZER_ENTRIES) else [])
-    old = [n for n in replaced if (folder / n).exists() or (folder / n).is_symlink()]
+    old = replaced_names(folder, new, [MARKER, *MODEL_ENTRIES] if holds_earlier_save(folder) else None)
     move_in(staging, folder, old, new, "the saved model")
 
 

@@ -370,11 +370,6 @@ def _decided_by_process_0(check: Callable[[], Any], refusal: str) -> Any:
     return decided_by_process_0(check, lambda: ConfigError(refusal))
 
 
-def _raise_if(error: str | None) -> None:
-    if error is not None:
-        raise ConfigError(error)
-
-
 def _no_export_without_checkpoints(output_dir: str) -> None:
     """A run with no checkpoint to resume starts over, and at its end replaces model/: refused
     when model/ holds a model (a finished run whose checkpoints were deleted)."""
@@ -452,18 +447,9 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
         if restored is not None:
             if restored.step != listed[-1]:
                 # The restore fell back past a damaged step: without config.yaml, the settings
-                # of the step it read. (Every process takes this branch, the restore's step
-                # being agreed; `stored` is process 0's alone, so process 0 decides.)
-                def fallback_settings(stored=stored) -> Mapping | None:
-                    if stored is not None:  # config.yaml was read and checked
-                        return stored
-                    settings = restored.meta.get("config")
-                    settings = settings if isinstance(settings, dict) else None
-                    _raise_if(None if settings is None else _other_settings(cfg, settings, f"checkpoint {restored.step}"))
-                    return settings
-
-                stored = _decided_by_process_0(fallback_settings, f"output_dir {cfg.output_dir!r} holds a run with "
-                                               f"other settings (process 0 refused to resume it)")
+                # of the step it read are the ones to check (a collective: every process takes
+                # this branch, the restored step being agreed).
+                stored = check_resumed_config(cfg, ckpts, restored.step)
             if stored is None:  # process 0 found neither config.yaml nor a copy in the step it resumes
                 log(f"warning: {RUN_CONFIG} is missing in {cfg.output_dir} and checkpoint {restored.step} holds no "
                     f"readable copy of the run's settings: this resume's settings are not checked against the run's")
