@@ -368,6 +368,36 @@ def test_bench_runs_end_to_end(lm):
     json.dumps(result)
 
 
+def test_bench_attention_with_a_k_past_the_cache():
+    """A k larger than the cache is a valid budget (the whole cache fits): the bench's selection
+    state is sized as generate's is, not [batch, k] (k=10**12 tried to allocate 4 TB)."""
+    from jaxaccel.bench import tokenselect as bench
+    from jaxaccel.model.options import TokenSelectAttention
+
+    policy = TokenSelectAttention(k=10**12, n_init=2, n_local=4, cache_threshold=0.9)
+    assert bench.attention_ms(CFG, policy, 40, 1, reuse=True, reps=2, runs=1) > 0
+
+
+def test_cell_hit_rate_is_hits_over_lookups():
+    """A short last batch weighs by its lookups, not as much as a full batch."""
+    from types import SimpleNamespace
+
+    from jaxaccel.experiments import tokenselect as exp
+
+    batches = iter([(0, 40), (1, 1)])
+
+    class Stub:
+        def generate(self, prompts, **kwargs):
+            hits, lookups = next(batches)
+            return SimpleNamespace(tokens=[[1] for _ in prompts], stats={
+                "selection_cache_hits": hits, "selection_lookups": lookups,
+                "selection_cache_hit_rate": hits / lookups})
+
+    examples = [SimpleNamespace(prompt=[1, 2], answer=[1], answer_len=1, depth=0.5) for _ in range(5)]
+    cell = exp.run_cell(Stub(), "tokenselect", "passkey", 64, examples, dict(BUDGET), 4)
+    assert cell["selection_cache_hit_rate"] == pytest.approx(1 / 41) and cell["accuracy"] == 1.0
+
+
 @pytest.mark.parametrize("main,argv,message", [
     (experiments_main, ["tokenselect", "--tasks", "haystack"], "unknown task or method 'haystack'"),
     (experiments_main, ["tokenselect", "--lengths", "1024,x"], "--lengths '1024,x': expected a comma-separated list of integers"),
@@ -376,6 +406,7 @@ def test_bench_runs_end_to_end(lm):
     (experiments_main, ["tokenselect", "--tasks", "span_recall", "--cache-threshold", "2"], "cache_threshold"),
     (experiments_main, ["tokenselect", "--pool", "4"], "pool must be an odd integer"),
     (experiments_main, ["tokenselect", "--full-max-length", "-1"], "--full-max-length must be >= 1"),
+    (experiments_main, ["tokenselect", "--seed", "-1"], "--seed must be >= 0, got -1"),
     (experiments_main, ["tokenselect", "--model", "builtin:longctx", "--lengths", "99999999999"],
      "the KV cache for 103079215104 positions x batch 4 ("),
     (bench_main, ["tokenselect", "--lengths", "99999999999", "--batches", "1"], "the KV cache for"),

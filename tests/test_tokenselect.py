@@ -396,6 +396,7 @@ def test_a_k_past_the_cache_allocates_nothing_for_it(lm):
     (dict(positions="rank"), "positions must be 'compact' or 'original', got 'rank'"),
     (dict(selection="none"), "selection must be 'topk', 'recent' or 'random', got 'none'"),
     (dict(selection="recent", cache_threshold=0.9), "cache_threshold is for selection='topk' only"),
+    (dict(selection="random", pool=3), "pool is for selection='topk' only"),
     (dict(budget=3), "unknown option budget for method 'tokenselect'"),
 ])
 def test_bad_options_are_one_line_errors(lm, options, message):

@@ -89,7 +89,8 @@ def attention_ms(config, policy, context: int, batch: int, *, reuse: bool = Fals
 
     rope0, vis0, slots0 = inputs(0)
     params = Attention(config, LayerOptions(fused=True)).init(key_p, xs[0], rope0, vis0, cache, slots0)
-    state = SelectionState.empty(batch, policy.k, config.n_heads * hd) if stateful else None
+    # sized as the method's init_state sizes it: a k past the cache's slots selects nothing
+    state = SelectionState.empty(batch, min(policy.k, max(cache_len, 1)), config.n_heads * hd) if stateful else None
 
     def loop(params, cache, state):
         def body(i, carry):

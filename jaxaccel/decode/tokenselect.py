@@ -94,6 +94,9 @@ class TokenSelect(DecodeMethod):
                 raise InvalidArgumentError(f"cache_threshold is for selection='topk' only; selection="
                                            f"{o['selection']!r} selects afresh at every step (leave it unset)")
             o["cache_threshold"] = None
+            if opts.get("pool") is not None:
+                raise InvalidArgumentError(f"pool is for selection='topk' only; selection={o['selection']!r} "
+                                           f"does not score keys (leave it unset)")
 
     def policy(self) -> TokenSelectAttention:
         o = self.opts

@@ -152,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Outputs are checked before any work: a long run never ends in a failed write.
     from jaxaccel.cli import fail, writable_output
 
+    if getattr(args, "seed", 0) < 0:  # numpy's generators take only non-negative seeds
+        fail(f"--seed must be >= 0, got {args.seed}")
     if args.command in ("skipdecode", "duo", "tokenselect", "plot") and args.out:
         writable_output(args.out, folder=True, what="--out folder")
     if args.command == "report" and args.out:
