@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -437,7 +438,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -483,9 +484,36 @@ def parse_yaml(data: bytes, where: str) -> dict[str, Any]:
     return parsed
 
 
+# Numbers as YAML 1.2 reads them (PyYAML implements YAML 1.1, where `1e-3` without a dot is a
+# string, `010` is octal 8, `1:30` is 90 and `1_000` is 1000): decimal integers (leading zeros
+# too), 0x / 0o integers, and floats with or without a dot or an exponent, .inf and .nan.
+_INT_12 = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
+_FLOAT_12 = re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                       r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
+_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+
+
+def _yaml_12_numbers(cls, *, keep_11: bool):
+    """Give loader or dumper class `cls` its own resolver table with the YAML 1.2 number rules
+    (a dumper keeps YAML 1.1's too, so it quotes a string that either version reads as a number)."""
+    table = {first: [(tag, rx) for tag, rx in rules if keep_11 or tag not in _NUMBER_TAGS]
+             for first, rules in cls.yaml_implicit_resolvers.items()}
+    cls.yaml_implicit_resolvers = table
+    cls.add_implicit_resolver("tag:yaml.org,2002:int", _INT_12, list("-+0123456789"))
+    cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
+    return cls
+
+
+def _construct_int_12(loader, node) -> int:
+    text = loader.construct_scalar(node)
+    return int(text, 0) if text[:2] in ("0x", "0o") else int(text, 10)  # "010" is ten
+
+
+@functools.partial(_yaml_12_numbers, keep_11=False)
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.safe_load, except that a key given twice in one mapping is an error (PyYAML keeps
-    the last value silently: a setting written twice, the first one edited, did nothing)."""
+    """yaml.safe_load with YAML 1.2's numbers, and a key given twice in one mapping is an error
+    (PyYAML keeps the last value silently: a setting written twice, the first one edited, did
+    nothing)."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -500,6 +528,19 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                         key_node.start_mark)
                 seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _construct_int_12)
+
+
+@functools.partial(_yaml_12_numbers, keep_11=True)
+class _Dumper(yaml.SafeDumper):
+    """yaml.safe_dump that quotes every string a YAML 1.1 or 1.2 reader would take for a number."""
+
+
+def dump_yaml(data: Any) -> str:
+    """`data` as YAML that `parse_yaml` reads back to the same values."""
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False)
 
 
 def build(cls: type[T], yaml_path: str | Path | None = None, overrides: Sequence[str] | str = ()) -> T:

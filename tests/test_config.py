@@ -167,6 +167,25 @@ def test_in_range_values_still_build():
         replace(RunConfig(model=replace(ModelConfig(), max_seq_len=64)), train=replace(LoopConfig(), seq_len=128))
 
 
+def test_numbers_read_as_yaml_1_2_in_overrides_options_and_files(tmp_path):
+    """PyYAML's YAML 1.1 read `010` as octal 8 (every_steps=0100 was 64), `1e-3` as a string
+    (`--option threshold=1e-3` was refused as '1e-3'), `1:30` as 90."""
+    from jaxaccel.config import dump_yaml, parse_override, parse_yaml
+    from jaxaccel.decode.__main__ import parse_options
+
+    assert build(RunConfig, None, ["checkpoint.every_steps=0100"]).checkpoint.every_steps == 100
+    assert parse_options(["k=010", "threshold=1e-3", "speedup=2e0", "n=0x10"]) == dict(k=10, threshold=0.001,
+                                                                                       speedup=2.0, n=16)
+    assert parse_override("a=1:30")[1] == "1:30" and parse_override("a=.inf")[1] == math.inf
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  steps: 010\noptim:\n  lr: 3e-4\n")
+    cfg = build(RunConfig, path)
+    assert (cfg.train.steps, cfg.optim.lr) == (10, 3e-4)
+    # what the trainer writes as config.yaml reads back as the same values, strings included
+    data = {"a": "1e5", "b": "010", "c": 1e-5, "d": "1:30", "e": "on", "f": 2**70}
+    assert parse_yaml(dump_yaml(data).encode(), "x") == data
+
+
 def test_every_shipped_config_still_builds():
     from jaxaccel.experiments.spec import load_sweep
 
@@ -212,15 +231,14 @@ def test_sweep_runs_with_the_same_parsed_config_are_duplicates(tmp_path, capsys)
     from jaxaccel.experiments.runner import check_distinct_runs
     from jaxaccel.experiments.spec import load_sweep
 
-    path = _synthetic_sweep(tmp_path, {"optim.lr": ["1e-3", 0.001]})  # YAML reads 1e-3 (no dot) as a string
-    path.write_text(path.read_text().replace("'1e-3'", "1e-3"))
+    path = _synthetic_sweep(tmp_path, {"optim.lr": [1, 1.0]})  # an int and a float, one learning rate
     sweep = load_sweep(path)
     assert len(sweep.runs) == 2  # two names, one config
-    with pytest.raises(ConfigError, match=r"runs 'lr=1e-3' and 'lr=0.001' of sweep 's' have the same config"):
+    with pytest.raises(ConfigError, match=r"runs 'lr=1' and 'lr=1.0' of sweep 's' have the same config"):
         check_distinct_runs(sweep)
     for args in (["--dry-run", "--flops-per-s", "1e9"], []):
         code, line = cli_error(experiments_main, ["sweep", path, *args], capsys)
-        assert code == 2 and "'lr=1e-3' and 'lr=0.001'" in line and "same config" in line
+        assert code == 2 and "'lr=1' and 'lr=1.0'" in line and "same config" in line
     assert not (tmp_path / "runs").exists()
 
 

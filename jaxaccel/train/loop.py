@@ -29,10 +29,9 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-import yaml
 
 from jaxaccel import sharding as shd
-from jaxaccel.config import flatten, flatten_stored, to_dict
+from jaxaccel.config import dump_yaml, flatten, flatten_stored, to_dict
 from jaxaccel.errors import CheckpointError, ConfigError, Interrupted, JaxaccelError, Preempted
 from jaxaccel.model.checkpoint import (MARKER, RUN_CHECKPOINTS, RUN_CONFIG, SET_ASIDE, STAGING,  # run layout names
                                        holds_earlier_save)
@@ -477,7 +476,7 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
             run_dir = as_path(cfg.output_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
             # whole or not at all: a resume compares its settings with config.yaml
-            write_atomically(run_dir / RUN_CONFIG, yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
+            write_atomically(run_dir / RUN_CONFIG, dump_yaml(to_dict(cfg)).encode())
             if data.vocab_path is not None:
                 write_atomically(run_dir / "tokenizer.model", Path(data.vocab_path).read_bytes())
 
