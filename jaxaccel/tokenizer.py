@@ -54,7 +54,7 @@ class HFTokenizer:
         from tokenizers import Tokenizer as _Tok
 
         self.path = _as_path(path)
-        self._tok = _Tok.from_str(self.path.read_text())
+        self._tok = _Tok.from_str(self.path.read_bytes().decode("utf-8"))  # JSON is UTF-8, whatever the locale
         self.side_files = _side_files(self.path)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
@@ -72,7 +72,7 @@ class HFTokenizer:
         return self._tok.token_to_id(token)
 
     def save(self, folder: Path) -> None:
-        (folder / self.filename).write_text(self._tok.to_str())
+        (folder / self.filename).write_bytes(self._tok.to_str().encode("utf-8"))
         _save_side_files(self, folder)
 
 
@@ -86,6 +86,8 @@ class SentencePieceTokenizer:
 
         self.path = _as_path(path)
         self._proto = self.path.read_bytes()
+        if not self._proto:  # refused here: sentencepiece would log to stderr before failing
+            raise ValueError("the file is empty")
         self.side_files = _side_files(self.path)
         self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
         self.vocab_size = self._sp.get_piece_size()

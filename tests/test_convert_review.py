@@ -17,7 +17,7 @@ from jaxaccel.cli import run_cli
 from jaxaccel.config import ModelConfig
 from jaxaccel.convert.__main__ import main as convert_main
 from jaxaccel.convert.hf import EXPORT_MANIFEST, config_from_hf, config_to_hf
-from jaxaccel.errors import CheckpointError, ConfigError, UnsupportedArchitectureError
+from jaxaccel.errors import CheckpointError, ConfigError, ModelLoadError, UnsupportedArchitectureError
 from jaxaccel.model.transformer import init_params
 
 CFG = ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=24, max_seq_len=64)
@@ -458,3 +458,34 @@ def test_rope_parameters_and_rope_scaling_that_disagree_are_refused():
     assert config_from_hf(agree).rope_scaling.factor == 4.0
     with pytest.raises(ConfigError, match="disagree \\(factor\\)"):
         config_from_hf({**agree, "rope_scaling": {"type": "linear", "factor": 2.0}})
+
+
+def test_tokenizer_json_is_read_and_written_as_utf8_in_any_locale(tmp_path):
+    """tokenizer.json is UTF-8 by definition: under a C/ASCII locale it was read with the
+    locale's codec (a non-ASCII piece made the file 'not a valid tokenizer file')."""
+    import os
+    import subprocess
+    import sys
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "caf\u00e9": 1, "\u00fcber": 2}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "out").mkdir()
+    script = ("import sys; from jaxaccel.tokenizer import HFTokenizer; t = HFTokenizer(sys.argv[1]); "
+              "t.save(__import__('pathlib').Path(sys.argv[2])); print(t.encode(chr(252) + 'ber caf' + chr(233)))")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    proc = subprocess.run([sys.executable, "-X", "utf8=0", "-c", script, str(tmp_path / "tokenizer.json"),
+                           str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[2, 1]", proc.stderr
+    assert Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json")).encode("\u00fcber caf\u00e9").ids == [2, 1]
+
+
+def test_empty_sentencepiece_file_is_refused_before_sentencepiece_logs(tmp_path, capfd):
+    from jaxaccel.tokenizer import load_tokenizer
+
+    (tmp_path / "tokenizer.model").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="tokenizer.model: not a valid tokenizer file \\(the file is empty\\)"):
+        load_tokenizer(tmp_path)
+    assert capfd.readouterr().err == ""  # no sentencepiece log lines before the one-line error

@@ -19,7 +19,8 @@ to the empty string).
 
 Training (BPE, byte_fallback) keeps text exact: identity normalisation, no whitespace
 collapsing, whitespace-only pieces allowed (indentation), no dummy prefix, digits split —
-`decode(encode(text)) == text`. Training "sentences" are runs of whole lines of up to
+`decode(encode(text)) == text`, except for U+2581 ("▁"), which SentencePiece uses as its
+space marker and decodes back as a space. Training "sentences" are runs of whole lines of up to
 `CHUNK_CHARS` characters, newline included, so merges such as `):\n` are learned. When the
 training split exceeds `vocab_max_chars`, a fixed hash rule on (document id, chunk index)
 keeps about that many characters: no seed, so every run and host picks the same chunks.
