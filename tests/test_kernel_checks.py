@@ -5,6 +5,7 @@ import json
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxaccel.bench import kernels
 from jaxaccel.bench.__main__ import main as bench_main
@@ -130,3 +131,33 @@ def test_random_tree_masks_are_ancestor_masks():
             for a in np.flatnonzero(mask[i]):
                 assert (mask[i] | ~mask[a]).all()
         assert (mask.sum(1)[1:] >= 2).all()  # every node but the root has its parent
+
+
+def test_public_ops_by_default_use_the_reference_where_the_gpu_kernel_cannot_take_the_sizes(monkeypatch):
+    """use_kernel=None on GPU picked the Triton kernel whatever the sizes: head_dim 96 (a real
+    model size) or a 24-slot cache raised instead of running the reference, as on CPU."""
+    import jax
+
+    from jaxaccel.pallas_kernels import token_select as ts
+    from jaxaccel.pallas_kernels.tree_attention import tree_attention, tree_attention_reference
+
+    rng = np.random.default_rng(0)
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
+    b, t, h, kvh = 1, 3, 4, 2
+    cases = []
+    for d, s in ((96, 256), (64, 24)):
+        args = (normal(b, t, h, d), normal(b, t, kvh, d), normal(b, t, kvh, d), jnp.tril(jnp.ones((1, t, t), bool)),
+                normal(b, kvh, s, d), normal(b, kvh, s, d), jnp.asarray([s - 3], jnp.int32))
+        cases.append((args, tree_attention_reference(*args)))
+    q, k, v = normal(b, h, 96), normal(b, kvh, 256, 96), normal(b, kvh, 256, 96)
+    lengths, indices = jnp.asarray([200]), jnp.asarray([np.arange(0, 64, 2)], jnp.int32)
+    valid = jnp.ones(indices.shape, bool)
+    scores = ts.score_keys_reference(q, k, lengths)
+    attended = ts.sparse_attention_reference(q, k, v, indices, valid, lengths)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    for args, want in cases:
+        np.testing.assert_array_equal(tree_attention(*args), want)
+    np.testing.assert_array_equal(ts.score_keys(q, k, lengths), scores)
+    np.testing.assert_array_equal(ts.sparse_attention(q, k, v, indices, valid, lengths), attended)
+    with pytest.raises(Exception, match="head_dim=96 must be a power of two"):  # a forced kernel still says why
+        tree_attention(*cases[0][0], use_kernel=True)

@@ -39,7 +39,7 @@ def test_flash_training_loss_and_grads_equal_dense(bidirectional, tiles, monkeyp
         from jaxaccel.model.options import FlashAttention
         from jaxaccel.train import step
 
-        monkeypatch.setattr(step, "training_attention", lambda name, mesh=None: FlashAttention(
+        monkeypatch.setattr(step, "training_attention", lambda name, mesh=None, *a, **k: FlashAttention(
             *tiles, implementation="jnp") if name == "flash" else step.DENSE)
     params = init_params(TINY, jax.random.key(0), "scanned")
     batch = _batch(40, prefix=bidirectional)
@@ -115,3 +115,27 @@ def test_evaluation_accuracy_counts_argmax_hits_not_ties():
     m = eval_step(params, batch, model_cfg=TINY, attention="dense", bidirectional=False)
     expected = float(jnp.sum((batch["targets"] == 0) * batch["loss_mask"]))
     assert expected >= 4 and float(m["correct"]) == expected < float(m["tokens"])
+
+
+def test_splash_is_checked_on_first_use_and_a_wrong_kernel_falls_back(monkeypatch, capsys):
+    """On one TPU the trainer picked the splash kernel unchecked: a wrong kernel would train
+    silently. It is now compared once per shape with the jnp path, forward and backward (here
+    in the Pallas interpreter), and a mismatch falls back to the jnp path with one warning."""
+    from jaxaccel.model.options import FlashAttention
+    from jaxaccel.pallas_kernels import flash_attention as fa
+    from jaxaccel.train import step
+
+    cfg = replace(TINY, n_heads=2, n_kv_heads=1, d_model=16)
+    step._splash_checked.cache_clear()
+    assert step.training_attention("flash", None, cfg, 128, interpret=True) == FlashAttention()
+    assert "warning" not in capsys.readouterr().err
+    real = fa._splash_attention
+    step._splash_checked.cache_clear()
+    monkeypatch.setattr(fa, "_splash_attention", lambda *a, **k: real(*a, **k) + 1e-2)
+    policy = step.training_attention("flash", None, cfg, 128, interpret=True)
+    assert policy == FlashAttention(implementation="jnp")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the splash kernel check failed (the kernel differs from the reference" in err
+    step._splash_checked.cache_clear()
+    # on a CPU (no interpret) no check runs and flash attention keeps its own choice (the jnp path)
+    assert step.training_attention("flash", None, cfg, 128) == FlashAttention()

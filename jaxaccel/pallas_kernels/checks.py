@@ -1,7 +1,8 @@
 """Self-checks of the Pallas kernels against their pure-jnp references, on random inputs of a
 given shape: what the decode engine runs on first use of a kernel per shape on TPU/GPU
 (`jaxaccel.decode.tuning`: a kernel that fails to compile or differs from its reference is
-not used), and what `python -m jaxaccel.bench kernels` runs and times over a grid of shapes.
+not used) and the trainer on first use of the splash kernel per shape on one TPU
+(`jaxaccel.train.step.training_attention`), and what `python -m jaxaccel.bench kernels` runs and times over a grid of shapes.
 
 A `KernelCase` is one kernel call and its reference on the same arguments (both jitted, so
 they can also be timed); `compare` runs both at full float32 matmul precision (Triton's
@@ -34,7 +35,7 @@ def tolerance(output_dtype: str) -> tuple[float, float]:
 
 
 class KernelCase(NamedTuple):
-    kernel_name: str  # "tree_attention", "score_keys", "sparse_attention", "splash_attention"
+    kernel_name: str  # "tree_attention", "score_keys", "sparse_attention", "splash_attention(_grad)"
     shape: dict[str, Any]  # what the report shows: the sizes that define the case
     dtype: str  # of the inputs
     kernel: Callable  # jitted: kernel(*args)
@@ -178,9 +179,11 @@ def sparse_attention_case(*, heads: int, kv_heads: int, head_dim: int, cache_len
 
 
 def splash_attention_case(*, seq_len: int, heads: int, kv_heads: int, head_dim: int, dtype: str, batch: int = 2,
-                          block: int = 128, interpret: bool = False, seed: int = 0) -> KernelCase:
+                          block: int = 128, interpret: bool = False, seed: int = 0, grad: bool = False) -> KernelCase:
     """Training attention over packed documents (two segments and trailing padding per row):
-    the splash kernel (TPU) against the jnp flash path, forward only."""
+    the splash kernel (TPU) against the jnp flash path. grad=False: the outputs; grad=True:
+    the gradients of a fixed random projection of the output with respect to q, k and v,
+    joined into one flat vector (the backward pass is a kernel of its own)."""
     from jaxaccel.pallas_kernels.flash_attention import flash_attention
 
     normal = _Normals(seed)
@@ -190,10 +193,20 @@ def splash_attention_case(*, seq_len: int, heads: int, kv_heads: int, head_dim: 
     segments = np.where(np.arange(seq_len) < cut, 1, np.where(np.arange(seq_len) < pad, 2, 0))
     segment_ids = jnp.asarray(np.broadcast_to(segments, (batch, seq_len)), jnp.int32)
 
-    def run(implementation):
-        return jax.jit(lambda q, k, v, s: flash_attention(q, k, v, s, None, block_q=block, block_k=block,
-                                                          implementation=implementation, interpret=interpret))
+    cotangent = normal((batch, seq_len, heads, head_dim), "float32")
 
-    return KernelCase("splash_attention", dict(batch=batch, seq_len=seq_len, heads=heads, kv_heads=kv_heads,
-                                               head_dim=head_dim, block=block),
-                      dtype, run("splash"), run("jnp"), (q, k, v, segment_ids), tolerance(dtype))
+    def run(implementation):
+        def attend(q, k, v, s):
+            return flash_attention(q, k, v, s, None, block_q=block, block_k=block, implementation=implementation,
+                                   interpret=interpret)
+
+        def grads(q, k, v, s):
+            project = lambda q, k, v: jnp.sum(attend(q, k, v, s).astype(jnp.float32) * cotangent)  # noqa: E731
+            return jnp.concatenate([g.astype(jnp.float32).ravel()
+                                    for g in jax.grad(project, argnums=(0, 1, 2))(q, k, v)])
+
+        return jax.jit(grads if grad else attend)
+
+    return KernelCase("splash_attention_grad" if grad else "splash_attention",
+                      dict(batch=batch, seq_len=seq_len, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                           block=block), dtype, run("splash"), run("jnp"), (q, k, v, segment_ids), tolerance(dtype))

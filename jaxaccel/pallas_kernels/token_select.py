@@ -177,15 +177,33 @@ def _check_group(n_heads: int, n_kv_heads: int) -> None:
 
 def _check_block(name: str, block: int, platform: str, head_dim: int, min_head_dim: int) -> None:
     """Block and head_dim constraints of the kernel on `platform` (one line each)."""
+    problem = _block_problem(name, block, platform, head_dim, min_head_dim)
+    if problem is not None:
+        raise ValueError(problem)
+
+
+def _block_problem(name: str, block: int, platform: str, head_dim: int, min_head_dim: int) -> str | None:
     if block < 8 or block % 8:
-        raise ValueError(f"{name} must be a positive multiple of 8, got {block}")
+        return f"{name} must be a positive multiple of 8, got {block}"
     if platform == "gpu":
         if not _is_pow2(block) or block < 16:
-            raise ValueError(f"on GPU (Triton) {name} must be a power of two >= 16, got {block}")
+            return f"on GPU (Triton) {name} must be a power of two >= 16, got {block}"
         if not _is_pow2(head_dim) or head_dim < min_head_dim:
-            raise ValueError(f"on GPU (Triton) head_dim must be a power of two >= {min_head_dim}, got {head_dim}")
+            return f"on GPU (Triton) head_dim must be a power of two >= {min_head_dim}, got {head_dim}"
     if platform == "tpu" and block % _TPU_LANES:
-        raise ValueError(f"on TPU {name} must be a multiple of {_TPU_LANES} (the lane width), got {block}")
+        return f"on TPU {name} must be a multiple of {_TPU_LANES} (the lane width), got {block}"
+    return None
+
+
+def _kernel_by_default(interpret: bool, block: int | None, n: int, head_dim: int, min_head_dim: int) -> bool:
+    """use_kernel=None: the kernel on TPU/GPU (or `interpret`) when it takes these sizes, else
+    the reference. A block size given explicitly asks for the kernel: a bad one raises, as
+    use_kernel=True does."""
+    platform = jax.default_backend()
+    if interpret or block is not None:
+        return interpret or platform in ("tpu", "gpu")
+    return platform in ("tpu", "gpu") and _block_problem(
+        "block_k", default_block_k(n, platform), platform, head_dim, min_head_dim) is None
 
 
 def _check_score_inputs(q, k, lengths, candidate_mask) -> None:
@@ -394,12 +412,13 @@ def score_keys_kernel(q: jax.Array, k: jax.Array, lengths: jax.Array, *, candida
 def score_keys(q: jax.Array, k: jax.Array, lengths: jax.Array, *, candidate_mask: jax.Array | None = None,
                block_k: int | None = None, interpret: bool = False, use_kernel: bool | None = None) -> jax.Array:
     """TokenSelect key scores [batch, cache_len] float32 (see `score_keys_reference` for the
-    shapes). use_kernel None -> the Pallas kernel on TPU/GPU, the reference on CPU;
+    shapes). use_kernel None -> the Pallas kernel on TPU/GPU where it takes the sizes, else the
+    reference;
     interpret=True runs the kernel in the Pallas interpreter (any backend). Input and block
     constraints are checked here, before anything is traced."""
     _check_score_inputs(q, k, lengths, candidate_mask)
     if use_kernel is None:
-        use_kernel = interpret or jax.default_backend() in ("tpu", "gpu")
+        use_kernel = _kernel_by_default(interpret, block_k, k.shape[2], q.shape[2], 16)
     if not use_kernel:
         return score_keys_reference(q, k, lengths, candidate_mask=candidate_mask)
     platform = _platform(interpret)
@@ -688,15 +707,15 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, indices: jax.Arra
                      positions: Positions = "compact", block_k: int | None = None, gather: Gather | None = None,
                      interpret: bool = False, use_kernel: bool | None = None) -> jax.Array:
     """Attention of one decode query per row over the selected cache keys, RoPE in-kernel;
-    shapes as `sparse_attention_reference`. use_kernel None -> the Pallas kernel on TPU/GPU,
-    the reference on CPU; interpret=True runs the kernel in the Pallas interpreter. Input
+    shapes as `sparse_attention_reference`. use_kernel None -> the Pallas kernel on TPU/GPU
+    where it takes the sizes, else the reference; interpret=True runs the kernel in the Pallas interpreter. Input
     and block constraints are checked here, before anything is traced."""
     _check_sparse_inputs(q, k, v, indices, valid, lengths, k_new, v_new)
     if positions not in ("compact", "original"):
         raise ValueError(f"positions must be 'compact' or 'original', got {positions!r}")
     kwargs = dict(k_new=k_new, v_new=v_new, rope_theta=rope_theta, rope_inv_freq=rope_inv_freq, positions=positions)
     if use_kernel is None:
-        use_kernel = interpret or jax.default_backend() in ("tpu", "gpu")
+        use_kernel = _kernel_by_default(interpret, block_k, indices.shape[1], q.shape[2], 32)
     if not use_kernel:
         return sparse_attention_reference(q, k, v, indices, valid, lengths, **kwargs)
     platform = _platform(interpret)

@@ -229,24 +229,30 @@ def _check_args(q, k_new, v_new, tree_mask, k_cache, v_cache, prefix_len, block_
         raise InvalidArgumentError(f"tree attention: tree_mask must be [{b} or 1, {t}, {t}], got {tree_mask.shape}")
     if prefix_len.shape != (b,):
         raise InvalidArgumentError(f"tree attention: prefix_len must be [{b}], got {prefix_len.shape}")
-    s = k_cache.shape[2]
+    problem = _size_problem(d, k_cache.shape[2], block_k, platform)
+    if problem is not None:
+        raise InvalidArgumentError(f"tree attention: {problem}")
+
+
+def _size_problem(d: int, s: int, block_k: int, platform: str) -> str | None:
+    """Why the kernel cannot take head_dim `d`, a cache of `s` slots and `block_k` on
+    `platform`, or None."""
     if s < 1:
-        raise InvalidArgumentError(f"tree attention: the cache length must be >= 1, got {s}")
+        return f"the cache length must be >= 1, got {s}"
     if block_k < 1 or s % block_k:
-        raise InvalidArgumentError(f"tree attention: block_k={block_k} must be >= 1 and divide the cache length {s}")
+        return f"block_k={block_k} must be >= 1 and divide the cache length {s}"
     if block_k % _TPU_SUBLANES and block_k != s:
-        raise InvalidArgumentError(f"tree attention: block_k={block_k} must be a multiple of {_TPU_SUBLANES} or the "
-                                   f"whole cache length {s} (the Pallas TPU (8, 128) block rule)")
+        return (f"block_k={block_k} must be a multiple of {_TPU_SUBLANES} or the whole cache length {s} (the "
+                f"Pallas TPU (8, 128) block rule)")
     if platform == "tpu" and block_k < _TPU_SUBLANES:  # bf16 dots over fewer rows fail Mosaic's verifier
-        raise InvalidArgumentError(f"tree attention: block_k={block_k} (a cache of {s} slots) is below "
-                                   f"{_TPU_SUBLANES} on TPU: use the reference (tree_attention does below "
-                                   f"{_TPU_SUBLANES} slots)")
+        return (f"block_k={block_k} (a cache of {s} slots) is below {_TPU_SUBLANES} on TPU: use the reference "
+                f"(tree_attention does below {_TPU_SUBLANES} slots)")
     if platform == "gpu":
         if not _is_pow2(d) or d < 16:
-            raise InvalidArgumentError(f"tree attention: head_dim={d} must be a power of two >= 16 on GPU (Triton)")
+            return f"head_dim={d} must be a power of two >= 16 on GPU (Triton)"
         if not _is_pow2(block_k) or block_k < 16:
-            raise InvalidArgumentError(f"tree attention: block_k={block_k} must be a power of two >= 16 on GPU "
-                                       f"(Triton)")
+            return f"block_k={block_k} must be a power of two >= 16 on GPU (Triton)"
+    return None
 
 
 # ----------------------------------------------------------------------------- pallas_call
@@ -367,10 +373,16 @@ def tree_attention(q, k_new, v_new, tree_mask, k_cache, v_cache, prefix_len, *, 
     mask); k_cache, v_cache [b, kv_heads, S, d]; prefix_len [b] int32: cache slots [0, prefix_len)
     are visible to every query. Returns [b, T, heads, d] in v_new.dtype.
     use_kernel None -> kernel on TPU/GPU, reference on CPU; interpret=True runs the Pallas kernel
-    in interpret mode (any backend, used by tests on CPU). block_k: see `tree_attention_kernel`
-    (None = `default_block_k(S)`; unused by the reference)."""
+    in interpret mode (any backend, used by tests on CPU); with None, sizes the backend's kernel
+    cannot take (e.g. head_dim 96 on GPU) use the reference, where use_kernel=True or an
+    explicit block_k raises.
+    block_k: see `tree_attention_kernel` (None = `default_block_k(S)`; unused by the reference)."""
     if use_kernel is None:  # (a cache shorter than one TPU sublane block is not worth a kernel)
-        use_kernel = interpret or (jax.default_backend() in ("tpu", "gpu") and k_cache.shape[2] >= _TPU_SUBLANES)
+        backend = jax.default_backend()
+        use_kernel = interpret or (backend in ("tpu", "gpu") and k_cache.shape[2] >= _TPU_SUBLANES)
+        if use_kernel and not interpret and block_k is None:  # (a block_k given asks for the kernel)
+            size = k_cache.shape[2] if k_cache.ndim == 4 else 0
+            use_kernel = _size_problem(q.shape[-1], size, default_block_k(size), backend) is None
     if not use_kernel:
         return tree_attention_reference(q, k_new, v_new, tree_mask, k_cache, v_cache, prefix_len)
     return tree_attention_kernel(q, k_new, v_new, tree_mask, k_cache, v_cache, prefix_len, block_k=block_k,

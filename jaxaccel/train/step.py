@@ -7,6 +7,8 @@ denoiser-input tokens that see each other both ways).
 """
 from __future__ import annotations
 
+import functools
+import sys
 from typing import Any, NamedTuple
 
 import jax
@@ -102,7 +104,7 @@ def loss_and_metrics(params, model_cfg: ModelConfig, batch: dict, rng, *, dropou
         routes = constrain(duo_plan(model_cfg, batch["inputs"].shape, rng).routes, (BATCH, LENGTH, LAYERS), mesh)
         plan = (ExecutionPlan() if plan is None else plan)._replace(routes=routes)
     logits, _, aux = forward(params, model_cfg, batch["inputs"], batch["positions"], segments=segments, plan=plan,
-                             attention=training_attention(attention, mesh),
+                             attention=training_attention(attention, mesh, model_cfg, batch["inputs"].shape[1]),
                              deterministic=not dropout, dropout_rng=rng if dropout else None, return_aux=True,
                              remat=remat, moe_training=training, token_mask=batch["segment_ids"] > 0, mesh=mesh)
     token_ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
@@ -156,13 +158,53 @@ def duo_plan(model_cfg: ModelConfig, tokens_shape: tuple[int, int], rng) -> Exec
     return ExecutionPlan(routes=random_routes(model_cfg.duo, key, (*tokens_shape, model_cfg.n_layers)))
 
 
-def training_attention(name: str, mesh=None):
+def training_attention(name: str, mesh=None, model_cfg: ModelConfig | None = None, seq_len: int | None = None, *,
+                       backend: str | None = None, interpret: bool = False):
     """The attention policy of train.attention. The splash kernel is a custom call GSPMD cannot
     split, so over a multi-device mesh flash attention runs its jnp path (partitioned like
-    any jnp code); a shard_map-wrapped splash is the way to bring the kernel to pods."""
+    any jnp code); a shard_map-wrapped splash is the way to bring the kernel to pods.
+
+    On one TPU (or with `interpret`), where flash attention would pick the splash kernel, the
+    kernel is first checked once per shape (given `model_cfg` and `seq_len`) against the jnp
+    path, forward and backward, on random packed inputs (`pallas_kernels.checks`): a
+    mismatch or a failed compile falls back to the jnp path with a one-line warning, as the
+    decode kernels do, instead of training on a wrong result or crashing the step."""
     if name == "dense":
         return DENSE
-    return FlashAttention(implementation=None if mesh is None or mesh.size == 1 else "jnp")
+    if mesh is not None and mesh.size > 1:
+        return FlashAttention(implementation="jnp")
+    policy = FlashAttention()
+    if model_cfg is not None and seq_len is not None and (interpret or (backend or jax.default_backend()) == "tpu"):
+        reason = _splash_checked(seq_len, model_cfg.n_heads, model_cfg.n_kv_heads, model_cfg.resolved_head_dim,
+                                 model_cfg.dtype, policy.block_q, policy.block_k, interpret)
+        if reason is not None:
+            _warn_once(f"flash attention: the splash kernel check failed ({reason}); training with the jnp "
+                       f"flash path")
+            return FlashAttention(implementation="jnp")
+    return policy
+
+
+@functools.lru_cache(maxsize=None)
+def _splash_checked(seq_len: int, heads: int, kv_heads: int, head_dim: int, dtype: str, block_q: int, block_k: int,
+                    interpret: bool) -> str | None:
+    """None when the splash kernel matches the jnp flash path on this shape (outputs, then
+    gradients), else why not; also None where splash does not apply (unequal blocks)."""
+    from jaxaccel.pallas_kernels import checks
+
+    if block_q != block_k:
+        return None  # flash_attention's own rule picks the jnp path then
+    for grad in (False, True):
+        case = checks.splash_attention_case(seq_len=seq_len, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                                            dtype=dtype, block=block_q, interpret=interpret, grad=grad)
+        problem = checks.compare(case).problem
+        if problem is not None:
+            return ("(backward) " if grad else "") + problem
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def split_micro(batch: dict, n: int) -> dict:
