@@ -2,6 +2,7 @@
 teacher-forced training forward) and the trainer's schedule fine-tune."""
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -295,6 +296,24 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(lm):
     assert lm.generate(ps, temperature=0.8, top_k=1, **opts).tokens == lm.generate(ps, **opts).tokens
 
 
+def test_a_clash_with_the_trained_schedule_names_where_the_other_value_came_from(lm):
+    tuned = jaxaccel.from_params(lm.config, lm.params, info={"skip_schedule": {"min_layers": 3, "max_layers": 5}})
+    with pytest.raises(InvalidArgumentError, match=r"^min_layers \(3\) > max_layers \(2\).*\(min_layers=3 from the "
+                                                   r"model's trained schedule; give them too to override\)$"):
+        tuned.generate([[1, 2, 3]], max_new_tokens=2, method="skipdecode", max_layers=2)
+
+
+def test_bench_reports_the_schedule_the_method_runs(lm):
+    """A model fine-tuned with 2 warm-up layers: the bench described (and sized its step-cost
+    depths by) a 1-warm-up schedule it never ran."""
+    from jaxaccel.bench.skipdecode import method_schedule
+
+    tuned = jaxaccel.from_params(lm.config, lm.params, info={"skip_schedule": {"warmup_layers": 2, "max_length": 40}})
+    schedule = method_schedule(tuned, 2, 40)
+    ran = tuned.generate(prompts(1, lo=8, hi=9), max_new_tokens=4, method="skipdecode", speedup=2, max_length=40)
+    assert schedule.warmup_layers == 2 and schedule.describe() == ran.stats["schedule"]
+
+
 # ----------------------------------------------------------------------------- fine-tuning
 
 
@@ -327,6 +346,12 @@ def test_schedule_fine_tune_starts_from_a_model_and_shards(tmp_path):
     trained = run_cfg(single, speedup=2, max_length=32).skip_schedule()[0]
     out = tuned.generate([[1, 2, 3]], max_new_tokens=4, method="skipdecode")
     assert out.stats["schedule"] == trained.describe()
+    # so does the run itself before its export (still going, or killed): its checkpoint's meta
+    # carries the schedule (a run folder used to decode with every layer, silently)
+    shutil.rmtree(single / "model")
+    from_run = jaxaccel.load(single)
+    assert from_run.info["skip_schedule"] == tuned.info["skip_schedule"] and from_run.info["trained_steps"] == 4
+    assert from_run.generate([[1, 2, 3]], max_new_tokens=4, method="skipdecode").stats["schedule"] == trained.describe()
     assert jaxaccel.load(tmp_path / "base").generate([[1, 2, 3]], max_new_tokens=4, method="skipdecode"
                                                      ).stats["mean_layers_per_step"] == 4
 

@@ -74,6 +74,16 @@ def step_cost(lm, depths: Sequence[int], batch: int, cache_len: int = 512, reps:
     return rows
 
 
+def method_schedule(lm, speedup: float, max_length: int) -> SkipSchedule:
+    """The schedule `method="skipdecode", speedup=..., max_length=...` runs on `lm`: the
+    model's trained warm-up (its info) where it has one, as the method takes it."""
+    from jaxaccel.decode.skipdecode import SkipDecode
+
+    method = SkipDecode(speedup=speedup, max_length=max_length)
+    method.use_model_info(lm.info or {})
+    return method.schedule(lm.config)
+
+
 def end_to_end(lm, prompts: list[list[int]], batch: int, speedups: Sequence[float], new_tokens: int, runs: int,
                max_length: int, dispatches: Sequence[str] = ("cond", "switch")) -> list[dict[str, Any]]:
     base = run_method(lm, prompts, batch, new_tokens, runs, "autoregressive", 0.0)
@@ -83,7 +93,7 @@ def end_to_end(lm, prompts: list[list[int]], batch: int, speedups: Sequence[floa
              "tokens_per_s": base["tokens_per_s"], "runs_tokens_per_s": base["runs_tokens_per_s"], "vs_ar": 1.0,
              "decode_phase_tokens_per_s": base_loop, "decode_phase_vs_ar": 1.0 if base_loop else None, **decoded}]
     for s in speedups:
-        schedule = SkipSchedule.for_speedup(lm.config.n_layers, s, max_length=max_length)
+        schedule = method_schedule(lm, s, max_length)
         for dispatch in dispatches:
             r = run_method(lm, prompts, batch, new_tokens, runs, "skipdecode", 0.0, speedup=s, max_length=max_length,
                            dispatch=dispatch)
@@ -104,9 +114,8 @@ def run(model: str, batches: Sequence[int], speedups: Sequence[float], new_token
 
     lm = jaxaccel.load(model)
     n = lm.config.n_layers
-    depths = sorted({n, *(SkipSchedule.for_speedup(n, s, max_length=max_length).min_layers for s in speedups),
-                     *(SkipSchedule.for_speedup(n, s, max_length=max_length).max_layers for s in speedups)},
-                     reverse=True)
+    schedules = [method_schedule(lm, s, max_length) for s in speedups]
+    depths = sorted({n, *(sk.min_layers for sk in schedules), *(sk.max_layers for sk in schedules)}, reverse=True)
     result: dict[str, Any] = {"machine": machine(), "model": model, "n_layers": n, "new_tokens": new_tokens,
                               "runs": runs, "prompt_tokens": prompt_tokens, "max_length": max_length,
                               "step_cost": [], "end_to_end": []}

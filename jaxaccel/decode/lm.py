@@ -779,7 +779,8 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh
         config, params, meta = ckpt.load_run_params(folder, dtype, shardings_fn)
         params = decode_params(params, config, mesh, consume=True)
         return LanguageModel(config, params, tokenizer=load_tokenizer(folder, add_bos=True), eos_token_ids=[EOS_ID],
-                             bos_token_id=BOS_ID, mesh=mesh, source=str(folder), info={"trained_steps": meta["step"]})
+                             bos_token_id=BOS_ID, mesh=mesh, source=str(folder),
+                             info={**meta.get("info", {}), "trained_steps": meta["step"]})
     if kind == "model":
         config, params, meta = ckpt.load_model(folder, dtype=dtype, shardings_fn=shardings_fn)
         params = decode_params(params, config, mesh, consume=True)

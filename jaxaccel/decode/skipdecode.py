@@ -72,14 +72,23 @@ class SkipDecode(DecodeMethod):
         trained = info.get("skip_schedule") or {}
         trained = trained if isinstance(trained, dict) else {}  # (info read from a foreign file)
         keys = ("warmup_layers", "max_length") + (("min_layers", "max_layers") if self.opts["speedup"] is None else ())
+        self._from_model = []
         for k in keys:
             if self.opts[k] is None and k in trained:
                 self.opts[k] = trained[k]
+                self._from_model.append(k)
 
     def check(self, config: ModelConfig) -> None:
         if self.opts["dispatch"] not in ("cond", "switch"):
             raise InvalidArgumentError(f"dispatch must be 'cond' or 'switch', got {self.opts['dispatch']!r}")
-        self._schedule = self.schedule(config)
+        try:
+            self._schedule = self.schedule(config)
+        except InvalidArgumentError as e:
+            taken = getattr(self, "_from_model", [])
+            if not taken:
+                raise
+            raise InvalidArgumentError(f"{e} ({', '.join(f'{k}={self.opts[k]}' for k in taken)} from the model's "
+                                       f"trained schedule; give them too to override)") from None
 
     def check_request(self, prompt_lens: list[int], max_new_tokens: int) -> None:
         # A constant depth (min_layers == max_layers, e.g. every layer when neither options

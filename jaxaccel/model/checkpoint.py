@@ -337,12 +337,25 @@ def load_run_params(folder, dtype: str | None = None, shardings_fn=None) -> tupl
             if reason is not None:
                 errors.append(f"step {step}: {reason}")
                 continue
-            return config, out["params"], {"step": int(step), "layout": "scanned"}
+            return config, out["params"], {"step": int(step), "layout": "scanned",
+                                           "info": _run_step_info(folder / RUN_CHECKPOINTS / str(step))}
     finally:
         handler.close()
         manager.close()
     detail = f" ({'; '.join(errors)})" if errors else ""
     raise CheckpointError(f"training run {folder} has no readable checkpoint yet{detail}")
+
+
+def _run_step_info(step_folder) -> dict:
+    """The `info` a training step saved in its meta item (what an export would carry, e.g. the
+    SkipDecode schedule the run fine-tunes under); {} when the step has none or it is
+    unreadable (older trainers saved none)."""
+    try:
+        meta = json.loads((step_folder / RUN_META_ITEM / "metadata").read_bytes())
+    except (OSError, ValueError):
+        return {}
+    info = meta.get("info") if isinstance(meta, dict) else None
+    return dict(info) if isinstance(info, dict) else {}
 
 
 # What a model folder holds besides MARKER: replaced by a new save, together with the marker.

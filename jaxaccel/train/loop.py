@@ -612,7 +612,7 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
             if due_ckpt or stop:
                 ckpts.save(done, state, {"step": done, "data_position": done, "tokens_seen": done * tokens_per_step,
                                          "unique_tokens": unique, "total_steps": total_steps, "config": settings,
-                                         "data": fingerprint})
+                                         "data": fingerprint, "info": skip_info(cfg)})  # decoding a run reads it
             if stop:
                 raise stopped(stop, done)
         if start < total_steps and jax.process_count() == 1:  # a notice during the last step's evaluation
