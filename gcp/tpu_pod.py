@@ -92,6 +92,9 @@ QUEUED_STATES = {"ACTIVE": "READY", "SUSPENDING": "PREEMPTED", "SUSPENDED": "PRE
                  "ACCEPTED": "QUEUED", "WAITING_FOR_RESOURCES": "QUEUED", "PROVISIONING": "QUEUED",
                  "CREATING": "QUEUED"}
 QUEUE_POLL_S = 60
+# gcloud's answer for a slice or queued resource that does not exist (HTTP 404)
+NOT_FOUND = re.compile(r"NOT_FOUND|was not found|\b404\b")
+DESCRIBE_TRIES, DESCRIBE_RETRY_S = 3, 10
 # jaxaccel's trainer and sweep runner exit 143 after a preemption notice (SIGTERM), having saved
 # a checkpoint; the slice is then still READY for up to ~30 s before it is reclaimed.
 NOTICE_EXIT = 143
@@ -156,7 +159,11 @@ def sweep_command(args: argparse.Namespace, extra: list[str]) -> str:
 
 def plan(args: argparse.Namespace, step: str) -> list[list[str]]:
     name = args.name
-    every = ["--worker=all", "--node=all"] if multislice(args) else ["--worker=all"]
+    # queued-resources ssh/scp run 64 workers at a time by default: past 64 hosts in all, the first
+    # 64 would wait in jax.distributed.initialize for the rest forever. One batch of every host
+    # (4096 per slice bounds any TPU slice's hosts); tpu-vm ssh has no batches.
+    every = (["--worker=all", "--node=all", f"--batch-size={4096 * args.num_slices}"] if multislice(args)
+             else ["--worker=all"])
     if step == "create":
         if multislice(args):  # nodes NAME-0 ... NAME-(N-1), one slice each
             cmd = gcloud(args, "create", name) + [f"--node-count={args.num_slices}", f"--node-prefix={name}",
@@ -215,13 +222,47 @@ def _child(cmd: list[str], **kwargs):
             raise KeyboardInterrupt
         yield proc
     except BaseException:
-        proc.kill()
-        proc.wait()
+        _kill_tree(proc)
         raise
     finally:
         for pipe in (proc.stdout, proc.stderr):
             if pipe is not None:
                 pipe.close()
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """Kill `proc` and every process under it: gcloud starts ssh (one per worker) as its own
+    children, which killing gcloud alone would leave running."""
+    try:
+        pids = [proc.pid, *_descendants(proc.pid)]  # found first: once gcloud dies they belong to init
+    except BaseException:  # a second Ctrl-C / SIGTERM while ps runs: still stop gcloud itself
+        pids = [proc.pid]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    proc.wait()
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes under `pid` (`ps`, on Linux and macOS alike); [] if ps cannot be run."""
+    try:
+        table = subprocess.run(["ps", "-A", "-o", "pid=", "-o", "ppid="], capture_output=True, text=True,
+                               timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    children: dict[int, list[int]] = {}
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[0].isdigit() and fields[1].isdigit():
+            children.setdefault(int(fields[1]), []).append(int(fields[0]))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def _call(cmd: list[str], capture_output: bool = False, text: bool = False) -> subprocess.CompletedProcess:
@@ -304,16 +345,27 @@ class Executor:
             time.sleep(seconds)
 
     def state(self, args: argparse.Namespace) -> str:
-        """The slice's state: READY, PREEMPTED, ..., or NOT_FOUND when describe fails."""
+        """The slice's state: READY, PREEMPTED, ..., NOT_FOUND when gcloud says there is no
+        such slice, or UNKNOWN when describe keeps failing for another reason (an expired
+        login, the network): that is never taken for a slice that is gone, which would be
+        deleted and recreated under a healthy one."""
         cmd = plan(args, "describe")[0]
-        print("+ " + shlex.join(cmd), flush=True)
-        if self.dry_run:
-            return self.slice_state
-        proc = _call(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            return "NOT_FOUND"
-        state = proc.stdout.strip().upper() or "UNKNOWN"
-        return QUEUED_STATES.get(state, state) if multislice(args) else state
+        for attempt in range(DESCRIBE_TRIES):
+            print("+ " + shlex.join(cmd), flush=True)
+            if self.dry_run:
+                return self.slice_state
+            proc = _call(cmd, capture_output=True, text=True)
+            if proc.returncode == 0:
+                state = proc.stdout.strip().upper() or "UNKNOWN"
+                return QUEUED_STATES.get(state, state) if multislice(args) else state
+            if NOT_FOUND.search(proc.stderr or ""):
+                return "NOT_FOUND"
+            why = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+            print(f"# describe failed ({why[0]}){'; trying again' if attempt + 1 < DESCRIBE_TRIES else ''}",
+                  flush=True)
+            if attempt + 1 < DESCRIBE_TRIES:
+                self.sleep(DESCRIBE_RETRY_S)
+        return "UNKNOWN"
 
 
 def read_slice_spec(args: argparse.Namespace, ex: Executor) -> None:
@@ -434,6 +486,11 @@ def recover(args: argparse.Namespace, ex: Executor, state: str, code: int) -> in
         state = ex.state(args)
         if stage == "setup" and state not in PREEMPTED_STATES:
             print(f"# setup failed (exit {code}) on a {state} slice: not a preemption, not retrying", flush=True)
+            return code
+        if stage == "create" and state in ("READY", "UNKNOWN"):  # a slice that may be healthy (the name
+            # taken, a describe that failed before) is never deleted to try again
+            print(f"# the create failed (exit {code}) and slice {args.name} is {state}: not deleting it to try "
+                  f"again; check it, then rerun", flush=True)
             return code
 
 

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,51 @@ def test_tpu_pod_sigterm_deletes_the_slice_and_exits_130(tmp_path):
     keep = launch("all", "--name", "pod", "--zone", "z", "--keep", env=env)
     assert keep.returncode == 130 and "Traceback" not in keep.stderr
     assert gcloud_calls(tmp_path) == ["create", "scp", "install", "run"]
+
+
+def test_tpu_pod_sigterm_stops_the_processes_gcloud_started(tmp_path):
+    """gcloud runs ssh as its own child: killing gcloud alone left that child running after the
+    launcher exited."""
+    env = fake_gcloud(tmp_path, f"""*"--command=cd ~/jaxaccel"*) sleep 300 >/dev/null 2>&1 & echo $! > \
+"{tmp_path}/child.pid"; kill -TERM $PPID; wait ;;""")
+    proc = launch("run", "--name", "pod", "--zone", "z", "--command", "python -m x", env=env)
+    assert proc.returncode == 130, proc.stdout + proc.stderr
+    child = int((tmp_path / "child.pid").read_text())
+    time.sleep(0.5)
+    assert not os.path.exists(f"/proc/{child}") or "zombie" in open(f"/proc/{child}/status").read().lower(), \
+        "gcloud's child outlived the launcher"
+
+
+def test_tpu_pod_a_transient_describe_failure_is_not_a_gone_slice(tmp_path, launcher_module, monkeypatch, capfd):
+    """run --spot: the command fails for its own reasons and one describe fails (an expired
+    login): that was read as NOT_FOUND, so the launcher recreated the slice, the create met the
+    healthy slice (ALREADY_EXISTS) and it was deleted. Now describe is asked again, and only
+    gcloud's NOT_FOUND means gone."""
+    env = fake_gcloud(tmp_path, """
+*"--command=cd ~/jaxaccel"*) exit 1 ;;
+*" describe "*) [ "$(nth describe)" = 1 ] && { echo "ERROR: (gcloud.compute.tpus.tpu-vm.describe) There was a \
+problem refreshing your current auth tokens" >&2; exit 1; }; echo READY ;;
+*" create "*) echo "ERROR: ALREADY_EXISTS: Resource already exists" >&2; exit 1 ;;
+""")
+    monkeypatch.setenv("PATH", env["PATH"])
+    argv = ["run", "--name", "pod", "--zone", "z", "--spot", "--accelerator-type", "v4-8", "--version", "v",
+            "--command", "python -m x"]
+    code = launcher_module.main(argv)
+    out, err = capfd.readouterr()
+    assert code == 1 and "not a preemption, not retrying" in out, out + err
+    assert gcloud_calls(tmp_path) == ["run", "describe", "describe"] and launcher_module.slept == [10]
+    # describe failing every time: UNKNOWN, still not a slice to delete
+    (tmp_path / "always").mkdir()
+    env = fake_gcloud(tmp_path / "always", """
+*"--command=cd ~/jaxaccel"*) exit 1 ;;
+*" describe "*) echo "ERROR: network unreachable" >&2; exit 1 ;;
+""")
+    monkeypatch.setenv("PATH", env["PATH"])
+    code = launcher_module.main(argv)
+    out, err = capfd.readouterr()
+    assert code == 1 and "on a UNKNOWN slice: not a preemption" in out
+    assert gcloud_calls(tmp_path / "always") == ["run", "describe", "describe", "describe"]
+    assert "delete" not in gcloud_calls(tmp_path / "always")
 
 
 @pytest.mark.parametrize("call", ["_call", "_call_keeping_stderr"])
@@ -262,7 +308,7 @@ def test_tpu_pod_first_create_waits_out_a_stockout_and_nothing_else(tmp_path, la
     # third makes the slice; each retry asks whether the failed create left a slice to delete
     env = fake_gcloud(tmp_path, f"""
 *" create "*) [ "$(nth create)" -le 2 ] && {{ echo '{STOCKOUT_ERROR}' >&2; exit 1; }} ;;
-*" describe "*) [ "$(nth describe)" = 1 ] && {{ echo CREATING; exit 0; }}; exit 1 ;;
+*" describe "*) [ "$(nth describe)" = 1 ] && {{ echo CREATING; exit 0; }}; echo "ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: Requested entity was not found." >&2; exit 1 ;;
 """)
     monkeypatch.setenv("PATH", env["PATH"])
     code = launcher_module.main(["all", "--name", "pod", "--zone", "z", "--command", "true"])
@@ -419,7 +465,8 @@ def test_tpu_pod_multislice_is_one_queued_resource_waited_for_and_run_on_every_n
     assert all(line.startswith("compute tpus queued-resources ") for line in log)
     assert "--node-count=2 --node-prefix=ms --accelerator-type=v5litepod-16 --runtime-version=v2-alpha-tpuv5-lite" \
         in log[0]
-    assert all("--worker=all --node=all" in line for line in log[4:7]) and log[7].endswith("--force --quiet")
+    assert all("--worker=all --node=all --batch-size=8192" in line for line in log[4:7])  # every host at once
+    assert log[7].endswith("--force --quiet")
     (tmp_path / "failed").mkdir()
     env = fake_gcloud(tmp_path / "failed", """*" describe "*) echo FAILED ;;""")
     monkeypatch.setenv("PATH", env["PATH"])
