@@ -291,11 +291,12 @@ def test_the_benchmark_counts_the_routers_big_layers_over_every_prompt_it_times(
 
     params, rows = toy
     rparams, rcfg = with_random_router(params, TOY, seed=5, scale=3.0)
-    lm = jaxaccel.from_params(rcfg, rparams, eos_token_ids=())
+    lm = jaxaccel.from_params(rcfg, rparams, eos_token_ids=(1,))
     prompts = [rows[i, :5].tolist() for i in range(4)]
     monkeypatch.setattr(jaxaccel, "load", lambda model: lm)
     monkeypatch.setattr(bench_duo, "heldout_prompts", lambda lm, files, n: prompts)
     result = bench_duo.run("toy", [1, 4], new_tokens=4, runs=1, files=4, prompt_tokens=5)
+    assert lm.eos_token_ids == ()  # every row decodes all its tokens: an EOS would leave a slot idle but timed
     router = {r["batch"]: r["big_layers"] for r in result["rows"] if r["routes"] == "router"}
     whole = lm.generate(prompts, max_new_tokens=4)
     expect = bench_duo.big_layers(lm, whole.prompt_ids, whole.tokens, None)

@@ -65,6 +65,7 @@ def run(model: str, batches: Sequence[int], new_tokens: int, runs: int, files: i
     from jaxaccel.decode.lm import duo_routes
 
     lm = jaxaccel.load(model)
+    lm.eos_token_ids = ()  # every row decodes exactly new_tokens: a row ended by EOS would time an idle slot
     check_pattern(lm.config, pattern)
     n = lm.config.n_layers
     pattern = pattern or half_pattern(n)

@@ -113,6 +113,7 @@ def run(model: str, batches: Sequence[int], speedups: Sequence[float], new_token
     import jaxaccel
 
     lm = jaxaccel.load(model)
+    lm.eos_token_ids = ()  # every row decodes exactly new_tokens: a row ended by EOS would time an idle slot
     n = lm.config.n_layers
     schedules = [method_schedule(lm, s, max_length) for s in speedups]
     depths = sorted({n, *(sk.min_layers for sk in schedules), *(sk.max_layers for sk in schedules)}, reverse=True)
