@@ -151,6 +151,23 @@ def test_rerunning_the_sweep_skips_finished_runs(toy, monkeypatch, capsys):
     assert again["runs"] == doc["runs"]
 
 
+def test_a_finished_run_whose_folder_is_gone_keeps_its_record(toy, monkeypatch, capsys):
+    """Run folders pruned once finished (plots and reports need only the results file): the next
+    sweep (`--only` another run) or collect wrote the run's record over as "new"."""
+    import shutil
+
+    path, out, doc = toy
+    monkeypatch.setattr("jaxaccel.train.loop.train", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    shutil.move(out / RUN_NAMES[0], out.parent / "pruned")
+    try:
+        for args in (["sweep", path, "--only", RUN_NAMES[1]], ["collect", path], ["sweep", path]):
+            code, _, err = cli(args, capsys)
+            assert code == 0, err
+            assert json.loads((out / "results.json").read_text())["runs"] == doc["runs"], args
+    finally:
+        shutil.move(out.parent / "pruned", out / RUN_NAMES[0])
+
+
 def test_a_run_another_process_finished_meanwhile_is_not_trained_again(toy, monkeypatch, capsys):
     """A second sweep process on the same run folders (`--only`, or a shipped sweep sharing runs)
     finishes a run after this one planned it: looked at again before training, it is kept."""
@@ -440,6 +457,71 @@ def test_rd_star_fit_recovers_the_constant_of_synthetic_runs():
     fit = fit_rd_star(params, seen, unique, np.array(losses) + rng.normal(0, 1e-3, len(losses)))
     assert fit.rd_star == pytest.approx(4.0, rel=0.15) and fit.beta == pytest.approx(0.3, rel=0.1)
     assert not fit.rd_star_at_bound and fit.rmse < 2e-3
+
+
+def test_rd_star_fit_counts_distinct_settings_and_flags_a_beta_at_its_bound():
+    """Runs that differ only by seed are one point: three settings (two seeds each) cannot pin
+    down E, B, beta and R_D* of one size, yet the fit printed a precise R_D* (684, 18.5 or 14.1
+    by the noise draw)."""
+    unique, seen = [2.0**21, 2.0**19, 2.0**17] * 2, [2.0**21] * 6
+    losses = [2.0 + 40.0 / effective_data(u, d, 15.0) ** 0.3 for u, d in zip(unique, seen)]
+    with pytest.raises(ValueError, match=r"needs at least 4 distinct \(params, tokens, unique tokens\) settings "
+                                         r"\(1 model size\(s\)\), got 3 \(in 6 finished runs\)"):
+        fit_rd_star([1e6] * 6, seen, unique, losses)
+    # a loss that falls more steeply than beta's range allows: beta ends at its bound, and says so
+    unique = [2.0**21 / 2**k for k in range(5)] + [2.0**21 / e for e in (2, 4, 8)]
+    seen = unique[:5] + [2.0**21] * 3
+    steep = fit_rd_star([1e6] * 8, seen, unique, [2 + 1e18 / effective_data(u, d, 4.0) ** 3 for u, d in zip(unique, seen)])
+    assert steep.beta == 2.0 and steep.beta_at_bound and not fit_rd_star(
+        [1e6] * 8, seen, unique, [2 + 40 / effective_data(u, d, 4.0) ** 0.3 for u, d in zip(unique, seen)]).beta_at_bound
+
+
+def test_report_fits_the_named_groups_and_leaves_out_runs_without_a_parameter_count():
+    from jaxaccel.experiments.report import render_report
+
+    def run(name, group, epochs, loss, params=1e6):
+        return {"name": name, "group": group, "status": "done", "params": params, "unique_tokens": 2.0**21 / epochs,
+                "total_tokens": 2.0**21, "final": {"eval_loss": loss}}
+
+    runs = [run(f"repeat/e={e}", "repeat", e, 3.0 + 0.1 * e) for e in (1, 2, 4, 8, 16)]
+    runs += [run("dropout/e=16", "dropout", 16, 2.0), run("repeat/odd", "repeat", 32, 5.0, params=None)]
+    doc = {"sweep": "s", "runs": runs, "report": {"scaling_fit": ["repeat"]}}
+    text = render_report(doc)  # a null params made report and plot tracebacks
+    assert "Fitted to the groups repeat. Fitted on 5 runs" in text and "`dropout/e=16`" not in text
+    assert "Left out of the fit: `repeat/odd` (no parameter count)." in text
+
+
+
+def test_report_scaling_fit_names_groups_of_the_sweep(tmp_path):
+    sweep = {"name": "s", "config": {"output_dir": str(tmp_path / "runs"), "data": {"corpus": "synthetic"}},
+             "groups": {"a": {"set": {"data.epochs": 1}}}, "report": {"scaling_fit": ["b"]}}
+    with pytest.raises(ConfigError, match=r"report.scaling_fit must be true or a list of this sweep's groups "
+                                          r"\(a\), got \['b'\]"):
+        load_sweep(write_sweep(tmp_path / "s.yaml", sweep))
+    sweep["report"]["scaling_fit"] = ["a"]
+    assert load_sweep(write_sweep(tmp_path / "s.yaml", sweep)).report == {"scaling_fit": ["a"]}
+
+
+def test_a_final_plot_of_several_groups_draws_one_line_per_group():
+    """groups: [repeat, ul2] joined both groups' runs into one unlabeled zig-zag line."""
+    from jaxaccel.experiments import plots
+
+    class Axes:
+        def __init__(self):
+            self.lines = {}
+
+        def plot(self, xs, ys, marker=None, label=None):
+            self.lines[label] = list(zip(xs, ys))
+
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+    runs = [{"name": f"{g}/e={e}", "group": g, "status": "done", "epochs": e, "final": {"eval_loss": loss}}
+            for g, base in (("repeat", 3.0), ("ul2", 4.0)) for e, loss in ((1, base), (4, base + 1))]
+    for spec in ({"x": "epochs"}, {"x": "epochs", "groups": ["repeat", "ul2"]}):
+        ax = Axes()
+        plots._final(ax, {"runs": runs}, spec)
+        assert ax.lines == {"repeat": [(1, 3.0), (4, 4.0)], "ul2": [(1, 4.0), (4, 5.0)]}, spec
 
 
 def test_shipped_sweeps_expand_and_shared_runs_are_the_same_run(tmp_path, capsys):

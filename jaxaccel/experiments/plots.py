@@ -122,7 +122,9 @@ def _final(ax, doc: dict, spec: dict) -> bool:
     lines = [lines] if isinstance(lines, str) else list(lines)
     series: dict[str, list[tuple[Any, float]]] = {}
     diverged: list[tuple[Any, float]] = []  # their last value before the loss became non-finite
-    for run in _finished(doc, spec):
+    shown = _finished(doc, spec)
+    by_group = len({r.get("group") for r in shown}) > 1  # runs of two groups are never one line
+    for run in shown:
         x, y = metric(run, x_key), metric(run, y_key)
         if y is None or x is None:
             continue
@@ -130,8 +132,8 @@ def _final(ax, doc: dict, spec: dict) -> bool:
             diverged.append((x, y))
             continue
         label = ", ".join(f"{k.rsplit('.', 1)[-1]}={metric(run, k)}" for k in lines)
-        if not label and not spec.get("groups") and len({r.get("group") for r in doc["runs"]}) > 1:
-            label = run.get("group") or ""
+        if by_group:
+            label = ", ".join(p for p in (run.get("group") or "", label) if p)
         series.setdefault(label, []).append((x, y))
     categories = sorted({x for pts in [*series.values(), diverged] for x, _ in pts if not _is_number(x)}, key=str)
     for label, points in series.items():

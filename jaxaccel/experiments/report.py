@@ -6,7 +6,9 @@ The sweep file's `report:` adds
     baseline: RUN     the run whose gap to the reference the others recover (the repeated run):
                       gap recovered = (L_baseline - L) / (L_baseline - L_reference)
     scaling_fit: true R_D* (Muennighoff et al.) fitted to the finished runs, with each run's
-                      observed and fitted loss
+                      observed and fitted loss; or a list of groups: fitted to those groups'
+                      runs alone (one law: runs that change the recipe, e.g. dropout, are
+                      not points of it)
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ def repetition_fit(doc: dict, groups: list[str] | None = None):
     from jaxaccel.experiments.scaling import fit_rd_star
 
     runs = [r for r in doc["runs"] if r.get("status") == "done" and (not groups or r.get("group") in groups)
-            and r.get("final", {}).get("eval_loss") is not None and r.get("unique_tokens") and r.get("total_tokens")]
+            and _fit_exclusion(r) is None]
     try:
         fit = fit_rd_star([r["params"] for r in runs], [r["total_tokens"] for r in runs],
                           [r["unique_tokens"] for r in runs], [r["final"]["eval_loss"] for r in runs])
@@ -117,7 +119,7 @@ def render_report(doc: dict) -> str:
     elif gap_note:
         lines += [gap_note, ""]
     if spec.get("scaling_fit"):
-        lines += _fit_section(doc)
+        lines += _fit_section(doc, spec["scaling_fit"] if isinstance(spec["scaling_fit"], list) else None)
     if pending:
         lines += ["## Not finished", ""] + [f"- `{r['name']}`: {r.get('status')}"
                                              + (f" (checkpoint step {r['checkpoint_step']})"
@@ -125,12 +127,13 @@ def render_report(doc: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _fit_section(doc: dict) -> list[str]:
+def _fit_section(doc: dict, groups: list[str] | None = None) -> list[str]:
     from jaxaccel.experiments.scaling import PUBLISHED
 
-    runs, fit, why = repetition_fit(doc)
+    runs, fit, why = repetition_fit(doc, groups)
     used = {id(r) for r in runs}
-    left_out = [r for r in doc["runs"] if r.get("status") in FINISHED and id(r) not in used]
+    left_out = [r for r in doc["runs"] if r.get("status") in FINISHED and id(r) not in used
+                and (not groups or r.get("group") in groups)]
     lines = ["## Data-constrained scaling law (Muennighoff et al. 2023)", "",
              "D' = U + U·R_D*·(1 − exp(−R_D/R_D*)), R_D = D/U − 1; each run's final validation loss fitted as "
              "E_N + B / D'^β (one E per model size). The paper's fit on C4: "
@@ -141,8 +144,10 @@ def _fit_section(doc: dict) -> list[str]:
     if fit is None:
         return lines + [f"No fit: {why}.", ""]
     bound = " (at the end of the search range: only a bound)" if fit.rd_star_at_bound else ""
-    lines += [f"Fitted on {fit.points} runs ({fit.repeated_points} with repeated data): **R_D* = {fit.rd_star:.3g}**"
-              f"{bound}, β = {fit.beta:.3f}, B = {fit.B:.4g}, "
+    beta_bound = " (at the end of its search range)" if fit.beta_at_bound else ""
+    lines += [(f"Fitted to the groups {', '.join(groups)}. " if groups else "")
+              + f"Fitted on {fit.points} runs ({fit.repeated_points} with repeated data): **R_D* = {fit.rd_star:.3g}**"
+              f"{bound}, β = {fit.beta:.3f}{beta_bound}, B = {fit.B:.4g}, "
               + ", ".join(f"E({_count(n)} params) = {e:.4f}" for n, e in fit.offsets.items())
               + f"; RMSE {fit.rmse:.4f}.", "",
               "| run | params | unique tokens | tokens | epochs | observed loss | fitted loss |", "|---|---|---|---|---|---|---|"]
@@ -154,10 +159,19 @@ def _fit_section(doc: dict) -> list[str]:
     return lines + [""]
 
 
-def _fit_exclusion(run: dict) -> str:
-    """Why a finished run is not a point of the scaling fit (repetition_fit's filter, in words)."""
+def _fit_exclusion(run: dict) -> str | None:
+    """Why a finished run is not a point of the scaling fit (repetition_fit's filter, in words),
+    or None when it is one."""
     if run.get("status") != "done":
         return run.get("status") or "not done"
-    if (run.get("final") or {}).get("eval_loss") is None:
+    if not _number((run.get("final") or {}).get("eval_loss")):
         return "no final validation loss"
-    return "no token counts"
+    if not all(_number(run.get(k)) and run[k] > 0 for k in ("unique_tokens", "total_tokens")):
+        return "no token counts"
+    if not (_number(run.get("params")) and run["params"] > 0):
+        return "no parameter count"
+    return None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

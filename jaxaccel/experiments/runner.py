@@ -341,6 +341,29 @@ def finished_record(run: Run, summary: dict | None, status: str, error: str | No
     return record
 
 
+def recorded_elsewhere(sweep: Sweep, states: dict[str, RunState]) -> dict[str, RunState]:
+    """Runs with no folder (pruned or moved away once finished: plots and reports need only
+    the results file) whose finished record the results file still holds, for the same
+    config: they stay finished, record and all, instead of being written over as "new" (and
+    are not trained again; remove the record, or the file, to retrain one)."""
+    from jaxaccel.experiments.results import read_results
+
+    if not as_path(sweep.results_path).exists():
+        return {}
+    records = {r.get("name"): r for r in read_results(sweep.results_path).get("runs", [])}
+    kept = {}
+    for run in sweep.runs:
+        record = records.get(run.name)
+        if states[run.name].status != "new" or not isinstance(record, dict) or record.get("status") not in FINISHED:
+            continue
+        try:
+            _check_same_run(run, record.get("config"), sweep.results_path)
+        except SweepError:  # the sweep file changed this run since: it is a new run
+            continue
+        kept[run.name] = RunState(record["status"], record.get("steps") or 0, record)
+    return kept
+
+
 def results_document(sweep: Sweep, states: dict[str, RunState], command: str | None = None) -> dict:
     return {"format": FORMAT, "version": VERSION, "sweep": sweep.name, "description": sweep.description,
             "source": sweep.source, "output_dir": sweep.output_dir,
@@ -399,6 +422,7 @@ def run_sweep(sweep: Sweep, only: list[str] | tuple[str, ...] = (), *, dry_run: 
     readable(sweep.results_path, lambda: check_results_target(sweep.results_path, sweep.name), None)
     states = {run.name: readable(run.config.output_dir, lambda run=run: inspect_run(run), RunState("unknown"))
               for run in sweep.runs}
+    states.update(readable(sweep.results_path, lambda: recorded_elsewhere(sweep, states), {}))
     steps, unchecked = plan_steps(list(sweep.runs), build=not (dry_run or collect))
     if dry_run:
         _print_plan(sweep, selected, states, steps, flops_per_s, out)

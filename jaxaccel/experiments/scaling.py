@@ -104,6 +104,7 @@ class RepetitionFit:
     points: int
     repeated_points: int
     rd_star_at_bound: bool  # the best R_D* is an end of the search range: only a bound is known
+    beta_at_bound: bool = False  # likewise for beta
 
     def predict(self, params: float, tokens: float, unique_tokens: float) -> float:
         d_eff = effective_data(unique_tokens, tokens, self.rd_star)
@@ -132,9 +133,10 @@ def fit_rd_star(params: Sequence[float], tokens: Sequence[float], unique_tokens:
     ok = np.isfinite(y)
     n, d, u, y = n[ok], d[ok], u[ok], y[ok]
     sizes = sorted(set(n.tolist()))
-    if len(y) < len(sizes) + 3:
-        raise ValueError(f"fitting R_D* needs at least {len(sizes) + 3} finished runs ({len(sizes)} model size(s)), "
-                         f"got {len(y)}")
+    distinct = len(set(zip(n.tolist(), d.tolist(), u.tolist())))  # runs repeating a setting (seeds) add no point
+    if distinct < len(sizes) + 3:
+        raise ValueError(f"fitting R_D* needs at least {len(sizes) + 3} distinct (params, tokens, unique tokens) "
+                         f"settings ({len(sizes)} model size(s)), got {distinct} (in {len(y)} finished runs)")
     if not np.any(d > u * (1 + 1e-9)):
         raise ValueError("fitting R_D* needs runs that repeat data (tokens > unique_tokens)")
     design_offsets = np.stack([n == s for s in sizes], axis=1).astype(np.float64)
@@ -163,7 +165,8 @@ def fit_rd_star(params: Sequence[float], tokens: Sequence[float], unique_tokens:
     sse, beta, log_rd = best
     _, coef = solve(beta, log_rd)
     at_bound = min(abs(log_rd - lo_r), abs(log_rd - hi_r)) < 1e-6
+    beta_at_bound = min(abs(beta - lo_b), abs(beta - hi_b)) < 1e-6
     return RepetitionFit(rd_star=math.exp(log_rd), beta=float(beta), B=float(coef[-1]),
                          offsets={s: float(c) for s, c in zip(sizes, coef[:-1])}, rmse=math.sqrt(sse / len(y)),
                          points=int(len(y)), repeated_points=int(np.sum(d > u * (1 + 1e-9))),
-                         rd_star_at_bound=bool(at_bound))
+                         rd_star_at_bound=bool(at_bound), beta_at_bound=bool(beta_at_bound))

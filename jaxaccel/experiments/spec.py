@@ -346,6 +346,14 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), re
     group_names = [g.name for g in groups if g.name]
     report = _mapping(raw.get("report"), "report")
     _check_keys(report, REPORT_KEYS, "in report")
+    fit_groups = report.get("scaling_fit")
+    if isinstance(fit_groups, list):  # true, or the groups whose runs are the fit's points
+        unknown = [g for g in fit_groups if g not in group_names]
+        if unknown or not fit_groups:
+            raise ConfigError(f"report.scaling_fit must be true or a list of this sweep's groups "
+                              f"({', '.join(group_names) or 'it has none'}), got {fit_groups!r}")
+    elif fit_groups is not None and not isinstance(fit_groups, bool):
+        raise ConfigError(f"report.scaling_fit must be true or a list of group names, got {fit_groups!r}")
     results_path = results or _text(raw.get("results"), "results") or "results.json"
     if not results and not (results_path.startswith("/") or "://" in results_path):
         results_path = join(output_dir, results_path)  # relative to the runs: follows output_dir overrides
