@@ -61,6 +61,31 @@ def test_cached_prefill_then_steps_equal_full_forward(model):
         np.testing.assert_allclose(logits[:, 0], ref[:, t], atol=1e-5)
 
 
+def test_a_cached_call_without_positions_continues_each_rows_prefix(model):
+    """positions=None on a cached call rotated the new tokens at 0..T-1 (logits off by ~39, no
+    error); it now means prefix_len + 0..T-1, as the engine passes them."""
+    cfg, params = model
+    x = tokens(2, 7, seed=4)
+    ref, _ = forward(params, cfg, x)
+    cache = init_cache(cfg, 2, 16)
+    pos = jnp.broadcast_to(jnp.arange(4), (2, 4))
+    _, cache = forward(params, cfg, x[:, :4], cache=cache, write_slots=pos, prefix_len=jnp.zeros(2, jnp.int32))
+    logits, _ = forward(params, cfg, x[:, 4:], cache=cache, write_slots=pos[:, :3] + 4, prefix_len=jnp.full((2,), 4))
+    np.testing.assert_allclose(logits, ref[:, 4:], atol=1e-5)
+
+
+def test_moe_statistics_with_skipped_layers_are_refused():
+    """A skipped MoE layer has no statistics: with a traced layer_on the cond's branches did not
+    match (a TypeError deep in flax), with a static one the averages were diluted."""
+    from jaxaccel.config import MoeConfig
+    from jaxaccel.model.transformer import forward as plain_forward
+
+    cfg = replace(TINY, n_layers=2, moe=MoeConfig(n_experts=2, top_k=1))
+    params = init_params(cfg, jax.random.key(0), "unrolled")
+    with pytest.raises(ValueError, match="return_aux with plan.layer_on is not supported on an MoE model"):
+        plain_forward(params, cfg, tokens(1, 4), plan=ExecutionPlan(layer_on=(True, False)), return_aux=True)
+
+
 def test_ragged_rows_share_one_cached_forward(model):
     """Rows at different lengths in one call: each row only sees its own prefix."""
     cfg, params = model

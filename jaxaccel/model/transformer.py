@@ -336,13 +336,20 @@ def forward(params: Params, config: ModelConfig, tokens, positions=None, *, cach
     faster, chosen by the decode side). `attention_state`: the attention policy's per-layer
     state (a tuple with one entry per layer, e.g. TokenSelect's `SelectionState`; cached calls
     of the unrolled layout, every layer run): given, its update is returned after the cache
-    (logits, cache, attention_state[, aux])."""
+    (logits, cache, attention_state[, aux]).
+
+    Cached calls: `positions` defaults to prefix_len + 0..T-1 per row; `write_slots` [batch, T]
+    are the cache slots the new K/V go to (-1 writes nothing). Slots must lie below the cache
+    length: the write happens inside the compiled program, where a slot past the end is
+    dropped, not reported — the caller sizes the cache (the decode engine does from the
+    request)."""
     tokens = jnp.asarray(tokens, jnp.int32)
-    if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     if cache is not None:
         if write_slots is None or prefix_len is None:
             raise ValueError("a cached forward needs write_slots and prefix_len")
+    if positions is None:  # uncached: 0..T-1; cached: right after each row's committed prefix
+        start = 0 if cache is None else jnp.asarray(prefix_len, jnp.int32)[:, None]
+        positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     if plan is not None and plan.active is not None:
         active = jnp.asarray(plan.active, bool)
         if active.ndim < 3:  # per row: one flag for all of its tokens
@@ -362,6 +369,9 @@ def forward(params: Params, config: ModelConfig, tokens, positions=None, *, cach
             raise ValueError("plan.layer_on (skipping layers' compute) needs the unrolled parameter layout")
         if cache is not None and len(cache) != config.n_layers:
             raise ValueError("plan.layer_on needs an unrolled cache (one LayerKV per layer)")
+        if return_aux and any(config.is_moe_layer(i) for i in range(config.n_layers)):
+            raise ValueError("return_aux with plan.layer_on is not supported on an MoE model: the statistics of "
+                             "skipped MoE layers are undefined")
         if isinstance(plan.layer_on, (tuple, list)):
             if len(plan.layer_on) != config.n_layers:
                 raise ValueError(f"plan.layer_on has {len(plan.layer_on)} flags for {config.n_layers} layers")
