@@ -392,6 +392,53 @@ def test_budget_plan_follows_the_cost_curve():
     assert accel.speedup == pytest.approx(best)
 
 
+def test_budget_plan_keeps_the_trees_depth_and_fan_out_limits():
+    """budget="auto" planned depth-16, unbounded fan-out trees whatever max_depth and
+    max_children said: a budget the tree could not fill, and a speedup it could not reach."""
+    from jaxaccel.decode import tuning
+    from jaxaccel.decode.dyspec import _plan
+    from jaxaccel.decode.sequoia import padded_acceptance, tree_value_curve
+
+    acceptance = (0.55, 0.15, 0.08, 0.05, 0.03)
+    costs = repr(("cpu", tuning.VERIFY_COST, tuning.TREE_STEP_OVERHEAD, tuning.DRAFT_COST_FLOOR))
+    curve = tuple(sorted(tuning.ACCELERATOR_VERIFY_COST.items()))
+    free = _plan(acceptance, 1, 0.02, curve, None, costs)
+    flat = _plan(acceptance, 1, 0.02, curve, None, costs, max_depth=1)
+    thin = _plan(acceptance, 1, 0.02, curve, None, costs, max_depth=2, max_children=1)
+    assert free.budget > 5  # deep trees pay with cheap verification
+    one_level = tree_value_curve(padded_acceptance(acceptance, 128, 1), 128, 1)
+    assert flat.expected_tokens == pytest.approx(one_level[flat.budget]) and flat.expected_tokens < free.expected_tokens
+    assert thin.budget <= 2 and thin.expected_tokens == pytest.approx(1 + 0.55 + 0.55 ** 2)
+
+
+def test_sequoia_takes_a_vector_summing_to_exactly_one_and_fan_out_past_a_tiny_vocabulary(lm, draft_lm, reference):
+    """[1/6] * 6 rounded to nearest summed past 1 + 1e-6 and the DP refused it ("got sum 1"), as
+    it did vectors measured on small vocabularies; a fan-out past the vocabulary crashed in
+    lax.top_k instead of leaving the extra ranks as padding."""
+    from jaxaccel.config import replace
+
+    out = lm.generate(PROMPTS[:1], max_new_tokens=8, method="sequoia", budget=8, acceptance=[1 / 6] * 6,
+                      draft=draft_lm)
+    assert out.tokens[0] == reference[0][:8]
+    small = replace(TINY, vocab_size=6)
+    params = init_params(small, jax.random.key(0), "unrolled")
+    target = jaxaccel.from_params(small, params)
+    draft = jaxaccel.from_params(small, perturbed(params, 3, 0.01))
+    ref = target.generate([[1, 4, 2]], max_new_tokens=6).tokens
+    for method, opts in (("specinfer", {"widths": [8]}), ("sequoia", {"budget": 10, "max_depth": 1,
+                                                                        "acceptance": [0.5, 0.2]})):
+        assert target.generate([[1, 4, 2]], max_new_tokens=6, method=method, draft=draft, **opts).tokens == ref
+
+
+def test_a_temperature_generate_treats_as_greedy_is_measured_as_greedy(small_pair):
+    from jaxaccel.decode.acceptance import positional_acceptance
+
+    target, draft = small_pair
+    kw = dict(prompts=[[1, 2, 3, 4]], new_tokens=6)
+    np.testing.assert_array_equal(positional_acceptance(target, draft, temperature=5e-6, top_k=3, **kw),
+                                  positional_acceptance(target, draft, temperature=0.0, **kw))
+
+
 @pytest.mark.parametrize("cheap", [True, False])
 def test_auto_budget_is_lossless_and_planned(lm, draft_lm, reference, monkeypatch, cheap):
     """budget="auto" runs the planned tree; when no tree is predicted to pay (expensive

@@ -257,11 +257,20 @@ def conditional_acceptance(p: np.ndarray, q: np.ndarray, max_rank: int, samples:
     return table, rank_mean
 
 
+def _as_decoded(temperature: float, top_k: int | None, top_p: float | None):
+    """(temperature, top_k, top_p) as `generate` decodes with them: a temperature below
+    `sampling.GREEDY_BELOW` is greedy (0.0, no filters), so it is measured, and cached, as 0."""
+    from jaxaccel.decode.sampling import GREEDY_BELOW
+
+    return (0.0, None, None) if temperature < GREEDY_BELOW else (temperature, top_k, top_p)
+
+
 @_remembered
 def cached_conditional_acceptance(target, draft, *, temperature: float, top_k: int | None, top_p: float | None,
                                   max_rank: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """`conditional_acceptance` on the default calibration (temperature > 0), measured once
     per (target, draft, settings) and kept on disk like `cached_acceptance`."""
+    temperature, top_k, top_p = _as_decoded(temperature, top_k, top_p)
     settings = {"kind": "conditional_acceptance", "temperature": float(temperature), "top_k": top_k,
                 "top_p": top_p, "max_rank": max_rank, "bins": list(VALUE_BINS), **_calibration_settings(target, draft)}
     shape = (max_rank, len(VALUE_BINS) - 1)
@@ -282,6 +291,7 @@ def positional_acceptance(target, draft, *, temperature: float = 0.0, top_k: int
                           seed: int = 0) -> np.ndarray:
     """Sequoia's acceptance vector for `draft` drafting for `target` (see the module docstring);
     prompts and new_tokens default to the calibration's (`calibration`)."""
+    temperature, top_k, top_p = _as_decoded(temperature, top_k, top_p)
     if prompts is None:
         prompts, default_new = calibration(target, draft)
     else:
@@ -371,6 +381,7 @@ def cached_acceptance(target, draft, *, temperature: float, top_k: int | None, t
                       max_rank: int = 16) -> np.ndarray:
     """`positional_acceptance` with its default calibration, measured once per (target, draft,
     settings) and kept on disk (`cache_path`); written atomically."""
+    temperature, top_k, top_p = _as_decoded(temperature, top_k, top_p)
     settings = {"temperature": float(temperature), "top_k": top_k, "top_p": top_p, "max_rank": max_rank,
                 **_calibration_settings(target, draft)}
 

@@ -28,6 +28,7 @@ samples from (`sampling.target_probs`: temperature, top-k, top-p) applied to the
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -279,7 +280,10 @@ class StaticDraftMethod(DraftModelMethod):
                 noise = jax.vmap(lambda k: jax.vmap(
                     lambda p: jax.random.gumbel(jax.random.fold_in(k, p), (vocab,)))(par))(keys)
                 scores = scores + noise
+            if c_max > vocab:  # more ranks than tokens: the ranks past the vocabulary are padding
+                scores = jnp.pad(scores, ((0, 0), (0, 0), (0, c_max - vocab)), constant_values=-jnp.inf)
             top_scores, top_tokens = jax.lax.top_k(scores, c_max)  # [b, W, C]
+            top_tokens = jnp.minimum(top_tokens, vocab - 1)  # (a padding rank's token is never valid)
             r = rank[node][None, :, None]
             tok = jnp.take_along_axis(top_tokens, jnp.broadcast_to(r, (b, nodes.shape[0], 1)), axis=2)[..., 0]
             ok = jnp.take_along_axis(top_scores, jnp.broadcast_to(r, (b, nodes.shape[0], 1)), axis=2)[..., 0]
@@ -420,12 +424,12 @@ class Sequoia(StaticDraftMethod):
 
             self.acceptance = cached_acceptance(target, draft, temperature=temperature, top_k=top_k, top_p=top_p)
         # the tree is part of the compiled step: its shape goes into the method's key
-        self.opts["acceptance"] = [round(float(a), 6) for a in self.acceptance]
+        self.opts["acceptance"] = list(_key_rounded(self.acceptance))
 
     def template(self) -> StaticTemplate:
         if self.acceptance is None:
             raise InvalidArgumentError("sequoia: no acceptance vector (prepare() was not run)")
-        return _sequoia_template(tuple(round(float(a), 6) for a in self.acceptance), self.budget, self.max_depth)
+        return _sequoia_template(_key_rounded(self.acceptance), self.budget, self.max_depth)
 
     def cache_headroom(self) -> int:
         return self.budget + 1
@@ -449,3 +453,10 @@ def _sequoia_template(acceptance: tuple[float, ...], budget: int, max_depth: int
         vec = np.full(len(vec), 1e-6)
     tree = optimal_tree(padded_acceptance(vec, budget, max_depth), budget, max_depth)
     return make_template(tree.parents)
+
+
+def _key_rounded(acceptance) -> tuple[float, ...]:
+    """The acceptance vector rounded down to 6 decimals, a compile key that the DP accepts:
+    rounding to nearest could lift a vector summing to exactly 1 (1/6 six times) past its
+    check."""
+    return tuple(math.floor(float(a) * 1e6) / 1e6 for a in acceptance)

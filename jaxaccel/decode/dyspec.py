@@ -118,7 +118,8 @@ class DySpec(DraftModelMethod):
             self.opts["greedy_temperature"] = self.greedy_temperature  # a constant of the compiled step
         if self.opts["budget"] == "auto":
             self.plan = plan_budget(target, draft, temperature, top_k, top_p, batch,
-                                    None if self.opts["pops_per_round"] is None else [self.pops])
+                                    None if self.opts["pops_per_round"] is None else [self.pops],
+                                    max_depth=self.max_depth, max_children=self.max_children)
             self.budget, self.pops = self.plan.budget, self.plan.pops_per_round
             self.opts["budget"], self.opts["pops_per_round"] = self.budget, self.pops  # the compiled step's key
         self.value_table = None
@@ -279,12 +280,14 @@ class DySpec(DraftModelMethod):
 
 
 def plan_budget(target, draft, temperature: float, top_k, top_p, batch: int, pops_choices=None, curve=None,
-                draft_ratio: float | None = None) -> tuning.DraftPlan:
+                draft_ratio: float | None = None, max_depth: int = 16, max_children: int | None = None
+                ) -> tuning.DraftPlan:
     """`budget="auto"`: the budget and pops per round with the best predicted speedup over
     autoregressive (`tuning.plan_draft_budget`): expected tokens per step from the draft's
     measured acceptance vector (the best static tree's value: DySpec's dynamic tree does at
     least as well on average), step cost from the backend's verification-cost curve and the
-    draft/target cost ratio."""
+    draft/target cost ratio. Trees keep the method's `max_depth` and `max_children`: a budget
+    no such tree can hold is never planned."""
     from jaxaccel.decode.acceptance import cached_acceptance
 
     acceptance = cached_acceptance(target, draft, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -295,25 +298,32 @@ def plan_budget(target, draft, temperature: float, top_k, top_p, batch: int, pop
     costs = repr((jax.default_backend(), tuning.VERIFY_COST, tuning.TREE_STEP_OVERHEAD, tuning.DRAFT_COST_FLOOR))
     return _plan(tuple(float(a) for a in acceptance), batch, float(draft_ratio),
                  None if curve is None else tuple(sorted(curve.items())),
-                 None if pops_choices is None else tuple(pops_choices), costs)
+                 None if pops_choices is None else tuple(pops_choices), costs, int(max_depth),
+                 None if max_children is None else int(max_children))
 
 
 @functools.lru_cache(maxsize=64)
 def _plan(acceptance: tuple[float, ...], batch: int, draft_ratio: float, curve, pops_choices,
-          costs: str) -> tuning.DraftPlan:
+          costs: str, max_depth: int = 16, max_children: int | None = None) -> tuning.DraftPlan:
     """`plan_budget` from hashable inputs, kept: the DP over tree sizes and the search over
     budgets take ~0.15 s, longer than a short generation (every `generate` call plans)."""
     from jaxaccel.decode.sequoia import padded_acceptance, tree_value_curve
 
     acceptance = np.maximum(np.asarray(acceptance), 1e-9)  # every rank possible: trees of any size fit
+    if max_children is not None:  # a node's children: the first max_children ranks at most
+        acceptance = np.concatenate([acceptance[:max_children], np.full(max(max_children - len(acceptance), 0), 1e-9)])
     curves = {}
 
     def value(n: int, depth: int) -> float:
-        depth = min(depth, 16)
+        depth = min(depth, 16, max_depth)
         if depth not in curves:
-            curves[depth] = tree_value_curve(padded_acceptance(acceptance, AUTO_MAX_BUDGET, depth), AUTO_MAX_BUDGET,
-                                             depth)
-        return float(curves[depth][n])
+            top = AUTO_MAX_BUDGET  # the most nodes a tree of this depth and fan-out holds
+            if max_children is not None:
+                top = min(top, sum(max_children ** d for d in range(1, depth + 1)))
+            vec = acceptance if max_children is not None else padded_acceptance(acceptance, AUTO_MAX_BUDGET, depth)
+            curves[depth] = tree_value_curve(vec, top, depth)
+        curve_d = curves[depth]
+        return float(curve_d[n]) if n < len(curve_d) else 0.0  # a budget no such tree holds: never planned
 
     return tuning.plan_draft_budget(value, batch, draft_ratio, curve=None if curve is None else dict(curve),
                                     max_budget=AUTO_MAX_BUDGET,
