@@ -93,5 +93,8 @@ def unsupported_location(path: Any, *, remote: bool = True) -> str | None:
 
 def user_cache_home() -> Path:
     """Where jaxaccel's caches live (the data cache, compiled programs, acceptance tables):
-    `$XDG_CACHE_HOME/jaxaccel`, default `~/.cache/jaxaccel`."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "jaxaccel"
+    `$XDG_CACHE_HOME/jaxaccel`, default `~/.cache/jaxaccel`. A relative XDG_CACHE_HOME is
+    ignored, as the XDG spec says (it would put a cache in every working directory).
+    RuntimeError when there is neither (no $HOME and no home in the user database)."""
+    xdg = Path(os.environ.get("XDG_CACHE_HOME") or "").expanduser()
+    return (xdg if xdg.is_absolute() else Path.home() / ".cache") / "jaxaccel"

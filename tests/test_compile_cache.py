@@ -95,6 +95,53 @@ def test_cache_location_and_switch(monkeypatch, tmp_path):
         assert compile_cache.cache_dir() is None
 
 
+def test_cache_home_follows_xdg_rules_and_a_missing_home_turns_the_cache_off(monkeypatch, tmp_path):
+    """A relative XDG_CACHE_HOME put a cache in every working directory (the spec says to ignore
+    it); no home at all (a container's bare uid) was a RuntimeError traceback from load()."""
+    from pathlib import Path
+
+    from jaxaccel.data.cache import cache_root
+    from jaxaccel.errors import ConfigError
+
+    monkeypatch.delenv(compile_cache.ENV, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
+    assert compile_cache.cache_dir() == tmp_path / "home" / ".cache" / "jaxaccel" / "xla"
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    assert compile_cache.cache_dir() is None
+    with pytest.raises(ConfigError, match="no home folder to keep the tokenized corpus in: set data.cache_dir"):
+        cache_root(None)
+    assert cache_root(str(tmp_path / "d")) == tmp_path / "d"
+
+
+def test_entries_get_the_modes_jax_gives_them_and_jax_thresholds_set_by_the_user_are_kept(tmp_path, monkeypatch):
+    """mkstemp's 0600 kept a cache folder shared by several users from ever hitting for the
+    others; use_folder overwrote JAX_PERSISTENT_CACHE_MIN_* given through JAX's own variables."""
+    from jax._src.lru_cache import LRUCache
+
+    cache = compile_cache._WholeEntries(LRUCache(str(tmp_path / "c"), max_size=-1))
+    cache.put("k", b"entry")
+    assert (tmp_path / "c" / "k-cache").stat().st_mode & 0o777 == 0o666 & ~compile_cache._UMASK
+    before = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir",
+                                                   "jax_persistent_cache_min_compile_time_secs",
+                                                   "jax_persistent_cache_min_entry_size_bytes",
+                                                   "jax_persistent_cache_enable_xla_caches")}
+    try:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 5.0)
+        monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "5")
+        compile_cache.use_folder(tmp_path / "x")
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 5.0
+        assert jax.config.jax_persistent_cache_min_entry_size_bytes == 0  # not given: jaxaccel's own
+    finally:
+        for k, v in before.items():
+            jax.config.update(k, v)
+
+
 def test_a_cache_folder_that_cannot_be_created_is_said_once(tmp_path):
     """JAXACCEL_COMPILE_CACHE naming a path that cannot be a folder (a file there) turned the
     cache off without a word; the user asked for that folder."""

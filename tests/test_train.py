@@ -93,6 +93,44 @@ def test_moe_metrics_are_logged(tmp_path):
     assert rec["tokens_per_s"] > 0 and 0 < rec["mfu"] < 1
 
 
+def test_throughput_times_training_steps_not_evaluations(tmp_path, monkeypatch):
+    """The interval timer restarted at the metrics flush, before the evaluation and checkpoint
+    of that step ran: the next record's tokens/s and MFU counted them (a 1 s validation set
+    turned 23,520 tok/s into 340)."""
+    import time
+
+    from jaxaccel.train import synthetic
+
+    real = synthetic.SyntheticData.eval_batches
+
+    def slow(self):
+        for batch in real(self):
+            time.sleep(0.5)
+            yield batch
+
+    monkeypatch.setattr(synthetic.SyntheticData, "eval_batches", slow)
+    train(run_cfg(tmp_path, steps=16, eval_every=8, eval_batches=1))
+    rate = {r["step"]: r["tokens_per_s"] for r in map(json.loads, open(tmp_path / "metrics.jsonl"))
+            if "tokens_per_s" in r}
+    assert rate[12] > 0.2 * max(rate[8], rate[16]), rate  # steps 9-12 follow the step-8 evaluation
+
+
+def test_a_restart_from_step_0_purges_the_earlier_tensorboard_points(tmp_path, monkeypatch):
+    """A run killed before its first checkpoint and started again: metrics.jsonl was cut back
+    to nothing, but TensorBoard kept the killed attempt's points beside the new ones."""
+    from jaxaccel.train import metrics
+
+    made = []
+    monkeypatch.setattr(metrics, "summary_writer_class", lambda: lambda folder, **kw: made.append(kw) or None)
+    metrics.MetricsWriter(tmp_path, tensorboard=True, resume_step=0)
+    (tmp_path / "tensorboard").mkdir()
+    (tmp_path / "tensorboard" / "events.out.tfevents.1.host").write_bytes(b"earlier attempt")
+    metrics.MetricsWriter(tmp_path, tensorboard=True, resume_step=0)
+    metrics.MetricsWriter(tmp_path, tensorboard=True, resume_step=4)
+    assert made == [{}, {"purge_step": 1, "filename_suffix": ".resumed-0"},
+                    {"purge_step": 5, "filename_suffix": ".resumed-4"}]
+
+
 def test_resume_reproduces_the_uninterrupted_curve_and_restores_onto_another_mesh(tmp_path, single_device):
     cfg = run_cfg(tmp_path)
     train(cfg)

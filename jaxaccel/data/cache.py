@@ -20,7 +20,15 @@ from jaxaccel.files import user_cache_home, write_atomically
 
 def cache_root(cache_dir: str | None) -> Path:
     """`data.cache_dir`, else `files.user_cache_home() / "data"` (beside the compilation cache)."""
-    return Path(cache_dir).expanduser() if cache_dir is not None else user_cache_home() / "data"
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    try:
+        return user_cache_home() / "data"
+    except RuntimeError:  # no $HOME nor a home in the user database (a container's bare uid)
+        from jaxaccel.errors import ConfigError
+
+        raise ConfigError("no home folder to keep the tokenized corpus in: set data.cache_dir (or "
+                          "XDG_CACHE_HOME to an absolute path)") from None
 
 
 def content_key(*parts: Any) -> str:

@@ -32,6 +32,8 @@ ON_VALUES = {"1", "on", "true", "yes"}  # the default folder
 # Every program is kept: besides the decode programs, a run compiles a dozen tiny eager ops
 # (PRNG keys, casts), ~10 ms each to compile and ~1 ms to read back (JAX skips < 1 s by default).
 MIN_COMPILE_SECONDS = 0.0
+_UMASK = os.umask(0o022)  # read once (the only way to read it is to set it), then put back
+os.umask(_UMASK)
 
 
 def user_cache_folder(env: str, name: str) -> Path | None:
@@ -42,7 +44,10 @@ def user_cache_folder(env: str, name: str) -> Path | None:
     value = os.environ.get(env)
     word = None if value is None else value.strip().lower()
     if word is None or word in ON_VALUES:
-        return user_cache_home() / name
+        try:
+            return user_cache_home() / name
+        except RuntimeError:  # no home folder (a container's uid without one): the cache is off
+            return None
     if word in OFF_VALUES:
         return None
     if "://" in value:  # a bucket would become a local folder named "gs:"
@@ -92,8 +97,11 @@ def use_folder(folder: str | Path, min_compile_seconds: float = MIN_COMPILE_SECO
     `min_compile_seconds` to compile are written there (whole) and read back by later processes."""
     folder = str(Path(folder).resolve())
     jax.config.update("jax_compilation_cache_dir", folder)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    # (thresholds the user gave JAX through its own environment variables are kept)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
+    if "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     if _cpu_only():  # (a GPU keeps its autotuning cache, path and all)
         jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
     _write_entries_whole(folder)
@@ -183,7 +191,8 @@ class _WholeEntries:
         try:
             fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.tmp")
             with os.fdopen(fd, "wb") as f:
-                f.write(value)
+                os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # as JAX's own entries (mkstemp's 0600 would keep a
+                f.write(value)  # cache folder shared by several users from ever hitting for the others)
             os.replace(temporary, target)
         except OSError as e:
             try:

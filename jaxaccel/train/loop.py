@@ -613,6 +613,8 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
                 ckpts.save(done, state, {"step": done, "data_position": done, "tokens_seen": done * tokens_per_step,
                                          "unique_tokens": unique, "total_steps": total_steps, "config": settings,
                                          "data": fingerprint, "info": skip_info(cfg)})  # decoding a run reads it
+            if due_eval or due_ckpt:  # tokens/s and MFU time training steps only, not the evaluation or save
+                last["time"] = time.perf_counter()
             if stop:
                 raise stopped(stop, done)
         if start < total_steps and jax.process_count() == 1:  # a notice during the last step's evaluation

@@ -83,8 +83,12 @@ class MetricsWriter:
                 # A resumed run's new event file starts with a purge: TensorBoard drops the
                 # earlier files' points after the checkpoint, which this run writes again. (Its
                 # own name, too: files are named by the second, and one of that second is replaced.)
+                # So does a run started again from step 0 beside an earlier attempt's event files
+                # (killed before its first checkpoint): metrics.jsonl was cut back to nothing.
+                tb_dir = Path(output_dir) / "tensorboard"
+                earlier = tb_dir.is_dir() and any(tb_dir.iterdir())
                 resumed = {"purge_step": resume_step + 1, "filename_suffix": f".resumed-{resume_step}"}
-                self._tb = writer(str(Path(output_dir) / "tensorboard"), **(resumed if resume_step else {}))
+                self._tb = writer(str(tb_dir), **(resumed if resume_step or earlier else {}))
             except ImportError:
                 self._tb = None
 
