@@ -2,12 +2,12 @@
 
     python -m jaxaccel.experiments sweep configs/experiments/repetition.yaml --dry-run
     python -m jaxaccel.experiments sweep configs/experiments/repetition.yaml            # rerun to resume
-    python -m jaxaccel.experiments sweep configs/experiments/repetition.yaml --only repeated/epochs=4
+    python -m jaxaccel.experiments sweep configs/experiments/repetition.yaml --only 'repeat/epochs=4*'
     python -m jaxaccel.experiments sweep configs/experiments/repetition-pod.yaml --distributed \\
         output_dir=gs://BUCKET/sweeps/repetition                # on every host of a TPU pod
     python -m jaxaccel.experiments collect CONFIG               # rebuild the results file only
-    python -m jaxaccel.experiments plot runs/experiments/repetition/results.json --out docs/token_crisis
-    python -m jaxaccel.experiments report runs/experiments/repetition/results.json --out table.md
+    python -m jaxaccel.experiments plot runs/token_crisis/repetition.json --out docs/token_crisis
+    python -m jaxaccel.experiments report runs/token_crisis/repetition.json --out table.md
     python -m jaxaccel.experiments skipdecode [--base runs/deep] [--out runs/experiments/skipdecode]   # issue 9
     python -m jaxaccel.experiments duo [--model runs/duo] [--out runs/experiments/duo]
     python -m jaxaccel.experiments tokenselect [--model runs/longctx] [--lengths 256,1024,...,65536]   # issue 10
