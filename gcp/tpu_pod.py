@@ -531,7 +531,7 @@ def create_once(args: argparse.Namespace, ex: Executor) -> int:
         return code
     ex.queued = True  # the request exists from here on, ACTIVE or not: ours to delete
     waited, state = 0, ex.state(args)
-    while state == "QUEUED" and waited < args.queue_hours * 3600:
+    while state in ("QUEUED", "UNKNOWN") and waited < args.queue_hours * 3600:  # (a describe outage is waited out)
         ex.sleep(QUEUE_POLL_S)
         waited += QUEUE_POLL_S
         state = ex.state(args)
@@ -556,8 +556,10 @@ def create_slice(args: argparse.Namespace, ex: Executor) -> int:
         if code == 0 or not ex.stockout:
             return code
         state = ex.state(args)
-        if state == "READY":  # a slice of this name works: not a leftover of ours, never deleted
-            print(f"# slice {args.name} exists and is READY: not creating it again", flush=True)
+        if state in ("READY", "UNKNOWN"):  # a slice of this name may work: never deleted
+            print(f"# slice {args.name} " + ("exists and is READY" if state == "READY" else
+                                            "is in an unknown state (describe keeps failing)")
+                  + ": not creating it again", flush=True)
             return code
         if state != "NOT_FOUND":  # what the failed create left holds the name until deleted
             ex.execute(plan(args, "delete"))

@@ -485,9 +485,10 @@ def parse_yaml(data: bytes, where: str) -> dict[str, Any]:
 
 
 # Numbers as YAML 1.2 reads them (PyYAML implements YAML 1.1, where `1e-3` without a dot is a
-# string, `010` is octal 8, `1:30` is 90 and `1_000` is 1000): decimal integers (leading zeros
-# too), 0x / 0o integers, and floats with or without a dot or an exponent, .inf and .nan.
-_INT_12 = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
+# string, `010` is octal 8 and `1:30` is 90): decimal integers (leading zeros too; digit
+# separators as in 1_000, which YAML 1.1 read and configs may use), 0x / 0o integers, and
+# floats with or without a dot or an exponent, .inf and .nan.
+_INT_12 = re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7]+|0x[0-9a-fA-F]+)$")  # (1_000: YAML 1.1's, kept)
 _FLOAT_12 = re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
                        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
 _NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
@@ -505,7 +506,7 @@ def _yaml_12_numbers(cls, *, keep_11: bool):
 
 
 def _construct_int_12(loader, node) -> int:
-    text = loader.construct_scalar(node)
+    text = loader.construct_scalar(node).replace("_", "")
     return int(text, 0) if text[:2] in ("0x", "0o") else int(text, 10)  # "010" is ten
 
 

@@ -177,6 +177,7 @@ def test_numbers_read_as_yaml_1_2_in_overrides_options_and_files(tmp_path):
     assert parse_options(["k=010", "threshold=1e-3", "speedup=2e0", "n=0x10"]) == dict(k=10, threshold=0.001,
                                                                                        speedup=2.0, n=16)
     assert parse_override("a=1:30")[1] == "1:30" and parse_override("a=.inf")[1] == math.inf
+    assert build(RunConfig, None, ["train.steps=1_000"]).train.steps == 1000  # YAML 1.1's separators still read
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  steps: 010\noptim:\n  lr: 3e-4\n")
     cfg = build(RunConfig, path)

@@ -516,12 +516,19 @@ def test_a_final_plot_of_several_groups_draws_one_line_per_group():
         def __getattr__(self, name):
             return lambda *a, **k: None
 
-    runs = [{"name": f"{g}/e={e}", "group": g, "status": "done", "epochs": e, "final": {"eval_loss": loss}}
+    runs = [{"name": f"{g}/e={e}", "group": g, "status": "done", "epochs": e, "final": {"eval_loss": loss},
+             "config": {"model": {"n_experts": 8 if g == "ul2" else 0}}}
             for g, base in (("repeat", 3.0), ("ul2", 4.0)) for e, loss in ((1, base), (4, base + 1))]
     for spec in ({"x": "epochs"}, {"x": "epochs", "groups": ["repeat", "ul2"]}):
         ax = Axes()
         plots._final(ax, {"runs": runs}, spec)
         assert ax.lines == {"repeat": [(1, 3.0), (4, 4.0)], "ul2": [(1, 4.0), (4, 5.0)]}, spec
+    # with `lines`, its keys say what a line is, across groups (moe.yaml's moe-vs-dense joins an
+    # MoE's 1-epoch run and its 16-epoch run, of two groups)
+    runs[3]["group"] = "ul2_dropout"
+    ax = Axes()
+    plots._final(ax, {"runs": runs}, {"x": "epochs", "lines": "model.n_experts"})
+    assert ax.lines == {"n_experts=0": [(1, 3.0), (4, 4.0)], "n_experts=8": [(1, 4.0), (4, 5.0)]}
 
 
 def test_shipped_sweeps_expand_and_shared_runs_are_the_same_run(tmp_path, capsys):
@@ -874,8 +881,12 @@ def test_a_sweep_does_not_train_beside_runs_of_another_corpus_version(tmp_path):
     check_same_corpora(runs, states)  # the same corpus: fine
     (corpus / "f1.py").write_text("y = 2\n")
     with pytest.raises(SweepError, match=rf"run '{runs[0].name}' was trained on another version of corpus .* "
-                                         rf"\(manifest {sha[:12]}, now"):
-        check_same_corpora(runs, states)
+                                         rf"\(manifest {sha[:12]}, now.*or remove its record from the results file "
+                                         rf"R.json to retrain it"):
+        check_same_corpora(runs, states, "R.json")  # its folder is gone: the record is what holds it
+    (tmp_path / "runs" / runs[0].name).mkdir(parents=True)
+    with pytest.raises(SweepError, match="or move the run's folder away to retrain it"):
+        check_same_corpora(runs, states, "R.json")
     other = {**done, "name": runs[1].name, "data": {"manifest_sha256": "f" * 64}}
     text = render_report({"sweep": "toy", "runs": [done, other]})
     assert "trained on 2 different versions of their corpora" in text

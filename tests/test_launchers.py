@@ -177,6 +177,31 @@ problem refreshing your current auth tokens" >&2; exit 1; }; echo READY ;;
     assert "delete" not in gcloud_calls(tmp_path / "always")
 
 
+def test_tpu_pod_a_describe_outage_neither_deletes_after_a_stockout_nor_ends_a_queue_wait(tmp_path, launcher_module,
+                                                                                         monkeypatch, capfd):
+    """UNKNOWN (describe failing for another reason than NOT_FOUND) is not a slice to delete
+    after a stock-out, and a Multislice request keeps waiting through it."""
+    env = fake_gcloud(tmp_path, f"""
+*" create "*) [ "$(nth create)" -le 1 ] && {{ echo '{STOCKOUT_ERROR}' >&2; exit 1; }} ;;
+*" describe "*) echo "ERROR: (gcloud) There was a problem refreshing your current auth tokens" >&2; exit 1 ;;
+""")
+    monkeypatch.setenv("PATH", env["PATH"])
+    code = launcher_module.main(["all", "--name", "pod", "--zone", "z", "--command", "true", "--keep"])
+    out, _ = capfd.readouterr()
+    assert code == 1 and "is in an unknown state (describe keeps failing): not creating it again" in out
+    assert gcloud_calls(tmp_path) == ["create", "describe", "describe", "describe"]
+    (tmp_path / "queue").mkdir()
+    env = fake_gcloud(tmp_path / "queue", """
+*" describe "*) case "$(nth describe)" in 1) echo WAITING_FOR_RESOURCES ;; 2|3|4) echo "ERROR: (gcloud) Network is \
+unreachable" >&2; exit 1 ;; *) echo ACTIVE ;; esac ;;
+""")
+    monkeypatch.setenv("PATH", env["PATH"])
+    code = launcher_module.main(["all", "--name", "ms", "--zone", "z", "--accelerator-type", "v5litepod-16",
+                                 "--num-slices", "2", "--command", "true"])
+    out, err = capfd.readouterr()
+    assert code == 0 and "run" in gcloud_calls(tmp_path / "queue"), out + err
+
+
 @pytest.mark.parametrize("call", ["_call", "_call_keeping_stderr"])
 def test_tpu_pod_a_sigterm_while_a_command_starts_stops_that_command(launcher_module, monkeypatch, call):
     """A SIGTERM that lands inside subprocess.Popen, after the child exists (the fake gcloud of

@@ -123,7 +123,9 @@ def _final(ax, doc: dict, spec: dict) -> bool:
     series: dict[str, list[tuple[Any, float]]] = {}
     diverged: list[tuple[Any, float]] = []  # their last value before the loss became non-finite
     shown = _finished(doc, spec)
-    by_group = len({r.get("group") for r in shown}) > 1  # runs of two groups are never one line
+    # without `lines`, runs of two groups are two lines (with `lines`, its keys say what a line
+    # is: a line may cross groups, e.g. an MoE's 1-epoch run and its 16-epoch run of another group)
+    by_group = not lines and len({r.get("group") for r in shown}) > 1
     for run in shown:
         x, y = metric(run, x_key), metric(run, y_key)
         if y is None or x is None:
@@ -133,7 +135,7 @@ def _final(ax, doc: dict, spec: dict) -> bool:
             continue
         label = ", ".join(f"{k.rsplit('.', 1)[-1]}={metric(run, k)}" for k in lines)
         if by_group:
-            label = ", ".join(p for p in (run.get("group") or "", label) if p)
+            label = run.get("group") or ""
         series.setdefault(label, []).append((x, y))
     categories = sorted({x for pts in [*series.values(), diverged] for x, _ in pts if not _is_number(x)}, key=str)
     for label, points in series.items():

@@ -123,7 +123,7 @@ def _data_key(d) -> tuple:
             d.validation_fraction)
 
 
-def check_same_corpora(runs: list[Run], states: dict) -> None:
+def check_same_corpora(runs: list[Run], states: dict, results_path: str | None = None) -> None:
     """Refuse to train beside finished runs whose corpus has changed since (a file edited,
     `corpus: stdlib` under another Python): their losses were measured with another
     vocabulary and validation set, and one results file and report would mix them without a
@@ -143,10 +143,12 @@ def check_same_corpora(runs: list[Run], states: dict) -> None:
             current[key] = None if d.corpus.strip().startswith("tfds:") else open_corpus(d.corpus, d.text_field).sha256
         now = current[key]
         if now is not None and now != had:
+            # a run whose folder is gone is kept from the results file (recorded_elsewhere)
+            away = ("remove its record from the results file" + (f" {results_path}" if results_path else "")
+                    if not as_path(run.config.output_dir).exists() else "move the run's folder away")
             raise SweepError(f"run {run.name!r} was trained on another version of corpus {d.corpus!r} (manifest "
                              f"{had[:12]}, now {now[:12]}): its results would not compare with the runs still to "
-                             f"train; restore that corpus, or move the run's folder away to retrain it — nothing was "
-                             f"changed")
+                             f"train; restore that corpus, or {away} to retrain it — nothing was changed")
 
 
 def plan_steps(runs: list[Run], *, build: bool) -> tuple[dict[str, int | None], list[str]]:
@@ -472,7 +474,7 @@ def run_sweep(sweep: Sweep, only: list[str] | tuple[str, ...] = (), *, dry_run: 
     # later on the same file is refused at its start) and an unwritable path fails now, not
     # after the first run has trained.
     if any(states[r.name].status not in FINISHED for r in selected):  # new results beside the finished ones
-        check_same_corpora(sweep.runs, states)
+        check_same_corpora(sweep.runs, states, sweep.results_path)
     write_results()
     _agree(states, list(sweep.runs))
     todo = [r for r in selected if states[r.name].status not in FINISHED]

@@ -175,8 +175,14 @@ def training_attention(name: str, mesh=None, model_cfg: ModelConfig | None = Non
         return FlashAttention(implementation="jnp")
     policy = FlashAttention()
     if model_cfg is not None and seq_len is not None and (interpret or (backend or jax.default_backend()) == "tpu"):
-        reason = _splash_checked(seq_len, model_cfg.n_heads, model_cfg.n_kv_heads, model_cfg.resolved_head_dim,
-                                 model_cfg.dtype, policy.block_q, policy.block_k, interpret)
+        # This runs while the train step is being traced; JAX's trace state is per thread, so the
+        # check (concrete arrays, its own jitted calls) runs in a thread of its own.
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1) as pool:
+            reason = pool.submit(_splash_checked, seq_len, model_cfg.n_heads, model_cfg.n_kv_heads,
+                                 model_cfg.resolved_head_dim, model_cfg.dtype, policy.block_q, policy.block_k,
+                                 interpret).result()
         if reason is not None:
             _warn_once(f"flash attention: the splash kernel check failed ({reason}); training with the jnp "
                        f"flash path")
