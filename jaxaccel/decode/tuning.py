@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
 
 from jaxaccel.model.options import DENSE, AttentionPolicy, TokenSelectAttention, TreeKernelAttention
+from jaxaccel.pallas_kernels.checks import warn_once as _warn_once
 
 # ----------------------------------------------------------------------------- XLA options
 
@@ -264,6 +264,3 @@ def resolve_forward_defaults(defaults: dict[str, Any], config, cache_len: int, *
     return defaults
 
 
-@functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)

@@ -18,6 +18,7 @@ A leaf of the kernels package like the kernels themselves: no model or decode im
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -28,6 +29,13 @@ from jaxaccel.errors import first_line
 
 # (atol, rtol) by the dtype of the compared output
 TOLERANCE = {"float32": (1e-5, 1e-4), "bfloat16": (1e-4, 2.0 ** -6), "float16": (1e-4, 2.0 ** -8)}
+
+
+@functools.lru_cache(maxsize=None)
+def warn_once(message: str) -> None:
+    """One `warning: ...` line on stderr per distinct message: what a caller that falls back
+    from a kernel (the decode engine's tuning, the trainer) says, once per process."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def tolerance(output_dtype: str) -> tuple[float, float]:

@@ -8,7 +8,6 @@ denoiser-input tokens that see each other both ways).
 from __future__ import annotations
 
 import functools
-import sys
 from typing import Any, NamedTuple
 
 import jax
@@ -179,12 +178,14 @@ def training_attention(name: str, mesh=None, model_cfg: ModelConfig | None = Non
         # check (concrete arrays, its own jitted calls) runs in a thread of its own.
         from concurrent.futures import ThreadPoolExecutor
 
+        from jaxaccel.pallas_kernels import checks
+
         with ThreadPoolExecutor(1) as pool:
             reason = pool.submit(_splash_checked, seq_len, model_cfg.n_heads, model_cfg.n_kv_heads,
                                  model_cfg.resolved_head_dim, model_cfg.dtype, policy.block_q, policy.block_k,
                                  interpret).result()
         if reason is not None:
-            _warn_once(f"flash attention: the splash kernel check failed ({reason}); training with the jnp "
+            checks.warn_once(f"flash attention: the splash kernel check failed ({reason}); training with the jnp "
                        f"flash path")
             return FlashAttention(implementation="jnp")
     return policy
@@ -206,11 +207,6 @@ def _splash_checked(seq_len: int, heads: int, kv_heads: int, head_dim: int, dtyp
         if problem is not None:
             return ("(backward) " if grad else "") + problem
     return None
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
 
 
 def split_micro(batch: dict, n: int) -> dict:
