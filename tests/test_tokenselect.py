@@ -286,20 +286,25 @@ def test_recent_selection_is_streamingllm_at_the_same_budget():
         np.testing.assert_allclose(np.asarray(out[row]), np.einsum("the,hed->td", attn, wo), rtol=2e-4, atol=2e-5)
 
 
-def test_random_selection_draws_k_distinct_candidates_per_length():
+def test_random_selection_draws_k_distinct_candidates_per_row_step_and_layer():
     from jaxaccel.model.layers import _fresh_top
 
-    lengths = jnp.array([100, 57, 100], jnp.int32)
+    lengths = jnp.array([100, 57, 100, 100], jnp.int32)
     policy = TokenSelectAttention(**SMALL_BUDGET, selection="random")
-    query = jnp.zeros((3, CFG.n_heads, HD))
-    cache_k = jnp.zeros((3, CFG.n_kv_heads, CACHE, HD))
+    query = jax.random.normal(jax.random.key(2), (4, CFG.n_heads, HD))
+    query = query.at[2].set(query[0])  # rows 0 and 2: the same length and query; row 3 another query
+    cache_k = jnp.zeros((4, CFG.n_kv_heads, CACHE, HD))
     top = np.asarray(_fresh_top(policy, query, cache_k, lengths))
-    assert top.shape == (3, policy.k)
+    assert top.shape == (4, policy.k)
     for row, length in enumerate(np.asarray(lengths)):
         assert len(set(top[row])) == policy.k and np.all(np.diff(top[row]) > 0)
         assert top[row].min() >= policy.n_init and top[row].max() < length - policy.n_local
-    np.testing.assert_array_equal(top[0], top[2])  # a draw per length: deterministic
+    np.testing.assert_array_equal(top[0], top[2])  # deterministic
     np.testing.assert_array_equal(top, np.asarray(_fresh_top(policy, query, cache_k, lengths)))
+    # Another example of that length, or another layer (its own query), draws its own subset.
+    assert not np.array_equal(top[0], top[3])
+    other_layer = np.asarray(_fresh_top(policy, query * 1.5 + 0.25, cache_k, lengths))
+    assert all(not np.array_equal(top[row], other_layer[row]) for row in range(4))
     later = np.asarray(_fresh_top(policy, query, cache_k, lengths + 1))
     assert not np.array_equal(top[0], later[0])  # the next step draws again
     scored = np.asarray(_fresh_top(dataclasses.replace(policy, selection="topk"), query,

@@ -240,7 +240,14 @@ def _fresh_top(policy: TokenSelectAttention, query, cache_k, lengths) -> jax.Arr
     if policy.selection == "recent":
         scores = jnp.broadcast_to(jnp.arange(s, dtype=jnp.float32), (b, s))
     elif policy.selection == "random":
-        row_keys = jax.vmap(lambda n: jax.random.fold_in(jax.random.key(0), n))(lengths)
+        # A fresh draw per row, step, layer and example: keyed by the row's length and a hash
+        # of its query's bits (which differ between layers and between examples; a key by
+        # length alone gave every layer and every example of that length the same subset).
+        bits = jax.lax.bitcast_convert_type(query.astype(jnp.float32), jnp.uint32).reshape(b, -1)
+        mix = jnp.uint32(2654435761) * (2 * jnp.arange(bits.shape[1], dtype=jnp.uint32) + 1)
+        digest = jnp.sum(bits * mix, axis=1, dtype=jnp.uint32)  # wraps mod 2^32
+        row_keys = jax.vmap(lambda n, d: jax.random.fold_in(jax.random.fold_in(jax.random.key(0), n), d))(
+            lengths, digest)
         scores = jax.vmap(lambda key: jax.random.uniform(key, (s,)))(row_keys)
     else:
         candidates = ts.selection_candidates(lengths, s, n_init=policy.n_init, n_local=policy.n_local)
