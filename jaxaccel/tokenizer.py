@@ -118,6 +118,18 @@ class SentencePieceTokenizer:
         _save_side_files(self, folder)
 
 
+def continuation_text(tokenizer: Tokenizer, prompt_ids: Sequence[int], new_ids: Sequence[int]) -> str:
+    """The text `new_ids` add after `prompt_ids`: the two decoded together, minus the prompt's
+    own text (what transformers' text-generation pipeline returns). Decoded apart, a tokenizer
+    that marks word starts (SentencePiece's "\u2581", HF Metaspace / Llama decoders) drops the
+    space before the first new word, so prompt + text glues two words. When the joint text
+    does not begin with the prompt's (a multi-byte character split across the two), the new
+    ids decoded alone."""
+    head = tokenizer.decode(list(prompt_ids))
+    full = tokenizer.decode(list(prompt_ids) + list(new_ids))
+    return full[len(head):] if full.startswith(head) else tokenizer.decode(list(new_ids))
+
+
 def load_tokenizer(folder: str | Path, add_bos: bool = False) -> Tokenizer | None:
     """The tokenizer stored in a model folder, or None when it has none."""
     folder = _as_path(folder)

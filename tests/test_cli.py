@@ -608,23 +608,30 @@ def test_bench_acceptance_what_if_values_are_checked_before_loading(values, caps
     assert err.count("\n") == 1
 
 
-def test_decode_prints_prompt_and_continuation_decoded_together(tmp_path, capsys, tiny_params, monkeypatch):
-    """A SentencePiece tokenizer with a word-start marker (Llama's) decodes a continuation's
-    first word without its space when decoded apart from the prompt: the CLI decodes the two
-    together. (The continuation is fixed: a random tiny model rarely starts a word.)"""
+def word_start_tokenizer(folder: pathlib.Path):
+    """A SentencePiece tokenizer with a word-start marker (Llama's "\u2581"), trained on the
+    standard library's json package."""
     import sysconfig
 
     import sentencepiece as spm
 
-    from jaxaccel.decode.lm import LanguageModel
     from jaxaccel.tokenizer import SentencePieceTokenizer
 
     stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    (tmp_path / "corpus.txt").write_text("".join(p.read_text() for p in sorted(stdlib.glob("json/*.py"))))
-    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "sp"),
+    (folder / "corpus.txt").write_text("".join(p.read_text() for p in sorted(stdlib.glob("json/*.py"))))
+    spm.SentencePieceTrainer.train(input=str(folder / "corpus.txt"), model_prefix=str(folder / "sp"),
                                    vocab_size=TINY.vocab_size, model_type="bpe", add_dummy_prefix=True,
                                    bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
-    tok = SentencePieceTokenizer(tmp_path / "sp.model")
+    return SentencePieceTokenizer(folder / "sp.model")
+
+
+def test_decode_prints_prompt_and_continuation_decoded_together(tmp_path, capsys, tiny_params, monkeypatch):
+    """A SentencePiece tokenizer with a word-start marker (Llama's) decodes a continuation's
+    first word without its space when decoded apart from the prompt: the CLI decodes the two
+    together. (The continuation is fixed: a random tiny model rarely starts a word.)"""
+    from jaxaccel.decode.lm import LanguageModel
+
+    tok = word_start_tokenizer(tmp_path)
     folder = jaxaccel.from_params(TINY, tiny_params, tokenizer=tok, eos_token_ids=()).save(tmp_path / "model")
     ids, new = tok.encode("import json as"), tok.encode("value")  # "\u2581value...": a word start
     together, apart = tok.decode(ids + new), tok.decode(ids) + tok.decode(new)
@@ -641,6 +648,36 @@ def test_decode_prints_prompt_and_continuation_decoded_together(tmp_path, capsys
                          capsys)
     assert code == 0, err
     assert out.splitlines()[0] == together
+
+
+def test_texts_and_json_text_keep_the_space_before_the_first_new_word(tmp_path, capsys, tiny_params):
+    """out.texts (and the CLI's JSON "text") is what the tokens add after the prompt: decoded
+    apart, a word-start tokenizer's first new word lost its space, so prompt + text glued two
+    words, and the JSON output disagreed with the text output."""
+    from jaxaccel.tokenizer import continuation_text
+
+    tok = word_start_tokenizer(tmp_path)
+    ids, new = tok.encode("import json as"), tok.encode("value")
+    assert continuation_text(tok, ids, new) == " value" and tok.decode(new) == "value"
+    euro = tok.encode("\u20ac")  # a character the vocabulary lacks: byte pieces (or unknown)
+    assert continuation_text(tok, ids, []) == ""
+    assert continuation_text(tok, [], euro) == tok.decode(euro)
+    lm = jaxaccel.from_params(TINY, tiny_params, tokenizer=tok, eos_token_ids=())
+    # Sampled near-uniformly over 64 rows: this tiny vocabulary has two word-start pieces of 97.
+    prompts = ["import json as", "def f(x):", "class A:", "return", "if x", "for i in", "while", "x ="] * 8
+    out = lm.generate(prompts, max_new_tokens=3, temperature=5.0, seed=3)
+    texts = [tok.decode(p + t) for p, t in zip(out.prompt_ids, out.tokens)]
+    assert all(text.startswith(tok.decode(p)) for text, p in zip(texts, out.prompt_ids))
+    assert out.texts == [text[len(tok.decode(p)):] for text, p in zip(texts, out.prompt_ids)]
+    # (the precondition that makes this a test: some row's first new token starts a word)
+    assert any(a != tok.decode(t) for a, t in zip(out.texts, out.tokens))
+    folder = lm.save(tmp_path / "model")
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    code, json_out, err = run(decode_main, ["--model", str(folder), "--prompts-file", str(tmp_path / "prompts.jsonl"),
+                                            "--max-new-tokens", "3", "--temperature", "5", "--seed", "3",
+                                            "--output", "json"], capsys)
+    assert code == 0, err
+    assert [r["text"] for r in json.loads(json_out)["results"]] == out.texts
 
 
 def test_decode_option_hot_start_false_is_accepted():

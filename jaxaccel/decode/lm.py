@@ -41,7 +41,7 @@ from jaxaccel.model.options import ExecutionPlan
 from jaxaccel.model.transformer import (LayerKV, ModelHandle, canonical_params, fuse_layers, init_cache, logical_axes,
                                         param_shapes, stack_layers, unstack_layers)
 from jaxaccel.convert.hf import EXPORT_ENTRIES, EXPORT_MANIFEST, is_own_export
-from jaxaccel.tokenizer import SIDE_FILES
+from jaxaccel.tokenizer import SIDE_FILES, continuation_text
 
 MIN_BUCKET = 16
 
@@ -107,7 +107,7 @@ def decode_params(params: Any, config: ModelConfig, mesh: Mesh | None, consume: 
 @dataclasses.dataclass
 class GenerationResult:
     tokens: list[list[int]]  # generated ids per prompt (prompt excluded; ends with EOS if one was produced)
-    texts: list[str] | None  # decoded `tokens` when the model has a tokenizer
+    texts: list[str] | None  # the text `tokens` add after the prompt, when the model has a tokenizer
     stats: dict[str, Any]
     prompt_ids: list[list[int]]
     method_output: Any = None  # e.g. the recycling matrix, for a hot start
@@ -351,7 +351,8 @@ class LanguageModel:
             "decode_phase_tokens_per_s": new_tokens / (decode_s - prefill_s) if decode_s > prefill_s else float("inf"),
             "compile_s": compile_s, **decoder.stats(out.method_output, batch),
         }
-        texts = None if self.tokenizer is None else [self.tokenizer.decode(g) for g in gen]
+        texts = None if self.tokenizer is None else [continuation_text(self.tokenizer, prompt, new)
+                                                     for prompt, new in zip(ids, gen)]
         return GenerationResult(tokens=gen, texts=texts, stats=stats, prompt_ids=ids, method_output=out.method_output)
 
     def _check_cache_fits(self, batch: int, cache_len: int,
