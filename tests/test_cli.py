@@ -347,9 +347,17 @@ def test_bench_spec_can_skip_its_sweep_and_cost_table(capsys, tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_dyspec_runs_and_reports(capsys, tmp_path):
+def test_bench_dyspec_runs_and_reports(capsys, tmp_path, monkeypatch):
     """`bench dyspec` at toy size on the shipped pair: every method's row with its MAT, the
-    `auto` row against its own autoregressive baseline, the 1:50 prediction and Figure 2."""
+    `auto` row against its own autoregressive baseline, the 1:50 prediction and Figure 2. The
+    methods run with the draft the bench loaded and reports (generate loaded its own copy,
+    in another dtype than the report said)."""
+    import jaxaccel.decode.lm as lm_module
+
+    def no_second_draft(*args, **kwargs):
+        raise AssertionError(f"generate loaded a draft of its own: {args}")
+
+    monkeypatch.setattr(lm_module, "load", no_second_draft)  # (the bench loads through jaxaccel.load)
     code, out, err = run(bench_main, ["dyspec", "--batches", "1", "--temperatures", "0", "--budgets", "8",
                                       "--methods", "sps,specinfer-chains,dyspec", "--new-tokens", "12", "--runs", "1",
                                       "--files", "1", "--prompt-tokens", "32",
@@ -366,6 +374,8 @@ def test_bench_dyspec_runs_and_reports(capsys, tmp_path):
     assert auto["baseline_tokens_per_s"] > 0 and "budget" in auto["auto_plan"] and "budget" in auto["accelerator_plan"]
     assert (tmp_path / "f2-T0.0.png").stat().st_size > 1000 and -1 <= doc["figure2"][0]["correlation"] <= 1
     assert "| specinfer-chains | 8 (8) |" in out
+    assert doc["dtype"] == "float32" and doc["draft_dtype"] == "bfloat16"  # builtin:draft as stored
+    assert "float32 target, bfloat16 draft" in out
     code, _, err = run(bench_main, ["dyspec", "--methods", "medusa"], capsys)
     assert code == 2 and "unknown method 'medusa'" in err
 
@@ -599,6 +609,14 @@ def test_decode_run_folder_with_a_bad_config_is_one_line(tmp_path, capsys, confi
     (tmp_path / "config.yaml").write_bytes(config)
     code, _, err = run(decode_main, ["--model", str(tmp_path), "--prompt-ids", "1"], capsys)
     assert code == 2 and "config.yaml: not a readable training config" in err and err.count("\n") == 1, err
+
+
+def test_bench_acceptance_refuses_filters_it_would_not_apply(capsys):
+    """At temperature 0 the vector is measured greedily: --top-k / --top-p did nothing, and
+    the JSON recorded them as if they had."""
+    for flags in (["--top-k", "5"], ["--top-p", "0.5"]):
+        code, _, err = run(bench_main, ["acceptance", "--target", "/no/such/model", *flags], capsys)
+        assert code == 2 and "apply only when sampling" in err and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize("values", ["0.7,1", "0.7,abc", "-0.1"])

@@ -551,7 +551,10 @@ def test_calibrated_values_grow_a_different_tree(small_pair):
 
 def test_acceptance_cache_is_keyed_by_the_model_files(tmp_path, tiny_params):
     """A draft retrained into the same folder gets a new cache entry (its acceptance would
-    differ), the same folder read again the same one, and an in-memory model none."""
+    differ), the same folder read again the same one, the same files loaded in another dtype
+    another one (a bfloat16 target accepts other tokens: `bench acceptance` and `bench dyspec`
+    shared one entry), and an in-memory model none."""
+    import dataclasses
     from types import SimpleNamespace
 
     from jaxaccel.decode.acceptance import cache_path
@@ -559,11 +562,15 @@ def test_acceptance_cache_is_keyed_by_the_model_files(tmp_path, tiny_params):
 
     save_model(tmp_path / "target", TINY, tiny_params)
     save_model(tmp_path / "draft", TINY, perturbed(tiny_params, 1, 0.01))
-    target, draft = SimpleNamespace(source=tmp_path / "target"), SimpleNamespace(source=tmp_path / "draft")
+    target = SimpleNamespace(source=tmp_path / "target", config=TINY)
+    draft = SimpleNamespace(source=tmp_path / "draft", config=TINY)
     settings = {"temperature": 0.0}
     first = cache_path(target, draft, settings)
     assert cache_path(target, draft, settings) == first
     assert cache_path(target, draft, {"temperature": 0.6}) != first
+    bf16 = dataclasses.replace(TINY, dtype="bfloat16", param_dtype="bfloat16")
+    assert cache_path(SimpleNamespace(source=target.source, config=bf16), draft, settings) != first
+    assert cache_path(target, SimpleNamespace(source=draft.source, config=bf16), settings) != first
     save_model(tmp_path / "draft", TINY, perturbed(tiny_params, 2, 0.01))  # retrained in place
     assert cache_path(target, draft, settings) != first
     assert cache_path(target, SimpleNamespace(source=None), settings) is None
@@ -624,7 +631,7 @@ def test_acceptance_cache_folder_follows_its_environment_variable(tmp_path, monk
 
     from jaxaccel.decode.acceptance import CACHE_ENV, cache_path
 
-    pair = SimpleNamespace(source=tmp_path / "t"), SimpleNamespace(source=tmp_path / "d")
+    pair = SimpleNamespace(source=tmp_path / "t", config=TINY), SimpleNamespace(source=tmp_path / "d", config=TINY)
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "mine"))
     assert cache_path(*pair, {}).parent == tmp_path / "mine"
     monkeypatch.setenv(CACHE_ENV, "off")

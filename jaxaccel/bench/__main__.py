@@ -315,9 +315,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.which == "acceptance":
         from jaxaccel.bench import draft as draft_bench
         from jaxaccel.bench.common import model_config, write_json
-        from jaxaccel.decode.sampling import check_sampling_args
+        from jaxaccel.decode.sampling import GREEDY_BELOW, check_sampling_args
 
         check_sampling_args(args.temperature, args.top_k, args.top_p)
+        if args.temperature < GREEDY_BELOW and (args.top_k is not None or args.top_p is not None):
+            fail(f"--top-k / --top-p apply only when sampling: with --temperature {args.temperature:g} the vector "
+                 f"is measured greedily (give a temperature > 0 to measure under the filters)")
         if args.max_rank < 1:
             fail("max-rank must be >= 1")
         what_if = _csv(args.what_if_top1, float, allow_empty=True)

@@ -159,7 +159,10 @@ def run(model: str = "builtin:default", draft: str = "builtin:draft", batches: S
 
     lm = jaxaccel.load(model, dtype="float32")
     lm.eos_token_ids = ()  # every row decodes exactly new_tokens
-    draft_lm = jaxaccel.load(draft, dtype="float32")
+    # The draft in its stored dtype, as generate loads a draft named by path (builtin:draft:
+    # bfloat16), and that very object is the one the methods run with: generate would
+    # otherwise load its own copy (until 2026-12-04 this one was float32 and only checked).
+    draft_lm = lm._drafts[draft] = jaxaccel.load(draft)
     check_pair(lm, draft_lm)
     code = heldout_prompts(lm, n_files, prompt_tokens)
     prompts = code + [lm.encode(p) for p in NATURAL_PROMPTS]
@@ -168,6 +171,7 @@ def run(model: str = "builtin:default", draft: str = "builtin:draft", batches: S
     result: dict[str, Any] = {
         "benchmark": "draft", "machine": machine(), "model": model, "draft": draft,
         "params_m": round(lm.num_params() / 1e6, 2), "draft_params_m": round(draft_lm.num_params() / 1e6, 2),
+        "dtype": lm.config.dtype, "draft_dtype": draft_lm.config.dtype,
         "new_tokens": new_tokens, "runs": runs, "prompts": len(prompts), "heldout_files": len(code),
         "accelerator_ratio": ACCELERATOR_RATIO}
     rows = []
@@ -217,7 +221,9 @@ def run(model: str = "builtin:default", draft: str = "builtin:draft", batches: S
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     out = [f"Target `{result['model']}` ({result['params_m']}M params), draft `{result['draft']}` "
-           f"({result['draft_params_m']}M), float32, {m['cpu']} ({m['cores']} cores), {m['backend']}, jax {m['jax']}, "
+           f"({result['draft_params_m']}M), {result.get('dtype', 'float32')} target, "
+           f"{result.get('draft_dtype', 'bfloat16')} draft, {m['cpu']} ({m['cores']} cores), {m['backend']}, "
+           f"jax {m['jax']}, "
            f"{m['date']}; {result['prompts']} prompts, {result['new_tokens']} new tokens each, median of "
            f"{result['runs']} runs. *Predicted 1:50* = measured MAT / modelled step cost with a draft 50x cheaper "
            f"than the target and flat verification cost (an accelerator-like setting): a prediction.", "",
@@ -307,22 +313,27 @@ def predicted_mat(acceptance, budgets: Sequence[int] = PREDICTED_BUDGETS) -> lis
 
 
 def acceptance(target: str, draft: str, temperature: float, top_k: int | None, top_p: float | None,
-               max_rank: int, what_if_top1: Sequence[float] = ()) -> dict[str, Any]:
+               max_rank: int, what_if_top1: Sequence[float] = (), dtype: str = "float32") -> dict[str, Any]:
     """`bench acceptance`: Sequoia's positional acceptance vector, also stored where
     `method="sequoia"` looks for it (`decode.acceptance.cached_acceptance`), and the tokens
     per step Sequoia's model predicts from it for each static tree shape (`predicted_mat`),
     also for hypothetical drafts with another top-1 acceptance (`with_top1`)."""
     import jaxaccel
-    from jaxaccel.decode.acceptance import cache_path, cached_acceptance
+    from jaxaccel.decode.acceptance import _as_decoded, cache_path, cached_acceptance
 
-    lm = jaxaccel.load(target)
+    # The dtypes `bench dyspec` decodes in (a float32 target, the draft as stored), so the
+    # vector measured and cached here is the one its Sequoia rows plan with (the cache key
+    # holds both dtypes; until 2026-12-04 it did not, and this measured a bfloat16 target).
+    lm = jaxaccel.load(target, dtype=dtype)
     d = jaxaccel.load(draft)
     check_pair(lm, d)  # else an all-zero vector (or a token-id error) would be measured and cached
+    temperature, top_k, top_p = _as_decoded(temperature, top_k, top_p)  # what is measured (greedy: no filters)
     vec = cached_acceptance(lm, d, temperature=temperature, top_k=top_k, top_p=top_p, max_rank=max_rank)
     predicted = [{"top1": float(vec[0]), "measured": True, "rows": predicted_mat(vec)}]
     predicted += [{"top1": float(t), "measured": False, "rows": predicted_mat(with_top1(vec, t))} for t in what_if_top1]
     return {"acceptance": [float(x) for x in vec], "target": target, "draft": draft, "temperature": temperature,
-            "top_k": top_k, "top_p": top_p, "sum": float(vec.sum()), "predicted": predicted, "machine": machine(),
+            "top_k": top_k, "top_p": top_p, "dtype": lm.config.dtype, "draft_dtype": d.config.dtype,
+            "sum": float(vec.sum()), "predicted": predicted, "machine": machine(),
             "cached_at": str(cache_path(lm, d, {})).rsplit("/", 1)[0]}
 
 

@@ -103,7 +103,8 @@ def attention_ms(config, policy, context: int, batch: int, *, reuse: bool = Fals
 
     fn = jax.jit(loop, donate_argnums=(1,)).lower(params, cache, state).compile(
         compiler_options=tuning.compiler_options())
-    cache, state, _ = fn(params, cache, state)  # warm-up; fills the selection state for `reuse`
+    # warm-up (fills the selection state for `reuse`), finished before the first timed run
+    cache, state, _ = jax.block_until_ready(fn(params, cache, state))
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()

@@ -365,13 +365,17 @@ def cache_path(target, draft, settings: dict[str, Any]) -> Path | None:
     """Where the acceptance vector of this (target, draft, settings) is cached: under
     `$JAXACCEL_ACCEPTANCE_CACHE` if set (`off` disables the cache), else
     `$XDG_CACHE_HOME/jaxaccel/acceptance`. None when disabled, and for models built in memory
-    (nothing identifies them across processes). The key holds both folders' paths and file
-    fingerprints, so a model rewritten in place is measured again."""
+    (nothing identifies them across processes). The key holds both folders' paths, file
+    fingerprints and the dtypes they were loaded in, so a model rewritten in place, or loaded
+    in another dtype, is measured again."""
     folder = compile_cache.user_cache_folder(CACHE_ENV, "acceptance")
     if target.source is None or draft.source is None or folder is None:
         return None
     key = json.dumps({"target": str(target.source), "draft": str(draft.source), "version": CACHE_VERSION,
                       "target_files": _fingerprint(target.source), "draft_files": _fingerprint(draft.source),
+                      # the dtypes each was loaded in: a bfloat16 target accepts other tokens
+                      "dtypes": [target.config.dtype, target.config.param_dtype, draft.config.dtype,
+                                 draft.config.param_dtype],
                       **settings}, sort_keys=True)
     return folder / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
 
