@@ -16,7 +16,7 @@ from conftest import randomize
 from jaxaccel.cli import run_cli
 from jaxaccel.config import ModelConfig
 from jaxaccel.convert.__main__ import main as convert_main
-from jaxaccel.convert.hf import EXPORT_MANIFEST, config_from_hf, config_to_hf
+from jaxaccel.convert.hf import EXPORT_MANIFEST, config_from_hf, config_to_hf, export_hf
 from jaxaccel.errors import CheckpointError, ConfigError, ModelLoadError, UnsupportedArchitectureError
 from jaxaccel.model.transformer import init_params
 
@@ -489,3 +489,70 @@ def test_empty_sentencepiece_file_is_refused_before_sentencepiece_logs(tmp_path,
     with pytest.raises(ModelLoadError, match="tokenizer.model: not a valid tokenizer file \\(the file is empty\\)"):
         load_tokenizer(tmp_path)
     assert capfd.readouterr().err == ""  # no sentencepiece log lines before the one-line error
+
+
+# ----------------------------------------------------------------------------- review of 2026-12-04
+
+
+def test_layer_types_decide_the_window_or_are_refused():
+    """transformers reads a Mistral config with layer_types as Ministral (a window on the
+    sliding_attention layers only), Qwen2 windows per layer_types: a window on every layer
+    (the old reading) gave logits 6.7 off past the window, silently."""
+    n = CFG.n_layers
+    assert config_from_hf(hf_config("mistral", layer_types=["full_attention"] * n)).sliding_window is None
+    assert config_from_hf(hf_config("mistral", layer_types=["sliding_attention"] * n)).sliding_window == 16
+    assert config_from_hf(hf_config("qwen2", layer_types=["full_attention"] * n)).sliding_window is None
+    mixed = ["full_attention", "sliding_attention"] * (n // 2)
+    for arch in ("mistral", "qwen2"):
+        with pytest.raises(UnsupportedArchitectureError, match="per-layer attention kinds"):
+            config_from_hf(hf_config(arch, layer_types=mixed))
+    with pytest.raises(UnsupportedArchitectureError, match="per-layer attention kinds"):
+        config_from_hf(hf_config("qwen2", layer_types=["sliding_attention"] * n))
+    with pytest.raises(ConfigError, match="layer_types must be a list"):
+        config_from_hf(hf_config("mistral", layer_types=["chunked_attention"] * n))
+
+
+def test_a_nested_rope_theta_wins_over_the_top_level_one_as_in_transformers():
+    nested = hf_config(rope_parameters=None, rope_theta=500.0,
+                       rope_scaling={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
+    assert config_from_hf(nested).rope_theta == 10000.0
+    assert config_from_hf(hf_config(rope_parameters=None, rope_scaling=None, rope_theta=500.0)).rope_theta == 500.0
+    assert config_from_hf(hf_config(rope_parameters=None, rope_scaling=None, rope_theta=...)).rope_theta == 10000.0
+
+
+def test_remote_destinations_are_never_made_local_folders(tmp_path, capsys, monkeypatch):
+    """`convert` made "gs://b/x" the local folder "gs:/b/x" (and s3:// too) and said "wrote";
+    export_hf("gs://...") wrote the export to the local /gs/...: a Hugging Face folder is
+    local only (safetensors), an s3:// destination is refused, a gs:// import is saved to the
+    bucket by the checkpoint writer (which takes gs://)."""
+    from jaxaccel.errors import InvalidArgumentError
+
+    monkeypatch.chdir(tmp_path)
+    source = str(tiny().save(tmp_path / "m"))
+    for direction, dest, needle in (("export", "gs://bucket/x", "Hugging Face folder is written to a local folder"),
+                                    ("export", "s3://bucket/x", "Hugging Face folder is written to a local folder"),
+                                    ("import", "s3://bucket/x", "s3:// is not supported here")):
+        code, err = run([direction, source, dest], capsys)
+        assert code == 2 and needle in err and err.count("\n") == 1, (direction, dest, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no gs: or s3: folder
+    with pytest.raises(InvalidArgumentError, match="written to a local folder only"):
+        tiny().export_hf("gs://bucket/x")
+    with pytest.raises(InvalidArgumentError, match="written to a local folder only"):
+        export_hf("gs://bucket/x", CFG, None)
+    assert not Path("/gs/bucket").exists()
+
+
+def test_a_gs_hugging_face_folder_is_refused_in_one_line(tmp_path, monkeypatch):
+    """It was read through pathlib (gs://b/x -> the local /gs/b/x): refused instead. (The
+    bucket is a local folder behind an object-store path type, as in test_foundation.)"""
+    from test_foundation import _ObjectStorePath
+
+    from jaxaccel.model import checkpoint as ckpt
+
+    tiny().export_hf(tmp_path / "bucket" / "hf")
+    real = ckpt.as_path
+    monkeypatch.setattr(ckpt, "as_path", lambda f: _ObjectStorePath(tmp_path / str(f)[len("gs://"):], str(f))
+                        if str(f).startswith("gs://") else real(f))
+    with pytest.raises(ModelLoadError, match="'gs://bucket/hf': a Hugging Face folder is read from a local folder "
+                                             "only"):
+        jaxaccel.load("gs://bucket/hf")

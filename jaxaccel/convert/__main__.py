@@ -43,12 +43,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("source", "destination"):  # Path("") is ".": the current folder, not what was meant
         if not getattr(args, name).strip():
             fail(f"the {name} must be a path, got an empty string")
-    dest = Path(args.destination)
-    if Path(args.source).resolve() == dest.resolve():
+    # The destination stays a string: Path("gs://b/x") is the local folder "gs:/b/x", which the
+    # remote check (gs:// taken, other URLs refused) then never saw.
+    dest = args.destination
+    if "://" not in dest + args.source and Path(args.source).resolve() == Path(dest).resolve():
         fail("destination must differ from the source")
     # as save / export_hf decide, before the load: an earlier import (export) there is replaced,
     # other files need --force (they are then kept beside the model)
+    from jaxaccel.convert.hf import REMOTE_HF
     from jaxaccel.decode.lm import destination
+
+    if args.direction == "export" and "://" in dest:  # before the load
+        fail(REMOTE_HF.format(path=dest, what="written to"))
 
     destination(dest, args.force, "save" if args.direction == "import" else "export", "use --force to write into it")
 

@@ -30,8 +30,8 @@ import numpy as np
 
 from jaxaccel.config import ModelConfig, RopeScaling
 from jaxaccel.tokenizer import SIDE_FILES
-from jaxaccel.errors import (CheckpointError, ConfigError, JaxaccelError, ModelLoadError, UnsupportedArchitectureError,
-                             first_line)
+from jaxaccel.errors import (CheckpointError, ConfigError, InvalidArgumentError, JaxaccelError, ModelLoadError,
+                             UnsupportedArchitectureError, first_line)
 
 SUPPORTED = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
 EXPORT_NAMES = {v: k for k, v in SUPPORTED.items()}
@@ -40,8 +40,16 @@ _HF_DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "flo
                    "fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 
 
-def is_hf_folder(folder: Path) -> bool:
-    return (Path(folder) / "config.json").is_file()
+# Hugging Face folders are local: safetensors reads and writes local files.
+REMOTE_HF = ("{path!r}: a Hugging Face folder is {what} a local folder only (safetensors works on local files); "
+             "copy it between the bucket and a local folder (gcloud storage cp -r), or save a jaxaccel checkpoint, "
+             "which gs:// takes")
+
+
+def is_hf_folder(folder) -> bool:
+    """A folder (pathlib, or epath for gs://: never made a local Path) holding config.json."""
+    folder = folder if hasattr(folder, "is_dir") else Path(folder)
+    return (folder / "config.json").is_file()
 
 
 # ----------------------------------------------------------------------------- config
@@ -125,9 +133,11 @@ def _config_from_hf(hf: dict, source: str) -> ModelConfig:
         if kinds[0] != kinds[1] or clash:
             what = f"rope type {kinds[0]!r} vs {kinds[1]!r}" if kinds[0] != kinds[1] else f"{clash[0]}"
             raise ConfigError(f"{source}: rope_parameters and rope_scaling disagree ({what}); keep one of them")
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     rope_type = rope.get("rope_type") or rope.get("type") or scaling.get("rope_type") or scaling.get("type") or "default"
     params = {**scaling, **rope}
+    # a nested rope_theta (rope_parameters, or rope_scaling in older configs) is the one
+    # transformers uses; the top-level key only without one
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     if rope_type == "default":
         rope_scaling = None
     elif rope_type == "linear":
@@ -158,6 +168,21 @@ def _config_from_hf(hf: dict, source: str) -> ModelConfig:
     sliding_window = None
     if family == "mistral":  # absent: MistralConfig's default window; null: full attention
         sliding_window = ints["sliding_window"] if "sliding_window" in hf else _HF_MISTRAL_SLIDING_WINDOW
+    layer_types = hf.get("layer_types")
+    if layer_types is not None and family in ("mistral", "qwen2"):
+        # Each layer's attention kind decides its window in transformers (a Mistral config with
+        # layer_types is read as Ministral): one window for every layer, or none, is all we have.
+        if not isinstance(layer_types, list) or not all(t in ("full_attention", "sliding_attention")
+                                                        for t in layer_types):
+            raise ConfigError(f"{source}: layer_types must be a list of \"full_attention\" / "
+                              f"\"sliding_attention\", got {layer_types!r:.80}")
+        kinds = {t == "sliding_attention" for t in layer_types}
+        if kinds == {False}:
+            sliding_window = None
+        elif kinds != {True} or family != "mistral":
+            raise UnsupportedArchitectureError(
+                f"{source}: per-layer attention kinds (layer_types with sliding_attention layers, as Ministral's "
+                f"alternating windows) are not supported")
     return ModelConfig(
         vocab_size=ints["vocab_size"], d_model=ints["hidden_size"], n_layers=ints["num_hidden_layers"],
         n_heads=n_heads, n_kv_heads=ints["num_key_value_heads"] or n_heads,
@@ -531,6 +556,8 @@ def export_hf(folder: str | Path, config: ModelConfig, params: Any, *, tokenizer
     """
     from jaxaccel.model.transformer import canonical_params
 
+    if "://" in str(folder):  # Path("gs://b/x") is the local /gs/b/x: the export would land there
+        raise InvalidArgumentError(REMOTE_HF.format(path=str(folder), what="written to"))
     check_exportable(config)
     from safetensors import SafetensorError
 

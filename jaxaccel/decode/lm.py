@@ -720,6 +720,8 @@ def _classify(folder) -> tuple[str, Any]:
     if ckpt.is_jaxaccel_checkpoint(folder):
         return "model", folder
     if hf_io.is_hf_folder(folder):
+        if "://" in str(folder):
+            raise ModelLoadError(hf_io.REMOTE_HF.format(path=str(folder), what="read from"))
         return "hf", folder
     if (folder / ckpt.SET_ASIDE / ckpt.JOURNAL).is_file():
         raise ModelLoadError(f"a save into {str(folder)!r} was killed while it moved the new model in; the earlier "
