@@ -281,6 +281,51 @@ def test_a_damaged_cache_is_built_again_not_read(small, spec, cache_dir, tmp_pat
     assert (tokens.parent / "validation.ids.json").is_file()
 
 
+def test_a_damaged_vocabulary_or_cache_record_is_built_again(small, spec, cache_dir, tmp_path):
+    """A truncated spm.model was taken as the vocabulary (only its presence was checked): the
+    run tokenized with it, fingerprinted its bytes and trained to the end, then failed to
+    export, and could not be resumed once the vocabulary was fixed. A cache record missing a
+    key was a KeyError traceback. Each is now damage: built again, with a warning."""
+    import json
+    import shutil
+
+    from jaxaccel.data.errors import DataError
+    from jaxaccel.train.loop import data_fingerprint
+
+    copy = tmp_path / "cache"
+    shutil.copytree(cache_dir, copy)
+    cfg = _cfg(spec, str(copy), unique_tokens=6000, epochs=3.0)
+    [model] = copy.glob("**/spm.model")
+    good = model.read_bytes()
+    model.write_bytes(good[:len(good) // 2])
+    with pytest.warns(UserWarning, match=r"data cache \S+ is damaged .* building it again"):
+        data = build_data(cfg, seq_len=SEQ, batch_size=BATCH)
+    assert model.read_bytes() == good and data_fingerprint(data) == data_fingerprint(small)
+    np.testing.assert_array_equal(_all_batches(data)[0]["inputs"], _all_batches(small)[0]["inputs"])
+    for record, key in (("**/vocab.json", "pieces"), ("**/stream-*/info.json", "documents"),
+                        ("**/tokens/info.json", "task")):
+        [path] = copy.glob(record)
+        info = json.loads(path.read_text())
+        del info[key]
+        path.write_text(json.dumps(info))
+        with pytest.warns(UserWarning, match=r"data cache \S+ is damaged"):
+            data = build_data(cfg, seq_len=SEQ, batch_size=BATCH)
+        assert data.stats["unique_stream_sha256"] == small.stats["unique_stream_sha256"], record
+    model.write_bytes(b"not a model")  # under a built run's feet: refused before any training
+    with pytest.raises(DataError, match="not a readable SentencePiece model"):
+        data_fingerprint(data)
+
+
+def test_an_existing_file_with_glob_characters_in_its_name_is_itself(tmp_path):
+    from jaxaccel.data.corpus import open_corpus
+
+    (tmp_path / "run[1].txt").write_text("alpha beta\n")
+    (tmp_path / "run1.txt").write_text("gamma\n")
+    corpus = open_corpus(str(tmp_path / "run[1].txt"))
+    assert [d.text for d in corpus.documents()] == ["alpha beta\n"]
+    assert [d.text for d in open_corpus(str(tmp_path / "run[0-9].txt")).documents()] == ["gamma\n"]
+
+
 @pytest.mark.parametrize("limit", [None, 0, 1, 29, 30, 31, 200, 10**9])
 def test_document_chunks_are_whole_documents_back_to_back(limit):
     from jaxaccel.data.pipeline import _document_chunks

@@ -5,7 +5,8 @@ of several files counts as complete only once its `info.json` exists (written la
 killed run, or several hosts filling a shared cache at once, never leave a half-written
 file that a later run would trust. A file damaged from outside afterwards (truncated by a full
 disk or a cut-short copy, deleted) is found when the folder is opened, against the lengths its
-info.json records, and built again with a warning.
+info.json records (the vocabulary: against its sha256 in vocab.json; a record missing one of
+its keys is damage too), and built again with a warning.
 """
 from __future__ import annotations
 

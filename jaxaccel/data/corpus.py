@@ -268,7 +268,9 @@ def _files_corpus(spec: str, text_field: str) -> Corpus:
     found: dict[Path, None] = {}
     for pattern in patterns:
         expanded = os.path.expanduser(pattern)
-        if _GLOB_CHARS & set(expanded):
+        if Path(expanded).is_file():  # an existing file is itself, "[", "*" or "?" in its name too
+            matches = [Path(expanded)]
+        elif _GLOB_CHARS & set(expanded):
             matches = [Path(m) for m in sorted(glob.glob(expanded, recursive=True)) if Path(m).is_file()]
         elif Path(expanded).is_dir():
             example = f"{pattern.rstrip('/')}/**/*.txt"

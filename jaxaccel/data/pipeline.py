@@ -95,7 +95,8 @@ def _unique_stream(tokenized, cfg: DataConfig) -> tuple[np.ndarray, dict]:
     info = cache.read_json(directory / "info.json", dict)
     if info is not None:
         stream = cache.intact_array(directory / "tokens.npy", unique)
-        if stream is not None and info.get("unique_tokens") == unique:
+        if (stream is not None and info.get("unique_tokens") == unique and isinstance(info.get("documents"), int)
+                and isinstance(info.get("sha256"), str)):
             return stream, info
         cache.rebuilding(directory)
     order = np.random.default_rng([_DOC_SHUFFLE_TAG, cfg.seed]).permutation(len(offsets) - 1)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import array
 import functools
+import hashlib
 import json
 from pathlib import Path
 from typing import Iterator
@@ -165,6 +166,8 @@ def _intact(directory: Path, info: dict) -> bool:
                   for split in SPLITS}
     except (KeyError, TypeError, ValueError):
         return False
+    if not isinstance(info.get("task"), str):
+        return False
     for split, (tokens, documents) in counts.items():
         offsets = cache.intact_array(directory / f"{split}.offsets.npy", documents + 1)
         if (offsets is None or cache.intact_array(directory / f"{split}.tokens.npy", tokens) is None
@@ -178,8 +181,10 @@ def tokenize_corpus(corpus: Corpus, vocab_path: Path, validation_buckets: int) -
     """The cached token arrays of both splits; runs the seqio Task once when they are missing."""
     directory = vocab_path.parent / "tokens"
     info = cache.read_json(directory / "info.json", dict)
+    vocab_sha256 = hashlib.sha256(vocab_path.read_bytes()).hexdigest()
     if info is not None:
-        if _intact(directory, info):
+        # the arrays of exactly this model (a record from before the hash was kept: taken)
+        if _intact(directory, info) and info.get("vocab_sha256", vocab_sha256) == vocab_sha256:
             return TokenizedCorpus(directory, info)
         cache.rebuilding(directory)
         _loaded.cache_clear()
@@ -192,6 +197,6 @@ def tokenize_corpus(corpus: Corpus, vocab_path: Path, validation_buckets: int) -
     if counts["train"]["documents"] == 0:
         raise DataError(f"corpus {corpus.spec!r}: the training split is empty")
     info = {"task": name, "corpus_sha256": corpus.sha256, "validation_buckets": validation_buckets,
-            "vocab": str(vocab_path), "splits": counts}
+            "vocab": str(vocab_path), "vocab_sha256": vocab_sha256, "splits": counts}
     cache.write_json(directory / "info.json", info)
     return TokenizedCorpus(directory, info)

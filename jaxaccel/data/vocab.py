@@ -165,12 +165,17 @@ def _check_training_text(corpus, validation_buckets: int) -> int:
 
 def ensure_vocab(corpus, directory: Path, *, validation_buckets: int, vocab_size: int, num_sentinels: int,
                  vocab_max_chars: int) -> VocabFile:
-    """The cached model for these settings, training it first if it is not there yet."""
+    """The cached model for these settings, training it first if it is not there yet, or again
+    when the cached file is not the one vocab.json recorded (truncated by a full disk, a
+    cut-short copy): a damaged model was taken, tokenized with, fingerprinted into the run's
+    checkpoints, and only failed at the export after the whole training run."""
     global TRAINS
     path = directory / "spm.model"
     info = cache.read_json(directory / "vocab.json", dict)
-    if path.is_file() and info is not None:
-        return VocabFile(path, info["pieces"], trained=False, seconds=info["train_seconds"])
+    if info is not None:
+        if _intact_vocab(path, info):
+            return VocabFile(path, info["pieces"], trained=False, seconds=info["train_seconds"])
+        cache.rebuilding(directory)
     train_chars = _check_training_text(corpus, validation_buckets)
     keep_fraction = min(1.0, vocab_max_chars / train_chars)
     start = time.perf_counter()
@@ -189,6 +194,23 @@ def ensure_vocab(corpus, directory: Path, *, validation_buckets: int, vocab_size
                 "first_sentinel": FIRST_SENTINEL_ID},
     })
     return VocabFile(path, pieces, trained=True, seconds=seconds)
+
+
+def _intact_vocab(path: Path, info: dict) -> bool:
+    """Whether `path` is the model vocab.json describes (its sha256; a record from before the
+    hash was kept: that it parses as a SentencePiece model)."""
+    try:
+        model = path.read_bytes()
+    except OSError:  # missing, or a folder
+        return False
+    if not isinstance(info.get("pieces"), int) or not isinstance(info.get("train_seconds"), (int, float)):
+        return False
+    if isinstance(info.get("model_sha256"), str):
+        return hashlib.sha256(model).hexdigest() == info["model_sha256"]
+    try:
+        return _piece_count(model) == info["pieces"]
+    except Exception:  # sentencepiece's own error types: not a model
+        return False
 
 
 def _piece_count(model: bytes) -> int:

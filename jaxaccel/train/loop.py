@@ -32,6 +32,7 @@ import numpy as np
 
 from jaxaccel import sharding as shd
 from jaxaccel.config import dump_yaml, flatten, flatten_stored, to_dict
+from jaxaccel.data.errors import DataError
 from jaxaccel.errors import CheckpointError, ConfigError, Interrupted, JaxaccelError, Preempted
 from jaxaccel.model.checkpoint import (MARKER, RUN_CHECKPOINTS, RUN_CONFIG, SET_ASIDE, STAGING,  # run layout names
                                        holds_earlier_save)
@@ -313,8 +314,10 @@ def data_fingerprint(data: Any) -> dict[str, str]:
     if getattr(data, "vocab_path", None) is not None:  # its pieces, not the file: SentencePiece also
         # keeps its training record there, which a retrain under another version may change
         pieces = _pieces(Path(data.vocab_path))
-        out["vocab_sha256"] = hashlib.sha256(repr(pieces if pieces is not None else
-                                                  Path(data.vocab_path).read_bytes()).encode()).hexdigest()
+        if pieces is None:  # (its raw bytes were hashed: a run trained to the end, then failed to export)
+            raise DataError(f"{data.vocab_path}: the vocabulary is not a readable SentencePiece model; delete it "
+                            f"(it is trained again from the corpus)")
+        out["vocab_sha256"] = hashlib.sha256(repr(pieces).encode()).hexdigest()
     return out
 
 
