@@ -122,10 +122,11 @@ def continuation_text(tokenizer: Tokenizer, prompt_ids: Sequence[int], new_ids: 
     """The text `new_ids` add after `prompt_ids`: the two decoded together, minus the prompt's
     own text (what transformers' text-generation pipeline returns). Decoded apart, a tokenizer
     that marks word starts (SentencePiece's "\u2581", HF Metaspace / Llama decoders) drops the
-    space before the first new word, so prompt + text glues two words. When the joint text
-    does not begin with the prompt's (a multi-byte character split across the two), the new
-    ids decoded alone."""
-    head = tokenizer.decode(list(prompt_ids))
+    space before the first new word, so prompt + text glues two words. Prompt ids cut inside
+    a multi-byte character (byte pieces) decode alone to a trailing U+FFFD: the continuation
+    then starts with that whole character, as the joint text has it. When the joint text
+    does not begin with the prompt's at all, the new ids decoded alone."""
+    head = tokenizer.decode(list(prompt_ids)).rstrip("\ufffd")
     full = tokenizer.decode(list(prompt_ids) + list(new_ids))
     return full[len(head):] if full.startswith(head) else tokenizer.decode(list(new_ids))
 

@@ -677,9 +677,7 @@ def test_texts_and_json_text_keep_the_space_before_the_first_new_word(tmp_path, 
     tok = word_start_tokenizer(tmp_path)
     ids, new = tok.encode("import json as"), tok.encode("value")
     assert continuation_text(tok, ids, new) == " value" and tok.decode(new) == "value"
-    euro = tok.encode("\u20ac")  # a character the vocabulary lacks: byte pieces (or unknown)
-    assert continuation_text(tok, ids, []) == ""
-    assert continuation_text(tok, [], euro) == tok.decode(euro)
+    assert continuation_text(tok, ids, []) == "" and continuation_text(tok, [], new) == tok.decode(new)
     lm = jaxaccel.from_params(TINY, tiny_params, tokenizer=tok, eos_token_ids=())
     # Sampled near-uniformly over 64 rows: this tiny vocabulary has two word-start pieces of 97.
     prompts = ["import json as", "def f(x):", "class A:", "return", "if x", "for i in", "while", "x ="] * 8
@@ -696,6 +694,23 @@ def test_texts_and_json_text_keep_the_space_before_the_first_new_word(tmp_path, 
                                             "--output", "json"], capsys)
     assert code == 0, err
     assert [r["text"] for r in json.loads(json_out)["results"]] == out.texts
+
+
+def test_a_continuation_of_prompt_ids_cut_inside_a_character_starts_with_that_character():
+    """Prompt ids cut by token count can end inside a character the vocabulary spells in byte
+    pieces: the prompt alone decodes to a U+FFFD; the continuation is the whole character on."""
+    from jaxaccel.decode.lm import load
+    from jaxaccel.tokenizer import continuation_text
+
+    tok = load("builtin:draft").tokenizer
+    text = "prix: 5\u20ac et fa\u00e7ade \u4e2d\u6587 done"
+    ids = tok.encode(text)
+    full = tok.decode(ids)
+    split = [cut for cut in range(1, len(ids)) if tok.decode(ids[:cut]).endswith("\ufffd")]
+    assert split  # (the precondition: this tokenizer spells some of these characters in bytes)
+    for cut in range(1, len(ids)):
+        head = tok.decode(ids[:cut]).rstrip("\ufffd")
+        assert head + continuation_text(tok, ids[:cut], ids[cut:]) == full, cut
 
 
 def test_decode_option_hot_start_false_is_accepted():
