@@ -583,6 +583,12 @@ def test_ctrl_c_at_the_last_step_stops_before_the_export(tmp_path, monkeypatch, 
     evaluated = [r["step"] for r in curve(run) if "eval_loss" in r]
     assert evaluated == ([4] if during == "step" else [4, 8]) and len(calls) == press_at + (during != "step")
     monkeypatch.setattr(loop, "global_batch", real)
+    if during == "step":  # a rerun that trains on (more train.steps) makes up the evaluation at 8 (it was lost)
+        longer = copy_run(run, tmp_path / "longer")
+        assert train(run_cfg(longer, steps=10))["resumed_from"] == 8
+        evals = {r["step"]: r["eval_loss"] for r in curve(longer) if "eval_loss" in r}
+        assert sorted(evals) == [4, 8, 10]
+        assert evals[8] == {r["step"]: r["eval_loss"] for r in curve(finished) if "eval_loss" in r}[8]
     summary = train(run_cfg(run))
     assert summary["resumed_from"] == 8 and (run / "model" / "jaxaccel.json").is_file()
     assert curve(run) == curve(finished)
@@ -827,6 +833,14 @@ def test_an_empty_step_folder_past_the_run_is_set_aside_not_taken_for_its_end(fi
     readable = copy_run(finished, tmp_path / "b")  # a real step past train.steps is still refused
     with pytest.raises(ConfigError, match=r"holds checkpoint step 8, past train.steps \(4\)"):
         train(run_cfg(readable, steps=4))
+    # ... also the one the restore falls back to past a damaged newest step: it resumed from 8
+    # with train.steps 4, exited 0 and overwrote the finished model/ with the step-8 weights
+    damaged = copy_run(finished, tmp_path / "c")
+    (damaged / "checkpoints" / "12").mkdir()
+    before = snapshot(damaged)
+    with pytest.raises(ConfigError, match=r"holds checkpoint step 8, past train.steps \(4\)"):
+        train(run_cfg(damaged, steps=4))
+    assert snapshot(damaged) == before and (damaged / "checkpoints" / "12").is_dir()
 
 
 def test_resuming_after_the_corpus_changed_is_refused(tmp_path, monkeypatch):
@@ -950,3 +964,11 @@ def test_optimizer_and_loop_settings_out_of_range_are_refused(tmp_path, section,
     kwargs = {"optim": {key: value}} if section == "optim" else {"train_kw": {key: value}}
     with pytest.raises(ConfigError, match=re.escape(message)):
         run_cfg(tmp_path, **kwargs)
+
+
+def test_a_synthetic_corpus_needs_three_ids_and_says_so_before_the_folder_is_written(tmp_path):
+    """vocab_size 2 was numpy's `low >= high` traceback after config.yaml was written, which
+    then refused the corrected rerun."""
+    with pytest.raises(ConfigError, match=r"synthetic needs model.vocab_size >= 3, got 2"):
+        train(run_cfg(tmp_path / "run", model={"vocab_size": 2}))
+    assert not (tmp_path / "run" / "config.yaml").exists()

@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 
@@ -115,14 +115,17 @@ class Checkpoints:
         config = (self.meta(step) or {}).get("config")
         return config if isinstance(config, dict) else None
 
-    def restore_latest(self, abstract_state: Any, steps: list[int] | None = None) -> Restored | None:
+    def restore_latest(self, abstract_state: Any, steps: list[int] | None = None, *, max_step: int | None = None,
+                       past_max: Callable[[int], Exception] | None = None) -> Restored | None:
         """The newest step every process can read (None when there is none yet). An
         unreadable step is set aside for the one before it; on gs:// a failed read is retried
         first (an object store's error may be transient). With several processes they agree on each step (`agreed_read`): one that
         cannot read its part sends all of them back a step. When steps exist but none can be
         read, nothing is set aside and the run refuses to start over: its metrics and config
         would be rewritten from step 0 over a problem that may be passing. `steps`: the
-        `agreed_steps()` the caller already has (every process passes them, or none does)."""
+        `agreed_steps()` the caller already has (every process passes them, or none does).
+        `max_step`: the newest readable step past it raises `past_max(step)`, before any
+        unreadable step is set aside (nothing is changed)."""
         from jaxaccel.model.checkpoint import agreed_read
 
         skipped: list[tuple[int, str]] = []
@@ -132,6 +135,8 @@ class Checkpoints:
             if reason is not None:
                 skipped.append((step, reason))
                 continue
+            if max_step is not None and step > max_step and past_max is not None:
+                raise past_max(step)
             for bad, reason in skipped:
                 moved = self._set_aside(bad)
                 print(f"warning: checkpoint step {bad} is unreadable ({reason}); resuming from step {step}"

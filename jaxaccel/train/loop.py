@@ -389,6 +389,9 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
     if data is None and cfg.data.corpus == "synthetic":
         from jaxaccel.train.synthetic import SyntheticData
 
+        if cfg.model.vocab_size < 3:  # ids 0 and 1 are reserved; documents count up from 2
+            raise ConfigError(f"data.corpus: synthetic needs model.vocab_size >= 3, got {cfg.model.vocab_size}")
+
         data = SyntheticData(cfg.model.vocab_size, cfg.train.seq_len, cfg.train.batch_size,
                              total_steps=cfg.train.steps or 1000, seed=cfg.data.seed,
                              shard_index=jax.process_index(), num_shards=jax.process_count())
@@ -411,6 +414,10 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
                           f"(2**31): fewer data.epochs or unique tokens, or a larger train.batch_size")
     optimizer = make_optimizer(cfg.optim, total_steps)
     schedule = lr_schedule(cfg.optim, total_steps)
+
+    def past_steps(step: int) -> ConfigError:
+        return ConfigError(f"output_dir {cfg.output_dir!r} holds checkpoint step {step}, past train.steps "
+                           f"({total_steps}): raise train.steps to continue that run, or choose another output_dir")
     abstract, shardings = state_shardings(cfg.model, optimizer, mesh, cfg.train.seed)
 
     fingerprint = data_fingerprint(data)
@@ -438,14 +445,15 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
             _decided_by_process_0(lambda: check_same_data((ckpts.meta(listed[-1]) or {}).get("data"), fingerprint,
                                                           cfg, listed[-1]), _OTHER_DATA.format(cfg.output_dir))
             if listed[-1] > total_steps and readable:  # a damaged one (never written) is set aside instead
-                raise ConfigError(f"output_dir {cfg.output_dir!r} holds checkpoint step {listed[-1]}, past "
-                                  f"train.steps ({total_steps}): raise train.steps to continue that run, or choose "
-                                  f"another output_dir")
+                raise past_steps(listed[-1])
         else:  # a run that starts over: not over another run's settings, nor over a finished run's model
             stored = check_resumed_config(cfg)  # (killed before its first checkpoint: its config.yaml)
             _decided_by_process_0(lambda: _no_export_without_checkpoints(cfg.output_dir),
                                   f"output_dir {cfg.output_dir!r} holds a finished run's model/ (process 0 refused)")
-        restored = ckpts.restore_latest(abstract, listed)
+        # the step it falls back to (past a damaged newest one) must not be past train.steps either:
+        # refused before anything is set aside (it resumed, then overwrote the finished model/)
+        restored = ckpts.restore_latest(abstract, listed, max_step=total_steps, past_max=past_steps)
+        resumed_at_its_end = False  # at the last step of the run it resumes (which evaluated there)
         if restored is not None:
             if restored.step != listed[-1]:
                 # The restore fell back past a damaged step: without config.yaml, the settings
@@ -459,6 +467,7 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
             if before is None:  # resolved); older checkpoints: an explicit train.steps of the run's settings
                 train_settings = (stored or {}).get("train")
                 before = train_settings.get("steps") if isinstance(train_settings, Mapping) else None
+            resumed_at_its_end = before == restored.step
             if isinstance(before, int) and before != total_steps and cfg.optim.schedule == "cosine":
                 log(f"the run now trains {total_steps} steps, {before} before: the learning rate decays over the new "
                     f"length from here, so this run's curve is neither length's")
@@ -587,6 +596,11 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
             return error(f"{cause} stopped the run after step {done} of {total_steps}; checkpoint {done} is saved in "
                          f"{ckpt_dir}: rerun the same command to resume")
 
+        if resumed_at_its_end and start < total_steps:
+            # Stopped during its last step, that run left the evaluation there to its rerun (see
+            # `due_eval` below); a rerun that trains on (a larger train.steps) makes it up here,
+            # recording it only if it is not yet.
+            last_eval = evaluate(start, write=writer is not None and not writer.has(start, "eval_loss"))
         batches = data.train_batches(start)
         for step in range(start, total_steps):
             try:
