@@ -394,3 +394,13 @@ def test_the_experiment_runs_end_to_end_at_toy_size(tmp_path, capsys):
         assert (out / "results.md").read_text().strip() and list(out.glob("*.png"))
     routed = jaxaccel.load(str(tmp_path / "router"))
     assert routed.config.duo.router and routed.generate([[5, 6, 7]], max_new_tokens=3).stats["new_tokens"] == 3
+    # a --config whose vocabulary is not the model's: its held-out text would be scored as
+    # another vocabulary's ids (every figure meaningless, exit 0)
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump({**config, "data": {**data, "vocab_size": 380}}))
+    other = [str(tmp_path / "other.yaml") if a == str(tmp_path / "duo.yaml") else a for a in common]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:  # (run_cli: one `error:` line, exit 2)
+        run_cli(experiments_main, [*other, "--out", str(tmp_path / "mismatch")])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2
+    assert "the data config's vocabulary (380 pieces) is not the model's (400 pieces)" in err and err.count("\n") == 1

@@ -360,6 +360,11 @@ def test_dry_run_prints_the_plan_and_its_cost_and_writes_nothing(toy, tmp_path, 
     path, out, _ = toy
     code, plan, _ = cli(["sweep", path, "--dry-run", "--flops-per-s", "1e9"], capsys)
     assert code == 0 and all(f"{name}  done" in plan for name in RUN_NAMES) and "estimated cost: 0 FLOP" in plan
+    # how it checkpoints and recomputes does not make another run (the trainer resumes across
+    # them; the sweep refused its own runs as "a different run")
+    code, plan, err = cli(["sweep", path, "checkpoint.every_steps=3", "checkpoint.keep=1", "train.remat=true",
+                           "--dry-run", "--flops-per-s", "1e9"], capsys)
+    assert code == 0 and all(f"{name}  done" in plan for name in RUN_NAMES), err
     fresh = tmp_path / "fresh"
     code, plan, _ = cli(["sweep", path, f"output_dir={fresh}", "--dry-run", "--flops-per-s", "1e9"], capsys)
     assert code == 0 and all(f"{name}  new" in plan for name in RUN_NAMES)

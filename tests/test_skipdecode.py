@@ -543,3 +543,22 @@ def test_the_experiment_reuses_a_fine_tune_only_if_it_was_made_with_the_same_set
     (out / "config.yaml").unlink()
     with pytest.raises(SweepError, match="it has no readable config.yaml"):
         exp.fine_tune(config, out, "runs/deep", log=lambda s: None)
+
+
+def test_heldout_rows_read_the_configured_text_field(tmp_path):
+    """The held-out reader opened the corpus with the default field ("text"): a JSONL corpus
+    whose documents are in another field was scored on the wrong text, or refused."""
+    import json
+
+    from conftest import toy_corpus
+    from jaxaccel.data.config import DataConfig
+    from jaxaccel.experiments.skipdecode import heldout_rows
+
+    files = sorted(toy_corpus(tmp_path / "corpus").glob("*.py"))
+    with open(tmp_path / "docs.jsonl", "w") as f:
+        for p in files:
+            f.write(json.dumps({"content": p.read_text(), "text": "x"}) + "\n")
+    cfg = DataConfig(corpus=str(tmp_path / "docs.jsonl"), text_field="content", vocab_size=400, num_sentinels=8,
+                     validation_fraction=0.25, cache_dir=str(tmp_path / "cache"))
+    rows = heldout_rows(cfg, 16, 8)
+    assert rows.shape == (8, 17) and len(set(rows.ravel().tolist())) > 20  # code, not "x"

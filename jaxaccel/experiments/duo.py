@@ -390,8 +390,8 @@ def run(model: str = "runs/duo", config: str = "configs/duo.yaml", eval_rows: in
     except ConfigError as e:  # (its message, not one that blames --seq-len)
         raise e if str(config) in str(e) else ConfigError(f"--config {config}: {e}") from None
     try:
-        rows = heldout_rows(data, seq_len, eval_rows)
-    except ConfigError:
+        rows = heldout_rows(data, seq_len, eval_rows, model=lm)
+    except (ConfigError, InvalidArgumentError):
         raise
     except ValueError as e:  # no held-out document that long
         raise InvalidArgumentError(f"{e} (--seq-len {seq_len})") from None

@@ -36,10 +36,13 @@ from jaxaccel.train.config import RunConfig
 
 RUN_CONFIG = "config.yaml"  # the trainer's copy of the resolved config (jaxaccel.model.checkpoint.RUN_CONFIG)
 # Keys that may differ between a run folder and the plan without it being another run:
-# display, logging, where the data cache lives, how many checkpoints are kept, the mesh
-# (checkpoints restore onto any mesh), and the folder itself (a sweep may be moved).
+# display, logging, where the data cache lives, how and how often it checkpoints, the mesh
+# (checkpoints restore onto any mesh), recomputation and the attention implementation (float
+# rounding at most: the trainer resumes across them, `train.loop.RESUME_MAY_CHANGE`), and the
+# folder itself (a sweep may be moved). Not the length or the evaluation: they change the
+# recorded figures.
 IGNORED_KEYS = ("output_dir", "tensorboard", "train.progress", "train.peak_flops", "train.log_every",
-                "checkpoint.async_save", "checkpoint.keep", "data.cache_dir", "mesh")
+                "checkpoint", "train.remat", "train.attention", "data.cache_dir", "mesh")
 ASSUMED_MFU = 0.3  # of the measured matmul peak, for the time estimate when no --flops-per-s is given
 STARTUP_S = 15.0  # per run started: compilation, first checkpoint, export (CPU, small models)
 

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaccel.errors import ConfigError
+from jaxaccel.errors import ConfigError, InvalidArgumentError
 from jaxaccel.model.options import ExecutionPlan
 from jaxaccel.model.skip import SkipSchedule
 
@@ -37,24 +37,46 @@ SPEEDUPS = (1, 2, 3, 5)
 # ----------------------------------------------------------------------------- evaluation
 
 
-def heldout_rows(data_cfg, seq_len: int, n_rows: int) -> np.ndarray:
+def heldout_rows(data_cfg, seq_len: int, n_rows: int, model=None) -> np.ndarray:
     """[<= n_rows, seq_len + 1] token ids from the validation-split documents: consecutive
     non-overlapping windows, the first window of every document first (a file's start, BOS
-    included: the prompts for generation), then the later ones."""
+    included: the prompts for generation), then the later ones. With `model` (a loaded
+    LanguageModel scored on them), the data's vocabulary must be the model's: a one-line
+    InvalidArgumentError otherwise (the rows would be ids of another vocabulary)."""
     from jaxaccel.data.corpus import open_corpus
     from jaxaccel.data.pipeline import build_data
     from jaxaccel.tokenizer import SentencePieceTokenizer
 
     data = build_data(data_cfg, seq_len=seq_len, batch_size=8)
     tok = SentencePieceTokenizer(data.vocab_path)
+    if model is not None:
+        check_same_vocabulary(model, tok)
     windows: list[list[list[int]]] = []
-    for doc in open_corpus(data_cfg.corpus).documents("validation", data_cfg.validation_buckets):
+    for doc in open_corpus(data_cfg.corpus, data_cfg.text_field).documents("validation",
+                                                                          data_cfg.validation_buckets):
         ids = ([data.bos_id] if data.bos_id is not None else []) + tok.encode(doc.text)
         windows.append([ids[i:i + seq_len + 1] for i in range(0, len(ids) - seq_len, seq_len + 1)])
     rows = [w[k] for k in range(max(map(len, windows), default=0)) for w in windows if k < len(w)][:n_rows]
     if not rows:
         raise ValueError(f"no validation document of {seq_len + 1} tokens")
     return np.asarray(rows, np.int32)
+
+
+def check_same_vocabulary(lm, data_tokenizer) -> None:
+    """The data config's vocabulary (`data_tokenizer`) is the one `lm` was trained with: the
+    same pieces under the same ids (a model without a tokenizer: its embedding table covers
+    the ids)."""
+    n = data_tokenizer.vocab_size
+    tok = lm.tokenizer
+    if tok is None:
+        same = lm.config.vocab_size >= n
+    else:
+        same = tok.vocab_size == n and all(tok.piece(i) == data_tokenizer.piece(i) for i in range(n))
+    if not same:
+        theirs = f"{tok.vocab_size} pieces" if tok is not None else f"an embedding table of {lm.config.vocab_size}"
+        raise InvalidArgumentError(
+            f"the data config's vocabulary ({n} pieces) is not the model's ({theirs}): its held-out text would be "
+            f"scored in another vocabulary's ids; pass the --config the model was trained with")
 
 
 def teacher_forced(params, config, rows: np.ndarray, prompt_tokens: int, schedule: SkipSchedule | None,
