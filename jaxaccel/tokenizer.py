@@ -126,8 +126,10 @@ def continuation_text(tokenizer: Tokenizer, prompt_ids: Sequence[int], new_ids: 
     a multi-byte character (byte pieces) decode alone to a trailing U+FFFD: the continuation
     then starts with that whole character, as the joint text has it. When the joint text
     does not begin with the prompt's at all, the new ids decoded alone."""
-    head = tokenizer.decode(list(prompt_ids)).rstrip("\ufffd")
+    head = tokenizer.decode(list(prompt_ids))
     full = tokenizer.decode(list(prompt_ids) + list(new_ids))
+    while not full.startswith(head) and head.endswith("\ufffd"):  # (a U+FFFD of the prompt's own text stays)
+        head = head[:-1]
     return full[len(head):] if full.startswith(head) else tokenizer.decode(list(new_ids))
 
 

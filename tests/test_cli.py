@@ -703,14 +703,17 @@ def test_a_continuation_of_prompt_ids_cut_inside_a_character_starts_with_that_ch
     from jaxaccel.tokenizer import continuation_text
 
     tok = load("builtin:draft").tokenizer
-    text = "prix: 5\u20ac et fa\u00e7ade \u4e2d\u6587 done"
-    ids = tok.encode(text)
-    full = tok.decode(ids)
-    split = [cut for cut in range(1, len(ids)) if tok.decode(ids[:cut]).endswith("\ufffd")]
-    assert split  # (the precondition: this tokenizer spells some of these characters in bytes)
-    for cut in range(1, len(ids)):
-        head = tok.decode(ids[:cut]).rstrip("\ufffd")
-        assert head + continuation_text(tok, ids[:cut], ids[cut:]) == full, cut
+    ids = tok.encode("prix: 5\u20ac et")
+    cuts = [cut for cut in range(1, len(ids)) if tok.decode(ids[:cut]) == "prix: 5\ufffd"]
+    assert cuts  # (the precondition: this tokenizer spells the euro sign in byte pieces)
+    for cut in cuts:
+        assert continuation_text(tok, ids[:cut], ids[cut:]) == "\u20ac et"
+        assert continuation_text(tok, ids[:cut], []) == ""  # no new ids, no text
+    # a U+FFFD of the prompt's own text is the prompt's
+    prompt = tok.encode("bad byte: \ufffd")
+    assert continuation_text(tok, prompt, tok.encode(" ok")) == tok.decode(prompt + tok.encode(" ok"))[
+        len(tok.decode(prompt)):]
+    assert continuation_text(tok, prompt, []) == ""
 
 
 def test_decode_option_hot_start_false_is_accepted():

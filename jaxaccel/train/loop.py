@@ -467,7 +467,8 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
             if before is None:  # resolved); older checkpoints: an explicit train.steps of the run's settings
                 train_settings = (stored or {}).get("train")
                 before = train_settings.get("steps") if isinstance(train_settings, Mapping) else None
-            resumed_at_its_end = before == restored.step
+            # (from the step's meta alone, which every process reads: `stored` is process 0's)
+            resumed_at_its_end = restored.meta.get("total_steps") == restored.step
             if isinstance(before, int) and before != total_steps and cfg.optim.schedule == "cosine":
                 log(f"the run now trains {total_steps} steps, {before} before: the learning rate decays over the new "
                     f"length from here, so this run's curve is neither length's")
