@@ -234,6 +234,11 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
             _stop_now()
         sys.stderr.write("interrupted\n")
         return EXIT_INTERRUPTED
+    except Exception as e:
+        if not is_storage_error(e):
+            raise
+        failed = True
+        fail(f"{first_line(e)} (check the bucket, the network and the credentials)")
     finally:
         # A command-line process (argv None: sys.argv) that failed exits next: the exceptions
         # of work it abandoned (pending restore coroutines collected at exit, each printing a
@@ -241,6 +246,17 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
         # (tests, scripts) the process goes on, and so does its own hook.
         sys.unraisablehook = (lambda u: None) if failed and argv is None else previous
     return 0
+
+
+# TensorFlow's file-system errors (gs:// through tf.io.gfile, which Orbax and etils use):
+# neither OSError nor ours. By name, so that TensorFlow is never imported for the check.
+_STORAGE_ERRORS = ("NotFoundError", "PermissionDeniedError", "FailedPreconditionError", "UnavailableError",
+                   "UnauthenticatedError", "DeadlineExceededError", "AbortedError", "ResourceExhaustedError")
+
+
+def is_storage_error(e: BaseException) -> bool:
+    """A TensorFlow file-system error (an unreachable bucket, no credentials, no network)."""
+    return any(c.__module__.startswith("tensorflow") and c.__name__ in _STORAGE_ERRORS for c in type(e).__mro__)
 
 
 def _abandoned_async_work(u) -> bool:

@@ -751,3 +751,26 @@ def test_abandoned_tensorstore_reads_are_quiet_as_tasks_and_as_bare_futures():
                                                       f"finished exception={spec}>"))
     assert checkpoint._QUIET_ASYNCIO.filter(record("Future exception was never retrieved\nfuture: <Future finished "
                                                    "exception=ValueError('something of ours')>"))
+
+
+def test_a_storage_error_of_tensorflow_is_one_line(capsys):
+    """An unreachable gs:// output_dir (the presets' YOUR_BUCKET, no network, no credentials)
+    failed inside tf.io.gfile with a TensorFlow FailedPreconditionError: neither OSError nor
+    ours, so a traceback and exit 1. Other TensorFlow errors (a bug) still propagate."""
+    from jaxaccel.cli import run_cli
+
+    def tf_error(name):
+        cls = type(name, (Exception,), {"__module__": "tensorflow.python.framework.errors_impl"})
+        return type(name, (cls,), {"__module__": "tensorflow.python.framework.errors_impl"})
+
+    def failing(error):
+        def main(argv):
+            raise error("Error executing an HTTP request: when reading metadata of gs://YOUR_BUCKET/runs/x\n  more")
+        return main
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(failing(tf_error("FailedPreconditionError")), [])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "gs://YOUR_BUCKET/runs/x" in err and "credentials" in err
+    with pytest.raises(Exception, match="HTTP request"):
+        run_cli(failing(tf_error("InvalidArgumentError")), [])

@@ -6,6 +6,7 @@ to train a vocabulary on. Nothing here imports TensorFlow: `build_data` runs on 
 corpus made here with a SentencePiece model trained on a few documents (as in
 test_data_review.py), TFDS on a stand-in builder.
 """
+import hashlib
 import os
 import re
 import sysconfig
@@ -169,3 +170,29 @@ def test_a_damaged_cache_file_is_built_again_not_a_traceback(tmp_path):
     assert cache.read_json(tmp_path / "list.json", dict) is None and cache.read_json(tmp_path / "list.json") == [1, 2]
     assert cache.read_json(tmp_path / "folder.json") is None and cache.read_json(tmp_path / "missing.json") is None
     assert cache.read_json(tmp_path / "good.json", dict) == {"pieces": 400}
+
+
+def test_a_tfds_split_slice_and_a_bucket_data_dir_open(tmp_path, monkeypatch):
+    """Every pod preset's corpus ('tfds:c4/en:train[:1%]') was refused: the slice's own colon
+    split the spec in four. And with TFDS_DATA_DIR on a bucket TFDS names its files by gs://
+    paths (etils epaths), which pathlib and builtin open turned into local '/gs/...' names.
+    Here the bucket is a local folder behind a path type whose name is gs://."""
+    from test_foundation import _ObjectStorePath
+
+    (tmp_path / "c4" / "en").mkdir(parents=True)
+    (tmp_path / "c4" / "en" / "c4-train.tfrecord-00000").write_bytes(b"records")
+    bucket = _ObjectStorePath(tmp_path, "gs://bucket/tfds")
+    asked = []
+
+    def builder(name):
+        asked.append(name)
+        split = SimpleNamespace(filepaths=[bucket / "c4" / "en" / "c4-train.tfrecord-00000"])
+        info = SimpleNamespace(splits={"train": split}, full_name="c4/en/3.1.0")
+        return SimpleNamespace(is_prepared=lambda: True, data_dir=bucket, info=info)
+
+    monkeypatch.setattr(corpus_module, "_tfds_builder", builder)
+    corpus = open_corpus("tfds:c4/en:train[:1%]")
+    assert asked == ["c4/en"] and corpus.manifest["tfds"]["split"] == "train[:1%]"
+    assert corpus.manifest["files"] == [{"path": "c4/en/c4-train.tfrecord-00000", "bytes": 7,
+                                         "sha256": hashlib.sha256(b"records").hexdigest()}]
+    assert corpus.manifest["root"] == "gs://bucket/tfds"

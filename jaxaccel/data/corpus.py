@@ -73,10 +73,12 @@ def split_of(doc_id: str, validation_buckets: int) -> str:
     return "validation" if is_validation(doc_id, validation_buckets) else "train"
 
 
-def _sha256_file(path: Path) -> tuple[int, str]:
+def _sha256_file(path) -> tuple[int, str]:
+    """(bytes, sha256) of a file: a local path, or an etils epath (TFDS's files on gs://),
+    read through its own `open` (builtin open would take "gs://b/x" for a local name)."""
     digest = hashlib.sha256()
     size = 0
-    with open(path, "rb") as f:
+    with (path.open("rb") if hasattr(path, "open") else open(path, "rb")) as f:
         try:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
@@ -297,7 +299,7 @@ def _tfds_builder(name: str):
 
 
 def _tfds_corpus(spec: str, text_field: str) -> Corpus:
-    parts = spec.split(":")
+    parts = spec.split(":", 2)  # a split slice has its own colon: tfds:c4/en:train[:1%]
     if len(parts) not in (2, 3) or not parts[1]:
         raise DataError(f"data.corpus: {spec!r} must look like tfds:NAME or tfds:NAME:SPLIT")
     name, split = parts[1], (parts[2] if len(parts) == 3 and parts[2] else "train")
@@ -309,12 +311,17 @@ def _tfds_corpus(spec: str, text_field: str) -> Corpus:
     if base_split not in builder.info.splits:
         raise DataError(f"data.corpus: tfds dataset {name!r} has no split {split!r}"
                         f" (splits: {', '.join(sorted(builder.info.splits))})")
-    data_dir = Path(builder.data_dir)
-    files = sorted(Path(p) for p in builder.info.splits[base_split].filepaths)
+    # The paths as TFDS gives them: with TFDS_DATA_DIR on a bucket, etils epaths of gs:// (a
+    # pathlib.Path would make "gs://b/x" the local "gs:/b/x"); relative names by their text.
+    data_dir = builder.data_dir
+    root = str(data_dir).rstrip("/")
+    files = sorted(builder.info.splits[base_split].filepaths, key=str)
     entries = []
     for path in files:
         size, digest = _sha256_file(path)
-        entries.append({"path": path.relative_to(data_dir).as_posix(), "bytes": size, "sha256": digest})
+        name = str(path)
+        entries.append({"path": name[len(root) + 1:] if name.startswith(root + "/") else name, "bytes": size,
+                        "sha256": digest})
     manifest = {
         "format": MANIFEST_FORMAT,
         "source": "tfds",
