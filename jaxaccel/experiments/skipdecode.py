@@ -65,7 +65,8 @@ def heldout_rows(data_cfg, seq_len: int, n_rows: int, model=None) -> np.ndarray:
 def check_same_vocabulary(lm, data_tokenizer) -> None:
     """The data config's vocabulary (`data_tokenizer`) is the one `lm` was trained with: the
     same pieces under the same ids (a model without a tokenizer: its embedding table covers
-    the ids)."""
+    the ids). Pieces, not `decode.lm`'s draft check (the ids of a probe text): the model's
+    tokenizer prepends BOS and the data's does not, which is no other vocabulary."""
     n = data_tokenizer.vocab_size
     tok = lm.tokenizer
     if tok is None:

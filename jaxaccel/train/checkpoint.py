@@ -115,8 +115,8 @@ class Checkpoints:
         config = (self.meta(step) or {}).get("config")
         return config if isinstance(config, dict) else None
 
-    def restore_latest(self, abstract_state: Any, steps: list[int] | None = None, *, max_step: int | None = None,
-                       past_max: Callable[[int], Exception] | None = None) -> Restored | None:
+    def restore_latest(self, abstract_state: Any, steps: list[int] | None = None, *,
+                       check_step: Callable[[int], None] | None = None) -> Restored | None:
         """The newest step every process can read (None when there is none yet). An
         unreadable step is set aside for the one before it; on gs:// a failed read is retried
         first (an object store's error may be transient). With several processes they agree on each step (`agreed_read`): one that
@@ -124,8 +124,8 @@ class Checkpoints:
         read, nothing is set aside and the run refuses to start over: its metrics and config
         would be rewritten from step 0 over a problem that may be passing. `steps`: the
         `agreed_steps()` the caller already has (every process passes them, or none does).
-        `max_step`: the newest readable step past it raises `past_max(step)`, before any
-        unreadable step is set aside (nothing is changed)."""
+        `check_step(step)` may refuse (raise) the newest readable step before any unreadable
+        one is set aside (nothing is changed)."""
         from jaxaccel.model.checkpoint import agreed_read
 
         skipped: list[tuple[int, str]] = []
@@ -135,8 +135,8 @@ class Checkpoints:
             if reason is not None:
                 skipped.append((step, reason))
                 continue
-            if max_step is not None and step > max_step and past_max is not None:
-                raise past_max(step)
+            if check_step is not None:
+                check_step(step)
             for bad, reason in skipped:
                 moved = self._set_aside(bad)
                 print(f"warning: checkpoint step {bad} is unreadable ({reason}); resuming from step {step}"

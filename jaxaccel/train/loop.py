@@ -415,9 +415,11 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
     optimizer = make_optimizer(cfg.optim, total_steps)
     schedule = lr_schedule(cfg.optim, total_steps)
 
-    def past_steps(step: int) -> ConfigError:
-        return ConfigError(f"output_dir {cfg.output_dir!r} holds checkpoint step {step}, past train.steps "
-                           f"({total_steps}): raise train.steps to continue that run, or choose another output_dir")
+    def refuse_past_the_end(step: int) -> None:
+        if step > total_steps:
+            raise ConfigError(f"output_dir {cfg.output_dir!r} holds checkpoint step {step}, past train.steps "
+                              f"({total_steps}): raise train.steps to continue that run, or choose another "
+                              f"output_dir")
     abstract, shardings = state_shardings(cfg.model, optimizer, mesh, cfg.train.seed)
 
     fingerprint = data_fingerprint(data)
@@ -444,15 +446,15 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
             # step's small meta; checked again below on the step the restore reads
             _decided_by_process_0(lambda: check_same_data((ckpts.meta(listed[-1]) or {}).get("data"), fingerprint,
                                                           cfg, listed[-1]), _OTHER_DATA.format(cfg.output_dir))
-            if listed[-1] > total_steps and readable:  # a damaged one (never written) is set aside instead
-                raise past_steps(listed[-1])
+            if readable:  # a damaged one (never written) is set aside instead
+                refuse_past_the_end(listed[-1])
         else:  # a run that starts over: not over another run's settings, nor over a finished run's model
             stored = check_resumed_config(cfg)  # (killed before its first checkpoint: its config.yaml)
             _decided_by_process_0(lambda: _no_export_without_checkpoints(cfg.output_dir),
                                   f"output_dir {cfg.output_dir!r} holds a finished run's model/ (process 0 refused)")
         # the step it falls back to (past a damaged newest one) must not be past train.steps either:
         # refused before anything is set aside (it resumed, then overwrote the finished model/)
-        restored = ckpts.restore_latest(abstract, listed, max_step=total_steps, past_max=past_steps)
+        restored = ckpts.restore_latest(abstract, listed, check_step=refuse_past_the_end)
         resumed_at_its_end = False  # at the last step of the run it resumes (which evaluated there)
         if restored is not None:
             if restored.step != listed[-1]:
