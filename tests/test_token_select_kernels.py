@@ -325,6 +325,21 @@ def test_public_ops_run_the_reference_on_cpu_and_the_kernel_when_interpreting():
     assert "pallas_call" not in jaxpr(ts.sparse_attention, *sparse_args, interpret=True, use_kernel=False)
 
 
+def test_an_empty_selection_attends_to_the_query_alone_in_kernel_and_reference():
+    """select_indices allows k = n_init = n_local = 0: a [b, 0] selection. Both sides then see the
+    query's own key only (its value), or no key at all (zeros)."""
+    q, k, v, k_new, v_new = cache_inputs(4, 2, 4, 2, 16, 32)
+    lengths = jnp.asarray([32, 5], jnp.int32)
+    indices, valid = ts.select_indices(jnp.zeros((2, 32)), lengths, k=0, n_init=0, n_local=0)
+    assert indices.shape == (2, 0)
+    own = np.repeat(np.asarray(v_new), 2, axis=1)  # each kv head's value for its two query heads
+    for kw in ({}, {"block_k": 8, "interpret": True}):
+        got = ts.sparse_attention(q, k, v, indices, valid, lengths, k_new=k_new, v_new=v_new, **kw)
+        assert close(got, own) < 1e-6
+        got = ts.sparse_attention(q, k, v, indices, valid, lengths, **kw)
+        np.testing.assert_array_equal(np.asarray(got), 0.0)
+
+
 def one_line_error(fn, match) -> str:
     """Assert fn() raises a one-line ValueError matching `match`; -> its message."""
     with pytest.raises(ValueError, match=match) as info:
@@ -354,7 +369,11 @@ def test_bad_shapes_and_blocks_fail_up_front_with_one_line_errors():
                                        "head_dim"))
     with mock.patch("jax.default_backend", return_value="tpu"):
         messages.append(one_line_error(lambda: ts.score_keys(q, k, lengths, block_k=64), "multiple of 128"))
-    assert len(set(messages)) == len(messages) == 8  # eight distinct one-line messages
+    # a block given on CPU asks for the kernel: the reference runs, but a block no backend takes raises
+    messages.append(one_line_error(lambda: ts.score_keys(q, k, lengths, block_k=7), "multiple of 8, got 7"))
+    messages.append(one_line_error(lambda: ts.sparse_attention(q, k, v, indices, valid, lengths, block_k=20),
+                                   "multiple of 8, got 20"))
+    assert len(set(messages)) == len(messages) == 10  # ten distinct one-line messages
     assert "12" in messages[1] and "15" in messages[2] and "relative" in messages[3] and "4" in messages[4]
     # and the valid calls next to them run
     assert ts.score_keys(q, k, lengths).shape == (1, 32)

@@ -136,6 +136,12 @@ def test_public_op_dispatch():
         tiny = make_inputs(3, 1, 4, 2, 16, 4, 3, [4])
         assert "pallas_call" not in str(jax.make_jaxpr(functools.partial(tree_attention, block_k=4))(*tiny))
     assert_close(tree_attention(*args, block_k=32, interpret=True), tree_attention_reference(*args))
+    # the reference path checks shapes, and a block_k given, all the same (one line each)
+    for bad, words in (({"block_k": 7}, "block_k=7"), ({"block_k": 24}, "divide the cache length 64")):
+        with pytest.raises(InvalidArgumentError, match=words):
+            tree_attention(*args, **bad)
+    with pytest.raises(InvalidArgumentError, match="prefix_len must be"):
+        tree_attention(*args[:6], args[6][:2])
 
 
 @pytest.mark.parametrize("tiling", ["grid", "loop"])

@@ -198,9 +198,11 @@ def _block_problem(name: str, block: int, platform: str, head_dim: int, min_head
 def _kernel_by_default(interpret: bool, block: int | None, n: int, head_dim: int, min_head_dim: int) -> bool:
     """use_kernel=None: the kernel on TPU/GPU (or `interpret`) when it takes these sizes, else
     the reference. A block size given explicitly asks for the kernel: a bad one raises, as
-    use_kernel=True does."""
+    use_kernel=True does (on CPU the reference runs, but a block no backend takes raises)."""
     platform = jax.default_backend()
     if interpret or block is not None:
+        if not (interpret or platform in ("tpu", "gpu")):
+            _check_block("block_k", block, platform, head_dim, min_head_dim)
         return interpret or platform in ("tpu", "gpu")
     return platform in ("tpu", "gpu") and _block_problem(
         "block_k", default_block_k(n, platform), platform, head_dim, min_head_dim) is None
@@ -531,7 +533,7 @@ def sparse_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, indices
     logits = jnp.einsum("bkgd,bknd->bkgn", q_rot, k_sel.astype(q.dtype), preferred_element_type=jnp.float32)
     visible = valid.astype(bool)[:, None, None, :]
     logits = jnp.where(visible, logits, MASKED_SCORE)
-    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    row_max = jnp.max(logits, axis=-1, keepdims=True, initial=MASKED_SCORE)  # (initial: an empty selection)
     if k_new is not None:
         k_self = apply_rope(k_new, query_pos[:, None], inv_freq, table).astype(q.dtype)  # [b, kvh, d]
         self_logit = jnp.einsum("bkgd,bkd->bkg", q_rot, k_self, preferred_element_type=jnp.float32)[..., None]

@@ -211,8 +211,9 @@ def _pad_axis(x, axis: int, size: int):
     return jnp.pad(x, widths)
 
 
-def _check_args(q, k_new, v_new, tree_mask, k_cache, v_cache, prefix_len, block_k: int, platform: str) -> None:
-    """Shape, head_dim and block constraints of the kernel on `platform` (module docstring)."""
+def _check_args(q, k_new, v_new, tree_mask, k_cache, v_cache, prefix_len, block_k: int | None, platform: str) -> None:
+    """Shape, head_dim and block constraints of the kernel on `platform` (module docstring);
+    block_k None: the shapes only."""
     if q.ndim != 4:
         raise InvalidArgumentError(f"tree attention: q must be [batch, T, heads, head_dim], got shape {q.shape}")
     b, t, h, d = q.shape
@@ -229,7 +230,7 @@ def _check_args(q, k_new, v_new, tree_mask, k_cache, v_cache, prefix_len, block_
         raise InvalidArgumentError(f"tree attention: tree_mask must be [{b} or 1, {t}, {t}], got {tree_mask.shape}")
     if prefix_len.shape != (b,):
         raise InvalidArgumentError(f"tree attention: prefix_len must be [{b}], got {prefix_len.shape}")
-    problem = _size_problem(d, k_cache.shape[2], block_k, platform)
+    problem = None if block_k is None else _size_problem(d, k_cache.shape[2], block_k, platform)
     if problem is not None:
         raise InvalidArgumentError(f"tree attention: {problem}")
 
@@ -383,7 +384,8 @@ def tree_attention(q, k_new, v_new, tree_mask, k_cache, v_cache, prefix_len, *, 
         if use_kernel and not interpret and block_k is None:  # (a block_k given asks for the kernel)
             size = k_cache.shape[2] if k_cache.ndim == 4 else 0
             use_kernel = _size_problem(q.shape[-1], size, default_block_k(size), backend) is None
-    if not use_kernel:
+    if not use_kernel:  # (shapes checked all the same, and a block_k given against the rules of every backend)
+        _check_args(q, k_new, v_new, tree_mask, k_cache, v_cache, prefix_len, block_k, "reference")
         return tree_attention_reference(q, k_new, v_new, tree_mask, k_cache, v_cache, prefix_len)
     return tree_attention_kernel(q, k_new, v_new, tree_mask, k_cache, v_cache, prefix_len, block_k=block_k,
                                  interpret=interpret)
