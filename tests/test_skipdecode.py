@@ -4,6 +4,7 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,7 @@ from jaxaccel.decode.engine import generate_loop, prefill_cache
 from jaxaccel.decode.sampling import make_sampling
 from jaxaccel.decode.skipdecode import SkipDecode
 from jaxaccel.errors import ConfigError, InvalidArgumentError
+from jaxaccel.experiments import plots
 from jaxaccel.model.options import ExecutionPlan
 from jaxaccel.model.skip import SkipSchedule
 from jaxaccel.model.transformer import ModelHandle, forward, init_params
@@ -407,8 +409,15 @@ def test_experiment_scores_plots_and_reports(lm, tmp_path):
                                                 speedup_batch1=1.8, speedup_batch8=1.75),
                              "no_finetune": part(skip), "shallow": part(full, n_layers=3, tokens_per_s=speeds),
                              "skipdecode_best": False}]}
-    paths = exp.plot(results, tmp_path)
+    drawn, save = [], plots.save_figure
+    with mock.patch.object(plots, "save_figure", side_effect=lambda plt, fig, axes, path: drawn.append(axes)
+                           or save(plt, fig, axes, path)):
+        paths = exp.plot(results, tmp_path)
     assert all(p.stat().st_size > 1000 for p in paths)
+    # each point sits at its own nominal speedup: layers over the schedule's mean, or the shallow model's
+    x = {line.get_label(): list(line.get_xdata()) for line in drawn[0][0].get_lines()}
+    assert x == {"skipdecode": [1, CFG.n_layers / 3.5], "no_finetune": [1, CFG.n_layers / 3.5],
+                 "shallow": [1, CFG.n_layers / 3]}
     table = exp.markdown(results)
     assert "| 2x | **SkipDecode** | 5→2 (mean 3.50) |" in table and "1.80x" in table
     assert exp.summary(results) == ["2x: perplexity +10.0% vs full, tokens/s 1.80x at batch1, 1.75x at batch8; "
@@ -461,6 +470,7 @@ def test_experiment_run_end_to_end_at_toy_size(tmp_path):
     assert row["schedule"] == SkipSchedule.for_speedup(4, 2, max_length=32).describe()
     for part in ("skipdecode", "no_finetune", "shallow"):
         assert np.isfinite(row[part]["perplexity"]) and row[part]["tokens"] == res["eval_rows"] * 25
+    assert res["eval_tokens_per_row"] == 25  # the 24 generated tokens and the one after the last
     for name in ("skipdecode", "shallow"):
         for b in ("batch1", "batch2"):
             assert row[name]["tokens_per_s"][b] > 0 and row[name]["decode_phase_tokens_per_s"][b] > 0
