@@ -427,6 +427,18 @@ def run_notebook(name: str) -> dict:
     return namespace
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "colab").glob("*.ipynb")), ids=lambda p: p.name)
+def test_notebooks_are_valid_under_the_nbformat_they_declare(path):
+    """nbformat 4.5 requires cell ids: without them validation warns now and fails in later versions."""
+    import warnings
+
+    import nbformat
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", nbformat.warnings.MissingIDFieldWarning)
+        nbformat.validate(nbformat.reads(path.read_text(), as_version=nbformat.NO_CONVERT))
+
+
 def test_colab_notebook_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace = run_notebook("quickstart.ipynb")
