@@ -177,3 +177,33 @@ def test_lm_logits_of_an_moe_model_drop_nothing_as_decoding_does(moe_params):
 def test_moe_cannot_be_exported_to_hf(moe_params, tmp_path):
     with pytest.raises(jaxaccel.UnsupportedArchitectureError, match="MoE models cannot be exported"):
         jaxaccel.from_params(MOE, moe_params).export_hf(tmp_path)
+
+
+def test_accumulated_steps_report_the_whole_batchs_routing_statistics(moe_params):
+    """Routing is per row, so micro-batching changes no routing decision: the logged expert load
+    and dropped share of a step are the whole batch's, weighted by tokens, even when padding
+    (the last batch's filler rows) leaves whole micro-batches empty."""
+    import optax
+
+    from jaxaccel.train.step import TrainState, train_step
+
+    rows, t = 8, 16
+    x = np.asarray(tokens(rows, t + 1, seed=5))
+    segments = np.ones((rows, t), np.int32)
+    segments[1, 11:] = 0  # a padded tail
+    segments[2:] = 0  # six empty rows: micro-batches of 4 take rows i::4, so two are all padding
+    batch = {"inputs": jnp.asarray(x[:, :-1] * segments), "targets": jnp.asarray(x[:, 1:] * segments),
+             "loss_mask": jnp.asarray(segments, jnp.float32), "segment_ids": jnp.asarray(segments),
+             "positions": jnp.broadcast_to(jnp.arange(t), (rows, t)), "bidirectional": jnp.zeros((rows, t), bool)}
+    opt = optax.sgd(0.0)
+    state = TrainState(jnp.int32(0), stack_layers(moe_params, MOE), opt.init(stack_layers(moe_params, MOE)),
+                       jax.random.key(0))
+    out = {accum: jax.jit(lambda s, b, n=accum: train_step(
+        s, b, model_cfg=MOE, optimizer=opt, schedule=optax.constant_schedule(0.0), grad_accum=n, dropout=False,
+        remat=False, attention="dense", bidirectional=False))(state, batch)[1] for accum in (1, 2, 4)}
+    assert 0 < float(out[1]["moe_dropped"]) < 1
+    np.testing.assert_allclose(float(np.sum(out[1]["moe_expert_load"])), 1.0, rtol=1e-6)
+    for accum in (2, 4):
+        assert float(out[accum]["loss"]) == pytest.approx(float(out[1]["loss"]), rel=1e-6)
+        for key in ("moe_dropped", "moe_expert_load", "moe_router_z"):
+            np.testing.assert_allclose(out[accum][key], out[1][key], rtol=1e-5, atol=1e-7, err_msg=key)

@@ -71,9 +71,12 @@ def loss_and_metrics(params, model_cfg: ModelConfig, batch: dict, rng, *, dropou
                      normalizer=None, aux_scale: float = 1.0, training: bool = True, attention: str = "flash",
                      bidirectional: bool = True, mesh=None, label_smoothing: float = 0.0, skip=None):
     """Objective = sum of masked token cross entropy / `normalizer` (default: this batch's
-    target count) + aux_scale * MoE auxiliary losses. With normalizer = the global batch's
-    target count and aux_scale = 1 / micro-batches, summing micro-batch objectives gives the
-    global one exactly.
+    target count) + aux_scale * MoE auxiliary losses; the MoE statistics in `metrics` are
+    scaled by aux_scale too. With normalizer = the global batch's target count and aux_scale
+    = this micro-batch's share of the step's routed (non-padding) tokens (`train_step`),
+    summed micro-batches give the global cross entropy exactly and the step's routing
+    statistics (expert load, dropped share, z-loss) as token-weighted means; the balance loss
+    becomes the token-weighted mean of each micro-batch's f·P.
 
     Attention sees the batch's packed segments (the data package's visibility rule):
     `attention` "flash" applies it tile by tile, "dense" as a [B, T, T] mask. bidirectional
@@ -125,9 +128,8 @@ def loss_and_metrics(params, model_cfg: ModelConfig, batch: dict, rng, *, dropou
     moe = model_cfg.moe
     aux_loss = moe.load_balance_weight * aux["load_balance"] + moe.router_z_weight * aux["router_z"]
     normalizer = jnp.maximum(n_tokens if normalizer is None else normalizer, 1.0)
-    metrics = {"ce_sum": ce_sum, "tokens": n_tokens, "correct": correct, "aux_loss": aux_loss,
-               "moe_load_balance": aux["load_balance"], "moe_router_z": aux["router_z"],
-               "moe_dropped": aux["dropped"], "moe_expert_load": aux["expert_load"]}
+    metrics = {"ce_sum": ce_sum, "tokens": n_tokens, "correct": correct, "aux_loss": aux_scale * aux_loss,
+               **{f"moe_{k}": aux_scale * aux[k] for k in ("load_balance", "router_z", "dropped", "expert_load")}}
     return objective_sum / normalizer + aux_scale * aux_loss, metrics
 
 
@@ -234,16 +236,21 @@ def train_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, optimi
     if skip is not None:
         batch = with_skip_boundary(skip, batch, jax.random.fold_in(step_rng, 17))
     n_total = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+    # MoE terms and statistics weigh each forward by its share of the step's routed tokens: a
+    # micro-batch of padding (the last batch's filler rows) counts for nothing
+    routed = lambda b: jnp.sum(b["segment_ids"] > 0).astype(jnp.float32)  # noqa: E731
+    n_routed = jnp.maximum(routed(batch), 1.0)
     grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
-    kwargs = dict(dropout=dropout, remat=remat, normalizer=n_total, aux_scale=1.0 / grad_accum, attention=attention,
+    kwargs = dict(dropout=dropout, remat=remat, normalizer=n_total, attention=attention,
                   bidirectional=bidirectional, mesh=mesh, label_smoothing=label_smoothing, skip=skip)
 
     if grad_accum == 1:
-        (objective, metrics), grads = grad_fn(state.params, model_cfg, batch, keys[0], **kwargs)
+        (objective, metrics), grads = grad_fn(state.params, model_cfg, batch, keys[0],
+                                              aux_scale=routed(batch) / n_routed, **kwargs)
     else:
         def micro(carry, xs):
             mb, key = xs
-            (obj, m), g = grad_fn(state.params, model_cfg, mb, key, **kwargs)
+            (obj, m), g = grad_fn(state.params, model_cfg, mb, key, aux_scale=routed(mb) / n_routed, **kwargs)
             acc_obj, acc_m, acc_g = carry
             return (acc_obj + obj, jax.tree.map(jnp.add, acc_m, m), jax.tree.map(jnp.add, acc_g, g)), None
 
@@ -261,12 +268,10 @@ def train_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, optimi
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
     new_state = TrainState(step=state.step + finite.astype(jnp.int32), params=keep(new_params, state.params),
                            opt_state=keep(new_opt, state.opt_state), rng=rng)
-    per_micro = 1.0 / grad_accum  # MoE statistics are per-forward averages
     out = {"loss": loss, "objective": objective, "accuracy": metrics["correct"] / n_total, "tokens": metrics["tokens"],
            "grad_norm": grad_norm, "lr": schedule(state.step), "finite": finite,
-           "aux_loss": metrics["aux_loss"] * per_micro, "moe_load_balance": metrics["moe_load_balance"] * per_micro,
-           "moe_router_z": metrics["moe_router_z"] * per_micro, "moe_dropped": metrics["moe_dropped"] * per_micro,
-           "moe_expert_load": metrics["moe_expert_load"] * per_micro}
+           **{k: metrics[k] for k in ("aux_loss", "moe_load_balance", "moe_router_z", "moe_dropped",
+                                      "moe_expert_load")}}
     return new_state, out
 
 
