@@ -920,11 +920,18 @@ def test_a_finished_run_whose_checkpoints_are_gone_is_not_started_over(finished,
     run = copy_run(finished, tmp_path)
     shutil.rmtree(run / "checkpoints")
     before = snapshot(run)
-    with pytest.raises(ConfigError, match=r"other settings \(optim.lr is 0.01 in its config.yaml, 0.001 now"):
+    with pytest.raises(ConfigError, match=r"other settings \(optim.lr is 0.01 in its config.yaml, 0.001 now.*"
+                                          r"train.init_from=.* starts a new run from its weights\)$"):
         train(run_cfg(run, steps=2, optim={"lr": 1e-3}))
     with pytest.raises(ConfigError, match="holds a finished run's model/ but no checkpoint to resume from"):
         train(run_cfg(run, steps=2))  # the same settings, fewer steps: it would still replace the model
     assert snapshot(run) == before
+    # killed before its first checkpoint: no weights to start from, so the refusal does not offer them
+    shutil.rmtree(run / "model")
+    with pytest.raises(ConfigError, match=r"other settings \(optim.lr is 0.01 in its config.yaml, 0.001 now.*"
+                                          r"it has no checkpoint yet: delete its config.yaml to start this run "
+                                          r"there\)$"):
+        train(run_cfg(run, steps=2, optim={"lr": 1e-3}))
 
 
 def test_a_run_resumed_past_its_export_loads_its_newest_checkpoint(finished, tmp_path):

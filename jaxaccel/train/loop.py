@@ -259,17 +259,20 @@ def resumed_config_differences(stored: Mapping, cfg: RunConfig) -> list[tuple[st
             and not (k not in a and k in defaults and b.get(k) == defaults[k])]
 
 
-def _other_settings(cfg: RunConfig, stored: Mapping, where: str) -> str | None:
+def _other_settings(cfg: RunConfig, stored: Mapping, where: str, weights: bool = True) -> str | None:
     """The one-line refusal to resume a run whose settings (`stored`, read from `where`)
-    differ from `cfg` outside RESUME_MAY_CHANGE, or None."""
+    differ from `cfg` outside RESUME_MAY_CHANGE, or None. weights False: the folder holds no
+    checkpoint nor model (a run killed before its first checkpoint)."""
     diff = resumed_config_differences(stored, cfg)
     if not diff:
         return None
     key, have, want = diff[0]
     more = f" and {len(diff) - 1} more" if len(diff) > 1 else ""
+    hint = (f"train.init_from={cfg.output_dir} starts a new run from its weights" if weights else
+            f"it has no checkpoint yet: delete its {RUN_CONFIG} to start this run there")
     return (f"output_dir {cfg.output_dir!r} holds a run with other settings ({key} is {have!r} in its {where}, "
             f"{want!r} now{more}): rerun with the run's settings to resume it, or choose another output_dir "
-            f"(train.init_from={cfg.output_dir} starts a new run from its weights)")
+            f"({hint})")
 
 
 def check_resumed_config(cfg: RunConfig, ckpts: Checkpoints | None = None, step: int | None = None) -> Mapping | None:
@@ -281,14 +284,15 @@ def check_resumed_config(cfg: RunConfig, ckpts: Checkpoints | None = None, step:
 
     def check() -> Mapping | None:
         from jaxaccel.config import parse_yaml
-        from jaxaccel.model.checkpoint import as_path
+        from jaxaccel.model.checkpoint import as_path, is_jaxaccel_checkpoint
 
         try:
             stored, where = parse_yaml((as_path(cfg.output_dir) / RUN_CONFIG).read_bytes(), RUN_CONFIG), RUN_CONFIG
         except Exception:  # missing, half-written, or an object store's error: the checkpoint's copy
             stored, where = (ckpts.settings(step) if ckpts is not None and step is not None else None), \
                 f"checkpoint {step}"
-        error = None if stored is None else _other_settings(cfg, stored, where)
+        weights = step is not None or is_jaxaccel_checkpoint(as_path(cfg.output_dir) / "model")
+        error = None if stored is None else _other_settings(cfg, stored, where, weights)
         if error is not None:
             raise ConfigError(error)
         return stored
