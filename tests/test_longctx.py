@@ -305,6 +305,9 @@ def test_experiment_runs_every_cell_and_resumes(lm, tmp_path, monkeypatch):
     ran = [c for c in results["cells"] if c["accuracy"] is not None]
     assert all(len(c["per_example"]) == 2 and 0 <= c["accuracy"] <= 1 for c in ran)
     assert cells[("tokenselect", "passkey", 176)]["selection_cache_hit_rate"] is not None
+    # the baselines have no selection cache: no hit rate (it read 0.0)
+    assert all(cells[(m, t, 176)]["selection_cache_hit_rate"] is None for m in ("streamingllm", "random")
+               for t in TASKS)
     paths = exp.write_report(results, tmp_path)
     assert all(p.is_file() for p in paths) and (tmp_path / "accuracy-vs-length.png").stat().st_size > 1000
     table = exp.markdown(results)

@@ -235,6 +235,27 @@ def test_selection_cache_state_of_a_decode_step():
     np.testing.assert_array_equal(always.hits, [1, 1, 0])
 
 
+def test_a_selection_is_reused_only_while_the_keys_written_since_are_in_the_local_window():
+    """A top-k chosen at length L0 holds no slot past L0 - n_local; reused at L > L0 + n_local,
+    the keys written in between ([L0, L - n_local)) were in no part of the selection, so no
+    step saw them until a miss. Even threshold -1 (always reuse) selects afresh then."""
+    n_local, l0 = SMALL_BUDGET["n_local"], 60
+    params, cache, x = layer_case(6, [l0], 1)
+    policy = TokenSelectAttention(**SMALL_BUDGET, cache_threshold=-1.0)
+    first = run_layer(policy, params, cache, x, [l0], [[l0]], SelectionState.empty(1, 8, CFG.n_heads * HD))[2]
+    np.testing.assert_array_equal(first.length, [l0])
+    assert int(first.top.max()) < l0 - n_local
+    within = run_layer(policy, params, cache, x, [l0 + n_local], [[l0 + n_local]], first)
+    np.testing.assert_array_equal(within[2].hits, [1])
+    np.testing.assert_array_equal(within[2].length, [l0])  # a hit keeps the selection's own length
+    past = run_layer(policy, params, cache, x, [l0 + n_local + 1], [[l0 + n_local + 1]], within[2])
+    np.testing.assert_array_equal(past[2].hits, [1])  # a miss: the hit count stays
+    np.testing.assert_array_equal(past[2].length, [l0 + n_local + 1])
+    fresh = run_layer(dataclasses.replace(policy, cache_threshold=None), params, cache, x, [l0 + n_local + 1],
+                      [[l0 + n_local + 1]])
+    np.testing.assert_array_equal(past[0], fresh[0])
+
+
 def test_threshold_one_reuses_an_identical_query_and_just_above_one_never_does():
     """cos(q, q) in float32 is 1 - 6e-8 for about a quarter of queries, so "1 reuses only an
     identical query" missed on those rows; just above 1, not even an identical query hits."""
@@ -322,6 +343,9 @@ def test_baseline_selections_decode_past_the_budget_and_select_afresh_at_every_s
     assert all([len(t) for t in o.tokens] == [20, 20] for o in outs.values())
     for sel in ("recent", "random"):
         assert outs[sel].stats["selection_lookups"] == 2 * 2 * 20 and outs[sel].stats["selection_cache_hits"] == 0
+        # no selection cache: no hit rate (not a rate of 0)
+        assert outs[sel].stats["selection_cache_hit_rate"] is None
+        assert outs[sel].stats["selection_cache_hit_rate_per_layer"] == [None, None]
 
 
 # ----------------------------------------------------------------------------- the selection cache in decoding
@@ -340,9 +364,10 @@ def test_selection_cache_thresholds(lm, monkeypatch):
     never = run(cache_threshold=1.0 + 1e-6)
     assert never.tokens == plain.tokens and never.stats["selection_cache_hits"] == 0
     always = run(cache_threshold=-1.0)
-    # every step after each layer's first selection of each row reuses it
-    assert always.stats["selection_cache_hits"] == always.stats["selection_lookups"] - 2 * 2
-    assert always.stats["selection_cache_hit_rate"] == pytest.approx(0.9)
+    # every step reuses each layer's last selection of each row while it is at most n_local (8)
+    # steps old: steps 1-8 of 10 hit, step 9 selects afresh
+    assert always.stats["selection_cache_hits"] == always.stats["selection_lookups"] - 2 * 2 * 2
+    assert always.stats["selection_cache_hit_rate"] == pytest.approx(0.8)
     # The threshold is read only by the decode steps: a new value compiles the loop, not the prefill.
     prefills = lambda: sum(1 for key in lm._compiled if key[0] == "prefill")  # noqa: E731
     before = prefills()

@@ -15,7 +15,8 @@ RoPE and attends through the selection. Selection is per row, so ragged batches 
 
 Selection cache: per layer and row, a step reuses the last selected top-k while the cosine
 between its query (flattened over heads) and the query that chose them is >= `cache_threshold`
-(None: never); the steps' per-layer `SelectionState`s are the method state, passed through
+(None: never) and the selection is at most `n_local` steps old (so no key written since it
+was chosen falls out of the local window unseen); the steps' per-layer `SelectionState`s are the method state, passed through
 the forward like the KV cache. `stats` reports the hit rate over the steps that needed a
 selection (rows longer than the budget).
 
@@ -164,8 +165,9 @@ class TokenSelect(DecodeMethod):
     def stats(self, method_output: Any, batch: int) -> dict[str, Any]:
         hits, lookups = (np.asarray(x)[:, :batch] for x in method_output)
         n_hits, n_lookups = int(hits.sum()), int(lookups.sum())
+        cached = self.policy().cache_threshold is not None  # (no selection cache: no hit rate, not 0)
         return {"selection_budget": self.policy().budget, "selection_lookups": n_lookups,
                 "selection_cache_hits": n_hits,
-                "selection_cache_hit_rate": n_hits / n_lookups if n_lookups else None,
-                "selection_cache_hit_rate_per_layer": [int(h) / int(n) if n else None
+                "selection_cache_hit_rate": n_hits / n_lookups if n_lookups and cached else None,
+                "selection_cache_hit_rate_per_layer": [int(h) / int(n) if n and cached else None
                                                        for h, n in zip(hits.sum(1), lookups.sum(1))]}

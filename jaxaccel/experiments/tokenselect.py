@@ -182,7 +182,7 @@ def evaluate(lm, tasks: RetrievalTasks, *, lengths: Sequence[int] = LENGTHS, tas
 
 def run_cell(lm, method: str, task: str, length: int, examples, budget: dict[str, Any], batch: int) -> dict[str, Any]:
     generate_method, options = method_options(method, budget)
-    correct, hits, lookups = [], 0, 0
+    correct, hits, lookups, cached = [], 0, 0, False
     t0 = time.perf_counter()
     for i in range(0, len(examples), batch):
         group = examples[i:i + batch]
@@ -193,12 +193,13 @@ def run_cell(lm, method: str, task: str, length: int, examples, budget: dict[str
         correct += [got[:e.answer_len] == e.answer for got, e in zip(out.tokens, group)]
         hits += int(out.stats.get("selection_cache_hits") or 0)  # the cell's rate: hits / lookups over
         lookups += int(out.stats.get("selection_lookups") or 0)  # all its batches, a short last one too
+        cached |= out.stats.get("selection_cache_hit_rate") is not None  # (the baselines have no cache)
     seconds = time.perf_counter() - t0
     return {"method": method, "task": task, "length": length, "examples": len(examples),
             "correct": int(sum(correct)), "accuracy": float(np.mean(correct)),
             "per_example": [bool(c) for c in correct],
             "depths": [round(e.depth, 4) for e in examples], "seconds_per_example": seconds / len(examples),
-            "selection_cache_hit_rate": hits / lookups if lookups else None}
+            "selection_cache_hit_rate": hits / lookups if lookups and cached else None}
 
 
 # ----------------------------------------------------------------------------- reading the results

@@ -298,7 +298,9 @@ def token_select_attention(policy: TokenSelectAttention, cfg: ModelConfig, q_raw
             hit = query_cosine(flat, state.query) >= policy.cache_threshold
             if policy.cache_threshold <= 1.0:  # float32 puts cos(q, q) at 1 - 6e-8 about one time in
                 hit |= jnp.all(flat == state.query, axis=-1)  # four: an identical query is a hit
-            hit = state.filled & long & hit
+            # ... and only while every key written since that selection is in the local window
+            # (a top-k chosen at length L0 covers no slot >= L0 - n_local)
+            hit = state.filled & long & hit & (lengths - state.length <= policy.n_local)
             # Score the keys only when some long row misses (batch 1: a hit skips the scoring).
             top = jax.lax.cond(jnp.all(hit | ~long), lambda: state.top, lambda: jnp.where(
                 hit[:, None], state.top, _fresh_top(policy, query, cache_k, lengths)))
@@ -311,7 +313,8 @@ def token_select_attention(policy: TokenSelectAttention, cfg: ModelConfig, q_raw
             fresh = long & ~hit
             state = SelectionState(top=jnp.where(fresh[:, None], top, state.top),
                                    query=jnp.where(fresh[:, None], flat, state.query), filled=state.filled | long,
-                                   hits=state.hits + hit, lookups=state.lookups + long)
+                                   hits=state.hits + hit, lookups=state.lookups + long,
+                                   length=jnp.where(fresh, lengths, state.length))
     else:  # a prefill chunk: its mean query (over the tokens being written) selects for all of them
         lengths = lengths.astype(jnp.int32)
         real = (write_slots >= 0).astype(jnp.float32)[:, :, None, None]  # padding tokens do not vote

@@ -76,7 +76,8 @@ class TokenSelectAttention:
     slots: the same result as the dense policy over a rotated cache.
     Selection cache: a step reuses the row's last top-k while the cosine between its query
     (flattened over heads) and the query that chose them is >= `cache_threshold` (None:
-    never). `use_kernel` None: `generate` decides per request (`decode.tuning.
+    never) and the selection is at most `n_local` steps old (every key written since it was
+    chosen is still in the local window). `use_kernel` None: `generate` decides per request (`decode.tuning.
     token_select_policy`: the Pallas kernels on TPU/GPU once they matched their jnp
     references on that shape, the references on CPU or a mesh); a forward called directly
     with None runs the kernels on TPU/GPU unchecked. `interpret` runs the kernels in the
@@ -111,19 +112,22 @@ class SelectionState(NamedTuple):
     top [batch, k] int32: the top-k candidate slots of the last fresh selection (ascending);
     query [batch, n_heads * head_dim] float32: the query that chose them; filled [batch] bool:
     `top` holds a selection; hits / lookups [batch] int32: steps that reused `top` / steps of
-    a row longer than the budget (which needed a selection)."""
+    a row longer than the budget (which needed a selection); length [batch] int32: the row's
+    committed length when `top` was chosen (a selection more than n_local steps old is not
+    reused: the keys written since would have left the local window unseen)."""
 
     top: jax.Array
     query: jax.Array
     filled: jax.Array
     hits: jax.Array
     lookups: jax.Array
+    length: jax.Array
 
     @classmethod
     def empty(cls, batch: int, k: int, query_dim: int) -> "SelectionState":
         zeros = lambda dtype, *shape: jnp.zeros((batch, *shape), dtype)  # noqa: E731
         return cls(zeros(jnp.int32, k), zeros(jnp.float32, query_dim), zeros(bool), zeros(jnp.int32),
-                   zeros(jnp.int32))
+                   zeros(jnp.int32), zeros(jnp.int32))
 
 
 AttentionPolicy = Union[DenseAttention, FlashAttention, TreeKernelAttention, TokenSelectAttention]
