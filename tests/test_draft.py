@@ -93,23 +93,13 @@ def test_draft_cache_holds_the_committed_sequence(lm, draft_lm, monkeypatch, tem
             np.testing.assert_allclose(np.asarray(layer.v[row, :, :n]), np.asarray(ref.v[0, :, :n]), atol=2e-5)
 
 
-@pytest.mark.parametrize("expand,window", [("heap", None), ("threshold", None), ("heap", 2)])
-def test_tree_node_distributions_equal_full_sequence_forwards(draft_lm, tiny_params, expand, window):
-    """Each node the draft ran holds the draft distribution a plain forward over prompt +
-    the node's root-to-node path gives: the ancestor mask over a tree grown in several
-    forwards is right, also for a draft with a sliding window shorter than the tree (a cached
-    node's distance is its depth, not its slot)."""
-    if window is not None:
-        draft_lm = jaxaccel.from_params(dataclasses.replace(TINY, sliding_window=window),
-                                        perturbed(tiny_params, 7, 0.01))
+def grow_once(method, draft_lm, prompt, temperature, slots: int = 64):
+    """One tree grown by `method` from the draft alone, for one row after `prompt`."""
     h = draft_lm.handle
-    prompt = PROMPTS[0]
-    slots = 64
     toks = np.zeros((1, slots), np.int32)
     toks[0, :len(prompt)] = prompt
     lens = jnp.asarray([len(prompt)])
-    mode, sp = make_sampling(0.3, None, None)  # peaked: children outvalue the root's residual
-    method = DySpec(budget=9, pops_per_round=2, expand=expand, **({"threshold": 0.01} if expand == "threshold" else {}))
+    mode, sp = make_sampling(temperature, None, None)
 
     def grow(h, toks, lens):
         ctx = StepContext(model=h, mode=mode, sampling=sp, eos_ids=jnp.zeros((0,), jnp.int32), max_new=jnp.int32(8),
@@ -122,7 +112,21 @@ def test_tree_node_distributions_equal_full_sequence_forwards(draft_lm, tiny_par
         keys = jax.random.split(jax.random.key(4), 1)
         return method.grow(state, ctx, cache, draft_probs(root_logits, ctx), keys)
 
-    grown = jax.jit(grow)(h, jnp.asarray(toks), lens)
+    return jax.jit(grow)(h, jnp.asarray(toks), lens)
+
+
+@pytest.mark.parametrize("expand,window", [("heap", None), ("threshold", None), ("heap", 2)])
+def test_tree_node_distributions_equal_full_sequence_forwards(draft_lm, tiny_params, expand, window):
+    """Each node the draft ran holds the draft distribution a plain forward over prompt +
+    the node's root-to-node path gives: the ancestor mask over a tree grown in several
+    forwards is right, also for a draft with a sliding window shorter than the tree (a cached
+    node's distance is its depth, not its slot)."""
+    if window is not None:
+        draft_lm = jaxaccel.from_params(dataclasses.replace(TINY, sliding_window=window),
+                                        perturbed(tiny_params, 7, 0.01))
+    prompt = PROMPTS[0]
+    method = DySpec(budget=9, pops_per_round=2, expand=expand, **({"threshold": 0.01} if expand == "threshold" else {}))
+    grown = grow_once(method, draft_lm, prompt, 0.3)  # peaked: children outvalue the root's residual
     tree = grown.tree
     tokens, parents, valid, run = (np.asarray(a)[0] for a in (tree.tokens, tree.parents, tree.valid, grown.run))
     assert valid.sum() >= 5 and run.sum() >= 3 and (np.asarray(tree.depth)[0] >= 2).any()
@@ -133,7 +137,7 @@ def test_tree_node_distributions_equal_full_sequence_forwards(draft_lm, tiny_par
             j = parents[j]
         seq = prompt + path[::-1]
         logits = draft_lm.logits([seq])[0, -1]
-        expected = np.asarray(target_probs(jnp.asarray(logits), mode, sp))
+        expected = np.asarray(target_probs(jnp.asarray(logits), *make_sampling(0.3, None, None)))
         np.testing.assert_allclose(np.asarray(tree.draft_q)[0, i], expected, atol=1e-5)
     mask = np.asarray(tree.mask)[0]
     for i in np.flatnonzero(valid):  # the ancestor mask the verifier gets
@@ -240,6 +244,11 @@ def test_a_drafter_with_a_slightly_wrong_q_fails_the_check(small_pair, monkeypat
     ("dyspec", {"budget": "auto", "pops_per_round": 200}, 'the largest budget budget="auto" plans (128)'),
     ("dyspec", {"budget": 8, "threshold": 0.1}, 'threshold applies to expand="threshold" only'),
     ("dyspec", {"greedy_temperature": -1}, "greedy_temperature must be"),
+    # a heap that cannot fill its budget (the verifier would pay for nodes never grown)
+    ("dyspec", {"budget": 32, "pops_per_round": 8, "max_children": 4}, "must not exceed max_children (4)"),
+    ("dyspec", {"budget": "auto", "pops_per_round": 8, "max_children": 4}, "must not exceed max_children (4)"),
+    ("dyspec", {"budget": 10, "pops_per_round": 1, "max_depth": 2, "max_children": 2},
+     "budget (10) must not exceed the 6 nodes a tree of max_depth 2 and max_children 2 holds"),
     ("dyspec", {"values": "exact"}, 'values must be "calibrated" or "draft"'),
 ])
 def test_bad_options(lm, draft_lm, method, opts, message):
@@ -453,6 +462,40 @@ def test_auto_budget_is_lossless_and_planned(lm, draft_lm, reference, monkeypatc
     assert out.tokens == reference
     assert (out.stats["mean_accepted"] > 1.1) if cheap else (out.stats["mean_accepted"] == 1.0)
     assert (out.stats["budget"] >= 1) if cheap else (out.stats["budget"] == out.stats["pops_per_round"] == 0)
+
+
+def test_auto_budget_plans_for_the_rows_each_device_verifies(lm, draft_lm, monkeypatch):
+    """3 prompts run the 4-row compiled loop (padding rows verify trees too): the plan is made
+    for 4 rows, not 3; and a plan never pops more per round than max_children."""
+    from jaxaccel.decode import dyspec, tuning
+
+    asked = []
+
+    def spy(*args, **kwargs):
+        asked.append(args[5])  # batch
+        return tuning.DraftPlan(0, 0, 1.0, 1.0, 1.0)
+
+    monkeypatch.setattr(dyspec, "plan_budget", spy)
+    monkeypatch.setattr(dyspec.DySpec, "greedy_temperature", 0.7)
+    lm.generate(PROMPTS[:3], max_new_tokens=2, method="dyspec", budget="auto", greedy_temperature=0.7,
+                draft=draft_lm)
+    assert asked == [4]
+    value = lambda n, depth: 1 + sum(0.9 ** d for d in range(1, n + 1))  # noqa: E731 - wide trees pay
+    plan = tuning.plan_draft_budget(value, 1, 0.01, curve=tuning.ACCELERATOR_VERIFY_COST, max_pops=3)
+    assert plan.budget > 3 and 1 <= plan.pops_per_round <= 3
+
+
+def test_a_heap_within_its_limits_fills_its_budget(draft_lm):
+    """With pops_per_round <= max_children and budget <= the nodes max_depth x max_children
+    hold, every round's pops find a node to grow: the tree holds budget nodes."""
+    from jaxaccel.decode.dyspec import DySpec
+
+    for opts in ({"budget": 6, "pops_per_round": 1, "max_depth": 2, "max_children": 2},
+                 {"budget": 12, "pops_per_round": 4, "max_depth": 2, "max_children": 4},
+                 {"budget": 7, "pops_per_round": 3, "max_depth": 3, "max_children": 3}):
+        m = DySpec(greedy_temperature=1.0, **opts)
+        grown = grow_once(m, draft_lm, PROMPTS[0], 0.0)
+        assert int(np.asarray(grown.tree.valid)[0].sum()) - 1 == opts["budget"], opts
 
 
 def test_a_draft_loaded_from_a_path_once_is_reused_without_recompiling(lm, draft_lm, reference, tmp_path):

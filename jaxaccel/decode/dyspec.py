@@ -20,7 +20,9 @@ worth 1.
 Static shapes: the tree is a fixed [budget + 1] array per row (rows grow their own trees,
 padded), the "heap" an argmax over the nodes' candidate values; each node keeps its draft
 distribution (for the verifier's `draft_q`) and its residual. `max_depth` and `max_children`
-bound the tree (they size the verifier's compiled loops).
+bound the tree (they size the verifier's compiled loops). The heap's ceil(budget / M) rounds
+are fixed, so a heap refuses what it could not fill: M > max_children (the first round grows
+the root's children only) and a budget past the nodes max_depth x max_children hold.
 
 Values at temperature 0: the verifier accepts a child iff it is the target's argmax, so a
 value should estimate P(argmax = token). The draft's softmax is a poorly calibrated
@@ -101,14 +103,30 @@ class DySpec(DraftModelMethod):
             if o["pops_per_round"] is not None and self.pops > AUTO_MAX_BUDGET:
                 raise InvalidArgumentError(f'pops_per_round ({self.pops}) must not exceed the largest budget '
                                            f'budget="auto" plans ({AUTO_MAX_BUDGET})')
+            if o["pops_per_round"] is not None:
+                self._check_fan_out()
             return  # set by prepare()
         if o["pops_per_round"] is None:  # the heap: 4 candidates per draft forward; threshold: a whole layer
-            self.pops = min(4, self.budget) if o["expand"] == "heap" else self.budget
+            self.pops = min(4, self.budget, self.max_children) if o["expand"] == "heap" else self.budget
         self._check_pops()
 
     def _check_pops(self) -> None:
         if self.pops > self.budget:
             raise InvalidArgumentError(f"pops_per_round ({self.pops}) must not exceed budget ({self.budget})")
+        if self.opts["expand"] != "heap":
+            return
+        self._check_fan_out()
+        room = tree_room(self.max_depth, self.max_children)
+        if self.budget > room:
+            raise InvalidArgumentError(f"budget ({self.budget}) must not exceed the {room} nodes a tree of max_depth "
+                                       f"{self.max_depth} and max_children {self.max_children} holds")
+
+    def _check_fan_out(self) -> None:
+        # The heap's rounds are fixed (ceil(budget / pops)): a pop with no node to grow is lost,
+        # and the verification would pay for budget + 1 nodes the tree never holds.
+        if self.pops > self.max_children:  # round 0 can only grow the root's children
+            raise InvalidArgumentError(f"pops_per_round ({self.pops}) must not exceed max_children "
+                                       f"({self.max_children}): the first round grows the root's children only")
 
     def prepare(self, target, draft, temperature, top_k, top_p, batch: int = 1) -> None:
         if temperature == 0 and self.opts["greedy_temperature"] == "auto":
@@ -279,6 +297,11 @@ class DySpec(DraftModelMethod):
         return Grown(tree, t["ready"], cache)
 
 
+def tree_room(max_depth: int, max_children: int) -> int:
+    """The most drafted nodes a tree of this depth and fan-out holds."""
+    return sum(max_children ** d for d in range(1, max_depth + 1))
+
+
 def plan_budget(target, draft, temperature: float, top_k, top_p, batch: int, pops_choices=None, curve=None,
                 draft_ratio: float | None = None, max_depth: int = 16, max_children: int | None = None
                 ) -> tuning.DraftPlan:
@@ -319,7 +342,7 @@ def _plan(acceptance: tuple[float, ...], batch: int, draft_ratio: float, curve, 
         if depth not in curves:
             top = AUTO_MAX_BUDGET  # the most nodes a tree of this depth and fan-out holds
             if max_children is not None:
-                top = min(top, sum(max_children ** d for d in range(1, depth + 1)))
+                top = min(top, tree_room(depth, max_children))
             vec = acceptance if max_children is not None else padded_acceptance(acceptance, AUTO_MAX_BUDGET, depth)
             curves[depth] = tree_value_curve(vec, top, depth)
         curve_d = curves[depth]
@@ -327,4 +350,5 @@ def _plan(acceptance: tuple[float, ...], batch: int, draft_ratio: float, curve, 
 
     return tuning.plan_draft_budget(value, batch, draft_ratio, curve=None if curve is None else dict(curve),
                                     max_budget=AUTO_MAX_BUDGET,
-                                    pops_choices=None if pops_choices is None else list(pops_choices))
+                                    pops_choices=None if pops_choices is None else list(pops_choices),
+                                    max_pops=max_children)

@@ -217,6 +217,12 @@ class LanguageModel:
         if method_input is not None:  # cheap checks before a draft is loaded and measured
             method_input = _method_input_array(method_input, decoder, self.config.vocab_size)
         decoder.check_request([len(p) for p in ids], max_new_tokens)
+        # The compiled loop runs a power-of-two batch (padding rows decode too), split over the
+        # mesh's data axes: what each device's forward costs, so what a method plans for.
+        data_ways = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        batch = len(ids)
+        batch_bucket = _pow2_at_least(batch)
+        batch_bucket = math.ceil(batch_bucket / data_ways) * data_ways
         draft_lm = None
         if getattr(decoder, "uses_draft", False):  # load + check the draft; methods may plan with both models
             draft_lm = self._draft_model(decoder)
@@ -226,7 +232,7 @@ class LanguageModel:
                     f"the draft's maximum length ({draft_lm.config.max_seq_len}) is shorter than the "
                     f"{longest + max_new_tokens} positions this call needs (longest prompt + max_new_tokens)")
             with acceptance.announcing(progress):  # a first call on a new pair measures the draft first
-                decoder.prepare(self, draft_lm, temperature, top_k, top_p, batch=len(ids))
+                decoder.prepare(self, draft_lm, temperature, top_k, top_p, batch=batch_bucket // data_ways)
         longest = max(len(p) for p in ids)
         # The cache is sized from the request, so the model's trained maximum length is no
         # limit: past it, positions are ones the model never saw (the extrapolation TokenSelect
@@ -242,10 +248,6 @@ class LanguageModel:
         if method_input is None and decoder.carries_memory:
             method_input = self._method_memory.get(decoder.key())  # hot start from the previous call
 
-        data_ways = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        batch = len(ids)
-        batch_bucket = _pow2_at_least(batch)
-        batch_bucket = math.ceil(batch_bucket / data_ways) * data_ways
         out_len, cache_len = request_lengths(longest, max_new_tokens, decoder.cache_headroom())
         chunk = min(cache_len, decoder.prefill_chunk() or self.prefill_chunk)
         self._check_cache_fits(batch_bucket, cache_len, draft=draft_lm,

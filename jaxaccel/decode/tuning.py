@@ -132,15 +132,17 @@ def step_cost(budget: int, pops: int, batch: int, draft_ratio: float, curve: dic
 
 def plan_draft_budget(value: Callable[[int, int], float], batch: int, draft_ratio: float,
                       curve: dict[int, float] | None = None, backend: str | None = None, max_budget: int = 128,
-                      pops_choices: Sequence[int] | None = None, overhead: float | None = None) -> DraftPlan:
+                      pops_choices: Sequence[int] | None = None, overhead: float | None = None,
+                      max_pops: int | None = None) -> DraftPlan:
     """The (budget, pops_per_round) with the best predicted speedup. value(n, depth): expected
     tokens per step of the best tree of n drafted nodes no deeper than `depth` (a tree grown
     in r rounds is at most r deep; `sequoia.tree_value_curve`). Budget 0 (no drafting: plain
-    steps, speedup 1) wins when no tree is predicted to pay."""
+    steps, speedup 1) wins when no tree is predicted to pay. max_pops: the most pops a round
+    may make (a heap's max_children: its first round grows the root's children only)."""
     best = DraftPlan(0, 0, 1.0, 1.0, 1.0)
     for budget in range(1, max_budget + 1):
         for pops in sorted(set(pops_choices or (1, 2, 4, 8, 16, budget))):
-            if pops > budget:
+            if pops > budget or (max_pops is not None and pops > max_pops):
                 continue
             c = step_cost(budget, pops, batch, draft_ratio, curve, backend, overhead)
             tokens = value(budget, -(-budget // pops))
