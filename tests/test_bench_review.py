@@ -199,6 +199,30 @@ def test_startup_refuses_a_folder_that_is_no_model(tmp_path, capsys):
     assert "unknown built-in model 'nope'" in refusal(*run(["startup", "--model", "builtin:nope"], capsys))
 
 
+def test_startup_children_run_without_jaxs_own_cache_on_this_backend(monkeypatch):
+    """A JAX cache folder in the environment wins over JAXACCEL_COMPILE_CACHE: the "cache off"
+    and "cold" runs read it. The children get jaxaccel's cache only, on the backend the
+    report's machine names."""
+    from jaxaccel.bench import startup
+
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/somewhere/full")
+    monkeypatch.setenv("JAX_ENABLE_COMPILATION_CACHE", "true")
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    seen = []
+
+    def fake_run(cmd, **kw):
+        seen.append(kw["env"])
+        return subprocess.CompletedProcess(cmd, 0, json.dumps({"compile_s": 1.0, "programs": 1}), "")
+
+    monkeypatch.setattr(startup.subprocess, "run", fake_run)
+    startup.first_calls("builtin:default", ["autoregressive"])
+    startup.decode_wall("builtin:default", 1, "/tmp/empty-cache")
+    assert [env["JAXACCEL_COMPILE_CACHE"] for env in seen] == ["off", "/tmp/empty-cache", "/tmp/empty-cache"]
+    for env in seen:
+        assert "JAX_COMPILATION_CACHE_DIR" not in env and "JAX_ENABLE_COMPILATION_CACHE" not in env
+        assert env["JAX_PLATFORMS"] == "cpu"  # this process's backend (the suite pins cpu)
+
+
 def test_startup_child_failure_without_stderr_is_one_line(monkeypatch):
     from jaxaccel.bench import startup
     from jaxaccel.bench.common import SubprocessFailed

@@ -151,3 +151,24 @@ def test_a_cache_folder_that_cannot_be_created_is_said_once(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
     assert out.stderr.count("cannot be created") == 1 and "the cache is off" in out.stderr
+
+
+def test_any_accelerator_plugin_jaxlib_names_means_not_cpu_only(monkeypatch):
+    """Decided before a backend starts: an installed GPU/TPU plugin means the process may not
+    compute on the CPU. ROCm 6's plugin is jax_rocm60_plugin (a jax_rocm6_plugin was looked
+    for), so a ROCm 6 host counted as CPU-only and lost XLA's GPU autotuning cache."""
+    import importlib.util
+
+    from jax._src import xla_bridge
+
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
+    old = jax.config.jax_platforms
+    try:
+        jax.config.update("jax_platforms", "")
+        for name in ("jax_rocm60_plugin", "jax_rocm7_plugin", "jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu"):
+            monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a, name=name: object() if n == name else None)
+            assert not compile_cache._cpu_only(), name
+        monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None)
+        assert compile_cache._cpu_only()
+    finally:
+        jax.config.update("jax_platforms", old)

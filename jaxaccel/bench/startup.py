@@ -32,8 +32,19 @@ print(json.dumps({"compile_s": total, "programs": len(lm._compiled)}))
 """
 
 
+# A cache folder set for JAX itself wins over JAXACCEL_COMPILE_CACHE (`compile_cache.enable`):
+# left in the children's environment, the "cache off" and "cold" runs would read it.
+_JAX_CACHE_VARIABLES = ("JAX_COMPILATION_CACHE_DIR", "JAX_ENABLE_COMPILATION_CACHE")
+
+
 def _env(cache: str) -> dict:
-    return {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"), "JAXACCEL_COMPILE_CACHE": cache}
+    """The measured processes' environment: this process's backend (the one the report's
+    machine names), jaxaccel's cache at `cache` ("off": none) and no cache of JAX's own."""
+    import jax
+
+    env = {k: v for k, v in os.environ.items() if k not in _JAX_CACHE_VARIABLES}
+    return {**env, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS") or jax.default_backend(),
+            "JAXACCEL_COMPILE_CACHE": cache}
 
 
 def decode_wall(model: str, runs: int, cache_dir: str) -> dict[str, Any]:

@@ -124,8 +124,20 @@ def _cpu_only() -> bool:
         return platforms.split(",")[0] == "cpu"
     import importlib.util
 
-    plugins = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm6_plugin", "jax_rocm7_plugin")
-    return not any(importlib.util.find_spec(name) is not None for name in plugins)
+    return not any(importlib.util.find_spec(name) is not None for name in accelerator_plugins())
+
+
+def accelerator_plugins() -> tuple[str, ...]:
+    """Module names of JAX's TPU, CUDA and ROCm plugins: jaxlib's own table where it has one
+    (it names them: jax_rocm60_plugin, not jax_rocm6_plugin), else the names jaxlib 0.10 uses."""
+    names = ["jax_cuda13_plugin", "jax_cuda12_plugin", "jax_rocm7_plugin", "jax_rocm60_plugin"]
+    try:
+        from jaxlib import plugin_support
+
+        names += [n for group in plugin_support._PLUGIN_MODULE_NAMES.values() for n in group]
+    except (ImportError, AttributeError):
+        pass
+    return ("libtpu", *dict.fromkeys(names))
 
 
 def _remove_stale_temporaries(folder: Path, older_than_s: float = 3600.0) -> None:

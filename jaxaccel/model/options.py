@@ -86,7 +86,7 @@ class TokenSelectAttention:
     same budget that scores no key — "recent" (the k candidates right before the local
     window: StreamingLLM's init + local window) or "random" (k candidates uniformly at
     random, a fresh draw per row, step, layer and example: seeded by the row's length and
-    query; `pool` and the selection cache apply to "topk" only:
+    query — whose float bits, so the draw, differ with the batch and the backend; `pool` and the selection cache apply to "topk" only:
     `decode.tokenselect` gives the baselines `cache_threshold=None`)."""
 
     k: int = 2048
