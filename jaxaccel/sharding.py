@@ -188,6 +188,11 @@ def tree_shardings(axes_tree: Any, shapes_tree: Any, mesh: Mesh) -> Any:
                         is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
+def batch_ways(mesh: Mesh | None) -> int:
+    """The devices a batch is split over (the data and fsdp axes); 1 without a mesh."""
+    return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

@@ -142,6 +142,20 @@ def test_recycling_accepts_more_than_one_token_on_repetitive_text(lm):
     assert out.stats["mean_accepted"] > 1.5 and out.stats["steps"] < 80
 
 
+def test_auto_fallback_prices_the_rows_each_device_verifies(tiny_params, monkeypatch):
+    """The cost table is per device: one prompt on a data=2 mesh is one row per device (a
+    padded batch of 2), priced as batch 1 — not as 2, which asked the drafts for more hits."""
+    from jaxaccel.decode import recycling
+    from jaxaccel.sharding import make_mesh
+
+    seen, real = [], recycling.Recycling.cost_for_batch
+    monkeypatch.setattr(recycling.Recycling, "cost_for_batch", lambda self, b: seen.append(b) or real(self, b))
+    monkeypatch.setitem(tuning.RECYCLING_COST, jax.default_backend(), {1: 1.5, 4: 2.0})
+    lm = jaxaccel.from_params(TINY, tiny_params, mesh=make_mesh("data=2"))
+    lm.generate(PROMPTS[:1], max_new_tokens=2, method="recycling")
+    assert set(seen) == {1}
+
+
 def test_auto_template_falls_back_to_plain_steps_when_drafts_miss(tiny_params, monkeypatch):
     """With drafts that never hit, "auto" takes plain steps (one forward per token) and stays exact."""
     from jaxaccel.decode import recycling

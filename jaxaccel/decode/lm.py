@@ -219,7 +219,7 @@ class LanguageModel:
         decoder.check_request([len(p) for p in ids], max_new_tokens)
         # The compiled loop runs a power-of-two batch (padding rows decode too), split over the
         # mesh's data axes: what each device's forward costs, so what a method plans for.
-        data_ways = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        data_ways = shd.batch_ways(self.mesh)
         batch = len(ids)
         batch_bucket = _pow2_at_least(batch)
         batch_bucket = math.ceil(batch_bucket / data_ways) * data_ways

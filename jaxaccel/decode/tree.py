@@ -36,6 +36,7 @@ from jaxaccel.decode.autoregressive import next_token
 from jaxaccel.decode.engine import DecodeMethod, DecodeState, StepContext, commit, split_row_keys
 from jaxaccel.decode.sampling import SamplingMode, SamplingParams, target_probs
 from jaxaccel.errors import InvalidArgumentError
+from jaxaccel.sharding import batch_ways
 from jaxaccel.model.transformer import LayerKV
 
 MAX_TREE_NODES = 512  # drafted nodes per step, any tree method (its tables are [nodes, nodes] and more)
@@ -365,7 +366,9 @@ class TreeMethod(DecodeMethod):
         if self.fallback_cost is None:
             return self.tree_step(state, ctx)[0]
         inner, hit_rate = state.method_state
-        use_tree = self.expected_tokens(hit_rate) >= self.cost_for_batch(state.last_token.shape[0])
+        # the cost table is per device: a forward over the rows of the batch each device holds
+        rows = state.last_token.shape[0] // batch_ways(dict(ctx.model.defaults).get("mesh"))
+        use_tree = self.expected_tokens(hit_rate) >= self.cost_for_batch(rows)
         state = state._replace(method_state=inner)
         # Only the target forwards differ between the two kinds of step: drafting, the
         # drafter's update and the commit run once, outside the cond (one copy each in the
