@@ -173,6 +173,30 @@ def test_load_and_mesh_arguments():
         parse_mesh_spec("tensor=2,tensor=1")
 
 
+def test_what_a_model_folder_cannot_hold_is_refused_before_anything_is_written(tiny_lm, tmp_path):
+    """from_params takes any encode/decode tokenizer and any info: save raised AttributeError /
+    TypeError tracebacks after writing the params, and left them in a staging folder. A
+    `builtin:` destination was written as a folder load() never reads."""
+    from jaxaccel.errors import CheckpointError
+
+    class Tok:
+        def encode(self, text):
+            return [1]
+
+        def decode(self, ids):
+            return ""
+
+    for lm, match in ((jaxaccel.from_params(tiny_lm.config, tiny_lm.params, tokenizer=Tok()), "no save\(folder\)"),
+                      (jaxaccel.from_params(tiny_lm.config, tiny_lm.params, info={"n": np.int64(3)}),
+                       "info cannot be saved as JSON")):
+        folder = tmp_path / match[:4]
+        with pytest.raises(CheckpointError, match=match) as e:
+            lm.save(folder)
+        assert "\n" not in str(e.value) and not folder.exists()
+    with pytest.raises(InvalidArgumentError, match="names a built-in model"):
+        tiny_lm.save("builtin:draft")
+
+
 def test_save_keeps_what_is_not_its_own_and_an_earlier_model_when_it_fails(tiny_lm, tmp_path, monkeypatch):
     """Found by an API audit: a `params/` folder of the user's was deleted (it has our name but
     no jaxaccel.json beside it); a save that failed half-way (a full disk) had already deleted
@@ -183,8 +207,17 @@ def test_save_keeps_what_is_not_its_own_and_an_earlier_model_when_it_fails(tiny_
     with pytest.raises(InvalidArgumentError, match=r"holds other files \(params\)"):
         tiny_lm.save(theirs)
     assert (theirs / "params" / "mydata.bin").read_text() == "keep"
-
+    # an Orbax checkpoint of theirs as params/ too (it was taken for a jaxaccel save killed
+    # before its marker, and replaced: a killed local save leaves only its staging folder)
     import orbax.checkpoint as ocp
+
+    orbax_dir = tmp_path / "orbax"
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(orbax_dir / "params", {"mine": np.arange(3.0)})
+    before = sorted(p.name for p in (orbax_dir / "params").iterdir())
+    with pytest.raises(InvalidArgumentError, match=r"holds other files \(params\)"):
+        tiny_lm.save(orbax_dir)
+    assert sorted(p.name for p in (orbax_dir / "params").iterdir()) == before
 
     from jaxaccel.errors import CheckpointError
 
@@ -199,7 +232,7 @@ def test_save_keeps_what_is_not_its_own_and_an_earlier_model_when_it_fails(tiny_
         with pytest.raises(CheckpointError, match="No space left on device.*left as it was") as e:
             tiny_lm.save(folder)
     assert "\n" not in str(e.value)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "theirs"]  # no staging folder left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "orbax", "theirs"]  # no staging folder left behind
     assert jaxaccel.load(folder).generate([[1, 2]], max_new_tokens=3).tokens == want
 
     # a re-save replaces every file of the old model: no stale tokenizer survives it
@@ -209,7 +242,8 @@ def test_save_keeps_what_is_not_its_own_and_an_earlier_model_when_it_fails(tiny_
     assert not (folder / "tokenizer.model").exists() and (folder / "notes.txt").read_text() == "mine"
     assert jaxaccel.load(folder).tokenizer is None
 
-    # through a link to the folder, and into a folder a killed save left (params/, no marker)
+    # through a link to the folder; a params/ without a marker is not taken for ours (a killed
+    # local save leaves only its staging folder): refused, written over only with overwrite
     link = tmp_path / "link"
     link.symlink_to(folder, target_is_directory=True)
     tiny_lm.save(link, overwrite=True)
@@ -217,7 +251,10 @@ def test_save_keeps_what_is_not_its_own_and_an_earlier_model_when_it_fails(tiny_
     assert sorted(p.name for p in folder.iterdir()) == ["jaxaccel.json", "notes.txt", "params"]
     (folder / "jaxaccel.json").unlink()
     (folder / "notes.txt").unlink()
-    tiny_lm.save(folder)
+    with pytest.raises(InvalidArgumentError, match=r"holds other files \(params\)"):
+        tiny_lm.save(folder)
+    tiny_lm.save(folder, overwrite=True)
+    assert jaxaccel.load(folder).generate([[1, 2]], max_new_tokens=3).tokens == want
 
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(CheckpointError, match="cannot write the model to") as e:

@@ -273,6 +273,51 @@ def test_a_save_killed_while_moving_in_never_loses_the_earlier_model(tmp_path, t
     assert k > 3 and outcomes == {"earlier", "newer"}  # kills before and after the marker's move
 
 
+def test_a_second_kill_while_the_earlier_model_is_put_back_loses_nothing(tmp_path, tiny_params, monkeypatch):
+    """A save killed with the earlier model set aside; the next save killed at each rename of
+    putting it back; then a save that fails. The marker used to come back first, so a kill
+    before params/ came back read as a finished move and the earlier params were deleted."""
+    import json
+    from pathlib import Path
+
+    import orbax.checkpoint as ocp
+
+    from jaxaccel.model import checkpoint
+
+    earlier = jaxaccel.from_params(TINY, tiny_params, eos_token_ids=())
+    embed = np.asarray(tiny_params["embed"]["embedding"])
+    real_rename = Path.rename
+    for k in (1, 2, 3):
+        folder = tmp_path / f"m{k}"
+        earlier.save(folder)
+        aside = folder / checkpoint.SET_ASIDE  # as a move-in killed after setting the old model aside
+        aside.mkdir()
+        old = [checkpoint.MARKER, *(n for n in checkpoint.MODEL_ENTRIES if (folder / n).exists())]
+        (aside / checkpoint.JOURNAL).write_text(json.dumps({"old": old, "new": ["params", checkpoint.MARKER],
+                                                            "staging": checkpoint.STAGING}))
+        for name in old:
+            real_rename(folder / name, aside / name)
+        count = [0]
+
+        def rename(self, dest, k=k):
+            count[0] += 1
+            if count[0] == k:
+                raise Killed
+            return real_rename(self, dest)
+
+        with monkeypatch.context() as m:
+            m.setattr(Path, "rename", rename)
+            try:
+                checkpoint.recover_move(folder)
+            except Killed:
+                pass
+        with monkeypatch.context() as m:  # the next save fails on a full disk
+            m.setattr(ocp.StandardCheckpointer, "save", lambda *a, **kw: (_ for _ in ()).throw(OSError(28, "full")))
+            with pytest.raises(CheckpointError):
+                earlier.save(folder)
+        np.testing.assert_array_equal(np.asarray(jaxaccel.load(folder).params["embed"]["embedding"]), embed)
+
+
 def test_a_move_in_that_cannot_write_its_journal_or_lost_its_staging_keeps_the_earlier_model(
         tmp_path, tiny_params, monkeypatch):
     """A full disk at the journal is a CheckpointError with the earlier model in place (it was

@@ -82,8 +82,16 @@ def test_moe_statistics_with_skipped_layers_are_refused():
 
     cfg = replace(TINY, n_layers=2, moe=MoeConfig(n_experts=2, top_k=1))
     params = init_params(cfg, jax.random.key(0), "unrolled")
-    with pytest.raises(ValueError, match="return_aux with plan.layer_on is not supported on an MoE model"):
+    with pytest.raises(ValueError, match="return_aux with plan.layer_on is not supported on an MoE or Duo model"):
         plain_forward(params, cfg, tokens(1, 4), plan=ExecutionPlan(layer_on=(True, False)), return_aux=True)
+    # a Duo model's per-layer statistics too: a skipped layer recorded none, so the later layers'
+    # values moved down one index (static layer_on) or the cond failed (traced)
+    from jaxaccel.config import DuoConfig
+
+    duo = replace(TINY, n_layers=2, duo=DuoConfig(enabled=True))
+    params = init_params(duo, jax.random.key(0), "unrolled")
+    with pytest.raises(ValueError, match="not supported on an MoE or Duo model"):
+        plain_forward(params, duo, tokens(1, 4), plan=ExecutionPlan(layer_on=(True, False)), return_aux=True)
 
 
 def test_ragged_rows_share_one_cached_forward(model):

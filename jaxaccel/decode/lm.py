@@ -574,7 +574,7 @@ def check_save_destination(folder, what_to_do: str = _CHOOSE_ANOTHER) -> None:
 
 
 def _holds_earlier_save(path: Path, what_to_do: str) -> bool:
-    """Its marker, or (a killed save) an Orbax checkpoint as params/."""
+    """Its marker (`checkpoint.holds_earlier_save`)."""
     from jaxaccel.model.checkpoint import holds_earlier_save
 
     return holds_earlier_save(path, "jaxaccel.json")
@@ -607,6 +607,8 @@ def destination(folder, overwrite: bool, kind: str, what_to_do: str = _CHOOSE_AN
         raise InvalidArgumentError(f"the destination must be a folder path, got {folder!r}")
     if "://" in str(folder):
         return as_path(folder)
+    if str(folder).startswith("builtin:"):  # load() reads that name as a shipped model, never this folder
+        raise InvalidArgumentError(f"destination {str(folder)!r} names a built-in model; {what_to_do}")
     path = Path(folder).expanduser()
     if path.exists() and not path.is_dir():
         raise InvalidArgumentError(f"destination {str(path)!r} is a file, not a folder")

@@ -370,9 +370,10 @@ STAGING, SET_ASIDE = ".jaxaccel-saving", ".jaxaccel-replaced"
 
 
 def holds_earlier_save(folder: Path, marker: str = MARKER) -> bool:
-    """Whether a local folder holds what a save wrote: its `marker` file, or (a save killed
-    before the marker) an Orbax checkpoint as params/."""
-    return (folder / marker).is_file() or (folder / "params" / "_CHECKPOINT_METADATA").is_file()
+    """Whether a local folder holds what a save wrote: its `marker` file. (A killed local save
+    leaves its params in the staging folder, never a bare params/: an Orbax checkpoint there
+    is someone else's.)"""
+    return (folder / marker).is_file()
 
 
 def save_model(folder: str | Path, config: ModelConfig, params: Any, *, tokenizer=None,
@@ -389,6 +390,7 @@ def save_model(folder: str | Path, config: ModelConfig, params: Any, *, tokenize
     import orbax.checkpoint as ocp
     from jax.experimental import multihost_utils
 
+    check_savable(tokenizer, extra)
     folder = as_path(folder)
     local = not str(folder).startswith("gs://")
     target = folder / STAGING if local else folder
@@ -428,7 +430,7 @@ def save_model(folder: str | Path, config: ModelConfig, params: Any, *, tokenize
     if main:
         try:
             _write_meta(target, config, params, tokenizer, eos_token_ids, bos_token_id, extra)
-        except OSError as e:
+        except Exception as e:  # a full disk; a tokenizer that cannot save itself, checked up front too
             if local:
                 shutil.rmtree(target, ignore_errors=True)
             raise CheckpointError(f"saving the model to {folder} failed ({write_error_reason(e)})") from None
@@ -436,6 +438,20 @@ def save_model(folder: str | Path, config: ModelConfig, params: Any, *, tokenize
             _move_in(target, folder)
     multihost_utils.sync_global_devices("jaxaccel_save_model_end")
     return folder
+
+
+def check_savable(tokenizer, extra: dict | None) -> None:
+    """A one-line CheckpointError, before anything is written, for what a model folder cannot
+    hold: a tokenizer without `save(folder)` (from_params takes any encode/decode object) and
+    `info` that is not JSON."""
+    if tokenizer is not None and not callable(getattr(tokenizer, "save", None)):
+        raise CheckpointError(f"the model's tokenizer ({type(tokenizer).__name__}) has no save(folder) method, so a "
+                              f"model folder cannot hold it; save without it (tokenizer=None) and keep it yourself")
+    try:
+        json.dumps(extra or {})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"the model's info cannot be saved as JSON ({e}); use plain numbers, strings, "
+                              f"lists and dicts") from None
 
 
 def replaced_names(folder: Path, new: Sequence[str], earlier: Sequence[str] | None) -> list[str]:
@@ -493,8 +509,8 @@ def _put_back(folder: Path, staging: Path, moved_in: list[str], moved_out: list[
     aside come back; SET_ASIDE is removed."""
     for name in reversed(moved_in):
         (folder / name).rename(staging / name)
-    for name in moved_out:
-        (folder / SET_ASIDE / name).rename(folder / name)
+    for name in reversed(moved_out):  # the marker (set aside first) back last: a kill part-way
+        (folder / SET_ASIDE / name).rename(folder / name)  # never leaves it beside missing files
     shutil.rmtree(folder / SET_ASIDE, ignore_errors=True)
 
 

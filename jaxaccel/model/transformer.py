@@ -369,9 +369,9 @@ def forward(params: Params, config: ModelConfig, tokens, positions=None, *, cach
             raise ValueError("plan.layer_on (skipping layers' compute) needs the unrolled parameter layout")
         if cache is not None and len(cache) != config.n_layers:
             raise ValueError("plan.layer_on needs an unrolled cache (one LayerKV per layer)")
-        if return_aux and any(config.is_moe_layer(i) for i in range(config.n_layers)):
-            raise ValueError("return_aux with plan.layer_on is not supported on an MoE model: the statistics of "
-                             "skipped MoE layers are undefined")
+        if return_aux and (config.duo.enabled or any(config.is_moe_layer(i) for i in range(config.n_layers))):
+            raise ValueError("return_aux with plan.layer_on is not supported on an MoE or Duo model: the "
+                             "per-layer statistics of skipped layers are undefined")
         if isinstance(plan.layer_on, (tuple, list)):
             if len(plan.layer_on) != config.n_layers:
                 raise ValueError(f"plan.layer_on has {len(plan.layer_on)} flags for {config.n_layers} layers")
