@@ -487,7 +487,8 @@ def test_auto_budget_plans_for_the_rows_each_device_verifies(lm, draft_lm, monke
 
 def test_a_heap_within_its_limits_fills_its_budget(draft_lm):
     """With pops_per_round <= max_children and budget <= the nodes max_depth x max_children
-    hold, every round's pops find a node to grow: the tree holds budget nodes."""
+    hold, these trees fill their budget (near a tree's room a round can still find fewer
+    ready nodes than pops, see dyspec's docstring; not with these values)."""
     from jaxaccel.decode.dyspec import DySpec
 
     for opts in ({"budget": 6, "pops_per_round": 1, "max_depth": 2, "max_children": 2},

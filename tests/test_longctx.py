@@ -379,6 +379,9 @@ def test_bench_attention_with_a_k_past_the_cache():
 
     policy = TokenSelectAttention(k=10**12, n_init=2, n_local=4, cache_threshold=0.9)
     assert bench.attention_ms(CFG, policy, 40, 1, reuse=True, reps=2, runs=1) > 0
+    # timed hits: a selection is reused n_local steps at most, so more reps would time misses
+    with pytest.raises(InvalidArgumentError, match=r"needs reps <= n_local \+ 1 \(5\), got 6"):
+        bench.attention_ms(CFG, policy, 40, 1, reuse=True, reps=6, runs=1)
 
 
 def test_cell_hit_rate_is_hits_over_lookups():

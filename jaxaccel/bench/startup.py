@@ -38,13 +38,11 @@ _JAX_CACHE_VARIABLES = ("JAX_COMPILATION_CACHE_DIR", "JAX_ENABLE_COMPILATION_CAC
 
 
 def _env(cache: str) -> dict:
-    """The measured processes' environment: this process's backend (the one the report's
-    machine names), jaxaccel's cache at `cache` ("off": none) and no cache of JAX's own."""
-    import jax
-
+    """The measured processes' environment: this one's (so the backend they pick is the one
+    the report's machine names; no backend is started here, which on a GPU would take its
+    memory from them), jaxaccel's cache at `cache` ("off": none) and no cache of JAX's own."""
     env = {k: v for k, v in os.environ.items() if k not in _JAX_CACHE_VARIABLES}
-    return {**env, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS") or jax.default_backend(),
-            "JAXACCEL_COMPILE_CACHE": cache}
+    return {**env, "JAXACCEL_COMPILE_CACHE": cache}
 
 
 def decode_wall(model: str, runs: int, cache_dir: str) -> dict[str, Any]:

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxaccel.bench.common import machine, machine_line
+from jaxaccel.errors import InvalidArgumentError
 from jaxaccel.decode.tokenselect import TokenSelect
 
 # The method's own defaults, the paper's budget (k 2048, n_init 128, n_local 512, chunk 512):
@@ -51,6 +52,13 @@ def _median_time(fn: Callable[[], Any], runs: int) -> float:
 
 
 # ----------------------------------------------------------------------------- one attention layer
+
+
+def check_reuse_reps(reps: int, n_local: int) -> None:
+    """Timing selection-cache hits over `reps` steps: a selection is reused n_local steps at most."""
+    if reps > n_local + 1:
+        raise InvalidArgumentError(f"timing selection-cache hits needs reps <= n_local + 1 ({n_local + 1}), got "
+                                   f"{reps}: later steps would select afresh")
 
 
 def attention_ms(config, policy, context: int, batch: int, *, reuse: bool = False, reps: int = 16,
@@ -79,6 +87,8 @@ def attention_ms(config, policy, context: int, batch: int, *, reuse: bool = Fals
         policy = dataclasses.replace(policy, cache_threshold=-1.0 if reuse else None)
         policy = tuning.token_select_policy(policy, config, cache_len, sharded=False)  # as generate decides
     stateful = isinstance(policy, TokenSelectAttention) and policy.cache_threshold is not None
+    if stateful and reuse:
+        check_reuse_reps(reps, policy.n_local)
     layer = Attention(config, LayerOptions(fused=True, attention=policy))
 
     def inputs(i):
@@ -255,6 +265,7 @@ def run(model, lengths: Sequence[int] = LENGTHS, batches: Sequence[int] = (1, 4)
     budget = {**BUDGET, **(budget or {})}
     policy = TokenSelectAttention(k=budget["k"], n_init=budget["n_init"], n_local=budget["n_local"],
                                   pool=budget["pool"], cache_threshold=budget["cache_threshold"])
+    check_reuse_reps(reps, policy.n_local)  # before minutes of other timings
     cfg = lm.config
     ts_off = {**budget, "cache_threshold": None}
     ts_on = dict(budget)

@@ -21,8 +21,12 @@ Static shapes: the tree is a fixed [budget + 1] array per row (rows grow their o
 padded), the "heap" an argmax over the nodes' candidate values; each node keeps its draft
 distribution (for the verifier's `draft_q`) and its residual. `max_depth` and `max_children`
 bound the tree (they size the verifier's compiled loops). The heap's ceil(budget / M) rounds
-are fixed, so a heap refuses what it could not fill: M > max_children (the first round grows
-the root's children only) and a budget past the nodes max_depth x max_children hold.
+are fixed, so a heap refuses what it could never fill: M > max_children (the first round grows
+the root's children only) and a budget past the nodes max_depth x max_children hold. Within
+those limits a tree can still come out a few nodes short of the budget (the rest verified as
+padding: a cost, never a wrong token) when, with the budget near the tree's room, a round
+finds fewer nodes ready to grow than M (a round's new children wait for the next one);
+`stats["budget"]` is the size verified.
 
 Values at temperature 0: the verifier accepts a child iff it is the target's argmax, so a
 value should estimate P(argmax = token). The draft's softmax is a poorly calibrated
