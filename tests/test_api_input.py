@@ -127,6 +127,17 @@ def test_bad_generate_arguments(tiny_lm, kwargs, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_method_input_on_other_devices_reuses_the_compiled_loop(tiny_lm):
+    """A recycling matrix from a model on other devices (another mesh) met the loop compiled
+    for the first input of that shape, and JAX refused it with a 25-line ValueError."""
+    opts = dict(max_new_tokens=4, method="recycling", template=[2, 1], k=2)
+    want = tiny_lm.generate([[1, 2, 3]], max_new_tokens=4).tokens
+    matrix = np.full((tiny_lm.config.vocab_size, 2), -1, np.int32)
+    for device in jax.devices()[:3]:
+        out = tiny_lm.generate([[1, 2, 3]], method_input=jax.device_put(matrix, device), **opts)
+        assert out.tokens == want
+
+
 def test_save_and_export_never_write_over_other_files(tiny_lm, tmp_path):
     folder = tmp_path / "mine"
     (folder / "params").mkdir(parents=True)

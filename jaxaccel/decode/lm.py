@@ -628,7 +628,8 @@ def _method_input_array(value: Any, decoder, vocab_size: int) -> Any:
     """`method_input` as the one numeric array a method takes (recycling's matrix of token
     ids, -1 for none), or a one-line error: for a method that takes none, for a dict or a
     ragged list, for entries that are not -1 or a token id of the vocabulary (an id past it
-    used to poison the tree's logits with NaN: every token came out 0)."""
+    used to poison the tree's logits with NaN: every token came out 0). Returned as a numpy
+    array."""
     if not decoder.takes_input:
         raise InvalidArgumentError(f"method {decoder.name!r} takes no method_input")
     if isinstance(value, jax.Array):
@@ -647,7 +648,9 @@ def _method_input_array(value: Any, decoder, vocab_size: int) -> Any:
                         or values.min() < -1 or values.max() >= vocab_size):
         raise InvalidArgumentError(f"method_input for {decoder.name!r} holds entries that are not token ids: each "
                                    f"must be -1 (none) or an integer in [0, {vocab_size})")
-    return arr
+    # On the host: an array from another model's devices (another mesh) would meet a compiled
+    # loop laid out for the first such input's devices, and JAX refuses it.
+    return values
 
 
 def check_draft_model(target: LanguageModel, draft: LanguageModel, decoder) -> None:
