@@ -191,6 +191,25 @@ def test_a_failed_restore_leaves_no_pages_of_abandoned_reads_on_stderr(tmp_path,
     assert seen[-1] is other
 
 
+def test_a_failed_load_through_the_api_prints_only_its_error(tmp_path, tiny_lm):
+    """A model folder copied without params/manifest.ocdbt: the one-line CheckpointError, and
+    (it was 6 to 138 lines) no "Event loop is closed" pages from TensorStore's threads calling
+    back into Orbax's closed loop, nor "Task exception was never retrieved" ones."""
+    import os
+    import subprocess
+    import sys
+
+    folder = tiny_lm.save(tmp_path / "ckpt")
+    (folder / "params" / "manifest.ocdbt").unlink()
+    code = (f"import jaxaccel\ntry:\n    jaxaccel.load({str(folder)!r})\n"
+            f"except jaxaccel.CheckpointError as e:\n    print('refused:', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0 and out.stdout.startswith("refused:"), out.stderr[-2000:]
+    noise = [line for line in out.stderr.splitlines() if "Event loop is closed" in line or "never retrieved" in line]
+    assert not noise, out.stderr[-3000:]
+
+
 class Killed(BaseException):
     """A kill: no `except OSError` sees it."""
 

@@ -123,11 +123,25 @@ def quiet_abandoned_reads() -> None:
         if isinstance(obj, types.CoroutineType) and obj.cr_code.co_name == _ABANDONED_READS and \
                 "orbax" in obj.cr_code.co_filename:
             return
+        if _late_callback(unraisable):
+            return
         previous(unraisable)
 
     hook._jaxaccel_quiet = True
     sys.unraisablehook = hook
     logging.getLogger("asyncio").addFilter(_QUIET_ASYNCIO)  # one instance: added once
+
+
+def _late_callback(unraisable) -> bool:
+    """TensorStore's threads finishing an abandoned read after Orbax closed its event loop:
+    `call_soon_threadsafe` raises "Event loop is closed", reported as unraisable (a page per
+    read, after the one-line error)."""
+    import traceback
+
+    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+        return False
+    frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback is not None else []
+    return any(frame.name == "call_soon_threadsafe" for frame in frames)
 
 
 class _AbandonedMetadataReads(logging.Filter):
@@ -143,7 +157,9 @@ class _AbandonedMetadataReads(logging.Filter):
         # the same abandoned read surfacing as its bare future (when it fails before its task is
         # awaited): TensorStore's own error, naming its spec
         future = message.startswith("Future exception was never retrieved") and "tensorstore_spec" in message
-        return not (task or future)
+        # or wrapped in a task of its own (asyncio's _wrap_awaitable), naming TensorStore's spec
+        wrapped = message.startswith("Task exception was never retrieved") and "tensorstore_spec" in message
+        return not (task or future or wrapped)
 
 
 _QUIET_ASYNCIO = _AbandonedMetadataReads()
