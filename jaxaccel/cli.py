@@ -211,7 +211,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     if argv is None:  # the command's own process
         install_ctrl_c_handler()
     previous = sys.unraisablehook
-    sys.unraisablehook = lambda u: None if _abandoned_async_work(u) else previous(u)
+    sys.unraisablehook = lambda u: None if abandoned_async_work(u) else previous(u)
     failed = False
     try:
         return main(argv)
@@ -259,10 +259,11 @@ def is_storage_error(e: BaseException) -> bool:
     return any(c.__module__.startswith("tensorflow") and c.__name__ in _STORAGE_ERRORS for c in type(e).__mro__)
 
 
-def _abandoned_async_work(u) -> bool:
+def abandoned_async_work(u) -> bool:
     """An Orbax / TensorStore read that finishes after its asyncio loop was closed (a restore
     that failed on another array): its callback raises 'Event loop is closed' in a
-    TensorStore thread, which Python would print as a traceback per pending read."""
+    TensorStore thread, which Python would print as a traceback per pending read (dropped by
+    the CLI's hook and by `model.checkpoint.quiet_abandoned_reads` for API loads)."""
     return isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value)
 
 

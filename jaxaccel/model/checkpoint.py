@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import jax
 
+from jaxaccel.cli import abandoned_async_work
 from jaxaccel.config import ModelConfig, from_dict, parse_yaml, to_dict
 from jaxaccel.errors import CheckpointError, ConfigError, first_line
 from jaxaccel.files import unsupported_location
@@ -109,8 +110,9 @@ def quiet_abandoned_reads() -> None:
     """When one array of an Orbax restore fails, Orbax abandons the reads of the others; Python
     reports each abandoned coroutine's exception at garbage collection ("Exception ignored
     in: <coroutine ...>" and a page of TensorStore spec per array) after the one-line
-    CheckpointError has been said. A `sys.unraisablehook` that drops exactly those (Orbax's
-    read coroutines), passing everything else on, installed once."""
+    CheckpointError has been said, and TensorStore's threads finishing them raise "Event loop
+    is closed" (`cli.abandoned_async_work`). A `sys.unraisablehook` that drops exactly those,
+    passing everything else on, installed once."""
     import sys
     import types
 
@@ -123,25 +125,13 @@ def quiet_abandoned_reads() -> None:
         if isinstance(obj, types.CoroutineType) and obj.cr_code.co_name == _ABANDONED_READS and \
                 "orbax" in obj.cr_code.co_filename:
             return
-        if _late_callback(unraisable):
+        if abandoned_async_work(unraisable):  # their callbacks into Orbax's closed loop
             return
         previous(unraisable)
 
     hook._jaxaccel_quiet = True
     sys.unraisablehook = hook
     logging.getLogger("asyncio").addFilter(_QUIET_ASYNCIO)  # one instance: added once
-
-
-def _late_callback(unraisable) -> bool:
-    """TensorStore's threads finishing an abandoned read after Orbax closed its event loop:
-    `call_soon_threadsafe` raises "Event loop is closed", reported as unraisable (a page per
-    read, after the one-line error)."""
-    import traceback
-
-    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
-        return False
-    frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback is not None else []
-    return any(frame.name == "call_soon_threadsafe" for frame in frames)
 
 
 class _AbandonedMetadataReads(logging.Filter):

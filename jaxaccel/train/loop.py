@@ -238,7 +238,8 @@ RESUME_MAY_CHANGE = ("output_dir", "tensorboard", "mesh", "checkpoint", "data.ca
 
 def micro_batching_is_exact(cfg: RunConfig) -> bool:
     """Whether `train.grad_accum` changes nothing but float rounding. Not with dropout (each
-    micro-batch draws its masks from its own key), MoE (the balance loss is per micro-batch) or Duo-LLM (routes drawn per micro-batch)."""
+    micro-batch draws its masks from its own key), MoE (the balance loss is per micro-batch)
+    or Duo-LLM (routes drawn per micro-batch)."""
     m = cfg.model
     rates = (m.dropout.embed, m.dropout.attention, m.dropout.mlp, m.dropout.path)
     return not any(rates) and not m.moe.n_experts and not m.duo.enabled
