@@ -16,9 +16,9 @@ RoPE and attends through the selection. Selection is per row, so ragged batches 
 Selection cache: per layer and row, a step reuses the last selected top-k while the cosine
 between its query (flattened over heads) and the query that chose them is >= `cache_threshold`
 (None: never) and the selection is at most `n_local` steps old (so no key written since it
-was chosen falls out of the local window unseen); the steps' per-layer `SelectionState`s are the method state, passed through
-the forward like the KV cache. `stats` reports the hit rate over the steps that needed a
-selection (rows longer than the budget).
+was chosen falls out of the local window unseen); the steps' per-layer `SelectionState`s
+are the method state, passed through the forward like the KV cache. `stats` reports the hit
+rate over the steps that needed a selection (rows longer than the budget).
 
     lm.generate(prompts, method="tokenselect", k=2048, n_init=128, n_local=512)
     lm.generate(prompts, method="tokenselect", k=64, n_init=4, n_local=32, pool=3, cache_threshold=None)

@@ -77,16 +77,17 @@ class TokenSelectAttention:
     Selection cache: a step reuses the row's last top-k while the cosine between its query
     (flattened over heads) and the query that chose them is >= `cache_threshold` (None:
     never) and the selection is at most `n_local` steps old (every key written since it was
-    chosen is still in the local window). `use_kernel` None: `generate` decides per request (`decode.tuning.
-    token_select_policy`: the Pallas kernels on TPU/GPU once they matched their jnp
-    references on that shape, the references on CPU or a mesh); a forward called directly
+    chosen is still in the local window). `use_kernel` None: `generate` decides per request
+    (`decode.tuning.token_select_policy`: the Pallas kernels on TPU/GPU once they matched
+    their jnp references on that shape, the references on CPU or a mesh); a forward called directly
     with None runs the kernels on TPU/GPU unchecked. `interpret` runs the kernels in the
     Pallas interpreter (tests).
     `selection` picks the k candidates: "topk" (the soft votes above), or a baseline at the
     same budget that scores no key — "recent" (the k candidates right before the local
     window: StreamingLLM's init + local window) or "random" (k candidates uniformly at
     random, a fresh draw per row, step, layer and example: seeded by the row's length and
-    query — whose float bits, so the draw, differ with the batch and the backend; `pool` and the selection cache apply to "topk" only:
+    query — whose float bits, so the draw, differ with the batch and the backend; `pool` and
+    the selection cache apply to "topk" only:
     `decode.tokenselect` gives the baselines `cache_threshold=None`)."""
 
     k: int = 2048
