@@ -164,6 +164,18 @@ def test_a_finished_run_whose_folder_is_gone_keeps_its_record(toy, monkeypatch, 
             code, _, err = cli(args, capsys)
             assert code == 0, err
             assert json.loads((out / "results.json").read_text())["runs"] == doc["runs"], args
+        # The sweep file changed since (here the evaluation interval; its run folders elsewhere,
+        # its results the same file): a record is its old run's only one, so it is refused as a
+        # folder of another run is, not written over as "new".
+        before = (out / "results.json").read_bytes()
+        changed = toy_sweep(out.parent / "cache", out.parent / "elsewhere", results=str(out / "results.json"))
+        changed["config"]["train"]["eval_every"] = 4
+        other = write_sweep(out.parent / "changed.yaml", changed)
+        for args in (["sweep", other], ["collect", other], ["sweep", other, "--dry-run"]):
+            code, _, err = cli(args, capsys)
+            assert code == 2 and err.count("\n") == 1, (args, err)
+            assert "only record of a finished run" in err and "train.eval_every is 8 there, 4 in this sweep" in err
+            assert (out / "results.json").read_bytes() == before, args
     finally:
         shutil.move(out.parent / "pruned", out / RUN_NAMES[0])
 
@@ -357,7 +369,7 @@ def test_report_reflects_the_results_file(toy, capsys):
 
 
 def test_dry_run_prints_the_plan_and_its_cost_and_writes_nothing(toy, tmp_path, capsys):
-    path, out, _ = toy
+    path, out, doc = toy
     code, plan, _ = cli(["sweep", path, "--dry-run", "--flops-per-s", "1e9"], capsys)
     assert code == 0 and all(f"{name}  done" in plan for name in RUN_NAMES) and "estimated cost: 0 FLOP" in plan
     # how it checkpoints and recomputes does not make another run (the trainer resumes across
@@ -370,6 +382,14 @@ def test_dry_run_prints_the_plan_and_its_cost_and_writes_nothing(toy, tmp_path, 
     assert code == 0 and all(f"{name}  new" in plan for name in RUN_NAMES)
     assert "estimated cost: 4.35 GFLOP, about 64 s at 1 GFLOP/s (--flops-per-s)" in plan  # + 15 s start-up a run
     assert not fresh.exists()
+    # the tokens column is the corpus tokens each run reads, as its record will count them:
+    # under UL2 a row holds fewer of them (its task tokens), and it was steps x batch x seq_len
+    code, plan, err = cli(["sweep", path, f"output_dir={fresh}", "data.objective=ul2", "--dry-run"], capsys)
+    rows = {line.split()[0]: line.split() for line in plan.splitlines() if line.split()[:1] and "=" in line.split()[0]}
+    assert code == 0 and sorted(rows) == sorted(RUN_NAMES), err
+    for record in doc["runs"]:
+        steps, tokens = int(rows[record["name"]][2]), int(rows[record["name"]][3].replace(",", ""))
+        assert tokens == record["total_tokens"] < steps * 8 * 32, (record["name"], tokens, steps)
 
 
 @pytest.mark.parametrize("case,message", [
@@ -467,12 +487,13 @@ def test_rd_star_fit_recovers_the_constant_of_synthetic_runs():
 def test_rd_star_fit_counts_distinct_settings_and_flags_a_beta_at_its_bound():
     """Runs that differ only by seed are one point: three settings (two seeds each) cannot pin
     down E, B, beta and R_D* of one size, yet the fit printed a precise R_D* (684, 18.5 or 14.1
-    by the noise draw)."""
-    unique, seen = [2.0**21, 2.0**19, 2.0**17] * 2, [2.0**21] * 6
+    by the noise draw). Four settings determine the four unknowns exactly: the fit is exact
+    whatever the losses (RMSE ~0) and says nothing either, so it needs one more."""
+    unique, seen = [2.0**21, 2.0**19, 2.0**17, 2.0**15] * 2, [2.0**21] * 8
     losses = [2.0 + 40.0 / effective_data(u, d, 15.0) ** 0.3 for u, d in zip(unique, seen)]
-    with pytest.raises(ValueError, match=r"needs at least 4 distinct \(params, tokens, unique tokens\) settings "
-                                         r"\(1 model size\(s\)\), got 3 \(in 6 finished runs\)"):
-        fit_rd_star([1e6] * 6, seen, unique, losses)
+    with pytest.raises(ValueError, match=r"needs at least 5 distinct \(params, tokens, unique tokens\) settings "
+                                         r"\(1 model size\(s\)\), got 4 \(in 8 finished runs\)"):
+        fit_rd_star([1e6] * 8, seen, unique, losses)
     # a loss that falls more steeply than beta's range allows: beta ends at its bound, and says so
     unique = [2.0**21 / 2**k for k in range(5)] + [2.0**21 / e for e in (2, 4, 8)]
     seen = unique[:5] + [2.0**21] * 3

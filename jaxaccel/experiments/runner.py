@@ -154,12 +154,17 @@ def check_same_corpora(runs: list[Run], states: dict, results_path: str | None =
                              f"train; restore that corpus, or {away} to retrain it — nothing was changed")
 
 
-def plan_steps(runs: list[Run], *, build: bool) -> tuple[dict[str, int | None], list[str]]:
+def plan_steps(runs: list[Run], *, build: bool,
+               stream_tokens: dict[str, int | None] | None = None) -> tuple[dict[str, int | None], list[str]]:
     """Training steps of each run, checking its budget against the corpus first, and the
     corpora that could not be checked. build=False (dry run): corpora not tokenized yet are
-    not built; their runs' budgets are unchecked and their steps may be unknown."""
+    not built; their runs' budgets are unchecked and their steps may be unknown. A dict
+    `stream_tokens` receives the corpus tokens each run will read (None where unknown): not
+    steps x batch x seq_len, which counts UL2's task tokens and retrieval rows as corpus."""
     from jaxaccel.data import budget, corpus_token_count
-    from jaxaccel.data.pipeline import check_retrieval_fits
+    from jaxaccel.data.pipeline import check_retrieval_fits, tokens_read
+
+    stream_tokens = {} if stream_tokens is None else stream_tokens
 
     counts: dict[tuple, int | None] = {}
     fits: set[tuple] = set()  # (corpus, retrieval, seq_len) checked: once per corpus, not per run
@@ -170,6 +175,7 @@ def plan_steps(runs: list[Run], *, build: bool) -> tuple[dict[str, int | None], 
         d = cfg.data
         if d.corpus == "synthetic":
             steps[run.name] = cfg.train.steps or 1000
+            stream_tokens[run.name] = steps[run.name] * cfg.train.batch_size * cfg.train.seq_len
             continue
         key = _data_key(d)
         if key not in counts:
@@ -195,6 +201,8 @@ def plan_steps(runs: list[Run], *, build: bool) -> tuple[dict[str, int | None], 
             raise SweepError(f"run {run.name!r}: train.steps={cfg.train.steps} is more than its data budget of "
                              f"{budget_steps} steps ({unique} unique tokens x {d.epochs} epochs)")
         steps[run.name] = cfg.train.steps or budget_steps
+        stream_tokens[run.name] = None if unique is None else tokens_read(
+            d, unique, seq_len=cfg.train.seq_len, batch_size=corpus_batch_size(cfg), steps=cfg.train.steps)[0]
     return steps, unchecked
 
 
@@ -350,7 +358,9 @@ def recorded_elsewhere(sweep: Sweep, states: dict[str, RunState]) -> dict[str, R
     """Runs with no folder (pruned or moved away once finished: plots and reports need only
     the results file) whose finished record the results file still holds, for the same
     config: they stay finished, record and all, instead of being written over as "new" (and
-    are not trained again; remove the record, or the file, to retrain one)."""
+    are not trained again; remove the record, or the file, to retrain one). A finished record
+    whose run the sweep file has changed since is refused (SweepError), as a folder of another
+    run is: training the new run would write over the only record of the old one."""
     from jaxaccel.experiments.results import read_results
 
     if not as_path(sweep.results_path).exists():
@@ -361,10 +371,15 @@ def recorded_elsewhere(sweep: Sweep, states: dict[str, RunState]) -> dict[str, R
         record = records.get(run.name)
         if states[run.name].status != "new" or not isinstance(record, dict) or record.get("status") not in FINISHED:
             continue
-        try:
-            _check_same_run(run, record.get("config"), sweep.results_path)
-        except SweepError:  # the sweep file changed this run since: it is a new run
-            continue
+        stored = record.get("config")
+        diff = config_differences(stored, to_dict(run.config)) if isinstance(stored, dict) else [("config", None, "")]
+        if diff:
+            key, have, want = diff[0]
+            more = f" and {len(diff) - 1} more" if len(diff) > 1 else ""
+            raise SweepError(f"run {run.name!r}: {sweep.results_path} holds the only record of a finished run of "
+                             f"another config ({key} is {have!r} there, {want!r} in this sweep{more}), whose folder "
+                             f"is gone; remove that record to train the new run, or give the sweep another results "
+                             f"file — nothing was changed")
         kept[run.name] = RunState(record["status"], record.get("steps") or 0, record)
     return kept
 
@@ -428,9 +443,10 @@ def run_sweep(sweep: Sweep, only: list[str] | tuple[str, ...] = (), *, dry_run: 
     states = {run.name: readable(run.config.output_dir, lambda run=run: inspect_run(run), RunState("unknown"))
               for run in sweep.runs}
     states.update(readable(sweep.results_path, lambda: recorded_elsewhere(sweep, states), {}))
-    steps, unchecked = plan_steps(list(sweep.runs), build=not (dry_run or collect))
+    stream_tokens: dict[str, int | None] = {}
+    steps, unchecked = plan_steps(list(sweep.runs), build=not (dry_run or collect), stream_tokens=stream_tokens)
     if dry_run:
-        _print_plan(sweep, selected, states, steps, flops_per_s, out)
+        _print_plan(sweep, selected, states, steps, stream_tokens, flops_per_s, out)
         if unchecked:
             out(f"not tokenized yet, so budgets against it unchecked: {', '.join(unchecked)} (the sweep checks them "
                 f"before training)")
@@ -548,7 +564,7 @@ def run_sweep(sweep: Sweep, only: list[str] | tuple[str, ...] = (), *, dry_run: 
 
 
 def _print_plan(sweep: Sweep, selected: list[Run], states: dict[str, RunState], steps: dict[str, int | None],
-                flops_per_s: float | None, out: Callable[[str], None]) -> None:
+                stream_tokens: dict[str, int | None], flops_per_s: float | None, out: Callable[[str], None]) -> None:
     if flops_per_s is None:
         rate, how = default_rate()
     else:
@@ -572,7 +588,7 @@ def _print_plan(sweep: Sweep, selected: list[Run], states: dict[str, RunState], 
             seconds = flops / rate + STARTUP_S
             total_flops += flops
             total_s += seconds
-        tokens = "?" if n is None else f"{n * cfg.train.batch_size * cfg.train.seq_len:,}"
+        tokens = "?" if stream_tokens.get(run.name) is None else f"{stream_tokens[run.name]:,}"
         rows.append((run.name, status, "?" if n is None else str(n), tokens, f"{cfg.model.num_params():,}",
                      "-" if flops == 0 else ("?" if math.isnan(flops) else _flops(flops)),
                      "-" if seconds == 0 else _duration(seconds)))

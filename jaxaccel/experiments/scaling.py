@@ -134,8 +134,8 @@ def fit_rd_star(params: Sequence[float], tokens: Sequence[float], unique_tokens:
     n, d, u, y = n[ok], d[ok], u[ok], y[ok]
     sizes = sorted(set(n.tolist()))
     distinct = len(set(zip(n.tolist(), d.tolist(), u.tolist())))  # runs repeating a setting (seeds) add no point
-    if distinct < len(sizes) + 3:
-        raise ValueError(f"fitting R_D* needs at least {len(sizes) + 3} distinct (params, tokens, unique tokens) "
+    if distinct < len(sizes) + 4:  # one more than the unknowns (an offset per size, B, beta, R_D*): not exact
+        raise ValueError(f"fitting R_D* needs at least {len(sizes) + 4} distinct (params, tokens, unique tokens) "
                          f"settings ({len(sizes)} model size(s)), got {distinct} (in {len(y)} finished runs)")
     if not np.any(d > u * (1 + 1e-9)):
         raise ValueError("fitting R_D* needs runs that repeat data (tokens > unique_tokens)")
