@@ -28,6 +28,10 @@ def write_atomically(path: Any, data: bytes | str | Callable[[BinaryIO], Any]) -
         data = data.encode()
     write = data if callable(data) else (lambda f: f.write(data))
     if "://" in str(path):
+        if isinstance(path, str):  # as the docstring says: a str of a URL is an epath too
+            from etils import epath
+
+            path = epath.Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("wb") as f:
             write(f)
@@ -47,7 +51,8 @@ def write_atomically(path: Any, data: bytes | str | Callable[[BinaryIO], Any]) -
         mode = path.stat().st_mode & 0o7777
     except OSError:
         mode = None
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    # the name's first 50 characters (200 bytes at most): a name open() takes must not fail for the suffix
+    tmp = path.with_name(f".{path.name[:50]}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:

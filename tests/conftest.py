@@ -314,7 +314,7 @@ def fake_tokenized(tmp_path, docs: list[str]):
     offsets = {"train": np.concatenate([[0], np.cumsum([len(p) for p in pieces])]), "validation": np.zeros(1, np.int64)}
 
     class Tokenized:
-        directory, task_name = tmp_path / "vocab" / "tokens", "fake"
+        directory, task_name, info = tmp_path / "vocab" / "tokens", "fake", {"vocab_sha256": None}
 
         def tokens(self, split):
             return tokens[split]

@@ -196,3 +196,69 @@ def test_a_tfds_split_slice_and_a_bucket_data_dir_open(tmp_path, monkeypatch):
     assert corpus.manifest["files"] == [{"path": "c4/en/c4-train.tfrecord-00000", "bytes": 7,
                                          "sha256": hashlib.sha256(b"records").hexdigest()}]
     assert corpus.manifest["root"] == "gs://bucket/tfds"
+    # the dataset's name, not its last file's path (the hashing loop overwrote it): reading the
+    # documents asked TFDS for a builder named by that path, so every TFDS corpus failed to build
+    assert corpus.manifest["tfds"]["name"] == "c4/en" and corpus.slug == "tfds-c4_en"
+
+
+def test_a_corpus_file_that_cannot_be_opened_is_a_data_error_naming_it(tmp_path):
+    """Only read errors were caught while hashing: a file that cannot be opened (no permission,
+    gone between the glob and the hash) was a bare OSError traceback at the API."""
+    with pytest.raises(DataError, match=r"gone\.txt: no such file or directory"):
+        corpus_module._sha256_file(tmp_path / "gone.txt")
+    with pytest.raises(DataError, match=r"is a directory"):
+        corpus_module._sha256_file(tmp_path)
+
+
+def test_the_unique_stream_is_cut_again_when_its_tokens_were_rebuilt_under_another_vocabulary(tmp_path):
+    """The stream cache was checked only by its length: token arrays rebuilt for a new
+    vocabulary (a damaged spm.model retrained) under the same folder kept the old ids' stream."""
+    import numpy as np
+
+    class Tokenized:
+        directory = tmp_path / "vocab" / "tokens"
+
+        def __init__(self, tokens, vocab_sha256):
+            self._tokens, self.info = np.array(tokens, np.int32), {"vocab_sha256": vocab_sha256}
+
+        def tokens(self, split):
+            return self._tokens
+
+        def offsets(self, split):
+            return np.array([0, 5, 10], np.int64)
+
+    cfg = DataConfig(corpus="x.txt", vocab_size=400, num_sentinels=8)
+    old = Tokenized([3, 10, 11, 12, 1, 3, 20, 21, 22, 1], "a" * 64)
+    new = Tokenized([3, 40, 41, 42, 1, 3, 50, 51, 52, 1], "b" * 64)  # same counts, other ids
+    assert sorted(np.asarray(pipeline._unique_stream(old, cfg)[0]).tolist()) == sorted(old.tokens("train").tolist())
+    with pytest.warns(UserWarning, match="was cut from the tokens of another vocabulary: building it again"):
+        stream, info = pipeline._unique_stream(new, cfg)
+    assert sorted(np.asarray(stream).tolist()) == sorted(new.tokens("train").tolist())
+    assert info["vocab_sha256"] == "b" * 64
+
+
+def test_a_damaged_token_count_record_counts_as_none_in_a_dry_run(tmp_path):
+    """corpus_token_count(build=False) (the sweep's dry run) read the record's splits unchecked:
+    a record without them was a KeyError traceback, where the cache takes it for missing."""
+    (tmp_path / "a.txt").write_text("hello world\n")
+    cfg = DataConfig(corpus=str(tmp_path / "a.txt"), cache_dir=str(tmp_path / "cache"), vocab_size=400,
+                     num_sentinels=8)
+    info = pipeline._vocab_dir(open_corpus(cfg.corpus), cfg)[1] / "tokens" / "info.json"
+    info.parent.mkdir(parents=True)
+    for damaged in ('{"task": "x"}', '{"splits": {"train": {"tokens": "many"}}}', '{"splits": []}'):
+        info.write_text(damaged)
+        assert pipeline.corpus_token_count(cfg, build=False) is None, damaged
+    info.write_text('{"splits": {"train": {"tokens": 17}}}')
+    assert pipeline.corpus_token_count(cfg, build=False) == 17
+
+
+def test_a_vocabulary_sample_too_small_says_so_and_names_vocab_max_chars(tmp_path):
+    """A data.vocab_max_chars that keeps no chunk gave SentencePiece's own
+    'INTERNAL: ... [!sentences_.empty()]'; one that keeps a few blamed the split."""
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "json" / "decoder.py").read_text()
+    (tmp_path / "a.txt").write_text(text)
+    corpus = open_corpus(str(tmp_path / "a.txt"))
+    with pytest.raises(ConfigError) as e:
+        ensure_vocab(corpus, tmp_path / "v", validation_buckets=0, vocab_size=400, num_sentinels=8, vocab_max_chars=100)
+    assert "training sample is empty" in str(e.value) and "data.vocab_max_chars=100" in str(e.value)
+    assert f"of the split's {len(text)} characters" in str(e.value) and "INTERNAL" not in str(e.value)

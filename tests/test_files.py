@@ -67,3 +67,23 @@ def test_a_dangling_link_is_written_through_and_a_loop_is_refused(tmp_path):
         write_atomically(a, "z\n")
     assert a.is_symlink() and b.is_symlink()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "nowhere.json", "out.json", "real.json"]
+
+
+def test_a_long_name_that_open_takes_is_written_too(tmp_path):
+    """The temporary name added ~23 characters to the target's: a 233-255 byte name that
+    open() takes failed with 'File name too long'."""
+    for name in ("x" * 255, "é" * 127):  # 255 and 254 bytes
+        write_atomically(tmp_path / name, b"data")
+        assert (tmp_path / name).read_bytes() == b"data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["x" * 255, "é" * 127])  # no temporary left
+
+
+def test_a_url_given_as_a_str_is_written_through_its_path_type(tmp_path, monkeypatch):
+    """The docstring takes a str, but a str of gs://... failed on `path.parent`."""
+    from etils import epath
+    from test_foundation import _ObjectStorePath
+
+    made = []
+    monkeypatch.setattr(epath, "Path", lambda url: made.append(url) or _ObjectStorePath(tmp_path / "b" / "x.json", url))
+    write_atomically("gs://bucket/x.json", '{"a": 1}')
+    assert made == ["gs://bucket/x.json"] and (tmp_path / "b" / "x.json").read_text() == '{"a": 1}'

@@ -78,13 +78,13 @@ def _sha256_file(path) -> tuple[int, str]:
     read through its own `open` (builtin open would take "gs://b/x" for a local name)."""
     digest = hashlib.sha256()
     size = 0
-    with (path.open("rb") if hasattr(path, "open") else open(path, "rb")) as f:
-        try:
+    try:  # opening fails too (no permission, a file gone since the glob): the file is named
+        with (path.open("rb") if hasattr(path, "open") else open(path, "rb")) as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
                 size += len(block)
-        except OSError as e:
-            raise _unreadable(path, e) from None
+    except OSError as e:
+        raise _unreadable(path, e) from None
     return size, digest.hexdigest()
 
 
@@ -319,8 +319,8 @@ def _tfds_corpus(spec: str, text_field: str) -> Corpus:
     entries = []
     for path in files:
         size, digest = _sha256_file(path)
-        name = str(path)
-        entries.append({"path": name[len(root) + 1:] if name.startswith(root + "/") else name, "bytes": size,
+        where = str(path)
+        entries.append({"path": where[len(root) + 1:] if where.startswith(root + "/") else where, "bytes": size,
                         "sha256": digest})
     manifest = {
         "format": MANIFEST_FORMAT,

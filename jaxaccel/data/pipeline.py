@@ -93,12 +93,17 @@ def _unique_stream(tokenized, cfg: DataConfig) -> tuple[np.ndarray, dict]:
     key = cache.content_key("stream", _STREAM_FORMAT, unique, cfg.seed)
     directory = tokenized.directory.parent / f"stream-{key[:16]}"
     info = cache.read_json(directory / "info.json", dict)
+    # The token arrays it was cut from are those of this vocabulary: `tokenize_corpus` rebuilds
+    # them when the vocabulary changes (a damaged one retrained), and a stream of the old ids
+    # of the same length is no good then. A record from before the hash was kept: taken.
+    vocab_sha256 = tokenized.info.get("vocab_sha256")
     if info is not None:
         stream = cache.intact_array(directory / "tokens.npy", unique)
         if (stream is not None and info.get("unique_tokens") == unique and isinstance(info.get("documents"), int)
-                and isinstance(info.get("sha256"), str)):
+                and isinstance(info.get("sha256"), str) and info.get("vocab_sha256", vocab_sha256) == vocab_sha256):
             return stream, info
-        cache.rebuilding(directory)
+        stale = stream is not None and info.get("vocab_sha256", vocab_sha256) != vocab_sha256
+        cache.rebuilding(directory, *(["was cut from the tokens of another vocabulary"] if stale else []))
     order = np.random.default_rng([_DOC_SHUFFLE_TAG, cfg.seed]).permutation(len(offsets) - 1)
     documents = 0
 
@@ -113,7 +118,7 @@ def _unique_stream(tokenized, cfg: DataConfig) -> tuple[np.ndarray, dict]:
         np.int32)
     assert written == unique, (written, unique)
     info = {"unique_tokens": unique, "seed": cfg.seed, "documents": documents, "corpus_tokens": corpus_tokens,
-            "sha256": sha256}
+            "sha256": sha256, "vocab_sha256": vocab_sha256}
     cache.write_json(directory / "info.json", info)
     return cache.load_array(directory / "tokens.npy"), info
 
@@ -154,7 +159,10 @@ def corpus_token_count(cfg: DataConfig, *, build: bool = True) -> int | None:
         return None
     corpus = open_corpus(cfg.corpus, cfg.text_field)
     info = cache.read_json(_vocab_dir(corpus, cfg)[1] / "tokens" / "info.json", dict)
-    return None if info is None else int(info["splits"]["train"]["tokens"])
+    try:
+        return None if info is None else int(info["splits"]["train"]["tokens"])
+    except (KeyError, TypeError, ValueError):  # a damaged record counts as none, as everywhere in the cache
+        return None
 
 
 def check_retrieval_fits(cfg: DataConfig, seq_len: int, *, build: bool = True) -> None:

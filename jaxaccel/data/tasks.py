@@ -186,7 +186,8 @@ def tokenize_corpus(corpus: Corpus, vocab_path: Path, validation_buckets: int) -
         # the arrays of exactly this model (a record from before the hash was kept: taken)
         if _intact(directory, info) and info.get("vocab_sha256", vocab_sha256) == vocab_sha256:
             return TokenizedCorpus(directory, info)
-        cache.rebuilding(directory)
+        stale = info.get("vocab_sha256", vocab_sha256) != vocab_sha256
+        cache.rebuilding(directory, *(["holds the tokens of another vocabulary"] if stale else []))
         _loaded.cache_clear()
     seqio = import_seqio()
     name = register_task(corpus, vocab_path, validation_buckets)

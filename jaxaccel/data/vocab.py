@@ -116,9 +116,17 @@ def train_sentencepiece(documents, vocab_size: int, num_sentinels: int, keep_fra
                     yield chunk
 
     model = io.BytesIO()
+    kept = 0
+
+    def counted():
+        nonlocal kept
+        for chunk in sentences():
+            kept += 1
+            yield chunk
+
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=sentences(), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+            sentence_iterator=counted(), model_writer=model, model_type="bpe", vocab_size=vocab_size,
             byte_fallback=True, pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=BOS_ID,
             pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>", bos_piece="<s>",
             control_symbols=control_symbols(num_sentinels), normalization_rule_name="identity",
@@ -128,6 +136,9 @@ def train_sentencepiece(documents, vocab_size: int, num_sentinels: int, keep_fra
             minloglevel=2)
     except RuntimeError as e:
         message = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+        if kept == 0:  # only a sample this small keeps nothing: the split has text (_check_training_text)
+            raise ConfigError("the vocabulary's training sample is empty: it keeps none of the training split's "
+                              "chunks") from None
         required = re.search(r"smaller than required_chars\.\s*(\d+)\s*vs\s*(\d+)", message)
         if required:  # every character kept by character_coverage is a piece of its own, besides the bytes
             raise ConfigError(f"data.vocab_size={vocab_size} is too small for this training split: its characters"
@@ -179,8 +190,14 @@ def ensure_vocab(corpus, directory: Path, *, validation_buckets: int, vocab_size
     train_chars = _check_training_text(corpus, validation_buckets)
     keep_fraction = min(1.0, vocab_max_chars / train_chars)
     start = time.perf_counter()
-    model = train_sentencepiece(corpus.documents("train", validation_buckets), vocab_size, num_sentinels,
-                                keep_fraction)
+    try:
+        model = train_sentencepiece(corpus.documents("train", validation_buckets), vocab_size, num_sentinels,
+                                    keep_fraction)
+    except ConfigError as e:
+        if keep_fraction >= 1:
+            raise
+        raise ConfigError(f"{e} (it trains on a sample: data.vocab_max_chars={vocab_max_chars} of the split's "
+                          f"{train_chars} characters; a larger data.vocab_max_chars may fix it)") from None
     seconds = time.perf_counter() - start
     TRAINS += 1
     pieces = _piece_count(model)
