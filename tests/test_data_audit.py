@@ -6,7 +6,6 @@ to train a vocabulary on. Nothing here imports TensorFlow: `build_data` runs on 
 corpus made here with a SentencePiece model trained on a few documents (as in
 test_data_review.py), TFDS on a stand-in builder.
 """
-import hashlib
 import os
 import re
 import sysconfig
@@ -191,10 +190,14 @@ def test_a_tfds_split_slice_and_a_bucket_data_dir_open(tmp_path, monkeypatch):
         return SimpleNamespace(is_prepared=lambda: True, data_dir=bucket, info=info)
 
     monkeypatch.setattr(corpus_module, "_tfds_builder", builder)
+    # the split's files are sized, never read: hashing them read all of C4's train split
+    # (for train[:1%]) on every host at every start
+    monkeypatch.setattr(corpus_module, "_sha256_file", lambda path: pytest.fail(f"{path} was read"))
     corpus = open_corpus("tfds:c4/en:train[:1%]")
     assert asked == ["c4/en"] and corpus.manifest["tfds"]["split"] == "train[:1%]"
-    assert corpus.manifest["files"] == [{"path": "c4/en/c4-train.tfrecord-00000", "bytes": 7,
-                                         "sha256": hashlib.sha256(b"records").hexdigest()}]
+    assert corpus.manifest["files"] == [{"path": "c4/en/c4-train.tfrecord-00000", "bytes": 7}]
+    (tmp_path / "c4" / "en" / "c4-train.tfrecord-00000").write_bytes(b"records, re-prepared")
+    assert open_corpus("tfds:c4/en:train[:1%]").sha256 != corpus.sha256  # another size: another corpus
     assert corpus.manifest["root"] == "gs://bucket/tfds"
     # the dataset's name, not its last file's path (the hashing loop overwrote it): reading the
     # documents asked TFDS for a builder named by that path, so every TFDS corpus failed to build

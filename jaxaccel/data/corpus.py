@@ -23,7 +23,8 @@ Documents with empty text are skipped. Files are read in sorted order of their r
 path (relative to the stdlib root, or to the common folder of the matched files), so the
 document order does not depend on the file system.
 
-Manifest: each file's relative path, byte count and sha256, plus one sha256 over the whole
+Manifest: each file's relative path, byte count and sha256 (a TFDS split's files are not
+hashed: the dataset's versioned name and the sizes identify them), plus one sha256 over the whole
 manifest (`manifest["sha256"]`, the canonical JSON of every field except itself and the
 informational `root`, `corpus` and `python`), so two machines with the same files get the
 same hash wherever the files live and however the glob was spelled. It is written to
@@ -86,6 +87,15 @@ def _sha256_file(path) -> tuple[int, str]:
     except OSError as e:
         raise _unreadable(path, e) from None
     return size, digest.hexdigest()
+
+
+def _file_size(path) -> int:
+    """Bytes of a local path or an etils epath (whose stat gives `length`), without reading it."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise _unreadable(path, e) from None
+    return int(st.st_size if hasattr(st, "st_size") else st.length)
 
 
 def _unreadable(path: Path, e: OSError) -> DataError:
@@ -315,13 +325,15 @@ def _tfds_corpus(spec: str, text_field: str) -> Corpus:
     # pathlib.Path would make "gs://b/x" the local "gs:/b/x"); relative names by their text.
     data_dir = builder.data_dir
     root = str(data_dir).rstrip("/")
+    # Named and sized, not hashed: a TFDS version (in full_name) is immutable, and hashing its
+    # files would read the whole base split (all of C4's train split for train[:1%]) on every
+    # host at every start. The sizes still catch a truncated or re-prepared copy.
     files = sorted(builder.info.splits[base_split].filepaths, key=str)
     entries = []
     for path in files:
-        size, digest = _sha256_file(path)
         where = str(path)
-        entries.append({"path": where[len(root) + 1:] if where.startswith(root + "/") else where, "bytes": size,
-                        "sha256": digest})
+        entries.append({"path": where[len(root) + 1:] if where.startswith(root + "/") else where,
+                        "bytes": _file_size(path)})
     manifest = {
         "format": MANIFEST_FORMAT,
         "source": "tfds",
