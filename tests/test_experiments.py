@@ -380,7 +380,9 @@ def test_dry_run_prints_the_plan_and_its_cost_and_writes_nothing(toy, tmp_path, 
     fresh = tmp_path / "fresh"
     code, plan, _ = cli(["sweep", path, f"output_dir={fresh}", "--dry-run", "--flops-per-s", "1e9"], capsys)
     assert code == 0 and all(f"{name}  new" in plan for name in RUN_NAMES)
-    assert "estimated cost: 4.35 GFLOP, about 64 s at 1 GFLOP/s (--flops-per-s)" in plan  # + 15 s start-up a run
+    # + 15 s start-up a run; 2 and 4 evaluations of 2048 tokens (every 8 steps of 16 and 32: the
+    # last step's is one of them), not one more each (4.35 GFLOP)
+    assert "estimated cost: 4.02 GFLOP, about 64 s at 1 GFLOP/s (--flops-per-s)" in plan
     assert not fresh.exists()
     # the tokens column is the corpus tokens each run reads, as its record will count them:
     # under UL2 a row holds fewer of them (its task tokens), and it was steps x batch x seq_len

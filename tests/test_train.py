@@ -115,6 +115,45 @@ def test_throughput_times_training_steps_not_evaluations(tmp_path, monkeypatch):
     assert rate[12] > 0.2 * max(rate[8], rate[16]), rate  # steps 9-12 follow the step-8 evaluation
 
 
+@pytest.mark.parametrize("mesh", [{"data": 1}, {"data": 2}])
+def test_mfu_is_over_the_devices_the_mesh_uses(tmp_path, mesh):
+    """train.peak_flops is per device; the loop multiplied it by every device of the machine (8
+    here), so a mesh of 1 or 2 of them logged an MFU 8 or 4 times too low."""
+    from jaxaccel.train.metrics import flops_per_token
+
+    cfg = run_cfg(tmp_path, mesh=mesh, steps=4)
+    train(cfg)
+    rec = [r for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if "mfu" in r][-1]
+    expected = rec["tokens_per_s"] * flops_per_token(cfg.model, 32) / (1e11 * mesh["data"])
+    assert rec["mfu"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_throughput_after_extending_a_finished_run_times_no_evaluation(tmp_path, monkeypatch):
+    """A finished run trained on (a larger train.steps) makes up the evaluation its last step
+    left; the first interval's timer ran across it (85 tok/s against ~30k with a 4 s one).
+    Here the evaluation takes 1000 s of the loop's clock, without sleeping."""
+    import types
+
+    from jaxaccel.train import loop, synthetic
+
+    train(run_cfg(tmp_path, steps=4, eval_batches=1))
+    skipped = [0.0]
+    clock = types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + skipped[0])
+    monkeypatch.setattr(loop, "time", clock)
+    real = synthetic.SyntheticData.eval_batches
+
+    def slow(self):
+        for batch in real(self):
+            skipped[0] += 1000.0
+            yield batch
+
+    monkeypatch.setattr(synthetic.SyntheticData, "eval_batches", slow)
+    train(run_cfg(tmp_path, steps=12, eval_batches=1))
+    rate = {r["step"]: r["tokens_per_s"] for r in map(json.loads, open(tmp_path / "metrics.jsonl"))
+            if "tokens_per_s" in r}
+    assert rate[8] > 4 * 256 / 100, rate  # steps 5-8 (a compilation, 4 steps) in well under 100 s
+
+
 def test_a_restart_from_step_0_purges_the_earlier_tensorboard_points(tmp_path, monkeypatch):
     """A run killed before its first checkpoint and started again: metrics.jsonl was cut back
     to nothing, but TensorBoard kept the killed attempt's points beside the new ones."""

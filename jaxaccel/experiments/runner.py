@@ -214,7 +214,8 @@ def run_flops(run: Run, steps: int) -> float:
     cfg = run.config
     per_token = flops_per_token(cfg.model, cfg.train.seq_len)
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
-    evals = (steps // cfg.train.eval_every if cfg.train.eval_every else 0) + 1
+    # the loop evaluates every eval_every steps and at the last one (once, where they coincide)
+    evals = -(-steps // cfg.train.eval_every) if cfg.train.eval_every else 1
     eval_tokens = cfg.data.max_eval_tokens
     if cfg.train.eval_batches is not None:
         eval_tokens = min(eval_tokens, cfg.train.eval_batches * tokens_per_step)
@@ -239,10 +240,16 @@ def _flops(value: float) -> str:
 
 
 def default_rate() -> tuple[float, str]:
+    """The sweep's assumed training rate: ASSUMED_MFU of the measured matmul peak of every
+    device (a run's mesh takes them all; on CPU the one measured matmul already used every core)."""
+    import jax
+
     from jaxaccel.train.metrics import measure_peak_flops
 
-    peak = measure_peak_flops()
-    return peak * ASSUMED_MFU, f"{ASSUMED_MFU:.0%} of this machine's measured matmul peak, {_flops(peak)}/s"
+    devices = 1 if jax.default_backend() == "cpu" else jax.device_count()
+    peak = measure_peak_flops() * devices
+    each = f", {devices} devices" if devices > 1 else ""
+    return peak * ASSUMED_MFU, f"{ASSUMED_MFU:.0%} of this machine's measured matmul peak, {_flops(peak)}/s{each}"
 
 
 # ----------------------------------------------------------------------------- the sweep

@@ -517,12 +517,16 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
 
         tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
         flops_step = flops_per_token(cfg.model, cfg.train.seq_len) * tokens_per_step
+        # MFU against the devices the mesh uses (a mesh may take fewer than the machine has). A
+        # measured peak is one device's matmul in the model's compute dtype (bfloat16 on the pod
+        # presets: a float32 peak would overstate MFU several times); on CPU the fake devices
+        # share the cores that one measured matmul already used, so it is the whole mesh's.
         peak = cfg.train.peak_flops
         if peak is None:
-            peak = measure_peak_flops()
-            peak = peak if jax.default_backend() == "cpu" else peak * jax.device_count()
+            cpu = jax.default_backend() == "cpu"
+            peak = measure_peak_flops() if cpu else measure_peak_flops(dtype=jax.numpy.dtype(cfg.model.dtype)) * mesh.size
         else:
-            peak = peak * jax.device_count()
+            peak = peak * mesh.size
         writer = MetricsWriter(out or cfg.output_dir, cfg.tensorboard and out is not None, start) if is_main() else None
         unique = data.stats.get("unique_tokens")
 
@@ -608,6 +612,7 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
             # `due_eval` below); a rerun that trains on (a larger train.steps) makes it up here,
             # recording it only if it is not yet.
             last_eval = evaluate(start, write=writer is not None and not writer.has(start, "eval_loss"))
+            last["time"] = time.perf_counter()  # the first interval times its training steps only
         batches = data.train_batches(start)
         for step in range(start, total_steps):
             try:
