@@ -72,7 +72,8 @@ def test_sampling_is_reproducible_and_filters_collapse_to_greedy(tiny_lm):
 
 
 def numpy_filtered_probs(logits, temperature, top_k, top_p):
-    """Independent reference of HF's order: temperature, top-k, top-p (ties kept)."""
+    """Independent reference of HF's order: temperature, top-k, top-p (ties kept: with the k-th
+    logit by top-k; with the last token top-p keeps, by top-p)."""
     z = logits / temperature
     if top_k is not None:
         kth = np.sort(z)[::-1][top_k - 1]
@@ -82,9 +83,7 @@ def numpy_filtered_probs(logits, temperature, top_k, top_p):
         p = np.exp(z[order] - z[order][0])
         p /= p.sum()
         mass_before = np.cumsum(p) - p
-        keep = np.zeros_like(z, bool)
-        keep[order[mass_before < top_p]] = True
-        z = np.where(keep, z, -np.inf)
+        z = np.where(z < z[order][mass_before < top_p].min(), -np.inf, z)
     p = np.exp(z - z.max())
     return p / p.sum()
 
@@ -97,6 +96,34 @@ def test_filtered_distribution_matches_reference(temperature, top_k, top_p):
     for row in range(3):
         np.testing.assert_allclose(ours[row], numpy_filtered_probs(logits[row].astype(np.float64), temperature, top_k,
                                                                      top_p), atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.9, 20, 0.9), (1.0, 2, 0.6), (0.7, 5, 0.5), (1.0, 1, 0.3)])
+def test_top_k_ties_reach_top_p(temperature, top_k, top_p):
+    """Top-k keeps every token tied with the k-th logit (common in bfloat16), but top-p
+    measured its mass over the first k sorted entries only: each probability too large, the
+    cut too early ([2, 1, 1, 0] at top_k=2, top_p=0.6 kept token 0 alone, mass 0.58 < 0.6)."""
+    rng = np.random.default_rng(1)
+    logits = np.concatenate([[[2.0, 1.0, 1.0, 0.0] + [-9.0] * 93], rng.integers(-3, 3, size=(3, 97))]).astype(np.float32)
+    mode, params = make_sampling(temperature, top_k, top_p)
+    ours = np.asarray(jax.nn.softmax(filtered_logits(logits, mode, params), axis=-1))
+    for row in range(len(logits)):
+        np.testing.assert_allclose(ours[row], numpy_filtered_probs(logits[row].astype(np.float64), temperature, top_k,
+                                                                     top_p), atol=1e-6)
+    if (top_k, top_p) == (2, 0.6):
+        assert np.flatnonzero(ours[0]).tolist() == [0, 1, 2]
+
+
+def test_a_huge_temperature_keeps_top_k_and_minus_inf():
+    """Past ~3e38 the temperature was float32 inf (or flushed the scaled logits to ties): top_k=1
+    sampled uniformly, and -inf logits became NaN (-inf / inf)."""
+    logits = np.array([[3.0, 1.0, -np.inf, 0.5]], np.float32)
+    for temperature in (1e38, 3e38, 1e39, 1e300):
+        mode, params = make_sampling(temperature, 1, None)
+        assert np.asarray(jax.nn.softmax(filtered_logits(logits, mode, params), axis=-1)).tolist() == [[1, 0, 0, 0]]
+        mode, params = make_sampling(temperature, None, None)
+        probs = np.asarray(jax.nn.softmax(filtered_logits(logits, mode, params), axis=-1))
+        np.testing.assert_allclose(probs, [[1 / 3, 1 / 3, 0, 1 / 3]], atol=1e-6)  # the limit: uniform on the finite
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, None), (0.8, 10, 0.9)])

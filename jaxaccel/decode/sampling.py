@@ -52,22 +52,31 @@ def make_sampling(temperature: float, top_k: int | None, top_p: float | None) ->
     mode = SamplingMode(greedy=greedy, use_top_k=not greedy and top_k is not None,
                         use_top_p=not greedy and top_p is not None and top_p < 1.0)
     # top_k beyond the vocabulary keeps every token (the filter clips it); int32 must hold it
-    params = SamplingParams(jnp.float32(temperature if not greedy else 1.0), jnp.int32(min(top_k or 0, 2**31 - 1)),
+    # Temperatures past 1e30 are 1e30: every finite logit / T is ~0 there already (uniform), and
+    # XLA divides as x * (1 / T), whose factor is 0 in float32 (flushed) past ~8.5e37: -inf
+    # logits became NaN (-inf * 0), as they did for a T of inf (past float32's range).
+    temperature = min(temperature, 1e30) if not greedy else 1.0
+    params = SamplingParams(jnp.float32(temperature), jnp.int32(min(top_k or 0, 2**31 - 1)),
                             jnp.float32(top_p if top_p is not None else 1.0))
     return mode, params
 
 
 def filtered_logits(logits: jax.Array, mode: SamplingMode, params: SamplingParams) -> jax.Array:
-    """logits [..., vocab] float32 -> temperature-scaled logits with filtered tokens at -inf."""
-    logits = logits.astype(jnp.float32) / params.temperature
+    """logits [..., vocab] float32 -> temperature-scaled logits with filtered tokens at -inf.
+    Top-k ranks the unscaled logits (a huge temperature flushes the scaled ones to ties, and
+    the rank does not depend on it); top-p measures the scaled distribution that top-k left,
+    every token tied with the k-th included."""
+    raw = logits.astype(jnp.float32)
+    logits = raw / params.temperature
     if not (mode.use_top_k or mode.use_top_p):
         return logits
-    sorted_desc = -jnp.sort(-logits, axis=-1)
+    sorted_raw = -jnp.sort(-raw, axis=-1)
+    sorted_desc = sorted_raw / params.temperature  # the same order: the temperature is > 0
     if mode.use_top_k:
         k = jnp.clip(params.top_k, 1, logits.shape[-1])
-        kth = jnp.take_along_axis(sorted_desc, jnp.broadcast_to(k - 1, logits.shape[:-1])[..., None], axis=-1)
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-        sorted_desc = jnp.where(jnp.arange(logits.shape[-1]) < k, sorted_desc, -jnp.inf)
+        kth = jnp.take_along_axis(sorted_raw, jnp.broadcast_to(k - 1, logits.shape[:-1])[..., None], axis=-1)
+        logits = jnp.where(raw < kth, -jnp.inf, logits)
+        sorted_desc = jnp.where(sorted_raw < kth, -jnp.inf, sorted_desc)  # ties with the k-th stay, as in logits
     if mode.use_top_p:
         # Keep the smallest prefix of the sorted distribution whose mass reaches top_p
         # (the token that crosses the threshold is kept; at least one token always is).
