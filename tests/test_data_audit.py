@@ -12,6 +12,7 @@ import sysconfig
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from conftest import fake_tokenized
@@ -265,3 +266,11 @@ def test_a_vocabulary_sample_too_small_says_so_and_names_vocab_max_chars(tmp_pat
         ensure_vocab(corpus, tmp_path / "v", validation_buckets=0, vocab_size=400, num_sentinels=8, vocab_max_chars=100)
     assert "training sample is empty" in str(e.value) and "data.vocab_max_chars=100" in str(e.value)
     assert f"of the split's {len(text)} characters" in str(e.value) and "INTERNAL" not in str(e.value)
+    # a vocab_size too small for the sample's characters: a larger sample needs more pieces, no hint
+    rng = np.random.default_rng(0)
+    cjk = "\n".join("".join(chr(0x4E00 + i) for i in rng.integers(0, 600, 60)) for _ in range(1000))
+    (tmp_path / "b.txt").write_text(cjk)
+    with pytest.raises(ConfigError, match="is too small") as e:
+        ensure_vocab(open_corpus(str(tmp_path / "b.txt")), tmp_path / "w", validation_buckets=0, vocab_size=300,
+                     num_sentinels=8, vocab_max_chars=30_000)
+    assert "vocab_max_chars" not in str(e.value)

@@ -104,7 +104,8 @@ def test_top_k_ties_reach_top_p(temperature, top_k, top_p):
     measured its mass over the first k sorted entries only: each probability too large, the
     cut too early ([2, 1, 1, 0] at top_k=2, top_p=0.6 kept token 0 alone, mass 0.58 < 0.6)."""
     rng = np.random.default_rng(1)
-    logits = np.concatenate([[[2.0, 1.0, 1.0, 0.0] + [-9.0] * 93], rng.integers(-3, 3, size=(3, 97))]).astype(np.float32)
+    ties = rng.integers(-3, 3, size=(3, 97))
+    logits = np.concatenate([[[2.0, 1.0, 1.0, 0.0] + [-9.0] * 93], ties]).astype(np.float32)
     mode, params = make_sampling(temperature, top_k, top_p)
     ours = np.asarray(jax.nn.softmax(filtered_logits(logits, mode, params), axis=-1))
     for row in range(len(logits)):

@@ -394,6 +394,30 @@ def test_dry_run_prints_the_plan_and_its_cost_and_writes_nothing(toy, tmp_path, 
         assert tokens == record["total_tokens"] < steps * 8 * 32, (record["name"], tokens, steps)
 
 
+def test_run_flops_counts_the_evaluations_the_loop_runs():
+    """The loop evaluates every eval_every steps and at the last step: the count was one too
+    many where eval_every divides the steps (1.8% too many FLOPs for the shipped sweeps), and
+    for a resumed run it counted from its checkpoint as if from step 0 (steps 8..17 of a run
+    evaluating every 8: at 8, 16 and 17, not 2)."""
+    from types import SimpleNamespace
+
+    from jaxaccel.config import from_dict
+    from jaxaccel.experiments.runner import run_flops
+    from jaxaccel.train.config import RunConfig
+    from jaxaccel.train.metrics import flops_per_token
+
+    cfg = from_dict(RunConfig, {"model": {"vocab_size": 64, "d_model": 32, "n_layers": 1, "n_heads": 2,
+                                          "ffn_dim": 64},
+                                "train": {"batch_size": 2, "seq_len": 16, "eval_every": 8, "eval_batches": 1}})
+    run = SimpleNamespace(config=cfg)
+    step, evaluation = 32 * flops_per_token(cfg.model, 16), 32 * flops_per_token(cfg.model, 16) / 3
+    for steps, start, evals in [(16, 0, 2), (17, 0, 3), (17, 7, 3), (17, 8, 2), (16, 16, 0), (5, 0, 1)]:
+        assert run_flops(run, steps, start) == pytest.approx((steps - start) * step + evals * evaluation), (steps, start)
+    no_periodic = SimpleNamespace(config=from_dict(RunConfig, {**to_dict(cfg), "train": {**to_dict(cfg)["train"],
+                                                                                         "eval_every": 0}}))
+    assert run_flops(no_periodic, 16) == pytest.approx(16 * step + evaluation)
+
+
 @pytest.mark.parametrize("case,message", [
     ("unknown key", "unknown config key 'data.epoch' in the sweep's axes; did you mean 'data.epochs'"),
     ("empty axis", "axis 'model.d_model' in the sweep's axes is empty"),

@@ -108,8 +108,9 @@ def intact_array(path: Path, length: int) -> np.ndarray | None:
     return array if array.ndim == 1 and len(array) == length else None
 
 
-def rebuilding(path: Path, why: str = "is damaged (missing or truncated files)") -> None:
-    """Say that a damaged (or stale: `why`) cache entry is made again (one line, once per entry)."""
+def rebuilding(path: Path, stale: str | None = None) -> None:
+    """Say that a damaged cache entry (or a `stale` one: why) is made again (one line, once per entry)."""
     import warnings
 
+    why = stale or "is damaged (missing or truncated files)"
     warnings.warn(f"data cache {path} {why}: building it again", stacklevel=3)

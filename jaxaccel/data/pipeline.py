@@ -103,7 +103,7 @@ def _unique_stream(tokenized, cfg: DataConfig) -> tuple[np.ndarray, dict]:
                 and isinstance(info.get("sha256"), str) and info.get("vocab_sha256", vocab_sha256) == vocab_sha256):
             return stream, info
         stale = stream is not None and info.get("vocab_sha256", vocab_sha256) != vocab_sha256
-        cache.rebuilding(directory, *(["was cut from the tokens of another vocabulary"] if stale else []))
+        cache.rebuilding(directory, "was cut from the tokens of another vocabulary" if stale else None)
     order = np.random.default_rng([_DOC_SHUFFLE_TAG, cfg.seed]).permutation(len(offsets) - 1)
     documents = 0
 

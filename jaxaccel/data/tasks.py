@@ -187,7 +187,7 @@ def tokenize_corpus(corpus: Corpus, vocab_path: Path, validation_buckets: int) -
         if _intact(directory, info) and info.get("vocab_sha256", vocab_sha256) == vocab_sha256:
             return TokenizedCorpus(directory, info)
         stale = info.get("vocab_sha256", vocab_sha256) != vocab_sha256
-        cache.rebuilding(directory, *(["holds the tokens of another vocabulary"] if stale else []))
+        cache.rebuilding(directory, "holds the tokens of another vocabulary" if stale else None)
         _loaded.cache_clear()
     seqio = import_seqio()
     name = register_task(corpus, vocab_path, validation_buckets)

@@ -194,7 +194,7 @@ def ensure_vocab(corpus, directory: Path, *, validation_buckets: int, vocab_size
         model = train_sentencepiece(corpus.documents("train", validation_buckets), vocab_size, num_sentinels,
                                     keep_fraction)
     except ConfigError as e:
-        if keep_fraction >= 1:
+        if keep_fraction >= 1 or "too small" in str(e):  # a larger sample holds more characters: it needs more
             raise
         raise ConfigError(f"{e} (it trains on a sample: data.vocab_max_chars={vocab_max_chars} of the split's "
                           f"{train_chars} characters; a larger data.vocab_max_chars may fix it)") from None

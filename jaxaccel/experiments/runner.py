@@ -70,15 +70,21 @@ def config_differences(stored: dict, planned: dict) -> list[tuple[str, Any, Any]
             if not _ignored(k) and a.get(k) != b.get(k) and not (k not in a and k in defaults and b.get(k) == defaults[k])]
 
 
+def _difference(run: Run, stored: dict) -> str | None:
+    """How a stored run config differs from `run`'s, as an error shows it (None: the same run)."""
+    diff = config_differences(stored, to_dict(run.config))
+    if not diff:
+        return None
+    key, have, want = diff[0]
+    return f"{key} is {have!r} there, {want!r} in this sweep" + (f" and {len(diff) - 1} more" if len(diff) > 1 else "")
+
+
 def _check_same_run(run: Run, stored: Any, where: str) -> None:
     if not isinstance(stored, dict):
         raise SweepError(f"run {run.name!r}: {where} is not a jaxaccel run config; move the folder away")
-    diff = config_differences(stored, to_dict(run.config))
-    if diff:
-        key, have, want = diff[0]
-        more = f" and {len(diff) - 1} more" if len(diff) > 1 else ""
-        raise SweepError(f"run {run.name!r}: {where} belongs to a different run ({key} is {have!r} there, {want!r} in "
-                         f"this sweep{more}); move it away or give the sweep another output_dir — nothing was changed")
+    if differs := _difference(run, stored):
+        raise SweepError(f"run {run.name!r}: {where} belongs to a different run ({differs}); move it away or give "
+                         f"the sweep another output_dir — nothing was changed")
 
 
 def checkpoint_steps(folder: str) -> list[int]:
@@ -206,20 +212,21 @@ def plan_steps(runs: list[Run], *, build: bool,
     return steps, unchecked
 
 
-def run_flops(run: Run, steps: int) -> float:
-    """Training FLOPs of `steps` steps (6N + attention per token, `train.metrics`) plus its
-    evaluations (a forward: a third of that per token)."""
+def run_flops(run: Run, steps: int, start: int = 0) -> float:
+    """Training FLOPs of steps `start` to `steps` (6N + attention per token, `train.metrics`)
+    plus their evaluations (a forward: a third of that per token): one every eval_every steps
+    and one at the last step (once where they coincide; a resumed run's make-up one aside)."""
     from jaxaccel.train.metrics import flops_per_token
 
     cfg = run.config
     per_token = flops_per_token(cfg.model, cfg.train.seq_len)
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
-    # the loop evaluates every eval_every steps and at the last one (once, where they coincide)
-    evals = -(-steps // cfg.train.eval_every) if cfg.train.eval_every else 1
+    every = cfg.train.eval_every
+    evals = (steps // every - start // every + (steps % every != 0) if every else 1) if steps > start else 0
     eval_tokens = cfg.data.max_eval_tokens
     if cfg.train.eval_batches is not None:
         eval_tokens = min(eval_tokens, cfg.train.eval_batches * tokens_per_step)
-    return per_token * tokens_per_step * steps + evals * eval_tokens * per_token / 3
+    return per_token * tokens_per_step * max(steps - start, 0) + evals * eval_tokens * per_token / 3
 
 
 def _duration(seconds: float) -> str:
@@ -239,15 +246,19 @@ def _flops(value: float) -> str:
     return f"{value:.3g} FLOP"
 
 
-def default_rate() -> tuple[float, str]:
+def default_rate(dtype: str = "float32") -> tuple[float, str]:
     """The sweep's assumed training rate: ASSUMED_MFU of the measured matmul peak of every
-    device (a run's mesh takes them all; on CPU the one measured matmul already used every core)."""
+    device (a run's mesh takes them all; on CPU the one measured matmul already used every
+    core), in the models' compute `dtype` on accelerators, as the trainer's MFU measures it."""
     import jax
 
     from jaxaccel.train.metrics import measure_peak_flops
 
-    devices = 1 if jax.default_backend() == "cpu" else jax.device_count()
-    peak = measure_peak_flops() * devices
+    if jax.default_backend() == "cpu":
+        devices, peak = 1, measure_peak_flops()
+    else:
+        devices = jax.device_count()
+        peak = measure_peak_flops(dtype=jax.numpy.dtype(dtype)) * devices
     each = f", {devices} devices" if devices > 1 else ""
     return peak * ASSUMED_MFU, f"{ASSUMED_MFU:.0%} of this machine's measured matmul peak, {_flops(peak)}/s{each}"
 
@@ -379,14 +390,11 @@ def recorded_elsewhere(sweep: Sweep, states: dict[str, RunState]) -> dict[str, R
         if states[run.name].status != "new" or not isinstance(record, dict) or record.get("status") not in FINISHED:
             continue
         stored = record.get("config")
-        diff = config_differences(stored, to_dict(run.config)) if isinstance(stored, dict) else [("config", None, "")]
-        if diff:
-            key, have, want = diff[0]
-            more = f" and {len(diff) - 1} more" if len(diff) > 1 else ""
+        differs = _difference(run, stored) if isinstance(stored, dict) else "its record holds no run config"
+        if differs:
             raise SweepError(f"run {run.name!r}: {sweep.results_path} holds the only record of a finished run of "
-                             f"another config ({key} is {have!r} there, {want!r} in this sweep{more}), whose folder "
-                             f"is gone; remove that record to train the new run, or give the sweep another results "
-                             f"file — nothing was changed")
+                             f"another config ({differs}), whose folder is gone; remove that record to train the new "
+                             f"run, or give the sweep another results file — nothing was changed")
         kept[run.name] = RunState(record["status"], record.get("steps") or 0, record)
     return kept
 
@@ -508,7 +516,7 @@ def run_sweep(sweep: Sweep, only: list[str] | tuple[str, ...] = (), *, dry_run: 
     from jaxaccel.train.lock import OutputDirInUseError
     from jaxaccel.train.loop import TrainingDiverged, train
 
-    remaining = {r.name: run_flops(r, max((steps[r.name] or 0) - states[r.name].checkpoint_step, 0)) for r in todo}
+    remaining = {r.name: run_flops(r, steps[r.name] or 0, states[r.name].checkpoint_step) for r in todo}
     total_flops = sum(remaining.values())
     skipped = len(selected) - len(todo)
     log(f"sweep {sweep.name}: {len(selected)} run(s) selected, {skipped} finished already, {len(todo)} to train "
@@ -573,7 +581,7 @@ def run_sweep(sweep: Sweep, only: list[str] | tuple[str, ...] = (), *, dry_run: 
 def _print_plan(sweep: Sweep, selected: list[Run], states: dict[str, RunState], steps: dict[str, int | None],
                 stream_tokens: dict[str, int | None], flops_per_s: float | None, out: Callable[[str], None]) -> None:
     if flops_per_s is None:
-        rate, how = default_rate()
+        rate, how = default_rate(selected[0].config.model.dtype if selected else "float32")
     else:
         rate, how = flops_per_s, "--flops-per-s"
     out(f"sweep {sweep.name} ({sweep.source}): {len(sweep.runs)} runs, {len(selected)} selected; "
@@ -591,7 +599,7 @@ def _print_plan(sweep: Sweep, selected: list[Run], states: dict[str, RunState], 
             flops, seconds = float("nan"), float("nan")
             unknown += 1
         else:
-            flops = run_flops(run, max(n - state.checkpoint_step, 0))
+            flops = run_flops(run, n, state.checkpoint_step)
             seconds = flops / rate + STARTUP_S
             total_flops += flops
             total_s += seconds

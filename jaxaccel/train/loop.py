@@ -523,8 +523,10 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
         # share the cores that one measured matmul already used, so it is the whole mesh's.
         peak = cfg.train.peak_flops
         if peak is None:
-            cpu = jax.default_backend() == "cpu"
-            peak = measure_peak_flops() if cpu else measure_peak_flops(dtype=jax.numpy.dtype(cfg.model.dtype)) * mesh.size
+            if jax.default_backend() == "cpu":
+                peak = measure_peak_flops()
+            else:
+                peak = measure_peak_flops(dtype=jax.numpy.dtype(cfg.model.dtype)) * mesh.size
         else:
             peak = peak * mesh.size
         writer = MetricsWriter(out or cfg.output_dir, cfg.tensorboard and out is not None, start) if is_main() else None
