@@ -81,17 +81,22 @@ def os_error_message(e: OSError) -> str:
     return f"{e.filename}{target}: {e.strerror[0].lower()}{e.strerror[1:]}"
 
 
-def writable_output(path: str | os.PathLike, *, folder: bool = False, what: str = "output") -> None:
+def writable_output(path: str | os.PathLike, *, folder: bool = False, what: str = "output",
+                    remote: bool = False) -> None:
     """Check before any work that `path` (a file, or with folder=True a directory) can be
     written, creating nothing: an existing file must be writable; otherwise the nearest
     existing folder above it must take a new file (a probe file is written there and
     removed). Raises InvalidArgumentError with one line otherwise, so a long run never ends
-    in a failed write. Remote paths (gs://...) are left to the writer."""
+    in a failed write. A gs:// path is left to the writer where it takes one (`remote`) and
+    refused where it does not (pathlib would write the local folder "gs:/b/x", exit 0)."""
     import tempfile
 
     from jaxaccel.errors import InvalidArgumentError
+    from jaxaccel.files import unsupported_location
 
     path = os.fspath(path)
+    if problem := unsupported_location(path, remote=remote):
+        raise InvalidArgumentError(f"{what} {problem}")
     if "://" in path:
         return
     if os.path.isdir(path) and not folder:
@@ -306,3 +311,25 @@ def _initialize(jax, *args) -> None:
         jax.distributed.initialize(*args)
     except (ValueError, RuntimeError) as e:
         fail(f"multi-host setup failed: {first_line(e)}")
+
+
+def _drop_traceback(record) -> bool:
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+    return True
+
+
+def log_without_tracebacks() -> None:
+    """Orbax logs a failed background save (a full disk) with its traceback, through absl,
+    before the trainer reports it as a one-line error: keep those log lines, not their
+    tracebacks (JAXACCEL_TRACEBACK=1 keeps them). For every command that trains (train, the
+    experiments' sweeps and fine-tunes)."""
+    import logging
+    import os
+
+    if os.environ.get(TRACEBACK_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+        return
+    # absl: Orbax's own log lines; asyncio: its "exception was never retrieved" for the
+    # failed writes' futures, whenever they are collected
+    for logger in (logging.getLogger("absl"), logging.getLogger("asyncio")):
+        if _drop_traceback not in logger.filters:
+            logger.addFilter(_drop_traceback)

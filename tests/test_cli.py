@@ -512,7 +512,13 @@ def test_outputs_are_checked_before_any_work(tmp_path, capsys):
 
     writable_output(tmp_path / "new" / "deeper" / "r.json")
     writable_output(tmp_path / "new_out", folder=True)
-    writable_output("gs://bucket/out", folder=True)
+    writable_output("gs://bucket/out", folder=True, remote=True)
+    for args in (["kernels", "--json", "gs://bucket/k.json"], ["dyspec", "--figure", "gs://bucket/f.png"]):
+        code, _, err = run(bench_main, args, capsys)  # wrote the local gs:/bucket/..., exit 0
+        assert code == 2 and "gs:// is not supported here; it must be a local folder" in err and err.count("\n") == 1
+    for args in (["plot", "R.json", "--out", "gs://bucket/plots"], ["report", "R.json", "--out", "gs://b/t.md"]):
+        code, _, err = run(experiments_main, args, capsys)
+        assert code == 2 and "gs:// is not supported here; it must be a local folder" in err and err.count("\n") == 1
     assert not (tmp_path / "new").exists() and not (tmp_path / "new_out").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
     code, _, err = run(experiments_main, ["tokenselect", "--out", str(a_file)], capsys)
@@ -774,3 +780,20 @@ def test_a_storage_error_of_tensorflow_is_one_line(capsys):
     assert e.value.code == 2 and err.count("\n") == 1 and "gs://YOUR_BUCKET/runs/x" in err and "credentials" in err
     with pytest.raises(Exception, match="HTTP request"):
         run_cli(failing(tf_error("InvalidArgumentError")), [])
+
+
+def test_experiments_log_a_failed_save_without_tracebacks(monkeypatch, capsys):
+    """Sweeps train too, but only the train CLI kept Orbax's absl tracebacks out of the log: a
+    failed checkpoint save printed 7 tracebacks (374 lines) before the sweep's one-line error."""
+    import logging
+
+    from jaxaccel import cli
+    from jaxaccel.experiments.__main__ import main as experiments_main
+
+    for name in ("absl", "asyncio"):
+        monkeypatch.setattr(logging.getLogger(name), "filters", [])
+    monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
+    run(experiments_main, ["report", "missing.json"], capsys)
+    assert all(cli._drop_traceback in logging.getLogger(n).filters for n in ("absl", "asyncio"))
+    record = logging.LogRecord("absl", logging.ERROR, __file__, 1, "save failed", (), (ValueError, ValueError(), None))
+    assert logging.getLogger("absl").filter(record) and record.exc_info is None and record.getMessage() == "save failed"

@@ -317,6 +317,9 @@ def test_cli_one_line_errors(tmp_path, capsys):
                           # both were written locally, into folders named "s3:" and "gs:"
                           ((cfg, "output_dir=s3://bucket/run"),
                            "output_dir 's3://bucket/run': s3:// is not supported here; it must be a local folder or gs://"),
+                          # an unset $BUCKET, a slash missing: both made a local folder "gs:" (gs:/checkpoints)
+                          ((cfg, "output_dir=gs://"), "output_dir 'gs://' is not a gs://BUCKET/... path"),
+                          ((cfg, "output_dir=gs:/bucket/run"), "output_dir 'gs:/bucket/run' is not a gs://BUCKET/"),
                           ((cfg, "data.cache_dir=gs://bucket/cache"),
                            "data.cache_dir 'gs://bucket/cache': gs:// is not supported here; it must be a local folder"),
                           ((cfg, "train.init_from=http://host/model"), "train.init_from 'http://host/model': http://"),

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from jaxaccel.cli import (ArgumentParser, add_distributed_arguments, csv_list, explain_options, init_distributed,
-                          run_cli)
+                          log_without_tracebacks, run_cli)
 from jaxaccel.files import write_atomically
 
 
@@ -144,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "random_draws": "random routes drawn per budget (the random baseline)"})
     # KEY=VALUE overrides may come after options too (`sweep CONFIG --dry-run output_dir=...`).
     args, extra = p.parse_known_args(argv)
+    log_without_tracebacks()  # sweeps and fine-tunes train: a failed save is one line, as in train
     stray = [e for e in extra if e.startswith("-") or "=" not in e or args.command not in ("sweep", "collect")]
     if stray:
         p.error(f"unrecognized arguments: {' '.join(stray)}")
@@ -167,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "duo" and args.save_router:
         from jaxaccel.decode.lm import check_save_destination
 
-        writable_output(args.save_router, folder=True, what="--save-router folder")
+        writable_output(args.save_router, folder=True, what="--save-router folder", remote=True)
         # a folder holding other files: refused now, not after the run
         check_save_destination(args.save_router, "choose an empty or new --save-router folder")
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 from typing import Sequence
 
-from jaxaccel.cli import ArgumentParser, DefaultsHelpFormatter, add_distributed_arguments, init_distributed, run_cli
+from jaxaccel.cli import (ArgumentParser, DefaultsHelpFormatter, add_distributed_arguments, init_distributed,
+                          log_without_tracebacks, run_cli)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -28,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import jax
 
-    _log_without_tracebacks()
+    log_without_tracebacks()
     init_distributed(args, p)
 
     from jaxaccel.config import build
@@ -40,29 +41,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if jax.process_index() == 0:
         print(json.dumps(summary, default=str))
     return 0
-
-
-def _drop_traceback(record) -> bool:
-    record.exc_info, record.exc_text, record.stack_info = None, None, None
-    return True
-
-
-def _log_without_tracebacks() -> None:
-    """Orbax logs a failed background save (a full disk) with its traceback, through absl,
-    before the trainer reports it as a one-line error: keep those log lines, not their
-    tracebacks (JAXACCEL_TRACEBACK=1 keeps them)."""
-    import logging
-    import os
-
-    from jaxaccel.cli import TRACEBACK_ENV
-
-    if os.environ.get(TRACEBACK_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
-        return
-    # absl: Orbax's own log lines; asyncio: its "exception was never retrieved" for the
-    # failed writes' futures, whenever they are collected
-    for logger in (logging.getLogger("absl"), logging.getLogger("asyncio")):
-        if _drop_traceback not in logger.filters:
-            logger.addFilter(_drop_traceback)
 
 
 def entry() -> None:
