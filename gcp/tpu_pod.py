@@ -15,7 +15,8 @@ environment there (~/jaxaccel-venv: the images' own python3 is Ubuntu 22.04's 3.
 jaxaccel needs) and installs jaxaccel and jax[tpu] into it; `run` starts the command in that
 environment (`python` is its interpreter) on all workers at once (`--worker=all`), which is
 what JAX's multi-host runtime expects; `all` = create, setup, run, and delete (unless --keep),
-deleting even when the run fails or the launcher is interrupted (Ctrl-C or SIGTERM: it says
+deleting even when the run fails or the launcher is interrupted (Ctrl-C, SIGTERM or a closed
+terminal's SIGHUP: it says
 `interrupted` and exits 130). `sweep` is `all` with the command
 `python -m jaxaccel.experiments sweep CONFIG --distributed SWEEP_ARGS`; CONFIG and its base
 config must be committed at HEAD (checked before anything is created).
@@ -126,6 +127,13 @@ class ArgumentParser(argparse.ArgumentParser):
 # inside subprocess.Popen() after the child exists leaves no Popen object to stop it with: the
 # child (the remote run, say) would outlive the launcher. So it is raised once Popen returns.
 _STARTING = {"now": False, "terminated": False}
+
+
+DEFAULT_COMMAND = "python -m jaxaccel.bench decode --no-hf"
+MAX_RESTARTS = 20
+NODE_NAME = re.compile(r"[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?\Z")
+GCLOUD_WORD = re.compile(r"[a-z0-9][-a-z0-9.:]*\Z")  # zones (us-central2-b), projects (my-proj, example.com:p)
+ACCELERATOR = re.compile(r"v\d+[a-z]*-\d+\Z")
 
 
 def _terminated(signum, frame):
@@ -415,6 +423,28 @@ def sweep_base(text: str) -> str | None:
     return None if base is None else str(base)
 
 
+def sweep_output_dir(extra: list[str], text: str, base_text: str) -> str | None:
+    """Where a sweep's runs go: the last `output_dir=` of --sweep-args, else the sweep file's
+    `config: output_dir`, else its base config's `output_dir` (None when it cannot be told:
+    no PyYAML, a broken file, which the sweep runner reports on the hosts)."""
+    given = [a.split("=", 1)[1] for a in extra if a.startswith("output_dir=")]
+    if given:
+        return given[-1]
+    try:
+        import yaml
+    except ImportError:
+        return None
+    try:
+        sweep, base = yaml.safe_load(text), yaml.safe_load(base_text) if base_text else None
+    except yaml.YAMLError:
+        return None
+    config = sweep.get("config") if isinstance(sweep, dict) else None
+    for source in (config, base):
+        if isinstance(source, dict) and source.get("output_dir") is not None:
+            return str(source["output_dir"])
+    return None
+
+
 def check_source(args: argparse.Namespace) -> None:
     """Before anything is created (also in a dry run): pin the commit that setup ships, check that
     a sweep's config is in it (as a path from the repository root), and warn about uncommitted
@@ -437,12 +467,20 @@ def check_source(args: argparse.Namespace) -> None:
             if not local.is_file():
                 raise LauncherError(f"--config {args.config}: no such file")
             raise LauncherError(f"--config {rel} is not committed: setup ships HEAD ({short}); commit it first")
-        base = sweep_base(git("show", f"{args.commit}:{rel}").stdout)
+        text = git("show", f"{args.commit}:{rel}").stdout
+        base, base_text = sweep_base(text), ""
         if base is not None:  # the sweep's base config must be shipped too
             beside = posixpath.normpath(posixpath.join(posixpath.dirname(rel), base))
-            if not any(git("cat-file", "-e", f"{args.commit}:{p}").returncode == 0 for p in (beside, base)):
+            shipped = [p for p in (beside, base) if git("cat-file", "-e", f"{args.commit}:{p}").returncode == 0]
+            if not shipped:
                 raise LauncherError(f"--config {rel}: its base config {base} ({beside}) is not committed: setup "
                                     f"ships HEAD ({short}); commit it first")
+            base_text = git("show", f"{args.commit}:{shipped[0]}").stdout
+        where = sweep_output_dir(args.sweep_extra, text, base_text)
+        if where is not None and not where.startswith("gs://") and not args.keep:
+            raise LauncherError(f"--config {rel}: the sweep's output_dir {where!r} is on the slice's own disk, which "
+                                f"is deleted with the slice (and emptied by a preemption): pass --sweep-args "
+                                f"\"output_dir=gs://BUCKET/...\" (or --keep)")
         args.config = rel
     dirty = git("status", "--porcelain", "--untracked-files=no")
     if dirty.returncode == 0 and dirty.stdout.strip():
@@ -631,7 +669,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    + ", ".join(f"{k} {v}" for k, v in RUNTIME_VERSIONS.items()) + ")")
     p.add_argument("--spot", action="store_true", help="spot capacity; a preempted slice is recreated and the "
                                                        "command rerun")
-    p.add_argument("--max-restarts", type=int, default=20, help="with --spot: most recreations after preemption")
+    p.add_argument("--max-restarts", type=int, default=None,
+                   help=f"with --spot: most recreations after preemption (default {MAX_RESTARTS})")
     p.add_argument("--num-slices", type=int, default=1, metavar="N",
                    help="N > 1: a Multislice job, N slices of --accelerator-type joined by the data-center network, "
                         "made as one queued resource (nodes NAME-0 ... NAME-(N-1)); every command runs on every "
@@ -641,25 +680,49 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--capacity-retries", type=int, default=CAPACITY_RETRIES, metavar="N",
                    help="a first create that fails for want of capacity in the zone (a stock-out) is tried again "
                         "up to N times, after waits doubling from 1 to 16 minutes")
-    p.add_argument("--command", default="python -m jaxaccel.bench decode --no-hf",
-                   help="run in the repository root, with the slice's jaxaccel environment active")
+    p.add_argument("--command", default=None,
+                   help=f"run in the repository root, with the slice's jaxaccel environment active (default: "
+                        f"{DEFAULT_COMMAND}; 'sweep' runs its sweep instead)")
     p.add_argument("--config", help="with 'sweep': the sweep file (configs/experiments/*-pod.yaml), committed")
     p.add_argument("--sweep-args", default="", help="with 'sweep': more arguments, e.g. output_dir=gs://B/x --only G")
     p.add_argument("--keep", action="store_true", help="with 'all'/'sweep': do not delete the TPU VM afterwards")
-    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="print the gcloud commands instead of running them")
     p.add_argument("--simulate-preemption", type=int, default=0, metavar="N",
                    help="with --dry-run: the first N runs fail on a preempted slice")
     p.add_argument("--simulate-stockout", type=int, default=0, metavar="N",
                    help="with --dry-run: the first N creates after a preemption fail (no capacity)")
     args = p.parse_args(argv)
+    # what gcloud would misread: "--name=--help" printed gcloud's help, exit 0, taken for a create
+    if not NODE_NAME.match(args.name):
+        p.error(f"--name {args.name!r}: a TPU name is lowercase letters, digits and hyphens, starting with a letter "
+                f"(at most 63)")
+    for flag, value in (("--zone", args.zone), ("--project", args.project)):
+        if value is not None and not GCLOUD_WORD.match(value):
+            p.error(f"{flag} {value!r}: not a Google Cloud {flag[2:]} name")
+    if args.accelerator_type is not None and not ACCELERATOR.match(args.accelerator_type):
+        p.error(f"--accelerator-type {args.accelerator_type!r}: expected a TPU type and its size, e.g. v4-8, "
+                f"v5litepod-16, v6e-8")
+    # options of other steps, which would be dropped without a word
+    given = {"--config": args.config, "--sweep-args": args.sweep_args, "--keep": args.keep,
+             "--command": args.command if args.step == "sweep" else None}
+    allowed = {"--config": ("sweep",), "--sweep-args": ("sweep",), "--keep": ("all", "sweep"), "--command": ()}
+    for flag, value in given.items():
+        if value and args.step not in allowed[flag]:
+            where = f"with {' or '.join(repr(s) for s in allowed[flag])}" if allowed[flag] else "with another step"
+            p.error(f"{flag} is not used by {args.step!r}: it goes {where}" if flag != "--command" else
+                    "--command is not used by 'sweep': it runs its sweep (--config, --sweep-args)")
+    if args.max_restarts is not None and not args.spot:
+        p.error("--max-restarts goes with --spot (recreations after a preemption)")
+    args.max_restarts = MAX_RESTARTS if args.max_restarts is None else args.max_restarts
+    args.command = args.command or DEFAULT_COMMAND
     if (args.simulate_preemption or args.simulate_stockout) and not args.dry_run:
         p.error("--simulate-preemption and --simulate-stockout need --dry-run")
     if min(args.max_restarts, args.capacity_retries, args.simulate_preemption, args.simulate_stockout) < 0:
         p.error("--max-restarts, --capacity-retries, --simulate-preemption and --simulate-stockout must be >= 0")
     if args.num_slices < 1:
         p.error(f"--num-slices must be >= 1, got {args.num_slices}")
-    if not args.queue_hours > 0:
-        p.error(f"--queue-hours must be > 0, got {args.queue_hours}")
+    if not 0 < args.queue_hours < float("inf"):
+        p.error(f"--queue-hours must be a finite number > 0, got {args.queue_hours}")
     if args.num_slices > 1 and args.step == "run" and args.spot and not (args.accelerator_type and args.version):
         p.error("run --spot --num-slices needs --accelerator-type and --version (to recreate the queued resource "
                 "after a preemption)")
@@ -689,7 +752,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     ex = Executor(args.dry_run, args.simulate_preemption, args.simulate_stockout)
     workdir = None
-    previous = signal.signal(signal.SIGTERM, _terminated)
+    # a closed terminal or SSH session (SIGHUP) too: the slice would be left running, billing
+    previous = {s: signal.signal(s, _terminated) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         if args.step in ("setup", "all", "sweep") or (args.step == "run" and args.spot):  # these may set up
             check_source(args)
@@ -713,7 +777,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"error: {e}\n")
         return EXIT_BAD_INPUT
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)
 

@@ -245,6 +245,48 @@ def test_tpu_pod_missing_tools_and_bad_sweep_args_are_one_line_errors(tmp_path):
     assert proc.stderr.startswith("error: --sweep-args") and len(proc.stderr.splitlines()) == 1
 
 
+@pytest.mark.parametrize("args,message", [
+    (["create", "--name=--help", "--zone", "z"], "--name '--help': a TPU name is lowercase"),  # gcloud's help, exit 0
+    (["create", "--name", "p", "--zone="], "--zone '': not a Google Cloud zone name"),
+    (["create", "--name", "p", "--zone", "z", "--accelerator-type", "v4"], "--accelerator-type 'v4': expected"),
+    (["create", "--name", "p", "--zone", "z", "--num-slices", "2", "--queue-hours", "inf"], "finite number > 0"),
+    # options of another step were dropped without a word: `all` ran the default bench
+    (["all", "--name", "p", "--zone", "z", "--config", "configs/experiments/repetition-pod.yaml"],
+     "--config is not used by 'all': it goes with 'sweep'"),
+    (["all", "--name", "p", "--zone", "z", "--sweep-args", "output_dir=gs://b/x"], "--sweep-args is not used by 'all'"),
+    (["run", "--name", "p", "--zone", "z", "--keep"], "--keep is not used by 'run': it goes with 'all' or 'sweep'"),
+    (["all", "--name", "p", "--zone", "z", "--max-restarts", "3"], "--max-restarts goes with --spot"),
+    (["sweep", "--name", "p", "--zone", "z", "--config", "configs/experiments/repetition-pod.yaml", "--command", "ls"],
+     "--command is not used by 'sweep'"),
+    # a sweep whose runs go on the slice's own disk: deleted with the slice, results and all
+    (["sweep", "--name", "p", "--zone", "z", "--config", "configs/experiments/repetition.yaml"],
+     "the sweep's output_dir 'runs/token_crisis' is on the slice's own disk"),
+    (["sweep", "--name", "p", "--zone", "z", "--config", "configs/experiments/repetition-pod.yaml", "--sweep-args",
+      "output_dir=/tmp/x"], "the sweep's output_dir '/tmp/x' is on the slice's own disk"),
+])
+def test_tpu_pod_refuses_what_gcloud_or_the_run_would_misread(tmp_path, args, message):
+    proc = launch(*args, "--dry-run", env=fake_gcloud(tmp_path))
+    assert proc.returncode == 2 and "+ " not in proc.stdout, proc.stdout + proc.stderr
+    assert message in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
+
+
+def test_tpu_pod_a_sweep_to_a_bucket_or_kept_slice_plans(tmp_path):
+    env = fake_gcloud(tmp_path)
+    for extra in (["--sweep-args", "output_dir=gs://b/x"], ["--keep"]):
+        proc = launch("sweep", "--name", "p", "--zone", "z", "--config", "configs/experiments/repetition.yaml",
+                      *extra, "--dry-run", env=env)
+        assert proc.returncode == 0 and "jaxaccel.experiments sweep configs/experiments/repetition.yaml" in proc.stdout
+
+
+def test_tpu_pod_sighup_deletes_the_slice_and_exits_130(tmp_path):
+    """A closed terminal or SSH session: only SIGTERM and Ctrl-C were handled, so SIGHUP left
+    the slice running (and billing) and exited 129."""
+    env = fake_gcloud(tmp_path, """*"--command=cd ~/jaxaccel"*) kill -HUP $PPID; exec sleep 30 ;;""")
+    proc = launch("all", "--name", "pod", "--zone", "z", env=env)
+    assert proc.returncode == 130, proc.stdout + proc.stderr
+    assert gcloud_calls(tmp_path) == ["create", "scp", "install", "run", "delete"]
+
+
 def test_tpu_pod_sweep_config_must_be_committed_before_anything_is_created(tmp_path):
     repo = tmp_path / "repo"
     (repo / "gcp").mkdir(parents=True)
@@ -273,7 +315,7 @@ def test_tpu_pod_sweep_config_must_be_committed_before_anything_is_created(tmp_p
     (repo / "configs" / "experiments").mkdir()
     (repo / "configs" / "experiments" / "c.yaml").write_text("name: c\nbase: ../base.yaml  # the runs' base\n")
     (repo / "configs" / "experiments" / "d.yaml").write_text("name: d\nbase: 'configs/base.yaml'\n")
-    (repo / "configs" / "base.yaml").write_text("output_dir: runs\n")
+    (repo / "configs" / "base.yaml").write_text("output_dir: gs://bucket/runs\n")
     subprocess.run(git + ["add", "configs/experiments"], check=True)
     subprocess.run(git + ["commit", "-q", "-m", "c"], check=True)
     for name in ("c", "d"):
@@ -520,7 +562,7 @@ def test_tpu_pod_multislice_is_one_queued_resource_waited_for_and_run_on_every_n
     assert gcloud_calls(tmp_path / "failed")[:2] == ["create", "describe"]
     assert "delete" in gcloud_calls(tmp_path / "failed") and "run" not in gcloud_calls(tmp_path / "failed")
     for bad, message in ((["--num-slices", "0"], "--num-slices must be >= 1"),
-                         (["--num-slices", "2", "--queue-hours", "0"], "--queue-hours must be > 0")):
+                         (["--num-slices", "2", "--queue-hours", "0"], "--queue-hours must be a finite number > 0")):
         proc = launch("create", "--name", "ms", "--zone", "z", *bad, "--dry-run")
         assert proc.returncode == 2 and message in proc.stderr
 
