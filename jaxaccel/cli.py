@@ -296,7 +296,8 @@ def init_distributed(args: argparse.Namespace, p: argparse.ArgumentParser) -> No
     if args.coordinator:
         if args.num_processes is None or args.process_id is None:
             p.error("--coordinator needs --num-processes and --process-id")
-        if not re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):\d{1,5}", args.coordinator):
+        if not (re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):\d{1,5}", args.coordinator)
+                and 0 < int(args.coordinator.rsplit(":", 1)[1]) < 65536):
             p.error(f"--coordinator must be HOST:PORT (e.g. 10.0.0.2:1234), got {args.coordinator!r}")
         if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
             jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -68,6 +68,12 @@ def test_decode_text_output_and_prompts_file(model_dir, capsys, tmp_path):
     (["--prompt", "hello"], "prompt 0 (--prompt 'hello') is text, but this model has no tokenizer: pass prompts as lists of token ids (CLI: --prompt-ids)"),
     (["--prompt-ids", "1", "--temperature", "hot"], "invalid float value: 'hot'"),
     (["--prompts-file", "/nonexistent.jsonl"], "does not exist"),
+    # was "prompts file 'gs:/bucket/p.jsonl' does not exist": the URL mangled, nothing said it is not read
+    (["--prompts-file", "gs://bucket/p.jsonl"], "--prompts-file 'gs://bucket/p.jsonl': gs:// is not supported here"),
+    # was "(did you mean temperature?)"
+    (["--prompt-ids", "1", "--option", "temperature=0.5"],
+     "unknown option temperature for method 'autoregressive' (temperature is an argument of generate itself, not a "
+     "method option: --temperature)"),
     (["--prompt-ids", "1", "--method", "recycling", "--option", "k=3", "--option", "k=8"],
      "--option k is given twice (3 and 8); give it once"),
     (["--prompt-ids", "1", "--method", "recycling", "--option", "hot_start=true"],

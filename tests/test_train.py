@@ -314,6 +314,8 @@ def test_cli_one_line_errors(tmp_path, capsys):
                           # jax.distributed.initialize raised IndexError (a traceback) on a port-less address
                           ((cfg, "--coordinator", "127.0.0.1", "--num-processes", "2", "--process-id", "1"),
                            "--coordinator must be HOST:PORT (e.g. 10.0.0.2:1234), got '127.0.0.1'"),
+                          ((cfg, "--coordinator", "127.0.0.1:99999", "--num-processes", "2", "--process-id", "1"),
+                           "--coordinator must be HOST:PORT (e.g. 10.0.0.2:1234), got '127.0.0.1:99999'"),
                           # both were written locally, into folders named "s3:" and "gs:"
                           ((cfg, "output_dir=s3://bucket/run"),
                            "output_dir 's3://bucket/run': s3:// is not supported here; it must be a local folder or gs://"),

@@ -74,6 +74,10 @@ def read_prompts(args, where: list[str] | None = None) -> list[Any]:
     if args.prompts_file is not None:
         if not args.prompts_file.strip():
             fail("--prompts-file must be a path, got an empty string")
+        from jaxaccel.files import unsupported_location
+
+        if problem := unsupported_location(args.prompts_file, remote=False):  # not the local 'gs:/b/p.jsonl'
+            fail(f"--prompts-file {problem}")
         path = Path(args.prompts_file)
         # JSONL separates records by "\n" only: str.splitlines would also split at U+2028 and
         # friends, which are legal unescaped inside a JSON string.

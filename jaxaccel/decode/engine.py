@@ -135,6 +135,9 @@ class DecodeMethod:
             known = [*self.options, *GENERATE_ARGUMENTS]
             close = difflib.get_close_matches(unknown[0], known, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
+            if unknown[0] in GENERATE_ARGUMENTS:  # it said "did you mean temperature?" for temperature
+                flag = "" if unknown[0] in ("method_input", "progress") else f": --{unknown[0].replace('_', '-')}"
+                hint = f" ({unknown[0]} is an argument of generate itself, not a method option{flag})"
             raise InvalidArgumentError(
                 f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} for method "
                 f"{self.name!r}{hint}; valid options: {valid}; generate's own arguments: "
