@@ -274,3 +274,20 @@ def test_a_vocabulary_sample_too_small_says_so_and_names_vocab_max_chars(tmp_pat
         ensure_vocab(open_corpus(str(tmp_path / "b.txt")), tmp_path / "w", validation_buckets=0, vocab_size=300,
                      num_sentinels=8, vocab_max_chars=30_000)
     assert "vocab_max_chars" not in str(e.value)
+
+
+def test_ul2_spans_longer_than_configured_are_said():
+    """Past ~2,200 tokens a row wants more spans than the 100 sentinels: R(mean_span=3) at
+    seq_len 8192 averaged 12-token spans, with nothing said outside a module docstring."""
+    import warnings
+
+    from jaxaccel.data.config import Denoiser
+    from jaxaccel.data.objectives import ul2_raw_length
+
+    r, x, s = Denoiser("R", 3.0, 0.15), Denoiser("X", 32.0, 0.5), Denoiser("S", rate=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ul2_raw_length(2048, [r, x, s], 100)  # under the cap: silent
+    with pytest.warns(UserWarning, match=r"R\(mean_span=3\) at seq_len=8192: data.num_sentinels=100 allows 100 "
+                                         r"spans a row, so its spans average 12\.0 tokens; data.num_sentinels=399 keeps them at 3"):
+        ul2_raw_length(8192, [r, s], 100)

@@ -142,11 +142,29 @@ def corrupted_length(length: int, denoiser: Denoiser, num_sentinels: int) -> int
     return length + 2 + 2 * _num_spans(length, num_noise, denoiser.mean_span, num_sentinels)
 
 
+def _warn_capped_spans(length: int, seq_len: int, denoisers: Sequence[Denoiser], num_sentinels: int) -> None:
+    """A row wants more spans than there are sentinels: the spans get longer than configured
+    (noise density stays exact). Said once per setting, with the sentinel count that avoids it."""
+    import warnings
+
+    for d in denoisers:
+        if d.mode == "S":
+            continue
+        num_noise = min(max(int(round(length * d.noise_density)), 1), length - 1)
+        wanted = int(round(num_noise / d.mean_span))
+        if wanted > num_sentinels:
+            warnings.warn(f"UL2 denoiser {d.mode}(mean_span={d.mean_span:g}) at seq_len={seq_len}: "
+                          f"data.num_sentinels={num_sentinels} allows {num_sentinels} spans a row, so its spans "
+                          f"average {num_noise / num_sentinels:.1f} tokens; data.num_sentinels={wanted} keeps them "
+                          f"at {d.mean_span:g}", stacklevel=3)
+
+
 def ul2_raw_length(seq_len: int, denoisers: Sequence[Denoiser], num_sentinels: int) -> int:
     """The longest raw row whose corrupted form fits in `seq_len` for every active denoiser."""
     active = [d for d in denoisers if d.rate > 0]
     for length in range(seq_len - 1, 1, -1):  # corrupted_length is nondecreasing in length
         if all(corrupted_length(length, d, num_sentinels) <= seq_len for d in active):
+            _warn_capped_spans(length, seq_len, active, num_sentinels)
             return length
     raise ConfigError(f"seq_len={seq_len} is too short for data.objective='ul2' (no raw length fits every denoiser)")
 
