@@ -137,6 +137,11 @@ ACCELERATOR = re.compile(r"v\d+[a-z]*-\d+\Z")
 
 
 def _terminated(signum, frame):
+    if signum == signal.SIGHUP:  # the terminal is gone: writing to it fails (EIO) before the slice is deleted
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.dup2(devnull, sys.stderr.fileno())
     if _STARTING["now"]:
         _STARTING["terminated"] = True
         return
@@ -423,6 +428,17 @@ def sweep_base(text: str) -> str | None:
     return None if base is None else str(base)
 
 
+def sweep_results(extra: list[str]) -> str | None:
+    """The last --results of --sweep-args (--results PATH or --results=PATH), else None."""
+    found = None
+    for i, arg in enumerate(extra):
+        if arg == "--results" and i + 1 < len(extra):
+            found = extra[i + 1]
+        elif arg.startswith("--results="):
+            found = arg.split("=", 1)[1]
+    return found
+
+
 def sweep_output_dir(extra: list[str], text: str, base_text: str) -> str | None:
     """Where a sweep's runs go: the last `output_dir=` of --sweep-args, else the sweep file's
     `config: output_dir`, else its base config's `output_dir` (None when it cannot be told:
@@ -476,11 +492,14 @@ def check_source(args: argparse.Namespace) -> None:
                 raise LauncherError(f"--config {rel}: its base config {base} ({beside}) is not committed: setup "
                                     f"ships HEAD ({short}); commit it first")
             base_text = git("show", f"{args.commit}:{shipped[0]}").stdout
-        where = sweep_output_dir(args.sweep_extra, text, base_text)
-        if where is not None and not where.startswith("gs://") and not args.keep:
-            raise LauncherError(f"--config {rel}: the sweep's output_dir {where!r} is on the slice's own disk, which "
-                                f"is deleted with the slice (and emptied by a preemption): pass --sweep-args "
-                                f"\"output_dir=gs://BUCKET/...\" (or --keep)")
+        results = sweep_results(args.sweep_extra)  # by default under output_dir
+        for what, where in (("output_dir", sweep_output_dir(args.sweep_extra, text, base_text)),
+                            ("--results", results)):
+            if where is not None and not where.startswith("gs://") and (args.spot or not args.keep):
+                keep = "" if args.spot else " (or --keep)"
+                raise LauncherError(f"--config {rel}: the sweep's {what} {where!r} is on the slice's own disk, which "
+                                    f"is deleted with the slice and emptied by a preemption: give it as gs://BUCKET/... "
+                                    f"in --sweep-args{keep}")
         args.config = rel
     dirty = git("status", "--porcelain", "--untracked-files=no")
     if dirty.returncode == 0 and dirty.stdout.strip():
@@ -704,17 +723,19 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                 f"v5litepod-16, v6e-8")
     # options of other steps, which would be dropped without a word
     given = {"--config": args.config, "--sweep-args": args.sweep_args, "--keep": args.keep,
-             "--command": args.command if args.step == "sweep" else None}
-    allowed = {"--config": ("sweep",), "--sweep-args": ("sweep",), "--keep": ("all", "sweep"), "--command": ()}
+             "--command": args.command is not None}
+    allowed = {"--config": ("sweep",), "--sweep-args": ("sweep",), "--keep": ("all", "sweep"),
+               "--command": ("run", "all")}
     for flag, value in given.items():
         if value and args.step not in allowed[flag]:
-            where = f"with {' or '.join(repr(s) for s in allowed[flag])}" if allowed[flag] else "with another step"
-            p.error(f"{flag} is not used by {args.step!r}: it goes {where}" if flag != "--command" else
-                    "--command is not used by 'sweep': it runs its sweep (--config, --sweep-args)")
+            why = ": it runs its sweep (--config, --sweep-args)" if args.step == "sweep" else ""
+            p.error(f"{flag} is not used by {args.step!r}{why}: it goes with {' or '.join(map(repr, allowed[flag]))}")
     if args.max_restarts is not None and not args.spot:
         p.error("--max-restarts goes with --spot (recreations after a preemption)")
     args.max_restarts = MAX_RESTARTS if args.max_restarts is None else args.max_restarts
-    args.command = args.command or DEFAULT_COMMAND
+    if args.command is not None and not args.command.strip():  # an unset $CMD: not the default bench
+        p.error("--command is empty")
+    args.command = DEFAULT_COMMAND if args.command is None else args.command
     if (args.simulate_preemption or args.simulate_stockout) and not args.dry_run:
         p.error("--simulate-preemption and --simulate-stockout need --dry-run")
     if min(args.max_restarts, args.capacity_retries, args.simulate_preemption, args.simulate_stockout) < 0:
@@ -753,7 +774,9 @@ def main(argv: list[str] | None = None) -> int:
     ex = Executor(args.dry_run, args.simulate_preemption, args.simulate_stockout)
     workdir = None
     # a closed terminal or SSH session (SIGHUP) too: the slice would be left running, billing
-    previous = {s: signal.signal(s, _terminated) for s in (signal.SIGTERM, signal.SIGHUP)}
+    # (not where SIGHUP is ignored, as under nohup: that caller wants the run to outlive the session)
+    hup = [signal.SIGHUP] if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN else []
+    previous = {s: signal.signal(s, _terminated) for s in (signal.SIGTERM, *hup)}
     try:
         if args.step in ("setup", "all", "sweep") or (args.step == "run" and args.spot):  # these may set up
             check_source(args)

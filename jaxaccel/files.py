@@ -87,8 +87,10 @@ def unsupported_location(path: Any, *, remote: bool = True) -> str | None:
     `remote`) gs:// are; any other URL (s3://, http://, or gs:// where only a local folder will
     do) is not: pathlib would turn "s3://b/x" into a local folder named "s3:"."""
     text = str(path)
-    if text.startswith("gs:") and not (text.startswith("gs://") and text[5:].split("/")[0]):
+    if text.startswith("gs:/") and not (text.startswith("gs://") and text[5:].split("/")[0]):
         # "gs://" (an unset $BUCKET) or "gs:/b" (one slash): pathlib makes either a local "gs:" folder
+        if not remote:
+            return f"{text!r}: gs:// is not supported here; it must be a local folder"
         return f"{text!r} is not a gs://BUCKET/... path (no bucket, or a slash missing)"
     scheme, sep, _ = text.partition("://")
     if not sep or not scheme or not all(c.isalnum() or c in "+.-" for c in scheme):

@@ -70,6 +70,7 @@ def test_decode_text_output_and_prompts_file(model_dir, capsys, tmp_path):
     (["--prompts-file", "/nonexistent.jsonl"], "does not exist"),
     # was "prompts file 'gs:/bucket/p.jsonl' does not exist": the URL mangled, nothing said it is not read
     (["--prompts-file", "gs://bucket/p.jsonl"], "--prompts-file 'gs://bucket/p.jsonl': gs:// is not supported here"),
+    (["--prompts-file", "gs:/bucket/p.jsonl"], "--prompts-file 'gs:/bucket/p.jsonl': gs:// is not supported here"),
     # was "(did you mean temperature?)"
     (["--prompt-ids", "1", "--option", "temperature=0.5"],
      "unknown option temperature for method 'autoregressive' (temperature is an argument of generate itself, not a "
@@ -522,9 +523,15 @@ def test_outputs_are_checked_before_any_work(tmp_path, capsys):
     for args in (["kernels", "--json", "gs://bucket/k.json"], ["dyspec", "--figure", "gs://bucket/f.png"]):
         code, _, err = run(bench_main, args, capsys)  # wrote the local gs:/bucket/..., exit 0
         assert code == 2 and "gs:// is not supported here; it must be a local folder" in err and err.count("\n") == 1
-    for args in (["plot", "R.json", "--out", "gs://bucket/plots"], ["report", "R.json", "--out", "gs://b/t.md"]):
+    sweep = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "experiments",
+                         "repetition.yaml")
+    for args in (["plot", "R.json", "--out", "gs://bucket/plots"], ["report", "R.json", "--out", "gs://b/t.md"],
+                 ["collect", sweep, f"output_dir={tmp_path}", "--results", "s3://b/r.json"]):  # a local s3:/b
         code, _, err = run(experiments_main, args, capsys)
-        assert code == 2 and "gs:// is not supported here; it must be a local folder" in err and err.count("\n") == 1
+        assert code == 2 and "// is not supported here; it must be a local folder" in err and err.count("\n") == 1
+    code, _, err = run(experiments_main, ["collect", sweep, f"output_dir={tmp_path}", "--results", "gs:/b/r.json"],
+                       capsys)
+    assert code == 2 and "results 'gs:/b/r.json' is not a gs://BUCKET/... path" in err  # wrote ./gs:/b/r.json
     assert not (tmp_path / "new").exists() and not (tmp_path / "new_out").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
     code, _, err = run(experiments_main, ["tokenselect", "--out", str(a_file)], capsys)

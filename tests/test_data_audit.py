@@ -288,6 +288,7 @@ def test_ul2_spans_longer_than_configured_are_said():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ul2_raw_length(2048, [r, x, s], 100)  # under the cap: silent
-    with pytest.warns(UserWarning, match=r"R\(mean_span=3\) at seq_len=8192: data.num_sentinels=100 allows 100 "
-                                         r"spans a row, so its spans average 12\.0 tokens; data.num_sentinels=399 keeps them at 3"):
+    capped = (r"R\(mean_span=3\) at seq_len=8192: data.num_sentinels=100 allows 100 spans a row, so its spans "
+              r"average 12\.0 tokens; data.num_sentinels=399 keeps them at 3")
+    with pytest.warns(UserWarning, match=capped):
         ul2_raw_length(8192, [r, s], 100)

@@ -1,8 +1,10 @@
 """gcp/ and colab/ are shipped, so they are tested: the pod launcher's dry run, and the
 notebook's code cells (minus shell lines) executed top to bottom."""
+import contextlib
 import json
 import os
 import re
+import select
 import shutil
 import subprocess
 import sys
@@ -257,10 +259,18 @@ def test_tpu_pod_missing_tools_and_bad_sweep_args_are_one_line_errors(tmp_path):
     (["run", "--name", "p", "--zone", "z", "--keep"], "--keep is not used by 'run': it goes with 'all' or 'sweep'"),
     (["all", "--name", "p", "--zone", "z", "--max-restarts", "3"], "--max-restarts goes with --spot"),
     (["sweep", "--name", "p", "--zone", "z", "--config", "configs/experiments/repetition-pod.yaml", "--command", "ls"],
-     "--command is not used by 'sweep'"),
+     "--command is not used by 'sweep': it runs its sweep"),
+    (["create", "--name", "p", "--zone", "z", "--command", "ls"], "--command is not used by 'create'"),
+    (["all", "--name", "p", "--zone", "z", "--command", ""], "--command is empty"),  # ran the default bench
+    (["sweep", "--name", "p", "--zone", "z", "--config", "configs/experiments/repetition-pod.yaml", "--sweep-args",
+      "output_dir=gs://b/x --results /tmp/r.json"], "the sweep's --results '/tmp/r.json' is on the slice's own disk"),
+    (["sweep", "--name", "p", "--zone", "z", "--config", "configs/experiments/repetition.yaml", "--spot", "--keep"],
+     "emptied by a preemption: give it as gs://BUCKET/... in --sweep-args"),  # --keep does not survive a preemption
     # a sweep whose runs go on the slice's own disk: deleted with the slice, results and all
     (["sweep", "--name", "p", "--zone", "z", "--config", "configs/experiments/repetition.yaml"],
      "the sweep's output_dir 'runs/token_crisis' is on the slice's own disk"),
+    (["sweep", "--name", "p", "--zone", "z", "--config", "configs/experiments/repetition.yaml"],
+     "in --sweep-args (or --keep)"),
     (["sweep", "--name", "p", "--zone", "z", "--config", "configs/experiments/repetition-pod.yaml", "--sweep-args",
       "output_dir=/tmp/x"], "the sweep's output_dir '/tmp/x' is on the slice's own disk"),
 ])
@@ -281,10 +291,36 @@ def test_tpu_pod_a_sweep_to_a_bucket_or_kept_slice_plans(tmp_path):
 def test_tpu_pod_sighup_deletes_the_slice_and_exits_130(tmp_path):
     """A closed terminal or SSH session: only SIGTERM and Ctrl-C were handled, so SIGHUP left
     the slice running (and billing) and exited 129."""
+    import pty
+    import signal
+
     env = fake_gcloud(tmp_path, """*"--command=cd ~/jaxaccel"*) kill -HUP $PPID; exec sleep 30 ;;""")
     proc = launch("all", "--name", "pod", "--zone", "z", env=env)
     assert proc.returncode == 130, proc.stdout + proc.stderr
     assert gcloud_calls(tmp_path) == ["create", "scp", "install", "run", "delete"]
+    # under nohup (SIGHUP ignored) the run outlives the session, as it did
+    (tmp_path / "nohup").mkdir()
+    hung_up = fake_gcloud(tmp_path / "nohup", """*"--command=cd ~/jaxaccel"*) kill -HUP $PPID; sleep 1 ;;""")
+    nohup = subprocess.run([sys.executable, str(LAUNCHER), "all", "--name", "pod", "--zone", "z"], env=hung_up,
+                           capture_output=True, text=True, timeout=120,
+                           preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    assert nohup.returncode == 0, nohup.stderr
+    assert gcloud_calls(tmp_path / "nohup") == ["create", "scp", "install", "run", "delete"]
+    # a terminal that really closes: writing to it fails (EIO), which stopped the launcher before the delete
+    (tmp_path / "pty").mkdir()
+    slow = fake_gcloud(tmp_path / "pty", """*"--command=cd ~/jaxaccel"*) trap "" HUP; exec sleep 30 ;;""")
+    pid, master = pty.fork()
+    if pid == 0:  # the launcher, on the pty as its terminal
+        os.execve(sys.executable, [sys.executable, str(LAUNCHER), "all", "--name", "pod", "--zone", "z"], slow)
+    log = tmp_path / "pty" / "gcloud.log"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (log.exists() and "--command=cd ~/jaxaccel" in log.read_text()):
+        with contextlib.suppress(OSError):
+            if select.select([master], [], [], 0.1)[0]:
+                os.read(master, 4096)
+    os.close(master)  # the terminal goes away: the kernel sends SIGHUP
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 130 and gcloud_calls(tmp_path / "pty")[-1] == "delete"
 
 
 def test_tpu_pod_sweep_config_must_be_committed_before_anything_is_created(tmp_path):

@@ -357,6 +357,10 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), re
     results_path = results or _text(raw.get("results"), "results") or "results.json"
     if not results and not (results_path.startswith("/") or "://" in results_path):
         results_path = join(output_dir, results_path)  # relative to the runs: follows output_dir overrides
+    from jaxaccel.files import unsupported_location
+
+    if problem := unsupported_location(results_path):  # pathlib would write a local "s3:" or "gs:" folder
+        raise ConfigError(f"results {problem}")
     sweep = Sweep(name=name, description=_text(raw.get("description"), "description").strip(), source=str(path), base=base,
                   output_dir=output_dir, results_path=results_path,
                   groups=tuple(groups), runs=tuple(runs), plots=_parse_plots(raw.get("plots"), group_names),
