@@ -282,13 +282,21 @@ def test_ul2_spans_longer_than_configured_are_said():
     import warnings
 
     from jaxaccel.data.config import Denoiser
-    from jaxaccel.data.objectives import ul2_raw_length
+    from jaxaccel.data.objectives import random_spans_noise_mask, ul2_raw_length
 
     r, x, s = Denoiser("R", 3.0, 0.15), Denoiser("X", 32.0, 0.5), Denoiser("S", rate=0.5)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        ul2_raw_length(2048, [r, x, s], 100)  # under the cap: silent
-    capped = (r"R\(mean_span=3\) at seq_len=8192: data.num_sentinels=100 allows 100 spans a row, so its spans "
-              r"average 12\.0 tokens; data.num_sentinels=399 keeps them at 3")
-    with pytest.warns(UserWarning, match=capped):
-        ul2_raw_length(8192, [r, s], 100)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        short = ul2_raw_length(2048, [r, x, s], 100)
+    assert said == [] and 1800 < short < 2048  # under the cap: nothing said
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        long = ul2_raw_length(8192, [r, s], 100)
+    assert len(said) == 1 and issubclass(said[0].category, UserWarning), [str(w.message) for w in said]
+    message = str(said[0].message)
+    assert message == ("UL2 denoiser R(mean_span=3) at seq_len=8192: data.num_sentinels=100 allows 100 spans a row, "
+                       "so its spans average 12.0 tokens; data.num_sentinels=399 keeps them at 3"), message
+    # what it says is what a row of that length gets: 100 noise spans averaging 12 tokens
+    mask = random_spans_noise_mask(long, r.noise_density, r.mean_span, 100, np.random.default_rng(0))
+    starts = np.flatnonzero(mask[1:] & ~mask[:-1])
+    assert len(starts) == 100 and mask.sum() / len(starts) == pytest.approx(12.0, abs=0.05)
