@@ -114,12 +114,17 @@ def apply_prefix_lm(rows: dict[str, np.ndarray], rngs: Sequence[np.random.Genera
 def random_spans_noise_mask(length: int, noise_density: float, mean_span: float, max_spans: int,
                             rng: np.random.Generator) -> np.ndarray:
     """bool [length]: alternating non-noise / noise spans, starting with non-noise (T5's rule)."""
-    num_noise = min(max(int(round(length * noise_density)), 1), length - 1)
+    num_noise = _num_noise(length, noise_density)
     num_spans = _num_spans(length, num_noise, mean_span, max_spans)
     noise_lengths = _random_composition(num_noise, num_spans, rng)
     keep_lengths = _random_composition(length - num_noise, num_spans, rng)
     run_lengths = np.stack([keep_lengths, noise_lengths], axis=1).reshape(-1)
     return np.repeat(np.tile([False, True], num_spans), run_lengths)
+
+
+def _num_noise(length: int, noise_density: float) -> int:
+    """Corrupted tokens of a row of `length`: at least one, and at least one left uncorrupted."""
+    return min(max(int(round(length * noise_density)), 1), length - 1)
 
 
 def _num_spans(length: int, num_noise: int, mean_span: float, max_spans: int) -> int:
@@ -138,7 +143,7 @@ def corrupted_length(length: int, denoiser: Denoiser, num_sentinels: int) -> int
     """Tokens in the UL2 example made from `length` raw tokens."""
     if denoiser.mode == "S" or length < 2:
         return length + 1
-    num_noise = min(max(int(round(length * denoiser.noise_density)), 1), length - 1)
+    num_noise = _num_noise(length, denoiser.noise_density)
     return length + 2 + 2 * _num_spans(length, num_noise, denoiser.mean_span, num_sentinels)
 
 
@@ -150,7 +155,7 @@ def _warn_capped_spans(length: int, seq_len: int, denoisers: Sequence[Denoiser],
     for d in denoisers:
         if d.mode == "S":
             continue
-        num_noise = min(max(int(round(length * d.noise_density)), 1), length - 1)
+        num_noise = _num_noise(length, d.noise_density)
         wanted = int(round(num_noise / d.mean_span))
         if wanted > num_sentinels:
             warnings.warn(f"UL2 denoiser {d.mode}(mean_span={d.mean_span:g}) at seq_len={seq_len}: "

@@ -248,17 +248,13 @@ def _flops(value: float) -> str:
 
 def default_rate(dtype: str = "float32") -> tuple[float, str]:
     """The sweep's assumed training rate: ASSUMED_MFU of the measured matmul peak of every
-    device (a run's mesh takes them all; on CPU the one measured matmul already used every
-    core), in the models' compute `dtype` on accelerators, as the trainer's MFU measures it."""
+    device (a run's mesh takes them all), as the trainer's MFU measures it."""
     import jax
 
-    from jaxaccel.train.metrics import measure_peak_flops
+    from jaxaccel.train.metrics import devices_peak_flops
 
-    if jax.default_backend() == "cpu":
-        devices, peak = 1, measure_peak_flops()
-    else:
-        devices = jax.device_count()
-        peak = measure_peak_flops(dtype=jax.numpy.dtype(dtype)) * devices
+    devices = 1 if jax.default_backend() == "cpu" else jax.device_count()
+    peak = devices_peak_flops(devices, dtype)
     each = f", {devices} devices" if devices > 1 else ""
     return peak * ASSUMED_MFU, f"{ASSUMED_MFU:.0%} of this machine's measured matmul peak, {_flops(peak)}/s{each}"
 

@@ -40,7 +40,7 @@ from jaxaccel.train.checkpoint import Checkpoints
 from jaxaccel.train.config import MAX_STEPS, RunConfig
 from jaxaccel.train.hosts import decided_by_process_0, is_main
 from jaxaccel.train.lock import LOCK_FILE, OutputDirInUseError, OutputDirLock
-from jaxaccel.train.metrics import MetricsWriter, flops_per_token, measure_peak_flops
+from jaxaccel.train.metrics import MetricsWriter, devices_peak_flops, flops_per_token
 from jaxaccel.train.state import batch_sharding, create_state, global_batch, state_shardings
 from jaxaccel.train import step as step_module
 from jaxaccel.train.step import eval_step, lr_schedule, make_optimizer, train_step
@@ -517,18 +517,9 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
 
         tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
         flops_step = flops_per_token(cfg.model, cfg.train.seq_len) * tokens_per_step
-        # MFU against the devices the mesh uses (a mesh may take fewer than the machine has). A
-        # measured peak is one device's matmul in the model's compute dtype (bfloat16 on the pod
-        # presets: a float32 peak would overstate MFU several times); on CPU the fake devices
-        # share the cores that one measured matmul already used, so it is the whole mesh's.
-        peak = cfg.train.peak_flops
-        if peak is None:
-            if jax.default_backend() == "cpu":
-                peak = measure_peak_flops()
-            else:
-                peak = measure_peak_flops(dtype=jax.numpy.dtype(cfg.model.dtype)) * mesh.size
-        else:
-            peak = peak * mesh.size
+        # MFU against the devices the mesh uses (a mesh may take fewer than the machine has)
+        peak = (devices_peak_flops(mesh.size, cfg.model.dtype) if cfg.train.peak_flops is None
+                else cfg.train.peak_flops * mesh.size)
         writer = MetricsWriter(out or cfg.output_dir, cfg.tensorboard and out is not None, start) if is_main() else None
         unique = data.stats.get("unique_tokens")
 

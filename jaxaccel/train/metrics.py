@@ -54,6 +54,16 @@ def measure_peak_flops(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> fl
     return 2 * n**3 / float(np.median(times))
 
 
+def devices_peak_flops(devices: int, dtype: str = "float32") -> float:
+    """Measured matmul FLOP/s of `devices` devices, for MFU and sweep estimates: one device's
+    in the model's compute `dtype` times the count on an accelerator (a float32 peak would
+    overstate a bfloat16 model's MFU several times); on CPU the one float32 measurement, whose
+    matmul already used every core that the fake devices share."""
+    if jax.default_backend() == "cpu":
+        return measure_peak_flops()
+    return measure_peak_flops(dtype=jnp.dtype(dtype)) * devices
+
+
 class MetricsWriter:
     """Appends to OUTPUT_DIR/metrics.jsonl. For a gs:// output_dir (no appends on GCS) the file
     lives in a local mirror and is uploaded whole at every flush."""
