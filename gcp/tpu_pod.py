@@ -81,6 +81,15 @@ REMOTE_ARCHIVE = "jaxaccel-src.tar.gz"  # on each worker, in the home folder (sc
 PYTHON_VERSION = "3.11"
 VENV = "~/jaxaccel-venv"
 VENV_PYTHON = f"{VENV}/bin/python"
+# Unpacks the archive into ~/jaxaccel, first removing the files the previous archive put there and
+# this one lacks (a module deleted since would still import; a removed config would still load),
+# and nothing else: a kept slice's local run folders under ~/jaxaccel stay. POSIX sh.
+_FILES = ".jaxaccel-archive-files"  # the files of the last archive unpacked, one per line, sorted
+UNPACK = (f"mkdir -p ~/jaxaccel && cd ~/jaxaccel && "
+          f"tar -tzf ~/{REMOTE_ARCHIVE} | grep -v '/$' | LC_ALL=C sort > {_FILES}.new && "
+          f"{{ [ ! -f {_FILES} ] || LC_ALL=C comm -23 {_FILES} {_FILES}.new | "
+          f"while IFS= read -r f; do rm -f -- \"$f\"; done; }} && "
+          f"tar -xzf ~/{REMOTE_ARCHIVE} && mv {_FILES}.new {_FILES} && rm -f ~/{REMOTE_ARCHIVE}")
 DEFAULT_ACCELERATOR = "v4-8"
 # Cloud TPU runtime images by accelerator-type prefix (v5litepod-* is v5e).
 RUNTIME_VERSIONS = {"v2": "tpu-ubuntu2204-base", "v3": "tpu-ubuntu2204-base", "v4": "tpu-ubuntu2204-base",
@@ -191,7 +200,7 @@ def plan(args: argparse.Namespace, step: str) -> list[list[str]]:
     if step == "setup":
         install = (f"python3 -m pip install -q --user -U uv && "
                    f"python3 -m uv venv -q --seed --allow-existing --python {PYTHON_VERSION} {VENV} && "
-                   f"mkdir -p ~/jaxaccel && tar -xzf ~/{REMOTE_ARCHIVE} -C ~/jaxaccel && rm -f ~/{REMOTE_ARCHIVE} && "
+                   f"{UNPACK} && "
                    f"cd ~/jaxaccel && {VENV_PYTHON} -m pip install -q -U pip && "
                    f"{VENV_PYTHON} -m pip install -q -e '.[train]' 'jax[tpu]'")  # train: seqio, for corpora
         # The commit is pinned when the launcher starts, so every (re)created slice gets the same code;

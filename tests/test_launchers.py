@@ -83,6 +83,40 @@ def test_tpu_pod_setup_and_run_use_the_same_python_3_11_venv():
     assert f"--command=cd ~/jaxaccel && . {venv}/bin/activate && python -m jaxaccel.decode" in run
 
 
+def test_tpu_pod_setup_unpacks_over_the_last_code_without_its_stale_files_or_touching_runs(tmp_path, launcher_module):
+    """A second setup on a kept slice (another commit) removes the files the first archive put in
+    ~/jaxaccel and the second lacks, and keeps everything else there (a local run's folder)."""
+    import io
+    import tarfile
+
+    home = tmp_path / "home"
+    home.mkdir()
+
+    def unpack(files: dict[str, str]) -> None:
+        with tarfile.open(home / launcher_module.REMOTE_ARCHIVE, "w:gz") as tar:
+            for name, text in files.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(text.encode())
+                tar.addfile(info, io.BytesIO(text.encode()))
+        proc = subprocess.run(["sh", "-c", launcher_module.UNPACK], env={**os.environ, "HOME": str(home)},
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+
+    code = home / "jaxaccel"
+    unpack({"jaxaccel/old.py": "old", "jaxaccel/kept.py": "v1", "configs/gone it.yaml": "x"})
+    (code / "runs" / "r1").mkdir(parents=True)
+    (code / "runs" / "r1" / "metrics.jsonl").write_text("{}")
+    assert (code / "jaxaccel" / "old.py").exists() and (code / "configs" / "gone it.yaml").exists()
+    unpack({"jaxaccel/kept.py": "v2", "jaxaccel/new.py": "new"})
+    assert not (code / "jaxaccel" / "old.py").exists() and not (code / "configs" / "gone it.yaml").exists()
+    assert (code / "jaxaccel" / "kept.py").read_text() == "v2" and (code / "jaxaccel" / "new.py").read_text() == "new"
+    assert (code / "runs" / "r1" / "metrics.jsonl").read_text() == "{}"
+    assert not (home / launcher_module.REMOTE_ARCHIVE).exists()
+    args = launcher_module.parse(["setup", "--name", "p", "--zone", "z"])
+    args.archive, args.commit = "a.tar.gz", "HEAD"
+    assert launcher_module.UNPACK in launcher_module.plan(args, "setup")[-1][-1]
+
+
 def test_tpu_pod_default_runtime_version_follows_the_accelerator_type():
     for accelerator, version in [("v4-32", "tpu-ubuntu2204-base"), ("v3-8", "tpu-ubuntu2204-base"),
                                  ("v5litepod-16", "v2-alpha-tpuv5-lite"), ("v5p-64", "v2-alpha-tpuv5"),
