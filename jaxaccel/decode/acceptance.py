@@ -333,8 +333,9 @@ def greedy_temperature_from(logits: np.ndarray, argmax: np.ndarray) -> float:
     return round(best, 4)
 
 
-# Bumped when what the measurements compute changes, so no older cached figure is read.
-CACHE_VERSION = 2
+# Bumped when what the measurements compute changes, so no older cached figure is read
+# (3: top-k keeps the tokens tied with the k-th logit before top-p measures mass, db46d3e).
+CACHE_VERSION = 3
 
 
 def _fingerprint(source) -> str:
