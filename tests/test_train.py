@@ -231,10 +231,16 @@ def test_learning_rate_schedules_without_warmup_start_at_the_full_rate():
 
 def test_dropout_switches_on_at_its_step(tmp_path, single_device):
     model = {**MODEL, "dropout": {"attention": 0.2, "mlp": 0.2}}
-    train(run_cfg(tmp_path, model, dropout_start_step=4))
+    train(run_cfg(tmp_path, model, dropout_start_step=4, log_every=1))
     got = losses(tmp_path)
     np.testing.assert_allclose(got[:4], single_device["dense"][:4], rtol=1e-6)
     assert abs(got[5] - single_device["dense"][5]) > 1e-4
+    # Tokens/s and MFU time training, not compiling: the first call of each step variant (the
+    # plain step at step 1, the dropout step at step 5) compiles it, and its record has neither.
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"loss"' in line]
+    timed = [r["step"] for r in records if "tokens_per_s" in r]
+    assert timed == [2, 3, 4, 6, 7, 8], timed
+    assert all(r["tokens_per_s"] > 0 and r["mfu"] > 0 for r in records if "tokens_per_s" in r)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -549,7 +549,8 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
 
         epoch_of = getattr(data, "epochs_read", lambda steps: steps / data.steps_per_epoch)
         pending: list[tuple[int, Any]] = []
-        last = {"time": time.perf_counter(), "step": start}
+        last = {"time": time.perf_counter(), "step": start}  # where the timing of tokens/s and MFU starts
+        compiled: set[bool] = set()  # the step variants (dropout or not) called once in this process
         last_eval: dict[str, float] = {}
         last_loss = float("nan")
 
@@ -577,7 +578,7 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
                     record.update(aux_loss=float(m["aux_loss"]), moe_load_balance=float(m["moe_load_balance"]),
                                   moe_router_z=float(m["moe_router_z"]), moe_dropped=float(m["moe_dropped"]),
                                   moe_expert_load=np.asarray(m["moe_expert_load"]).round(4).tolist())
-                if step == pending[-1][0]:
+                if step == pending[-1][0] and steps_done > 0:
                     record.update(tokens_per_s=tok_s, mfu=tok_s * flops_step / tokens_per_step / peak)
                 if writer is not None:
                     writer.write(record)
@@ -585,8 +586,8 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
             if writer is not None:
                 writer.flush()
             if bar is not None:
-                bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tok_s:.0f}")
-                bar.update(steps_done)
+                bar.set_postfix(loss=f"{last_loss:.3f}", **({"tok_s": f"{tok_s:.0f}"} if steps_done else {}))
+                bar.update(len(pending))
             last.update(time=now, step=pending[-1][0] + 1)
             pending.clear()
 
@@ -616,6 +617,10 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
             dropout = has_dropout and step >= cfg.train.dropout_start_step
             state, metrics = step_fn[dropout](state, global_batch(local, bsh))
             pending.append((step, metrics))
+            if dropout not in compiled:  # its first call compiled it: tokens/s and MFU time the steps after it
+                compiled.add(dropout)
+                jax.block_until_ready(metrics)
+                last.update(time=time.perf_counter(), step=step + 1)
             done = step + 1
             due_ckpt = done % cfg.checkpoint.every_steps == 0 or done == total_steps
             due_eval = (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == total_steps
