@@ -16,7 +16,7 @@ from conftest import randomize
 from jaxaccel.cli import run_cli
 from jaxaccel.config import ModelConfig
 from jaxaccel.convert.__main__ import main as convert_main
-from jaxaccel.convert.hf import EXPORT_MANIFEST, config_from_hf, config_to_hf, export_hf
+from jaxaccel.convert.hf import EXPORT_MANIFEST, config_from_hf, config_to_hf, export_hf, tensor_plan
 from jaxaccel.errors import CheckpointError, ConfigError, ModelLoadError, UnsupportedArchitectureError
 from jaxaccel.model.transformer import init_params
 
@@ -556,3 +556,109 @@ def test_a_gs_hugging_face_folder_is_refused_in_one_line(tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError, match="'gs://bucket/hf': a Hugging Face folder is read from a local folder "
                                              "only"):
         jaxaccel.load("gs://bucket/hf")
+
+
+# ----------------------------------------------------------------------------- stop 43: what the files hold
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+def test_a_tied_config_with_another_stored_head_loads_that_head_untied(tmp_path):
+    """transformers' rule: config.json ties the head, the weights hold an lm_head.weight of other
+    values, so that head is the model's. It was ignored (logits off by 5 from transformers')."""
+    import warnings
+
+    untied = tiny(0, dataclasses.replace(CFG, tie_embeddings=False))
+    folder = untied.export_hf(tmp_path / "hf")
+    _edit_config(folder, tie_word_embeddings=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lm = jaxaccel.load(folder)
+    said = [str(w.message) for w in caught if "lm_head.weight of other values" in str(w.message)]
+    assert len(said) == 1 and "loading that head (untied)" in said[0], [str(w.message) for w in caught]
+    assert not lm.config.tie_embeddings
+    np.testing.assert_array_equal(np.asarray(lm.params["lm_head"]["kernel"]),
+                                  np.asarray(untied.params["lm_head"]["kernel"]))
+    ids = np.arange(1, 9)[None]
+    np.testing.assert_array_equal(np.asarray(lm.logits(ids)), np.asarray(untied.logits(ids)))
+    # a stored head equal to the embedding (a tied model saved with both) stays tied, silently
+    tied = tiny(0, dataclasses.replace(CFG, tie_embeddings=True)).export_hf(tmp_path / "tied")
+    weights = load_file(str(tied / "model.safetensors"))
+    save_file({**weights, "lm_head.weight": weights["model.embed_tokens.weight"]}, str(tied / "model.safetensors"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert jaxaccel.load(tied).config.tie_embeddings
+    assert [str(w.message) for w in caught] == []
+
+
+def test_stored_tensors_the_config_does_not_use_are_said(tmp_path):
+    import warnings
+
+    folder = tiny(0, dataclasses.replace(CFG, n_layers=2)).export_hf(tmp_path / "hf")
+    _edit_config(folder, num_hidden_layers=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert jaxaccel.load(folder).config.n_layers == 1
+    said = [str(w.message) for w in caught if "not part of the model config.json describes" in str(w.message)]
+    assert len(said) == 1 and ": 9 stored tensors" in said[0] and "model.layers.1." in said[0], said
+
+
+def test_tensors_an_index_leaves_out_or_misplaces_are_read_from_the_listed_files(tmp_path):
+    """transformers reads every tensor of the files an index lists; jaxaccel said such a tensor
+    was missing from the files."""
+    folder = tiny(0).export_hf(tmp_path / "hf", max_shard_bytes=2_000)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    weight_map = index["weight_map"]
+    shards = sorted(set(weight_map.values()))
+    # two tensors whose files hold others too (so the index still lists those files)
+    shared = [name for name, file in weight_map.items() if list(weight_map.values()).count(file) > 1]
+    assert len(shards) > 2 and len(shared) >= 2 and weight_map[shared[0]] != weight_map[shared[-1]]
+    left_out, wrong = shared[0], shared[-1]
+    del weight_map[left_out]
+    weight_map[wrong] = next(s for s in shards if s != weight_map[wrong])
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    lm = jaxaccel.load(folder)
+    plan = {name: path for path, name, *_ in tensor_plan(CFG)}
+    for path in (plan[left_out], plan[wrong], ("embed", "embedding")):
+        a, b = lm.params, tiny(0).params
+        for key in path:
+            a, b = a[key], b[key]
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_sharded_export_removes_a_model_safetensors_that_would_load_instead(tmp_path, capsys):
+    """With no config.json in the folder, an export with --force kept another model's
+    model.safetensors beside its new index, and that file (which wins) loaded instead."""
+    folder = tmp_path / "dest"
+    folder.mkdir()
+    shutil.copy(tiny(1).export_hf(tmp_path / "other") / "model.safetensors", folder)
+    (folder / "notes.txt").write_text("keep")
+    source = tiny(0).export_hf(tmp_path / "source")
+    code, err = run(["export", str(source), str(folder), "--force", "--max-shard-size", "2KB"], capsys)
+    assert code == 0, err
+    assert (folder / "model.safetensors.index.json").is_file() and not (folder / "model.safetensors").exists()
+    assert (folder / "notes.txt").read_text() == "keep"
+    np.testing.assert_array_equal(embedding(jaxaccel.load(folder)), embedding(tiny(0)))
+
+
+def test_weights_rewritten_in_place_at_their_size_are_not_replaced_without_force(tmp_path, capsys):
+    """A fine-tune saved over an export's model.safetensors keeps its size; only the sizes were
+    compared, so a later export replaced the fine-tuned weights without --force."""
+    import os
+
+    folder = tiny(0).export_hf(tmp_path / "hf")
+    weights = load_file(str(folder / "model.safetensors"))
+    tuned = {k: v + np.asarray(1, v.dtype) for k, v in weights.items()}
+    before = (folder / "model.safetensors").stat()
+    save_file(tuned, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    # a different mtime even on a file system with coarse timestamps
+    os.utime(folder / "model.safetensors", ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    assert (folder / "model.safetensors").stat().st_size == before.st_size
+    source = tiny(1).export_hf(tmp_path / "source")
+    code, err = run(["export", str(source), str(folder)], capsys)
+    assert code == 2 and "did not export, or changed since" in err, err
+    np.testing.assert_array_equal(load_file(str(folder / "model.safetensors"))["model.norm.weight"],
+                                  tuned["model.norm.weight"])

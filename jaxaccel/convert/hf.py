@@ -196,7 +196,7 @@ def _config_from_hf(hf: dict, source: str) -> ModelConfig:
 
 
 EXPORT_MARK = "exported_by"  # the key of an export's config.json that says jaxaccel wrote it
-# What an export wrote: config.json's sha256 and every file's size. The mark alone is not proof:
+# What an export wrote: config.json's sha256, every file's size and mtime. The mark alone is not proof:
 # transformers keeps unknown config keys, so a model it re-saves (fine-tuned, say) carries it on.
 EXPORT_MANIFEST = ".jaxaccel-export.json"
 
@@ -235,6 +235,9 @@ def config_to_hf(config: ModelConfig, eos_token_ids=(), bos_token_id=None) -> di
 # ----------------------------------------------------------------------------- tensor mapping
 
 
+_HEAD = "lm_head.weight"
+
+
 def tensor_plan(config: ModelConfig) -> Iterator[tuple[tuple[str, ...], str, tuple[int, ...], Callable, Callable]]:
     """(jaxaccel path, HF name, HF shape, hf->ours, ours->hf) for every parameter (unrolled layout)."""
     d, hd, f, v = config.d_model, config.resolved_head_dim, config.ffn_dim, config.vocab_size
@@ -258,7 +261,7 @@ def tensor_plan(config: ModelConfig) -> Iterator[tuple[tuple[str, ...], str, tup
             yield (p, "mlp", name, "kernel"), f"{hp}.mlp.{name}_proj.weight", shape, *t
     yield ("final_norm", "scale"), "model.norm.weight", (d,), *same
     if not config.tie_embeddings:
-        yield ("lm_head", "kernel"), "lm_head.weight", (v, d), *t
+        yield ("lm_head", "kernel"), _HEAD, (v, d), *t
 
 
 def _get(tree, path):
@@ -311,23 +314,25 @@ class _SafetensorsIndex:
                 self.handles[name] = safe_open(str(folder / name), framework="numpy")
             except Exception as e:
                 raise CheckpointError(f"{folder / name} is not a readable safetensors file: {e}") from None
-        if weight_map is None:
-            weight_map = {}
-            for name, f in self.handles.items():
-                for key in f.keys():
-                    if key in weight_map:
-                        raise CheckpointError(
-                            f"{folder}: tensor {key} is in both {weight_map[key]} and {name} (and there is no "
-                            f"model.safetensors.index.json saying which holds the model's)")
-                    weight_map[key] = name
-        self.weight_map = weight_map
+        located: dict[str, str] = {}  # every tensor of the files read, as their headers list them
+        for name, f in self.handles.items():
+            for key in f.keys():
+                if key in located and weight_map is None:
+                    raise CheckpointError(
+                        f"{folder}: tensor {key} is in both {located[key]} and {name} (and there is no "
+                        f"model.safetensors.index.json saying which holds the model's)")
+                located.setdefault(key, name)
+        # An index's weight_map decides between two copies; a tensor it leaves out, or names the
+        # wrong file for, is read from the listed file that holds it (as transformers does).
+        for key, name in (weight_map or {}).items():
+            if key in self.handles[name].keys():
+                located[key] = name
+        self.weight_map = located
 
     def shape(self, name: str) -> tuple[int, ...] | None:
         """The stored shape of a tensor, read from the file's header (no data); None: absent."""
         file = self.weight_map.get(name)
-        if file is None or name not in self.handles[file].keys():
-            return None
-        return tuple(self.handles[file].get_slice(name).get_shape())
+        return None if file is None else tuple(self.handles[file].get_slice(name).get_shape())
 
     def dtype(self, name: str) -> str:
         """The stored dtype of a present tensor as safetensors names it ("BF16", "F8_E4M3", "I8")."""
@@ -335,9 +340,7 @@ class _SafetensorsIndex:
 
     def get(self, name: str) -> np.ndarray | None:
         file = self.weight_map.get(name)
-        if file is None or name not in self.handles[file].keys():
-            return None
-        return self.handles[file].get_tensor(name)
+        return None if file is None else self.handles[file].get_tensor(name)
 
 
 _STORED_FLOATS = ("F32", "BF16", "F16", "F64")  # safetensors' names of the dtypes weights may be stored in
@@ -363,6 +366,30 @@ def stored_dtype(index: "_SafetensorsIndex", config: ModelConfig) -> str | None:
         return _STORED_AS.get(index.dtype(name)) if index.shape(name) is not None else None
     except Exception:  # noqa: BLE001 - an unreadable header: the load names it
         return None
+
+
+def untied_if_head_stored(index: "_SafetensorsIndex", config: ModelConfig, folder: Path) -> ModelConfig:
+    """`config`, untied when it ties the embeddings but the files also hold an `lm_head.weight`
+    of other values (a checkpoint saved before tying, a merged fine-tune): that head is the
+    model's, as transformers loads it (said in a warning)."""
+    import dataclasses
+    import warnings
+
+    embed = next(iter(tensor_plan(config)))[1]
+    if (not config.tie_embeddings or index.shape(_HEAD) != index.shape(embed)
+            or np.array_equal(index.get(_HEAD), index.get(embed))):
+        return config
+    warnings.warn(f"{folder}: config.json ties the output head to the embedding, but the weights hold an "
+                  f"{_HEAD} of other values; loading that head (untied), as transformers does", stacklevel=3)
+    return dataclasses.replace(config, tie_embeddings=False)
+
+
+def unused_tensors(index: "_SafetensorsIndex", config: ModelConfig) -> list[str]:
+    """The stored tensors that are not `config`'s model's (a config.json edited to fewer layers,
+    weights of another model): nothing reads them. A tied model's stored copy of its head, and
+    the rotary tables older checkpoints kept, are not counted."""
+    used = {name for _, name, *_ in tensor_plan(config)} | {_HEAD}
+    return sorted(n for n in index.weight_map if n not in used and not n.endswith(".rotary_emb.inv_freq"))
 
 
 def load_hf_params(folder: Path, config: ModelConfig, shardings: Any | None = None,
@@ -586,7 +613,8 @@ def export_hf(folder: str | Path, config: ModelConfig, params: Any, *, tokenizer
 def is_own_export(folder: Path) -> bool:
     """Whether `folder` holds a jaxaccel export as jaxaccel wrote it, which a new export may
     replace without being told to: its config.json carries the mark and is the one the export's
-    manifest names (sha256), and every file the manifest lists is there at its size. A model
+    manifest names (sha256), and every file the manifest lists is there at its size and
+    modification time (weights rewritten in place, fine-tuned, keep their size). A model
     re-saved by transformers (which keeps the mark), or any other HF model folder, is someone
     else's."""
     folder = Path(folder)
@@ -595,10 +623,17 @@ def is_own_export(folder: Path) -> bool:
         if json.loads(config).get(EXPORT_MARK) != "jaxaccel":
             return False
         manifest = json.loads((folder / EXPORT_MANIFEST).read_text())
-        files = manifest["files"]
-        return manifest["config_sha256"] == hashlib.sha256(config).hexdigest() and isinstance(files, dict) and \
-            all(isinstance(n, str) and "/" not in n and (folder / n).is_file() and (folder / n).stat().st_size == size
-                for n, size in files.items())
+        files, times = manifest["files"], manifest.get("mtime_ns", {})  # (exports before times: sizes alone)
+        if not (manifest["config_sha256"] == hashlib.sha256(config).hexdigest() and isinstance(files, dict)
+                and isinstance(times, dict)):
+            return False
+        for name, size in files.items():
+            if not (isinstance(name, str) and "/" not in name and (folder / name).is_file()):
+                return False
+            st = (folder / name).stat()
+            if st.st_size != size or times.get(name, st.st_mtime_ns) != st.st_mtime_ns:
+                return False
+        return True
     except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return False
 
@@ -620,7 +655,9 @@ def _earlier_export(folder: Path, new: list[str]) -> list[str]:
     from jaxaccel.model.checkpoint import replaced_names
 
     if not (folder / "config.json").exists():
-        return replaced_names(folder, new, None)
+        # a model.safetensors there would load instead of the new index's shards (it wins)
+        shadowing = ["model.safetensors"] if "model.safetensors.index.json" in new else []
+        return replaced_names(folder, [*new, *shadowing], None)
     names = list(EXPORT_ENTRIES)
     try:
         weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
@@ -676,7 +713,9 @@ def _write_hf_files(folder: Path, config: ModelConfig, params: Any, tokenizer, e
         hf[INFO_KEY] = info
     config_bytes = json.dumps(hf, indent=2).encode()
     (folder / "config.json").write_bytes(config_bytes)
+    files = [p for p in sorted(folder.iterdir()) if p.is_file()]
     manifest = {"config_sha256": hashlib.sha256(config_bytes).hexdigest(),
-                "files": {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}}
+                "files": {p.name: p.stat().st_size for p in files},
+                "mtime_ns": {p.name: p.stat().st_mtime_ns for p in files}}  # (renames keep them)
     (folder / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2))
     return sorted(p.name for p in folder.iterdir() if p.name != "config.json") + ["config.json"]

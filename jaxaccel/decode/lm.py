@@ -804,6 +804,12 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh
     hf = hf_io.read_hf_config(folder)
     config = hf_io.config_from_hf(hf, source=str(folder / "config.json"))
     weights = hf_io.open_weights(folder)
+    config = hf_io.untied_if_head_stored(weights, config, folder)
+    unused = hf_io.unused_tensors(weights, config)
+    if unused:
+        warnings.warn(f"{folder}: {len(unused)} stored tensors are not part of the model config.json describes "
+                      f"(such as {unused[0]}); they are not loaded: does config.json belong to these weights?",
+                      stacklevel=2)
     if dtype is None:  # the source's: the weights as stored, whatever config.json's dtype says
         stored = hf_io.stored_dtype(weights, config)
         if stored is not None and stored != config.param_dtype:
