@@ -979,3 +979,31 @@ def test_a_synthetic_corpus_needs_three_ids_and_says_so_before_the_folder_is_wri
     with pytest.raises(ConfigError, match=r"synthetic needs model.vocab_size >= 3, got 2"):
         train(run_cfg(tmp_path / "run", model={"vocab_size": 2}))
     assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_a_lock_taken_on_a_file_unlinked_meanwhile_is_taken_again_on_the_file_at_the_path(tmp_path, monkeypatch):
+    """A new run refused before it writes unlinks train.lock (then removes its folder): a second
+    run that had opened the old file and locks it just then held a lock on a deleted file, and
+    a third run could lock the new one beside it."""
+    import os
+
+    from jaxaccel.train import lock
+
+    real, calls = lock.fcntl.flock, []
+
+    def flock(fd, op):  # the refused run unlinks the file (and the folder) as this run locks it
+        real(fd, op)
+        calls.append(op)
+        if len(calls) == 1:
+            (tmp_path / "run" / lock.LOCK_FILE).unlink()
+            (tmp_path / "run").rmdir()
+
+    monkeypatch.setattr(lock.fcntl, "flock", flock)
+    held = lock.OutputDirLock(tmp_path / "run").acquire()
+    monkeypatch.setattr(lock.fcntl, "flock", real)
+    try:
+        assert os.path.samestat(os.fstat(held._fd), os.stat(tmp_path / "run" / lock.LOCK_FILE))
+        with pytest.raises(lock.OutputDirInUseError, match=r"is in use by pid \d+"):
+            lock.OutputDirLock(tmp_path / "run").acquire()
+    finally:
+        held.release()
