@@ -147,6 +147,25 @@ def test_router_training_starts_from_zero_even_on_a_model_with_routers(toy):
     assert all(float(jnp.max(jnp.abs(leaf))) == 0.0 for leaf in jax.tree.leaves(routers))
 
 
+def test_router_training_runs_the_soft_router_at_its_temperature(toy):
+    """The CE objective at temperature tau is that of the router scaled by 1 / tau. The scaling
+    missed the routers (split from the model, they hold no "router" key), so every router was
+    trained at tau 1 whatever the annealing said."""
+    params, rows = toy
+    rparams, rcfg = with_random_router(params, TOY, seed=2, scale=0.5)
+    routers, rest = exp.split_router(rparams)
+    sharper = jax.tree.map(lambda a: 20.0 * a, routers)
+    step, opt = exp._router_step(rcfg, 0.0, 10.0)
+    x, y = jnp.asarray(rows[:, :-1]), jnp.asarray(rows[:, 1:])
+
+    def loss(r, tau):
+        return float(step(r, opt.init(r), rest, x, y, jnp.float32(tau), jnp.float32(0.5), None)[2])
+
+    at_005, at_1 = loss(routers, 0.05), loss(routers, 1.0)
+    assert at_005 != at_1
+    np.testing.assert_allclose(at_005, loss(sharper, 1.0), rtol=1e-5)
+
+
 def test_an_imitating_router_learns_the_routes_it_is_shown(toy):
     params, rows = toy
     target = np.broadcast_to(np.asarray([BIG, SMALL, BIG], np.int32), (rows.shape[0], rows.shape[1] - 1, 3)).copy()
@@ -388,6 +407,11 @@ def test_the_experiment_runs_end_to_end_at_toy_size(tmp_path, capsys):
         assert curves["oracle_exact"][3] == pytest.approx(res["all_big"])
         assert all(a >= b - 1e-6 for a, b in zip(curves["oracle"], curves["oracle"][1:]))
         assert all(o <= f + 1e-6 for o, f in zip(curves["oracle"], curves["fixed"]))
+        # the oracle's routes run together: at b = 0 there is one pattern (all small), so no
+        # context changes; past it, a figure for every budget, in results.md too
+        assert len(curves["oracle_run"]) == 4 and curves["oracle_run"][0] == pytest.approx(res["all_small"], rel=1e-5)
+        assert all(np.isfinite(curves["oracle_run"]))
+        assert "per-token routes, run" in (out / "results.md").read_text()
         assert (res["with_skip"] is not None) == (mode == "exhaustive")
         if res["with_skip"] is not None:
             assert res["with_skip"]["rows"] == 2 and res["with_skip"]["tokens"] == 2 * 16
