@@ -26,7 +26,8 @@ for b in [int(x) for x in sys.argv[1].split(",")]:
         rparams, delta = exp.calibrate_router(rparams, rcfg, fit_rows, b, batch=32)
         ppl = exp._ppl(test_scorer.free(rparams, rcfg))
         big = float(np.mean(exp.router_big_layers(rparams, rcfg, test_rows, 32)))
-        row = {"budget": b, "tau_end": tau_end, "perplexity": ppl, "big_layers": big, "seconds": time.perf_counter() - t0,
+        row = {"budget": b, "tau_end": tau_end, "perplexity": ppl, "big_layers": big,
+               "seconds": time.perf_counter() - t0,
                "loss_first": curve[0], "loss_last": curve[-1]}
         print(json.dumps(row), flush=True)
         out.append(row)
