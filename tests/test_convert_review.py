@@ -662,3 +662,27 @@ def test_weights_rewritten_in_place_at_their_size_are_not_replaced_without_force
     assert code == 2 and "did not export, or changed since" in err, err
     np.testing.assert_array_equal(load_file(str(folder / "model.safetensors"))["model.norm.weight"],
                                   tuned["model.norm.weight"])
+
+
+def test_a_gs_save_into_a_folder_holding_other_files_is_refused_as_a_local_one(tmp_path, monkeypatch):
+    """A local save refuses a folder holding someone else's files unless overwrite=True; a gs://
+    save skipped the check (and deletes the old model's files before writing). The bucket is a
+    local folder behind an object-store path type, as in test_foundation."""
+    from test_foundation import _ObjectStorePath
+
+    from jaxaccel.decode.lm import check_save_destination
+    from jaxaccel.errors import InvalidArgumentError
+    from jaxaccel.model import checkpoint as ckpt
+
+    real = ckpt.as_path
+    monkeypatch.setattr(ckpt, "as_path", lambda f: _ObjectStorePath(tmp_path / str(f)[len("gs://"):], str(f))
+                        if str(f).startswith("gs://") else real(f))
+    (tmp_path / "bucket" / "run").mkdir(parents=True)
+    (tmp_path / "bucket" / "run" / "metrics.jsonl").write_text("{}")
+    with pytest.raises(InvalidArgumentError, match=r"destination 'gs://bucket/run' holds other files \(metrics.jsonl\)"):
+        tiny().save("gs://bucket/run")
+    assert [p.name for p in (tmp_path / "bucket" / "run").iterdir()] == ["metrics.jsonl"]
+    # an earlier save there, or an empty or new folder: no objection
+    tiny().save(tmp_path / "bucket" / "model")
+    for where in ("gs://bucket/model", "gs://bucket/new"):
+        check_save_destination(where)

@@ -600,16 +600,20 @@ _DESTINATIONS = {"save": (SAVE_FILES, _holds_earlier_save), "export": (EXPORT_FI
 def destination(folder, overwrite: bool, kind: str, what_to_do: str = _CHOOSE_ANOTHER):
     """Check where `save` (kind "save") / `export_hf` ("export") write: a path, not a file, and
     (unless `overwrite`) empty or holding only what they write themselves over an earlier
-    write of theirs — without one, a `params/` or `tokenizer.model` there is someone else's."""
+    write of theirs — without one, a `params/` or `tokenizer.model` there is someone else's.
+    A gs:// save is checked the same way (it deletes the old model's files before writing)."""
     from jaxaccel.model.checkpoint import JOURNAL, SET_ASIDE, STAGING, as_path
 
     if not isinstance(folder, (str, os.PathLike)) or not str(folder):
         raise InvalidArgumentError(f"the destination must be a folder path, got {folder!r}")
     if "://" in str(folder):
-        return as_path(folder)
-    if str(folder).startswith("builtin:"):  # load() reads that name as a shipped model, never this folder
+        path = as_path(folder)  # (an unsupported scheme is refused here)
+        if kind != "save":  # (export_hf refuses a remote folder itself)
+            return path
+    elif str(folder).startswith("builtin:"):  # load() reads that name as a shipped model, never this folder
         raise InvalidArgumentError(f"destination {str(folder)!r} names a built-in model; {what_to_do}")
-    path = Path(folder).expanduser()
+    else:
+        path = Path(folder).expanduser()
     if path.exists() and not path.is_dir():
         raise InvalidArgumentError(f"destination {str(path)!r} is a file, not a folder")
     if path.is_dir() and not overwrite:
