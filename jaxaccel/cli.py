@@ -215,6 +215,11 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
         return main(argv)
     if argv is None:  # the command's own process
         install_ctrl_c_handler()
+        # Text the terminal's encoding cannot show (generated text under a cp1252 console or
+        # PYTHONIOENCODING) prints as "?" rather than ending the command in a traceback after
+        # its work; `--output json` (ASCII escapes) is the lossless form.
+        with contextlib.suppress(AttributeError, ValueError):
+            sys.stdout.reconfigure(errors="replace")
     previous = sys.unraisablehook
     sys.unraisablehook = lambda u: None if abandoned_async_work(u) else previous(u)
     failed = False

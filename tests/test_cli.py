@@ -810,3 +810,13 @@ def test_experiments_log_a_failed_save_without_tracebacks(monkeypatch, capsys):
     assert all(cli._drop_traceback in logging.getLogger(n).filters for n in ("absl", "asyncio"))
     record = logging.LogRecord("absl", logging.ERROR, __file__, 1, "save failed", (), (ValueError, ValueError(), None))
     assert logging.getLogger("absl").filter(record) and record.exc_info is None and record.getMessage() == "save failed"
+
+
+def test_decoded_text_the_terminal_cannot_encode_prints_lossily_not_as_a_traceback():
+    """Under a cp1252 console (or PYTHONIOENCODING), printing generated text holding CJK ended
+    the command in a UnicodeEncodeError traceback after the work was done."""
+    env = {**os.environ, "PYTHONIOENCODING": "cp1252", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "jaxaccel.decode", "--prompt", "# \u4e2d\u6587", "--max-new-tokens",
+                           "2"], capture_output=True, env=env, timeout=300)
+    assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr.decode(errors="replace")
+    assert proc.stdout.startswith(b"# ??"), proc.stdout

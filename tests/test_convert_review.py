@@ -686,3 +686,23 @@ def test_a_gs_save_into_a_folder_holding_other_files_is_refused_as_a_local_one(t
     tiny().save(tmp_path / "bucket" / "model")
     for where in ("gs://bucket/model", "gs://bucket/new"):
         check_save_destination(where)
+
+
+def test_hugging_face_json_files_are_read_as_utf8_in_any_locale(tmp_path):
+    """tokenizer_config.json (a chat template, an added "▁" piece) read with an ASCII locale's
+    codec failed to decode, and `add_bos_token: true` was dropped silently: every prompt lost
+    its BOS. JSON is UTF-8 whatever the locale."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"add_bos_token": True, "chat_template": "\u2581{{ messages }}"}, ensure_ascii=False), encoding="utf-8")
+    (tmp_path / "config.json").write_text(json.dumps({**config_to_hf(CFG), "note": "caf\u00e9"}, ensure_ascii=False),
+                                          encoding="utf-8")
+    script = ("import sys; from pathlib import Path; from jaxaccel.convert.hf import hf_add_bos, read_hf_config; "
+              "print(hf_add_bos(Path(sys.argv[1])), read_hf_config(Path(sys.argv[1]))['note'] == 'caf' + chr(233))")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    proc = subprocess.run([sys.executable, "-X", "utf8=0", "-c", script, str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.split() == ["True", "True"], proc.stdout + proc.stderr

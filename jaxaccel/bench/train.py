@@ -96,7 +96,7 @@ def run(configs=("configs/tiny.yaml", "configs/default.yaml"), compare_devices: 
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
             if proc.returncode != 0:
                 raise subprocess_failure(proc, f"the {compare_devices}-device run of {configs[-1]}")
-            multi = json.loads(Path(f.name).read_text())["rows"][0]
+            multi = json.loads(Path(f.name).read_bytes())["rows"][0]
         multi["devices"] = compare_devices
         multi["relative_to_1_device"] = multi["tokens_per_s"] / rows[-1]["tokens_per_s"]
         result["multi_device"] = multi

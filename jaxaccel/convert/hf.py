@@ -291,7 +291,7 @@ class _SafetensorsIndex:
             files, weight_map = ["model.safetensors"], None
         elif index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = json.loads(index.read_bytes())["weight_map"]
             except (ValueError, KeyError, TypeError, OSError) as e:  # ValueError: bad JSON or not UTF-8
                 raise CheckpointError(f"{index} is unreadable: {first_line(e)}") from None
             if not isinstance(weight_map, dict) or not all(
@@ -423,7 +423,7 @@ def load_hf_params(folder: Path, config: ModelConfig, shardings: Any | None = No
 
 def read_hf_config(folder: Path) -> dict:
     try:
-        hf = json.loads((Path(folder) / "config.json").read_text())
+        hf = json.loads((Path(folder) / "config.json").read_bytes())
     except (OSError, ValueError) as e:  # ValueError: bad JSON, or bytes that are not UTF-8
         raise ModelLoadError(f"{folder}/config.json is unreadable: {first_line(e)}") from None
     if not isinstance(hf, dict):
@@ -441,7 +441,7 @@ def read_generation_config(folder: Path) -> dict:
     """generation_config.json as a dict; {} when absent or unreadable (it only holds defaults)."""
     path = Path(folder) / "generation_config.json"
     try:
-        gen = json.loads(path.read_text()) if path.is_file() else {}
+        gen = json.loads(path.read_bytes()) if path.is_file() else {}
     except (OSError, ValueError):
         return {}
     return gen if isinstance(gen, dict) else {}
@@ -543,7 +543,7 @@ def hf_add_bos(folder) -> bool:
     tokenizer_config.json (an export writes it for a SentencePiece tokenizer); False when the
     file or the key is absent or unreadable."""
     try:
-        doc = json.loads((folder / "tokenizer_config.json").read_text())
+        doc = json.loads((folder / "tokenizer_config.json").read_bytes())
     except (OSError, ValueError):
         return False
     return isinstance(doc, dict) and doc.get("add_bos_token") is True
@@ -622,7 +622,7 @@ def is_own_export(folder: Path) -> bool:
         config = (folder / "config.json").read_bytes()
         if json.loads(config).get(EXPORT_MARK) != "jaxaccel":
             return False
-        manifest = json.loads((folder / EXPORT_MANIFEST).read_text())
+        manifest = json.loads((folder / EXPORT_MANIFEST).read_bytes())
         files, times = manifest["files"], manifest.get("mtime_ns", {})  # (exports before times: sizes alone)
         if not (manifest["config_sha256"] == hashlib.sha256(config).hexdigest() and isinstance(files, dict)
                 and isinstance(times, dict)):
@@ -660,7 +660,7 @@ def _earlier_export(folder: Path, new: list[str]) -> list[str]:
         return replaced_names(folder, [*new, *shadowing], None)
     names = list(EXPORT_ENTRIES)
     try:
-        weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+        weight_map = json.loads((folder / "model.safetensors.index.json").read_bytes())["weight_map"]
         shards = weight_map.values() if isinstance(weight_map, dict) else ()
     except (OSError, ValueError, KeyError, TypeError):
         shards = ()

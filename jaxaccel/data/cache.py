@@ -50,7 +50,7 @@ def read_json(path: Path, kind: type = object) -> Any | None:
     not UTF-8 JSON of `kind` (every cache file is written atomically, so only damage from
     outside makes one; its contents are then built again)."""
     try:
-        value = json.loads(path.read_text())
+        value = json.loads(path.read_bytes())
     except (FileNotFoundError, IsADirectoryError, ValueError):  # ValueError: bad JSON, not UTF-8
         return None
     return value if isinstance(value, kind) else None

@@ -457,7 +457,7 @@ def _read(path: Path | None, parse: Callable[[dict], Any]) -> Any:
     if path is None or not path.exists():
         return None
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes())
         return parse(data) if isinstance(data, dict) else None
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None

@@ -406,7 +406,7 @@ class Sequoia(StaticDraftMethod):
 
         if isinstance(value, (str, Path)):
             try:
-                value = json.loads(Path(value).read_text())["acceptance"]
+                value = json.loads(Path(value).read_bytes())["acceptance"]
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise InvalidArgumentError(f"acceptance: cannot read an acceptance vector from {str(value)!r} "
                                            f"({type(e).__name__})") from None

@@ -44,7 +44,7 @@ def _check_results_owner(path: Path, experiment: str) -> None:
     if not path.exists():
         return
     try:
-        old = json.loads(path.read_text())
+        old = json.loads(path.read_bytes())
     except (OSError, UnicodeDecodeError, ValueError):
         old = None
     ours = isinstance(old, dict) and (old.get("experiment") == experiment or (

@@ -68,7 +68,7 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(as_path(path).read_text())
+    return json.loads(as_path(path).read_bytes())
 
 
 def read_results(path: str | Path) -> dict:
@@ -77,7 +77,7 @@ def read_results(path: str | Path) -> dict:
     if not target.exists():
         raise SweepError(f"results file {str(path)!r} does not exist")
     try:
-        doc = json.loads(target.read_text())
+        doc = json.loads(target.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise SweepError(f"{path} is not a jaxaccel sweep results file (not JSON)") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
@@ -180,7 +180,7 @@ def read_metrics(folder: str) -> list[dict]:
     if not path.exists():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:

@@ -105,7 +105,7 @@ def inspect_run(run: Run) -> RunState:
         return RunState(record["status"], record.get("steps") or 0, record)
     config = as_path(join(folder, RUN_CONFIG))
     if config.exists():
-        _check_same_run(run, yaml.safe_load(config.read_text()), str(config))
+        _check_same_run(run, yaml.safe_load(config.read_text(encoding="utf-8")), str(config))
         steps = checkpoint_steps(folder)
         return RunState("partial", steps[-1] if steps else 0)
     if checkpoint_steps(folder) or any(as_path(join(folder, f)).exists() for f in ("metrics.jsonl", "model")):

@@ -128,7 +128,7 @@ def evaluate(lm, tasks: RetrievalTasks, *, lengths: Sequence[int] = LENGTHS, tas
     path = Path(out) / RESULT_FILE if out is not None else None
     if path is not None and path.exists():
         try:
-            old = json.loads(path.read_text())
+            old = json.loads(path.read_bytes())
         except (OSError, UnicodeDecodeError, ValueError):
             old = None
         if not isinstance(old, dict) or old.get("experiment") != "tokenselect":

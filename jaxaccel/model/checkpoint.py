@@ -540,7 +540,7 @@ def recover_move(folder: Path) -> str | None:
     if not aside.is_dir():
         return None
     try:
-        journal = json.loads((aside / JOURNAL).read_text())
+        journal = json.loads((aside / JOURNAL).read_bytes())
         old, new, staging = list(journal["old"]), list(journal["new"]), folder / str(journal["staging"])
     except (OSError, ValueError, KeyError, TypeError):
         shutil.rmtree(aside)
@@ -589,7 +589,7 @@ def _write_meta(folder, config, params, tokenizer, eos_token_ids, bos_token_id, 
 
 def read_meta(folder) -> dict:
     try:
-        meta = json.loads((as_path(folder) / MARKER).read_text())
+        meta = json.loads((as_path(folder) / MARKER).read_bytes())
     except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
         raise CheckpointError(f"{folder}/{MARKER} is unreadable: {first_line(e)}") from None
     if not isinstance(meta, dict):

@@ -773,7 +773,7 @@ def exported_evaluation(output_dir: str, steps: int) -> dict[str, float]:
     from jaxaccel.model.checkpoint import as_path
 
     try:
-        info = json.loads((as_path(output_dir) / "model" / MARKER).read_text()).get("info") or {}
+        info = json.loads((as_path(output_dir) / "model" / MARKER).read_bytes()).get("info") or {}
     except (OSError, ValueError, AttributeError):
         return {}
     if info.get("trained_steps") != steps or info.get("validation_loss") is None:

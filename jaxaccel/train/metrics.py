@@ -79,7 +79,7 @@ class MetricsWriter:
             local = Path.home() / ".cache" / "jaxaccel" / "runs" / hashlib.sha256(str(output_dir).encode()).hexdigest()[:16]
             local.mkdir(parents=True, exist_ok=True)
             if self.remote.exists():
-                (local / "metrics.jsonl").write_text(self.remote.read_text())
+                (local / "metrics.jsonl").write_bytes(self.remote.read_bytes())
             output_dir = local
         self.path = Path(output_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -138,7 +138,7 @@ class MetricsWriter:
     def flush(self) -> None:
         self._file.flush()
         if self.remote is not None:
-            self.remote.write_text(self.path.read_text())
+            self.remote.write_bytes(self.path.read_bytes())
         if self._tb is not None:
             self._tb.flush()
 
