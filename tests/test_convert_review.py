@@ -317,6 +317,10 @@ def test_sentencepiece_bos_behaviour_is_written_for_transformers(tmp_path):
     assert load_tokenizer(folder, add_bos=hf_add_bos(folder)).encode(text) == tok.encode(text)
     transformers = pytest.importorskip("transformers", reason="needs the peers extra (torch + transformers)")
     assert transformers.AutoTokenizer.from_pretrained(folder)(text).input_ids == tok.encode(text)
+    # special tokens' text is text, as SentencePiece (and the model's training data) read it:
+    # transformers mapped "</s>" to the EOS id
+    for special in ("x = '</s>'", "<unk>", "<extra_id_0>"):
+        assert transformers.AutoTokenizer.from_pretrained(folder)(special).input_ids == tok.encode(special), special
     # Without BOS the file says so (transformers' own default would be taken otherwise).
     plain = SentencePieceTokenizer(SP_MODEL, add_bos=False)
     folder = tiny(0, config=dataclasses.replace(CFG, vocab_size=tok.vocab_size), tokenizer=plain).export_hf(

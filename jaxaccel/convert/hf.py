@@ -553,12 +553,17 @@ def tokenizer_extras(tokenizer) -> dict[str, bytes]:
     """The side files the tokenizer was read with (`tokenizer.SIDE_FILES`, unchanged), with
     `add_bos_token` in tokenizer_config.json set to the BOS behaviour of a SentencePiece
     tokenizer (whose vocabulary file does not say it; transformers reads it there). A
-    tokenizer.json carries its BOS in its own post-processor."""
+    tokenizer.json carries its BOS in its own post-processor. A SentencePiece tokenizer that
+    came without a tokenizer_config.json (jaxaccel's own models) reads "</s>" or "<unk>" in a
+    text as text, as SentencePiece does: `split_special_tokens` tells transformers so (it
+    would read them as the special ids)."""
     extras: dict[str, bytes] = dict(getattr(tokenizer, "side_files", {}))
     add_bos = getattr(tokenizer, "add_bos", None)
     if isinstance(add_bos, bool):
         doc: Any = {}
-        if "tokenizer_config.json" in extras:
+        if "tokenizer_config.json" not in extras:
+            doc["split_special_tokens"] = True
+        else:
             try:
                 doc = json.loads(extras["tokenizer_config.json"])
             except ValueError:
