@@ -474,7 +474,8 @@ class LanguageModel:
         """Full-sequence logits [batch, T, vocab] (float32) of equal-length token rows (lists of
         ids or a 2-D integer array), each id checked as `generate` checks prompt ids. An MoE
         model serves every routing assignment here, as it does when decoding (no capacity
-        drops), so these are the logits `generate` computes for the same tokens."""
+        drops), so these are the logits `generate` computes for the same tokens. One program
+        per batch size and cache bucket of T (`cache_bucket`), as `generate` compiles."""
         rows = _prompt_list(tokens)
         if any(isinstance(r, str) for r in rows):
             raise InvalidPromptError("logits takes token ids, not text: encode it first (lm.encode)")
@@ -486,11 +487,16 @@ class LanguageModel:
         if tokens.shape[1] > self.config.max_seq_len:  # as generate warns
             warnings.warn(f"rows of {tokens.shape[1]} tokens run past the model's maximum length "
                           f"{self.config.max_seq_len}: positions the model was not trained at", stacklevel=2)
-        fn = self._compiled.get(("logits", tokens.shape))
+        # Rows are padded to a cache bucket's length (causal: trailing tokens change nothing
+        # before them), so scoring texts of many lengths compiles a few programs, not one each.
+        length = tokens.shape[1]
+        padded = np.zeros((tokens.shape[0], cache_bucket(length)), np.int32)
+        padded[:, :length] = tokens
+        fn = self._compiled.get(("logits",))
         if fn is None:
             fn = jax.jit(lambda model, t: model.forward(t, dropless=True)[0])
-            self._compiled[("logits", tokens.shape)] = fn
-        return np.asarray(fn(self.handle, jnp.asarray(tokens)))
+            self._compiled[("logits",)] = fn
+        return np.asarray(fn(self.handle, jnp.asarray(padded))[:, :length])
 
     def save(self, folder: str | Path, *, overwrite: bool = False) -> Path:
         """Write a jaxaccel checkpoint. A folder holding anything but an earlier checkpoint is
