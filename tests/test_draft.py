@@ -683,3 +683,25 @@ def test_acceptance_cache_folder_follows_its_environment_variable(tmp_path, monk
     monkeypatch.delenv(CACHE_ENV)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_path(*pair, {}).parent == tmp_path / "xdg" / "jaxaccel" / "acceptance"
+
+
+def test_a_measured_draft_is_not_kept_alive_by_the_target(tiny_params, monkeypatch):
+    """The per-process memo of measurements held each draft strongly: a notebook evaluating one
+    draft after another kept every one (its parameters) alive for as long as the target."""
+    import gc
+    import weakref
+
+    from jaxaccel.decode import acceptance
+
+    calls = []
+    monkeypatch.setattr(acceptance, "greedy_temperature_from", lambda *a: calls.append(1) or 0.7)
+    monkeypatch.setattr(acceptance, "teacher_forced", lambda *a, **k: (np.ones((2, 3)), None, np.zeros((2, 3))))
+    target = jaxaccel.from_params(TINY, tiny_params)
+    draft = jaxaccel.from_params(TINY, perturbed(tiny_params, 3, 0.01))
+    assert acceptance.cached_greedy_temperature(target, draft) == 0.7
+    assert acceptance.cached_greedy_temperature(target, draft) == 0.7 and calls == [1]  # remembered
+    gone = weakref.ref(draft)
+    del draft
+    gc.collect()
+    assert gone() is None
+    assert target._measurements == {}  # its entries went with it

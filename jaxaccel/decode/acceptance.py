@@ -41,16 +41,25 @@ CALIBRATION_NEW_TOKENS = 48
 def _remembered(measure):
     """Also keep a `cached_*` measurement on the target object for the process: models built
     in memory have no disk entry (they would be measured again on every `generate` call) and
-    a loaded model's entry is then read once. Keyed by the draft object and the arguments."""
+    a loaded model's entry is then read once. Keyed by the draft object and the arguments; the
+    draft is held weakly (a notebook trying one draft after another would keep every one alive
+    for as long as the target), and its entries go with it."""
+    import weakref
+
     @functools.wraps(measure)
     def wrapper(target, draft, **kwargs):
         memo = target.__dict__.setdefault("_measurements", {})
         key = (measure.__name__, id(draft), json.dumps(kwargs, sort_keys=True))
         hit = memo.get(key)
-        if hit is not None and hit[0] is draft:
+        if hit is not None and hit[0]() is draft:
             return hit[1]
         value = measure(target, draft, **kwargs)
-        memo[key] = (draft, value)
+
+        def forget(ref, memo=memo, key=key):  # (holds the memo, not the target)
+            if memo.get(key, (None,))[0] is ref:
+                del memo[key]
+
+        memo[key] = (weakref.ref(draft, forget), value)
         return value
 
     return wrapper
