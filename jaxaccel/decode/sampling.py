@@ -1,7 +1,8 @@
 """Token selection: greedy, temperature, top-k, top-p — as one distribution per row.
 
 Which filters run is static (`SamplingMode`, part of the compiled function's key); their
-values are traced (`SamplingParams`), so changing temperature or top_p does not recompile.
+values are traced (`SamplingParams`), so changing temperature or top_p does not recompile
+(a draft method's program may hold what it measured at that setting: docs/ARCHITECTURE.md).
 The order follows Hugging Face's logits processors: temperature, then top-k, then top-p.
 Speculative verifiers use `target_probs` so that acceptance is computed against exactly the
 distribution plain sampling draws from.
