@@ -85,8 +85,10 @@ VENV_PYTHON = f"{VENV}/bin/python"
 # this one lacks (a module deleted since would still import; a removed config would still load),
 # and nothing else: a kept slice's local run folders under ~/jaxaccel stay. POSIX sh.
 _FILES = ".jaxaccel-archive-files"  # the files of the last archive unpacked, one per line, sorted
+# (The listing is not piped: a damaged archive must stop the chain before anything is removed.)
 UNPACK = (f"mkdir -p ~/jaxaccel && cd ~/jaxaccel && "
-          f"tar -tzf ~/{REMOTE_ARCHIVE} | grep -v '/$' | LC_ALL=C sort > {_FILES}.new && "
+          f"tar --quoting-style=literal -tzf ~/{REMOTE_ARCHIVE} > {_FILES}.all && "
+          f"grep -v '/$' {_FILES}.all | LC_ALL=C sort > {_FILES}.new && rm -f {_FILES}.all && "
           f"{{ [ ! -f {_FILES} ] || LC_ALL=C comm -23 {_FILES} {_FILES}.new | "
           f"while IFS= read -r f; do rm -f -- \"$f\"; done; }} && "
           f"tar -xzf ~/{REMOTE_ARCHIVE} && mv {_FILES}.new {_FILES} && rm -f ~/{REMOTE_ARCHIVE}")

@@ -17,9 +17,17 @@ ROOT = Path(__file__).resolve().parent.parent
 LAUNCHER = ROOT / "gcp" / "tpu_pod.py"
 
 
+def _hangup_by_default() -> None:
+    """In the child: SIGHUP as a terminal session has it. Under `nohup pytest` it is inherited
+    ignored (through exec too), and the launcher then rightly lets its run outlive the session."""
+    import signal
+
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def launch(*argv, env=None, cwd=None, launcher=LAUNCHER) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(launcher), *map(str, argv)], check=False, capture_output=True,
-                          text=True, env=env, cwd=cwd, timeout=120)
+                          text=True, env=env, cwd=cwd, timeout=120, preexec_fn=_hangup_by_default)
 
 
 def fake_gcloud(tmp_path: Path, cases: str = "") -> dict:
@@ -92,15 +100,18 @@ def test_tpu_pod_setup_unpacks_over_the_last_code_without_its_stale_files_or_tou
     home = tmp_path / "home"
     home.mkdir()
 
-    def unpack(files: dict[str, str]) -> None:
-        with tarfile.open(home / launcher_module.REMOTE_ARCHIVE, "w:gz") as tar:
+    def unpack(files: dict[str, str], cut: bool = False) -> None:
+        archive = home / launcher_module.REMOTE_ARCHIVE
+        with tarfile.open(archive, "w:gz") as tar:
             for name, text in files.items():
                 info = tarfile.TarInfo(name)
                 info.size = len(text.encode())
                 tar.addfile(info, io.BytesIO(text.encode()))
+        if cut:  # a damaged copy: the listing breaks off
+            archive.write_bytes(archive.read_bytes()[:len(archive.read_bytes()) // 3])
         proc = subprocess.run(["sh", "-c", launcher_module.UNPACK], env={**os.environ, "HOME": str(home)},
                               capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 0, proc.stderr
+        assert (proc.returncode != 0) == cut, proc.stderr
 
     code = home / "jaxaccel"
     unpack({"jaxaccel/old.py": "old", "jaxaccel/kept.py": "v1", "configs/gone it.yaml": "x"})
@@ -112,6 +123,10 @@ def test_tpu_pod_setup_unpacks_over_the_last_code_without_its_stale_files_or_tou
     assert (code / "jaxaccel" / "kept.py").read_text() == "v2" and (code / "jaxaccel" / "new.py").read_text() == "new"
     assert (code / "runs" / "r1" / "metrics.jsonl").read_text() == "{}"
     assert not (home / launcher_module.REMOTE_ARCHIVE).exists()
+    # a damaged archive fails the setup before anything is removed (a piped listing's partial
+    # output once named every file past the break as stale)
+    unpack({"jaxaccel/kept.py": "v3", **{f"jaxaccel/m{i:03d}.py": "x" * 4000 for i in range(60)}}, cut=True)
+    assert (code / "jaxaccel" / "kept.py").read_text() == "v2" and (code / "jaxaccel" / "new.py").exists()
     args = launcher_module.parse(["setup", "--name", "p", "--zone", "z"])
     args.archive, args.commit = "a.tar.gz", "HEAD"
     assert launcher_module.UNPACK in launcher_module.plan(args, "setup")[-1][-1]
@@ -345,6 +360,7 @@ def test_tpu_pod_sighup_deletes_the_slice_and_exits_130(tmp_path):
     slow = fake_gcloud(tmp_path / "pty", """*"--command=cd ~/jaxaccel"*) trap "" HUP; exec sleep 30 ;;""")
     pid, master = pty.fork()
     if pid == 0:  # the launcher, on the pty as its terminal
+        _hangup_by_default()
         os.execve(sys.executable, [sys.executable, str(LAUNCHER), "all", "--name", "pod", "--zone", "z"], slow)
     log = tmp_path / "pty" / "gcloud.log"
     deadline = time.time() + 60
