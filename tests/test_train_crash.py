@@ -999,8 +999,19 @@ def test_a_lock_taken_on_a_file_unlinked_meanwhile_is_taken_again_on_the_file_at
             (tmp_path / "run").rmdir()
 
     monkeypatch.setattr(lock.fcntl, "flock", flock)
+    real_open, opens = lock.os.open, []
+
+    def open_(path, *args):  # and the second time, it removes the folder between mkdir and open
+        opens.append(path)
+        if len(opens) == 2:
+            raise FileNotFoundError(path)
+        return real_open(path, *args)
+
+    monkeypatch.setattr(lock.os, "open", open_)
     held = lock.OutputDirLock(tmp_path / "run").acquire()
     monkeypatch.setattr(lock.fcntl, "flock", real)
+    monkeypatch.setattr(lock.os, "open", real_open)
+    assert len(opens) == 3
     try:
         assert os.path.samestat(os.fstat(held._fd), os.stat(tmp_path / "run" / lock.LOCK_FILE))
         with pytest.raises(lock.OutputDirInUseError, match=r"is in use by pid \d+"):
