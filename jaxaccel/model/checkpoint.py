@@ -429,7 +429,7 @@ def save_model(folder: str | Path, config: ModelConfig, params: Any, *, tokenize
         if local and main:
             shutil.rmtree(target, ignore_errors=True)
         kept = "any model already there is left as it was" if local else \
-            f"the folder is left without {MARKER}, so it is not taken for a model"
+            f"the folder is left without {MARKER}, so it is not taken for a model (retry with overwrite=True)"
         raise CheckpointError(f"saving the model to {folder} failed ({write_error_reason(e)}); {kept}") from e
     finally:
         ckptr.close()
