@@ -17,17 +17,23 @@ ROOT = Path(__file__).resolve().parent.parent
 LAUNCHER = ROOT / "gcp" / "tpu_pod.py"
 
 
-def _hangup_by_default() -> None:
-    """In the child: SIGHUP as a terminal session has it. Under `nohup pytest` it is inherited
-    ignored (through exec too), and the launcher then rightly lets its run outlive the session."""
+@contextlib.contextmanager
+def hangup_by_default():
+    """SIGHUP as a terminal session has it, for the processes started meanwhile: under `nohup
+    pytest` it is ignored, children inherit that (through exec too), and the launcher then
+    rightly lets its run outlive the session."""
     import signal
 
-    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def launch(*argv, env=None, cwd=None, launcher=LAUNCHER) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(launcher), *map(str, argv)], check=False, capture_output=True,
-                          text=True, env=env, cwd=cwd, timeout=120, preexec_fn=_hangup_by_default)
+                          text=True, env=env, cwd=cwd, timeout=120)
 
 
 def fake_gcloud(tmp_path: Path, cases: str = "") -> dict:
@@ -344,7 +350,8 @@ def test_tpu_pod_sighup_deletes_the_slice_and_exits_130(tmp_path):
     import signal
 
     env = fake_gcloud(tmp_path, """*"--command=cd ~/jaxaccel"*) kill -HUP $PPID; exec sleep 30 ;;""")
-    proc = launch("all", "--name", "pod", "--zone", "z", env=env)
+    with hangup_by_default():
+        proc = launch("all", "--name", "pod", "--zone", "z", env=env)
     assert proc.returncode == 130, proc.stdout + proc.stderr
     assert gcloud_calls(tmp_path) == ["create", "scp", "install", "run", "delete"]
     # under nohup (SIGHUP ignored) the run outlives the session, as it did
@@ -359,8 +366,8 @@ def test_tpu_pod_sighup_deletes_the_slice_and_exits_130(tmp_path):
     (tmp_path / "pty").mkdir()
     slow = fake_gcloud(tmp_path / "pty", """*"--command=cd ~/jaxaccel"*) trap "" HUP; exec sleep 30 ;;""")
     pid, master = pty.fork()
-    if pid == 0:  # the launcher, on the pty as its terminal
-        _hangup_by_default()
+    if pid == 0:  # the launcher, on the pty as its terminal (SIGHUP as a terminal session has it)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
         os.execve(sys.executable, [sys.executable, str(LAUNCHER), "all", "--name", "pod", "--zone", "z"], slow)
     log = tmp_path / "pty" / "gcloud.log"
     deadline = time.time() + 60
