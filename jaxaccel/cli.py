@@ -330,7 +330,6 @@ def log_without_tracebacks() -> None:
     tracebacks (JAXACCEL_TRACEBACK=1 keeps them). For every command that trains (train, the
     experiments' sweeps and fine-tunes)."""
     import logging
-    import os
 
     if os.environ.get(TRACEBACK_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
         return

@@ -235,7 +235,7 @@ def config_to_hf(config: ModelConfig, eos_token_ids=(), bos_token_id=None) -> di
 # ----------------------------------------------------------------------------- tensor mapping
 
 
-_HEAD = "lm_head.weight"
+_EMBED, _HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
 def tensor_plan(config: ModelConfig) -> Iterator[tuple[tuple[str, ...], str, tuple[int, ...], Callable, Callable]]:
@@ -244,7 +244,7 @@ def tensor_plan(config: ModelConfig) -> Iterator[tuple[tuple[str, ...], str, tup
     h, k = config.n_heads, config.n_kv_heads
     same = (lambda x: x, lambda x: x)
     t = (lambda x: x.T, lambda x: x.T)
-    yield ("embed", "embedding"), "model.embed_tokens.weight", (v, d), *same
+    yield ("embed", "embedding"), _EMBED, (v, d), *same
     for i in range(config.n_layers):
         p, hp = f"layer_{i}", f"model.layers.{i}"
         yield (p, "attn_norm", "scale"), f"{hp}.input_layernorm.weight", (d,), *same
@@ -314,9 +314,10 @@ class _SafetensorsIndex:
                 self.handles[name] = safe_open(str(folder / name), framework="numpy")
             except Exception as e:
                 raise CheckpointError(f"{folder / name} is not a readable safetensors file: {e}") from None
-        located: dict[str, str] = {}  # every tensor of the files read, as their headers list them
-        for name, f in self.handles.items():
-            for key in f.keys():
+        held = {name: set(f.keys()) for name, f in self.handles.items()}  # as the files' headers list them
+        located: dict[str, str] = {}
+        for name, keys in held.items():
+            for key in keys:
                 if key in located and weight_map is None:
                     raise CheckpointError(
                         f"{folder}: tensor {key} is in both {located[key]} and {name} (and there is no "
@@ -325,7 +326,7 @@ class _SafetensorsIndex:
         # An index's weight_map decides between two copies; a tensor it leaves out, or names the
         # wrong file for, is read from the listed file that holds it (as transformers does).
         for key, name in (weight_map or {}).items():
-            if key in self.handles[name].keys():
+            if key in held[name]:
                 located[key] = name
         self.weight_map = located
 
@@ -357,13 +358,12 @@ def open_weights(folder: Path) -> "_SafetensorsIndex":
     return _SafetensorsIndex(Path(folder))
 
 
-def stored_dtype(index: "_SafetensorsIndex", config: ModelConfig) -> str | None:
+def stored_dtype(index: "_SafetensorsIndex") -> str | None:
     """The dtype the weights are stored in (the token embedding's: "float32", "bfloat16",
     "float16"; F64 reads as float32), or None when it cannot be told (a missing tensor: the
     load then says what is wrong)."""
-    name = next(iter(tensor_plan(config)))[1]
     try:
-        return _STORED_AS.get(index.dtype(name)) if index.shape(name) is not None else None
+        return _STORED_AS.get(index.dtype(_EMBED)) if index.shape(_EMBED) is not None else None
     except Exception:  # noqa: BLE001 - an unreadable header: the load names it
         return None
 
@@ -375,9 +375,8 @@ def untied_if_head_stored(index: "_SafetensorsIndex", config: ModelConfig, folde
     import dataclasses
     import warnings
 
-    embed = next(iter(tensor_plan(config)))[1]
-    if (not config.tie_embeddings or index.shape(_HEAD) != index.shape(embed)
-            or np.array_equal(index.get(_HEAD), index.get(embed))):
+    if (not config.tie_embeddings or index.shape(_HEAD) != index.shape(_EMBED)
+            or np.array_equal(index.get(_HEAD), index.get(_EMBED))):
         return config
     warnings.warn(f"{folder}: config.json ties the output head to the embedding, but the weights hold an "
                   f"{_HEAD} of other values; loading that head (untied), as transformers does", stacklevel=3)

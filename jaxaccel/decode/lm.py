@@ -821,7 +821,7 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh
                       f"(such as {unused[0]}); they are not loaded: does config.json belong to these weights?",
                       stacklevel=2)
     if dtype is None:  # the source's: the weights as stored, whatever config.json's dtype says
-        stored = hf_io.stored_dtype(weights, config)
+        stored = hf_io.stored_dtype(weights)
         if stored is not None and stored != config.param_dtype:
             if hf_io.names_dtype(hf):  # (a config without one says nothing to warn about)
                 warnings.warn(f"{folder}: config.json says {config.param_dtype} but the weights are stored as "
