@@ -593,6 +593,21 @@ def test_calibrated_values_grow_a_different_tree(small_pair):
     assert stats["calibrated"]["mean_accepted"] != stats["draft"]["mean_accepted"]
 
 
+def test_a_new_temperature_measures_a_new_table_and_reuses_the_compiled_loop(small_pair):
+    """The calibrated table is measured per sampling setting and is an argument of the loop,
+    not a constant in it: a second temperature compiles nothing, and runs its own table (the
+    same tokens as a model that never ran the first temperature)."""
+    target, draft = small_pair
+    kw = dict(max_new_tokens=16, method="dyspec", draft=draft, budget=8, pops_per_round=2, seed=5)
+    warm = jaxaccel.from_params(SMALL, target.params)
+    first = warm.generate([SAMPLE_PROMPT] * 4, temperature=1.0, **kw)
+    second = warm.generate([SAMPLE_PROMPT] * 4, temperature=0.5, **kw)
+    fresh = jaxaccel.from_params(SMALL, target.params).generate([SAMPLE_PROMPT] * 4, temperature=0.5, **kw)
+    assert first.stats["compile_s"] > 0 and second.stats["compile_s"] == 0
+    assert second.tokens == fresh.tokens and second.stats["mean_accepted"] == fresh.stats["mean_accepted"]
+    assert second.tokens != first.tokens
+
+
 def test_acceptance_cache_is_keyed_by_the_model_files(tmp_path, tiny_params):
     """A draft retrained into the same folder gets a new cache entry (its acceptance would
     differ), the same folder read again the same one, the same files loaded in another dtype

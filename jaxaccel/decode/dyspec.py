@@ -159,9 +159,11 @@ class DySpec(DraftModelMethod):
     # Budget 0 (only from budget="auto", when no tree is predicted to pay): plain
     # autoregressive steps; the draft is not run at all.
 
-    def key(self) -> tuple:
-        table = None if self.value_table is None else tuple(np.round(self.value_table.ravel(), 6).tolist())
-        return super().key() + (table,)
+    def key(self) -> tuple:  # the table is an argument of the program: its values key nothing
+        return super().key() + (None if self.value_table is None else self.value_table.shape,)
+
+    def method_params(self) -> jax.Array | None:
+        return None if self.value_table is None else jnp.asarray(self.value_table, jnp.float32)
 
     def init_state(self, ctx, batch, method_input, prompt_tokens=None, prompt_lens=None):
         return None if self.budget == 0 else super().init_state(ctx, batch, method_input, prompt_tokens, prompt_lens)
@@ -199,7 +201,7 @@ class DySpec(DraftModelMethod):
         if calibrated:
             from jaxaccel.decode.acceptance import VALUE_BINS
 
-            table = jnp.asarray(self.value_table, jnp.float32)  # [max_children, bins]
+            table = ctx.method_params  # [max_children, bins]: `method_params`
             inner_edges = jnp.asarray(VALUE_BINS[1:-1], jnp.float32)
 
         def accept_prob(rank, prob):

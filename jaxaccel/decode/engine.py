@@ -56,6 +56,7 @@ class StepContext(NamedTuple):
     tree_attention: AttentionPolicy = DENSE  # static: what a tree-verification forward runs (decode.tuning)
     draft: ModelHandle | None = None  # a draft model's handle (draft-model speculation), else None
     cache_slots: int = 0  # static: slots of the target's KV cache (a draft's cache gets as many)
+    method_params: Any = None  # traced: what the method measured for this call (`DecodeMethod.method_params`)
 
     @property
     def config(self) -> ModelConfig:
@@ -216,6 +217,11 @@ class DecodeMethod:
         """Nodes per tree-verification forward (0: the method verifies no trees)."""
         return 0
 
+    def method_params(self) -> Any:
+        """Arrays this call's step reads as `ctx.method_params` (None: none): arguments of the
+        compiled loop, not constants in it, so `key()` holds their shapes, not their values."""
+        return None
+
     def step(self, state: DecodeState, ctx: StepContext) -> DecodeState:
         raise NotImplementedError
 
@@ -267,8 +273,8 @@ def prefill_cache(model: ModelHandle, prompt_tokens, prompt_lens, *, cache_len: 
 
 
 def generate_loop(model: ModelHandle, cache, prompt_tokens, prompt_lens, live, max_new, sampling: SamplingParams,
-                  rng, method_input, draft: ModelHandle | None = None, carry: DecodeState | None = None,
-                  stop_at=None, *, method: DecodeMethod, mode: SamplingMode, eos_ids: tuple[int, ...],
+                  rng, method_input, draft: ModelHandle | None = None, method_params: Any = None,
+                  carry: DecodeState | None = None, stop_at=None, *, method: DecodeMethod, mode: SamplingMode, eos_ids: tuple[int, ...],
                   out_len: int, cache_sharding: NamedSharding | None = None,
                   tree_attention: AttentionPolicy = DENSE) -> GenerateOutput:
     """The decode loop over a prefilled cache (`prefill_cache`), meant to be jitted with
@@ -279,7 +285,9 @@ def generate_loop(model: ModelHandle, cache, prompt_tokens, prompt_lens, live, m
     prompt_tokens [batch, W] (right-padded, any width >= the longest prompt), prompt_lens
     [batch] (>= 1), live [batch] bool (False for bucket padding rows), max_new () int32,
     rng: one key per row [batch]; draft: a draft model's handle (its params traced arguments
-    too, so reusing a loaded draft never recompiles), for the methods that use one.
+    too, so reusing a loaded draft never recompiles), for the methods that use one;
+    method_params: the method's `method_params()` (traced too: a new measurement, such as
+    DySpec's value table at another temperature, runs the same program).
 
     In parts (a progress display): `stop_at` () int32 ends the loop after that many steps,
     and a call with the output's `carry` (and `cache`) goes on where it stopped — the same
@@ -291,7 +299,7 @@ def generate_loop(model: ModelHandle, cache, prompt_tokens, prompt_lens, live, m
         cache = jax.lax.with_sharding_constraint(cache, jax.tree.map(lambda _: cache_sharding, cache))
     ctx = StepContext(model=model, mode=mode, sampling=sampling, eos_ids=jnp.asarray(eos_ids, jnp.int32).reshape(-1),
                       max_new=max_new, tree_attention=tree_attention, draft=draft,
-                      cache_slots=jax.tree.leaves(cache)[0].shape[2])
+                      cache_slots=jax.tree.leaves(cache)[0].shape[2], method_params=method_params)
     if carry is not None:
         state = carry._replace(cache=cache)
     else:

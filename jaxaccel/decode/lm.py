@@ -287,7 +287,7 @@ class LanguageModel:
         rng = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(batch_bucket))
         prompt_args = (prefill_handle, jnp.asarray(tokens), jnp.asarray(lens))
         loop_args = (prompt_args[1], prompt_args[2], jnp.asarray(live), jnp.int32(max_new_tokens), sampling, rng,
-                     method_input, draft_handle)
+                     method_input, draft_handle, decoder.method_params())
 
         show_progress = progress and max_new_tokens >= 64
         # one array (checked above, or the method's own memory from the previous call) or None
@@ -318,7 +318,7 @@ class LanguageModel:
             static = dict(method=decoder, mode=mode, eos_ids=self.eos_token_ids, out_len=out_len,
                           cache_sharding=cache_sharding, tree_attention=tree_attention)
             # the cache and (going on in parts) the carry are donated: updated in place
-            fn = jax.jit(functools.partial(generate_loop, **static), donate_argnums=(1, 10))
+            fn = jax.jit(functools.partial(generate_loop, **static), donate_argnums=(1, 11))
             loop_fn = fn.lower(handle, cache_spec, *loop_args, None, jnp.int32(0)).compile(
                 compiler_options=tuning.compiler_options())
             self._compiled[loop_key] = loop_fn
