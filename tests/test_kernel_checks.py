@@ -67,7 +67,7 @@ def test_accelerator_grids_build_valid_cases(monkeypatch):
             built.append((name, kwargs))
 
         monkeypatch.setattr(checks, name, record)
-    for backend, quick, want in (("gpu", False, 22), ("gpu", True, 6), ("tpu", False, 26), ("tpu", True, 8)):
+    for backend, quick, want in (("gpu", False, 22), ("gpu", True, 6), ("tpu", False, 28), ("tpu", True, 8)):
         built.clear()
         for build in kernels._accelerator_cases(backend, quick):
             build()

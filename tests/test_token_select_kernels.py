@@ -213,6 +213,8 @@ SPARSE_CASES = [
     (8, 2, 16, "compact", "xla", True, jnp.float32),  # GQA 4
     (8, 1, 16, "original", "kernel", True, jnp.float32),  # GQA 8
     (4, 2, 32, "compact", "kernel", True, jnp.bfloat16),
+    (8, 2, 16, "compact", "dma", True, jnp.float32),  # TPU: scalar-prefetched indices, DMA copies
+    (4, 4, 32, "original", "dma", False, jnp.bfloat16),
 ]
 
 
@@ -284,8 +286,9 @@ def test_original_positions_equal_dense_attention_over_the_selected_slots():
     assert np.abs(np.asarray(compact) - np.asarray(want)).max() > 1e-3
 
 
-def test_sparse_kernel_reads_only_the_selected_slots():
-    """NaN in every unselected slot of K and V changes nothing (in-kernel gather)."""
+@pytest.mark.parametrize("gather", ["kernel", "dma"])
+def test_sparse_kernel_reads_only_the_selected_slots(gather):
+    """NaN in every unselected slot of K and V changes nothing (in-kernel gather, TPU DMAs)."""
     q, k, v, k_new, v_new = cache_inputs(6, 2, 4, 2, 16, 32)
     lengths = jnp.asarray([32, 20], jnp.int32)
     indices, valid = selection(6, (2, 32), lengths, k=4, n_init=1, n_local=2)
@@ -296,7 +299,7 @@ def test_sparse_kernel_reads_only_the_selected_slots():
         v_bad[row][:, unread] = np.nan
     assert np.isnan(k_bad).any() and np.isnan(v_bad).any()
     got = ts.sparse_attention_kernel(q, jnp.asarray(k_bad), jnp.asarray(v_bad), indices, valid, lengths, k_new=k_new,
-                                     v_new=v_new, block_k=8, gather="kernel", interpret=True)
+                                     v_new=v_new, block_k=8, gather=gather, interpret=True)
     assert np.isfinite(np.asarray(got)).all(), "an unselected (NaN) slot was read"
     assert close(got, sparse_reference(q, k, v, indices, valid, lengths, k_new=k_new, v_new=v_new)) < 1e-5
 
@@ -381,8 +384,9 @@ def test_bad_shapes_and_blocks_fail_up_front_with_one_line_errors():
 
 @pytest.mark.parametrize("platform,backend,marker", [("tpu", "tpu", "tpu_custom_call"), ("cuda", "gpu", "triton")])
 def test_kernels_lower_for_accelerators(platform, backend, marker):
-    """Lowering only (no device here): TPU through Mosaic (XLA gather), CUDA through Triton
-    (in-kernel gather). Compiling and running need the hardware."""
+    """Lowering only (no device here): TPU through Mosaic (scalar-prefetched indices and DMA
+    copies by default; the XLA gather too), CUDA through Triton (in-kernel gather; the XLA
+    gather too; the DMA path is TPU's alone). Compiling and running need the hardware."""
     b, h, kvh, d, s, n = 2, 8, 2, 64, 256, 128
     q, k = jnp.zeros((b, h, d), jnp.bfloat16), jnp.zeros((b, kvh, s, d), jnp.bfloat16)
     own = jnp.zeros((b, kvh, d), jnp.bfloat16)
@@ -394,6 +398,8 @@ def test_kernels_lower_for_accelerators(platform, backend, marker):
          (q, k, lengths)),
         (lambda q, k, i, m, l, o: ts.sparse_attention_kernel(q, k, k, i, m, l, k_new=o, v_new=o, block_k=128),
          (q, k, indices, valid, lengths, own)),
+        (lambda q, k, i, m, l: ts.sparse_attention_kernel(q, k, k, i, m, l, block_k=128, gather="xla"),
+         (q, k, indices, valid, lengths)),
     ]
     jax.clear_caches()
     try:
@@ -401,5 +407,10 @@ def test_kernels_lower_for_accelerators(platform, backend, marker):
             for fn, args in calls:
                 text = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
                 assert marker in text.lower()
+            if backend == "tpu":
+                assert ts.default_gather() == "dma"
+            else:
+                one_line_error(lambda: ts.sparse_attention_kernel(q, k, k, indices, valid, lengths, gather="dma"),
+                               "runs on TPU")
     finally:
         jax.clear_caches()

@@ -50,6 +50,9 @@ def _accelerator_cases(backend: str, quick: bool) -> list[Callable]:
             (131072, 2, 2688, "compact"), (131072, 2, 2688, "original"), (131072, 4, 2000, "compact")]
         cases += [lambda s=s, b=b, n=n, p=p, dtype=dtype: checks.sparse_attention_case(
             cache_len=s, batch=b, selected=n, positions=p, dtype=dtype, **heads) for s, b, n, p in sparse]
+        if backend == "tpu" and not quick:  # the DMA path (the default) against the XLA gather it replaced
+            cases.append(lambda dtype=dtype: checks.sparse_attention_case(
+                cache_len=131072, batch=2, selected=2688, positions="compact", dtype=dtype, gather="xla", **heads))
         if backend == "tpu":
             splash = [2048] if quick else [2048, 4096]
             cases += [lambda t=t, dtype=dtype: checks.splash_attention_case(
@@ -68,6 +71,9 @@ def _interpreter_cases(quick: bool) -> list[Callable]:
                   lambda dtype=dtype: checks.score_keys_case(cache_len=96, block_k=32, dtype=dtype, **small),
                   lambda dtype=dtype: checks.sparse_attention_case(cache_len=96, selected=24, block_k=8, dtype=dtype,
                                                                    **small)]
+        if not quick:  # TPU's path: scalar-prefetched indices and DMA copies, in the TPU interpreter
+            cases.append(lambda dtype=dtype: checks.sparse_attention_case(cache_len=96, selected=24, block_k=8,
+                                                                          dtype=dtype, gather="dma", **small))
     if not quick:
         cases.append(lambda: checks.splash_attention_case(seq_len=256, heads=2, kv_heads=1, head_dim=128, batch=1,
                                                           dtype="float32", interpret=True))

@@ -28,8 +28,9 @@ attention in v's dtype.
 
 Backends (checked against the installed jax 0.10.2; see each kernel's docstring):
 * TPU: Mosaic. `score_keys` pipelines [block_k, head_dim] key blocks through VMEM;
-  `sparse_attention` gathers the selected rows with XLA (Mosaic has no vector-gather load)
-  and runs RoPE + attention on the compact copy. Lowered from a CPU host only.
+  `sparse_attention` (Mosaic has no vector-gather load) takes the indices scalar-prefetched
+  into SMEM and copies each block's selected rows from HBM by DMA into double-buffered VMEM
+  scratch. Run in Pallas's TPU interpreter and lowered from a CPU host only.
 * GPU: the Triton lowering (selected with `pltriton.CompilerParams`, as the tree kernel
   does; jax 0.10 otherwise defaults `pallas_call` to Mosaic GPU, whose warpgroup style this
   portable Ref/BlockSpec code is not written in). `sparse_attention` gathers the selected
@@ -48,11 +49,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 from jaxaccel.pallas_kernels.ops import MASKED_SCORE, rope_frequencies, rotate_half
 
 Positions = Literal["compact", "original"]
-Gather = Literal["kernel", "xla"]
+Gather = Literal["kernel", "dma", "xla"]
 
 # Triton's tl.dot needs every dimension >= 16; rows of a KV group are padded to at least this.
 _MIN_ROWS = 16
@@ -95,8 +97,6 @@ def default_block_k(n: int, platform: str | None = None) -> int:
 def _compiler_params(platform: str, n_grid_axes: int):
     """Backend compiler params: Mosaic TPU (all grid axes parallel) or Triton on GPU."""
     if platform == "tpu":
-        from jax.experimental.pallas import tpu as pltpu
-
         return pltpu.CompilerParams(dimension_semantics=("parallel",) * n_grid_axes)
     if platform == "gpu":
         from jax.experimental.pallas import triton as pltriton
@@ -108,8 +108,6 @@ def _compiler_params(platform: str, n_grid_axes: int):
 def _scalar_spec(platform: str) -> pl.BlockSpec:
     """A whole per-row int vector [batch], indexed in the kernel by program_id(0); SMEM on TPU."""
     if platform == "tpu":
-        from jax.experimental.pallas import tpu as pltpu
-
         return pl.BlockSpec(memory_space=pltpu.SMEM)
     return pl.BlockSpec()
 
@@ -560,15 +558,22 @@ def _dot_t(a, b):
     return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _sparse_kernel(qpos_ref, q_ref, k_ref, v_ref, *rest, block: int, n_blocks: int, half: int,
-                   gather_in_kernel: bool, has_self: bool):
+def _sparse_kernel(qpos_ref, *refs, block: int, n_blocks: int, half: int, gather: Gather, has_self: bool):
     """One (row, KV group): online softmax over the selected keys, RoPE on the fly.
 
     The halves of q and k are loaded separately (ref slices) and the logit is
     q_lo . k_lo + q_hi . k_hi: rotate-half RoPE without slicing or concatenating values,
-    which the Triton lowering cannot do."""
-    if gather_in_kernel:
-        idx_ref, rest = rest[0], rest[1:]
+    which the Triton lowering cannot do. Where the selected rows come from (`gather`):
+    "kernel": k_ref/v_ref are the whole [cache_len, d] rows, indexed by idx_ref's block;
+    "xla": the compact [n, d] copies; "dma": the whole [b, kv_heads, cache_len, d] arrays in
+    HBM, each block's rows copied into one of two VMEM buffers while the other is used."""
+    if gather == "dma":  # scalar prefetch first: the positions, then the [b, n] indices
+        idx_ref, q_ref, k_ref, v_ref, *rest = refs
+        rest, (k_buf, v_buf, sems) = rest[:-3], rest[-3:]
+    elif gather == "kernel":
+        q_ref, k_ref, v_ref, idx_ref, *rest = refs
+    else:
+        q_ref, k_ref, v_ref, *rest = refs
     kpos_ref, valid_ref, inv_ref = rest[:3]
     knew_ref, vnew_ref = rest[3:5] if has_self else (None, None)
     o_ref = rest[-1]
@@ -579,14 +584,30 @@ def _sparse_kernel(qpos_ref, q_ref, k_ref, v_ref, *rest, block: int, n_blocks: i
     q_cos, q_sin = jnp.cos(q_angle), jnp.sin(q_angle)
     q_lo, q_hi = _rotate(q_ref[:, pl.ds(0, half)], q_ref[:, pl.ds(half, half)], q_cos, q_sin, dtype)
 
+    if gather == "dma":
+        copy_block = functools.partial(_copy_selected_rows, idx_ref, ((k_ref, k_buf), (v_ref, v_buf)), sems,
+                                       block=block)
+        copy_block(0, 0, "start")
+
     def key_block(i, carry):
         row_max, row_sum, acc = carry
         start = pl.multiple_of(i * block, block)
-        # GPU: an index vector into the whole [cache_len, d] row is a pointer gather of the
-        # selected rows. TPU: the rows were gathered by XLA into a compact [n, d] copy.
-        rows_at = idx_ref[pl.ds(start, block)] if gather_in_kernel else pl.ds(start, block)
+        k_rows, v_rows = k_ref, v_ref
+        if gather == "dma":  # the next block's copies go while this one is used
+            slot = i % 2
+
+            @pl.when(i + 1 < n_blocks)
+            def _():
+                copy_block(i + 1, 1 - slot, "start")
+
+            copy_block(i, slot, "wait")
+            k_rows, v_rows, rows_at = k_buf.at[slot], v_buf.at[slot], pl.ds(0, block)
+        elif gather == "kernel":  # GPU: an index vector into a [cache_len, d] row is a pointer gather
+            rows_at = idx_ref[pl.ds(start, block)]
+        else:  # gathered by XLA into a compact [n, d] copy
+            rows_at = pl.ds(start, block)
         angle = kpos_ref[pl.ds(start, block), :].astype(jnp.float32) * inv_freq  # [block, half]
-        k_lo, k_hi = _rotate(k_ref[rows_at, pl.ds(0, half)], k_ref[rows_at, pl.ds(half, half)],
+        k_lo, k_hi = _rotate(k_rows[rows_at, pl.ds(0, half)], k_rows[rows_at, pl.ds(half, half)],
                              jnp.cos(angle), jnp.sin(angle), dtype)
         visible = valid_ref[:, pl.ds(start, block)] != 0  # [1, block]
         logits = jnp.where(visible, _dot_t(q_lo, k_lo) + _dot_t(q_hi, k_hi), MASKED_SCORE)
@@ -594,7 +615,7 @@ def _sparse_kernel(qpos_ref, q_ref, k_ref, v_ref, *rest, block: int, n_blocks: i
         # where(): masked keys stay exactly 0 even while a row has seen only masked ones
         probs = jnp.where(visible, jnp.exp(logits - new_max), 0.0)
         rescale = jnp.exp(row_max - new_max)
-        pv = lax.dot_general(probs.astype(v_dtype), v_ref[rows_at, :], (((1,), (0,)), ((), ())),
+        pv = lax.dot_general(probs.astype(v_dtype), v_rows[rows_at, :], (((1,), (0,)), ((), ())),
                              preferred_element_type=jnp.float32)
         return new_max, rescale * row_sum + jnp.sum(probs, axis=1, keepdims=True), rescale * acc + pv
 
@@ -614,10 +635,27 @@ def _sparse_kernel(qpos_ref, q_ref, k_ref, v_ref, *rest, block: int, n_blocks: i
     o_ref[...] = (acc / jnp.where(row_sum > 0, row_sum, 1.0)).astype(o_ref.dtype)
 
 
+def _copy_selected_rows(idx_ref, pairs, sems, i, slot, action: str, *, block: int) -> None:
+    """Start (or wait for) the DMA copies of key block i's selected rows, for this program's
+    (row, KV group), from each HBM array of `pairs` into slot `slot` of its VMEM buffer
+    [2, block, d]: one row per copy, one semaphore per (array, slot). A wait needs only the
+    copy's size and semaphore, so it names row 0."""
+    bi, hi = pl.program_id(0), pl.program_id(1)
+
+    def each_row(t, carry):
+        row = idx_ref[bi, i * block + t] if action == "start" else 0
+        for j, (hbm, buf) in enumerate(pairs):
+            copy = pltpu.make_async_copy(hbm.at[bi, hi, pl.ds(row, 1)], buf.at[slot, pl.ds(t, 1)], sems.at[j, slot])
+            copy.start() if action == "start" else copy.wait()
+        return carry
+
+    lax.fori_loop(0, block, each_row, 0)
+
+
 def default_gather(platform: str | None = None) -> Gather:
-    """Where `sparse_attention_kernel` gathers: in XLA on TPU (Mosaic has no vector-gather
+    """Where `sparse_attention_kernel` gathers: by DMA on TPU (Mosaic has no vector-gather
     load), else inside the kernel."""
-    return "xla" if (platform or jax.default_backend()) == "tpu" else "kernel"
+    return "dma" if (platform or jax.default_backend()) == "tpu" else "kernel"
 
 
 @functools.partial(jax.jit, static_argnames=("rope_theta", "positions", "block_k", "gather", "interpret"))
@@ -639,21 +677,26 @@ def sparse_attention_kernel(q: jax.Array, k: jax.Array, v: jax.Array, indices: j
       its KV group -- on GPU a pointer into HBM, nothing copied -- and loads each block of
       selected rows with the index vector (`k_ref[idx, ...]`, a Triton gathered load; the
       Pallas interpreter runs it as a gather). Reads only the selected rows.
-    * "xla" (default on TPU): jnp.take_along_axis gathers the selected rows into a compact
-      [batch, kv_heads, n, head_dim] copy that the program holds in VMEM. Mosaic cannot
-      lower a vector-indexed load (NotImplementedError in jax 0.10.2). The proper TPU path,
-      not done here: indices scalar-prefetched into SMEM (`PrefetchScalarGridSpec`), K/V
-      left in HBM (`memory_space=pl.ANY`), and the selected rows (or pages of them) copied by
-      double-buffered `pltpu.make_async_copy` into VMEM scratch, as ragged paged attention
-      does with pages.
+    * "dma" (default on TPU; Mosaic cannot lower a vector-indexed load, NotImplementedError
+      in jax 0.10.2): the indices are scalar-prefetched into SMEM (`PrefetchScalarGridSpec`),
+      K/V stay in HBM (`memory_space=pl.ANY`), and each block's selected rows are copied
+      row by row with `pltpu.make_async_copy` into one of two VMEM buffers [2, block_k,
+      head_dim] while the previous block is computed (ragged paged attention does the same
+      with pages). Reads only the selected rows. Interpret mode runs it in Pallas's TPU
+      interpreter (`pltpu.InterpretParams`), which models the DMAs and semaphores.
+    * "xla": jnp.take_along_axis gathers the selected rows into a compact [batch, kv_heads,
+      n, head_dim] copy that the program holds in VMEM: one more write and read of the
+      selected K/V per step (the TPU path before "dma").
     Decode rows are few, so (batch, kv_heads) programs may not fill a GPU; splitting the
     selected keys over a third grid axis (flash-decoding) is the next step (not done).
     """
     _check_sparse_inputs(q, k, v, indices, valid, lengths, k_new, v_new)
     platform = _platform(interpret)
     gather = gather or default_gather(platform)
-    if gather not in ("kernel", "xla"):
-        raise ValueError(f"gather must be 'kernel' or 'xla', got {gather!r}")
+    if gather not in ("kernel", "dma", "xla"):
+        raise ValueError(f"gather must be 'kernel', 'dma' or 'xla', got {gather!r}")
+    if gather == "dma" and platform not in ("tpu", "interpret"):
+        raise ValueError(f"gather='dma' copies with TPU DMAs: it runs on TPU (or interpret=True), not {platform}")
     b, h, d = q.shape
     kvh, s = k.shape[1], k.shape[2]
     n = indices.shape[1]
@@ -672,10 +715,14 @@ def sparse_attention_kernel(q: jax.Array, k: jax.Array, v: jax.Array, indices: j
     inv_freq = _inv_freq_array(d, rope_theta, rope_inv_freq)[None, :]
     qg = _group_rows(q, kvh, rows)
 
-    def per_group(shape):
-        return pl.BlockSpec((None, None, *shape), lambda bi, hi: (bi, hi, 0, 0))
+    def per_group(shape):  # (index maps also take the scalar-prefetched refs, if any)
+        return pl.BlockSpec((None, None, *shape), lambda bi, hi, *_: (bi, hi, 0, 0))
 
-    if gather == "kernel":
+    scalars, scalar_specs = (query_pos,), [_scalar_spec(platform)]
+    if gather == "dma":  # prefetched: the positions and the indices, before the grid runs
+        scalars, scalar_specs = (query_pos, idx), []
+        kv_args, kv_specs = (k, v), [pl.BlockSpec(memory_space=pl.ANY)] * 2
+    elif gather == "kernel":
         kv_args, kv_specs = (k, v, idx), [per_group((s, d)), per_group((s, d)),
                                           pl.BlockSpec((None, n_p), lambda bi, hi: (bi, 0))]
     else:
@@ -685,21 +732,29 @@ def sparse_attention_kernel(q: jax.Array, k: jax.Array, v: jax.Array, indices: j
     has_self = k_new is not None
     self_args = (k_new[:, :, None, :], v_new[:, :, None, :]) if has_self else ()
     self_specs = [per_group((1, d)), per_group((1, d))] if has_self else []
-
+    in_specs = [*scalar_specs, per_group((rows, d)), *kv_specs,
+                pl.BlockSpec((None, n_p, 1), lambda bi, hi, *_: (bi, 0, 0)),
+                pl.BlockSpec((None, 1, n_p), lambda bi, hi, *_: (bi, 0, 0)),
+                pl.BlockSpec((1, half), lambda bi, hi, *_: (0, 0)), *self_specs]
+    out_shape, out_spec = jax.ShapeDtypeStruct((b, kvh, rows, d), v.dtype), per_group((rows, d))
+    if gather == "dma":
+        grid = dict(grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=2, grid=(b, kvh), in_specs=in_specs, out_specs=out_spec,
+            scratch_shapes=[pltpu.VMEM((2, block, d), k.dtype), pltpu.VMEM((2, block, d), v.dtype),
+                            pltpu.SemaphoreType.DMA((2, 2))]))
+        # CPU: Pallas's TPU interpreter, which runs DMAs and semaphores (the generic one has none)
+        interpret = pltpu.InterpretParams() if interpret else False
+    else:
+        grid = dict(grid=(b, kvh), in_specs=in_specs, out_specs=out_spec)
     out = pl.pallas_call(
-        functools.partial(_sparse_kernel, block=block, n_blocks=n_blocks, half=half,
-                          gather_in_kernel=gather == "kernel", has_self=has_self),
-        out_shape=jax.ShapeDtypeStruct((b, kvh, rows, d), v.dtype),
-        grid=(b, kvh),
-        in_specs=[_scalar_spec(platform), per_group((rows, d)), *kv_specs,
-                  pl.BlockSpec((None, n_p, 1), lambda bi, hi: (bi, 0, 0)),
-                  pl.BlockSpec((None, 1, n_p), lambda bi, hi: (bi, 0, 0)),
-                  pl.BlockSpec((1, half), lambda bi, hi: (0, 0)), *self_specs],
-        out_specs=per_group((rows, d)),
+        functools.partial(_sparse_kernel, block=block, n_blocks=n_blocks, half=half, gather=gather,
+                          has_self=has_self),
+        out_shape=out_shape,
         interpret=interpret,
-        compiler_params=_compiler_params(platform, 2),
+        compiler_params=_compiler_params("tpu" if gather == "dma" else platform, 2),
         name="token_select_attention",
-    )(query_pos, qg, *kv_args, kpos, valid_row, inv_freq, *self_args)
+        **grid,
+    )(*scalars, qg, *kv_args, kpos, valid_row, inv_freq, *self_args)
     return out[:, :, :g].reshape(b, h, d)
 
 
