@@ -439,6 +439,22 @@ def test_sequoia_takes_a_vector_summing_to_exactly_one_and_fan_out_past_a_tiny_v
         assert target.generate([[1, 4, 2]], max_new_tokens=6, method=method, draft=draft, **opts).tokens == ref
 
 
+def test_sequoia_programs_are_keyed_by_the_tree_not_the_vector(lm, draft_lm, reference):
+    """Two acceptance vectors (two temperatures' measurements) that plan the same tree share
+    one compiled program; one that plans another tree compiles its own, and runs it."""
+    from jaxaccel.decode.methods import get_method
+
+    vectors = ([0.6, 0.2, 0.1], [0.61, 0.19, 0.1], [0.2, 0.2, 0.2])
+    trees = [get_method("sequoia", budget=9, acceptance=v).template().parents.tolist() for v in vectors]
+    assert trees[0] == trees[1] != trees[2]
+    target = jaxaccel.from_params(TINY, lm.params)
+    runs = [target.generate(PROMPTS, max_new_tokens=24, method="sequoia", budget=9, acceptance=v, draft=draft_lm)
+            for v in vectors]
+    assert [r.tokens for r in runs] == [reference] * 3
+    assert runs[1].stats["compile_s"] == 0 < runs[2].stats["compile_s"]
+    assert runs[0].stats["mean_accepted"] == runs[1].stats["mean_accepted"] != runs[2].stats["mean_accepted"]
+
+
 def test_a_temperature_generate_treats_as_greedy_is_measured_as_greedy(small_pair):
     from jaxaccel.decode.acceptance import positional_acceptance
 

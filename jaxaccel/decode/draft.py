@@ -423,8 +423,13 @@ class Sequoia(StaticDraftMethod):
             from jaxaccel.decode.acceptance import cached_acceptance
 
             self.acceptance = cached_acceptance(target, draft, temperature=temperature, top_k=top_k, top_p=top_p)
-        # the tree is part of the compiled step: its shape goes into the method's key
-        self.opts["acceptance"] = list(_key_rounded(self.acceptance))
+        self.opts["acceptance"] = list(_key_rounded(self.acceptance))  # the tree planned from it keys the step
+
+    def key(self) -> tuple:
+        """The tree, not the acceptance vector it was planned from: vectors (sampling settings,
+        measurements) that plan the same tree share a compiled program."""
+        name, opts = super().key()
+        return name, tuple(kv for kv in opts if kv[0] != "acceptance"), tuple(self.template().parents.tolist())
 
     def template(self) -> StaticTemplate:
         if self.acceptance is None:
@@ -444,9 +449,7 @@ class Sequoia(StaticDraftMethod):
 
 @functools.lru_cache(maxsize=32)
 def _sequoia_template(acceptance: tuple[float, ...], budget: int, max_depth: int) -> StaticTemplate:
-    from jaxaccel.decode.sequoia import optimal_tree
-
-    from jaxaccel.decode.sequoia import padded_acceptance
+    from jaxaccel.decode.sequoia import optimal_tree, padded_acceptance
 
     vec = np.asarray(acceptance)
     if vec.sum() <= 0:
