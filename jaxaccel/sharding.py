@@ -6,7 +6,8 @@ whose size the mesh axis does not divide is replicated instead (e.g. 2 KV heads 
 4-way `tensor` axis), so one rule table serves every model size.
 
 Mesh axes: `data` (batch), `fsdp` (batch + parameter sharding), `tensor` (heads / MLP /
-vocab), `expert` (MoE experts). A mesh over several TPU slices (multi-slice) or GPU hosts puts
+vocab), `expert` (MoE experts, and the batch everywhere else: GShard's expert parallelism,
+each expert layer's tokens moved between the two splits by all-to-alls). A mesh over several TPU slices (multi-slice) or GPU hosts puts
 the slices on `data` (the rest on `fsdp`), so only data parallelism crosses the data-center network.
 """
 from __future__ import annotations
@@ -24,7 +25,8 @@ MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 # logical axis -> mesh axes it may be split over (in order), None = replicated.
 LOGICAL_RULES: tuple[tuple[str, tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),
+    ("expert_group", ("data", "fsdp")),  # inside an expert layer: the batch, less the expert axis
     ("vocab", ("tensor",)),
     ("embed", ("fsdp",)),
     ("heads", ("tensor",)),
@@ -189,8 +191,8 @@ def tree_shardings(axes_tree: Any, shapes_tree: Any, mesh: Mesh) -> Any:
 
 
 def batch_ways(mesh: Mesh | None) -> int:
-    """The devices a batch is split over (the data and fsdp axes); 1 without a mesh."""
-    return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    """The devices a batch is split over (the data, fsdp and expert axes); 1 without a mesh."""
+    return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

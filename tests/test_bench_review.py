@@ -177,7 +177,7 @@ def test_train_compare_devices_is_checked_before_measuring(devices, needle, caps
     assert needle in refusal(code, out, err), err
     assert "matmul peak" not in err
     if devices == "3":
-        assert "must be a multiple of mesh data*fsdp (3)" in err
+        assert "must be a multiple of mesh data*fsdp*expert (3)" in err
 
 
 def test_a_failed_child_process_is_one_project_error():

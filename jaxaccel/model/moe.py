@@ -25,21 +25,38 @@ Shapes: x [batch, seq, d] -> [batch, seq, d]; expert kernels [n_experts, d, ffn]
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from jaxaccel.config import ModelConfig
-from jaxaccel.model.layers import EMBED, MLP_HIDDEN, _init, jnp_dtype
+from jaxaccel.model.layers import BATCH, EMBED, MLP_HIDDEN, _init, jnp_dtype
+from jaxaccel.sharding import constrain
 
 EXPERT = "expert"
+EXPERT_GROUP = "expert_group"  # the groups (batch rows) inside an expert layer: split as the batch, less `expert`
 
 
 def expert_capacity(tokens: int, n_experts: int, top_k: int, capacity_factor: float | None) -> int:
     if capacity_factor is None:  # dropless
         return tokens
     return max(1, min(tokens, math.ceil(capacity_factor * tokens * top_k / n_experts)))
+
+
+def top_k_by_argmax(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """`jax.lax.top_k` over the last axis as k argmaxes: the same values and indices (a tie
+    goes to the lower index first), gradients through the values alike. For the few experts
+    a token picks this is cheap, and XLA's SPMD partitioner splits it over the batch axes,
+    where it gathers a top_k's whole input onto every device."""
+    values, indices, rest = [], [], x
+    for _ in range(k):
+        i = jnp.argmax(rest, axis=-1)
+        values.append(jnp.take_along_axis(x, i[..., None], axis=-1)[..., 0])
+        indices.append(i)
+        rest = jnp.where(jax.nn.one_hot(i, x.shape[-1], dtype=bool), -jnp.inf, rest)
+    return jnp.stack(values, axis=-1), jnp.stack(indices, axis=-1).astype(jnp.int32)
 
 
 def route(logits: jax.Array, top_k: int, capacity: int, normalize: bool, token_mask: jax.Array | None = None,
@@ -53,7 +70,7 @@ def route(logits: jax.Array, top_k: int, capacity: int, normalize: bool, token_m
     g, s, e = logits.shape
     valid = jnp.ones((g, s), bool) if token_mask is None else token_mask.astype(bool)
     probs = jax.nn.softmax(logits, axis=-1)
-    gates, experts = jax.lax.top_k(probs, top_k)  # [g, s, k]
+    gates, experts = top_k_by_argmax(probs, top_k)  # [g, s, k]
     if normalize and top_k > 1:
         gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
     onehot = jax.nn.one_hot(experts, e, dtype=jnp.int32) * valid[:, :, None, None]  # [g, s, k, e]
@@ -88,6 +105,7 @@ class MoE(nn.Module):
     config: ModelConfig
     dropless: bool = False  # decode: every assignment is served
     training: bool = False  # training capacity factor (else the eval one), independent of dropout
+    mesh: Any = None  # expert parallelism: the batch-split tokens go to their experts' devices and back
 
     @nn.compact
     def __call__(self, x, token_mask=None):
@@ -109,8 +127,16 @@ class MoE(nn.Module):
         wu = self.param("up", _init(cfg.init_std, axes_in), (e, d, f), pdtype)
         wd = self.param("down", _init(cfg.init_std / math.sqrt(2 * cfg.n_layers), (EXPERT, MLP_HIDDEN, EMBED)),
                         (e, f, d), pdtype)
-        expert_in = jnp.einsum("gsec,gsd->egcd", dispatch.astype(dtype), x.astype(dtype))
+        # Outside this layer the batch is split over data x fsdp x expert; the experts' inputs
+        # are split over expert by expert and over data x fsdp by group: XLA moves the tokens
+        # between the two layouts with an all-to-all each way (GShard).
+        local = (None, BATCH, None, None)  # each device's own groups, every expert's slots
+        expert_in = constrain(jnp.einsum("gsec,gsd->egcd", dispatch.astype(dtype), x.astype(dtype)), local, self.mesh)
+        expert_in = constrain(expert_in, (EXPERT, EXPERT_GROUP, None, EMBED), self.mesh)
         h = nn.silu(jnp.einsum("egcd,edf->egcf", expert_in, wg.astype(dtype))) * jnp.einsum(
             "egcd,edf->egcf", expert_in, wu.astype(dtype))
-        expert_out = jnp.einsum("egcf,efd->egcd", h, wd.astype(dtype))
+        h = constrain(h, (EXPERT, EXPERT_GROUP, None, MLP_HIDDEN), self.mesh)
+        expert_out = constrain(jnp.einsum("egcf,efd->egcd", h, wd.astype(dtype)),
+                               (EXPERT, EXPERT_GROUP, None, EMBED), self.mesh)
+        expert_out = constrain(expert_out, local, self.mesh)
         return jnp.einsum("gsec,egcd->gsd", combine.astype(dtype), expert_out)

@@ -148,7 +148,7 @@ class DecoderLayer(nn.Module):
             if active is not None:
                 on = jnp.broadcast_to(active, h.shape[:2])
                 routed = on if routed is None else routed.astype(bool) & on
-            m = MoE(cfg, opts.dropless, opts.moe_training, name="moe")(h, routed)
+            m = MoE(cfg, opts.dropless, opts.moe_training, opts.mesh, name="moe")(h, routed)
         else:
             m = MLP(cfg, opts, name="mlp")(h)
         m = nn.Dropout(cfg.dropout.mlp)(m, deterministic=opts.deterministic)

@@ -237,6 +237,7 @@ class RunConfig:
         if sizes["expert"] > 1 and not m.moe.n_experts:
             raise ConfigError(f"mesh.expert={sizes['expert']} needs an MoE model (moe.n_experts > 0)")
         micro = self.train.batch_size // self.train.grad_accum
-        if micro % (sizes["data"] * sizes["fsdp"]):
-            raise ConfigError(f"the micro-batch ({micro} sequences) must be a multiple of mesh data*fsdp "
-                              f"({sizes['data'] * sizes['fsdp']})")
+        ways = sizes["data"] * sizes["fsdp"] * sizes["expert"]  # what splits the batch (`sharding.batch_ways`)
+        if micro % ways:
+            raise ConfigError(f"the micro-batch ({micro} sequences) must be a multiple of mesh data*fsdp*expert "
+                              f"({ways})")
