@@ -55,8 +55,9 @@ Backends (checked against the installed jax 0.10.2 and the current Pallas docs):
   (Ampere+). This kernel is written in the portable Ref/BlockSpec style, not Mosaic GPU's
   warpgroup style, so on GPU it passes Triton compiler params to select the Triton lowering.
 * CPU: no compiled Pallas path. `use_kernel=None` runs the reference; `interpret=True` runs
-  the kernel ("grid" tiling) through the Pallas interpreter (that is what the tests exercise;
-  they also run the "loop" body there).
+  the kernel ("grid" tiling) through Pallas's TPU interpreter (`pltpu.InterpretParams`:
+  scalar prefetch into SMEM, the block pipeline, uninitialized scratch read as NaN — what the
+  tests exercise; they also run the "loop" body in the generic interpreter).
 Both hardware lowerings are produced from a CPU host (`jax.jit(...).trace(...).lower(
 lowering_platforms=('tpu',))` resp. `('cuda',)` succeed, a 4096-slot cache included), but
 neither has been compiled by libtpu / Triton or run on hardware; the tests are CPU-only.
@@ -318,7 +319,7 @@ def _tree_attention_pallas(q, k_new, v_new, tree_mask, k_cache, v_cache, prefix_
             functools.partial(_grid_kernel, block_k=block_k),
             out_shape=out_shape,
             grid_spec=grid_spec,
-            interpret=interpret,
+            interpret=pltpu.InterpretParams() if interpret else False,
             compiler_params=compiler_params,
             name="tree_attention",
         )(plen, qg, k_cache, v_cache, kn, vn, mask)
