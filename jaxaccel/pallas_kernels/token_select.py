@@ -682,8 +682,11 @@ def sparse_attention_kernel(q: jax.Array, k: jax.Array, v: jax.Array, indices: j
       K/V stay in HBM (`memory_space=pl.ANY`), and each block's selected rows are copied
       row by row with `pltpu.make_async_copy` into one of two VMEM buffers [2, block_k,
       head_dim] while the previous block is computed (ragged paged attention does the same
-      with pages). Reads only the selected rows. Interpret mode runs it in Pallas's TPU
-      interpreter (`pltpu.InterpretParams`), which models the DMAs and semaphores.
+      with pages). Reads only the selected rows. The prefetched table takes 4 * batch * n
+      bytes of SMEM (43 KB for 4 rows of 2,688: fine; a batch in the hundreds may not fit,
+      which the first-use check in `decode.tuning` turns into the reference and a warning).
+      Interpret mode runs it in Pallas's TPU interpreter (`pltpu.InterpretParams`), which
+      models the DMAs and semaphores.
     * "xla": jnp.take_along_axis gathers the selected rows into a compact [batch, kv_heads,
       n, head_dim] copy that the program holds in VMEM: one more write and read of the
       selected K/V per step (the TPU path before "dma").
