@@ -195,6 +195,24 @@ def batch_ways(mesh: Mesh | None) -> int:
     return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
 
 
+def check_batch_shards_on_one_host(mesh: Mesh) -> None:
+    """Each host feeds its own rows of the global batch (`make_array_from_process_local_data`),
+    so the devices that hold one batch shard — along the mesh axes that do not split the
+    batch (`tensor`) — must all be on one host: two hosts would each put different rows into
+    the same shard, and its replicas would silently disagree. ConfigError otherwise."""
+    grid = np.asarray(mesh.devices, dtype=object)
+    names = list(mesh.axis_names)
+    batch = [names.index(a) for a in _RULES["batch"] if a in names]
+    shards = np.moveaxis(grid, batch, list(range(len(batch)))).reshape(math.prod(grid.shape[i] for i in batch), -1)
+    for i, shard in enumerate(shards):
+        hosts = sorted({d.process_index for d in shard})
+        if len(hosts) > 1:
+            split = ", ".join(f"{n}={grid.shape[j]}" for j, n in enumerate(names) if j not in batch and grid.shape[j] > 1)
+            raise ConfigError(f"the mesh puts batch shard {i}'s {len(shard)} devices ({split}) on hosts "
+                              f"{', '.join(map(str, hosts))}; each host feeds its own rows, so one shard must sit on "
+                              f"one host: make {split} at most the devices of one host, moving the rest to data or fsdp")
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

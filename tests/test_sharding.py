@@ -137,6 +137,27 @@ def test_a_multislice_mesh_puts_the_slices_on_data_parallel_axes():
     assert shd._hybrid_grid(jax.devices(), (2, 1, 4, 1)) is None  # CPU: the listed order
 
 
+def test_a_batch_shard_spanning_two_hosts_is_refused():
+    """Each host feeds its own rows: a tensor group laid over two hosts (4 chips a host,
+    tensor=8, or a layout that interleaves hosts) had the hosts write different rows into
+    one shard's replicas, silently. A shard on one host passes."""
+    from types import SimpleNamespace
+
+    tpus = fake_devices("tpu", 16, 16, "slice_index")  # one slice, 4 hosts of 4 chips
+
+    def mesh(order, shape):
+        return SimpleNamespace(devices=np.array([tpus[i] for i in order], dtype=object).reshape(shape),
+                               axis_names=shd.MESH_AXES)
+
+    shd.check_batch_shards_on_one_host(mesh(range(16), (4, 1, 4, 1)))  # data=4, tensor=4: one host a shard
+    shd.check_batch_shards_on_one_host(mesh(range(16), (2, 2, 1, 4)))  # expert splits the batch too
+    with pytest.raises(ConfigError, match=r"batch shard 0's 8 devices \(tensor=8\) on hosts 0, 1;"):
+        shd.check_batch_shards_on_one_host(mesh(range(16), (2, 1, 8, 1)))
+    interleaved = [4 * (i % 4) + i // 4 for i in range(16)]  # a shard's 4 chips on 4 hosts
+    with pytest.raises(ConfigError, match="on hosts 0, 1, 2, 3; .* make tensor=4 at most the devices of one host"):
+        shd.check_batch_shards_on_one_host(mesh(interleaved, (1, 4, 4, 1)))
+
+
 def test_a_mesh_from_jax_make_mesh_decodes():
     """jax.make_mesh gives Explicit axes (JAX 0.10): it was accepted, then generate failed with a
     raw ValueError from with_sharding_constraint. The same devices and names are used as Auto."""

@@ -125,7 +125,10 @@ def build_mesh(cfg: RunConfig):
         # would need both to feed identical rows.
         raise ConfigError(f"mesh data*fsdp*expert = {batch_shards} must be a multiple of the {jax.process_count()} "
                           f"hosts (move devices from tensor to data or fsdp)")
-    return shd.make_mesh(sizes)
+    mesh = shd.make_mesh(sizes)
+    if jax.process_count() > 1:
+        shd.check_batch_shards_on_one_host(mesh)
+    return mesh
 
 
 @contextlib.contextmanager
