@@ -198,8 +198,8 @@ def batch_ways(mesh: Mesh | None) -> int:
 def check_batch_shards_on_one_host(mesh: Mesh) -> None:
     """Each host feeds its own rows of the global batch (`make_array_from_process_local_data`),
     so the devices that hold one batch shard — along the mesh axes that do not split the
-    batch (`tensor`) — must all be on one host: two hosts would each put different rows into
-    the same shard, and its replicas would silently disagree. ConfigError otherwise."""
+    batch (`tensor`) — must all be on one host: two hosts would each supply different rows
+    for the same shard (its replicas disagreeing; not tried on a pod). ConfigError otherwise."""
     grid = np.asarray(mesh.devices, dtype=object)
     names = list(mesh.axis_names)
     batch = [names.index(a) for a in _RULES["batch"] if a in names]

@@ -139,8 +139,8 @@ def test_a_multislice_mesh_puts_the_slices_on_data_parallel_axes():
 
 def test_a_batch_shard_spanning_two_hosts_is_refused():
     """Each host feeds its own rows: a tensor group laid over two hosts (4 chips a host,
-    tensor=8, or a layout that interleaves hosts) had the hosts write different rows into
-    one shard's replicas, silently. A shard on one host passes."""
+    tensor=8, or a layout that interleaves hosts) had the hosts supply different rows for
+    one shard. A shard on one host passes."""
     from types import SimpleNamespace
 
     tpus = fake_devices("tpu", 16, 16, "slice_index")  # one slice, 4 hosts of 4 chips
