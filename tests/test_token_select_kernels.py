@@ -213,7 +213,7 @@ SPARSE_CASES = [
     (8, 2, 16, "compact", "xla", True, jnp.float32),  # GQA 4
     (8, 1, 16, "original", "kernel", True, jnp.float32),  # GQA 8
     (4, 2, 32, "compact", "kernel", True, jnp.bfloat16),
-    (8, 2, 16, "compact", "dma", True, jnp.float32),  # TPU: scalar-prefetched indices, DMA copies
+    (8, 2, 16, "compact", "dma", True, jnp.float32),  # TPU: indices in SMEM, DMA copies
     (4, 4, 32, "original", "dma", False, jnp.bfloat16),
 ]
 
@@ -384,7 +384,7 @@ def test_bad_shapes_and_blocks_fail_up_front_with_one_line_errors():
 
 @pytest.mark.parametrize("platform,backend,marker", [("tpu", "tpu", "tpu_custom_call"), ("cuda", "gpu", "triton")])
 def test_kernels_lower_for_accelerators(platform, backend, marker):
-    """Lowering only (no device here): TPU through Mosaic (scalar-prefetched indices and DMA
+    """Lowering only (no device here): TPU through Mosaic (indices in SMEM and DMA
     copies by default; the XLA gather too), CUDA through Triton (in-kernel gather; the XLA
     gather too; the DMA path is TPU's alone). Compiling and running need the hardware."""
     b, h, kvh, d, s, n = 2, 8, 2, 64, 256, 128

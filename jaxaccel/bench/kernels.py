@@ -71,7 +71,7 @@ def _interpreter_cases(quick: bool) -> list[Callable]:
                   lambda dtype=dtype: checks.score_keys_case(cache_len=96, block_k=32, dtype=dtype, **small),
                   lambda dtype=dtype: checks.sparse_attention_case(cache_len=96, selected=24, block_k=8, dtype=dtype,
                                                                    **small)]
-        if not quick:  # TPU's path: scalar-prefetched indices and DMA copies, in the TPU interpreter
+        if not quick:  # TPU's path: indices in SMEM and DMA copies, in the TPU interpreter
             cases.append(lambda dtype=dtype: checks.sparse_attention_case(cache_len=96, selected=24, block_k=8,
                                                                           dtype=dtype, gather="dma", **small))
     if not quick:

@@ -28,8 +28,8 @@ attention in v's dtype.
 
 Backends (checked against the installed jax 0.10.2; see each kernel's docstring):
 * TPU: Mosaic. `score_keys` pipelines [block_k, head_dim] key blocks through VMEM;
-  `sparse_attention` (Mosaic has no vector-gather load) takes the indices scalar-prefetched
-  into SMEM and copies each block's selected rows from HBM by DMA into double-buffered VMEM
+  `sparse_attention` (Mosaic has no vector-gather load) takes each row's indices as an SMEM
+  block and copies each block's selected rows from HBM by DMA into double-buffered VMEM
   scratch. Run in Pallas's TPU interpreter and lowered from a CPU host only.
 * GPU: the Triton lowering (selected with `pltriton.CompilerParams`, as the tree kernel
   does; jax 0.10 otherwise defaults `pallas_call` to Mosaic GPU, whose warpgroup style this
@@ -567,8 +567,8 @@ def _sparse_kernel(qpos_ref, *refs, block: int, n_blocks: int, half: int, gather
     "kernel": k_ref/v_ref are the whole [cache_len, d] rows, indexed by idx_ref's block;
     "xla": the compact [n, d] copies; "dma": the whole [b, kv_heads, cache_len, d] arrays in
     HBM, each block's rows copied into one of two VMEM buffers while the other is used."""
-    if gather == "dma":  # scalar prefetch first: the positions, then the [b, n] indices
-        idx_ref, q_ref, k_ref, v_ref, *rest = refs
+    if gather == "dma":  # this row's [n] indices in SMEM, then K/V in HBM
+        q_ref, idx_ref, k_ref, v_ref, *rest = refs
         rest, (k_buf, v_buf, sems) = rest[:-3], rest[-3:]
     elif gather == "kernel":
         q_ref, k_ref, v_ref, idx_ref, *rest = refs
@@ -643,7 +643,7 @@ def _copy_selected_rows(idx_ref, pairs, sems, i, slot, action: str, *, block: in
     bi, hi = pl.program_id(0), pl.program_id(1)
 
     def each_row(t, carry):
-        row = idx_ref[bi, i * block + t] if action == "start" else 0
+        row = idx_ref[0, i * block + t] if action == "start" else 0
         for j, (hbm, buf) in enumerate(pairs):
             copy = pltpu.make_async_copy(hbm.at[bi, hi, pl.ds(row, 1)], buf.at[slot, pl.ds(t, 1)], sems.at[j, slot])
             copy.start() if action == "start" else copy.wait()
@@ -678,13 +678,13 @@ def sparse_attention_kernel(q: jax.Array, k: jax.Array, v: jax.Array, indices: j
       selected rows with the index vector (`k_ref[idx, ...]`, a Triton gathered load; the
       Pallas interpreter runs it as a gather). Reads only the selected rows.
     * "dma" (default on TPU; Mosaic cannot lower a vector-indexed load, NotImplementedError
-      in jax 0.10.2): the indices are scalar-prefetched into SMEM (`PrefetchScalarGridSpec`),
-      K/V stay in HBM (`memory_space=pl.ANY`), and each block's selected rows are copied
+      in jax 0.10.2): each program's row of indices is an SMEM block (the query positions
+      scalar-prefetched, `PrefetchScalarGridSpec`), K/V stay in HBM (`memory_space=pl.ANY`), and each block's selected rows are copied
       row by row with `pltpu.make_async_copy` into one of two VMEM buffers [2, block_k,
       head_dim] while the previous block is computed (ragged paged attention does the same
-      with pages). Reads only the selected rows. The prefetched table takes 4 * batch * n
-      bytes of SMEM (43 KB for 4 rows of 2,688: fine; a batch in the hundreds may not fit,
-      which the first-use check in `decode.tuning` turns into the reference and a warning).
+      with pages). Reads only the selected rows. SMEM holds one row's indices at a time
+      (4 * n bytes, 10.5 KB for 2,688 selected keys, whatever the batch; prefetching the
+      whole [batch, n] table would grow with the batch, and SMEM is small).
       Interpret mode runs it in Pallas's TPU interpreter (`pltpu.InterpretParams`), which
       models the DMAs and semaphores.
     * "xla": jnp.take_along_axis gathers the selected rows into a compact [batch, kv_heads,
@@ -722,9 +722,11 @@ def sparse_attention_kernel(q: jax.Array, k: jax.Array, v: jax.Array, indices: j
         return pl.BlockSpec((None, None, *shape), lambda bi, hi, *_: (bi, hi, 0, 0))
 
     scalars, scalar_specs = (query_pos,), [_scalar_spec(platform)]
-    if gather == "dma":  # prefetched: the positions and the indices, before the grid runs
-        scalars, scalar_specs = (query_pos, idx), []
-        kv_args, kv_specs = (k, v), [pl.BlockSpec(memory_space=pl.ANY)] * 2
+    if gather == "dma":  # prefetched: the positions; each program's row of indices: an SMEM block
+        scalars, scalar_specs = (query_pos,), []
+        kv_args = (idx[:, None, :], k, v)  # [b, 1, n]: the block's last two dims equal the array's (Mosaic)
+        kv_specs = [pl.BlockSpec((None, 1, n_p), lambda bi, hi, *_: (bi, 0, 0), memory_space=pltpu.SMEM),
+                    pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)]
     elif gather == "kernel":
         kv_args, kv_specs = (k, v, idx), [per_group((s, d)), per_group((s, d)),
                                           pl.BlockSpec((None, n_p), lambda bi, hi: (bi, 0))]
@@ -742,7 +744,7 @@ def sparse_attention_kernel(q: jax.Array, k: jax.Array, v: jax.Array, indices: j
     out_shape, out_spec = jax.ShapeDtypeStruct((b, kvh, rows, d), v.dtype), per_group((rows, d))
     if gather == "dma":
         grid = dict(grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2, grid=(b, kvh), in_specs=in_specs, out_specs=out_spec,
+            num_scalar_prefetch=1, grid=(b, kvh), in_specs=in_specs, out_specs=out_spec,
             scratch_shapes=[pltpu.VMEM((2, block, d), k.dtype), pltpu.VMEM((2, block, d), v.dtype),
                             pltpu.SemaphoreType.DMA((2, 2))]))
         # CPU: Pallas's TPU interpreter, which runs DMAs and semaphores (the generic one has none)
