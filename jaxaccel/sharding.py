@@ -7,8 +7,9 @@ whose size the mesh axis does not divide is replicated instead (e.g. 2 KV heads 
 
 Mesh axes: `data` (batch), `fsdp` (batch + parameter sharding), `tensor` (heads / MLP /
 vocab), `expert` (MoE experts, and the batch everywhere else: GShard's expert parallelism,
-each expert layer's tokens moved between the two splits by all-to-alls). A mesh over several TPU slices (multi-slice) or GPU hosts puts
-the slices on `data` (the rest on `fsdp`), so only data parallelism crosses the data-center network.
+each expert layer's tokens moved between the two splits by all-to-alls). A mesh over several
+TPU slices (multi-slice) or GPU hosts puts the slices on `data` (the rest on `fsdp`), so only
+data parallelism crosses the data-center network.
 """
 from __future__ import annotations
 
@@ -190,9 +191,15 @@ def tree_shardings(axes_tree: Any, shapes_tree: Any, mesh: Mesh) -> Any:
                         is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def batch_ways(mesh: Mesh | None) -> int:
-    """The devices a batch is split over (the data, fsdp and expert axes); 1 without a mesh."""
-    return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
+BATCH_AXES = _RULES["batch"]  # the mesh axes that split the batch: data, fsdp, expert
+BATCH_AXES_NAME = "*".join(BATCH_AXES)  # "data*fsdp*expert", as error messages name them
+
+
+def batch_ways(mesh: Mesh | Mapping[str, int] | None) -> int:
+    """The devices a batch is split over (`BATCH_AXES`), from a mesh or its axis sizes; 1
+    without a mesh."""
+    sizes = {} if mesh is None else mesh.shape if isinstance(mesh, Mesh) else mesh
+    return math.prod(sizes.get(axis, 1) for axis in BATCH_AXES)
 
 
 def check_batch_shards_on_one_host(mesh: Mesh) -> None:
@@ -202,15 +209,17 @@ def check_batch_shards_on_one_host(mesh: Mesh) -> None:
     for the same shard (its replicas disagreeing; not tried on a pod). ConfigError otherwise."""
     grid = np.asarray(mesh.devices, dtype=object)
     names = list(mesh.axis_names)
-    batch = [names.index(a) for a in _RULES["batch"] if a in names]
+    batch = [names.index(a) for a in BATCH_AXES]
     shards = np.moveaxis(grid, batch, list(range(len(batch)))).reshape(math.prod(grid.shape[i] for i in batch), -1)
     for i, shard in enumerate(shards):
         hosts = sorted({d.process_index for d in shard})
         if len(hosts) > 1:
-            split = ", ".join(f"{n}={grid.shape[j]}" for j, n in enumerate(names) if j not in batch and grid.shape[j] > 1)
+            split = ", ".join(f"{n}={grid.shape[j]}" for j, n in enumerate(names)
+                              if j not in batch and grid.shape[j] > 1)
             raise ConfigError(f"the mesh puts batch shard {i}'s {len(shard)} devices ({split}) on hosts "
-                              f"{', '.join(map(str, hosts))}; each host feeds its own rows, so one shard must sit on "
-                              f"one host: make {split} at most the devices of one host, moving the rest to data or fsdp")
+                              f"{', '.join(map(str, hosts))}; each host feeds its own rows, so one shard must sit "
+                              f"on one host: make {split} at most the devices of one host, moving the rest to data "
+                              f"or fsdp")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

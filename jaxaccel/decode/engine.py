@@ -274,7 +274,8 @@ def prefill_cache(model: ModelHandle, prompt_tokens, prompt_lens, *, cache_len: 
 
 def generate_loop(model: ModelHandle, cache, prompt_tokens, prompt_lens, live, max_new, sampling: SamplingParams,
                   rng, method_input, draft: ModelHandle | None = None, method_params: Any = None,
-                  carry: DecodeState | None = None, stop_at=None, *, method: DecodeMethod, mode: SamplingMode, eos_ids: tuple[int, ...],
+                  carry: DecodeState | None = None, stop_at=None, *, method: DecodeMethod, mode: SamplingMode,
+                  eos_ids: tuple[int, ...],
                   out_len: int, cache_sharding: NamedSharding | None = None,
                   tree_attention: AttentionPolicy = DENSE) -> GenerateOutput:
     """The decode loop over a prefilled cache (`prefill_cache`), meant to be jitted with

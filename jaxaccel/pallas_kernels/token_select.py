@@ -679,14 +679,14 @@ def sparse_attention_kernel(q: jax.Array, k: jax.Array, v: jax.Array, indices: j
       Pallas interpreter runs it as a gather). Reads only the selected rows.
     * "dma" (default on TPU; Mosaic cannot lower a vector-indexed load, NotImplementedError
       in jax 0.10.2): each program's row of indices is an SMEM block (the query positions
-      scalar-prefetched, `PrefetchScalarGridSpec`), K/V stay in HBM (`memory_space=pl.ANY`), and each block's selected rows are copied
-      row by row with `pltpu.make_async_copy` into one of two VMEM buffers [2, block_k,
-      head_dim] while the previous block is computed (ragged paged attention does the same
-      with pages). Reads only the selected rows. SMEM holds one row's indices at a time
-      (4 * n bytes, 10.5 KB for 2,688 selected keys, whatever the batch; prefetching the
-      whole [batch, n] table would grow with the batch, and SMEM is small).
-      Interpret mode runs it in Pallas's TPU interpreter (`pltpu.InterpretParams`), which
-      models the DMAs and semaphores.
+      scalar-prefetched, `PrefetchScalarGridSpec`), K/V stay in HBM (`memory_space=pl.ANY`),
+      and each block's selected rows are copied row by row with `pltpu.make_async_copy`
+      into one of two VMEM buffers [2, block_k, head_dim] while the previous block is
+      computed (ragged paged attention does the same with pages). Reads only the selected
+      rows. SMEM holds one row's indices at a time (4 * n bytes, 10.5 KB for 2,688
+      selected keys, whatever the batch; prefetching the whole [batch, n] table would grow
+      with the batch, and SMEM is small). Interpret mode runs it in Pallas's TPU
+      interpreter (`pltpu.InterpretParams`), which models the DMAs and semaphores.
     * "xla": jnp.take_along_axis gathers the selected rows into a compact [batch, kv_heads,
       n, head_dim] copy that the program holds in VMEM: one more write and read of the
       selected K/V per step (the TPU path before "dma").
@@ -721,9 +721,9 @@ def sparse_attention_kernel(q: jax.Array, k: jax.Array, v: jax.Array, indices: j
     def per_group(shape):  # (index maps also take the scalar-prefetched refs, if any)
         return pl.BlockSpec((None, None, *shape), lambda bi, hi, *_: (bi, hi, 0, 0))
 
-    scalars, scalar_specs = (query_pos,), [_scalar_spec(platform)]
-    if gather == "dma":  # prefetched: the positions; each program's row of indices: an SMEM block
-        scalars, scalar_specs = (query_pos,), []
+    # the query positions: an SMEM input, or (dma) scalar-prefetched, which takes no spec
+    scalar_specs = [] if gather == "dma" else [_scalar_spec(platform)]
+    if gather == "dma":  # each program's row of indices: an SMEM block
         kv_args = (idx[:, None, :], k, v)  # [b, 1, n]: the block's last two dims equal the array's (Mosaic)
         kv_specs = [pl.BlockSpec((None, 1, n_p), lambda bi, hi, *_: (bi, 0, 0), memory_space=pltpu.SMEM),
                     pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)]
@@ -759,7 +759,7 @@ def sparse_attention_kernel(q: jax.Array, k: jax.Array, v: jax.Array, indices: j
         compiler_params=_compiler_params("tpu" if gather == "dma" else platform, 2),
         name="token_select_attention",
         **grid,
-    )(*scalars, qg, *kv_args, kpos, valid_row, inv_freq, *self_args)
+    )(query_pos, qg, *kv_args, kpos, valid_row, inv_freq, *self_args)
     return out[:, :, :g].reshape(b, h, d)
 
 

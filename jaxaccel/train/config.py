@@ -237,7 +237,9 @@ class RunConfig:
         if sizes["expert"] > 1 and not m.moe.n_experts:
             raise ConfigError(f"mesh.expert={sizes['expert']} needs an MoE model (moe.n_experts > 0)")
         micro = self.train.batch_size // self.train.grad_accum
-        ways = sizes["data"] * sizes["fsdp"] * sizes["expert"]  # what splits the batch (`sharding.batch_ways`)
+        from jaxaccel import sharding as shd  # (jax: imported when a mesh is checked, not with the config)
+
+        ways = shd.batch_ways(sizes)
         if micro % ways:
-            raise ConfigError(f"the micro-batch ({micro} sequences) must be a multiple of mesh data*fsdp*expert "
-                              f"({ways})")
+            raise ConfigError(f"the micro-batch ({micro} sequences) must be a multiple of mesh "
+                              f"{shd.BATCH_AXES_NAME} ({ways})")

@@ -119,12 +119,12 @@ def build_mesh(cfg: RunConfig):
     if math.prod(sizes.values()) != jax.device_count() and jax.process_count() > 1:
         raise ConfigError(f"a multi-host run must use all {jax.device_count()} devices; the mesh uses "
                           f"{math.prod(sizes.values())}")
-    batch_shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    batch_shards = shd.batch_ways(sizes)
     if jax.process_count() > 1 and batch_shards % jax.process_count():
         # Each host feeds whole rows of the global batch; a batch shard spread over two hosts
         # would need both to feed identical rows.
-        raise ConfigError(f"mesh data*fsdp*expert = {batch_shards} must be a multiple of the {jax.process_count()} "
-                          f"hosts (move devices from tensor to data or fsdp)")
+        raise ConfigError(f"mesh {shd.BATCH_AXES_NAME} = {batch_shards} must be a multiple of the "
+                          f"{jax.process_count()} hosts (move devices from tensor to data or fsdp)")
     mesh = shd.make_mesh(sizes)
     if jax.process_count() > 1:
         shd.check_batch_shards_on_one_host(mesh)
