@@ -247,7 +247,8 @@ def compiled_moe_step(mesh_spec: dict):
     model = {"vocab_size": 128, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 128,
              "moe": {"n_experts": 8, "top_k": 2, "every": 2}}
     cfg = from_dict(RunConfig, {"model": model, "data": {"corpus": "synthetic"},
-                                "train": {"steps": 1, "batch_size": 16, "seq_len": 64}, "mesh": {"data": 1, **mesh_spec},
+                                "train": {"steps": 1, "batch_size": 16, "seq_len": 64},
+                                "mesh": {"data": 1, **mesh_spec},
                                 "output_dir": "unused", "tensorboard": False})
     mesh = build_mesh(cfg)
     optimizer = make_optimizer(cfg.optim, 10)
@@ -258,7 +259,8 @@ def compiled_moe_step(mesh_spec: dict):
     batch["loss_mask"] = jax.ShapeDtypeStruct((16, 64), jnp.float32, sharding=rows)
     step = functools.partial(train_step, model_cfg=cfg.model, optimizer=optimizer, schedule=lr_schedule(cfg.optim, 10),
                              grad_accum=1, dropout=False, remat=False, bidirectional=False, mesh=mesh)
-    compiled = jax.jit(step, in_shardings=(shardings, rows), out_shardings=(shardings, None)).lower(state, batch).compile()
+    compiled = jax.jit(step, in_shardings=(shardings, rows), out_shardings=(shardings, None)).lower(
+        state, batch).compile()
     cost = compiled.cost_analysis()
     return (cost[0] if isinstance(cost, list) else cost)["flops"], compiled.as_text()
 
