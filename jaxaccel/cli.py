@@ -311,10 +311,21 @@ def init_distributed(args: argparse.Namespace, p: argparse.ArgumentParser) -> No
         _initialize(jax)
 
 
+JOIN_TIMEOUT_S = 300  # jax.distributed.initialize's own default
+
+
 def _initialize(jax, *args) -> None:
-    """jax.distributed.initialize, its refusals (bad process ids, no coordinator found) one line."""
+    """jax.distributed.initialize, its refusals (bad process ids, no coordinator found) one line.
+
+    A process that never joins, or dies later, is not an error Python sees: JAX's C++ client
+    aborts every other process (after `JOIN_TIMEOUT_S`, or its heartbeat timeout) with a log
+    line and a stack trace. So each process first says, in one line, what it waits for."""
+    who = f"process {args[2]} of {args[1]}, coordinator {args[0]}" if args else "auto-detected hosts"
+    print(f"multi-host: joining ({who}); if a process does not join within {JOIN_TIMEOUT_S} s or dies later, JAX "
+          f"stops every process with 'Terminating process because the JAX distributed service detected fatal "
+          f"errors': the cause is in the missing process's own output", file=sys.stderr, flush=True)
     try:
-        jax.distributed.initialize(*args)
+        jax.distributed.initialize(*args, initialization_timeout=JOIN_TIMEOUT_S)
     except (ValueError, RuntimeError) as e:
         fail(f"multi-host setup failed: {first_line(e)}")
 

@@ -2,6 +2,7 @@
 resume, gradient accumulation, dropout switched on mid-run, and one-line errors."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -436,6 +437,36 @@ def test_a_live_run_keeps_its_output_dir_to_itself(tmp_path, capsys):
         pass
 
 
+TWO_PROCESS_ARGS = ["-m", "jaxaccel.train", str(ROOT / "configs" / "tiny.yaml"), "data.corpus=synthetic",
+                    "model.vocab_size=64", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
+                    "model.n_kv_heads=2", "model.ffn_dim=64", "train.steps=6", "train.batch_size=8", "train.seq_len=32",
+                    "train.eval_every=0", "train.peak_flops=1e11", "checkpoint.every_steps=3", "mesh.data=1",
+                    "mesh.fsdp=8", "tensorboard=false"]
+
+
+def two_processes(output_dir, *extra, status=0, only=None):
+    """`jaxaccel.train` as 2 processes x 4 CPU devices (jax.distributed on 127.0.0.1), with
+    `extra` arguments, and `only[i]` for process i alone; their stderr once both exit `status`."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, *TWO_PROCESS_ARGS, f"output_dir={output_dir}", *extra,
+                               *(only or {}).get(i, []), "--cpu-devices", "4", "--coordinator", f"127.0.0.1:{port}",
+                               "--num-processes", "2", "--process-id", str(i)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == status for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
+    return [err for _, err in outs]
+
+
 def test_two_processes_match_one_and_agree_on_the_step_to_resume(tmp_path):
     """2 processes x 4 CPU devices (jax.distributed on 127.0.0.1) == 1 process x 8 devices.
     fsdp=8: each host feeds its own rows and gradients are reduced across both processes, as
@@ -445,37 +476,14 @@ def test_two_processes_match_one_and_agree_on_the_step_to_resume(tmp_path):
     barrier for process 1, which had fallen back alone) and train to the same curve. Last,
     process 1's part of the exported model is lost and a new run starts from it
     (`train.init_from`): both processes stop with a one-line error, exit 2."""
-    common = ["-m", "jaxaccel.train", str(ROOT / "configs" / "tiny.yaml"), "data.corpus=synthetic",
-              "model.vocab_size=64", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
-              "model.ffn_dim=64", "train.steps=6", "train.batch_size=8", "train.seq_len=32", "train.eval_every=0",
-              "train.peak_flops=1e11", "checkpoint.every_steps=3", "mesh.data=1", "mesh.fsdp=8", "tensorboard=false"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    assert train_main([*common[2:], f"output_dir={tmp_path / 'one'}"]) == 0  # this process has the 8 devices
-    import socket
-
-    def two_processes(*extra, output="two", status=0):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        procs = [subprocess.Popen([sys.executable, *common, f"output_dir={tmp_path / output}", *extra, "--cpu-devices",
-                                   "4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id",
-                                   str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-                 for i in range(2)]
-        try:
-            outs = [p.communicate(timeout=240) for p in procs]
-        finally:
-            for p in procs:
-                p.kill()
-        assert all(p.returncode == status for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
-        return [err for _, err in outs]
-
-    two_processes()
+    assert train_main([*TWO_PROCESS_ARGS[2:], f"output_dir={tmp_path / 'one'}"]) == 0  # this process has the 8 devices
+    two_processes(tmp_path / "two")
     np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
     part = tmp_path / "two" / "checkpoints" / "6" / "state" / "ocdbt.process_1" / "d"
     assert list(part.iterdir()), "process 1 wrote no part of the checkpoint: the test would not test anything"
     for f in part.iterdir():
         f.unlink()
-    errs = two_processes()
+    errs = two_processes(tmp_path / "two")
     assert "process 1 could not read its part); resuming from step 3" in errs[0]
     assert "warning: checkpoint step 6 is unreadable (" in errs[1] and "resuming from step 3" in errs[1]
     assert "resuming from checkpoint step 3" in errs[0]  # the trainer's log is process 0's
@@ -484,13 +492,25 @@ def test_two_processes_match_one_and_agree_on_the_step_to_resume(tmp_path):
     assert list(part.iterdir()), "process 1 wrote no part of the model"
     for f in part.iterdir():
         f.unlink()
-    errs = two_processes(f"train.init_from={tmp_path / 'two' / 'model'}", output="three", status=2)
+    errs = two_processes(tmp_path / "three", f"train.init_from={tmp_path / 'two' / 'model'}", status=2)
     # (the model is stored in another layout than the training sharding reads, so here both
     # processes read some of process 1's files and fail on their own; the agreement that
     # makes a healthy one fail with them is the checkpoint case above)
     for err in errs:
         (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
         assert "/two/model/params could not be restored: " in line and "Traceback" not in err
+
+
+def test_processes_started_with_different_settings_are_refused_on_every_process(tmp_path):
+    """A process given another learning rate trained its rows into the shared model silently
+    (another train.steps: every process waited forever). Now every process stops with one line
+    naming the setting, before anything is written; a host's own token cache folder is allowed."""
+    errs = two_processes(tmp_path / "run", status=2, only={0: ["data.cache_dir=/tmp/a"], 1: ["optim.lr=0.03"]})
+    for i, err in enumerate(errs):
+        (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert re.search(rf"different settings: optim\.lr is [0-9.e-]+ on process {i} but not on process\(es\) "
+                         rf"\[{1 - i}\]", line) and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
 
 
 def small_corpus_args(tmp_path):

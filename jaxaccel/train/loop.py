@@ -38,7 +38,7 @@ from jaxaccel.model.checkpoint import (MARKER, RUN_CHECKPOINTS, RUN_CONFIG, SET_
                                        holds_earlier_save)
 from jaxaccel.train.checkpoint import Checkpoints
 from jaxaccel.train.config import MAX_STEPS, RunConfig
-from jaxaccel.train.hosts import decided_by_process_0, is_main
+from jaxaccel.train.hosts import check_same_settings, decided_by_process_0, is_main
 from jaxaccel.train.lock import LOCK_FILE, OutputDirInUseError, OutputDirLock
 from jaxaccel.train.metrics import MetricsWriter, devices_peak_flops, flops_per_token
 from jaxaccel.train.state import batch_sharding, create_state, global_batch, state_shardings
@@ -362,8 +362,13 @@ def _check_run_config(cfg: Any) -> RunConfig:
     return cfg
 
 
+# Settings a host may have of its own: the progress bar, and a token cache on its own disk.
+HOST_SETTINGS = ("train.progress", "data.cache_dir")
+
+
 def train(cfg: RunConfig, data: Any = None, *, log=None) -> dict[str, Any]:
     cfg = _check_run_config(cfg)
+    check_same_settings({k: v for k, v in flatten(to_dict(cfg)).items() if k not in HOST_SETTINGS}, ConfigError)
     mesh = build_mesh(cfg)  # config errors first, before the folder is touched
     cfg.skip_schedule()
     _decided_by_process_0(lambda: (check_output_dir(cfg.output_dir), check_init_from(cfg.train.init_from, cfg.output_dir)),
