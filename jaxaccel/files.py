@@ -14,6 +14,7 @@ whole already. A leaf module: it imports nothing from jaxaccel.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import secrets
 from pathlib import Path
@@ -108,3 +109,24 @@ def user_cache_home() -> Path:
     RuntimeError when there is neither (no $HOME and no home in the user database)."""
     xdg = Path(os.environ.get("XDG_CACHE_HOME") or "").expanduser()
     return (xdg if xdg.is_absolute() else Path.home() / ".cache") / "jaxaccel"
+
+
+def folder_fingerprint(source) -> str:
+    """A digest of a model folder's files (relative path, size, modification time): a model
+    retrained or re-exported into the same folder is another model. "" for a remote folder
+    (gs://), named by its path only."""
+    root = Path(str(source))
+    if not root.is_dir():
+        return ""
+    entries = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d != "tensorboard"]  # a training run's logs are not its weights
+        for name in files:
+            if name == "metrics.jsonl":
+                continue
+            try:  # a live run's checkpoint files come and go
+                st = os.stat(os.path.join(folder, name))
+            except OSError:
+                continue
+            entries.append(f"{os.path.relpath(os.path.join(folder, name), root)}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(sorted(entries)).encode()).hexdigest()[:16]

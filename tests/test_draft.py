@@ -520,8 +520,10 @@ def test_a_draft_loaded_from_a_path_once_is_reused_without_recompiling(lm, draft
     target = jaxaccel.from_params(TINY, lm.params)  # nothing compiled yet
     first = target.generate(PROMPTS, max_new_tokens=24, method="sps", budget=3, draft=str(folder))
     again = target.generate(PROMPTS, max_new_tokens=24, method="sps", budget=3, draft=str(folder))
-    assert first.tokens == again.tokens == reference
-    assert first.stats["compile_s"] > 0 and again.stats["compile_s"] == 0
+    # the same folder spelled otherwise (loaded twice, and compiled again, before)
+    spelled = target.generate(PROMPTS, max_new_tokens=24, method="sps", budget=3, draft=f"{folder}/./")
+    assert first.tokens == again.tokens == spelled.tokens == reference
+    assert first.stats["compile_s"] > 0 and again.stats["compile_s"] == spelled.stats["compile_s"] == 0
     assert list(target._drafts) == [str(folder)]
 
 
@@ -624,12 +626,13 @@ def test_a_new_temperature_measures_a_new_table_and_reuses_the_compiled_loop(sma
     assert second.tokens != first.tokens
 
 
-def test_acceptance_cache_is_keyed_by_the_model_files(tmp_path, tiny_params):
+def test_acceptance_cache_is_keyed_by_the_model_files_as_loaded(tmp_path, tiny_params):
     """A draft retrained into the same folder gets a new cache entry (its acceptance would
     differ), the same folder read again the same one, the same files loaded in another dtype
     another one (a bfloat16 target accepts other tokens: `bench acceptance` and `bench dyspec`
-    shared one entry), and an in-memory model none."""
-    import dataclasses
+    shared one entry), and an in-memory model none. The files are those the model was loaded
+    from: a target still holding the old draft after the folder was rewritten stored the old
+    draft's measurement under the new files' key, and later processes read it."""
     from types import SimpleNamespace
 
     from jaxaccel.decode.acceptance import cache_path
@@ -637,18 +640,18 @@ def test_acceptance_cache_is_keyed_by_the_model_files(tmp_path, tiny_params):
 
     save_model(tmp_path / "target", TINY, tiny_params)
     save_model(tmp_path / "draft", TINY, perturbed(tiny_params, 1, 0.01))
-    target = SimpleNamespace(source=tmp_path / "target", config=TINY)
-    draft = SimpleNamespace(source=tmp_path / "draft", config=TINY)
+    target, draft = jaxaccel.load(tmp_path / "target"), jaxaccel.load(tmp_path / "draft")
     settings = {"temperature": 0.0}
     first = cache_path(target, draft, settings)
-    assert cache_path(target, draft, settings) == first
+    assert cache_path(jaxaccel.load(tmp_path / "target"), jaxaccel.load(tmp_path / "draft"), settings) == first
     assert cache_path(target, draft, {"temperature": 0.6}) != first
-    bf16 = dataclasses.replace(TINY, dtype="bfloat16", param_dtype="bfloat16")
-    assert cache_path(SimpleNamespace(source=target.source, config=bf16), draft, settings) != first
-    assert cache_path(target, SimpleNamespace(source=draft.source, config=bf16), settings) != first
+    assert cache_path(jaxaccel.load(tmp_path / "target", dtype="bfloat16"), draft, settings) != first
+    assert cache_path(target, jaxaccel.load(tmp_path / "draft", dtype="bfloat16"), settings) != first
     save_model(tmp_path / "draft", TINY, perturbed(tiny_params, 2, 0.01))  # retrained in place
-    assert cache_path(target, draft, settings) != first
-    assert cache_path(target, SimpleNamespace(source=None), settings) is None
+    assert cache_path(target, draft, settings) == first  # still the draft that was loaded
+    assert cache_path(target, jaxaccel.load(tmp_path / "draft"), settings) != first
+    assert cache_path(target, jaxaccel.from_params(TINY, tiny_params), settings) is None
+    assert cache_path(target, SimpleNamespace(source=draft.source, config=TINY), settings) is None  # files unknown
 
 
 def test_a_damaged_acceptance_cache_entry_is_measured_again(tmp_path, monkeypatch, tiny_params):
@@ -706,7 +709,7 @@ def test_acceptance_cache_folder_follows_its_environment_variable(tmp_path, monk
 
     from jaxaccel.decode.acceptance import CACHE_ENV, cache_path
 
-    pair = SimpleNamespace(source=tmp_path / "t", config=TINY), SimpleNamespace(source=tmp_path / "d", config=TINY)
+    pair = [SimpleNamespace(source=tmp_path / name, config=TINY, files="") for name in ("t", "d")]
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "mine"))
     assert cache_path(*pair, {}).parent == tmp_path / "mine"
     monkeypatch.setenv(CACHE_ENV, "off")

@@ -203,6 +203,22 @@ def test_auto_template_decision_follows_the_hit_rate(tiny_params, monkeypatch):
     assert counts["tree"] > 2 * counts["plain"] and warm.stats["mean_accepted"] > 1.5
 
 
+def test_inputs_that_mean_the_same_reuse_the_compiled_loop(tiny_params):
+    """The same recycling matrix as float64 or int64, and filters that keep every token
+    (top_k of the vocabulary's size, top_p 1), each compiled the loop again."""
+    lm = jaxaccel.from_params(TINY, tiny_params)
+    matrix = np.full((TINY.vocab_size, 8), -1, np.int32)
+    matrix[:, 0] = np.arange(TINY.vocab_size)[::-1]
+    first = lm.generate([PROMPTS[1]], max_new_tokens=8, method="recycling", method_input=matrix)
+    for same in (matrix.astype(np.float64), matrix.astype(np.int64)):
+        again = lm.generate([PROMPTS[1]], max_new_tokens=8, method="recycling", method_input=same)
+        assert again.tokens == first.tokens and again.stats["compile_s"] == 0, same.dtype
+    sampled = lm.generate(PROMPTS, max_new_tokens=8, temperature=0.8, seed=3)
+    for filters in ({"top_k": TINY.vocab_size}, {"top_p": 1.0}, {"top_k": 10 * TINY.vocab_size, "top_p": 1}):
+        again = lm.generate(PROMPTS, max_new_tokens=8, temperature=0.8, seed=3, **filters)
+        assert again.tokens == sampled.tokens and again.stats["compile_s"] == 0, filters
+
+
 def test_eos_and_max_new_tokens_end_rows_like_plain_decoding(tiny_params):
     free = jaxaccel.from_params(TINY, tiny_params)
     ref = free.generate(PROMPTS, max_new_tokens=30).tokens

@@ -327,7 +327,7 @@ def acceptance(target: str, draft: str, temperature: float, top_k: int | None, t
     lm = jaxaccel.load(target, dtype=dtype)
     d = jaxaccel.load(draft)
     check_pair(lm, d)  # else an all-zero vector (or a token-id error) would be measured and cached
-    temperature, top_k, top_p = _as_decoded(temperature, top_k, top_p)  # what is measured (greedy: no filters)
+    temperature, top_k, top_p = _as_decoded(temperature, top_k, top_p, lm.config.vocab_size)  # as measured
     vec = cached_acceptance(lm, d, temperature=temperature, top_k=top_k, top_p=top_p, max_rank=max_rank)
     predicted = [{"top1": float(vec[0]), "measured": True, "rows": predicted_mat(vec)}]
     predicted += [{"top1": float(t), "measured": False, "rows": predicted_mat(with_top1(vec, t))} for t in what_if_top1]

@@ -22,7 +22,6 @@ import functools
 import hashlib
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -131,9 +130,8 @@ def _announce(target, draft) -> None:
     if said is None or said:
         return
     said.append(True)
-    folder = compile_cache.user_cache_folder(CACHE_ENV, "acceptance")
-    kept = (f"kept in {folder}" if folder is not None and target.source is not None and draft.source is not None
-            else "kept for this process")
+    path = cache_path(target, draft, {})
+    kept = f"kept in {path.parent}" if path is not None else "kept for this process"
     print(f"measuring how the draft's tokens are accepted on {CALIBRATION_PROMPTS} calibration prompts "
           f"(once per model pair and sampling settings; {kept})", file=sys.stderr, flush=True)
 
@@ -266,12 +264,14 @@ def conditional_acceptance(p: np.ndarray, q: np.ndarray, max_rank: int, samples:
     return table, rank_mean
 
 
-def _as_decoded(temperature: float, top_k: int | None, top_p: float | None):
+def _as_decoded(temperature: float, top_k: int | None, top_p: float | None, vocab_size: int):
     """(temperature, top_k, top_p) as `generate` decodes with them: a temperature below
-    `sampling.GREEDY_BELOW` is greedy (0.0, no filters), so it is measured, and cached, as 0."""
-    from jaxaccel.decode.sampling import GREEDY_BELOW
+    `sampling.GREEDY_BELOW` is greedy (0.0, no filters), so it is measured, and cached, as 0;
+    filters that keep every token are None (`sampling.effective_filters`)."""
+    from jaxaccel.decode.sampling import GREEDY_BELOW, effective_filters
 
-    return (0.0, None, None) if temperature < GREEDY_BELOW else (temperature, top_k, top_p)
+    return (0.0, None, None) if temperature < GREEDY_BELOW else (temperature,
+                                                                  *effective_filters(top_k, top_p, vocab_size))
 
 
 @_remembered
@@ -279,7 +279,7 @@ def cached_conditional_acceptance(target, draft, *, temperature: float, top_k: i
                                   max_rank: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """`conditional_acceptance` on the default calibration (temperature > 0), measured once
     per (target, draft, settings) and kept on disk like `cached_acceptance`."""
-    temperature, top_k, top_p = _as_decoded(temperature, top_k, top_p)
+    temperature, top_k, top_p = _as_decoded(temperature, top_k, top_p, target.config.vocab_size)
     settings = {"kind": "conditional_acceptance", "temperature": float(temperature), "top_k": top_k,
                 "top_p": top_p, "max_rank": max_rank, "bins": list(VALUE_BINS), **_calibration_settings(target, draft)}
     shape = (max_rank, len(VALUE_BINS) - 1)
@@ -300,7 +300,7 @@ def positional_acceptance(target, draft, *, temperature: float = 0.0, top_k: int
                           seed: int = 0) -> np.ndarray:
     """Sequoia's acceptance vector for `draft` drafting for `target` (see the module docstring);
     prompts and new_tokens default to the calibration's (`calibration`)."""
-    temperature, top_k, top_p = _as_decoded(temperature, top_k, top_p)
+    temperature, top_k, top_p = _as_decoded(temperature, top_k, top_p, target.config.vocab_size)
     if prompts is None:
         prompts, default_new = calibration(target, draft)
     else:
@@ -347,27 +347,6 @@ def greedy_temperature_from(logits: np.ndarray, argmax: np.ndarray) -> float:
 CACHE_VERSION = 3
 
 
-def _fingerprint(source) -> str:
-    """The model folder's files (relative path, size, modification time): a model retrained
-    or re-exported into the same folder is another model. A remote folder (gs://) is named
-    by its path only."""
-    root = Path(str(source))
-    if not root.is_dir():
-        return ""
-    entries = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if d != "tensorboard"]  # a training run's logs are not its weights
-        for name in files:
-            if name == "metrics.jsonl":
-                continue
-            try:  # a live run's checkpoint files come and go
-                st = os.stat(os.path.join(folder, name))
-            except OSError:
-                continue
-            entries.append(f"{os.path.relpath(os.path.join(folder, name), root)}:{st.st_size}:{st.st_mtime_ns}")
-    return hashlib.sha256("\n".join(sorted(entries)).encode()).hexdigest()[:16]
-
-
 CACHE_ENV = "JAXACCEL_ACCEPTANCE_CACHE"
 
 
@@ -375,14 +354,16 @@ def cache_path(target, draft, settings: dict[str, Any]) -> Path | None:
     """Where the acceptance vector of this (target, draft, settings) is cached: under
     `$JAXACCEL_ACCEPTANCE_CACHE` if set (`off` disables the cache), else
     `$XDG_CACHE_HOME/jaxaccel/acceptance`. None when disabled, and for models built in memory
-    (nothing identifies them across processes). The key holds both folders' paths, file
-    fingerprints and the dtypes they were loaded in, so a model rewritten in place, or loaded
-    in another dtype, is measured again."""
+    (nothing identifies them across processes). The key holds both folders' paths, the
+    fingerprints of their files when each model was loaded (`LanguageModel.files`: a folder
+    rewritten since holds another model than the one measured) and the dtypes they were
+    loaded in, so a model rewritten in place, or loaded in another dtype, is measured again."""
     folder = compile_cache.user_cache_folder(CACHE_ENV, "acceptance")
-    if target.source is None or draft.source is None or folder is None:
+    files = getattr(target, "files", None), getattr(draft, "files", None)
+    if target.source is None or draft.source is None or None in files or folder is None:
         return None
     key = json.dumps({"target": str(target.source), "draft": str(draft.source), "version": CACHE_VERSION,
-                      "target_files": _fingerprint(target.source), "draft_files": _fingerprint(draft.source),
+                      "target_files": files[0], "draft_files": files[1],
                       # the dtypes each was loaded in: a bfloat16 target accepts other tokens
                       "dtypes": [target.config.dtype, target.config.param_dtype, draft.config.dtype,
                                  draft.config.param_dtype],
@@ -395,7 +376,7 @@ def cached_acceptance(target, draft, *, temperature: float, top_k: int | None, t
                       max_rank: int = 16) -> np.ndarray:
     """`positional_acceptance` with its default calibration, measured once per (target, draft,
     settings) and kept on disk (`cache_path`); written atomically."""
-    temperature, top_k, top_p = _as_decoded(temperature, top_k, top_p)
+    temperature, top_k, top_p = _as_decoded(temperature, top_k, top_p, target.config.vocab_size)
     settings = {"temperature": float(temperature), "top_k": top_k, "top_p": top_p, "max_rank": max_rank,
                 **_calibration_settings(target, draft)}
 

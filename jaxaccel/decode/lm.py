@@ -31,10 +31,10 @@ from jaxaccel.config import ModelConfig
 from jaxaccel.decode import acceptance, compile_cache, tuning
 from jaxaccel.decode.engine import PREFILL_CHUNK, GenerateOutput, generate_loop, prefill_cache, python_value
 from jaxaccel.decode.methods import get_method
-from jaxaccel.decode.sampling import make_sampling
+from jaxaccel.decode.sampling import effective_filters, make_sampling
 from jaxaccel.errors import (CheckpointError, ConfigError, InvalidArgumentError, InvalidPromptError, JaxaccelError,
                              ModelLoadError, first_line)
-from jaxaccel.files import unsupported_location
+from jaxaccel.files import folder_fingerprint, unsupported_location
 from jaxaccel.model.checkpoint import BUILTIN_MODELS
 from jaxaccel.model.duo import parse_routes
 from jaxaccel.model.options import ExecutionPlan
@@ -118,7 +118,7 @@ class LanguageModel:
 
     def __init__(self, config: ModelConfig, params: Any, *, tokenizer=None, eos_token_ids: Sequence[int] = (),
                  bos_token_id: int | None = None, mesh: Mesh | None = None, source: str | None = None,
-                 info: dict | None = None):
+                 info: dict | None = None, files: str | None = None):
         self.config = config
         self.params = decode_params(params, config, mesh)
         self.tokenizer = tokenizer
@@ -126,6 +126,7 @@ class LanguageModel:
         self.bos_token_id = bos_token_id
         self.mesh = mesh
         self.source = source
+        self.files = files  # `files.folder_fingerprint` of `source` when loaded: what was read (caches' keys)
         self.info = dict(info or {})  # provenance carried through save(): training steps, validation loss...
         self.prefill_chunk = PREFILL_CHUNK  # prompt tokens per prefill forward
         self._compiled: dict[tuple, Any] = {}
@@ -209,6 +210,9 @@ class LanguageModel:
                 warnings.warn(f"{' and '.join(given)} apply only when sampling (temperature > 0): with temperature "
                               f"{float(temperature):g} this call decodes greedily", stacklevel=2)
             temperature, top_k, top_p = 0.0, None, None  # nor do they key what greedy measures (draft acceptance)
+        else:
+            top_k, top_p = effective_filters(top_k, top_p, self.config.vocab_size)
+            mode, sampling = make_sampling(temperature, top_k, top_p)
         route_plan = duo_routes(routes, self.config)
         decoder = get_method(method, **method_options)
         decoder.use_model_info(self.info)
@@ -417,16 +421,15 @@ class LanguageModel:
         if isinstance(spec, LanguageModel):
             draft = spec
         elif isinstance(spec, (str, Path)):
-            draft = self._drafts.get(str(spec))
-            if draft is None:
-                try:
-                    draft = load(spec, mesh=self.mesh)
-                except ModelLoadError as e:
-                    raise InvalidArgumentError(f"draft model: {e}") from None
-                self._drafts[str(spec)] = draft
+            try:  # one draft however it is spelled ("builtin:draft", its folder, a relative path)
+                spec = str(locate(spec)[1])
+                draft = self._drafts.get(spec) or load(spec, mesh=self.mesh)
+            except ModelLoadError as e:
+                raise InvalidArgumentError(f"draft model: {e}") from None
+            self._drafts[spec] = draft
         else:
             raise InvalidArgumentError(f"draft must be a model path or name, got {spec!r}")
-        decoder.opts["draft"] = _handle_signature(draft.handle) if isinstance(spec, LanguageModel) else str(spec)
+        decoder.opts["draft"] = _handle_signature(draft.handle) if spec is draft else spec
         check_draft_model(self, draft, decoder)
         if draft.mesh is not self.mesh and not (draft.mesh is None and self.mesh is None):
             raise InvalidArgumentError("the draft model must be loaded on the target's mesh")
@@ -639,7 +642,7 @@ def _method_input_array(value: Any, decoder, vocab_size: int) -> Any:
     ids, -1 for none), or a one-line error: for a method that takes none, for a dict or a
     ragged list, for entries that are not -1 or a token id of the vocabulary (an id past it
     used to poison the tree's logits with NaN: every token came out 0). Returned as a numpy
-    array."""
+    int32 array."""
     if not decoder.takes_input:
         raise InvalidArgumentError(f"method {decoder.name!r} takes no method_input")
     if isinstance(value, jax.Array):
@@ -659,8 +662,9 @@ def _method_input_array(value: Any, decoder, vocab_size: int) -> Any:
         raise InvalidArgumentError(f"method_input for {decoder.name!r} holds entries that are not token ids: each "
                                    f"must be -1 (none) or an integer in [0, {vocab_size})")
     # On the host: an array from another model's devices (another mesh) would meet a compiled
-    # loop laid out for the first such input's devices, and JAX refuses it.
-    return values
+    # loop laid out for the first such input's devices, and JAX refuses it. As int32 (token
+    # ids): a float or int64 matrix of the same ids compiled the loop again.
+    return values.astype(np.int32)
 
 
 def check_draft_model(target: LanguageModel, draft: LanguageModel, decoder) -> None:
@@ -790,6 +794,7 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh
     if dtype is not None and dtype not in DTYPES:
         raise InvalidArgumentError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     kind, folder = locate(path)
+    files = folder_fingerprint(folder)  # before reading: a folder rewritten meanwhile is not this model
     mesh = resolve_mesh(mesh)
     shardings_fn = _param_shardings(mesh)
 
@@ -799,7 +804,7 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh
         config, params, meta = ckpt.load_run_params(folder, dtype, shardings_fn)
         params = decode_params(params, config, mesh, consume=True)
         return LanguageModel(config, params, tokenizer=load_tokenizer(folder, add_bos=True), eos_token_ids=[EOS_ID],
-                             bos_token_id=BOS_ID, mesh=mesh, source=str(folder),
+                             bos_token_id=BOS_ID, mesh=mesh, source=str(folder), files=files,
                              info={**meta.get("info", {}), "trained_steps": meta["step"]})
     if kind == "model":
         config, params, meta = ckpt.load_model(folder, dtype=dtype, shardings_fn=shardings_fn)
@@ -809,7 +814,7 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh
                                 f"{folder}/{ckpt.MARKER}: ", config.vocab_size)
         _check_tokenizer_fits(tokenizer, config, f"{folder}: ")
         return LanguageModel(config, params, tokenizer=tokenizer, eos_token_ids=eos,
-                             bos_token_id=bos, mesh=mesh, source=str(folder),
+                             bos_token_id=bos, mesh=mesh, source=str(folder), files=files,
                              info=meta.get("info"))
     hf = hf_io.read_hf_config(folder)
     config = hf_io.config_from_hf(hf, source=str(folder / "config.json"))
@@ -842,7 +847,7 @@ def load(path: str | Path | None = None, *, dtype: str | None = None, mesh: Mesh
     tokenizer = load_tokenizer(folder, add_bos=hf_io.hf_add_bos(folder))
     _check_tokenizer_fits(tokenizer, config, f"{folder}: ")
     return LanguageModel(config, params, tokenizer=tokenizer, eos_token_ids=eos, bos_token_id=bos,
-                         mesh=mesh, source=str(folder), info=hf_io.hf_info(folder, hf))
+                         mesh=mesh, source=str(folder), files=files, info=hf_io.hf_info(folder, hf))
 
 
 def _device_memory() -> tuple[int | None, int | None]:

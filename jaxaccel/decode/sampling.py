@@ -47,6 +47,14 @@ def check_sampling_args(temperature: float, top_k: int | None, top_p: float | No
         raise InvalidArgumentError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
+def effective_filters(top_k: int | None, top_p: float | None, vocab_size: int) -> tuple[int | None, float | None]:
+    """(top_k, top_p) with the filters that keep every token dropped (None): a top_k of the
+    vocabulary's size or more, a top_p of 1. The same distribution, so the same compiled
+    program and the same cached measurements (draft acceptance)."""
+    return (None if top_k is not None and top_k >= vocab_size else top_k,
+            None if top_p is not None and top_p >= 1.0 else top_p)
+
+
 def make_sampling(temperature: float, top_k: int | None, top_p: float | None) -> tuple[SamplingMode, SamplingParams]:
     check_sampling_args(temperature, top_k, top_p)
     greedy = temperature < GREEDY_BELOW  # 0, or so close to it that sampling is the argmax
