@@ -425,3 +425,25 @@ def test_cli_bad_input_exits_2(capsys, main, argv, message):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_models_the_tasks_cannot_be_drawn_for_are_one_line(capsys, tmp_path):
+    """A model without a SentencePiece tokenizer, and one trained with no validation split (no
+    held-out code to draw filler from), ended the evaluation with a ValueError traceback."""
+    import shutil
+
+    from jaxaccel.model.checkpoint import BUILTIN_MODELS
+
+    config = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=512)
+    bare = jaxaccel.from_params(config, init_params(config, jax.random.key(0), "unrolled")).save(tmp_path / "bare")
+    run = tmp_path / "run"
+    shutil.copytree(BUILTIN_MODELS["longctx"], run / "model")
+    (run / "config.yaml").write_text("data:\n  validation_fraction: 0\n")
+    for model, message in ((bare, "the retrieval tasks need the model's SentencePiece tokenizer (tokenizer.model "
+                                  "in the model folder); this model has none"),
+                           (run / "model", "has no validation documents to draw held-out code from")):
+        with pytest.raises(SystemExit) as exit_:
+            run_cli(experiments_main, ["tokenselect", "--model", str(model), "--lengths", "256", "--tasks", "passkey",
+                                       "--examples", "1", "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err and err.count("\n") == 1, err

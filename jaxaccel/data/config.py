@@ -69,7 +69,9 @@ class RetrievalConfig:
 
     rate: the fraction of each global batch's rows that hold task examples instead of corpus
         rows (round(rate * batch_size) rows); 0 = off.
-    tasks: which tasks, drawn uniformly: "passkey" (a number hidden in filler text),
+    tasks: which tasks, each example's drawn uniformly among those whose shortest example fits
+        what is left of the row (so a row's first example uniformly among all; later ones
+        favour the tasks with short minimums): "passkey" (a number hidden in filler text),
         "kv_lookup" (many key = value lines, ask one), "code_needle" (a constant's line
         hidden in corpus code); and, for training only, "span_recall" (a window of code, then
         the first `SPAN_CUE` tokens of one of its spans: the answer is the span's next tokens,

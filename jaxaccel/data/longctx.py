@@ -355,7 +355,10 @@ def validation_code(corpus: str, validation_buckets: int, encode: Callable[[str]
         if max_tokens is not None and have >= max_tokens:
             break
     if not pieces:
-        raise ValueError(f"corpus {corpus!r} has no validation documents")
+        from jaxaccel.data.errors import DataError
+
+        raise DataError(f"corpus {corpus!r} has no validation documents to draw held-out code from (its "
+                        f"data.validation_fraction is 0, or its validation split is empty)")
     return np.concatenate(pieces)
 
 

@@ -81,7 +81,11 @@ def model_tasks(lm, model_path: str | Path | None = None, max_code_tokens: int =
     from jaxaccel.tokenizer import SentencePieceTokenizer
 
     if not isinstance(lm.tokenizer, SentencePieceTokenizer):
-        raise ValueError("the retrieval tasks need the model's SentencePiece tokenizer (tokenizer.model)")
+        from jaxaccel.errors import InvalidArgumentError
+
+        raise InvalidArgumentError("the retrieval tasks need the model's SentencePiece tokenizer (tokenizer.model "
+                                   "in the model folder); this model has "
+                                   + ("none" if lm.tokenizer is None else type(lm.tokenizer).__name__))
     data_cfg = DataConfig()
     config = run_config_of(model_path) if model_path is not None else None
     if config is not None:
