@@ -155,6 +155,7 @@ def run(model: str = "builtin:default", draft: str = "builtin:draft", batches: S
         prompt_tokens: int = 256, figure: str | None = None,
         progress: Callable[[str], None] = print, partial: Callable[[dict], None] | None = None) -> dict[str, Any]:
     import jaxaccel
+    from jaxaccel.decode.lm import draft_folder
     from jaxaccel.decode.methods import get_method
 
     lm = jaxaccel.load(model, dtype="float32")
@@ -162,7 +163,7 @@ def run(model: str = "builtin:default", draft: str = "builtin:draft", batches: S
     # The draft in its stored dtype, as generate loads a draft named by path (builtin:draft:
     # bfloat16), and that very object is the one the methods run with: generate would
     # otherwise load its own copy (until 2026-12-04 this one was float32 and only checked).
-    draft_lm = lm._drafts[draft] = jaxaccel.load(draft)
+    draft_lm = lm._drafts[draft_folder(draft)] = jaxaccel.load(draft)
     check_pair(lm, draft_lm)
     code = heldout_prompts(lm, n_files, prompt_tokens)
     prompts = code + [lm.encode(p) for p in NATURAL_PROMPTS]
@@ -190,7 +191,7 @@ def run(model: str = "builtin:default", draft: str = "builtin:draft", batches: S
                 res = run_method(lm, prompts, batch, new_tokens, runs, method, temperature, **opts)
                 decoder = get_method(method, **opts)
                 if budget == "auto" or method == "sequoia":  # resolve what the run planned
-                    decoder.prepare(lm, lm._drafts[draft], temperature, None, None, batch=batch)
+                    decoder.prepare(lm, draft_lm, temperature, None, None, batch=batch)
                 row = {"batch": batch, "temperature": temperature, "method": name, "budget": budget,
                        "nodes": max(decoder.tree_nodes() - 1, 0), **res,
                        "speedup": res["tokens_per_s"] / baseline["tokens_per_s"],
@@ -201,7 +202,7 @@ def run(model: str = "builtin:default", draft: str = "builtin:draft", batches: S
                     from jaxaccel.decode.dyspec import plan_budget
 
                     row["auto_plan"] = decoder.plan._asdict()
-                    row["accelerator_plan"] = plan_budget(lm, lm._drafts[draft], temperature, None, None, batch,
+                    row["accelerator_plan"] = plan_budget(lm, draft_lm, temperature, None, None, batch,
                                                           curve=tuning.ACCELERATOR_VERIFY_COST,
                                                           draft_ratio=ACCELERATOR_RATIO)._asdict()
                 rows.append(row)
@@ -212,7 +213,7 @@ def run(model: str = "builtin:default", draft: str = "builtin:draft", batches: S
                          f"{row['mat']:.2f}, {row['tokens_per_s']:.0f} tok/s, {row['speedup']:.2f}x autoregressive, "
                          f"predicted 1:50 {row['predicted_accelerator_speedup']:.2f}x")
     result["rows"] = rows
-    result["figure2"] = [figure2(lm, lm._drafts[draft], t, figure and figure_path(figure, t)) for t in temperatures]
+    result["figure2"] = [figure2(lm, draft_lm, t, figure and figure_path(figure, t)) for t in temperatures]
     for f in result["figure2"]:
         progress(f"figure 2, T={f['temperature']}: correlation {f['correlation']:.3f} over {f['points']} drafted tokens")
     return result

@@ -421,8 +421,8 @@ class LanguageModel:
         if isinstance(spec, LanguageModel):
             draft = spec
         elif isinstance(spec, (str, Path)):
-            try:  # one draft however it is spelled ("builtin:draft", its folder, a relative path)
-                spec = str(locate(spec)[1])
+            try:
+                spec = draft_folder(spec)
                 draft = self._drafts.get(spec) or load(spec, mesh=self.mesh)
             except ModelLoadError as e:
                 raise InvalidArgumentError(f"draft model: {e}") from None
@@ -665,6 +665,12 @@ def _method_input_array(value: Any, decoder, vocab_size: int) -> Any:
     # loop laid out for the first such input's devices, and JAX refuses it. As int32 (token
     # ids): a float or int64 matrix of the same ids compiled the loop again.
     return values.astype(np.int32)
+
+
+def draft_folder(spec: str | Path) -> str:
+    """The folder a draft named by path or builtin name is loaded from: what a target keys its
+    loaded drafts by (one draft however it is spelled: "builtin:draft", its folder, "dir/./")."""
+    return str(locate(spec)[1])
 
 
 def check_draft_model(target: LanguageModel, draft: LanguageModel, decoder) -> None:
