@@ -1,5 +1,7 @@
 """Routed experts: exact equivalence to the dense MLP with one expert, capacity and priority
 rules, the auxiliary losses' defining values, and dropless decoding."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -278,3 +280,25 @@ def test_the_expert_axis_splits_the_batch_and_moves_tokens_with_all_to_alls():
     assert experts < 1.05 * flat
     assert len(re.findall(r"\ball-to-all(-start)?\(", text)) >= 4  # one each way, forward and backward
     assert not re.findall(r"\ball-gather(-start)?\(", text)
+
+
+def test_fsdp_meshes_compile_without_replicating_a_batch():
+    """The embedding lookup's gradient (a scatter-add into the fsdp-split table) made XLA
+    replicate the batch-split rows on every device first, which it says on stderr as an
+    "Involuntary full rematerialization" (data x fsdp and fsdp x expert meshes). In a
+    subprocess: the tests silence XLA's warnings (TF_CPP_MIN_LOG_LEVEL=3)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import jax\n"
+              "jax.config.update('jax_num_cpu_devices', 8)\n"
+              "from test_moe import compiled_moe_step\n"
+              "for mesh in ({'data': 2, 'fsdp': 4}, {'fsdp': 2, 'expert': 4}):\n"
+              "    compiled_moe_step(mesh)\n"
+              "print('compiled')\n")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0", "JAXACCEL_COMPILE_CACHE": "off"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "compiled", done.stderr[-2000:]
+    assert "Involuntary full rematerialization" not in done.stderr, done.stderr[-2000:]

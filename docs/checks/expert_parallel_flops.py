@@ -1,9 +1,9 @@
-"""FLOPs per device and collectives of the compiled MoE train step on 8 CPU devices.
+"""FLOPs per device, collectives and memory of the compiled MoE train step on 8 CPU devices.
 
     python docs/checks/expert_parallel_flops.py data=8
     python docs/checks/expert_parallel_flops.py data=2,expert=4
 
-XLA's cost analysis of the step `python -m jaxaccel.train` compiles (the trainer's own
+XLA's cost and memory analyses of the step `python -m jaxaccel.train` compiles (the trainer's own
 shardings), for a 4-layer, d_model 128, 8-expert top-2 model at batch 32 x 256. Nothing runs.
 """
 import functools
@@ -47,3 +47,6 @@ text = compiled.as_text()
 collectives = {op: len(re.findall(rf"\b{op}(-start)?\(", text))
                for op in ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")}
 print(f"{sys.argv[1]}: {cost['flops']:.3e} FLOPs per device, {collectives}")
+memory = compiled.memory_analysis()
+print(f"  {memory.temp_size_in_bytes / 2**20:.1f} MiB temporaries, {memory.argument_size_in_bytes / 2**20:.1f} MiB "
+      f"arguments per device")
