@@ -112,16 +112,57 @@ def test_a_jsonl_text_with_a_lone_surrogate_is_a_one_line_data_error(tmp_path):
     assert _one_line(e) == f"{path}:3: text is not valid Unicode (a lone surrogate)"
 
 
-def test_a_tfds_text_that_is_not_utf8_is_a_one_line_data_error(monkeypatch):
-    examples = [{"text": b"fine"}, {"text": b"caf\xe9"}]
-    builder = SimpleNamespace(name="fake", as_dataset=lambda split, shuffle_files: examples)
+def fake_tfds(monkeypatch, tmp_path, **splits):
+    """A prepared TFDS dataset "fake" whose split NAME holds the examples `splits[NAME]`,
+    sliced by TFDS's own reading of a split spelling (TensorFlow is not installed here)."""
+    from tensorflow_datasets.core import ReadInstruction
+
+    for name in splits:
+        (tmp_path / f"fake-{name}.tfrecord").write_bytes(b"records")
+    info = SimpleNamespace(full_name="fake/1.0.0", splits={
+        name: SimpleNamespace(num_examples=len(examples), filepaths=[tmp_path / f"fake-{name}.tfrecord"])
+        for name, examples in splits.items()})
+
+    def as_dataset(split, shuffle_files):
+        assert shuffle_files is False
+        (part,) = ReadInstruction.from_spec(split).to_absolute(info.splits)
+        return splits[part.splitname][part.from_ or 0:part.to]
+
+    builder = SimpleNamespace(name="fake", info=info, as_dataset=as_dataset, is_prepared=lambda: True,
+                              data_dir=tmp_path)
     monkeypatch.setattr(corpus_module, "_tfds_builder", lambda name: builder)
     monkeypatch.setattr(corpus_module, "import_tfds", lambda: SimpleNamespace(as_numpy=lambda dataset: dataset))
-    corpus = corpus_module.Corpus("tfds:fake", "tfds", "tfds-fake", {"tfds": {"name": "fake"}}, None, "text",
-                                  tfds_split="train")
+
+
+def test_a_tfds_text_that_is_not_utf8_is_a_one_line_data_error(monkeypatch, tmp_path):
+    fake_tfds(monkeypatch, tmp_path, train=[{"text": b"fine"}, {"text": b"caf\xe9"}])
     with pytest.raises(DataError) as e:
-        list(corpus.documents())
-    assert _one_line(e) == "tfds:fake example 1: field 'text' is not UTF-8 text (byte 3)"
+        list(open_corpus("tfds:fake").documents())
+    assert _one_line(e) == "tfds:fake train example 1: field 'text' is not UTF-8 text (byte 3)"
+
+
+def test_tfds_document_ids_are_indices_in_the_whole_split(monkeypatch, tmp_path):
+    """An example's id (which decides whether it is held out) was spelled with the slice:
+    "train[:2%]:5" and "train[:1%]:5" were two ids for one example, so runs on two slices held
+    out different examples of their common part, and one slice's validation examples were
+    another's training examples. Now it is the example's index in its whole split, as TFDS
+    reads the spelling (composite splits too); a whole split's ids, and so its corpus hash,
+    did not change."""
+    train = [{"text": f"doc {i}"} for i in range(10)]
+    fake_tfds(monkeypatch, tmp_path, train=train, validation=[{"text": f"val {i}"} for i in range(4)])
+    whole = open_corpus("tfds:fake:train")
+    assert [d.id for d in whole.documents()] == [f"train:{i}" for i in range(10)]
+    assert "ids" not in whole.manifest["tfds"]
+    sliced = open_corpus("tfds:fake:train[3:7]")
+    assert [(d.id, d.text) for d in sliced.documents()] == [(f"train:{i}", f"doc {i}") for i in range(3, 7)]
+    assert sliced.manifest["tfds"]["ids"] == "split:index" and sliced.sha256 != whole.sha256
+    assert [d.id for d in open_corpus("tfds:fake:train[-20%:]").documents()] == ["train:8", "train:9"]
+    mixed = open_corpus("tfds:fake:train[:2]+validation[1:3]")
+    assert [d.id for d in mixed.documents()] == ["train:0", "train:1", "validation:1", "validation:2"]
+    assert [f["path"] for f in mixed.manifest["files"]] == ["fake-train.tfrecord", "fake-validation.tfrecord"]
+    with pytest.raises(DataError) as e:
+        open_corpus("tfds:fake:test[:5]")
+    assert _one_line(e).startswith("data.corpus: tfds dataset 'fake' cannot read split 'test[:5]': Unknown split")
 
 
 # ----------------------------------------------------------------------------- no text to train a vocabulary on
@@ -186,7 +227,7 @@ def test_a_tfds_split_slice_and_a_bucket_data_dir_open(tmp_path, monkeypatch):
 
     def builder(name):
         asked.append(name)
-        split = SimpleNamespace(filepaths=[bucket / "c4" / "en" / "c4-train.tfrecord-00000"])
+        split = SimpleNamespace(filepaths=[bucket / "c4" / "en" / "c4-train.tfrecord-00000"], num_examples=100)
         info = SimpleNamespace(splits={"train": split}, full_name="c4/en/3.1.0")
         return SimpleNamespace(is_prepared=lambda: True, data_dir=bucket, info=info)
 

@@ -33,9 +33,11 @@ the corpus lives under that folder.
 
 Split rule: a document is held out for validation iff
 `int(sha256(document id)[:16 hex], 16) % 10_000 < round(validation_fraction * 10_000)`.
-The id is the relative path (plus `:LINE` for JSONL, `SPLIT:INDEX` for TFDS), so the split
-depends on nothing but the document's identity and the fraction: it is stable across seeds,
-vocabularies and runs, and validation never overlaps training.
+The id is the relative path (plus `:LINE` for JSONL, `SPLIT:INDEX` for TFDS: the example's
+index in its whole split, so `train[:1%]` and `train[:2%]` hold out the same examples of
+their common part), so the split depends on nothing but the document's identity and the
+fraction: it is stable across seeds, vocabularies, runs and TFDS slices, and validation
+never overlaps training.
 """
 from __future__ import annotations
 
@@ -172,21 +174,41 @@ class Corpus:
                 yield Document(rel, text)
 
     def _tfds_documents(self) -> Iterator[Document]:
-        builder = _tfds_builder(self.manifest["tfds"]["name"])
-        dataset = builder.as_dataset(split=self._tfds_split, shuffle_files=False)
+        name = self.manifest["tfds"]["name"]
+        builder = _tfds_builder(name)
         tfds = import_tfds()
-        for index, example in enumerate(tfds.as_numpy(dataset)):
-            if self.text_field not in example:
-                raise DataError(f"tfds:{builder.name} example {index} has no {self.text_field!r} field"
-                                f" (fields: {', '.join(sorted(example))})")
-            value = example[self.text_field]
-            try:
-                text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
-            except UnicodeDecodeError as e:
-                raise DataError(f"tfds:{builder.name} example {index}: field {self.text_field!r} is not UTF-8 text"
-                                f" (byte {e.start})") from None
-            if text:
-                yield Document(f"{self._tfds_split}:{index}", text)
+        for part, start, stop in _tfds_parts(builder, name, self._tfds_split):
+            dataset = builder.as_dataset(split=f"{part}[{start}:{stop}]", shuffle_files=False)
+            for offset, example in enumerate(tfds.as_numpy(dataset)):
+                yield from _tfds_document(builder.name, part, start + offset, example, self.text_field)
+
+
+def _tfds_document(dataset: str, part: str, index: int, example: dict, text_field: str) -> Iterator[Document]:
+    """The document of example `index` of split `part` (none for an empty text)."""
+    if text_field not in example:
+        raise DataError(f"tfds:{dataset} {part} example {index} has no {text_field!r} field"
+                        f" (fields: {', '.join(sorted(example))})")
+    value = example[text_field]
+    try:
+        text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    except UnicodeDecodeError as e:
+        raise DataError(f"tfds:{dataset} {part} example {index}: field {text_field!r} is not UTF-8 text"
+                        f" (byte {e.start})") from None
+    if text:
+        yield Document(f"{part}:{index}", text)
+
+
+def _tfds_parts(builder, name: str, split: str) -> list[tuple[str, int, int]]:
+    """(split, start, stop) of each part of a TFDS split spelling (`train`, `train[:1%]`,
+    `train[10%:20%]+validation`), as absolute example indices (TFDS's own reading of it)."""
+    from tensorflow_datasets.core import ReadInstruction
+
+    known = builder.info.splits
+    try:
+        parts = ReadInstruction.from_spec(split).to_absolute(known)
+    except (ValueError, KeyError, AssertionError) as e:
+        raise DataError(f"data.corpus: tfds dataset {name!r} cannot read split {split!r}: {first_line(e)}") from None
+    return [(p.splitname, p.from_ or 0, known[p.splitname].num_examples if p.to is None else p.to) for p in parts]
 
 
 def _jsonl_documents(path: Path, rel: str, data: bytes, text_field: str) -> Iterator[Document]:
@@ -317,10 +339,7 @@ def _tfds_corpus(spec: str, text_field: str) -> Corpus:
     if not builder.is_prepared():
         raise DataError(f"data.corpus: tfds dataset {name!r} is not prepared in {builder.data_dir}"
                         " (jaxaccel never downloads; run tfds build/download for it first)")
-    base_split = split.split("[")[0]
-    if base_split not in builder.info.splits:
-        raise DataError(f"data.corpus: tfds dataset {name!r} has no split {split!r}"
-                        f" (splits: {', '.join(sorted(builder.info.splits))})")
+    parts = _tfds_parts(builder, name, split)
     # The paths as TFDS gives them: with TFDS_DATA_DIR on a bucket, etils epaths of gs:// (a
     # pathlib.Path would make "gs://b/x" the local "gs:/b/x"); relative names by their text.
     data_dir = builder.data_dir
@@ -328,7 +347,7 @@ def _tfds_corpus(spec: str, text_field: str) -> Corpus:
     # Named and sized, not hashed: a TFDS version (in full_name) is immutable, and hashing its
     # files would read the whole base split (all of C4's train split for train[:1%]) on every
     # host at every start. The sizes still catch a truncated or re-prepared copy.
-    files = sorted(builder.info.splits[base_split].filepaths, key=str)
+    files = sorted({str(f): f for part, _, _ in parts for f in builder.info.splits[part].filepaths}.values(), key=str)
     entries = []
     for path in files:
         where = str(path)
@@ -338,7 +357,11 @@ def _tfds_corpus(spec: str, text_field: str) -> Corpus:
         "format": MANIFEST_FORMAT,
         "source": "tfds",
         "corpus": spec,
-        "tfds": {"name": name, "full_name": builder.info.full_name, "split": split},
+        "tfds": {"name": name, "full_name": builder.info.full_name, "split": split,
+                 # a slice's document ids, and so its validation split, were those of its own
+                 # spelling until 2026-12-05 ("train[:1%]:0"): caches and runs of before are
+                 # another corpus (a whole split's ids did not change)
+                 **({"ids": "split:index"} if split != parts[0][0] else {})},
         "text_field": text_field,
         "num_files": len(entries),
         "total_bytes": sum(e["bytes"] for e in entries),
