@@ -565,3 +565,35 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_curve_and_decodes(tmp_path, 
     capsys.readouterr()
     assert decode_main(["--model", str(killed), "--prompt", "def ", "--max-new-tokens", "8", "--output", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["results"][0]["text"] is not None
+
+
+def test_synthetic_data_keeps_the_token_budget(tmp_path):
+    """data.unique_tokens and data.epochs were ignored by the synthetic data: a sweep's "8
+    epochs over 96 tokens" run trained on the very batches of its "1 epoch over 768 tokens"
+    run and was filed under 8 epochs. Now the unique tokens are whole distinct batches, read
+    `epochs` times (each later epoch in its own order), and a budget under one batch is a
+    one-line error."""
+    from jaxaccel.config import replace
+    from jaxaccel.train.synthetic import SyntheticData, synthetic_budget
+
+    tokens = 8 * 32  # a batch of run_cfg
+    assert synthetic_budget(2 * tokens, 3.0, 8, 32) == (2, 6)
+    assert synthetic_budget(None, 1.0, 8, 32, steps=5) == (5, 5)
+    data = SyntheticData(64, 32, 8, total_steps=6, unique_batches=2, seed=3)
+    seen = [b["inputs"].tobytes() for b in data.train_batches()]
+    assert len(set(seen)) == 2 and all(sorted(seen[i:i + 2]) == sorted(seen[:2]) for i in (2, 4))
+    assert [b["inputs"].tobytes() for b in data.train_batches(3)] == seen[3:]  # a resume reads the same batches
+    assert data.stats == {"corpus": "synthetic", "unique_tokens": 2 * tokens, "total_tokens": 6 * tokens,
+                          "epochs": 3.0}
+
+    def run(name, unique, epochs):
+        cfg = run_cfg(tmp_path / name, steps=6, log_every=1)
+        cfg = replace(cfg, data=replace(cfg.data, unique_tokens=unique, epochs=epochs))
+        return train(cfg), losses(tmp_path / name)
+
+    (once, once_losses), (thrice, thrice_losses) = run("once", 6 * tokens, 1.0), run("thrice", 2 * tokens, 3.0)
+    assert once_losses[:2] == thrice_losses[:2] and once_losses[2:] != thrice_losses[2:]  # epoch 2 repeats
+    assert once["data"]["epochs"] == 1.0 and thrice["data"]["epochs"] == 3.0, thrice["data"]
+    with pytest.raises(ConfigError, match=r"data.unique_tokens=100 does not fill one batch of the synthetic data "
+                                          r"\(8 x 32 = 256 tokens\)"):
+        run("small", 100, 1.0)

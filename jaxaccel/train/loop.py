@@ -399,22 +399,24 @@ def _train(cfg: RunConfig, mesh, data: Any = None, *, log=None) -> dict[str, Any
     log = log or (lambda msg: print(msg, file=sys.stderr) if is_main() else None)
     out = Path(cfg.output_dir) if not cfg.output_dir.startswith("gs://") else None
     if data is None and cfg.data.corpus == "synthetic":
-        from jaxaccel.train.synthetic import SyntheticData
+        from jaxaccel.train.synthetic import SyntheticData, synthetic_budget
 
         if cfg.model.vocab_size < 3:  # ids 0 and 1 are reserved; documents count up from 2
             raise ConfigError(f"data.corpus: synthetic needs model.vocab_size >= 3, got {cfg.model.vocab_size}")
 
-        data = SyntheticData(cfg.model.vocab_size, cfg.train.seq_len, cfg.train.batch_size,
-                             total_steps=cfg.train.steps or 1000, seed=cfg.data.seed,
-                             shard_index=jax.process_index(), num_shards=jax.process_count())
+        unique, total = synthetic_budget(cfg.data.unique_tokens, cfg.data.epochs, cfg.train.batch_size,
+                                         cfg.train.seq_len, cfg.train.steps)
+        data = SyntheticData(cfg.model.vocab_size, cfg.train.seq_len, cfg.train.batch_size, total_steps=total,
+                             unique_batches=unique, seed=cfg.data.seed, shard_index=jax.process_index(),
+                             num_shards=jax.process_count())
     elif data is None:
         from jaxaccel.data import build_data
 
         data = build_data(cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size,
                           shard_index=jax.process_index(), num_shards=jax.process_count())
-    if data.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"the vocabulary has {data.vocab_size} tokens but model.vocab_size is "
-                          f"{cfg.model.vocab_size}; set model.vocab_size >= {data.vocab_size}")
+    from jaxaccel.data.pipeline import check_vocab_fits
+
+    check_vocab_fits(data.vocab_size, cfg.model.vocab_size)
     budget = getattr(data, "total_steps", None)
     if cfg.train.steps is not None and budget is not None and cfg.train.steps > budget:
         raise ConfigError(f"train.steps ({cfg.train.steps}) exceeds the data budget: {budget} steps of "

@@ -1,10 +1,33 @@
 """A data source with the `jaxaccel.data.TrainData` interface and no TensorFlow: packed
-random-token batches, a pure function of (seed, step). For tests and throughput benchmarks."""
+random-token batches, a pure function of (seed, step). For tests and throughput benchmarks.
+
+A token budget (`data.unique_tokens`, `data.epochs`) is kept as with a corpus: the data holds
+`unique_batches` distinct batches (the unique tokens, in whole batches) and runs through them
+`epochs` times, each epoch after the first in its own seed-shuffled batch order."""
 from __future__ import annotations
 
 from typing import Iterator
 
 import numpy as np
+
+DEFAULT_BATCHES = 1000  # the distinct batches without data.unique_tokens (or train.steps)
+
+
+def synthetic_budget(unique_tokens: int | None, epochs: float, batch_size: int, seq_len: int,
+                     steps: int | None = None) -> tuple[int, int]:
+    """(distinct batches, total steps) of the synthetic data under a token budget: the unique
+    tokens in whole batches (without them, `steps` or `DEFAULT_BATCHES` batches), seen
+    `epochs` times. ConfigError when the unique tokens do not fill one batch."""
+    if unique_tokens is None:
+        unique = steps or DEFAULT_BATCHES
+    else:
+        unique = unique_tokens // (batch_size * seq_len)
+        if unique < 1:
+            from jaxaccel.errors import ConfigError
+
+            raise ConfigError(f"data.unique_tokens={unique_tokens} does not fill one batch of the synthetic data "
+                              f"({batch_size} x {seq_len} = {batch_size * seq_len} tokens)")
+    return unique, max(1, int(unique * epochs))
 
 
 class SyntheticData:
@@ -12,17 +35,32 @@ class SyntheticData:
     pad_id = 0
     eos_id = 1
 
-    def __init__(self, vocab_size: int, seq_len: int, batch_size: int, total_steps: int = 1000, seed: int = 0,
-                 shard_index: int = 0, num_shards: int = 1, docs_per_row: int = 2):
+    def __init__(self, vocab_size: int, seq_len: int, batch_size: int, total_steps: int = DEFAULT_BATCHES,
+                 seed: int = 0, shard_index: int = 0, num_shards: int = 1, docs_per_row: int = 2,
+                 unique_batches: int | None = None):
         if batch_size % num_shards:
             raise ValueError("batch_size must be a multiple of num_shards")
         self.vocab_size, self.seq_len, self.batch_size = vocab_size, seq_len, batch_size
-        self.total_steps = self.steps_per_epoch = total_steps
+        self.total_steps = total_steps
+        self.steps_per_epoch = self.unique_batches = unique_batches or total_steps
         self.seed, self.shard_index, self.num_shards, self.docs_per_row = seed, shard_index, num_shards, docs_per_row
-        tokens = total_steps * batch_size * seq_len
-        self.stats = {"corpus": "synthetic", "unique_tokens": tokens, "total_tokens": tokens, "epochs": 1.0}
+        tokens = batch_size * seq_len
+        self.stats = {"corpus": "synthetic", "unique_tokens": self.unique_batches * tokens,
+                      "total_tokens": total_steps * tokens, "epochs": total_steps / self.unique_batches}
+        self._orders: dict[int, np.ndarray] = {}
+
+    def batch_of_step(self, step: int) -> int:
+        """Which distinct batch `step` reads: epoch 0 in order, each later epoch shuffled."""
+        epoch, i = divmod(step, self.unique_batches)
+        if epoch == 0:
+            return i
+        if epoch not in self._orders:
+            self._orders = {epoch: np.random.default_rng([self.seed, epoch, 2]).permutation(self.unique_batches)}
+        return int(self._orders[epoch][i])
 
     def _batch(self, step: int, eval_batch: bool = False) -> dict[str, np.ndarray]:
+        if not eval_batch:
+            step = self.batch_of_step(step)
         rng = np.random.default_rng([self.seed, step, int(eval_batch)])
         b, t = self.batch_size, self.seq_len
         # A learnable pattern: each document counts upward from a random start.
