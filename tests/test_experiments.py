@@ -423,6 +423,14 @@ def test_run_flops_counts_the_evaluations_the_loop_runs():
     ("empty axis", "axis 'model.d_model' in the sweep's axes is empty"),
     ("duplicate names", "duplicate run name 'epochs=1,d_model=16'"),
     ("budget", "data.unique_tokens=1000000000 is more than the "),
+    # checks train() makes, made for every run before the first trains (the runs before the
+    # bad one trained in full first)
+    ("a later run's vocabulary", "run 'epochs=1,model.vocab_size=256': the vocabulary has 512 tokens but "
+                                 "model.vocab_size is 256"),
+    ("a later run's mesh", "run 'epochs=1,mesh.data=16': mesh data=16 fsdp=1 tensor=1 expert=1 uses 16 devices"),
+    ("a later run's init_from", "train.init_from: "),
+    ("a later run's validation split", "run 'epochs=1,validation_fraction=0.0001': data.validation_fraction=0.0001 "
+                                       "holds out none of the"),
     ("other run's folder", "belongs to a different run (optim.lr is 0.01 there, 0.02 in this sweep)"),
     ("other sweep's results", "holds the results of sweep 'other', not 'toy'; refusing to overwrite it"),
     ("not a results file", "is not a jaxaccel sweep results file"),
@@ -449,6 +457,11 @@ def test_bad_input_is_one_line_and_touches_nothing(toy, tmp_path, capsys, case, 
         sweep["axes"] = {"data.epochs": [1, 2], "model.d_model": []}
     elif case == "duplicate names":
         sweep["axes"] = {"data.epochs": [1, 1], "model.d_model": [16, 32]}
+    elif case.startswith("a later run's"):
+        axis = {"vocabulary": ("model.vocab_size", [512, 256]), "mesh": ("mesh.data", [1, 16]),
+                "init_from": ("train.init_from", [None, str(tmp_path / "no-model")]),
+                "validation split": ("data.validation_fraction", [0.2, 0.0001])}[case.split("'s ")[1]]
+        sweep["axes"] = {"data.epochs": [1, 2], axis[0]: axis[1]}
     elif case == "budget":
         sweep["config"]["data"]["unique_tokens"] = 10**9
         sweep["config"]["output_dir"] = str(tmp_path / "budget")

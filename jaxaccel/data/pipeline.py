@@ -165,6 +165,30 @@ def corpus_token_count(cfg: DataConfig, *, build: bool = True) -> int | None:
         return None
 
 
+def _check_holdout(cfg: DataConfig, tokenized) -> None:
+    if cfg.validation_buckets > 0 and tokenized.num_documents("validation") == 0:
+        raise ConfigError(
+            f"data.validation_fraction={cfg.validation_fraction} holds out none of the"
+            f" {tokenized.num_documents('train')} documents of {cfg.corpus!r}; raise it, or set it to 0 for no eval"
+        )
+
+
+def check_vocab_fits(data_vocab_size: int, model_vocab_size: int) -> None:
+    """The model must have an embedding row for every token id of the data's vocabulary."""
+    if data_vocab_size > model_vocab_size:
+        raise ConfigError(f"the vocabulary has {data_vocab_size} tokens but model.vocab_size is "
+                          f"{model_vocab_size}; set model.vocab_size >= {data_vocab_size}")
+
+
+def corpus_facts(cfg: DataConfig) -> tuple[int, int]:
+    """(tokens of the training split, vocabulary size) of `cfg`'s corpus, built when missing,
+    with `build_data`'s check of its validation split: for a sweep's plan to fail before any
+    run trains."""
+    _, _, vocab, tokenized = _tokenized(cfg)
+    _check_holdout(cfg, tokenized)
+    return tokenized.num_tokens("train"), vocab.vocab_size
+
+
 def check_retrieval_fits(cfg: DataConfig, seq_len: int, *, build: bool = True) -> None:
     """What `build_data` checks of `data.retrieval` against `seq_len`, for a sweep's plan to
     fail before any run trains: min_length, and (with the corpus's vocabulary, built when
@@ -237,12 +261,7 @@ def build_data(cfg: DataConfig, *, seq_len: int, batch_size: int, shard_index: i
     if batch_size < 1 or batch_size % num_shards:
         raise ConfigError(f"batch_size ({batch_size}) must be a positive multiple of num_shards ({num_shards})")
     corpus, corpus_dir, vocab, tokenized = _tokenized(cfg)
-    buckets = cfg.validation_buckets
-    if buckets > 0 and tokenized.num_documents("validation") == 0:
-        raise ConfigError(
-            f"data.validation_fraction={cfg.validation_fraction} holds out none of the"
-            f" {tokenized.num_documents('train')} documents of {cfg.corpus!r}; raise it, or set it to 0 for no eval"
-        )
+    _check_holdout(cfg, tokenized)
     stream, stream_info = _unique_stream(tokenized, cfg)
     task_rows = 0
     if cfg.retrieval.enabled:  # synthetic retrieval rows take part of every batch (jaxaccel.data.longctx)

@@ -20,6 +20,7 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import sys
 import time
 from typing import Any, Callable
@@ -168,24 +169,45 @@ def plan_steps(runs: list[Run], *, build: bool,
     `stream_tokens` receives the corpus tokens each run will read (None where unknown): not
     steps x batch x seq_len, which counts UL2's task tokens and retrieval rows as corpus."""
     from jaxaccel.data import budget, corpus_token_count
-    from jaxaccel.data.pipeline import check_retrieval_fits, tokens_read
+    from jaxaccel.data.pipeline import check_retrieval_fits, check_vocab_fits, corpus_facts, tokens_read
 
     stream_tokens = {} if stream_tokens is None else stream_tokens
 
+    outputs = {os.path.normpath(run.config.output_dir) for run in runs}
     counts: dict[tuple, int | None] = {}
+    vocab_sizes: dict[tuple, int] = {}  # built corpora only
     fits: set[tuple] = set()  # (corpus, retrieval, seq_len) checked: once per corpus, not per run
     steps: dict[str, int | None] = {}
     unchecked: list[str] = []
     for run in runs:
         cfg = run.config
         d = cfg.data
+        if build:
+            _check_run_starts(run, outputs)
         if d.corpus == "synthetic":
-            steps[run.name] = cfg.train.steps or 1000
+            from jaxaccel.train.synthetic import synthetic_budget
+
+            try:
+                _, budget_steps = synthetic_budget(d.unique_tokens, d.epochs, cfg.train.batch_size, cfg.train.seq_len,
+                                                   cfg.train.steps)
+            except ConfigError as e:
+                raise ConfigError(f"run {run.name!r}: {e}") from None
+            if cfg.train.steps is not None and cfg.train.steps > budget_steps:
+                raise SweepError(f"run {run.name!r}: train.steps={cfg.train.steps} is more than its data budget of "
+                                 f"{budget_steps} steps ({d.unique_tokens} unique tokens x {d.epochs} epochs)")
+            steps[run.name] = cfg.train.steps or budget_steps
             stream_tokens[run.name] = steps[run.name] * cfg.train.batch_size * cfg.train.seq_len
             continue
         key = _data_key(d)
-        if key not in counts:
-            counts[key] = corpus_token_count(d, build=build)
+        try:
+            if key not in counts and build:
+                counts[key], vocab_sizes[key] = corpus_facts(d)
+            elif key not in counts:
+                counts[key] = corpus_token_count(d, build=False)
+            if key in vocab_sizes:
+                check_vocab_fits(vocab_sizes[key], cfg.model.vocab_size)
+        except ConfigError as e:
+            raise ConfigError(f"run {run.name!r}: {e}") from None
         corpus = counts[key]
         if corpus is None and d.corpus not in unchecked:
             unchecked.append(d.corpus)
@@ -210,6 +232,22 @@ def plan_steps(runs: list[Run], *, build: bool,
         stream_tokens[run.name] = None if unique is None else tokens_read(
             d, unique, seq_len=cfg.train.seq_len, batch_size=corpus_batch_size(cfg), steps=cfg.train.steps)[0]
     return steps, unchecked
+
+
+def _check_run_starts(run: Run, outputs: set[str]) -> None:
+    """What `train()` refuses before it trains, checked for every run before the first one
+    trains: the mesh on this machine's devices, and a train.init_from that names nothing
+    (unless it is another run of the sweep or a folder in one: that run trains first)."""
+    from jaxaccel.train.loop import build_mesh, check_init_from
+
+    init_from = run.config.train.init_from
+    try:
+        build_mesh(run.config)
+        source = None if init_from is None else os.path.normpath(init_from)
+        if source is not None and not any(source == o or source.startswith(o + os.sep) for o in outputs):
+            check_init_from(init_from, run.config.output_dir)
+    except ConfigError as e:
+        raise ConfigError(f"run {run.name!r}: {e}") from None
 
 
 def run_flops(run: Run, steps: int, start: int = 0) -> float:
