@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from jaxaccel.config import ModelConfig, build, from_dict, parse_override, replace, to_dict
@@ -466,3 +468,43 @@ def test_the_synthetic_data_refuses_an_objective_it_does_not_have():
     with pytest.raises(ConfigError, match="data.objective 'prefix_lm' needs a text corpus: the synthetic data"):
         DataConfig(corpus="synthetic", objective="prefix_lm")
     DataConfig(corpus="synthetic")
+
+
+@pytest.mark.parametrize("top,group,message", [
+    ({"axes": {"optim.lr": [1e-3, 2e-3]}}, {"axes": {"optim.lr": [5e-3]}},
+     "'optim.lr' is given twice: in the sweep's axes (every group's) and in group 'g' axes"),
+    ({"zip": {"optim.lr": [1e-3, 2e-3]}}, {"axes": {"optim.lr": [5e-3]}},
+     "'optim.lr' is given twice: in the sweep's zip (every group's) and in group 'g' axes"),
+    ({"axes": {"optim.lr": [1e-3, 2e-3]}}, {"zip": {"optim.lr": [5e-3]}},
+     "'optim.lr' is given twice: in the sweep's axes (every group's) and in group 'g' zip"),
+])
+def test_a_group_does_not_silently_replace_the_sweeps_own_axes(tmp_path, top, group, message):
+    """The sweep's zip and axes apply to every group; a group giving the same key replaced
+    them for its runs without a word."""
+    from jaxaccel.experiments.spec import load_sweep
+
+    path = _synthetic_sweep(tmp_path, {})
+    sweep = yaml.safe_load(path.read_text())
+    del sweep["axes"]
+    sweep.update(top, groups={"g": group})
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_sweep(path)
+
+
+def test_a_sweeps_base_is_read_beside_the_sweep_file_only(tmp_path, monkeypatch):
+    """A base missing beside the sweep file was read from the working directory instead,
+    whatever file of that name happened to be there."""
+    from jaxaccel.experiments.spec import load_sweep
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "tiny.yaml").write_text("train: {steps: 7}\n")  # in the working directory only
+    monkeypatch.chdir(tmp_path)
+    sweep = {"name": "s", "base": "tiny.yaml", "config": {"output_dir": str(tmp_path / "runs"),
+                                                          "data": {"corpus": "synthetic"}}}
+    (tmp_path / "sub" / "s.yaml").write_text(yaml.safe_dump(sweep))
+    with pytest.raises(ConfigError, match=r"base 'tiny.yaml' is not a file \(a base is read relative to the sweep "
+                                          r"file: sub/tiny.yaml\)"):
+        load_sweep("sub/s.yaml")
+    (tmp_path / "sub" / "tiny.yaml").write_text("train: {steps: 5}\n")
+    assert load_sweep("sub/s.yaml").base["train"]["steps"] == 5

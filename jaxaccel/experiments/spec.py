@@ -204,8 +204,15 @@ def _parse_group(name: str, raw: Any, top_zip: dict, top_axes: dict) -> Group:
     settings = {_check_setting_key(k, f"in {where} set"): v for k, v in _mapping(spec.get("set"), f"{where} set").items()}
     for key, value in settings.items():
         _no_section_value(key, [value], f"in {where} set")
-    zipped = {**top_zip, **_axes(spec.get("zip"), f"{where} zip")} if name else dict(top_zip)
-    axes = {**top_axes, **_axes(spec.get("axes"), f"{where} axes")} if name else dict(top_axes)
+    own = {"zip": _axes(spec.get("zip"), f"{where} zip"), "axes": _axes(spec.get("axes"), f"{where} axes")} \
+        if name else {"zip": {}, "axes": {}}
+    for part, keys in own.items():  # the sweep's zip and axes apply to every group: not replaced by one
+        for key in keys:
+            if key in top_zip or key in top_axes:
+                raise ConfigError(f"{key!r} is given twice: in the sweep's {'zip' if key in top_zip else 'axes'} "
+                                  f"(every group's) and in {where} {part}")
+    zipped = {**top_zip, **own["zip"]}
+    axes = {**top_axes, **own["axes"]}
     seen: dict[str, str] = {}
     for part, keys in (("set", settings), ("zip", zipped), ("axes", axes)):
         for key in keys:
@@ -297,8 +304,13 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), re
         raise ConfigError(f"{path}: name must be a file-name-safe string, got {name!r}")
     base: dict[str, Any] = {}
     if raw.get("base") is not None:
-        base_path = Path(path).parent / str(raw["base"])
-        base = load_yaml(base_path if base_path.is_file() else raw["base"])
+        # relative to the sweep file only: a fallback to the working directory loaded whatever
+        # file of that name was there when the one beside the sweep was missing
+        base_path = Path(path).parent / Path(str(raw["base"])).expanduser()
+        if not base_path.is_file():
+            raise ConfigError(f"{path}: base {str(raw['base'])!r} is not a file (a base is read relative to the "
+                              f"sweep file: {base_path})")
+        base = load_yaml(base_path)
     base = with_overrides(_deep_merge(base, _mapping(raw.get("config"), f"{path}: config")), overrides)
     base_cfg = from_dict(RunConfig, base)  # the base alone must be a valid training config
     if "output_dir" not in base:
