@@ -113,12 +113,15 @@ SCORE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("clamp", [False, True], ids=["every-block", "clamped"])
 @pytest.mark.parametrize("b,h,kvh,d,s,block_k,lengths,window", SCORE_CASES)
-def test_score_kernel_matches_reference_and_brute_force(b, h, kvh, d, s, block_k, lengths, window):
+def test_score_kernel_matches_reference_and_brute_force(b, h, kvh, d, s, block_k, lengths, window, clamp):
+    """clamp (TPU's default; here Pallas's TPU interpreter): the lengths scalar-prefetched and
+    the key block index clamped to each row's last block, so blocks past it are not fetched."""
     q, k, *_ = cache_inputs(s + h, b, h, kvh, d, s)
     lengths = jnp.asarray(lengths, jnp.int32)
     mask = None if window is None else ts.selection_candidates(lengths, s, n_init=window[0], n_local=window[1])
-    got = ts.score_keys_kernel(q, k, lengths, candidate_mask=mask, block_k=block_k, interpret=True)
+    got = ts.score_keys_kernel(q, k, lengths, candidate_mask=mask, block_k=block_k, interpret=True, clamp=clamp)
     want = score_reference(q, k, lengths, candidate_mask=mask)
     assert got.shape == (b, s) and got.dtype == jnp.float32
     close(got, want)
@@ -141,16 +144,23 @@ def test_score_kernel_bfloat16():
     assert (np.asarray(got)[1, 23:] == 0).all()  # nothing past row 1's length
 
 
-def test_score_kernel_never_reads_past_the_length():
+def test_the_last_block_of_a_row():
+    lengths = jnp.asarray([0, 1, 16, 17, 32, 33], jnp.int32)
+    np.testing.assert_array_equal(ts.last_block(lengths, 16), [0, 0, 0, 1, 1, 2])
+
+
+@pytest.mark.parametrize("clamp", [False, True], ids=["every-block", "clamped"])
+def test_score_kernel_never_reads_past_the_length(clamp):
     """NaN in every slot at or beyond a row's length changes nothing: partly visible blocks
-    are masked, wholly invisible ones skip the matmul."""
+    are masked, wholly invisible ones skip the matmul (clamped: are not even fetched)."""
     q, k, *_ = cache_inputs(5, 3, 4, 2, 16, 64)
     lengths = [0, 20, 64]
     poisoned = np.array(k)
     for row, length in enumerate(lengths):
         poisoned[row, :, length:] = np.nan
     lengths = jnp.asarray(lengths, jnp.int32)
-    got = np.asarray(ts.score_keys_kernel(q, jnp.asarray(poisoned), lengths, block_k=16, interpret=True))
+    got = np.asarray(ts.score_keys_kernel(q, jnp.asarray(poisoned), lengths, block_k=16, interpret=True,
+                                          clamp=clamp))
     assert np.isfinite(got).all(), "a NaN past the length reached the scores"
     assert close(got, score_reference(q, k, lengths)) < 1e-5
     assert (got[0] == 0).all() and (got[1, 20:] == 0).all()

@@ -340,9 +340,16 @@ def _score_kernel(len_ref, q_ref, k_ref, *rest, block_k: int, has_mask: bool, gr
         o_ref[...] = jnp.zeros(o_ref.shape, jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("block_k", "interpret"))
+def last_block(length: jax.Array, block_k: int) -> jax.Array:
+    """The last key block holding a slot of a row of `length` >= 0 slots (block 0 for an empty
+    row). lax.div, not //: a floor division lowers to sign and remainder ops that Mosaic's
+    index-map lowering asks the device about."""
+    return jnp.maximum(lax.div(length + block_k - 1, block_k) - 1, 0)
+
+
+@functools.partial(jax.jit, static_argnames=("block_k", "interpret", "clamp"))
 def score_keys_kernel(q: jax.Array, k: jax.Array, lengths: jax.Array, *, candidate_mask: jax.Array | None = None,
-                      block_k: int | None = None, interpret: bool = False) -> jax.Array:
+                      block_k: int | None = None, interpret: bool = False, clamp: bool | None = None) -> jax.Array:
     """Pallas TokenSelect key scores; shapes and result as `score_keys_reference`.
 
     Grid (batch, kv_head, key block), every axis parallel (split-K, as flash-decoding): a
@@ -359,9 +366,12 @@ def score_keys_kernel(q: jax.Array, k: jax.Array, lengths: jax.Array, *, candida
     n_kv_heads * head_dim * itemsize + 8 * n_heads bytes instead -- less for typical GQA
     shapes (bf16, 32 heads, 8 KV heads, head_dim 128: 2 KiB + 256 B against 4 KiB); worth
     measuring on hardware before choosing (not done: no device here).
-    Blocks wholly past a row's length skip the matmul (`pl.when`); on TPU the pipeline still
-    fetches them -- clamping the block index with a scalar-prefetched length would elide
-    that DMA (not done).
+    Blocks wholly past a row's length skip the matmul (`pl.when`). With `clamp` (the default
+    on TPU) the lengths are scalar-prefetched and the key (and mask) block index is clamped
+    to the row's last block (`last_block`): the pipeline skips a copy whose block index has
+    not changed, so a short row in a batch of long ones reads only its own keys from HBM.
+    Without it (GPU) every block is still fetched. With interpret=True, clamp runs in Pallas's
+    TPU interpreter.
     cache_len is zero-padded to a multiple of block_k here (a copy: prefer cache_len %
     block_k == 0). block_k defaults to `default_block_k(cache_len)`.
     """
@@ -383,29 +393,44 @@ def score_keys_kernel(q: jax.Array, k: jax.Array, lengths: jax.Array, *, candida
     # [batch, 1, S]: the key axis is the lane axis, the 1 keeps TPU's (8, 128) block rule.
     masks = (_pad_axis(candidate_mask.astype(jnp.int32), 1, s_p)[:, None, :],) if has_mask else ()
 
-    q_spec = pl.BlockSpec((None, None, rows, d), lambda bi, hi, ji: (bi, hi, 0, 0))
-    k_spec = pl.BlockSpec((None, None, block_k, d), lambda bi, hi, ji: (bi, hi, ji, 0))
-    mask_specs = [pl.BlockSpec((None, 1, block_k), lambda bi, hi, ji: (bi, 0, ji))] if has_mask else []
-    stat_spec = pl.BlockSpec((None, None, None, rows, 1), lambda bi, hi, ji: (bi, hi, ji, 0, 0))
-    in_specs = [_scalar_spec(platform), q_spec, k_spec, *mask_specs]
-    common = dict(grid=(b, kvh, n_blocks), interpret=interpret, compiler_params=_compiler_params(platform, 3))
+    clamp = platform == "tpu" if clamp is None else clamp
+    if clamp and platform not in ("tpu", "interpret"):
+        raise ValueError(f"clamp scalar-prefetches the lengths, a TPU feature: not on {platform}")
+
+    def key_block(bi, ji, *prefetched):  # (index maps get the scalar-prefetched lengths last, if any)
+        return jnp.minimum(ji, last_block(prefetched[0][bi], block_k)) if prefetched else ji
+
+    q_spec = pl.BlockSpec((None, None, rows, d), lambda bi, hi, ji, *_: (bi, hi, 0, 0))
+    k_spec = pl.BlockSpec((None, None, block_k, d), lambda bi, hi, ji, *p: (bi, hi, key_block(bi, ji, *p), 0))
+    mask_specs = [pl.BlockSpec((None, 1, block_k), lambda bi, hi, ji, *p: (bi, 0, key_block(bi, ji, *p)))] \
+        if has_mask else []
+    stat_spec = pl.BlockSpec((None, None, None, rows, 1), lambda bi, hi, ji, *_: (bi, hi, ji, 0, 0))
+    in_specs = [q_spec, k_spec, *mask_specs] if clamp else [_scalar_spec(platform), q_spec, k_spec, *mask_specs]
+
+    def call(kernel, name, out_shape, extra_specs, out_specs, *args):
+        specs = [*in_specs, *extra_specs]
+        if clamp:  # the lengths scalar-prefetched: the kernel still gets them first
+            grid = dict(grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=(b, kvh, n_blocks),
+                                                               in_specs=specs, out_specs=out_specs))
+        else:
+            grid = dict(grid=(b, kvh, n_blocks), in_specs=specs, out_specs=out_specs)
+        return pl.pallas_call(kernel, out_shape=out_shape, name=name,
+                              interpret=(pltpu.InterpretParams() if clamp else True) if interpret else False,
+                              compiler_params=_compiler_params("tpu" if clamp else platform, 3), **grid)(
+            lens, qg, kp, *masks, *args)
 
     stat_shape = jax.ShapeDtypeStruct((b, kvh, n_blocks, rows, 1), jnp.float32)
-    m_blocks, l_blocks = pl.pallas_call(
-        functools.partial(_stats_kernel, block_k=block_k, has_mask=has_mask),
-        out_shape=(stat_shape, stat_shape), in_specs=in_specs, out_specs=(stat_spec, stat_spec),
-        name="token_select_stats", **common)(lens, qg, kp, *masks)
+    m_blocks, l_blocks = call(functools.partial(_stats_kernel, block_k=block_k, has_mask=has_mask),
+                              "token_select_stats", (stat_shape, stat_shape), [], (stat_spec, stat_spec))
 
     m = jnp.max(m_blocks, axis=2)  # [b, kvh, rows, 1]
     total = jnp.sum(l_blocks * jnp.exp(m_blocks - m[:, :, None]), axis=2)
     lse = jnp.where(total > 0, m + jnp.log(jnp.where(total > 0, total, 1.0)), 0.0)  # no visible key: any finite
 
-    votes = pl.pallas_call(
-        functools.partial(_score_kernel, block_k=block_k, has_mask=has_mask, group=g),
-        out_shape=jax.ShapeDtypeStruct((b, kvh, 1, s_p), jnp.float32),
-        in_specs=[*in_specs, pl.BlockSpec((None, None, rows, 1), lambda bi, hi, ji: (bi, hi, 0, 0))],
-        out_specs=pl.BlockSpec((None, None, 1, block_k), lambda bi, hi, ji: (bi, hi, 0, ji)),
-        name="token_select_scores", **common)(lens, qg, kp, *masks, lse)
+    votes = call(functools.partial(_score_kernel, block_k=block_k, has_mask=has_mask, group=g),
+                 "token_select_scores", jax.ShapeDtypeStruct((b, kvh, 1, s_p), jnp.float32),
+                 [pl.BlockSpec((None, None, rows, 1), lambda bi, hi, ji, *_: (bi, hi, 0, 0))],
+                 pl.BlockSpec((None, None, 1, block_k), lambda bi, hi, ji, *_: (bi, hi, 0, ji)), lse)
     return jnp.sum(votes[:, :, 0, :s], axis=1)
 
 
