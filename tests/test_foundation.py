@@ -105,6 +105,29 @@ def test_token_select_kernels_are_checked_on_first_use_and_fall_back(monkeypatch
     assert tuning.token_select_policy(policy, TINY, 128, sharded=False).use_kernel is False
     assert "sparse_attention: the kernel failed to compile or run (RuntimeError: Triton compilation failed)" in \
         capsys.readouterr().err
+    monkeypatch.undo()
+
+    # TPU's DMA gather (never run on a TPU) failing its check falls back to the XLA-gather
+    # kernel, not straight to the references (here Pallas's TPU interpreter stands in)
+    def broken_dma(*a, gather=None, **k):
+        if gather == "dma":
+            raise RuntimeError("Mosaic failed\nlong details")
+        return real_sparse(*a, gather=gather, **k)
+
+    real_sparse = ts.sparse_attention_kernel
+    monkeypatch.setattr(ts, "sparse_attention_kernel", broken_dma)
+    tuning._token_select_checked.cache_clear()
+    dma = TokenSelectAttention(k=8, n_init=2, n_local=4, interpret=True, gather="dma")
+    chosen = tuning.token_select_policy(dma, TINY, 64, sharded=False)
+    assert (chosen.use_kernel, chosen.gather) == (True, "xla")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "failed to compile or run (RuntimeError: Mosaic failed); using the kernels " \
+                                    "with gather='xla'" in err, err
+    monkeypatch.setattr(ts, "sparse_attention_kernel", broken)  # neither gather runs: the references
+    tuning._token_select_checked.cache_clear()
+    tuning._warn_once.cache_clear()
+    assert tuning.token_select_policy(dma, TINY, 96, sharded=False).use_kernel is False
+    assert "Triton compilation failed); using the jnp references" in capsys.readouterr().err
     tuning._token_select_checked.cache_clear()
     # a head_dim the GPU kernels cannot take (TINY's 8) is a reason, found before anything runs
     assert "head_dim must be a power of two >= 16" in tuning._token_select_checked(

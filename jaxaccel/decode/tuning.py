@@ -209,7 +209,7 @@ def tree_attention_policy(config, nodes: int, cache_len: int, *, sharded: bool, 
 @functools.lru_cache(maxsize=None)
 def _token_select_checked(backend: str, heads: int, kv_heads: int, head_dim: int, dtype: str, cache_len: int,
                           selected: int, positions: str, interpret: bool, rope_theta: float = 10000.0,
-                          rope_scaling=None) -> str | None:
+                          rope_scaling=None, gather: str | None = None) -> str | None:
     """Run TokenSelect's two kernels (scoring, sparse attention with the model's RoPE) once on
     random inputs of this shape and compare them with their references -> None when both
     agree, else the reason. The backend's block-size and head_dim constraints fail here
@@ -229,7 +229,7 @@ def _token_select_checked(backend: str, heads: int, kv_heads: int, head_dim: int
     inv_freq = tuple(rope_inv_freq(head_dim, rope_theta, rope_scaling).tolist())
     for case in (checks.score_keys_case(**shape),
                  checks.sparse_attention_case(selected=min(selected, cache_len), positions=positions,
-                                              rope_inv_freq=inv_freq, **shape)):
+                                              rope_inv_freq=inv_freq, gather=gather, **shape)):
         problem = checks.compare(case).problem
         if problem is not None:
             return f"{case.kernel_name}: {problem}"
@@ -241,21 +241,32 @@ def token_select_policy(policy: TokenSelectAttention, config, cache_len: int, *,
     """`policy` with `use_kernel` decided when the caller left it None: TokenSelect's Pallas
     kernels on TPU/GPU (or `interpret`) once they matched their references on this shape
     (checked on first use; a mismatch, a failed compile or an unsupported size falls back to
-    the references with a one-line warning), the references on CPU or a device mesh (Pallas
-    calls are not auto-partitioned)."""
+    the references with a one-line warning — on TPU, a DMA-gather kernel that fails falls
+    back to the XLA-gather kernel first, if that one passes), the references on CPU or a
+    device mesh (Pallas calls are not auto-partitioned)."""
     if policy.use_kernel is not None:
         return policy
     backend = backend or jax.default_backend()
     if sharded or not (policy.interpret or backend in ("tpu", "gpu")) or cache_len <= policy.budget:
         # (a cache within the budget is attended in full: the kernels would never run)
         return dataclasses.replace(policy, use_kernel=False)
-    reason = _token_select_checked(backend, config.n_heads, config.n_kv_heads, config.resolved_head_dim, config.dtype,
-                                   cache_len, policy.budget, policy.positions, policy.interpret, config.rope_theta,
-                                   config.rope_scaling)
+    def problem(gather):
+        return _token_select_checked(backend, config.n_heads, config.n_kv_heads, config.resolved_head_dim,
+                                     config.dtype, cache_len, policy.budget, policy.positions, policy.interpret,
+                                     config.rope_theta, config.rope_scaling, gather)
+
+    from jaxaccel.pallas_kernels.token_select import default_gather
+
+    gather = policy.gather or default_gather("interpret" if policy.interpret else backend)
+    reason = problem(gather)
+    if reason is not None and gather == "dma" and problem("xla") is None:
+        # the DMA gather has never run on a TPU: the XLA gather's kernel is the next best
+        _warn_once(f"tokenselect: {reason}; using the kernels with gather='xla'")
+        return dataclasses.replace(policy, use_kernel=True, gather="xla")
     if reason is not None:
         _warn_once(f"tokenselect: {reason}; using the jnp references")
         return dataclasses.replace(policy, use_kernel=False)
-    return dataclasses.replace(policy, use_kernel=True)
+    return dataclasses.replace(policy, use_kernel=True, gather=gather)
 
 
 def resolve_forward_defaults(defaults: dict[str, Any], config, cache_len: int, *, sharded: bool) -> dict[str, Any]:

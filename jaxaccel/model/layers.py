@@ -308,7 +308,8 @@ def token_select_attention(policy: TokenSelectAttention, cfg: ModelConfig, q_raw
         scaled = query * jnp.asarray(hd ** -0.5, query.dtype)
         out = ts.sparse_attention(scaled, cache_k, cache_v, indices, valid, lengths, k_new=k_raw[:, 0],
                                   v_new=v[:, 0], rope_inv_freq=inv_freq, positions=policy.positions,
-                                  use_kernel=policy.use_kernel, interpret=policy.interpret)[:, None]
+                                  use_kernel=policy.use_kernel, interpret=policy.interpret,
+                                  gather=policy.gather)[:, None]
         if state is not None:
             fresh = long & ~hit
             state = SelectionState(top=jnp.where(fresh[:, None], top, state.top),

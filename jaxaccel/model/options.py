@@ -81,7 +81,9 @@ class TokenSelectAttention:
     (`decode.tuning.token_select_policy`: the Pallas kernels on TPU/GPU once they matched
     their jnp references on that shape, the references on CPU or a mesh); a forward called directly
     with None runs the kernels on TPU/GPU unchecked. `interpret` runs the kernels in the
-    Pallas interpreter (tests).
+    Pallas interpreter (tests). `gather`: how the sparse attention kernel reads the selected
+    keys ("kernel", "dma", "xla"; None: the backend's default, TPU's "dma", which `generate`
+    replaces by "xla" when the DMA kernel fails its first-use check and the XLA one passes).
     `selection` picks the k candidates: "topk" (the soft votes above), or a baseline at the
     same budget that scores no key — "recent" (the k candidates right before the local
     window: StreamingLLM's init + local window) or "random" (k candidates uniformly at
@@ -99,6 +101,7 @@ class TokenSelectAttention:
     use_kernel: bool | None = None
     interpret: bool = False
     selection: str = "topk"  # "topk" | "recent" | "random"
+    gather: str | None = None  # the sparse attention kernel's gather; None: the backend's (see above)
 
     @property
     def budget(self) -> int:
