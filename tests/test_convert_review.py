@@ -710,3 +710,48 @@ def test_hugging_face_json_files_are_read_as_utf8_in_any_locale(tmp_path):
     proc = subprocess.run([sys.executable, "-X", "utf8=0", "-c", script, str(tmp_path)], env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.split() == ["True", "True"], proc.stdout + proc.stderr
+
+
+def test_the_source_is_compared_as_the_folder_that_is_read(tmp_path, capsys, monkeypatch):
+    """`import RUN RUN/model` (a finished run's model/ is what RUN loads) and a quoted `~/m`
+    passed the source == destination check, and the model was rewritten in place, at a lower
+    precision, without --force."""
+    folder = tiny().save(tmp_path / "m")
+    (tmp_path / "run").mkdir()
+    shutil.copytree(folder, tmp_path / "run" / "model")
+    (tmp_path / "run" / "config.yaml").write_text("model: {}\n")
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run" / "model").iterdir()}
+    code, err = run(["import", str(tmp_path / "run"), str(tmp_path / "run" / "model"), "--dtype", "bfloat16"], capsys)
+    assert code == 2 and f"destination must differ from the source (both are {tmp_path / 'run' / 'model'})" in err
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run" / "model").iterdir()} == before
+    monkeypatch.setenv("HOME", str(tmp_path))
+    code, err = run(["export", str(folder), "~/m"], capsys)
+    assert code == 2 and "destination must differ from the source" in err
+
+
+def test_an_import_does_not_replace_a_trained_model_without_force(tmp_path, capsys):
+    """Any jaxaccel model in the destination counted as an earlier import: a run's exported
+    model (its training steps and validation figures) was replaced without --force."""
+    hf = tmp_path / "hf"
+    tiny().export_hf(hf)
+    trained = tiny(seed=1)
+    trained.info = {"trained_steps": 6, "validation_loss": 3.9}
+    trained.save(tmp_path / "trained")
+    code, err = run(["import", str(hf), str(tmp_path / "trained")], capsys)
+    assert code == 2 and "holds a trained model (6 training steps): an import would replace it" in err
+    assert jaxaccel.load(tmp_path / "trained").info["trained_steps"] == 6
+    assert run(["import", str(hf), str(tmp_path / "imported")], capsys)[0] == 0
+    assert run(["import", str(hf), str(tmp_path / "imported")], capsys)[0] == 0  # an earlier import: replaced
+    assert run(["import", str(hf), str(tmp_path / "trained"), "--force"], capsys)[0] == 0
+    assert "trained_steps" not in jaxaccel.load(tmp_path / "trained").info
+
+
+@pytest.mark.parametrize("changes", [
+    {"rope_parameters": None, "rope_theta": 10 ** 400},
+    {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": float("inf"), "rope_theta": 1e4}},
+])
+def test_numbers_out_of_range_in_config_json_are_one_config_error(changes):
+    """An OverflowError (a float too large, or infinity where an int goes) was a traceback."""
+    with pytest.raises(ConfigError, match="a value has the wrong type or range"):
+        config_from_hf(hf_config(**changes))

@@ -199,6 +199,21 @@ def test_damaged_newest_step_and_metrics_lines_resume_to_the_uninterrupted_curve
     assert len(list((run / "unreadable-checkpoints").iterdir())) == 1
 
 
+def test_loading_a_run_past_its_unreadable_newest_step_says_so(finished, tmp_path):
+    """`jaxaccel.load` (and `convert import`) of a run without model/ whose newest checkpoint
+    is damaged silently read the step before it; now it warns, naming both."""
+    import jaxaccel
+
+    run = copy_run(finished, tmp_path)
+    shutil.rmtree(run / "model")  # a killed run: read from its checkpoints
+    data = max((run / "checkpoints" / "8" / "state" / "ocdbt.process_0" / "d").iterdir(), key=lambda f: f.stat().st_size)
+    with open(data, "r+b") as f:  # its largest data file cut short
+        f.truncate(data.stat().st_size // 2)
+    with pytest.warns(UserWarning, match=r"the newest checkpoint is unreadable \(step 8: .*\); read step 4 instead"):
+        lm = jaxaccel.load(run)
+    assert lm.info["trained_steps"] == 4
+
+
 def test_no_readable_checkpoint_is_refused_not_a_restart_from_scratch(finished, tmp_path):
     """Every step unreadable (damaged, or a file system that is failing for a while) used to
     set them all aside and start over from step 0, rewriting metrics.jsonl and config.yaml;

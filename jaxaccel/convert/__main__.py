@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from jaxaccel.cli import ArgumentParser, explain_options, fail, run_cli
+from jaxaccel.cli import ArgumentParser, explain_options, fail, log_without_tracebacks, run_cli
 
 
 def parse_size(text: str) -> int:
@@ -46,16 +46,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The destination stays a string: Path("gs://b/x") is the local folder "gs:/b/x", which the
     # remote check (gs:// taken, other URLs refused) then never saw.
     dest = args.destination
-    if "://" not in dest + args.source and Path(args.source).resolve() == Path(dest).resolve():
-        fail("destination must differ from the source")
+    from jaxaccel.convert.hf import REMOTE_HF
+    from jaxaccel.decode.lm import destination, locate
+
+    if "://" not in dest + args.source:
+        # the folder that is read (a finished run's model/, a builtin's, ~ expanded), not the spelling
+        read = Path(locate(args.source)[1]).resolve()
+        if read == Path(dest).expanduser().resolve():
+            fail(f"destination must differ from the source (both are {read})")
     # as save / export_hf decide, before the load: an earlier import (export) there is replaced,
     # other files need --force (they are then kept beside the model)
-    from jaxaccel.convert.hf import REMOTE_HF
-    from jaxaccel.decode.lm import destination
-
     if args.direction == "export" and "://" in dest:  # before the load
         fail(REMOTE_HF.format(path=dest, what="written to"))
-
+    if args.direction == "import" and not args.force and "://" not in dest:
+        _check_no_trained_model(Path(dest).expanduser())
     destination(dest, args.force, "save" if args.direction == "import" else "export", "use --force to write into it")
 
     max_shard_bytes = parse_size(args.max_shard_size) if args.direction == "export" else None  # before the load
@@ -65,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import jaxaccel
 
+    log_without_tracebacks()  # Orbax's log of a failed write (a full disk): its lines, not its tracebacks
     lm = jaxaccel.load(args.source, dtype=args.dtype)
     if args.direction == "import":
         lm.save(dest, overwrite=args.force)
@@ -72,6 +77,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         lm.export_hf(dest, overwrite=args.force, max_shard_bytes=max_shard_bytes)
     print(f"wrote {dest} ({lm.num_params() / 1e6:.1f}M parameters, {lm.config.param_dtype})", file=sys.stderr)
     return 0
+
+
+def _check_no_trained_model(folder: Path) -> None:
+    """An import replaces an earlier model in its destination, but not a trained one (a run's
+    exported model/, a fine-tune): that needs --force."""
+    from jaxaccel.errors import CheckpointError
+    from jaxaccel.model.checkpoint import MARKER, read_meta
+
+    if not (folder / MARKER).is_file():
+        return
+    try:
+        steps = (read_meta(folder).get("info") or {}).get("trained_steps")
+    except CheckpointError:
+        return  # not a model this jaxaccel reads: `destination` decides
+    if steps is not None:
+        fail(f"destination {str(folder)!r} holds a trained model ({steps} training steps): an import would replace "
+             f"it; choose another folder, or use --force to replace it")
 
 
 def _check_exportable_before_loading(source: str) -> None:

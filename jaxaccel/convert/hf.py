@@ -72,7 +72,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
         raise
     except KeyError as e:
         raise ConfigError(f"{source}: {e.args[0]!r} is missing") from None
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:  # OverflowError: 1e400 (inf) where an int goes
         raise ConfigError(f"{source}: a value has the wrong type or range ({first_line(e)})") from None
 
 

@@ -343,6 +343,11 @@ def load_run_params(folder, dtype: str | None = None, shardings_fn=None) -> tupl
             if reason is not None:
                 errors.append(f"step {step}: {reason}")
                 continue
+            if errors:  # the trainer resuming here says so too: a conversion or a decode of the run must
+                import warnings
+
+                warnings.warn(f"training run {folder}: the newest checkpoint is unreadable ({errors[0]}); "
+                              f"read step {step} instead", stacklevel=2)
             return config, out["params"], {"step": int(step), "layout": "scanned",
                                            "info": _run_step_info(folder / RUN_CHECKPOINTS / str(step))}
     finally:
