@@ -302,3 +302,25 @@ def test_fsdp_meshes_compile_without_replicating_a_batch():
                           text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "compiled", done.stderr[-2000:]
     assert "Involuntary full rematerialization" not in done.stderr, done.stderr[-2000:]
+
+
+def test_only_an_uncached_forward_gathers_the_embedding_table():
+    """The gathered table is for the lookup's gradient: decoding (a cached forward) on an
+    fsdp mesh gathered the whole [vocab, d_model] table at every generated token."""
+    import re
+
+    from jaxaccel import sharding as shd
+    from jaxaccel.config import ModelConfig
+    from jaxaccel.model.transformer import forward, init_cache, init_params
+
+    cfg = ModelConfig(vocab_size=128, d_model=64, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=128, max_seq_len=32)
+    mesh = shd.make_mesh({"data": 1, "fsdp": 8, "tensor": 1, "expert": 1})
+    params = init_params(cfg, jax.random.key(0), "unrolled")
+    tokens = jnp.zeros((8, 4), jnp.int32)
+    uncached = jax.jit(lambda p, t: forward(p, cfg, t, mesh=mesh)[0]).lower(params, tokens).as_text()
+    cached = jax.jit(lambda p, t, c: forward(p, cfg, t, cache=c, write_slots=jnp.zeros((8, 4), jnp.int32),
+                                             prefix_len=jnp.zeros((8,), jnp.int32),
+                                             mesh=mesh)[0]).lower(params, tokens, init_cache(cfg, 8, 32)).as_text()
+    whole = r"sdy.sharding_constraint %\S+ <@mesh, \[\{\}, \{\}\]> : tensor<128x64xf32>"  # the table, unsplit
+    assert len(re.findall(whole, uncached)) == 1
+    assert not re.findall(whole, cached)

@@ -212,11 +212,15 @@ class Transformer(nn.Module):
         dtype, pdtype = jnp_dtype(cfg.dtype), jnp_dtype(cfg.param_dtype)
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=pdtype, name="embed",
                          embedding_init=_init(cfg.init_std, (VOCAB, EMBED)))
-        # The lookup reads the table with its `embed` dim whole (FSDP gathers it, as for any
-        # weight): left to XLA, the lookup's gradient (a scatter-add into the fsdp-split
-        # table) had the batch-split rows of a data x fsdp or fsdp x expert mesh replicated
-        # on every device first ("Involuntary full rematerialization").
-        table = constrain(jnp.asarray(embed.embedding, dtype), (VOCAB, None), opts.mesh)
+        # Without a cache (training, whole-sequence scoring) the lookup reads the table with its
+        # `embed` dim whole (FSDP gathers it, as for any weight): left to XLA, the lookup's
+        # gradient (a scatter-add into the fsdp-split table) had the batch-split rows of a
+        # data x fsdp or fsdp x expert mesh replicated on every device first ("Involuntary
+        # full rematerialization"). Decoding (a cache) looks rows up where they lie: a gather
+        # of the whole table per generated token would cost vocab x d_model bytes each step.
+        table = jnp.asarray(embed.embedding, dtype)
+        if cache is None:
+            table = constrain(table, (VOCAB, None), opts.mesh)
         x = constrain(jnp.take(table, tokens, axis=0), (BATCH, LENGTH, EMBED), opts.mesh)
         x = nn.Dropout(cfg.dropout.embed)(x, deterministic=opts.deterministic)
 
