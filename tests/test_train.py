@@ -579,6 +579,10 @@ def test_synthetic_data_keeps_the_token_budget(tmp_path):
     tokens = 8 * 32  # a batch of run_cfg
     assert synthetic_budget(2 * tokens, 3.0, 8, 32) == (2, 6)
     assert synthetic_budget(None, 1.0, 8, 32, steps=5) == (5, 5)
+    # without unique tokens, train.steps is what trains: over fewer distinct batches, or part of them
+    assert synthetic_budget(None, 2.5, 8, 32, steps=5) == (2, 5)
+    assert synthetic_budget(None, 0.5, 8, 32, steps=4) == (8, 4)
+    assert synthetic_budget(None, 2.0, 8, 32) == (1000, 2000)
     data = SyntheticData(64, 32, 8, total_steps=6, unique_batches=2, seed=3)
     seen = [b["inputs"].tobytes() for b in data.train_batches()]
     assert len(set(seen)) == 2 and all(sorted(seen[i:i + 2]) == sorted(seen[:2]) for i in (2, 4))

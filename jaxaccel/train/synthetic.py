@@ -2,10 +2,12 @@
 random-token batches, a pure function of (seed, step). For tests and throughput benchmarks.
 
 A token budget (`data.unique_tokens`, `data.epochs`) is kept as with a corpus: the data holds
-`unique_batches` distinct batches (the unique tokens, in whole batches) and runs through them
-`epochs` times, each epoch after the first in its own seed-shuffled batch order."""
+`unique_batches` distinct batches (the unique tokens, in whole batches; without them, as many
+as `train.steps` over `epochs` needs) and runs through them `epochs` times, each epoch after
+the first in its own seed-shuffled batch order."""
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import numpy as np
@@ -16,10 +18,14 @@ DEFAULT_BATCHES = 1000  # the distinct batches without data.unique_tokens (or tr
 def synthetic_budget(unique_tokens: int | None, epochs: float, batch_size: int, seq_len: int,
                      steps: int | None = None) -> tuple[int, int]:
     """(distinct batches, total steps) of the synthetic data under a token budget: the unique
-    tokens in whole batches (without them, `steps` or `DEFAULT_BATCHES` batches), seen
-    `epochs` times. ConfigError when the unique tokens do not fill one batch."""
+    tokens in whole batches, seen `epochs` times. Without them, `train.steps` is what is
+    trained, over ceil(steps / epochs) distinct batches (DEFAULT_BATCHES without steps either).
+    ConfigError when the unique tokens do not fill one batch."""
+    if unique_tokens is None and steps:
+        unique = max(1, math.ceil(steps / epochs))
+        return unique, max(steps, int(unique * epochs))
     if unique_tokens is None:
-        unique = steps or DEFAULT_BATCHES
+        unique = DEFAULT_BATCHES
     else:
         unique = unique_tokens // (batch_size * seq_len)
         if unique < 1:
