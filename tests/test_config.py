@@ -508,3 +508,23 @@ def test_a_sweeps_base_is_read_beside_the_sweep_file_only(tmp_path, monkeypatch)
         load_sweep("sub/s.yaml")
     (tmp_path / "sub" / "tiny.yaml").write_text("train: {steps: 5}\n")
     assert load_sweep("sub/s.yaml").base["train"]["steps"] == 5
+
+
+def test_a_run_may_start_from_an_earlier_run_of_its_sweep_however_the_path_is_spelled(tmp_path, monkeypatch):
+    """The plan checks every run's train.init_from before anything trains, except one naming
+    an earlier run's folder (not trained yet) — compared as absolute paths: the same folder
+    spelled absolute was refused as missing. A later run's folder is not exempt."""
+    from jaxaccel.experiments.runner import plan_steps
+    from jaxaccel.experiments.spec import load_sweep
+
+    monkeypatch.chdir(tmp_path)
+    base = yaml.safe_load(_synthetic_sweep(tmp_path, {}).read_text())
+    base["config"].update(output_dir="runs", mesh={"data": 1})  # relative to the working directory, as train() reads
+    for init_from in (str(tmp_path / "runs" / "a"), "runs/a", "./runs/a/model"):
+        sweep = {**base, "axes": None, "groups": {"a": {}, "b": {"set": {"train.init_from": init_from}}}}
+        (tmp_path / "s.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
+        assert plan_steps(list(load_sweep(tmp_path / "s.yaml").runs), build=True)[0] == {"a": 2, "b": 2}
+    sweep = {**base, "axes": None, "groups": {"b": {"set": {"train.init_from": "runs/a"}}, "a": {}}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
+    with pytest.raises(ConfigError, match=r"run 'b': train.init_from: 'runs/a' does not exist"):
+        plan_steps(list(load_sweep(tmp_path / "s.yaml").runs), build=True)

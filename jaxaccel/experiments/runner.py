@@ -173,7 +173,7 @@ def plan_steps(runs: list[Run], *, build: bool,
 
     stream_tokens = {} if stream_tokens is None else stream_tokens
 
-    outputs = {os.path.normpath(run.config.output_dir) for run in runs}
+    earlier: set[str] = set()  # the output folders of the runs before this one (an init_from may name one)
     counts: dict[tuple, int | None] = {}
     vocab_sizes: dict[tuple, int] = {}  # built corpora only
     fits: set[tuple] = set()  # (corpus, retrieval, seq_len) checked: once per corpus, not per run
@@ -183,7 +183,8 @@ def plan_steps(runs: list[Run], *, build: bool,
         cfg = run.config
         d = cfg.data
         if build:
-            _check_run_starts(run, outputs)
+            _check_run_starts(run, earlier)
+        earlier.add(_local_path(cfg.output_dir))
         if d.corpus == "synthetic":
             from jaxaccel.train.synthetic import synthetic_budget
 
@@ -234,17 +235,21 @@ def plan_steps(runs: list[Run], *, build: bool,
     return steps, unchecked
 
 
-def _check_run_starts(run: Run, outputs: set[str]) -> None:
+def _local_path(path: str) -> str:
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def _check_run_starts(run: Run, earlier: set[str]) -> None:
     """What `train()` refuses before it trains, checked for every run before the first one
     trains: the mesh on this machine's devices, and a train.init_from that names nothing
-    (unless it is another run of the sweep or a folder in one: that run trains first)."""
+    (unless it is the folder of a run before it in the sweep, or one inside it)."""
     from jaxaccel.train.loop import build_mesh, check_init_from
 
     init_from = run.config.train.init_from
     try:
         build_mesh(run.config)
-        source = None if init_from is None else os.path.normpath(init_from)
-        if source is not None and not any(source == o or source.startswith(o + os.sep) for o in outputs):
+        source = None if init_from is None else _local_path(init_from)
+        if source is not None and not any(source == o or source.startswith(o.rstrip("/") + "/") for o in earlier):
             check_init_from(init_from, run.config.output_dir)
     except ConfigError as e:
         raise ConfigError(f"run {run.name!r}: {e}") from None
