@@ -132,7 +132,8 @@ class LanguageModel:
         self._compiled: dict[tuple, Any] = {}
         self._loop_jits: dict[tuple, Any] = {}  # the jitted decode loop of each compiled one
         self._method_memory: dict[str, Any] = {}  # hot-start state of methods that carry one
-        self._drafts: dict[str, LanguageModel] = {}  # draft models loaded by draft-model methods
+        self._drafts: dict[str, LanguageModel] = {}  # draft models loaded by draft-model methods, by folder
+        self._draft_folders: dict[str, str] = {}  # each draft path or name given -> its folder (`draft_folder`)
         compile_cache.enable()  # compiled programs persist across processes (DESIGN decision 14)
 
     @property
@@ -421,12 +422,13 @@ class LanguageModel:
         if isinstance(spec, LanguageModel):
             draft = spec
         elif isinstance(spec, (str, Path)):
-            try:
-                spec = draft_folder(spec)
+            named = str(spec)
+            try:  # a spelling seen before needs no folder lookup (the folder may be gone since)
+                spec = self._draft_folders.get(named) or draft_folder(spec)
                 draft = self._drafts.get(spec) or load(spec, mesh=self.mesh)
             except ModelLoadError as e:
                 raise InvalidArgumentError(f"draft model: {e}") from None
-            self._drafts[spec] = draft
+            self._drafts[spec], self._draft_folders[named] = draft, spec
         else:
             raise InvalidArgumentError(f"draft must be a model path or name, got {spec!r}")
         decoder.opts["draft"] = _handle_signature(draft.handle) if spec is draft else spec
@@ -668,9 +670,11 @@ def _method_input_array(value: Any, decoder, vocab_size: int) -> Any:
 
 
 def draft_folder(spec: str | Path) -> str:
-    """The folder a draft named by path or builtin name is loaded from: what a target keys its
-    loaded drafts by (one draft however it is spelled: "builtin:draft", its folder, "dir/./")."""
-    return str(locate(spec)[1])
+    """The folder a draft named by path or builtin name is loaded from, absolute: what a target
+    keys its loaded drafts by (one draft however it is spelled: "builtin:draft", its folder,
+    relative or absolute, through a symlink)."""
+    folder = locate(spec)[1]
+    return str(folder.resolve() if isinstance(folder, Path) else folder)
 
 
 def check_draft_model(target: LanguageModel, draft: LanguageModel, decoder) -> None:
