@@ -191,9 +191,10 @@ def _sweep(tmp_path, *, data=None, train=None, axes=None, model=None):
 
 @pytest.fixture
 def corpus_of(monkeypatch):
-    """The training split's token count the runner sees (nothing is tokenized)."""
-    def set_count(count):
+    """The training split's token count (and vocabulary size) the runner sees (nothing is tokenized)."""
+    def set_count(count, vocab_size=400):
         monkeypatch.setattr(jaxaccel.data, "corpus_token_count", lambda cfg, build=True: count)
+        monkeypatch.setattr(pipeline, "corpus_facts", lambda cfg: (count, vocab_size))
     return set_count
 
 
