@@ -206,9 +206,9 @@ def test_loading_a_run_past_its_unreadable_newest_step_says_so(finished, tmp_pat
 
     run = copy_run(finished, tmp_path)
     shutil.rmtree(run / "model")  # a killed run: read from its checkpoints
-    data = max((run / "checkpoints" / "8" / "state" / "ocdbt.process_0" / "d").iterdir(), key=lambda f: f.stat().st_size)
-    with open(data, "r+b") as f:  # its largest data file cut short
-        f.truncate(data.stat().st_size // 2)
+    for data in (run / "checkpoints" / "8" / "state" / "ocdbt.process_0" / "d").iterdir():
+        data.write_bytes(b"")  # every data file emptied: which file (and where in it) holds the parameters,
+        # not the Adam moments load skips, varies from run to run: cutting the largest in half sometimes missed them
     with pytest.warns(UserWarning, match=r"the newest checkpoint is unreadable \(step 8: .*\); read step 4 instead"):
         lm = jaxaccel.load(run)
     assert lm.info["trained_steps"] == 4
