@@ -1,5 +1,7 @@
 """The decode engine: exact greedy, per-row EOS and lengths, sampling distributed as the
 model's own distribution, compile caching, and a typed error for every bad argument."""
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,13 +16,21 @@ from jaxaccel.errors import InvalidArgumentError, InvalidPromptError
 PROMPTS = [[5, 17, 33], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [42], [7, 7, 7, 7]]
 
 
-def test_greedy_equals_full_recompute_batch1_and_ragged_batch(tiny_lm):
-    before, tiny_lm.prefill_chunk = tiny_lm.prefill_chunk, 8  # the 21-token prompt then takes 3 prefill chunks
+@contextlib.contextmanager
+def prefill_chunk(lm, chunk):
+    """`lm` prefills `chunk` tokens per forward inside the block (the session fixture other
+    files share gets its own value back after it)."""
+    before, lm.prefill_chunk = lm.prefill_chunk, chunk
     try:
+        yield
+    finally:
+        lm.prefill_chunk = before
+
+
+def test_greedy_equals_full_recompute_batch1_and_ragged_batch(tiny_lm):
+    with prefill_chunk(tiny_lm, 8):  # the 21-token prompt then takes 3 prefill chunks
         batched = tiny_lm.generate(PROMPTS, max_new_tokens=24)
         single = tiny_lm.generate([PROMPTS[1]], max_new_tokens=24)
-    finally:
-        tiny_lm.prefill_chunk = before  # (256 was restored: a session fixture other files share)
     for prompt, got in zip(PROMPTS, batched.tokens):
         assert got == reference_greedy(tiny_lm, prompt, 24)
     assert single.tokens[0] == batched.tokens[1]
@@ -133,13 +143,9 @@ def test_sampled_first_token_is_distributed_as_the_model(tiny_lm, temperature, t
     model's filtered next-token distribution (chi-square, p > 0.001)."""
     n = 2048
     prompt = PROMPTS[0]
-    # an 8-token prefill chunk: the default 128 ran 126 padding tokens of every row (~90% of the time)
-    before, tiny_lm.prefill_chunk = tiny_lm.prefill_chunk, 8
-    try:
+    with prefill_chunk(tiny_lm, 8):  # the default 128 ran 126 padding tokens a row: ~90% of the time
         out = tiny_lm.generate([prompt] * n, max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p,
                                seed=11)
-    finally:
-        tiny_lm.prefill_chunk = before
     first = np.array([t[0] for t in out.tokens])
     probs = numpy_filtered_probs(tiny_lm.logits([prompt])[0, -1].astype(np.float64), temperature, top_k, top_p)
     assert probs[first].min() > 0  # never a filtered token
